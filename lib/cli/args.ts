@@ -1,0 +1,117 @@
+// Command-line parsing with the original script's flags, short and long names, and
+// its rules: every value flag takes the next argv element verbatim ("" is a value),
+// anything unknown is `Invalid option: <arg>`. Unlike the original, a value flag at
+// the end of argv and an unknown -o get a message instead of a silent exit.
+import yargsFactory from 'yargs/yargs';
+import { NasbackupError } from '../errors.js';
+
+export const OPERATIONS = ['backup', 'delete', 'rebase', 'stats'] as const;
+export type Operation = (typeof OPERATIONS)[number];
+
+export interface CliArgs {
+  help: boolean;
+  operation?: string;
+  vm?: string;
+  type?: string;
+  storage?: string;
+  mount?: string;
+  path?: string;
+  quiesce?: string;
+  diskpaths?: string;
+  mode?: string;
+  bitmapNew?: string;
+  bitmapParent?: string;
+  /** --parent-paths, or --parent-path as a one-element list. */
+  parentPaths?: string;
+  rebaseTarget?: string;
+  rebaseNewBacking?: string;
+  // later upstream flags
+  compress: boolean;
+  bandwidth?: string;
+  encrypt?: string;
+  verify: boolean;
+  quiesceTimeout?: string;
+  mountTimeout?: string;
+}
+
+/** [short, long, key] of every flag that takes a value. */
+const VALUE_FLAGS: ReadonlyArray<[string | null, string, keyof CliArgs]> = [
+  ['o', 'operation', 'operation'],
+  ['v', 'vm', 'vm'],
+  ['t', 'type', 'type'],
+  ['s', 'storage', 'storage'],
+  ['m', 'mount', 'mount'],
+  ['p', 'path', 'path'],
+  ['q', 'quiesce', 'quiesce'],
+  ['d', 'diskpaths', 'diskpaths'],
+  ['M', 'mode', 'mode'],
+  [null, 'bitmap-new', 'bitmapNew'],
+  [null, 'bitmap-parent', 'bitmapParent'],
+  [null, 'parent-paths', 'parentPaths'],
+  [null, 'parent-path', 'parentPaths'],
+  [null, 'rebase-target', 'rebaseTarget'],
+  [null, 'rebase-new-backing', 'rebaseNewBacking'],
+  ['b', 'bandwidth', 'bandwidth'],
+  ['e', 'encrypt', 'encrypt'],
+  [null, 'quiesce-timeout', 'quiesceTimeout'],
+  ['w', 'mount-timeout', 'mountTimeout'],
+];
+
+export class UsageRequested extends NasbackupError {
+  constructor() {
+    super('USAGE', 'usage');
+  }
+}
+
+export function parseArgs(argv: readonly string[]): CliArgs {
+  // A value flag as the very last element has no value (the original exits silently).
+  const last = argv.at(-1);
+  if (last !== undefined) {
+    for (const [short, long] of VALUE_FLAGS) {
+      if (last === `--${long}` || (short && last === `-${short}`)) {
+        throw new NasbackupError('MISSING_OPTION_VALUE', `Option ${last} requires a value`);
+      }
+    }
+  }
+  let y = yargsFactory([...argv])
+    .help(false)
+    .version(false)
+    .exitProcess(false)
+    .strict(false)
+    .parserConfiguration({
+      'unknown-options-as-args': true,
+      'camel-case-expansion': false,
+      'dot-notation': false,
+      'boolean-negation': false,
+      'short-option-groups': false,
+      'duplicate-arguments-array': false,
+      'parse-numbers': false,
+      'parse-positional-numbers': false,
+      'strip-aliased': true,
+      'greedy-arrays': false,
+    })
+    .option('h', { alias: 'help', type: 'boolean' })
+    .option('c', { alias: 'compress', type: 'boolean' })
+    .option('verify', { type: 'boolean' })
+    .fail((msg: string) => {
+      throw new NasbackupError('MISSING_OPTION_VALUE', msg);
+    });
+  for (const [short, long] of VALUE_FLAGS) {
+    y = y.option(short ?? long, { ...(short ? { alias: long } : {}), type: 'string', nargs: 1 });
+  }
+  const raw = y.parseSync() as Record<string, unknown> & { _: unknown[] };
+  const unknown = raw._.map(String);
+  if (unknown.length > 0) throw new NasbackupError('INVALID_OPTION', `Invalid option: ${unknown[0]}`);
+  if (raw.h === true) throw new UsageRequested();
+
+  const out: CliArgs = { help: false, compress: raw.c === true, verify: raw.verify === true };
+  for (const [short, long, key] of VALUE_FLAGS) {
+    const v = raw[short ?? long];
+    if (typeof v === 'string') (out as unknown as Record<string, unknown>)[key] = v;
+  }
+  return out;
+}
+
+export function isOperation(s: string | undefined): s is Operation {
+  return s !== undefined && (OPERATIONS as readonly string[]).includes(s);
+}

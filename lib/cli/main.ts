@@ -1,0 +1,167 @@
+// The CLI: parse, validate everything that needs no side effects, check the host,
+// run one operation, and ALWAYS close the NAS session — on success, on error and
+// on SIGTERM/SIGINT/SIGHUP (the agent's timeout does not kill us; an operator may).
+import { invalidOptionText, usageText } from '../agent-output.js';
+import { loadConfig, type Config } from '../config.js';
+import { NasbackupError, toNasbackupError, EXIT_OK } from '../errors.js';
+import { Runner } from '../exec.js';
+import { createLogger, type Logger } from '../log.js';
+import { NasSession, type NasTarget } from '../nas/session.js';
+import { QemuImgClient } from '../clients/qemu-img.js';
+import { VirshClient } from '../clients/virsh.js';
+import { QemuImgRebaseEngine } from '../engine/qemu-img.js';
+import { checkHostVersions } from '../sanity.js';
+import { isOperation, parseArgs, UsageRequested, type CliArgs, type Operation } from './args.js';
+import type { OpContext, Output } from '../ops/context.js';
+
+export interface MainIo {
+  out: Output;
+  env: NodeJS.ProcessEnv;
+  /** Shown in the usage text ($0 of the original). */
+  scriptName: string;
+  /** Process-wide signal wiring; tests may pass a no-op. */
+  onSignal?: (handler: (signal: NodeJS.Signals) => void) => () => void;
+}
+
+const SIGNALS: NodeJS.Signals[] = ['SIGTERM', 'SIGINT', 'SIGHUP'];
+
+export function processSignals(handler: (signal: NodeJS.Signals) => void): () => void {
+  for (const s of SIGNALS) process.on(s, handler);
+  return () => {
+    for (const s of SIGNALS) process.off(s, handler);
+  };
+}
+
+/** -t and -s were checked by validateOperationArgs before we got here. */
+function nasTarget(a: CliArgs): NasTarget {
+  return { type: a.type!, address: a.storage!, options: a.mount ?? '' };
+}
+
+/** Later upstream flags: honoured where we can, refused where pretending would mislead. */
+function checkLaterFlags(a: CliArgs, config: Config, logger: Logger): void {
+  if (a.encrypt !== undefined)
+    throw new NasbackupError('UNSUPPORTED_OPTION', 'Option -e/--encrypt is not supported by this nasbackup; backups would not be encrypted');
+  if (a.compress)
+    throw new NasbackupError('UNSUPPORTED_OPTION', 'Option -c/--compress is not supported by this nasbackup');
+  if (a.bandwidth !== undefined)
+    throw new NasbackupError('UNSUPPORTED_OPTION', 'Option -b/--bandwidth is not supported by this nasbackup');
+  if (a.mountTimeout !== undefined) {
+    const n = Number(a.mountTimeout);
+    if (!Number.isFinite(n) || n <= 0) throw new NasbackupError('INVALID_ARGUMENT', `Invalid mount timeout: ${a.mountTimeout}`);
+    config.mountTimeoutMs = Math.round(n * 1000);
+  }
+  if (a.quiesceTimeout !== undefined && !/^\d+$/.test(a.quiesceTimeout))
+    throw new NasbackupError('INVALID_ARGUMENT', `Invalid quiesce timeout: ${a.quiesceTimeout}`);
+  if (a.verify) logger.log('--verify: chains are checked after the operation');
+}
+
+export async function main(argv: readonly string[], io: MainIo): Promise<number> {
+  const config = loadConfig(io.env);
+  const logger = createLogger(config.logFile);
+
+  let args: CliArgs;
+  let op: Operation;
+  try {
+    args = parseArgs(argv);
+    if (args.operation === undefined || args.operation === '')
+      throw new NasbackupError('MISSING_ARGUMENT', 'Missing -o <operation> (backup, delete, rebase or stats)');
+    if (!isOperation(args.operation))
+      throw new NasbackupError('UNKNOWN_OPERATION', `Unknown operation: ${args.operation} (expected backup, delete, rebase or stats)`);
+    op = args.operation;
+    checkLaterFlags(args, config, logger);
+    await import('./validate.js').then((m) => m.validateOperationArgs(op, args));
+  } catch (e) {
+    if (e instanceof UsageRequested) {
+      io.out.write(usageText(io.scriptName));
+      return e.exitCode;
+    }
+    const err = toNasbackupError(e);
+    io.out.write(err.code === 'INVALID_OPTION' ? invalidOptionText(err.message.slice('Invalid option: '.length), io.scriptName) : err.toText());
+    logger.log(`ERROR [${err.code}] ${err.message}`);
+    return err.exitCode;
+  }
+
+  const abort = new AbortController();
+  let interruptedBy: NodeJS.Signals | null = null;
+  const onSignal = io.onSignal ?? processSignals;
+  const unhook = onSignal((signal) => {
+    if (interruptedBy) return; // cleanup is already under way and bounded
+    interruptedBy = signal;
+    logger.log(`Received ${signal}: stopping and cleaning up`);
+    abort.abort();
+  });
+
+  const runner = new Runner(logger, abort.signal);
+  const sessions: NasSession[] = [];
+  const ctx: OpContext = {
+    runner,
+    logger,
+    config,
+    out: io.out,
+    openNas: (target) => NasSession.open(target, { runner, config, logger }, (s) => sessions.push(s)),
+    checkpoint: () => {
+      if (interruptedBy) throw new NasbackupError('INTERRUPTED', `Interrupted by ${interruptedBy}`);
+    },
+  };
+
+  let failure: NasbackupError | null = null;
+  try {
+    if (config.versionCheck === 'all' || (config.versionCheck === 'backup' && op === 'backup')) {
+      await checkHostVersions(new VirshClient(runner, config.virshBinary, config.commandTimeoutMs), logger);
+    }
+    ctx.checkpoint();
+    await runOperation(op, args, ctx);
+    ctx.checkpoint();
+  } catch (e) {
+    failure = toNasbackupError(e);
+    if (interruptedBy && failure.code !== 'INTERRUPTED') {
+      failure = new NasbackupError('INTERRUPTED', `Interrupted by ${interruptedBy}`, { details: failure.toText() });
+    }
+  }
+
+  const cleanupErrors: NasbackupError[] = [];
+  for (const s of sessions.reverse()) {
+    try {
+      await s.close();
+    } catch (e) {
+      cleanupErrors.push(toNasbackupError(e));
+    }
+  }
+  unhook();
+
+  let code = EXIT_OK;
+  if (failure) {
+    io.out.write(failure.toText());
+    logger.log(`ERROR [${failure.code}] ${failure.message}${failure.details ? `\n${failure.details}` : ''}`);
+    code = failure.exitCode;
+  }
+  for (const c of cleanupErrors) {
+    io.out.write(c.toText());
+    logger.log(`ERROR [${c.code}] ${c.message}`);
+    code = c.exitCode; // leftovers outrank the operation's own failure: the agent must clean up
+  }
+  return code;
+}
+
+async function runOperation(op: Operation, a: CliArgs, ctx: OpContext): Promise<void> {
+  switch (op) {
+    case 'rebase': {
+      const { rebaseOperation } = await import('../ops/rebase.js');
+      const engine = new QemuImgRebaseEngine(new QemuImgClient(ctx.runner, ctx.config.qemuImgBinary, ctx.config.qemuImgTimeoutMs));
+      await rebaseOperation(ctx, { nas: nasTarget(a), target: a.rebaseTarget!, newBacking: a.rebaseNewBacking! }, engine);
+      return;
+    }
+    case 'delete': {
+      const { deleteOperation } = await import('../ops/delete.js');
+      await deleteOperation(ctx, { nas: nasTarget(a), path: a.path! });
+      return;
+    }
+    case 'stats': {
+      const { statsOperation } = await import('../ops/stats.js');
+      await statsOperation(ctx, { nas: nasTarget(a) });
+      return;
+    }
+    case 'backup':
+      throw new NasbackupError('NOT_IMPLEMENTED', '-o backup is not implemented yet');
+  }
+}

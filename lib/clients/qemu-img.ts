@@ -1,0 +1,30 @@
+// qemu-img behind a small typed client. Every call has a deadline; callers turn
+// failures into their own messages and keep qemu-img's stderr as details.
+import type { Runner, RunResult } from '../exec.js';
+
+export interface RebaseArgs {
+  file: string;
+  backing: string;
+  backingFormat: string;
+  unsafe?: boolean;
+}
+
+export function rebaseArgs(a: RebaseArgs): string[] {
+  return ['rebase', ...(a.unsafe ? ['-u'] : []), '-b', a.backing, '-F', a.backingFormat, a.file];
+}
+
+export class QemuImgClient {
+  constructor(
+    private readonly runner: Runner,
+    private readonly binary: string,
+    private readonly timeoutMs: number,
+  ) {}
+
+  rebase(a: RebaseArgs): Promise<RunResult> {
+    return this.runner.run(this.binary, rebaseArgs(a), { timeoutMs: this.timeoutMs });
+  }
+
+  check(file: string): Promise<RunResult> {
+    return this.runner.run(this.binary, ['check', '--output=json', file], { timeoutMs: this.timeoutMs });
+  }
+}

@@ -1,0 +1,50 @@
+// Deadlines and knobs, all from the environment (the agent passes no config flags).
+// Every wait in the program is bounded by one of these.
+
+export interface Config {
+  logFile: string;
+  /** `mount` must finish within this; an unreachable NAS must not hang the agent. */
+  mountTimeoutMs: number;
+  /** One `umount` attempt. */
+  umountTimeoutMs: number;
+  /** Attempts for a busy unmount (CIFS "target is busy") before a lazy unmount. */
+  umountAttempts: number;
+  umountRetryDelayMs: number;
+  /** Short host commands: virsh queries, df, sync. */
+  commandTimeoutMs: number;
+  /** Long qemu-img work (rebase, convert); default matches the agent's cmds.timeout. */
+  qemuImgTimeoutMs: number;
+  /** Which operations run the QEMU/libvirt version check: all (like the original), backup, off. */
+  versionCheck: 'all' | 'backup' | 'off';
+  virshBinary: string;
+  qemuImgBinary: string;
+}
+
+function seconds(env: NodeJS.ProcessEnv, name: string, dflt: number): number {
+  const raw = env[name];
+  if (raw === undefined || raw === '') return dflt * 1000;
+  const n = Number(raw);
+  if (!Number.isFinite(n) || n <= 0) return dflt * 1000;
+  return Math.round(n * 1000);
+}
+
+function int(env: NodeJS.ProcessEnv, name: string, dflt: number): number {
+  const n = Number(env[name]);
+  return Number.isInteger(n) && n > 0 ? n : dflt;
+}
+
+export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
+  const vc = env.NASBACKUP_VERSION_CHECK;
+  return {
+    logFile: env.NASBACKUP_LOG_FILE || '/var/log/cloudstack/agent/agent.log',
+    mountTimeoutMs: seconds(env, 'NASBACKUP_MOUNT_TIMEOUT', 60),
+    umountTimeoutMs: seconds(env, 'NASBACKUP_UMOUNT_TIMEOUT', 30),
+    umountAttempts: int(env, 'NASBACKUP_UMOUNT_ATTEMPTS', 5),
+    umountRetryDelayMs: seconds(env, 'NASBACKUP_UMOUNT_RETRY_DELAY', 1),
+    commandTimeoutMs: seconds(env, 'NASBACKUP_COMMAND_TIMEOUT', 300),
+    qemuImgTimeoutMs: seconds(env, 'NASBACKUP_QEMU_IMG_TIMEOUT', 7200),
+    versionCheck: vc === 'backup' || vc === 'off' ? vc : 'all',
+    virshBinary: env.NASBACKUP_VIRSH || 'virsh',
+    qemuImgBinary: env.NASBACKUP_QEMU_IMG || 'qemu-img',
+  };
+}

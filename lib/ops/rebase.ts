@@ -1,0 +1,111 @@
+// -o rebase: repoint a backup file at a new backing (chain repair after a middle
+// backup is deleted). Everything is checked before anything is written, and a
+// failure never touches anything but the target (the original wiped the share).
+import { stat } from 'node:fs/promises';
+import { dirname, relative } from 'node:path';
+import { NasbackupError } from '../errors.js';
+import { parseRelativePath, ensureWithin } from '../paths.js';
+import { readChain, indexInChain, type Chain } from '../qcow2/chain.js';
+import { Qcow2Error } from '../qcow2/errors.js';
+import { readHeader } from '../qcow2/header.js';
+import { describeFailure, succeeded } from '../exec.js';
+import type { NasTarget } from '../nas/session.js';
+import type { RebaseEngine } from '../engine/types.js';
+import type { OpContext } from './context.js';
+
+export interface RebaseArgs {
+  nas: NasTarget;
+  target: string;
+  newBacking: string;
+}
+
+const TARGET = '--rebase-target';
+const BACKING = '--rebase-new-backing';
+
+/** Argument checks that need no mount: run before anything happens. */
+export function validateRebaseArgs(a: { rebaseTarget?: string; rebaseNewBacking?: string }): void {
+  if (!a.rebaseTarget || !a.rebaseNewBacking) {
+    throw new NasbackupError('MISSING_ARGUMENT', 'rebase requires --rebase-target and --rebase-new-backing');
+  }
+  parseRelativePath(a.rebaseTarget, { what: TARGET, minDepth: 2 });
+  parseRelativePath(a.rebaseNewBacking, { what: BACKING, minDepth: 2 });
+}
+
+async function requireFile(abs: string, message: string): Promise<void> {
+  const st = await stat(abs).catch(() => null);
+  if (st === null) throw new NasbackupError('FILE_NOT_FOUND', message);
+  if (!st.isFile()) throw new NasbackupError('PATH_INVALID', `${message} (not a regular file)`);
+}
+
+async function requireQcow2(abs: string, what: string): Promise<void> {
+  try {
+    await readHeader(abs);
+  } catch (e) {
+    if (e instanceof Qcow2Error) throw new NasbackupError('NOT_QCOW2', `${what} is not a usable qcow2 image: ${abs}`, { details: e.message });
+    throw e;
+  }
+}
+
+export async function rebaseOperation(ctx: OpContext, args: RebaseArgs, engine: RebaseEngine): Promise<void> {
+  validateRebaseArgs({ rebaseTarget: args.target, rebaseNewBacking: args.newBacking });
+  const nas = await ctx.openNas(args.nas);
+  const root = nas.mountPoint;
+  const target = await ensureWithin(root, args.target, { what: TARGET, minDepth: 2 });
+  const backing = await ensureWithin(root, args.newBacking, { what: BACKING, minDepth: 2 });
+
+  await requireFile(target, `Rebase target file does not exist: ${target}`);
+  await requireFile(backing, `New backing file does not exist: ${backing}`);
+  await requireQcow2(target, 'Rebase target');
+  await requireQcow2(backing, 'New backing file');
+
+  const tst = await stat(target);
+  const bst = await stat(backing);
+  if (tst.dev === bst.dev && tst.ino === bst.ino)
+    throw new NasbackupError('INVALID_ARGUMENT', `Rebase target and new backing are the same file: ${target}`);
+
+  // The new backing's own chain must be readable and must not lead back to the target.
+  const backingChain = await chainOrFail(backing, 'New backing file');
+  for (const layer of backingChain.layers) {
+    const st = await stat(layer.path);
+    if (st.dev === tst.dev && st.ino === tst.ino)
+      throw new NasbackupError('INVALID_ARGUMENT', `Rebasing ${target} onto ${backing} would create a backing loop`);
+  }
+
+  // Safe rebase reads the old view, so the target's current chain must be intact.
+  const chain = await chainOrFail(target, 'Rebase target');
+  const name = relative(dirname(target), backing);
+  const current = chain.layers[0]!.header;
+  const index = await indexInChain(chain, backing);
+
+  if (index === 1 && current.backingFile === name && current.backingFormat === 'qcow2') {
+    ctx.logger.log(`Rebase: ${target} already backs onto ${name}; nothing to do`);
+    return;
+  }
+  if (index === -1) {
+    ctx.logger.log(`Rebase: ${backing} is not in the current chain of ${target}; qemu-img compares the whole disk (slow path)`);
+  } else {
+    ctx.logger.log(`Rebase: ${target} onto ${name} (layer ${index} of its chain)`);
+  }
+  ctx.checkpoint();
+  await engine.rebase({ target, newBacking: backing, newBackingName: name, newBackingFormat: 'qcow2', chainIndex: index });
+
+  // Confirm what was written: the target must now back onto the new backing by that name.
+  const after = await readChain(target).catch(() => null);
+  const top = after?.layers[0]?.header;
+  if (!after || top?.backingFile !== name || (await indexInChain(after, backing)) !== 1) {
+    throw new NasbackupError('QEMU_IMG_FAILED', `Rebase of ${target} did not take effect (backing is ${top?.backingFile ?? 'unreadable'})`);
+  }
+  const s = await ctx.runner.run('sync', [], { timeoutMs: ctx.config.commandTimeoutMs });
+  if (!succeeded(s)) ctx.logger.log(`Warning: sync after rebase failed: ${describeFailure(s)}`);
+}
+
+async function chainOrFail(path: string, what: string): Promise<Chain> {
+  try {
+    return await readChain(path);
+  } catch (e) {
+    if (e instanceof Qcow2Error) {
+      throw new NasbackupError('CHAIN_BROKEN', `${what} has an unreadable backing chain, refusing to rebase: ${path}`, { details: e.message });
+    }
+    throw e;
+  }
+}

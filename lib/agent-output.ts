@@ -36,3 +36,61 @@ export function statsText(mountPoint: string, totalKiB: bigint, usedKiB: bigint)
 /** `-o delete`: lines like `rm -v` (the agent ignores them; operators read them in the log). */
 export const removedFileLine = (path: string): string => `removed '${path}'\n`;
 export const removedDirectoryLine = (path: string): string => `removed directory '${path}'\n`;
+
+/**
+ * Agent generations that may be paired with us (contract §1, §5.2). They differ in the
+ * marker lines they strip and where they read the size from.
+ *   rebase-era: G1/G2 wrapper — strips BITMAP_CREATED=/BITMAP_RECREATED=/INCREMENTAL_FALLBACK= lines.
+ *   merged:     W2/G3 wrapper — detects INCREMENTAL_FALLBACK=true; BITMAP_CREATED= may not be stripped.
+ *   newest:     W4 wrapper — reads BACKUP_SIZE_TOTAL=<bytes>.
+ */
+export const AGENT_PROFILES = ['rebase-era', 'merged', 'newest'] as const;
+export type AgentProfile = (typeof AGENT_PROFILES)[number];
+
+export function agentProfileFromEnv(env: NodeJS.ProcessEnv): AgentProfile {
+  const p = env.NASBACKUP_AGENT_PROFILE;
+  return (AGENT_PROFILES as readonly string[]).includes(p ?? '') ? (p as AgentProfile) : 'rebase-era';
+}
+
+export const STOPPED_FALLBACK_REASON = 'VM stopped — incremental requires running VM';
+
+export interface BackupReport {
+  profile: AgentProfile;
+  /** Set when an incremental was asked for and a full was taken instead. */
+  fallbackReason: string | null;
+  /** Reported to the rebase-era agent only (later ones take it from --bitmap-new). */
+  bitmapCreated: string | null;
+  /** Lines an operator should see (e.g. quiesce failed); running-VM format only. */
+  warnings: string[];
+  totalBytes: bigint;
+}
+
+function fallbackLine(r: BackupReport): string {
+  if (r.fallbackReason === null) return '';
+  return r.profile === 'rebase-era' ? `INCREMENTAL_FALLBACK=full (${r.fallbackReason})\n` : 'INCREMENTAL_FALLBACK=true\n';
+}
+
+/**
+ * Running-VM format (`-d ""`): markers and warnings, the completed domjobinfo block,
+ * then the byte total as the LAST line (every wrapper parses the last line).
+ */
+export function runningBackupText(r: BackupReport, jobBlock: string): string {
+  let out = fallbackLine(r) + r.warnings.map((w) => `${w}\n`).join('');
+  out += jobBlock.endsWith('\n') ? jobBlock : `${jobBlock}\n`;
+  if (r.profile === 'newest') out += `BACKUP_SIZE_TOTAL=${r.totalBytes}\n`;
+  out += `${r.totalBytes}\n`;
+  // The rebase-era wrapper strips it before reading the last line (as the original printed it).
+  if (r.profile === 'rebase-era' && r.bitmapCreated) out += `BITMAP_CREATED=${r.bitmapCreated}\n`;
+  return out;
+}
+
+/**
+ * Stopped-VM format (`-d` non-empty): the wrapper parses EVERY remaining line as an
+ * integer, so only markers it strips, then one size per backup file, no empty line.
+ */
+export function stoppedBackupText(r: BackupReport, fileSizes: bigint[]): string {
+  let out = fallbackLine(r);
+  if (r.profile === 'rebase-era' && r.bitmapCreated) out += `BITMAP_CREATED=${r.bitmapCreated}\n`;
+  if (r.profile === 'newest') out += `BACKUP_SIZE_TOTAL=${r.totalBytes}\n`;
+  return out + fileSizes.map((s) => `${s}\n`).join('');
+}

@@ -16,6 +16,12 @@ export interface Config {
   qemuImgTimeoutMs: number;
   /** Which operations run the QEMU/libvirt version check: all (like the original), backup, off. */
   versionCheck: 'all' | 'backup' | 'off';
+  /** Overall deadline of a libvirt backup job (the agent's cmds.timeout by default). */
+  jobTimeoutMs: number;
+  /** Guest-agent freeze/thaw timeout, seconds (W4 agents pass --quiesce-timeout). */
+  quiesceTimeoutSec: number;
+  /** Fail the backup when -q true cannot freeze the guest (default: proceed crash-consistent, say so). */
+  quiesceRequired: boolean;
   virshBinary: string;
   qemuImgBinary: string;
 }
@@ -44,6 +50,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     commandTimeoutMs: seconds(env, 'NASBACKUP_COMMAND_TIMEOUT', 300),
     qemuImgTimeoutMs: seconds(env, 'NASBACKUP_QEMU_IMG_TIMEOUT', 7200),
     versionCheck: vc === 'backup' || vc === 'off' ? vc : 'all',
+    jobTimeoutMs: seconds(env, 'NASBACKUP_JOB_TIMEOUT', 7200),
+    quiesceTimeoutSec: int(env, 'NASBACKUP_QUIESCE_TIMEOUT', 60),
+    quiesceRequired: env.NASBACKUP_QUIESCE_REQUIRED === '1' || env.NASBACKUP_QUIESCE_REQUIRED === 'true',
     virshBinary: env.NASBACKUP_VIRSH || 'virsh',
     qemuImgBinary: env.NASBACKUP_QEMU_IMG || 'qemu-img',
   };

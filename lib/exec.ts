@@ -24,8 +24,8 @@ export interface RunResult {
   durationMs: number;
 }
 
-export const succeeded = (r: RunResult): boolean =>
-  r.exitCode === 0 && !r.timedOut && !r.canceled && r.spawnError === null;
+export const succeeded = (r: RunResult | undefined): boolean =>
+  r !== undefined && r.exitCode === 0 && !r.timedOut && !r.canceled && r.spawnError === null;
 
 /** Short text for messages: why a call failed, in one line. */
 export function describeFailure(r: RunResult): string {

@@ -1,7 +1,7 @@
 // The CLI: parse, validate everything that needs no side effects, check the host,
 // run one operation, and ALWAYS close the NAS session — on success, on error and
 // on SIGTERM/SIGINT/SIGHUP (the agent's timeout does not kill us; an operator may).
-import { invalidOptionText, usageText } from '../agent-output.js';
+import { agentProfileFromEnv, invalidOptionText, usageText } from '../agent-output.js';
 import { loadConfig, type Config } from '../config.js';
 import { NasbackupError, toNasbackupError, EXIT_OK } from '../errors.js';
 import { Runner } from '../exec.js';
@@ -50,8 +50,11 @@ function checkLaterFlags(a: CliArgs, config: Config, logger: Logger): void {
     if (!Number.isFinite(n) || n <= 0) throw new NasbackupError('INVALID_ARGUMENT', `Invalid mount timeout: ${a.mountTimeout}`);
     config.mountTimeoutMs = Math.round(n * 1000);
   }
-  if (a.quiesceTimeout !== undefined && !/^\d+$/.test(a.quiesceTimeout))
-    throw new NasbackupError('INVALID_ARGUMENT', `Invalid quiesce timeout: ${a.quiesceTimeout}`);
+  if (a.quiesceTimeout !== undefined) {
+    if (!/^\d+$/.test(a.quiesceTimeout) || Number(a.quiesceTimeout) === 0)
+      throw new NasbackupError('INVALID_ARGUMENT', `Invalid quiesce timeout: ${a.quiesceTimeout}`);
+    config.quiesceTimeoutSec = Number(a.quiesceTimeout);
+  }
   if (a.verify) logger.log('--verify: chains are checked after the operation');
 }
 
@@ -97,6 +100,7 @@ export async function main(argv: readonly string[], io: MainIo): Promise<number>
     runner,
     logger,
     config,
+    env: io.env,
     out: io.out,
     openNas: (target) => NasSession.open(target, { runner, config, logger }, (s) => sessions.push(s)),
     checkpoint: () => {
@@ -161,7 +165,10 @@ async function runOperation(op: Operation, a: CliArgs, ctx: OpContext): Promise<
       await statsOperation(ctx, { nas: nasTarget(a) });
       return;
     }
-    case 'backup':
-      throw new NasbackupError('NOT_IMPLEMENTED', '-o backup is not implemented yet');
+    case 'backup': {
+      const { backupOperation, validateBackupArgs } = await import('../ops/backup.js');
+      await backupOperation(ctx, validateBackupArgs(a, nasTarget(a), agentProfileFromEnv(ctx.env)));
+      return;
+    }
   }
 }

@@ -3,6 +3,7 @@
 import { NasbackupError } from '../errors.js';
 import { validateDeleteArgs } from '../ops/delete.js';
 import { validateRebaseArgs } from '../ops/rebase.js';
+import { validateBackupArgs } from '../ops/backup.js';
 import type { CliArgs, Operation } from './args.js';
 
 export function validateOperationArgs(op: Operation, a: CliArgs): void {
@@ -16,8 +17,10 @@ export function validateOperationArgs(op: Operation, a: CliArgs): void {
     case 'delete':
       validateDeleteArgs(a);
       return;
-    case 'stats':
     case 'backup':
+      validateBackupArgs(a, { type: a.type, address: a.storage, options: a.mount ?? '' }, 'rebase-era');
+      return;
+    case 'stats':
       return;
   }
 }

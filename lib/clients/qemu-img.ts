@@ -24,6 +24,15 @@ export class QemuImgClient {
     return this.runner.run(this.binary, rebaseArgs(a), { timeoutMs: this.timeoutMs });
   }
 
+  /** Copy a disk into a new qcow2 (the source format is given, never probed). */
+  convert(src: string, srcFormat: string, dst: string): Promise<RunResult> {
+    return this.runner.run(this.binary, ['convert', '-f', srcFormat, '-O', 'qcow2', src, dst], { timeoutMs: this.timeoutMs });
+  }
+
+  bitmap(file: string, action: '--add' | '--clear' | '--remove', name: string): Promise<RunResult> {
+    return this.runner.run(this.binary, ['bitmap', action, file, name], { timeoutMs: this.timeoutMs });
+  }
+
   check(file: string): Promise<RunResult> {
     return this.runner.run(this.binary, ['check', '--output=json', file], { timeoutMs: this.timeoutMs });
   }

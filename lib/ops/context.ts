@@ -13,6 +13,7 @@ export interface OpContext {
   runner: Runner;
   logger: Logger;
   config: Config;
+  env: NodeJS.ProcessEnv;
   out: Output;
   /** Mounts the NAS; the session is closed by the caller of the operation on every path. */
   openNas(target: NasTarget): Promise<NasSession>;

@@ -1,0 +1,73 @@
+// Waiting for a libvirt push-backup job: a short, growing poll interval under an
+// overall deadline. Completed → the statistics block; Failed/Cancelled → libvirt's
+// own error text; a job that vanishes or never ends → a failure, never a hang.
+import { NasbackupError } from '../errors.js';
+import { describeFailure, succeeded } from '../exec.js';
+import { parseJobInfo, parseSize, type VirshClient } from '../clients/virsh.js';
+
+export interface WaitOptions {
+  deadlineMs: number;
+  /** First poll interval; grows by half each poll up to maxIntervalMs. */
+  initialIntervalMs?: number;
+  maxIntervalMs?: number;
+  /** Throws when the run has been interrupted. */
+  checkpoint: () => void;
+  onProgress?: (processed: number, total: number) => void;
+  sleep?: (ms: number) => Promise<void>;
+  now?: () => number;
+}
+
+const RUNNING = new Set(['Unbounded', 'Bounded']);
+/** Consecutive virsh errors or "no job at all" answers tolerated before giving up. */
+const MAX_ERRORS = 3;
+const MAX_VANISHED = 5;
+
+export async function waitForBackupJob(virsh: VirshClient, vm: string, opts: WaitOptions): Promise<string> {
+  const sleep = opts.sleep ?? ((ms: number) => new Promise<void>((r) => setTimeout(r, ms)));
+  const now = opts.now ?? Date.now;
+  const end = now() + opts.deadlineMs;
+  let interval = opts.initialIntervalMs ?? 100;
+  const maxInterval = opts.maxIntervalMs ?? 2000;
+  let errors = 0;
+  let vanished = 0;
+  for (;;) {
+    opts.checkpoint();
+    const r = await virsh.jobInfoCompleted(vm, { keep: true });
+    if (!succeeded(r)) {
+      if (++errors >= MAX_ERRORS) {
+        throw new NasbackupError('VIRSH_FAILED', `Cannot read the backup job status of ${vm} (${describeFailure(r)})`, {
+          details: r.stderr || r.stdout,
+        });
+      }
+    } else {
+      errors = 0;
+      const type = parseJobInfo(r.stdout).get('Job type');
+      if (type === 'Completed') return r.stdout;
+      if (type === 'Failed' || type === 'Cancelled') {
+        const any = await virsh.jobInfoCompleted(vm, { keep: true, anystats: true });
+        const info = parseJobInfo(any.stdout || r.stdout);
+        const why = info.get('Error message') ?? `job ${type.toLowerCase()}`;
+        throw new NasbackupError('BACKUP_JOB_FAILED', 'Virsh backup job failed', { details: `${why}\n${(any.stdout || r.stdout).trimEnd()}` });
+      }
+      // Not finished: is it still running?
+      const active = await virsh.jobInfo(vm);
+      const a = parseJobInfo(active.stdout);
+      const atype = a.get('Job type') ?? '';
+      if (RUNNING.has(atype)) {
+        vanished = 0;
+        const processed = parseSize(a.get('File processed') ?? a.get('Data processed'));
+        const total = parseSize(a.get('File total') ?? a.get('Data total'));
+        if (processed !== null && total !== null) opts.onProgress?.(processed, total);
+      } else if (++vanished >= MAX_VANISHED) {
+        throw new NasbackupError('BACKUP_JOB_FAILED', 'Virsh backup job failed', {
+          details: `The backup job of ${vm} is neither running nor completed (job type ${type ?? 'unknown'}/${atype || 'unknown'}); was libvirtd restarted?`,
+        });
+      }
+    }
+    if (now() + interval > end) {
+      throw new NasbackupError('BACKUP_JOB_TIMEOUT', `Backup job of ${vm} did not finish within ${Math.round(opts.deadlineMs / 1000)} s`);
+    }
+    await sleep(interval);
+    interval = Math.min(maxInterval, Math.ceil(interval * 1.5));
+  }
+}

@@ -1,0 +1,299 @@
+// Backup of a running (or paused) VM: libvirt push backup, with a checkpoint when the
+// agent asks for one, incrementals that stay correct after a VM restart, a guest
+// frozen only for the instant of backup-begin, and a clean undo on every failure.
+import { stat, unlink, writeFile } from 'node:fs/promises';
+import { relative } from 'node:path';
+import { runningBackupText, stoppedBackupText, type BackupReport } from '../agent-output.js';
+import { NasbackupError } from '../errors.js';
+import { describeFailure, succeeded, type RunResult } from '../exec.js';
+import { ensureWithin } from '../paths.js';
+import { readChain } from '../qcow2/chain.js';
+import { readHeader } from '../qcow2/header.js';
+import { QemuImgClient } from '../clients/qemu-img.js';
+import { parseDomblklistDetails, parseJobInfo, parseQueryBlock, type VirshClient } from '../clients/virsh.js';
+import { backupFileName, matchParents, volumeId } from '../backup/disks.js';
+import { waitForBackupJob } from '../backup/job.js';
+import { createProgress } from '../backup/progress.js';
+import { backupXml, checkpointXml, redefineCheckpointXml } from '../backup/xml.js';
+import { apparentSize, WorkDir, type BackupArgs } from './backup.js';
+import type { OpContext } from './context.js';
+
+interface Disk {
+  target: string;
+  source: string;
+  volId: string;
+  file: string;
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const errText = (r: RunResult): string => (r.stderr || r.stdout).trim() || describeFailure(r);
+
+function virshError(code: 'VIRSH_FAILED', what: string, r: RunResult): NasbackupError {
+  return new NasbackupError(code, `${what} failed (${describeFailure(r)})`, { details: errText(r) });
+}
+
+async function listDisks(virsh: VirshClient, vm: string): Promise<Disk[]> {
+  const r = await virsh.domblklistDetails(vm);
+  if (!succeeded(r)) throw virshError('VIRSH_FAILED', `virsh domblklist ${vm}`, r);
+  const rows = parseDomblklistDetails(r.stdout).filter((d) => d.device === 'disk' && d.source !== '-');
+  if (rows.length === 0) throw new NasbackupError('NO_DISKS', `VM ${vm} has no disks to back up`);
+  const disks = rows.map((d, i) => {
+    const volId = volumeId(d.source);
+    return { target: d.target, source: d.source, volId, file: backupFileName(i, volId) };
+  });
+  const seen = new Set<string>();
+  for (const d of disks) {
+    if (seen.has(d.volId)) throw new NasbackupError('INVALID_ARGUMENT', `Two disks of ${vm} share the volume id ${d.volId}; their backup files would collide`);
+    seen.add(d.volId);
+  }
+  return disks;
+}
+
+interface Plan {
+  /** Checkpoint the backup is taken against (incremental), or null for a full. */
+  incrementalFrom: string | null;
+  /** Checkpoint created with the backup, or null (legacy). */
+  newCheckpoint: string | null;
+  /** Mount-relative parent file per disk (incremental only). */
+  parents: string[];
+  fallbackReason: string | null;
+}
+
+/**
+ * Decide full or incremental. An incremental needs the parent checkpoint registered in
+ * libvirt; a transient domain forgets it on restart while the bitmap stays in every
+ * qcow2, so it is redefined when (and only when) the bitmap is on every disk.
+ * Otherwise: a full backup, reported as a fallback. Never a fresh bitmap under the
+ * parent's name (that incremental would silently miss every write since the parent).
+ */
+async function plan(ctx: OpContext, virsh: VirshClient, a: BackupArgs, disks: Disk[], mount: string, work: WorkDir): Promise<Plan> {
+  if (a.mode === 'legacy') return { incrementalFrom: null, newCheckpoint: null, parents: [], fallbackReason: null };
+  const newCheckpoint = a.bitmapNew!;
+  const list = await virsh.checkpointList(a.vm);
+  if (!succeeded(list)) throw virshError('VIRSH_FAILED', `virsh checkpoint-list ${a.vm}`, list);
+  const names = list.stdout.split('\n').map((l) => l.trim()).filter(Boolean);
+  if (names.includes(newCheckpoint) && newCheckpoint !== a.bitmapParent) {
+    // Left by an earlier attempt of this same backup: it is ours to replace.
+    ctx.logger.log(`Removing stale checkpoint ${newCheckpoint} of ${a.vm} left by an earlier attempt`);
+    const d = await virsh.checkpointDelete(a.vm, newCheckpoint);
+    if (!succeeded(d)) throw virshError('VIRSH_FAILED', `virsh checkpoint-delete ${a.vm} ${newCheckpoint}`, d);
+  }
+  if (a.mode === 'full') return { incrementalFrom: null, newCheckpoint, parents: [], fallbackReason: null };
+
+  const parent = a.bitmapParent!;
+  const parents = await matchParents(disks, a.parentPaths, async (rel) =>
+    stat(await ensureWithin(mount, rel, { what: '--parent-paths', minDepth: 3 })).then(() => true, () => false),
+  );
+  for (const rel of parents) {
+    const abs = await ensureWithin(mount, rel, { what: '--parent-paths', minDepth: 3 });
+    if (!(await stat(abs).then((s) => s.isFile(), () => false))) {
+      throw new NasbackupError('FILE_NOT_FOUND', `Parent backup file does not exist on NAS: ${abs}`);
+    }
+    await readHeader(abs).catch((e: Error) => {
+      throw new NasbackupError('NOT_QCOW2', `Parent backup file is not a usable qcow2 image: ${abs}`, { details: e.message });
+    });
+  }
+  const full = (reason: string): Plan => {
+    ctx.logger.log(`Incremental backup of ${a.vm} not possible (${reason}): taking a full backup instead`);
+    return { incrementalFrom: null, newCheckpoint, parents: [], fallbackReason: reason };
+  };
+  if (names.includes(parent)) return { incrementalFrom: parent, newCheckpoint, parents, fallbackReason: null };
+
+  // Not registered: is the bitmap really on every disk, intact?
+  const q = await virsh.queryBlock(a.vm);
+  if (!succeeded(q)) return full(`cannot inspect the disks' bitmaps: ${errText(q)}`);
+  let entries;
+  try {
+    entries = parseQueryBlock(q.stdout);
+  } catch (e) {
+    return full(`cannot inspect the disks' bitmaps: ${(e as Error).message}`);
+  }
+  for (const d of disks) {
+    const entry = entries.find((e) => e.file === d.source);
+    const bm = entry?.bitmaps.find((b) => b.name === parent);
+    if (!bm) return full(`parent bitmap ${parent} missing on disk ${d.target}`);
+    if (bm.inconsistent || bm.persistent === false) return full(`parent bitmap ${parent} on disk ${d.target} is not usable`);
+  }
+  const xml = work.file('redefine-checkpoint.xml');
+  const epoch = /(\d{9,})$/.exec(parent);
+  await writeFile(xml, redefineCheckpointXml(parent, epoch ? Number(epoch[1]) : Math.floor(Date.now() / 1000), disks.map((d) => d.target)));
+  const r = await virsh.checkpointCreate(a.vm, xml, true);
+  await unlink(xml).catch(() => {});
+  if (!succeeded(r)) return full(`cannot register the existing checkpoint ${parent}: ${errText(r)}`);
+  ctx.logger.log(`Registered existing checkpoint ${parent} of ${a.vm} (bitmap present on every disk)`);
+  return { incrementalFrom: parent, newCheckpoint, parents, fallbackReason: null };
+}
+
+/** Freeze through the guest agent. Returns null on success, or why it failed. */
+async function freeze(virsh: VirshClient, vm: string, timeoutSec: number): Promise<string | null> {
+  const r = await virsh.agentCommand(vm, '{"execute":"guest-fsfreeze-freeze"}', timeoutSec);
+  return succeeded(r) ? null : errText(r);
+}
+
+/** Thaw, retried: a guest must never stay frozen because of us. */
+async function thaw(ctx: OpContext, virsh: VirshClient, vm: string): Promise<string | null> {
+  let last = '';
+  for (let attempt = 1; attempt <= 3; attempt++) {
+    const r = await virsh.agentCommand(vm, '{"execute":"guest-fsfreeze-thaw"}', ctx.config.quiesceTimeoutSec, false);
+    if (succeeded(r)) return null;
+    last = errText(r);
+    ctx.logger.log(`Thaw of ${vm} failed (attempt ${attempt}/3): ${last}`);
+    if (attempt < 3) await sleep(500 * attempt);
+  }
+  return last;
+}
+
+/** Abort the job and wait (bounded) until libvirt no longer runs it. */
+async function abortJob(ctx: OpContext, virsh: VirshClient, vm: string): Promise<void> {
+  const r = await virsh.jobAbort(vm);
+  if (!succeeded(r)) ctx.logger.log(`domjobabort ${vm}: ${errText(r)}`);
+  for (let i = 0; i < 50; i++) {
+    const j = await virsh.jobInfo(vm);
+    const t = parseJobInfo(j.stdout).get('Job type');
+    if (!succeeded(j) || (t !== 'Unbounded' && t !== 'Bounded')) return;
+    await sleep(200);
+  }
+  ctx.logger.log(`Warning: the backup job of ${vm} was still running 10 s after domjobabort`);
+}
+
+export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshClient, paused: boolean): Promise<void> {
+  const qemuImg = new QemuImgClient(ctx.runner, ctx.config.qemuImgBinary, ctx.config.qemuImgTimeoutMs);
+  const nas = await ctx.openNas(a.nas);
+  const disks = await listDisks(virsh, a.vm);
+  const work = await WorkDir.create(nas.mountPoint, a.path);
+
+  let jobStarted = false;
+  let jobDone = false;
+  let frozen = false;
+  let createdCheckpoint: string | null = null;
+  const warnings: string[] = [];
+  const progress = await createProgress(process.stdout.isTTY === true);
+  try {
+    const p = await plan(ctx, virsh, a, disks, nas.mountPoint, work);
+    const targets = disks.map((d) => ({ name: d.target, file: work.file(d.file) }));
+    const bxml = work.file('backup.xml');
+    const cxml = work.file('checkpoint.xml');
+    await writeFile(bxml, backupXml(targets, p.incrementalFrom));
+    if (p.newCheckpoint) await writeFile(cxml, checkpointXml(p.newCheckpoint, disks.map((d) => d.target)));
+    ctx.checkpoint();
+
+    if (a.quiesce && paused) {
+      warnings.push(`Quiesce skipped: VM ${a.vm} is paused, its disks are already quiet`);
+    } else if (a.quiesce) {
+      const why = await freeze(virsh, a.vm, ctx.config.quiesceTimeoutSec);
+      if (why === null) frozen = true;
+      else if (ctx.config.quiesceRequired) throw new NasbackupError('QUIESCE_FAILED', `Failed to freeze the filesystems of vm ${a.vm}`, { details: why });
+      else warnings.push(`Quiesce failed, backup is crash-consistent: ${why.split('\n')[0]}`);
+    }
+    // Discard stale completed-job statistics so the poll cannot mistake them for ours.
+    await virsh.jobInfoCompleted(a.vm);
+    let begin: RunResult | undefined;
+    let thawError: string | null = null;
+    try {
+      begin = await virsh.backupBegin(a.vm, bxml, p.newCheckpoint ? cxml : null);
+    } finally {
+      if (frozen) {
+        thawError = await thaw(ctx, virsh, a.vm);
+        if (thawError === null) frozen = false;
+      }
+    }
+    if (succeeded(begin)) {
+      jobStarted = true;
+      createdCheckpoint = p.newCheckpoint;
+    }
+    if (thawError !== null) throw new NasbackupError('THAW_FAILED', `Failed to thaw the filesystem for vm ${a.vm}: ${thawError}`);
+    if (!succeeded(begin)) {
+      throw new NasbackupError('BACKUP_BEGIN_FAILED', `Failed to start the backup of ${a.vm}`, { details: begin ? errText(begin) : 'no result' });
+    }
+
+    // What restore needs besides the disks.
+    const side: Array<[string, (vm: string) => Promise<RunResult>]> = [
+      ['domain-config.xml', (vm) => virsh.dumpxml(vm)],
+      ['dominfo.xml', (vm) => virsh.dominfo(vm)],
+      ['domiflist.xml', (vm) => virsh.domiflist(vm)],
+      ['domblklist.xml', (vm) => virsh.domblklist(vm)],
+    ];
+    for (const [name, call] of side) {
+      const r = await call(a.vm);
+      if (!succeeded(r)) throw virshError('VIRSH_FAILED', `virsh ${name}`, r);
+      await writeFile(work.file(name), r.stdout, { mode: 0o644 });
+    }
+
+    const block = await waitForBackupJob(virsh, a.vm, {
+      deadlineMs: ctx.config.jobTimeoutMs,
+      checkpoint: ctx.checkpoint,
+      onProgress: (done, total) => progress.update(done, total),
+    });
+    jobDone = true;
+    progress.stop();
+
+    // Relink each incremental onto its parent backup: libvirt wrote the live disk there.
+    for (const [i, d] of disks.entries()) {
+      if (!p.incrementalFrom) break;
+      const file = work.file(d.file);
+      const parentAbs = await ensureWithin(nas.mountPoint, p.parents[i]!, { what: '--parent-paths', minDepth: 3 });
+      const name = relative(work.final, parentAbs);
+      const r = await qemuImg.rebase({ file, backing: name, backingFormat: 'qcow2', unsafe: true });
+      if (!succeeded(r)) {
+        throw new NasbackupError('QEMU_IMG_FAILED', `qemu-img rebase failed for ${file} onto ${name}`, { details: errText(r) });
+      }
+    }
+    for (const f of [bxml, cxml]) await unlink(f).catch(() => {});
+    const s = await ctx.runner.run('sync', [], { timeoutMs: ctx.config.commandTimeoutMs });
+    if (!succeeded(s)) ctx.logger.log(`Warning: sync failed: ${describeFailure(s)}`);
+    ctx.checkpoint();
+    await work.commit();
+    // Every new file must now read as a chain ending in a full backup on the NAS.
+    for (const d of disks) {
+      await readChain(`${work.final}/${d.file}`).catch((e: Error) => {
+        throw new NasbackupError('CHAIN_BROKEN', `Backup file ${work.final}/${d.file} does not read as a complete chain`, { details: e.message });
+      });
+    }
+    if (p.incrementalFrom) {
+      // The parent checkpoint is no longer needed: the next incremental starts from the new one.
+      const r = await virsh.checkpointDelete(a.vm, p.incrementalFrom);
+      if (!succeeded(r)) ctx.logger.log(`Warning: could not remove checkpoint ${p.incrementalFrom}: ${errText(r)}`);
+    }
+
+    const final = await virsh.jobInfoCompleted(a.vm);
+    const jobBlock = succeeded(final) && parseJobInfo(final.stdout).get('Job type') === 'Completed' ? final.stdout : block;
+    const report: BackupReport = {
+      profile: a.profile,
+      fallbackReason: p.fallbackReason,
+      bitmapCreated: p.newCheckpoint,
+      warnings,
+      totalBytes: await apparentSize(work.final),
+    };
+    for (const w of warnings) ctx.logger.log(`Warning: ${w}`);
+    if (a.diskPaths.length > 0) {
+      // The agent chose the stopped-VM format (-d given): one integer per line.
+      const sizes = await Promise.all(disks.map(async (d) => (await stat(`${work.final}/${d.file}`, { bigint: true })).size));
+      ctx.out.write(stoppedBackupText(report, sizes));
+    } else {
+      ctx.out.write(runningBackupText(report, jobBlock));
+    }
+    ctx.logger.log(`Backup of ${a.vm} to ${work.final} completed (${report.totalBytes} bytes)`);
+  } catch (e) {
+    progress.stop();
+    if (frozen) await thaw(ctx, virsh, a.vm);
+    if (jobStarted && !jobDone) await abortJob(ctx, virsh, a.vm);
+    if (createdCheckpoint) {
+      const r = await virsh.checkpointDelete(a.vm, createdCheckpoint);
+      if (!succeeded(r)) ctx.logger.log(`Warning: could not remove checkpoint ${createdCheckpoint} of the failed backup: ${errText(r)}`);
+    }
+    await work.discard().catch((err: Error) => ctx.logger.log(`Warning: could not remove ${work.path}: ${err.message}`));
+    throw e;
+  } finally {
+    if (!paused) await resumeIfPaused(ctx, virsh, a.vm);
+  }
+}
+
+/** A VM that was running before us is never left paused (e.g. by an I/O error on a full NAS). */
+async function resumeIfPaused(ctx: OpContext, virsh: VirshClient, vm: string): Promise<void> {
+  const r = await virsh.domstate(vm);
+  if (succeeded(r) && r.stdout.trim().startsWith('paused')) {
+    ctx.logger.log(`VM ${vm} is paused after the backup; resuming it`);
+    const res = await virsh.resume(vm);
+    if (!succeeded(res)) ctx.logger.log(`Warning: could not resume ${vm}: ${errText(res)}`);
+  }
+}

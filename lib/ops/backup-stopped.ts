@@ -1,0 +1,103 @@
+// Backup of a stopped VM: a qemu-img copy of each -d disk. Stops at the first failure
+// (the original carried on into a deleted folder); bitmaps are added to the sources
+// only once every copy succeeded, so the next running backup can be incremental.
+import { stat } from 'node:fs/promises';
+import { stoppedBackupText, STOPPED_FALLBACK_REASON, type BackupReport } from '../agent-output.js';
+import { NasbackupError } from '../errors.js';
+import { describeFailure, succeeded, type RunResult } from '../exec.js';
+import { readHeader } from '../qcow2/header.js';
+import { QemuImgClient } from '../clients/qemu-img.js';
+import { backupFileName, volumeId } from '../backup/disks.js';
+import { apparentSize, WorkDir, type BackupArgs } from './backup.js';
+import type { OpContext } from './context.js';
+
+const errText = (r: RunResult): string => (r.stderr || r.stdout).trim() || describeFailure(r);
+
+/** Source format, stated explicitly rather than probed: RBD and block devices are raw. */
+async function sourceFormat(src: string): Promise<'qcow2' | 'raw'> {
+  if (src.startsWith('rbd:') || src.startsWith('/dev/')) return 'raw';
+  return readHeader(src).then(
+    () => 'qcow2' as const,
+    () => 'raw' as const,
+  );
+}
+
+export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<void> {
+  const qemuImg = new QemuImgClient(ctx.runner, ctx.config.qemuImgBinary, ctx.config.qemuImgTimeoutMs);
+  const disks = a.diskPaths.map((src, i) => {
+    const volId = volumeId(src);
+    return { src, volId, file: backupFileName(i, volId) };
+  });
+  if (new Set(disks.map((d) => d.volId)).size !== disks.length) {
+    throw new NasbackupError('INVALID_ARGUMENT', `Two disks share a volume id; their backup files would collide: ${a.diskPaths.join(',')}`);
+  }
+  for (const d of disks) {
+    if (!d.src.startsWith('rbd:') && !(await stat(d.src).then(() => true, () => false))) {
+      throw new NasbackupError('FILE_NOT_FOUND', `Source disk does not exist: ${d.src}`);
+    }
+  }
+  const nas = await ctx.openNas(a.nas);
+  const work = await WorkDir.create(nas.mountPoint, a.path);
+  try {
+    const formats: Array<'qcow2' | 'raw'> = [];
+    for (const d of disks) {
+      ctx.checkpoint();
+      const fmt = await sourceFormat(d.src);
+      formats.push(fmt);
+      const dst = work.file(d.file);
+      const r = await qemuImg.convert(d.src, fmt, dst);
+      if (!succeeded(r)) {
+        if (r.canceled) throw new NasbackupError('INTERRUPTED', `Interrupted while copying ${d.src}`);
+        throw new NasbackupError(r.timedOut ? 'COMMAND_TIMEOUT' : 'CONVERT_FAILED', `qemu-img convert failed for ${d.src} ${dst}`, { details: errText(r) });
+      }
+    }
+    const s = await ctx.runner.run('sync', [], { timeoutMs: ctx.config.commandTimeoutMs });
+    if (!succeeded(s)) ctx.logger.log(`Warning: sync failed: ${describeFailure(s)}`);
+    ctx.checkpoint();
+    await work.commit();
+
+    // Seed the bitmap the next (running) incremental starts from. Only qcow2 files can
+    // carry one; a disk without it makes that incremental fall back to a full, safely.
+    let bitmapCreated: string | null = null;
+    if (a.bitmapNew) {
+      let all = true;
+      for (const [i, d] of disks.entries()) {
+        if (formats[i] !== 'qcow2') {
+          all = false;
+          ctx.logger.log(`No bitmap on ${d.src}: only qcow2 files can carry one`);
+          continue;
+        }
+        if (!(await seedBitmap(ctx, qemuImg, d.src, a.bitmapNew))) all = false;
+      }
+      bitmapCreated = all ? a.bitmapNew : null;
+    }
+
+    const sizes = await Promise.all(disks.map(async (d) => (await stat(`${work.final}/${d.file}`, { bigint: true })).size));
+    const report: BackupReport = {
+      profile: a.profile,
+      fallbackReason: a.mode === 'incremental' ? STOPPED_FALLBACK_REASON : null,
+      bitmapCreated,
+      warnings: [],
+      totalBytes: await apparentSize(work.final),
+    };
+    ctx.out.write(stoppedBackupText(report, sizes));
+    ctx.logger.log(`Backup of stopped VM ${a.vm} to ${work.final} completed (${report.totalBytes} bytes)`);
+  } catch (e) {
+    await work.discard().catch((err: Error) => ctx.logger.log(`Warning: could not remove ${work.path}: ${err.message}`));
+    throw e;
+  }
+}
+
+/** Add the bitmap; one left by an earlier attempt of this same backup is cleared instead. */
+async function seedBitmap(ctx: OpContext, qemuImg: QemuImgClient, src: string, name: string): Promise<boolean> {
+  const add = await qemuImg.bitmap(src, '--add', name);
+  if (succeeded(add)) return true;
+  if (/already exists/i.test(add.stderr)) {
+    const clear = await qemuImg.bitmap(src, '--clear', name);
+    if (succeeded(clear)) return true;
+    ctx.logger.log(`Warning: could not clear bitmap ${name} on ${src}: ${errText(clear)}`);
+    return false;
+  }
+  ctx.logger.log(`Warning: could not add bitmap ${name} to ${src}: ${errText(add)}`);
+  return false;
+}

@@ -18,10 +18,17 @@ export interface Config {
   versionCheck: 'all' | 'backup' | 'off';
   /** Overall deadline of a libvirt backup job (the agent's cmds.timeout by default). */
   jobTimeoutMs: number;
+  /** Job poll: first interval, growing by half per poll up to the max (ms). */
+  jobPollInitialMs: number;
+  jobPollMaxMs: number;
   /** Guest-agent freeze/thaw timeout, seconds (W4 agents pass --quiesce-timeout). */
   quiesceTimeoutSec: number;
   /** Fail the backup when -q true cannot freeze the guest (default: proceed crash-consistent, say so). */
   quiesceRequired: boolean;
+  /** Per-VM lock: how long to wait for it, when another host's lock is stale, and the override. */
+  lockWaitMs: number;
+  lockStaleAfterMs: number;
+  breakLock: boolean;
   virshBinary: string;
   qemuImgBinary: string;
 }
@@ -51,8 +58,13 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     qemuImgTimeoutMs: seconds(env, 'NASBACKUP_QEMU_IMG_TIMEOUT', 7200),
     versionCheck: vc === 'backup' || vc === 'off' ? vc : 'all',
     jobTimeoutMs: seconds(env, 'NASBACKUP_JOB_TIMEOUT', 7200),
+    jobPollInitialMs: seconds(env, 'NASBACKUP_JOB_POLL_INITIAL', 0.1),
+    jobPollMaxMs: seconds(env, 'NASBACKUP_JOB_POLL_MAX', 1),
     quiesceTimeoutSec: int(env, 'NASBACKUP_QUIESCE_TIMEOUT', 60),
     quiesceRequired: env.NASBACKUP_QUIESCE_REQUIRED === '1' || env.NASBACKUP_QUIESCE_REQUIRED === 'true',
+    lockWaitMs: seconds(env, 'NASBACKUP_LOCK_WAIT', 60),
+    lockStaleAfterMs: seconds(env, 'NASBACKUP_LOCK_STALE_AFTER', 4 * 3600),
+    breakLock: env.NASBACKUP_BREAK_LOCK === '1' || env.NASBACKUP_BREAK_LOCK === 'true',
     virshBinary: env.NASBACKUP_VIRSH || 'virsh',
     qemuImgBinary: env.NASBACKUP_QEMU_IMG || 'qemu-img',
   };

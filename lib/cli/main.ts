@@ -7,6 +7,8 @@ import { NasbackupError, toNasbackupError, EXIT_OK } from '../errors.js';
 import { Runner } from '../exec.js';
 import { createLogger, type Logger } from '../log.js';
 import { NasSession, type NasTarget } from '../nas/session.js';
+import { VmLock } from '../nas/lock.js';
+import { ensureWithin } from '../paths.js';
 import { QemuImgClient } from '../clients/qemu-img.js';
 import { VirshClient } from '../clients/virsh.js';
 import { QemuImgRebaseEngine } from '../engine/qemu-img.js';
@@ -96,6 +98,7 @@ export async function main(argv: readonly string[], io: MainIo): Promise<number>
 
   const runner = new Runner(logger, abort.signal);
   const sessions: NasSession[] = [];
+  const locks: VmLock[] = [];
   const ctx: OpContext = {
     runner,
     logger,
@@ -103,6 +106,18 @@ export async function main(argv: readonly string[], io: MainIo): Promise<number>
     env: io.env,
     out: io.out,
     openNas: (target) => NasSession.open(target, { runner, config, logger }, (s) => sessions.push(s)),
+    lockVm: async (mountPoint, instance, operation) => {
+      const dir = await ensureWithin(mountPoint, instance, { what: 'instance folder' });
+      locks.push(
+        await VmLock.acquire(dir, {
+          operation,
+          waitMs: config.lockWaitMs,
+          staleAfterMs: config.lockStaleAfterMs,
+          breakLock: config.breakLock,
+          logger,
+        }),
+      );
+    },
     checkpoint: () => {
       if (interruptedBy) throw new NasbackupError('INTERRUPTED', `Interrupted by ${interruptedBy}`);
     },
@@ -124,6 +139,7 @@ export async function main(argv: readonly string[], io: MainIo): Promise<number>
   }
 
   const cleanupErrors: NasbackupError[] = [];
+  for (const l of locks.reverse()) await l.release();
   for (const s of sessions.reverse()) {
     try {
       await s.close();

@@ -6,7 +6,7 @@ import { relative } from 'node:path';
 import { runningBackupText, stoppedBackupText, type BackupReport } from '../agent-output.js';
 import { NasbackupError } from '../errors.js';
 import { describeFailure, succeeded, type RunResult } from '../exec.js';
-import { ensureWithin } from '../paths.js';
+import { ensureWithin, parseRelativePath } from '../paths.js';
 import { readChain } from '../qcow2/chain.js';
 import { readHeader } from '../qcow2/header.js';
 import { QemuImgClient } from '../clients/qemu-img.js';
@@ -160,6 +160,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
   const qemuImg = new QemuImgClient(ctx.runner, ctx.config.qemuImgBinary, ctx.config.qemuImgTimeoutMs);
   const nas = await ctx.openNas(a.nas);
   const disks = await listDisks(virsh, a.vm);
+  await ctx.lockVm(nas.mountPoint, parseRelativePath(a.path, { what: '-p' })[0]!, 'backup');
   const work = await WorkDir.create(nas.mountPoint, a.path);
 
   let jobStarted = false;
@@ -221,6 +222,8 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
 
     const block = await waitForBackupJob(virsh, a.vm, {
       deadlineMs: ctx.config.jobTimeoutMs,
+      initialIntervalMs: ctx.config.jobPollInitialMs,
+      maxIntervalMs: ctx.config.jobPollMaxMs,
       checkpoint: ctx.checkpoint,
       onProgress: (done, total) => progress.update(done, total),
     });

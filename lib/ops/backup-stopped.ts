@@ -4,6 +4,7 @@
 import { stat } from 'node:fs/promises';
 import { stoppedBackupText, STOPPED_FALLBACK_REASON, type BackupReport } from '../agent-output.js';
 import { NasbackupError } from '../errors.js';
+import { parseRelativePath } from '../paths.js';
 import { describeFailure, succeeded, type RunResult } from '../exec.js';
 import { readHeader } from '../qcow2/header.js';
 import { QemuImgClient } from '../clients/qemu-img.js';
@@ -37,6 +38,7 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<void
     }
   }
   const nas = await ctx.openNas(a.nas);
+  await ctx.lockVm(nas.mountPoint, parseRelativePath(a.path, { what: '-p' })[0]!, 'backup');
   const work = await WorkDir.create(nas.mountPoint, a.path);
   try {
     const formats: Array<'qcow2' | 'raw'> = [];

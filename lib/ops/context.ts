@@ -17,6 +17,11 @@ export interface OpContext {
   out: Output;
   /** Mounts the NAS; the session is closed by the caller of the operation on every path. */
   openNas(target: NasTarget): Promise<NasSession>;
+  /**
+   * Take the per-VM lock of `<mount>/<instance>`; released by the caller of the
+   * operation on every path, before the NAS is unmounted.
+   */
+  lockVm(mountPoint: string, instance: string, operation: string): Promise<void>;
   /** Throws INTERRUPTED once a terminating signal has arrived. */
   checkpoint(): void;
 }

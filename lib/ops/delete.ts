@@ -27,6 +27,10 @@ export async function deleteOperation(ctx: OpContext, args: DeleteArgs): Promise
   validateDeleteArgs(args);
   const nas = await ctx.openNas(args.nas);
   const abs = await ensureWithin(nas.mountPoint, args.path, { what: '-p', minDepth: DELETE_MIN_DEPTH });
+  const instance = parseRelativePath(args.path, { what: '-p' })[0]!;
+  if (await lstat(await ensureWithin(nas.mountPoint, instance, { what: '-p' })).then(() => true, () => false)) {
+    await ctx.lockVm(nas.mountPoint, instance, 'delete');
+  }
   const st = await lstat(abs).catch((e: NodeJS.ErrnoException) => {
     if (e.code === 'ENOENT') return null;
     throw e;

@@ -50,6 +50,7 @@ export async function rebaseOperation(ctx: OpContext, args: RebaseArgs, engine: 
   validateRebaseArgs({ rebaseTarget: args.target, rebaseNewBacking: args.newBacking });
   const nas = await ctx.openNas(args.nas);
   const root = nas.mountPoint;
+  await ctx.lockVm(root, parseRelativePath(args.target, { what: TARGET })[0]!, 'rebase');
   const target = await ensureWithin(root, args.target, { what: TARGET, minDepth: 2 });
   const backing = await ensureWithin(root, args.newBacking, { what: BACKING, minDepth: 2 });
 

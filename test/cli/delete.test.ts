@@ -115,3 +115,21 @@ describe('-o delete', () => {
     expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
   });
 });
+
+describe('per-VM lock', () => {
+  it('a delete waits for the VM lock held by a live operation, then fails without deleting', async () => {
+    const sb = makeSandbox('del-locked');
+    seedChain(sb.nas);
+    const { hostname } = await import('node:os');
+    const { readFileSync } = await import('node:fs');
+    const stat = readFileSync(`/proc/${process.pid}/stat`, 'utf8');
+    const pidStart = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
+    writeFileSync(join(sb.nas, VM, '.nasbackup.lock'), JSON.stringify({ host: hostname(), pid: process.pid, pidStart, startedAt: 'now', operation: 'backup' }));
+    const before = snapshotTree(sb.nas);
+    const r = await run(sb, del(sb, `${VM}/${TS[1]}`), { NASBACKUP_LOCK_WAIT: '0.5' });
+    expect(r.code).toBe(1);
+    expect(r.stdout).toMatch(/^Another operation holds the lock of this VM's backups: backup by pid \d+ on /);
+    expect(snapshotTree(sb.nas)).toEqual(before);
+    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+  });
+});

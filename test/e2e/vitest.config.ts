@@ -11,5 +11,7 @@ export default defineConfig({
     testTimeout: 300_000,
     hookTimeout: 300_000,
     fileParallelism: false,
+    globalSetup: ['test/e2e/global-setup.ts'],
+    reporters: ['default', './test/summary-reporter.ts'],
   },
 })

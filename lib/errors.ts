@@ -39,6 +39,8 @@ export const ERROR_CODES = {
   NOT_QCOW2: EXIT_FAILURE,
   CHAIN_BROKEN: EXIT_FAILURE,
   QEMU_IMG_FAILED: EXIT_FAILURE,
+  CHAIN_INVALID: EXIT_FAILURE,
+  CHAIN_REFUSED: EXIT_FAILURE,
   // backup
   VM_STATE_UNSUPPORTED: EXIT_FAILURE,
   NO_DISKS: EXIT_FAILURE,
@@ -71,17 +73,21 @@ export interface NasbackupErrorOptions {
   /** Extra lines for stdout after the message (e.g. a tool's stderr). */
   details?: string;
   cause?: unknown;
+  /** JSON output already carries this outcome (a report or plan): do not print it again. */
+  reported?: boolean;
 }
 
 export class NasbackupError extends Error {
   readonly code: ErrorCode;
   readonly details: string;
+  readonly reported: boolean;
 
   constructor(code: ErrorCode, message: string, opts: NasbackupErrorOptions = {}) {
     super(message, opts.cause === undefined ? undefined : { cause: opts.cause });
     this.name = 'NasbackupError';
     this.code = code;
     this.details = opts.details?.trimEnd() ?? '';
+    this.reported = opts.reported ?? false;
   }
 
   get exitCode(): number {

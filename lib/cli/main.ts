@@ -3,35 +3,22 @@
 // on SIGTERM/SIGINT/SIGHUP (the agent's timeout does not kill us; an operator may).
 import { agentProfileFromEnv, invalidOptionText, usageText } from '../agent-output.js';
 import { loadConfig, type Config } from '../config.js';
-import { NasbackupError, toNasbackupError, EXIT_OK } from '../errors.js';
-import { Runner } from '../exec.js';
+import { NasbackupError, toNasbackupError } from '../errors.js';
 import { createLogger, type Logger } from '../log.js';
-import { NasSession, type NasTarget } from '../nas/session.js';
-import { VmLock } from '../nas/lock.js';
-import { ensureWithin } from '../paths.js';
+import type { NasTarget } from '../nas/session.js';
 import { QemuImgClient } from '../clients/qemu-img.js';
 import { VirshClient } from '../clients/virsh.js';
 import { QemuImgRebaseEngine } from '../engine/qemu-img.js';
 import { checkHostVersions } from '../sanity.js';
 import { isOperation, parseArgs, UsageRequested, type CliArgs, type Operation } from './args.js';
-import type { OpContext, Output } from '../ops/context.js';
+import type { OpContext } from '../ops/context.js';
+import { execute, type ExecuteIo } from './lifecycle.js';
 
-export interface MainIo {
-  out: Output;
-  env: NodeJS.ProcessEnv;
+export { processSignals } from './lifecycle.js';
+
+export interface MainIo extends ExecuteIo {
   /** Shown in the usage text ($0 of the original). */
   scriptName: string;
-  /** Process-wide signal wiring; tests may pass a no-op. */
-  onSignal?: (handler: (signal: NodeJS.Signals) => void) => () => void;
-}
-
-const SIGNALS: NodeJS.Signals[] = ['SIGTERM', 'SIGINT', 'SIGHUP'];
-
-export function processSignals(handler: (signal: NodeJS.Signals) => void): () => void {
-  for (const s of SIGNALS) process.on(s, handler);
-  return () => {
-    for (const s of SIGNALS) process.off(s, handler);
-  };
 }
 
 /** -t and -s were checked by validateOperationArgs before we got here. */
@@ -86,81 +73,12 @@ export async function main(argv: readonly string[], io: MainIo): Promise<number>
     return err.exitCode;
   }
 
-  const abort = new AbortController();
-  let interruptedBy: NodeJS.Signals | null = null;
-  const onSignal = io.onSignal ?? processSignals;
-  const unhook = onSignal((signal) => {
-    if (interruptedBy) return; // cleanup is already under way and bounded
-    interruptedBy = signal;
-    logger.log(`Received ${signal}: stopping and cleaning up`);
-    abort.abort();
-  });
-
-  const runner = new Runner(logger, abort.signal);
-  const sessions: NasSession[] = [];
-  const locks: VmLock[] = [];
-  const ctx: OpContext = {
-    runner,
-    logger,
-    config,
-    env: io.env,
-    out: io.out,
-    openNas: (target) => NasSession.open(target, { runner, config, logger }, (s) => sessions.push(s)),
-    lockVm: async (mountPoint, instance, operation) => {
-      const dir = await ensureWithin(mountPoint, instance, { what: 'instance folder' });
-      locks.push(
-        await VmLock.acquire(dir, {
-          operation,
-          waitMs: config.lockWaitMs,
-          staleAfterMs: config.lockStaleAfterMs,
-          breakLock: config.breakLock,
-          logger,
-        }),
-      );
-    },
-    checkpoint: () => {
-      if (interruptedBy) throw new NasbackupError('INTERRUPTED', `Interrupted by ${interruptedBy}`);
-    },
-  };
-
-  let failure: NasbackupError | null = null;
-  try {
-    if (config.versionCheck === 'all' || (config.versionCheck === 'backup' && op === 'backup')) {
-      await checkHostVersions(new VirshClient(runner, config.virshBinary, config.commandTimeoutMs), logger);
-    }
+  const needsVersions = config.versionCheck === 'all' || (config.versionCheck === 'backup' && op === 'backup');
+  return execute(io, config, logger, async (ctx) => {
+    if (needsVersions) await checkHostVersions(new VirshClient(ctx.runner, config.virshBinary, config.commandTimeoutMs), logger);
     ctx.checkpoint();
     await runOperation(op, args, ctx);
-    ctx.checkpoint();
-  } catch (e) {
-    failure = toNasbackupError(e);
-    if (interruptedBy && failure.code !== 'INTERRUPTED') {
-      failure = new NasbackupError('INTERRUPTED', `Interrupted by ${interruptedBy}`, { details: failure.toText() });
-    }
-  }
-
-  const cleanupErrors: NasbackupError[] = [];
-  for (const l of locks.reverse()) await l.release();
-  for (const s of sessions.reverse()) {
-    try {
-      await s.close();
-    } catch (e) {
-      cleanupErrors.push(toNasbackupError(e));
-    }
-  }
-  unhook();
-
-  let code = EXIT_OK;
-  if (failure) {
-    io.out.write(failure.toText());
-    logger.log(`ERROR [${failure.code}] ${failure.message}${failure.details ? `\n${failure.details}` : ''}`);
-    code = failure.exitCode;
-  }
-  for (const c of cleanupErrors) {
-    io.out.write(c.toText());
-    logger.log(`ERROR [${c.code}] ${c.message}`);
-    code = c.exitCode; // leftovers outrank the operation's own failure: the agent must clean up
-  }
-  return code;
+  });
 }
 
 async function runOperation(op: Operation, a: CliArgs, ctx: OpContext): Promise<void> {

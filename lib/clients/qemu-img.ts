@@ -33,7 +33,8 @@ export class QemuImgClient {
     return this.runner.run(this.binary, ['bitmap', action, file, name], { timeoutMs: this.timeoutMs });
   }
 
-  check(file: string): Promise<RunResult> {
-    return this.runner.run(this.binary, ['check', '--output=json', file], { timeoutMs: this.timeoutMs });
+  /** `shared`: -U, read-only check of an image another process may hold. */
+  check(file: string, opts: { shared?: boolean } = {}): Promise<RunResult> {
+    return this.runner.run(this.binary, ['check', ...(opts.shared ? ['-U'] : []), '--output=json', file], { timeoutMs: this.timeoutMs });
   }
 }

@@ -52,7 +52,7 @@ export async function deleteOperation(ctx: OpContext, args: DeleteArgs): Promise
 }
 
 /** Depth-first removal: contents first, each directory after what it held. */
-async function removeTree(ctx: OpContext, path: string, dev: number): Promise<void> {
+export async function removeTree(ctx: OpContext, path: string, dev: number): Promise<void> {
   ctx.checkpoint();
   const st = await lstat(path);
   if (!st.isDirectory()) {

@@ -53,7 +53,17 @@ export async function rebaseOperation(ctx: OpContext, args: RebaseArgs, engine: 
   await ctx.lockVm(root, parseRelativePath(args.target, { what: TARGET })[0]!, 'rebase');
   const target = await ensureWithin(root, args.target, { what: TARGET, minDepth: 2 });
   const backing = await ensureWithin(root, args.newBacking, { what: BACKING, minDepth: 2 });
+  await safeRebase(ctx, target, backing, engine);
+  const s = await ctx.runner.run('sync', [], { timeoutMs: ctx.config.commandTimeoutMs });
+  if (!succeeded(s)) ctx.logger.log(`Warning: sync after rebase failed: ${describeFailure(s)}`);
+}
 
+/**
+ * Repoint `target` (absolute) at `backing` (absolute) keeping its guest-visible content,
+ * with the new reference written relative to the target's folder. Checks everything
+ * first; a no-op when already done, so a repeated chain repair is safe.
+ */
+export async function safeRebase(ctx: OpContext, target: string, backing: string, engine: RebaseEngine): Promise<void> {
   await requireFile(target, `Rebase target file does not exist: ${target}`);
   await requireFile(backing, `New backing file does not exist: ${backing}`);
   await requireQcow2(target, 'Rebase target');
@@ -96,8 +106,6 @@ export async function rebaseOperation(ctx: OpContext, args: RebaseArgs, engine: 
   if (!after || top?.backingFile !== name || (await indexInChain(after, backing)) !== 1) {
     throw new NasbackupError('QEMU_IMG_FAILED', `Rebase of ${target} did not take effect (backing is ${top?.backingFile ?? 'unreadable'})`);
   }
-  const s = await ctx.runner.run('sync', [], { timeoutMs: ctx.config.commandTimeoutMs });
-  if (!succeeded(s)) ctx.logger.log(`Warning: sync after rebase failed: ${describeFailure(s)}`);
 }
 
 async function chainOrFail(path: string, what: string): Promise<Chain> {

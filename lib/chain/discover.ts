@@ -1,0 +1,105 @@
+// The real chains of a VM, read from the NAS itself: every backup disk file under
+// `<instance>/`, its qcow2 header, and its backing resolved relative to its folder.
+// The ground truth for repair and verification; no database needed.
+import { readdir, stat } from 'node:fs/promises';
+import { join, relative, sep } from 'node:path';
+import { volumeIdOfBackupFile } from '../backup/disks.js';
+import { isFollowableBackingName, resolveBackingName } from '../qcow2/chain.js';
+import { readHeader } from '../qcow2/header.js';
+
+export interface BackupFile {
+  /** Backup folder name (the timestamp), e.g. 2025.01.02.00.00.00. */
+  backup: string;
+  /** File name, e.g. root.<vol>.qcow2. */
+  name: string;
+  abs: string;
+  volId: string;
+  kind: 'root' | 'datadisk';
+  virtualSize: bigint | null;
+  /** Backing name as stored in the header, or null for a full. */
+  backingName: string | null;
+  backingFormat: string | null;
+  /** The backing resolved to an absolute path (null when none or not a file name). */
+  backingAbs: string | null;
+  /** Set when the header could not be read. */
+  error: string | null;
+  /** dev:ino, to match backing references to files whatever their spelling. */
+  key: string;
+}
+
+export interface VmBackups {
+  instanceDir: string;
+  /** Backup folder names, oldest first (timestamps sort lexically). */
+  backups: string[];
+  files: BackupFile[];
+  /** Unfinished folders of interrupted runs (`*.partial`). */
+  partials: string[];
+}
+
+export async function discover(instanceDir: string): Promise<VmBackups> {
+  const entries = await readdir(instanceDir, { withFileTypes: true }).catch((e: NodeJS.ErrnoException) => {
+    if (e.code === 'ENOENT') return [];
+    throw e;
+  });
+  const backups: string[] = [];
+  const partials: string[] = [];
+  for (const e of entries) {
+    if (!e.isDirectory() || e.name.startsWith('.')) continue;
+    (e.name.endsWith('.partial') ? partials : backups).push(e.name);
+  }
+  backups.sort();
+  const files: BackupFile[] = [];
+  for (const b of backups) {
+    for (const name of (await readdir(join(instanceDir, b))).sort()) {
+      const volId = volumeIdOfBackupFile(name);
+      if (volId === null) continue;
+      const abs = join(instanceDir, b, name);
+      const st = await stat(abs);
+      const f: BackupFile = {
+        backup: b,
+        name,
+        abs,
+        volId,
+        kind: name.startsWith('root.') ? 'root' : 'datadisk',
+        virtualSize: null,
+        backingName: null,
+        backingFormat: null,
+        backingAbs: null,
+        error: null,
+        key: `${st.dev}:${st.ino}`,
+      };
+      try {
+        const h = await readHeader(abs);
+        f.virtualSize = h.size;
+        f.backingName = h.backingFile;
+        f.backingFormat = h.backingFormat;
+        if (h.backingFile !== null && isFollowableBackingName(h.backingFile)) f.backingAbs = resolveBackingName(abs, h.backingFile);
+      } catch (e) {
+        f.error = (e as Error).message;
+      }
+      files.push(f);
+    }
+  }
+  return { instanceDir, backups, files, partials };
+}
+
+/** The file a backing reference points at, if it is one of the VM's backup files. */
+export async function backingFile(vm: VmBackups, f: BackupFile): Promise<BackupFile | null> {
+  if (f.backingAbs === null) return null;
+  const st = await stat(f.backingAbs).catch(() => null);
+  if (!st) return null;
+  return vm.files.find((o) => o.key === `${st.dev}:${st.ino}`) ?? null;
+}
+
+/** Files whose backing is `f` (its direct dependents). */
+export async function dependentsOf(vm: VmBackups, f: BackupFile): Promise<BackupFile[]> {
+  const out: BackupFile[] = [];
+  for (const o of vm.files) if (o !== f && (await backingFile(vm, o)) === f) out.push(o);
+  return out;
+}
+
+/** True when `abs` lies inside the instance folder. */
+export function insideInstance(vm: VmBackups, abs: string): boolean {
+  const rel = relative(vm.instanceDir, abs);
+  return rel !== '' && !rel.startsWith('..') && !rel.startsWith(sep);
+}

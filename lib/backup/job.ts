@@ -45,9 +45,10 @@ export async function waitForBackupJob(virsh: VirshClient, vm: string, opts: Wai
       if (type === 'Completed') return r.stdout;
       if (type === 'Failed' || type === 'Cancelled') {
         const any = await virsh.jobInfoCompleted(vm, { keep: true, anystats: true });
-        const info = parseJobInfo(any.stdout || r.stdout);
-        const why = info.get('Error message') ?? `job ${type.toLowerCase()}`;
-        throw new NasbackupError('BACKUP_JOB_FAILED', 'Virsh backup job failed', { details: `${why}\n${(any.stdout || r.stdout).trimEnd()}` });
+        // virsh prints an empty line even when it fails: fall back to the first answer.
+        const stats = succeeded(any) ? any.stdout : r.stdout;
+        const why = parseJobInfo(stats).get('Error message') ?? `job ${type.toLowerCase()}`;
+        throw new NasbackupError('BACKUP_JOB_FAILED', 'Virsh backup job failed', { details: `${why}\n${stats.trimEnd()}` });
       }
       // Not finished: is it still running?
       const active = await virsh.jobInfo(vm);

@@ -92,6 +92,10 @@ async function plan(ctx: OpContext, virsh: VirshClient, a: BackupArgs, disks: Di
     await readHeader(abs).catch((e: Error) => {
       throw new NasbackupError('NOT_QCOW2', `Parent backup file is not a usable qcow2 image: ${abs}`, { details: e.message });
     });
+    // The new file will hang below it: its own chain must be whole before backup-begin.
+    await readChain(abs).catch((e: Error) => {
+      throw new NasbackupError('CHAIN_BROKEN', `Parent backup file does not read as a complete chain: ${abs}`, { details: e.message });
+    });
   }
   const full = (reason: string): Plan => {
     ctx.logger.log(`Incremental backup of ${a.vm} not possible (${reason}): taking a full backup instead`);
@@ -178,16 +182,21 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     if (p.newCheckpoint) await writeFile(cxml, checkpointXml(p.newCheckpoint, disks.map((d) => d.target)));
     ctx.checkpoint();
 
+    // Discard stale completed-job statistics so the poll cannot mistake them for ours
+    // (before any freeze: the guest stays frozen only for backup-begin itself).
+    await virsh.jobInfoCompleted(a.vm);
     if (a.quiesce && paused) {
       warnings.push(`Quiesce skipped: VM ${a.vm} is paused, its disks are already quiet`);
     } else if (a.quiesce) {
       const why = await freeze(virsh, a.vm, ctx.config.quiesceTimeoutSec);
       if (why === null) frozen = true;
-      else if (ctx.config.quiesceRequired) throw new NasbackupError('QUIESCE_FAILED', `Failed to freeze the filesystems of vm ${a.vm}`, { details: why });
-      else warnings.push(`Quiesce failed, backup is crash-consistent: ${why.split('\n')[0]}`);
+      else {
+        // A freeze whose reply was lost (agent timeout) may still have frozen the guest.
+        await virsh.agentCommand(a.vm, '{"execute":"guest-fsfreeze-thaw"}', ctx.config.quiesceTimeoutSec, false);
+        if (ctx.config.quiesceRequired) throw new NasbackupError('QUIESCE_FAILED', `Failed to freeze the filesystems of vm ${a.vm}`, { details: why });
+        warnings.push(`Quiesce failed, backup is crash-consistent: ${why.split('\n')[0]}`);
+      }
     }
-    // Discard stale completed-job statistics so the poll cannot mistake them for ours.
-    await virsh.jobInfoCompleted(a.vm);
     let begin: RunResult | undefined;
     let thawError: string | null = null;
     try {
@@ -244,14 +253,16 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     for (const f of [bxml, cxml]) await unlink(f).catch(() => {});
     const s = await ctx.runner.run('sync', [], { timeoutMs: ctx.config.commandTimeoutMs });
     if (!succeeded(s)) ctx.logger.log(`Warning: sync failed: ${describeFailure(s)}`);
-    ctx.checkpoint();
-    await work.commit();
-    // Every new file must now read as a chain ending in a full backup on the NAS.
+    // Every new file must read as a chain ending in a full backup on the NAS, checked
+    // before the commit (the work folder is a sibling of the final one, so relative
+    // backing names resolve the same): a failed run never leaves a finished-looking backup.
     for (const d of disks) {
-      await readChain(`${work.final}/${d.file}`).catch((e: Error) => {
-        throw new NasbackupError('CHAIN_BROKEN', `Backup file ${work.final}/${d.file} does not read as a complete chain`, { details: e.message });
+      await readChain(work.file(d.file)).catch((e: Error) => {
+        throw new NasbackupError('CHAIN_BROKEN', `Backup file ${work.file(d.file)} does not read as a complete chain`, { details: e.message });
       });
     }
+    ctx.checkpoint();
+    await work.commit();
     if (p.incrementalFrom) {
       // The parent checkpoint is no longer needed: the next incremental starts from the new one.
       const r = await virsh.checkpointDelete(a.vm, p.incrementalFrom);

@@ -6,6 +6,7 @@ import { stoppedBackupText, STOPPED_FALLBACK_REASON, type BackupReport } from '.
 import { NasbackupError } from '../errors.js';
 import { parseRelativePath } from '../paths.js';
 import { describeFailure, succeeded, type RunResult } from '../exec.js';
+import { Qcow2Error } from '../qcow2/errors.js';
 import { readHeader } from '../qcow2/header.js';
 import { QemuImgClient } from '../clients/qemu-img.js';
 import { backupFileName, volumeId } from '../backup/disks.js';
@@ -14,12 +15,16 @@ import type { OpContext } from './context.js';
 
 const errText = (r: RunResult): string => (r.stderr || r.stdout).trim() || describeFailure(r);
 
-/** Source format, stated explicitly rather than probed: RBD and block devices are raw. */
+/**
+ * Source format, stated explicitly rather than probed: RBD and block devices are raw.
+ * A file with the qcow2 magic is qcow2 even when its header is damaged: qemu-img
+ * must refuse it, not copy its bytes as a "raw" disk.
+ */
 async function sourceFormat(src: string): Promise<'qcow2' | 'raw'> {
   if (src.startsWith('rbd:') || src.startsWith('/dev/')) return 'raw';
   return readHeader(src).then(
     () => 'qcow2' as const,
-    () => 'raw' as const,
+    (e: unknown) => (e instanceof Qcow2Error && (e.code === 'QCOW2_BAD_MAGIC' || e.code === 'QCOW2_IO') ? 'raw' : 'qcow2'),
   );
 }
 

@@ -1,0 +1,135 @@
+// -o backup of a stopped VM (-d lists its disks): a real `qemu-img convert` per disk,
+// bitmaps seeded into the sources only once every copy succeeded, stdout one integer
+// per line (no empty line, no `ls` columns), and a failed copy stops the run at once.
+import { execFileSync } from 'node:child_process';
+import { closeSync, openSync, statSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { logText } from '../helpers/cli.js';
+import { snapshotTree } from '../helpers/tree.js';
+import { removeTempDirs } from '../helpers/tmp.js';
+import {
+  backup, bitmapsIn, compareImages, DATA_VOL, expectClean, fullFlags, incrementalFlags, modeOf, NEW_BITMAP, othersOnNas, PARENT_TS,
+  rootFile, dataFile, ROOT_VOL, scenario, seedOtherBackups, TS, VM, type Scenario,
+} from './scenario.js';
+
+afterAll(removeTempDirs);
+
+const MP = String.raw`\S+/csbackup\.[A-Za-z0-9]{5}`;
+const esc = (s: string): string => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+
+const stopped = (tag: string): Scenario => scenario(tag, { dataDisk: true, state: 'shut off' });
+const sizeLines = (s: Scenario): string =>
+  [`root.${ROOT_VOL}.qcow2`, `datadisk.${DATA_VOL}.qcow2`].map((f) => `${statSync(join(s.final, f)).size}\n`).join('');
+
+/** The qemu-img calls in the order the agent log recorded them. */
+const qemuImgCalls = (s: Scenario): string[] =>
+  [...logText(s.sb).matchAll(/exec: qemu-img (\w+)( --add)? /g)].map((m) => m[1]! + (m[2] ?? ''));
+
+describe.concurrent('-o backup, stopped VM', () => {
+  it('legacy: one copy per disk, identical content, stdout one size per line in disk order, no bitmaps, no domain calls', async () => {
+    const s = stopped('stp-legacy');
+    seedOtherBackups(s.sb);
+    const before = othersOnNas(s.sb);
+    const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}` });
+    expect(r).toMatchObject({ code: 0, stderr: '' });
+    expect(r.stdout).toBe(sizeLines(s));
+    expect(compareImages(join(s.sb.nas, rootFile()), s.rootDisk)).toBe('Images are identical.');
+    expect(compareImages(join(s.sb.nas, dataFile()), s.dataDisk!)).toBe('Images are identical.');
+    expect(modeOf(join(s.sb.nas, rootFile()))).toBe('0644');
+    expect(bitmapsIn(s.rootDisk)).toEqual([]);
+    expect(s.fake.names()).toEqual(['version', 'list']);
+    expect(qemuImgCalls(s)).toEqual(['convert', 'convert']);
+    expect(othersOnNas(s.sb)).toEqual(before);
+    expectClean(s);
+  });
+
+  it('-M full (rebase-era): bitmaps seeded after all copies, BITMAP_CREATED before the sizes', async () => {
+    const s = stopped('stp-full');
+    const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra: fullFlags() });
+    expect(r.code).toBe(0);
+    expect(r.stdout).toBe(`BITMAP_CREATED=${NEW_BITMAP}\n` + sizeLines(s));
+    expect(qemuImgCalls(s)).toEqual(['convert', 'convert', 'bitmap --add', 'bitmap --add']);
+    expect(bitmapsIn(s.rootDisk)).toEqual([NEW_BITMAP]);
+    expect(bitmapsIn(s.dataDisk!)).toEqual([NEW_BITMAP]);
+    // The copies carry no bitmap (convert does not copy them).
+    expect(bitmapsIn(join(s.sb.nas, rootFile()))).toEqual([]);
+    expectClean(s);
+  });
+
+  it('-M incremental (merged agent): INCREMENTAL_FALLBACK=true then only integers; the parents are not needed', async () => {
+    const s = stopped('stp-inc-merged');
+    const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra: incrementalFlags([rootFile(PARENT_TS), dataFile(PARENT_TS)]) }, {
+      NASBACKUP_AGENT_PROFILE: 'merged',
+    });
+    expect(r.code).toBe(0);
+    expect(r.stdout).toBe('INCREMENTAL_FALLBACK=true\n' + sizeLines(s));
+    expect(bitmapsIn(s.rootDisk)).toEqual([NEW_BITMAP]);
+    expectClean(s);
+  });
+
+  it('-M incremental (rebase-era): INCREMENTAL_FALLBACK=full (…) first, then BITMAP_CREATED, then the sizes', async () => {
+    const s = stopped('stp-inc');
+    const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra: incrementalFlags([rootFile(PARENT_TS), dataFile(PARENT_TS)]) });
+    expect(r.code).toBe(0);
+    expect(r.stdout).toBe(`INCREMENTAL_FALLBACK=full (VM stopped — incremental requires running VM)\nBITMAP_CREATED=${NEW_BITMAP}\n` + sizeLines(s));
+    expectClean(s);
+  });
+
+  it('a raw data disk: copied to qcow2; no bitmap can be seeded in it, so no BITMAP_CREATED', async () => {
+    const s = stopped('stp-raw');
+    const raw = join(s.primary, DATA_VOL);
+    execFileSync('qemu-img', ['convert', '-O', 'raw', s.dataDisk!, `${raw}.raw`]);
+    execFileSync('mv', [`${raw}.raw`, raw]);
+    const r = await backup(s, { disks: `${s.rootDisk},${raw}`, extra: fullFlags() });
+    expect(r.code).toBe(0);
+    expect(r.stdout).toBe(sizeLines(s));
+    expect(compareImages(join(s.sb.nas, dataFile()), raw)).toBe('Images are identical.');
+    expect(bitmapsIn(s.rootDisk)).toEqual([NEW_BITMAP]);
+    expect(logText(s.sb)).toContain(`No bitmap on ${raw}: only qcow2 files can carry one`);
+    expectClean(s);
+  });
+
+  const broken: Array<[string, (s: Scenario) => void, RegExp]> = [
+    [
+      'a corrupt qcow2 header',
+      (s) => {
+        const fd = openSync(s.dataDisk!, 'r+');
+        writeSync(fd, Buffer.from([0, 0, 0, 9]), 0, 4, 4); // qcow2 version 9
+        closeSync(fd);
+      },
+      /Unsupported qcow2 version 9\n$/,
+    ],
+    [
+      'a backing file that is gone',
+      (s) => execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-b', 'template-gone.qcow2', '-F', 'qcow2', s.dataDisk!, '8M']),
+      /Could not open backing file: .*template-gone\.qcow2.*No such file or directory\n$/,
+    ],
+  ];
+  it.each(broken)('the second copy fails (%s): stop at once, no bitmap added anywhere, nothing left, exit 1', async (_name, breakIt, why) => {
+    const s = stopped('stp-convert-fails');
+    breakIt(s);
+    const before = snapshotTree(s.sb.nas);
+    const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra: fullFlags() });
+    expect(r.code).toBe(1);
+    expect(r.stdout).toMatch(
+      new RegExp(`^qemu-img convert failed for ${esc(s.dataDisk!)} ${MP}/${VM}/${esc(TS)}\\.partial/datadisk\\.${DATA_VOL}\\.qcow2\nqemu-img: Could not open '${esc(s.dataDisk!)}': `),
+    );
+    expect(r.stdout).toMatch(why);
+    expect(qemuImgCalls(s)).toEqual(['convert', 'convert']);
+    expect(bitmapsIn(s.rootDisk)).toEqual([]);
+    expect(snapshotTree(s.sb.nas)).toEqual(before);
+    expectClean(s);
+  });
+
+  it('a source disk that does not exist: refused before anything is mounted', async () => {
+    const s = stopped('stp-missing');
+    const gone = join(s.primary, '00000000-0000-4000-8000-000000000000');
+    const r = await backup(s, { disks: `${s.rootDisk},${gone}`, extra: fullFlags() });
+    expect(r).toMatchObject({ code: 1, stdout: `Source disk does not exist: ${gone}\n` });
+    expect(s.fake.names()).toEqual(['version', 'list']);
+    expect(bitmapsIn(s.rootDisk)).toEqual([]);
+    expect(snapshotTree(s.sb.nas)).toEqual([]);
+    expectClean(s);
+  });
+});

@@ -1,0 +1,168 @@
+// Waiting for a libvirt push-backup job, with a scripted virsh and a fake clock: every
+// way a job can end (or not) becomes a result or a failure — never a hang.
+import { describe, expect, it } from 'vitest';
+import { waitForBackupJob, type WaitOptions } from '../../lib/backup/job.js';
+import type { VirshClient } from '../../lib/clients/virsh.js';
+import { NasbackupError } from '../../lib/errors.js';
+import type { RunResult } from '../../lib/exec.js';
+
+const ok = (stdout: string): RunResult => ({
+  command: 'virsh', args: [], exitCode: 0, signal: null, stdout, stderr: '', timedOut: false, canceled: false, spawnError: null, durationMs: 1,
+});
+const err = (stderr: string): RunResult => ({ ...ok('\n'), exitCode: 1, stderr });
+
+const pad = (k: string, v: string): string => `${k.padEnd(17)} ${v.padEnd(12)}\n`;
+const NONE = pad('Job type:', 'None') + '\n';
+const COMPLETED = pad('Job type:', 'Completed') + pad('Operation:', 'Backup') + 'Time elapsed:     133          ms\nFile processed:   16.000 MiB\nFile remaining:   0.000 B\nFile total:       16.000 MiB\n\n';
+const FAILED = pad('Job type:', 'Failed') + pad('Operation:', 'Backup') + '\n';
+const FAILED_ANY = pad('Job type:', 'Failed') + pad('Operation:', 'Backup') + 'Time elapsed:     71           ms\nError message:    No space left on device\n\n';
+const running = (processed: string, total: string): string =>
+  pad('Job type:', 'Unbounded') + pad('Operation:', 'Backup') + `File processed:   ${processed}\nFile remaining:   0.000 B\nFile total:       ${total}\n\n`;
+
+/**
+ * A virsh answering from scripts (the last answer repeats) and a clock that only the
+ * poll's sleeps move. Records every call and every sleep.
+ */
+function harness(completed: RunResult[], active: RunResult[] = [ok(running('1.000 MiB', '16.000 MiB'))], anystats: RunResult = ok(FAILED_ANY)) {
+  const calls: string[] = [];
+  const sleeps: number[] = [];
+  let t = 1_000_000;
+  let c = 0;
+  let a = 0;
+  const virsh = {
+    jobInfoCompleted: async (vm: string, o: { keep?: boolean; anystats?: boolean } = {}) => {
+      calls.push(`completed${o.keep ? ' keep' : ''}${o.anystats ? ' anystats' : ''} ${vm}`);
+      if (o.anystats) return anystats;
+      return completed[Math.min(c++, completed.length - 1)]!;
+    },
+    jobInfo: async (vm: string) => {
+      calls.push(`active ${vm}`);
+      return active[Math.min(a++, active.length - 1)]!;
+    },
+  } as unknown as VirshClient;
+  const progress: Array<[number, number]> = [];
+  const opts = (o: Partial<WaitOptions> = {}): WaitOptions => ({
+    deadlineMs: 60_000,
+    checkpoint: () => {},
+    onProgress: (p, total) => progress.push([p, total]),
+    sleep: async (ms) => {
+      sleeps.push(ms);
+      t += ms;
+    },
+    now: () => t,
+    ...o,
+  });
+  return { virsh, calls, sleeps, progress, opts, elapsed: () => t - 1_000_000 };
+}
+
+const failure = (p: Promise<unknown>): Promise<NasbackupError> =>
+  p.then(
+    () => {
+      throw new Error('expected a failure');
+    },
+    (e: NasbackupError) => e,
+  );
+
+describe('waitForBackupJob', () => {
+  it('Completed at the first poll: its statistics block, no sleep, the stats kept for a later read', async () => {
+    const h = harness([ok(COMPLETED)]);
+    expect(await waitForBackupJob(h.virsh, 'vm', h.opts())).toBe(COMPLETED);
+    expect(h.calls).toEqual(['completed keep vm']);
+    expect(h.sleeps).toEqual([]);
+  });
+
+  it('running, then Completed: progress reported from the active job, growing sleeps', async () => {
+    const h = harness([ok(NONE), ok(NONE), ok(COMPLETED)], [ok(running('4.000 MiB', '16.000 MiB')), ok(running('12.000 MiB', '16.000 MiB'))]);
+    expect(await waitForBackupJob(h.virsh, 'vm', h.opts())).toBe(COMPLETED);
+    expect(h.calls).toEqual(['completed keep vm', 'active vm', 'completed keep vm', 'active vm', 'completed keep vm']);
+    expect(h.progress).toEqual([
+      [4 * 1048576, 16 * 1048576],
+      [12 * 1048576, 16 * 1048576],
+    ]);
+    expect(h.sleeps).toEqual([100, 150]);
+  });
+
+  it('Failed: libvirt\'s error message from --anystats, with the statistics', async () => {
+    const h = harness([ok(FAILED)]);
+    const e = await failure(waitForBackupJob(h.virsh, 'vm', h.opts()));
+    expect(e.code).toBe('BACKUP_JOB_FAILED');
+    expect(e.toText()).toBe('Virsh backup job failed\nNo space left on device\n' + FAILED_ANY.trimEnd() + '\n');
+    expect(h.calls).toEqual(['completed keep vm', 'completed keep anystats vm']);
+  });
+
+  it('Cancelled (someone ran domjobabort): a failure saying so', async () => {
+    const cancelled = pad('Job type:', 'Cancelled') + pad('Operation:', 'Backup') + '\n';
+    const h = harness([ok(cancelled)], [], ok(cancelled));
+    const e = await failure(waitForBackupJob(h.virsh, 'vm', h.opts()));
+    expect(e.code).toBe('BACKUP_JOB_FAILED');
+    expect(e.details.split('\n')[0]).toBe('job cancelled');
+  });
+
+  it('--anystats itself failing: the first answer is reported instead', async () => {
+    const h = harness([ok(FAILED)], [], err('error: failed\n'));
+    const e = await failure(waitForBackupJob(h.virsh, 'vm', h.opts()));
+    expect(e.details).toBe('job failed\n' + FAILED.trimEnd());
+  });
+
+  it('never finishing: BACKUP_JOB_TIMEOUT at the deadline, without sleeping past it', async () => {
+    const h = harness([ok(NONE)]);
+    const e = await failure(waitForBackupJob(h.virsh, 'vm', h.opts({ deadlineMs: 10_000 })));
+    expect(e.code).toBe('BACKUP_JOB_TIMEOUT');
+    expect(e.message).toBe('Backup job of vm did not finish within 10 s');
+    expect(h.elapsed()).toBeLessThanOrEqual(10_000);
+    expect(h.elapsed()).toBeGreaterThan(10_000 - 2000);
+  });
+
+  it('vanished (None/None, e.g. libvirtd restarted): a failure after 5 polls in a row', async () => {
+    const h = harness([ok(NONE)], [ok(NONE)]);
+    const e = await failure(waitForBackupJob(h.virsh, 'vm', h.opts()));
+    expect(e.code).toBe('BACKUP_JOB_FAILED');
+    expect(e.details).toBe('The backup job of vm is neither running nor completed (job type None/None); was libvirtd restarted?');
+    expect(h.calls.filter((c) => c === 'completed keep vm')).toHaveLength(5);
+  });
+
+  it('a job seen running again resets the vanish count', async () => {
+    const r = ok(running('1.000 MiB', '2.000 MiB'));
+    const h = harness([ok(NONE), ok(NONE), ok(NONE), ok(NONE), ok(NONE), ok(NONE), ok(NONE), ok(COMPLETED)], [ok(NONE), ok(NONE), ok(NONE), ok(NONE), r, ok(NONE), ok(NONE)]);
+    expect(await waitForBackupJob(h.virsh, 'vm', h.opts())).toBe(COMPLETED);
+  });
+
+  it('domjobinfo failing 3 times in a row: VIRSH_FAILED with virsh\'s error', async () => {
+    const lock = 'error: Timed out during operation: cannot acquire state change lock (held by monitor=remoteDispatchDomainBackupBegin)\n';
+    const h = harness([err(lock)]);
+    const e = await failure(waitForBackupJob(h.virsh, 'vm', h.opts()));
+    expect(e.code).toBe('VIRSH_FAILED');
+    expect(e.toText()).toBe(`Cannot read the backup job status of vm (virsh exited with code 1)\n${lock}`);
+    expect(h.calls).toEqual(['completed keep vm', 'completed keep vm', 'completed keep vm']);
+  });
+
+  it('errors that stop before the third: the job is still followed to the end', async () => {
+    const h = harness([err('error: busy\n'), err('error: busy\n'), ok(NONE), err('error: busy\n'), err('error: busy\n'), ok(COMPLETED)]);
+    expect(await waitForBackupJob(h.virsh, 'vm', h.opts())).toBe(COMPLETED);
+  });
+
+  it('the interval grows by half each poll and is capped', async () => {
+    const h = harness([ok(NONE)]);
+    await failure(waitForBackupJob(h.virsh, 'vm', h.opts({ deadlineMs: 20_000, initialIntervalMs: 100, maxIntervalMs: 2000 })));
+    expect(h.sleeps.slice(0, 11)).toEqual([100, 150, 225, 338, 507, 761, 1142, 1713, 2000, 2000, 2000]);
+    expect(Math.max(...h.sleeps)).toBe(2000);
+  });
+
+  it('an interruption (SIGTERM) stops the wait before the next poll', async () => {
+    const h = harness([ok(NONE)]);
+    let polls = 0;
+    const e = await failure(
+      waitForBackupJob(
+        h.virsh,
+        'vm',
+        h.opts({
+          checkpoint: () => {
+            if (++polls > 2) throw new NasbackupError('INTERRUPTED', 'Interrupted by SIGTERM');
+          },
+        }),
+      ),
+    );
+    expect(e.code).toBe('INTERRUPTED');
+    expect(h.calls.filter((c) => c.startsWith('completed'))).toHaveLength(2);
+  });
+});

@@ -31,6 +31,8 @@ export interface Config {
   breakLock: boolean;
   virshBinary: string;
   qemuImgBinary: string;
+  /** Rebase engine (`--engine` overrides): auto, native or qemu-img; checked where it is used. */
+  engine: string;
 }
 
 function seconds(env: NodeJS.ProcessEnv, name: string, dflt: number): number {
@@ -67,5 +69,6 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     breakLock: env.NASBACKUP_BREAK_LOCK === '1' || env.NASBACKUP_BREAK_LOCK === 'true',
     virshBinary: env.NASBACKUP_VIRSH || 'virsh',
     qemuImgBinary: env.NASBACKUP_QEMU_IMG || 'qemu-img',
+    engine: env.NASBACKUP_ENGINE || 'auto',
   };
 }

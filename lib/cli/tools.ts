@@ -85,12 +85,14 @@ export async function runTool(tool: string, argv: readonly string[], io: Execute
       .option('force', { type: 'boolean', default: false })
       .option('json', { type: 'boolean', default: false })
       .option('records', { type: 'string', nargs: 1 })
+      .option('engine', { type: 'string', nargs: 1, choices: ['auto', 'native', 'qemu-img'] })
       .parseSync();
     if (a.records) records = await loadRecords(a.records);
   } catch (e) {
     return fail(e);
   }
   const action = a.action as (typeof CHAIN_SUBCOMMANDS)[number];
+  const engineMode = a.engine ?? config.engine;
   const args = {
     nas: { type: a.t, address: a.s, options: a.m },
     vm: a.vm,
@@ -113,7 +115,9 @@ export async function runTool(tool: string, argv: readonly string[], io: Execute
       case 'delete': {
         const { QemuImgClient } = await import('../clients/qemu-img.js');
         const { QemuImgRebaseEngine } = await import('../engine/qemu-img.js');
-        const engine = new QemuImgRebaseEngine(new QemuImgClient(ctx.runner, config.qemuImgBinary, config.qemuImgTimeoutMs));
+        const { parseEngineMode, selectEngine } = await import('../engine/select.js');
+        const qemuImg = new QemuImgRebaseEngine(new QemuImgClient(ctx.runner, config.qemuImgBinary, config.qemuImgTimeoutMs));
+        const engine = selectEngine(parseEngineMode(engineMode, a.engine ? '--engine' : 'NASBACKUP_ENGINE'), qemuImg, (m) => ctx.logger.log(m), undefined, () => ctx.checkpoint());
         return ops.chainDelete(ctx, args, engine);
       }
     }

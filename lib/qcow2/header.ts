@@ -12,6 +12,19 @@ export const EXT_CRYPTO = 0x0537be77;
 export const EXT_DATA_FILE = 0x44415441;
 
 export const V2_HEADER_LENGTH = 72;
+/** Incompatible feature bits. */
+export const INCOMPAT_DIRTY = 1n << 0n;
+export const INCOMPAT_CORRUPT = 1n << 1n;
+export const INCOMPAT_DATA_FILE = 1n << 2n;
+export const INCOMPAT_COMPRESSION = 1n << 3n;
+export const INCOMPAT_EXTL2 = 1n << 4n;
+export const INCOMPAT_KNOWN = 0x1fn;
+/** Compatible feature bits. */
+export const COMPAT_LAZY_REFCOUNTS = 1n << 0n;
+/** Autoclear feature bits. */
+export const AUTOCLEAR_BITMAPS = 1n << 0n;
+export const AUTOCLEAR_DATA_FILE_RAW = 1n << 1n;
+export const AUTOCLEAR_KNOWN = 0x3n;
 export const V3_MIN_HEADER_LENGTH = 104;
 export const MAX_BACKING_NAME = 1023;
 
@@ -41,6 +54,13 @@ export interface Qcow2Header {
   headerLength: number;
   compressionType: number;
   extensions: HeaderExtension[];
+  /**
+   * v3 only: the raw bytes from offset 104 up to header_length (compression type, padding and any
+   * additional fields this library does not know), preserved verbatim when the header is rewritten.
+   */
+  headerTail: Buffer;
+  /** Offset of the end-of-extensions marker (or where the extension area stopped). */
+  extensionsEnd: number;
   /** Backing file name as stored (null when there is none). */
   backingFile: string | null;
   /** From the backing-format extension, when present. */
@@ -88,6 +108,8 @@ export function decodeHeader(buf: Buffer): Qcow2Header {
     headerLength: V2_HEADER_LENGTH,
     compressionType: 0,
     extensions: [],
+    headerTail: Buffer.alloc(0),
+    extensionsEnd: V2_HEADER_LENGTH,
     backingFile: null,
     backingFormat: null,
   };
@@ -104,9 +126,13 @@ export function decodeHeader(buf: Buffer): Qcow2Header {
     if (h.headerLength > 104) {
       need(buf, 105, 'compression type');
       h.compressionType = buf[104]!;
+      need(buf, h.headerLength, 'additional header fields');
+      h.headerTail = Buffer.from(buf.subarray(104, h.headerLength));
     }
   }
-  h.extensions = decodeExtensions(buf, h);
+  const ext = decodeExtensions(buf, h);
+  h.extensions = ext.list;
+  h.extensionsEnd = ext.end;
   if (backingFileOffset !== 0) {
     if (backingFileSize === 0 || backingFileSize > MAX_BACKING_NAME)
       throw new Qcow2Error('QCOW2_BACKING_NAME', `invalid backing file name length ${backingFileSize}`);
@@ -120,7 +146,7 @@ export function decodeHeader(buf: Buffer): Qcow2Header {
   return h;
 }
 
-function decodeExtensions(buf: Buffer, h: Qcow2Header): HeaderExtension[] {
+function decodeExtensions(buf: Buffer, h: Qcow2Header): { list: HeaderExtension[]; end: number } {
   const out: HeaderExtension[] = [];
   // Extensions end at the end marker, the backing name, or the first cluster.
   const limit = Math.min(h.backingFileOffset || h.clusterSize, h.clusterSize, buf.length);
@@ -128,13 +154,13 @@ function decodeExtensions(buf: Buffer, h: Qcow2Header): HeaderExtension[] {
   while (off + 8 <= limit) {
     const type = buf.readUInt32BE(off);
     const len = buf.readUInt32BE(off + 4);
-    if (type === EXT_END) return out;
+    if (type === EXT_END) return { list: out, end: off };
     const dataEnd = off + 8 + len;
     if (dataEnd > limit) throw new Qcow2Error('QCOW2_BAD_HEADER', `header extension 0x${type.toString(16)} overruns the header area`);
     out.push({ type, data: Buffer.from(buf.subarray(off + 8, dataEnd)) });
     off = off + 8 + Math.ceil(len / 8) * 8;
   }
-  return out;
+  return { list: out, end: off };
 }
 
 function toSafe(v: bigint, what: string): number {
@@ -171,4 +197,115 @@ export async function readHeader(path: string): Promise<Qcow2Header> {
   } finally {
     await fh.close();
   }
+}
+
+export interface FeatureCheckOptions {
+  /** A zstd decoder is available (compressed clusters of zstd images can be read). */
+  zstd?: boolean;
+}
+
+/**
+ * Refusals for reading (qcow2-notes §6): unknown incompatible bits, encryption and an external
+ * data file. Dirty and corrupt images may be read.
+ */
+export function checkReadable(h: Qcow2Header, path?: string): void {
+  const unknown = h.incompatibleFeatures & ~INCOMPAT_KNOWN;
+  if (unknown !== 0n)
+    throw new Qcow2Error('QCOW2_UNKNOWN_INCOMPATIBLE', `unknown incompatible feature bits 0x${unknown.toString(16)}`, path);
+  if (h.cryptMethod !== 0 || h.extensions.some((e) => e.type === EXT_CRYPTO))
+    throw new Qcow2Error('QCOW2_UNSUPPORTED_FEATURE', 'encrypted images are not supported', path);
+  if ((h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n || h.extensions.some((e) => e.type === EXT_DATA_FILE))
+    throw new Qcow2Error('QCOW2_UNSUPPORTED_FEATURE', 'images with an external data file are not supported', path);
+  const compressionBit = (h.incompatibleFeatures & INCOMPAT_COMPRESSION) !== 0n;
+  if (compressionBit !== (h.compressionType !== 0))
+    throw new Qcow2Error('QCOW2_BAD_HEADER', 'compression type field and incompatible bit 3 disagree', path);
+  if (h.compressionType > 1)
+    throw new Qcow2Error('QCOW2_UNSUPPORTED_FEATURE', `unknown compression type ${h.compressionType}`, path);
+  if ((h.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n && h.clusterBits < 14)
+    throw new Qcow2Error('QCOW2_BAD_HEADER', 'extended L2 entries need clusters of at least 16 KiB', path);
+  if (h.version === 2 && h.refcountOrder !== 4) throw new Qcow2Error('QCOW2_BAD_HEADER', 'v2 image with refcount order', path);
+}
+
+/** Refusals for writing guest data (qcow2-notes §6): everything of checkReadable, plus more. */
+export function checkWritable(h: Qcow2Header, path?: string): void {
+  checkReadable(h, path);
+  if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n)
+    throw new Qcow2Error('QCOW2_DIRTY', 'image is marked dirty (run qemu-img check -r all first)', path);
+  if ((h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n)
+    throw new Qcow2Error('QCOW2_MARKED_CORRUPT', 'image is marked corrupt', path);
+  if (h.nbSnapshots > 0) throw new Qcow2Error('QCOW2_SNAPSHOTS', `image has ${h.nbSnapshots} internal snapshot(s)`, path);
+  if ((h.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n || h.extensions.some((e) => e.type === EXT_BITMAPS))
+    throw new Qcow2Error('QCOW2_BITMAPS', 'image carries dirty bitmaps; guest data is never written into it', path);
+}
+
+export interface EncodedHeader {
+  /** Header, extensions, end marker and backing name: the prefix of cluster 0. */
+  bytes: Buffer;
+  /** Offset of the end marker. */
+  extensionsEnd: number;
+  backingFileOffset: number;
+  backingFileSize: number;
+}
+
+/**
+ * Encode a header (the inverse of decodeHeader): fixed fields, the preserved tail of a v3 header,
+ * every extension in its original order (unknown ones verbatim), the end marker, then the backing
+ * name — the layout QEMU itself writes. The backing-format extension follows `backingFormat`:
+ * replaced in place, added before the end marker, or dropped with the backing file.
+ */
+export function encodeHeader(h: Qcow2Header, opts: { backingFile?: string | null; backingFormat?: string | null } = {}): EncodedHeader {
+  const backingFile = opts.backingFile === undefined ? h.backingFile : opts.backingFile;
+  const backingFormat = backingFile === null ? null : opts.backingFormat === undefined ? h.backingFormat : opts.backingFormat;
+  const exts: HeaderExtension[] = [];
+  let fmtDone = false;
+  for (const e of h.extensions) {
+    if (e.type === EXT_BACKING_FORMAT) {
+      if (backingFormat !== null && !fmtDone) exts.push({ type: e.type, data: Buffer.from(backingFormat, 'utf8') });
+      fmtDone = true;
+    } else exts.push(e);
+  }
+  if (!fmtDone && backingFormat !== null) exts.push({ type: EXT_BACKING_FORMAT, data: Buffer.from(backingFormat, 'utf8') });
+  const headerLength = h.version === 2 ? V2_HEADER_LENGTH : h.headerLength;
+  let len = headerLength;
+  for (const e of exts) len += 8 + Math.ceil(e.data.length / 8) * 8;
+  const extensionsEnd = len;
+  len += 8;
+  const name = backingFile === null ? Buffer.alloc(0) : Buffer.from(backingFile, 'utf8');
+  if (name.length > MAX_BACKING_NAME) throw new Qcow2Error('QCOW2_BACKING_NAME', `backing file name longer than ${MAX_BACKING_NAME} bytes`);
+  const backingFileOffset = name.length ? len : 0;
+  len += name.length;
+  if (len > h.clusterSize) throw new Qcow2Error('QCOW2_HEADER_FULL', 'header, extensions and backing name do not fit into the first cluster');
+  const b = Buffer.alloc(len);
+  b.writeUInt32BE(QCOW2_MAGIC, 0);
+  b.writeUInt32BE(h.version, 4);
+  b.writeBigUInt64BE(BigInt(backingFileOffset), 8);
+  b.writeUInt32BE(name.length, 16);
+  b.writeUInt32BE(h.clusterBits, 20);
+  b.writeBigUInt64BE(h.size, 24);
+  b.writeUInt32BE(h.cryptMethod, 32);
+  b.writeUInt32BE(h.l1Size, 36);
+  b.writeBigUInt64BE(h.l1TableOffset, 40);
+  b.writeBigUInt64BE(h.refcountTableOffset, 48);
+  b.writeUInt32BE(h.refcountTableClusters, 56);
+  b.writeUInt32BE(h.nbSnapshots, 60);
+  b.writeBigUInt64BE(h.snapshotsOffset, 64);
+  if (h.version === 3) {
+    b.writeBigUInt64BE(h.incompatibleFeatures, 72);
+    b.writeBigUInt64BE(h.compatibleFeatures, 80);
+    b.writeBigUInt64BE(h.autoclearFeatures, 88);
+    b.writeUInt32BE(h.refcountOrder, 96);
+    b.writeUInt32BE(headerLength, 100);
+    h.headerTail.copy(b, 104);
+    if (headerLength > 104) b[104] = h.compressionType;
+  }
+  let off = headerLength;
+  for (const e of exts) {
+    b.writeUInt32BE(e.type, off);
+    b.writeUInt32BE(e.data.length, off + 4);
+    e.data.copy(b, off + 8);
+    off += 8 + Math.ceil(e.data.length / 8) * 8;
+  }
+  // end marker: 8 zero bytes (already zero)
+  name.copy(b, backingFileOffset);
+  return { bytes: b, extensionsEnd, backingFileOffset, backingFileSize: name.length };
 }

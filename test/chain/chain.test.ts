@@ -119,7 +119,8 @@ describe('chain delete', () => {
     // qemu-img that kills its caller (us) right after the first real rebase.
     writeShim(sb, 'qemu-img', `/usr/bin/qemu-img "$@"; rc=$?\nif [ "$1" = rebase ] && [ -e "$0.kill" ]; then rm -f "$0.kill"; kill -9 $PPID; fi\nexit $rc`)
     writeFileSync(join(sb.shims, 'qemu-img.kill'), '')
-    const first = await start(sb, chain(sb, 'delete', '--backup', `${VM}/${TS[1]}`)).done
+    // The qemu-img engine is the one under test here (the native engine's crash safety is test/qcow2/crash.test.ts).
+    const first = await start(sb, [...chain(sb, 'delete', '--backup', `${VM}/${TS[1]}`), '--engine', 'qemu-img']).done
     expect(first.signal).toBe('SIGKILL')
     // A SIGKILL leaves the mount (nothing can run then): clear it like an operator would.
     for (const m of leftovers(sb).mounts) execFileSync('umount', [m])

@@ -36,7 +36,22 @@ describe('-o rebase', () => {
     expect(checkExitCode(inc2)).toBe(0);
     expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
     expect(logText(sb)).toMatch(/> Successfully mounted none store\n/);
+    // The default engine (auto) repairs an in-chain rebase natively, without qemu-img.
+    expect(logText(sb)).toMatch(/engine auto: native for \S+root\.[\w-]+\.qcow2/);
+    expect(logText(sb)).not.toMatch(/exec: qemu-img rebase/);
+  });
+
+  it('--engine qemu-img (or NASBACKUP_ENGINE=qemu-img) runs qemu-img rebase', async () => {
+    const sb = chained('rb-qemu');
+    const inc2 = join(sb.nas, rootFile(TS[2]));
+    const before = contentSha256(inc2, sb.root);
+    const r = await run(sb, [...rebaseArgs(sb, rootFile(TS[2]), rootFile(TS[0])), '--engine', 'qemu-img']);
+    expect(r).toMatchObject({ code: 0, stdout: '' });
     expect(logText(sb)).toMatch(/exec: qemu-img rebase -b \.\.\/2025\.01\.01\.00\.00\.00\/root\.[\w-]+\.qcow2 -F qcow2 \S+ -> exit 0 \(\d+ ms\)/);
+    expect(contentSha256(inc2, sb.root)).toBe(before);
+    const bad = await run(sb, rebaseArgs(sb, rootFile(TS[2]), rootFile(TS[0])), { NASBACKUP_ENGINE: 'turbo' });
+    expect(bad.code).toBe(1);
+    expect(bad.stdout).toMatch(/Invalid NASBACKUP_ENGINE: turbo/);
   });
 
   it('is idempotent: a retry after success changes nothing', async () => {

@@ -23,7 +23,8 @@ describe('a terminating signal during an operation', () => {
     // A qemu-img that never finishes on its own (failure injection).
     writeShim(sb, 'qemu-img', `echo $$ > "$0.pid"; exec sleep 120`);
     const snap = snapshotTree(sb.nas);
-    const { child, done } = start(sb, ['-o', 'rebase', ...bindNas(sb), '--rebase-target', rootFile(TS[2]), '--rebase-new-backing', rootFile(TS[0])]);
+    // The qemu-img engine: the subject is stopping a long external qemu-img.
+    const { child, done } = start(sb, ['-o', 'rebase', ...bindNas(sb), '--rebase-target', rootFile(TS[2]), '--rebase-new-backing', rootFile(TS[0])], { NASBACKUP_ENGINE: 'qemu-img' });
     await waitFor(() => existsSync(`${sb.shims}/qemu-img.pid`), 20_000);
     const t0 = Date.now();
     child.kill(sig);

@@ -1,0 +1,35 @@
+// The native qcow2 rebase engine (lib/qcow2): in-chain safe rebase without qemu-img.
+// Other shapes (new backing outside the chain) go to the fallback engine.
+import { NasbackupError } from '../errors.js';
+import { Qcow2Error, UNSUPPORTED_CODES } from '../qcow2/errors.js';
+import { nativeRebase } from '../qcow2/rebase.js';
+import type { RebaseEngine, RebaseRequest } from './types.js';
+
+export class NativeRebaseEngine implements RebaseEngine {
+  readonly name = 'native';
+
+  constructor(
+    private readonly fallback: RebaseEngine,
+    private readonly log: (message: string) => void = () => {},
+    /** Throws once the operation must stop (a termination signal); checked between batches. */
+    private readonly checkpoint: () => void = () => {},
+  ) {}
+
+  async rebase(req: RebaseRequest): Promise<void> {
+    if (req.chainIndex < 1) {
+      this.log(`engine native: ${req.newBacking} is not in the chain of ${req.target}; using ${this.fallback.name}`);
+      return this.fallback.rebase(req);
+    }
+    try {
+      const r = await nativeRebase({ target: req.target, newBacking: req.newBacking, newBackingName: req.newBackingName, log: this.log, checkpoint: this.checkpoint });
+      this.log(`engine native: ${req.target} rebased (${r.copiedBytes} bytes copied, ${r.zeroUnits} zero units, ${r.batches} batch(es))`);
+    } catch (e) {
+      if (e instanceof Qcow2Error) {
+        // Nothing half-done is visible: every stop point leaves a valid image with the old content.
+        const why = UNSUPPORTED_CODES.has(e.code) ? 'is outside what the native engine supports (use --engine auto or qemu-img)' : 'failed';
+        throw new NasbackupError('NATIVE_REBASE_FAILED', `Native rebase of ${req.target} ${why} [${e.code}]`, { details: e.message });
+      }
+      throw e;
+    }
+  }
+}

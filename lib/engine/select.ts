@@ -1,0 +1,81 @@
+// Engine selection for safe rebases: --engine / NASBACKUP_ENGINE = auto | native | qemu-img.
+// auto takes the native engine only when the rebase is the in-chain shape, every image
+// involved is inside the supported feature set (a dry run of the native planner: every
+// check, no write), and no QEMU process holds any of them (OFD locks in /proc/locks).
+import { NasbackupError } from '../errors.js';
+import { readChain } from '../qcow2/chain.js';
+import { Qcow2Error } from '../qcow2/errors.js';
+import { nativeRebase } from '../qcow2/rebase.js';
+import { ProcLocksProbe, type LockProbe } from './locks.js';
+import { NativeRebaseEngine } from './native.js';
+import type { RebaseEngine, RebaseRequest } from './types.js';
+
+export const ENGINE_MODES = ['auto', 'native', 'qemu-img'] as const;
+export type EngineMode = (typeof ENGINE_MODES)[number];
+export const DEFAULT_ENGINE: EngineMode = 'auto';
+
+export function parseEngineMode(v: string, what = '--engine'): EngineMode {
+  if ((ENGINE_MODES as readonly string[]).includes(v)) return v as EngineMode;
+  throw new NasbackupError('INVALID_ARGUMENT', `Invalid ${what}: ${v} (expected auto, native or qemu-img)`);
+}
+
+export interface Eligibility {
+  native: boolean;
+  reason: string;
+}
+
+/** Can this rebase run natively? Never throws: any doubt means qemu-img. */
+export async function nativeEligibility(req: RebaseRequest, probe: LockProbe): Promise<Eligibility> {
+  if (req.chainIndex < 1) return { native: false, reason: 'the new backing is not in the target’s chain' };
+  let involved: string[];
+  try {
+    const chain = await readChain(req.target);
+    involved = chain.layers.slice(0, req.chainIndex + 1).map((l) => l.path);
+    await nativeRebase({ target: req.target, newBacking: req.newBacking, newBackingName: req.newBackingName, dryRun: true });
+  } catch (e) {
+    if (e instanceof Qcow2Error) return { native: false, reason: `${e.code}: ${e.message}` };
+    return { native: false, reason: `native planner failed: ${(e as Error).message}` };
+  }
+  const held = await probe.held(involved);
+  if (held === null) return { native: false, reason: 'cannot read /proc/locks to rule out a running QEMU' };
+  if (held.length) return { native: false, reason: `held by a QEMU process (OFD lock): ${held.join(', ')}` };
+  return { native: true, reason: 'in-chain rebase, supported features, no QEMU lock' };
+}
+
+export class AutoRebaseEngine implements RebaseEngine {
+  readonly name = 'auto';
+  private readonly native: NativeRebaseEngine;
+
+  constructor(
+    private readonly qemuImg: RebaseEngine,
+    private readonly log: (message: string) => void = () => {},
+    private readonly probe: LockProbe = new ProcLocksProbe(),
+    checkpoint: () => void = () => {},
+  ) {
+    this.native = new NativeRebaseEngine(qemuImg, log, checkpoint);
+  }
+
+  async rebase(req: RebaseRequest): Promise<void> {
+    const e = await nativeEligibility(req, this.probe);
+    this.log(`engine auto: ${e.native ? 'native' : 'qemu-img'} for ${req.target} (${e.reason})`);
+    return e.native ? this.native.rebase(req) : this.qemuImg.rebase(req);
+  }
+}
+
+/** The engine for a mode; `qemuImg` is the qemu-img engine (also the fallback). */
+export function selectEngine(
+  mode: EngineMode,
+  qemuImg: RebaseEngine,
+  log: (message: string) => void = () => {},
+  probe: LockProbe = new ProcLocksProbe(),
+  checkpoint: () => void = () => {},
+): RebaseEngine {
+  switch (mode) {
+    case 'qemu-img':
+      return qemuImg;
+    case 'native':
+      return new NativeRebaseEngine(qemuImg, log, checkpoint);
+    case 'auto':
+      return new AutoRebaseEngine(qemuImg, log, probe, checkpoint);
+  }
+}

@@ -1,0 +1,77 @@
+// Positional file access for the qcow2 code. An interface, so tests can wrap it
+// (crash injection, power-loss models) without touching the format logic.
+import { open, type FileHandle } from 'node:fs/promises';
+import { Qcow2Error } from './errors.js';
+
+export interface BlockFile {
+  readonly path: string;
+  /** Read up to `length` bytes at `position` into `buf[offset..]`; short only at EOF. */
+  read(buf: Buffer, offset: number, length: number, position: number): Promise<number>;
+  /** Write all of `buf` at `position`. */
+  write(buf: Buffer, position: number): Promise<void>;
+  datasync(): Promise<void>;
+  size(): Promise<number>;
+  close(): Promise<void>;
+}
+
+/** Largest single read/write request issued to the OS. */
+export const MAX_IO = 8 << 20;
+
+export class NodeBlockFile implements BlockFile {
+  private constructor(
+    readonly path: string,
+    private readonly fh: FileHandle,
+  ) {}
+
+  static async open(path: string, writable: boolean): Promise<NodeBlockFile> {
+    try {
+      return new NodeBlockFile(path, await open(path, writable ? 'r+' : 'r'));
+    } catch (e) {
+      throw new Qcow2Error('QCOW2_IO', `cannot open ${path}: ${(e as Error).message}`, path);
+    }
+  }
+
+  async read(buf: Buffer, offset: number, length: number, position: number): Promise<number> {
+    let done = 0;
+    try {
+      while (done < length) {
+        const n = Math.min(length - done, MAX_IO);
+        const { bytesRead } = await this.fh.read(buf, offset + done, n, position + done);
+        if (bytesRead === 0) break;
+        done += bytesRead;
+      }
+    } catch (e) {
+      throw new Qcow2Error('QCOW2_IO', `read of ${this.path} at ${position} failed: ${(e as Error).message}`, this.path);
+    }
+    return done;
+  }
+
+  async write(buf: Buffer, position: number): Promise<void> {
+    let done = 0;
+    try {
+      while (done < buf.length) {
+        const n = Math.min(buf.length - done, MAX_IO);
+        const { bytesWritten } = await this.fh.write(buf, done, n, position + done);
+        done += bytesWritten;
+      }
+    } catch (e) {
+      throw new Qcow2Error('QCOW2_IO', `write of ${this.path} at ${position} failed: ${(e as Error).message}`, this.path);
+    }
+  }
+
+  async datasync(): Promise<void> {
+    try {
+      await this.fh.datasync();
+    } catch (e) {
+      throw new Qcow2Error('QCOW2_IO', `fdatasync of ${this.path} failed: ${(e as Error).message}`, this.path);
+    }
+  }
+
+  async size(): Promise<number> {
+    return (await this.fh.stat()).size;
+  }
+
+  async close(): Promise<void> {
+    await this.fh.close().catch(() => {});
+  }
+}

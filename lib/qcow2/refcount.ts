@@ -1,0 +1,66 @@
+// Refcount block entries of every width (refcount_order 0..6). Sub-byte widths are
+// packed from the least significant bits of each byte; 8 bits and more are big-endian.
+
+export function refcountBits(order: number): number {
+  return 1 << order;
+}
+
+/** Entries per refcount block for a cluster size and refcount order. */
+export function entriesPerBlock(clusterSize: number, order: number): number {
+  return (clusterSize * 8) >> order;
+}
+
+export function getRefcount(block: Buffer, index: number, order: number): bigint {
+  switch (order) {
+    case 3:
+      return BigInt(block[index]!);
+    case 4:
+      return BigInt(block.readUInt16BE(index * 2));
+    case 5:
+      return BigInt(block.readUInt32BE(index * 4));
+    case 6:
+      return block.readBigUInt64BE(index * 8);
+    default: {
+      const bits = 1 << order;
+      const perByte = 8 / bits;
+      const byte = block[Math.floor(index / perByte)]!;
+      const shift = (index % perByte) * bits;
+      return BigInt((byte >> shift) & ((1 << bits) - 1));
+    }
+  }
+}
+
+export function setRefcount(block: Buffer, index: number, order: number, value: bigint): void {
+  switch (order) {
+    case 3:
+      block[index] = Number(value);
+      return;
+    case 4:
+      block.writeUInt16BE(Number(value), index * 2);
+      return;
+    case 5:
+      block.writeUInt32BE(Number(value), index * 4);
+      return;
+    case 6:
+      block.writeBigUInt64BE(value, index * 8);
+      return;
+    default: {
+      const bits = 1 << order;
+      const perByte = 8 / bits;
+      const at = Math.floor(index / perByte);
+      const shift = (index % perByte) * bits;
+      const mask = ((1 << bits) - 1) << shift;
+      block[at] = (block[at]! & ~mask) | ((Number(value) << shift) & mask);
+    }
+  }
+}
+
+/** Byte range of `block` that holds entries [from, to). */
+export function entryByteSpan(from: number, to: number, order: number): [number, number] {
+  if (order >= 3) {
+    const w = 1 << (order - 3);
+    return [from * w, to * w];
+  }
+  const perByte = 8 >> order;
+  return [Math.floor(from / perByte), Math.ceil(to / perByte)];
+}

@@ -1,24 +1,58 @@
 // Every byte format the CloudStack agent reads from our stdout, in one place.
 // The agent reads stdout only (never stderr), line by line; see the contract §5.
 
-/** Usage, printed for -h and after `Invalid option:`. The first lines match the original's synopsis. */
+/**
+ * Usage, printed for -h/--help (exit 1, as the original) and after `Invalid option:`.
+ * The first three lines are the original's (an empty line, then its 2-line synopsis);
+ * the rest covers every operation, flag and operator command this program has.
+ */
 export function usageText(script: string): string {
   return [
     '',
     `Usage: ${script} -o <operation> -v|--vm <domain name> -t <storage type> -s <storage address> -m <mount options> -p <backup path> -d <disks path> -q|--quiesce <true|false>`,
     '         [-M|--mode <full|incremental>] [--bitmap-new <name>] [--bitmap-parent <name>] [--parent-paths <p1,p2,...>]',
     '',
-    'Operations (-o):',
-    '  backup   back up VM -v to <backup path> on the NAS (running VM: libvirt push backup; stopped VM: copy of -d disks)',
+    'Operations (-o|--operation):',
+    '  backup   back up VM -v to <backup path> (-p <instance>/<timestamp>) on the NAS; running or paused VM:',
+    '           libvirt push backup; stopped VM: qemu-img copy of the -d disks (comma-separated)',
     '  delete   remove the backup directory -p (<instance>/<timestamp>) from the NAS',
-    '  rebase   point --rebase-target at --rebase-new-backing (both relative to the NAS root), keeping its content',
+    '  rebase   --rebase-target <rel> --rebase-new-backing <rel> (both relative to the NAS root, no -p):',
+    '           point the target at the new backing, keeping its content',
     '  stats    print the mount point, then "<total> <used>" of the NAS in 1K blocks',
     '',
-    'NAS: -t is the mount type, -s the source, -m the mount options ("" for none); cifs always gets nobrl.',
-    'Backup modes (-M): full (needs --bitmap-new), incremental (needs --bitmap-parent, --bitmap-new and',
-    '  --parent-paths, one parent qcow2 per disk, or --parent-path for one disk); without -M: full, no checkpoint.',
-    'Rebase: --rebase-target <rel> --rebase-new-backing <rel> (no -p).',
-    'Environment: NASBACKUP_LOG_FILE, NASBACKUP_MOUNT_TIMEOUT, NASBACKUP_QEMU_IMG_TIMEOUT, NASBACKUP_VERSION_CHECK (see README).',
+    'Options:',
+    '  -t|--type <type>  -s|--storage <address>  -m|--mount <options>   the NAS: mount -t <type> <address> [-o <options>]',
+    '                    ("" for no options; cifs always gets nobrl)',
+    '  -v|--vm <domain>  -p|--path <instance>/<timestamp>  -q|--quiesce <true|false>  -d|--diskpaths <disks>   backup',
+    '  -M|--mode <full|incremental|legacy-full>   none or legacy-full: full backup, no checkpoint;',
+    '           full needs --bitmap-new; incremental needs --bitmap-new, --bitmap-parent and --parent-paths',
+    '  --bitmap-new <name>  --bitmap-parent <name>   checkpoint to create / to start the incremental from',
+    '  --parent-paths <p1,p2,...>   the parent qcow2 of every disk, relative to the NAS root, matched by volume id',
+    '  --parent-path <p>   older agents: the root disk\'s parent only (the data disks\' parents come from its folder)',
+    '  --quiesce-timeout <seconds>   guest-agent freeze/thaw timeout (NASBACKUP_QUIESCE_TIMEOUT)',
+    '  -w|--mount-timeout <seconds>   mount deadline (NASBACKUP_MOUNT_TIMEOUT)',
+    '  --engine <auto|native|qemu-img>   rebase engine (NASBACKUP_ENGINE, default auto; see the README)',
+    '  --verify   accepted and logged (running-VM backups are always checked to read as a complete chain)',
+    '  -c|--compress  -b|--bandwidth <n>  -e|--encrypt <key>   refused: not supported by this nasbackup',
+    '  --json     one JSON object per run on stdout ({"ok":true,...} or {"ok":false,"errors":[...]}), for people',
+    '             and automation; never used by the agent',
+    '  -h|--help  this text (exit 1, as the original; after an operator command: exit 0)',
+    '',
+    'Operator commands (not used by the agent):',
+    '  nasbackup --version [--json]',
+    '  nasbackup chain list|verify|plan-delete|delete -t <type> -s <address> [-m <options>] --vm <instance>',
+    '            [--backup <instance>/<timestamp>] [--force] [--json] [--records <records.json>] [--engine <mode>]',
+    '  nasbackup plan-delete --records <records.json> --backup <uuid> --root-volume-uuid <uuid> [--forced] [--json]',
+    '  nasbackup agent [--profile rebase-era|merged|newest] < command.json',
+    '  nasbackup install-agent-hook [--target <script path>] [--node <absolute node path>] [--uninstall] [--json]',
+    '            default target /usr/share/cloudstack-common/scripts/vm/hypervisor/kvm/nasbackup.sh (original kept as .orig)',
+    '',
+    'Environment: NASBACKUP_LOG_FILE, NASBACKUP_MOUNT_TIMEOUT, NASBACKUP_UMOUNT_TIMEOUT, NASBACKUP_UMOUNT_ATTEMPTS,',
+    '  NASBACKUP_UMOUNT_RETRY_DELAY, NASBACKUP_COMMAND_TIMEOUT, NASBACKUP_QEMU_IMG_TIMEOUT, NASBACKUP_VERSION_CHECK,',
+    '  NASBACKUP_JOB_TIMEOUT, NASBACKUP_JOB_POLL_INITIAL, NASBACKUP_JOB_POLL_MAX, NASBACKUP_QUIESCE_TIMEOUT,',
+    '  NASBACKUP_QUIESCE_REQUIRED, NASBACKUP_AGENT_PROFILE, NASBACKUP_LOCK_WAIT, NASBACKUP_LOCK_STALE_AFTER,',
+    '  NASBACKUP_BREAK_LOCK, NASBACKUP_VIRSH, NASBACKUP_QEMU_IMG, NASBACKUP_ENGINE, NASBACKUP_SCRIPT_NAME (see the README).',
+    'Exit codes: 0 success, 20 a mount or mount point remains after cleanup, 1 any other failure.',
     '',
     '',
   ].join('\n');

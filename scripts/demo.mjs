@@ -4,14 +4,16 @@
 // the chain for every disk with `nasbackup -o rebase`, deletes the middle backup with
 // `nasbackup -o delete`, checks that every remaining point in time reads exactly as
 // before, and prints the NAS stats. Run as root (it mounts). `--keep` keeps the folder.
+// `--bundle` runs the same flow with the single-file build (dist/nasbackup.cjs, from
+// `npm run bundle`), copied alone into the demo folder: no node_modules, no dist/lib.
 import { $, fs, path, os } from 'zx';
 import { createHash } from 'node:crypto';
 
 $.verbose = false;
 $.quiet = true;
 const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
-const bin = path.join(root, 'bin', 'nasbackup');
 const keep = process.argv.includes('--keep');
+const useBundle = process.argv.includes('--bundle');
 
 const fail = (msg) => {
   console.error(`demo: ${msg}`);
@@ -21,6 +23,16 @@ if (process.getuid?.() !== 0) fail('run as root: the demo bind-mounts a folder a
 if ((await $`command -v qemu-img`.nothrow()).exitCode !== 0) fail('qemu-img is missing: apt-get install qemu-utils');
 
 const work = await fs.mkdtemp(path.join(os.tmpdir(), 'nasbackup-demo-'));
+// The program: bin/nasbackup (dist/ + node_modules), or the bundle alone in a folder of its own.
+let program = [path.join(root, 'bin', 'nasbackup')];
+if (useBundle) {
+  const built = path.join(root, 'dist', 'nasbackup.cjs');
+  if (!(await fs.pathExists(built))) fail('dist/nasbackup.cjs is missing: npm run bundle');
+  const alone = path.join(work, 'program', 'nasbackup.cjs');
+  await fs.mkdirp(path.dirname(alone));
+  await fs.copy(built, alone);
+  program = [process.execPath, alone];
+}
 const nas = path.join(work, 'nas');
 const env = { ...process.env, NASBACKUP_LOG_FILE: path.join(work, 'agent.log') };
 if ((await $`virsh version`.nothrow().timeout('20s')).exitCode !== 0) {
@@ -38,7 +50,7 @@ const file = (t, d) => `${vm}/${t}/${d.prefix}.${d.vol}.qcow2`;
 const nasArgs = ['-t', 'none', '-s', nas, '-m', 'bind'];
 
 async function nasbackup(args) {
-  const r = await $({ env, nothrow: true })`${bin} ${args}`;
+  const r = await $({ env, nothrow: true })`${program} ${args}`;
   return { code: r.exitCode, stdout: r.stdout };
 }
 
@@ -52,6 +64,7 @@ async function contentHash(p) {
 
 try {
   console.log(`NAS folder: ${nas}`);
+  console.log(`program: ${program.join(' ')} (${(await $({ env })`${program} --version`).stdout.trim()})`);
   // 1. A chain per disk: full, then two incrementals with relative backing names.
   const writes = [['0x11 0 1M', '0x44 4M 256k'], ['0x22 1M 512k'], ['0x33 2M 128k']];
   for (const [i, t] of ts.entries()) {

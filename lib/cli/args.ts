@@ -32,10 +32,14 @@ export interface CliArgs {
   verify: boolean;
   quiesceTimeout?: string;
   mountTimeout?: string;
+  /** --json: one JSON object per run, for people and automation (the agent never passes it). */
+  json: boolean;
+  /** Rebase engine: auto, native or qemu-img (overrides NASBACKUP_ENGINE). */
+  engine?: string;
 }
 
 /** [short, long, key] of every flag that takes a value. */
-const VALUE_FLAGS: ReadonlyArray<[string | null, string, keyof CliArgs]> = [
+export const VALUE_FLAGS: ReadonlyArray<[string | null, string, keyof CliArgs]> = [
   ['o', 'operation', 'operation'],
   ['v', 'vm', 'vm'],
   ['t', 'type', 'type'],
@@ -55,7 +59,18 @@ const VALUE_FLAGS: ReadonlyArray<[string | null, string, keyof CliArgs]> = [
   ['e', 'encrypt', 'encrypt'],
   [null, 'quiesce-timeout', 'quiesceTimeout'],
   ['w', 'mount-timeout', 'mountTimeout'],
+  [null, 'engine', 'engine'],
 ];
+
+/** [short, long] of every flag without a value that yargs parses (--json is taken out before: see wantsJson). */
+export const BOOLEAN_FLAGS: ReadonlyArray<[string | null, string]> = [
+  ['h', 'help'],
+  ['c', 'compress'],
+  [null, 'verify'],
+];
+
+/** Output for people and automation; never sent by the agent. */
+export const JSON_FLAG = '--json';
 
 export class UsageRequested extends NasbackupError {
   constructor() {
@@ -63,7 +78,10 @@ export class UsageRequested extends NasbackupError {
   }
 }
 
-export function parseArgs(argv: readonly string[]): CliArgs {
+export function parseArgs(all: readonly string[]): CliArgs {
+  // --json is removed before parsing, so everything else parses exactly as without it.
+  const json = wantsJson(all);
+  const argv = json ? withoutJson(all) : all;
   // A value flag as the very last element has no value (the original exits silently).
   const last = argv.at(-1);
   if (last !== undefined) {
@@ -90,12 +108,12 @@ export function parseArgs(argv: readonly string[]): CliArgs {
       'strip-aliased': true,
       'greedy-arrays': false,
     })
-    .option('h', { alias: 'help', type: 'boolean' })
-    .option('c', { alias: 'compress', type: 'boolean' })
-    .option('verify', { type: 'boolean' })
     .fail((msg: string) => {
       throw new NasbackupError('MISSING_OPTION_VALUE', msg);
     });
+  for (const [short, long] of BOOLEAN_FLAGS) {
+    y = y.option(short ?? long, { ...(short ? { alias: long } : {}), type: 'boolean' });
+  }
   for (const [short, long] of VALUE_FLAGS) {
     y = y.option(short ?? long, { ...(short ? { alias: long } : {}), type: 'string', nargs: 1 });
   }
@@ -104,12 +122,34 @@ export function parseArgs(argv: readonly string[]): CliArgs {
   if (unknown.length > 0) throw new NasbackupError('INVALID_OPTION', `Invalid option: ${unknown[0]}`);
   if (raw.h === true) throw new UsageRequested();
 
-  const out: CliArgs = { help: false, compress: raw.c === true, verify: raw.verify === true };
+  const out: CliArgs = { help: false, compress: raw.c === true, verify: raw.verify === true, json };
   for (const [short, long, key] of VALUE_FLAGS) {
     const v = raw[short ?? long];
     if (typeof v === 'string') (out as unknown as Record<string, unknown>)[key] = v;
   }
   return out;
+}
+
+const isValueFlag = (a: string): boolean => VALUE_FLAGS.some(([short, long]) => a === `--${long}` || (short !== null && a === `-${short}`));
+
+/** Indexes of `--json` used as a flag: not as the value of a value flag (`-m --json` is a mount option). */
+function jsonFlagIndexes(argv: readonly string[]): number[] {
+  const at: number[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    if (argv[i] === JSON_FLAG) at.push(i);
+    else if (isValueFlag(argv[i]!)) i++;
+  }
+  return at;
+}
+
+/** Whether argv asks for --json, decided before parsing (so an argv that fails to parse answers in JSON too). */
+export function wantsJson(argv: readonly string[]): boolean {
+  return jsonFlagIndexes(argv).length > 0;
+}
+
+function withoutJson(argv: readonly string[]): string[] {
+  const drop = new Set(jsonFlagIndexes(argv));
+  return argv.filter((_, i) => !drop.has(i));
 }
 
 export function isOperation(s: string | undefined): s is Operation {

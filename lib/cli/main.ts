@@ -3,14 +3,15 @@
 // on SIGTERM/SIGINT/SIGHUP (the agent's timeout does not kill us; an operator may).
 import { agentProfileFromEnv, invalidOptionText, usageText } from '../agent-output.js';
 import { loadConfig, type Config } from '../config.js';
-import { NasbackupError, toNasbackupError } from '../errors.js';
+import { EXIT_OK, NasbackupError, toNasbackupError } from '../errors.js';
 import { createLogger, type Logger } from '../log.js';
 import type { NasTarget } from '../nas/session.js';
 import { QemuImgClient } from '../clients/qemu-img.js';
 import { VirshClient } from '../clients/virsh.js';
 import { QemuImgRebaseEngine } from '../engine/qemu-img.js';
+import { parseEngineMode, selectEngine } from '../engine/select.js';
 import { checkHostVersions } from '../sanity.js';
-import { isOperation, parseArgs, UsageRequested, type CliArgs, type Operation } from './args.js';
+import { isOperation, parseArgs, UsageRequested, wantsJson, type CliArgs, type Operation } from './args.js';
 import type { OpContext } from '../ops/context.js';
 import { execute, type ExecuteIo } from './lifecycle.js';
 
@@ -45,11 +46,13 @@ function checkLaterFlags(a: CliArgs, config: Config, logger: Logger): void {
     config.quiesceTimeoutSec = Number(a.quiesceTimeout);
   }
   if (a.verify) logger.log('--verify: chains are checked after the operation');
+  if (a.engine !== undefined) config.engine = parseEngineMode(a.engine, '--engine');
 }
 
 export async function main(argv: readonly string[], io: MainIo): Promise<number> {
   const config = loadConfig(io.env);
   const logger = createLogger(config.logFile);
+  const json = wantsJson(argv); // people and automation only: the agent never passes --json
 
   let args: CliArgs;
   let op: Operation;
@@ -68,24 +71,30 @@ export async function main(argv: readonly string[], io: MainIo): Promise<number>
       return e.exitCode;
     }
     const err = toNasbackupError(e);
-    io.out.write(err.code === 'INVALID_OPTION' ? invalidOptionText(err.message.slice('Invalid option: '.length), io.scriptName) : err.toText());
+    if (json) io.out.write((await import('./json.js')).jsonFailure([err]));
+    else io.out.write(err.code === 'INVALID_OPTION' ? invalidOptionText(err.message.slice('Invalid option: '.length), io.scriptName) : err.toText());
     logger.log(`ERROR [${err.code}] ${err.message}`);
     return err.exitCode;
   }
 
   const needsVersions = config.versionCheck === 'all' || (config.versionCheck === 'backup' && op === 'backup');
-  return execute(io, config, logger, async (ctx) => {
+  // --json: the operation's agent text goes to a buffer and comes out as one object.
+  const report = json ? (await import('./json.js')).jsonReport(op, args, io.env) : null;
+  const code = await execute({ ...io, json }, config, logger, async (ctx) => {
     if (needsVersions) await checkHostVersions(new VirshClient(ctx.runner, config.virshBinary, config.commandTimeoutMs), logger);
     ctx.checkpoint();
-    await runOperation(op, args, ctx);
+    await runOperation(op, args, report ? { ...ctx, out: report.out } : ctx);
   });
+  if (report && code === EXIT_OK) io.out.write(report.render());
+  return code;
 }
 
 async function runOperation(op: Operation, a: CliArgs, ctx: OpContext): Promise<void> {
   switch (op) {
     case 'rebase': {
       const { rebaseOperation } = await import('../ops/rebase.js');
-      const engine = new QemuImgRebaseEngine(new QemuImgClient(ctx.runner, ctx.config.qemuImgBinary, ctx.config.qemuImgTimeoutMs));
+      const qemuImg = new QemuImgRebaseEngine(new QemuImgClient(ctx.runner, ctx.config.qemuImgBinary, ctx.config.qemuImgTimeoutMs));
+      const engine = selectEngine(parseEngineMode(ctx.config.engine, 'NASBACKUP_ENGINE'), qemuImg, (m) => ctx.logger.log(m), undefined, () => ctx.checkpoint());
       await rebaseOperation(ctx, { nas: nasTarget(a), target: a.rebaseTarget!, newBacking: a.rebaseNewBacking! }, engine);
       return;
     }

@@ -1,0 +1,78 @@
+// The program's one dispatch, shared by bin/nasbackup (ESM, runs dist/) and the
+// single-file bundle (dist/nasbackup.cjs): the agent's CLI (`-o …`) by default, and the
+// operator commands (never on the agent's path) by their first argument.
+import { usageText } from '../agent-output.js';
+import type { Output } from '../ops/context.js';
+
+/** First arguments that select an operator command instead of the agent's CLI. */
+export const OPERATOR_COMMANDS = ['agent', 'chain', 'plan-delete', 'install-agent-hook'] as const;
+
+export interface EntryIo {
+  out: Output;
+  env: NodeJS.ProcessEnv;
+  /** $0 of the original: the agent's script path (NASBACKUP_SCRIPT_NAME) or our own. */
+  scriptName: string;
+  /** Absolute path of the file node runs (the bundle or bin/nasbackup): what a launcher execs. */
+  selfPath: string;
+  /** package.json's version (inlined in the bundle, read next to bin/ otherwise). */
+  version: () => string;
+  /** All of stdin (only `agent` reads it). */
+  readStdin: () => Promise<string>;
+}
+
+const isHelp = (a: string): boolean => a === '-h' || a === '--help';
+
+export async function dispatch(argv: readonly string[], io: EntryIo): Promise<number> {
+  const [first, ...rest] = argv;
+  if (first === '--version') {
+    const v = io.version();
+    io.out.write(rest.includes('--json') ? `${JSON.stringify({ ok: true, name: 'nasbackup', version: v })}\n` : `nasbackup ${v}\n`);
+    return 0;
+  }
+  // Operator commands: --help is the full usage, exit 0 (only the agent CLI's -h keeps the original's exit 1).
+  if ((OPERATOR_COMMANDS as readonly string[]).includes(first ?? '') && rest.some(isHelp)) {
+    io.out.write(usageText(io.scriptName));
+    return 0;
+  }
+  switch (first) {
+    case 'agent': {
+      const { runAgent, parseAgentArgs } = await import('./agent.js'); // lazy: the script path never loads compat/
+      const args = parseAgentArgs(rest);
+      const r = await runAgent(await io.readStdin(), { profile: args.profile, argError: args.error, env: io.env, scriptName: io.scriptName });
+      io.out.write(r.stdout);
+      return r.exitCode;
+    }
+    case 'chain':
+    case 'plan-delete': {
+      const { runTool } = await import('./tools.js');
+      return runTool(first, rest, { out: io.out, env: io.env });
+    }
+    case 'install-agent-hook': {
+      const { runInstallAgentHook } = await import('./install.js');
+      return runInstallAgentHook(rest, { out: io.out, env: io.env, selfPath: io.selfPath, version: io.version });
+    }
+    default: {
+      const { main } = await import('./main.js'); // (inlined in the bundle; lazy so --version loads nothing else)
+      return main(argv, { out: io.out, env: io.env, scriptName: io.scriptName });
+    }
+  }
+}
+
+/** Run with this process's argv, stdout and environment, then exit with the code. */
+export async function start(version: () => string): Promise<void> {
+  const selfPath = process.argv[1] ?? '';
+  const code = await dispatch(process.argv.slice(2), {
+    out: { write: (text) => void process.stdout.write(text) },
+    env: process.env,
+    scriptName: process.env.NASBACKUP_SCRIPT_NAME || selfPath,
+    selfPath,
+    version,
+    readStdin: async () => {
+      const chunks: Buffer[] = [];
+      for await (const chunk of process.stdin) chunks.push(chunk as Buffer);
+      return Buffer.concat(chunks).toString('utf8');
+    },
+  });
+  // stdout to a pipe or file is synchronous on Linux; flush anyway before exiting.
+  process.stdout.write('', () => process.exit(code));
+}

@@ -10,16 +10,22 @@ export interface DomainRow {
   state: string;
 }
 
-/** `virsh list`: ` Id   Name   State` header, a dash line, then one row per active domain. */
-export function parseList(text: string): DomainRow[] {
-  const rows: DomainRow[] = [];
+/** Rows after the dash line of a virsh table, split into `columns` cells (the last one may hold spaces). */
+function tableRows(text: string, columns: number): string[][] {
   const lines = text.split('\n');
   const dash = lines.findIndex((l) => /^-{3,}\s*$/.test(l));
+  const row = new RegExp(`^\\s*${'(\\S+)\\s+'.repeat(columns - 1)}(\\S.*?)\\s*$`);
+  const out: string[][] = [];
   for (const line of lines.slice(dash + 1)) {
-    const m = /^\s*(\S+)\s+(\S+)\s+(\S.*?)\s*$/.exec(line);
-    if (m) rows.push({ id: m[1]!, name: m[2]!, state: m[3]! });
+    const m = row.exec(line);
+    if (m) out.push(m.slice(1));
   }
-  return rows;
+  return out;
+}
+
+/** `virsh list`: ` Id   Name   State` header, a dash line, then one row per active domain. */
+export function parseList(text: string): DomainRow[] {
+  return tableRows(text, 3).map(([id, name, state]) => ({ id: id!, name: name!, state: state! }));
 }
 
 export interface BlockDevice {
@@ -31,14 +37,7 @@ export interface BlockDevice {
 
 /** `virsh domblklist DOM --details`: Type Device Target Source; Source may contain spaces. */
 export function parseDomblklistDetails(text: string): BlockDevice[] {
-  const out: BlockDevice[] = [];
-  const lines = text.split('\n');
-  const dash = lines.findIndex((l) => /^-{3,}\s*$/.test(l));
-  for (const line of lines.slice(dash + 1)) {
-    const m = /^\s*(\S+)\s+(\S+)\s+(\S+)\s+(\S.*?)\s*$/.exec(line);
-    if (m) out.push({ type: m[1]!, device: m[2]!, target: m[3]!, source: m[4]! });
-  }
-  return out;
+  return tableRows(text, 4).map(([type, device, target, source]) => ({ type: type!, device: device!, target: target!, source: source! }));
 }
 
 /** `virsh domjobinfo`: `Key:   value` lines; values keep their inner spacing, trimmed. */

@@ -290,7 +290,9 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
   } catch (e) {
     progress.stop();
     if (frozen) await thaw(ctx, virsh, a.vm);
-    if (jobStarted && !jobDone) await abortJob(ctx, virsh, a.vm);
+    // A job libvirt reported as failed (or gone) has nothing left to abort.
+    const jobEnded = e instanceof NasbackupError && e.code === 'BACKUP_JOB_FAILED';
+    if (jobStarted && !jobDone && !jobEnded) await abortJob(ctx, virsh, a.vm);
     if (createdCheckpoint) {
       const r = await virsh.checkpointDelete(a.vm, createdCheckpoint);
       if (!succeeded(r)) ctx.logger.log(`Warning: could not remove checkpoint ${createdCheckpoint} of the failed backup: ${errText(r)}`);

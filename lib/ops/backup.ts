@@ -8,6 +8,7 @@ import { describeFailure, succeeded } from '../exec.js';
 import { ensureWithin, parseRelativePath } from '../paths.js';
 import { parseList, type VirshClient } from '../clients/virsh.js';
 import type { AgentProfile } from '../agent-output.js';
+import type { CliArgs } from '../cli/args.js';
 import type { NasTarget } from '../nas/session.js';
 import type { OpContext } from './context.js';
 
@@ -28,16 +29,8 @@ export interface BackupArgs {
   profile: AgentProfile;
 }
 
-export interface RawBackupArgs {
-  vm?: string;
-  path?: string;
-  quiesce?: string;
-  diskpaths?: string;
-  mode?: string;
-  bitmapNew?: string;
-  bitmapParent?: string;
-  parentPaths?: string;
-}
+/** The backup flags as parsed from the command line. */
+export type RawBackupArgs = Pick<CliArgs, 'vm' | 'path' | 'quiesce' | 'diskpaths' | 'mode' | 'bitmapNew' | 'bitmapParent' | 'parentPaths'>;
 
 // Checkpoint/bitmap names go into libvirt XML, qemu-img argv and qcow2 headers.
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._:+-]{0,254}$/;

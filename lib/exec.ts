@@ -36,6 +36,11 @@ export function describeFailure(r: RunResult): string {
   return `${r.command} exited with code ${r.exitCode}`;
 }
 
+/** The tool's own error text (stderr, else stdout), or why it failed when it said nothing. */
+export function failureText(r: RunResult): string {
+  return r.stderr.trim() || r.stdout.trim() || describeFailure(r);
+}
+
 // Mount options may carry CIFS credentials; they must not reach the agent log.
 const SECRET = /\b(password|pass|passwd|secret|credentials|key)=([^,\s]*)/gi;
 export function redact(text: string): string {

@@ -1,7 +1,7 @@
 // Path guard for every mount-relative path the agent sends (-p, --rebase-target,
 // --rebase-new-backing, --parent-paths). The original used them unchecked and could
 // `rm -rf` the whole share; here nothing resolves outside the mount root.
-import { lstat, realpath } from 'node:fs/promises';
+import { lstat, realpath, stat } from 'node:fs/promises';
 import { dirname, join, relative, sep } from 'node:path';
 import { NasbackupError } from './errors.js';
 
@@ -74,6 +74,14 @@ export async function ensureWithin(root: string, raw: string, opts: RelativePath
     throw new NasbackupError('PATH_TOO_SHALLOW', `${opts.what} resolves to less than ${min} levels below the NAS mount root: ${raw}`);
   }
   return abs;
+}
+
+/** Whether something exists at `p` (the link itself, unless `follow`). */
+export function exists(p: string, { follow = false }: { follow?: boolean } = {}): Promise<boolean> {
+  return (follow ? stat(p) : lstat(p)).then(
+    () => true,
+    () => false,
+  );
 }
 
 /** True when the path itself (not what it points to) is a symbolic link. */

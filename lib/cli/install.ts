@@ -11,6 +11,7 @@ import { randomBytes } from 'node:crypto';
 import { constants } from 'node:fs';
 import { access, chmod, chown, copyFile, link, lstat, readFile, realpath, rename, stat, unlink, utimes, writeFile } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
+import { exists } from '../paths.js';
 import type { Stats } from 'node:fs';
 import { loadConfig } from '../config.js';
 import { NasbackupError, toNasbackupError } from '../errors.js';
@@ -157,7 +158,6 @@ async function targetState(target: string): Promise<TargetState> {
   return { kind: 'other', st };
 }
 
-const exists = (p: string): Promise<boolean> => lstat(p).then(() => true, () => false);
 
 export type InstallAction = 'installed' | 'updated' | 'unchanged' | 'uninstalled' | 'not-installed';
 

@@ -1,7 +1,7 @@
 // Safe rebase through `qemu-img rebase` (no -u): qemu-img copies into the target
 // whatever the skipped layers supplied before switching the backing reference.
 import { NasbackupError } from '../errors.js';
-import { describeFailure, succeeded } from '../exec.js';
+import { failureText, succeeded } from '../exec.js';
 import type { QemuImgClient } from '../clients/qemu-img.js';
 import type { RebaseEngine, RebaseRequest } from './types.js';
 
@@ -21,7 +21,7 @@ export class QemuImgRebaseEngine implements RebaseEngine {
     throw new NasbackupError(
       r.timedOut ? 'COMMAND_TIMEOUT' : 'QEMU_IMG_FAILED',
       `qemu-img rebase failed for ${req.target} onto ${req.newBackingName}`,
-      { details: r.stderr.trim() || r.stdout.trim() || describeFailure(r) },
+      { details: failureText(r) },
     );
   }
 }

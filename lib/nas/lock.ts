@@ -31,7 +31,7 @@ export interface LockOptions {
   sleep?: (ms: number) => Promise<void>;
 }
 
-async function processStart(pid: number): Promise<string | null> {
+export async function processStart(pid: number): Promise<string | null> {
   try {
     const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
     // Field 22 (starttime), counted after the parenthesised command name.

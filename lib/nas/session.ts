@@ -5,7 +5,7 @@ import { randomInt } from 'node:crypto';
 import { mkdir, rmdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { NasbackupError } from '../errors.js';
-import { describeFailure, succeeded, type Runner } from '../exec.js';
+import { describeFailure, failureText, succeeded, type Runner } from '../exec.js';
 import { effectiveMountOptions, isMountPoint, MountClient } from '../clients/mount.js';
 import type { Config } from '../config.js';
 import type { Logger } from '../log.js';
@@ -121,7 +121,7 @@ export class NasSession {
         this.mounted = false;
         return null;
       }
-      last = (r.stderr || r.stdout).trim() || describeFailure(r);
+      last = failureText(r);
       this.logger.log(`umount ${this.mountPoint} failed (attempt ${attempt}/${umountAttempts}): ${last}`);
       if (attempt < umountAttempts) await sleep(umountRetryDelayMs * attempt);
     }

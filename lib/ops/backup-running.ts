@@ -5,8 +5,8 @@ import { stat, unlink, writeFile } from 'node:fs/promises';
 import { relative } from 'node:path';
 import { runningBackupText, stoppedBackupText, type BackupReport } from '../agent-output.js';
 import { NasbackupError } from '../errors.js';
-import { describeFailure, succeeded, type RunResult } from '../exec.js';
-import { ensureWithin, parseRelativePath } from '../paths.js';
+import { describeFailure, failureText, succeeded, type RunResult } from '../exec.js';
+import { ensureWithin, exists, parseRelativePath } from '../paths.js';
 import { readChain } from '../qcow2/chain.js';
 import { readHeader } from '../qcow2/header.js';
 import { QemuImgClient } from '../clients/qemu-img.js';
@@ -16,7 +16,7 @@ import { waitForBackupJob } from '../backup/job.js';
 import { createProgress } from '../backup/progress.js';
 import { backupXml, checkpointXml, redefineCheckpointXml } from '../backup/xml.js';
 import { apparentSize, WorkDir, type BackupArgs } from './backup.js';
-import type { OpContext } from './context.js';
+import { syncAfter, type OpContext } from './context.js';
 
 interface Disk {
   target: string;
@@ -26,10 +26,9 @@ interface Disk {
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-const errText = (r: RunResult): string => (r.stderr || r.stdout).trim() || describeFailure(r);
 
 function virshError(code: 'VIRSH_FAILED', what: string, r: RunResult): NasbackupError {
-  return new NasbackupError(code, `${what} failed (${describeFailure(r)})`, { details: errText(r) });
+  return new NasbackupError(code, `${what} failed (${describeFailure(r)})`, { details: failureText(r) });
 }
 
 async function listDisks(virsh: VirshClient, vm: string): Promise<Disk[]> {
@@ -82,7 +81,7 @@ async function plan(ctx: OpContext, virsh: VirshClient, a: BackupArgs, disks: Di
 
   const parent = a.bitmapParent!;
   const parents = await matchParents(disks, a.parentPaths, async (rel) =>
-    stat(await ensureWithin(mount, rel, { what: '--parent-paths', minDepth: 3 })).then(() => true, () => false),
+    exists(await ensureWithin(mount, rel, { what: '--parent-paths', minDepth: 3 }), { follow: true }),
   );
   for (const rel of parents) {
     const abs = await ensureWithin(mount, rel, { what: '--parent-paths', minDepth: 3 });
@@ -105,7 +104,7 @@ async function plan(ctx: OpContext, virsh: VirshClient, a: BackupArgs, disks: Di
 
   // Not registered: is the bitmap really on every disk, intact?
   const q = await virsh.queryBlock(a.vm);
-  if (!succeeded(q)) return full(`cannot inspect the disks' bitmaps: ${errText(q)}`);
+  if (!succeeded(q)) return full(`cannot inspect the disks' bitmaps: ${failureText(q)}`);
   let entries;
   try {
     entries = parseQueryBlock(q.stdout);
@@ -123,7 +122,7 @@ async function plan(ctx: OpContext, virsh: VirshClient, a: BackupArgs, disks: Di
   await writeFile(xml, redefineCheckpointXml(parent, epoch ? Number(epoch[1]) : Math.floor(Date.now() / 1000), disks.map((d) => d.target)));
   const r = await virsh.checkpointCreate(a.vm, xml, true);
   await unlink(xml).catch(() => {});
-  if (!succeeded(r)) return full(`cannot register the existing checkpoint ${parent}: ${errText(r)}`);
+  if (!succeeded(r)) return full(`cannot register the existing checkpoint ${parent}: ${failureText(r)}`);
   ctx.logger.log(`Registered existing checkpoint ${parent} of ${a.vm} (bitmap present on every disk)`);
   return { incrementalFrom: parent, newCheckpoint, parents, fallbackReason: null };
 }
@@ -131,7 +130,7 @@ async function plan(ctx: OpContext, virsh: VirshClient, a: BackupArgs, disks: Di
 /** Freeze through the guest agent. Returns null on success, or why it failed. */
 async function freeze(virsh: VirshClient, vm: string, timeoutSec: number): Promise<string | null> {
   const r = await virsh.agentCommand(vm, '{"execute":"guest-fsfreeze-freeze"}', timeoutSec);
-  return succeeded(r) ? null : errText(r);
+  return succeeded(r) ? null : failureText(r);
 }
 
 /** Thaw, retried: a guest must never stay frozen because of us. */
@@ -140,7 +139,7 @@ async function thaw(ctx: OpContext, virsh: VirshClient, vm: string): Promise<str
   for (let attempt = 1; attempt <= 3; attempt++) {
     const r = await virsh.agentCommand(vm, '{"execute":"guest-fsfreeze-thaw"}', ctx.config.quiesceTimeoutSec, false);
     if (succeeded(r)) return null;
-    last = errText(r);
+    last = failureText(r);
     ctx.logger.log(`Thaw of ${vm} failed (attempt ${attempt}/3): ${last}`);
     if (attempt < 3) await sleep(500 * attempt);
   }
@@ -150,7 +149,7 @@ async function thaw(ctx: OpContext, virsh: VirshClient, vm: string): Promise<str
 /** Abort the job and wait (bounded) until libvirt no longer runs it. */
 async function abortJob(ctx: OpContext, virsh: VirshClient, vm: string): Promise<void> {
   const r = await virsh.jobAbort(vm);
-  if (!succeeded(r)) ctx.logger.log(`domjobabort ${vm}: ${errText(r)}`);
+  if (!succeeded(r)) ctx.logger.log(`domjobabort ${vm}: ${failureText(r)}`);
   for (let i = 0; i < 50; i++) {
     const j = await virsh.jobInfo(vm);
     const t = parseJobInfo(j.stdout).get('Job type');
@@ -213,7 +212,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     }
     if (thawError !== null) throw new NasbackupError('THAW_FAILED', `Failed to thaw the filesystem for vm ${a.vm}: ${thawError}`);
     if (!succeeded(begin)) {
-      throw new NasbackupError('BACKUP_BEGIN_FAILED', `Failed to start the backup of ${a.vm}`, { details: begin ? errText(begin) : 'no result' });
+      throw new NasbackupError('BACKUP_BEGIN_FAILED', `Failed to start the backup of ${a.vm}`, { details: begin ? failureText(begin) : 'no result' });
     }
 
     // What restore needs besides the disks.
@@ -247,12 +246,11 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
       const name = relative(work.final, parentAbs);
       const r = await qemuImg.rebase({ file, backing: name, backingFormat: 'qcow2', unsafe: true });
       if (!succeeded(r)) {
-        throw new NasbackupError('QEMU_IMG_FAILED', `qemu-img rebase failed for ${file} onto ${name}`, { details: errText(r) });
+        throw new NasbackupError('QEMU_IMG_FAILED', `qemu-img rebase failed for ${file} onto ${name}`, { details: failureText(r) });
       }
     }
     for (const f of [bxml, cxml]) await unlink(f).catch(() => {});
-    const s = await ctx.runner.run('sync', [], { timeoutMs: ctx.config.commandTimeoutMs });
-    if (!succeeded(s)) ctx.logger.log(`Warning: sync failed: ${describeFailure(s)}`);
+    await syncAfter(ctx, 'backup');
     // Every new file must read as a chain ending in a full backup on the NAS, checked
     // before the commit (the work folder is a sibling of the final one, so relative
     // backing names resolve the same): a failed run never leaves a finished-looking backup.
@@ -266,7 +264,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     if (p.incrementalFrom) {
       // The parent checkpoint is no longer needed: the next incremental starts from the new one.
       const r = await virsh.checkpointDelete(a.vm, p.incrementalFrom);
-      if (!succeeded(r)) ctx.logger.log(`Warning: could not remove checkpoint ${p.incrementalFrom}: ${errText(r)}`);
+      if (!succeeded(r)) ctx.logger.log(`Warning: could not remove checkpoint ${p.incrementalFrom}: ${failureText(r)}`);
     }
 
     const final = await virsh.jobInfoCompleted(a.vm);
@@ -295,7 +293,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     if (jobStarted && !jobDone && !jobEnded) await abortJob(ctx, virsh, a.vm);
     if (createdCheckpoint) {
       const r = await virsh.checkpointDelete(a.vm, createdCheckpoint);
-      if (!succeeded(r)) ctx.logger.log(`Warning: could not remove checkpoint ${createdCheckpoint} of the failed backup: ${errText(r)}`);
+      if (!succeeded(r)) ctx.logger.log(`Warning: could not remove checkpoint ${createdCheckpoint} of the failed backup: ${failureText(r)}`);
     }
     await work.discard().catch((err: Error) => ctx.logger.log(`Warning: could not remove ${work.path}: ${err.message}`));
     throw e;
@@ -310,6 +308,6 @@ async function resumeIfPaused(ctx: OpContext, virsh: VirshClient, vm: string): P
   if (succeeded(r) && r.stdout.trim().startsWith('paused')) {
     ctx.logger.log(`VM ${vm} is paused after the backup; resuming it`);
     const res = await virsh.resume(vm);
-    if (!succeeded(res)) ctx.logger.log(`Warning: could not resume ${vm}: ${errText(res)}`);
+    if (!succeeded(res)) ctx.logger.log(`Warning: could not resume ${vm}: ${failureText(res)}`);
   }
 }

@@ -4,16 +4,15 @@
 import { stat } from 'node:fs/promises';
 import { stoppedBackupText, STOPPED_FALLBACK_REASON, type BackupReport } from '../agent-output.js';
 import { NasbackupError } from '../errors.js';
-import { parseRelativePath } from '../paths.js';
-import { describeFailure, succeeded, type RunResult } from '../exec.js';
+import { exists, parseRelativePath } from '../paths.js';
+import { failureText, succeeded } from '../exec.js';
 import { Qcow2Error } from '../qcow2/errors.js';
 import { readHeader } from '../qcow2/header.js';
 import { QemuImgClient } from '../clients/qemu-img.js';
 import { backupFileName, volumeId } from '../backup/disks.js';
 import { apparentSize, WorkDir, type BackupArgs } from './backup.js';
-import type { OpContext } from './context.js';
+import { syncAfter, type OpContext } from './context.js';
 
-const errText = (r: RunResult): string => (r.stderr || r.stdout).trim() || describeFailure(r);
 
 /**
  * Source format, stated explicitly rather than probed: RBD and block devices are raw.
@@ -38,7 +37,7 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<void
     throw new NasbackupError('INVALID_ARGUMENT', `Two disks share a volume id; their backup files would collide: ${a.diskPaths.join(',')}`);
   }
   for (const d of disks) {
-    if (!d.src.startsWith('rbd:') && !(await stat(d.src).then(() => true, () => false))) {
+    if (!d.src.startsWith('rbd:') && !(await exists(d.src, { follow: true }))) {
       throw new NasbackupError('FILE_NOT_FOUND', `Source disk does not exist: ${d.src}`);
     }
   }
@@ -55,11 +54,10 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<void
       const r = await qemuImg.convert(d.src, fmt, dst);
       if (!succeeded(r)) {
         if (r.canceled) throw new NasbackupError('INTERRUPTED', `Interrupted while copying ${d.src}`);
-        throw new NasbackupError(r.timedOut ? 'COMMAND_TIMEOUT' : 'CONVERT_FAILED', `qemu-img convert failed for ${d.src} ${dst}`, { details: errText(r) });
+        throw new NasbackupError(r.timedOut ? 'COMMAND_TIMEOUT' : 'CONVERT_FAILED', `qemu-img convert failed for ${d.src} ${dst}`, { details: failureText(r) });
       }
     }
-    const s = await ctx.runner.run('sync', [], { timeoutMs: ctx.config.commandTimeoutMs });
-    if (!succeeded(s)) ctx.logger.log(`Warning: sync failed: ${describeFailure(s)}`);
+    await syncAfter(ctx, 'backup');
     ctx.checkpoint();
     await work.commit();
 
@@ -102,9 +100,9 @@ async function seedBitmap(ctx: OpContext, qemuImg: QemuImgClient, src: string, n
   if (/already exists/i.test(add.stderr)) {
     const clear = await qemuImg.bitmap(src, '--clear', name);
     if (succeeded(clear)) return true;
-    ctx.logger.log(`Warning: could not clear bitmap ${name} on ${src}: ${errText(clear)}`);
+    ctx.logger.log(`Warning: could not clear bitmap ${name} on ${src}: ${failureText(clear)}`);
     return false;
   }
-  ctx.logger.log(`Warning: could not add bitmap ${name} to ${src}: ${errText(add)}`);
+  ctx.logger.log(`Warning: could not add bitmap ${name} to ${src}: ${failureText(add)}`);
   return false;
 }

@@ -5,7 +5,7 @@ import { lstat, mkdir, readdir, rename, rm, open } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { NasbackupError } from '../errors.js';
 import { describeFailure, succeeded } from '../exec.js';
-import { ensureWithin, parseRelativePath } from '../paths.js';
+import { ensureWithin, exists, parseRelativePath } from '../paths.js';
 import { parseList, type VirshClient } from '../clients/virsh.js';
 import type { AgentProfile } from '../agent-output.js';
 import type { CliArgs } from '../cli/args.js';
@@ -115,7 +115,7 @@ export class WorkDir {
     const final = await ensureWithin(mountPoint, relPath, { what: '-p', minDepth: 2 });
     const w = new WorkDir(final, `${final}.partial`);
     for (const p of [final, w.path]) {
-      if (await lstat(p).then(() => true, () => false)) {
+      if (await exists(p)) {
         throw new NasbackupError(
           'BACKUP_EXISTS',
           p === final

@@ -4,8 +4,7 @@
 import { lstat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { NasbackupError } from '../errors.js';
-import { describeFailure, succeeded } from '../exec.js';
-import { ensureWithin, parseRelativePath } from '../paths.js';
+import { ensureWithin, exists, parseRelativePath } from '../paths.js';
 import { QemuImgClient } from '../clients/qemu-img.js';
 import { discover, type VmBackups } from '../chain/discover.js';
 import { planDelete, type DeletePlan } from '../chain/plan.js';
@@ -13,7 +12,7 @@ import type { BackupRecord } from '../chain/provider-plan.js';
 import { verifyChains, type VerifyReport } from '../chain/verify.js';
 import type { RebaseEngine } from '../engine/types.js';
 import type { NasTarget } from '../nas/session.js';
-import type { OpContext } from './context.js';
+import { syncAfter, type OpContext } from './context.js';
 import { removeTree } from './delete.js';
 import { safeRebase } from './rebase.js';
 
@@ -121,7 +120,7 @@ export async function chainDelete(ctx: OpContext, a: ChainArgs, engine: RebaseEn
   const name = backupName(vm, a.backup);
   const nas = await ctx.openNas(a.nas);
   const dir = await ensureWithin(nas.mountPoint, vm, { what: '--vm' });
-  if (!(await lstat(dir).then(() => true, () => false))) {
+  if (!(await exists(dir))) {
     throw new NasbackupError('FILE_NOT_FOUND', `No backups of ${vm} on this NAS`);
   }
   await ctx.lockVm(nas.mountPoint, vm, 'chain delete');
@@ -152,8 +151,7 @@ export async function chainDelete(ctx: OpContext, a: ChainArgs, engine: RebaseEn
     }
     done.push(`removed ${d}`);
   }
-  const s = await ctx.runner.run('sync', [], { timeoutMs: ctx.config.commandTimeoutMs });
-  if (!succeeded(s)) ctx.logger.log(`Warning: sync failed: ${describeFailure(s)}`);
+  await syncAfter(ctx, 'chain delete');
   if (a.json) ctx.out.write(JSON.stringify({ ok: true, plan, done }) + '\n');
   ctx.logger.log(`Chain delete of ${join(vm, name)}: ${done.join('; ') || 'nothing to do'}`);
 }

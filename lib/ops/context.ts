@@ -1,7 +1,7 @@
 // What every operation gets: how to run programs, log, read config, write stdout,
 // and how to open a NAS session that the lifecycle will always close.
 import type { Config } from '../config.js';
-import type { Runner } from '../exec.js';
+import { describeFailure, succeeded, type Runner } from '../exec.js';
 import type { Logger } from '../log.js';
 import type { NasSession, NasTarget } from '../nas/session.js';
 
@@ -24,4 +24,10 @@ export interface OpContext {
   lockVm(mountPoint: string, instance: string, operation: string): Promise<void>;
   /** Throws INTERRUPTED once a terminating signal has arrived. */
   checkpoint(): void;
+}
+
+/** Flush the NAS after writing; a failed sync is logged, not fatal (the data was written). */
+export async function syncAfter(ctx: OpContext, what: string): Promise<void> {
+  const s = await ctx.runner.run('sync', [], { timeoutMs: ctx.config.commandTimeoutMs });
+  if (!succeeded(s)) ctx.logger.log(`Warning: sync after ${what} failed: ${describeFailure(s)}`);
 }

@@ -5,10 +5,9 @@ import { lstat, readdir, rmdir, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { removedDirectoryLine, removedFileLine } from '../agent-output.js';
 import { NasbackupError } from '../errors.js';
-import { describeFailure, succeeded } from '../exec.js';
-import { ensureWithin, parseRelativePath } from '../paths.js';
+import { ensureWithin, exists, parseRelativePath } from '../paths.js';
 import type { NasTarget } from '../nas/session.js';
-import type { OpContext } from './context.js';
+import { syncAfter, type OpContext } from './context.js';
 
 export interface DeleteArgs {
   nas: NasTarget;
@@ -28,7 +27,7 @@ export async function deleteOperation(ctx: OpContext, args: DeleteArgs): Promise
   const nas = await ctx.openNas(args.nas);
   const abs = await ensureWithin(nas.mountPoint, args.path, { what: '-p', minDepth: DELETE_MIN_DEPTH });
   const instance = parseRelativePath(args.path, { what: '-p' })[0]!;
-  if (await lstat(await ensureWithin(nas.mountPoint, instance, { what: '-p' })).then(() => true, () => false)) {
+  if (await exists(await ensureWithin(nas.mountPoint, instance, { what: '-p' }))) {
     await ctx.lockVm(nas.mountPoint, instance, 'delete');
   }
   const st = await lstat(abs).catch((e: NodeJS.ErrnoException) => {
@@ -47,8 +46,7 @@ export async function deleteOperation(ctx: OpContext, args: DeleteArgs): Promise
       throw new NasbackupError('DELETE_FAILED', `Failed to delete ${abs}`, { details: (e as Error).message });
     }
   }
-  const s = await ctx.runner.run('sync', [], { timeoutMs: ctx.config.commandTimeoutMs });
-  if (!succeeded(s)) ctx.logger.log(`Warning: sync after delete failed: ${describeFailure(s)}`);
+  await syncAfter(ctx, 'delete');
 }
 
 /** Depth-first removal: contents first, each directory after what it held. */

@@ -8,10 +8,9 @@ import { parseRelativePath, ensureWithin } from '../paths.js';
 import { readChain, indexInChain, type Chain } from '../qcow2/chain.js';
 import { Qcow2Error } from '../qcow2/errors.js';
 import { readHeader } from '../qcow2/header.js';
-import { describeFailure, succeeded } from '../exec.js';
 import type { NasTarget } from '../nas/session.js';
 import type { RebaseEngine } from '../engine/types.js';
-import type { OpContext } from './context.js';
+import { syncAfter, type OpContext } from './context.js';
 
 export interface RebaseArgs {
   nas: NasTarget;
@@ -54,8 +53,7 @@ export async function rebaseOperation(ctx: OpContext, args: RebaseArgs, engine: 
   const target = await ensureWithin(root, args.target, { what: TARGET, minDepth: 2 });
   const backing = await ensureWithin(root, args.newBacking, { what: BACKING, minDepth: 2 });
   await safeRebase(ctx, target, backing, engine);
-  const s = await ctx.runner.run('sync', [], { timeoutMs: ctx.config.commandTimeoutMs });
-  if (!succeeded(s)) ctx.logger.log(`Warning: sync after rebase failed: ${describeFailure(s)}`);
+  await syncAfter(ctx, 'rebase');
 }
 
 /**

@@ -121,9 +121,8 @@ describe('per-VM lock', () => {
     const sb = makeSandbox('del-locked');
     seedChain(sb.nas);
     const { hostname } = await import('node:os');
-    const { readFileSync } = await import('node:fs');
-    const stat = readFileSync(`/proc/${process.pid}/stat`, 'utf8');
-    const pidStart = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
+    const { processStart } = await import('../../lib/nas/lock.js');
+    const pidStart = await processStart(process.pid);
     writeFileSync(join(sb.nas, VM, '.nasbackup.lock'), JSON.stringify({ host: hostname(), pid: process.pid, pidStart, startedAt: 'now', operation: 'backup' }));
     const before = snapshotTree(sb.nas);
     const r = await run(sb, del(sb, `${VM}/${TS[1]}`), { NASBACKUP_LOCK_WAIT: '0.5' });

@@ -5,6 +5,7 @@
 import * as zlib from 'node:zlib';
 import { Qcow2Error } from './errors.js';
 import { checkReadable, decodeHeader, INCOMPAT_EXTL2, QCOW2_MAGIC, V3_MIN_HEADER_LENGTH, type Qcow2Header } from './header.js';
+import { zstdFrameLength } from './zstd.js';
 import { NodeBlockFile, type BlockFile } from './io.js';
 import { entriesPerBlock, getRefcount } from './refcount.js';
 
@@ -84,8 +85,9 @@ export class Qcow2Image {
   readonly subclusterSize: number;
   readonly virtualSize: number;
   readonly l1TableOffset: number;
-  readonly refcountTableOffset: number;
-  readonly refcountTableEntries: number;
+  /** Where the refcount table is; changes only through moveRefcountTable(). */
+  refcountTableOffset: number;
+  refcountTableEntries: number;
   private l2Cache = new Map<number, Buffer>();
   private readonly l2CacheMax: number;
   private refTable: Buffer | null = null;
@@ -350,7 +352,9 @@ export class Qcow2Image {
       if (this.header.compressionType === 1) {
         const z = zlib as unknown as { zstdDecompressSync?: (b: Buffer, o: object) => Buffer };
         if (!hasZstd() || !z.zstdDecompressSync) throw new Qcow2Error('QCOW2_UNSUPPORTED_FEATURE', 'zstd-compressed clusters need Node with zstd support', this.path);
-        out = z.zstdDecompressSync(src.subarray(0, n), { maxOutputLength: this.clusterSize });
+        const frame = zstdFrameLength(src.subarray(0, n));
+        if (frame === null) throw new Error('not a complete zstd frame');
+        out = z.zstdDecompressSync(src.subarray(0, frame), { maxOutputLength: this.clusterSize });
       } else {
         out = zlib.inflateRawSync(src.subarray(0, n), { maxOutputLength: this.clusterSize, finishFlush: zlib.constants.Z_SYNC_FLUSH });
       }
@@ -420,6 +424,15 @@ export class Qcow2Image {
     const epb = this.refcountEntriesPerBlock;
     const b = await this.refBlock(Math.floor(hostCluster / epb));
     return b === null ? 0n : getRefcount(b, hostCluster % epb, this.header.refcountOrder);
+  }
+
+  /** The header now points at a new refcount table (a writer grew it): follow it. */
+  moveRefcountTable(offset: number, clusters: number): void {
+    this.header.refcountTableOffset = BigInt(offset);
+    this.header.refcountTableClusters = clusters;
+    this.refcountTableOffset = offset;
+    this.refcountTableEntries = (clusters * this.clusterSize) / 8;
+    this.dropRefcountCache();
   }
 
   /** Forget cached refcount metadata (after the writer changed it). */

@@ -4,15 +4,19 @@
 // clusters as zero clusters — without reading N. The new backing name is written last.
 //
 // Crash safety (qcow2-notes §7): new clusters are appended at EOF and only unallocated
-// L2 entries are pointed at them. Per batch: data → fdatasync → refcounts (new refcount
-// blocks count themselves, are written before being linked) → fdatasync → refcount
-// table entries → fdatasync → L2 (new tables complete before linking) → fdatasync → L1
-// → fdatasync. A crash at any point leaves a valid image (leaks at most) whose content
-// equals the original chain's, and a rerun finishes the job.
+// L2 entries are pointed at them. A refcount table too small for the new clusters is first
+// replaced by a larger one (grow.ts). Per batch: data → fdatasync → refcounts (new refcount
+// blocks are counted, and written, before being linked) → fdatasync → refcount table
+// entries, in rounds so no block is linked before the block counting it (fdatasync after
+// each) → L2 (new tables complete before linking) → fdatasync → L1 → fdatasync. A crash at
+// any point leaves a valid image (leaks at most) whose content equals the original chain's,
+// and a rerun finishes the job.
 import { stat } from 'node:fs/promises';
+import { setFlagsFromString } from 'node:v8';
 import { Qcow2Error } from './errors.js';
 import { AUTOCLEAR_KNOWN, checkWritable, encodeHeader, EXT_BACKING_FORMAT, MAX_BACKING_NAME } from './header.js';
-import { COPIED, Qcow2Image, ZERO_FLAG } from './image.js';
+import { growRefcountTable } from './grow.js';
+import { COPIED, MAX_REFTABLE_BYTES, Qcow2Image, ZERO_FLAG } from './image.js';
 import { NodeBlockFile, type BlockFile } from './io.js';
 import { entriesPerBlock, entryByteSpan, getRefcount, setRefcount } from './refcount.js';
 import { ImageChain } from './view.js';
@@ -58,6 +62,8 @@ export interface NativeRebaseResult {
   batches: number;
   /** Writes plus syncs issued to the target. */
   ops: number;
+  /** The refcount table was too small for the new clusters and was moved to a larger one. */
+  refcountTableGrown: boolean;
 }
 
 const SKIP = 1;
@@ -154,6 +160,14 @@ async function* workItems(chain: ImageChain, j: number): AsyncGenerator<WorkItem
       flags = cls;
     }
   };
+  async function* drainReady(): AsyncGenerator<WorkItem> {
+    const out = ready;
+    ready = [];
+    for (const w of out) {
+      const f = await fixV2(chain, j, w, v2);
+      if (f.data || f.zero) yield f;
+    }
+  }
   let pos = 0;
   while (pos < size) {
     const e = await T.status(pos, size - pos);
@@ -169,17 +183,13 @@ async function* workItems(chain: ImageChain, j: number): AsyncGenerator<WorkItem
         const s = await chain.status(p, end - p, 1, j);
         add(p, s.length, s.below ? SKIP : s.kind === 'data' || s.kind === 'compressed' ? DATA : ZERO);
         p += s.length;
+        // Hand finished clusters on as they come: one unallocated extent of the target may
+        // span the whole disk, and holding its items would make memory grow with the delta.
+        if (ready.length) yield* drainReady();
       }
     }
     pos += e.length;
-    if (ready.length) {
-      const out = ready;
-      ready = [];
-      for (const w of out) {
-        const f = await fixV2(chain, j, w, v2);
-        if (f.data || f.zero) yield f;
-      }
-    }
+    if (ready.length) yield* drainReady();
   }
   if (unit >= 0) emit(unit, flags);
   if (cur) ready.push(cur);
@@ -225,10 +235,31 @@ interface Plan {
   zeroUnits: number;
   newClusters: number;
   nextFree: number;
+  /** The refcount table cannot count every new cluster: it is grown first. */
+  growTable: boolean;
+}
+
+let youngGenerationCapped = false;
+
+/**
+ * Peak memory must not grow with the copy. V8 doubles the young generation whenever enough
+ * has survived since the last growth, which a long copy always reaches: up to 16 MiB
+ * semi-spaces, ~20–30 MiB more RSS. V8 reads this flag at each growth decision, so setting it
+ * now takes effect; it is process-wide, and costs only more frequent (small) scavenges.
+ */
+function capYoungGeneration(): void {
+  if (youngGenerationCapped) return;
+  youngGenerationCapped = true;
+  try {
+    setFlagsFromString('--semi-space-growth-factor=1');
+  } catch {
+    /* a runtime without it: memory is still bounded, only higher */
+  }
 }
 
 /** Safe rebase of `target` onto `newBacking` (in its chain), natively. */
 export async function nativeRebase(opts: NativeRebaseOptions): Promise<NativeRebaseResult> {
+  capYoungGeneration();
   const log = opts.log ?? (() => {});
   const box: { hooked: HookedFile | null } = { hooked: null };
   const chain = await ImageChain.open(opts.target, {
@@ -270,7 +301,7 @@ export async function nativeRebase(opts: NativeRebaseOptions): Promise<NativeReb
     const headerPlan = planHeader(T, c0, opts.newBackingName); // throws QCOW2_HEADER_FULL early
     const plan = await planWork(chain, j);
     log(
-      `native rebase of ${opts.target}: ${j - 1} layer(s) removed, ${plan.dataUnits} data and ${plan.zeroUnits} zero unit(s) of ${T.subclusterSize} bytes, ${plan.newClusters} new cluster(s)`,
+      `native rebase of ${opts.target}: ${j - 1} layer(s) removed, ${plan.dataUnits} data and ${plan.zeroUnits} zero unit(s) of ${T.subclusterSize} bytes, ${plan.newClusters} new cluster(s)${plan.growTable ? ', refcount table grows first' : ''}`,
     );
     const result: NativeRebaseResult = {
       removedLayers: j - 1,
@@ -280,6 +311,7 @@ export async function nativeRebase(opts: NativeRebaseOptions): Promise<NativeReb
       newClusters: 0,
       batches: 0,
       ops: 0,
+      refcountTableGrown: false,
     };
     if (opts.dryRun) return result;
 
@@ -292,7 +324,15 @@ export async function nativeRebase(opts: NativeRebaseOptions): Promise<NativeReb
       await file.write(b, 88);
       await file.datasync();
     }
-    const w = new Writer(chain, plan.nextFree, opts.batchBytes ?? 256 << 20, opts.checkpoint);
+    let nextFree = plan.nextFree;
+    if (plan.growTable) {
+      const g = await growRefcountTable(T, nextFree, mustCover(plan, T.refcountEntriesPerBlock));
+      log(`refcount table of ${opts.target} moved to ${g.tableOffset} (${g.tableClusters} cluster(s), ${g.newBlocks} new refcount block(s))`);
+      nextFree = g.nextFree;
+      result.refcountTableGrown = true;
+      opts.checkpoint?.();
+    }
+    const w = new Writer(chain, nextFree, opts.batchBytes ?? 256 << 20, opts.checkpoint);
     for await (const item of workItems(chain, j)) await w.add(item);
     await w.flush();
     opts.checkpoint?.();
@@ -322,7 +362,7 @@ function checkTargetMetadata(T: Qcow2Image): void {
 async function planWork(chain: ImageChain, j: number): Promise<Plan> {
   const T = chain.top;
   const newL2 = new Set<number>();
-  const p: Plan = { items: 0, dataUnits: 0, zeroUnits: 0, newClusters: 0, nextFree: 0 };
+  const p: Plan = { items: 0, dataUnits: 0, zeroUnits: 0, newClusters: 0, nextFree: 0, growTable: false };
   for await (const item of workItems(chain, j)) {
     p.items++;
     p.dataUnits += popcount(item.data);
@@ -353,10 +393,42 @@ async function planWork(chain: ImageChain, j: number): Promise<Plan> {
     }
   }
   p.nextFree = next * cs;
-  const bound = next + p.newClusters + Math.ceil(p.newClusters / epb) + 2;
-  if (p.newClusters > 0 && bound > T.refcountTableEntries * epb)
-    throw new Qcow2Error('QCOW2_REFCOUNT_TABLE_FULL', `the refcount table (${T.refcountTableEntries} entries) would have to grow`, T.path);
+  p.growTable = p.newClusters > 0 && mustCover(p, epb)(next) > T.refcountTableEntries * epb;
+  // The grown table itself adds clusters; twice the bare need is a safe over-estimate here.
+  if (p.growTable && 2 * Math.ceil(mustCover(p, epb)(next) / epb) * 8 > MAX_REFTABLE_BYTES)
+    throw new Qcow2Error('QCOW2_REFCOUNT_TABLE_FULL', `the refcount table would have to grow past ${MAX_REFTABLE_BYTES} bytes`, T.path);
   return p;
+}
+
+/** Clusters the refcount table must cover when the rebase's allocations start at cluster `start`. */
+function mustCover(p: Plan, epb: number): (start: number) => number {
+  // The new clusters, refcount blocks for them, and slack for block boundaries.
+  return (start) => start + p.newClusters + Math.ceil(p.newClusters / epb) + 2;
+}
+
+/**
+ * The new refcount blocks in rounds: each one's own cluster is counted by an existing block,
+ * by itself, or by a block of an earlier round. A sync separates rounds, since writes between
+ * syncs may reach the disk in any order.
+ */
+function linkRounds<B extends { off: number }>(blocks: Map<number, B>, cs: number, epb: number): Array<Array<[number, B]>> {
+  const rounds: Array<Array<[number, B]>> = [];
+  const linked = new Set<number>();
+  const pending = new Map(blocks);
+  while (pending.size) {
+    const round: Array<[number, B]> = [];
+    for (const [ti, b] of pending) {
+      const by = Math.floor(b.off / cs / epb);
+      if (by === ti || !blocks.has(by) || linked.has(by)) round.push([ti, b]);
+    }
+    if (!round.length) throw new Error('new refcount blocks count each other in a cycle'); // cannot happen: allocated in table order
+    for (const [ti] of round) {
+      linked.add(ti);
+      pending.delete(ti);
+    }
+    rounds.push(round);
+  }
+  return rounds;
 }
 
 function popcount(x: number): number {
@@ -372,6 +444,7 @@ class Writer {
   private dirty = new Map<number, DirtyL2>();
   private copyQueue: Promise<void>[] = [];
   private copyError: unknown = null;
+  private writeTail: Promise<void> = Promise.resolve();
   private readonly buffers: Buffer[] = Array.from({ length: COPIES_IN_FLIGHT }, () => Buffer.allocUnsafe(COPY_CHUNK));
   private run: { guest: number; dest: number; len: number } | null = null;
   private batchCopied = 0;
@@ -470,7 +543,11 @@ class Writer {
       try {
         const view = buf.subarray(0, r.len);
         await this.chain.readInto(view, 0, r.guest, r.len, 1);
-        await this.T.file.write(view, r.dest);
+        // Reads overlap; writes go one at a time. Concurrent writes gain nothing on a local
+        // disk and cost a lot where the NAS client splits them into small requests.
+        const write = this.writeTail.then(() => this.T.file.write(view, r.dest));
+        this.writeTail = write.catch(() => {});
+        await write;
       } finally {
         this.buffers.push(buf);
       }
@@ -535,8 +612,10 @@ class Writer {
       }
     }
     await file.datasync();
-    if (newBlocks.size) {
-      for (const [ti, nb] of newBlocks) {
+    // Link order: a new block may be counted in another new block, and must not be reachable
+    // before the block that counts it is (qemu-img check: "refcount=0 reference=1").
+    for (const round of linkRounds(newBlocks, cs, epb)) {
+      for (const [ti, nb] of round) {
         const b = Buffer.alloc(8);
         b.writeBigUInt64BE(BigInt(nb.off));
         await file.write(b, T.refcountTableOffset + ti * 8);

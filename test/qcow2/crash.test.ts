@@ -24,6 +24,8 @@ interface Scenario {
   batch: number;
   /** Drop the target's backing-format extension first (exercises the header path that adds it). */
   dropFormat?: boolean;
+  /** Always crash at ops 1..N too (a phase at the start worth every point, e.g. table growth). */
+  firstOps?: number;
 }
 
 const M = 1 << 20;
@@ -51,6 +53,20 @@ const scenarios: Scenario[] = [
     },
   },
   {
+    // 512 B clusters, 64-bit refcounts: the one-cluster table counts 2 MiB of file and 3 MiB
+    // must be copied, so the refcount table moves before the first batch.
+    name: '512b-refcount-table-grows',
+    batch: 256 * 1024,
+    firstOps: 14,
+    spec: {
+      layers: [
+        { clusterBits: 16, v2: false, extL2: false, size: 4 * M, ops: ['write -P 1 0 4M'] },
+        { clusterBits: 16, v2: false, extL2: false, size: 4 * M, ops: ['write -P 2 512k 3M', 'write -z 3712k 64k'] },
+        { clusterBits: 9, v2: false, extL2: false, refcountBits: 64, size: 4 * M, ops: ['write -P 3 600k 2k'] },
+      ],
+    },
+  },
+  {
     name: 'extl2-v3-missing-format',
     batch: 128 * 1024,
     dropFormat: true,
@@ -65,9 +81,11 @@ const scenarios: Scenario[] = [
 ];
 
 /** Crash points: every op with NASBACKUP_QCOW2_CRASH_ALL=1, else the first, the last (header) and an even spread. */
-function points(total: number, budget: number): number[] {
+function points(total: number, budget: number, firstOps = 0): number[] {
   if (process.env.NASBACKUP_QCOW2_CRASH_ALL === '1' || total <= budget) return Array.from({ length: total }, (_, i) => i + 1);
   const set = new Set<number>([1, total - 2, total]);
+  for (let k = 2; k <= Math.min(firstOps, total); k++) set.add(k);
+  budget += Math.min(firstOps, total);
   for (let k = 1; set.size < budget && k < budget; k++) set.add(Math.max(1, Math.round((k * total) / (budget - 2))));
   return [...set].filter((n) => n >= 1 && n <= total).sort((a, b) => a - b);
 }
@@ -177,7 +195,7 @@ describe.each(scenarios)('crash injection: $name', (s) => {
 
   it('SIGKILL after every write and sync (child process)', async () => {
     expect(total).toBeGreaterThan(8);
-    for (const n of points(total, 6)) {
+    for (const n of points(total, 6, s.firstOps)) {
       const d = workCopy(pristine, `kill-${n}`);
       const r = spawnSync(process.execPath, [childJs, join(d, 'l2.qcow2'), join(d, 'l0.qcow2'), 'l0.qcow2', String(n), String(s.batch)], { encoding: 'utf8' });
       expect(r.signal, `op ${n}: ${r.stderr}`).toBe('SIGKILL');
@@ -187,7 +205,7 @@ describe.each(scenarios)('crash injection: $name', (s) => {
   });
 
   it('power loss after every op, dropping random unsynced writes', async () => {
-    for (const n of points(total, 6)) {
+    for (const n of points(total, 6, s.firstOps)) {
       const d = workCopy(pristine, `power-${n}`);
       let journal: JournalFile | null = null;
       const seed = n * 2654435761;

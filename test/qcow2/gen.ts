@@ -10,6 +10,8 @@ export interface LayerSpec {
   clusterBits: number;
   v2: boolean;
   extL2: boolean;
+  /** refcount_bits (v3 only; qemu-img's default 16 when absent). */
+  refcountBits?: number;
   /** Virtual size in bytes (multiple of 512, not of the cluster size). */
   size: number;
   ops: string[];
@@ -28,9 +30,10 @@ function layerArb(compressOk: boolean): fc.Arbitrary<LayerSpec> {
       clusterBits: fc.constantFrom(9, 12, 14, 16, 21),
       v2: fc.boolean(),
       extL2: fc.boolean(),
+      refcountBits: fc.constantFrom(16, 16, 4, 8, 64), // not 1 or 2: shared compressed hosts would overflow
       sectors: fc.integer({ min: 1, max: 8 * 1024 }), // up to 4 MiB
     })
-    .chain(({ clusterBits, v2, extL2, sectors }) => {
+    .chain(({ clusterBits, v2, extL2, refcountBits, sectors }) => {
       const size = sectors * 512;
       const ext = !v2 && extL2 && clusterBits >= 14;
       const cs = 1 << clusterBits;
@@ -51,7 +54,7 @@ function layerArb(compressOk: boolean): fc.Arbitrary<LayerSpec> {
         for (const o of ops.filter((x) => x.startsWith('write -c'))) byOffset.set(o.split(' ').at(-2)!, o);
         return [...byOffset.values(), ...ops.filter((o) => !o.startsWith('write -c'))];
       };
-      return fc.array(op, { minLength: 0, maxLength: 6 }).map((ops) => ({ clusterBits, v2, extL2: ext, size, ops: order(ops) }));
+      return fc.array(op, { minLength: 0, maxLength: 6 }).map((ops) => ({ clusterBits, v2, extL2: ext, ...(v2 || refcountBits === 16 ? {} : { refcountBits }), size, ops: order(ops) }));
     });
 }
 
@@ -60,7 +63,7 @@ export function chainArb(opts: { minLayers?: number; maxLayers?: number; compres
 }
 
 export function layerOptions(l: LayerSpec): string {
-  return [`cluster_size=${1 << l.clusterBits}`, `compat=${l.v2 ? '0.10' : '1.1'}`, ...(l.extL2 ? ['extended_l2=on'] : [])].join(',');
+  return [`cluster_size=${1 << l.clusterBits}`, `compat=${l.v2 ? '0.10' : '1.1'}`, ...(l.extL2 ? ['extended_l2=on'] : []), ...(l.refcountBits ? [`refcount_bits=${l.refcountBits}`] : [])].join(',');
 }
 
 /** Build the chain in `dir` as l0.qcow2 (bottom) … l<n-1>.qcow2 (top); returns the paths. */

@@ -6,6 +6,7 @@ import fc from 'fast-check';
 import { afterAll, describe, expect, it } from 'vitest';
 import { decodeHeader, encodeHeader } from '../../lib/qcow2/header.js';
 import { imageInfo } from '../../lib/qcow2/info.js';
+import { nativeRebase } from '../../lib/qcow2/rebase.js';
 import { Qcow2Image } from '../../lib/qcow2/image.js';
 import { ImageChain, layerExtents } from '../../lib/qcow2/view.js';
 import { getRefcount, setRefcount } from '../../lib/qcow2/refcount.js';
@@ -87,6 +88,39 @@ describe('reader vs qemu-img on random chains', () => {
     execFileSync('qemu-img', ['bitmap', '--add', '-g', '131072', p, 'b1']);
     execFileSync('qemu-img', ['bitmap', '--add', '--disable', p, 'second']);
     expect(pickInfo((await imageInfo(p)) as unknown as Record<string, unknown>)).toEqual(pickInfo(qemuInfo(p)));
+  });
+});
+
+describe('zstd-compressed clusters', () => {
+  it('decoded where Node has zstd, else refused with a code (reads and the native rebase alike)', async () => {
+    const d = tempDir('q2zstd');
+    const base = join(d, 'base.qcow2');
+    const mid = join(d, 'mid.qcow2');
+    const top = join(d, 'top.qcow2');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', base, '1M']);
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'compression_type=zstd', '-b', 'base.qcow2', '-F', 'qcow2', mid]);
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -c -P 5 0 64k', '-c', 'write -P 6 128k 64k', mid]);
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', top]);
+    const want = rawContent(top, d);
+    const chain = await ImageChain.open(top);
+    try {
+      if (Qcow2Image.zstdAvailable()) {
+        expect((await chain.read(0, 1 << 20)).equals(want)).toBe(true);
+      } else {
+        await expect(chain.read(0, 65536)).rejects.toMatchObject({ code: 'QCOW2_UNSUPPORTED_FEATURE' });
+        expect((await chain.read(65536, 3 * 65536)).equals(want.subarray(65536, 4 * 65536))).toBe(true); // the rest reads
+      }
+    } finally {
+      await chain.close();
+    }
+    const before = readFileSync(top);
+    if (Qcow2Image.zstdAvailable()) {
+      await nativeRebase({ target: top, newBacking: base, newBackingName: 'base.qcow2' });
+      expect(rawContent(top, d).equals(want)).toBe(true);
+    } else {
+      await expect(nativeRebase({ target: top, newBacking: base, newBackingName: 'base.qcow2' })).rejects.toMatchObject({ code: 'QCOW2_UNSUPPORTED_FEATURE' });
+      expect(readFileSync(top).equals(before)).toBe(true);
+    }
   });
 });
 

@@ -1,0 +1,107 @@
+// Growing the refcount table, crash-safe. The new table and the refcount blocks it needs go
+// at the end of the file and count themselves; existing blocks only gain 0 → 1 entries for
+// those new clusters. One 12-byte write inside the first sector (refcount_table_offset and
+// refcount_table_clusters are adjacent) then switches the header to the new table, and the
+// old table's clusters are freed last. A crash before the switch leaves the old table valid
+// (the new clusters leak); a crash after it leaves the old table leaked until it is freed.
+import { Qcow2Error } from './errors.js';
+import { MAX_REFTABLE_BYTES, type Qcow2Image } from './image.js';
+import { entriesPerBlock, entryByteSpan, getRefcount, setRefcount } from './refcount.js';
+
+export interface GrowResult {
+  /** First free byte after the new table and blocks (cluster-aligned). */
+  nextFree: number;
+  tableOffset: number;
+  tableClusters: number;
+  newBlocks: number;
+}
+
+/**
+ * Grow `T`'s refcount table so that it covers `mustCover(end)` clusters, where `end` is the
+ * first free cluster after the growth's own allocations, which start at byte `nextFree`.
+ */
+export async function growRefcountTable(T: Qcow2Image, nextFree: number, mustCover: (end: number) => number): Promise<GrowResult> {
+  const cs = T.clusterSize;
+  const order = T.header.refcountOrder;
+  const epb = entriesPerBlock(cs, order);
+  if (nextFree % cs !== 0) throw new Qcow2Error('QCOW2_CORRUPT', `allocation start ${nextFree} is not cluster-aligned`, T.path);
+  const oldTable = Buffer.from(await T.refcountTable());
+  const oldEntries = T.refcountTableEntries;
+  const oldOffset = T.refcountTableOffset;
+  const oldClusters = T.header.refcountTableClusters;
+  const hasBlock = (ti: number): boolean => ti < oldEntries && oldTable.readBigUInt64BE(ti * 8) !== 0n;
+  const P = nextFree / cs;
+
+  // Size the table: it, and the blocks that count it and themselves, come first.
+  let tc = oldClusters;
+  let blocks: number[] = [];
+  let end = P;
+  for (;;) {
+    let stop = P + tc;
+    for (;;) {
+      const need: number[] = [];
+      for (let ti = Math.floor(P / epb); ti <= Math.floor((stop - 1) / epb); ti++) if (!hasBlock(ti)) need.push(ti);
+      const next = P + tc + need.length;
+      if (next === stop) {
+        blocks = need;
+        break;
+      }
+      stop = next;
+    }
+    end = stop;
+    const want = mustCover(end);
+    if (tc > oldClusters && (tc * cs) / 8 >= Math.ceil(want / epb)) break;
+    tc = Math.max(tc + 1, Math.ceil((Math.ceil(want / epb) * 8) / cs));
+    if (tc * cs > MAX_REFTABLE_BYTES)
+      throw new Qcow2Error('QCOW2_REFCOUNT_TABLE_FULL', `the refcount table would have to grow past ${MAX_REFTABLE_BYTES} bytes`, T.path);
+  }
+  const blockAt = new Map<number, number>(blocks.map((ti, i) => [ti, (P + tc + i) * cs]));
+  const file = T.file;
+
+  // 1. Refcount 1 for every new cluster [P, end): new blocks whole, existing ones in place.
+  for (let ti = Math.floor(P / epb); ti <= Math.floor((end - 1) / epb); ti++) {
+    const a = Math.max(P, ti * epb) - ti * epb;
+    const b = Math.min(end, (ti + 1) * epb) - ti * epb;
+    const at = blockAt.get(ti);
+    const block = at === undefined ? (await T.refBlock(ti))! : Buffer.alloc(cs);
+    for (let k = a; k < b; k++) {
+      if (getRefcount(block, k, order) !== 0n) throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${ti * epb + k} is already in use`, T.path);
+      setRefcount(block, k, order, 1n);
+    }
+    if (at !== undefined) await file.write(block, at);
+    else {
+      const [s, e] = entryByteSpan(a, b, order);
+      await file.write(Buffer.from(block.subarray(s, e)), (await T.refBlockOffset(ti)) + s);
+    }
+  }
+  // 2. The new table: the old entries plus the new blocks.
+  const table = Buffer.alloc(tc * cs);
+  oldTable.copy(table);
+  for (const [ti, at] of blockAt) table.writeBigUInt64BE(BigInt(at), ti * 8);
+  await file.write(table, P * cs);
+  await file.datasync();
+  // 3. The switch.
+  const ptr = Buffer.alloc(12);
+  ptr.writeBigUInt64BE(BigInt(P * cs), 0);
+  ptr.writeUInt32BE(tc, 8);
+  await file.write(ptr, 48);
+  await file.datasync();
+  T.fileSize = Math.max(T.fileSize, end * cs);
+  T.moveRefcountTable(P * cs, tc);
+  // 4. Free the old table's clusters.
+  const o0 = oldOffset / cs;
+  for (let ti = Math.floor(o0 / epb); ti <= Math.floor((o0 + oldClusters - 1) / epb); ti++) {
+    const a = Math.max(o0, ti * epb) - ti * epb;
+    const b = Math.min(o0 + oldClusters, (ti + 1) * epb) - ti * epb;
+    const block = await T.refBlock(ti);
+    if (!block) throw new Qcow2Error('QCOW2_CORRUPT', `the refcount table at ${oldOffset} has no refcount block`, T.path);
+    for (let k = a; k < b; k++) {
+      if (getRefcount(block, k, order) !== 1n) throw new Qcow2Error('QCOW2_CORRUPT', `refcount table cluster ${ti * epb + k} is shared`, T.path);
+      setRefcount(block, k, order, 0n);
+    }
+    const [s, e] = entryByteSpan(a, b, order);
+    await file.write(Buffer.from(block.subarray(s, e)), (await T.refBlockOffset(ti)) + s);
+  }
+  await file.datasync();
+  return { nextFree: end * cs, tableOffset: P * cs, tableClusters: tc, newBlocks: blocks.length };
+}

@@ -1,10 +1,15 @@
 // Benchmark (not a test): the native in-chain safe rebase against `qemu-img rebase` on the
-// same chain in one run, locally and over a throughput-bound NAS (samba + smbnetfs on
-// 127.0.0.1, see e2e-lab.md), plus the physical floor (reading and writing the bytes that
-// must move). Prints times, ratios and peak RSS.
-//   npm run bench:rebase [-- --size 8G --delta 1G --nas-size 1G --nas-delta 96M --nas auto|off|only]
+// same chain in one run, locally and over a throughput-bound NAS, plus the physical floor
+// (reading and writing the bytes that must move, pipelined). Prints per-run times, medians,
+// ratios and peak RSS.
+//   npm run bench:rebase [-- --size 8G --delta 1G --runs 3 --nas auto|off|only
+//                           --nas-size 1G --nas-delta 128M --nas-link netns|lo --nas-rate 400mbit]
 // The chain: full F (data over 2×delta) ← inc I (delta of 1 MiB writes every 2 MiB) ← child C
 // (1 MiB every 64 MiB); C is rebased onto F (the "delete the middle incremental" repair).
+// The NAS is samba + smbnetfs (e2e-lab.md). With --nas-link netns (default) smbd runs in its own
+// network namespace behind a veth pair shaped to --nas-rate in each direction (tc tbf), so the
+// link is the bottleneck as on a real NAS; smbnetfs gets big_writes so FUSE's 4 KiB writes are
+// not. --nas-link lo is samba on 127.0.0.1 with smbnetfs' defaults (write-bound, ~11 MB/s).
 import { execFileSync, spawn, spawnSync } from 'node:child_process'
 import fs from 'node:fs'
 import os from 'node:os'
@@ -24,8 +29,11 @@ const bytes = (s: string): number => {
 const SIZE = bytes(opt('size', '8G'))
 const DELTA = bytes(opt('delta', '1G'))
 const NAS_SIZE = bytes(opt('nas-size', '1G'))
-const NAS_DELTA = bytes(opt('nas-delta', '96M'))
+const NAS_DELTA = bytes(opt('nas-delta', '128M'))
 const NAS_MODE = opt('nas', 'auto')
+const NAS_LINK = opt('nas-link', 'netns')
+const NAS_RATE = opt('nas-rate', '400mbit')
+const RUNS = Math.max(1, Number(opt('runs', '3')))
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const DIST_REBASE = path.join(ROOT, 'dist/lib/qcow2/rebase.js')
 const MiB = 1 << 20
@@ -111,7 +119,11 @@ async function runNative(dir: string): Promise<Run> {
   return { seconds: r.seconds, rssKiB: out.maxRSS, extra: out }
 }
 
-/** Read `n` bytes of the removed layer's data and write them to a new file, fdatasync: the floor. */
+/**
+ * The floor: copy `n` bytes of the removed layer's data into a new file on the same storage
+ * with the native engine's I/O shape (4 × 4 MiB reads in flight, writes one at a time behind
+ * them), then fdatasync.
+ */
 async function runFloor(dir: string, n: number): Promise<Run> {
   dropCaches()
   const script = `
@@ -119,14 +131,20 @@ async function runFloor(dir: string, n: number): Promise<Run> {
     const src = await fs.open(${JSON.stringify(path.join(dir, 'inc1.qcow2'))}, 'r');
     const dst = await fs.open(${JSON.stringify(path.join(dir, 'floor.bin'))}, 'w');
     const size = (await src.stat()).size;
-    const buf = Buffer.allocUnsafe(8 << 20);
-    let done = 0, pos = Math.max(0, size - ${n});
-    while (done < ${n}) {
-      const { bytesRead } = await src.read(buf, 0, Math.min(buf.length, ${n} - done), pos + done);
-      if (!bytesRead) break;
-      await dst.write(buf, 0, bytesRead, done);
-      done += bytesRead;
-    }
+    const n = ${n}, chunk = 4 << 20, base = Math.max(0, size - n);
+    let next = 0, tail = Promise.resolve();
+    const worker = async () => {
+      const buf = Buffer.allocUnsafe(chunk);
+      for (;;) {
+        const at = next; next += chunk;
+        if (at >= n) return;
+        const { bytesRead } = await src.read(buf, 0, Math.min(chunk, n - at), base + at);
+        const w = tail.then(() => bytesRead && dst.write(buf, 0, bytesRead, at));
+        tail = w.then(() => {}, () => {});
+        await w;
+      }
+    };
+    await Promise.all([worker(), worker(), worker(), worker()]);
     await dst.datasync(); await dst.close(); await src.close();
     console.log(JSON.stringify({ maxRSS: process.resourceUsage().maxRSS }));`
   const r = await timed(process.execPath, ['--input-type=module', '-e', script])
@@ -135,39 +153,117 @@ async function runFloor(dir: string, n: number): Promise<Run> {
   return { seconds: r.seconds, rssKiB: (JSON.parse(r.stdout.trim()) as { maxRSS: number }).maxRSS }
 }
 
+const median = (xs: number[]): number => {
+  const a = [...xs].sort((x, y) => x - y)
+  return a.length % 2 ? a[(a.length - 1) / 2]! : (a[a.length / 2 - 1]! + a[a.length / 2]!) / 2
+}
+
 async function bench(label: string, pristine: string, workRoot: string): Promise<void> {
   const qdir = path.join(workRoot, 'qemu')
   const ndir = path.join(workRoot, 'native')
-  copyChain(pristine, qdir)
-  copyChain(pristine, ndir)
-  const q = await runQemuImg(qdir)
-  const n = await runNative(ndir)
-  const moved = Number(n.extra?.copiedBytes ?? 0)
-  const f = await runFloor(ndir, moved)
-  const cmp = spawnSync('qemu-img', ['compare', path.join(qdir, 'inc2.qcow2'), path.join(ndir, 'inc2.qcow2')], { encoding: 'utf8' })
-  const check = spawnSync('qemu-img', ['check', path.join(ndir, 'inc2.qcow2')], { encoding: 'utf8' })
-  console.log(`\n== ${label}: ${fmtB(moved)} to move`)
-  console.log(`  qemu-img rebase   ${q.seconds.toFixed(2)} s   peak RSS ${(q.rssKiB / 1024).toFixed(1)} MiB`)
-  console.log(`  native rebase     ${n.seconds.toFixed(2)} s   peak RSS ${(n.rssKiB / 1024).toFixed(1)} MiB   (${n.extra?.batches} batch(es))`)
-  console.log(`  physical floor    ${f.seconds.toFixed(2)} s   (read + write + fdatasync of the moved bytes)`)
-  console.log(`  ratio native/qemu-img ${(n.seconds / q.seconds).toFixed(2)}x   native/floor ${(n.seconds / f.seconds).toFixed(2)}x`)
-  console.log(`  results identical: ${cmp.status === 0 ? 'yes' : `NO (${cmp.stdout.trim()})`}; native qemu-img check: ${check.status === 0 ? 'clean' : `exit ${check.status}`}`)
-  fs.rmSync(qdir, { recursive: true, force: true })
-  fs.rmSync(ndir, { recursive: true, force: true })
+  const qs: Run[] = []
+  const ns: Run[] = []
+  const fl: Run[] = []
+  let moved = 0
+  let batches: unknown = 0
+  let identical = true
+  let clean = true
+  for (let run = 0; run < RUNS; run++) {
+    copyChain(pristine, qdir)
+    copyChain(pristine, ndir)
+    // Alternate who goes first, so neither always meets the colder (or warmer) server.
+    let q: Run, n: Run
+    if (run % 2 === 0) {
+      q = await runQemuImg(qdir)
+      n = await runNative(ndir)
+    } else {
+      n = await runNative(ndir)
+      q = await runQemuImg(qdir)
+    }
+    moved = Number(n.extra?.copiedBytes ?? 0)
+    batches = n.extra?.batches
+    const f = await runFloor(ndir, moved)
+    qs.push(q)
+    ns.push(n)
+    fl.push(f)
+    const cmp = spawnSync('qemu-img', ['compare', path.join(qdir, 'inc2.qcow2'), path.join(ndir, 'inc2.qcow2')], { encoding: 'utf8' })
+    const check = spawnSync('qemu-img', ['check', path.join(ndir, 'inc2.qcow2')], { encoding: 'utf8' })
+    identical &&= cmp.status === 0
+    clean &&= check.status === 0
+    console.log(`  run ${run + 1}/${RUNS}: qemu-img ${q.seconds.toFixed(2)} s, native ${n.seconds.toFixed(2)} s, floor ${f.seconds.toFixed(2)} s`)
+    fs.rmSync(qdir, { recursive: true, force: true })
+    fs.rmSync(ndir, { recursive: true, force: true })
+  }
+  const mq = median(qs.map((r) => r.seconds))
+  const mn = median(ns.map((r) => r.seconds))
+  const mf = median(fl.map((r) => r.seconds))
+  const peak = (rs: Run[]): string => (Math.max(...rs.map((r) => r.rssKiB)) / 1024).toFixed(1)
+  console.log(`== ${label}: ${fmtB(moved)} to move, median of ${RUNS} run(s)`)
+  console.log(`  qemu-img rebase   ${mq.toFixed(2)} s   peak RSS ${peak(qs)} MiB`)
+  console.log(`  native rebase     ${mn.toFixed(2)} s   peak RSS ${peak(ns)} MiB   (${batches} batch(es))`)
+  console.log(`  physical floor    ${mf.toFixed(2)} s   (pipelined copy + fdatasync of the moved bytes)`)
+  console.log(`  ratio native/qemu-img ${(mn / mq).toFixed(2)}x   native/floor ${(mn / mf).toFixed(2)}x   floor/qemu-img ${(mf / mq).toFixed(2)}x`)
+  console.log(`  results identical: ${identical ? 'yes' : 'NO'} (qemu-img compare); native qemu-img check: ${clean ? 'clean' : 'NOT clean'}`)
 }
 
 interface Smb {
   dir: string
-  share: string
+  what: string
   stop(): void
 }
 
-/** samba on 127.0.0.1 + smbnetfs (FUSE), as e2e-lab.md describes; null with a reason when impossible. */
+const sh = (cmd: string, args: string[]): { ok: boolean; err: string } => {
+  const r = spawnSync(cmd, args, { encoding: 'utf8' })
+  return { ok: r.status === 0, err: `${cmd} ${args.join(' ')}: ${(r.stderr || r.stdout || '').trim()}` }
+}
+
+/** A network namespace behind a veth pair shaped to `rate` both ways; null with a reason when impossible. */
+function startLink(rate: string): { ns: string; server: string; client: string; dev: string; stop(): void } | string {
+  for (const b of ['ip', 'tc']) if (spawnSync('sh', ['-c', `command -v ${b}`]).status !== 0) return `${b} is not installed (apt-get install iproute2)`
+  const tag = Math.random().toString(36).slice(2, 8)
+  const ns = `nbbench-${tag}`
+  const host = `nbh${tag}`
+  const peer = `nbp${tag}`
+  const net = `10.${200 + Math.floor(Math.random() * 50)}.${Math.floor(Math.random() * 250)}`
+  const stop = (): void => {
+    spawnSync('ip', ['netns', 'del', ns]) // takes the veth pair with it
+    spawnSync('ip', ['link', 'del', host])
+  }
+  const steps: Array<[string, string[]]> = [
+    ['ip', ['netns', 'add', ns]],
+    ['ip', ['link', 'add', host, 'type', 'veth', 'peer', 'name', peer]],
+    ['ip', ['link', 'set', peer, 'netns', ns]],
+    ['ip', ['addr', 'add', `${net}.1/24`, 'dev', host]],
+    ['ip', ['link', 'set', host, 'up']],
+    ['ip', ['netns', 'exec', ns, 'ip', 'addr', 'add', `${net}.2/24`, 'dev', peer]],
+    ['ip', ['netns', 'exec', ns, 'ip', 'link', 'set', peer, 'up']],
+    ['ip', ['netns', 'exec', ns, 'ip', 'link', 'set', 'lo', 'up']],
+    ['tc', ['qdisc', 'add', 'dev', host, 'root', 'tbf', 'rate', rate, 'burst', '256kb', 'latency', '50ms']],
+    ['ip', ['netns', 'exec', ns, 'tc', 'qdisc', 'add', 'dev', peer, 'root', 'tbf', 'rate', rate, 'burst', '256kb', 'latency', '50ms']],
+  ]
+  for (const [c, a] of steps) {
+    const r = sh(c, a)
+    if (!r.ok) {
+      stop()
+      return r.err
+    }
+  }
+  return { ns, server: `${net}.2`, client: `${net}.1`, dev: peer, stop }
+}
+
+/** samba + smbnetfs (FUSE), as e2e-lab.md describes; a reason string when impossible. */
 async function startSmb(base: string): Promise<Smb | string> {
   for (const b of ['smbd', 'smbnetfs', 'smbpasswd', 'fusermount']) {
     if (spawnSync('sh', ['-c', `command -v ${b}`]).status !== 0) return `${b} is not installed (apt-get install samba smbnetfs)`
   }
   if (!fs.existsSync('/dev/fuse')) return '/dev/fuse is missing'
+  let link: ReturnType<typeof startLink> | null = null
+  if (NAS_LINK === 'netns') {
+    link = startLink(NAS_RATE)
+    if (typeof link === 'string') return `no shaped link (${link}); try --nas-link lo`
+  }
+  const server = link ? link.server : '127.0.0.1'
+  const inNs = (cmd: string, args: string[]): [string, string[]] => (link ? ['ip', ['netns', 'exec', link.ns, cmd, ...args]] : [cmd, args])
   const dir = path.join(base, 'smb')
   const share = path.join(dir, 'share')
   const mnt = path.join(dir, 'mnt')
@@ -176,16 +272,8 @@ async function startSmb(base: string): Promise<Smb | string> {
   const conf = path.join(dir, 'smb.conf')
   fs.writeFileSync(
     conf,
-    `[global]\n interfaces = lo\n bind interfaces only = yes\n smb ports = 445\n disable netbios = yes\n pid directory = ${dir}/pid\n lock directory = ${dir}/lock\n state directory = ${dir}/state\n cache directory = ${dir}/cache\n private dir = ${dir}/private\n ncalrpc dir = ${dir}/ncalrpc\n log file = ${dir}/smbd.log\n[nas]\n path = ${share}\n read only = no\n force user = root\n`,
+    `[global]\n interfaces = ${link ? link.dev : 'lo'}\n bind interfaces only = yes\n smb ports = 445\n disable netbios = yes\n pid directory = ${dir}/pid\n lock directory = ${dir}/lock\n state directory = ${dir}/state\n cache directory = ${dir}/cache\n private dir = ${dir}/private\n ncalrpc dir = ${dir}/ncalrpc\n log file = ${dir}/smbd.log\n[nas]\n path = ${share}\n read only = no\n force user = root\n`,
   )
-  const pw = 'bench-' + Math.random().toString(36).slice(2, 10)
-  const sp = spawnSync('smbpasswd', ['-c', conf, '-s', '-a', 'root'], { input: `${pw}\n${pw}\n`, encoding: 'utf8' })
-  if (sp.status !== 0) return `smbpasswd failed: ${sp.stderr.trim()}`
-  const sd = spawnSync('smbd', ['-D', '-s', conf], { encoding: 'utf8' })
-  if (sd.status !== 0) return `smbd failed: ${sd.stderr.trim()}`
-  const smbConf = path.join(home, '.smb', 'smbnetfs.conf')
-  fs.writeFileSync(smbConf, `auth "127.0.0.1" "root" "${pw}"\nhost 127.0.0.1 visible=true\n`)
-  fs.chmodSync(smbConf, 0o600)
   const stopSmbd = (): void => {
     try {
       const pid = Number(fs.readFileSync(path.join(dir, 'pid', 'smbd.pid'), 'utf8'))
@@ -194,24 +282,38 @@ async function startSmb(base: string): Promise<Smb | string> {
       /* gone */
     }
   }
-  const fu = spawnSync('smbnetfs', [mnt], { env: { ...process.env, HOME: home }, encoding: 'utf8' })
-  if (fu.status !== 0) {
+  const fail = (why: string): string => {
     stopSmbd()
-    return `smbnetfs failed: ${fu.stderr.trim()}`
+    link?.stop()
+    return why
   }
-  const nas = path.join(mnt, '127.0.0.1', 'nas')
+  const pw = 'bench-' + Math.random().toString(36).slice(2, 10)
+  const sp = spawnSync('smbpasswd', ['-c', conf, '-s', '-a', 'root'], { input: `${pw}\n${pw}\n`, encoding: 'utf8' })
+  if (sp.status !== 0) return fail(`smbpasswd failed: ${sp.stderr.trim()}`)
+  const [sc, sa] = inNs('smbd', ['-D', '-s', conf])
+  const sd = spawnSync(sc, sa, { encoding: 'utf8' })
+  if (sd.status !== 0) return fail(`smbd failed: ${sd.stderr.trim()}`)
+  const smbConf = path.join(home, '.smb', 'smbnetfs.conf')
+  fs.writeFileSync(smbConf, `auth "${server}" "root" "${pw}"\nhost ${server} visible=true\n`)
+  fs.chmodSync(smbConf, 0o600)
+  const fuseOpts = link ? ['-o', 'big_writes,max_write=131072'] : []
+  const fu = spawnSync('smbnetfs', [mnt, ...fuseOpts], { env: { ...process.env, HOME: home }, encoding: 'utf8' })
+  if (fu.status !== 0) return fail(`smbnetfs failed: ${fu.stderr.trim()}`)
+  const nas = path.join(mnt, server, 'nas')
   for (let i = 0; i < 100 && !fs.existsSync(nas); i++) await new Promise((r) => setTimeout(r, 100))
   if (!fs.existsSync(nas)) {
     spawnSync('fusermount', ['-u', mnt])
-    stopSmbd()
-    return 'the share did not appear under the smbnetfs mount'
+    return fail('the share did not appear under the smbnetfs mount')
   }
   return {
     dir: nas,
-    share,
+    what: link
+      ? `samba in a network namespace behind a ${NAS_RATE} veth link (tc tbf each way) + smbnetfs big_writes`
+      : 'samba on 127.0.0.1 + smbnetfs defaults (4 KiB FUSE writes)',
     stop: () => {
       spawnSync('fusermount', ['-u', mnt])
       stopSmbd()
+      link?.stop()
     },
   }
 }
@@ -232,11 +334,18 @@ async function main(): Promise<void> {
       const smb = await startSmb(base)
       if (typeof smb === 'string') console.log(`\n== slow NAS (samba + smbnetfs): skipped — ${smb}`)
       else {
+        const onSignal = (): void => {
+          smb.stop()
+          fs.rmSync(base, { recursive: true, force: true })
+          process.exit(130)
+        }
+        process.once('SIGINT', onSignal)
+        process.once('SIGTERM', onSignal)
         try {
           const pristine = path.join(base, 'nas-pristine')
           console.log(`\nbuilding the NAS chain: ${fmtB(NAS_SIZE)} virtual, ${fmtB(NAS_DELTA)} in the middle layer…`)
           buildChain(pristine, NAS_SIZE, NAS_DELTA)
-          await bench(`slow NAS (samba + smbnetfs on 127.0.0.1), ${fmtB(NAS_SIZE)} virtual`, pristine, path.join(smb.dir, 'bench'))
+          await bench(`slow NAS (${smb.what}), ${fmtB(NAS_SIZE)} virtual`, pristine, path.join(smb.dir, 'bench'))
         } finally {
           smb.stop()
         }

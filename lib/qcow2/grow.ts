@@ -55,29 +55,15 @@ export async function growRefcountTable(T: Qcow2Image, nextFree: number, mustCov
     if (tc * cs > MAX_REFTABLE_BYTES)
       throw new Qcow2Error('QCOW2_REFCOUNT_TABLE_FULL', `the refcount table would have to grow past ${MAX_REFTABLE_BYTES} bytes`, T.path);
   }
-  const blockAt = new Map<number, number>(blocks.map((ti, i) => [ti, (P + tc + i) * cs]));
+  const fresh = new Map(blocks.map((ti, i) => [ti, { off: (P + tc + i) * cs, buf: Buffer.alloc(cs) }]));
   const file = T.file;
 
   // 1. Refcount 1 for every new cluster [P, end): new blocks whole, existing ones in place.
-  for (let ti = Math.floor(P / epb); ti <= Math.floor((end - 1) / epb); ti++) {
-    const a = Math.max(P, ti * epb) - ti * epb;
-    const b = Math.min(end, (ti + 1) * epb) - ti * epb;
-    const at = blockAt.get(ti);
-    const block = at === undefined ? (await T.refBlock(ti))! : Buffer.alloc(cs);
-    for (let k = a; k < b; k++) {
-      if (getRefcount(block, k, order) !== 0n) throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${ti * epb + k} is already in use`, T.path);
-      setRefcount(block, k, order, 1n);
-    }
-    if (at !== undefined) await file.write(block, at);
-    else {
-      const [s, e] = entryByteSpan(a, b, order);
-      await file.write(Buffer.from(block.subarray(s, e)), (await T.refBlockOffset(ti)) + s);
-    }
-  }
+  await writeRefcounts(T, P, end, 1n, fresh);
   // 2. The new table: the old entries plus the new blocks.
   const table = Buffer.alloc(tc * cs);
   oldTable.copy(table);
-  for (const [ti, at] of blockAt) table.writeBigUInt64BE(BigInt(at), ti * 8);
+  for (const [ti, b] of fresh) table.writeBigUInt64BE(BigInt(b.off), ti * 8);
   await file.write(table, P * cs);
   await file.datasync();
   // 3. The switch.
@@ -89,19 +75,35 @@ export async function growRefcountTable(T: Qcow2Image, nextFree: number, mustCov
   T.fileSize = Math.max(T.fileSize, end * cs);
   T.moveRefcountTable(P * cs, tc);
   // 4. Free the old table's clusters.
-  const o0 = oldOffset / cs;
-  for (let ti = Math.floor(o0 / epb); ti <= Math.floor((o0 + oldClusters - 1) / epb); ti++) {
-    const a = Math.max(o0, ti * epb) - ti * epb;
-    const b = Math.min(o0 + oldClusters, (ti + 1) * epb) - ti * epb;
-    const block = await T.refBlock(ti);
-    if (!block) throw new Qcow2Error('QCOW2_CORRUPT', `the refcount table at ${oldOffset} has no refcount block`, T.path);
-    for (let k = a; k < b; k++) {
-      if (getRefcount(block, k, order) !== 1n) throw new Qcow2Error('QCOW2_CORRUPT', `refcount table cluster ${ti * epb + k} is shared`, T.path);
-      setRefcount(block, k, order, 0n);
-    }
-    const [s, e] = entryByteSpan(a, b, order);
-    await file.write(Buffer.from(block.subarray(s, e)), (await T.refBlockOffset(ti)) + s);
-  }
+  await writeRefcounts(T, oldOffset / cs, oldOffset / cs + oldClusters, 0n, new Map());
   await file.datasync();
   return { nextFree: end * cs, tableOffset: P * cs, tableClusters: tc, newBlocks: blocks.length };
+}
+
+/**
+ * Set the refcount of host clusters [lo, hi) to `value` (from 0 when setting, from 1 when
+ * freeing). Blocks in `fresh` (by table index, not linked yet) are filled and written whole;
+ * linked blocks are changed in place, only the span of changed entries written.
+ */
+export async function writeRefcounts(T: Qcow2Image, lo: number, hi: number, value: 0n | 1n, fresh: Map<number, { off: number; buf: Buffer }>): Promise<void> {
+  const order = T.header.refcountOrder;
+  const epb = entriesPerBlock(T.clusterSize, order);
+  const before = value === 1n ? 0n : 1n;
+  for (let ti = Math.floor(lo / epb); ti <= Math.floor((hi - 1) / epb); ti++) {
+    const a = Math.max(lo, ti * epb) - ti * epb;
+    const b = Math.min(hi, (ti + 1) * epb) - ti * epb;
+    const nb = fresh.get(ti);
+    const block = nb ? nb.buf : await T.refBlock(ti);
+    if (!block) throw new Qcow2Error('QCOW2_CORRUPT', `no refcount block counts cluster ${ti * epb + a}`, T.path);
+    for (let k = a; k < b; k++) {
+      const v = getRefcount(block, k, order);
+      if (v !== before) throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${ti * epb + k} has refcount ${v}, expected ${before}`, T.path);
+      setRefcount(block, k, order, value);
+    }
+    if (nb) await T.file.write(nb.buf, nb.off);
+    else {
+      const [s, e] = entryByteSpan(a, b, order);
+      await T.file.write(Buffer.from(block.subarray(s, e)), (await T.refBlockOffset(ti)) + s);
+    }
+  }
 }

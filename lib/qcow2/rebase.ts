@@ -15,10 +15,10 @@ import { stat } from 'node:fs/promises';
 import { setFlagsFromString } from 'node:v8';
 import { Qcow2Error } from './errors.js';
 import { AUTOCLEAR_KNOWN, checkWritable, encodeHeader, EXT_BACKING_FORMAT, MAX_BACKING_NAME } from './header.js';
-import { growRefcountTable } from './grow.js';
+import { growRefcountTable, writeRefcounts } from './grow.js';
 import { COPIED, MAX_REFTABLE_BYTES, Qcow2Image, ZERO_FLAG } from './image.js';
 import { NodeBlockFile, type BlockFile } from './io.js';
-import { entriesPerBlock, entryByteSpan, getRefcount, setRefcount } from './refcount.js';
+import { entriesPerBlock, getRefcount } from './refcount.js';
 import { ImageChain } from './view.js';
 
 export interface RebaseHooks {
@@ -578,8 +578,7 @@ class Writer {
     // 1. data
     await file.datasync();
     // 2. refcounts of every cluster allocated in this batch, new refcount blocks included.
-    const order = T.header.refcountOrder;
-    const epb = entriesPerBlock(cs, order);
+    const epb = entriesPerBlock(cs, T.header.refcountOrder);
     const table = await T.refcountTable();
     const newBlocks = new Map<number, { off: number; buf: Buffer }>();
     const lo = this.batchStart / cs;
@@ -595,22 +594,7 @@ class Writer {
       }
       if (!added) break;
     }
-    const hi = this.nextFree / cs;
-    for (let ti = Math.floor(lo / epb); ti <= Math.floor((hi - 1) / epb); ti++) {
-      const a = Math.max(lo, ti * epb) - ti * epb;
-      const b = Math.min(hi, (ti + 1) * epb) - ti * epb;
-      const nb = newBlocks.get(ti);
-      const block = nb ? nb.buf : (await T.refBlock(ti))!;
-      for (let k = a; k < b; k++) {
-        if (getRefcount(block, k, order) !== 0n) throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${ti * epb + k} is already in use`, T.path);
-        setRefcount(block, k, order, 1n);
-      }
-      if (nb) await file.write(nb.buf, nb.off);
-      else {
-        const [s, e] = entryByteSpan(a, b, order);
-        await file.write(Buffer.from(block.subarray(s, e)), (await T.refBlockOffset(ti)) + s);
-      }
-    }
+    await writeRefcounts(T, lo, this.nextFree / cs, 1n, newBlocks);
     await file.datasync();
     // Link order: a new block may be counted in another new block, and must not be reachable
     // before the block that counts it is (qemu-img check: "refcount=0 reference=1").

@@ -393,9 +393,10 @@ async function planWork(chain: ImageChain, j: number): Promise<Plan> {
     }
   }
   p.nextFree = next * cs;
-  p.growTable = p.newClusters > 0 && mustCover(p, epb)(next) > T.refcountTableEntries * epb;
+  const cover = mustCover(p, epb)(next);
+  p.growTable = p.newClusters > 0 && cover > T.refcountTableEntries * epb;
   // The grown table itself adds clusters; twice the bare need is a safe over-estimate here.
-  if (p.growTable && 2 * Math.ceil(mustCover(p, epb)(next) / epb) * 8 > MAX_REFTABLE_BYTES)
+  if (p.growTable && 2 * Math.ceil(cover / epb) * 8 > MAX_REFTABLE_BYTES)
     throw new Qcow2Error('QCOW2_REFCOUNT_TABLE_FULL', `the refcount table would have to grow past ${MAX_REFTABLE_BYTES} bytes`, T.path);
   return p;
 }

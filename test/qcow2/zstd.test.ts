@@ -57,7 +57,7 @@ describe('zstdFrameLength', () => {
   });
 
   it('rejects a wrong magic, the reserved header bit and the reserved block type', () => {
-    const frame = Buffer.from([0x28, 0xb5, 0x2f, 0xfd, 0x20, 0x05, 0x09, 0x00, 0x00, 0x61]); // single segment, one RLE... of size 1
+    const frame = Buffer.from([0x28, 0xb5, 0x2f, 0xfd, 0x20, 0x05, 0x09, 0x00, 0x00, 0x61]); // single segment, 1-byte content size, one last raw block of 1 byte
     expect(zstdFrameLength(Buffer.concat([Buffer.from([0, 0, 0, 0]), frame.subarray(4)]))).toBeNull();
     const reserved = Buffer.from(frame);
     reserved[4] = reserved[4]! | 0x08;

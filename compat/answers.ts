@@ -1,4 +1,4 @@
-// (exit code, stdout) → the answer each wrapper generation builds (contract §4.2,
+// (exit code, stdout) → the answer each wrapper generation builds (docs/agent-contract.md §4.2,
 // §5.2, §5.3). Where a real wrapper throws on output it cannot parse, the result is
 // what the agent then sends instead (§2.3): a plain com.cloud.agent.api.Answer with
 // the stack trace, plus a note saying why, for the log.

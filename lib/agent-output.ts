@@ -1,5 +1,5 @@
 // Every byte format the CloudStack agent reads from our stdout, in one place.
-// The agent reads stdout only (never stderr), line by line; see the contract §5.
+// The agent reads stdout only (never stderr), line by line; see docs/agent-contract.md §5.
 
 /**
  * Usage, printed for -h/--help (exit 1, as the original) and after `Invalid option:`.
@@ -72,7 +72,7 @@ export const removedFileLine = (path: string): string => `removed '${path}'\n`;
 export const removedDirectoryLine = (path: string): string => `removed directory '${path}'\n`;
 
 /**
- * Agent generations that may be paired with us (contract §1, §5.2). They differ in the
+ * Agent generations that may be paired with us (docs/agent-contract.md §1, §5.2). They differ in the
  * marker lines they strip and where they read the size from.
  *   rebase-era: G1/G2 wrapper — strips BITMAP_CREATED=/BITMAP_RECREATED=/INCREMENTAL_FALLBACK= lines.
  *   merged:     W2/G3 wrapper — detects INCREMENTAL_FALLBACK=true; BITMAP_CREATED= may not be stripped.

@@ -1,4 +1,4 @@
-// (exit code, stdout) → answer, per wrapper generation (contract §4.2, §5.2, §5.3),
+// (exit code, stdout) → answer, per wrapper generation (docs/agent-contract.md §4.2, §5.2, §5.3),
 // table-driven on the original script's observed outputs (golden transcripts).
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';

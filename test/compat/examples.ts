@@ -1,4 +1,4 @@
-// The wire JSON examples of the contract (§8.3), byte for byte. Serialization tests
+// The wire JSON examples of docs/agent-contract.md (§8.3), byte for byte. Serialization tests
 // compare against these exact strings, so do not reformat them.
 
 export const TAKE_BACKUP = String.raw`[{"org.apache.cloudstack.backup.TakeBackupCommand":{"vmName":"i-2-10-VM","backupPath":"i-2-10-VM/2025.01.04.00.00.00","backupRepoType":"nfs","backupRepoAddress":"10.10.0.5:/export/backup","quiesce":false,"mode":"incremental","bitmapNew":"backup-1736035200","bitmapParent":"backup-1735689600","parentPaths":["i-2-10-VM/2025.01.01.00.00.00/root.b3f4c2a0-6d1e-4f7a-9c2b-1e5d8a7f3c01.qcow2"],"contextMap":{"logid":"a1b2c3d4"},"wait":0,"bypassHostMaintenance":false}}]`;

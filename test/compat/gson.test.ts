@@ -1,5 +1,5 @@
 // Gson wire format: escaping, member order, null omission, FQCN arrays, and the
-// contract's §8.3 examples byte for byte.
+// docs/agent-contract.md §8.3 examples byte for byte.
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import {

@@ -1,4 +1,4 @@
-// The backup stdout formats, read the way each agent generation reads them (contract
+// The backup stdout formats, read the way each agent generation reads them (docs/agent-contract.md
 // §5.2): the rebase-era and merged wrappers take the LAST line as the size of a
 // running-VM backup and sum EVERY remaining line of a stopped-VM backup; the newest
 // reads BACKUP_SIZE_TOTAL=. A format any of them cannot parse fails the backup on the

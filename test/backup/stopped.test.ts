@@ -19,15 +19,16 @@ const MP = String.raw`\S+/csbackup\.[A-Za-z0-9]{5}`;
 const esc = (s: string): string => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 
 const stopped = (tag: string): Scenario => scenario(tag, { dataDisk: true, state: 'shut off' });
+/** One size per file in the order `ls` lists the folder (C locale): datadisk before root, as the original printed them. */
 const sizeLines = (s: Scenario): string =>
-  [`root.${ROOT_VOL}.qcow2`, `datadisk.${DATA_VOL}.qcow2`].map((f) => `${statSync(join(s.final, f)).size}\n`).join('');
+  [`datadisk.${DATA_VOL}.qcow2`, `root.${ROOT_VOL}.qcow2`].map((f) => `${statSync(join(s.final, f)).size}\n`).join('');
 
 /** The qemu-img calls in the order the agent log recorded them. */
 const qemuImgCalls = (s: Scenario): string[] =>
   [...logText(s.sb).matchAll(/exec: qemu-img (\w+)( --add)? /g)].map((m) => m[1]! + (m[2] ?? ''));
 
 describe.concurrent('-o backup, stopped VM', () => {
-  it('legacy: one copy per disk, identical content, stdout one size per line in disk order, no bitmaps, no domain calls', async () => {
+  it('legacy: one copy per disk, identical content, stdout one size per line in ls order, no bitmaps, no domain calls', async () => {
     const s = stopped('stp-legacy');
     seedOtherBackups(s.sb);
     const before = othersOnNas(s.sb);

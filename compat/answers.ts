@@ -74,6 +74,17 @@ function successG12(stdout: string, stoppedVm: boolean): BackupAnswer {
 }
 
 /**
+ * G3/W4 report the command's bitmapNew as created, "null for legacy-full" (contract
+ * §5.2). Whether that null comes from the provider or the wrapper is not said; we
+ * never claim a bitmap for legacy-full (the script creates none there), even if one
+ * was sent: a bitmap name recorded for a backup without one would base the next
+ * incremental on nothing.
+ */
+function bitmapFromCommand(cmd: TakeBackupCommand): string | undefined {
+  return cmd.mode === 'legacy-full' ? undefined : cmd.bitmapNew;
+}
+
+/**
  * G3: only its own fallback marker is stripped, and only for the size (BITMAP_CREATED=
  * is not: the contract leaves that unconfirmed, so we take the reading that throws);
  * bitmapCreated is the command's bitmapNew; `details` is the whole stdout trimmed once.
@@ -84,7 +95,8 @@ function successG3(cmd: TakeBackupCommand, stdout: string, stoppedVm: boolean): 
   const size = positionalSize(javaTrim(stripped), stoppedVm);
   const a = backupAnswer(true, javaTrim(stdout));
   a.size = size;
-  if (cmd.bitmapNew !== undefined) a.bitmapCreated = cmd.bitmapNew;
+  const created = bitmapFromCommand(cmd);
+  if (created !== undefined) a.bitmapCreated = created;
   a.incrementalFallback = fallback;
   return a;
 }
@@ -109,7 +121,8 @@ function successW4(cmd: TakeBackupCommand, stdout: string, notes: string[]): Bac
   // see compat/README.md for why that wins over "strips marker lines from details").
   const a = backupAnswer(true, javaTrim(stdout));
   a.size = size;
-  if (cmd.bitmapNew !== undefined) a.bitmapCreated = cmd.bitmapNew;
+  const created = bitmapFromCommand(cmd);
+  if (created !== undefined) a.bitmapCreated = created;
   a.incrementalFallback = fallback;
   return a;
 }

@@ -234,6 +234,20 @@ describe.each(PROFILE_NAMES)('TakeBackupCommand, exit 0, profile %s', (name) => 
   });
 });
 
+describe('bitmapCreated of a legacy-full backup', () => {
+  it.each(PROFILE_NAMES)('%s: never a bitmap, even when the command carries bitmapNew', (name) => {
+    const { answer } = answerFor(PROFILES[name], take({ mode: 'legacy-full' }), { exitCode: 0, stdout: `${JOB16}\n1775942\n` }, false);
+    expect(answer).toMatchObject({ cls: 'BackupAnswer', result: true });
+    expect(answer).not.toHaveProperty('bitmapCreated');
+  });
+  it('merged: full and incremental report the command\'s bitmapNew', () => {
+    for (const mode of ['full', 'incremental']) {
+      const { answer } = answerFor(PROFILES.merged, take({ mode }), { exitCode: 0, stdout: `${JOB16}\n1775942\n` }, false);
+      expect(answer).toMatchObject({ bitmapCreated: 'backup-1736035200' });
+    }
+  });
+});
+
 describe('TakeBackupCommand failures: same in every generation', () => {
   const failures: Array<[string, ExecResult, { details: string; needsCleanup?: boolean }]> = [
     ['exit 1, message', { exitCode: 1, stdout: 'full mode requires --bitmap-new (the bitmap to create for the next incremental)\n' }, { details: 'full mode requires --bitmap-new (the bitmap to create for the next incremental)' }],

@@ -118,13 +118,23 @@ export function runningBackupText(r: BackupReport, jobBlock: string): string {
   return out;
 }
 
+/** One file of a stopped-VM backup folder: its name there and its size in bytes. */
+export interface BackupFileSize {
+  name: string;
+  size: bigint;
+}
+
 /**
  * Stopped-VM format (`-d` non-empty): the wrapper parses EVERY remaining line as an
  * integer, so only markers it strips, then one size per backup file, no empty line.
+ * The sizes come in the original's order: it listed the backup folder with `ls` in the
+ * C locale, i.e. by byte order of the names (`datadisk.*` before `root.*`). The sum is
+ * the same either way, but the agent passes these lines on as the answer's details.
  */
-export function stoppedBackupText(r: BackupReport, fileSizes: bigint[]): string {
+export function stoppedBackupText(r: BackupReport, files: readonly BackupFileSize[]): string {
   let out = fallbackLine(r);
   if (r.profile === 'rebase-era' && r.bitmapCreated) out += `BITMAP_CREATED=${r.bitmapCreated}\n`;
   if (r.profile === 'newest') out += `BACKUP_SIZE_TOTAL=${r.totalBytes}\n`;
-  return out + fileSizes.map((s) => `${s}\n`).join('');
+  const sorted = [...files].sort((a, b) => Buffer.compare(Buffer.from(a.name), Buffer.from(b.name)));
+  return out + sorted.map((f) => `${f.size}\n`).join('');
 }

@@ -279,7 +279,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     for (const w of warnings) ctx.logger.log(`Warning: ${w}`);
     if (a.diskPaths.length > 0) {
       // The agent chose the stopped-VM format (-d given): one integer per line.
-      const sizes = await Promise.all(disks.map(async (d) => (await stat(`${work.final}/${d.file}`, { bigint: true })).size));
+    const sizes = await Promise.all(disks.map(async (d) => ({ name: d.file, size: (await stat(`${work.final}/${d.file}`, { bigint: true })).size })));
       ctx.out.write(stoppedBackupText(report, sizes));
     } else {
       ctx.out.write(runningBackupText(report, jobBlock));

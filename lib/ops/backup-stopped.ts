@@ -77,7 +77,7 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<void
       bitmapCreated = all ? a.bitmapNew : null;
     }
 
-    const sizes = await Promise.all(disks.map(async (d) => (await stat(`${work.final}/${d.file}`, { bigint: true })).size));
+    const sizes = await Promise.all(disks.map(async (d) => ({ name: d.file, size: (await stat(`${work.final}/${d.file}`, { bigint: true })).size })));
     const report: BackupReport = {
       profile: a.profile,
       fallbackReason: a.mode === 'incremental' ? STOPPED_FALLBACK_REASON : null,

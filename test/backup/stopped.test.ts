@@ -9,7 +9,7 @@ import { logText } from '../helpers/cli.js';
 import { snapshotTree } from '../helpers/tree.js';
 import { removeTempDirs } from '../helpers/tmp.js';
 import {
-  backup, bitmapsIn, compareImages, DATA_VOL, expectClean, fullFlags, incrementalFlags, modeOf, NEW_BITMAP, othersOnNas, PARENT_TS,
+  backup, bitmapsIn, compareImages, DATA_VOL, duSb, expectClean, fullFlags, incrementalFlags, modeOf, NEW_BITMAP, othersOnNas, PARENT_BITMAP, PARENT_TS,
   rootFile, dataFile, ROOT_VOL, scenario, seedOtherBackups, TS, VM, type Scenario,
 } from './scenario.js';
 
@@ -19,15 +19,16 @@ const MP = String.raw`\S+/csbackup\.[A-Za-z0-9]{5}`;
 const esc = (s: string): string => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 
 const stopped = (tag: string): Scenario => scenario(tag, { dataDisk: true, state: 'shut off' });
+/** One size per file in the order `ls` lists the folder (C locale): datadisk before root, as the original printed them. */
 const sizeLines = (s: Scenario): string =>
-  [`root.${ROOT_VOL}.qcow2`, `datadisk.${DATA_VOL}.qcow2`].map((f) => `${statSync(join(s.final, f)).size}\n`).join('');
+  [`datadisk.${DATA_VOL}.qcow2`, `root.${ROOT_VOL}.qcow2`].map((f) => `${statSync(join(s.final, f)).size}\n`).join('');
 
 /** The qemu-img calls in the order the agent log recorded them. */
 const qemuImgCalls = (s: Scenario): string[] =>
   [...logText(s.sb).matchAll(/exec: qemu-img (\w+)( --add)? /g)].map((m) => m[1]! + (m[2] ?? ''));
 
 describe.concurrent('-o backup, stopped VM', () => {
-  it('legacy: one copy per disk, identical content, stdout one size per line in disk order, no bitmaps, no domain calls', async () => {
+  it('legacy: one copy per disk, identical content, stdout one size per line in ls order, no bitmaps, no domain calls', async () => {
     const s = stopped('stp-legacy');
     seedOtherBackups(s.sb);
     const before = othersOnNas(s.sb);
@@ -73,6 +74,48 @@ describe.concurrent('-o backup, stopped VM', () => {
     const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra: incrementalFlags([rootFile(PARENT_TS), dataFile(PARENT_TS)]) });
     expect(r.code).toBe(0);
     expect(r.stdout).toBe(`INCREMENTAL_FALLBACK=full (VM stopped — incremental requires running VM)\nBITMAP_CREATED=${NEW_BITMAP}\n` + sizeLines(s));
+    expectClean(s);
+  });
+
+  // The original checked the incremental arguments only on the running path: a stopped
+  // VM got its full copy, reported as a fallback, whatever parents were (not) sent.
+  const partial: Array<[string, string[], NodeJS.ProcessEnv, (s: Scenario) => string]> = [
+    [
+      'no parent arguments at all (rebase-era)',
+      ['-M', 'incremental', '--bitmap-new', NEW_BITMAP],
+      {},
+      (s) => `INCREMENTAL_FALLBACK=full (VM stopped — incremental requires running VM)\nBITMAP_CREATED=${NEW_BITMAP}\n` + sizeLines(s),
+    ],
+    [
+      '--bitmap-parent but no --parent-paths (merged)',
+      ['-M', 'incremental', '--bitmap-new', NEW_BITMAP, '--bitmap-parent', PARENT_BITMAP],
+      { NASBACKUP_AGENT_PROFILE: 'merged' },
+      (s) => 'INCREMENTAL_FALLBACK=true\n' + sizeLines(s),
+    ],
+    [
+      'a parent path to a backup that does not exist, no --bitmap-parent (newest)',
+      ['-M', 'incremental', '--bitmap-new', NEW_BITMAP, '--parent-paths', rootFile('2024.12.31.00.00.00')],
+      { NASBACKUP_AGENT_PROFILE: 'newest' },
+      (s) => `INCREMENTAL_FALLBACK=true\nBACKUP_SIZE_TOTAL=${duSb(s.final)}\n` + sizeLines(s),
+    ],
+  ];
+  it.each(partial)('-M incremental with partial parent arguments, %s: a full copy reported as a fallback', async (_n, extra, env, expected) => {
+    const s = stopped('stp-inc-partial');
+    const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra }, env);
+    expect(r).toMatchObject({ code: 0, stderr: '' });
+    expect(r.stdout).toBe(expected(s));
+    expect(compareImages(join(s.sb.nas, rootFile()), s.rootDisk)).toBe('Images are identical.');
+    expect(compareImages(join(s.sb.nas, dataFile()), s.dataDisk!)).toBe('Images are identical.');
+    expect(bitmapsIn(s.rootDisk)).toEqual([NEW_BITMAP]);
+    expect(bitmapsIn(s.dataDisk!)).toEqual([NEW_BITMAP]);
+    expectClean(s);
+  });
+
+  it('-M incremental without --bitmap-new either: the full copy, the fallback marker, no bitmap and no BITMAP_CREATED', async () => {
+    const s = stopped('stp-inc-bare');
+    const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra: ['-M', 'incremental'] });
+    expect(r).toMatchObject({ code: 0, stderr: '', stdout: 'INCREMENTAL_FALLBACK=full (VM stopped — incremental requires running VM)\n' + sizeLines(s) });
+    expect(bitmapsIn(s.rootDisk)).toEqual([]);
     expectClean(s);
   });
 

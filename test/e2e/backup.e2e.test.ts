@@ -273,8 +273,9 @@ describe.sequential('-o backup on a real guest', () => {
     const lines = out.stdout.trimEnd().split('\n')
     expect(lines[0]).toBe('INCREMENTAL_FALLBACK=full (VM stopped — incremental requires running VM)')
     expect(lines[1]).toBe('BITMAP_CREATED=backup-1700000006')
-    const sizes = withNas((root) => [rootFile(p), dataFile(p)].map((f) => String(fs.statSync(path.join(root, f)).size)))
-    expect(lines.slice(2).sort()).toEqual(sizes.sort())
+    // In the original's order: `ls` of the folder in the C locale, datadisk before root.
+    const sizes = withNas((root) => [dataFile(p), rootFile(p)].map((f) => String(fs.statSync(path.join(root, f)).size)))
+    expect(lines.slice(2)).toEqual(sizes)
     const bitmaps = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', rootDisk], { encoding: 'utf8' }))['format-specific'].data.bitmaps
     expect(bitmaps.map((b: { name: string }) => b.name)).toContain('backup-1700000006')
     for (const f of [rootFile(p), dataFile(p)]) {

@@ -22,6 +22,7 @@
 //                  vcpus, memoryKiB, interfaces: [{ name, type, source, model, mac }],
 //                  disks: [ { type, device, target, source, format,
 //                             bitmaps: [name | { name, persistent, inconsistent, recording }],
+//                             bitmapsInImage,   // bitmaps read from/written to the qcow2 source instead
 //                             dirty: [{ pattern, offset, length }] } ],
 //                  checkpoints: [ name | { name, creationTime, disks } ],
 //                  agent: { connected, frozen, filesystems },
@@ -154,13 +155,26 @@ function setCheckpoints(d, list) {
   d.checkpoints = list;
   dirty = true;
 }
-const bitmapsOf = (disk) => (disk.bitmaps ??= []).map((b) => (typeof b === 'string' ? { name: b } : b));
+/**
+ * A disk with bitmapsInImage keeps its bitmaps in the qcow2 source itself, as QEMU
+ * would load them: `auto` = recording, `in-use` (left by a crash) = inconsistent.
+ */
+function imageBitmaps(disk) {
+  const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', '-U', disk.source], { encoding: 'utf8' }));
+  return (info['format-specific']?.data?.bitmaps ?? []).map((b) => {
+    const inUse = b.flags.includes('in-use');
+    return { name: b.name, recording: b.flags.includes('auto') && !inUse, persistent: true, busy: false, ...(inUse ? { inconsistent: true } : {}) };
+  });
+}
+const bitmapsOf = (disk) => (disk.bitmapsInImage ? imageBitmaps(disk) : (disk.bitmaps ??= []).map((b) => (typeof b === 'string' ? { name: b } : b)));
 const hasBitmap = (disk, name) => bitmapsOf(disk).some((b) => b.name === name);
 function addBitmap(disk, name) {
+  if (disk.bitmapsInImage) return qemuImg(['bitmap', '--add', disk.source, name]);
   disk.bitmaps = [...bitmapsOf(disk), { name, recording: true, persistent: true, busy: false }];
   dirty = true;
 }
 function removeBitmap(disk, name) {
+  if (disk.bitmapsInImage) return qemuImg(['bitmap', '--remove', disk.source, name]);
   disk.bitmaps = bitmapsOf(disk).filter((b) => b.name !== name);
   dirty = true;
 }
@@ -534,7 +548,13 @@ function backupBegin(args) {
     if (incremental !== null) {
       if (!checkpoints(d).some((c) => c.name === incremental))
         fail(`Domain checkpoint not found: Checkpoint '${incremental}' for incremental backup of disk '${disk.target}' not found`);
-      if (!hasBitmap(disk, incremental)) fail(`operation failed: missing or broken bitmap '${incremental}' for disk '${disk.target}'`);
+      const bm = bitmapsOf(disk).find((b) => b.name === incremental);
+      if (!bm || bm.inconsistent) fail(`operation failed: missing or broken bitmap '${incremental}' for disk '${disk.target}'`);
+      // A disabled bitmap is taken as it is (as libvirt does): the writes since it stopped recording are lost.
+      if (bm.recording === false) {
+        targets.push({ disk, file, lost: true });
+        continue;
+      }
     }
     targets.push({ disk, file });
   }
@@ -558,11 +578,11 @@ function backupBegin(args) {
   let total = 0;
   const made = [];
   try {
-    for (const { disk, file } of targets) {
+    for (const { disk, file, lost } of targets) {
       if (incremental !== null) {
         qemuImg(['create', '-q', '-f', 'qcow2', '-b', disk.source, '-F', disk.format ?? 'qcow2', file]);
         made.push(file);
-        for (const w of disk.dirty ?? []) {
+        for (const w of lost ? [] : disk.dirty ?? []) {
           execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P ${w.pattern} ${w.offset} ${w.length}`, file], { stdio: 'ignore' });
           total += w.length;
         }

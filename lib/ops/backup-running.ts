@@ -105,8 +105,8 @@ async function plan(ctx: OpContext, virsh: VirshClient, a: BackupArgs, disks: Di
     return { incrementalFrom: null, newCheckpoint, parents: [], fallbackReason: reason };
   };
   // Registered or not, the parent is a base only if its bitmap records on every disk:
-  // a disabled one (or one left in-use by a crash) misses writes, and libvirt would
-  // still take an incremental from it.
+  // a disabled one (or one left in-use by a crash) lacks writes since the parent.
+  // libvirt 9 refuses it at backup-begin, which would fail the backup, not fall back.
   const registered = names.includes(parent);
   const untrusted = (reason: string): Plan => ({ ...full(reason), dropParent: registered && parent !== newCheckpoint ? parent : null });
   const q = await virsh.queryBlock(a.vm);

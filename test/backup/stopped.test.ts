@@ -5,7 +5,8 @@ import { execFileSync } from 'node:child_process';
 import { closeSync, openSync, statSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { logText } from '../helpers/cli.js';
+import { logText, writeShim } from '../helpers/cli.js';
+import { bitmapIsEmpty, imageBitmaps, leaveBitmapsInUse } from '../helpers/bitmaps.js';
 import { snapshotTree } from '../helpers/tree.js';
 import { removeTempDirs } from '../helpers/tmp.js';
 import {
@@ -130,6 +131,65 @@ describe.concurrent('-o backup, stopped VM', () => {
     expect(compareImages(join(s.sb.nas, dataFile()), raw)).toBe('Images are identical.');
     expect(bitmapsIn(s.rootDisk)).toEqual([NEW_BITMAP]);
     expect(logText(s.sb)).toContain(`No bitmap on ${raw}: only qcow2 files can carry one`);
+    expectClean(s);
+  });
+
+  /** A bitmap under the new name already in the source, with changes recorded in it. */
+  const dirtyBitmap = (disk: string, ...then: string[]): void => {
+    execFileSync('qemu-img', ['bitmap', '--add', disk, NEW_BITMAP]);
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 1M 64k', disk], { stdio: 'ignore' });
+    for (const action of then) execFileSync('qemu-img', ['bitmap', action, disk, NEW_BITMAP]);
+    expect(bitmapIsEmpty(disk, NEW_BITMAP)).toBe(false);
+  };
+  /** The qemu-img bitmap/info calls of the run, e.g. "bitmap --remove --add". */
+  const bitmapCalls = (s: Scenario): string[] =>
+    [...logText(s.sb).matchAll(/exec: qemu-img (bitmap(?: --\w+)+|info) /g)].map((m) => m[1]!);
+
+  it('the bitmap already exists, disabled on one disk and enabled on the other: both replaced by empty, recording ones; BITMAP_CREATED', async () => {
+    const s = stopped('stp-bm-disabled');
+    dirtyBitmap(s.rootDisk, '--disable');
+    dirtyBitmap(s.dataDisk!);
+    expect(imageBitmaps(s.rootDisk)).toEqual([{ name: NEW_BITMAP, flags: [] }]);
+    const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra: fullFlags() });
+    expect(r.code).toBe(0);
+    expect(r.stdout).toBe(`BITMAP_CREATED=${NEW_BITMAP}\n` + sizeLines(s));
+    for (const disk of [s.rootDisk, s.dataDisk!]) {
+      expect(imageBitmaps(disk)).toEqual([{ name: NEW_BITMAP, flags: ['auto'] }]);
+      expect(bitmapIsEmpty(disk, NEW_BITMAP)).toBe(true);
+    }
+    expect(bitmapCalls(s)).toEqual(['bitmap --add', 'bitmap --remove --add', 'info', 'bitmap --add', 'bitmap --remove --add', 'info']);
+    expect(logText(s.sb)).toContain(`Replaced the existing bitmap ${NEW_BITMAP} on ${s.rootDisk} with an empty, recording one`);
+    expectClean(s);
+  });
+
+  it('the bitmap already exists in-use (a crash): it cannot be cleared, so it is replaced; BITMAP_CREATED', async () => {
+    const s = stopped('stp-bm-inuse');
+    dirtyBitmap(s.dataDisk!);
+    await leaveBitmapsInUse(s.dataDisk!);
+    expect(imageBitmaps(s.dataDisk!)).toEqual([{ name: NEW_BITMAP, flags: ['in-use', 'auto'] }]);
+    const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra: fullFlags() });
+    expect(r.code).toBe(0);
+    expect(r.stdout).toBe(`BITMAP_CREATED=${NEW_BITMAP}\n` + sizeLines(s));
+    expect(imageBitmaps(s.dataDisk!)).toEqual([{ name: NEW_BITMAP, flags: ['auto'] }]);
+    expect(bitmapIsEmpty(s.dataDisk!, NEW_BITMAP)).toBe(true);
+    expect(imageBitmaps(s.rootDisk)).toEqual([{ name: NEW_BITMAP, flags: ['auto'] }]);
+    expectClean(s);
+  });
+
+  it('an existing disabled bitmap that cannot be replaced: the backup succeeds without BITMAP_CREATED, and the log says why', async () => {
+    const s = stopped('stp-bm-stuck');
+    dirtyBitmap(s.dataDisk!, '--disable');
+    const err = 'qemu-img: Operation remove on bitmap backup-1736035200 failed: injected';
+    writeShim(s.sb, 'qemu-img', `case " $* " in *" --remove "*) echo '${err}' >&2; exit 1;; esac\nexec /usr/bin/qemu-img "$@"`);
+    const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra: fullFlags() });
+    expect(r.code).toBe(0);
+    expect(r.stdout).toBe(sizeLines(s));
+    expect(compareImages(join(s.sb.nas, dataFile()), s.dataDisk!)).toBe('Images are identical.');
+    // Still the old, disabled bitmap: never reported as the base of the next incremental.
+    expect(imageBitmaps(s.dataDisk!)).toEqual([{ name: NEW_BITMAP, flags: [] }]);
+    const log = logText(s.sb);
+    expect(log).toContain(`Warning: bitmap ${NEW_BITMAP} already exists on ${s.dataDisk} and could not be replaced: ${err}`);
+    expect(log).toContain(`Not reporting BITMAP_CREATED=${NEW_BITMAP}: it is not an empty, recording bitmap on every disk`);
     expectClean(s);
   });
 

@@ -5,6 +5,7 @@
 // old table's clusters are freed last. A crash before the switch leaves the old table valid
 // (the new clusters leak); a crash after it leaves the old table leaked until it is freed.
 import { Qcow2Error } from './errors.js';
+import { encodeRefcountTablePointer } from './header.js';
 import { MAX_REFTABLE_BYTES, type Qcow2Image } from './image.js';
 import { entriesPerBlock, entryByteSpan, getRefcount, setRefcount } from './refcount.js';
 
@@ -67,10 +68,8 @@ export async function growRefcountTable(T: Qcow2Image, nextFree: number, mustCov
   await file.write(table, P * cs);
   await file.datasync();
   // 3. The switch.
-  const ptr = Buffer.alloc(12);
-  ptr.writeBigUInt64BE(BigInt(P * cs), 0);
-  ptr.writeUInt32BE(tc, 8);
-  await file.write(ptr, 48);
+  const ptr = encodeRefcountTablePointer(P * cs, tc);
+  await file.write(ptr.bytes, ptr.offset);
   await file.datasync();
   T.fileSize = Math.max(T.fileSize, end * cs);
   T.moveRefcountTable(P * cs, tc);

@@ -14,9 +14,10 @@
 import { stat } from 'node:fs/promises';
 import { setFlagsFromString } from 'node:v8';
 import { Qcow2Error } from './errors.js';
-import { AUTOCLEAR_KNOWN, checkWritable, encodeHeader, EXT_BACKING_FORMAT, MAX_BACKING_NAME } from './header.js';
+import { AUTOCLEAR_KNOWN, checkWritable, encodeAutoclear, encodeBackingFormatExtension, encodeBackingPointer, encodeHeader, extensionSize, MAX_BACKING_NAME } from './header.js';
 import { growRefcountTable, writeRefcounts } from './grow.js';
-import { COPIED, MAX_REFTABLE_BYTES, Qcow2Image, ZERO_FLAG } from './image.js';
+import { MAX_REFTABLE_BYTES, Qcow2Image } from './image.js';
+import { encodeL1Entry, encodeL2Entry, l2EntrySize } from './l2.js';
 import { NodeBlockFile, type BlockFile } from './io.js';
 import { entriesPerBlock, getRefcount } from './refcount.js';
 import { ImageChain } from './view.js';
@@ -319,9 +320,8 @@ export async function nativeRebase(opts: NativeRebaseOptions): Promise<NativeReb
     // Unknown autoclear bits are cleared before the first write (spec).
     if (T.header.version === 3 && (T.header.autoclearFeatures & ~AUTOCLEAR_KNOWN) !== 0n) {
       T.header.autoclearFeatures &= AUTOCLEAR_KNOWN;
-      const b = Buffer.alloc(8);
-      b.writeBigUInt64BE(T.header.autoclearFeatures);
-      await file.write(b, 88);
+      const p = encodeAutoclear(T.header.autoclearFeatures);
+      await file.write(p.bytes, p.offset);
       await file.datasync();
     }
     let nextFree = plan.nextFree;
@@ -502,18 +502,14 @@ class Writer {
       s += n;
     }
     const idx = item.c % T.l2Entries;
-    if (T.extendedL2) {
-      const at = idx * 16;
-      if (host !== 0) d.table.writeBigUInt64BE(BigInt(host) | COPIED, at);
-      d.table.writeBigUInt64BE(BigInt((e.alloc | item.data) >>> 0) | (BigInt((e.zero | item.zero) >>> 0) << 32n), at + 8);
-      d.lo = Math.min(d.lo, at);
-      d.hi = Math.max(d.hi, at + 16);
-    } else {
-      const at = idx * 8;
-      d.table.writeBigUInt64BE(item.data ? BigInt(host) | COPIED : ZERO_FLAG, at);
-      d.lo = Math.min(d.lo, at);
-      d.hi = Math.max(d.hi, at + 8);
-    }
+    // New clusters are exclusively owned (COPIED); with extended L2 the bitmaps only gain bits.
+    if (T.extendedL2)
+      encodeL2Entry(d.table, idx, T, { type: 'standard', host, alloc: e.alloc | item.data, zero: e.zero | item.zero, copied: host !== 0 || e.copied, sectors: 0 });
+    else if (item.data) encodeL2Entry(d.table, idx, T, { type: 'standard', host, alloc: 1, zero: 0, copied: true, sectors: 0 });
+    else encodeL2Entry(d.table, idx, T, { type: 'standard', host: 0, alloc: 0, zero: 1, copied: false, sectors: 0 });
+    const at = idx * l2EntrySize(T);
+    d.lo = Math.min(d.lo, at);
+    d.hi = Math.max(d.hi, at + l2EntrySize(T));
     if (this.batchCopied >= this.batchBytes || this.dirty.size * this.cs >= MAX_DIRTY_L2_BYTES) {
       await this.flush();
       this.checkpoint?.();
@@ -621,7 +617,7 @@ class Writer {
       T.cacheL2(d.off, d.table);
       if (!d.isNew) continue;
       const b = Buffer.alloc(8);
-      b.writeBigUInt64BE(BigInt(d.off) | COPIED);
+      encodeL1Entry(b, 0, d.off, true);
       await file.write(b, T.l1TableOffset + l1i * 8);
       b.copy(T.l1, l1i * 8);
       l1Written = true;
@@ -646,7 +642,7 @@ function planHeader(T: Qcow2Image, c0: Buffer, name: string): HeaderPlan {
   const cs = T.clusterSize;
   const addFormat = h.backingFormat !== 'qcow2';
   const endMarkerPresent = h.extensionsEnd + 8 <= cs && c0.subarray(h.extensionsEnd, h.extensionsEnd + 8).every((x) => x === 0);
-  const newExtEnd = h.extensionsEnd + (addFormat ? 16 : 0) + 8;
+  const newExtEnd = h.extensionsEnd + (addFormat ? extensionSize(Buffer.byteLength('qcow2')) : 0) + 8;
   const oldOff = h.backingFile === null ? 0 : h.backingFileOffset;
   const oldEnd = h.backingFile === null ? 0 : h.backingFileOffset + h.backingFileSize;
   if (endMarkerPresent && (oldOff === 0 || oldOff >= h.extensionsEnd + 8)) {
@@ -678,20 +674,14 @@ async function commitHeader(T: Qcow2Image, plan: HeaderPlan, name: string): Prom
   const nameBuf = Buffer.from(name, 'utf8');
   await file.write(nameBuf, plan.nameAt);
   await file.datasync();
-  const ptr = Buffer.alloc(12);
-  ptr.writeBigUInt64BE(BigInt(plan.nameAt), 0);
-  ptr.writeUInt32BE(nameBuf.length, 8);
-  await file.write(ptr, 8);
+  const ptr = encodeBackingPointer(plan.nameAt, nameBuf.length);
+  await file.write(ptr.bytes, ptr.offset);
   await file.datasync();
   if (plan.addFormat) {
-    const body = Buffer.alloc(16);
-    body.write('qcow2', 0, 'utf8'); // data padded to 8, then the new end marker
-    await file.write(body, h.extensionsEnd + 8);
+    const ext = encodeBackingFormatExtension(h.extensionsEnd, 'qcow2');
+    await file.write(ext.body.bytes, ext.body.offset);
     await file.datasync();
-    const head = Buffer.alloc(8);
-    head.writeUInt32BE(EXT_BACKING_FORMAT, 0);
-    head.writeUInt32BE(5, 4);
-    await file.write(head, h.extensionsEnd);
+    await file.write(ext.head.bytes, ext.head.offset);
     await file.datasync();
   }
 }

@@ -2,8 +2,7 @@
 // Other shapes (new backing outside the chain) go to the fallback engine.
 import { setFlagsFromString } from 'node:v8';
 import { NasbackupError } from '../errors.js';
-import { Qcow2Error, UNSUPPORTED_CODES } from '../qcow2/errors.js';
-import { nativeRebase } from '../qcow2/rebase.js';
+import { Qcow2Error, UNSUPPORTED_CODES, nativeRebase } from '../qcow2/index.js';
 import type { RebaseEngine, RebaseRequest } from './types.js';
 
 let youngGenerationCapped = false;

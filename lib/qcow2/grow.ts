@@ -7,7 +7,7 @@
 import { Qcow2Error } from './errors.js';
 import { encodeRefcountTablePointer } from './header.js';
 import { MAX_REFTABLE_BYTES, type Qcow2Image } from './image.js';
-import { entriesPerBlock, entryByteSpan, getRefcount, setRefcount } from './refcount.js';
+import { encodeRefTableEntry, entriesPerBlock, entryByteSpan, getRefcount, refTableEntry, setRefcount } from './refcount.js';
 
 export interface GrowResult {
   /** First free byte after the new table and blocks (cluster-aligned). */
@@ -30,7 +30,7 @@ export async function growRefcountTable(T: Qcow2Image, nextFree: number, mustCov
   const oldEntries = T.refcountTableEntries;
   const oldOffset = T.refcountTableOffset;
   const oldClusters = T.header.refcountTableClusters;
-  const hasBlock = (ti: number): boolean => ti < oldEntries && oldTable.readBigUInt64BE(ti * 8) !== 0n;
+  const hasBlock = (ti: number): boolean => ti < oldEntries && refTableEntry(oldTable, ti) !== 0n;
   const P = nextFree / cs;
 
   // Size the table: it, and the blocks that count it and themselves, come first.
@@ -64,7 +64,7 @@ export async function growRefcountTable(T: Qcow2Image, nextFree: number, mustCov
   // 2. The new table: the old entries plus the new blocks.
   const table = Buffer.alloc(tc * cs);
   oldTable.copy(table);
-  for (const [ti, b] of fresh) table.writeBigUInt64BE(BigInt(b.off), ti * 8);
+  for (const [ti, b] of fresh) encodeRefTableEntry(table, ti, b.off);
   await file.write(table, P * cs);
   await file.datasync();
   // 3. The switch.

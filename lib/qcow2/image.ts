@@ -8,7 +8,7 @@ import { checkReadable, decodeHeader, INCOMPAT_EXTL2, QCOW2_MAGIC, V3_MIN_HEADER
 import { zstdFrameLength } from './zstd.js';
 import { NodeBlockFile, type BlockFile } from './io.js';
 import { compressedBytes, decodeL2Entry, l1EntryCopied, l1EntryOffset, type L2Entry } from './l2.js';
-import { entriesPerBlock, getRefcount } from './refcount.js';
+import { entriesPerBlock, getRefcount, refTableEntry } from './refcount.js';
 
 /** QEMU's limits. */
 export const MAX_L1_BYTES = 32 << 20;
@@ -368,7 +368,7 @@ export class Qcow2Image {
   async refBlockOffset(i: number): Promise<number> {
     if (i >= this.refcountTableEntries) return 0;
     const t = await this.refcountTable();
-    const e = t.readBigUInt64BE(i * 8);
+    const e = refTableEntry(t, i);
     if ((e & 0x1ffn) !== 0n) throw new Qcow2Error('QCOW2_CORRUPT', `refcount table entry ${i} has reserved bits set`, this.path);
     const off = safeNumber(e, 'refcount block offset', this.path);
     if (off === 0) return 0;

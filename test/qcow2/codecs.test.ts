@@ -19,7 +19,7 @@ import {
   type Qcow2Header,
 } from '../../lib/qcow2/header.js';
 import { decodeL2Entry, emptyL2Entry, encodeL1Entry, encodeL2Entry, l1EntryCopied, l1EntryOffset, l2EntrySize, type L2Entry, type L2Layout } from '../../lib/qcow2/l2.js';
-import { entryByteSpan, getRefcount, setRefcount } from '../../lib/qcow2/refcount.js';
+import { encodeRefTableEntry, entryByteSpan, getRefcount, refTableEntry, setRefcount } from '../../lib/qcow2/refcount.js';
 import { numRuns } from './gen.js';
 
 const runs = numRuns(300);
@@ -345,6 +345,24 @@ describe('refcount entries of every width', () => {
         const src = Buffer.from(stored);
         for (let k = 0; k < (64 * 8) >> order; k++) setRefcount(out, k, order, getRefcount(src, k, order));
         expect(out.equals(src)).toBe(true);
+      }),
+      { numRuns: runs },
+    );
+  });
+});
+
+describe('refcount table entries', () => {
+  it('decode(encode(offset)) = offset, and encode(decode(bytes)) = bytes', () => {
+    fc.assert(
+      fc.property(hostArb, fc.integer({ min: 0, max: 7 }), u64, (off, i, w) => {
+        const t = Buffer.alloc(64, 0x5a);
+        encodeRefTableEntry(t, i, off);
+        expect(refTableEntry(t, i)).toBe(BigInt(off));
+        const stored = Buffer.alloc(8);
+        stored.writeBigUInt64BE(w & ~0x1ffn & ((1n << 53n) - 1n)); // block offsets: bits 9..52 in an engine-readable image
+        const out = Buffer.alloc(8);
+        encodeRefTableEntry(out, 0, Number(refTableEntry(stored, 0)));
+        expect(out.equals(stored)).toBe(true);
       }),
       { numRuns: runs },
     );

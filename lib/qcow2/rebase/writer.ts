@@ -8,7 +8,7 @@ import { Qcow2Error } from '../errors.js';
 import { writeRefcounts } from '../grow.js';
 import type { Qcow2Image } from '../image.js';
 import { encodeL1Entry, encodeL2Entry, l2EntrySize } from '../l2.js';
-import { entriesPerBlock } from '../refcount.js';
+import { encodeRefTableEntry, entriesPerBlock, refTableEntry } from '../refcount.js';
 import type { ImageChain } from '../view.js';
 import type { WorkItem } from './plan.js';
 
@@ -196,7 +196,7 @@ export class Writer {
       let added = false;
       for (let ti = Math.floor(lo / epb); ti <= Math.floor((hi - 1) / epb); ti++) {
         if (ti >= T.refcountTableEntries) throw new Qcow2Error('QCOW2_REFCOUNT_TABLE_FULL', 'the refcount table would have to grow', T.path);
-        if (table.readBigUInt64BE(ti * 8) === 0n && !newBlocks.has(ti)) {
+        if (refTableEntry(table, ti) === 0n && !newBlocks.has(ti)) {
           newBlocks.set(ti, { off: this.alloc(), buf: Buffer.alloc(cs) });
           added = true;
         }
@@ -210,9 +210,9 @@ export class Writer {
     for (const round of linkRounds(newBlocks, cs, epb)) {
       for (const [ti, nb] of round) {
         const b = Buffer.alloc(8);
-        b.writeBigUInt64BE(BigInt(nb.off));
+        encodeRefTableEntry(b, 0, nb.off);
         await file.write(b, T.refcountTableOffset + ti * 8);
-        table.writeBigUInt64BE(BigInt(nb.off), ti * 8);
+        encodeRefTableEntry(table, ti, nb.off);
       }
       await file.datasync();
     }

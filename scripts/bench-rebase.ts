@@ -36,6 +36,7 @@ const NAS_RATE = opt('nas-rate', '400mbit')
 const RUNS = Math.max(1, Number(opt('runs', '3')))
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const DIST_REBASE = path.join(ROOT, 'dist/lib/qcow2/rebase.js')
+const DIST_NATIVE = path.join(ROOT, 'dist/lib/engine/native.js')
 const MiB = 1 << 20
 
 const fmtB = (n: number): string => (n >= 1 << 30 ? `${(n / (1 << 30)).toFixed(2)} GiB` : `${(n / MiB).toFixed(1)} MiB`)
@@ -111,6 +112,8 @@ async function runNative(dir: string): Promise<Run> {
   dropCaches()
   const script = `
     import { nativeRebase } from ${JSON.stringify(DIST_REBASE)};
+    import { capYoungGeneration } from ${JSON.stringify(DIST_NATIVE)};
+    capYoungGeneration(); // as the native engine does before a rebase
     const r = await nativeRebase({ target: ${JSON.stringify(path.join(dir, 'inc2.qcow2'))}, newBacking: ${JSON.stringify(path.join(dir, 'full.qcow2'))}, newBackingName: 'full.qcow2' });
     console.log(JSON.stringify({ ...r, maxRSS: process.resourceUsage().maxRSS }));`
   const r = await timed(process.execPath, ['--input-type=module', '-e', script])

@@ -4,8 +4,7 @@
 import { readdir, stat } from 'node:fs/promises';
 import { join, relative, sep } from 'node:path';
 import { volumeIdOfBackupFile } from '../backup/disks.js';
-import { isFollowableBackingName, resolveBackingName } from '../qcow2/chain.js';
-import { readHeader } from '../qcow2/header.js';
+import { isFollowableBackingName, resolveBackingName, readHeader } from '../qcow2/index.js';
 
 export interface BackupFile {
   /** Backup folder name (the timestamp), e.g. 2025.01.02.00.00.00. */

@@ -1,7 +1,7 @@
 // Verify every chain of a VM: backing files present, named relatively, inside the VM
 // folder, no cycles, equal virtual sizes, and `qemu-img check` clean. Header walking
 // is native (one read per file); only the structural check runs qemu-img.
-import { readChain } from '../qcow2/chain.js';
+import { readChain } from '../qcow2/index.js';
 import { backingFile, insideInstance, type BackupFile, type VmBackups } from './discover.js';
 
 export interface FileReport {

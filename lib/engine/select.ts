@@ -3,9 +3,7 @@
 // involved is inside the supported feature set (a dry run of the native planner: every
 // check, no write), and no QEMU process holds any of them (OFD locks in /proc/locks).
 import { NasbackupError } from '../errors.js';
-import { readChain } from '../qcow2/chain.js';
-import { Qcow2Error } from '../qcow2/errors.js';
-import { nativeRebase } from '../qcow2/rebase.js';
+import { readChain, Qcow2Error, nativeRebase } from '../qcow2/index.js';
 import { ProcLocksProbe, type LockProbe } from './locks.js';
 import { NativeRebaseEngine } from './native.js';
 import type { RebaseEngine, RebaseRequest } from './types.js';

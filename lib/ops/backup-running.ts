@@ -7,8 +7,7 @@ import { runningBackupText, stoppedBackupText, type BackupReport } from '../agen
 import { NasbackupError } from '../errors.js';
 import { describeFailure, failureText, succeeded, type RunResult } from '../exec.js';
 import { ensureWithin, exists, parseRelativePath } from '../paths.js';
-import { readChain } from '../qcow2/chain.js';
-import { readHeader } from '../qcow2/header.js';
+import { readChain, readHeader } from '../qcow2/index.js';
 import { QemuImgClient } from '../clients/qemu-img.js';
 import { parseDomblklistDetails, parseJobInfo, parseQueryBlock, type VirshClient } from '../clients/virsh.js';
 import { backupFileName, matchParents, volumeId } from '../backup/disks.js';

@@ -6,8 +6,7 @@ import { stoppedBackupText, STOPPED_FALLBACK_REASON, type BackupReport } from '.
 import { NasbackupError } from '../errors.js';
 import { exists, parseRelativePath } from '../paths.js';
 import { failureText, succeeded } from '../exec.js';
-import { Qcow2Error } from '../qcow2/errors.js';
-import { readHeader } from '../qcow2/header.js';
+import { Qcow2Error, readHeader } from '../qcow2/index.js';
 import { parseImageBitmaps, QemuImgClient } from '../clients/qemu-img.js';
 import { backupFileName, volumeId } from '../backup/disks.js';
 import { apparentSize, WorkDir, type BackupArgs } from './backup.js';

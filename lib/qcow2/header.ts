@@ -1,5 +1,5 @@
-// qcow2 header codec (read side): the fixed fields of v2/v3 and the extension
-// area, as laid out in the qcow2 specification. All integers are big-endian.
+// qcow2 header codec: the fixed fields of v2/v3 and the extension area, as laid out in the
+// qcow2 specification, plus in-place updates of single fields. All integers are big-endian.
 import { open } from 'node:fs/promises';
 import { Qcow2Error } from './errors.js';
 
@@ -267,7 +267,7 @@ export function encodeHeader(h: Qcow2Header, opts: { backingFile?: string | null
   if (!fmtDone && backingFormat !== null) exts.push({ type: EXT_BACKING_FORMAT, data: Buffer.from(backingFormat, 'utf8') });
   const headerLength = h.version === 2 ? V2_HEADER_LENGTH : h.headerLength;
   let len = headerLength;
-  for (const e of exts) len += 8 + Math.ceil(e.data.length / 8) * 8;
+  for (const e of exts) len += extensionSize(e.data.length);
   const extensionsEnd = len;
   len += 8;
   const name = backingFile === null ? Buffer.alloc(0) : Buffer.from(backingFile, 'utf8');
@@ -276,36 +276,134 @@ export function encodeHeader(h: Qcow2Header, opts: { backingFile?: string | null
   len += name.length;
   if (len > h.clusterSize) throw new Qcow2Error('QCOW2_HEADER_FULL', 'header, extensions and backing name do not fit into the first cluster');
   const b = Buffer.alloc(len);
-  b.writeUInt32BE(QCOW2_MAGIC, 0);
-  b.writeUInt32BE(h.version, 4);
-  b.writeBigUInt64BE(BigInt(backingFileOffset), 8);
-  b.writeUInt32BE(name.length, 16);
-  b.writeUInt32BE(h.clusterBits, 20);
-  b.writeBigUInt64BE(h.size, 24);
-  b.writeUInt32BE(h.cryptMethod, 32);
-  b.writeUInt32BE(h.l1Size, 36);
-  b.writeBigUInt64BE(h.l1TableOffset, 40);
-  b.writeBigUInt64BE(h.refcountTableOffset, 48);
-  b.writeUInt32BE(h.refcountTableClusters, 56);
-  b.writeUInt32BE(h.nbSnapshots, 60);
-  b.writeBigUInt64BE(h.snapshotsOffset, 64);
+  putField(b, 'magic', QCOW2_MAGIC);
+  putField(b, 'version', h.version);
+  putField(b, 'backingFileOffset', backingFileOffset);
+  putField(b, 'backingFileSize', name.length);
+  putField(b, 'clusterBits', h.clusterBits);
+  putField(b, 'size', h.size);
+  putField(b, 'cryptMethod', h.cryptMethod);
+  putField(b, 'l1Size', h.l1Size);
+  putField(b, 'l1TableOffset', h.l1TableOffset);
+  putField(b, 'refcountTableOffset', h.refcountTableOffset);
+  putField(b, 'refcountTableClusters', h.refcountTableClusters);
+  putField(b, 'nbSnapshots', h.nbSnapshots);
+  putField(b, 'snapshotsOffset', h.snapshotsOffset);
   if (h.version === 3) {
-    b.writeBigUInt64BE(h.incompatibleFeatures, 72);
-    b.writeBigUInt64BE(h.compatibleFeatures, 80);
-    b.writeBigUInt64BE(h.autoclearFeatures, 88);
-    b.writeUInt32BE(h.refcountOrder, 96);
-    b.writeUInt32BE(headerLength, 100);
+    putField(b, 'incompatibleFeatures', h.incompatibleFeatures);
+    putField(b, 'compatibleFeatures', h.compatibleFeatures);
+    putField(b, 'autoclearFeatures', h.autoclearFeatures);
+    putField(b, 'refcountOrder', h.refcountOrder);
+    putField(b, 'headerLength', headerLength);
     h.headerTail.copy(b, 104);
     if (headerLength > 104) b[104] = h.compressionType;
   }
   let off = headerLength;
   for (const e of exts) {
-    b.writeUInt32BE(e.type, off);
-    b.writeUInt32BE(e.data.length, off + 4);
-    e.data.copy(b, off + 8);
-    off += 8 + Math.ceil(e.data.length / 8) * 8;
+    encodeExtension(e).copy(b, off);
+    off += extensionSize(e.data.length);
   }
   // end marker: 8 zero bytes (already zero)
   name.copy(b, backingFileOffset);
   return { bytes: b, extensionsEnd, backingFileOffset, backingFileSize: name.length };
+}
+
+/**
+ * The fixed fields, by byte offset and width (docs/qcow2-notes.md §1.1, §1.2): encodeHeader and
+ * the single-field updates below both write through this table.
+ */
+export const HEADER_FIELDS = {
+  magic: { offset: 0, width: 4 },
+  version: { offset: 4, width: 4 },
+  backingFileOffset: { offset: 8, width: 8 },
+  backingFileSize: { offset: 16, width: 4 },
+  clusterBits: { offset: 20, width: 4 },
+  size: { offset: 24, width: 8 },
+  cryptMethod: { offset: 32, width: 4 },
+  l1Size: { offset: 36, width: 4 },
+  l1TableOffset: { offset: 40, width: 8 },
+  refcountTableOffset: { offset: 48, width: 8 },
+  refcountTableClusters: { offset: 56, width: 4 },
+  nbSnapshots: { offset: 60, width: 4 },
+  snapshotsOffset: { offset: 64, width: 8 },
+  incompatibleFeatures: { offset: 72, width: 8 },
+  compatibleFeatures: { offset: 80, width: 8 },
+  autoclearFeatures: { offset: 88, width: 8 },
+  refcountOrder: { offset: 96, width: 4 },
+  headerLength: { offset: 100, width: 4 },
+} as const;
+
+export type HeaderField = keyof typeof HEADER_FIELDS;
+
+function putField(b: Buffer, name: HeaderField, v: number | bigint, base = 0): void {
+  const f = HEADER_FIELDS[name];
+  if (f.width === 8) b.writeBigUInt64BE(BigInt(v), f.offset - base);
+  else b.writeUInt32BE(Number(v), f.offset - base);
+}
+
+/** Bytes to write at `offset` of the image to change part of its header in place. */
+export interface HeaderPatch {
+  offset: number;
+  bytes: Buffer;
+}
+
+/** One write covering adjacent fields, in the order given. */
+function fieldPatch(fields: Array<[HeaderField, number | bigint]>): HeaderPatch {
+  const start = HEADER_FIELDS[fields[0]![0]].offset;
+  let end = start;
+  for (const [name] of fields) {
+    const f = HEADER_FIELDS[name];
+    if (f.offset !== end) throw new Error(`header field ${name} does not follow the previous one`);
+    end += f.width;
+  }
+  const bytes = Buffer.alloc(end - start);
+  for (const [name, v] of fields) putField(bytes, name, v, start);
+  return { offset: start, bytes };
+}
+
+/** backing_file_offset and backing_file_size: 12 adjacent bytes, inside the first sector. */
+export function encodeBackingPointer(offset: number, size: number): HeaderPatch {
+  return fieldPatch([
+    ['backingFileOffset', offset],
+    ['backingFileSize', size],
+  ]);
+}
+
+/** autoclear_features (v3 only). */
+export function encodeAutoclear(bits: bigint): HeaderPatch {
+  return fieldPatch([['autoclearFeatures', bits]]);
+}
+
+/** refcount_table_offset and refcount_table_clusters: 12 adjacent bytes, inside the first sector. */
+export function encodeRefcountTablePointer(offset: number, clusters: number): HeaderPatch {
+  return fieldPatch([
+    ['refcountTableOffset', offset],
+    ['refcountTableClusters', clusters],
+  ]);
+}
+
+/** Bytes one extension takes: type, length, data padded to a multiple of 8. */
+export function extensionSize(dataLength: number): number {
+  return 8 + Math.ceil(dataLength / 8) * 8;
+}
+
+function encodeExtension(e: HeaderExtension): Buffer {
+  const b = Buffer.alloc(extensionSize(e.data.length));
+  b.writeUInt32BE(e.type, 0);
+  b.writeUInt32BE(e.data.length, 4);
+  e.data.copy(b, 8);
+  return b;
+}
+
+/**
+ * A backing-format extension appended where the end marker is now (`extensionsEnd`), in two
+ * writes: `body` (the padded data and the new end marker after it) first, then `head` (type and
+ * length, which replace the old end marker and make the extension visible).
+ */
+export function encodeBackingFormatExtension(extensionsEnd: number, format: string): { body: HeaderPatch; head: HeaderPatch } {
+  const ext = encodeExtension({ type: EXT_BACKING_FORMAT, data: Buffer.from(format, 'utf8') });
+  return {
+    body: { offset: extensionsEnd + 8, bytes: Buffer.concat([ext.subarray(8), Buffer.alloc(8)]) },
+    head: { offset: extensionsEnd, bytes: Buffer.from(ext.subarray(0, 8)) },
+  };
 }

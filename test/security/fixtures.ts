@@ -2,7 +2,7 @@
 // byte patches of qcow2 metadata, a run that is killed if it hangs, and the refusal check
 // (exit 1, the coded error in the log, a pointer to `chain verify`, nothing changed).
 import { execFileSync } from 'node:child_process';
-import { closeSync, openSync, readFileSync, readSync, writeSync } from 'node:fs';
+import { closeSync, openSync, readdirSync, readFileSync, readSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { expect } from 'vitest';
 import { bindNas, leftovers, logText, makeSandbox, start, type RunOutcome, type Sandbox } from '../helpers/cli.js';
@@ -73,7 +73,14 @@ export async function runBounded(sb: Sandbox, args: string[], env: NodeJS.Proces
   let hung = false;
   const timer = setTimeout(() => {
     hung = true;
-    child.kill('SIGKILL');
+    // The run and whatever it started (a qemu-img looping on a self-backed image), by pid.
+    for (const pid of [...descendants(child.pid!), child.pid!]) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+    }
   }, ms);
   const r = await done;
   clearTimeout(timer);
@@ -87,6 +94,26 @@ export async function runBounded(sb: Sandbox, args: string[], env: NodeJS.Proces
     }
   }
   return { ...r, hung };
+}
+
+function descendants(pid: number): number[] {
+  const out: number[] = [];
+  let tasks: string[] = [];
+  try {
+    tasks = readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return out;
+  }
+  for (const t of tasks) {
+    let kids = '';
+    try {
+      kids = readFileSync(`/proc/${pid}/task/${t}/children`, 'utf8');
+    } catch {
+      continue;
+    }
+    for (const k of kids.split(' ').filter(Boolean).map(Number)) out.push(...descendants(k), k);
+  }
+  return out;
 }
 
 /** Refused with `code`: exit 1, one message naming `chain verify`, the share as it was. */

@@ -41,6 +41,10 @@ const placements: Array<[string, (sb: Sandbox) => void, RegExp]> = [
       repoint(sb, '../../i-9-99-VM/secret.qcow2');
     },
     /i-9-99-VM\/secret\.qcow2 of \S+ is outside the VM folder/,
+  ],  [
+    'a relative name that climbs out to /proc',
+    (sb) => repoint(sb, `${'../'.repeat(24)}proc/self/environ`),
+    /proc\/self\/environ of \S+ is outside the VM folder \(\/proc\/\d+\/environ\)/,
   ],
 ];
 

@@ -12,7 +12,7 @@ import { leftovers, logText, type Sandbox } from '../helpers/cli.js';
 import { rootFile, TS, VM, VOL } from '../helpers/chain.js';
 import { qemuImg } from '../helpers/qemu.js';
 import { snapshotTree } from '../helpers/tree.js';
-import { removeTempDirs } from '../helpers/tmp.js';
+import { removeTempDirs, tempDir } from '../helpers/tmp.js';
 import { chainArgs, chained, ENGINES, expectRefused, onNas, rebaseArgs, runBounded } from './fixtures.js';
 
 afterAll(removeTempDirs);
@@ -73,6 +73,19 @@ describe('a FIFO never blocks', () => {
     expectRefused(sb, r, 'CHAIN_UNSAFE', before);
     expect(r.stdout).toMatch(/zero\.dev of \S+ is a device, not a regular file/);
   }, HANG);
+});
+
+describe('the qcow2 reader itself', () => {
+  it('opening a FIFO as an image fails at once with QCOW2_NOT_A_FILE (header reader and image open)', async () => {
+    const { readHeader } = await import('../../lib/qcow2/header.js');
+    const { Qcow2Image } = await import('../../lib/qcow2/image.js');
+    const fifo = join(tempDir('sec-fifo-lib'), 'fifo.qcow2');
+    execFileSync('mkfifo', [fifo]);
+    // Bounded so that a blocking open fails the test instead of hanging it.
+    const bounded = <T>(p: Promise<T>): Promise<T | 'blocked'> => Promise.race([p, new Promise<'blocked'>((r) => setTimeout(() => r('blocked'), 10_000).unref())]);
+    await expect(bounded(readHeader(fifo))).rejects.toMatchObject({ code: 'QCOW2_NOT_A_FILE' });
+    await expect(bounded(Qcow2Image.open(fifo))).rejects.toMatchObject({ code: 'QCOW2_NOT_A_FILE' });
+  });
 });
 
 describe('a layer that is its own backing is never handed to qemu-img', () => {

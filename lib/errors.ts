@@ -38,6 +38,8 @@ export const ERROR_CODES = {
   FILE_NOT_FOUND: EXIT_FAILURE,
   NOT_QCOW2: EXIT_FAILURE,
   CHAIN_BROKEN: EXIT_FAILURE,
+  CHAIN_UNSAFE: EXIT_FAILURE, // a layer outside the VM folder, not a regular file, a loop, an external data file
+  CHAIN_CORRUPT: EXIT_FAILURE, // a layer marked corrupt or with tables/entries past its end
   QEMU_IMG_FAILED: EXIT_FAILURE,
   CHAIN_INVALID: EXIT_FAILURE,
   CHAIN_REFUSED: EXIT_FAILURE,

@@ -1,6 +1,8 @@
 // The native qcow2 rebase engine (lib/qcow2): in-chain safe rebase without qemu-img.
 // Other shapes (new backing outside the chain) go to the fallback engine.
 import { setFlagsFromString } from 'node:v8';
+import { basename, dirname } from 'node:path';
+import { refusalForQcow2 } from '../chain/safety.js';
 import { NasbackupError } from '../errors.js';
 import { Qcow2Error, UNSUPPORTED_CODES, nativeRebase } from '../qcow2/index.js';
 import type { RebaseEngine, RebaseRequest } from './types.js';
@@ -46,6 +48,10 @@ export class NativeRebaseEngine implements RebaseEngine {
     } catch (e) {
       if (e instanceof Qcow2Error) {
         // Nothing half-done is visible: every stop point leaves a valid image with the old content.
+        if (!UNSUPPORTED_CODES.has(e.code)) {
+          const refusal = refusalForQcow2(e, `The chain of ${req.target}`, basename(dirname(dirname(req.target))));
+          if (refusal) throw refusal;
+        }
         const why = UNSUPPORTED_CODES.has(e.code) ? 'is outside what the native engine supports (use --engine auto or qemu-img)' : 'failed';
         throw new NasbackupError('NATIVE_REBASE_FAILED', `Native rebase of ${req.target} ${why} [${e.code}]`, { details: e.message });
       }

@@ -2,12 +2,13 @@
 // agent asks for one, incrementals that stay correct after a VM restart, a guest
 // frozen only for the instant of backup-begin, and a clean undo on every failure.
 import { stat, unlink, writeFile } from 'node:fs/promises';
-import { relative } from 'node:path';
+import { join, relative } from 'node:path';
 import { runningBackupText, stoppedBackupText, type BackupReport } from '../agent-output.js';
 import { NasbackupError } from '../errors.js';
 import { describeFailure, failureText, succeeded, type RunResult } from '../exec.js';
 import { ensureWithin, exists, parseRelativePath } from '../paths.js';
 import { readChain, readHeader } from '../qcow2/index.js';
+import { chainRefusal, inspectChain } from '../chain/safety.js';
 import { QemuImgClient } from '../clients/qemu-img.js';
 import { parseDomblklistDetails, parseJobInfo, parseQueryBlock, type VirshClient } from '../clients/virsh.js';
 import { backupFileName, matchParents, volumeId } from '../backup/disks.js';
@@ -94,7 +95,11 @@ async function plan(ctx: OpContext, virsh: VirshClient, a: BackupArgs, disks: Di
     await readHeader(abs).catch((e: Error) => {
       throw new NasbackupError('NOT_QCOW2', `Parent backup file is not a usable qcow2 image: ${abs}`, { details: e.message });
     });
-    // The new file will hang below it: its own chain must be whole before backup-begin.
+    // The new file will hang below it: its chain must be safe and sound (the chain safety
+    // check, before anything follows it) and whole before backup-begin.
+    const vmDir = parseRelativePath(rel, { what: '--parent-paths' })[0]!;
+    const safety = await inspectChain(abs, join(mount, vmDir));
+    if (safety.problem && safety.problem.kind !== 'broken') throw chainRefusal(safety.problem, `The chain of parent backup file ${abs}`, vmDir);
     await readChain(abs).catch((e: Error) => {
       throw new NasbackupError('CHAIN_BROKEN', `Parent backup file does not read as a complete chain: ${abs}`, { details: e.message });
     });

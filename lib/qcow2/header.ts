@@ -1,7 +1,7 @@
 // qcow2 header codec: the fixed fields of v2/v3 and the extension area, as laid out in the
 // qcow2 specification, plus in-place updates of single fields. All integers are big-endian.
-import { open } from 'node:fs/promises';
 import { Qcow2Error } from './errors.js';
+import { openImageFile } from './io.js';
 
 export const QCOW2_MAGIC = 0x514649fb;
 export const EXT_END = 0x00000000;
@@ -170,12 +170,7 @@ function toSafe(v: bigint, what: string): number {
 
 /** Read and decode the header of the image at `path`. */
 export async function readHeader(path: string): Promise<Qcow2Header> {
-  let fh;
-  try {
-    fh = await open(path, 'r');
-  } catch (e) {
-    throw new Qcow2Error('QCOW2_IO', `cannot open ${path}: ${(e as Error).message}`, path);
-  }
+  const fh = await openImageFile(path, false);
   try {
     // 2 MiB is the largest cluster QEMU opens; the header and name live in cluster 0.
     const probe = Buffer.alloc(V3_MIN_HEADER_LENGTH + 8);
@@ -208,14 +203,19 @@ export interface FeatureCheckOptions {
  * Refusals for reading (docs/qcow2-notes.md §6): unknown incompatible bits, encryption and an external
  * data file. Dirty and corrupt images may be read.
  */
+/** The image keeps its guest data in another file (incompatible bit 2 or the data-file extension). */
+export function hasExternalDataFile(h: Qcow2Header): boolean {
+  return (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n || h.extensions.some((e) => e.type === EXT_DATA_FILE);
+}
+
 export function checkReadable(h: Qcow2Header, path?: string): void {
   const unknown = h.incompatibleFeatures & ~INCOMPAT_KNOWN;
   if (unknown !== 0n)
     throw new Qcow2Error('QCOW2_UNKNOWN_INCOMPATIBLE', `unknown incompatible feature bits 0x${unknown.toString(16)}`, path);
   if (h.cryptMethod !== 0 || h.extensions.some((e) => e.type === EXT_CRYPTO))
     throw new Qcow2Error('QCOW2_UNSUPPORTED_FEATURE', 'encrypted images are not supported', path);
-  if ((h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n || h.extensions.some((e) => e.type === EXT_DATA_FILE))
-    throw new Qcow2Error('QCOW2_UNSUPPORTED_FEATURE', 'images with an external data file are not supported', path);
+  if (hasExternalDataFile(h))
+    throw new Qcow2Error('QCOW2_EXTERNAL_DATA_FILE', 'the image has an external data file (its data lives in another file)', path);
   const compressionBit = (h.incompatibleFeatures & INCOMPAT_COMPRESSION) !== 0n;
   if (compressionBit !== (h.compressionType !== 0))
     throw new Qcow2Error('QCOW2_BAD_HEADER', 'compression type field and incompatible bit 3 disagree', path);

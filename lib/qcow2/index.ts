@@ -11,14 +11,18 @@ export {
   readHeader,
   checkReadable,
   checkWritable,
+  hasExternalDataFile,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DIRTY,
   type Qcow2Header,
   type HeaderExtension,
   type HeaderPatch,
 } from './header.js';
 export { decodeL2Entry, encodeL2Entry, type L2Entry, type L2Layout } from './l2.js';
-export { readChain, indexInChain, isFollowableBackingName, resolveBackingName, type Chain, type ChainLayer } from './chain.js';
+export { readChain, indexInChain, isFollowableBackingName, resolveBackingName, MAX_CHAIN_DEPTH, type Chain, type ChainLayer } from './chain.js';
 export { Qcow2Image, type Extent, type ExtentKind, type ClusterEntry } from './image.js';
 export { ImageChain, mapImage, layerExtents, type MapEntry, type ChainExtent } from './view.js';
 export { imageInfo, readBitmaps, type ImageInfo, type BitmapInfo } from './info.js';
 export { nativeRebase, type NativeRebaseOptions, type NativeRebaseResult, type RebaseHooks } from './rebase.js';
-export { NodeBlockFile, type BlockFile } from './io.js';
+export { NodeBlockFile, openImageFile, type BlockFile } from './io.js';
+export { scanImage, scanMetadata, type ScanResult } from './scan.js';

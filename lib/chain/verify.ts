@@ -4,7 +4,6 @@
 // and `qemu-img check` clean. Header and metadata walking is native; only the structural
 // check runs qemu-img, and never on a chain our reader rejected (a FIFO or a loop would
 // hang it).
-import { readChain } from '../qcow2/index.js';
 import { backingFile, insideInstance, type BackupFile, type VmBackups } from './discover.js';
 import { inspectChain, type ChainProblem } from './safety.js';
 

@@ -58,7 +58,7 @@ export async function ensureWithin(root: string, raw: string, opts: RelativePath
   const realRoot = await realpath(root);
   // The deepest existing ancestor decides where the path really goes.
   let probe = abs;
-  let real: string | null = null;
+  let real: string | null;
   for (;;) {
     real = await realpathOrNull(probe);
     if (real !== null || probe === root) break;

@@ -256,8 +256,10 @@ export function parseRecords(json: unknown): BackupRecord[] {
       return String(v);
     };
     // No prototype: a detail named "__proto__" is a name like any other.
-    const details: Record<string, string | null> = Object.create(null);
-    const value = (v: unknown): string | null => (v === null || v === undefined ? null : String(v));
+    const details = Object.create(null) as Record<string, string | null>;
+    // A detail's value is a string column; anything else is kept as its JSON text.
+    const value = (v: unknown): string | null =>
+      v === null || v === undefined ? null : typeof v === 'string' ? v : typeof v === 'number' || typeof v === 'boolean' ? String(v) : JSON.stringify(v);
     const d = r.details;
     if (Array.isArray(d)) {
       for (const e of d as Array<{ name?: unknown; value?: unknown }>) {

@@ -153,7 +153,7 @@ function specItems(ctx: Ctx, specs: readonly LineSpec[]): Item[] {
       items.push(...recordedItems(ctx, 1, n + 1));
     } else if (s.startsWith('@recorded:')) {
       const [a, b] = s.slice('@recorded:'.length).split('-').map(Number);
-      items.push(...recordedItems(ctx, a!, b ?? a!));
+      items.push(...recordedItems(ctx, a, b ?? a!));
     } else if (s === '@markers') {
       for (const l of fx.expect.stdout.lines) if (/^[A-Z_]+=/.test(l)) items.push(literal(l));
     } else if (s === '@file-sizes') {

@@ -6,7 +6,7 @@ import { chmodSync, chownSync, lstatSync, mkdirSync, readdirSync, readFileSync, 
 import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { compareVersions, DEFAULT_AGENT_SCRIPT, isLauncher, launcherText, LAUNCHER_MARKER, MIN_NODE_VERSION, parseInstallArgs, shQuote } from '../../lib/cli/install.js';
-import { ERROR_CODES } from '../../lib/errors.js';
+import { type ERROR_CODES } from '../../lib/errors.js';
 import { BIN } from '../helpers/cli.js';
 import { removeTempDirs, tempDir } from '../helpers/tmp.js';
 import { buildBundle, PKG, runProgram } from './ship.js';

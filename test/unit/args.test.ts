@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { parseArgs, UsageRequested } from '../../lib/cli/args.js';
-import { NasbackupError } from '../../lib/errors.js';
+import { type NasbackupError } from '../../lib/errors.js';
 
 const code = (f: () => unknown): string => {
   try {

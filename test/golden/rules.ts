@@ -159,8 +159,6 @@ export const FACTS: Record<string, (fx: Fixture) => boolean> = {
   trailingValueFlag: (fx) => ORIGINAL_VALUE_FLAGS.has(fx.argv.at(-1) ?? ''),
   /** No -o, or an empty one. */
   noOperation: (fx) => !argValue(fx.argv, '-o'),
-  /** -t or -s absent or empty. */
-  noNasGiven: (fx) => !argValue(fx.argv, '-t') || !argValue(fx.argv, '-s'),
   /** A mount-relative path the operation uses fails the contract's checks (§6): delete/backup -p, the rebase paths, the parents. */
   unsafePath: (fx) => {
     const op = argValue(fx.argv, '-o');
@@ -205,6 +203,12 @@ export const FACTS: Record<string, (fx: Fixture) => boolean> = {
       const vol = posix.basename(k.source);
       return vols.has(vol) || nasEntry(fx, `${dir}/${i === 0 ? 'root' : 'datadisk'}.${vol}.qcow2`)?.type === 'qcow2';
     });
+  },
+  /** An incremental whose parent paths name the VM's disks, but in another order than its disks (domblklist order). */
+  parentsOutOfDiskOrder: (fx) => {
+    const given = parentList(fx).map(volOf);
+    const vols = imageDisks(fx).map((k) => posix.basename(k.source));
+    return argValue(fx.argv, '-M') === 'incremental' && given.length === vols.length && given.every((v) => v !== null && vols.includes(v)) && given.some((v, i) => v !== vols[i]);
   },
   /** The rebase target is not a readable qcow2 image (corrupt header, not qcow2). */
   rebaseTargetUnreadable: (fx) => {

@@ -10,7 +10,7 @@
 // Run (root, under the golden lock, like the suite):
 //   flock /tmp/nasbackup-golden.lock npx vite-node test/golden/extra-fixtures/build.ts
 import { execFile } from 'node:child_process';
-import { lstatSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, lstatSync, mkdirSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
@@ -117,14 +117,18 @@ function block(lines: Line[]): TextBlock {
   lines.forEach((l, i) => {
     if (typeof l === 'string') return;
     const { text, ...rest } = l;
-    annotations.push({ line: i + 1, count: 1, literal: text, ...rest } as unknown as Annotation);
+    const count = typeof rest.count === 'number' ? rest.count : 1;
+    annotations.push({ line: i + 1, count, ...(count === 1 ? { literal: text } : {}), ...rest } as unknown as Annotation);
   });
   return { text: texts.map((t) => `${t}\n`).join(''), lines: texts, endsWithNewline: texts.length > 0, annotations };
 }
 
 class Calls {
   readonly list: RecordedCall[] = [];
-  constructor(private readonly h: Host) {}
+  constructor(readonly host: Host) {}
+  private get h(): Host {
+    return this.host;
+  }
 
   add(cmd: string, argv: string[], o: { stdout?: string; stderr?: string; exitCode?: number; effects?: Effect[]; kind?: string } = {}): RecordedCall {
     const c: RecordedCall = {
@@ -244,6 +248,32 @@ function rmLines(abs: string, shown: string): Line[] {
 }
 
 const mpOnNas = (rel: string): string => join(NAS, rel);
+
+/** `du -sb`: st_size of the folder and of everything below it, with its addends. */
+function duSb(dir: string): { total: number; components: Array<{ path: string; bytes: number }> } {
+  const components = [{ path: '.', bytes: lstatSync(dir).size }];
+  for (const n of readdirSync(dir).sort()) components.push({ path: n, bytes: lstatSync(join(dir, n)).size });
+  return { total: components.reduce((a, c) => a + c.bytes, 0), components };
+}
+
+/** The four side files as the original writes them (virsh's answers, real paths). */
+function writeSideFiles(h: Host, vm: string, dir: string): void {
+  const d = resolvePaths(h).domains.find((x) => x.name === vm)!;
+  writeFileSync(join(dir, 'domain-config.xml'), synth.dumpxmlText(d));
+  writeFileSync(join(dir, 'dominfo.xml'), synth.dominfoText(d));
+  writeFileSync(join(dir, 'domiflist.xml'), synth.domiflistText(d));
+  writeFileSync(join(dir, 'domblklist.xml'), synth.domblklistText(d, false));
+}
+
+/** What the simulated push backup writes for one disk (see the create-store effect in the fixtures' README). */
+async function pushStore(target: string, live: string, dirty: Write[] | null): Promise<void> {
+  if (dirty === null) await run(REAL.qemuImg, ['convert', '-O', 'qcow2', live, target]);
+  else {
+    await run(REAL.qemuImg, ['create', '-q', '-f', 'qcow2', '-b', live, '-F', 'qcow2', target]);
+    if (dirty.length) await run(REAL.qemuIo, ['-f', 'qcow2', ...dirty.flatMap((x) => ['-c', `write -P ${x.pattern} ${x.offset} ${x.length}`]), target]);
+  }
+  chmodSync(target, 0o600);
+}
 
 async function build(sc: Scenario): Promise<Fixture> {
   const draft = { host: sc.host, nas: { root: '<NAS>', steps: sc.nasSteps } } as unknown as Fixture;
@@ -405,7 +435,183 @@ function fewerParents(name: string, inferable: boolean): Scenario {
   };
 }
 
+/** The job block the script passes through: one `from-call` annotation over its lines. */
+function jobLines(text: string, seq: number): Line[] {
+  const lines = text.split('\n');
+  lines.pop();
+  return lines.map((l, i) =>
+    i === 0 ? { text: l, kind: 'from-call', seq, cmd: 'virsh', stream: 'stdout', count: lines.length, rule: `these lines are the verbatim stdout of call #${seq} (virsh), passed through by the script` } : l,
+  );
+}
+
+/**
+ * Incremental of a two-disk VM whose --parent-paths come in the other order than
+ * domblklist's (the management server sorts by deviceId): the original pairs them by
+ * position and relinks each disk onto the other disk's parent, exit 0.
+ */
+function runningTwoDisks(name: string): Scenario {
+  const vm = 'i-12-88-VM';
+  const parentDir = 'i-12-88-VM/2025.02.05.01.30.00';
+  const rel = 'i-12-88-VM/2025.02.06.01.30.00';
+  const dest = `<MOUNT_POINT>/${rel}`;
+  const disks = [
+    { t: 'vda', vol: VOL_C, file: `root.${VOL_C}.qcow2`, size: 16777216, writes: [w('0x61', 0, 1048576)], dirty: [w('0x62', 8388608, 131072)] },
+    { t: 'vdb', vol: VOL_B, file: `datadisk.${VOL_B}.qcow2`, size: 8388608, writes: [w('0x71', 1048576, 262144)], dirty: [w('0x72', 0, 65536), w('0x73', 4194304, 65536)] },
+  ];
+  const h = host([
+    {
+      name: vm,
+      id: 44,
+      uuid: '7e6d5c4b-3a29-4180-9f7e-6d5c4b3a2918',
+      state: 'running',
+      vcpus: 2,
+      memoryKiB: 2097152,
+      disks: [
+        ...disks.map((d) => ({ type: 'file', device: 'disk', target: d.t, source: `<PRIMARY>/${POOL}/${d.vol}`, virtualSize: d.size, writes: d.writes, dirty: d.dirty, bitmaps: ['backup-1738719000'] })),
+        { type: 'file', device: 'cdrom', target: 'hdc', source: '-' },
+      ],
+      interfaces: [{ name: 'vnet7', type: 'bridge', source: 'cloudbr0', model: 'virtio', mac: '02:00:7e:6d:00:2c' }],
+      checkpoints: ['backup-1738719000'],
+    },
+  ]);
+  return {
+    name,
+    group: 'backup-running',
+    description: 'Incremental of a two-disk VM with --parent-paths in deviceId order, the data disk first: the script pairs parents by position, so root is relinked onto the data disk\'s parent and the data disk onto root\'s; exit 0 with broken chains.',
+    argv: [
+      '-o', 'backup', '-v', vm, '-t', 'nfs', '-s', '10.40.1.20:/vol/cs-backup', '-m', '', '-p', rel, '-q', 'false', '-d', '',
+      '-M', 'incremental', '--bitmap-new', 'backup-1738805400', '--bitmap-parent', 'backup-1738719000',
+      '--parent-paths', `${parentDir}/${disks[1]!.file},${parentDir}/${disks[0]!.file}`,
+    ],
+    host: h,
+    nasSteps: backupSteps(parentDir, disks.map((d) => ({ vol: d.vol, size: d.size, writes: d.writes }))),
+    original: async ({ calls }) => {
+      calls.version();
+      calls.list_();
+      calls.mount('nfs', '10.40.1.20:/vol/cs-backup', '');
+      calls.virsh(['checkpoint-list', vm, '--name'], { stdout: 'backup-1738719000\n\n' });
+      calls.domblklist(vm, true);
+      calls.virsh(['backup-begin', '--domain', vm, '--backupxml', `${dest}/backup.xml`, '--checkpointxml', `${dest}/checkpoint.xml`], {
+        stdout: 'Backup started\n\n',
+        effects: [
+          ...disks.map((d) => ({
+            op: 'create-store',
+            mode: 'incremental',
+            disk: d.t,
+            target: `${dest}/${d.file}`,
+            backing: `<PRIMARY>/${POOL}/${d.vol}`,
+            backingFormat: 'qcow2',
+            dirty: d.dirty,
+            fileMode: '0600',
+            how: 'qemu-img create -f qcow2 -b <backing> -F qcow2 <target>; qemu-io -c "write -P <pattern> <offset> <length>" <target> for each dirty range',
+          })),
+          { op: 'register-checkpoint', domain: vm, name: 'backup-1738805400', disks: ['vda', 'vdb'] },
+        ],
+      });
+      mkdirSync(mpOnNas(rel), { recursive: true });
+      for (const d of disks) await pushStore(mpOnNas(`${rel}/${d.file}`), `${PRIMARY}/${POOL}/${d.vol}`, d.dirty);
+      calls.sideFiles(vm);
+      writeSideFiles(calls.host, vm, mpOnNas(rel));
+      const total = disks.reduce((n, d) => n + synth.dirtyBytes(d.dirty), 0);
+      const job = synth.jobInfoText('Completed', { elapsedMs: 212, totalBytes: total, processedBytes: total });
+      const poll = calls.virsh(['domjobinfo', vm, '--completed', '--keep-completed'], { stdout: job });
+      calls.domblklist(vm, true);
+      // By position: disk 0 (root) gets parent 0 (the data disk's file), disk 1 gets parent 1.
+      const swapped = [disks[1]!.file, disks[0]!.file];
+      for (const [i, d] of disks.entries()) {
+        const backing = `../2025.02.05.01.30.00/${swapped[i]}`;
+        await run(REAL.qemuImg, ['rebase', '-u', '-b', backing, '-F', 'qcow2', mpOnNas(`${rel}/${d.file}`)]);
+        calls.add('qemu-img', ['rebase', '-u', '-b', backing, '-F', 'qcow2', `${dest}/${d.file}`]);
+      }
+      calls.sync();
+      calls.virsh(['domjobinfo', vm, '--completed'], { stdout: job });
+      calls.umount();
+      const du = duSb(mpOnNas(rel));
+      return {
+        exitCode: 0,
+        stdout: [
+          ...jobLines(job, poll.seq),
+          { text: String(du.total), kind: 'size:du-sb', of: dest, components: du.components, rule: '`du -sb <dest> | cut -f1`: apparent size in bytes of <dest> and everything below it (sum of st_size of the directory itself and of each entry)' },
+          'BITMAP_CREATED=backup-1738805400',
+        ],
+        log: logMounted('nfs'),
+        checkpoints: { 'i-3-12-VM': [], [vm]: ['backup-1738719000', 'backup-1738805400'] },
+      };
+    },
+  };
+}
+
 const scenarios: Scenario[] = [
+  {
+    name: 'general-help-before-invalid-option',
+    group: 'general',
+    description: '-h before an unknown option: the argv loop reaches -h first and prints the usage, exit 1, no call.',
+    argv: ['-o', 'stats', '-h', '--bogus'],
+    host: host([vm33('running')]),
+    nasSteps: [],
+    original: async () => ({ exitCode: 1, stdout: USAGE, log: [] }),
+  },
+  runningTwoDisks('backup-running-data-disk-order'),
+  {
+    name: 'backup-running-disk-paths-given',
+    group: 'backup-running',
+    description: 'A running VM whose -d lists its disk (the agent thought it stopped): the script follows virsh list and prints the running-VM output (job statistics, du -sb total, BITMAP_CREATED), exit 0.',
+    argv: ['-o', 'backup', '-v', 'i-9-77-VM', '-t', 'nfs', '-s', '10.10.0.5:/export/backup', '-m', 'vers=4.1', '-p', 'i-9-77-VM/2025.02.04.04.00.00', '-q', 'false', '-d', `<PRIMARY>/${POOL}/${VOL_D}`, '-M', 'full', '--bitmap-new', 'backup-1738641600'],
+    host: host([
+      {
+        name: 'i-9-77-VM',
+        id: 31,
+        uuid: '0f1e2d3c-4b5a-4697-8877-665544332211',
+        state: 'running',
+        vcpus: 1,
+        memoryKiB: 1048576,
+        disks: [
+          { type: 'file', device: 'disk', target: 'vda', source: `<PRIMARY>/${POOL}/${VOL_D}`, virtualSize: 8388608, writes: [w('0x31', 0, 262144), w('0x33', 5242880, 131072)], bitmaps: [] },
+          { type: 'file', device: 'cdrom', target: 'hdc', source: '-' },
+        ],
+        interfaces: [{ name: 'vnet2', type: 'bridge', source: 'cloudbr0', model: 'e1000', mac: '02:00:0f:1e:00:1f' }],
+        checkpoints: [],
+      },
+    ]),
+    nasSteps: [],
+    original: async ({ calls }) => {
+      const vm = 'i-9-77-VM';
+      const rel = 'i-9-77-VM/2025.02.04.04.00.00';
+      const dest = `<MOUNT_POINT>/${rel}`;
+      calls.version();
+      calls.list_();
+      calls.mount('nfs', '10.10.0.5:/export/backup', 'vers=4.1');
+      calls.domblklist(vm, true);
+      calls.virsh(['backup-begin', '--domain', vm, '--backupxml', `${dest}/backup.xml`, '--checkpointxml', `${dest}/checkpoint.xml`], {
+        stdout: 'Backup started\n\n',
+        effects: [
+          { op: 'create-store', mode: 'full', disk: 'vda', target: `${dest}/root.${VOL_D}.qcow2`, source: `<PRIMARY>/${POOL}/${VOL_D}`, fileMode: '0600', how: 'qemu-img convert -O qcow2 <source> <target>' },
+          { op: 'register-checkpoint', domain: vm, name: 'backup-1738641600', disks: ['vda'] },
+        ],
+      });
+      mkdirSync(mpOnNas(rel), { recursive: true });
+      await pushStore(mpOnNas(`${rel}/root.${VOL_D}.qcow2`), `${PRIMARY}/${POOL}/${VOL_D}`, null);
+      calls.sideFiles(vm);
+      writeSideFiles(calls.host, vm, mpOnNas(rel));
+      const job = synth.jobInfoText('Completed', { elapsedMs: 97, totalBytes: 8388608, processedBytes: 8388608 });
+      const poll = calls.virsh(['domjobinfo', vm, '--completed', '--keep-completed'], { stdout: job });
+      calls.domblklist(vm, true);
+      calls.sync();
+      calls.virsh(['domjobinfo', vm, '--completed'], { stdout: job });
+      calls.umount();
+      const du = duSb(mpOnNas(rel));
+      return {
+        exitCode: 0,
+        stdout: [
+          ...jobLines(job, poll.seq),
+          { text: String(du.total), kind: 'size:du-sb', of: dest, components: du.components, rule: '`du -sb <dest> | cut -f1`: apparent size in bytes of <dest> and everything below it (sum of st_size of the directory itself and of each entry)' },
+          'BITMAP_CREATED=backup-1738641600',
+        ],
+        log: logMounted('nfs'),
+        checkpoints: { 'i-3-12-VM': [], [vm]: ['backup-1738641600'] },
+      };
+    },
+  },
   {
     name: 'general-missing-option-value',
     group: 'general',

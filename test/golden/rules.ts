@@ -210,6 +210,11 @@ export const FACTS: Record<string, (fx: Fixture) => boolean> = {
     const vols = imageDisks(fx).map((k) => posix.basename(k.source));
     return argValue(fx.argv, '-M') === 'incremental' && given.length === vols.length && given.every((v) => v !== null && vols.includes(v)) && given.some((v, i) => v !== vols[i]);
   },
+  /** An incremental with a parent path whose volume id is none of the VM's disks. */
+  parentForUnknownVolume: (fx) => {
+    const vols = imageDisks(fx).map((k) => posix.basename(k.source));
+    return argValue(fx.argv, '-M') === 'incremental' && vols.length > 0 && parentList(fx).some((p) => !vols.includes(volOf(p) ?? ''));
+  },
   /** The rebase target is not a readable qcow2 image (corrupt header, not qcow2). */
   rebaseTargetUnreadable: (fx) => {
     const e = nasEntry(fx, argValue(fx.argv, '--rebase-target'));

@@ -445,19 +445,23 @@ function jobLines(text: string, seq: number): Line[] {
 }
 
 /**
- * Incremental of a two-disk VM whose --parent-paths come in the other order than
- * domblklist's (the management server sorts by deviceId): the original pairs them by
- * position and relinks each disk onto the other disk's parent, exit 0.
+ * `swapped`: an incremental of a two-disk VM whose --parent-paths come in the other
+ * order than domblklist's (the management server sorts by deviceId): the original pairs
+ * them by position and relinks each disk onto the other disk's parent, exit 0.
+ * `extra`: the VM has only the first disk, yet two parent paths are given (a detached
+ * volume's too): the original ignores the extra one, exit 0.
  */
-function runningTwoDisks(name: string): Scenario {
+function runningTwoDisks(name: string, variant: 'swapped' | 'extra'): Scenario {
   const vm = 'i-12-88-VM';
   const parentDir = 'i-12-88-VM/2025.02.05.01.30.00';
   const rel = 'i-12-88-VM/2025.02.06.01.30.00';
   const dest = `<MOUNT_POINT>/${rel}`;
-  const disks = [
+  const all = [
     { t: 'vda', vol: VOL_C, file: `root.${VOL_C}.qcow2`, size: 16777216, writes: [w('0x61', 0, 1048576)], dirty: [w('0x62', 8388608, 131072)] },
     { t: 'vdb', vol: VOL_B, file: `datadisk.${VOL_B}.qcow2`, size: 8388608, writes: [w('0x71', 1048576, 262144)], dirty: [w('0x72', 0, 65536), w('0x73', 4194304, 65536)] },
   ];
+  const disks = variant === 'extra' ? all.slice(0, 1) : all;
+  const parents = variant === 'extra' ? [all[0]!.file, all[1]!.file] : [all[1]!.file, all[0]!.file];
   const h = host([
     {
       name: vm,
@@ -477,14 +481,17 @@ function runningTwoDisks(name: string): Scenario {
   return {
     name,
     group: 'backup-running',
-    description: 'Incremental of a two-disk VM with --parent-paths in deviceId order, the data disk first: the script pairs parents by position, so root is relinked onto the data disk\'s parent and the data disk onto root\'s; exit 0 with broken chains.',
+    description:
+      variant === 'swapped'
+        ? 'Incremental of a two-disk VM with --parent-paths in deviceId order, the data disk first: the script pairs parents by position, so root is relinked onto the data disk\'s parent and the data disk onto root\'s; exit 0 with broken chains.'
+        : 'Incremental of a one-disk VM with two parent paths (the second for a volume the VM no longer has): the script pairs by position and ignores the extra one, exit 0.',
     argv: [
       '-o', 'backup', '-v', vm, '-t', 'nfs', '-s', '10.40.1.20:/vol/cs-backup', '-m', '', '-p', rel, '-q', 'false', '-d', '',
       '-M', 'incremental', '--bitmap-new', 'backup-1738805400', '--bitmap-parent', 'backup-1738719000',
-      '--parent-paths', `${parentDir}/${disks[1]!.file},${parentDir}/${disks[0]!.file}`,
+      '--parent-paths', parents.map((f) => `${parentDir}/${f}`).join(','),
     ],
     host: h,
-    nasSteps: backupSteps(parentDir, disks.map((d) => ({ vol: d.vol, size: d.size, writes: d.writes }))),
+    nasSteps: backupSteps(parentDir, all.map((d) => ({ vol: d.vol, size: d.size, writes: d.writes }))),
     original: async ({ calls }) => {
       calls.version();
       calls.list_();
@@ -505,7 +512,7 @@ function runningTwoDisks(name: string): Scenario {
             fileMode: '0600',
             how: 'qemu-img create -f qcow2 -b <backing> -F qcow2 <target>; qemu-io -c "write -P <pattern> <offset> <length>" <target> for each dirty range',
           })),
-          { op: 'register-checkpoint', domain: vm, name: 'backup-1738805400', disks: ['vda', 'vdb'] },
+          { op: 'register-checkpoint', domain: vm, name: 'backup-1738805400', disks: disks.map((d) => d.t) },
         ],
       });
       mkdirSync(mpOnNas(rel), { recursive: true });
@@ -516,10 +523,9 @@ function runningTwoDisks(name: string): Scenario {
       const job = synth.jobInfoText('Completed', { elapsedMs: 212, totalBytes: total, processedBytes: total });
       const poll = calls.virsh(['domjobinfo', vm, '--completed', '--keep-completed'], { stdout: job });
       calls.domblklist(vm, true);
-      // By position: disk 0 (root) gets parent 0 (the data disk's file), disk 1 gets parent 1.
-      const swapped = [disks[1]!.file, disks[0]!.file];
+      // By position: disk i gets parent i.
       for (const [i, d] of disks.entries()) {
-        const backing = `../2025.02.05.01.30.00/${swapped[i]}`;
+        const backing = `../2025.02.05.01.30.00/${parents[i]}`;
         await run(REAL.qemuImg, ['rebase', '-u', '-b', backing, '-F', 'qcow2', mpOnNas(`${rel}/${d.file}`)]);
         calls.add('qemu-img', ['rebase', '-u', '-b', backing, '-F', 'qcow2', `${dest}/${d.file}`]);
       }
@@ -551,7 +557,8 @@ const scenarios: Scenario[] = [
     nasSteps: [],
     original: async () => ({ exitCode: 1, stdout: USAGE, log: [] }),
   },
-  runningTwoDisks('backup-running-data-disk-order'),
+  runningTwoDisks('backup-running-data-disk-order', 'swapped'),
+  runningTwoDisks('backup-running-incremental-extra-parent', 'extra'),
   {
     name: 'backup-running-disk-paths-given',
     group: 'backup-running',

@@ -61,7 +61,7 @@ function ourCallFor(ctx: Ctx, seq: number) {
 }
 
 /** The recorded stdout as items, each annotation turned into its rule. */
-function recordedItems(ctx: Ctx, from = 1, to = Number.MAX_SAFE_INTEGER): Item[] {
+function recordedItems(ctx: Ctx, from = 1, to = Number.MAX_SAFE_INTEGER, fix: (l: string) => string = (l) => l): Item[] {
   const block = ctx.fx.expect.stdout;
   const byLine = new Map<number, Annotation>();
   for (const a of block.annotations) byLine.set(a.line, a);
@@ -72,7 +72,7 @@ function recordedItems(ctx: Ctx, from = 1, to = Number.MAX_SAFE_INTEGER): Item[]
     const a = byLine.get(i);
     const text = block.lines[i - 1]!;
     if (!a) {
-      items.push(literal(text));
+      items.push(literal(fix(text)));
       continue;
     }
     switch (a.kind) {
@@ -112,7 +112,7 @@ function recordedItems(ctx: Ctx, from = 1, to = Number.MAX_SAFE_INTEGER): Item[]
       case 'rm-verbose': {
         let n = 1;
         while (byLine.get(i + n)?.kind === 'rm-verbose') n++;
-        const want = block.lines.slice(i - 1, i - 1 + n);
+        const want = block.lines.slice(i - 1, i - 1 + n).map(fix);
         items.push({
           kind: 'block',
           n,
@@ -136,6 +136,11 @@ function recordedItems(ctx: Ctx, from = 1, to = Number.MAX_SAFE_INTEGER): Item[]
   return items;
 }
 
+/** In `'…'`-quoted paths: `//` → `/`, `/./` → `/`, no trailing `/` (paths as a normalizing program prints them). */
+function normalizeQuotedPaths(line: string): string {
+  return line.replace(/'([^']*)'/g, (_, p: string) => `'${p.replace(/\/(\.\/)+/g, '/').replace(/\/{2,}/g, '/').replace(/(.)\/$/, '$1')}'`);
+}
+
 function specItems(ctx: Ctx, specs: readonly LineSpec[]): Item[] {
   const { fx } = ctx;
   const p = argValue(fx.argv, '-p', '--path') ?? '';
@@ -146,6 +151,7 @@ function specItems(ctx: Ctx, specs: readonly LineSpec[]): Item[] {
       items.push({ kind: 'line', desc: `/${re.source}/${s.optional ? ' (optional)' : ''}`, test: (l) => re.test(l), ...(s.optional ? { optional: true } : {}) });
     } else if (s === '@any*') items.push({ kind: 'any' });
     else if (s === '@recorded') items.push(...recordedItems(ctx));
+    else if (s === '@recorded-normalized-paths') items.push(...recordedItems(ctx, 1, Number.MAX_SAFE_INTEGER, normalizeQuotedPaths));
     else if (s.startsWith('@recorded-through:')) {
       const re = new RegExp(s.slice('@recorded-through:'.length));
       const n = fx.expect.stdout.lines.findIndex((l) => re.test(l));

@@ -66,6 +66,7 @@ const RULE_LANGUAGE = [
     'host: HOST_FACTS; `!fact` negates); `facts` (named facts of the argv and the NAS before the run: FACTS).',
   '* `expect`: `exit` (`any`: the recording cannot say, the original never ran the operation); `stdout` (`recorded`, or `lines`: literal ' +
     'lines, `{re}` regexes (`optional`: zero or one such line, shown `/re/?`), `@recorded[:n[-m]]`, `@recorded-through:<regex>`, ' +
+    '`@recorded-normalized-paths` (as recorded, with `//`, `/./` and a trailing `/` taken out of quoted paths), ' +
     '`@markers[:<prefix>]` (the recorded `NAME=` lines), `@job-block`, `@du-total`, `@file-sizes` (one size per qcow2 of the new backup, ' +
     'any order), `@any*`); `stdoutExcludes` (regexes no line may match); `stdoutContains` (text; `@tool-errors`: the stderr of each failing ' +
     'call we also made; `@tool-error-reasons`: the reason part of failing recorded calls we did not make); `stderr` (`recorded`, `empty`); ' +

@@ -242,7 +242,8 @@ function rmLines(abs: string, shown: string): Line[] {
   const rule = '`rm -frv <dest>` output; files appear in readdir order (compare as a set), each directory after its contents';
   if (!st.isDirectory()) return [{ text: `removed '${shown}'`, kind: 'rm-verbose', rule }];
   const out: Line[] = [];
-  for (const n of readdirSync(abs)) out.push(...rmLines(join(abs, n), `${shown}/${n}`));
+  // fts appends names without doubling a trailing slash; the directory keeps the path as given.
+  for (const n of readdirSync(abs)) out.push(...rmLines(join(abs, n), shown.endsWith('/') ? `${shown}${n}` : `${shown}/${n}`));
   out.push({ text: `removed directory '${shown}'`, kind: 'rm-verbose', rule });
   return out;
 }
@@ -697,6 +698,23 @@ const scenarios: Scenario[] = [
       calls.sync();
       calls.umount();
       return { exitCode: 0, stdout: lines, log: logMounted('nfs') };
+    },
+  },
+  {
+    name: 'delete-trailing-slash-cifs',
+    group: 'delete',
+    description: 'delete on cifs with "nobrl" already in -m (mounted with "-o vers=3.0,nobrl,nobrl") and -p ending in "/": rm -frv echoes the path as given, the directory line keeps the trailing slash, exit 0.',
+    argv: ['-o', 'delete', '-t', 'cifs', '-s', '//10.30.0.7/backups', '-m', 'vers=3.0,nobrl', '-p', 'i-5-33-VM/2025.02.02.03.15.00/'],
+    host: host([vm33('running')]),
+    nasSteps: NAS_33,
+    original: async ({ calls }) => {
+      calls.version();
+      calls.mount('cifs', '//10.30.0.7/backups', 'vers=3.0,nobrl,nobrl');
+      const lines = rmLines(mpOnNas('i-5-33-VM/2025.02.02.03.15.00'), '<MOUNT_POINT>/i-5-33-VM/2025.02.02.03.15.00/');
+      rmSync(mpOnNas('i-5-33-VM/2025.02.02.03.15.00'), { recursive: true });
+      calls.sync();
+      calls.umount();
+      return { exitCode: 0, stdout: lines, log: logMounted('cifs') };
     },
   },
   {

@@ -6,7 +6,7 @@
 //                           --nas-size 1G --nas-delta 128M --nas-link netns|lo --nas-rate 400mbit]
 // The chain: full F (data over 2×delta) ← inc I (delta of 1 MiB writes every 2 MiB) ← child C
 // (1 MiB every 64 MiB); C is rebased onto F (the "delete the middle incremental" repair).
-// The NAS is samba + smbnetfs (e2e-lab.md). With --nas-link netns (default) smbd runs in its own
+// The NAS is samba + smbnetfs (docs/e2e-lab.md §8). With --nas-link netns (default) smbd runs in its own
 // network namespace behind a veth pair shaped to --nas-rate in each direction (tc tbf), so the
 // link is the bottleneck as on a real NAS; smbnetfs gets big_writes so FUSE's 4 KiB writes are
 // not. --nas-link lo is samba on 127.0.0.1 with smbnetfs' defaults (write-bound, ~11 MB/s).
@@ -251,7 +251,7 @@ function startLink(rate: string): { ns: string; server: string; client: string; 
   return { ns, server: `${net}.2`, client: `${net}.1`, dev: peer, stop }
 }
 
-/** samba + smbnetfs (FUSE), as e2e-lab.md describes; a reason string when impossible. */
+/** samba + smbnetfs (FUSE), as docs/e2e-lab.md §8 describes; a reason string when impossible. */
 async function startSmb(base: string): Promise<Smb | string> {
   for (const b of ['smbd', 'smbnetfs', 'smbpasswd', 'fusermount']) {
     if (spawnSync('sh', ['-c', `command -v ${b}`]).status !== 0) return `${b} is not installed (apt-get install samba smbnetfs)`

@@ -2,7 +2,7 @@
 //
 // Puts a small /bin/sh launcher at the agent's script path that execs an ABSOLUTE Node.js
 // with the absolute path of this program (the agent's PATH may not contain Node.js, and the
-// agent runs the script with no shell: contract §2, §3). The original is kept beside it as
+// agent runs the script with no shell: docs/agent-contract.md §2, §3). The original is kept beside it as
 // `<target>.orig` (a hard link to the very same inode, so mode, owner, times and bytes are
 // untouched) and `--uninstall` renames it back. Every check runs before anything is
 // written; a refusal changes nothing. Never on the agent's path.

@@ -205,7 +205,7 @@ export interface FeatureCheckOptions {
 }
 
 /**
- * Refusals for reading (qcow2-notes §6): unknown incompatible bits, encryption and an external
+ * Refusals for reading (docs/qcow2-notes.md §6): unknown incompatible bits, encryption and an external
  * data file. Dirty and corrupt images may be read.
  */
 export function checkReadable(h: Qcow2Header, path?: string): void {
@@ -226,7 +226,7 @@ export function checkReadable(h: Qcow2Header, path?: string): void {
   if (h.version === 2 && h.refcountOrder !== 4) throw new Qcow2Error('QCOW2_BAD_HEADER', 'v2 image with refcount order', path);
 }
 
-/** Refusals for writing guest data (qcow2-notes §6): everything of checkReadable, plus more. */
+/** Refusals for writing guest data (docs/qcow2-notes.md §6): everything of checkReadable, plus more. */
 export function checkWritable(h: Qcow2Header, path?: string): void {
   checkReadable(h, path);
   if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n)

@@ -3,7 +3,7 @@
 // layers O1..O(j-1) allocate and T does not is copied into T — data as data, zero
 // clusters as zero clusters — without reading N. The new backing name is written last.
 //
-// Crash safety (qcow2-notes §7): new clusters are appended at EOF and only unallocated
+// Crash safety (docs/qcow2-notes.md §7): new clusters are appended at EOF and only unallocated
 // L2 entries are pointed at them. A refcount table too small for the new clusters is first
 // replaced by a larger one (grow.ts). Per batch: data → fdatasync → refcounts (new refcount
 // blocks are counted, and written, before being linked) → fdatasync → refcount table

@@ -68,7 +68,7 @@ const RULE_LANGUAGE = [
     'lines, `{re}` regexes (`optional`: zero or one such line, shown `/re/?`), `@recorded[:n[-m]]`, `@recorded-through:<regex>`, ' +
     '`@recorded-normalized-paths` (as recorded, with `//`, `/./` and a trailing `/` taken out of quoted paths), ' +
     '`@markers[:<prefix>]` (the recorded `NAME=` lines), `@job-block`, `@du-total`, `@file-sizes` (one size per qcow2 of the new backup, ' +
-    'any order), `@any*`); `stdoutExcludes` (regexes no line may match); `stdoutContains` (text; `@tool-errors`: the stderr of each failing ' +
+    'in `ls` order), `@any*`); `stdoutExcludes` (regexes no line may match); `stdoutContains` (text; `@tool-errors`: the stderr of each failing ' +
     'call we also made; `@tool-error-reasons`: the reason part of failing recorded calls we did not make); `stderr` (`recorded`, `empty`); ' +
     '`log` (`recorded`: the recorded lines appear in order; `append-only`); `calls` (`none`, `recorded: false`, `drop`, `dropFrom`, ' +
     '`extra`, `optional`, `unordered`, `require`, `forbid`, `sequence`); `nas` (`recorded`, `unchanged`, `any`, `backup-full`, `backup-incremental`: the ' +

@@ -550,6 +550,55 @@ function runningTwoDisks(name: string, variant: 'swapped' | 'extra'): Scenario {
 
 const scenarios: Scenario[] = [
   {
+    name: 'backup-stopped-incremental-no-parents',
+    group: 'backup-stopped',
+    description: 'Stopped VM with three disks, -M incremental with --bitmap-new only (no parent arguments), on cifs with options: the stopped path ignores the parents: INCREMENTAL_FALLBACK line, a full copy and a bitmap per disk, BITMAP_CREATED, then the ls sizes; exit 0, NAS left mounted.',
+    argv: [
+      '-o', 'backup', '-v', 'i-7-41-VM', '-t', 'cifs', '-s', '//10.30.0.7/backups', '-m', 'vers=3.1.1', '-p', 'i-7-41-VM/2025.02.07.22.45.00', '-q', 'true',
+      '-d', [VOL_A, VOL_B, VOL_C].map((v) => `<PRIMARY>/${POOL}/${v}`).join(','), '-M', 'incremental', '--bitmap-new', 'backup-1738968300',
+    ],
+    host: host([
+      {
+        name: 'i-7-41-VM',
+        id: -1,
+        uuid: 'c3d4e5f6-a7b8-4c9d-8e0f-a1b2c3d4e5f6',
+        state: 'shut off',
+        vcpus: 4,
+        memoryKiB: 4194304,
+        disks: [
+          { type: 'file', device: 'disk', target: 'vda', source: `<PRIMARY>/${POOL}/${VOL_A}`, virtualSize: 16777216, writes: rootA.writes, bitmaps: [] },
+          { type: 'file', device: 'disk', target: 'vdb', source: `<PRIMARY>/${POOL}/${VOL_B}`, virtualSize: 8388608, writes: [w('0x41', 0, 524288)], bitmaps: [] },
+          { type: 'file', device: 'disk', target: 'vdc', source: `<PRIMARY>/${POOL}/${VOL_C}`, virtualSize: 8388608, writes: [w('0x51', 2097152, 131072)], bitmaps: [] },
+          { type: 'file', device: 'cdrom', target: 'hdc', source: '-' },
+        ],
+        interfaces: [{ name: 'vnet9', type: 'bridge', source: 'cloudbr0', model: 'virtio', mac: '02:00:7a:41:00:17' }],
+        checkpoints: [],
+      },
+    ]),
+    nasSteps: [],
+    original: async ({ calls }) => {
+      const rel = 'i-7-41-VM/2025.02.07.22.45.00';
+      calls.version();
+      calls.list_();
+      calls.mount('cifs', '//10.30.0.7/backups', 'vers=3.1.1,nobrl');
+      mkdirSync(mpOnNas(rel), { recursive: true });
+      for (const [i, v] of [VOL_A, VOL_B, VOL_C].entries()) {
+        const file = `${i === 0 ? 'root' : 'datadisk'}.${v}.qcow2`;
+        await run(REAL.qemuImg, ['convert', '-O', 'qcow2', `${PRIMARY}/${POOL}/${v}`, mpOnNas(`${rel}/${file}`)]);
+        calls.add('qemu-img', ['convert', '-O', 'qcow2', `<PRIMARY>/${POOL}/${v}`, `<MOUNT_POINT>/${rel}/${file}`]);
+        await run(REAL.qemuImg, ['bitmap', '--add', `${PRIMARY}/${POOL}/${v}`, 'backup-1738968300']);
+        calls.add('qemu-img', ['bitmap', '--add', `<PRIMARY>/${POOL}/${v}`, 'backup-1738968300']);
+      }
+      calls.sync();
+      return {
+        exitCode: 0,
+        stdout: ['INCREMENTAL_FALLBACK=full (VM stopped — incremental requires running VM)', 'BITMAP_CREATED=backup-1738968300', ...sizeLines(mpOnNas(rel))],
+        log: [],
+        leftMounted: true,
+      };
+    },
+  },
+  {
     name: 'general-help-before-invalid-option',
     group: 'general',
     description: '-h before an unknown option: the argv loop reaches -h first and prints the usage, exit 1, no call.',

@@ -159,16 +159,17 @@ export const FACTS: Record<string, (fx: Fixture) => boolean> = {
   trailingValueFlag: (fx) => ORIGINAL_VALUE_FLAGS.has(fx.argv.at(-1) ?? ''),
   /** No -o, or an empty one. */
   noOperation: (fx) => !argValue(fx.argv, '-o'),
-  /** A mount-relative path the operation uses fails the contract's checks (§6): delete/backup -p, the rebase paths, the parents. */
+  /** A mount-relative path the operation uses fails the contract's checks (§6): delete/backup -p, the rebase paths (files: no trailing `/`), the parents. */
   unsafePath: (fx) => {
     const op = argValue(fx.argv, '-o');
     const p = argValue(fx.argv, '-p');
     if (op === 'delete') return p === undefined || unsafeRelativePath(p, 2);
     if (op === 'backup') return (p !== undefined && unsafeRelativePath(p, 2)) || parentList(fx).some((x) => unsafeRelativePath(x, 3));
     if (op === 'rebase') {
+      // Both name files: a trailing `/` is refused too.
       return ['--rebase-target', '--rebase-new-backing'].some((f) => {
         const v = argValue(fx.argv, f);
-        return v !== undefined && v !== '' && unsafeRelativePath(v, 2);
+        return v !== undefined && v !== '' && (unsafeRelativePath(v, 2) || v.endsWith('/'));
       });
     }
     return false;

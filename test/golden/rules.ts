@@ -124,6 +124,8 @@ export const HOST_FACTS: Record<string, (fx: Fixture) => boolean> = {
     const disks = targetDomain(fx)?.disks.filter((k) => k.device === 'disk' && k.source !== '-') ?? [];
     return parent !== undefined && disks.length > 0 && disks.every((k) => (k.bitmaps ?? []).includes(parent));
   },
+  /** The VM's scripted backup job carries an error message (what libvirt reports for a failed job). */
+  jobErrorMessage: (fx) => targetDomain(fx)?.job?.errorMessage !== undefined,
   /** A -d source disk that the host does not have (not seeded). */
   missingSourceDisk: (fx) => {
     const seeded = new Set(fx.host.domains.flatMap((d) => d.disks).filter((k) => k.seed !== false).map((k) => k.source));

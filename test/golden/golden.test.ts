@@ -4,12 +4,12 @@
 // The sandbox paths are fixed (/tmp/nasbackup-golden), so scenarios run one by one.
 import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { EXTRA_FIXTURES, loadFixtures, PROJECT_FIXTURES, resolvePaths } from './fixture.js';
+import { argValue, EXTRA_FIXTURES, hasFlag, loadFixtures, PROJECT_FIXTURES, resolvePaths } from './fixture.js';
 import { compare } from './compare.js';
 import { KEEP, replay } from './harness.js';
 import { callKey, matchesPattern, normArgv, normText } from './normalize.js';
 import { DIVERGENCES_MD, renderDivergences } from './render.js';
-import { FACTS, HOST_FACTS, loadTable, matches, resolve } from './rules.js';
+import { FACTS, HOST_FACTS, loadTable, matches, ourCifsOptions, resolve, unsafeRelativePath } from './rules.js';
 import { acquireSuiteLock, releaseSuiteLock, removeSandbox } from './sandbox.js';
 import * as synth from './fakes/synth.js';
 
@@ -51,6 +51,18 @@ describe('golden: the divergence table', () => {
     expect(matchesPattern('virsh domjobinfo vm --completed', 'virsh domjobinfo *')).toBe(false);
     expect(matchesPattern('virsh domjobinfo vm --completed', 'virsh domjobinfo **')).toBe(true);
     expect(matchesPattern('mount -t cifs //h/s <MOUNT_POINT> -o ""', 'mount ** -o ""')).toBe(true);
+  });
+
+  it('argv is read like the original reads it; the path and cifs facts follow the contract', () => {
+    const argv = ['-o', 'backup', '--vm', 'a', '-m', '-p', '-p', 'x/y', '--parent-path', 'x/y/root.v.qcow2', '-v', 'b'];
+    expect(argValue(argv, '-v')).toBe('b'); // long or short spelling, the last one wins
+    expect(argValue(argv, '-m')).toBe('-p'); // a value flag consumes the next element
+    expect(argValue(argv, '-p')).toBe('x/y');
+    expect(argValue(argv, '--parent-paths', '--parent-path')).toBe('x/y/root.v.qcow2');
+    expect(argValue(['-o', 'delete', '-p'], '-p')).toBeUndefined();
+    expect([hasFlag(argv, '-o'), hasFlag(['-m', '-o'], '-o')]).toEqual([true, false]);
+    expect(['', '/abs/x', 'a/../b', 'vm', './vm/.', 'vm/ts', 'vm//ts/'].map((p) => unsafeRelativePath(p, 2))).toEqual([true, true, true, true, true, false, false]);
+    expect(['', 'vers=3.0', 'vers=3.0,nobrl', ',a,,b,'].map(ourCifsOptions)).toEqual(['nobrl', 'vers=3.0,nobrl', 'vers=3.0,nobrl', 'a,b,nobrl']);
   });
 
   it('the fakes’ synthetic answers reproduce the recorded ones wherever both exist', () => {

@@ -218,6 +218,26 @@ export const FACTS: Record<string, (fx: Fixture) => boolean> = {
     const vols = imageDisks(fx).map((k) => posix.basename(k.source));
     return argValue(fx.argv, '-M') === 'incremental' && vols.length > 0 && parentList(fx).some((p) => !vols.includes(volOf(p) ?? ''));
   },
+  /** Every disk's parent (by volume id, or the file of its name in the parents' folder) is a qcow2 on the NAS. */
+  allParentsOnNas: (fx) => {
+    const given = parentList(fx);
+    const dirs = [...new Set(given.map((p) => posix.dirname(p)))];
+    const disks = imageDisks(fx);
+    return (
+      disks.length > 0 &&
+      disks.every((k, i) => {
+        const vol = posix.basename(k.source);
+        const parent = given.find((p) => volOf(p) === vol) ?? (dirs.length === 1 ? `${dirs[0]}/${i === 0 ? 'root' : 'datadisk'}.${vol}.qcow2` : undefined);
+        return nasEntry(fx, parent)?.type === 'qcow2';
+      })
+    );
+  },
+  /** The VM runs and libvirt has the --bitmap-parent checkpoint registered. */
+  parentCheckpointRegistered: (fx) => {
+    const d = targetDomain(fx);
+    const parent = argValue(fx.argv, '--bitmap-parent');
+    return d?.state === 'running' && parent !== undefined && d.checkpoints.includes(parent);
+  },
   /** The rebase target is not a readable qcow2 image (corrupt header, not qcow2). */
   rebaseTargetUnreadable: (fx) => {
     const e = nasEntry(fx, argValue(fx.argv, '--rebase-target'));

@@ -599,6 +599,18 @@ const scenarios: Scenario[] = [
     },
   },
   {
+    name: 'backup-running-incremental-parent-path-singular',
+    group: 'backup-running',
+    description: 'The rebase-era agent\'s incremental argv with "--parent-path" (singular, root only): the recorded script does not know it: "Invalid option: --parent-path" and the usage, exit 1, no call.',
+    argv: [
+      '-o', 'backup', '-v', 'i-5-33-VM', '-t', 'nfs', '-s', '10.40.1.20:/vol/cs-backup', '-m', 'vers=4.2', '-p', 'i-5-33-VM/2025.02.03.03.15.00', '-q', 'false', '-d', '',
+      '-M', 'incremental', '--bitmap-new', 'backup-1738552500', '--bitmap-parent', 'backup-1738466100', '--parent-path', `i-5-33-VM/2025.02.02.03.15.00/root.${VOL_A}.qcow2`,
+    ],
+    host: host([vm33('running', { checkpoints: ['backup-1738466100'] })]),
+    nasSteps: NAS_33,
+    original: async () => ({ exitCode: 1, stdout: ['Invalid option: --parent-path', ...USAGE], log: [] }),
+  },
+  {
     name: 'general-help-before-invalid-option',
     group: 'general',
     description: '-h before an unknown option: the argv loop reaches -h first and prints the usage, exit 1, no call.',

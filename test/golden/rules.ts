@@ -191,6 +191,12 @@ export const FACTS: Record<string, (fx: Fixture) => boolean> = {
     const disks = fx.host.domains.flatMap((d) => d.disks);
     return name !== undefined && srcs.some((s) => disks.some((k) => k.source === s && (k.bitmaps ?? []).includes(name)));
   },
+  /** -M is one we refuse before anything runs: unknown, or `full` without --bitmap-new. */
+  modeRefused: (fx) => {
+    const m = argValue(fx.argv, '-M');
+    if (m === undefined) return false;
+    return !['', 'legacy-full', 'full', 'incremental'].includes(m) || (m === 'full' && !argValue(fx.argv, '--bitmap-new'));
+  },
   /** The VM is paused (libvirt lists it, not as running). */
   vmPaused: (fx) => targetDomain(fx)?.state === 'paused',
   /** An incremental with fewer parent paths than the VM has disks. */

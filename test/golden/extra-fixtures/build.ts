@@ -611,6 +611,37 @@ const scenarios: Scenario[] = [
     original: async () => ({ exitCode: 1, stdout: ['Invalid option: --parent-path', ...USAGE], log: [] }),
   },
   {
+    name: 'backup-stopped-unknown-mode',
+    group: 'backup-stopped',
+    description: 'Stopped VM with an unknown -M (differential): the stopped path ignores the mode, copies the disk and prints the ls sizes, exit 0, NAS left mounted.',
+    argv: ['-o', 'backup', '-v', 'i-9-77-VM', '-t', 'nfs', '-s', '10.40.1.20:/vol/cs-backup', '-m', '', '-p', 'i-9-77-VM/2025.02.08.04.00.00', '-q', 'false', '-d', `<PRIMARY>/${POOL}/${VOL_D}`, '-M', 'differential'],
+    host: host([
+      {
+        name: 'i-9-77-VM',
+        id: -1,
+        uuid: '0f1e2d3c-4b5a-4697-8877-665544332211',
+        state: 'shut off',
+        vcpus: 1,
+        memoryKiB: 1048576,
+        disks: [{ type: 'file', device: 'disk', target: 'vda', source: `<PRIMARY>/${POOL}/${VOL_D}`, virtualSize: 8388608, writes: [w('0x34', 1048576, 196608)], bitmaps: [] }],
+        interfaces: [],
+        checkpoints: [],
+      },
+    ]),
+    nasSteps: [],
+    original: async ({ calls }) => {
+      const rel = 'i-9-77-VM/2025.02.08.04.00.00';
+      calls.version();
+      calls.list_();
+      calls.mount('nfs', '10.40.1.20:/vol/cs-backup', '');
+      mkdirSync(mpOnNas(rel), { recursive: true });
+      await run(REAL.qemuImg, ['convert', '-O', 'qcow2', `${PRIMARY}/${POOL}/${VOL_D}`, mpOnNas(`${rel}/root.${VOL_D}.qcow2`)]);
+      calls.add('qemu-img', ['convert', '-O', 'qcow2', `<PRIMARY>/${POOL}/${VOL_D}`, `<MOUNT_POINT>/${rel}/root.${VOL_D}.qcow2`]);
+      calls.sync();
+      return { exitCode: 0, stdout: sizeLines(mpOnNas(rel)), log: [], leftMounted: true };
+    },
+  },
+  {
     name: 'general-help-before-invalid-option',
     group: 'general',
     description: '-h before an unknown option: the argv loop reaches -h first and prints the usage, exit 1, no call.',

@@ -58,6 +58,12 @@ describe('parseArgs', () => {
     expect(() => parseArgs(['--help'])).toThrow(UsageRequested);
   });
 
+  it('reads argv in order, like the original: -h before a bad option is the usage, after it the error', () => {
+    expect(() => parseArgs(['-o', 'stats', '-h', '--bogus'])).toThrow(UsageRequested);
+    expect(() => parseArgs(['-o', 'stats', '--help', '-m'])).toThrow(UsageRequested);
+    expect(code(() => parseArgs(['-o', 'stats', '--bogus', '-h']))).toBe('INVALID_OPTION');
+  });
+
   it('recognises the later upstream flags', () => {
     const a = parseArgs(['-o', 'backup', '-c', '--verify', '-b', '10', '-e', '/k', '--quiesce-timeout', '30', '-w', '20']);
     expect(a).toMatchObject({ compress: true, verify: true, bandwidth: '10', encrypt: '/k', quiesceTimeout: '30', mountTimeout: '20' });

@@ -259,8 +259,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
         throw new NasbackupError('CHAIN_BROKEN', `Backup file ${work.file(d.file)} does not read as a complete chain`, { details: e.message });
       });
     }
-    ctx.checkpoint();
-    await work.commit();
+    await ctx.commit(() => work.commit());
     if (p.incrementalFrom) {
       // The parent checkpoint is no longer needed: the next incremental starts from the new one.
       const r = await virsh.checkpointDelete(a.vm, p.incrementalFrom);

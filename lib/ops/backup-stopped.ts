@@ -58,8 +58,7 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<void
       }
     }
     await syncAfter(ctx, 'backup');
-    ctx.checkpoint();
-    await work.commit();
+    await ctx.commit(() => work.commit());
 
     // Seed the bitmap the next (running) incremental starts from. Only qcow2 files can
     // carry one; a disk without it makes that incremental fall back to a full, safely.

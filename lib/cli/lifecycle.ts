@@ -117,6 +117,7 @@ export async function execute(io: ExecuteIo, config: Config, logger: Logger, bod
 
   let failure: NasbackupError | null = null;
   try {
+    ctx.checkpoint(); // a signal that came in while starting: stop before anything happens
     await body(ctx);
     ctx.checkpoint();
   } catch (e) {

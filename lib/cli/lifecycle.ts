@@ -1,6 +1,7 @@
 // Running one operation safely: signals wired to cancellation, a context that records
 // every NAS session and VM lock it hands out, and — on every path — locks released,
 // sessions unmounted, and failures rendered on stdout with the exit code from the table.
+import { lstat } from 'node:fs/promises';
 import type { Config } from '../config.js';
 import { EXIT_OK, NasbackupError, toNasbackupError } from '../errors.js';
 import { Runner } from '../exec.js';
@@ -56,6 +57,7 @@ export async function execute(io: ExecuteIo, config: Config, logger: Logger, bod
   const runner = new Runner(logger, abort.signal);
   const sessions: NasSession[] = [];
   const locks: VmLock[] = [];
+  const leftovers: string[] = [];
   const ctx: OpContext = {
     runner,
     logger,
@@ -105,6 +107,10 @@ export async function execute(io: ExecuteIo, config: Config, logger: Logger, bod
       phase = 'committed'; // a signal held back meanwhile stays held: the result stands
       return r;
     },
+    leftover: (what) => {
+      leftovers.push(what);
+      logger.log(`Left behind: ${what}`);
+    },
     committed: () => {
       if (phase === 'committed') return;
       phase = 'committed';
@@ -128,13 +134,22 @@ export async function execute(io: ExecuteIo, config: Config, logger: Logger, bod
   }
 
   const cleanupErrors: NasbackupError[] = [];
-  for (const l of locks.reverse()) await l.release();
+  for (const l of locks.reverse()) {
+    await l.release();
+    // Still there (a read-only or failing NAS): say so; the next run takes over a lock whose holder is gone.
+    if (await lstat(l.path).then(() => true, () => false)) ctx.leftover(`Could not remove the lock ${l.path}`);
+  }
   for (const s of sessions.reverse()) {
     try {
       await s.close();
     } catch (e) {
       cleanupErrors.push(toNasbackupError(e));
     }
+  }
+  if (leftovers.length > 0) {
+    // One report of everything left, the unmount problems included.
+    const all = [...leftovers, ...cleanupErrors.splice(0).map((e) => e.message)];
+    cleanupErrors.push(new NasbackupError('NAS_CLEANUP_FAILED', all.join('\n'), { details: 'Backup cleanup failed' }));
   }
   unhook();
 

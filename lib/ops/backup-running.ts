@@ -294,7 +294,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
       const r = await virsh.checkpointDelete(a.vm, createdCheckpoint);
       if (!succeeded(r)) ctx.logger.log(`Warning: could not remove checkpoint ${createdCheckpoint} of the failed backup: ${failureText(r)}`);
     }
-    await work.discard().catch((err: Error) => ctx.logger.log(`Warning: could not remove ${work.path}: ${err.message}`));
+    await work.discard().catch((err: Error) => ctx.leftover(`Could not remove the unfinished backup ${work.path}: ${err.message}`));
     throw e;
   } finally {
     if (!paused) await resumeIfPaused(ctx, virsh, a.vm);

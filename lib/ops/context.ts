@@ -35,6 +35,11 @@ export interface OpContext {
    * succeeded the operation finishes and reports success whatever signal arrives.
    */
   commit<T>(step: () => Promise<T>): Promise<T>;
+  /**
+   * Something this run wrote and could not remove (e.g. the NAS turned read-only): the
+   * run then ends with exit 20 (cleanup failed) and names it on stdout.
+   */
+  leftover(what: string): void;
   /** Mark the commit point as passed (the work took effect, e.g. a rebase confirmed on disk). */
   committed(): void;
 }

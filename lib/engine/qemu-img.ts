@@ -29,6 +29,12 @@ export class QemuImgRebaseEngine implements RebaseEngine {
     );
     if (succeeded(r)) return;
     if (r.canceled) throw new NasbackupError('INTERRUPTED', `Interrupted while rebasing ${req.target}`);
+    if (r.timedOut) {
+      // Killed at its deadline: the one way it can still stop halfway. Say so.
+      throw new NasbackupError('COMMAND_TIMEOUT', `qemu-img rebase of ${req.target} passed its deadline and was killed; the image may be half-rebased: check it (nasbackup chain verify) before use`, {
+        details: failureText(r),
+      });
+    }
     throw new NasbackupError(
       r.timedOut ? 'COMMAND_TIMEOUT' : 'QEMU_IMG_FAILED',
       `qemu-img rebase failed for ${req.target} onto ${req.newBackingName}`,

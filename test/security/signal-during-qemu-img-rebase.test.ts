@@ -78,7 +78,7 @@ function headerSwitched(): boolean {
   }
 }
 
-type Point = { kind: 'delay'; fraction: number } | { kind: 'switched' };
+type Point = { kind: 'delay'; fraction: number } | { kind: 'switched' } | { kind: 'qemu-img started' };
 
 interface Shot {
   outcome: RunOutcome;
@@ -96,7 +96,8 @@ async function shoot(engine: string, point: Point, span: number, sig: NodeJS.Sig
   try {
     await waitFor(() => exited || logHas(sb.logFile, /Rebase: \S+ onto/), 30_000, 'rebase start');
     if (point.kind === 'delay') await sleep(point.fraction * span);
-    else await waitFor(() => exited || headerSwitched(), 30_000, 'header switch');
+    else if (point.kind === 'switched') await waitFor(() => exited || headerSwitched(), 30_000, 'header switch');
+    else await waitFor(() => exited || childrenNamed(pid, 'qemu-img').length > 0, 30_000, 'qemu-img start');
     if (!exited) {
       qemuImgRunning = childrenNamed(pid, 'qemu-img').length > 0;
       process.kill(group ? -pid : pid, sig);
@@ -149,10 +150,16 @@ describe('a signal during a rebase (sweep over both engines)', () => {
 
     const points: Point[] = [0, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95, 1.1].map((fraction) => ({ kind: 'delay', fraction }));
     points.push({ kind: 'switched' });
+    if (engine === 'qemu-img') points.push({ kind: 'qemu-img started' });
     let interrupted = 0;
     let shielded = 0;
     for (const point of points) {
-      const label = point.kind === 'delay' ? `SIGTERM at ${Math.round(point.fraction * 100)}% of the rebase` : 'SIGTERM once the header names the new backing';
+      const label =
+        point.kind === 'delay'
+          ? `SIGTERM at ${Math.round(point.fraction * 100)}% of the rebase`
+          : point.kind === 'switched'
+            ? 'SIGTERM once the header names the new backing'
+            : 'SIGTERM as soon as qemu-img runs';
       const shot = await shoot(engine, point, span, 'SIGTERM');
       expectHonest(shot, engine, label);
       if (shot.outcome.code !== 0) {

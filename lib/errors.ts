@@ -16,6 +16,7 @@ export const ERROR_CODES = {
   UNKNOWN_OPERATION: EXIT_FAILURE,
   MISSING_ARGUMENT: EXIT_FAILURE,
   INVALID_ARGUMENT: EXIT_FAILURE,
+  ARGV_NOT_UTF8: EXIT_FAILURE,
   UNSUPPORTED_OPTION: EXIT_FAILURE,
   // host sanity
   LIBVIRT_UNAVAILABLE: EXIT_FAILURE,
@@ -34,6 +35,8 @@ export const ERROR_CODES = {
   PATH_INVALID: EXIT_FAILURE,
   PATH_OUTSIDE_MOUNT: EXIT_FAILURE,
   PATH_TOO_SHALLOW: EXIT_FAILURE,
+  PATH_TOO_LONG: EXIT_FAILURE,
+  TMPDIR_UNUSABLE: EXIT_FAILURE,
   // images and chains
   FILE_NOT_FOUND: EXIT_FAILURE,
   NOT_QCOW2: EXIT_FAILURE,
@@ -50,6 +53,9 @@ export const ERROR_CODES = {
   NO_DISKS: EXIT_FAILURE,
   BACKUP_EXISTS: EXIT_FAILURE,
   NAS_WRITE_FAILED: EXIT_FAILURE,
+  NAS_READ_ONLY: EXIT_FAILURE,
+  NAS_FULL: EXIT_FAILURE,
+  IO_ERROR: EXIT_FAILURE,
   VIRSH_FAILED: EXIT_FAILURE,
   CHECKPOINT_FAILED: EXIT_FAILURE,
   QUIESCE_FAILED: EXIT_FAILURE,
@@ -123,9 +129,20 @@ export function isNasbackupError(e: unknown): e is NasbackupError {
   return e instanceof NasbackupError;
 }
 
+/** System errors a failing NAS or disk produces: a code of their own, not "Internal error". */
+const ERRNO_CODES: Readonly<Record<string, [ErrorCode, string]>> = {
+  EROFS: ['NAS_READ_ONLY', 'The file system is read-only'],
+  ENOSPC: ['NAS_FULL', 'No space left on the device'],
+  EDQUOT: ['NAS_FULL', 'Disk quota exceeded'],
+  EIO: ['IO_ERROR', 'I/O error'],
+  ENAMETOOLONG: ['PATH_TOO_LONG', 'A file name or path is too long'],
+};
+
 /** Wrap anything thrown into a NasbackupError so the CLI has one shape to render. */
 export function toNasbackupError(e: unknown): NasbackupError {
   if (e instanceof NasbackupError) return e;
   const msg = e instanceof Error ? e.message : String(e);
+  const errno = ERRNO_CODES[(e as NodeJS.ErrnoException | null)?.code ?? ''];
+  if (errno) return new NasbackupError(errno[0], `${errno[1]}: ${msg}`, { cause: e });
   return new NasbackupError('INTERNAL', `Internal error: ${msg}`, { cause: e });
 }

@@ -8,6 +8,8 @@ export interface RunOptions {
   /** false: not cancelled by the run-wide abort (used by cleanup, which must still run). */
   abortable?: boolean;
   env?: NodeJS.ProcessEnv;
+  /** Start it in its own process group (signals sent to ours do not reach it). */
+  ownProcessGroup?: boolean;
 }
 
 export interface RunResult {
@@ -68,6 +70,7 @@ export class Runner {
       timeout: opts.timeoutMs,
       forceKillAfterDelay: 5000,
       ...(useAbort ? { cancelSignal: this.abort } : {}),
+      ...(opts.ownProcessGroup ? { detached: true } : {}),
       env: opts.env ?? process.env,
       extendEnv: false,
       encoding: 'utf8',

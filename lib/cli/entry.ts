@@ -3,6 +3,7 @@
 // operator commands (never on the agent's path) by their first argument.
 import { usageText } from '../agent-output.js';
 import type { Output } from '../ops/context.js';
+import { installSignalHandlers, restoreDefaultSignals } from './signals.js';
 
 /** First arguments that select an operator command instead of the agent's CLI. */
 export const OPERATOR_COMMANDS = ['agent', 'chain', 'plan-delete', 'install-agent-hook'] as const;
@@ -38,7 +39,11 @@ export async function dispatch(argv: readonly string[], io: EntryIo): Promise<nu
     case 'agent': {
       const { runAgent, parseAgentArgs } = await import('./agent.js'); // lazy: the script path never loads compat/
       const args = parseAgentArgs(rest);
-      const r = await runAgent(await io.readStdin(), { profile: args.profile, argError: args.error, env: io.env, scriptName: io.scriptName });
+      // Waiting for stdin is no operation yet: a signal meanwhile ends us as by default.
+      restoreDefaultSignals();
+      const stdin = await io.readStdin();
+      installSignalHandlers();
+      const r = await runAgent(stdin, { profile: args.profile, argError: args.error, env: io.env, scriptName: io.scriptName });
       io.out.write(r.stdout);
       return r.exitCode;
     }
@@ -48,6 +53,7 @@ export async function dispatch(argv: readonly string[], io: EntryIo): Promise<nu
       return runTool(first, rest, { out: io.out, env: io.env });
     }
     case 'install-agent-hook': {
+      restoreDefaultSignals(); // not an operation under the lifecycle: signals act as by default
       const { runInstallAgentHook } = await import('./install.js');
       return runInstallAgentHook(rest, { out: io.out, env: io.env, selfPath: io.selfPath, version: io.version });
     }
@@ -60,8 +66,20 @@ export async function dispatch(argv: readonly string[], io: EntryIo): Promise<nu
 
 /** Run with this process's argv, stdout and environment, then exit with the code. */
 export async function start(version: () => string): Promise<void> {
+  installSignalHandlers(); // normally done already, before anything was loaded
   const selfPath = process.argv[1] ?? '';
-  const code = await dispatch(process.argv.slice(2), {
+  const argv = process.argv.slice(2);
+  const { findLossyArgument, lossyArgumentMessage } = await import('./raw-argv.js');
+  const lossy = findLossyArgument(argv);
+  if (lossy) {
+    // Before anything is touched: a lossily decoded name could be another, existing one.
+    const [{ NasbackupError }, { createLogger, logFileFromEnv }] = await Promise.all([import('../errors.js'), import('../log.js')]);
+    const err = new NasbackupError('ARGV_NOT_UTF8', lossyArgumentMessage(argv, lossy));
+    createLogger(logFileFromEnv(process.env)).log(`ERROR [${err.code}] ${err.message}`);
+    process.stdout.write(err.toText(), () => process.exit(err.exitCode));
+    return;
+  }
+  const code = await dispatch(argv, {
     out: { write: (text) => void process.stdout.write(text) },
     env: process.env,
     scriptName: process.env.NASBACKUP_SCRIPT_NAME || selfPath,

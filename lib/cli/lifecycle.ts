@@ -1,6 +1,7 @@
 // Running one operation safely: signals wired to cancellation, a context that records
 // every NAS session and VM lock it hands out, and — on every path — locks released,
 // sessions unmounted, and failures rendered on stdout with the exit code from the table.
+import { lstat } from 'node:fs/promises';
 import type { Config } from '../config.js';
 import { EXIT_OK, NasbackupError, toNasbackupError } from '../errors.js';
 import { Runner } from '../exec.js';
@@ -9,6 +10,7 @@ import { VmLock } from '../nas/lock.js';
 import { NasSession } from '../nas/session.js';
 import { ensureWithin } from '../paths.js';
 import type { OpContext, Output } from '../ops/context.js';
+import { onTerminatingSignal } from './signals.js';
 
 export interface ExecuteIo {
   out: Output;
@@ -19,29 +21,43 @@ export interface ExecuteIo {
   json?: boolean;
 }
 
-const SIGNALS: NodeJS.Signals[] = ['SIGTERM', 'SIGINT', 'SIGHUP'];
-
+/** The process's signals (handlers installed at start-up, see signals.ts). */
 export function processSignals(handler: (signal: NodeJS.Signals) => void): () => void {
-  for (const s of SIGNALS) process.on(s, handler);
-  return () => {
-    for (const s of SIGNALS) process.off(s, handler);
-  };
+  return onTerminatingSignal(handler);
 }
 
 export async function execute(io: ExecuteIo, config: Config, logger: Logger, body: (ctx: OpContext) => Promise<void>): Promise<number> {
   const abort = new AbortController();
   let interruptedBy: NodeJS.Signals | null = null;
-  const onSignal = io.onSignal ?? processSignals;
-  const unhook = onSignal((signal) => {
-    if (interruptedBy) return; // cleanup is already under way and bounded
+  // Past the commit point the result exists: a signal no longer undoes or fails it.
+  let phase: 'work' | 'shielded' | 'committed' = 'work';
+  let lateSignal: NodeJS.Signals | null = null;
+  const stop = (signal: NodeJS.Signals): void => {
     interruptedBy = signal;
     logger.log(`Received ${signal}: stopping and cleaning up`);
     abort.abort();
+  };
+  const takeLate = (): NodeJS.Signals => {
+    const s = lateSignal!;
+    lateSignal = null;
+    return s;
+  };
+  const onSignal = io.onSignal ?? processSignals;
+  const unhook = onSignal((signal) => {
+    if (interruptedBy || lateSignal) return; // cleanup (or the finish) is already under way and bounded
+    if (phase === 'work') return stop(signal);
+    lateSignal = signal;
+    logger.log(
+      phase === 'shielded'
+        ? `Received ${signal} during a step that must not be stopped halfway: letting it finish first`
+        : `Received ${signal} after the commit point: finishing the operation and reporting its result`,
+    );
   });
 
   const runner = new Runner(logger, abort.signal);
   const sessions: NasSession[] = [];
   const locks: VmLock[] = [];
+  const leftovers: string[] = [];
   const ctx: OpContext = {
     runner,
     logger,
@@ -62,12 +78,52 @@ export async function execute(io: ExecuteIo, config: Config, logger: Logger, bod
       );
     },
     checkpoint: () => {
-      if (interruptedBy) throw new NasbackupError('INTERRUPTED', `Interrupted by ${interruptedBy}`);
+      if (interruptedBy && phase === 'work') throw new NasbackupError('INTERRUPTED', `Interrupted by ${interruptedBy}`);
+    },
+    shield: async <T>(step: () => Promise<T>): Promise<T> => {
+      if (phase !== 'work') return step();
+      ctx.checkpoint();
+      phase = 'shielded';
+      try {
+        return await step();
+      } finally {
+        phase = 'work';
+        // A signal held back meanwhile stops the operation now (the caller decides whether the work stands).
+        if (lateSignal) stop(takeLate());
+      }
+    },
+    commit: async <T>(step: () => Promise<T>): Promise<T> => {
+      if (phase !== 'work') return step();
+      ctx.checkpoint();
+      phase = 'shielded';
+      let r: T;
+      try {
+        r = await step();
+      } catch (e) {
+        phase = 'work';
+        if (lateSignal) stop(takeLate()); // it did not take effect: the held-back signal stops the operation
+        throw e;
+      }
+      phase = 'committed'; // a signal held back meanwhile stays held: the result stands
+      return r;
+    },
+    leftover: (what) => {
+      leftovers.push(what);
+      logger.log(`Left behind: ${what}`);
+    },
+    committed: () => {
+      if (phase === 'committed') return;
+      phase = 'committed';
+      // The work got done although a signal came in on its very last stretch: it stands.
+      if (interruptedBy) logger.log(`The operation completed despite ${interruptedBy}; reporting its result`);
+      lateSignal ??= interruptedBy;
+      interruptedBy = null;
     },
   };
 
   let failure: NasbackupError | null = null;
   try {
+    ctx.checkpoint(); // a signal that came in while starting: stop before anything happens
     await body(ctx);
     ctx.checkpoint();
   } catch (e) {
@@ -78,13 +134,22 @@ export async function execute(io: ExecuteIo, config: Config, logger: Logger, bod
   }
 
   const cleanupErrors: NasbackupError[] = [];
-  for (const l of locks.reverse()) await l.release();
+  for (const l of locks.reverse()) {
+    await l.release();
+    // Still there (a read-only or failing NAS): say so; the next run takes over a lock whose holder is gone.
+    if (await lstat(l.path).then(() => true, () => false)) ctx.leftover(`Could not remove the lock ${l.path}`);
+  }
   for (const s of sessions.reverse()) {
     try {
       await s.close();
     } catch (e) {
       cleanupErrors.push(toNasbackupError(e));
     }
+  }
+  if (leftovers.length > 0) {
+    // One report of everything left, the unmount problems included.
+    const all = [...leftovers, ...cleanupErrors.splice(0).map((e) => e.message)];
+    cleanupErrors.push(new NasbackupError('NAS_CLEANUP_FAILED', all.join('\n'), { details: 'Backup cleanup failed' }));
   }
   unhook();
 

@@ -93,7 +93,7 @@ async function runOperation(op: Operation, a: CliArgs, ctx: OpContext): Promise<
   switch (op) {
     case 'rebase': {
       const { rebaseOperation } = await import('../ops/rebase.js');
-      const qemuImg = new QemuImgRebaseEngine(new QemuImgClient(ctx.runner, ctx.config.qemuImgBinary, ctx.config.qemuImgTimeoutMs));
+      const qemuImg = new QemuImgRebaseEngine(new QemuImgClient(ctx.runner, ctx.config.qemuImgBinary, ctx.config.qemuImgTimeoutMs), (step) => ctx.shield(step));
       const engine = selectEngine(parseEngineMode(ctx.config.engine, 'NASBACKUP_ENGINE'), qemuImg, (m) => ctx.logger.log(m), undefined, () => ctx.checkpoint());
       await rebaseOperation(ctx, { nas: nasTarget(a), target: a.rebaseTarget!, newBacking: a.rebaseNewBacking! }, engine);
       return;

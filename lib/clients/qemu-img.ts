@@ -7,6 +7,8 @@ export interface RebaseArgs {
   backing: string;
   backingFormat: string;
   unsafe?: boolean;
+  /** Run in its own process group: a signal sent to ours does not stop it halfway. */
+  ownProcessGroup?: boolean;
 }
 
 export function rebaseArgs(a: RebaseArgs): string[] {
@@ -40,7 +42,7 @@ export class QemuImgClient {
   ) {}
 
   rebase(a: RebaseArgs): Promise<RunResult> {
-    return this.runner.run(this.binary, rebaseArgs(a), { timeoutMs: this.timeoutMs });
+    return this.runner.run(this.binary, rebaseArgs(a), { timeoutMs: this.timeoutMs, ...(a.ownProcessGroup ? { ownProcessGroup: true } : {}) });
   }
 
   /** Copy a disk into a new qcow2 (the source format is given, never probed). */

@@ -29,7 +29,8 @@ export async function makeMountPoint(tmpdir: string = process.env.TMPDIR || '/tm
       await mkdir(dir, { mode: 0o700 });
       return dir;
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST')
+        throw new NasbackupError('TMPDIR_UNUSABLE', `Cannot create a mount point in ${tmpdir} (TMPDIR): ${(e as Error).message}`);
     }
   }
   throw new NasbackupError('NAS_MOUNT_FAILED', `Cannot create a mount point in ${tmpdir}`);

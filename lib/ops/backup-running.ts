@@ -272,8 +272,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
         throw new NasbackupError('CHAIN_BROKEN', `Backup file ${work.file(d.file)} does not read as a complete chain`, { details: e.message });
       });
     }
-    ctx.checkpoint();
-    await work.commit();
+    await ctx.commit(() => work.commit());
     if (p.incrementalFrom) {
       // The parent checkpoint is no longer needed: the next incremental starts from the new one.
       const r = await virsh.checkpointDelete(a.vm, p.incrementalFrom);
@@ -314,7 +313,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
       const r = await virsh.checkpointDelete(a.vm, createdCheckpoint);
       if (!succeeded(r)) ctx.logger.log(`Warning: could not remove checkpoint ${createdCheckpoint} of the failed backup: ${failureText(r)}`);
     }
-    await work.discard().catch((err: Error) => ctx.logger.log(`Warning: could not remove ${work.path}: ${err.message}`));
+    await work.discard().catch((err: Error) => ctx.leftover(`Could not remove the unfinished backup ${work.path}: ${err.message}`));
     throw e;
   } finally {
     if (!paused) await resumeIfPaused(ctx, virsh, a.vm);

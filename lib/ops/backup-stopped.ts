@@ -57,8 +57,7 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<void
       }
     }
     await syncAfter(ctx, 'backup');
-    ctx.checkpoint();
-    await work.commit();
+    await ctx.commit(() => work.commit());
 
     // Seed the bitmap the next (running) incremental starts from. Only qcow2 files can
     // carry one; a disk without it makes that incremental fall back to a full, safely.
@@ -90,7 +89,7 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<void
     ctx.out.write(stoppedBackupText(report, sizes));
     ctx.logger.log(`Backup of stopped VM ${a.vm} to ${work.final} completed (${report.totalBytes} bytes)`);
   } catch (e) {
-    await work.discard().catch((err: Error) => ctx.logger.log(`Warning: could not remove ${work.path}: ${err.message}`));
+    await work.discard().catch((err: Error) => ctx.leftover(`Could not remove the unfinished backup ${work.path}: ${err.message}`));
     throw e;
   }
 }

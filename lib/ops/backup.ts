@@ -3,7 +3,7 @@
 // it is complete, and byte sizes computed with stat (never from `ls` columns).
 import { lstat, mkdir, readdir, rename, rm, open } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
-import { NasbackupError } from '../errors.js';
+import { NasbackupError, toNasbackupError } from '../errors.js';
 import { describeFailure, succeeded } from '../exec.js';
 import { ensureWithin, exists, parseRelativePath } from '../paths.js';
 import { parseList, type VirshClient } from '../clients/virsh.js';
@@ -154,11 +154,16 @@ export class WorkDir {
 
   /** Make it the backup: flush, rename into place, flush the rename. */
   async commit(): Promise<void> {
-    for (const name of await readdir(this.path)) await fsyncPath(join(this.path, name));
-    await fsyncPath(this.path);
-    await rename(this.path, this.final);
-    await fsyncPath(dirname(this.final));
+    try {
+      for (const name of await readdir(this.path)) await fsyncPath(join(this.path, name));
+      await fsyncPath(this.path);
+      await rename(this.path, this.final);
+    } catch (e) {
+      const code = toNasbackupError(e).code;
+      throw new NasbackupError(code === 'INTERNAL' ? 'NAS_WRITE_FAILED' : code, `Failed to finish the backup ${this.final}: ${(e as Error).message}`);
+    }
     this.done = true;
+    await fsyncPath(dirname(this.final));
   }
 
   /** Remove what this run wrote (only ever our own work folder). */

@@ -22,12 +22,31 @@ export interface OpContext {
    * operation on every path, before the NAS is unmounted.
    */
   lockVm(mountPoint: string, instance: string, operation: string): Promise<void>;
-  /** Throws INTERRUPTED once a terminating signal has arrived. */
+  /** Throws INTERRUPTED once a terminating signal has arrived (before the commit point). */
   checkpoint(): void;
+  /**
+   * Run `step` (bounded by its own deadline) with terminating signals held back: a step
+   * that must not be stopped halfway (a qemu-img rebase). A signal held back meanwhile
+   * takes effect once it is over.
+   */
+  shield<T>(step: () => Promise<T>): Promise<T>;
+  /**
+   * The commit point: `step` (the rename that makes a backup) under shield; once it has
+   * succeeded the operation finishes and reports success whatever signal arrives.
+   */
+  commit<T>(step: () => Promise<T>): Promise<T>;
+  /**
+   * Something this run wrote and could not remove (e.g. the NAS turned read-only): the
+   * run then ends with exit 20 (cleanup failed) and names it on stdout.
+   */
+  leftover(what: string): void;
+  /** Mark the commit point as passed (the work took effect, e.g. a rebase confirmed on disk). */
+  committed(): void;
 }
 
 /** Flush the NAS after writing; a failed sync is logged, not fatal (the data was written). */
-export async function syncAfter(ctx: OpContext, what: string): Promise<void> {
-  const s = await ctx.runner.run('sync', [], { timeoutMs: ctx.config.commandTimeoutMs });
+export async function syncAfter(ctx: OpContext, what: string, opts: { afterCommit?: boolean } = {}): Promise<void> {
+  // After the commit point a signal no longer cancels the flush (it is bounded by its deadline).
+  const s = await ctx.runner.run('sync', [], { timeoutMs: ctx.config.commandTimeoutMs, ...(opts.afterCommit ? { abortable: false } : {}) });
   if (!succeeded(s)) ctx.logger.log(`Warning: sync after ${what} failed: ${describeFailure(s)}`);
 }

@@ -57,7 +57,10 @@ export async function rebaseOperation(ctx: OpContext, args: RebaseArgs, engine: 
   const target = await ensureWithin(root, args.target, { what: TARGET, minDepth: 2 });
   const backing = await ensureWithin(root, args.newBacking, { what: BACKING, minDepth: 2 });
   await safeRebase(ctx, target, backing, engine, join(root, vm));
-  await syncAfter(ctx, 'rebase');
+  // Done and confirmed on disk: a signal from here on (or one that raced the engine's
+  // last step) must not turn it into a failure; the flush still runs.
+  ctx.committed();
+  await syncAfter(ctx, 'rebase', { afterCommit: true });
 }
 
 /**

@@ -20,8 +20,8 @@ export function startGroup(sb: Sandbox, args: string[], env: NodeJS.ProcessEnv =
   const child = spawn(bin, args, { env: { ...sb.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
   let stdout = '';
   let stderr = '';
-  child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
-  child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
   const done = new Promise<RunOutcome>((res) => child.on('close', (code, signal) => res({ code, signal, stdout, stderr })));
   return { child, done };
 }

@@ -109,7 +109,7 @@ async function runOperation(op: Operation, a: CliArgs, ctx: OpContext): Promise<
       return;
     }
     case 'backup': {
-      const { backupOperation, validateBackupArgs } = await import('../ops/backup.js');
+      const { backupOperation, validateBackupArgs } = await import('../ops/backup/index.js');
       await backupOperation(ctx, validateBackupArgs(a, nasTarget(a), agentProfileFromEnv(ctx.env)));
       return;
     }

@@ -7,7 +7,7 @@ import yargsFactory from 'yargs/yargs';
 import { loadConfig } from '../config.js';
 import { NasbackupError, toNasbackupError } from '../errors.js';
 import { createLogger } from '../log.js';
-import { parseRecords, computeChainRepair, type BackupRecord } from '../chain/provider-plan.js';
+import { parseRecords, computeChainRepair, type BackupRecord } from '../ops/chain/provider-plan.js';
 import { execute, type ExecuteIo } from './lifecycle.js';
 
 export const TOOLS = ['chain', 'plan-delete'] as const;
@@ -103,7 +103,7 @@ export async function runTool(tool: string, argv: readonly string[], io: Execute
     ...(records ? { records } : {}),
   };
   return execute({ ...io, json: a.json }, config, logger, async (ctx) => {
-    const ops = await import('../ops/chain.js');
+    const ops = await import('../ops/chain/index.js');
     switch (action) {
       case 'list':
         return ops.chainList(ctx, args);

@@ -1,7 +1,7 @@
 // Waiting for a libvirt push-backup job, with a scripted virsh and a fake clock: every
 // way a job can end (or not) becomes a result or a failure — never a hang.
 import { describe, expect, it } from 'vitest';
-import { waitForBackupJob, type WaitOptions } from '../../lib/backup/job.js';
+import { waitForBackupJob, type WaitOptions } from '../../lib/ops/backup/job.js';
 import type { VirshClient } from '../../lib/clients/virsh.js';
 import { NasbackupError } from '../../lib/errors.js';
 import type { RunResult } from '../../lib/exec.js';

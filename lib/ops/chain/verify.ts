@@ -4,9 +4,9 @@
 // and `qemu-img check` clean. Header and metadata walking is native; only the structural
 // check runs qemu-img, and never on a chain our reader rejected (a FIFO or a loop would
 // hang it).
-import { readChain } from '../qcow2/index.js';
+import { readChain } from '../../qcow2/index.js';
 import { backingFile, insideInstance, type BackupFile, type VmBackups } from './discover.js';
-import { inspectChain, type ChainProblem } from './safety.js';
+import { inspectChain, type ChainProblem } from '../../store/safety.js';
 
 export interface FileReport {
   file: string;

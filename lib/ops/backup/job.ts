@@ -1,9 +1,9 @@
 // Waiting for a libvirt push-backup job: a short, growing poll interval under an
 // overall deadline. Completed → the statistics block; Failed/Cancelled → libvirt's
 // own error text; a job that vanishes or never ends → a failure, never a hang.
-import { NasbackupError } from '../errors.js';
-import { describeFailure, succeeded } from '../exec.js';
-import { parseJobInfo, parseSize, type VirshClient } from '../clients/virsh.js';
+import { NasbackupError } from '../../errors.js';
+import { describeFailure, succeeded } from '../../exec.js';
+import { parseJobInfo, parseSize, type VirshClient } from '../../clients/virsh.js';
 
 export interface WaitOptions {
   deadlineMs: number;

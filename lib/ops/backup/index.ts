@@ -3,14 +3,14 @@
 // it is complete, and byte sizes computed with stat (never from `ls` columns).
 import { lstat, mkdir, readdir, rename, rm, open } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
-import { NasbackupError } from '../errors.js';
-import { describeFailure, succeeded } from '../exec.js';
-import { ensureWithin, exists, parseRelativePath } from '../paths.js';
-import { parseList, type VirshClient } from '../clients/virsh.js';
-import type { AgentProfile } from '../agent-output.js';
-import type { CliArgs } from '../cli/args.js';
-import type { NasTarget } from '../nas/session.js';
-import type { OpContext } from './context.js';
+import { NasbackupError } from '../../errors.js';
+import { describeFailure, succeeded } from '../../exec.js';
+import { ensureWithin, exists, parseRelativePath } from '../../paths.js';
+import { parseList, type VirshClient } from '../../clients/virsh.js';
+import type { AgentProfile } from '../../agent-output.js';
+import type { CliArgs } from '../../cli/args.js';
+import type { NasTarget } from '../../nas/session.js';
+import type { OpContext } from '../context.js';
 
 export type BackupMode = 'legacy' | 'full' | 'incremental';
 
@@ -188,7 +188,7 @@ export async function apparentSize(path: string): Promise<bigint> {
 }
 
 export async function backupOperation(ctx: OpContext, args: BackupArgs): Promise<void> {
-  const { VirshClient: Virsh } = await import('../clients/virsh.js');
+  const { VirshClient: Virsh } = await import('../../clients/virsh.js');
   const virsh = new Virsh(ctx.runner, ctx.config.virshBinary, ctx.config.commandTimeoutMs);
   const state = await vmState(virsh, args.vm);
   ctx.logger.log(`Backup of ${args.vm}: state ${state.kind === 'other' ? state.state : state.kind}, mode ${args.mode}`);
@@ -197,7 +197,7 @@ export async function backupOperation(ctx: OpContext, args: BackupArgs): Promise
     case 'paused': {
       // With -d the agent thought the VM stopped; running, it needs what an incremental needs.
       checkIncrementalArgs(args);
-      const { runningBackup } = await import('./backup-running.js');
+      const { runningBackup } = await import('./running.js');
       await runningBackup(ctx, args, virsh, state.kind === 'paused');
       return;
     }
@@ -205,7 +205,7 @@ export async function backupOperation(ctx: OpContext, args: BackupArgs): Promise
       if (args.diskPaths.length === 0) {
         throw new NasbackupError('NO_DISKS', `VM ${args.vm} is not running and no disk paths (-d) were given; nothing to back up`);
       }
-      const { stoppedBackup } = await import('./backup-stopped.js');
+      const { stoppedBackup } = await import('./stopped.js');
       await stoppedBackup(ctx, args);
       return;
     }

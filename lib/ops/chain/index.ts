@@ -3,18 +3,18 @@
 // run interrupted anywhere is finished by running it again.
 import { lstat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { NasbackupError } from '../errors.js';
-import { ensureWithin, exists, parseRelativePath } from '../paths.js';
-import { QemuImgClient } from '../clients/qemu-img.js';
-import { discover, type VmBackups } from '../chain/discover.js';
-import { planDelete, type DeletePlan } from '../chain/plan.js';
-import type { BackupRecord } from '../chain/provider-plan.js';
-import { verifyChains, type VerifyReport } from '../chain/verify.js';
-import type { RebaseEngine } from '../engine/types.js';
-import type { NasTarget } from '../nas/session.js';
-import { syncAfter, type OpContext } from './context.js';
-import { removeTree } from './delete.js';
-import { safeRebase } from './rebase.js';
+import { NasbackupError } from '../../errors.js';
+import { ensureWithin, exists, parseRelativePath } from '../../paths.js';
+import { QemuImgClient } from '../../clients/qemu-img.js';
+import { discover, type VmBackups } from './discover.js';
+import { planDelete, type DeletePlan } from './plan.js';
+import type { BackupRecord } from './provider-plan.js';
+import { verifyChains, type VerifyReport } from './verify.js';
+import type { RebaseEngine } from '../../engine/types.js';
+import type { NasTarget } from '../../nas/session.js';
+import { syncAfter, type OpContext } from '../context.js';
+import { removeTree } from '../delete.js';
+import { safeRebase } from '../rebase.js';
 
 export interface ChainArgs {
   nas: NasTarget;

@@ -2,15 +2,15 @@
 // (the original carried on into a deleted folder); bitmaps are added to the sources
 // only once every copy succeeded, so the next running backup can be incremental.
 import { stat } from 'node:fs/promises';
-import { stoppedBackupText, STOPPED_FALLBACK_REASON, type BackupReport } from '../agent-output.js';
-import { NasbackupError } from '../errors.js';
-import { exists, parseRelativePath } from '../paths.js';
-import { failureText, succeeded } from '../exec.js';
-import { Qcow2Error, readHeader } from '../qcow2/index.js';
-import { parseImageBitmaps, QemuImgClient } from '../clients/qemu-img.js';
-import { backupFileName, volumeId } from '../backup/disks.js';
-import { apparentSize, WorkDir, type BackupArgs } from './backup.js';
-import { syncAfter, type OpContext } from './context.js';
+import { stoppedBackupText, STOPPED_FALLBACK_REASON, type BackupReport } from '../../agent-output.js';
+import { NasbackupError } from '../../errors.js';
+import { exists, parseRelativePath } from '../../paths.js';
+import { failureText, succeeded } from '../../exec.js';
+import { Qcow2Error, readHeader } from '../../qcow2/index.js';
+import { parseImageBitmaps, QemuImgClient } from '../../clients/qemu-img.js';
+import { backupFileName, volumeId } from '../../store/disks.js';
+import { apparentSize, WorkDir, type BackupArgs } from './index.js';
+import { syncAfter, type OpContext } from '../context.js';
 
 
 /**

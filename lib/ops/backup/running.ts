@@ -3,20 +3,20 @@
 // frozen only for the instant of backup-begin, and a clean undo on every failure.
 import { stat, unlink, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
-import { runningBackupText, stoppedBackupText, type BackupReport } from '../agent-output.js';
-import { NasbackupError } from '../errors.js';
-import { describeFailure, failureText, succeeded, type RunResult } from '../exec.js';
-import { ensureWithin, exists, parseRelativePath } from '../paths.js';
-import { readChain, readHeader } from '../qcow2/index.js';
-import { chainRefusal, inspectChain } from '../chain/safety.js';
-import { QemuImgClient } from '../clients/qemu-img.js';
-import { parseDomblklistDetails, parseJobInfo, parseQueryBlock, type VirshClient } from '../clients/virsh.js';
-import { backupFileName, matchParents, volumeId } from '../backup/disks.js';
-import { waitForBackupJob } from '../backup/job.js';
-import { createProgress } from '../backup/progress.js';
-import { backupXml, checkpointXml, redefineCheckpointXml } from '../backup/xml.js';
-import { apparentSize, WorkDir, type BackupArgs } from './backup.js';
-import { syncAfter, type OpContext } from './context.js';
+import { runningBackupText, stoppedBackupText, type BackupReport } from '../../agent-output.js';
+import { NasbackupError } from '../../errors.js';
+import { describeFailure, failureText, succeeded, type RunResult } from '../../exec.js';
+import { ensureWithin, exists, parseRelativePath } from '../../paths.js';
+import { readChain, readHeader } from '../../qcow2/index.js';
+import { chainRefusal, inspectChain } from '../../store/safety.js';
+import { QemuImgClient } from '../../clients/qemu-img.js';
+import { parseDomblklistDetails, parseJobInfo, parseQueryBlock, type VirshClient } from '../../clients/virsh.js';
+import { backupFileName, matchParents, volumeId } from '../../store/disks.js';
+import { waitForBackupJob } from './job.js';
+import { createProgress } from './progress.js';
+import { backupXml, checkpointXml, redefineCheckpointXml } from './xml.js';
+import { apparentSize, WorkDir, type BackupArgs } from './index.js';
+import { syncAfter, type OpContext } from '../context.js';
 
 interface Disk {
   target: string;

@@ -3,6 +3,7 @@
 // sessions unmounted, and failures rendered on stdout with the exit code from the table.
 import type { Config } from '../config.js';
 import { EXIT_OK, NasbackupError, toNasbackupError } from '../errors.js';
+import { makeClients } from '../clients/index.js';
 import { Runner } from '../exec.js';
 import type { Logger } from '../log.js';
 import { VmLock } from '../nas/lock.js';
@@ -43,7 +44,7 @@ export async function execute(io: ExecuteIo, config: Config, logger: Logger, bod
   const sessions: NasSession[] = [];
   const locks: VmLock[] = [];
   const ctx: OpContext = {
-    runner,
+    clients: makeClients(runner, config),
     logger,
     config,
     env: io.env,

@@ -114,10 +114,9 @@ export async function runTool(tool: string, argv: readonly string[], io: Execute
         await ops.chainPlanDelete(ctx, args);
         return;
       case 'delete': {
-        const { QemuImgClient } = await import('../clients/qemu-img.js');
         const { QemuImgRebaseEngine } = await import('../engine/qemu-img.js');
         const { parseEngineMode, selectEngine } = await import('../engine/select.js');
-        const qemuImg = new QemuImgRebaseEngine(new QemuImgClient(ctx.runner, config.qemuImgBinary, config.qemuImgTimeoutMs));
+        const qemuImg = new QemuImgRebaseEngine(ctx.clients.qemuImg);
         const engine = selectEngine(parseEngineMode(engineMode, a.engine ? '--engine' : 'NASBACKUP_ENGINE'), qemuImg, (m) => ctx.logger.log(m), undefined, () => ctx.checkpoint());
         return ops.chainDelete(ctx, args, engine);
       }

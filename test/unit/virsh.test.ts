@@ -56,7 +56,7 @@ describe('parseDomblklistDetails', () => {
   });
   it('a trailing space after a source is not part of it', async () => {
     const text = ' Type   Device   Target   Source\n-------------------------------\n file   disk     vda      /a b/c   \n';
-    expect(await (await parseDomblklistDetails(text))[0]!.source).toBe('/a b/c');
+    expect((await parseDomblklistDetails(text))[0]!.source).toBe('/a b/c');
   });
 });
 

@@ -13,21 +13,6 @@ export interface HostVersions {
   api: string;
 }
 
-const lastField = (line: string | undefined): string | undefined => line?.trim().split(/\s+/).at(-1);
-
-/** Same extraction rules as the original: `hypervisor` line, LAST `libvirt` line, `API` line. */
-export function parseVirshVersion(text: string): Partial<HostVersions> {
-  const lines = text.split('\n');
-  const out: Partial<HostVersions> = {};
-  const qemu = lastField(lines.find((l) => l.includes('hypervisor')));
-  const libvirt = lastField(lines.filter((l) => l.includes('libvirt')).at(-1));
-  const api = lastField(lines.find((l) => l.includes('API')));
-  if (qemu) out.qemu = qemu;
-  if (libvirt) out.libvirt = libvirt;
-  if (api) out.api = api;
-  return out;
-}
-
 /** Numeric dot-segment comparison; missing segments count as 0 (like the original's vercomp). */
 export function compareVersions(a: string, b: string): -1 | 0 | 1 {
   const pa = a.split('.');
@@ -48,13 +33,12 @@ export function unsupportedMessage(v: HostVersions): string {
 }
 
 export async function checkHostVersions(virsh: VirshClient, logger: Logger): Promise<HostVersions> {
-  const text = await virsh.version();
-  const p = parseVirshVersion(text);
+  const p = await virsh.version();
   if (!p.qemu || !p.libvirt) {
     throw new NasbackupError(
       'VERSION_UNPARSEABLE',
       'Cannot determine the QEMU/libvirt versions from `virsh version`',
-      { details: text },
+      { details: p.text },
     );
   }
   const v: HostVersions = { qemu: p.qemu, libvirt: p.libvirt, api: p.api ?? '' };

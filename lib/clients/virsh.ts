@@ -120,6 +120,29 @@ const RESTORE_FILES = {
 export type RestoreFile = keyof typeof RESTORE_FILES;
 export const RESTORE_FILE_NAMES = Object.keys(RESTORE_FILES) as RestoreFile[];
 
+/** What `virsh version` says (each field only when found), and its text for error details. */
+export interface VirshVersions {
+  qemu?: string;
+  libvirt?: string;
+  api?: string;
+  text: string;
+}
+
+const lastField = (line: string | undefined): string | undefined => line?.trim().split(/\s+/).at(-1);
+
+/** Same extraction rules as the original: `hypervisor` line, LAST `libvirt` line, `API` line. */
+function parseVirshVersion(text: string): VirshVersions {
+  const lines = text.split('\n');
+  const out: VirshVersions = { text };
+  const qemu = lastField(lines.find((l) => l.includes('hypervisor')));
+  const libvirt = lastField(lines.filter((l) => l.includes('libvirt')).at(-1));
+  const api = lastField(lines.find((l) => l.includes('API')));
+  if (qemu) out.qemu = qemu;
+  if (libvirt) out.libvirt = libvirt;
+  if (api) out.api = api;
+  return out;
+}
+
 export class VirshClient {
   constructor(
     private readonly runner: Runner,
@@ -142,12 +165,12 @@ export class VirshClient {
   }
 
   /** `virsh version`, without `-c`, as the original's sanity check runs it. */
-  async version(): Promise<string> {
+  async version(): Promise<VirshVersions> {
     const r = await this.runner.run(this.binary, ['version'], { timeoutMs: this.timeoutMs });
     if (!succeeded(r)) {
       throw new ToolError('LIBVIRT_UNAVAILABLE', `Cannot query the QEMU/libvirt versions (${describeFailure(r)}); is libvirtd running?`, r, r.stderr || r.stdout);
     }
-    return r.stdout;
+    return parseVirshVersion(r.stdout);
   }
 
   /** The active domains. */

@@ -4,6 +4,7 @@
 import { lstat } from 'node:fs/promises';
 import type { Config } from '../config.js';
 import { EXIT_OK, NasbackupError, toNasbackupError } from '../errors.js';
+import { makeClients } from '../clients/index.js';
 import { Runner } from '../exec.js';
 import type { Logger } from '../log.js';
 import { VmLock } from '../nas/lock.js';
@@ -59,7 +60,7 @@ export async function execute(io: ExecuteIo, config: Config, logger: Logger, bod
   const locks: VmLock[] = [];
   const leftovers: string[] = [];
   const ctx: OpContext = {
-    runner,
+    clients: makeClients(runner, config),
     logger,
     config,
     env: io.env,

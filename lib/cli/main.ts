@@ -6,8 +6,6 @@ import { loadConfig, type Config } from '../config.js';
 import { EXIT_OK, NasbackupError, toNasbackupError } from '../errors.js';
 import { createLogger, type Logger } from '../log.js';
 import type { NasTarget } from '../nas/session.js';
-import { QemuImgClient } from '../clients/qemu-img.js';
-import { VirshClient } from '../clients/virsh.js';
 import { QemuImgRebaseEngine } from '../engine/qemu-img.js';
 import { parseEngineMode, selectEngine } from '../engine/select.js';
 import { checkHostVersions } from '../sanity.js';
@@ -81,7 +79,7 @@ export async function main(argv: readonly string[], io: MainIo): Promise<number>
   // --json: the operation's agent text goes to a buffer and comes out as one object.
   const report = json ? (await import('./json.js')).jsonReport(op, args, io.env) : null;
   const code = await execute({ ...io, json }, config, logger, async (ctx) => {
-    if (needsVersions) await checkHostVersions(new VirshClient(ctx.runner, config.virshBinary, config.commandTimeoutMs), logger);
+    if (needsVersions) await checkHostVersions(ctx.clients.virsh, logger);
     ctx.checkpoint();
     await runOperation(op, args, report ? { ...ctx, out: report.out } : ctx);
   });
@@ -93,7 +91,7 @@ async function runOperation(op: Operation, a: CliArgs, ctx: OpContext): Promise<
   switch (op) {
     case 'rebase': {
       const { rebaseOperation } = await import('../ops/rebase.js');
-      const qemuImg = new QemuImgRebaseEngine(new QemuImgClient(ctx.runner, ctx.config.qemuImgBinary, ctx.config.qemuImgTimeoutMs), (step) => ctx.shield(step));
+      const qemuImg = new QemuImgRebaseEngine(ctx.clients.qemuImg, (step) => ctx.shield(step));
       const engine = selectEngine(parseEngineMode(ctx.config.engine, 'NASBACKUP_ENGINE'), qemuImg, (m) => ctx.logger.log(m), undefined, () => ctx.checkpoint());
       await rebaseOperation(ctx, { nas: nasTarget(a), target: a.rebaseTarget!, newBacking: a.rebaseNewBacking! }, engine);
       return;
@@ -109,7 +107,7 @@ async function runOperation(op: Operation, a: CliArgs, ctx: OpContext): Promise<
       return;
     }
     case 'backup': {
-      const { backupOperation, validateBackupArgs } = await import('../ops/backup.js');
+      const { backupOperation, validateBackupArgs } = await import('../ops/backup/index.js');
       await backupOperation(ctx, validateBackupArgs(a, nasTarget(a), agentProfileFromEnv(ctx.env)));
       return;
     }

@@ -7,7 +7,7 @@ import yargsFactory from 'yargs/yargs';
 import { loadConfig } from '../config.js';
 import { NasbackupError, toNasbackupError } from '../errors.js';
 import { createLogger } from '../log.js';
-import { parseRecords, computeChainRepair, type BackupRecord } from '../chain/provider-plan.js';
+import { parseRecords, computeChainRepair, type BackupRecord } from '../ops/chain/provider-plan.js';
 import { execute, type ExecuteIo } from './lifecycle.js';
 
 export const TOOLS = ['chain', 'plan-delete'] as const;
@@ -103,7 +103,7 @@ export async function runTool(tool: string, argv: readonly string[], io: Execute
     ...(records ? { records } : {}),
   };
   return execute({ ...io, json: a.json }, config, logger, async (ctx) => {
-    const ops = await import('../ops/chain.js');
+    const ops = await import('../ops/chain/index.js');
     switch (action) {
       case 'list':
         return ops.chainList(ctx, args);
@@ -114,10 +114,9 @@ export async function runTool(tool: string, argv: readonly string[], io: Execute
         await ops.chainPlanDelete(ctx, args);
         return;
       case 'delete': {
-        const { QemuImgClient } = await import('../clients/qemu-img.js');
         const { QemuImgRebaseEngine } = await import('../engine/qemu-img.js');
         const { parseEngineMode, selectEngine } = await import('../engine/select.js');
-        const qemuImg = new QemuImgRebaseEngine(new QemuImgClient(ctx.runner, config.qemuImgBinary, config.qemuImgTimeoutMs), (step) => ctx.shield(step));
+        const qemuImg = new QemuImgRebaseEngine(ctx.clients.qemuImg, (step) => ctx.shield(step));
         const engine = selectEngine(parseEngineMode(engineMode, a.engine ? '--engine' : 'NASBACKUP_ENGINE'), qemuImg, (m) => ctx.logger.log(m), undefined, () => ctx.checkpoint());
         return ops.chainDelete(ctx, args, engine);
       }

@@ -3,7 +3,7 @@
 import { NasbackupError } from '../errors.js';
 import { validateDeleteArgs } from '../ops/delete.js';
 import { validateRebaseArgs } from '../ops/rebase.js';
-import { validateBackupArgs } from '../ops/backup.js';
+import { validateBackupArgs } from '../ops/backup/index.js';
 import type { CliArgs, Operation } from './args.js';
 
 export function validateOperationArgs(op: Operation, a: CliArgs): void {

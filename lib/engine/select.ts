@@ -6,7 +6,7 @@
 // damage or an unsafe input found by the dry run is refused (qemu-img would copy zeros
 // where the data was, or follow what it should not).
 import { basename, dirname } from 'node:path';
-import { refusalForQcow2 } from '../chain/safety.js';
+import { refusalForQcow2 } from '../store/safety.js';
 import { NasbackupError } from '../errors.js';
 import { readChain, Qcow2Error, UNSUPPORTED_CODES, nativeRebase } from '../qcow2/index.js';
 import { ProcLocksProbe, type LockProbe } from './locks.js';

@@ -5,7 +5,8 @@ import { randomInt } from 'node:crypto';
 import { mkdir, rmdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { NasbackupError } from '../errors.js';
-import { describeFailure, failureText, succeeded, type Runner } from '../exec.js';
+import type { Runner } from '../exec.js';
+import { softly, ToolError } from '../clients/failure.js';
 import { effectiveMountOptions, isMountPoint, MountClient } from '../clients/mount.js';
 import type { Config } from '../config.js';
 import type { Logger } from '../log.js';
@@ -77,17 +78,13 @@ export class NasSession {
   private async mount(): Promise<void> {
     const { type, address } = this.target;
     const options = effectiveMountOptions(type, this.target.options);
-    const r = await this.mounts.mount({ type, source: address, target: this.mountPoint, options }, this.config.mountTimeoutMs);
-    // A mount that timed out or was interrupted may still have happened.
-    this.mounted = succeeded(r) || (await isMountPoint(this.mountPoint));
-    if (!succeeded(r)) {
-      const output = [r.stderr, r.stdout].filter(Boolean).join('');
-      if (r.canceled) throw new NasbackupError('INTERRUPTED', `Interrupted while mounting ${type} store`);
-      throw new NasbackupError(
-        r.timedOut ? 'NAS_MOUNT_TIMEOUT' : 'NAS_MOUNT_FAILED',
-        `Failed to mount ${type} store`,
-        { details: output.trim() || describeFailure(r) },
-      );
+    try {
+      await this.mounts.mount({ type, source: address, target: this.mountPoint, options }, this.config.mountTimeoutMs);
+      this.mounted = true;
+    } catch (e) {
+      // A mount that timed out or was interrupted may still have happened.
+      this.mounted = await isMountPoint(this.mountPoint);
+      throw e;
     }
     this.logger.log(`Successfully mounted ${type} store`);
   }
@@ -117,22 +114,25 @@ export class NasSession {
     const { umountAttempts, umountTimeoutMs, umountRetryDelayMs } = this.config;
     let last = '';
     for (let attempt = 1; attempt <= umountAttempts; attempt++) {
-      const r = await this.mounts.umount(this.mountPoint, umountTimeoutMs);
-      if (succeeded(r) || !(await isMountPoint(this.mountPoint))) {
+      const failed = await softly(this.mounts.umount(this.mountPoint, umountTimeoutMs));
+      if (failed === null || !(await isMountPoint(this.mountPoint))) {
         this.mounted = false;
         return null;
       }
-      last = failureText(r);
+      last = failed;
       this.logger.log(`umount ${this.mountPoint} failed (attempt ${attempt}/${umountAttempts}): ${last}`);
       if (attempt < umountAttempts) await sleep(umountRetryDelayMs * attempt);
     }
     // Still busy (CIFS "target is busy"): detach it so nothing is left mounted on the host.
-    const lazy = await this.mounts.umount(this.mountPoint, umountTimeoutMs, true);
+    const lazy = await this.mounts.umount(this.mountPoint, umountTimeoutMs, true).then(
+      () => '',
+      (e: unknown) => (e instanceof ToolError ? e.output : Promise.reject(e)),
+    );
     if (!(await isMountPoint(this.mountPoint))) {
       this.mounted = false;
       this.logger.log(`Warning: ${this.mountPoint} was busy; detached with a lazy unmount`);
       return null;
     }
-    return `Failed to unmount ${this.mountPoint}: ${(lazy.stderr || last).trim()}`;
+    return `Failed to unmount ${this.mountPoint}: ${(lazy || last).trim()}`;
   }
 }

@@ -1,7 +1,9 @@
-// What every operation gets: how to run programs, log, read config, write stdout,
-// and how to open a NAS session that the lifecycle will always close.
+// What every operation gets: the clients of the programs it runs, log, config, stdout,
+// and how to open a NAS session that the lifecycle will always close. No operation
+// gets the Runner itself: every child process goes through a client.
 import type { Config } from '../config.js';
-import { describeFailure, succeeded, type Runner } from '../exec.js';
+import { ToolError } from '../clients/failure.js';
+import type { Clients } from '../clients/index.js';
 import type { Logger } from '../log.js';
 import type { NasSession, NasTarget } from '../nas/session.js';
 
@@ -10,7 +12,7 @@ export interface Output {
 }
 
 export interface OpContext {
-  runner: Runner;
+  clients: Clients;
   logger: Logger;
   config: Config;
   env: NodeJS.ProcessEnv;
@@ -47,6 +49,8 @@ export interface OpContext {
 /** Flush the NAS after writing; a failed sync is logged, not fatal (the data was written). */
 export async function syncAfter(ctx: OpContext, what: string, opts: { afterCommit?: boolean } = {}): Promise<void> {
   // After the commit point a signal no longer cancels the flush (it is bounded by its deadline).
-  const s = await ctx.runner.run('sync', [], { timeoutMs: ctx.config.commandTimeoutMs, ...(opts.afterCommit ? { abortable: false } : {}) });
-  if (!succeeded(s)) ctx.logger.log(`Warning: sync after ${what} failed: ${describeFailure(s)}`);
+  await ctx.clients.host.sync({ abortable: !opts.afterCommit }).catch((e: unknown) => {
+    if (!(e instanceof ToolError)) throw e;
+    ctx.logger.log(`Warning: sync after ${what} failed: ${e.reason}`);
+  });
 }

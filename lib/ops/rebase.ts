@@ -3,7 +3,7 @@
 // failure never touches anything but the target (the original wiped the share).
 import { stat } from 'node:fs/promises';
 import { basename, dirname, join, relative } from 'node:path';
-import { assertChainSafe } from '../chain/safety.js';
+import { assertChainSafe } from '../store/safety.js';
 import { NasbackupError } from '../errors.js';
 import { parseRelativePath, ensureWithin } from '../paths.js';
 import { readChain, indexInChain, Qcow2Error, readHeader, type Chain } from '../qcow2/index.js';

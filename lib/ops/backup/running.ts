@@ -3,20 +3,22 @@
 // frozen only for the instant of backup-begin, and a clean undo on every failure.
 import { stat, unlink, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
-import { runningBackupText, stoppedBackupText, type BackupReport } from '../agent-output.js';
-import { NasbackupError } from '../errors.js';
-import { describeFailure, failureText, succeeded, type RunResult } from '../exec.js';
-import { ensureWithin, exists, parseRelativePath } from '../paths.js';
-import { readChain, readHeader } from '../qcow2/index.js';
-import { chainRefusal, inspectChain } from '../chain/safety.js';
-import { QemuImgClient } from '../clients/qemu-img.js';
-import { parseDomblklistDetails, parseJobInfo, parseQueryBlock, type VirshClient } from '../clients/virsh.js';
-import { backupFileName, matchParents, volumeId } from '../backup/disks.js';
-import { waitForBackupJob } from '../backup/job.js';
-import { createProgress } from '../backup/progress.js';
-import { backupXml, checkpointXml, redefineCheckpointXml } from '../backup/xml.js';
-import { apparentSize, WorkDir, type BackupArgs } from './backup.js';
-import { syncAfter, type OpContext } from './context.js';
+import { runningBackupText, stoppedBackupText, type BackupReport } from '../../agent-output.js';
+import { NasbackupError } from '../../errors.js';
+import { ensureWithin, exists, parseRelativePath } from '../../paths.js';
+import { readChain, readHeader } from '../../qcow2/index.js';
+import { chainRefusal, inspectChain } from '../../store/safety.js';
+import type { QemuImgClient } from '../../clients/qemu-img.js';
+import { softly } from '../../clients/failure.js';
+import { RESTORE_FILE_NAMES, type QueryBlockEntry, type VirshClient } from '../../clients/virsh.js';
+import { backupFileName, matchParents, volumeId } from '../../store/disks.js';
+import { waitForBackupJob } from './job.js';
+import { createProgress } from './progress.js';
+import { backupXml, checkpointXml, redefineCheckpointXml } from './xml.js';
+import type { BackupArgs } from './index.js';
+import { apparentSize, WorkDir } from './workdir.js';
+import { syncAfter, type OpContext } from '../context.js';
+import { UndoStack } from '../undo.js';
 
 interface Disk {
   target: string;
@@ -27,14 +29,8 @@ interface Disk {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-function virshError(code: 'VIRSH_FAILED', what: string, r: RunResult): NasbackupError {
-  return new NasbackupError(code, `${what} failed (${describeFailure(r)})`, { details: failureText(r) });
-}
-
 async function listDisks(virsh: VirshClient, vm: string): Promise<Disk[]> {
-  const r = await virsh.domblklistDetails(vm);
-  if (!succeeded(r)) throw virshError('VIRSH_FAILED', `virsh domblklist ${vm}`, r);
-  const rows = parseDomblklistDetails(r.stdout).filter((d) => d.device === 'disk' && d.source !== '-');
+  const rows = (await virsh.blockDevices(vm)).filter((d) => d.device === 'disk' && d.source !== '-');
   if (rows.length === 0) throw new NasbackupError('NO_DISKS', `VM ${vm} has no disks to back up`);
   const disks = rows.map((d, i) => {
     const volId = volumeId(d.source);
@@ -72,14 +68,11 @@ interface Plan {
 async function plan(ctx: OpContext, virsh: VirshClient, a: BackupArgs, disks: Disk[], mount: string, work: WorkDir): Promise<Plan> {
   if (a.mode === 'legacy') return { incrementalFrom: null, newCheckpoint: null, parents: [], fallbackReason: null };
   const newCheckpoint = a.bitmapNew!;
-  const list = await virsh.checkpointList(a.vm);
-  if (!succeeded(list)) throw virshError('VIRSH_FAILED', `virsh checkpoint-list ${a.vm}`, list);
-  const names = list.stdout.split('\n').map((l) => l.trim()).filter(Boolean);
+  const names = await virsh.checkpoints(a.vm);
   if (names.includes(newCheckpoint) && newCheckpoint !== a.bitmapParent) {
     // Left by an earlier attempt of this same backup: it is ours to replace.
     ctx.logger.log(`Removing stale checkpoint ${newCheckpoint} of ${a.vm} left by an earlier attempt`);
-    const d = await virsh.checkpointDelete(a.vm, newCheckpoint);
-    if (!succeeded(d)) throw virshError('VIRSH_FAILED', `virsh checkpoint-delete ${a.vm} ${newCheckpoint}`, d);
+    await virsh.checkpointDelete(a.vm, newCheckpoint);
   }
   if (a.mode === 'full') return { incrementalFrom: null, newCheckpoint, parents: [], fallbackReason: null };
 
@@ -113,14 +106,9 @@ async function plan(ctx: OpContext, virsh: VirshClient, a: BackupArgs, disks: Di
   // libvirt 9 refuses it at backup-begin, which would fail the backup, not fall back.
   const registered = names.includes(parent);
   const untrusted = (reason: string): Plan => ({ ...full(reason), dropParent: registered && parent !== newCheckpoint ? parent : null });
-  const q = await virsh.queryBlock(a.vm);
-  if (!succeeded(q)) return full(`cannot inspect the disks' bitmaps: ${failureText(q)}`);
-  let entries;
-  try {
-    entries = parseQueryBlock(q.stdout);
-  } catch (e) {
-    return full(`cannot inspect the disks' bitmaps: ${(e as Error).message}`);
-  }
+  let entries: QueryBlockEntry[] = [];
+  const unreadable = await softly(virsh.queryBlock(a.vm).then((q) => (entries = q)));
+  if (unreadable !== null) return full(`cannot inspect the disks' bitmaps: ${unreadable}`);
   for (const d of disks) {
     const entry = entries.find((e) => e.file === d.source);
     const bm = entry?.bitmaps.find((b) => b.name === parent);
@@ -133,26 +121,25 @@ async function plan(ctx: OpContext, virsh: VirshClient, a: BackupArgs, disks: Di
   const xml = work.file('redefine-checkpoint.xml');
   const epoch = /(\d{9,})$/.exec(parent);
   await writeFile(xml, redefineCheckpointXml(parent, epoch ? Number(epoch[1]) : Math.floor(Date.now() / 1000), disks.map((d) => d.target)));
-  const r = await virsh.checkpointCreate(a.vm, xml, true);
+  const refused = await softly(virsh.checkpointCreate(a.vm, xml, true));
   await unlink(xml).catch(() => {});
-  if (!succeeded(r)) return full(`cannot register the existing checkpoint ${parent}: ${failureText(r)}`);
+  if (refused !== null) return full(`cannot register the existing checkpoint ${parent}: ${refused}`);
   ctx.logger.log(`Registered existing checkpoint ${parent} of ${a.vm} (bitmap present on every disk)`);
   return { incrementalFrom: parent, newCheckpoint, parents, fallbackReason: null, dropParent: null };
 }
 
 /** Freeze through the guest agent. Returns null on success, or why it failed. */
 async function freeze(virsh: VirshClient, vm: string, timeoutSec: number): Promise<string | null> {
-  const r = await virsh.agentCommand(vm, '{"execute":"guest-fsfreeze-freeze"}', timeoutSec);
-  return succeeded(r) ? null : failureText(r);
+  return softly(virsh.guestFreeze(vm, timeoutSec));
 }
 
 /** Thaw, retried: a guest must never stay frozen because of us. */
 async function thaw(ctx: OpContext, virsh: VirshClient, vm: string): Promise<string | null> {
   let last = '';
   for (let attempt = 1; attempt <= 3; attempt++) {
-    const r = await virsh.agentCommand(vm, '{"execute":"guest-fsfreeze-thaw"}', ctx.config.quiesceTimeoutSec, false);
-    if (succeeded(r)) return null;
-    last = failureText(r);
+    const failed = await softly(virsh.guestThaw(vm, ctx.config.quiesceTimeoutSec));
+    if (failed === null) return null;
+    last = failed;
     ctx.logger.log(`Thaw of ${vm} failed (attempt ${attempt}/3): ${last}`);
     if (attempt < 3) await sleep(500 * attempt);
   }
@@ -161,28 +148,27 @@ async function thaw(ctx: OpContext, virsh: VirshClient, vm: string): Promise<str
 
 /** Abort the job and wait (bounded) until libvirt no longer runs it. */
 async function abortJob(ctx: OpContext, virsh: VirshClient, vm: string): Promise<void> {
-  const r = await virsh.jobAbort(vm);
-  if (!succeeded(r)) ctx.logger.log(`domjobabort ${vm}: ${failureText(r)}`);
+  const refused = await softly(virsh.jobAbort(vm));
+  if (refused !== null) ctx.logger.log(`domjobabort ${vm}: ${refused}`);
   for (let i = 0; i < 50; i++) {
-    const j = await virsh.jobInfo(vm);
-    const t = parseJobInfo(j.stdout).get('Job type');
-    if (!succeeded(j) || (t !== 'Unbounded' && t !== 'Bounded')) return;
+    const t = await virsh.jobInfo(vm).then((j) => j.type, () => null);
+    if (t !== 'Unbounded' && t !== 'Bounded') return;
     await sleep(200);
   }
   ctx.logger.log(`Warning: the backup job of ${vm} was still running 10 s after domjobabort`);
 }
 
 export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshClient, paused: boolean): Promise<void> {
-  const qemuImg = new QemuImgClient(ctx.runner, ctx.config.qemuImgBinary, ctx.config.qemuImgTimeoutMs);
+  const { qemuImg } = ctx.clients;
   const nas = await ctx.openNas(a.nas);
   const disks = await listDisks(virsh, a.vm);
   await ctx.lockVm(nas.mountPoint, parseRelativePath(a.path, { what: '-p' })[0]!, 'backup');
   const work = await WorkDir.create(nas.mountPoint, a.path);
 
-  let jobStarted = false;
-  let jobDone = false;
-  let frozen = false;
-  let createdCheckpoint: string | null = null;
+  const undo = new UndoStack(ctx.logger);
+  undo.defer('remove the work folder', () =>
+    work.discard().catch((err: Error) => ctx.leftover(`Could not remove the unfinished backup ${work.path}: ${err.message}`)),
+  );
   const warnings: string[] = [];
   const progress = await createProgress(process.stdout.isTTY === true);
   try {
@@ -196,50 +182,9 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
 
     // Discard stale completed-job statistics so the poll cannot mistake them for ours
     // (before any freeze: the guest stays frozen only for backup-begin itself).
-    await virsh.jobInfoCompleted(a.vm);
-    if (a.quiesce && paused) {
-      warnings.push(`Quiesce skipped: VM ${a.vm} is paused, its disks are already quiet`);
-    } else if (a.quiesce) {
-      const why = await freeze(virsh, a.vm, ctx.config.quiesceTimeoutSec);
-      if (why === null) frozen = true;
-      else {
-        // A freeze whose reply was lost (agent timeout) may still have frozen the guest.
-        await virsh.agentCommand(a.vm, '{"execute":"guest-fsfreeze-thaw"}', ctx.config.quiesceTimeoutSec, false);
-        if (ctx.config.quiesceRequired) throw new NasbackupError('QUIESCE_FAILED', `Failed to freeze the filesystems of vm ${a.vm}`, { details: why });
-        warnings.push(`Quiesce failed, backup is crash-consistent: ${why.split('\n')[0]}`);
-      }
-    }
-    let begin: RunResult | undefined;
-    let thawError: string | null = null;
-    try {
-      begin = await virsh.backupBegin(a.vm, bxml, p.newCheckpoint ? cxml : null);
-    } finally {
-      if (frozen) {
-        thawError = await thaw(ctx, virsh, a.vm);
-        if (thawError === null) frozen = false;
-      }
-    }
-    if (succeeded(begin)) {
-      jobStarted = true;
-      createdCheckpoint = p.newCheckpoint;
-    }
-    if (thawError !== null) throw new NasbackupError('THAW_FAILED', `Failed to thaw the filesystem for vm ${a.vm}: ${thawError}`);
-    if (!succeeded(begin)) {
-      throw new NasbackupError('BACKUP_BEGIN_FAILED', `Failed to start the backup of ${a.vm}`, { details: begin ? failureText(begin) : 'no result' });
-    }
-
-    // What restore needs besides the disks.
-    const side: Array<[string, (vm: string) => Promise<RunResult>]> = [
-      ['domain-config.xml', (vm) => virsh.dumpxml(vm)],
-      ['dominfo.xml', (vm) => virsh.dominfo(vm)],
-      ['domiflist.xml', (vm) => virsh.domiflist(vm)],
-      ['domblklist.xml', (vm) => virsh.domblklist(vm)],
-    ];
-    for (const [name, call] of side) {
-      const r = await call(a.vm);
-      if (!succeeded(r)) throw virshError('VIRSH_FAILED', `virsh ${name}`, r);
-      await writeFile(work.file(name), r.stdout, { mode: 0o644 });
-    }
+    await softly(virsh.jobInfoCompleted(a.vm));
+    const releaseJob = await beginBackup(ctx, virsh, a, paused, undo, warnings, bxml, p.newCheckpoint ? { name: p.newCheckpoint, xml: cxml } : null);
+    await captureRestoreFiles(virsh, a.vm, work);
 
     const block = await waitForBackupJob(virsh, a.vm, {
       deadlineMs: ctx.config.jobTimeoutMs,
@@ -248,45 +193,18 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
       checkpoint: ctx.checkpoint,
       onProgress: (done, total) => progress.update(done, total),
     });
-    jobDone = true;
+    releaseJob();
     progress.stop();
 
-    // Relink each incremental onto its parent backup: libvirt wrote the live disk there.
-    for (const [i, d] of disks.entries()) {
-      if (!p.incrementalFrom) break;
-      const file = work.file(d.file);
-      const parentAbs = await ensureWithin(nas.mountPoint, p.parents[i]!, { what: '--parent-paths', minDepth: 3 });
-      const name = relative(work.final, parentAbs);
-      const r = await qemuImg.rebase({ file, backing: name, backingFormat: 'qcow2', unsafe: true });
-      if (!succeeded(r)) {
-        throw new NasbackupError('QEMU_IMG_FAILED', `qemu-img rebase failed for ${file} onto ${name}`, { details: failureText(r) });
-      }
-    }
+    if (p.incrementalFrom) await relinkOntoParents(qemuImg, disks, p.parents, nas.mountPoint, work);
     for (const f of [bxml, cxml]) await unlink(f).catch(() => {});
     await syncAfter(ctx, 'backup');
-    // Every new file must read as a chain ending in a full backup on the NAS, checked
-    // before the commit (the work folder is a sibling of the final one, so relative
-    // backing names resolve the same): a failed run never leaves a finished-looking backup.
-    for (const d of disks) {
-      await readChain(work.file(d.file)).catch((e: Error) => {
-        throw new NasbackupError('CHAIN_BROKEN', `Backup file ${work.file(d.file)} does not read as a complete chain`, { details: e.message });
-      });
-    }
+    await checkNewChains(disks, work);
     await ctx.commit(() => work.commit());
-    if (p.incrementalFrom) {
-      // The parent checkpoint is no longer needed: the next incremental starts from the new one.
-      const r = await virsh.checkpointDelete(a.vm, p.incrementalFrom);
-      if (!succeeded(r)) ctx.logger.log(`Warning: could not remove checkpoint ${p.incrementalFrom}: ${failureText(r)}`);
-    }
-    if (p.dropParent) {
-      // Treated as missing: the new checkpoint replaces it, nothing may base on it again.
-      const r = await virsh.checkpointDelete(a.vm, p.dropParent);
-      if (succeeded(r)) ctx.logger.log(`Removed checkpoint ${p.dropParent} of ${a.vm}: its bitmap cannot be trusted`);
-      else ctx.logger.log(`Warning: could not remove the untrusted checkpoint ${p.dropParent}: ${failureText(r)}`);
-    }
+    await dropOldCheckpoints(ctx, virsh, a.vm, p);
 
-    const final = await virsh.jobInfoCompleted(a.vm);
-    const jobBlock = succeeded(final) && parseJobInfo(final.stdout).get('Job type') === 'Completed' ? final.stdout : block;
+    const final = await virsh.jobInfoCompleted(a.vm).catch(() => null);
+    const jobBlock = final?.type === 'Completed' ? final.text : block;
     const report: BackupReport = {
       profile: a.profile,
       fallbackReason: p.fallbackReason,
@@ -305,27 +223,125 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     ctx.logger.log(`Backup of ${a.vm} to ${work.final} completed (${report.totalBytes} bytes)`);
   } catch (e) {
     progress.stop();
-    if (frozen) await thaw(ctx, virsh, a.vm);
-    // A job libvirt reported as failed (or gone) has nothing left to abort.
-    const jobEnded = e instanceof NasbackupError && e.code === 'BACKUP_JOB_FAILED';
-    if (jobStarted && !jobDone && !jobEnded) await abortJob(ctx, virsh, a.vm);
-    if (createdCheckpoint) {
-      const r = await virsh.checkpointDelete(a.vm, createdCheckpoint);
-      if (!succeeded(r)) ctx.logger.log(`Warning: could not remove checkpoint ${createdCheckpoint} of the failed backup: ${failureText(r)}`);
-    }
-    await work.discard().catch((err: Error) => ctx.leftover(`Could not remove the unfinished backup ${work.path}: ${err.message}`));
+    await undo.unwind(e);
     throw e;
   } finally {
     if (!paused) await resumeIfPaused(ctx, virsh, a.vm);
   }
 }
 
+/**
+ * backup-begin, with the guest frozen only for that instant when asked to. Once the job
+ * runs, its undos are registered: abort it (released by the caller once it finished) and
+ * delete the checkpoint it created; a guest that could not be thawed is thawed first.
+ */
+async function beginBackup(
+  ctx: OpContext,
+  virsh: VirshClient,
+  a: BackupArgs,
+  paused: boolean,
+  undo: UndoStack,
+  warnings: string[],
+  bxml: string,
+  checkpoint: { name: string; xml: string } | null,
+): Promise<() => void> {
+  let frozen = false;
+  if (a.quiesce && paused) {
+    warnings.push(`Quiesce skipped: VM ${a.vm} is paused, its disks are already quiet`);
+  } else if (a.quiesce) {
+    const why = await freeze(virsh, a.vm, ctx.config.quiesceTimeoutSec);
+    if (why === null) frozen = true;
+    else {
+      // A freeze whose reply was lost (agent timeout) may still have frozen the guest.
+      await softly(virsh.guestThaw(a.vm, ctx.config.quiesceTimeoutSec));
+      if (ctx.config.quiesceRequired) throw new NasbackupError('QUIESCE_FAILED', `Failed to freeze the filesystems of vm ${a.vm}`, { details: why });
+      warnings.push(`Quiesce failed, backup is crash-consistent: ${why.split('\n')[0]}`);
+    }
+  }
+  let refused: unknown = null;
+  let thawError: string | null = null;
+  try {
+    await virsh.backupBegin(a.vm, bxml, checkpoint?.xml ?? null).catch((e: unknown) => {
+      refused = e;
+    });
+  } finally {
+    if (frozen) thawError = await thaw(ctx, virsh, a.vm);
+  }
+  let releaseJob = () => {};
+  if (refused === null) {
+    if (checkpoint) {
+      const { name } = checkpoint;
+      undo.defer('delete the new checkpoint', async () => {
+        const r = await softly(virsh.checkpointDelete(a.vm, name));
+        if (r !== null) ctx.logger.log(`Warning: could not remove checkpoint ${name} of the failed backup: ${r}`);
+      });
+    }
+    releaseJob = undo.defer('abort the backup job', async (failure) => {
+      // A job libvirt reported as failed (or gone) has nothing left to abort.
+      if (!(failure instanceof NasbackupError && failure.code === 'BACKUP_JOB_FAILED')) await abortJob(ctx, virsh, a.vm);
+    });
+  }
+  if (thawError !== null) {
+    undo.defer('thaw the guest', async () => {
+      await thaw(ctx, virsh, a.vm);
+    });
+    throw new NasbackupError('THAW_FAILED', `Failed to thaw the filesystem for vm ${a.vm}: ${thawError}`);
+  }
+  if (refused !== null) throw refused;
+  return releaseJob;
+}
+
+/** What restore needs besides the disks. */
+async function captureRestoreFiles(virsh: VirshClient, vm: string, work: WorkDir): Promise<void> {
+  for (const name of RESTORE_FILE_NAMES) {
+    await writeFile(work.file(name), await virsh.restoreFile(vm, name), { mode: 0o644 });
+  }
+}
+
+/** Relink each incremental onto its parent backup: libvirt wrote the live disk there. */
+async function relinkOntoParents(qemuImg: QemuImgClient, disks: Disk[], parents: string[], mount: string, work: WorkDir): Promise<void> {
+  for (const [i, d] of disks.entries()) {
+    const file = work.file(d.file);
+    const parentAbs = await ensureWithin(mount, parents[i]!, { what: '--parent-paths', minDepth: 3 });
+    const name = relative(work.final, parentAbs);
+    await qemuImg.rebase({ file, backing: name, backingFormat: 'qcow2', unsafe: true });
+  }
+}
+
+/**
+ * Every new file must read as a chain ending in a full backup on the NAS, checked
+ * before the commit (the work folder is a sibling of the final one, so relative
+ * backing names resolve the same): a failed run never leaves a finished-looking backup.
+ */
+async function checkNewChains(disks: Disk[], work: WorkDir): Promise<void> {
+  for (const d of disks) {
+    await readChain(work.file(d.file)).catch((e: Error) => {
+      throw new NasbackupError('CHAIN_BROKEN', `Backup file ${work.file(d.file)} does not read as a complete chain`, { details: e.message });
+    });
+  }
+}
+
+/** After the commit: the checkpoints no later backup may start from. */
+async function dropOldCheckpoints(ctx: OpContext, virsh: VirshClient, vm: string, p: Plan): Promise<void> {
+  if (p.incrementalFrom) {
+    // The parent checkpoint is no longer needed: the next incremental starts from the new one.
+    const r = await softly(virsh.checkpointDelete(vm, p.incrementalFrom));
+    if (r !== null) ctx.logger.log(`Warning: could not remove checkpoint ${p.incrementalFrom}: ${r}`);
+  }
+  if (p.dropParent) {
+    // Treated as missing: the new checkpoint replaces it, nothing may base on it again.
+    const r = await softly(virsh.checkpointDelete(vm, p.dropParent));
+    if (r === null) ctx.logger.log(`Removed checkpoint ${p.dropParent} of ${vm}: its bitmap cannot be trusted`);
+    else ctx.logger.log(`Warning: could not remove the untrusted checkpoint ${p.dropParent}: ${r}`);
+  }
+}
+
 /** A VM that was running before us is never left paused (e.g. by an I/O error on a full NAS). */
 async function resumeIfPaused(ctx: OpContext, virsh: VirshClient, vm: string): Promise<void> {
-  const r = await virsh.domstate(vm);
-  if (succeeded(r) && r.stdout.trim().startsWith('paused')) {
+  const state = await virsh.state(vm).catch(() => '');
+  if (state.startsWith('paused')) {
     ctx.logger.log(`VM ${vm} is paused after the backup; resuming it`);
-    const res = await virsh.resume(vm);
-    if (!succeeded(res)) ctx.logger.log(`Warning: could not resume ${vm}: ${failureText(res)}`);
+    const refused = await softly(virsh.resume(vm));
+    if (refused !== null) ctx.logger.log(`Warning: could not resume ${vm}: ${refused}`);
   }
 }

@@ -4,8 +4,9 @@
 // and `qemu-img check` clean. Header and metadata walking is native; only the structural
 // check runs qemu-img, and never on a chain our reader rejected (a FIFO or a loop would
 // hang it).
+import type { CheckResult } from '../../clients/qemu-img.js';
 import { backingFile, insideInstance, type BackupFile, type VmBackups } from './discover.js';
-import { inspectChain, type ChainProblem } from './safety.js';
+import { inspectChain, type ChainProblem } from '../../store/safety.js';
 
 export interface FileReport {
   file: string;
@@ -20,8 +21,8 @@ export interface VerifyReport {
   warnings: string[];
 }
 
-/** Result of `qemu-img check` for one file: exit code and its JSON (if any). */
-export type CheckFn = (abs: string) => Promise<{ exitCode: number | null; stdout: string; stderr: string }>;
+/** `qemu-img check` of one file. */
+export type CheckFn = (abs: string) => Promise<CheckResult>;
 
 /** The checks of `f`'s backing reference; `refProblem` is what the chain safety check found in it. */
 async function checkReference(vm: VmBackups, f: BackupFile, errors: string[], refProblem: ChainProblem | null, rel: (m: string) => string): Promise<void> {
@@ -80,9 +81,9 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
       for (let f = queue.shift(); f; f = queue.shift()) {
         const res = await check(f.abs);
         const r = reports.get(f)!;
-        if (res.exitCode === 0) continue;
-        if (res.exitCode === 3) r.warnings.push('qemu-img check: leaked clusters (harmless, space only)');
-        else r.errors.push(`qemu-img check failed (exit ${res.exitCode}): ${(res.stderr || res.stdout).trim().split('\n')[0] ?? ''}`);
+        if (res.kind === 'clean') continue;
+        if (res.kind === 'leaks') r.warnings.push('qemu-img check: leaked clusters (harmless, space only)');
+        else r.errors.push(`qemu-img check failed (exit ${res.exitCode}): ${res.message}`);
       }
     }),
   );

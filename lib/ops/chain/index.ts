@@ -3,18 +3,17 @@
 // run interrupted anywhere is finished by running it again.
 import { lstat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { NasbackupError } from '../errors.js';
-import { ensureWithin, exists, parseRelativePath } from '../paths.js';
-import { QemuImgClient } from '../clients/qemu-img.js';
-import { discover, type VmBackups } from '../chain/discover.js';
-import { planDelete, type DeletePlan } from '../chain/plan.js';
-import type { BackupRecord } from '../chain/provider-plan.js';
-import { verifyChains, type VerifyReport } from '../chain/verify.js';
-import type { RebaseEngine } from '../engine/types.js';
-import type { NasTarget } from '../nas/session.js';
-import { syncAfter, type OpContext } from './context.js';
-import { removeTree } from './delete.js';
-import { safeRebase } from './rebase.js';
+import { NasbackupError } from '../../errors.js';
+import { ensureWithin, exists, parseRelativePath } from '../../paths.js';
+import { discover, type VmBackups } from './discover.js';
+import { planDelete, type DeletePlan } from './plan.js';
+import type { BackupRecord } from './provider-plan.js';
+import { verifyChains, type VerifyReport } from './verify.js';
+import type { RebaseEngine } from '../../engine/types.js';
+import type { NasTarget } from '../../nas/session.js';
+import { syncAfter, type OpContext } from '../context.js';
+import { removeTree } from '../delete.js';
+import { safeRebase } from '../rebase.js';
 
 export interface ChainArgs {
   nas: NasTarget;
@@ -79,8 +78,7 @@ export async function chainList(ctx: OpContext, a: ChainArgs): Promise<void> {
 
 export async function chainVerify(ctx: OpContext, a: ChainArgs): Promise<VerifyReport> {
   const { vm, backups } = await load(ctx, a);
-  const qemuImg = new QemuImgClient(ctx.runner, ctx.config.qemuImgBinary, ctx.config.qemuImgTimeoutMs);
-  const report = await verifyChains(backups, (abs) => qemuImg.check(abs, { shared: true }));
+  const report = await verifyChains(backups, (abs) => ctx.clients.qemuImg.check(abs, { shared: true }));
   if (a.json) {
     ctx.out.write(JSON.stringify({ vm, ...report }) + '\n');
   } else {

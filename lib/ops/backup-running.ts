@@ -3,8 +3,8 @@
 // frozen only for the instant of backup-begin, and a clean undo on every failure.
 import { stat, unlink, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
-import { runningBackupText, stoppedBackupText, type BackupReport } from '../agent-output.js';
-import { NasbackupError } from '../errors.js';
+import type { BackupReport } from '../agent-output.js';
+import { NasbackupError, type Warning } from '../errors.js';
 import { describeFailure, failureText, succeeded, type RunResult } from '../exec.js';
 import { ensureWithin, exists, parseRelativePath } from '../paths.js';
 import { readChain, readHeader } from '../qcow2/index.js';
@@ -16,6 +16,7 @@ import { waitForBackupJob } from '../backup/job.js';
 import { createProgress } from '../backup/progress.js';
 import { backupXml, checkpointXml, redefineCheckpointXml } from '../backup/xml.js';
 import { apparentSize, WorkDir, type BackupArgs } from './backup.js';
+import type { BackupResult } from '../output.js';
 import { syncAfter, type OpContext } from './context.js';
 
 interface Disk {
@@ -172,7 +173,7 @@ async function abortJob(ctx: OpContext, virsh: VirshClient, vm: string): Promise
   ctx.logger.log(`Warning: the backup job of ${vm} was still running 10 s after domjobabort`);
 }
 
-export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshClient, paused: boolean): Promise<void> {
+export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshClient, paused: boolean): Promise<BackupResult> {
   const qemuImg = new QemuImgClient(ctx.runner, ctx.config.qemuImgBinary, ctx.config.qemuImgTimeoutMs);
   const nas = await ctx.openNas(a.nas);
   const disks = await listDisks(virsh, a.vm);
@@ -183,7 +184,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
   let jobDone = false;
   let frozen = false;
   let createdCheckpoint: string | null = null;
-  const warnings: string[] = [];
+  const warnings: Warning[] = [];
   const progress = await createProgress(process.stdout.isTTY === true);
   try {
     const p = await plan(ctx, virsh, a, disks, nas.mountPoint, work);
@@ -198,7 +199,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     // (before any freeze: the guest stays frozen only for backup-begin itself).
     await virsh.jobInfoCompleted(a.vm);
     if (a.quiesce && paused) {
-      warnings.push(`Quiesce skipped: VM ${a.vm} is paused, its disks are already quiet`);
+      warnings.push({ code: 'QUIESCE_SKIPPED', message: `Quiesce skipped: VM ${a.vm} is paused, its disks are already quiet` });
     } else if (a.quiesce) {
       const why = await freeze(virsh, a.vm, ctx.config.quiesceTimeoutSec);
       if (why === null) frozen = true;
@@ -206,7 +207,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
         // A freeze whose reply was lost (agent timeout) may still have frozen the guest.
         await virsh.agentCommand(a.vm, '{"execute":"guest-fsfreeze-thaw"}', ctx.config.quiesceTimeoutSec, false);
         if (ctx.config.quiesceRequired) throw new NasbackupError('QUIESCE_FAILED', `Failed to freeze the filesystems of vm ${a.vm}`, { details: why });
-        warnings.push(`Quiesce failed, backup is crash-consistent: ${why.split('\n')[0]}`);
+        warnings.push({ code: 'QUIESCE_UNAVAILABLE', message: `Quiesce failed, backup is crash-consistent: ${why.split('\n')[0]}` });
       }
     }
     let begin: RunResult | undefined;
@@ -292,18 +293,14 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
       profile: a.profile,
       fallbackReason: p.fallbackReason,
       bitmapCreated: p.newCheckpoint,
-      warnings,
+      warnings: warnings.map((w) => w.message),
       totalBytes: await apparentSize(work.final),
     };
-    for (const w of warnings) ctx.logger.log(`Warning: ${w}`);
-    if (a.diskPaths.length > 0) {
-      // The agent chose the stopped-VM format (-d given): one integer per line.
-    const sizes = await Promise.all(disks.map(async (d) => ({ name: d.file, size: (await stat(`${work.final}/${d.file}`, { bigint: true })).size })));
-      ctx.out.write(stoppedBackupText(report, sizes));
-    } else {
-      ctx.out.write(runningBackupText(report, jobBlock));
-    }
+    for (const w of warnings) ctx.logger.log(`Warning: ${w.message}`);
+    // The agent chose the format: -d given means the stopped-VM one (one integer per line).
+    const files = await Promise.all(disks.map(async (d) => ({ name: d.file, size: (await stat(`${work.final}/${d.file}`, { bigint: true })).size })));
     ctx.logger.log(`Backup of ${a.vm} to ${work.final} completed (${report.totalBytes} bytes)`);
+    return { vm: a.vm, path: a.path, mode: a.mode, format: a.diskPaths.length > 0 ? 'stopped' : 'running', report, warnings, jobBlock, files };
   } catch (e) {
     progress.stop();
     if (frozen) await thaw(ctx, virsh, a.vm);

@@ -2,7 +2,7 @@
 // (the original carried on into a deleted folder); bitmaps are added to the sources
 // only once every copy succeeded, so the next running backup can be incremental.
 import { stat } from 'node:fs/promises';
-import { stoppedBackupText, STOPPED_FALLBACK_REASON, type BackupReport } from '../agent-output.js';
+import { STOPPED_FALLBACK_REASON, type BackupReport } from '../agent-output.js';
 import { NasbackupError } from '../errors.js';
 import { exists, parseRelativePath } from '../paths.js';
 import { failureText, succeeded } from '../exec.js';
@@ -10,6 +10,7 @@ import { Qcow2Error, readHeader } from '../qcow2/index.js';
 import { parseImageBitmaps, QemuImgClient } from '../clients/qemu-img.js';
 import { backupFileName, volumeId } from '../backup/disks.js';
 import { apparentSize, WorkDir, type BackupArgs } from './backup.js';
+import type { BackupResult } from '../output.js';
 import { syncAfter, type OpContext } from './context.js';
 
 
@@ -26,7 +27,7 @@ async function sourceFormat(src: string): Promise<'qcow2' | 'raw'> {
   );
 }
 
-export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<void> {
+export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<BackupResult> {
   const qemuImg = new QemuImgClient(ctx.runner, ctx.config.qemuImgBinary, ctx.config.qemuImgTimeoutMs);
   const disks = a.diskPaths.map((src, i) => {
     const volId = volumeId(src);
@@ -87,8 +88,8 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<void
       warnings: [],
       totalBytes: await apparentSize(work.final),
     };
-    ctx.out.write(stoppedBackupText(report, sizes));
     ctx.logger.log(`Backup of stopped VM ${a.vm} to ${work.final} completed (${report.totalBytes} bytes)`);
+    return { vm: a.vm, path: a.path, mode: a.mode, format: 'stopped', report, warnings: [], jobBlock: '', files: sizes };
   } catch (e) {
     await work.discard().catch((err: Error) => ctx.logger.log(`Warning: could not remove ${work.path}: ${err.message}`));
     throw e;

@@ -1,8 +1,8 @@
 // -o stats: the mount point, then "<total> <used>" in 1K blocks (fields 2 and 3 of `df -P`).
-import { statsText } from '../agent-output.js';
 import { NasbackupError } from '../errors.js';
 import { describeFailure, succeeded } from '../exec.js';
 import type { NasTarget } from '../nas/session.js';
+import type { StatsResult } from '../output.js';
 import type { OpContext } from './context.js';
 
 /** Fields 2 and 3 of the data row of `df -P` (the mount source may contain spaces, so count from the right). */
@@ -16,7 +16,7 @@ export function parseDfP(text: string): { totalKiB: bigint; usedKiB: bigint } | 
   return { totalKiB: BigInt(m[2]!), usedKiB: BigInt(m[3]!) };
 }
 
-export async function statsOperation(ctx: OpContext, args: { nas: NasTarget }): Promise<void> {
+export async function statsOperation(ctx: OpContext, args: { nas: NasTarget }): Promise<StatsResult> {
   const nas = await ctx.openNas(args.nas);
   const r = await ctx.runner.run('df', ['-P', nas.mountPoint], { timeoutMs: ctx.config.commandTimeoutMs });
   if (!succeeded(r)) {
@@ -26,5 +26,5 @@ export async function statsOperation(ctx: OpContext, args: { nas: NasTarget }): 
   }
   const parsed = parseDfP(r.stdout);
   if (!parsed) throw new NasbackupError('STATS_FAILED', 'Cannot parse the output of df -P', { details: r.stdout });
-  ctx.out.write(statsText(nas.mountPoint, parsed.totalKiB, parsed.usedKiB));
+  return { mountPoint: nas.mountPoint, address: args.nas.address, ...parsed };
 }

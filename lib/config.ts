@@ -56,7 +56,7 @@ export interface ConfigFlags {
 // A setting that is set but unusable is an error: silently running with the default
 // (a 60 s mount deadline instead of the 600 s asked for) would surprise later.
 function bad(name: string, raw: string, want: string): NasbackupError {
-  return new NasbackupError('INVALID_SETTING', `Invalid ${name}=${JSON.stringify(raw)} (expected ${want})`);
+  return new NasbackupError('INVALID_SETTING', `Invalid ${name}: ${raw} (expected ${want})`);
 }
 
 function given(env: NodeJS.ProcessEnv, name: string): string | undefined {
@@ -90,7 +90,7 @@ function flag(env: NodeJS.ProcessEnv, name: string): boolean {
 function oneOf<T extends string>(env: NodeJS.ProcessEnv, name: string, allowed: readonly T[], dflt: T): T {
   const raw = given(env, name);
   if (raw === undefined) return dflt;
-  if (!(allowed as readonly string[]).includes(raw)) throw bad(name, raw, allowed.join(', '));
+  if (!(allowed as readonly string[]).includes(raw)) throw bad(name, raw, `${allowed.slice(0, -1).join(', ')} or ${allowed.at(-1)}`);
   return raw as T;
 }
 

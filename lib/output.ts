@@ -52,7 +52,7 @@ export class NasNames {
     return abs;
   }
 
-  /** Every `<mount>/a/b` inside a message → `a/b on <address>`; a bare mount point → `<address>`. */
+  /** Every `<mount>/a/b` inside a message → `a/b on <address>`. */
   text(message: string): string {
     let s = message;
     for (const m of this.mounts) {
@@ -61,15 +61,17 @@ export class NasNames {
         const tail = /[:.]+$/.exec(rel)?.[0] ?? ''; // sentence punctuation is not part of the name
         return `${rel.slice(0, rel.length - tail.length)} on ${m.address}${tail}`;
       });
-      s = s.replace(new RegExp(`${mp}(?![\\w/.-])`, 'g'), m.address);
     }
     return s;
   }
 }
 
+/** A mount point left behind is named as it is: it still exists, and the operator must remove it. */
+const keepsMountPoint = (e: NasbackupError): boolean => e.code === 'NAS_CLEANUP_FAILED';
+
 function errorJson(e: NasbackupError, nas: NasNames | null): Record<string, unknown> {
   const j = e.toJSON();
-  return nas ? { ...j, message: nas.text(j.message), ...(j.details ? { details: nas.text(j.details) } : {}) } : j;
+  return nas && !keepsMountPoint(e) ? { ...j, message: nas.text(j.message), ...(j.details ? { details: nas.text(j.details) } : {}) } : j;
 }
 
 /** The one JSON envelope. */
@@ -92,7 +94,7 @@ export function render<T>(out: Output, mode: OutputMode, r: Renderer<T>, outcome
   if (result !== undefined && r.textCarriesErrors) return exitCodeOf(outcome.errors);
   for (const e of outcome.errors) {
     // Agent bytes stay as the contract says; operators get NAS-relative names.
-    out.write(mode === 'agent' ? e.toText() : nas.text(e.toText()));
+    out.write(mode === 'agent' || keepsMountPoint(e) ? e.toText() : nas.text(e.toText()));
   }
   return exitCodeOf(outcome.errors);
 }

@@ -84,8 +84,10 @@ describe('chain delete', () => {
     expectSame(sb, before, [])
     const forced = await run(sb, chain(sb, 'delete', '--backup', `${VM}/${TS[0]}`, '--force'))
     expect(forced.code).toBe(0)
-    const order = [...forced.stdout.matchAll(/removed directory '\S+\/(\d{4}[.\d]+)'/g)].map((m) => m[1])
+    // Operator text names NAS-relative folders, never the temporary mount point.
+    const order = [...forced.stdout.matchAll(/^removed i-2-10-VM\/(\d{4}[.\d]+)$/gm)].map((m) => m[1])
     expect(order).toEqual([TS[3], TS[2], TS[1], TS[0]])
+    expect(forced.stdout).not.toContain('csbackup.')
     expect(readdirSync(join(sb.nas, VM))).toEqual([])
   })
 
@@ -157,7 +159,7 @@ describe('chain verify', () => {
     const j = await run(sb, [...chain(sb, 'verify'), '--json'])
     expect(j.code).toBe(1)
     const report = JSON.parse(j.stdout)
-    expect(report.ok).toBe(false)
+    expect(report).toMatchObject({ ok: false, command: 'chain verify', vm: VM, errors: [{ code: 'CHAIN_INVALID', exitCode: 1 }] })
     expect(j.stdout.trim().split('\n')).toHaveLength(1)
   })
 
@@ -167,6 +169,7 @@ describe('chain verify', () => {
     const r = await run(sb, [...chain(sb, 'list'), '--json'])
     expect(r.code).toBe(0)
     const j = JSON.parse(r.stdout)
+    expect(j).toMatchObject({ ok: true, command: 'chain list', vm: VM, errors: [], warnings: [] })
     expect(j.backups).toEqual(TS)
     expect(j.files).toHaveLength(8)
     expect(j.files[2]).toMatchObject({ backup: TS[1], file: DISKS[1]!.file, backing: `../${TS[0]}/${DISKS[1]!.file}`, virtualSize: 8 * MiB })
@@ -188,11 +191,11 @@ describe('plans', () => {
     seed(sb)
     const ok = await run(sb, [...chain(sb, 'plan-delete', '--backup', `${VM}/${TS[1]}`), '--json', '--records', records(sb, TS.map((t, i) => [t, i]))])
     expect(ok.code).toBe(0)
-    expect(JSON.parse(ok.stdout)).toEqual({
+    expect(JSON.parse(ok.stdout)).toEqual({ ok: true, command: 'chain plan-delete', errors: [], warnings: [], plan: {
       backup: `${VM}/${TS[1]}`, proceed: true, reason: null,
       rebases: DISKS.map((d) => ({ volId: d.file.split('.')[1], target: `${VM}/${TS[2]}/${d.file}`, newBacking: `${VM}/${TS[0]}/${d.file}` })).sort((a, b) => a.target.localeCompare(b.target)),
       remove: [`${VM}/${TS[1]}`],
-    })
+    } })
     // The records claim TS[3] follows TS[1]; the files say TS[2] does.
     const bad = await run(sb, chain(sb, 'plan-delete', '--backup', `${VM}/${TS[1]}`, '--records', records(sb, [[TS[0]!, 0], [TS[1]!, 1], [TS[3]!, 2], [TS[2]!, 3]])))
     expect(bad.code).toBe(1)

@@ -1,10 +1,10 @@
 // `nasbackup chain …` on real qemu-img chains with two disks (root + datadisk) on a
 // bind-mounted folder: every remaining point in time must read identically afterwards.
-import { execFileSync } from 'node:child_process'
+import { execFileSync, spawn } from 'node:child_process'
 import { existsSync, readdirSync, readFileSync, rmSync, writeFileSync, openSync, writeSync, closeSync, rmdirSync } from 'node:fs'
 import { join } from 'node:path'
 import { afterAll, describe, expect, it } from 'vitest'
-import { bindNas, leftovers, makeSandbox, run, start, writeShim, type Sandbox } from '../helpers/cli.js'
+import { BIN, bindNas, leftovers, makeSandbox, run, start, writeShim, type Sandbox } from '../helpers/cli.js'
 import { contentSha256, makeImage, info } from '../helpers/qemu.js'
 import { removeTempDirs } from '../helpers/tmp.js'
 
@@ -229,5 +229,54 @@ describe('plans', () => {
     const missing = await run(sb, ['plan-delete', '--records', join(sb.root, 'nope.json'), '--backup', 'x', '--root-volume-uuid', 'RV'])
     expect(missing.code).toBe(1)
     expect(missing.stdout).toMatch(/^Cannot read records file/)
+  })
+})
+
+describe('chain delete --force on a terminal', () => {
+  /** Run under a pseudo-terminal (util-linux `script`), typing `answer` when asked. */
+  function onTerminal(sb: Sandbox, args: string[], answer: string): Promise<{ code: number | null; out: string }> {
+    const q = (a: string): string => `'${a.replace(/'/g, `'\\''`)}'`
+    const child = spawn('script', ['-qec', [BIN, ...args].map(q).join(' '), '/dev/null'], { env: { ...process.env, ...sb.env }, stdio: ['pipe', 'pipe', 'pipe'] })
+    let out = ''
+    let typed = false
+    child.stdout!.on('data', (d: Buffer) => {
+      out += d.toString()
+      // Answer only once the question is on the screen, as a person would.
+      if (!typed && out.includes('Proceed? [y/N]')) {
+        typed = true
+        child.stdin!.write(`${answer}\n`)
+      }
+    })
+    return new Promise((res) => child.on('close', (code) => {
+      child.stdin!.destroy()
+      res({ code, out: out.replace(/\r\n/g, '\n') })
+    }))
+  }
+
+  it('shows the plan and asks; anything but y changes nothing (NOT_CONFIRMED); y proceeds', async () => {
+    const sb = makeSandbox('chain-confirm')
+    const before = seed(sb)
+    const no = await onTerminal(sb, chain(sb, 'delete', '--backup', `${VM}/${TS[0]}`, '--force'), 'n')
+    expect(no.code).toBe(1)
+    expect(no.out).toContain(`remove ${VM}/${TS[3]}\n`)
+    expect(no.out).toContain(`remove ${VM}/${TS[0]}\n`)
+    expect(no.out).toMatch(/Not confirmed: nothing of i-2-10-VM\/2025\.01\.01\.00\.00\.00 was changed/)
+    expect(no.out).not.toContain('csbackup.')
+    expectSame(sb, before, [])
+    expect(readFileSync(sb.logFile, 'utf8')).toMatch(/ERROR \[NOT_CONFIRMED\]/)
+    const yes = await onTerminal(sb, chain(sb, 'delete', '--backup', `${VM}/${TS[0]}`, '--force'), 'y')
+    expect(yes.code).toBe(0)
+    expect(yes.out).toContain(`removed ${VM}/${TS[0]}\n`)
+    expect(readdirSync(join(sb.nas, VM))).toEqual([])
+    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] })
+  })
+
+  it('--yes does not ask', async () => {
+    const sb = makeSandbox('chain-yes')
+    seed(sb)
+    const r = await onTerminal(sb, chain(sb, 'delete', '--backup', `${VM}/${TS[0]}`, '--force', '--yes'), 'n')
+    expect(r.code).toBe(0)
+    expect(r.out).not.toContain('Proceed?')
+    expect(readdirSync(join(sb.nas, VM))).toEqual([])
   })
 })

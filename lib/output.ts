@@ -11,9 +11,13 @@ import { exitCodeOf, type NasbackupError, type Warning } from './errors.js';
 import type { ChainRepairPlan } from './chain/provider-plan.js';
 import type { DeletePlan } from './chain/plan.js';
 import type { ChainDeleteResult, ChainListResult, ChainPlanResult, ChainVerifyResult } from './ops/chain.js';
-import type { Output } from './ops/context.js';
 
 export type OutputMode = 'agent' | 'text' | 'json';
+
+/** Where the bytes go (stdout, or a buffer for the in-process agent runs and tests). */
+export interface Output {
+  write(text: string): void;
+}
 
 /** A NAS the run mounted: its temporary mount point and what it is on the network. */
 export interface MountedNas {

@@ -46,8 +46,6 @@ export async function execute<T>(io: ExecuteIo, config: Config, logger: Logger, 
     runner,
     logger,
     config,
-    env: io.env,
-    out: io.out,
     openNas: (target) =>
       NasSession.open(target, { runner, config, logger }, (s) => {
         sessions.push(s);

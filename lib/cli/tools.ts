@@ -21,6 +21,7 @@ import {
   renderFailure,
   type OutputMode,
 } from '../output.js';
+import { wantsJson } from './args.js';
 import { execute, type ExecuteIo } from './lifecycle.js';
 
 export const TOOLS = ['chain', 'plan-delete'] as const;
@@ -53,6 +54,10 @@ async function loadRecords(file: string): Promise<BackupRecord[]> {
   }
 }
 
+/** The operator commands' flags whose next argument is their value (`-m --json` is a mount option). */
+const VALUE_FLAGS = ['-t', '--type', '-s', '--storage', '-m', '--mount', '--vm', '--backup', '--records', '--engine', '--root-volume-uuid'];
+const takesValue = (a: string): boolean => VALUE_FLAGS.includes(a);
+
 export interface ToolIo extends ExecuteIo {
   /** Ask the operator a yes/no question; absent when nobody can answer (stdin/stdout not a terminal). */
   confirm?: (question: string) => Promise<boolean>;
@@ -60,7 +65,7 @@ export interface ToolIo extends ExecuteIo {
 
 export async function runTool(tool: string, argv: readonly string[], io: ToolIo): Promise<number> {
   const logger = createLogger(logFileFromEnv(io.env));
-  const json = argv.includes('--json');
+  const json = wantsJson(argv, takesValue);
   const mode: OutputMode = json ? 'json' : 'text';
   const fail = (command: string, e: unknown): number => {
     const err = toNasbackupError(e);

@@ -1,20 +1,18 @@
-// What every operation gets: how to run programs, log, read config, write stdout,
-// and how to open a NAS session that the lifecycle will always close.
+// What every operation gets: how to run programs, log, read the (frozen) config, and
+// how to open a NAS session that the lifecycle will always close. No stdout and no
+// environment: operations return results (lib/output.ts renders them) and take their
+// settings from the config built once by the CLI.
 import type { Config } from '../config.js';
 import { describeFailure, succeeded, type Runner } from '../exec.js';
 import type { Logger } from '../log.js';
 import type { NasSession, NasTarget } from '../nas/session.js';
 
-export interface Output {
-  write(text: string): void;
-}
+export type { Output } from '../output.js';
 
 export interface OpContext {
   runner: Runner;
   logger: Logger;
-  config: Config;
-  env: NodeJS.ProcessEnv;
-  out: Output;
+  config: Readonly<Config>;
   /** Mounts the NAS; the session is closed by the caller of the operation on every path. */
   openNas(target: NasTarget): Promise<NasSession>;
   /**

@@ -94,7 +94,11 @@ export function exitCodeOf(errors: readonly NasbackupError[]): number {
 export const WARNING_CODES = [
   'QUIESCE_SKIPPED', // -q true on a paused VM: its disks are already quiet
   'QUIESCE_UNAVAILABLE', // -q true but the guest could not be frozen: the backup is crash-consistent
-  'CHAIN_NOTE', // chain verify: something worth a look that is not an error
+  'IMAGE_DIRTY', // a layer's dirty bit: not closed cleanly, refcounts may be stale
+  'METADATA_NOT_CHECKED', // a valid feature our reader does not scan (encryption, …)
+  'CHECK_SKIPPED', // chain verify: no qemu-img check on a chain our reader rejected
+  'LEAKED_CLUSTERS', // qemu-img check: leaked clusters (space only)
+  'UNFINISHED_BACKUP', // a `.partial` folder of an interrupted run
 ] as const;
 export type WarningCode = (typeof WARNING_CODES)[number];
 

@@ -241,17 +241,15 @@ export const chainVerifyRenderer: Renderer<ChainVerifyResult> = {
     let out = '';
     for (const f of report.files) {
       out += `${f.errors.length ? 'FAIL' : 'OK  '} ${vm}/${f.file}${f.errors.length ? `: ${f.errors.join('; ')}` : ''}\n`;
-      for (const w of f.warnings) out += `     warning: ${w}\n`;
+      for (const w of f.warnings) out += `     warning: ${w.message}\n`;
     }
-    for (const w of report.warnings) out += `warning: ${w}\n`;
+    for (const w of report.warnings) out += `warning: ${w.message}\n`;
     const bad = report.files.filter((f) => f.errors.length > 0).length;
     return `${out}${vm}: ${report.files.length} file(s), ${bad} with errors\n`;
   },
+  // Each file's errors stay with it; every warning, with its code, is also in the envelope's list.
   fields: ({ vm, report }) => ({ vm, files: report.files }),
-  warnings: ({ vm, report }) => [
-    ...report.files.flatMap((f) => f.warnings.map((w) => ({ code: 'CHAIN_NOTE' as const, message: `${vm}/${f.file}: ${w}` }))),
-    ...report.warnings.map((w) => ({ code: 'CHAIN_NOTE' as const, message: w })),
-  ],
+  warnings: ({ vm, report }) => [...report.files.flatMap((f) => f.warnings.map((w) => ({ ...w, file: `${vm}/${f.file}` }))), ...report.warnings],
 };
 
 /** A chain delete plan for people: what will be rebased, then what will be removed. */

@@ -67,8 +67,8 @@ export async function safeRebase(ctx: OpContext, target: string, backing: string
   // reader refused.
   const vm = basename(instanceDir);
   const safe = { missingOk: true }; // a missing layer: CHAIN_BROKEN below, as before
-  for (const w of await assertChainSafe(target, instanceDir, 'The chain of the rebase target', vm, safe)) ctx.logger.log(`Warning: ${w}`);
-  for (const w of await assertChainSafe(backing, instanceDir, 'The chain of the new backing file', vm, safe)) ctx.logger.log(`Warning: ${w}`);
+  for (const w of await assertChainSafe(target, instanceDir, 'The chain of the rebase target', vm, safe)) ctx.logger.log(`Warning: ${w.message}`);
+  for (const w of await assertChainSafe(backing, instanceDir, 'The chain of the new backing file', vm, safe)) ctx.logger.log(`Warning: ${w.message}`);
 
   const tst = await stat(target);
   const bst = await stat(backing);

@@ -41,13 +41,13 @@ describe('the JSON envelope', () => {
   });
 
   it('failure: ok false, every error with code/message/details/exitCode, one line', () => {
-    const text = envelope('delete', {}, [new NasbackupError('DELETE_FAILED', 'Failed', { details: 'EBUSY' })], [{ code: 'CHAIN_NOTE', message: 'm' }]);
+    const text = envelope('delete', {}, [new NasbackupError('DELETE_FAILED', 'Failed', { details: 'EBUSY' })], [{ code: 'LEAKED_CLUSTERS', message: 'm' }]);
     expect(text.split('\n')).toHaveLength(2);
     expect(JSON.parse(text)).toEqual({
       ok: false,
       command: 'delete',
       errors: [{ code: 'DELETE_FAILED', message: 'Failed', details: 'EBUSY', exitCode: 1 }],
-      warnings: [{ code: 'CHAIN_NOTE', message: 'm' }],
+      warnings: [{ code: 'LEAKED_CLUSTERS', message: 'm' }],
     });
   });
 

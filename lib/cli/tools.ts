@@ -23,6 +23,7 @@ import {
 } from '../output.js';
 import { wantsJson } from './args.js';
 import { execute, type ExecuteIo } from './lifecycle.js';
+import { validateChainArgs } from './validate.js';
 
 export const TOOLS = ['chain', 'plan-delete'] as const;
 
@@ -116,13 +117,18 @@ export async function runTool(tool: string, argv: readonly string[], io: ToolIo)
     return fail(command, e);
   }
   const action = a.action as (typeof CHAIN_SUBCOMMANDS)[number];
-  const args: ChainArgs = {
-    nas: { type: a.t, address: a.s, options: a.m },
-    vm: a.vm,
-    ...(a.backup ? { backup: a.backup } : {}),
-    force: a.force,
-    ...(records ? { records } : {}),
-  };
+  let args: ChainArgs;
+  try {
+    args = validateChainArgs(action, {
+      nas: { type: a.t, address: a.s, options: a.m },
+      vm: a.vm,
+      ...(a.backup ? { backup: a.backup } : {}),
+      force: a.force,
+      ...(records ? { records } : {}),
+    });
+  } catch (e) {
+    return fail(command, e);
+  }
   // --force may remove a whole chain: on a terminal, show the plan and ask (unless --yes).
   const confirm = io.confirm;
   const approve =

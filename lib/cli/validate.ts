@@ -8,6 +8,8 @@ import type { NasTarget } from '../nas/session.js';
 import { checkIncrementalArgs, type BackupArgs, type BackupMode } from '../ops/backup.js';
 import { DELETE_MIN_DEPTH, type DeleteArgs } from '../ops/delete.js';
 import type { RebaseArgs } from '../ops/rebase.js';
+import type { ChainArgs } from '../ops/chain.js';
+import type { BackupRecord } from '../chain/provider-plan.js';
 import type { CliArgs, Operation } from './args.js';
 
 export interface StatsArgs {
@@ -35,6 +37,23 @@ export function validateOperationArgs(op: Operation, a: CliArgs, profile: AgentP
     case 'stats':
       return { op, args: { nas } };
   }
+}
+
+/** `nasbackup chain <action>`: --vm is one instance folder; --backup (`[<instance>/]<timestamp>`) belongs to it. */
+export function validateChainArgs(
+  action: 'list' | 'verify' | 'plan-delete' | 'delete',
+  a: { nas: NasTarget; vm: string; backup?: string; force: boolean; records?: BackupRecord[] },
+): ChainArgs {
+  const parts = parseRelativePath(a.vm, { what: '--vm' });
+  if (parts.length !== 1) throw new NasbackupError('INVALID_ARGUMENT', `--vm must be an instance name, not a path: ${a.vm}`);
+  const vm = parts[0]!;
+  const out: ChainArgs = { nas: a.nas, vm, force: a.force, ...(a.records ? { records: a.records } : {}) };
+  if (action === 'list' || action === 'verify') return out;
+  if (!a.backup) throw new NasbackupError('MISSING_ARGUMENT', '--backup <instance>/<timestamp> is required');
+  const b = parseRelativePath(a.backup, { what: '--backup' });
+  if (b.length === 2 && b[0] !== vm) throw new NasbackupError('INVALID_ARGUMENT', `--backup ${a.backup} is not a backup of ${vm}`);
+  if (b.length > 2) throw new NasbackupError('INVALID_ARGUMENT', `--backup must be <instance>/<timestamp>: ${a.backup}`);
+  return { ...out, backup: b.at(-1)! };
 }
 
 const TARGET = '--rebase-target';

@@ -4,7 +4,7 @@
 import { lstat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { NasbackupError, withResult } from '../errors.js';
-import { ensureWithin, exists, parseRelativePath } from '../paths.js';
+import { ensureWithin, exists } from '../paths.js';
 import { QemuImgClient } from '../clients/qemu-img.js';
 import { discover, type VmBackups } from '../chain/discover.js';
 import { planDelete, type DeletePlan } from '../chain/plan.js';
@@ -16,32 +16,25 @@ import { syncAfter, type OpContext } from './context.js';
 import { removeTree } from './delete.js';
 import { safeRebase } from './rebase.js';
 
+/** Checked by lib/cli/validate.ts (validateChainArgs). */
 export interface ChainArgs {
   nas: NasTarget;
+  /** The instance folder (one path component). */
   vm: string;
-  /** `<timestamp>` or `<instance>/<timestamp>`. */
+  /** The backup's folder name (`<timestamp>`) below the instance; required by plan-delete and delete. */
   backup?: string;
   force: boolean;
   records?: BackupRecord[];
 }
 
-function checkVm(vm: string): string {
-  const parts = parseRelativePath(vm, { what: '--vm' });
-  if (parts.length !== 1) throw new NasbackupError('INVALID_ARGUMENT', `--vm must be an instance name, not a path: ${vm}`);
-  return parts[0]!;
-}
-
-/** The backup folder name from `--backup`, which must belong to `--vm`. */
-export function backupName(vm: string, backup: string | undefined): string {
-  if (!backup) throw new NasbackupError('MISSING_ARGUMENT', '--backup <instance>/<timestamp> is required');
-  const parts = parseRelativePath(backup, { what: '--backup' });
-  if (parts.length === 2 && parts[0] !== vm) throw new NasbackupError('INVALID_ARGUMENT', `--backup ${backup} is not a backup of ${vm}`);
-  if (parts.length > 2) throw new NasbackupError('INVALID_ARGUMENT', `--backup must be <instance>/<timestamp>: ${backup}`);
-  return parts.at(-1)!;
+/** validateChainArgs requires --backup for plan-delete and delete. */
+function required(backup: string | undefined): string {
+  if (backup === undefined) throw new NasbackupError('INTERNAL', 'Internal error: --backup was not checked');
+  return backup;
 }
 
 async function load(ctx: OpContext, a: ChainArgs): Promise<{ vm: string; root: string; backups: VmBackups }> {
-  const vm = checkVm(a.vm);
+  const vm = a.vm;
   const nas = await ctx.openNas(a.nas);
   const dir = await ensureWithin(nas.mountPoint, vm, { what: '--vm' });
   return { vm, root: nas.mountPoint, backups: await discover(dir) };
@@ -77,7 +70,7 @@ export interface ChainPlanResult {
 
 export async function chainPlanDelete(ctx: OpContext, a: ChainArgs): Promise<ChainPlanResult> {
   const { vm, backups } = await load(ctx, a);
-  const plan = await planDelete(backups, vm, backupName(vm, a.backup), { force: a.force, ...(a.records ? { records: a.records } : {}) });
+  const plan = await planDelete(backups, vm, required(a.backup), { force: a.force, ...(a.records ? { records: a.records } : {}) });
   if (!plan.proceed) throw new NasbackupError('CHAIN_REFUSED', plan.reason ?? 'refused', { result: { plan } });
   return { plan };
 }
@@ -93,8 +86,8 @@ export interface ChainDeleteResult {
  * false leaves everything as it was (NOT_CONFIRMED).
  */
 export async function chainDelete(ctx: OpContext, a: ChainArgs, engine: RebaseEngine, approve?: (plan: DeletePlan) => Promise<boolean>): Promise<ChainDeleteResult> {
-  const vm = checkVm(a.vm);
-  const name = backupName(vm, a.backup);
+  const vm = a.vm;
+  const name = required(a.backup);
   const nas = await ctx.openNas(a.nas);
   const dir = await ensureWithin(nas.mountPoint, vm, { what: '--vm' });
   if (!(await exists(dir))) {

@@ -100,7 +100,7 @@ function checkName(v: string, what: string): string {
 export function validateBackupArgs(a: RawBackupArgs, nas: NasTarget, profile: AgentProfile): BackupArgs {
   if (!a.vm) throw new NasbackupError('MISSING_ARGUMENT', 'backup requires -v <domain name>');
   if (a.path === undefined) throw new NasbackupError('MISSING_ARGUMENT', 'backup requires -p <backup path>');
-  parseRelativePath(a.path, { what: '-p', minDepth: 2 });
+  const instance = parseRelativePath(a.path, { what: '-p', minDepth: 2 })[0]!;
   const raw = a.mode ?? '';
   let mode: BackupMode;
   if (raw === '' || raw === 'legacy-full') mode = 'legacy';
@@ -123,6 +123,7 @@ export function validateBackupArgs(a: RawBackupArgs, nas: NasTarget, profile: Ag
     nas,
     vm: a.vm,
     path: a.path,
+    instance,
     quiesce: a.quiesce === 'true',
     diskPaths,
     mode,

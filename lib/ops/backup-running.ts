@@ -177,7 +177,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
   const qemuImg = new QemuImgClient(ctx.runner, ctx.config.qemuImgBinary, ctx.config.qemuImgTimeoutMs);
   const nas = await ctx.openNas(a.nas);
   const disks = await listDisks(virsh, a.vm);
-  await ctx.lockVm(nas.mountPoint, parseRelativePath(a.path, { what: '-p' })[0]!, 'backup');
+  await ctx.lockVm(nas.mountPoint, a.instance, 'backup');
   const work = await WorkDir.create(nas.mountPoint, a.path);
 
   let jobStarted = false;

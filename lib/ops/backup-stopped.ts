@@ -4,7 +4,7 @@
 import { stat } from 'node:fs/promises';
 import { STOPPED_FALLBACK_REASON, type BackupReport } from '../agent-output.js';
 import { NasbackupError } from '../errors.js';
-import { exists, parseRelativePath } from '../paths.js';
+import { exists } from '../paths.js';
 import { failureText, succeeded } from '../exec.js';
 import { Qcow2Error, readHeader } from '../qcow2/index.js';
 import { parseImageBitmaps, QemuImgClient } from '../clients/qemu-img.js';
@@ -42,7 +42,7 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
     }
   }
   const nas = await ctx.openNas(a.nas);
-  await ctx.lockVm(nas.mountPoint, parseRelativePath(a.path, { what: '-p' })[0]!, 'backup');
+  await ctx.lockVm(nas.mountPoint, a.instance, 'backup');
   const work = await WorkDir.create(nas.mountPoint, a.path);
   try {
     const formats: Array<'qcow2' | 'raw'> = [];

@@ -19,6 +19,8 @@ export interface BackupArgs {
   vm: string;
   /** Mount-relative `<instance>/<timestamp>`. */
   path: string;
+  /** Its first component: the VM lock. */
+  instance: string;
   quiesce: boolean;
   /** Source disks of a stopped VM (-d); empty for a running VM. */
   diskPaths: string[];

@@ -3,10 +3,9 @@
 // sees in CloudStack; `details` carries tool output (qemu-img/virsh/mount stderr)
 // that the original script lost on stderr.
 
-export const EXIT_OK = 0;
-export const EXIT_FAILURE = 1;
-/** The original's EXIT_CLEANUP_FAILED: the agent marks the backup as Error (needs cleanup). */
-export const EXIT_CLEANUP_FAILED = 20;
+import { EXIT_CLEANUP_FAILED, EXIT_FAILURE, EXIT_OK } from './protocol.js';
+
+export { EXIT_CLEANUP_FAILED, EXIT_FAILURE, EXIT_OK };
 
 export const ERROR_CODES = {
   // command line
@@ -18,6 +17,8 @@ export const ERROR_CODES = {
   INVALID_ARGUMENT: EXIT_FAILURE,
   ARGV_NOT_UTF8: EXIT_FAILURE,
   UNSUPPORTED_OPTION: EXIT_FAILURE,
+  INVALID_SETTING: EXIT_FAILURE, // an environment setting (NASBACKUP_*) that is set but unusable
+  NOT_CONFIRMED: EXIT_FAILURE, // an operator declined (or could not answer) a confirmation: nothing changed
   // host sanity
   LIBVIRT_UNAVAILABLE: EXIT_FAILURE,
   VERSION_UNPARSEABLE: EXIT_FAILURE,
@@ -85,25 +86,52 @@ export function exitCodeFor(code: ErrorCode): number {
   return ERROR_CODES[code];
 }
 
+/**
+ * The one exit code of a run that failed in several ways (the operation, then cleanup):
+ * a mount left behind (exit 20) outranks everything, since the agent must then clean up;
+ * otherwise the first failure's code.
+ */
+export function exitCodeOf(errors: readonly NasbackupError[]): number {
+  if (errors.some((e) => e.exitCode === EXIT_CLEANUP_FAILED)) return EXIT_CLEANUP_FAILED;
+  return errors.find((e) => e.exitCode !== EXIT_OK)?.exitCode ?? EXIT_OK;
+}
+
+/** Things an operator should know that did not fail the run; stable codes like the errors'. */
+export const WARNING_CODES = [
+  'QUIESCE_SKIPPED', // -q true on a paused VM: its disks are already quiet
+  'QUIESCE_UNAVAILABLE', // -q true but the guest could not be frozen: the backup is crash-consistent
+  'IMAGE_DIRTY', // a layer's dirty bit: not closed cleanly, refcounts may be stale
+  'METADATA_NOT_CHECKED', // a valid feature our reader does not scan (encryption, …)
+  'CHECK_SKIPPED', // chain verify: no qemu-img check on a chain our reader rejected
+  'LEAKED_CLUSTERS', // qemu-img check: leaked clusters (space only)
+  'UNFINISHED_BACKUP', // a `.partial` folder of an interrupted run
+] as const;
+export type WarningCode = (typeof WARNING_CODES)[number];
+
+export interface Warning {
+  code: WarningCode;
+  message: string;
+}
+
 export interface NasbackupErrorOptions {
   /** Extra lines for stdout after the message (e.g. a tool's stderr). */
   details?: string;
   cause?: unknown;
-  /** JSON output already carries this outcome (a report or plan): do not print it again. */
-  reported?: boolean;
+  /** What the operation had found or done before it failed (a report, a plan, removed files): rendered before the error. */
+  result?: unknown;
 }
 
 export class NasbackupError extends Error {
   readonly code: ErrorCode;
   readonly details: string;
-  readonly reported: boolean;
+  readonly result: unknown;
 
   constructor(code: ErrorCode, message: string, opts: NasbackupErrorOptions = {}) {
     super(message, opts.cause === undefined ? undefined : { cause: opts.cause });
     this.name = 'NasbackupError';
     this.code = code;
     this.details = opts.details?.trimEnd() ?? '';
-    this.reported = opts.reported ?? false;
+    this.result = opts.result;
   }
 
   get exitCode(): number {
@@ -123,6 +151,12 @@ export class NasbackupError extends Error {
       exitCode: this.exitCode,
     };
   }
+}
+
+/** The same failure, carrying what the operation had done before it (rendered before the error). */
+export function withResult(e: unknown, result: unknown): NasbackupError {
+  const err = toNasbackupError(e);
+  return new NasbackupError(err.code, err.message, { details: err.details, cause: err.cause ?? err, result });
 }
 
 export function isNasbackupError(e: unknown): e is NasbackupError {

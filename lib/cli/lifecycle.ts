@@ -1,9 +1,9 @@
 // Running one operation safely: signals wired to cancellation, a context that records
 // every NAS session and VM lock it hands out, and — on every path — locks released,
-// sessions unmounted, and failures rendered on stdout with the exit code from the table.
+// sessions unmounted, and every failure handed back with the result (lib/output.ts renders them).
 import { lstat } from 'node:fs/promises';
 import type { Config } from '../config.js';
-import { EXIT_OK, NasbackupError, toNasbackupError } from '../errors.js';
+import { NasbackupError, toNasbackupError } from '../errors.js';
 import { makeClients } from '../clients/index.js';
 import { Runner } from '../exec.js';
 import type { Logger } from '../log.js';
@@ -12,14 +12,13 @@ import { NasSession } from '../nas/session.js';
 import { ensureWithin } from '../paths.js';
 import type { OpContext, Output } from '../ops/context.js';
 import { onTerminatingSignal } from './signals.js';
+import type { MountedNas, Outcome } from '../output.js';
 
 export interface ExecuteIo {
   out: Output;
   env: NodeJS.ProcessEnv;
   /** Process-wide signal wiring; tests may pass a no-op. */
   onSignal?: (handler: (signal: NodeJS.Signals) => void) => () => void;
-  /** Render failures as one JSON object instead of text (never on the agent's path). */
-  json?: boolean;
 }
 
 /** The process's signals (handlers installed at start-up, see signals.ts). */
@@ -27,7 +26,7 @@ export function processSignals(handler: (signal: NodeJS.Signals) => void): () =>
   return onTerminatingSignal(handler);
 }
 
-export async function execute(io: ExecuteIo, config: Config, logger: Logger, body: (ctx: OpContext) => Promise<void>): Promise<number> {
+export async function execute<T>(io: ExecuteIo, config: Config, logger: Logger, body: (ctx: OpContext) => Promise<T>): Promise<Outcome<T>> {
   const abort = new AbortController();
   let interruptedBy: NodeJS.Signals | null = null;
   // Past the commit point the result exists: a signal no longer undoes or fails it.
@@ -59,13 +58,16 @@ export async function execute(io: ExecuteIo, config: Config, logger: Logger, bod
   const sessions: NasSession[] = [];
   const locks: VmLock[] = [];
   const leftovers: string[] = [];
+  const mounts: MountedNas[] = [];
   const ctx: OpContext = {
     clients: makeClients(runner, config),
     logger,
     config,
-    env: io.env,
-    out: io.out,
-    openNas: (target) => NasSession.open(target, { runner, config, logger }, (s) => sessions.push(s)),
+    openNas: (target) =>
+      NasSession.open(target, { runner, config, logger }, (s) => {
+        sessions.push(s);
+        mounts.push({ mountPoint: s.mountPoint, address: target.address });
+      }),
     lockVm: async (mountPoint, instance, operation) => {
       const dir = await ensureWithin(mountPoint, instance, { what: 'instance folder' });
       locks.push(
@@ -123,9 +125,10 @@ export async function execute(io: ExecuteIo, config: Config, logger: Logger, bod
   };
 
   let failure: NasbackupError | null = null;
+  let result: T | undefined;
   try {
     ctx.checkpoint(); // a signal that came in while starting: stop before anything happens
-    await body(ctx);
+    result = await body(ctx);
     ctx.checkpoint();
   } catch (e) {
     failure = toNasbackupError(e);
@@ -154,24 +157,8 @@ export async function execute(io: ExecuteIo, config: Config, logger: Logger, bod
   }
   unhook();
 
-  let code = EXIT_OK;
-  if (io.json) {
-    const errors = [failure, ...cleanupErrors].filter((e): e is NasbackupError => e !== null);
-    for (const e of errors) logger.log(`ERROR [${e.code}] ${e.message}`);
-    const unreported = errors.filter((e) => !e.reported);
-    if (unreported.length > 0) io.out.write(JSON.stringify({ ok: false, errors: unreported.map((e) => e.toJSON()) }) + '\n');
-    return errors.reduce((c, e) => (e.code === 'NAS_CLEANUP_FAILED' ? e.exitCode : c || e.exitCode), EXIT_OK);
-  }
-  if (failure) {
-    io.out.write(failure.toText());
-    logger.log(`ERROR [${failure.code}] ${failure.message}${failure.details ? `\n${failure.details}` : ''}`);
-    code = failure.exitCode;
-  }
-  for (const c of cleanupErrors) {
-    io.out.write(c.toText());
-    logger.log(`ERROR [${c.code}] ${c.message}`);
-    code = c.exitCode; // leftovers outrank the operation's own failure: the agent must clean up
-  }
-  return code;
+  const errors = [failure, ...cleanupErrors].filter((e): e is NasbackupError => e !== null);
+  for (const e of errors) logger.log(`ERROR [${e.code}] ${e.message}${e.details ? `\n${e.details}` : ''}`);
+  return { ...(result !== undefined ? { result } : {}), errors, mounts };
 }
 

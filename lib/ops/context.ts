@@ -1,22 +1,20 @@
-// What every operation gets: the clients of the programs it runs, log, config, stdout,
-// and how to open a NAS session that the lifecycle will always close. No operation
-// gets the Runner itself: every child process goes through a client.
+// What every operation gets: the clients of the programs it runs, log, the (frozen)
+// config, and how to open a NAS session that the lifecycle will always close. No
+// Runner (every child process goes through a client), no stdout and no environment:
+// operations return results (lib/output.ts renders them) and take their settings from
+// the config built once by the CLI.
 import type { Config } from '../config.js';
 import { ToolError } from '../clients/failure.js';
 import type { Clients } from '../clients/index.js';
 import type { Logger } from '../log.js';
 import type { NasSession, NasTarget } from '../nas/session.js';
 
-export interface Output {
-  write(text: string): void;
-}
+export type { Output } from '../output.js';
 
 export interface OpContext {
   clients: Clients;
   logger: Logger;
-  config: Config;
-  env: NodeJS.ProcessEnv;
-  out: Output;
+  config: Readonly<Config>;
   /** Mounts the NAS; the session is closed by the caller of the operation on every path. */
   openNas(target: NasTarget): Promise<NasSession>;
   /**

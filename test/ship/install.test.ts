@@ -131,7 +131,7 @@ describe('install-agent-hook', () => {
 
     const again = await hook(r, ['--uninstall', '--json']);
     expect(again.code).toBe(0);
-    expect(JSON.parse(again.stdout)).toEqual({ ok: true, action: 'not-installed', target: r.target, orig: r.orig });
+    expect(JSON.parse(again.stdout)).toEqual({ ok: true, command: 'install-agent-hook', action: 'not-installed', target: r.target, orig: r.orig, errors: [], warnings: [] });
     expect(fingerprint(r.dir)).toEqual(pristine);
   });
 

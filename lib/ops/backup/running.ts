@@ -3,8 +3,8 @@
 // frozen only for the instant of backup-begin, and a clean undo on every failure.
 import { stat, unlink, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
-import { runningBackupText, stoppedBackupText, type BackupReport } from '../../agent-output.js';
-import { NasbackupError } from '../../errors.js';
+import type { BackupReport } from '../../agent-output.js';
+import { NasbackupError, type Warning } from '../../errors.js';
 import { ensureWithin, exists, parseRelativePath } from '../../paths.js';
 import { readChain, readHeader } from '../../qcow2/index.js';
 import { chainRefusal, inspectChain } from '../../store/safety.js';
@@ -19,6 +19,7 @@ import type { BackupArgs } from './index.js';
 import { apparentSize, WorkDir } from './workdir.js';
 import { syncAfter, type OpContext } from '../context.js';
 import { UndoStack } from '../undo.js';
+import type { BackupResult } from '../../output.js';
 
 interface Disk {
   target: string;
@@ -158,18 +159,18 @@ async function abortJob(ctx: OpContext, virsh: VirshClient, vm: string): Promise
   ctx.logger.log(`Warning: the backup job of ${vm} was still running 10 s after domjobabort`);
 }
 
-export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshClient, paused: boolean): Promise<void> {
+export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshClient, paused: boolean): Promise<BackupResult> {
   const { qemuImg } = ctx.clients;
   const nas = await ctx.openNas(a.nas);
   const disks = await listDisks(virsh, a.vm);
-  await ctx.lockVm(nas.mountPoint, parseRelativePath(a.path, { what: '-p' })[0]!, 'backup');
+  await ctx.lockVm(nas.mountPoint, a.instance, 'backup');
   const work = await WorkDir.create(nas.mountPoint, a.path);
 
   const undo = new UndoStack(ctx.logger);
   undo.defer('remove the work folder', () =>
     work.discard().catch((err: Error) => ctx.leftover(`Could not remove the unfinished backup ${work.path}: ${err.message}`)),
   );
-  const warnings: string[] = [];
+  const warnings: Warning[] = [];
   const progress = await createProgress(process.stdout.isTTY === true);
   try {
     const p = await plan(ctx, virsh, a, disks, nas.mountPoint, work);
@@ -209,18 +210,14 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
       profile: a.profile,
       fallbackReason: p.fallbackReason,
       bitmapCreated: p.newCheckpoint,
-      warnings,
+      warnings: warnings.map((w) => w.message),
       totalBytes: await apparentSize(work.final),
     };
-    for (const w of warnings) ctx.logger.log(`Warning: ${w}`);
-    if (a.diskPaths.length > 0) {
-      // The agent chose the stopped-VM format (-d given): one integer per line.
-    const sizes = await Promise.all(disks.map(async (d) => ({ name: d.file, size: (await stat(`${work.final}/${d.file}`, { bigint: true })).size })));
-      ctx.out.write(stoppedBackupText(report, sizes));
-    } else {
-      ctx.out.write(runningBackupText(report, jobBlock));
-    }
+    for (const w of warnings) ctx.logger.log(`Warning: ${w.message}`);
+    // The agent chose the format: -d given means the stopped-VM one (one integer per line).
+    const files = await Promise.all(disks.map(async (d) => ({ name: d.file, size: (await stat(`${work.final}/${d.file}`, { bigint: true })).size })));
     ctx.logger.log(`Backup of ${a.vm} to ${work.final} completed (${report.totalBytes} bytes)`);
+    return { vm: a.vm, path: a.path, mode: a.mode, format: a.diskPaths.length > 0 ? 'stopped' : 'running', report, warnings, jobBlock, files };
   } catch (e) {
     progress.stop();
     await undo.unwind(e);
@@ -241,13 +238,13 @@ async function beginBackup(
   a: BackupArgs,
   paused: boolean,
   undo: UndoStack,
-  warnings: string[],
+  warnings: Warning[],
   bxml: string,
   checkpoint: { name: string; xml: string } | null,
 ): Promise<() => void> {
   let frozen = false;
   if (a.quiesce && paused) {
-    warnings.push(`Quiesce skipped: VM ${a.vm} is paused, its disks are already quiet`);
+    warnings.push({ code: 'QUIESCE_SKIPPED', message: `Quiesce skipped: VM ${a.vm} is paused, its disks are already quiet` });
   } else if (a.quiesce) {
     const why = await freeze(virsh, a.vm, ctx.config.quiesceTimeoutSec);
     if (why === null) frozen = true;
@@ -255,14 +252,14 @@ async function beginBackup(
       // A freeze whose reply was lost (agent timeout) may still have frozen the guest.
       await softly(virsh.guestThaw(a.vm, ctx.config.quiesceTimeoutSec));
       if (ctx.config.quiesceRequired) throw new NasbackupError('QUIESCE_FAILED', `Failed to freeze the filesystems of vm ${a.vm}`, { details: why });
-      warnings.push(`Quiesce failed, backup is crash-consistent: ${why.split('\n')[0]}`);
+      warnings.push({ code: 'QUIESCE_UNAVAILABLE', message: `Quiesce failed, backup is crash-consistent: ${why.split('\n')[0]}` });
     }
   }
-  let refused: unknown = null;
+  let refused: Error | null = null;
   let thawError: string | null = null;
   try {
     await virsh.backupBegin(a.vm, bxml, checkpoint?.xml ?? null).catch((e: unknown) => {
-      refused = e;
+      refused = e instanceof Error ? e : new Error(String(e));
     });
   } finally {
     if (frozen) thawError = await thaw(ctx, virsh, a.vm);

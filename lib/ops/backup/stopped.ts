@@ -2,9 +2,9 @@
 // (the original carried on into a deleted folder); bitmaps are added to the sources
 // only once every copy succeeded, so the next running backup can be incremental.
 import { stat } from 'node:fs/promises';
-import { stoppedBackupText, STOPPED_FALLBACK_REASON, type BackupReport } from '../../agent-output.js';
+import { STOPPED_FALLBACK_REASON, type BackupReport } from '../../agent-output.js';
 import { NasbackupError } from '../../errors.js';
-import { exists, parseRelativePath } from '../../paths.js';
+import { exists } from '../../paths.js';
 import { Qcow2Error, readHeader } from '../../qcow2/index.js';
 import { softly, ToolError } from '../../clients/failure.js';
 import type { QemuImgClient } from '../../clients/qemu-img.js';
@@ -12,6 +12,7 @@ import { backupFileName, volumeId } from '../../store/disks.js';
 import type { BackupArgs } from './index.js';
 import { apparentSize, WorkDir } from './workdir.js';
 import { syncAfter, type OpContext } from '../context.js';
+import type { BackupResult } from '../../output.js';
 
 
 /**
@@ -27,7 +28,7 @@ async function sourceFormat(src: string): Promise<'qcow2' | 'raw'> {
   );
 }
 
-export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<void> {
+export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<BackupResult> {
   const { qemuImg } = ctx.clients;
   const disks = a.diskPaths.map((src, i) => {
     const volId = volumeId(src);
@@ -42,7 +43,7 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<void
     }
   }
   const nas = await ctx.openNas(a.nas);
-  await ctx.lockVm(nas.mountPoint, parseRelativePath(a.path, { what: '-p' })[0]!, 'backup');
+  await ctx.lockVm(nas.mountPoint, a.instance, 'backup');
   const work = await WorkDir.create(nas.mountPoint, a.path);
   try {
     const formats: Array<'qcow2' | 'raw'> = [];
@@ -83,8 +84,8 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<void
       warnings: [],
       totalBytes: await apparentSize(work.final),
     };
-    ctx.out.write(stoppedBackupText(report, sizes));
     ctx.logger.log(`Backup of stopped VM ${a.vm} to ${work.final} completed (${report.totalBytes} bytes)`);
+    return { vm: a.vm, path: a.path, mode: a.mode, format: 'stopped', report, warnings: [], jobBlock: '', files: sizes };
   } catch (e) {
     await work.discard().catch((err: Error) => ctx.leftover(`Could not remove the unfinished backup ${work.path}: ${err.message}`));
     throw e;

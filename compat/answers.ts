@@ -7,7 +7,7 @@ import type { BackupCommand, TakeBackupCommand } from './commands.js';
 import { WRAPPER_CLASSES } from './argv.js';
 import { indexOutOfBounds, javaSplit, javaSplitWhitespace, javaTrim, JavaException, parseLong, wrapLong } from './java.js';
 import type { Profile } from './profiles.js';
-import { EXIT_CLEANUP_FAILED } from '../lib/protocol.js';
+import { EXIT_CLEANUP_FAILED } from './protocol.js';
 
 /** Script.executePipedCommands's Pair<Integer,String>: exit code and stdout as the agent read it. */
 export interface ExecResult {

@@ -1,7 +1,7 @@
 // Which generation of the agent's Java wrappers we reproduce (docs/agent-contract.md §1). A
 // profile is data: argv.ts and answers.ts read these traits, so the differences
 // between generations are listed here once.
-import { AGENT_PROFILES, DEFAULT_AGENT_PROFILE, PROFILE_ENV, type AgentProfile } from '../lib/protocol.js';
+import { AGENT_PROFILES, DEFAULT_AGENT_PROFILE, PROFILE_ENV, type AgentProfile } from './protocol.js';
 import { CompatError } from './errors.js';
 
 export const PROFILE_NAMES = AGENT_PROFILES;

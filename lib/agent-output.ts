@@ -1,6 +1,6 @@
 // Every byte format the CloudStack agent reads from our stdout, in one place.
 // The agent reads stdout only (never stderr), line by line; see docs/agent-contract.md §5.
-import type { AgentProfile } from './protocol.js';
+import type { AgentProfile } from '../compat/protocol.js';
 
 /**
  * Usage, printed for -h/--help (exit 1, as the original) and after `Invalid option:`.
@@ -79,7 +79,7 @@ export const removedDirectoryLine = (path: string): string => `removed directory
  *   merged:     W2/G3 wrapper — detects INCREMENTAL_FALLBACK=true; BITMAP_CREATED= may not be stripped.
  *   newest:     W4 wrapper — reads BACKUP_SIZE_TOTAL=<bytes>.
  */
-export { AGENT_PROFILES, type AgentProfile } from './protocol.js';
+export { AGENT_PROFILES, type AgentProfile } from '../compat/protocol.js';
 
 export const STOPPED_FALLBACK_REASON = 'VM stopped — incremental requires running VM';
 

@@ -3,7 +3,7 @@
 import { ENGINE_MODES, type EngineMode } from './engine/types.js';
 import { NasbackupError } from './errors.js';
 import { logFileFromEnv } from './log.js';
-import { AGENT_PROFILES, DEFAULT_AGENT_PROFILE, PROFILE_ENV, type AgentProfile } from './protocol.js';
+import { AGENT_PROFILES, DEFAULT_AGENT_PROFILE, PROFILE_ENV, type AgentProfile } from '../compat/protocol.js';
 
 export interface Config {
   logFile: string;

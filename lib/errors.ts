@@ -3,7 +3,7 @@
 // sees in CloudStack; `details` carries tool output (qemu-img/virsh/mount stderr)
 // that the original script lost on stderr.
 
-import { EXIT_CLEANUP_FAILED, EXIT_FAILURE, EXIT_OK } from './protocol.js';
+import { EXIT_CLEANUP_FAILED, EXIT_FAILURE, EXIT_OK } from '../compat/protocol.js';
 
 export { EXIT_CLEANUP_FAILED, EXIT_FAILURE, EXIT_OK };
 

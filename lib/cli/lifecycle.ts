@@ -132,8 +132,9 @@ export async function execute<T>(io: ExecuteIo, config: Config, logger: Logger, 
     ctx.checkpoint();
   } catch (e) {
     failure = toNasbackupError(e);
-    if (interruptedBy && failure.code !== 'INTERRUPTED') {
-      failure = new NasbackupError('INTERRUPTED', `Interrupted by ${interruptedBy}`, { details: failure.toText() });
+    const by = interruptedBy as NodeJS.Signals | null; // set by the signal handler meanwhile
+    if (by && failure.code !== 'INTERRUPTED') {
+      failure = new NasbackupError('INTERRUPTED', `Interrupted by ${by}`, { details: failure.toText() });
     }
   }
 

@@ -7,7 +7,7 @@ import { loadConfig, type Config, type ConfigFlags } from '../config.js';
 import { NasbackupError, toNasbackupError } from '../errors.js';
 import { createLogger, logFileFromEnv } from '../log.js';
 import { backupRenderer, deleteRenderer, rebaseRenderer, render, renderFailure, statsRenderer, type OutputMode, type Renderer } from '../output.js';
-import type { AgentProfile } from '../protocol.js';
+import type { AgentProfile } from '../../compat/protocol.js';
 import { QemuImgRebaseEngine } from '../engine/qemu-img.js';
 import { selectEngine } from '../engine/select.js';
 import { checkHostVersions } from '../sanity.js';

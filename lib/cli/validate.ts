@@ -3,7 +3,7 @@
 // changes nothing anywhere. The operations take these objects and do not check again.
 import { NasbackupError } from '../errors.js';
 import { parseRelativePath } from '../paths.js';
-import type { AgentProfile } from '../protocol.js';
+import type { AgentProfile } from '../../compat/protocol.js';
 import type { NasTarget } from '../nas/session.js';
 import { checkIncrementalArgs, type BackupArgs, type BackupMode } from '../ops/backup/index.js';
 import { DELETE_MIN_DEPTH, type DeleteArgs } from '../ops/delete.js';

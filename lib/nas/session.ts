@@ -126,7 +126,10 @@ export class NasSession {
     // Still busy (CIFS "target is busy"): detach it so nothing is left mounted on the host.
     const lazy = await this.mounts.umount(this.mountPoint, umountTimeoutMs, true).then(
       () => '',
-      (e: unknown) => (e instanceof ToolError ? e.output : Promise.reject(e)),
+      (e: unknown) => {
+        if (e instanceof ToolError) return e.output;
+        throw e;
+      },
     );
     if (!(await isMountPoint(this.mountPoint))) {
       this.mounted = false;

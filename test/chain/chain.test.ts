@@ -239,16 +239,16 @@ describe('chain delete --force on a terminal', () => {
     const child = spawn('script', ['-qec', [BIN, ...args].map(q).join(' '), '/dev/null'], { env: { ...process.env, ...sb.env }, stdio: ['pipe', 'pipe', 'pipe'] })
     let out = ''
     let typed = false
-    child.stdout!.on('data', (d: Buffer) => {
+    child.stdout.on('data', (d: Buffer) => {
       out += d.toString()
       // Answer only once the question is on the screen, as a person would.
       if (!typed && out.includes('Proceed? [y/N]')) {
         typed = true
-        child.stdin!.write(`${answer}\n`)
+        child.stdin.write(`${answer}\n`)
       }
     })
     return new Promise((res) => child.on('close', (code) => {
-      child.stdin!.destroy()
+      child.stdin.destroy()
       res({ code, out: out.replace(/\r\n/g, '\n') })
     }))
   }

@@ -34,7 +34,7 @@ describe('layer rules (eslint layers/imports)', () => {
     ['lib/clients/x.ts', "import { main } from '../cli/main.js';", 'clients never import'],
     ['lib/ops/x.ts', "import type { CliArgs } from '../cli/args.js';", 'ops never import cli'],
     ['lib/ops/deep/x.ts', "import { main } from '../../../lib/cli/main.js';", 'ops never import cli'],
-    ['lib/chain/x.ts', "import { chainCommand } from '../ops/chain.js';", 'domain modules'],
+    ['lib/store/x.ts', "import { chainCommand } from '../ops/chain/index.js';", 'domain modules'],
     ['lib/engine/x.ts', "export const load = () => import('../ops/rebase.js');", 'domain modules'],
     ['lib/paths.ts', "import { main } from './cli/main.js';", 'domain modules'],
     ['lib/agent-output.ts', "import type { Ctx } from './ops/context.js';", 'domain modules'],
@@ -52,7 +52,7 @@ describe('layer rules (eslint layers/imports)', () => {
       'lib/ops/x.ts',
       "import { Virsh } from '../clients/virsh.js';\nimport { readChain } from '../qcow2/chain.js';\nimport type { Ctx } from './context.js';",
     ],
-    ['lib/chain/x.ts', "import { diskPaths } from '../backup/disks.js';\nimport { javaParseInt } from '../../compat/java.js';"],
+    ['lib/store/x.ts', "import { diskPaths } from './disks.js';\nimport { javaParseInt } from '../../compat/java.js';"],
     ['lib/cli/x.ts', "export const load = () => import('../ops/backup.js');\nexport { main } from './main.js';"],
     ['test/x.test.ts', "import { main } from '../lib/cli/main.js';\nimport { rebase } from '../lib/ops/rebase.js';"],
   ])('%s: its allowed imports pass', async (file, code) => {
@@ -61,7 +61,7 @@ describe('layer rules (eslint layers/imports)', () => {
 
   it('the repository config turns the layer rule and the promise rules on for the real sources', async () => {
     const full = new ESLint({ cwd: ROOT });
-    for (const file of ['lib/qcow2/rebase.ts', 'compat/index.ts', 'lib/ops/backup.ts', 'lib/clients/virsh.ts', 'lib/chain/plan.ts']) {
+    for (const file of ['lib/qcow2/rebase.ts', 'compat/index.ts', 'lib/ops/backup/index.ts', 'lib/clients/virsh.ts', 'lib/store/safety.ts']) {
       const { rules } = (await full.calculateConfigForFile(`${ROOT}${file}`)) as { rules: Record<string, unknown[]> };
       expect(rules['layers/imports']?.[0], file).toBe(2);
       expect(rules['@typescript-eslint/no-floating-promises']?.[0], file).toBe(2);

@@ -2,7 +2,7 @@
 // settings, frozen, and a setting that is set but unusable is an error (not the default).
 import { describe, expect, it } from 'vitest';
 import { loadConfig } from '../../lib/config.js';
-import { NasbackupError } from '../../lib/errors.js';
+import { type NasbackupError } from '../../lib/errors.js';
 
 function refusal(env: NodeJS.ProcessEnv, flags = {}): NasbackupError {
   try {

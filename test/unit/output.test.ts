@@ -5,7 +5,7 @@ import { describe, expect, it } from 'vitest';
 import { runningBackupText, stoppedBackupText, type BackupReport } from '../../lib/agent-output.js';
 import { EXIT_CLEANUP_FAILED, EXIT_OK, exitCodeOf, NasbackupError, WARNING_CODES, withResult } from '../../lib/errors.js';
 import { backupRenderer, deleteRenderer, envelope, NasNames, render, renderFailure, type BackupResult, type DeleteResult } from '../../lib/output.js';
-import * as protocol from '../../lib/protocol.js';
+import * as protocol from '../../compat/protocol.js';
 
 const MP = '/tmp/csbackup.Ab12Cd';
 const MOUNTS = [{ mountPoint: MP, address: '10.0.0.5:/export' }];
@@ -25,7 +25,7 @@ describe('exitCodeOf: one precedence for several failures', () => {
     ['a mount left behind outranks the failure before it', [op, cleanup], EXIT_CLEANUP_FAILED],
     ['… and after it', [cleanup, op], EXIT_CLEANUP_FAILED],
   ])('%s', (_n, errors, code) => {
-    expect(exitCodeOf(errors as NasbackupError[])).toBe(code);
+    expect(exitCodeOf(errors)).toBe(code);
   });
 
   it('the shared constants are defined once, in the leaf lib/protocol.ts', () => {

@@ -3,7 +3,7 @@
 // path; the work folder both share is in workdir.ts.
 import { NasbackupError } from '../../errors.js';
 import type { VirshClient } from '../../clients/virsh.js';
-import type { AgentProfile } from '../../protocol.js';
+import type { AgentProfile } from '../../../compat/protocol.js';
 import type { NasTarget } from '../../nas/session.js';
 import type { BackupResult } from '../../output.js';
 import type { OpContext } from '../context.js';

@@ -191,7 +191,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
       deadlineMs: ctx.config.jobTimeoutMs,
       initialIntervalMs: ctx.config.jobPollInitialMs,
       maxIntervalMs: ctx.config.jobPollMaxMs,
-      checkpoint: ctx.checkpoint,
+      checkpoint: () => ctx.checkpoint(),
       onProgress: (done, total) => progress.update(done, total),
     });
     releaseJob();
@@ -255,12 +255,12 @@ async function beginBackup(
       warnings.push({ code: 'QUIESCE_UNAVAILABLE', message: `Quiesce failed, backup is crash-consistent: ${why.split('\n')[0]}` });
     }
   }
-  let refused: Error | null = null;
+  let refused: unknown = null;
   let thawError: string | null = null;
   try {
-    await virsh.backupBegin(a.vm, bxml, checkpoint?.xml ?? null).catch((e: unknown) => {
-      refused = e instanceof Error ? e : new Error(String(e));
-    });
+    await virsh.backupBegin(a.vm, bxml, checkpoint?.xml ?? null);
+  } catch (e) {
+    refused = e;
   } finally {
     if (frozen) thawError = await thaw(ctx, virsh, a.vm);
   }
@@ -284,6 +284,8 @@ async function beginBackup(
     });
     throw new NasbackupError('THAW_FAILED', `Failed to thaw the filesystem for vm ${a.vm}: ${thawError}`);
   }
+  // What backup-begin threw (a coded ToolError), rethrown once its undos are registered.
+  // eslint-disable-next-line @typescript-eslint/only-throw-error -- a caught value, rethrown as is
   if (refused !== null) throw refused;
   return releaseJob;
 }

@@ -1,5 +1,6 @@
 // Constants of the script's contract with the CloudStack agent, defined once. A pure leaf
-// (no imports): compat/ may use it without loading anything on the script's path.
+// (no imports): lib/ (errors, config, agent output) takes them from here, so compat/ stays
+// self-contained and nothing defines them twice.
 
 export const EXIT_OK = 0;
 export const EXIT_FAILURE = 1;

@@ -18,7 +18,7 @@ afterAll(removeTempDirs);
 
 const MP = String.raw`\S+/csbackup\.[A-Za-z0-9]{5}`;
 
-// Every refusal and its message is in test/unit/backup-args.test.ts; these show, through
+// Every refusal and its message is in test/cli/validate-backup.test.ts; these show, through
 // bin/nasbackup, that the checks come before the host check, the mount and the lock.
 describe.concurrent('command-line checks: a message, exit 1, no virsh call, nothing mounted', () => {
   const cases: Array<[string, BackupFlags, string]> = [

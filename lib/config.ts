@@ -1,9 +1,12 @@
 // Deadlines and knobs, all from the environment (the agent passes no config flags).
 // Every wait in the program is bounded by one of these.
-import { ENGINE_MODES, type EngineMode } from './engine/types.js';
 import { NasbackupError } from './errors.js';
 import { logFileFromEnv } from './log.js';
 import { AGENT_PROFILES, DEFAULT_AGENT_PROFILE, PROFILE_ENV, type AgentProfile } from '../compat/protocol.js';
+
+/** --engine / NASBACKUP_ENGINE: which engine does a safe rebase (lib/engine/select.ts). */
+export const ENGINE_MODES = ['auto', 'native', 'qemu-img'] as const;
+export type EngineMode = (typeof ENGINE_MODES)[number];
 
 export interface Config {
   logFile: string;

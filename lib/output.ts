@@ -6,11 +6,14 @@
 //          {"ok":…,"command":…, <the result's fields>, "errors":[{code,message,…}], "warnings":[{code,message}]}
 // Operator output names files relative to the NAS (`<instance>/<timestamp>/<file> on <address>`),
 // never the temporary mount point, which is gone by the time anyone reads it.
-import { removedDirectoryLine, removedFileLine, runningBackupText, statsText, stoppedBackupText, type BackupFileSize, type BackupReport } from './agent-output.js';
+import { removedDirectoryLine, removedFileLine, runningBackupText, statsText, stoppedBackupText } from './agent-output.js';
 import { exitCodeOf, type NasbackupError, type Warning } from './errors.js';
 import type { ChainRepairPlan } from './ops/chain/provider-plan.js';
 import type { DeletePlan } from './ops/chain/plan.js';
 import type { ChainDeleteResult, ChainListResult, ChainPlanResult, ChainVerifyResult } from './ops/chain/index.js';
+import type { BackupResult, DeleteResult, RebaseResult, RemovedEntry, StatsResult } from './ops/results.js';
+
+export type { BackupResult, DeleteResult, RebaseResult, RemovedEntry, StatsResult };
 
 export type OutputMode = 'agent' | 'text' | 'json';
 
@@ -110,30 +113,11 @@ export function renderFailure(out: Output, mode: OutputMode, command: string, er
 
 // --- the agent's operations ------------------------------------------------------------
 
-export interface StatsResult {
-  mountPoint: string;
-  address: string;
-  totalKiB: bigint;
-  usedKiB: bigint;
-}
-
 export const statsRenderer: Renderer<StatsResult> = {
   command: 'stats',
   text: (r) => statsText(r.mountPoint, r.totalKiB, r.usedKiB),
   fields: (r) => ({ storage: r.address, totalKiB: Number(r.totalKiB), usedKiB: Number(r.usedKiB) }),
 };
-
-export interface RemovedEntry {
-  /** Absolute, as `rm -v` printed it (the agent's bytes). */
-  path: string;
-  directory: boolean;
-}
-
-export interface DeleteResult {
-  /** `-p`, NAS-relative. */
-  path: string;
-  removed: RemovedEntry[];
-}
 
 const removedLines = (removed: readonly RemovedEntry[]): string => removed.map((e) => (e.directory ? removedDirectoryLine(e.path) : removedFileLine(e.path))).join('');
 
@@ -148,32 +132,11 @@ export const deleteRenderer: Renderer<DeleteResult> = {
   }),
 };
 
-export interface RebaseResult {
-  target: string;
-  newBacking: string;
-  /** false: it already backed onto the new backing (a repeated chain repair). */
-  changed: boolean;
-}
-
 export const rebaseRenderer: Renderer<RebaseResult> = {
   command: 'rebase',
   text: () => '', // the original printed nothing on success
   fields: (r) => ({ target: r.target, newBacking: r.newBacking, changed: r.changed }),
 };
-
-export interface BackupResult {
-  vm: string;
-  path: string;
-  mode: string;
-  /** The agent's parser follows -d: `stopped` (one integer per line) when disks were given, else `running`. */
-  format: 'running' | 'stopped';
-  report: BackupReport;
-  warnings: Warning[];
-  /** Running format: the completed domjobinfo block. */
-  jobBlock: string;
-  /** Stopped format: one size per backup file. */
-  files: BackupFileSize[];
-}
 
 export function backupAgentText(r: BackupResult): string {
   return r.format === 'stopped' ? stoppedBackupText(r.report, r.files) : runningBackupText(r.report, r.jobBlock);

@@ -2,7 +2,7 @@
 // single-file bundle (dist/nasbackup.cjs): the agent's CLI (`-o …`) by default, and the
 // operator commands (never on the agent's path) by their first argument.
 import { EXIT_OK } from '../errors.js';
-import type { Output } from '../ops/context.js';
+import type { Output } from '../output.js';
 import { installSignalHandlers, restoreDefaultSignals } from './signals.js';
 import { render, versionRenderer } from '../output.js';
 import { operatorHelp } from './help.js';

@@ -8,7 +8,7 @@ import { NasbackupError, toNasbackupError } from '../errors.js';
 import { Runner } from '../exec.js';
 import { installAgentHook, uninstallAgentHook, type InstallAction, type InstallResult } from '../install/transaction.js';
 import { createLogger, logFileFromEnv } from '../log.js';
-import type { Output } from '../ops/context.js';
+import type { Output } from '../output.js';
 import { wantsJson } from './args.js';
 import { render, renderFailure, type OutputMode, type Renderer } from '../output.js';
 

@@ -10,9 +10,9 @@ import type { Logger } from '../log.js';
 import { VmLock } from '../nas/lock.js';
 import { NasSession } from '../nas/session.js';
 import { ensureWithin } from '../paths.js';
-import type { OpContext, Output } from '../ops/context.js';
+import type { OpContext } from '../ops/context.js';
 import { onTerminatingSignal } from './signals.js';
-import type { MountedNas, Outcome } from '../output.js';
+import type { MountedNas, Outcome, Output } from '../output.js';
 
 export interface ExecuteIo {
   out: Output;

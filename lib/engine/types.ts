@@ -1,8 +1,7 @@
-// The rebase engine interface: qemu-img today, a native qcow2 engine later.
+// The rebase engine interface, implemented by the native qcow2 engine and qemu-img.
 
-/** --engine / NASBACKUP_ENGINE (pure here so the config can check it without loading an engine). */
-export const ENGINE_MODES = ['auto', 'native', 'qemu-img'] as const;
-export type EngineMode = (typeof ENGINE_MODES)[number];
+// The setting's values belong to the config (it checks them without loading an engine).
+export { ENGINE_MODES, type EngineMode } from '../config.js';
 
 export interface RebaseRequest {
   /** Absolute path of the image to repoint. */

@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { NasbackupError, withResult } from '../errors.js';
 import { ensureWithin, exists } from '../paths.js';
 import type { NasTarget } from '../nas/session.js';
-import type { DeleteResult, RemovedEntry } from '../output.js';
+import type { DeleteResult, RemovedEntry } from './results.js';
 import { syncAfter, type OpContext } from './context.js';
 
 /** Checked by lib/cli/validate.ts. */

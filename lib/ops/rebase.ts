@@ -8,7 +8,7 @@ import { NasbackupError } from '../errors.js';
 import { ensureWithin } from '../paths.js';
 import { readChain, indexInChain, Qcow2Error, readHeader, type Chain } from '../qcow2/index.js';
 import type { NasTarget } from '../nas/session.js';
-import type { RebaseResult } from '../output.js';
+import type { RebaseResult } from './results.js';
 import type { RebaseEngine } from '../engine/types.js';
 import { syncAfter, type OpContext } from './context.js';
 

@@ -15,11 +15,11 @@ import { backupFileName, matchParents, volumeId } from '../../store/disks.js';
 import { waitForBackupJob } from './job.js';
 import { createProgress } from './progress.js';
 import { backupXml, checkpointXml, redefineCheckpointXml } from './xml.js';
-import type { BackupArgs } from './index.js';
+import type { BackupArgs } from './args.js';
 import { apparentSize, WorkDir } from './workdir.js';
 import { syncAfter, type OpContext } from '../context.js';
 import { UndoStack } from '../undo.js';
-import type { BackupResult } from '../../output.js';
+import type { BackupResult } from '../results.js';
 
 interface Disk {
   target: string;

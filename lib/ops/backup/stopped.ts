@@ -9,10 +9,10 @@ import { Qcow2Error, readHeader } from '../../qcow2/index.js';
 import { softly, ToolError } from '../../clients/failure.js';
 import type { QemuImgClient } from '../../clients/qemu-img.js';
 import { backupFileName, volumeId } from '../../store/disks.js';
-import type { BackupArgs } from './index.js';
+import type { BackupArgs } from './args.js';
 import { apparentSize, WorkDir } from './workdir.js';
 import { syncAfter, type OpContext } from '../context.js';
-import type { BackupResult } from '../../output.js';
+import type { BackupResult } from '../results.js';
 
 
 /**

@@ -2,13 +2,14 @@
 // original's (`$TMPDIR/csbackup.XXXXX`), and it is unmounted and removed on every
 // path: success, error, and signals (the CLI's lifecycle calls close()).
 import { randomInt } from 'node:crypto';
-import { mkdir, rmdir } from 'node:fs/promises';
-import { join } from 'node:path';
+import { mkdir, readdir, rmdir, unlink, writeFile } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
 import { NasbackupError } from '../errors.js';
 import { describeFailure, failureText, succeeded, type Runner } from '../exec.js';
 import { effectiveMountOptions, isMountPoint, MountClient } from '../clients/mount.js';
 import type { Config } from '../config.js';
 import type { Logger } from '../log.js';
+import { ownerInfo, readOwner, staleReason } from './lock.js';
 
 export interface NasTarget {
   type: string;
@@ -34,6 +35,14 @@ export async function makeMountPoint(tmpdir: string = process.env.TMPDIR || '/tm
   }
   throw new NasbackupError('NAS_MOUNT_FAILED', `Cannot create a mount point in ${tmpdir}`);
 }
+
+/**
+ * Beside each mount point while it exists: who made it. A run that was killed (SIGKILL,
+ * power cut of the agent) leaves its mount; the next run unmounts it only when this
+ * marker proves the mount ours and its maker dead.
+ */
+export const ownerMarker = (mountPoint: string): string => join(dirname(mountPoint), `.${basename(mountPoint)}.owner`);
+const MARKER = /^\.(csbackup\.[A-Za-z0-9]{5})\.owner$/;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -61,9 +70,11 @@ export class NasSession {
     ctx: { runner: Runner; config: Config; logger: Logger },
     onCreated: (s: NasSession) => void = () => {},
   ): Promise<NasSession> {
+    await NasSession.sweepDead(ctx);
     const mp = await makeMountPoint();
     const s = new NasSession(mp, target, ctx.runner, ctx.config, ctx.logger);
     onCreated(s);
+    await writeFile(ownerMarker(mp), JSON.stringify(await ownerInfo('mount')) + '\n', { mode: 0o600 });
     try {
       await s.mount();
     } catch (e) {
@@ -71,6 +82,23 @@ export class NasSession {
       throw e;
     }
     return s;
+  }
+
+  /** Unmount and remove what killed runs of ours left in $TMPDIR (conservatively: see ownerMarker). */
+  static async sweepDead(ctx: { runner: Runner; config: Config; logger: Logger }, tmpdir: string = process.env.TMPDIR || '/tmp'): Promise<void> {
+    const names = await readdir(tmpdir).catch(() => [] as string[]);
+    for (const name of names) {
+      const m = MARKER.exec(name);
+      if (!m) continue;
+      const owner = await readOwner(join(tmpdir, name));
+      if (!owner) continue;
+      const why = await staleReason(owner.info, owner.ageMs, Number.POSITIVE_INFINITY);
+      if (why === null) continue;
+      ctx.logger.log(`Cleaning up ${join(tmpdir, m[1]!)}, left by a dead run (pid ${owner.info.pid}): ${why}`);
+      const s = new NasSession(join(tmpdir, m[1]!), { type: '', address: '', options: '' }, ctx.runner, ctx.config, ctx.logger);
+      s.mounted = true;
+      await s.close().catch((e: Error) => ctx.logger.log(`Warning: could not clean up ${s.mountPoint}: ${e.message}`));
+    }
   }
 
   private async mount(): Promise<void> {
@@ -107,6 +135,8 @@ export class NasSession {
       if ((e as NodeJS.ErrnoException).code !== 'ENOENT')
         problems.push(`Failed to remove mount point ${this.mountPoint}: ${(e as Error).message}`);
     }
+    // The marker goes with the mount point; while a mount is left, it stays for the next run.
+    if (problems.length === 0) await unlink(ownerMarker(this.mountPoint)).catch(() => {});
     if (problems.length > 0) {
       throw new NasbackupError('NAS_CLEANUP_FAILED', problems.join('\n'), { details: 'Backup cleanup failed' });
     }

@@ -164,7 +164,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
   const nas = await ctx.openNas(a.nas);
   const disks = await listDisks(virsh, a.vm);
   await ctx.lockVm(nas.mountPoint, parseRelativePath(a.path, { what: '-p' })[0]!, 'backup');
-  const work = await WorkDir.create(nas.mountPoint, a.path);
+  const work = await WorkDir.create(nas.mountPoint, a.path, { staleAfterMs: ctx.config.lockStaleAfterMs, log: (m) => ctx.logger.log(m) });
 
   let jobStarted = false;
   let jobDone = false;

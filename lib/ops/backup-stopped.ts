@@ -43,7 +43,7 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<void
   }
   const nas = await ctx.openNas(a.nas);
   await ctx.lockVm(nas.mountPoint, parseRelativePath(a.path, { what: '-p' })[0]!, 'backup');
-  const work = await WorkDir.create(nas.mountPoint, a.path);
+  const work = await WorkDir.create(nas.mountPoint, a.path, { staleAfterMs: ctx.config.lockStaleAfterMs, log: (m) => ctx.logger.log(m) });
   try {
     const formats: Array<'qcow2' | 'raw'> = [];
     for (const d of disks) {

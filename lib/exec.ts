@@ -10,6 +10,10 @@ export interface RunOptions {
   /** false: not cancelled by the run-wide abort (used by cleanup, which must still run). */
   abortable?: boolean;
   env?: NodeJS.ProcessEnv;
+  /** Cancels this call alone (like the run-wide abort). */
+  signal?: AbortSignal;
+  /** Log only a failure (a periodic probe would flood the agent log). */
+  quiet?: boolean;
 }
 
 export interface RunResult {
@@ -94,9 +98,11 @@ export class Runner {
   async run(command: string, args: readonly string[], opts: RunOptions): Promise<RunResult> {
     const useAbort = opts.abortable !== false && this.abort !== undefined;
     const started = process.hrtime.bigint();
-    const r = await spawnBounded(command, args, opts, useAbort ? this.abort : undefined);
+    const signals = [useAbort ? this.abort : undefined, opts.signal].filter((s): s is AbortSignal => s !== undefined);
+    const r = await spawnBounded(command, args, opts, signals);
     const result: RunResult = { command, args, ...r, durationMs: Number(process.hrtime.bigint() - started) / 1e6 };
     const status = succeeded(result) ? 'exit 0' : describeFailure(result);
+    if (opts.quiet && succeeded(result)) return result;
     this.logger.log(
       redact(`exec: ${[command, ...args].map(quoteForLog).join(' ')} -> ${status} (${result.durationMs.toFixed(0)} ms)`),
     );
@@ -113,10 +119,10 @@ type Outcome = Omit<RunResult, 'command' | 'args' | 'durationMs'>;
  * started (mount.nfs under mount) goes too; and we never wait for the pipes or the
  * exit longer than a short grace after that (a process stuck in the kernel is left).
  */
-function spawnBounded(command: string, args: readonly string[], opts: RunOptions, abort: AbortSignal | undefined): Promise<Outcome> {
+function spawnBounded(command: string, args: readonly string[], opts: RunOptions, aborts: AbortSignal[]): Promise<Outcome> {
   const env = opts.env ?? process.env;
   const base: Outcome = { exitCode: null, signal: null, stdout: '', stderr: '', timedOut: false, canceled: false, spawnError: null };
-  if (abort?.aborted) return Promise.resolve({ ...base, canceled: true });
+  if (aborts.some((a) => a.aborted)) return Promise.resolve({ ...base, canceled: true });
   const program = resolveProgram(command, env.PATH);
   if (program === null) return Promise.resolve({ ...base, spawnError: 'ENOENT' });
   const guard = setpriv();
@@ -160,7 +166,7 @@ function spawnBounded(command: string, args: readonly string[], opts: RunOptions
       if (settled) return;
       settled = true;
       for (const t of timers) clearTimeout(t);
-      abort?.removeEventListener('abort', onAbort);
+      for (const a of aborts) a.removeEventListener('abort', onAbort);
       child.stdout!.destroy();
       child.stderr!.destroy();
       child.unref();
@@ -189,7 +195,7 @@ function spawnBounded(command: string, args: readonly string[], opts: RunOptions
       canceled = true;
       stop();
     };
-    abort?.addEventListener('abort', onAbort, { once: true });
+    for (const a of aborts) a.addEventListener('abort', onAbort, { once: true });
     timers.push(
       setTimeout(() => {
         if (exit !== null || canceled) return;

@@ -7,6 +7,7 @@ import { Runner } from '../exec.js';
 import type { Logger } from '../log.js';
 import { VmLock } from '../nas/lock.js';
 import { NasSession } from '../nas/session.js';
+import { NasWatch } from '../nas/watch.js';
 import { ensureWithin } from '../paths.js';
 import type { OpContext, Output } from '../ops/context.js';
 
@@ -40,6 +41,8 @@ export async function execute(io: ExecuteIo, config: Config, logger: Logger, bod
   });
 
   const runner = new Runner(logger, abort.signal);
+  // A NAS that stops answering abandons the body; its children are killed (abort).
+  const watch = new NasWatch(() => abort.abort());
   const sessions: NasSession[] = [];
   const locks: VmLock[] = [];
   const ctx: OpContext = {
@@ -48,7 +51,7 @@ export async function execute(io: ExecuteIo, config: Config, logger: Logger, bod
     config,
     env: io.env,
     out: io.out,
-    openNas: (target) => NasSession.open(target, { runner, config, logger }, (s) => sessions.push(s)),
+    openNas: (target) => NasSession.open(target, { runner, config, logger, watch }, (s) => sessions.push(s)),
     lockVm: async (mountPoint, instance, operation) => {
       const dir = await ensureWithin(mountPoint, instance, { what: 'instance folder' });
       locks.push(
@@ -62,13 +65,14 @@ export async function execute(io: ExecuteIo, config: Config, logger: Logger, bod
       );
     },
     checkpoint: () => {
+      if (watch.unresponsive) throw watch.unresponsive;
       if (interruptedBy) throw new NasbackupError('INTERRUPTED', `Interrupted by ${interruptedBy}`);
     },
   };
 
   let failure: NasbackupError | null = null;
   try {
-    await body(ctx);
+    await watch.race(body(ctx));
     ctx.checkpoint();
   } catch (e) {
     failure = toNasbackupError(e);
@@ -78,7 +82,9 @@ export async function execute(io: ExecuteIo, config: Config, logger: Logger, bod
   }
 
   const cleanupErrors: NasbackupError[] = [];
-  for (const l of locks.reverse()) await l.release();
+  // A lock on a NAS that does not answer cannot be removed; the next run breaks it (its pid is dead).
+  if (watch.unresponsive) logger.log(`Leaving ${locks.length} VM lock(s) on the unresponsive NAS`);
+  else for (const l of locks.reverse()) await l.release();
   for (const s of sessions.reverse()) {
     try {
       await s.close();

@@ -1,6 +1,6 @@
 // `mount`/`umount` behind a small typed client, plus a reader of the kernel's
 // mount table so cleanup can check what is really still mounted.
-import { readFile } from 'node:fs/promises';
+import { readFileSync } from 'node:fs';
 import type { Runner, RunResult } from '../exec.js';
 
 export interface MountRequest {
@@ -37,6 +37,15 @@ export class MountClient {
   umount(target: string, timeoutMs: number, lazy = false): Promise<RunResult> {
     return this.runner.run('umount', lazy ? ['-l', target] : [target], { timeoutMs, abortable: false });
   }
+
+  /**
+   * For a NAS that stopped answering: `-f` aborts the requests waiting on it (NFS, CIFS,
+   * FUSE), so our own stuck calls return; `-c` keeps umount from resolving the path,
+   * which would wait on the NAS too. `lazy` then detaches what is still busy.
+   */
+  umountDead(target: string, timeoutMs: number, lazy: boolean): Promise<RunResult> {
+    return this.runner.run('umount', [lazy ? '-l' : '-f', '-c', target], { timeoutMs, abortable: false });
+  }
 }
 
 /** Decode the octal escapes (\040 for space, …) the kernel uses in mountinfo. */
@@ -53,7 +62,11 @@ export function mountPointsFromMountinfo(text: string): string[] {
   return out;
 }
 
+/**
+ * Synchronous on purpose: procfs answers at once, and libuv's threads may all be stuck
+ * in calls on a NAS that stopped answering (cleanup must still see the mount table).
+ */
 export async function isMountPoint(path: string): Promise<boolean> {
-  const text = await readFile('/proc/self/mountinfo', 'utf8');
+  const text = readFileSync('/proc/self/mountinfo', 'utf8');
   return mountPointsFromMountinfo(text).includes(path);
 }

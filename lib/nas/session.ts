@@ -2,7 +2,8 @@
 // original's (`$TMPDIR/csbackup.XXXXX`), and it is unmounted and removed on every
 // path: success, error, and signals (the CLI's lifecycle calls close()).
 import { randomInt } from 'node:crypto';
-import { mkdir, readdir, rmdir, unlink, writeFile } from 'node:fs/promises';
+import { rmdirSync, unlinkSync } from 'node:fs';
+import { mkdir, readdir, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { NasbackupError } from '../errors.js';
 import { describeFailure, failureText, succeeded, type Runner } from '../exec.js';
@@ -10,6 +11,7 @@ import { effectiveMountOptions, isMountPoint, MountClient } from '../clients/mou
 import type { Config } from '../config.js';
 import type { Logger } from '../log.js';
 import { ownerInfo, readOwner, staleReason } from './lock.js';
+import type { NasWatch } from './watch.js';
 
 export interface NasTarget {
   type: string;
@@ -50,13 +52,17 @@ export class NasSession {
   private closed = false;
   private mounted = false;
   private readonly mounts: MountClient;
+  /** Stops the NAS probe (see NasWatch). */
+  private readonly probe = new AbortController();
+  private probeTimer: NodeJS.Timeout | null = null;
 
   private constructor(
     readonly mountPoint: string,
     private readonly target: NasTarget,
-    runner: Runner,
+    private readonly runner: Runner,
     private readonly config: Config,
     private readonly logger: Logger,
+    private readonly watch: NasWatch | undefined = undefined,
   ) {
     this.mounts = new MountClient(runner);
   }
@@ -67,12 +73,12 @@ export class NasSession {
    */
   static async open(
     target: NasTarget,
-    ctx: { runner: Runner; config: Config; logger: Logger },
+    ctx: { runner: Runner; config: Config; logger: Logger; watch?: NasWatch },
     onCreated: (s: NasSession) => void = () => {},
   ): Promise<NasSession> {
     await NasSession.sweepDead(ctx);
     const mp = await makeMountPoint();
-    const s = new NasSession(mp, target, ctx.runner, ctx.config, ctx.logger);
+    const s = new NasSession(mp, target, ctx.runner, ctx.config, ctx.logger, ctx.watch);
     onCreated(s);
     await writeFile(ownerMarker(mp), JSON.stringify(await ownerInfo('mount')) + '\n', { mode: 0o600 });
     try {
@@ -117,12 +123,40 @@ export class NasSession {
       );
     }
     this.logger.log(`Successfully mounted ${type} store`);
+    if (this.watch) this.startProbe(this.watch);
+  }
+
+  /** Probe the NAS in a child, with a deadline, every nasProbeIntervalMs while it is mounted. */
+  private startProbe(watch: NasWatch): void {
+    const { nasTimeoutMs, nasProbeIntervalMs } = this.config;
+    const tick = async (): Promise<void> => {
+      this.probeTimer = null;
+      if (this.closed) return;
+      const r = await this.runner.run('stat', ['-f', '-c', '%b', this.mountPoint], {
+        timeoutMs: nasTimeoutMs,
+        abortable: false,
+        signal: this.probe.signal,
+        quiet: true,
+      });
+      if (this.closed) return;
+      if (r.timedOut) {
+        this.logger.log(`The NAS at ${this.mountPoint} did not answer a statfs within ${Math.round(nasTimeoutMs / 1000)} s`);
+        watch.trip(this.mountPoint, `${this.target.type} ${this.target.address}`, nasTimeoutMs);
+        return;
+      }
+      this.probeTimer = setTimeout(() => void tick(), nasProbeIntervalMs);
+      this.probeTimer.unref();
+    };
+    this.probeTimer = setTimeout(() => void tick(), nasProbeIntervalMs);
+    this.probeTimer.unref();
   }
 
   /** Unmount (retrying while busy, then lazily) and remove the mount point. Idempotent. */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    if (this.probeTimer) clearTimeout(this.probeTimer);
+    this.probe.abort();
     const problems: string[] = [];
     if (this.mounted || (await isMountPoint(this.mountPoint).catch(() => false))) {
       const err = await this.unmount();
@@ -130,20 +164,29 @@ export class NasSession {
     }
     try {
       // rmdir, never a recursive remove: if anything is left, it is not ours to delete.
-      await rmdir(this.mountPoint);
+      // Synchronous: a local folder, and libuv's threads may be stuck on a dead NAS.
+      rmdirSync(this.mountPoint);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'ENOENT')
         problems.push(`Failed to remove mount point ${this.mountPoint}: ${(e as Error).message}`);
     }
     // The marker goes with the mount point; while a mount is left, it stays for the next run.
-    if (problems.length === 0) await unlink(ownerMarker(this.mountPoint)).catch(() => {});
+    if (problems.length === 0) {
+      try {
+        unlinkSync(ownerMarker(this.mountPoint));
+      } catch {
+        // a session of a dead run swept without its marker, or already gone
+      }
+    }
     if (problems.length > 0) {
       throw new NasbackupError('NAS_CLEANUP_FAILED', problems.join('\n'), { details: 'Backup cleanup failed' });
     }
   }
 
   private async unmount(): Promise<string | null> {
-    const { umountAttempts, umountTimeoutMs, umountRetryDelayMs } = this.config;
+    const { umountTimeoutMs, umountRetryDelayMs } = this.config;
+    if (this.watch?.unresponsive) return this.unmountDead();
+    const { umountAttempts } = this.config;
     let last = '';
     for (let attempt = 1; attempt <= umountAttempts; attempt++) {
       const r = await this.mounts.umount(this.mountPoint, umountTimeoutMs);
@@ -163,5 +206,23 @@ export class NasSession {
       return null;
     }
     return `Failed to unmount ${this.mountPoint}: ${(lazy.stderr || last).trim()}`;
+  }
+
+  /** A NAS that does not answer: force (abort its waiting requests), then detach lazily. */
+  private async unmountDead(): Promise<string | null> {
+    const { umountTimeoutMs } = this.config;
+    const force = await this.mounts.umountDead(this.mountPoint, umountTimeoutMs, false);
+    if (succeeded(force) || !(await isMountPoint(this.mountPoint))) {
+      this.mounted = false;
+      this.logger.log(`Warning: ${this.mountPoint} did not answer; unmounted by force`);
+      return null;
+    }
+    const lazy = await this.mounts.umountDead(this.mountPoint, umountTimeoutMs, true);
+    if (!(await isMountPoint(this.mountPoint))) {
+      this.mounted = false;
+      this.logger.log(`Warning: ${this.mountPoint} did not answer; detached with a lazy unmount`);
+      return null;
+    }
+    return `Failed to unmount ${this.mountPoint}: ${failureText(lazy).trim()}`;
   }
 }

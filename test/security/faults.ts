@@ -21,6 +21,20 @@ export function pidsWithArgv(argv: string[]): number[] {
   return out;
 }
 
+/** Pids whose argv mentions `text` (e.g. a sandbox path). */
+export function pidsMentioning(text: string): number[] {
+  const out: number[] = [];
+  for (const name of readdirSync('/proc')) {
+    if (!/^\d+$/.test(name) || Number(name) === process.pid) continue;
+    try {
+      if (readFileSync(`/proc/${name}/cmdline`, 'latin1').includes(text)) out.push(Number(name));
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return out;
+}
+
 export function killAll(pids: number[]): void {
   for (const p of pids) {
     try {

@@ -1,0 +1,117 @@
+// Issue 15 item 8: a NAS that stops answering. The "NAS export" is a real FUSE
+// passthrough filesystem (python3-fusepy); the run bind-mounts it as usual, and its
+// `mount` stops the FUSE server (SIGSTOP) right after the real mount succeeded, so every
+// call on the NAS from then on blocks in the kernel. Each operation must give up within
+// its deadline with NAS_UNRESPONSIVE, kill its children, and leave no mount behind
+// (lazy unmount; exit 20 only when even that fails).
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, readdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { bindNas, leftovers, logText, makeSandbox, start, writeShim, type Sandbox } from '../helpers/cli.js';
+import { removeTempDirs, tempDir } from '../helpers/tmp.js';
+import { seedChain, rootFile, TS as CHAIN_TS } from '../helpers/chain.js';
+import { backupArgv, FAST_POLL, scenario, VM, TS } from '../backup/scenario.js';
+import { fuseNas, killAll, pidsMentioning, pidsWithArgv, waitFor, within, type FuseNas } from './faults.js';
+
+const servers: FuseNas[] = [];
+const sleeps: string[][] = [];
+afterEach(async () => {
+  for (const s of sleeps.splice(0)) killAll(pidsWithArgv(s));
+  for (const f of servers.splice(0)) await f.close();
+});
+afterAll(removeTempDirs);
+
+const REAL_MOUNT = execFileSync('sh', ['-c', 'command -v mount'], { encoding: 'utf8' }).trim();
+const NAS_DEADLINE = { NASBACKUP_NAS_TIMEOUT: '2', NASBACKUP_NAS_PROBE_INTERVAL: '0.3' };
+const UNRESPONSIVE = String.raw`The NAS did not answer within 2 s \(none \S+ at \S+/csbackup\.\w{5}\); the operation was abandoned\n`;
+
+/** Serve sb.nas through FUSE (its content in a backing folder); `mount` stops the server once it mounted. */
+async function stoppingNas(sb: Sandbox, seed: (backing: string) => void = () => {}, stopOnMount = true): Promise<FuseNas> {
+  const backing = join(sb.root, 'backing');
+  mkdirSync(backing);
+  seed(backing);
+  const f = await fuseNas(tempDir('fuse-server'), backing, sb.nas);
+  servers.push(f);
+  if (stopOnMount) writeShim(sb, 'mount', `${REAL_MOUNT} "$@" || exit $?\nkill -STOP ${f.server.pid}`);
+  return f;
+}
+
+async function expectAbandoned(sb: Sandbox, argv: string[], env: NodeJS.ProcessEnv = {}): Promise<string> {
+  const t0 = Date.now();
+  const r = await within(start(sb, argv, { ...NAS_DEADLINE, ...env }), 60_000);
+  expect(r).not.toBe('hung');
+  if (r === 'hung') return '';
+  expect(r.code).toBe(1);
+  expect(r.stdout).toMatch(new RegExp(`^${UNRESPONSIVE}$`));
+  // Probe interval + deadline + a lazy unmount; far below the 60 s watchdog.
+  expect(Date.now() - t0).toBeLessThan(30_000);
+  // Nothing of the run is left (sb.nas itself is the FUSE export, not ours).
+  expect(leftovers(sb)).toEqual({ dirs: [], mounts: [sb.nas] });
+  expect(logText(sb)).toMatch(/ERROR \[NAS_UNRESPONSIVE\]/);
+  return r.stdout;
+}
+
+describe('a NAS that stops answering', () => {
+  it('stats: df blocks on the NAS; the run gives up, kills df and lazily unmounts', async () => {
+    const sb = makeSandbox('sec-nas-stats');
+    await stoppingNas(sb);
+    await expectAbandoned(sb, ['-o', 'stats', ...bindNas(sb)]);
+    expect(logText(sb)).toMatch(/did not answer; (unmounted by force|detached with a lazy unmount)/);
+  }, 90_000);
+
+  it('delete: the lock and the walk block on the NAS; nothing is removed, the next run after recovery finishes it', async () => {
+    const sb = makeSandbox('sec-nas-delete');
+    const f = await stoppingNas(sb, (b) => {
+      mkdirSync(join(b, VM, TS), { recursive: true });
+      writeFileSync(join(b, VM, TS, 'root.qcow2'), 'x');
+    });
+    await expectAbandoned(sb, ['-o', 'delete', ...bindNas(sb), '-p', `${VM}/${TS}`]);
+    const backing = join(sb.root, 'backing');
+    expect(readdirSync(join(backing, VM, TS))).toEqual(['root.qcow2']);
+    // The NAS server comes back (the forced unmount ended its old session): a lock the
+    // abandoned run may have left is broken (its pid is dead), and the delete completes.
+    await f.close();
+    servers.push(await fuseNas(tempDir('fuse-server'), backing, sb.nas));
+    writeShim(sb, 'mount', `exec ${REAL_MOUNT} "$@"`);
+    const again = await within(start(sb, ['-o', 'delete', ...bindNas(sb), '-p', `${VM}/${TS}`], NAS_DEADLINE), 60_000);
+    expect(again).not.toBe('hung');
+    if (again === 'hung') return;
+    expect(again.code).toBe(0);
+    expect(readdirSync(join(sb.nas, VM))).toEqual([]);
+  }, 90_000);
+
+  it('backup of a stopped VM: the copy blocks writing to the NAS; qemu-img is killed, the run gives up', async () => {
+    const s = scenario('sec-nas-backup', { state: 'shut off' });
+    const f = await stoppingNas(s.sb, undefined, false);
+    // This time the NAS stops answering when the copy starts (the lock and folder are made).
+    const qemuImg = writeShim(s.sb, 'qemu-img-stopping', `case "$1" in convert) kill -STOP ${f.server.pid};; esac\nexec qemu-img "$@"`);
+    await expectAbandoned(s.sb, backupArgv(s, { disks: s.rootDisk }), { ...FAST_POLL, NASBACKUP_QEMU_IMG: qemuImg });
+    // The copy had started, and no qemu-img of ours is left writing (killed with its process group).
+    expect(logText(s.sb)).toMatch(/exec: \S+qemu-img-stopping convert .* -> \S+ was interrupted/);
+    expect(logText(s.sb)).toMatch(/Leaving 1 VM lock\(s\) on the unresponsive NAS/);
+    expect(await waitFor(() => pidsMentioning(s.sb.root).filter((p) => p !== f.server.pid).length === 0, 3000)).toBe(true);
+  }, 90_000);
+
+  it('rebase: reading the chain blocks; the run gives up', async () => {
+    const sb = makeSandbox('sec-nas-rebase');
+    await stoppingNas(sb, (b) => seedChain(b));
+    await expectAbandoned(sb, ['-o', 'rebase', ...bindNas(sb), '--rebase-target', rootFile(CHAIN_TS[2]), '--rebase-new-backing', rootFile(CHAIN_TS[0])]);
+  }, 90_000);
+
+  it('cleanup that cannot even unmount lazily: exit 20, and it says so', async () => {
+    const sb = makeSandbox('sec-nas-umount');
+    const f = await stoppingNas(sb);
+    // The NAS answers again only once we gave up on it, and the mount stays busy.
+    writeShim(sb, 'umount', `kill -CONT ${f.server.pid}\necho "umount: $*: target is busy." >&2; exit 32`);
+    const r = await within(start(sb, ['-o', 'stats', ...bindNas(sb)], NAS_DEADLINE), 60_000);
+    expect(r).not.toBe('hung');
+    if (r === 'hung') return;
+    expect(r.code).toBe(20);
+    expect(r.stdout).toMatch(new RegExp(`^${UNRESPONSIVE}Failed to unmount \\S+/csbackup\\.\\w{5}: umount: -l -c \\S+: target is busy\\.\\n`));
+    const left = leftovers(sb);
+    expect(left.mounts.filter((m) => m !== sb.nas)).toHaveLength(1);
+    for (const m of left.mounts) if (m !== sb.nas) execFileSync('umount', ['-l', m]);
+    for (const d of left.dirs) execFileSync('rm', ['-d', join(sb.tmp, d)]);
+  }, 90_000);
+});

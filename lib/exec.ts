@@ -10,10 +10,6 @@ export interface RunOptions {
   /** false: not cancelled by the run-wide abort (used by cleanup, which must still run). */
   abortable?: boolean;
   env?: NodeJS.ProcessEnv;
-  /** Cancels this call alone (like the run-wide abort). */
-  signal?: AbortSignal;
-  /** Log only a failure (a periodic probe would flood the agent log). */
-  quiet?: boolean;
 }
 
 export interface RunResult {
@@ -98,11 +94,9 @@ export class Runner {
   async run(command: string, args: readonly string[], opts: RunOptions): Promise<RunResult> {
     const useAbort = opts.abortable !== false && this.abort !== undefined;
     const started = process.hrtime.bigint();
-    const signals = [useAbort ? this.abort : undefined, opts.signal].filter((s): s is AbortSignal => s !== undefined);
-    const r = await spawnBounded(command, args, opts, signals);
+    const r = await spawnBounded(command, args, opts, useAbort && this.abort ? [this.abort] : []);
     const result: RunResult = { command, args, ...r, durationMs: Number(process.hrtime.bigint() - started) / 1e6 };
     const status = succeeded(result) ? 'exit 0' : describeFailure(result);
-    if (opts.quiet && succeeded(result)) return result;
     this.logger.log(
       redact(`exec: ${[command, ...args].map(quoteForLog).join(' ')} -> ${status} (${result.durationMs.toFixed(0)} ms)`),
     );

@@ -6,12 +6,13 @@ import { rmdirSync, unlinkSync } from 'node:fs';
 import { mkdir, readdir, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { NasbackupError } from '../errors.js';
-import { describeFailure, failureText, succeeded, type Runner } from '../exec.js';
+import { Worker } from 'node:worker_threads';
+import { describeFailure, failureText, resolveProgram, succeeded, type Runner } from '../exec.js';
 import { effectiveMountOptions, isMountPoint, MountClient } from '../clients/mount.js';
 import type { Config } from '../config.js';
 import type { Logger } from '../log.js';
 import { ownerInfo, readOwner, staleReason } from './lock.js';
-import type { NasWatch } from './watch.js';
+import { PROBE_WORKER, type NasWatch } from './watch.js';
 
 export interface NasTarget {
   type: string;
@@ -52,14 +53,13 @@ export class NasSession {
   private closed = false;
   private mounted = false;
   private readonly mounts: MountClient;
-  /** Stops the NAS probe (see NasWatch). */
-  private readonly probe = new AbortController();
-  private probeTimer: NodeJS.Timeout | null = null;
+  /** The worker thread that probes the NAS (see NasWatch). */
+  private prober: Worker | null = null;
 
   private constructor(
     readonly mountPoint: string,
     private readonly target: NasTarget,
-    private readonly runner: Runner,
+    runner: Runner,
     private readonly config: Config,
     private readonly logger: Logger,
     private readonly watch: NasWatch | undefined = undefined,
@@ -110,6 +110,8 @@ export class NasSession {
   private async mount(): Promise<void> {
     const { type, address } = this.target;
     const options = effectiveMountOptions(type, this.target.options);
+    // Watched from before the mount: the log line that follows it may already block on the NAS.
+    if (this.watch) this.startProbe(this.watch);
     const r = await this.mounts.mount({ type, source: address, target: this.mountPoint, options }, this.config.mountTimeoutMs);
     // A mount that timed out or was interrupted may still have happened.
     this.mounted = succeeded(r) || (await isMountPoint(this.mountPoint));
@@ -123,40 +125,51 @@ export class NasSession {
       );
     }
     this.logger.log(`Successfully mounted ${type} store`);
-    if (this.watch) this.startProbe(this.watch);
   }
 
-  /** Probe the NAS in a child, with a deadline, every nasProbeIntervalMs while it is mounted. */
+  /** Watch the NAS from a worker thread (see PROBE_WORKER) while this session exists. */
   private startProbe(watch: NasWatch): void {
-    const { nasTimeoutMs, nasProbeIntervalMs } = this.config;
-    const tick = async (): Promise<void> => {
-      this.probeTimer = null;
-      if (this.closed) return;
-      const r = await this.runner.run('stat', ['-f', '-c', '%b', this.mountPoint], {
+    const { nasTimeoutMs, nasProbeIntervalMs, umountTimeoutMs } = this.config;
+    const stat = resolveProgram('stat', process.env.PATH);
+    const umount = resolveProgram('umount', process.env.PATH);
+    if (stat === null || umount === null) {
+      this.logger.log('Warning: stat or umount not found; the NAS is not watched for a hang');
+      return;
+    }
+    const w = new Worker(PROBE_WORKER, {
+      eval: true,
+      workerData: {
+        mountPoint: this.mountPoint,
+        stat,
+        umount,
+        setpriv: resolveProgram('setpriv', '/usr/bin:/bin:/usr/sbin:/sbin'),
+        env: { ...process.env },
+        intervalMs: nasProbeIntervalMs,
         timeoutMs: nasTimeoutMs,
-        abortable: false,
-        signal: this.probe.signal,
-        quiet: true,
-      });
-      if (this.closed) return;
-      if (r.timedOut) {
+        umountTimeoutMs,
+      },
+    });
+    w.unref();
+    w.on('message', (m: { type: string; code?: number | null }) => {
+      if (m.type === 'tripped') {
         this.logger.log(`The NAS at ${this.mountPoint} did not answer a statfs within ${Math.round(nasTimeoutMs / 1000)} s`);
         watch.trip(this.mountPoint, `${this.target.type} ${this.target.address}`, nasTimeoutMs);
-        return;
+      } else if (m.type === 'forced') {
+        this.logger.log(`umount -f -c ${this.mountPoint} (abort what waits on the NAS) -> exit ${m.code}`);
       }
-      this.probeTimer = setTimeout(() => void tick(), nasProbeIntervalMs);
-      this.probeTimer.unref();
-    };
-    this.probeTimer = setTimeout(() => void tick(), nasProbeIntervalMs);
-    this.probeTimer.unref();
+    });
+    w.on('error', (e) => this.logger.log(`Warning: the NAS watch failed: ${e.message}`));
+    this.prober = w;
   }
 
   /** Unmount (retrying while busy, then lazily) and remove the mount point. Idempotent. */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    if (this.probeTimer) clearTimeout(this.probeTimer);
-    this.probe.abort();
+    if (this.prober) {
+      this.prober.postMessage('stop');
+      void this.prober.terminate();
+    }
     const problems: string[] = [];
     if (this.mounted || (await isMountPoint(this.mountPoint).catch(() => false))) {
       const err = await this.unmount();

@@ -33,3 +33,44 @@ export class NasWatch {
     return Promise.race([p, this.tripped]);
   }
 }
+
+/**
+ * The probe runs in a worker thread: the main thread may itself be blocked in a call on
+ * the NAS (the agent log can live there), and then only another thread can notice. The
+ * worker never touches the NAS itself, it only starts children: `stat -f` with a deadline
+ * (in its own process group, killed whole), and on a miss `umount -f`, which aborts the
+ * requests waiting on the NAS, so a blocked main thread gets its call back (as an error).
+ * CommonJS source, evaluated: it works the same from dist/ and from the single-file bundle.
+ */
+export const PROBE_WORKER = String.raw`
+const { parentPort, workerData: w } = require('node:worker_threads');
+const { spawn } = require('node:child_process');
+let timer = null;
+let stopped = false;
+const killGroup = (pid) => { try { process.kill(-pid, 'SIGKILL'); } catch {} };
+const run = (argv) => spawn(w.setpriv || argv[0], w.setpriv ? ['--pdeathsig', 'KILL', '--', ...argv] : argv.slice(1), { detached: true, stdio: 'ignore', env: w.env });
+function schedule() { if (!stopped) timer = setTimeout(tick, w.intervalMs); }
+function tick() {
+  timer = null;
+  if (stopped) return;
+  let child;
+  try { child = run([w.stat, '-f', '-c', '%b', w.mountPoint]); } catch { schedule(); return; }
+  const deadline = setTimeout(() => {
+    killGroup(child.pid);
+    if (stopped) return;
+    stopped = true;
+    parentPort.postMessage({ type: 'tripped' });
+    let u;
+    try { u = run([w.umount, '-f', '-c', w.mountPoint]); } catch { return; }
+    const t = setTimeout(() => killGroup(u.pid), w.umountTimeoutMs);
+    u.on('exit', (code) => { clearTimeout(t); parentPort.postMessage({ type: 'forced', code }); });
+    u.on('error', () => clearTimeout(t));
+  }, w.timeoutMs);
+  child.on('error', () => { clearTimeout(deadline); schedule(); });
+  child.on('exit', () => { clearTimeout(deadline); schedule(); });
+}
+parentPort.on('message', (m) => {
+  if (m === 'stop') { stopped = true; if (timer) clearTimeout(timer); parentPort.close(); }
+});
+schedule();
+`;

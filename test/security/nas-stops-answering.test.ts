@@ -5,7 +5,7 @@
 // its deadline with NAS_UNRESPONSIVE, kill its children, and leave no mount behind
 // (lazy unmount; exit 20 only when even that fails).
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, readdirSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { bindNas, leftovers, logText, makeSandbox, start, writeShim, type Sandbox } from '../helpers/cli.js';
@@ -97,6 +97,23 @@ describe('a NAS that stops answering', () => {
     const sb = makeSandbox('sec-nas-rebase');
     await stoppingNas(sb, (b) => seedChain(b));
     await expectAbandoned(sb, ['-o', 'rebase', ...bindNas(sb), '--rebase-target', rootFile(CHAIN_TS[2]), '--rebase-new-backing', rootFile(CHAIN_TS[0])]);
+  }, 90_000);
+
+  it('the agent log on the NAS: a log line blocks the main thread; the watch (another thread) still ends the run', async () => {
+    const sb = makeSandbox('sec-nas-log');
+    await stoppingNas(sb);
+    const t0 = Date.now();
+    // The log file on the NAS export itself (the same filesystem the run mounts).
+    const r = await within(start(sb, ['-o', 'stats', ...bindNas(sb)], { ...NAS_DEADLINE, NASBACKUP_LOG_FILE: join(sb.nas, 'agent.log') }), 60_000);
+    expect(r).not.toBe('hung');
+    if (r === 'hung') return;
+    expect(r.code).toBe(1);
+    expect(r.stdout).toMatch(new RegExp(`^${UNRESPONSIVE}$`));
+    expect(Date.now() - t0).toBeLessThan(30_000);
+    expect(leftovers(sb).dirs).toEqual([]);
+    expect(leftovers(sb).mounts.filter((m) => m !== sb.nas)).toEqual([]);
+    // What the log got before the NAS stopped answering is on the NAS.
+    expect(readFileSync(join(sb.root, 'backing', 'agent.log'), 'utf8')).toMatch(/Environment Sanity Checks successfully passed/);
   }, 90_000);
 
   it('cleanup that cannot even unmount lazily: exit 20, and it says so', async () => {

@@ -84,7 +84,7 @@ export async function execute(io: ExecuteIo, config: Config, logger: Logger, bod
   const cleanupErrors: NasbackupError[] = [];
   // A lock on a NAS that does not answer cannot be removed; the next run breaks it (its pid is dead).
   if (watch.unresponsive) logger.log(`Leaving ${locks.length} VM lock(s) on the unresponsive NAS`);
-  else for (const l of locks.reverse()) await l.release();
+  else for (const l of locks.reverse()) await watch.race(l.release()).catch(() => {});
   for (const s of sessions.reverse()) {
     try {
       await s.close();

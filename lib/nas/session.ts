@@ -101,7 +101,9 @@ export class NasSession {
       const why = await staleReason(owner.info, owner.ageMs, Number.POSITIVE_INFINITY);
       if (why === null) continue;
       ctx.logger.log(`Cleaning up ${join(tmpdir, m[1]!)}, left by a dead run (pid ${owner.info.pid}): ${why}`);
-      const s = new NasSession(join(tmpdir, m[1]!), { type: '', address: '', options: '' }, ctx.runner, ctx.config, ctx.logger);
+      // Nobody uses a dead run's mount: one plain attempt, then lazily (its NAS may be the hung one).
+      const config = { ...ctx.config, umountAttempts: 1 };
+      const s = new NasSession(join(tmpdir, m[1]!), { type: '', address: '', options: '' }, ctx.runner, config, ctx.logger);
       s.mounted = true;
       await s.close().catch((e: Error) => ctx.logger.log(`Warning: could not clean up ${s.mountPoint}: ${e.message}`));
     }

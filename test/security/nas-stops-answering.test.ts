@@ -53,7 +53,7 @@ async function expectAbandoned(sb: Sandbox, argv: string[], env: NodeJS.ProcessE
 }
 
 describe('a NAS that stops answering', () => {
-  it('stats: df blocks on the NAS; the run gives up, kills df and lazily unmounts', async () => {
+  it('stats: df blocks on the NAS; the run gives up, kills df and unmounts (by force, else lazily)', async () => {
     const sb = makeSandbox('sec-nas-stats');
     await stoppingNas(sb);
     await expectAbandoned(sb, ['-o', 'stats', ...bindNas(sb)]);

@@ -5,8 +5,8 @@ import { randomInt } from 'node:crypto';
 import { rmdirSync, unlinkSync } from 'node:fs';
 import { mkdir, readdir, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { NasbackupError } from '../errors.js';
 import { Worker } from 'node:worker_threads';
+import { NasbackupError } from '../errors.js';
 import { describeFailure, failureText, resolveProgram, succeeded, type Runner } from '../exec.js';
 import { effectiveMountOptions, isMountPoint, MountClient } from '../clients/mount.js';
 import type { Config } from '../config.js';
@@ -199,9 +199,8 @@ export class NasSession {
   }
 
   private async unmount(): Promise<string | null> {
-    const { umountTimeoutMs, umountRetryDelayMs } = this.config;
     if (this.watch?.unresponsive) return this.unmountDead();
-    const { umountAttempts } = this.config;
+    const { umountAttempts, umountTimeoutMs, umountRetryDelayMs } = this.config;
     let last = '';
     for (let attempt = 1; attempt <= umountAttempts; attempt++) {
       const r = await this.mounts.umount(this.mountPoint, umountTimeoutMs);

@@ -1,7 +1,7 @@
 // Real faults for the security tests: processes found by their exact argv in /proc,
 // a bounded wait for a run (a hang fails the test instead of stalling the suite), and
 // a tiny FUSE passthrough server (python3-fusepy) that the tests can SIGSTOP.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { RunOutcome } from '../helpers/cli.js';
@@ -33,6 +33,14 @@ export function pidsMentioning(text: string): number[] {
     }
   }
   return out;
+}
+
+/** Lazily detach whatever a failed run left mounted below `dir` (so removing the temp folder cannot reach into it). */
+export function detachMountsBelow(dir: string): void {
+  for (const line of readFileSync('/proc/self/mountinfo', 'utf8').split('\n')) {
+    const m = line.split(' ')[4] ?? '';
+    if (m.startsWith(dir + '/')) spawnSync('umount', ['-l', '-c', m], { stdio: 'ignore', timeout: 10_000 });
+  }
 }
 
 export function killAll(pids: number[]): void {

@@ -7,13 +7,15 @@ import { chmodSync, rmSync, writeFileSync } from 'node:fs';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { bindNas, leftovers, makeSandbox, start, writeShim } from '../helpers/cli.js';
 import { removeTempDirs } from '../helpers/tmp.js';
-import { killAll, pidsWithArgv, uniqueSleep, waitFor, within } from './faults.js';
+import { detachMountsBelow, killAll, pidsWithArgv, uniqueSleep, waitFor, within } from './faults.js';
 
 const helpers: string[] = [];
 const sleeps: string[][] = [];
+const sandboxes: string[] = [];
 afterEach(() => {
   for (const s of sleeps.splice(0)) killAll(pidsWithArgv(s));
   for (const h of helpers.splice(0)) rmSync(h, { force: true });
+  for (const d of sandboxes.splice(0)) detachMountsBelow(d);
 });
 afterAll(removeTempDirs);
 
@@ -44,6 +46,7 @@ describe('a mount helper that hangs', () => {
 
   it('a hung umount is bounded: killed at its deadline, then a lazy unmount detaches the NAS', async () => {
     const sb = makeSandbox('sec-umount-hang');
+    sandboxes.push(sb.tmp);
     const sleep = uniqueSleep();
     sleeps.push(sleep);
     // umount hangs unless it is the lazy one (the last resort); the sleep is its child

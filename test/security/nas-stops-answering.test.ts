@@ -12,13 +12,15 @@ import { bindNas, leftovers, logText, makeSandbox, start, writeShim, type Sandbo
 import { removeTempDirs, tempDir } from '../helpers/tmp.js';
 import { seedChain, rootFile, TS as CHAIN_TS } from '../helpers/chain.js';
 import { backupArgv, FAST_POLL, scenario, VM, TS } from '../backup/scenario.js';
-import { fuseNas, killAll, pidsMentioning, pidsWithArgv, waitFor, within, type FuseNas } from './faults.js';
+import { detachMountsBelow, fuseNas, killAll, pidsMentioning, pidsWithArgv, waitFor, within, type FuseNas } from './faults.js';
 
 const servers: FuseNas[] = [];
+const sandboxes: string[] = [];
 const sleeps: string[][] = [];
 afterEach(async () => {
   for (const s of sleeps.splice(0)) killAll(pidsWithArgv(s));
   for (const f of servers.splice(0)) await f.close();
+  for (const d of sandboxes.splice(0)) detachMountsBelow(d);
 });
 afterAll(removeTempDirs);
 
@@ -28,6 +30,7 @@ const UNRESPONSIVE = String.raw`The NAS did not answer within 2 s \(none \S+ at 
 
 /** Serve sb.nas through FUSE (its content in a backing folder); `mount` stops the server once it mounted. */
 async function stoppingNas(sb: Sandbox, seed: (backing: string) => void = () => {}, stopOnMount = true): Promise<FuseNas> {
+  sandboxes.push(sb.tmp);
   const backing = join(sb.root, 'backing');
   mkdirSync(backing);
   seed(backing);

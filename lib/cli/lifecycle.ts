@@ -93,6 +93,7 @@ export async function execute(io: ExecuteIo, config: Config, logger: Logger, bod
     }
   }
   unhook();
+  if (watch.unresponsive) watch.guardExit();
 
   let code = EXIT_OK;
   if (io.json) {

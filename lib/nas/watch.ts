@@ -4,7 +4,12 @@
 // mounted, a child probes it (statfs) with a deadline; when it does not answer, the
 // watch trips, the operation is abandoned where it stands (its calls are left behind
 // and die with the process), and cleanup runs with children and local calls only.
+import { spawn } from 'node:child_process';
 import { NasbackupError } from '../errors.js';
+import { resolveProgram } from '../exec.js';
+
+/** How long the process may take to end once a NAS stopped answering and cleanup is done. */
+export const EXIT_GUARD_MS = 10_000;
 
 export class NasWatch {
   private failure: NasbackupError | null = null;
@@ -26,6 +31,23 @@ export class NasWatch {
     this.failure = new NasbackupError('NAS_UNRESPONSIVE', `The NAS did not answer within ${Math.round(waitedMs / 1000)} s (${source} at ${mountPoint}); the operation was abandoned`);
     this.onTrip(this.failure);
     this.rejectTripped(this.failure);
+  }
+
+  /**
+   * Node joins its I/O threads when the process exits; one still stuck on the NAS (when
+   * even the forced unmount could not return its call) would keep us from ever ending.
+   * A child bound to us (pdeathsig: it dies the moment we are gone) SIGKILLs us if we are
+   * still here after `ms`. Without setpriv there is no guard: it could outlive us.
+   */
+  guardExit(ms: number = EXIT_GUARD_MS): void {
+    const setpriv = resolveProgram('setpriv', '/usr/bin:/bin:/usr/sbin:/sbin');
+    if (!setpriv) return;
+    const kill = `setTimeout(() => { try { process.kill(${process.pid}, 'SIGKILL') } catch {} }, ${ms})`;
+    try {
+      spawn(setpriv, ['--pdeathsig', 'KILL', '--', process.execPath, '-e', kill], { detached: true, stdio: 'ignore' }).unref();
+    } catch {
+      // no guard: the exit may wait on the NAS
+    }
   }
 
   /** `p`, unless the NAS stops answering first. */

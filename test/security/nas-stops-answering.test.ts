@@ -119,6 +119,21 @@ describe('a NAS that stops answering', () => {
     expect(readFileSync(join(sb.root, 'backing', 'agent.log'), 'utf8')).toMatch(/Environment Sanity Checks successfully passed/);
   }, 90_000);
 
+  it('calls that even a forced unmount cannot return: the answer is printed, and the process still ends', async () => {
+    const sb = makeSandbox('sec-nas-stuck');
+    await stoppingNas(sb, (b) => mkdirSync(join(b, VM, TS), { recursive: true }));
+    // No unmount works and the NAS never answers again: the delete's calls stay stuck in our threads.
+    writeShim(sb, 'umount', `echo "umount: $*: target is busy." >&2; exit 32`);
+    const t0 = Date.now();
+    const r = await within(start(sb, ['-o', 'delete', ...bindNas(sb), '-p', `${VM}/${TS}`], NAS_DEADLINE), 60_000);
+    expect(r).not.toBe('hung');
+    if (r === 'hung') return;
+    expect(r.stdout).toMatch(new RegExp(`^${UNRESPONSIVE}Failed to unmount \\S+/csbackup\\.\\w{5}: umount: -l -c \\S+: target is busy\\.\\n`));
+    // Exit 20, or — when a thread is still stuck in the kernel at exit — the exit guard's SIGKILL.
+    expect(r.code === 20 || r.signal === 'SIGKILL').toBe(true);
+    expect(Date.now() - t0).toBeLessThan(40_000);
+  }, 90_000);
+
   it('cleanup that cannot even unmount lazily: exit 20, and it says so', async () => {
     const sb = makeSandbox('sec-nas-umount');
     const f = await stoppingNas(sb);

@@ -7,6 +7,8 @@ import { chmodSync, rmSync, writeFileSync } from 'node:fs';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { bindNas, leftovers, makeSandbox, start, writeShim } from '../helpers/cli.js';
 import { removeTempDirs } from '../helpers/tmp.js';
+import { Runner } from '../../lib/exec.js';
+import { memoryLogger } from '../../lib/log.js';
 import { detachMountsBelow, killAll, pidsWithArgv, uniqueSleep, waitFor, within } from './faults.js';
 
 const helpers: string[] = [];
@@ -42,6 +44,16 @@ describe('a mount helper that hangs', () => {
     // The helper (now the sleep) went with the mount: nothing orphaned.
     expect(await waitFor(() => pidsWithArgv(sleep).length === 0, 2000)).toBe(true);
     expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+  }, 90_000);
+
+  it('a program that exits but leaves a helper holding its pipes: its output is kept, the helper killed, no wait for the pipes', async () => {
+    const sleep = uniqueSleep();
+    sleeps.push(sleep);
+    const runner = new Runner(memoryLogger());
+    const r = await runner.run('sh', ['-c', `${sleep.join(' ')} & echo started`], { timeoutMs: 60_000 });
+    expect(r).toMatchObject({ exitCode: 0, stdout: 'started\n', timedOut: false });
+    expect(r.durationMs).toBeLessThan(30_000);
+    expect(await waitFor(() => pidsWithArgv(sleep).length === 0, 2000)).toBe(true);
   }, 90_000);
 
   it('a hung umount is bounded: killed at its deadline, then a lazy unmount detaches the NAS', async () => {

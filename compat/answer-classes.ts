@@ -1,4 +1,4 @@
-// The answers the agent sends back (contract §8.1), as classes with Gson's field
+// The answers the agent sends back (docs/agent-contract.md §8.1), as classes with Gson's field
 // order: the subclass's fields, then Answer's (result, details), then Command's.
 // An Answer built by `new …Answer(command, success, details)` starts with an empty
 // contextMap, wait 0 and bypassHostMaintenance false, whatever the command carried.

@@ -1,11 +1,11 @@
-// (exit code, stdout) → the answer each wrapper generation builds (contract §4.2,
+// (exit code, stdout) → the answer each wrapper generation builds (docs/agent-contract.md §4.2,
 // §5.2, §5.3). Where a real wrapper throws on output it cannot parse, the result is
 // what the agent then sends instead (§2.3): a plain com.cloud.agent.api.Answer with
 // the stack trace, plus a note saying why, for the log.
 import { backupAnswer, plainAnswer, statsAnswer, type BackupAnswer, type WireAnswer } from './answer-classes.js';
 import type { BackupCommand, TakeBackupCommand } from './commands.js';
 import { WRAPPER_CLASSES } from './argv.js';
-import { indexOutOfBounds, isBlank, javaSplit, javaSplitWhitespace, javaTrim, JavaException, parseLong, wrapLong } from './java.js';
+import { indexOutOfBounds, javaSplit, javaSplitWhitespace, javaTrim, JavaException, parseLong, wrapLong } from './java.js';
 import type { Profile } from './profiles.js';
 
 /** Script.executePipedCommands's Pair<Integer,String>: exit code and stdout as the agent read it. */
@@ -46,22 +46,26 @@ export function positionalSize(rest: string, stoppedVm: boolean): bigint {
   return sum;
 }
 
-/** G1/G2: trim, drop trimmed marker lines (keeping their values), re-join, trim. */
+/**
+ * G1/G2: trim, drop trimmed marker lines (keeping their values), re-join, trim: that
+ * text is only for the size. `details` is the whole stdout trimmed once, markers
+ * included (contract §5.2, corrected).
+ */
 function successG12(stdout: string, stoppedVm: boolean): BackupAnswer {
   let created: string | undefined;
   let recreated: string | undefined;
   let fallback = false;
   const kept: string[] = [];
-  for (const line of javaSplit(javaTrim(stdout), '\n')) {
+  const whole = javaTrim(stdout);
+  for (const line of javaSplit(whole, '\n')) {
     const t = javaTrim(line);
     if (t.startsWith('BITMAP_CREATED=')) created = t.slice('BITMAP_CREATED='.length);
     else if (t.startsWith('BITMAP_RECREATED=')) recreated = t.slice('BITMAP_RECREATED='.length);
     else if (t.startsWith('INCREMENTAL_FALLBACK=')) fallback = true;
     else kept.push(line);
   }
-  const rest = javaTrim(kept.join('\n'));
-  const size = positionalSize(rest, stoppedVm);
-  const a = backupAnswer(true, rest);
+  const size = positionalSize(javaTrim(kept.join('\n')), stoppedVm);
+  const a = backupAnswer(true, whole);
   a.size = size;
   if (created !== undefined) a.bitmapCreated = created;
   a.incrementalFallback = fallback;
@@ -69,15 +73,30 @@ function successG12(stdout: string, stoppedVm: boolean): BackupAnswer {
   return a;
 }
 
-/** G3: only its own fallback marker is stripped (BITMAP_CREATED= is not); bitmapCreated is the command's bitmapNew. */
+/**
+ * G3/W4 report the command's bitmapNew as created, "null for legacy-full" (contract
+ * §5.2). Whether that null comes from the provider or the wrapper is not said; we
+ * never claim a bitmap for legacy-full (the script creates none there), even if one
+ * was sent: a bitmap name recorded for a backup without one would base the next
+ * incremental on nothing.
+ */
+function bitmapFromCommand(cmd: TakeBackupCommand): string | undefined {
+  return cmd.mode === 'legacy-full' ? undefined : cmd.bitmapNew;
+}
+
+/**
+ * G3: only its own fallback marker is stripped, and only for the size (BITMAP_CREATED=
+ * is not: the contract leaves that unconfirmed, so we take the reading that throws);
+ * bitmapCreated is the command's bitmapNew; `details` is the whole stdout trimmed once.
+ */
 function successG3(cmd: TakeBackupCommand, stdout: string, stoppedVm: boolean): BackupAnswer {
   const fallback = stdout.includes(FALLBACK_MARKER);
   const stripped = stdout === '' ? '' : javaSplit(stdout, '\n', -1).filter((l) => !l.includes(FALLBACK_MARKER)).join('\n');
-  const rest = javaTrim(stripped);
-  const size = positionalSize(rest, stoppedVm);
-  const a = backupAnswer(true, rest);
+  const size = positionalSize(javaTrim(stripped), stoppedVm);
+  const a = backupAnswer(true, javaTrim(stdout));
   a.size = size;
-  if (cmd.bitmapNew !== undefined) a.bitmapCreated = cmd.bitmapNew;
+  const created = bitmapFromCommand(cmd);
+  if (created !== undefined) a.bitmapCreated = created;
   a.incrementalFallback = fallback;
   return a;
 }
@@ -98,10 +117,12 @@ function successW4(cmd: TakeBackupCommand, stdout: string, notes: string[]): Bac
       notes.push(`W4 wrapper: unparseable ${SIZE_MARKER} line ${JSON.stringify(marker)}; the backup succeeds with size 0`);
     }
   }
-  const rest = isBlank(stdout) ? '' : javaTrim(lines.filter((l) => !l.includes(FALLBACK_MARKER) && !l.startsWith(SIZE_MARKER)).join('\n'));
-  const a = backupAnswer(true, rest);
+  // Like every generation, the whole stdout trimmed once (contract §5.2's answer row;
+  // see compat/README.md for why that wins over "strips marker lines from details").
+  const a = backupAnswer(true, javaTrim(stdout));
   a.size = size;
-  if (cmd.bitmapNew !== undefined) a.bitmapCreated = cmd.bitmapNew;
+  const created = bitmapFromCommand(cmd);
+  if (created !== undefined) a.bitmapCreated = created;
   a.incrementalFallback = fallback;
   return a;
 }
@@ -144,7 +165,8 @@ function plainOutcome(exec: ExecResult, failureNote?: string): AnswerOutcome {
 }
 
 /**
- * Stats: result=false even on success (the provider ignores it); the sizes are
+ * Stats: result=false even on success (the provider ignores it); `details` is the
+ * stdout as read, untrimmed, on success and on failure (contract §5.3); the sizes are
  * whitespace tokens 1 and 2 of the whole stdout, in 1K blocks, unconverted.
  */
 export function statsAnswerFrom(exec: ExecResult): AnswerOutcome {
@@ -155,7 +177,7 @@ export function statsAnswerFrom(exec: ExecResult): AnswerOutcome {
     const total = parseLong(tok[1]!);
     if (tok.length < 3) throw indexOutOfBounds(2, tok.length);
     const used = parseLong(tok[2]!);
-    const a = statsAnswer(false, null);
+    const a = statsAnswer(false, exec.stdout);
     a.totalSize = total;
     a.usedSize = used;
     return { answer: a, notes: [] };

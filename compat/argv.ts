@@ -1,5 +1,5 @@
 // Command → the script's argv, exactly as each wrapper generation builds it
-// (contract §3): fixed flags in a fixed order, "" for null mount options and an
+// (docs/agent-contract.md §3): fixed flags in a fixed order, "" for null mount options and an
 // empty disk list, the optional tail only when its value passes the wrapper's
 // emptiness test, and the generation differences from profiles.ts.
 import { backupAnswer, type WireAnswer } from './answer-classes.js';

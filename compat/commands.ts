@@ -1,5 +1,5 @@
 // The four backup commands the management server sends to the KVM agent
-// (contract §8.1), decoded from and encoded to the wire. Every generation's
+// (docs/agent-contract.md §8.1), decoded from and encoded to the wire. Every generation's
 // fields are modelled in one class each; which of them a wrapper reads is the
 // profile's business (argv.ts), not the parser's.
 import { CompatError, isCompatError } from './errors.js';

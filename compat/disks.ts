@@ -1,4 +1,4 @@
-// The `-d` disk list of a stopped-VM backup (contract §3.1): the provider sends
+// The `-d` disk list of a stopped-VM backup (docs/agent-contract.md §3.1): the provider sends
 // one path per volume (NFS /mnt/<pool>/<vol>, local <poolPath>/<vol>, LINSTOR
 // /dev/drbd/by-res/cs-<vol>/0, RBD <pool>/<vol>) and the wrapper turns RBD ones into
 // qemu's rbd: strings. Also: the volume id each entry names on the NAS (§6).
@@ -110,7 +110,7 @@ export function buildDiskPaths(cmd: TakeBackupCommand, resolve: RbdPoolResolver 
 }
 
 /**
- * The <volId> a -d entry names on the NAS (contract §6): the uuid of an rbd:
+ * The <volId> a -d entry names on the NAS (docs/agent-contract.md §6): the uuid of an rbd:
  * string, the resource of a LINSTOR device path, else the basename.
  */
 export function volumeIdOf(entry: string): string {

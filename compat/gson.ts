@@ -1,4 +1,4 @@
-// CloudStack's wire JSON as its shared Gson instance writes it (contract §8.2):
+// CloudStack's wire JSON as its shared Gson instance writes it (docs/agent-contract.md §8.2):
 // compact, null members omitted, HTML-safe escaping on, and Command[]/Answer[] as
 // an array of one-key objects keyed by the fully-qualified class name.
 import { CompatError } from './errors.js';

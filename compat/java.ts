@@ -109,6 +109,13 @@ export function parseLong(s: string): bigint {
   return v;
 }
 
+/** Integer.parseInt(s) (named so it never shadows the global parseInt): the same syntax as parseLong ("+1" and Unicode digits parse, " 1" does not), within 32 bits. */
+export function parseJavaInt(s: string): number {
+  const v = parseLong(s);
+  if (v < BigInt(INT_MIN) || v > BigInt(INT_MAX)) throw numberFormat(s);
+  return Number(v);
+}
+
 /**
  * What Script.executePipedCommands returns for a process's stdout: every line as
  * BufferedReader.readLine sees it (terminated by \n, \r or \r\n) followed by "\n".

@@ -1,4 +1,4 @@
-// Which generation of the agent's Java wrappers we reproduce (contract §1). A
+// Which generation of the agent's Java wrappers we reproduce (docs/agent-contract.md §1). A
 // profile is data: argv.ts and answers.ts read these traits, so the differences
 // between generations are listed here once.
 import { CompatError } from './errors.js';
@@ -22,7 +22,7 @@ export interface Profile {
   quiesceTimeout: boolean;
   /** LibvirtRebaseBackupCommandWrapper exists (removed in the merged code). */
   rebaseWrapper: boolean;
-  /** How a successful TakeBackup's stdout becomes the answer (contract §5.2). */
+  /** How a successful TakeBackup's stdout becomes the answer (docs/agent-contract.md §5.2). */
   successParse: 'g12-markers' | 'g3-fallback-marker' | 'w4-size-marker';
   /** W4 catches RuntimeException itself and answers BackupAnswer(false, message). */
   catchesRuntimeException: boolean;

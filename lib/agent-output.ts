@@ -1,5 +1,5 @@
 // Every byte format the CloudStack agent reads from our stdout, in one place.
-// The agent reads stdout only (never stderr), line by line; see the contract §5.
+// The agent reads stdout only (never stderr), line by line; see docs/agent-contract.md §5.
 
 /**
  * Usage, printed for -h/--help (exit 1, as the original) and after `Invalid option:`.
@@ -73,7 +73,7 @@ export const removedFileLine = (path: string): string => `removed '${path}'\n`;
 export const removedDirectoryLine = (path: string): string => `removed directory '${path}'\n`;
 
 /**
- * Agent generations that may be paired with us (contract §1, §5.2). They differ in the
+ * Agent generations that may be paired with us (docs/agent-contract.md §1, §5.2). They differ in the
  * marker lines they strip and where they read the size from.
  *   rebase-era: G1/G2 wrapper — strips BITMAP_CREATED=/BITMAP_RECREATED=/INCREMENTAL_FALLBACK= lines.
  *   merged:     W2/G3 wrapper — detects INCREMENTAL_FALLBACK=true; BITMAP_CREATED= may not be stripped.
@@ -119,13 +119,23 @@ export function runningBackupText(r: BackupReport, jobBlock: string): string {
   return out;
 }
 
+/** One file of a stopped-VM backup folder: its name there and its size in bytes. */
+export interface BackupFileSize {
+  name: string;
+  size: bigint;
+}
+
 /**
  * Stopped-VM format (`-d` non-empty): the wrapper parses EVERY remaining line as an
  * integer, so only markers it strips, then one size per backup file, no empty line.
+ * The sizes come in the original's order: it listed the backup folder with `ls` in the
+ * C locale, i.e. by byte order of the names (`datadisk.*` before `root.*`). The sum is
+ * the same either way, but the agent passes these lines on as the answer's details.
  */
-export function stoppedBackupText(r: BackupReport, fileSizes: bigint[]): string {
+export function stoppedBackupText(r: BackupReport, files: readonly BackupFileSize[]): string {
   let out = fallbackLine(r);
   if (r.profile === 'rebase-era' && r.bitmapCreated) out += `BITMAP_CREATED=${r.bitmapCreated}\n`;
   if (r.profile === 'newest') out += `BACKUP_SIZE_TOTAL=${r.totalBytes}\n`;
-  return out + fileSizes.map((s) => `${s}\n`).join('');
+  const sorted = [...files].sort((a, b) => Buffer.compare(Buffer.from(a.name), Buffer.from(b.name)));
+  return out + sorted.map((f) => `${f.size}\n`).join('');
 }

@@ -39,9 +39,12 @@ export const ERROR_CODES = {
   FILE_NOT_FOUND: EXIT_FAILURE,
   NOT_QCOW2: EXIT_FAILURE,
   CHAIN_BROKEN: EXIT_FAILURE,
+  CHAIN_UNSAFE: EXIT_FAILURE, // a layer outside the VM folder, not a regular file, a loop, an external data file
+  CHAIN_CORRUPT: EXIT_FAILURE, // a layer marked corrupt or with tables/entries past its end
   QEMU_IMG_FAILED: EXIT_FAILURE,
   CHAIN_INVALID: EXIT_FAILURE,
   CHAIN_REFUSED: EXIT_FAILURE,
+  CHAIN_WOULD_ORPHAN: EXIT_FAILURE, // plan-delete: the provider's plan would orphan a backup
   NATIVE_REBASE_FAILED: EXIT_FAILURE,
   // backup
   VM_STATE_UNSUPPORTED: EXIT_FAILURE,

@@ -6,7 +6,7 @@
 //                           --nas-size 1G --nas-delta 128M --nas-link netns|lo --nas-rate 400mbit]
 // The chain: full F (data over 2×delta) ← inc I (delta of 1 MiB writes every 2 MiB) ← child C
 // (1 MiB every 64 MiB); C is rebased onto F (the "delete the middle incremental" repair).
-// The NAS is samba + smbnetfs (e2e-lab.md). With --nas-link netns (default) smbd runs in its own
+// The NAS is samba + smbnetfs (docs/e2e-lab.md §8). With --nas-link netns (default) smbd runs in its own
 // network namespace behind a veth pair shaped to --nas-rate in each direction (tc tbf), so the
 // link is the bottleneck as on a real NAS; smbnetfs gets big_writes so FUSE's 4 KiB writes are
 // not. --nas-link lo is samba on 127.0.0.1 with smbnetfs' defaults (write-bound, ~11 MB/s).
@@ -36,6 +36,7 @@ const NAS_RATE = opt('nas-rate', '400mbit')
 const RUNS = Math.max(1, Number(opt('runs', '3')))
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const DIST_REBASE = path.join(ROOT, 'dist/lib/qcow2/rebase.js')
+const DIST_NATIVE = path.join(ROOT, 'dist/lib/engine/native.js')
 const MiB = 1 << 20
 
 const fmtB = (n: number): string => (n >= 1 << 30 ? `${(n / (1 << 30)).toFixed(2)} GiB` : `${(n / MiB).toFixed(1)} MiB`)
@@ -111,6 +112,8 @@ async function runNative(dir: string): Promise<Run> {
   dropCaches()
   const script = `
     import { nativeRebase } from ${JSON.stringify(DIST_REBASE)};
+    import { capYoungGeneration } from ${JSON.stringify(DIST_NATIVE)};
+    capYoungGeneration(); // as the native engine does before a rebase
     const r = await nativeRebase({ target: ${JSON.stringify(path.join(dir, 'inc2.qcow2'))}, newBacking: ${JSON.stringify(path.join(dir, 'full.qcow2'))}, newBackingName: 'full.qcow2' });
     console.log(JSON.stringify({ ...r, maxRSS: process.resourceUsage().maxRSS }));`
   const r = await timed(process.execPath, ['--input-type=module', '-e', script])
@@ -251,7 +254,7 @@ function startLink(rate: string): { ns: string; server: string; client: string; 
   return { ns, server: `${net}.2`, client: `${net}.1`, dev: peer, stop }
 }
 
-/** samba + smbnetfs (FUSE), as e2e-lab.md describes; a reason string when impossible. */
+/** samba + smbnetfs (FUSE), as docs/e2e-lab.md §8 describes; a reason string when impossible. */
 async function startSmb(base: string): Promise<Smb | string> {
   for (const b of ['smbd', 'smbnetfs', 'smbpasswd', 'fusermount']) {
     if (spawnSync('sh', ['-c', `command -v ${b}`]).status !== 0) return `${b} is not installed (apt-get install samba smbnetfs)`

@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // End-to-end lab for nasbackup: real libvirt + QEMU (TCG) with a tiny
 // agent-equipped guest, on a Debian 12 host without systemd.
-// See shared/docs/e2e-lab.md for the background of every step here.
+// See docs/e2e-lab.md for the background of every step here.
 //
 //   node scripts/e2e-lab.mjs setup    install packages, configure qemu.conf, build guest assets
 //   node scripts/e2e-lab.mjs start    start virtlogd/libvirtd unless libvirt already answers
@@ -49,7 +49,7 @@ const GUEST_MODULES = [
 
 const QEMU_CONF_BEGIN = '# BEGIN nasbackup-e2e (managed by scripts/e2e-lab.mjs)'
 const QEMU_CONF_END = '# END nasbackup-e2e'
-// Why each line: shared/docs/e2e-lab.md section 3. namespaces = [] is what
+// Why each line: docs/e2e-lab.md §3. namespaces = [] is what
 // makes NAS mounts made after domain start visible to QEMU.
 const QEMU_CONF_BLOCK = `${QEMU_CONF_BEGIN}
 user = "root"

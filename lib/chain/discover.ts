@@ -1,11 +1,11 @@
 // The real chains of a VM, read from the NAS itself: every backup disk file under
 // `<instance>/`, its qcow2 header, and its backing resolved relative to its folder.
 // The ground truth for repair and verification; no database needed.
-import { readdir, stat } from 'node:fs/promises';
+import { lstat, readdir, realpath, stat } from 'node:fs/promises';
 import { join, relative, sep } from 'node:path';
 import { volumeIdOfBackupFile } from '../backup/disks.js';
-import { isFollowableBackingName, resolveBackingName } from '../qcow2/chain.js';
-import { readHeader } from '../qcow2/header.js';
+import { isFollowableBackingName, resolveBackingName, readHeader } from '../qcow2/index.js';
+import { isWithin } from '../paths.js';
 
 export interface BackupFile {
   /** Backup folder name (the timestamp), e.g. 2025.01.02.00.00.00. */
@@ -49,12 +49,13 @@ export async function discover(instanceDir: string): Promise<VmBackups> {
   }
   backups.sort();
   const files: BackupFile[] = [];
+  const realDir = await realpath(instanceDir).catch(() => instanceDir);
   for (const b of backups) {
     for (const name of (await readdir(join(instanceDir, b))).sort()) {
       const volId = volumeIdOfBackupFile(name);
       if (volId === null) continue;
       const abs = join(instanceDir, b, name);
-      const st = await stat(abs);
+      const st = (await stat(abs).catch(() => null)) ?? (await lstat(abs));
       const f: BackupFile = {
         backup: b,
         name,
@@ -68,14 +69,22 @@ export async function discover(instanceDir: string): Promise<VmBackups> {
         error: null,
         key: `${st.dev}:${st.ino}`,
       };
-      try {
-        const h = await readHeader(abs);
-        f.virtualSize = h.size;
-        f.backingName = h.backingFile;
-        f.backingFormat = h.backingFormat;
-        if (h.backingFile !== null && isFollowableBackingName(h.backingFile)) f.backingAbs = resolveBackingName(abs, h.backingFile);
-      } catch (e) {
-        f.error = (e as Error).message;
+      // Nothing outside the VM folder is read, and nothing that could block (a FIFO).
+      const real = await realpath(abs).catch(() => null);
+      if (real === null || !isWithin(realDir, real, { strict: true })) {
+        f.error = real === null ? 'a link to nothing' : `resolves outside the VM folder (${real})`;
+      } else if (!st.isFile()) {
+        f.error = 'not a regular file';
+      } else {
+        try {
+          const h = await readHeader(abs);
+          f.virtualSize = h.size;
+          f.backingName = h.backingFile;
+          f.backingFormat = h.backingFormat;
+          if (h.backingFile !== null && isFollowableBackingName(h.backingFile)) f.backingAbs = resolveBackingName(abs, h.backingFile);
+        } catch (e) {
+          f.error = (e as Error).message;
+        }
       }
       files.push(f);
     }

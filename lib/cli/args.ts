@@ -133,18 +133,21 @@ export function parseArgs(all: readonly string[]): CliArgs {
 const isValueFlag = (a: string): boolean => VALUE_FLAGS.some(([short, long]) => a === `--${long}` || (short !== null && a === `-${short}`));
 
 /** Indexes of `--json` used as a flag: not as the value of a value flag (`-m --json` is a mount option). */
-function jsonFlagIndexes(argv: readonly string[]): number[] {
+function jsonFlagIndexes(argv: readonly string[], takesValue: (a: string) => boolean = isValueFlag): number[] {
   const at: number[] = [];
   for (let i = 0; i < argv.length; i++) {
     if (argv[i] === JSON_FLAG) at.push(i);
-    else if (isValueFlag(argv[i]!)) i++;
+    else if (takesValue(argv[i]!)) i++;
   }
   return at;
 }
 
-/** Whether argv asks for --json, decided before parsing (so an argv that fails to parse answers in JSON too). */
-export function wantsJson(argv: readonly string[]): boolean {
-  return jsonFlagIndexes(argv).length > 0;
+/**
+ * Whether argv asks for --json, decided before parsing (so an argv that fails to parse answers in JSON too).
+ * `takesValue`: the flags whose next argument is a value (the agent CLI's by default; an operator command passes its own).
+ */
+export function wantsJson(argv: readonly string[], takesValue: (a: string) => boolean = isValueFlag): boolean {
+  return jsonFlagIndexes(argv, takesValue).length > 0;
 }
 
 function withoutJson(argv: readonly string[]): string[] {

@@ -63,8 +63,9 @@ export async function runTool(tool: string, argv: readonly string[], io: Execute
       const plan = computeChainRepair(await loadRecords(a.records), a.backup, a['root-volume-uuid'], a.forced);
       io.out.write(JSON.stringify(plan, null, 2) + '\n');
       if (!plan.proceed) {
-        logger.log(`ERROR [CHAIN_REFUSED] ${plan.reason}`);
-        return new NasbackupError('CHAIN_REFUSED', plan.reason ?? '').exitCode;
+        const code = plan.code ?? 'CHAIN_REFUSED';
+        logger.log(`ERROR [${code}] ${plan.reason}`);
+        return new NasbackupError(code, plan.reason ?? '').exitCode;
       }
       return 0;
     } catch (e) {

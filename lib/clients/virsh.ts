@@ -1,5 +1,5 @@
 // virsh behind a small typed client: one method per call the program makes, and the
-// parsers for virsh's table and key/value output (libvirt 9 formats, contract §7).
+// parsers for virsh's table and key/value output (libvirt 9 formats, docs/e2e-lab.md §7).
 import type { Runner, RunResult } from '../exec.js';
 
 export const URI = 'qemu:///system';

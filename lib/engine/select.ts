@@ -2,10 +2,13 @@
 // auto takes the native engine only when the rebase is the in-chain shape, every image
 // involved is inside the supported feature set (a dry run of the native planner: every
 // check, no write), and no QEMU process holds any of them (OFD locks in /proc/locks).
+// It falls back to qemu-img only when the native engine says a valid feature is unsupported:
+// damage or an unsafe input found by the dry run is refused (qemu-img would copy zeros
+// where the data was, or follow what it should not).
+import { basename, dirname } from 'node:path';
+import { refusalForQcow2 } from '../chain/safety.js';
 import { NasbackupError } from '../errors.js';
-import { readChain } from '../qcow2/chain.js';
-import { Qcow2Error } from '../qcow2/errors.js';
-import { nativeRebase } from '../qcow2/rebase.js';
+import { readChain, Qcow2Error, UNSUPPORTED_CODES, nativeRebase } from '../qcow2/index.js';
 import { ProcLocksProbe, type LockProbe } from './locks.js';
 import { NativeRebaseEngine } from './native.js';
 import type { RebaseEngine, RebaseRequest } from './types.js';
@@ -22,9 +25,19 @@ export function parseEngineMode(v: string, what = '--engine'): EngineMode {
 export interface Eligibility {
   native: boolean;
   reason: string;
+  /** Set when no engine may run: the dry run found damage or an unsafe input. */
+  refusal?: NasbackupError;
 }
 
-/** Can this rebase run natively? Never throws: any doubt means qemu-img. */
+/** The VM name of a backup file `<mount>/<vm>/<timestamp>/<file>`, for messages. */
+function vmOf(target: string): string {
+  return basename(dirname(dirname(target)));
+}
+
+/**
+ * Can this rebase run natively? Never throws: an unsupported feature, a held image or
+ * another shape means qemu-img; anything else the dry run refuses comes back as `refusal`.
+ */
 export async function nativeEligibility(req: RebaseRequest, probe: LockProbe): Promise<Eligibility> {
   if (req.chainIndex < 1) return { native: false, reason: 'the new backing is not in the target’s chain' };
   let involved: string[];
@@ -33,8 +46,12 @@ export async function nativeEligibility(req: RebaseRequest, probe: LockProbe): P
     involved = chain.layers.slice(0, req.chainIndex + 1).map((l) => l.path);
     await nativeRebase({ target: req.target, newBacking: req.newBacking, newBackingName: req.newBackingName, dryRun: true });
   } catch (e) {
-    if (e instanceof Qcow2Error) return { native: false, reason: `${e.code}: ${e.message}` };
-    return { native: false, reason: `native planner failed: ${(e as Error).message}` };
+    const reason = e instanceof Qcow2Error ? `${e.code}: ${e.message}` : `native planner failed: ${(e as Error).message}`;
+    if (e instanceof Qcow2Error && UNSUPPORTED_CODES.has(e.code)) return { native: false, reason };
+    const refusal =
+      (e instanceof Qcow2Error ? refusalForQcow2(e, `The chain of ${req.target}`, vmOf(req.target)) : null) ??
+      new NasbackupError('NATIVE_REBASE_FAILED', `Native rebase planning for ${req.target} failed, refusing to hand it to qemu-img`, { details: reason });
+    return { native: false, reason, refusal };
   }
   const held = await probe.held(involved);
   if (held === null) return { native: false, reason: 'cannot read /proc/locks to rule out a running QEMU' };
@@ -57,6 +74,10 @@ export class AutoRebaseEngine implements RebaseEngine {
 
   async rebase(req: RebaseRequest): Promise<void> {
     const e = await nativeEligibility(req, this.probe);
+    if (e.refusal) {
+      this.log(`engine auto: refused for ${req.target} (${e.reason})`);
+      throw e.refusal;
+    }
     this.log(`engine auto: ${e.native ? 'native' : 'qemu-img'} for ${req.target} (${e.reason})`);
     return e.native ? this.native.rebase(req) : this.qemuImg.rebase(req);
   }

@@ -2,13 +2,13 @@
 // agent asks for one, incrementals that stay correct after a VM restart, a guest
 // frozen only for the instant of backup-begin, and a clean undo on every failure.
 import { stat, unlink, writeFile } from 'node:fs/promises';
-import { relative } from 'node:path';
+import { join, relative } from 'node:path';
 import { runningBackupText, stoppedBackupText, type BackupReport } from '../agent-output.js';
 import { NasbackupError } from '../errors.js';
 import { describeFailure, failureText, succeeded, type RunResult } from '../exec.js';
 import { ensureWithin, exists, parseRelativePath } from '../paths.js';
-import { readChain } from '../qcow2/chain.js';
-import { readHeader } from '../qcow2/header.js';
+import { readChain, readHeader } from '../qcow2/index.js';
+import { chainRefusal, inspectChain } from '../chain/safety.js';
 import { QemuImgClient } from '../clients/qemu-img.js';
 import { parseDomblklistDetails, parseJobInfo, parseQueryBlock, type VirshClient } from '../clients/virsh.js';
 import { backupFileName, matchParents, volumeId } from '../backup/disks.js';
@@ -56,14 +56,18 @@ interface Plan {
   /** Mount-relative parent file per disk (incremental only). */
   parents: string[];
   fallbackReason: string | null;
+  /** A registered parent checkpoint whose bitmap cannot be trusted: removed once the full succeeded. */
+  dropParent?: string | null;
 }
 
 /**
- * Decide full or incremental. An incremental needs the parent checkpoint registered in
+ * Decide full or incremental. An incremental needs the parent's bitmap on every disk,
+ * recording and consistent (QMP query-block), and the parent checkpoint registered in
  * libvirt; a transient domain forgets it on restart while the bitmap stays in every
- * qcow2, so it is redefined when (and only when) the bitmap is on every disk.
- * Otherwise: a full backup, reported as a fallback. Never a fresh bitmap under the
- * parent's name (that incremental would silently miss every write since the parent).
+ * qcow2, so it is then redefined. Otherwise: a full backup, reported as a fallback, and
+ * a registered parent with an untrusted bitmap is removed after it. Never a fresh
+ * bitmap under the parent's name (that incremental would silently miss every write
+ * since the parent).
  */
 async function plan(ctx: OpContext, virsh: VirshClient, a: BackupArgs, disks: Disk[], mount: string, work: WorkDir): Promise<Plan> {
   if (a.mode === 'legacy') return { incrementalFrom: null, newCheckpoint: null, parents: [], fallbackReason: null };
@@ -91,7 +95,11 @@ async function plan(ctx: OpContext, virsh: VirshClient, a: BackupArgs, disks: Di
     await readHeader(abs).catch((e: Error) => {
       throw new NasbackupError('NOT_QCOW2', `Parent backup file is not a usable qcow2 image: ${abs}`, { details: e.message });
     });
-    // The new file will hang below it: its own chain must be whole before backup-begin.
+    // The new file will hang below it: its chain must be safe and sound (the chain safety
+    // check, before anything follows it) and whole before backup-begin.
+    const vmDir = parseRelativePath(rel, { what: '--parent-paths' })[0]!;
+    const safety = await inspectChain(abs, join(mount, vmDir));
+    if (safety.problem && safety.problem.kind !== 'broken') throw chainRefusal(safety.problem, `The chain of parent backup file ${abs}`, vmDir);
     await readChain(abs).catch((e: Error) => {
       throw new NasbackupError('CHAIN_BROKEN', `Parent backup file does not read as a complete chain: ${abs}`, { details: e.message });
     });
@@ -100,9 +108,11 @@ async function plan(ctx: OpContext, virsh: VirshClient, a: BackupArgs, disks: Di
     ctx.logger.log(`Incremental backup of ${a.vm} not possible (${reason}): taking a full backup instead`);
     return { incrementalFrom: null, newCheckpoint, parents: [], fallbackReason: reason };
   };
-  if (names.includes(parent)) return { incrementalFrom: parent, newCheckpoint, parents, fallbackReason: null };
-
-  // Not registered: is the bitmap really on every disk, intact?
+  // Registered or not, the parent is a base only if its bitmap records on every disk:
+  // a disabled one (or one left in-use by a crash) lacks writes since the parent.
+  // libvirt 9 refuses it at backup-begin, which would fail the backup, not fall back.
+  const registered = names.includes(parent);
+  const untrusted = (reason: string): Plan => ({ ...full(reason), dropParent: registered && parent !== newCheckpoint ? parent : null });
   const q = await virsh.queryBlock(a.vm);
   if (!succeeded(q)) return full(`cannot inspect the disks' bitmaps: ${failureText(q)}`);
   let entries;
@@ -114,9 +124,12 @@ async function plan(ctx: OpContext, virsh: VirshClient, a: BackupArgs, disks: Di
   for (const d of disks) {
     const entry = entries.find((e) => e.file === d.source);
     const bm = entry?.bitmaps.find((b) => b.name === parent);
-    if (!bm) return full(`parent bitmap ${parent} missing on disk ${d.target}`);
-    if (bm.inconsistent || bm.persistent === false) return full(`parent bitmap ${parent} on disk ${d.target} is not usable`);
+    if (!bm) return untrusted(`parent bitmap ${parent} missing on disk ${d.target}`);
+    const why = bm.inconsistent ? 'inconsistent' : bm.recording === false ? 'disabled' : bm.persistent === false ? 'not persistent' : null;
+    if (why) return untrusted(`parent bitmap ${parent} on disk ${d.target} is not usable (${why})`);
   }
+  if (registered) return { incrementalFrom: parent, newCheckpoint, parents, fallbackReason: null, dropParent: null };
+
   const xml = work.file('redefine-checkpoint.xml');
   const epoch = /(\d{9,})$/.exec(parent);
   await writeFile(xml, redefineCheckpointXml(parent, epoch ? Number(epoch[1]) : Math.floor(Date.now() / 1000), disks.map((d) => d.target)));
@@ -124,7 +137,7 @@ async function plan(ctx: OpContext, virsh: VirshClient, a: BackupArgs, disks: Di
   await unlink(xml).catch(() => {});
   if (!succeeded(r)) return full(`cannot register the existing checkpoint ${parent}: ${failureText(r)}`);
   ctx.logger.log(`Registered existing checkpoint ${parent} of ${a.vm} (bitmap present on every disk)`);
-  return { incrementalFrom: parent, newCheckpoint, parents, fallbackReason: null };
+  return { incrementalFrom: parent, newCheckpoint, parents, fallbackReason: null, dropParent: null };
 }
 
 /** Freeze through the guest agent. Returns null on success, or why it failed. */
@@ -266,6 +279,12 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
       const r = await virsh.checkpointDelete(a.vm, p.incrementalFrom);
       if (!succeeded(r)) ctx.logger.log(`Warning: could not remove checkpoint ${p.incrementalFrom}: ${failureText(r)}`);
     }
+    if (p.dropParent) {
+      // Treated as missing: the new checkpoint replaces it, nothing may base on it again.
+      const r = await virsh.checkpointDelete(a.vm, p.dropParent);
+      if (succeeded(r)) ctx.logger.log(`Removed checkpoint ${p.dropParent} of ${a.vm}: its bitmap cannot be trusted`);
+      else ctx.logger.log(`Warning: could not remove the untrusted checkpoint ${p.dropParent}: ${failureText(r)}`);
+    }
 
     const final = await virsh.jobInfoCompleted(a.vm);
     const jobBlock = succeeded(final) && parseJobInfo(final.stdout).get('Job type') === 'Completed' ? final.stdout : block;
@@ -279,7 +298,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     for (const w of warnings) ctx.logger.log(`Warning: ${w}`);
     if (a.diskPaths.length > 0) {
       // The agent chose the stopped-VM format (-d given): one integer per line.
-      const sizes = await Promise.all(disks.map(async (d) => (await stat(`${work.final}/${d.file}`, { bigint: true })).size));
+    const sizes = await Promise.all(disks.map(async (d) => ({ name: d.file, size: (await stat(`${work.final}/${d.file}`, { bigint: true })).size })));
       ctx.out.write(stoppedBackupText(report, sizes));
     } else {
       ctx.out.write(runningBackupText(report, jobBlock));

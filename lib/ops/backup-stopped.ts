@@ -6,9 +6,8 @@ import { stoppedBackupText, STOPPED_FALLBACK_REASON, type BackupReport } from '.
 import { NasbackupError } from '../errors.js';
 import { exists, parseRelativePath } from '../paths.js';
 import { failureText, succeeded } from '../exec.js';
-import { Qcow2Error } from '../qcow2/errors.js';
-import { readHeader } from '../qcow2/header.js';
-import { QemuImgClient } from '../clients/qemu-img.js';
+import { Qcow2Error, readHeader } from '../qcow2/index.js';
+import { parseImageBitmaps, QemuImgClient } from '../clients/qemu-img.js';
 import { backupFileName, volumeId } from '../backup/disks.js';
 import { apparentSize, WorkDir, type BackupArgs } from './backup.js';
 import { syncAfter, type OpContext } from './context.js';
@@ -63,6 +62,7 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<void
 
     // Seed the bitmap the next (running) incremental starts from. Only qcow2 files can
     // carry one; a disk without it makes that incremental fall back to a full, safely.
+    // BITMAP_CREATED= is printed only when every disk has it empty and recording.
     let bitmapCreated: string | null = null;
     if (a.bitmapNew) {
       let all = true;
@@ -75,9 +75,11 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<void
         if (!(await seedBitmap(ctx, qemuImg, d.src, a.bitmapNew))) all = false;
       }
       bitmapCreated = all ? a.bitmapNew : null;
+      // The next incremental may only start from a bitmap that records on every disk.
+      if (!all) ctx.logger.log(`Not reporting BITMAP_CREATED=${a.bitmapNew}: it is not an empty, recording bitmap on every disk (see above)`);
     }
 
-    const sizes = await Promise.all(disks.map(async (d) => (await stat(`${work.final}/${d.file}`, { bigint: true })).size));
+    const sizes = await Promise.all(disks.map(async (d) => ({ name: d.file, size: (await stat(`${work.final}/${d.file}`, { bigint: true })).size })));
     const report: BackupReport = {
       profile: a.profile,
       fallbackReason: a.mode === 'incremental' ? STOPPED_FALLBACK_REASON : null,
@@ -93,16 +95,38 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<void
   }
 }
 
-/** Add the bitmap; one left by an earlier attempt of this same backup is cleared instead. */
+/**
+ * Add the bitmap: it must end up recording, persistent and empty, or it is not reported.
+ * One that already exists (an earlier attempt of this backup, or a crash) cannot be
+ * trusted as it is: a disabled one records nothing even when cleared, an in-use one
+ * cannot be cleared at all. So it is replaced (removed and added in one qemu-img run)
+ * and then read back.
+ */
 async function seedBitmap(ctx: OpContext, qemuImg: QemuImgClient, src: string, name: string): Promise<boolean> {
   const add = await qemuImg.bitmap(src, '--add', name);
   if (succeeded(add)) return true;
-  if (/already exists/i.test(add.stderr)) {
-    const clear = await qemuImg.bitmap(src, '--clear', name);
-    if (succeeded(clear)) return true;
-    ctx.logger.log(`Warning: could not clear bitmap ${name} on ${src}: ${failureText(clear)}`);
+  if (!/already exists/i.test(add.stderr)) {
+    ctx.logger.log(`Warning: could not add bitmap ${name} to ${src}: ${failureText(add)}`);
     return false;
   }
-  ctx.logger.log(`Warning: could not add bitmap ${name} to ${src}: ${failureText(add)}`);
-  return false;
+  const replace = await qemuImg.bitmap(src, ['--remove', '--add'], name);
+  if (!succeeded(replace)) {
+    ctx.logger.log(`Warning: bitmap ${name} already exists on ${src} and could not be replaced: ${failureText(replace)}`);
+    return false;
+  }
+  const info = await qemuImg.info(src);
+  let flags: string[] | undefined;
+  try {
+    if (!succeeded(info)) throw new Error(failureText(info));
+    flags = parseImageBitmaps(info.stdout).find((b) => b.name === name)?.flags;
+  } catch (e) {
+    ctx.logger.log(`Warning: cannot read back bitmap ${name} on ${src}: ${(e as Error).message}`);
+    return false;
+  }
+  if (!flags?.includes('auto') || flags.includes('in-use')) {
+    ctx.logger.log(`Warning: bitmap ${name} on ${src} is not recording after it was replaced (${flags ? `flags: ${flags.join(',') || 'none'}` : 'missing'})`);
+    return false;
+  }
+  ctx.logger.log(`Replaced the existing bitmap ${name} on ${src} with an empty, recording one`);
+  return true;
 }

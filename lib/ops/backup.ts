@@ -41,7 +41,14 @@ function checkName(v: string, what: string): string {
   return v;
 }
 
-/** Everything about -o backup that can be checked without touching anything. */
+/**
+ * Everything about -o backup that can be checked without touching anything. Refused
+ * on every path: a missing -v/-p, a bad name or path, an unknown mode, full without
+ * --bitmap-new. The incremental arguments are only needed by a running VM (a stopped
+ * one falls back to a full copy, as the original did, whatever parents were sent), so
+ * they are checked here only with `-d ""`, where the running path is the only one that
+ * can succeed; with -d they are checked once the VM is found running (checkIncrementalArgs).
+ */
 export function validateBackupArgs(a: RawBackupArgs, nas: NasTarget, profile: AgentProfile): BackupArgs {
   if (!a.vm) throw new NasbackupError('MISSING_ARGUMENT', 'backup requires -v <domain name>');
   if (a.path === undefined) throw new NasbackupError('MISSING_ARGUMENT', 'backup requires -p <backup path>');
@@ -57,12 +64,6 @@ export function validateBackupArgs(a: RawBackupArgs, nas: NasTarget, profile: Ag
   if (mode === 'full' && !bitmapNew) {
     throw new NasbackupError('MISSING_ARGUMENT', 'full mode requires --bitmap-new (the bitmap to create for the next incremental)');
   }
-  if (mode === 'incremental' && (!bitmapNew || !bitmapParent || parentPaths.length === 0)) {
-    throw new NasbackupError('MISSING_ARGUMENT', 'incremental mode requires --bitmap-parent, --bitmap-new, and --parent-paths');
-  }
-  if (mode === 'incremental' && bitmapNew === bitmapParent) {
-    throw new NasbackupError('INVALID_ARGUMENT', '--bitmap-new and --bitmap-parent must differ');
-  }
   for (const p of parentPaths) parseRelativePath(p, { what: '--parent-paths', minDepth: 3 });
   const diskPaths = (a.diskpaths ?? '').split(',').filter((d) => d !== '');
   for (const d of diskPaths) {
@@ -70,7 +71,7 @@ export function validateBackupArgs(a: RawBackupArgs, nas: NasTarget, profile: Ag
       throw new NasbackupError('INVALID_ARGUMENT', `Disk path must be absolute or an rbd: URI: ${d}`);
     }
   }
-  return {
+  const args: BackupArgs = {
     nas,
     vm: a.vm,
     path: a.path,
@@ -82,6 +83,19 @@ export function validateBackupArgs(a: RawBackupArgs, nas: NasTarget, profile: Ag
     parentPaths: mode === 'incremental' ? parentPaths : [],
     profile,
   };
+  if (diskPaths.length === 0) checkIncrementalArgs(args);
+  return args;
+}
+
+/** What an incremental of a running VM needs: both bitmaps (distinct) and the parents. */
+export function checkIncrementalArgs(a: BackupArgs): void {
+  if (a.mode !== 'incremental') return;
+  if (!a.bitmapNew || !a.bitmapParent || a.parentPaths.length === 0) {
+    throw new NasbackupError('MISSING_ARGUMENT', 'incremental mode requires --bitmap-parent, --bitmap-new, and --parent-paths');
+  }
+  if (a.bitmapNew === a.bitmapParent) {
+    throw new NasbackupError('INVALID_ARGUMENT', '--bitmap-new and --bitmap-parent must differ');
+  }
 }
 
 export type VmState = { kind: 'running' } | { kind: 'paused' } | { kind: 'absent' } | { kind: 'other'; state: string };
@@ -210,6 +224,8 @@ export async function backupOperation(ctx: OpContext, args: BackupArgs): Promise
   switch (state.kind) {
     case 'running':
     case 'paused': {
+      // With -d the agent thought the VM stopped; running, it needs what an incremental needs.
+      checkIncrementalArgs(args);
       const { runningBackup } = await import('./backup-running.js');
       await runningBackup(ctx, args, virsh, state.kind === 'paused');
       return;

@@ -132,7 +132,7 @@ export async function chainDelete(ctx: OpContext, a: ChainArgs, engine: RebaseEn
     ctx.checkpoint();
     const target = await ensureWithin(nas.mountPoint, r.target, { what: 'rebase target', minDepth: 3 });
     const backing = await ensureWithin(nas.mountPoint, r.newBacking, { what: 'new backing', minDepth: 3 });
-    await safeRebase(ctx, target, backing, engine);
+    await safeRebase(ctx, target, backing, engine, dir);
     done.push(`rebased ${r.target} onto ${r.newBacking}`);
     if (!a.json) ctx.out.write(`${done.at(-1)}\n`);
   }

@@ -2,12 +2,11 @@
 // backup is deleted). Everything is checked before anything is written, and a
 // failure never touches anything but the target (the original wiped the share).
 import { stat } from 'node:fs/promises';
-import { dirname, relative } from 'node:path';
+import { basename, dirname, join, relative } from 'node:path';
+import { assertChainSafe } from '../chain/safety.js';
 import { NasbackupError } from '../errors.js';
 import { parseRelativePath, ensureWithin } from '../paths.js';
-import { readChain, indexInChain, type Chain } from '../qcow2/chain.js';
-import { Qcow2Error } from '../qcow2/errors.js';
-import { readHeader } from '../qcow2/header.js';
+import { readChain, indexInChain, Qcow2Error, readHeader, type Chain } from '../qcow2/index.js';
 import type { NasTarget } from '../nas/session.js';
 import type { RebaseEngine } from '../engine/types.js';
 import { syncAfter, type OpContext } from './context.js';
@@ -28,6 +27,10 @@ export function validateRebaseArgs(a: { rebaseTarget?: string; rebaseNewBacking?
   }
   parseRelativePath(a.rebaseTarget, { what: TARGET, minDepth: 2 });
   parseRelativePath(a.rebaseNewBacking, { what: BACKING, minDepth: 2 });
+  // Both name files: `x.qcow2/` is not what the management server meant to send.
+  for (const [what, v] of [[TARGET, a.rebaseTarget], [BACKING, a.rebaseNewBacking]] as const) {
+    if (v.endsWith('/')) throw new NasbackupError('PATH_INVALID', `${what} must name a file, not end with '/': ${v}`);
+  }
 }
 
 async function requireFile(abs: string, message: string): Promise<void> {
@@ -49,23 +52,31 @@ export async function rebaseOperation(ctx: OpContext, args: RebaseArgs, engine: 
   validateRebaseArgs({ rebaseTarget: args.target, rebaseNewBacking: args.newBacking });
   const nas = await ctx.openNas(args.nas);
   const root = nas.mountPoint;
-  await ctx.lockVm(root, parseRelativePath(args.target, { what: TARGET })[0]!, 'rebase');
+  const vm = parseRelativePath(args.target, { what: TARGET })[0]!;
+  await ctx.lockVm(root, vm, 'rebase');
   const target = await ensureWithin(root, args.target, { what: TARGET, minDepth: 2 });
   const backing = await ensureWithin(root, args.newBacking, { what: BACKING, minDepth: 2 });
-  await safeRebase(ctx, target, backing, engine);
+  await safeRebase(ctx, target, backing, engine, join(root, vm));
   await syncAfter(ctx, 'rebase');
 }
 
 /**
  * Repoint `target` (absolute) at `backing` (absolute) keeping its guest-visible content,
  * with the new reference written relative to the target's folder. Checks everything
- * first; a no-op when already done, so a repeated chain repair is safe.
+ * first; a no-op when already done, so a repeated chain repair is safe. Both chains must
+ * stay inside `instanceDir` (the VM's folder on the mount) and pass the chain safety check.
  */
-export async function safeRebase(ctx: OpContext, target: string, backing: string, engine: RebaseEngine): Promise<void> {
+export async function safeRebase(ctx: OpContext, target: string, backing: string, engine: RebaseEngine, instanceDir: string): Promise<void> {
   await requireFile(target, `Rebase target file does not exist: ${target}`);
   await requireFile(backing, `New backing file does not exist: ${backing}`);
   await requireQcow2(target, 'Rebase target');
   await requireQcow2(backing, 'New backing file');
+  // Pre-flight, shared by every engine: nothing below (qemu-img included) opens a chain our
+  // reader refused.
+  const vm = basename(instanceDir);
+  const safe = { missingOk: true }; // a missing layer: CHAIN_BROKEN below, as before
+  for (const w of await assertChainSafe(target, instanceDir, 'The chain of the rebase target', vm, safe)) ctx.logger.log(`Warning: ${w}`);
+  for (const w of await assertChainSafe(backing, instanceDir, 'The chain of the new backing file', vm, safe)) ctx.logger.log(`Warning: ${w}`);
 
   const tst = await stat(target);
   const bst = await stat(backing);

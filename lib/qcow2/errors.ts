@@ -12,8 +12,12 @@ export type Qcow2ErrorCode =
   | 'QCOW2_CHAIN_CYCLE'
   | 'QCOW2_CHAIN_TOO_DEEP'
   | 'QCOW2_CHAIN_UNFOLLOWABLE'
-  /** A feature this library does not handle (encryption, external data file, zstd without a decoder, …). */
+  /** A valid feature this library does not handle (encryption, zstd without a decoder, …). */
   | 'QCOW2_UNSUPPORTED_FEATURE'
+  /** The guest data lives in another file: never read or written through this image. */
+  | 'QCOW2_EXTERNAL_DATA_FILE'
+  /** A FIFO, socket, character device or folder where an image should be (opening it could block). */
+  | 'QCOW2_NOT_A_FILE'
   /** Unknown incompatible feature bits: the spec says refuse to open. */
   | 'QCOW2_UNKNOWN_INCOMPATIBLE'
   /** The image is marked dirty (lazy refcounts after a crash): needs `qemu-img check -r all` before writing. */
@@ -52,12 +56,15 @@ export class Qcow2Error extends Error {
   }
 }
 
-/** Codes that mean "this image is outside what the native engine handles" (a fallback is fine). */
+/**
+ * Codes that mean "a valid image outside what the native engine handles": the only ones on which
+ * another engine may take over. Damage (QCOW2_CORRUPT, the corrupt bit, truncation, …) and unsafe
+ * inputs (external data file, not a file) are never handed on.
+ */
 export const UNSUPPORTED_CODES: ReadonlySet<Qcow2ErrorCode> = new Set<Qcow2ErrorCode>([
   'QCOW2_UNSUPPORTED_FEATURE',
   'QCOW2_UNKNOWN_INCOMPATIBLE',
   'QCOW2_DIRTY',
-  'QCOW2_MARKED_CORRUPT',
   'QCOW2_SNAPSHOTS',
   'QCOW2_BITMAPS',
   'QCOW2_REFCOUNT_TABLE_FULL',

@@ -5,8 +5,9 @@
 // old table's clusters are freed last. A crash before the switch leaves the old table valid
 // (the new clusters leak); a crash after it leaves the old table leaked until it is freed.
 import { Qcow2Error } from './errors.js';
+import { encodeRefcountTablePointer } from './header.js';
 import { MAX_REFTABLE_BYTES, type Qcow2Image } from './image.js';
-import { entriesPerBlock, entryByteSpan, getRefcount, setRefcount } from './refcount.js';
+import { encodeRefTableEntry, entriesPerBlock, entryByteSpan, getRefcount, refTableEntry, setRefcount } from './refcount.js';
 
 export interface GrowResult {
   /** First free byte after the new table and blocks (cluster-aligned). */
@@ -29,7 +30,7 @@ export async function growRefcountTable(T: Qcow2Image, nextFree: number, mustCov
   const oldEntries = T.refcountTableEntries;
   const oldOffset = T.refcountTableOffset;
   const oldClusters = T.header.refcountTableClusters;
-  const hasBlock = (ti: number): boolean => ti < oldEntries && oldTable.readBigUInt64BE(ti * 8) !== 0n;
+  const hasBlock = (ti: number): boolean => ti < oldEntries && refTableEntry(oldTable, ti) !== 0n;
   const P = nextFree / cs;
 
   // Size the table: it, and the blocks that count it and themselves, come first.
@@ -63,14 +64,12 @@ export async function growRefcountTable(T: Qcow2Image, nextFree: number, mustCov
   // 2. The new table: the old entries plus the new blocks.
   const table = Buffer.alloc(tc * cs);
   oldTable.copy(table);
-  for (const [ti, b] of fresh) table.writeBigUInt64BE(BigInt(b.off), ti * 8);
+  for (const [ti, b] of fresh) encodeRefTableEntry(table, ti, b.off);
   await file.write(table, P * cs);
   await file.datasync();
   // 3. The switch.
-  const ptr = Buffer.alloc(12);
-  ptr.writeBigUInt64BE(BigInt(P * cs), 0);
-  ptr.writeUInt32BE(tc, 8);
-  await file.write(ptr, 48);
+  const ptr = encodeRefcountTablePointer(P * cs, tc);
+  await file.write(ptr.bytes, ptr.offset);
   await file.datasync();
   T.fileSize = Math.max(T.fileSize, end * cs);
   T.moveRefcountTable(P * cs, tc);

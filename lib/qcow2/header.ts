@@ -1,7 +1,7 @@
-// qcow2 header codec (read side): the fixed fields of v2/v3 and the extension
-// area, as laid out in the qcow2 specification. All integers are big-endian.
-import { open } from 'node:fs/promises';
+// qcow2 header codec: the fixed fields of v2/v3 and the extension area, as laid out in the
+// qcow2 specification, plus in-place updates of single fields. All integers are big-endian.
 import { Qcow2Error } from './errors.js';
+import { openImageFile } from './io.js';
 
 export const QCOW2_MAGIC = 0x514649fb;
 export const EXT_END = 0x00000000;
@@ -170,12 +170,7 @@ function toSafe(v: bigint, what: string): number {
 
 /** Read and decode the header of the image at `path`. */
 export async function readHeader(path: string): Promise<Qcow2Header> {
-  let fh;
-  try {
-    fh = await open(path, 'r');
-  } catch (e) {
-    throw new Qcow2Error('QCOW2_IO', `cannot open ${path}: ${(e as Error).message}`, path);
-  }
+  const fh = await openImageFile(path, false);
   try {
     // 2 MiB is the largest cluster QEMU opens; the header and name live in cluster 0.
     const probe = Buffer.alloc(V3_MIN_HEADER_LENGTH + 8);
@@ -205,17 +200,22 @@ export interface FeatureCheckOptions {
 }
 
 /**
- * Refusals for reading (qcow2-notes §6): unknown incompatible bits, encryption and an external
+ * Refusals for reading (docs/qcow2-notes.md §6): unknown incompatible bits, encryption and an external
  * data file. Dirty and corrupt images may be read.
  */
+/** The image keeps its guest data in another file (incompatible bit 2 or the data-file extension). */
+export function hasExternalDataFile(h: Qcow2Header): boolean {
+  return (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n || h.extensions.some((e) => e.type === EXT_DATA_FILE);
+}
+
 export function checkReadable(h: Qcow2Header, path?: string): void {
   const unknown = h.incompatibleFeatures & ~INCOMPAT_KNOWN;
   if (unknown !== 0n)
     throw new Qcow2Error('QCOW2_UNKNOWN_INCOMPATIBLE', `unknown incompatible feature bits 0x${unknown.toString(16)}`, path);
   if (h.cryptMethod !== 0 || h.extensions.some((e) => e.type === EXT_CRYPTO))
     throw new Qcow2Error('QCOW2_UNSUPPORTED_FEATURE', 'encrypted images are not supported', path);
-  if ((h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n || h.extensions.some((e) => e.type === EXT_DATA_FILE))
-    throw new Qcow2Error('QCOW2_UNSUPPORTED_FEATURE', 'images with an external data file are not supported', path);
+  if (hasExternalDataFile(h))
+    throw new Qcow2Error('QCOW2_EXTERNAL_DATA_FILE', 'the image has an external data file (its data lives in another file)', path);
   const compressionBit = (h.incompatibleFeatures & INCOMPAT_COMPRESSION) !== 0n;
   if (compressionBit !== (h.compressionType !== 0))
     throw new Qcow2Error('QCOW2_BAD_HEADER', 'compression type field and incompatible bit 3 disagree', path);
@@ -226,7 +226,7 @@ export function checkReadable(h: Qcow2Header, path?: string): void {
   if (h.version === 2 && h.refcountOrder !== 4) throw new Qcow2Error('QCOW2_BAD_HEADER', 'v2 image with refcount order', path);
 }
 
-/** Refusals for writing guest data (qcow2-notes §6): everything of checkReadable, plus more. */
+/** Refusals for writing guest data (docs/qcow2-notes.md §6): everything of checkReadable, plus more. */
 export function checkWritable(h: Qcow2Header, path?: string): void {
   checkReadable(h, path);
   if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n)
@@ -267,7 +267,7 @@ export function encodeHeader(h: Qcow2Header, opts: { backingFile?: string | null
   if (!fmtDone && backingFormat !== null) exts.push({ type: EXT_BACKING_FORMAT, data: Buffer.from(backingFormat, 'utf8') });
   const headerLength = h.version === 2 ? V2_HEADER_LENGTH : h.headerLength;
   let len = headerLength;
-  for (const e of exts) len += 8 + Math.ceil(e.data.length / 8) * 8;
+  for (const e of exts) len += extensionSize(e.data.length);
   const extensionsEnd = len;
   len += 8;
   const name = backingFile === null ? Buffer.alloc(0) : Buffer.from(backingFile, 'utf8');
@@ -276,36 +276,134 @@ export function encodeHeader(h: Qcow2Header, opts: { backingFile?: string | null
   len += name.length;
   if (len > h.clusterSize) throw new Qcow2Error('QCOW2_HEADER_FULL', 'header, extensions and backing name do not fit into the first cluster');
   const b = Buffer.alloc(len);
-  b.writeUInt32BE(QCOW2_MAGIC, 0);
-  b.writeUInt32BE(h.version, 4);
-  b.writeBigUInt64BE(BigInt(backingFileOffset), 8);
-  b.writeUInt32BE(name.length, 16);
-  b.writeUInt32BE(h.clusterBits, 20);
-  b.writeBigUInt64BE(h.size, 24);
-  b.writeUInt32BE(h.cryptMethod, 32);
-  b.writeUInt32BE(h.l1Size, 36);
-  b.writeBigUInt64BE(h.l1TableOffset, 40);
-  b.writeBigUInt64BE(h.refcountTableOffset, 48);
-  b.writeUInt32BE(h.refcountTableClusters, 56);
-  b.writeUInt32BE(h.nbSnapshots, 60);
-  b.writeBigUInt64BE(h.snapshotsOffset, 64);
+  putField(b, 'magic', QCOW2_MAGIC);
+  putField(b, 'version', h.version);
+  putField(b, 'backingFileOffset', backingFileOffset);
+  putField(b, 'backingFileSize', name.length);
+  putField(b, 'clusterBits', h.clusterBits);
+  putField(b, 'size', h.size);
+  putField(b, 'cryptMethod', h.cryptMethod);
+  putField(b, 'l1Size', h.l1Size);
+  putField(b, 'l1TableOffset', h.l1TableOffset);
+  putField(b, 'refcountTableOffset', h.refcountTableOffset);
+  putField(b, 'refcountTableClusters', h.refcountTableClusters);
+  putField(b, 'nbSnapshots', h.nbSnapshots);
+  putField(b, 'snapshotsOffset', h.snapshotsOffset);
   if (h.version === 3) {
-    b.writeBigUInt64BE(h.incompatibleFeatures, 72);
-    b.writeBigUInt64BE(h.compatibleFeatures, 80);
-    b.writeBigUInt64BE(h.autoclearFeatures, 88);
-    b.writeUInt32BE(h.refcountOrder, 96);
-    b.writeUInt32BE(headerLength, 100);
+    putField(b, 'incompatibleFeatures', h.incompatibleFeatures);
+    putField(b, 'compatibleFeatures', h.compatibleFeatures);
+    putField(b, 'autoclearFeatures', h.autoclearFeatures);
+    putField(b, 'refcountOrder', h.refcountOrder);
+    putField(b, 'headerLength', headerLength);
     h.headerTail.copy(b, 104);
     if (headerLength > 104) b[104] = h.compressionType;
   }
   let off = headerLength;
   for (const e of exts) {
-    b.writeUInt32BE(e.type, off);
-    b.writeUInt32BE(e.data.length, off + 4);
-    e.data.copy(b, off + 8);
-    off += 8 + Math.ceil(e.data.length / 8) * 8;
+    encodeExtension(e).copy(b, off);
+    off += extensionSize(e.data.length);
   }
   // end marker: 8 zero bytes (already zero)
   name.copy(b, backingFileOffset);
   return { bytes: b, extensionsEnd, backingFileOffset, backingFileSize: name.length };
+}
+
+/**
+ * The fixed fields, by byte offset and width (docs/qcow2-notes.md §1.1, §1.2): encodeHeader and
+ * the single-field updates below both write through this table.
+ */
+export const HEADER_FIELDS = {
+  magic: { offset: 0, width: 4 },
+  version: { offset: 4, width: 4 },
+  backingFileOffset: { offset: 8, width: 8 },
+  backingFileSize: { offset: 16, width: 4 },
+  clusterBits: { offset: 20, width: 4 },
+  size: { offset: 24, width: 8 },
+  cryptMethod: { offset: 32, width: 4 },
+  l1Size: { offset: 36, width: 4 },
+  l1TableOffset: { offset: 40, width: 8 },
+  refcountTableOffset: { offset: 48, width: 8 },
+  refcountTableClusters: { offset: 56, width: 4 },
+  nbSnapshots: { offset: 60, width: 4 },
+  snapshotsOffset: { offset: 64, width: 8 },
+  incompatibleFeatures: { offset: 72, width: 8 },
+  compatibleFeatures: { offset: 80, width: 8 },
+  autoclearFeatures: { offset: 88, width: 8 },
+  refcountOrder: { offset: 96, width: 4 },
+  headerLength: { offset: 100, width: 4 },
+} as const;
+
+export type HeaderField = keyof typeof HEADER_FIELDS;
+
+function putField(b: Buffer, name: HeaderField, v: number | bigint, base = 0): void {
+  const f = HEADER_FIELDS[name];
+  if (f.width === 8) b.writeBigUInt64BE(BigInt(v), f.offset - base);
+  else b.writeUInt32BE(Number(v), f.offset - base);
+}
+
+/** Bytes to write at `offset` of the image to change part of its header in place. */
+export interface HeaderPatch {
+  offset: number;
+  bytes: Buffer;
+}
+
+/** One write covering adjacent fields, in the order given. */
+function fieldPatch(fields: Array<[HeaderField, number | bigint]>): HeaderPatch {
+  const start = HEADER_FIELDS[fields[0]![0]].offset;
+  let end = start;
+  for (const [name] of fields) {
+    const f = HEADER_FIELDS[name];
+    if (f.offset !== end) throw new Error(`header field ${name} does not follow the previous one`);
+    end += f.width;
+  }
+  const bytes = Buffer.alloc(end - start);
+  for (const [name, v] of fields) putField(bytes, name, v, start);
+  return { offset: start, bytes };
+}
+
+/** backing_file_offset and backing_file_size: 12 adjacent bytes, inside the first sector. */
+export function encodeBackingPointer(offset: number, size: number): HeaderPatch {
+  return fieldPatch([
+    ['backingFileOffset', offset],
+    ['backingFileSize', size],
+  ]);
+}
+
+/** autoclear_features (v3 only). */
+export function encodeAutoclear(bits: bigint): HeaderPatch {
+  return fieldPatch([['autoclearFeatures', bits]]);
+}
+
+/** refcount_table_offset and refcount_table_clusters: 12 adjacent bytes, inside the first sector. */
+export function encodeRefcountTablePointer(offset: number, clusters: number): HeaderPatch {
+  return fieldPatch([
+    ['refcountTableOffset', offset],
+    ['refcountTableClusters', clusters],
+  ]);
+}
+
+/** Bytes one extension takes: type, length, data padded to a multiple of 8. */
+export function extensionSize(dataLength: number): number {
+  return 8 + Math.ceil(dataLength / 8) * 8;
+}
+
+function encodeExtension(e: HeaderExtension): Buffer {
+  const b = Buffer.alloc(extensionSize(e.data.length));
+  b.writeUInt32BE(e.type, 0);
+  b.writeUInt32BE(e.data.length, 4);
+  e.data.copy(b, 8);
+  return b;
+}
+
+/**
+ * A backing-format extension appended where the end marker is now (`extensionsEnd`), in two
+ * writes: `body` (the padded data and the new end marker after it) first, then `head` (type and
+ * length, which replace the old end marker and make the extension visible).
+ */
+export function encodeBackingFormatExtension(extensionsEnd: number, format: string): { body: HeaderPatch; head: HeaderPatch } {
+  const ext = encodeExtension({ type: EXT_BACKING_FORMAT, data: Buffer.from(format, 'utf8') });
+  return {
+    body: { offset: extensionsEnd + 8, bytes: Buffer.concat([ext.subarray(8), Buffer.alloc(8)]) },
+    head: { offset: extensionsEnd, bytes: Buffer.from(ext.subarray(0, 8)) },
+  };
 }

@@ -7,16 +7,12 @@ import { Qcow2Error } from './errors.js';
 import { checkReadable, decodeHeader, INCOMPAT_EXTL2, QCOW2_MAGIC, V3_MIN_HEADER_LENGTH, type Qcow2Header } from './header.js';
 import { zstdFrameLength } from './zstd.js';
 import { NodeBlockFile, type BlockFile } from './io.js';
-import { entriesPerBlock, getRefcount } from './refcount.js';
+import { compressedBytes, decodeL2Entry, l1EntryCopied, l1EntryOffset, type L2Entry } from './l2.js';
+import { entriesPerBlock, getRefcount, refTableEntry } from './refcount.js';
 
 /** QEMU's limits. */
 export const MAX_L1_BYTES = 32 << 20;
 export const MAX_REFTABLE_BYTES = 8 << 20;
-/** Host offsets live in bits 9..55 of L1/L2 entries. */
-export const OFFSET_MASK = 0x00fffffffffffe00n;
-export const COPIED = 1n << 63n;
-export const COMPRESSED = 1n << 62n;
-export const ZERO_FLAG = 1n;
 
 export type ExtentKind = 'data' | 'zero' | 'unallocated' | 'compressed';
 
@@ -49,12 +45,7 @@ export type ClusterEntry =
   | { type: 'standard'; host: number; alloc: number; zero: number; copied: boolean };
 
 /** Reusable decode target (no allocation per cluster). */
-export interface ScratchEntry {
-  type: 'standard' | 'compressed';
-  host: number;
-  alloc: number;
-  zero: number;
-  copied: boolean;
+export interface ScratchEntry extends L2Entry {
   /** compressed: bytes to read */
   size: number;
 }
@@ -93,7 +84,7 @@ export class Qcow2Image {
   private refTable: Buffer | null = null;
   private refBlockCache = new Map<number, Buffer>();
   private lastCompressed: { host: number; data: Buffer } | null = null;
-  private readonly scratch: ScratchEntry = { type: 'standard', host: 0, alloc: 0, zero: 0, copied: false, size: 0 };
+  private readonly scratch: ScratchEntry = { type: 'standard', host: 0, alloc: 0, zero: 0, copied: false, sectors: 0, size: 0 };
 
   private constructor(
     readonly path: string,
@@ -177,7 +168,7 @@ export class Qcow2Image {
   /** Host offset of the L2 table of L1 index `i` (0 = none). Validated. */
   l2Offset(i: number): number {
     if (i >= this.header.l1Size) return 0;
-    const off = (this.l1.readUInt32BE(i * 8) & 0x00ffffff) * 0x100000000 + ((this.l1.readUInt32BE(i * 8 + 4) & 0xfffffe00) >>> 0);
+    const off = l1EntryOffset(this.l1, i);
     if (off === 0) return 0;
     if (off % this.clusterSize !== 0) throw new Qcow2Error('QCOW2_CORRUPT', `L2 table offset ${off} (L1 index ${i}) is not cluster-aligned`, this.path);
     if (off + this.clusterSize > this.fileSize) throw new Qcow2Error('QCOW2_CORRUPT', `L2 table offset ${off} (L1 index ${i}) is past the end of the file`, this.path);
@@ -190,7 +181,7 @@ export class Qcow2Image {
   }
 
   l1Copied(i: number): boolean {
-    return (this.l1.readUInt32BE(i * 8) & 0x80000000) !== 0;
+    return l1EntryCopied(this.l1, i);
   }
 
   /** The L2 table of L1 index `i` if no read is needed (null: unallocated), else undefined. */
@@ -227,65 +218,45 @@ export class Qcow2Image {
 
   /** Decode the L2 entry of guest cluster `c` from its table. */
   decodeEntry(table: Buffer | null, c: number): ClusterEntry {
-    const out: ScratchEntry = { type: 'standard', host: 0, alloc: 0, zero: 0, copied: false, size: 0 };
+    const out: ScratchEntry = { type: 'standard', host: 0, alloc: 0, zero: 0, copied: false, sectors: 0, size: 0 };
     this.entryInto(table, c, out);
     return out.type === 'compressed' ? { type: 'compressed', host: out.host, size: out.size } : { type: 'standard', host: out.host, alloc: out.alloc, zero: out.zero, copied: out.copied };
   }
 
-  /**
-   * Decode into `out` without allocating (the hot path of status scans runs over every cluster of
-   * the disk): plain 32-bit arithmetic instead of BigInt. Offsets are bits 9..55 of the entry.
-   */
+  /** Decode into `out` without allocating (status scans run over every cluster of the disk). */
   entryInto(table: Buffer | null, c: number, out: ScratchEntry): void {
-    out.type = 'standard';
-    out.host = 0;
-    out.alloc = 0;
-    out.zero = 0;
-    out.copied = false;
     out.size = 0;
-    if (table === null) return;
-    const idx = c % this.l2Entries;
-    const at = idx * (this.extendedL2 ? 16 : 8);
-    const hi = table.readUInt32BE(at);
-    const lo = table.readUInt32BE(at + 4);
-    const bmHi = this.extendedL2 ? table.readUInt32BE(at + 8) : 0;
-    const bmLo = this.extendedL2 ? table.readUInt32BE(at + 12) : 0;
-    if (hi & 0x40000000) {
-      const e = table.readBigUInt64BE(at);
-      const x = 62n - BigInt(this.clusterBits - 8);
-      const hostBig = e & ((1n << x) - 1n);
-      if (hostBig >= 1n << 56n) throw new Qcow2Error('QCOW2_CORRUPT', `compressed cluster ${c}: host offset out of range`, this.path);
-      const nsect = Number((e >> x) & ((1n << BigInt(this.clusterBits - 8)) - 1n));
-      const host = Number(hostBig);
-      if (this.extendedL2 && (bmHi | bmLo) !== 0) throw new Qcow2Error('QCOW2_CORRUPT', `compressed cluster ${c} has a subcluster bitmap`, this.path);
-      if (host >= this.fileSize) throw new Qcow2Error('QCOW2_CORRUPT', `compressed cluster ${c} at ${host} is past the end of the file`, this.path);
-      out.type = 'compressed';
-      out.host = host;
-      out.size = (nsect + 1) * 512 - (host & 511);
+    if (table === null) {
+      out.type = 'standard';
+      out.host = 0;
+      out.alloc = 0;
+      out.zero = 0;
+      out.copied = false;
+      out.sectors = 0;
       return;
     }
-    const host = (hi & 0x00ffffff) * 0x100000000 + ((lo & 0xfffffe00) >>> 0);
-    const copied = (hi & 0x80000000) !== 0;
+    decodeL2Entry(table, c % this.l2Entries, this, out);
+    const host = out.host;
+    if (out.type === 'compressed') {
+      if (host >= 2 ** 56) throw new Qcow2Error('QCOW2_CORRUPT', `compressed cluster ${c}: host offset out of range`, this.path);
+      if (this.extendedL2 && (out.alloc | out.zero) !== 0) throw new Qcow2Error('QCOW2_CORRUPT', `compressed cluster ${c} has a subcluster bitmap`, this.path);
+      if (host >= this.fileSize) throw new Qcow2Error('QCOW2_CORRUPT', `compressed cluster ${c} at ${host} is past the end of the file`, this.path);
+      out.size = compressedBytes(out);
+      out.alloc = 0;
+      out.zero = 0;
+      out.copied = false;
+      return;
+    }
     if (host % this.clusterSize !== 0) throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${c}: host offset ${host} is not cluster-aligned`, this.path);
     if (host !== 0 && host >= this.fileSize) throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${c}: host offset ${host} is past the end of the file`, this.path);
     if (host !== 0 && host < this.clusterSize) throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${c}: data overlaps the header`, this.path);
-    out.host = host;
-    out.copied = copied;
     if (this.extendedL2) {
-      const alloc = bmLo >>> 0;
-      const zero = bmHi >>> 0;
-      if ((alloc & zero) !== 0) throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${c}: subclusters both allocated and zero`, this.path);
-      if (alloc !== 0 && host === 0) throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${c}: allocated subclusters without a host cluster`, this.path);
-      out.alloc = alloc;
-      out.zero = zero;
+      if ((out.alloc & out.zero) !== 0) throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${c}: subclusters both allocated and zero`, this.path);
+      if (out.alloc !== 0 && host === 0) throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${c}: allocated subclusters without a host cluster`, this.path);
       return;
     }
-    if (lo & 1) {
-      out.zero = 1;
-      return;
-    }
-    if (host === 0 && copied) throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${c}: copied flag without a host offset`, this.path);
-    out.alloc = host ? 1 : 0;
+    if (out.zero) return;
+    if (host === 0 && out.copied) throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${c}: copied flag without a host offset`, this.path);
   }
 
   async entry(c: number): Promise<ClusterEntry> {
@@ -397,7 +368,7 @@ export class Qcow2Image {
   async refBlockOffset(i: number): Promise<number> {
     if (i >= this.refcountTableEntries) return 0;
     const t = await this.refcountTable();
-    const e = t.readBigUInt64BE(i * 8);
+    const e = refTableEntry(t, i);
     if ((e & 0x1ffn) !== 0n) throw new Qcow2Error('QCOW2_CORRUPT', `refcount table entry ${i} has reserved bits set`, this.path);
     const off = safeNumber(e, 'refcount block offset', this.path);
     if (off === 0) return 0;

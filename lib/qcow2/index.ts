@@ -1,9 +1,28 @@
-// Public surface of the native qcow2 library (self-contained: no imports from the CLI or operations).
+// Public surface of the native qcow2 library, and the only module the rest of nasbackup
+// imports from it (self-contained: nothing here imports from the CLI or the operations).
 export { Qcow2Error, UNSUPPORTED_CODES, type Qcow2ErrorCode } from './errors.js';
-export { decodeHeader, encodeHeader, readHeader, checkReadable, checkWritable, type Qcow2Header, type HeaderExtension } from './header.js';
-export { readChain, indexInChain, isFollowableBackingName, resolveBackingName, type Chain, type ChainLayer } from './chain.js';
+export {
+  decodeHeader,
+  encodeHeader,
+  encodeAutoclear,
+  encodeBackingFormatExtension,
+  encodeBackingPointer,
+  encodeRefcountTablePointer,
+  readHeader,
+  checkReadable,
+  checkWritable,
+  hasExternalDataFile,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DIRTY,
+  type Qcow2Header,
+  type HeaderExtension,
+  type HeaderPatch,
+} from './header.js';
+export { decodeL2Entry, encodeL2Entry, type L2Entry, type L2Layout } from './l2.js';
+export { readChain, indexInChain, isFollowableBackingName, resolveBackingName, MAX_CHAIN_DEPTH, type Chain, type ChainLayer } from './chain.js';
 export { Qcow2Image, type Extent, type ExtentKind, type ClusterEntry } from './image.js';
 export { ImageChain, mapImage, layerExtents, type MapEntry, type ChainExtent } from './view.js';
 export { imageInfo, readBitmaps, type ImageInfo, type BitmapInfo } from './info.js';
 export { nativeRebase, type NativeRebaseOptions, type NativeRebaseResult, type RebaseHooks } from './rebase.js';
-export { NodeBlockFile, type BlockFile } from './io.js';
+export { NodeBlockFile, openImageFile, type BlockFile } from './io.js';
+export { scanImage, scanMetadata, type ScanResult } from './scan.js';

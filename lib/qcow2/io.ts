@@ -1,7 +1,29 @@
 // Positional file access for the qcow2 code. An interface, so tests can wrap it
 // (crash injection, power-loss models) without touching the format logic.
+import { constants } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { Qcow2Error } from './errors.js';
+
+/**
+ * Open an image file without ever blocking: O_NONBLOCK makes open() of a FIFO return at once
+ * (it has no effect on regular files and block devices), and fstat on the descriptor refuses
+ * anything but a regular file or a block device (a FIFO, socket or character device would
+ * block a read or never end).
+ */
+export async function openImageFile(path: string, writable: boolean): Promise<FileHandle> {
+  let fh: FileHandle;
+  try {
+    fh = await open(path, (writable ? constants.O_RDWR : constants.O_RDONLY) | constants.O_NONBLOCK);
+  } catch (e) {
+    throw new Qcow2Error('QCOW2_IO', `cannot open ${path}: ${(e as Error).message}`, path);
+  }
+  const st = await fh.stat().catch(() => null);
+  if (!st || !(st.isFile() || st.isBlockDevice())) {
+    await fh.close().catch(() => {});
+    throw new Qcow2Error('QCOW2_NOT_A_FILE', `${path} is not a regular file (a FIFO, socket, device or folder)`, path);
+  }
+  return fh;
+}
 
 export interface BlockFile {
   readonly path: string;
@@ -24,11 +46,7 @@ export class NodeBlockFile implements BlockFile {
   ) {}
 
   static async open(path: string, writable: boolean): Promise<NodeBlockFile> {
-    try {
-      return new NodeBlockFile(path, await open(path, writable ? 'r+' : 'r'));
-    } catch (e) {
-      throw new Qcow2Error('QCOW2_IO', `cannot open ${path}: ${(e as Error).message}`, path);
-    }
+    return new NodeBlockFile(path, await openImageFile(path, writable));
   }
 
   async read(buf: Buffer, offset: number, length: number, position: number): Promise<number> {

@@ -64,3 +64,12 @@ export function entryByteSpan(from: number, to: number, order: number): [number,
   const perByte = 8 >> order;
   return [Math.floor(from / perByte), Math.ceil(to / perByte)];
 }
+
+/** Refcount table entry `i` as stored: a refcount block's offset (bits 9..63), 0 for none. */
+export function refTableEntry(table: Buffer, i: number): bigint {
+  return table.readBigUInt64BE(i * 8);
+}
+
+export function encodeRefTableEntry(table: Buffer, i: number, blockOffset: number): void {
+  table.writeBigUInt64BE(BigInt(blockOffset), i * 8);
+}

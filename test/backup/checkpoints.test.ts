@@ -13,6 +13,8 @@ import {
   normalizedCalls, PARENT_BITMAP, PARENT_TS, qemuInfo, ROOT_DIRTY, rootFile, scenario, TS, VM, type Scenario, type ScenarioOptions,
 } from './scenario.js';
 import type { FakeDisk } from '../fakes/virsh-state.js';
+import { execFileSync } from 'node:child_process';
+import { imageBitmaps, leaveBitmapsInUse } from '../helpers/bitmaps.js';
 
 afterAll(removeTempDirs);
 
@@ -84,7 +86,7 @@ describe.concurrent('-o backup -M incremental, parent checkpoint unknown to libv
     expect(r.code).toBe(0);
     expect(r.stdout).toBe(`INCREMENTAL_FALLBACK=true\n` + completedBlock(24 * MiB) + `${duSb(s.final)}\n`);
     expect(callLines(s).filter((c) => c.startsWith('checkpoint-create'))).toEqual([]);
-    expect(logText(s.sb)).toContain(`not possible (parent bitmap ${PARENT_BITMAP} on disk vda is not usable)`);
+    expect(logText(s.sb)).toContain(`not possible (parent bitmap ${PARENT_BITMAP} on disk vda is not usable (inconsistent))`);
     expectClean(s);
   });
 
@@ -123,6 +125,97 @@ describe.concurrent('-o backup -M incremental, parent checkpoint unknown to libv
     expect(calls.indexOf(`checkpoint-delete ${VM} ${NEW_BITMAP}`)).toBeLessThan(calls.findIndex((c) => c.startsWith('backup-begin')));
     expect(s.fake.checkpointNames(VM)).toEqual([NEW_BITMAP]);
     expect(s.fake.checkpoint(VM, NEW_BITMAP)!.creationTime).not.toBe(1736035100);
+    expectClean(s);
+  });
+});
+
+/**
+ * The parent checkpoint registered in libvirt, its bitmap in the real qcow2 live disks
+ * (the fake's query-block reads them with qemu-img info); `prepare` then breaks it.
+ */
+async function registered(tag: string, prepare: (s: Scenario) => Promise<void> | void, o: Partial<ScenarioOptions> = {}): Promise<Scenario> {
+  const s = scenario(tag, {
+    dataDisk: true,
+    parentOnNas: true,
+    ...o,
+    domain: { checkpoints: [{ name: PARENT_BITMAP, creationTime: 1735689600 }], disks: [{ bitmapsInImage: true }, { bitmapsInImage: true }] },
+  });
+  for (const disk of [s.rootDisk, s.dataDisk!]) execFileSync('qemu-img', ['bitmap', '--add', disk, PARENT_BITMAP]);
+  await prepare(s);
+  return s;
+}
+
+/** Every backup file reads as its live disk: no write since the parent is missing. */
+function expectNothingMissing(s: Scenario): void {
+  for (const [file, live] of [[rootFile(), s.rootDisk], [dataFile(), s.dataDisk!]] as const) {
+    expect(contentSha256(join(s.sb.nas, file), s.sb.root)).toBe(contentSha256(live, s.sb.root));
+  }
+}
+
+describe.concurrent('-o backup -M incremental, a parent bitmap that does not record is never a base', () => {
+  it('registered, bitmap recording on every disk (real images): the incremental from it, nothing missing', async () => {
+    const s = await registered('bm-ok', () => {});
+    const r = await backup(s, { extra: incrementalFlags(parents) });
+    expect(r.code).toBe(0);
+    expect(r.stdout).not.toContain('INCREMENTAL_FALLBACK');
+    expect(callLines(s)).toContain(`qemu-monitor-command ${VM} {"execute":"query-block"}`);
+    expect(s.fake.callsOf('backup-begin')[0]!.inputs!['--backupxml']).toContain(`<incremental>${PARENT_BITMAP}</incremental>`);
+    expect(qemuInfo(join(s.sb.nas, rootFile()))['backing-filename']).toBe(`../${PARENT_TS}/${rootFile().split('/').pop()}`);
+    expectNothingMissing(s);
+    expect(s.fake.checkpointNames(VM)).toEqual([NEW_BITMAP]);
+    expect(imageBitmaps(s.dataDisk!)).toEqual([{ name: NEW_BITMAP, flags: ['auto'] }]);
+    expectClean(s);
+  });
+
+  const broken: Array<[string, (s: Scenario) => Promise<void> | void, string]> = [
+    ['disabled on vdb (qemu-img bitmap --disable)', (s) => void execFileSync('qemu-img', ['bitmap', '--disable', s.dataDisk!, PARENT_BITMAP]), 'on disk vdb is not usable (disabled)'],
+    ['in-use on vda (left by a crash)', (s) => leaveBitmapsInUse(s.rootDisk), 'on disk vda is not usable (inconsistent)'],
+    ['missing on vdb', (s) => void execFileSync('qemu-img', ['bitmap', '--remove', s.dataDisk!, PARENT_BITMAP]), 'missing on disk vdb'],
+  ];
+  it.each(broken)('registered, bitmap %s: a full backup with the marker, nothing missing; the checkpoint is replaced', async (_name, breakIt, why) => {
+    const s = await registered('bm-broken', breakIt);
+    const r = await backup(s, { extra: incrementalFlags(parents) });
+    expect(r.code).toBe(0);
+    expect(r.stdout).toBe(`INCREMENTAL_FALLBACK=full (parent bitmap ${PARENT_BITMAP} ${why})\n` + completedBlock(24 * MiB) + `${duSb(s.final)}\nBITMAP_CREATED=${NEW_BITMAP}\n`);
+    const begin = s.fake.callsOf('backup-begin')[0]!;
+    expect(begin.inputs!['--backupxml']).not.toContain('<incremental>');
+    expect(begin.inputs!['--checkpointxml']).toContain(`<name>${NEW_BITMAP}</name>`);
+    for (const file of [rootFile(), dataFile()]) expect(qemuInfo(join(s.sb.nas, file))['backing-filename']).toBeUndefined();
+    expectNothingMissing(s);
+    // As for a missing parent: only the new checkpoint is left, its bitmap recording on every disk.
+    const calls = callLines(s);
+    expect(calls.indexOf(`checkpoint-delete ${VM} ${PARENT_BITMAP}`)).toBeGreaterThan(calls.findIndex((c) => c.startsWith('backup-begin')));
+    expect(s.fake.checkpointNames(VM)).toEqual([NEW_BITMAP]);
+    for (const disk of [s.rootDisk, s.dataDisk!]) expect(imageBitmaps(disk)).toEqual([{ name: NEW_BITMAP, flags: ['auto'] }]);
+    expect(logText(s.sb)).toContain(`Removed checkpoint ${PARENT_BITMAP} of ${VM}: its bitmap cannot be trusted`);
+    expectClean(s);
+  });
+
+  it('not registered (a restart), bitmap disabled on vda: no redefine, a full backup, nothing missing (merged agent)', async () => {
+    const s = await registered('bm-restart-disabled', (s) => {
+      execFileSync('qemu-img', ['bitmap', '--disable', s.rootDisk, PARENT_BITMAP]);
+      s.fake.update((st) => void (st.domains.find((d) => d.name === VM)!.checkpoints = []));
+    });
+    const r = await backup(s, { extra: incrementalFlags(parents) }, { NASBACKUP_AGENT_PROFILE: 'merged' });
+    expect(r.code).toBe(0);
+    expect(r.stdout).toBe(`INCREMENTAL_FALLBACK=true\n` + completedBlock(24 * MiB) + `${duSb(s.final)}\n`);
+    const calls = callLines(s);
+    expect(calls.filter((c) => c.startsWith('checkpoint-create') || c.startsWith('checkpoint-delete'))).toEqual([]);
+    expect(logText(s.sb)).toContain(`not possible (parent bitmap ${PARENT_BITMAP} on disk vda is not usable (disabled))`);
+    expectNothingMissing(s);
+    expect(s.fake.checkpointNames(VM)).toEqual([NEW_BITMAP]);
+    expectClean(s);
+  });
+
+  it('registered, but query-block fails: a full backup (the bitmaps cannot be seen), the parent checkpoint is kept', async () => {
+    const s = await registered('bm-qb-fails', () => {}, {
+      fail: { 'qemu-monitor-command:query-block': { stderr: 'error: Timed out during operation: cannot acquire state change lock\n' } },
+    });
+    const r = await backup(s, { extra: incrementalFlags(parents) });
+    expect(r.code).toBe(0);
+    expect(r.stdout.split('\n')[0]).toMatch(/^INCREMENTAL_FALLBACK=full \(cannot inspect the disks' bitmaps: .*cannot acquire state change lock/);
+    expectNothingMissing(s);
+    expect(s.fake.checkpointNames(VM)).toEqual([PARENT_BITMAP, NEW_BITMAP]);
     expectClean(s);
   });
 });

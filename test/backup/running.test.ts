@@ -88,11 +88,11 @@ describe.concurrent('-o backup, running VM', () => {
     expectClean(s);
   });
 
-  it('-d given for a VM that is running: the stopped-VM format, one integer per line (file sizes, disk order)', async () => {
+  it('-d given for a VM that is running: the stopped-VM format, one integer per line (file sizes, ls order)', async () => {
     const s = scenario('bk-run-d', { dataDisk: true });
     const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}` });
     expect(r.code).toBe(0);
-    const sizes = [`root.${ROOT_VOL}.qcow2`, `datadisk.${DATA_VOL}.qcow2`].map((f) => String(readFileSync(join(s.final, f)).length));
+    const sizes = [`datadisk.${DATA_VOL}.qcow2`, `root.${ROOT_VOL}.qcow2`].map((f) => String(readFileSync(join(s.final, f)).length));
     expect(r.stdout).toBe(sizes.map((n) => `${n}\n`).join(''));
     expect(s.fake.names()).toContain('backup-begin');
     expectClean(s);

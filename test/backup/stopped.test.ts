@@ -5,11 +5,12 @@ import { execFileSync } from 'node:child_process';
 import { closeSync, openSync, statSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { logText } from '../helpers/cli.js';
+import { logText, writeShim } from '../helpers/cli.js';
+import { bitmapIsEmpty, imageBitmaps, leaveBitmapsInUse } from '../helpers/bitmaps.js';
 import { snapshotTree } from '../helpers/tree.js';
 import { removeTempDirs } from '../helpers/tmp.js';
 import {
-  backup, bitmapsIn, compareImages, DATA_VOL, expectClean, fullFlags, incrementalFlags, modeOf, NEW_BITMAP, othersOnNas, PARENT_TS,
+  backup, bitmapsIn, compareImages, DATA_VOL, duSb, expectClean, fullFlags, incrementalFlags, modeOf, NEW_BITMAP, othersOnNas, PARENT_BITMAP, PARENT_TS,
   rootFile, dataFile, ROOT_VOL, scenario, seedOtherBackups, TS, VM, type Scenario,
 } from './scenario.js';
 
@@ -19,15 +20,16 @@ const MP = String.raw`\S+/csbackup\.[A-Za-z0-9]{5}`;
 const esc = (s: string): string => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 
 const stopped = (tag: string): Scenario => scenario(tag, { dataDisk: true, state: 'shut off' });
+/** One size per file in the order `ls` lists the folder (C locale): datadisk before root, as the original printed them. */
 const sizeLines = (s: Scenario): string =>
-  [`root.${ROOT_VOL}.qcow2`, `datadisk.${DATA_VOL}.qcow2`].map((f) => `${statSync(join(s.final, f)).size}\n`).join('');
+  [`datadisk.${DATA_VOL}.qcow2`, `root.${ROOT_VOL}.qcow2`].map((f) => `${statSync(join(s.final, f)).size}\n`).join('');
 
 /** The qemu-img calls in the order the agent log recorded them. */
 const qemuImgCalls = (s: Scenario): string[] =>
   [...logText(s.sb).matchAll(/exec: qemu-img (\w+)( --add)? /g)].map((m) => m[1]! + (m[2] ?? ''));
 
 describe.concurrent('-o backup, stopped VM', () => {
-  it('legacy: one copy per disk, identical content, stdout one size per line in disk order, no bitmaps, no domain calls', async () => {
+  it('legacy: one copy per disk, identical content, stdout one size per line in ls order, no bitmaps, no domain calls', async () => {
     const s = stopped('stp-legacy');
     seedOtherBackups(s.sb);
     const before = othersOnNas(s.sb);
@@ -76,6 +78,48 @@ describe.concurrent('-o backup, stopped VM', () => {
     expectClean(s);
   });
 
+  // The original checked the incremental arguments only on the running path: a stopped
+  // VM got its full copy, reported as a fallback, whatever parents were (not) sent.
+  const partial: Array<[string, string[], NodeJS.ProcessEnv, (s: Scenario) => string]> = [
+    [
+      'no parent arguments at all (rebase-era)',
+      ['-M', 'incremental', '--bitmap-new', NEW_BITMAP],
+      {},
+      (s) => `INCREMENTAL_FALLBACK=full (VM stopped — incremental requires running VM)\nBITMAP_CREATED=${NEW_BITMAP}\n` + sizeLines(s),
+    ],
+    [
+      '--bitmap-parent but no --parent-paths (merged)',
+      ['-M', 'incremental', '--bitmap-new', NEW_BITMAP, '--bitmap-parent', PARENT_BITMAP],
+      { NASBACKUP_AGENT_PROFILE: 'merged' },
+      (s) => 'INCREMENTAL_FALLBACK=true\n' + sizeLines(s),
+    ],
+    [
+      'a parent path to a backup that does not exist, no --bitmap-parent (newest)',
+      ['-M', 'incremental', '--bitmap-new', NEW_BITMAP, '--parent-paths', rootFile('2024.12.31.00.00.00')],
+      { NASBACKUP_AGENT_PROFILE: 'newest' },
+      (s) => `INCREMENTAL_FALLBACK=true\nBACKUP_SIZE_TOTAL=${duSb(s.final)}\n` + sizeLines(s),
+    ],
+  ];
+  it.each(partial)('-M incremental with partial parent arguments, %s: a full copy reported as a fallback', async (_n, extra, env, expected) => {
+    const s = stopped('stp-inc-partial');
+    const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra }, env);
+    expect(r).toMatchObject({ code: 0, stderr: '' });
+    expect(r.stdout).toBe(expected(s));
+    expect(compareImages(join(s.sb.nas, rootFile()), s.rootDisk)).toBe('Images are identical.');
+    expect(compareImages(join(s.sb.nas, dataFile()), s.dataDisk!)).toBe('Images are identical.');
+    expect(bitmapsIn(s.rootDisk)).toEqual([NEW_BITMAP]);
+    expect(bitmapsIn(s.dataDisk!)).toEqual([NEW_BITMAP]);
+    expectClean(s);
+  });
+
+  it('-M incremental without --bitmap-new either: the full copy, the fallback marker, no bitmap and no BITMAP_CREATED', async () => {
+    const s = stopped('stp-inc-bare');
+    const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra: ['-M', 'incremental'] });
+    expect(r).toMatchObject({ code: 0, stderr: '', stdout: 'INCREMENTAL_FALLBACK=full (VM stopped — incremental requires running VM)\n' + sizeLines(s) });
+    expect(bitmapsIn(s.rootDisk)).toEqual([]);
+    expectClean(s);
+  });
+
   it('a raw data disk: copied to qcow2; no bitmap can be seeded in it, so no BITMAP_CREATED', async () => {
     const s = stopped('stp-raw');
     const raw = join(s.primary, DATA_VOL);
@@ -87,6 +131,65 @@ describe.concurrent('-o backup, stopped VM', () => {
     expect(compareImages(join(s.sb.nas, dataFile()), raw)).toBe('Images are identical.');
     expect(bitmapsIn(s.rootDisk)).toEqual([NEW_BITMAP]);
     expect(logText(s.sb)).toContain(`No bitmap on ${raw}: only qcow2 files can carry one`);
+    expectClean(s);
+  });
+
+  /** A bitmap under the new name already in the source, with changes recorded in it. */
+  const dirtyBitmap = (disk: string, ...then: string[]): void => {
+    execFileSync('qemu-img', ['bitmap', '--add', disk, NEW_BITMAP]);
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 1M 64k', disk], { stdio: 'ignore' });
+    for (const action of then) execFileSync('qemu-img', ['bitmap', action, disk, NEW_BITMAP]);
+    expect(bitmapIsEmpty(disk, NEW_BITMAP)).toBe(false);
+  };
+  /** The qemu-img bitmap/info calls of the run, e.g. "bitmap --remove --add". */
+  const bitmapCalls = (s: Scenario): string[] =>
+    [...logText(s.sb).matchAll(/exec: qemu-img (bitmap(?: --\w+)+|info) /g)].map((m) => m[1]!);
+
+  it('the bitmap already exists, disabled on one disk and enabled on the other: both replaced by empty, recording ones; BITMAP_CREATED', async () => {
+    const s = stopped('stp-bm-disabled');
+    dirtyBitmap(s.rootDisk, '--disable');
+    dirtyBitmap(s.dataDisk!);
+    expect(imageBitmaps(s.rootDisk)).toEqual([{ name: NEW_BITMAP, flags: [] }]);
+    const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra: fullFlags() });
+    expect(r.code).toBe(0);
+    expect(r.stdout).toBe(`BITMAP_CREATED=${NEW_BITMAP}\n` + sizeLines(s));
+    for (const disk of [s.rootDisk, s.dataDisk!]) {
+      expect(imageBitmaps(disk)).toEqual([{ name: NEW_BITMAP, flags: ['auto'] }]);
+      expect(bitmapIsEmpty(disk, NEW_BITMAP)).toBe(true);
+    }
+    expect(bitmapCalls(s)).toEqual(['bitmap --add', 'bitmap --remove --add', 'info', 'bitmap --add', 'bitmap --remove --add', 'info']);
+    expect(logText(s.sb)).toContain(`Replaced the existing bitmap ${NEW_BITMAP} on ${s.rootDisk} with an empty, recording one`);
+    expectClean(s);
+  });
+
+  it('the bitmap already exists in-use (a crash): it cannot be cleared, so it is replaced; BITMAP_CREATED', async () => {
+    const s = stopped('stp-bm-inuse');
+    dirtyBitmap(s.dataDisk!);
+    await leaveBitmapsInUse(s.dataDisk!);
+    expect(imageBitmaps(s.dataDisk!)).toEqual([{ name: NEW_BITMAP, flags: ['in-use', 'auto'] }]);
+    const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra: fullFlags() });
+    expect(r.code).toBe(0);
+    expect(r.stdout).toBe(`BITMAP_CREATED=${NEW_BITMAP}\n` + sizeLines(s));
+    expect(imageBitmaps(s.dataDisk!)).toEqual([{ name: NEW_BITMAP, flags: ['auto'] }]);
+    expect(bitmapIsEmpty(s.dataDisk!, NEW_BITMAP)).toBe(true);
+    expect(imageBitmaps(s.rootDisk)).toEqual([{ name: NEW_BITMAP, flags: ['auto'] }]);
+    expectClean(s);
+  });
+
+  it('an existing disabled bitmap that cannot be replaced: the backup succeeds without BITMAP_CREATED, and the log says why', async () => {
+    const s = stopped('stp-bm-stuck');
+    dirtyBitmap(s.dataDisk!, '--disable');
+    const err = 'qemu-img: Operation remove on bitmap backup-1736035200 failed: injected';
+    writeShim(s.sb, 'qemu-img', `case " $* " in *" --remove "*) echo '${err}' >&2; exit 1;; esac\nexec /usr/bin/qemu-img "$@"`);
+    const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra: fullFlags() });
+    expect(r.code).toBe(0);
+    expect(r.stdout).toBe(sizeLines(s));
+    expect(compareImages(join(s.sb.nas, dataFile()), s.dataDisk!)).toBe('Images are identical.');
+    // Still the old, disabled bitmap: never reported as the base of the next incremental.
+    expect(imageBitmaps(s.dataDisk!)).toEqual([{ name: NEW_BITMAP, flags: [] }]);
+    const log = logText(s.sb);
+    expect(log).toContain(`Warning: bitmap ${NEW_BITMAP} already exists on ${s.dataDisk} and could not be replaced: ${err}`);
+    expect(log).toContain(`Not reporting BITMAP_CREATED=${NEW_BITMAP}: it is not an empty, recording bitmap on every disk`);
     expectClean(s);
   });
 

@@ -44,6 +44,23 @@ describe.concurrent('command-line checks: a message, exit 1, no virsh call, noth
     expectClean(s);
   });
 
+  // With -d (the agent thought the VM stopped) the incremental arguments are not checked
+  // up front (a stopped VM falls back to a full copy); everything else still is.
+  const withDisks: Array<[string, string[], string]> = [
+    ['an unknown mode', ['-M', 'differential', '--bitmap-new', NEW_BITMAP], 'Unknown mode: differential\n'],
+    ['a bad --bitmap-parent name', ['-M', 'incremental', '--bitmap-new', NEW_BITMAP, '--bitmap-parent', '../x'], 'Invalid --bitmap-parent: "../x"\n'],
+    ['a parent path with ..', incrementalFlags([`${VM}/../../etc/root.${ROOT_VOL}.qcow2`]), `--parent-paths must not contain '..': ${VM}/../../etc/root.${ROOT_VOL}.qcow2\n`],
+  ];
+  it.each(withDisks)('with -d, %s', async (_name, extra, stdout) => {
+    const s = scenario('val-args-d', { state: 'shut off' });
+    const snap = snapshotTree(s.sb.nas);
+    const r = await backup(s, { disks: s.rootDisk, extra });
+    expect(r).toMatchObject({ code: 1, stdout, stderr: '' });
+    expect(s.fake.calls()).toEqual([]);
+    expect(snapshotTree(s.sb.nas)).toEqual(snap);
+    expectClean(s);
+  });
+
   it('no -v', async () => {
     const s = scenario('val-v');
     const r = await run(s.sb, ['-o', 'backup', ...bindNas(s.sb), '-p', BACKUP_PATH, '-q', 'false', '-d', '']);
@@ -136,6 +153,16 @@ describe.concurrent('checks that need the NAS or the domain: before backup-begin
     expect(snapshotTree(s.sb.nas)).toEqual(snap);
     expect(s.fake.names()).toEqual(['version', 'list', 'domblklist', 'checkpoint-list', 'domstate']);
     expect(s.fake.checkpointNames(VM)).toEqual([PARENT_BITMAP]);
+    expectClean(s);
+  });
+
+  it('-d sent but the VM is running: an incremental without parents is refused once the state is known, before the mount', async () => {
+    const s = scenario('val-d-running');
+    const snap = snapshotTree(s.sb.nas);
+    const r = await backup(s, { disks: s.rootDisk, extra: ['-M', 'incremental', '--bitmap-new', NEW_BITMAP, '--bitmap-parent', PARENT_BITMAP] });
+    expect(r).toMatchObject({ code: 1, stdout: 'incremental mode requires --bitmap-parent, --bitmap-new, and --parent-paths\n', stderr: '' });
+    expect(s.fake.names()).toEqual(['version', 'list']);
+    expect(snapshotTree(s.sb.nas)).toEqual(snap);
     expectClean(s);
   });
 

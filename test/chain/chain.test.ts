@@ -1,7 +1,7 @@
 // `nasbackup chain …` on real qemu-img chains with two disks (root + datadisk) on a
 // bind-mounted folder: every remaining point in time must read identically afterwards.
 import { execFileSync } from 'node:child_process'
-import { existsSync, readdirSync, rmSync, writeFileSync, openSync, writeSync, closeSync } from 'node:fs'
+import { existsSync, readdirSync, readFileSync, rmSync, writeFileSync, openSync, writeSync, closeSync } from 'node:fs'
 import { join } from 'node:path'
 import { afterAll, describe, expect, it } from 'vitest'
 import { bindNas, leftovers, makeSandbox, run, start, writeShim, type Sandbox } from '../helpers/cli.js'
@@ -205,7 +205,7 @@ describe('plans', () => {
     const r = await run(sb, ['plan-delete', '--records', f, '--backup', `u-${TS[1]}`, '--root-volume-uuid', 'RV'])
     expect(r.code).toBe(0)
     expect(JSON.parse(r.stdout)).toEqual({
-      proceed: true, reason: null,
+      proceed: true, reason: null, code: null,
       rebaseSteps: [{ childBackupId: 3, targetMountRelativePath: `${VM}/${TS[2]}/root.RV.qcow2`, newBackingMountRelativePath: `${VM}/${TS[0]}/root.RV.qcow2`, newParentUuid: `u-${TS[0]}`, newChainPosition: 1 }],
       toDelete: [{ id: 2, uuid: `u-${TS[1]}`, externalId: `${VM}/${TS[1]}` }],
       shiftPositionsBelow: { chainId: 'c1', afterPosition: 1 },
@@ -213,6 +213,16 @@ describe('plans', () => {
     const refused = await run(sb, ['plan-delete', '--records', f, '--backup', `u-${TS[0]}`, '--root-volume-uuid', 'RV'])
     expect(refused.code).toBe(1)
     expect(JSON.parse(refused.stdout)).toMatchObject({ proceed: false, reason: expect.stringMatching(/full anchor of a chain with 3 incremental/) })
+    // Two backups at the child's position: the provider would rebase one and orphan the other.
+    const twins = join(sb.root, 'twins.json')
+    writeFileSync(twins, JSON.stringify([0, 1, 2, 2].map((pos, i) => ({
+      id: i + 1, uuid: `t-${i}`, externalId: `${VM}/${TS[i]}`, vmId: 10,
+      details: [{ name: 'nas.chain_id', value: 'c1' }, { name: 'nas.chain_position', value: String(pos) }],
+    }))))
+    const orphan = await run(sb, ['plan-delete', '--records', twins, '--backup', 't-1', '--root-volume-uuid', 'RV'])
+    expect(orphan.code).toBe(1)
+    expect(JSON.parse(orphan.stdout)).toMatchObject({ proceed: false, code: 'CHAIN_WOULD_ORPHAN', reason: expect.stringMatching(/^Cannot delete t-1: 2 backups \(t-2, t-3\) share chain_position=2 after it/) })
+    expect(readFileSync(sb.logFile, 'utf8')).toMatch(/ERROR \[CHAIN_WOULD_ORPHAN\] Cannot delete t-1/)
     const missing = await run(sb, ['plan-delete', '--records', join(sb.root, 'nope.json'), '--backup', 'x', '--root-volume-uuid', 'RV'])
     expect(missing.code).toBe(1)
     expect(missing.stdout).toMatch(/^Cannot read records file/)

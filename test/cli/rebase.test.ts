@@ -3,7 +3,7 @@
 import { closeSync, openSync, rmSync, symlinkSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { bindNas, leftovers, logText, makeSandbox, run, type Sandbox } from '../helpers/cli.js';
+import { bindNas, leftovers, logText, makeSandbox, run, writeShim, type Sandbox } from '../helpers/cli.js';
 import { rootFile, seedChain, TS, VM, VOL } from '../helpers/chain.js';
 import { checkExitCode, contentSha256, info } from '../helpers/qemu.js';
 import { snapshotTree } from '../helpers/tree.js';
@@ -127,17 +127,13 @@ describe('-o rebase', () => {
 
     it('qemu-img itself fails: its error text reaches stdout, nothing else touched', async () => {
       const sb = chained('rb-qifail');
-      // A header we accept but qemu-img refuses: an unaligned L1 table offset.
-      const f = join(sb.nas, rootFile(TS[2]));
-      const fd = openSync(f, 'r+');
-      const b = Buffer.alloc(8);
-      b.writeBigUInt64BE(0x30001n);
-      writeSync(fd, b, 0, 8, 40);
-      closeSync(fd);
+      // A sound chain, and a qemu-img that fails (failure injection: a chain qemu-img would
+      // refuse is now refused by the chain safety check before qemu-img runs).
+      writeShim(sb, 'qemu-img', `echo "qemu-img: Could not open '$6': injected failure" >&2; exit 1`);
       const snap = snapshotTree(sb.nas);
-      const r = await run(sb, rebaseArgs(sb, rootFile(TS[2]), rootFile(TS[0])));
+      const r = await run(sb, [...rebaseArgs(sb, rootFile(TS[2]), rootFile(TS[0])), '--engine', 'qemu-img'], { NASBACKUP_QEMU_IMG: join(sb.shims, 'qemu-img') });
       expect(r.code).toBe(1);
-      expect(r.stdout).toMatch(/^qemu-img rebase failed for \S+\/root\.[\w-]+\.qcow2 onto \.\.\/2025\.01\.01\.00\.00\.00\/root\.[\w-]+\.qcow2\nqemu-img: Could not open '\S+': .*L1 table offset.*\n$/);
+      expect(r.stdout).toMatch(/^qemu-img rebase failed for \S+\/root\.[\w-]+\.qcow2 onto \.\.\/2025\.01\.01\.00\.00\.00\/root\.[\w-]+\.qcow2\nqemu-img: Could not open '\S+': injected failure\n$/);
       expect(snapshotTree(sb.nas)).toEqual(snap);
       expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
     });

@@ -2,7 +2,7 @@
 // for real (qemu-img, a real bind mount of a local folder as the NAS), the wire
 // answer on stdout, exit 0.
 import { spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { decodeAnswers } from '../../compat/index.js';
@@ -13,10 +13,15 @@ import { checkExitCode, contentSha256, info } from '../helpers/qemu.js';
 import { removeTempDirs } from '../helpers/tmp.js';
 import { snapshotTree } from '../helpers/tree.js';
 import { ANSWER_REBASE_OR_DELETE_OK } from './examples.js';
+import {
+  BACKUP_PATH, bitmapsIn, compareImages, DATA_VOL, duSb, expectClean, FAST_POLL, NEW_BITMAP, PARENT_BITMAP, PARENT_TS, POOL, ROOT_VOL,
+  rootFile as vmRootFile, scenario, VM as SVM, type Scenario,
+} from '../backup/scenario.js';
 
 afterAll(removeTempDirs);
 
 const P = 'org.apache.cloudstack.backup.';
+const esc = (x: string): string => x.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 
 /** Like the agent's transport would hand it over: JSON on stdin, nothing else. */
 function agent(sb: Sandbox, input: string, args: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<RunOutcome> {
@@ -75,11 +80,17 @@ describe('nasbackup agent', () => {
     expect(logText(sb)).toMatch(/agent\[rebase-era\]: RebaseBackupCommand: Failed to rebase backup file /);
   });
 
-  it('GetBackupStorageStatsCommand answers the 1K-block sizes with result=false', async () => {
+  it('GetBackupStorageStatsCommand answers the 1K-block sizes with result=false, details = the stdout as read, untrimmed', async () => {
     const sb = makeSandbox('agent-stats');
     const r = await agent(sb, request('GetBackupStorageStatsCommand', nas(sb)), ['--profile', 'newest']);
-    expect(r.code).toBe(0);
-    expect(r.stdout).toMatch(/^\[\{"org\.apache\.cloudstack\.backup\.BackupStorageStatsAnswer":\{"totalSize":\d+,"usedSize":\d+,"result":false,"contextMap":\{\},"wait":0,"bypassHostMaintenance":false\}\}\]\n$/);
+    expect(r).toMatchObject({ code: 0, stderr: '' });
+    // The sizes in the fields are the very tokens of the details (back-references), the mount point ours.
+    expect(r.stdout).toMatch(
+      new RegExp(
+        String.raw`^\[\{"org\.apache\.cloudstack\.backup\.BackupStorageStatsAnswer":\{"totalSize":(\d+),"usedSize":(\d+),"result":false,` +
+          String.raw`"details":"${esc(sb.tmp)}/csbackup\.[A-Za-z0-9]{5}\\n\1 \2\\n","contextMap":\{\},"wait":0,"bypassHostMaintenance":false\}\}\]\n$`,
+      ),
+    );
     const [a] = decodeAnswers(r.stdout);
     expect((a as { totalSize: bigint }).totalSize).toBeGreaterThan(0n);
     expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
@@ -93,6 +104,69 @@ describe('nasbackup agent', () => {
     expect(decodeAnswers(r.stdout)).toEqual([expect.objectContaining({ cls: 'BackupAnswer', result: false, details: expect.stringMatching(/not handled by the merged agent profile/) })]);
     expect(snapshotTree(sb.nas)).toEqual(snap);
     expect(logText(sb)).not.toMatch(/mount/);
+  });
+
+  // A stopped VM's TakeBackupCommand: the disks as the provider lists them (local pool).
+  const stoppedTake = (s: Scenario, over: object = {}): string =>
+    request('TakeBackupCommand', {
+      vmName: SVM,
+      backupPath: BACKUP_PATH,
+      ...nas(s.sb),
+      volumePools: [s.rootDisk, s.dataDisk].map(() => ({ uuid: POOL, poolType: 'Filesystem', path: s.primary })),
+      volumePaths: [s.rootDisk, s.dataDisk],
+      quiesce: false,
+      ...over,
+    });
+  const fileSize = (s: Scenario, f: string): number => statSync(join(s.final, f)).size;
+
+  it('stopped VM, -M incremental without parentPath (rebase-era): the full copy, answered as a fallback, markers kept in details', async () => {
+    const s = scenario('agent-stopped-inc', { dataDisk: true, state: 'shut off' });
+    const r = await agent(s.sb, stoppedTake(s, { mode: 'incremental', bitmapNew: NEW_BITMAP, bitmapParent: PARENT_BITMAP }));
+    expect(r).toMatchObject({ code: 0, stderr: '' });
+    const data = fileSize(s, `datadisk.${DATA_VOL}.qcow2`);
+    const root = fileSize(s, `root.${ROOT_VOL}.qcow2`);
+    // What the G1/G2 wrapper answers for the original's output: the whole stdout trimmed once,
+    // sizes in ls order (datadisk first), their sum as the size.
+    expect(r.stdout).toBe(
+      String.raw`[{"org.apache.cloudstack.backup.BackupAnswer":{"size":${data + root},"bitmapCreated":"${NEW_BITMAP}","incrementalFallback":true,"result":true,` +
+        String.raw`"details":"INCREMENTAL_FALLBACK\u003dfull (VM stopped — incremental requires running VM)\nBITMAP_CREATED\u003d${NEW_BITMAP}\n${data}\n${root}",` +
+        String.raw`"contextMap":{},"wait":0,"bypassHostMaintenance":false}}]` + '\n',
+    );
+    expect(logText(s.sb)).toMatch(new RegExp(`agent\\[rebase-era\\]: run -o backup -v ${SVM} .* -M incremental --bitmap-new ${NEW_BITMAP} --bitmap-parent ${PARENT_BITMAP}\n`));
+    expect(compareImages(join(s.final, `root.${ROOT_VOL}.qcow2`), s.rootDisk)).toBe('Images are identical.');
+    expect(bitmapsIn(s.rootDisk)).toEqual([NEW_BITMAP]);
+    expect(bitmapsIn(s.dataDisk!)).toEqual([NEW_BITMAP]);
+    expectClean(s);
+  });
+
+  it('stopped VM, -M incremental with a partial parent list (merged): INCREMENTAL_FALLBACK=true stays in details', async () => {
+    const s = scenario('agent-stopped-merged', { dataDisk: true, state: 'shut off' });
+    const over = { mode: 'incremental', bitmapNew: NEW_BITMAP, bitmapParent: PARENT_BITMAP, parentPaths: [vmRootFile(PARENT_TS)] };
+    const r = await agent(s.sb, stoppedTake(s, over), ['--profile', 'merged']);
+    expect(r).toMatchObject({ code: 0, stderr: '' });
+    const data = fileSize(s, `datadisk.${DATA_VOL}.qcow2`);
+    const root = fileSize(s, `root.${ROOT_VOL}.qcow2`);
+    expect(r.stdout).toBe(
+      String.raw`[{"org.apache.cloudstack.backup.BackupAnswer":{"size":${data + root},"bitmapCreated":"${NEW_BITMAP}","incrementalFallback":true,"result":true,` +
+        String.raw`"details":"INCREMENTAL_FALLBACK\u003dtrue\n${data}\n${root}","contextMap":{},"wait":0,"bypassHostMaintenance":false}}]` + '\n',
+    );
+    expectClean(s);
+  });
+
+  it('running VM, -M full (rebase-era): details end with the BITMAP_CREATED= marker, the size is the du total before it', async () => {
+    const s = scenario('agent-running-full');
+    const body = { vmName: SVM, backupPath: BACKUP_PATH, ...nas(s.sb), quiesce: false, mode: 'full', bitmapNew: NEW_BITMAP };
+    const r = await agent(s.sb, request('TakeBackupCommand', body), [], FAST_POLL);
+    expect(r).toMatchObject({ code: 0, stderr: '' });
+    const du = duSb(s.final);
+    expect(r.stdout).toBe(
+      String.raw`[{"org.apache.cloudstack.backup.BackupAnswer":{"size":${du},"bitmapCreated":"${NEW_BITMAP}","incrementalFallback":false,"result":true,` +
+        String.raw`"details":"Job type:         Completed   \nOperation:        Backup      \nTime elapsed:     133          ms\n` +
+        String.raw`File processed:   16.000 MiB\nFile remaining:   0.000 B\nFile total:       16.000 MiB\n\n${du}\nBITMAP_CREATED\u003d${NEW_BITMAP}",` +
+        String.raw`"contextMap":{},"wait":0,"bypassHostMaintenance":false}}]` + '\n',
+    );
+    expect(s.fake.checkpointNames(SVM)).toEqual([NEW_BITMAP]);
+    expectClean(s);
   });
 
   const bad: Array<[string, string, string[], RegExp]> = [

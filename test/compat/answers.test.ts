@@ -1,4 +1,4 @@
-// (exit code, stdout) → answer, per wrapper generation (contract §4.2, §5.2, §5.3),
+// (exit code, stdout) → answer, per wrapper generation (docs/agent-contract.md §4.2, §5.2, §5.3),
 // table-driven on the original script's observed outputs (golden transcripts).
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
@@ -43,7 +43,8 @@ const rows: Row[] = [
     `${JOB16}\n1775942\nBITMAP_CREATED=backup-1736035200\n`,
     false,
     {
-      'rebase-era': { size: 1775942n, details: `${JOB16}\n1775942`, bitmapCreated: 'backup-1736035200', incrementalFallback: false },
+      // details: the whole stdout trimmed once, the marker included (§5.2); only the size ignores it.
+      'rebase-era': { size: 1775942n, details: `${JOB16}\n1775942\nBITMAP_CREATED=backup-1736035200`, bitmapCreated: 'backup-1736035200', incrementalFallback: false },
       // G3 does not strip BITMAP_CREATED=, so the last line is no number.
       merged: { throws: 'java.lang.NumberFormatException: For input string: "BITMAP_CREATED=backup-1736035200"' },
       newest: { size: 0n, details: `${JOB16}\n1775942\nBITMAP_CREATED=backup-1736035200`, bitmapCreated: 'backup-1736035200', incrementalFallback: false },
@@ -54,7 +55,10 @@ const rows: Row[] = [
     `BITMAP_RECREATED=backup-1735689600\n${JOB_EMPTY_INC}\n203086\nBITMAP_CREATED=backup-1736035200\n`,
     false,
     {
-      'rebase-era': { size: 203086n, details: `${JOB_EMPTY_INC}\n203086`, bitmapCreated: 'backup-1736035200', bitmapRecreated: 'backup-1735689600', incrementalFallback: false },
+      'rebase-era': {
+        size: 203086n,
+        details: `BITMAP_RECREATED=backup-1735689600\n${JOB_EMPTY_INC}\n203086\nBITMAP_CREATED=backup-1736035200`,
+        bitmapCreated: 'backup-1736035200', bitmapRecreated: 'backup-1735689600', incrementalFallback: false },
       merged: { throws: 'java.lang.NumberFormatException: For input string: "BITMAP_CREATED=backup-1736035200"' },
       newest: {
         size: 0n,
@@ -79,7 +83,7 @@ const rows: Row[] = [
     'BITMAP_CREATED=backup-1736035200\n\n917504\n1769472\n',
     true,
     {
-      'rebase-era': { size: 2686976n, details: '917504\n1769472', bitmapCreated: 'backup-1736035200', incrementalFallback: false },
+      'rebase-era': { size: 2686976n, details: 'BITMAP_CREATED=backup-1736035200\n\n917504\n1769472', bitmapCreated: 'backup-1736035200', incrementalFallback: false },
       merged: { throws: 'java.lang.NumberFormatException: For input string: "BITMAP_CREATED=backup-1736035200"' },
       newest: { size: 0n, details: 'BITMAP_CREATED=backup-1736035200\n\n917504\n1769472', bitmapCreated: 'backup-1736035200', incrementalFallback: false },
     },
@@ -89,7 +93,12 @@ const rows: Row[] = [
     'INCREMENTAL_FALLBACK=full (VM stopped — incremental requires running VM)\nBITMAP_CREATED=backup-1736035200\n\n917504\n1769472\n',
     true,
     {
-      'rebase-era': { size: 2686976n, details: '917504\n1769472', bitmapCreated: 'backup-1736035200', incrementalFallback: true },
+      'rebase-era': {
+        size: 2686976n,
+        details: 'INCREMENTAL_FALLBACK=full (VM stopped — incremental requires running VM)\nBITMAP_CREATED=backup-1736035200\n\n917504\n1769472',
+        bitmapCreated: 'backup-1736035200',
+        incrementalFallback: true,
+      },
       merged: { throws: 'java.lang.NumberFormatException: For input string: "INCREMENTAL_FALLBACK=full"' },
       newest: {
         size: 0n,
@@ -124,9 +133,9 @@ const rows: Row[] = [
     `INCREMENTAL_FALLBACK=true\n${JOB16}\n1775942\n`,
     false,
     {
-      'rebase-era': { size: 1775942n, details: `${JOB16}\n1775942`, incrementalFallback: true },
-      merged: { size: 1775942n, details: `${JOB16}\n1775942`, bitmapCreated: 'backup-1736035200', incrementalFallback: true },
-      newest: { size: 0n, details: `${JOB16}\n1775942`, bitmapCreated: 'backup-1736035200', incrementalFallback: true },
+      'rebase-era': { size: 1775942n, details: `INCREMENTAL_FALLBACK=true\n${JOB16}\n1775942`, incrementalFallback: true },
+      merged: { size: 1775942n, details: `INCREMENTAL_FALLBACK=true\n${JOB16}\n1775942`, bitmapCreated: 'backup-1736035200', incrementalFallback: true },
+      newest: { size: 0n, details: `INCREMENTAL_FALLBACK=true\n${JOB16}\n1775942`, bitmapCreated: 'backup-1736035200', incrementalFallback: true },
     },
   ],
   [
@@ -136,7 +145,7 @@ const rows: Row[] = [
     {
       'rebase-era': { size: 1775942n, details: `${JOB16}\nBACKUP_SIZE_TOTAL=1775942\n1775942`, incrementalFallback: false },
       merged: { size: 1775942n, details: `${JOB16}\nBACKUP_SIZE_TOTAL=1775942\n1775942`, bitmapCreated: 'backup-1736035200', incrementalFallback: false },
-      newest: { size: 1775942n, details: `${JOB16}\n1775942`, bitmapCreated: 'backup-1736035200', incrementalFallback: false },
+      newest: { size: 1775942n, details: `${JOB16}\nBACKUP_SIZE_TOTAL=1775942\n1775942`, bitmapCreated: 'backup-1736035200', incrementalFallback: false },
     },
   ],
   [
@@ -146,7 +155,7 @@ const rows: Row[] = [
     {
       'rebase-era': { size: 5n, details: 'BACKUP_SIZE_TOTAL=12 MiB\n5', incrementalFallback: false },
       merged: { size: 5n, details: 'BACKUP_SIZE_TOTAL=12 MiB\n5', bitmapCreated: 'backup-1736035200', incrementalFallback: false },
-      newest: { size: 0n, details: '5', bitmapCreated: 'backup-1736035200', incrementalFallback: false },
+      newest: { size: 0n, details: 'BACKUP_SIZE_TOTAL=12 MiB\n5', bitmapCreated: 'backup-1736035200', incrementalFallback: false },
     },
   ],
   [
@@ -225,6 +234,20 @@ describe.each(PROFILE_NAMES)('TakeBackupCommand, exit 0, profile %s', (name) => 
   });
 });
 
+describe('bitmapCreated of a legacy-full backup', () => {
+  it.each(PROFILE_NAMES)('%s: never a bitmap, even when the command carries bitmapNew', (name) => {
+    const { answer } = answerFor(PROFILES[name], take({ mode: 'legacy-full' }), { exitCode: 0, stdout: `${JOB16}\n1775942\n` }, false);
+    expect(answer).toMatchObject({ cls: 'BackupAnswer', result: true });
+    expect(answer).not.toHaveProperty('bitmapCreated');
+  });
+  it('merged: full and incremental report the command\'s bitmapNew', () => {
+    for (const mode of ['full', 'incremental']) {
+      const { answer } = answerFor(PROFILES.merged, take({ mode }), { exitCode: 0, stdout: `${JOB16}\n1775942\n` }, false);
+      expect(answer).toMatchObject({ bitmapCreated: 'backup-1736035200' });
+    }
+  });
+});
+
 describe('TakeBackupCommand failures: same in every generation', () => {
   const failures: Array<[string, ExecResult, { details: string; needsCleanup?: boolean }]> = [
     ['exit 1, message', { exitCode: 1, stdout: 'full mode requires --bitmap-new (the bitmap to create for the next incremental)\n' }, { details: 'full mode requires --bitmap-new (the bitmap to create for the next incremental)' }],
@@ -285,7 +308,8 @@ describe('Delete, Rebase and Stats wrappers', () => {
   });
 
   const statsRows: Array<[string, ExecResult, { total?: bigint; used?: bigint; details?: string } | { throws: string }]> = [
-    ['1K blocks, unconverted', { exitCode: 0, stdout: '/tmp/csbackup.Ab3xZ\n104857600 52428800\n' }, { total: 104857600n, used: 52428800n }],
+    ['1K blocks, unconverted; details: stdout as read', { exitCode: 0, stdout: '/tmp/csbackup.Ab3xZ\n104857600 52428800\n' }, { total: 104857600n, used: 52428800n, details: '/tmp/csbackup.Ab3xZ\n104857600 52428800\n' }],
+    ['success: details keep trailing blanks (untrimmed)', { exitCode: 0, stdout: '/mp\n7 3 \n \n' }, { total: 7n, used: 3n, details: '/mp\n7 3 \n \n' }],
     ['failure: zero sizes, stdout as details', { exitCode: 32, stdout: 'mount.nfs: Connection timed out\n' }, { total: 0n, used: 0n, details: 'mount.nfs: Connection timed out\n' }],
     ['a mount warning shifts the tokens', { exitCode: 0, stdout: 'mount: warning\n/tmp/csbackup.Ab3xZ\n1 2\n' }, { throws: 'java.lang.NumberFormatException: For input string: "warning"' }],
     ['a leading empty line shifts them too', { exitCode: 0, stdout: '\n/tmp/csbackup.Ab3xZ\n1 2\n' }, { throws: 'java.lang.NumberFormatException: For input string: "/tmp/csbackup.Ab3xZ"' }],
@@ -322,6 +346,17 @@ describe('properties', () => {
         if (exitCode !== 0 || cmd.cls === 'GetBackupStorageStatsCommand') expect(answer.result).toBe(false);
         expect((answer as { needsCleanup?: boolean }).needsCleanup === true).toBe(cmd.cls === 'TakeBackupCommand' && exitCode === 20);
         expect(() => JSON.parse(encodeAnswers([answer]))).not.toThrow();
+      }),
+    );
+  });
+
+  it('a successful BackupAnswer carries the whole stdout trimmed once as details, markers included, in every generation', () => {
+    fc.assert(
+      fc.property(fc.constantFrom(...PROFILE_NAMES), anyText, fc.boolean(), (name, stdout, stopped) => {
+        const { answer } = answerFor(PROFILES[name], take(), { exitCode: 0, stdout }, stopped);
+        if (answer.cls !== 'BackupAnswer') return; // the wrapper threw (§2.3)
+        expect(answer.result).toBe(true);
+        expect(answer.details).toBe(stdout.replace(/^[\x00-\x20]+/, '').replace(/[\x00-\x20]+$/, ''));
       }),
     );
   });

@@ -1,4 +1,4 @@
-// Command → argv per wrapper generation (contract §3), table-driven per profile.
+// Command → argv per wrapper generation (docs/agent-contract.md §3), table-driven per profile.
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import {

@@ -1,5 +1,5 @@
 // Gson wire format: escaping, member order, null omission, FQCN arrays, and the
-// contract's §8.3 examples byte for byte.
+// docs/agent-contract.md §8.3 examples byte for byte.
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import {
@@ -85,7 +85,7 @@ describe('the contract §8.3 examples', () => {
   it('answers built from scratch serialize to the examples', () => {
     const ok = backupAnswer(
       true,
-      'Job type:         Completed   \nOperation:        Backup      \nTime elapsed:     133          ms\nFile processed:   128.000 KiB\nFile remaining:   0.000 B\nFile total:       128.000 KiB\n\n465222',
+      'Job type:         Completed   \nOperation:        Backup      \nTime elapsed:     133          ms\nFile processed:   128.000 KiB\nFile remaining:   0.000 B\nFile total:       128.000 KiB\n\n465222\nBITMAP_CREATED=backup-1736035200',
     );
     ok.size = 465222n;
     ok.bitmapCreated = 'backup-1736035200';
@@ -101,7 +101,7 @@ describe('the contract §8.3 examples', () => {
 
     expect(encodeAnswers([backupAnswer(true, null)])).toBe(EX.ANSWER_REBASE_OR_DELETE_OK);
 
-    const stats = statsAnswer(false, null);
+    const stats = statsAnswer(false, '/tmp/csbackup.Ab3xZ\n104857600 52428800\n');
     stats.totalSize = 104857600n;
     stats.usedSize = 52428800n;
     expect(encodeAnswers([stats])).toBe(EX.STATS_ANSWER);

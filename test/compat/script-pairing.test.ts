@@ -47,7 +47,7 @@ describe.each(Object.keys(PROFILES) as ProfileName[])('script output for profile
       fc.property(report(name), fc.array(fc.bigInt({ min: 0n, max: 2n ** 40n }), { minLength: 1, maxLength: 4 }), (r, sizes) => {
         const total = sizes.reduce((a, b) => a + b, 0n);
         const rep: BackupReport = { ...r, warnings: [], totalBytes: total };
-        const { answer } = answerFor(PROFILES[name], cmd, { exitCode: 0, stdout: stoppedBackupText(rep, sizes) }, true);
+        const { answer } = answerFor(PROFILES[name], cmd, { exitCode: 0, stdout: stoppedBackupText(rep, sizes.map((size, i) => ({ name: `disk${i}`, size }))) }, true);
         expect(answer).toMatchObject({ cls: 'BackupAnswer', result: true, size: total, incrementalFallback: rep.fallbackReason !== null });
         expect((answer as { bitmapCreated?: string }).bitmapCreated).toBe(expectedBitmap(rep));
       }),

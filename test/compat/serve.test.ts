@@ -34,7 +34,7 @@ describe('serveRequest', () => {
     expect(run.mock.calls[0]![0].slice(0, 1)).toEqual(['/opt/s.sh']);
     expect(run.mock.calls[0]![0].slice(-2)).toEqual(['--parent-paths', 'i-2-10-VM/2025.01.01.00.00.00/root.b3f4c2a0-6d1e-4f7a-9c2b-1e5d8a7f3c01.qcow2']);
     expect(decodeAnswers(r.wire)).toEqual([
-      expect.objectContaining({ cls: 'BackupAnswer', result: true, size: 1024n, bitmapCreated: 'backup-1736035200', incrementalFallback: true, details: 'Job type:         Completed   \n\n1024' }),
+      expect.objectContaining({ cls: 'BackupAnswer', result: true, size: 1024n, bitmapCreated: 'backup-1736035200', incrementalFallback: true, details: 'INCREMENTAL_FALLBACK=true\nJob type:         Completed   \n\n1024' }),
     ]);
   });
 

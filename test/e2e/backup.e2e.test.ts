@@ -263,6 +263,9 @@ describe.sequential('-o backup on a real guest', () => {
 
   it('stopped VM: a copy per disk, one size per line, bitmaps seeded; after a start the next incremental is correct', async () => {
     await guest!.destroy()
+    // A disabled bitmap under the new name already in the root disk: it must not be trusted as it is.
+    execFileSync('qemu-img', ['bitmap', '--add', rootDisk, 'backup-1700000006'])
+    execFileSync('qemu-img', ['bitmap', '--disable', rootDisk, 'backup-1700000006'])
     const p = nextPath()
     const out = await cli([
       '-o', 'backup', '-v', VM, ...nas(), '-p', p, '-q', 'false', '-d', `${rootDisk},${dataDisk}`,
@@ -273,10 +276,11 @@ describe.sequential('-o backup on a real guest', () => {
     const lines = out.stdout.trimEnd().split('\n')
     expect(lines[0]).toBe('INCREMENTAL_FALLBACK=full (VM stopped — incremental requires running VM)')
     expect(lines[1]).toBe('BITMAP_CREATED=backup-1700000006')
-    const sizes = withNas((root) => [rootFile(p), dataFile(p)].map((f) => String(fs.statSync(path.join(root, f)).size)))
-    expect(lines.slice(2).sort()).toEqual(sizes.sort())
+    // In the original's order: `ls` of the folder in the C locale, datadisk before root.
+    const sizes = withNas((root) => [dataFile(p), rootFile(p)].map((f) => String(fs.statSync(path.join(root, f)).size)))
+    expect(lines.slice(2)).toEqual(sizes)
     const bitmaps = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', rootDisk], { encoding: 'utf8' }))['format-specific'].data.bitmaps
-    expect(bitmaps.map((b: { name: string }) => b.name)).toContain('backup-1700000006')
+    expect(bitmaps.find((b: { name: string }) => b.name === 'backup-1700000006')?.flags).toEqual(['auto'])
     for (const f of [rootFile(p), dataFile(p)]) {
       const live = f.includes('root.') ? rootDisk : dataDisk
       withNas((root) => expect(execFileSync('qemu-img', ['compare', path.join(root, f), live], { encoding: 'utf8' })).toContain('identical'))
@@ -293,6 +297,78 @@ describe.sequential('-o backup on a real guest', () => {
     expectRunningFormat(inc, 'backup-1700000007')
     expect(inc.stdout).not.toContain('INCREMENTAL_FALLBACK')
     await expectChainEqualsLive(q)
+    nothingLeft()
+  })
+
+  /** Restore a backup as the agent would (qemu-img convert of the whole chain), then compare with the live disk (VM paused). */
+  async function expectRestoreEqualsLive(backupDir: string): Promise<void> {
+    await virsh(['suspend', VM], { check: true })
+    try {
+      for (const [file, live] of [[rootFile(backupDir), rootDisk], [dataFile(backupDir), dataDisk]] as const) {
+        const restored = path.join(dir, 'restored.qcow2')
+        withNas((root) => execFileSync('qemu-img', ['convert', '-U', '-O', 'qcow2', path.join(root, file), restored]))
+        try {
+          expect(execFileSync('qemu-img', ['compare', '-U', restored, live], { encoding: 'utf8' })).toContain('Images are identical')
+        } finally {
+          fs.rmSync(restored, { force: true })
+        }
+      }
+    } finally {
+      await virsh(['resume', VM], { check: true })
+    }
+  }
+
+  /** QMP on the running guest: the format node of the disk whose image is `file`, and its bitmaps. */
+  async function blockNode(file: string): Promise<{ node: string; bitmaps: Array<{ name: string; recording: boolean }> }> {
+    const r = await virsh(['qemu-monitor-command', VM, '{"execute":"query-block"}'], { check: true })
+    const entry = (JSON.parse(r.stdout).return as Array<{ inserted?: { file: string; 'node-name': string; 'dirty-bitmaps'?: Array<{ name: string; recording: boolean }> } }>)
+      .find((e) => e.inserted?.file === file)
+    if (!entry?.inserted) throw new Error(`query-block shows no disk with image ${file}`)
+    return { node: entry.inserted['node-name'], bitmaps: entry.inserted['dirty-bitmaps'] ?? [] }
+  }
+
+  it('a parent bitmap disabled under the running guest: a full with INCREMENTAL_FALLBACK, no write missing; the next incremental is correct', async () => {
+    const base = nextPath()
+    expectRunningFormat(await cli(['-o', 'backup', '-v', VM, ...nas(), '-p', base, '-q', 'false', '-d', '', '-M', 'full', '--bitmap-new', 'backup-1700000010']), 'backup-1700000010')
+    const { node } = await blockNode(dataDisk)
+    await virsh(['qemu-monitor-command', VM, JSON.stringify({ execute: 'block-dirty-bitmap-disable', arguments: { node, name: 'backup-1700000010' } })], { check: true })
+    expect((await blockNode(dataDisk)).bitmaps.find((b) => b.name === 'backup-1700000010')?.recording).toBe(false)
+    // Written after the bitmap stopped recording: an incremental from it would miss the vdb write.
+    await guestWrite(VM, { target: 'vda', pattern: 0xa1, offset: 12 * MiB, length: 256 * 1024 })
+    await guestWrite(VM, { target: 'vdb', pattern: 0xa2, offset: 20 * MiB, length: 128 * 1024 })
+
+    const p = nextPath()
+    const out = await cli([
+      '-o', 'backup', '-v', VM, ...nas(), '-p', p, '-q', 'false', '-d', '', '-M', 'incremental',
+      '--bitmap-new', 'backup-1700000011', '--bitmap-parent', 'backup-1700000010',
+      '--parent-paths', `${rootFile(base)},${dataFile(base)}`,
+    ])
+    expectRunningFormat(out, 'backup-1700000011')
+    expect(out.stdout.split('\n')[0]).toBe('INCREMENTAL_FALLBACK=full (parent bitmap backup-1700000010 on disk vdb is not usable (disabled))')
+    expect(backingOf(rootFile(p))).toBeUndefined()
+    expect(backingOf(dataFile(p))).toBeUndefined()
+    await expectRestoreEqualsLive(p)
+    // The untrusted checkpoint is gone; the new one records on every disk.
+    const cps = await checkpoints()
+    expect(cps).toContain('backup-1700000011')
+    expect(cps).not.toContain('backup-1700000010')
+    for (const disk of [rootDisk, dataDisk]) {
+      const bitmaps = (await blockNode(disk)).bitmaps
+      expect(bitmaps.find((b) => b.name === 'backup-1700000011')?.recording).toBe(true)
+      expect(bitmaps.map((b) => b.name)).not.toContain('backup-1700000010')
+    }
+
+    await guestWrite(VM, { target: 'vdb', pattern: 0xa3, offset: 22 * MiB, length: 64 * 1024 })
+    const q = nextPath()
+    const inc = await cli([
+      '-o', 'backup', '-v', VM, ...nas(), '-p', q, '-q', 'false', '-d', '', '-M', 'incremental',
+      '--bitmap-new', 'backup-1700000012', '--bitmap-parent', 'backup-1700000011',
+      '--parent-paths', `${rootFile(p)},${dataFile(p)}`,
+    ])
+    expectRunningFormat(inc, 'backup-1700000012')
+    expect(inc.stdout).not.toContain('INCREMENTAL_FALLBACK')
+    expect(backingOf(dataFile(q))).toBe(`../${path.basename(p)}/datadisk.${DATA_VOL}.qcow2`)
+    await expectRestoreEqualsLive(q)
     nothingLeft()
   })
 })

@@ -1,6 +1,6 @@
 // Host-side helpers for end-to-end tests against real libvirt/QEMU.
 // The lab itself (packages, daemons, guest kernel/initramfs) is managed by
-// scripts/e2e-lab.mjs; see shared/docs/e2e-lab.md for the background.
+// scripts/e2e-lab.mjs; see docs/e2e-lab.md for the background.
 import { execa } from 'execa'
 import fs from 'node:fs'
 import path from 'node:path'

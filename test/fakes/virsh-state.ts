@@ -1,6 +1,7 @@
 // The fake virsh (test/fakes/virsh.mjs) from the tests' side: build its state file,
 // put it on a sandbox's PATH as `virsh`, and read back the calls it answered and what
 // they changed (checkpoints, bitmaps, domain state, guest freeze).
+import { execFileSync } from 'node:child_process';
 import { chmodSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -27,6 +28,12 @@ export interface FakeDisk {
   format?: 'qcow2' | 'raw';
   /** Persistent bitmaps in the live image (what query-block shows). */
   bitmaps?: Array<string | FakeBitmap>;
+  /**
+   * The bitmaps are the qcow2 source's own (`bitmaps` is ignored): query-block reads them
+   * with qemu-img info (`auto` = recording, `in-use` = inconsistent), checkpoints add and
+   * remove them with qemu-img bitmap.
+   */
+  bitmapsInImage?: boolean;
   /** Written into an incremental target by backup-begin (the changes since the parent). */
   dirty?: Write[];
 }
@@ -160,6 +167,12 @@ export class FakeVirsh {
 
   bitmaps(vm: string, target: string): string[] {
     const disk = this.domain(vm).disks.find((k) => k.target === target);
+    if (disk?.bitmapsInImage) {
+      const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', '-U', disk.source!], { encoding: 'utf8' })) as {
+        'format-specific'?: { data?: { bitmaps?: Array<{ name: string }> } };
+      };
+      return (info['format-specific']?.data?.bitmaps ?? []).map((b) => b.name);
+    }
     return (disk?.bitmaps ?? []).map((b) => (typeof b === 'string' ? b : b.name));
   }
 }

@@ -157,11 +157,13 @@ function specItems(ctx: Ctx, specs: readonly LineSpec[]): Item[] {
     } else if (s === '@markers') {
       for (const l of fx.expect.stdout.lines) if (/^[A-Z_]+=/.test(l)) items.push(literal(l));
     } else if (s === '@file-sizes') {
+      // One per -d disk, in the order `ls` lists them in the C locale (byte order of the names), as the original.
       const disks = (argValue(fx.argv, '-d', '--diskpaths') ?? '').split(',').filter(Boolean);
-      disks.forEach((d, i) => {
-        const f = join(NAS, p, `${i === 0 ? 'root' : 'datadisk'}.${basename(d)}.qcow2`);
-        items.push({ kind: 'line', desc: `size of ${basename(f)}`, test: (l) => { try { return l === String(lstatSync(f).size); } catch { return false; } } });
-      });
+      const names = disks.map((d, i) => `${i === 0 ? 'root' : 'datadisk'}.${basename(d)}.qcow2`).sort((a, b) => Buffer.compare(Buffer.from(a), Buffer.from(b)));
+      for (const name of names) {
+        const f = join(NAS, p, name);
+        items.push({ kind: 'line', desc: `size of ${name}`, test: (l) => { try { return l === String(lstatSync(f).size); } catch { return false; } } });
+      }
     } else if (s === '@job-block') {
       const job = [...ctx.out.calls].reverse().find((c) => /^virsh domjobinfo \S+ --completed/.test(c.key) && /^Job type:\s+Completed/.test(c.stdout));
       if (!job) items.push({ kind: 'line', desc: '(a completed domjobinfo block)', test: () => false });

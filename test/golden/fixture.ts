@@ -1,4 +1,4 @@
-// The golden fixtures (schema nasbackup-golden/1, see fixtures/README in ../shared/golden):
+// The golden fixtures (schema nasbackup-golden/1, see test/golden/fixtures/README.md):
 // types, loading, and the fixed sandbox paths a replay uses.
 import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';

@@ -169,7 +169,7 @@ describe('reading the agent formats back', () => {
   });
 
   it.each(reports)('stopped format, $profile, fallback $fallbackReason, bitmap $bitmapCreated', (r) => {
-    const p = parseBackupText(stoppedBackupText(r, [1638400n, 851968n]), 'stopped');
+    const p = parseBackupText(stoppedBackupText(r, [{ name: 'datadisk.b.qcow2', size: 1638400n }, { name: 'root.a.qcow2', size: 851968n }]), 'stopped');
     expect(p).toEqual({
       format: 'stopped',
       incrementalFallback: r.fallbackReason === null ? null : r.profile === 'rebase-era' ? r.fallbackReason : true,

@@ -2,7 +2,7 @@
 // original kept byte for byte, idempotent, --uninstall restores it exactly, and every
 // refusal is one line, a stable code, exit 1 and nothing changed.
 import { spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, lstatSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { compareVersions, DEFAULT_AGENT_SCRIPT, isLauncher, launcherText, LAUNCHER_MARKER, MIN_NODE_VERSION, parseInstallArgs, shQuote } from '../../lib/cli/install.js';

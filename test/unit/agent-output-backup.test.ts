@@ -1,4 +1,4 @@
-// The backup stdout formats, read the way each agent generation reads them (contract
+// The backup stdout formats, read the way each agent generation reads them (docs/agent-contract.md
 // §5.2): the rebase-era and merged wrappers take the LAST line as the size of a
 // running-VM backup and sum EVERY remaining line of a stopped-VM backup; the newest
 // reads BACKUP_SIZE_TOTAL=. A format any of them cannot parse fails the backup on the
@@ -67,15 +67,34 @@ describe('running-VM backup text', () => {
 });
 
 describe('stopped-VM backup text', () => {
+  const ROOT = 'root.b3f4c2a0-6d1e-4f7a-9c2b-1e5d8a7f3c01.qcow2';
+  const DATA = 'datadisk.c9e8d7f6-2a3b-4c5d-8e9f-0a1b2c3d4e02.qcow2';
+  // -d order (root first), as the backup wrote them; the lines come in `ls` order.
+  const files = [
+    { name: ROOT, size: 1769472n },
+    { name: DATA, size: 917504n },
+  ];
   it('one integer per line, no empty line (the original printed one, from ls)', () => {
-    expect(stoppedBackupText(report(), [917504n, 1769472n])).toBe('917504\n1769472\n');
-    expect(stoppedBackupText(report({ fallbackReason: STOPPED_FALLBACK_REASON, bitmapCreated: 'backup-1736035200' }), [917504n, 1769472n])).toBe(
+    expect(stoppedBackupText(report(), files)).toBe('917504\n1769472\n');
+    expect(stoppedBackupText(report({ fallbackReason: STOPPED_FALLBACK_REASON, bitmapCreated: 'backup-1736035200' }), files)).toBe(
       'INCREMENTAL_FALLBACK=full (VM stopped — incremental requires running VM)\nBITMAP_CREATED=backup-1736035200\n917504\n1769472\n',
     );
-    expect(stoppedBackupText(report({ profile: 'merged', fallbackReason: STOPPED_FALLBACK_REASON, bitmapCreated: 'b' }), [1n, 2n])).toBe(
-      'INCREMENTAL_FALLBACK=true\n1\n2\n',
+    expect(stoppedBackupText(report({ profile: 'merged', fallbackReason: STOPPED_FALLBACK_REASON, bitmapCreated: 'b' }), [{ name: 'root.x', size: 1n }, { name: 'datadisk.y', size: 2n }])).toBe(
+      'INCREMENTAL_FALLBACK=true\n2\n1\n',
     );
-    expect(stoppedBackupText(report({ profile: 'newest', totalBytes: 2690880n }), [917504n, 1769472n])).toBe('BACKUP_SIZE_TOTAL=2690880\n917504\n1769472\n');
+    expect(stoppedBackupText(report({ profile: 'newest', totalBytes: 2690880n }), files)).toBe('BACKUP_SIZE_TOTAL=2690880\n917504\n1769472\n');
+  });
+
+  it('sizes in the order `ls` lists the folder in the C locale: byte order of the names, whatever order they were written in', () => {
+    const many = [
+      { name: 'root.b.qcow2', size: 1n },
+      { name: 'datadisk.c.qcow2', size: 2n },
+      { name: 'datadisk.a.qcow2', size: 3n },
+      { name: 'datadisk.B.qcow2', size: 4n }, // upper case sorts before lower case in C
+      { name: 'datadisk.é.qcow2', size: 5n }, // UTF-8 bytes above every ASCII letter
+    ];
+    expect(stoppedBackupText(report(), many)).toBe('4\n3\n2\n5\n1\n');
+    expect(stoppedBackupText(report(), [...many].reverse())).toBe('4\n3\n2\n5\n1\n');
   });
 });
 
@@ -124,7 +143,7 @@ describe('properties', () => {
   it('stopped VM: every line a rebase-era or merged wrapper keeps is an integer, and they sum to the file sizes', () => {
     fc.assert(
       fc.property(anyReport, fc.array(bytes, { minLength: 1, maxLength: 6 }), (r, sizes) => {
-        const out = stoppedBackupText(r, sizes);
+        const out = stoppedBackupText(r, sizes.map((size, i) => ({ name: `${i === 0 ? 'root' : 'datadisk'}.v${i}.qcow2`, size })));
         expect(out).not.toContain('\n\n');
         expect(out.startsWith('\n')).toBe(false);
         const total = sizes.reduce((a, b) => a + b, 0n);

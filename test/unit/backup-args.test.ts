@@ -2,7 +2,7 @@
 // what an accepted command line becomes. (test/backup/validation.test.ts runs a few
 // of these through bin/nasbackup to show they happen before any host call or mount.)
 import { describe, expect, it } from 'vitest';
-import { validateBackupArgs, type RawBackupArgs } from '../../lib/ops/backup.js';
+import { checkIncrementalArgs, validateBackupArgs, type RawBackupArgs } from '../../lib/ops/backup.js';
 import type { NasbackupError } from '../../lib/errors.js';
 
 const NAS = { type: 'nfs', address: '10.10.0.5:/export/backup', options: '' };
@@ -47,6 +47,30 @@ describe('validateBackupArgs refuses', () => {
     ['a parent path above a backup folder', { ...base, ...inc, parentPaths: `${VM}/root.x.qcow2` }, `PATH_TOO_SHALLOW: --parent-paths must name something at least 3 levels below the NAS mount root (e.g. <instance>/<timestamp>): ${VM}/root.x.qcow2`],
     ['a relative -d disk', { ...base, diskpaths: 'pool/disk.qcow2' }, 'INVALID_ARGUMENT: Disk path must be absolute or an rbd: URI: pool/disk.qcow2'],
   ])('%s', (_name, a, expected) => {
+    expect(refusal(a)).toBe(expected);
+  });
+});
+
+describe('validateBackupArgs with -d (a stopped VM): the incremental arguments wait for the running path', () => {
+  const D = { ...base, diskpaths: '/mnt/pool/b3f4' };
+  it.each<[string, RawBackupArgs]>([
+    ['no parent arguments', { ...D, mode: 'incremental', bitmapNew: 'backup-2' }],
+    ['no --parent-paths', { ...D, ...inc, parentPaths: undefined }],
+    ['no --bitmap-parent', { ...D, ...inc, bitmapParent: undefined }],
+    ['no --bitmap-new', { ...D, ...inc, bitmapNew: undefined }],
+    ['the same bitmap as new and parent', { ...D, ...inc, bitmapNew: 'backup-1735689600' }],
+  ])('%s: accepted as an incremental, refused by checkIncrementalArgs (the running path)', (_n, a) => {
+    const args = validateBackupArgs(a, NAS, 'rebase-era');
+    expect(args.mode).toBe('incremental');
+    expect(() => checkIncrementalArgs(args)).toThrow(/^(incremental mode requires --bitmap-parent, --bitmap-new, and --parent-paths|--bitmap-new and --bitmap-parent must differ)$/);
+  });
+
+  it.each<[string, RawBackupArgs, string]>([
+    ['an unknown mode', { ...D, mode: 'differential' }, 'INVALID_ARGUMENT: Unknown mode: differential'],
+    ['a bad bitmap name', { ...D, ...inc, bitmapParent: '../x' }, 'INVALID_ARGUMENT: Invalid --bitmap-parent: "../x"'],
+    ['a parent path with ..', { ...D, ...inc, parentPaths: `${VM}/../../etc/root.x.qcow2` }, `PATH_TRAVERSAL: --parent-paths must not contain '..': ${VM}/../../etc/root.x.qcow2`],
+    ['full without --bitmap-new', { ...D, mode: 'full' }, 'MISSING_ARGUMENT: full mode requires --bitmap-new (the bitmap to create for the next incremental)'],
+  ])('still refused on every path: %s', (_n, a, expected) => {
     expect(refusal(a)).toBe(expected);
   });
 });

@@ -15,7 +15,7 @@ describe('computeChainRepair (the provider’s plan)', () => {
   it('no chain metadata: delete it alone', () => {
     const a = rec(null, { chain: null })
     expect(computeChainRepair([a], a.uuid, ROOT, false)).toEqual({
-      proceed: true, reason: null, rebaseSteps: [], toDelete: [{ id: a.id, uuid: a.uuid, externalId: a.externalId }], shiftPositionsBelow: null,
+      proceed: true, reason: null, code: null, rebaseSteps: [], toDelete: [{ id: a.id, uuid: a.uuid, externalId: a.externalId }], shiftPositionsBelow: null,
     })
   })
 
@@ -35,6 +35,7 @@ describe('computeChainRepair (the provider’s plan)', () => {
     expect(plan).toEqual({
       proceed: false,
       reason: `Backup ${f.uuid} is the full anchor of a chain with 2 incremental(s). Delete the incrementals first, or pass forced=true to remove the entire chain.`,
+      code: 'CHAIN_REFUSED',
       rebaseSteps: [], toDelete: [], shiftPositionsBelow: null,
     })
   })
@@ -67,6 +68,7 @@ describe('computeChainRepair (the provider’s plan)', () => {
     expect(plan).toEqual({
       proceed: true,
       reason: null,
+      code: null,
       rebaseSteps: [{
         childBackupId: i2.id,
         targetMountRelativePath: `${i2.externalId}/root.${ROOT}.qcow2`,
@@ -86,14 +88,16 @@ describe('computeChainRepair (the provider’s plan)', () => {
     expect(computeChainRepair([f, i2, i3], i2.uuid, ROOT, false)).toEqual({
       proceed: false,
       reason: `Cannot delete ${i2.uuid}: its parent (chain_position=1) is missing from the chain`,
+      code: 'CHAIN_REFUSED',
       rebaseSteps: [], toDelete: [], shiftPositionsBelow: null,
     })
   })
 
-  it('unparseable or missing positions count as 0 (a full anchor)', () => {
+  it('unparseable or missing positions count as MAX_VALUE (a descendant of everything), not 0', () => {
+    const f = rec(0)
     const odd = rec('two')
-    const i1 = rec(1)
-    expect(computeChainRepair([odd, i1], odd.uuid, ROOT, false).proceed).toBe(false)
+    expect(computeChainRepair([f, odd], f.uuid, ROOT, false)).toMatchObject({ proceed: false, reason: expect.stringContaining('1 incremental(s)') })
+    expect(computeChainRepair([f, odd], odd.uuid, ROOT, false)).toMatchObject({ proceed: true, toDelete: [{ uuid: odd.uuid }] })
     const none = rec(null)
     expect(computeChainRepair([none], none.uuid, ROOT, false).proceed).toBe(true)
   })
@@ -109,6 +113,16 @@ describe('computeChainRepair (the provider’s plan)', () => {
     ])
     expect(r[1]!.details).toEqual({ 'nas.chain_id': 'c', 'nas.chain_position': '1' })
     expect(() => parseRecords([{ id: 1 }])).toThrow(/missing uuid/)
+    expect(() => parseRecords([null])).toThrow(/record 0: not an object/)
+    expect(() => parseRecords([{ id: 1, uuid: 'a', externalId: 'v/1', vmId: 1 }, { id: 1, uuid: 'b', externalId: 'v/2', vmId: 1 }])).toThrow(/record 1: duplicate id 1/)
+    expect(() => parseRecords([{ id: 1, uuid: 'a', externalId: 'v/1', vmId: 1 }, { id: 2, uuid: 'a', externalId: 'v/2', vmId: 1 }])).toThrow(/record 1: duplicate uuid a/)
+    // Rows: the first of a name wins, a null value stays null; "__proto__" is a plain name.
+    const rows = parseRecords([{ id: 1, uuid: 'a', externalId: 'v/1', vmId: 1, details: [
+      { name: 'nas.chain_position', value: null }, { name: 'nas.chain_position', value: '3' }, { name: '__proto__', value: 'x' },
+    ] }])[0]!.details
+    expect(rows['nas.chain_position']).toBeNull()
+    expect(Object.hasOwn(rows, '__proto__')).toBe(true)
+    expect(parseRecords([{ id: 1, uuid: 'a', externalId: 'v/1', vmId: 1, details: { 'nas.chain_id': null } }])[0]!.details['nas.chain_id']).toBeNull()
     expect(() => parseRecords({})).toThrow(/array/)
   })
 })

@@ -1,4 +1,4 @@
-// virsh's output parsers (libvirt 9 formats, contract §7) and the argv of every call.
+// virsh's output parsers (libvirt 9 formats, docs/e2e-lab.md §7) and the argv of every call.
 import { describe, expect, it } from 'vitest';
 import {
   parseDomblklistDetails, parseJobInfo, parseList, parseQueryBlock, parseSize, URI, VirshClient,

@@ -1,0 +1,172 @@
+// Chain safety: the one pre-flight check of every operation that opens a backup chain (rebase
+// with any engine, chain delete, chain verify, an incremental's parents), run with our own
+// reader before anything else — qemu-img included — opens a layer. Each layer must be a regular
+// file inside the VM's folder (checked on the real path before it is opened, so nothing outside
+// is ever read), the chain must not loop, and each layer must be sound: no external data file,
+// no corrupt bit, a readable header, and L1/L2/refcount tables inside the file. A dirty layer is
+// reported, not refused (its refcounts may be stale; qemu-img repairs that on open).
+import { realpath, stat } from 'node:fs/promises';
+import { isAbsolute, resolve } from 'node:path';
+import { NasbackupError, type ErrorCode } from '../errors.js';
+import { isWithin } from '../paths.js';
+import {
+  isFollowableBackingName,
+  MAX_CHAIN_DEPTH,
+  resolveBackingName,
+  Qcow2Error,
+  UNSUPPORTED_CODES,
+  type Qcow2ErrorCode,
+  hasExternalDataFile,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DIRTY,
+  readHeader,
+  type Qcow2Header,
+  scanMetadata,
+} from '../qcow2/index.js';
+
+/** unsafe: must never be read or handed on; corrupt: damaged; broken: a layer is missing. */
+export type ProblemKind = 'unsafe' | 'corrupt' | 'broken';
+
+export interface ChainProblem {
+  kind: ProblemKind;
+  /** The layer the problem is in (for a bad backing reference: the layer that holds it). */
+  layer: string;
+  message: string;
+  /** The problem is the layer's backing reference (absolute, outside, not a file name, …). */
+  reference: boolean;
+}
+
+export interface ChainInspection {
+  /** Layers checked, top first (up to the problem). */
+  layers: string[];
+  problem: ChainProblem | null;
+  warnings: string[];
+}
+
+export interface InspectOptions {
+  /** Metadata scans already done, by dev:ino (shared across the chains of one VM). */
+  scanned?: Map<string, ChainProblem | null>;
+}
+
+const UNSAFE_CODES: ReadonlySet<Qcow2ErrorCode> = new Set<Qcow2ErrorCode>([
+  'QCOW2_EXTERNAL_DATA_FILE',
+  'QCOW2_NOT_A_FILE',
+  'QCOW2_CHAIN_CYCLE',
+  'QCOW2_CHAIN_UNFOLLOWABLE',
+  'QCOW2_CHAIN_TOO_DEEP',
+  'QCOW2_BACKING_NAME',
+]);
+
+function kindOf(code: Qcow2ErrorCode): ProblemKind {
+  if (code === 'QCOW2_CHAIN_MISSING') return 'broken';
+  return UNSAFE_CODES.has(code) ? 'unsafe' : 'corrupt';
+}
+
+function fileType(st: { isDirectory(): boolean; isFIFO(): boolean; isSocket(): boolean; isCharacterDevice(): boolean; isBlockDevice(): boolean }): string {
+  if (st.isDirectory()) return 'a folder';
+  if (st.isFIFO()) return 'a FIFO';
+  if (st.isSocket()) return 'a socket';
+  if (st.isCharacterDevice() || st.isBlockDevice()) return 'a device';
+  return 'not a regular file';
+}
+
+/** Walk and check the chain of `top`; never throws for what it finds (see `problem`). */
+export async function inspectChain(top: string, instanceDir: string, opts: InspectOptions = {}): Promise<ChainInspection> {
+  const layers: string[] = [];
+  const warnings: string[] = [];
+  const done = (p: Omit<ChainProblem, 'reference'> & { reference?: boolean }): ChainInspection => ({
+    layers,
+    problem: { reference: false, ...p },
+    warnings,
+  });
+  const realDir = await realpath(instanceDir).catch(() => resolve(instanceDir));
+  const seen = new Set<string>();
+  let path = resolve(top);
+  let referrer: string | null = null;
+  for (;;) {
+    const via = referrer ? `backing file ${path} of ${referrer}` : path;
+    // Where the layer really is, before anything opens it.
+    let real: string;
+    try {
+      real = await realpath(path);
+    } catch {
+      return done({ kind: 'broken', layer: referrer ?? path, message: `${via} does not exist`, reference: referrer !== null });
+    }
+    if (!isWithin(realDir, real, { strict: true }))
+      return done({ kind: 'unsafe', layer: referrer ?? path, message: `${via} is outside the VM folder (${real})`, reference: referrer !== null });
+    const st = await stat(real);
+    if (!st.isFile())
+      return done({ kind: 'unsafe', layer: referrer ?? path, message: `${via} is ${fileType(st)}, not a regular file`, reference: referrer !== null });
+    const key = `${st.dev}:${st.ino}`;
+    if (seen.has(key)) {
+      const self = referrer !== null && layers.at(-1) === referrer && (await realpath(referrer).catch(() => '')) === real;
+      return done({ kind: 'unsafe', layer: referrer ?? path, message: self ? `${path} is its own backing file` : `the backing chain loops at ${path}`, reference: true });
+    }
+    seen.add(key);
+    layers.push(path);
+    let h: Qcow2Header;
+    try {
+      h = await readHeader(real);
+    } catch (e) {
+      if (!(e instanceof Qcow2Error)) throw e;
+      return done({ kind: kindOf(e.code), layer: path, message: `${path}: ${stripPath(e.message, real)}` });
+    }
+    if (hasExternalDataFile(h)) return done({ kind: 'unsafe', layer: path, message: `${path} has an external data file (its data lives in another file)` });
+    if ((h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n) return done({ kind: 'corrupt', layer: path, message: `${path} is marked corrupt (QEMU found damage in it)` });
+    if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n)
+      warnings.push(`${path} is marked dirty (not closed cleanly; refcounts may be stale, \`qemu-img check -r all\` repairs them)`);
+    let scan = opts.scanned?.get(key);
+    if (scan === undefined) {
+      scan = null;
+      try {
+        await scanMetadata(real);
+      } catch (e) {
+        if (!(e instanceof Qcow2Error)) throw e;
+        // A valid feature our reader does not handle (encryption, …): not scanned, not refused.
+        if (UNSUPPORTED_CODES.has(e.code)) warnings.push(`${path}: metadata not checked (${stripPath(e.message, real)})`);
+        else scan = { kind: kindOf(e.code), layer: path, message: `${path}: ${stripPath(e.message, real)}`, reference: false };
+      }
+      opts.scanned?.set(key, scan);
+    }
+    if (scan) return done(scan);
+    const name = h.backingFile;
+    if (name === null) return { layers, problem: null, warnings };
+    const ref = (message: string): ChainInspection => done({ kind: 'unsafe', layer: path, message, reference: true });
+    if (layers.length >= MAX_CHAIN_DEPTH) return ref(`the backing chain of ${top} is deeper than ${MAX_CHAIN_DEPTH}`);
+    if (!isFollowableBackingName(name)) return ref(`${path} has a backing reference that is not a file name: ${name}`);
+    if (isAbsolute(name)) return ref(`${path} has an absolute backing name (${name}); chains on the NAS must be relative`);
+    if (h.backingFormat !== null && h.backingFormat !== 'qcow2') return ref(`${path} has backing format ${h.backingFormat}, not qcow2`);
+    referrer = path;
+    path = resolveBackingName(path, name);
+  }
+}
+
+/** Qcow2 messages start with the file's path; the problem names it already. */
+function stripPath(message: string, path: string): string {
+  return message.startsWith(`${path}: `) ? message.slice(path.length + 2) : message;
+}
+
+const CODES: Record<ProblemKind, ErrorCode> = { unsafe: 'CHAIN_UNSAFE', corrupt: 'CHAIN_CORRUPT', broken: 'CHAIN_BROKEN' };
+
+/** The refusal for a problem: one line naming what and why, and where to look next. */
+export function chainRefusal(p: ChainProblem, what: string, vm: string): NasbackupError {
+  const why = p.kind === 'corrupt' ? 'is damaged' : p.kind === 'unsafe' ? 'is unsafe to open' : 'is incomplete';
+  return new NasbackupError(CODES[p.kind], `${what} ${why}, refusing: ${p.message} (see \`nasbackup chain verify --vm ${vm}\`)`);
+}
+
+/**
+ * The pre-flight check: throws CHAIN_UNSAFE, CHAIN_CORRUPT or CHAIN_BROKEN (nothing opened
+ * outside the VM folder, nothing written). Returns the warnings (a dirty layer). With
+ * `missingOk`, a missing layer is left to the caller (whose own message names it).
+ */
+export async function assertChainSafe(top: string, instanceDir: string, what: string, vm: string, opts: { missingOk?: boolean } = {}): Promise<string[]> {
+  const r = await inspectChain(top, instanceDir);
+  if (r.problem && !(opts.missingOk && r.problem.kind === 'broken')) throw chainRefusal(r.problem, what, vm);
+  return r.warnings;
+}
+
+/** A native-engine error that must stop every engine (damage or an unsafe input), or null. */
+export function refusalForQcow2(e: Qcow2Error, what: string, vm: string): NasbackupError | null {
+  if (UNSUPPORTED_CODES.has(e.code) || e.code === 'QCOW2_IO' || e.code === 'QCOW2_CRASH_INJECTED' || e.code === 'QCOW2_RANGE') return null;
+  return chainRefusal({ kind: kindOf(e.code), layer: e.path ?? '', message: e.message, reference: false }, what, vm);
+}

@@ -1,0 +1,45 @@
+// The launcher install-agent-hook puts at the agent's script path: a few lines of /bin/sh
+// that exec an ABSOLUTE Node.js with the absolute path of this program (the agent's PATH
+// may not contain Node.js, and the agent runs the script with no shell). Pure text: what
+// it says, and how we recognise our own (the marker on line 2).
+import { basename } from 'node:path';
+
+/** Marks a file as our launcher: the only files install-agent-hook ever overwrites or removes. */
+export const LAUNCHER_MARKER = '# nasbackup-agent-hook launcher';
+/** The original script is kept beside the launcher under this suffix. */
+export const ORIG_SUFFIX = '.orig';
+
+/** POSIX sh single quotes: everything literal, a quote as '\''. */
+export function shQuote(s: string): string {
+  return `'${s.replace(/'/g, `'\\''`)}'`;
+}
+
+export interface LauncherSpec {
+  /** Absolute Node.js binary. */
+  node: string;
+  /** The program Node.js runs (the bundle or bin/nasbackup). */
+  entry: string;
+  /** Where the launcher lives (the agent's script path). */
+  target: string;
+  /** nasbackup's version, for people reading the file. */
+  version: string;
+}
+
+/** The launcher: no logic beyond naming the script and exec'ing Node with absolute paths. */
+export function launcherText(opts: LauncherSpec): string {
+  const self = `${shQuote(opts.node)} ${shQuote(opts.entry)}`;
+  return [
+    '#!/bin/sh',
+    `${LAUNCHER_MARKER} (nasbackup ${opts.version}); the original script is ${basename(opts.target)}${ORIG_SUFFIX} beside it.`,
+    `# Written by install-agent-hook; do not edit. Roll back: ${self} install-agent-hook --uninstall --target ${shQuote(opts.target)}`,
+    'NASBACKUP_SCRIPT_NAME=$0',
+    'export NASBACKUP_SCRIPT_NAME',
+    `exec ${self} "$@"`,
+    '',
+  ].join('\n');
+}
+
+/** Ours only when line 2 starts with the marker (a script merely mentioning it is not). */
+export function isLauncher(text: string): boolean {
+  return text.split('\n', 3)[1]?.startsWith(LAUNCHER_MARKER) === true;
+}

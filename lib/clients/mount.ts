@@ -66,7 +66,10 @@ export function mountPointsFromMountinfo(text: string): string[] {
  * Synchronous on purpose: procfs answers at once, and libuv's threads may all be stuck
  * in calls on a NAS that stopped answering (cleanup must still see the mount table).
  */
-export async function isMountPoint(path: string): Promise<boolean> {
-  const text = readFileSync('/proc/self/mountinfo', 'utf8');
-  return mountPointsFromMountinfo(text).includes(path);
+export function isMountPoint(path: string): Promise<boolean> {
+  try {
+    return Promise.resolve(mountPointsFromMountinfo(readFileSync('/proc/self/mountinfo', 'utf8')).includes(path));
+  } catch (e) {
+    return Promise.reject(e);
+  }
 }

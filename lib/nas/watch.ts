@@ -28,7 +28,10 @@ export class NasWatch {
 
   trip(mountPoint: string, source: string, waitedMs: number): void {
     if (this.failure) return;
-    this.failure = new NasbackupError('NAS_UNRESPONSIVE', `The NAS did not answer within ${Math.round(waitedMs / 1000)} s (${source} at ${mountPoint}); the operation was abandoned`);
+    this.failure = new NasbackupError(
+      'NAS_UNRESPONSIVE',
+      `The NAS did not answer within ${Math.round(waitedMs / 1000)} s (${source} at ${mountPoint}); the operation was abandoned`,
+    );
     this.onTrip(this.failure);
     this.rejectTripped(this.failure);
   }

@@ -191,7 +191,9 @@ export async function removeDeadPartials(instanceDir: string, staleAfterMs: numb
     if (!owner) continue;
     const why = await staleReason(owner.info, owner.ageMs, staleAfterMs);
     if (why === null) continue;
-    log(`Removing ${p}, the unfinished backup of a dead run (${owner.info.operation} by pid ${owner.info.pid} on ${owner.info.host}): ${why}`);
+    log(
+      `Removing ${p}, the unfinished backup of a dead run (${owner.info.operation} by pid ${owner.info.pid} on ${owner.info.host}): ${why}`,
+    );
     await rm(p, { recursive: true, force: true });
   }
 }

@@ -28,7 +28,10 @@ afterAll(removeTempDirs);
 
 const TS2 = '2025.01.05.00.00.00';
 const mountsIn = (dir: string): string[] =>
-  readFileSync('/proc/self/mountinfo', 'utf8').split('\n').map((l) => l.split(' ')[4] ?? '').filter((m) => m.startsWith(dir + '/'));
+  readFileSync('/proc/self/mountinfo', 'utf8')
+    .split('\n')
+    .map((l) => l.split(' ')[4] ?? '')
+    .filter((m) => m.startsWith(dir + '/'));
 
 describe('a child outlives us', () => {
   it('SIGKILL of the program kills its qemu-img convert; the next backup cleans up the leftovers', async () => {
@@ -80,7 +83,16 @@ describe('a child outlives us', () => {
     mkdirSync(live);
     const me = readFileSync(`/proc/${process.pid}/stat`, 'utf8');
     const pidStart = me.slice(me.lastIndexOf(')') + 2).split(' ')[19];
-    writeFileSync(join(live, '.nasbackup-owner'), JSON.stringify({ host: execFileSync('hostname', { encoding: 'utf8' }).trim(), pid: process.pid, pidStart, startedAt: new Date().toISOString(), operation: 'backup' }));
+    writeFileSync(
+      join(live, '.nasbackup-owner'),
+      JSON.stringify({
+        host: execFileSync('hostname', { encoding: 'utf8' }).trim(),
+        pid: process.pid,
+        pidStart,
+        startedAt: new Date().toISOString(),
+        operation: 'backup',
+      }),
+    );
     const runs = await backup(s, { disks: s.rootDisk });
     expect(runs.code).toBe(0);
     expect(mountsIn(s.sb.tmp)).toEqual([foreign]);

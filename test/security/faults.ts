@@ -155,7 +155,9 @@ export interface FuseNas {
 }
 
 const mounted = (mp: string): boolean =>
-  readFileSync('/proc/self/mountinfo', 'utf8').split('\n').some((l) => l.split(' ')[4] === mp);
+  readFileSync('/proc/self/mountinfo', 'utf8')
+    .split('\n')
+    .some((l) => l.split(' ')[4] === mp);
 
 /** Serve `backing` at `mountPoint` through a FUSE passthrough filesystem. */
 export async function fuseNas(dir: string, backing: string, mountPoint: string): Promise<FuseNas> {

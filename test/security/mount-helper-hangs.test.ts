@@ -34,7 +34,10 @@ describe('a mount helper that hangs', () => {
     chmodSync(helper, 0o755);
 
     const t0 = Date.now();
-    const r = await within(start(sb, ['-o', 'stats', '-t', type, '-s', 'nas.example:/export', '-m', ''], { NASBACKUP_MOUNT_TIMEOUT: '2' }), 60_000);
+    const r = await within(
+      start(sb, ['-o', 'stats', '-t', type, '-s', 'nas.example:/export', '-m', ''], { NASBACKUP_MOUNT_TIMEOUT: '2' }),
+      60_000,
+    );
     expect(r).not.toBe('hung');
     if (r === 'hung') return;
     expect(r.code).toBe(1);
@@ -65,7 +68,11 @@ describe('a mount helper that hangs', () => {
     // and holds our pipes after the shell is killed.
     writeShim(sb, 'umount', `case "$1" in -l) exec /bin/umount "$@";; esac\n${sleep.join(' ')}\nexit 0`);
     const r = await within(
-      start(sb, ['-o', 'stats', ...bindNas(sb)], { NASBACKUP_UMOUNT_TIMEOUT: '1', NASBACKUP_UMOUNT_ATTEMPTS: '2', NASBACKUP_UMOUNT_RETRY_DELAY: '0.1' }),
+      start(sb, ['-o', 'stats', ...bindNas(sb)], {
+        NASBACKUP_UMOUNT_TIMEOUT: '1',
+        NASBACKUP_UMOUNT_ATTEMPTS: '2',
+        NASBACKUP_UMOUNT_RETRY_DELAY: '0.1',
+      }),
       60_000,
     );
     expect(r).not.toBe('hung');

@@ -99,7 +99,15 @@ describe('a NAS that stops answering', () => {
   it('rebase: reading the chain blocks; the run gives up', async () => {
     const sb = makeSandbox('sec-nas-rebase');
     await stoppingNas(sb, (b) => seedChain(b));
-    await expectAbandoned(sb, ['-o', 'rebase', ...bindNas(sb), '--rebase-target', rootFile(CHAIN_TS[2]), '--rebase-new-backing', rootFile(CHAIN_TS[0])]);
+    await expectAbandoned(sb, [
+      '-o',
+      'rebase',
+      ...bindNas(sb),
+      '--rebase-target',
+      rootFile(CHAIN_TS[2]),
+      '--rebase-new-backing',
+      rootFile(CHAIN_TS[0]),
+    ]);
   }, 90_000);
 
   it('the agent log on the NAS: a log line blocks the main thread; the watch (another thread) still ends the run', async () => {
@@ -107,7 +115,10 @@ describe('a NAS that stops answering', () => {
     await stoppingNas(sb);
     const t0 = Date.now();
     // The log file on the NAS export itself (the same filesystem the run mounts).
-    const r = await within(start(sb, ['-o', 'stats', ...bindNas(sb)], { ...NAS_DEADLINE, NASBACKUP_LOG_FILE: join(sb.nas, 'agent.log') }), 60_000);
+    const r = await within(
+      start(sb, ['-o', 'stats', ...bindNas(sb)], { ...NAS_DEADLINE, NASBACKUP_LOG_FILE: join(sb.nas, 'agent.log') }),
+      60_000,
+    );
     expect(r).not.toBe('hung');
     if (r === 'hung') return;
     expect(r.code).toBe(1);
@@ -128,7 +139,9 @@ describe('a NAS that stops answering', () => {
     const r = await within(start(sb, ['-o', 'delete', ...bindNas(sb), '-p', `${VM}/${TS}`], NAS_DEADLINE), 60_000);
     expect(r).not.toBe('hung');
     if (r === 'hung') return;
-    expect(r.stdout).toMatch(new RegExp(`^${UNRESPONSIVE}Failed to unmount \\S+/csbackup\\.\\w{5}: umount: -l -c \\S+: target is busy\\.\\n`));
+    expect(r.stdout).toMatch(
+      new RegExp(`^${UNRESPONSIVE}Failed to unmount \\S+/csbackup\\.\\w{5}: umount: -l -c \\S+: target is busy\\.\\n`),
+    );
     // Exit 20, or — when a thread is still stuck in the kernel at exit — the exit guard's SIGKILL.
     expect(r.code === 20 || r.signal === 'SIGKILL').toBe(true);
     expect(Date.now() - t0).toBeLessThan(40_000);
@@ -143,7 +156,9 @@ describe('a NAS that stops answering', () => {
     expect(r).not.toBe('hung');
     if (r === 'hung') return;
     expect(r.code).toBe(20);
-    expect(r.stdout).toMatch(new RegExp(`^${UNRESPONSIVE}Failed to unmount \\S+/csbackup\\.\\w{5}: umount: -l -c \\S+: target is busy\\.\\n`));
+    expect(r.stdout).toMatch(
+      new RegExp(`^${UNRESPONSIVE}Failed to unmount \\S+/csbackup\\.\\w{5}: umount: -l -c \\S+: target is busy\\.\\n`),
+    );
     const left = leftovers(sb);
     expect(left.mounts.filter((m) => m !== sb.nas)).toHaveLength(1);
     for (const m of left.mounts) if (m !== sb.nas) execFileSync('umount', ['-l', m]);

@@ -70,6 +70,6 @@ export function isMountPoint(path: string): Promise<boolean> {
   try {
     return Promise.resolve(mountPointsFromMountinfo(readFileSync('/proc/self/mountinfo', 'utf8')).includes(path));
   } catch (e) {
-    return Promise.reject(e);
+    return Promise.reject(e instanceof Error ? e : new Error(String(e)));
   }
 }

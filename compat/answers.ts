@@ -7,6 +7,7 @@ import type { BackupCommand, TakeBackupCommand } from './commands.js';
 import { WRAPPER_CLASSES } from './argv.js';
 import { indexOutOfBounds, javaSplit, javaSplitWhitespace, javaTrim, JavaException, parseLong, wrapLong } from './java.js';
 import type { Profile } from './profiles.js';
+import { EXIT_CLEANUP_FAILED } from '../lib/protocol.js';
 
 /** Script.executePipedCommands's Pair<Integer,String>: exit code and stdout as the agent read it. */
 export interface ExecResult {
@@ -20,7 +21,7 @@ export interface AnswerOutcome {
   notes: string[];
 }
 
-export const EXIT_CLEANUP_FAILED = 20;
+export { EXIT_CLEANUP_FAILED };
 const FALLBACK_MARKER = 'INCREMENTAL_FALLBACK=true';
 const SIZE_MARKER = 'BACKUP_SIZE_TOTAL=';
 

@@ -68,6 +68,7 @@ export function javaSplit(s: string, sep: string, limit: 0 | -1 = 0): string[] {
 
 /** String.split("\\s+"): Java's \s is [ \t\n\x0B\f\r] only. */
 export function javaSplitWhitespace(s: string): string[] {
+  // eslint-disable-next-line no-control-regex -- \x0B is part of Java's \s, on purpose
   return shape(s.split(/[ \t\n\x0B\f\r]+/), 0);
 }
 

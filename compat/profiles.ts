@@ -1,12 +1,13 @@
 // Which generation of the agent's Java wrappers we reproduce (docs/agent-contract.md §1). A
 // profile is data: argv.ts and answers.ts read these traits, so the differences
 // between generations are listed here once.
+import { AGENT_PROFILES, DEFAULT_AGENT_PROFILE, PROFILE_ENV, type AgentProfile } from '../lib/protocol.js';
 import { CompatError } from './errors.js';
 
-export const PROFILE_NAMES = ['rebase-era', 'merged', 'newest'] as const;
-export type ProfileName = (typeof PROFILE_NAMES)[number];
-export const DEFAULT_PROFILE: ProfileName = 'rebase-era';
-export const PROFILE_ENV = 'NASBACKUP_AGENT_PROFILE';
+export const PROFILE_NAMES = AGENT_PROFILES;
+export type ProfileName = AgentProfile;
+export const DEFAULT_PROFILE: ProfileName = DEFAULT_AGENT_PROFILE;
+export { PROFILE_ENV };
 
 export interface Profile {
   name: ProfileName;

@@ -5,7 +5,7 @@ import { backupAnswer, encodeAnswers, statsAnswer, type WireAnswer } from './ans
 import { answerFor, agentAnswerForThrow, type ExecResult } from './answers.js';
 import { prepare, type PrepareOptions } from './argv.js';
 import { decodeRequest, type CommandClass, type DecodedElement } from './commands.js';
-import { CompatError, isCompatError } from './errors.js';
+import { type CompatError, isCompatError } from './errors.js';
 import { pipedStdout } from './java.js';
 import type { Profile } from './profiles.js';
 

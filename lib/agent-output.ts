@@ -1,5 +1,6 @@
 // Every byte format the CloudStack agent reads from our stdout, in one place.
 // The agent reads stdout only (never stderr), line by line; see docs/agent-contract.md §5.
+import type { AgentProfile } from './protocol.js';
 
 /**
  * Usage, printed for -h/--help (exit 1, as the original) and after `Invalid option:`.
@@ -34,14 +35,14 @@ export function usageText(script: string): string {
     '  --engine <auto|native|qemu-img>   rebase engine (NASBACKUP_ENGINE, default auto; see the README)',
     '  --verify   accepted and logged (running-VM backups are always checked to read as a complete chain)',
     '  -c|--compress  -b|--bandwidth <n>  -e|--encrypt <key>   refused: not supported by this nasbackup',
-    '  --json     one JSON object per run on stdout ({"ok":true,...} or {"ok":false,"errors":[...]}), for people',
+    '  --json     one JSON object per run on stdout ({"ok":…,"command":…,…,"errors":[…],"warnings":[…]}), for people',
     '             and automation; never used by the agent',
-    '  -h|--help  this text (exit 1, as the original; after an operator command: exit 0)',
+    '  -h|--help  this text (exit 1, as the original; after an operator command: that command\'s usage, exit 0)',
     '',
     'Operator commands (not used by the agent):',
     '  nasbackup --version [--json]',
     '  nasbackup chain list|verify|plan-delete|delete -t <type> -s <address> [-m <options>] --vm <instance>',
-    '            [--backup <instance>/<timestamp>] [--force] [--json] [--records <records.json>] [--engine <mode>]',
+    '            [--backup <instance>/<timestamp>] [--force [--yes]] [--json] [--records <records.json>] [--engine <mode>]',
     '  nasbackup plan-delete --records <records.json> --backup <uuid> --root-volume-uuid <uuid> [--forced] [--json]',
     '  nasbackup agent [--profile rebase-era|merged|newest] < command.json',
     '  nasbackup install-agent-hook [--target <script path>] [--node <absolute node path>] [--uninstall] [--json]',
@@ -79,13 +80,7 @@ export const removedDirectoryLine = (path: string): string => `removed directory
  *   merged:     W2/G3 wrapper — detects INCREMENTAL_FALLBACK=true; BITMAP_CREATED= may not be stripped.
  *   newest:     W4 wrapper — reads BACKUP_SIZE_TOTAL=<bytes>.
  */
-export const AGENT_PROFILES = ['rebase-era', 'merged', 'newest'] as const;
-export type AgentProfile = (typeof AGENT_PROFILES)[number];
-
-export function agentProfileFromEnv(env: NodeJS.ProcessEnv): AgentProfile {
-  const p = env.NASBACKUP_AGENT_PROFILE;
-  return (AGENT_PROFILES as readonly string[]).includes(p ?? '') ? (p as AgentProfile) : 'rebase-era';
-}
+export { AGENT_PROFILES, type AgentProfile } from './protocol.js';
 
 export const STOPPED_FALLBACK_REASON = 'VM stopped — incremental requires running VM';
 

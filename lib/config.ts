@@ -1,5 +1,9 @@
 // Deadlines and knobs, all from the environment (the agent passes no config flags).
 // Every wait in the program is bounded by one of these.
+import { ENGINE_MODES, type EngineMode } from './engine/types.js';
+import { NasbackupError } from './errors.js';
+import { logFileFromEnv } from './log.js';
+import { AGENT_PROFILES, DEFAULT_AGENT_PROFILE, PROFILE_ENV, type AgentProfile } from './protocol.js';
 
 export interface Config {
   logFile: string;
@@ -38,28 +42,95 @@ export interface Config {
   breakLock: boolean;
   virshBinary: string;
   qemuImgBinary: string;
-  /** Rebase engine (`--engine` overrides): auto, native or qemu-img; checked where it is used. */
-  engine: string;
+  /** Rebase engine (`--engine` overrides NASBACKUP_ENGINE). */
+  engine: EngineMode;
+  /** Which agent generation reads our stdout: the `agent` command's choice, else NASBACKUP_AGENT_PROFILE. */
+  agentProfile: AgentProfile;
+}
+
+/** Settings given on the command line; they override the environment's. Raw strings, checked here. */
+export interface ConfigFlags {
+  /** -w/--mount-timeout, seconds. */
+  mountTimeout?: string;
+  /** --quiesce-timeout, whole seconds. */
+  quiesceTimeout?: string;
+  /** --engine. */
+  engine?: string;
+  /** Chosen by `nasbackup agent` (already checked there). */
+  agentProfile?: AgentProfile;
+}
+
+// A setting that is set but unusable is an error: silently running with the default
+// (a 60 s mount deadline instead of the 600 s asked for) would surprise later.
+function bad(name: string, raw: string, want: string): NasbackupError {
+  return new NasbackupError('INVALID_SETTING', `Invalid ${name}: ${raw} (expected ${want})`);
+}
+
+function given(env: NodeJS.ProcessEnv, name: string): string | undefined {
+  const raw = env[name];
+  return raw === undefined || raw === '' ? undefined : raw;
 }
 
 function seconds(env: NodeJS.ProcessEnv, name: string, dflt: number): number {
-  const raw = env[name];
-  if (raw === undefined || raw === '') return dflt * 1000;
+  const raw = given(env, name);
+  if (raw === undefined) return dflt * 1000;
   const n = Number(raw);
-  if (!Number.isFinite(n) || n <= 0) return dflt * 1000;
+  if (!Number.isFinite(n) || n <= 0) throw bad(name, raw, 'a positive number of seconds');
   return Math.round(n * 1000);
 }
 
 function int(env: NodeJS.ProcessEnv, name: string, dflt: number): number {
-  const n = Number(env[name]);
-  return Number.isInteger(n) && n > 0 ? n : dflt;
+  const raw = given(env, name);
+  if (raw === undefined) return dflt;
+  const n = Number(raw);
+  if (!/^\d+$/.test(raw) || !Number.isSafeInteger(n) || n <= 0) throw bad(name, raw, 'a positive whole number');
+  return n;
 }
 
-export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
-  const vc = env.NASBACKUP_VERSION_CHECK;
-  return {
-    logFile: env.NASBACKUP_LOG_FILE || '/var/log/cloudstack/agent/agent.log',
-    mountTimeoutMs: seconds(env, 'NASBACKUP_MOUNT_TIMEOUT', 60),
+function flag(env: NodeJS.ProcessEnv, name: string): boolean {
+  const raw = given(env, name);
+  if (raw === undefined || raw === '0' || raw === 'false') return false;
+  if (raw === '1' || raw === 'true') return true;
+  throw bad(name, raw, '1, true, 0 or false');
+}
+
+function oneOf<T extends string>(env: NodeJS.ProcessEnv, name: string, allowed: readonly T[], dflt: T): T {
+  const raw = given(env, name);
+  if (raw === undefined) return dflt;
+  if (!(allowed as readonly string[]).includes(raw)) throw bad(name, raw, `${allowed.slice(0, -1).join(', ')} or ${allowed.at(-1)}`);
+  return raw as T;
+}
+
+/**
+ * The effective configuration, built once per run from the environment and the command
+ * line's settings, then never changed. Throws INVALID_SETTING (environment) or
+ * INVALID_ARGUMENT (flag) for a value it cannot use.
+ */
+export function loadConfig(env: NodeJS.ProcessEnv = process.env, flags: ConfigFlags = {}): Readonly<Config> {
+  let mountTimeoutMs = seconds(env, 'NASBACKUP_MOUNT_TIMEOUT', 60);
+  if (flags.mountTimeout !== undefined) {
+    const n = Number(flags.mountTimeout);
+    if (flags.mountTimeout.trim() === '' || !Number.isFinite(n) || n <= 0)
+      throw new NasbackupError('INVALID_ARGUMENT', `Invalid mount timeout: ${flags.mountTimeout}`);
+    mountTimeoutMs = Math.round(n * 1000);
+  }
+  let quiesceTimeoutSec = int(env, 'NASBACKUP_QUIESCE_TIMEOUT', 60);
+  if (flags.quiesceTimeout !== undefined) {
+    if (!/^\d+$/.test(flags.quiesceTimeout) || Number(flags.quiesceTimeout) === 0)
+      throw new NasbackupError('INVALID_ARGUMENT', `Invalid quiesce timeout: ${flags.quiesceTimeout}`);
+    quiesceTimeoutSec = Number(flags.quiesceTimeout);
+  }
+  let engine: EngineMode;
+  if (flags.engine !== undefined) {
+    if (!(ENGINE_MODES as readonly string[]).includes(flags.engine))
+      throw new NasbackupError('INVALID_ARGUMENT', `Invalid --engine: ${flags.engine} (expected ${ENGINE_MODES.join(', ')})`);
+    engine = flags.engine as EngineMode;
+  } else {
+    engine = oneOf(env, 'NASBACKUP_ENGINE', ENGINE_MODES, 'auto');
+  }
+  return Object.freeze({
+    logFile: logFileFromEnv(env),
+    mountTimeoutMs,
     umountTimeoutMs: seconds(env, 'NASBACKUP_UMOUNT_TIMEOUT', 30),
     umountAttempts: int(env, 'NASBACKUP_UMOUNT_ATTEMPTS', 5),
     umountRetryDelayMs: seconds(env, 'NASBACKUP_UMOUNT_RETRY_DELAY', 1),
@@ -67,17 +138,18 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     nasProbeIntervalMs: seconds(env, 'NASBACKUP_NAS_PROBE_INTERVAL', 5),
     commandTimeoutMs: seconds(env, 'NASBACKUP_COMMAND_TIMEOUT', 300),
     qemuImgTimeoutMs: seconds(env, 'NASBACKUP_QEMU_IMG_TIMEOUT', 7200),
-    versionCheck: vc === 'backup' || vc === 'off' ? vc : 'all',
+    versionCheck: oneOf(env, 'NASBACKUP_VERSION_CHECK', ['all', 'backup', 'off'] as const, 'all'),
     jobTimeoutMs: seconds(env, 'NASBACKUP_JOB_TIMEOUT', 7200),
     jobPollInitialMs: seconds(env, 'NASBACKUP_JOB_POLL_INITIAL', 0.1),
     jobPollMaxMs: seconds(env, 'NASBACKUP_JOB_POLL_MAX', 1),
-    quiesceTimeoutSec: int(env, 'NASBACKUP_QUIESCE_TIMEOUT', 60),
-    quiesceRequired: env.NASBACKUP_QUIESCE_REQUIRED === '1' || env.NASBACKUP_QUIESCE_REQUIRED === 'true',
+    quiesceTimeoutSec,
+    quiesceRequired: flag(env, 'NASBACKUP_QUIESCE_REQUIRED'),
     lockWaitMs: seconds(env, 'NASBACKUP_LOCK_WAIT', 60),
     lockStaleAfterMs: seconds(env, 'NASBACKUP_LOCK_STALE_AFTER', 4 * 3600),
-    breakLock: env.NASBACKUP_BREAK_LOCK === '1' || env.NASBACKUP_BREAK_LOCK === 'true',
+    breakLock: flag(env, 'NASBACKUP_BREAK_LOCK'),
     virshBinary: env.NASBACKUP_VIRSH || 'virsh',
     qemuImgBinary: env.NASBACKUP_QEMU_IMG || 'qemu-img',
-    engine: env.NASBACKUP_ENGINE || 'auto',
-  };
+    engine,
+    agentProfile: flags.agentProfile ?? oneOf(env, PROFILE_ENV, AGENT_PROFILES, DEFAULT_AGENT_PROFILE),
+  });
 }

@@ -3,10 +3,9 @@
 // sees in CloudStack; `details` carries tool output (qemu-img/virsh/mount stderr)
 // that the original script lost on stderr.
 
-export const EXIT_OK = 0;
-export const EXIT_FAILURE = 1;
-/** The original's EXIT_CLEANUP_FAILED: the agent marks the backup as Error (needs cleanup). */
-export const EXIT_CLEANUP_FAILED = 20;
+import { EXIT_CLEANUP_FAILED, EXIT_FAILURE, EXIT_OK } from './protocol.js';
+
+export { EXIT_CLEANUP_FAILED, EXIT_FAILURE, EXIT_OK };
 
 export const ERROR_CODES = {
   // command line
@@ -16,7 +15,10 @@ export const ERROR_CODES = {
   UNKNOWN_OPERATION: EXIT_FAILURE,
   MISSING_ARGUMENT: EXIT_FAILURE,
   INVALID_ARGUMENT: EXIT_FAILURE,
+  ARGV_NOT_UTF8: EXIT_FAILURE,
   UNSUPPORTED_OPTION: EXIT_FAILURE,
+  INVALID_SETTING: EXIT_FAILURE, // an environment setting (NASBACKUP_*) that is set but unusable
+  NOT_CONFIRMED: EXIT_FAILURE, // an operator declined (or could not answer) a confirmation: nothing changed
   // host sanity
   LIBVIRT_UNAVAILABLE: EXIT_FAILURE,
   VERSION_UNPARSEABLE: EXIT_FAILURE,
@@ -35,6 +37,8 @@ export const ERROR_CODES = {
   PATH_INVALID: EXIT_FAILURE,
   PATH_OUTSIDE_MOUNT: EXIT_FAILURE,
   PATH_TOO_SHALLOW: EXIT_FAILURE,
+  PATH_TOO_LONG: EXIT_FAILURE,
+  TMPDIR_UNUSABLE: EXIT_FAILURE,
   // images and chains
   FILE_NOT_FOUND: EXIT_FAILURE,
   NOT_QCOW2: EXIT_FAILURE,
@@ -51,6 +55,9 @@ export const ERROR_CODES = {
   NO_DISKS: EXIT_FAILURE,
   BACKUP_EXISTS: EXIT_FAILURE,
   NAS_WRITE_FAILED: EXIT_FAILURE,
+  NAS_READ_ONLY: EXIT_FAILURE,
+  NAS_FULL: EXIT_FAILURE,
+  IO_ERROR: EXIT_FAILURE,
   VIRSH_FAILED: EXIT_FAILURE,
   CHECKPOINT_FAILED: EXIT_FAILURE,
   QUIESCE_FAILED: EXIT_FAILURE,
@@ -80,25 +87,52 @@ export function exitCodeFor(code: ErrorCode): number {
   return ERROR_CODES[code];
 }
 
+/**
+ * The one exit code of a run that failed in several ways (the operation, then cleanup):
+ * a mount left behind (exit 20) outranks everything, since the agent must then clean up;
+ * otherwise the first failure's code.
+ */
+export function exitCodeOf(errors: readonly NasbackupError[]): number {
+  if (errors.some((e) => e.exitCode === EXIT_CLEANUP_FAILED)) return EXIT_CLEANUP_FAILED;
+  return errors.find((e) => e.exitCode !== EXIT_OK)?.exitCode ?? EXIT_OK;
+}
+
+/** Things an operator should know that did not fail the run; stable codes like the errors'. */
+export const WARNING_CODES = [
+  'QUIESCE_SKIPPED', // -q true on a paused VM: its disks are already quiet
+  'QUIESCE_UNAVAILABLE', // -q true but the guest could not be frozen: the backup is crash-consistent
+  'IMAGE_DIRTY', // a layer's dirty bit: not closed cleanly, refcounts may be stale
+  'METADATA_NOT_CHECKED', // a valid feature our reader does not scan (encryption, …)
+  'CHECK_SKIPPED', // chain verify: no qemu-img check on a chain our reader rejected
+  'LEAKED_CLUSTERS', // qemu-img check: leaked clusters (space only)
+  'UNFINISHED_BACKUP', // a `.partial` folder of an interrupted run
+] as const;
+export type WarningCode = (typeof WARNING_CODES)[number];
+
+export interface Warning {
+  code: WarningCode;
+  message: string;
+}
+
 export interface NasbackupErrorOptions {
   /** Extra lines for stdout after the message (e.g. a tool's stderr). */
   details?: string;
   cause?: unknown;
-  /** JSON output already carries this outcome (a report or plan): do not print it again. */
-  reported?: boolean;
+  /** What the operation had found or done before it failed (a report, a plan, removed files): rendered before the error. */
+  result?: unknown;
 }
 
 export class NasbackupError extends Error {
   readonly code: ErrorCode;
   readonly details: string;
-  readonly reported: boolean;
+  readonly result: unknown;
 
   constructor(code: ErrorCode, message: string, opts: NasbackupErrorOptions = {}) {
     super(message, opts.cause === undefined ? undefined : { cause: opts.cause });
     this.name = 'NasbackupError';
     this.code = code;
     this.details = opts.details?.trimEnd() ?? '';
-    this.reported = opts.reported ?? false;
+    this.result = opts.result;
   }
 
   get exitCode(): number {
@@ -120,13 +154,30 @@ export class NasbackupError extends Error {
   }
 }
 
+/** The same failure, carrying what the operation had done before it (rendered before the error). */
+export function withResult(e: unknown, result: unknown): NasbackupError {
+  const err = toNasbackupError(e);
+  return new NasbackupError(err.code, err.message, { details: err.details, cause: err.cause ?? err, result });
+}
+
 export function isNasbackupError(e: unknown): e is NasbackupError {
   return e instanceof NasbackupError;
 }
+
+/** System errors a failing NAS or disk produces: a code of their own, not "Internal error". */
+const ERRNO_CODES: Readonly<Record<string, [ErrorCode, string]>> = {
+  EROFS: ['NAS_READ_ONLY', 'The file system is read-only'],
+  ENOSPC: ['NAS_FULL', 'No space left on the device'],
+  EDQUOT: ['NAS_FULL', 'Disk quota exceeded'],
+  EIO: ['IO_ERROR', 'I/O error'],
+  ENAMETOOLONG: ['PATH_TOO_LONG', 'A file name or path is too long'],
+};
 
 /** Wrap anything thrown into a NasbackupError so the CLI has one shape to render. */
 export function toNasbackupError(e: unknown): NasbackupError {
   if (e instanceof NasbackupError) return e;
   const msg = e instanceof Error ? e.message : String(e);
+  const errno = ERRNO_CODES[(e as NodeJS.ErrnoException | null)?.code ?? ''];
+  if (errno) return new NasbackupError(errno[0], `${errno[1]}: ${msg}`, { cause: e });
   return new NasbackupError('INTERNAL', `Internal error: ${msg}`, { cause: e });
 }

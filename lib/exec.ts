@@ -10,6 +10,11 @@ export interface RunOptions {
   /** false: not cancelled by the run-wide abort (used by cleanup, which must still run). */
   abortable?: boolean;
   env?: NodeJS.ProcessEnv;
+  /**
+   * Start it in its own process group (signals sent to ours do not reach it). Every
+   * child is now (see spawnBounded); kept so callers can say it matters to them.
+   */
+  ownProcessGroup?: boolean;
 }
 
 export interface RunResult {

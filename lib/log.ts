@@ -1,6 +1,9 @@
 // Append-only log in the original script's line format: `YYYY-MM-DD HH-MM-SS> message`.
-// Logging must never make an operation fail: every error here is swallowed.
-import { appendFileSync, mkdirSync } from 'node:fs';
+// Logging must never make an operation fail, nor block it: every error here is swallowed,
+// the file is opened non-blocking (a FIFO without a reader is refused, not waited for),
+// only regular files and character devices are written, and missing folders are created
+// with one mkdir each (Node's recursive mkdir spins forever under /proc).
+import { closeSync, constants, fstatSync, mkdirSync, openSync, writeSync } from 'node:fs';
 import { dirname } from 'node:path';
 
 export const DEFAULT_LOG_FILE = '/var/log/cloudstack/agent/agent.log';
@@ -22,6 +25,34 @@ export function formatLogLines(message: string, now: Date = new Date()): string 
   return lines.map((l) => `${ts}> ${l}\n`).join('');
 }
 
+const OPEN_FLAGS = constants.O_WRONLY | constants.O_APPEND | constants.O_CREAT | constants.O_NONBLOCK | constants.O_NOCTTY;
+
+/** Append without ever waiting on the file's kind (FIFO, socket): those are refused. */
+function append(file: string, data: string): void {
+  const fd = openSync(file, OPEN_FLAGS, 0o644);
+  try {
+    const st = fstatSync(fd);
+    if (!st.isFile() && !st.isCharacterDevice()) throw new Error(`${file} is not a regular file`);
+    const buf = Buffer.from(data);
+    for (let off = 0; off < buf.length; ) off += writeSync(fd, buf, off);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** mkdir -p with one attempt per level, at most `depth` levels. */
+function makeDirs(dir: string, depth: number): void {
+  try {
+    mkdirSync(dir, { mode: 0o755 });
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'EEXIST') return;
+    if (code !== 'ENOENT' || depth <= 0 || dirname(dir) === dir) throw e;
+    makeDirs(dirname(dir), depth - 1);
+    mkdirSync(dir, { mode: 0o755 }); // once more; if it still fails, give up
+  }
+}
+
 export interface Logger {
   readonly file: string;
   log(message: string): void;
@@ -39,15 +70,15 @@ export function createLogger(file: string = logFileFromEnv()): Logger {
       if (disabled) return;
       const data = formatLogLines(message);
       try {
-        appendFileSync(file, data);
+        append(file, data);
       } catch (e) {
         if ((e as NodeJS.ErrnoException).code !== 'ENOENT') {
           disabled = true;
           return;
         }
         try {
-          mkdirSync(dirname(file), { recursive: true });
-          appendFileSync(file, data);
+          makeDirs(dirname(file), 16);
+          append(file, data);
         } catch {
           disabled = true; // unwritable: skip logging for the rest of the run
         }

@@ -22,6 +22,9 @@ export function parseRelativePath(raw: string, opts: RelativePathOptions): strin
   const parts = raw.split('/').filter((p) => p !== '' && p !== '.');
   if (parts.includes('..'))
     throw new NasbackupError('PATH_TRAVERSAL', `${what} must not contain '..': ${raw}`);
+  // NAME_MAX of every Linux file system we mount; PATH_MAX less room for the mount point.
+  if (parts.some((p) => Buffer.byteLength(p) > 255) || Buffer.byteLength(raw) > 3840)
+    throw new NasbackupError('PATH_TOO_LONG', `${what} is too long (a name over 255 bytes, or the path over 3840): ${raw.slice(0, 80)}…`);
   if (parts.length === 0) throw new NasbackupError('PATH_EMPTY', `${what} names the NAS mount root: ${raw}`);
   const min = opts.minDepth ?? 1;
   if (parts.length < min)
@@ -58,7 +61,7 @@ export async function ensureWithin(root: string, raw: string, opts: RelativePath
   const realRoot = await realpath(root);
   // The deepest existing ancestor decides where the path really goes.
   let probe = abs;
-  let real: string | null = null;
+  let real: string | null;
   for (;;) {
     real = await realpathOrNull(probe);
     if (real !== null || probe === root) break;

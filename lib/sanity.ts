@@ -1,7 +1,6 @@
 // Host sanity check: the QEMU and libvirt versions from `virsh version`, with the
 // original's minimums. Unlike the original, every failure says why on stdout.
 import { NasbackupError } from './errors.js';
-import { describeFailure, succeeded } from './exec.js';
 import type { VirshClient } from './clients/virsh.js';
 import type { Logger } from './log.js';
 
@@ -12,21 +11,6 @@ export interface HostVersions {
   qemu: string;
   libvirt: string;
   api: string;
-}
-
-const lastField = (line: string | undefined): string | undefined => line?.trim().split(/\s+/).at(-1);
-
-/** Same extraction rules as the original: `hypervisor` line, LAST `libvirt` line, `API` line. */
-export function parseVirshVersion(text: string): Partial<HostVersions> {
-  const lines = text.split('\n');
-  const out: Partial<HostVersions> = {};
-  const qemu = lastField(lines.find((l) => l.includes('hypervisor')));
-  const libvirt = lastField(lines.filter((l) => l.includes('libvirt')).at(-1));
-  const api = lastField(lines.find((l) => l.includes('API')));
-  if (qemu) out.qemu = qemu;
-  if (libvirt) out.libvirt = libvirt;
-  if (api) out.api = api;
-  return out;
 }
 
 /** Numeric dot-segment comparison; missing segments count as 0 (like the original's vercomp). */
@@ -49,20 +33,12 @@ export function unsupportedMessage(v: HostVersions): string {
 }
 
 export async function checkHostVersions(virsh: VirshClient, logger: Logger): Promise<HostVersions> {
-  const r = await virsh.version();
-  if (!succeeded(r)) {
-    throw new NasbackupError(
-      'LIBVIRT_UNAVAILABLE',
-      `Cannot query the QEMU/libvirt versions (${describeFailure(r)}); is libvirtd running?`,
-      { details: r.stderr || r.stdout },
-    );
-  }
-  const p = parseVirshVersion(r.stdout);
+  const p = await virsh.version();
   if (!p.qemu || !p.libvirt) {
     throw new NasbackupError(
       'VERSION_UNPARSEABLE',
       'Cannot determine the QEMU/libvirt versions from `virsh version`',
-      { details: r.stdout },
+      { details: p.text },
     );
   }
   const v: HostVersions = { qemu: p.qemu, libvirt: p.libvirt, api: p.api ?? '' };

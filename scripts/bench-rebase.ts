@@ -203,7 +203,7 @@ async function bench(label: string, pristine: string, workRoot: string): Promise
   const peak = (rs: Run[]): string => (Math.max(...rs.map((r) => r.rssKiB)) / 1024).toFixed(1)
   console.log(`== ${label}: ${fmtB(moved)} to move, median of ${RUNS} run(s)`)
   console.log(`  qemu-img rebase   ${mq.toFixed(2)} s   peak RSS ${peak(qs)} MiB`)
-  console.log(`  native rebase     ${mn.toFixed(2)} s   peak RSS ${peak(ns)} MiB   (${batches} batch(es))`)
+  console.log(`  native rebase     ${mn.toFixed(2)} s   peak RSS ${peak(ns)} MiB   (${String(batches)} batch(es))`)
   console.log(`  physical floor    ${mf.toFixed(2)} s   (pipelined copy + fdatasync of the moved bytes)`)
   console.log(`  ratio native/qemu-img ${(mn / mq).toFixed(2)}x   native/floor ${(mn / mf).toFixed(2)}x   floor/qemu-img ${(mf / mq).toFixed(2)}x`)
   console.log(`  results identical: ${identical ? 'yes' : 'NO'} (qemu-img compare); native qemu-img check: ${clean ? 'clean' : 'NOT clean'}`)

@@ -84,9 +84,10 @@ export async function runAgent(stdinText: string, opts: AgentOptions): Promise<A
         let stdout = '';
         const exitCode = await main(argv.slice(1), {
           out: { write: (text: string) => void (stdout += text) },
-          // The script formats its backup stdout for the wrapper generation we model.
-          env: { ...opts.env, [PROFILE_ENV]: chosen.name },
+          env: opts.env,
           scriptName: opts.scriptName,
+          // The script formats its backup stdout for the wrapper generation we model.
+          profile: chosen.name,
         });
         return { exitCode, stdout };
       },

@@ -82,6 +82,14 @@ export function parseArgs(all: readonly string[]): CliArgs {
   // --json is removed before parsing, so everything else parses exactly as without it.
   const json = wantsJson(all);
   const argv = json ? withoutJson(all) : all;
+  // The original reads argv in order: -h before an unknown option (or a flag missing
+  // its value) prints the usage, not an error.
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    if (a === '-h' || a === '--help') throw new UsageRequested();
+    if (isValueFlag(a)) i++;
+    else if (!BOOLEAN_FLAGS.some(([short, long]) => a === `--${long}` || (short !== null && a === `-${short}`))) break;
+  }
   // A value flag as the very last element has no value (the original exits silently).
   const last = argv.at(-1);
   if (last !== undefined) {

@@ -4,14 +4,13 @@
 // keeps the original beside it; `--uninstall` puts the original back
 // (lib/install/transaction.ts). This file only parses the arguments and prints the
 // outcome. Never on the agent's path.
-import { loadConfig } from '../config.js';
 import { NasbackupError, toNasbackupError } from '../errors.js';
 import { Runner } from '../exec.js';
 import { installAgentHook, uninstallAgentHook, type InstallAction, type InstallResult } from '../install/transaction.js';
-import { createLogger } from '../log.js';
+import { createLogger, logFileFromEnv } from '../log.js';
 import type { Output } from '../ops/context.js';
 import { wantsJson } from './args.js';
-import { jsonFailure } from './json.js';
+import { render, renderFailure, type OutputMode, type Renderer } from '../output.js';
 
 // The command's pieces as they were exported before the split (test/ship/install.test.ts uses them from here).
 export { isLauncher, launcherText, LAUNCHER_MARKER, shQuote } from '../install/launcher.js';
@@ -73,9 +72,15 @@ export interface InstallIo {
   execPath?: string;
 }
 
+const installRenderer: Renderer<InstallResult> = {
+  command: 'install-agent-hook',
+  text: (r) => `${SUMMARY[r.action](r)}\n`,
+  fields: (r) => ({ ...r }),
+};
+
 export async function runInstallAgentHook(argv: readonly string[], io: InstallIo): Promise<number> {
-  const logger = createLogger(loadConfig(io.env).logFile);
-  const json = wantsJson(argv, takesValue);
+  const logger = createLogger(logFileFromEnv(io.env));
+  const mode: OutputMode = wantsJson(argv, takesValue) ? 'json' : 'text';
   try {
     const a = parseInstallArgs(argv);
     const r = a.uninstall
@@ -88,14 +93,11 @@ export async function runInstallAgentHook(argv: readonly string[], io: InstallIo
           env: io.env,
           runner: new Runner(logger),
         });
-    const line = SUMMARY[r.action](r);
-    logger.log(`install-agent-hook: ${line}`);
-    io.out.write(json ? `${JSON.stringify({ ok: true, ...r })}\n` : `${line}\n`);
-    return 0;
+    logger.log(`install-agent-hook: ${SUMMARY[r.action](r)}`);
+    return render(io.out, mode, installRenderer, { result: r, errors: [], mounts: [] });
   } catch (e) {
     const err = toNasbackupError(e);
     logger.log(`ERROR [${err.code}] install-agent-hook: ${err.message}`);
-    io.out.write(json ? jsonFailure([err]) : err.toText());
-    return err.exitCode;
+    return renderFailure(io.out, mode, installRenderer.command, [err]);
   }
 }

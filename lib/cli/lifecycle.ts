@@ -1,8 +1,10 @@
 // Running one operation safely: signals wired to cancellation, a context that records
 // every NAS session and VM lock it hands out, and — on every path — locks released,
-// sessions unmounted, and failures rendered on stdout with the exit code from the table.
+// sessions unmounted, and every failure handed back with the result (lib/output.ts renders them).
+import { lstat } from 'node:fs/promises';
 import type { Config } from '../config.js';
-import { EXIT_OK, NasbackupError, toNasbackupError } from '../errors.js';
+import { NasbackupError, toNasbackupError } from '../errors.js';
+import { makeClients } from '../clients/index.js';
 import { Runner } from '../exec.js';
 import type { Logger } from '../log.js';
 import { VmLock } from '../nas/lock.js';
@@ -10,34 +12,47 @@ import { NasSession } from '../nas/session.js';
 import { NasWatch } from '../nas/watch.js';
 import { ensureWithin } from '../paths.js';
 import type { OpContext, Output } from '../ops/context.js';
+import { onTerminatingSignal } from './signals.js';
+import type { MountedNas, Outcome } from '../output.js';
 
 export interface ExecuteIo {
   out: Output;
   env: NodeJS.ProcessEnv;
   /** Process-wide signal wiring; tests may pass a no-op. */
   onSignal?: (handler: (signal: NodeJS.Signals) => void) => () => void;
-  /** Render failures as one JSON object instead of text (never on the agent's path). */
-  json?: boolean;
 }
 
-const SIGNALS: NodeJS.Signals[] = ['SIGTERM', 'SIGINT', 'SIGHUP'];
-
+/** The process's signals (handlers installed at start-up, see signals.ts). */
 export function processSignals(handler: (signal: NodeJS.Signals) => void): () => void {
-  for (const s of SIGNALS) process.on(s, handler);
-  return () => {
-    for (const s of SIGNALS) process.off(s, handler);
-  };
+  return onTerminatingSignal(handler);
 }
 
-export async function execute(io: ExecuteIo, config: Config, logger: Logger, body: (ctx: OpContext) => Promise<void>): Promise<number> {
+export async function execute<T>(io: ExecuteIo, config: Config, logger: Logger, body: (ctx: OpContext) => Promise<T>): Promise<Outcome<T>> {
   const abort = new AbortController();
   let interruptedBy: NodeJS.Signals | null = null;
-  const onSignal = io.onSignal ?? processSignals;
-  const unhook = onSignal((signal) => {
-    if (interruptedBy) return; // cleanup is already under way and bounded
+  // Past the commit point the result exists: a signal no longer undoes or fails it.
+  let phase: 'work' | 'shielded' | 'committed' = 'work';
+  let lateSignal: NodeJS.Signals | null = null;
+  const stop = (signal: NodeJS.Signals): void => {
     interruptedBy = signal;
     logger.log(`Received ${signal}: stopping and cleaning up`);
     abort.abort();
+  };
+  const takeLate = (): NodeJS.Signals => {
+    const s = lateSignal!;
+    lateSignal = null;
+    return s;
+  };
+  const onSignal = io.onSignal ?? processSignals;
+  const unhook = onSignal((signal) => {
+    if (interruptedBy || lateSignal) return; // cleanup (or the finish) is already under way and bounded
+    if (phase === 'work') return stop(signal);
+    lateSignal = signal;
+    logger.log(
+      phase === 'shielded'
+        ? `Received ${signal} during a step that must not be stopped halfway: letting it finish first`
+        : `Received ${signal} after the commit point: finishing the operation and reporting its result`,
+    );
   });
 
   const runner = new Runner(logger, abort.signal);
@@ -45,13 +60,17 @@ export async function execute(io: ExecuteIo, config: Config, logger: Logger, bod
   const watch = new NasWatch(() => abort.abort());
   const sessions: NasSession[] = [];
   const locks: VmLock[] = [];
+  const leftovers: string[] = [];
+  const mounts: MountedNas[] = [];
   const ctx: OpContext = {
-    runner,
+    clients: makeClients(runner, config),
     logger,
     config,
-    env: io.env,
-    out: io.out,
-    openNas: (target) => NasSession.open(target, { runner, config, logger, watch }, (s) => sessions.push(s)),
+    openNas: (target) =>
+      NasSession.open(target, { runner, config, logger, watch }, (s) => {
+        sessions.push(s);
+        mounts.push({ mountPoint: s.mountPoint, address: target.address });
+      }),
     lockVm: async (mountPoint, instance, operation) => {
       const dir = await ensureWithin(mountPoint, instance, { what: 'instance folder' });
       locks.push(
@@ -66,13 +85,54 @@ export async function execute(io: ExecuteIo, config: Config, logger: Logger, bod
     },
     checkpoint: () => {
       if (watch.unresponsive) throw watch.unresponsive;
-      if (interruptedBy) throw new NasbackupError('INTERRUPTED', `Interrupted by ${interruptedBy}`);
+      if (interruptedBy && phase === 'work') throw new NasbackupError('INTERRUPTED', `Interrupted by ${interruptedBy}`);
+    },
+    shield: async <T>(step: () => Promise<T>): Promise<T> => {
+      if (phase !== 'work') return step();
+      ctx.checkpoint();
+      phase = 'shielded';
+      try {
+        return await step();
+      } finally {
+        phase = 'work';
+        // A signal held back meanwhile stops the operation now (the caller decides whether the work stands).
+        if (lateSignal) stop(takeLate());
+      }
+    },
+    commit: async <T>(step: () => Promise<T>): Promise<T> => {
+      if (phase !== 'work') return step();
+      ctx.checkpoint();
+      phase = 'shielded';
+      let r: T;
+      try {
+        r = await step();
+      } catch (e) {
+        phase = 'work';
+        if (lateSignal) stop(takeLate()); // it did not take effect: the held-back signal stops the operation
+        throw e;
+      }
+      phase = 'committed'; // a signal held back meanwhile stays held: the result stands
+      return r;
+    },
+    leftover: (what) => {
+      leftovers.push(what);
+      logger.log(`Left behind: ${what}`);
+    },
+    committed: () => {
+      if (phase === 'committed') return;
+      phase = 'committed';
+      // The work got done although a signal came in on its very last stretch: it stands.
+      if (interruptedBy) logger.log(`The operation completed despite ${interruptedBy}; reporting its result`);
+      lateSignal ??= interruptedBy;
+      interruptedBy = null;
     },
   };
 
   let failure: NasbackupError | null = null;
+  let result: T | undefined;
   try {
-    await watch.race(body(ctx));
+    ctx.checkpoint(); // a signal that came in while starting: stop before anything happens
+    result = await watch.race(body(ctx));
     ctx.checkpoint();
   } catch (e) {
     failure = toNasbackupError(e);
@@ -82,9 +142,17 @@ export async function execute(io: ExecuteIo, config: Config, logger: Logger, bod
   }
 
   const cleanupErrors: NasbackupError[] = [];
-  // A lock on a NAS that does not answer cannot be removed; the next run breaks it (its pid is dead).
-  if (watch.unresponsive) logger.log(`Leaving ${locks.length} VM lock(s) on the unresponsive NAS`);
-  else for (const l of locks.reverse()) await watch.race(l.release()).catch(() => {});
+  for (const l of locks.reverse()) {
+    // A lock on a NAS that does not answer cannot be removed (nor looked at); the next run takes it over.
+    if (watch.unresponsive) {
+      ctx.leftover(`Could not remove the lock ${l.path} (the NAS did not answer)`);
+      continue;
+    }
+    await watch.race(l.release()).catch(() => {});
+    // Still there (a read-only or failing NAS): say so; the next run takes over a lock whose holder is gone.
+    const left = await watch.race(lstat(l.path).then(() => true, () => false)).catch(() => true);
+    if (left) ctx.leftover(`Could not remove the lock ${l.path}`);
+  }
   for (const s of sessions.reverse()) {
     try {
       await s.close();
@@ -92,27 +160,16 @@ export async function execute(io: ExecuteIo, config: Config, logger: Logger, bod
       cleanupErrors.push(toNasbackupError(e));
     }
   }
+  if (leftovers.length > 0) {
+    // One report of everything left, the unmount problems included.
+    const all = [...leftovers, ...cleanupErrors.splice(0).map((e) => e.message)];
+    cleanupErrors.push(new NasbackupError('NAS_CLEANUP_FAILED', all.join('\n'), { details: 'Backup cleanup failed' }));
+  }
   unhook();
   if (watch.unresponsive) watch.guardExit();
 
-  let code = EXIT_OK;
-  if (io.json) {
-    const errors = [failure, ...cleanupErrors].filter((e): e is NasbackupError => e !== null);
-    for (const e of errors) logger.log(`ERROR [${e.code}] ${e.message}`);
-    const unreported = errors.filter((e) => !e.reported);
-    if (unreported.length > 0) io.out.write(JSON.stringify({ ok: false, errors: unreported.map((e) => e.toJSON()) }) + '\n');
-    return errors.reduce((c, e) => (e.code === 'NAS_CLEANUP_FAILED' ? e.exitCode : c || e.exitCode), EXIT_OK);
-  }
-  if (failure) {
-    io.out.write(failure.toText());
-    logger.log(`ERROR [${failure.code}] ${failure.message}${failure.details ? `\n${failure.details}` : ''}`);
-    code = failure.exitCode;
-  }
-  for (const c of cleanupErrors) {
-    io.out.write(c.toText());
-    logger.log(`ERROR [${c.code}] ${c.message}`);
-    code = c.exitCode; // leftovers outrank the operation's own failure: the agent must clean up
-  }
-  return code;
+  const errors = [failure, ...cleanupErrors].filter((e): e is NasbackupError => e !== null);
+  for (const e of errors) logger.log(`ERROR [${e.code}] ${e.message}${e.details ? `\n${e.details}` : ''}`);
+  return { ...(result !== undefined ? { result } : {}), errors, mounts };
 }
 

@@ -1,18 +1,33 @@
 // Operator commands beside the agent's CLI (never invoked by the agent):
 //   nasbackup chain list|verify|plan-delete|delete -t <type> -s <address> [-m <opts>] --vm <instance>
-//             [--backup <instance>/<timestamp>] [--force] [--json] [--records <file>]
+//             [--backup <instance>/<timestamp>] [--force [--yes]] [--json] [--records <file>]
 //   nasbackup plan-delete --records <file> --backup <uuid> --root-volume-uuid <uuid> [--forced]
 import { readFile } from 'node:fs/promises';
 import yargsFactory from 'yargs/yargs';
-import { loadConfig } from '../config.js';
+import { loadConfig, type Config } from '../config.js';
 import { NasbackupError, toNasbackupError } from '../errors.js';
-import { createLogger } from '../log.js';
-import { parseRecords, computeChainRepair, type BackupRecord } from '../chain/provider-plan.js';
+import { createLogger, logFileFromEnv } from '../log.js';
+import type { DeletePlan } from '../ops/chain/plan.js';
+import { parseRecords, computeChainRepair, type BackupRecord, type ChainRepairPlan } from '../ops/chain/provider-plan.js';
+import type { ChainArgs } from '../ops/chain/index.js';
+import {
+  chainDeleteRenderer,
+  chainListRenderer,
+  chainPlanRenderer,
+  chainVerifyRenderer,
+  planText,
+  providerPlanRenderer,
+  render,
+  renderFailure,
+  type OutputMode,
+} from '../output.js';
+import { wantsJson } from './args.js';
 import { execute, type ExecuteIo } from './lifecycle.js';
+import { validateChainArgs } from './validate.js';
 
 export const TOOLS = ['chain', 'plan-delete'] as const;
 
-const CHAIN_SUBCOMMANDS = ['list', 'verify', 'plan-delete', 'delete'] as const;
+export const CHAIN_SUBCOMMANDS = ['list', 'verify', 'plan-delete', 'delete'] as const;
 
 function parser(argv: readonly string[]) {
   return yargsFactory([...argv])
@@ -40,18 +55,27 @@ async function loadRecords(file: string): Promise<BackupRecord[]> {
   }
 }
 
-export async function runTool(tool: string, argv: readonly string[], io: ExecuteIo): Promise<number> {
-  const config = loadConfig(io.env);
-  const logger = createLogger(config.logFile);
-  const json = argv.includes('--json');
-  const fail = (e: unknown): number => {
+/** The operator commands' flags whose next argument is their value (`-m --json` is a mount option). */
+const VALUE_FLAGS = ['-t', '--type', '-s', '--storage', '-m', '--mount', '--vm', '--backup', '--records', '--engine', '--root-volume-uuid'];
+const takesValue = (a: string): boolean => VALUE_FLAGS.includes(a);
+
+export interface ToolIo extends ExecuteIo {
+  /** Ask the operator a yes/no question; absent when nobody can answer (stdin/stdout not a terminal). */
+  confirm?: (question: string) => Promise<boolean>;
+}
+
+export async function runTool(tool: string, argv: readonly string[], io: ToolIo): Promise<number> {
+  const logger = createLogger(logFileFromEnv(io.env));
+  const json = wantsJson(argv, takesValue);
+  const mode: OutputMode = json ? 'json' : 'text';
+  const fail = (command: string, e: unknown): number => {
     const err = toNasbackupError(e);
-    io.out.write(json ? JSON.stringify({ ok: false, errors: [err.toJSON()] }) + '\n' : err.toText());
     logger.log(`ERROR [${err.code}] ${err.message}`);
-    return err.exitCode;
+    return renderFailure(io.out, mode, command, [err]);
   };
 
   if (tool === 'plan-delete') {
+    let plan: ChainRepairPlan;
     try {
       const a = parser(argv)
         .option('records', { type: 'string', demandOption: true })
@@ -60,21 +84,19 @@ export async function runTool(tool: string, argv: readonly string[], io: Execute
         .option('forced', { type: 'boolean', default: false })
         .option('json', { type: 'boolean' })
         .parseSync();
-      const plan = computeChainRepair(await loadRecords(a.records), a.backup, a['root-volume-uuid'], a.forced);
-      io.out.write(JSON.stringify(plan, null, 2) + '\n');
-      if (!plan.proceed) {
-        const code = plan.code ?? 'CHAIN_REFUSED';
-        logger.log(`ERROR [${code}] ${plan.reason}`);
-        return new NasbackupError(code, plan.reason ?? '').exitCode;
-      }
-      return 0;
+      plan = computeChainRepair(await loadRecords(a.records), a.backup, a['root-volume-uuid'], a.forced);
     } catch (e) {
-      return fail(e);
+      return fail('plan-delete', e);
     }
+    const errors = plan.proceed ? [] : [new NasbackupError(plan.code ?? 'CHAIN_REFUSED', plan.reason ?? 'refused')];
+    for (const e of errors) logger.log(`ERROR [${e.code}] ${e.message}`);
+    return render(io.out, mode, providerPlanRenderer, { result: plan, errors, mounts: [] });
   }
 
+  const command = `chain ${CHAIN_SUBCOMMANDS.find((s) => s === argv[0]) ?? ''}`.trim();
   let a;
   let records: BackupRecord[] | undefined;
+  let config: Readonly<Config>;
   try {
     a = parser(argv)
       .command('$0 <action>', 'chain tools', (y) => y.positional('action', { choices: CHAIN_SUBCOMMANDS, type: 'string' }))
@@ -84,43 +106,55 @@ export async function runTool(tool: string, argv: readonly string[], io: Execute
       .option('vm', { type: 'string', demandOption: true, nargs: 1 })
       .option('backup', { type: 'string', nargs: 1 })
       .option('force', { type: 'boolean', default: false })
+      .option('yes', { type: 'boolean', default: false })
       .option('json', { type: 'boolean', default: false })
       .option('records', { type: 'string', nargs: 1 })
-      .option('engine', { type: 'string', nargs: 1, choices: ['auto', 'native', 'qemu-img'] })
+      .option('engine', { type: 'string', nargs: 1 })
       .parseSync();
+    config = loadConfig(io.env, a.engine !== undefined ? { engine: a.engine } : {});
     if (a.records) records = await loadRecords(a.records);
   } catch (e) {
-    return fail(e);
+    return fail(command, e);
   }
   const action = a.action as (typeof CHAIN_SUBCOMMANDS)[number];
-  const engineMode = a.engine ?? config.engine;
-  const args = {
-    nas: { type: a.t, address: a.s, options: a.m },
-    vm: a.vm,
-    ...(a.backup ? { backup: a.backup } : {}),
-    force: a.force,
-    json: a.json,
-    ...(records ? { records } : {}),
-  };
-  return execute({ ...io, json: a.json }, config, logger, async (ctx) => {
-    const ops = await import('../ops/chain.js');
-    switch (action) {
-      case 'list':
-        return ops.chainList(ctx, args);
-      case 'verify':
-        await ops.chainVerify(ctx, args);
-        return;
-      case 'plan-delete':
-        await ops.chainPlanDelete(ctx, args);
-        return;
-      case 'delete': {
-        const { QemuImgClient } = await import('../clients/qemu-img.js');
+  let args: ChainArgs;
+  try {
+    args = validateChainArgs(action, {
+      nas: { type: a.t, address: a.s, options: a.m },
+      vm: a.vm,
+      ...(a.backup ? { backup: a.backup } : {}),
+      force: a.force,
+      ...(records ? { records } : {}),
+    });
+  } catch (e) {
+    return fail(command, e);
+  }
+  // --force may remove a whole chain: on a terminal, show the plan and ask (unless --yes).
+  const confirm = io.confirm;
+  const approve =
+    action === 'delete' && a.force && !a.yes && !json && confirm
+      ? async (plan: DeletePlan): Promise<boolean> => {
+          io.out.write(planText(plan));
+          return confirm('Proceed? [y/N] ');
+        }
+      : undefined;
+  const ops = await import('../ops/chain/index.js');
+  switch (action) {
+    case 'list':
+      return render(io.out, mode, chainListRenderer, await execute(io, config, logger, (ctx) => ops.chainList(ctx, args)));
+    case 'verify':
+      return render(io.out, mode, chainVerifyRenderer, await execute(io, config, logger, (ctx) => ops.chainVerify(ctx, args)));
+    case 'plan-delete':
+      return render(io.out, mode, chainPlanRenderer, await execute(io, config, logger, (ctx) => ops.chainPlanDelete(ctx, args)));
+    case 'delete': {
+      const outcome = await execute(io, config, logger, async (ctx) => {
         const { QemuImgRebaseEngine } = await import('../engine/qemu-img.js');
-        const { parseEngineMode, selectEngine } = await import('../engine/select.js');
-        const qemuImg = new QemuImgRebaseEngine(new QemuImgClient(ctx.runner, config.qemuImgBinary, config.qemuImgTimeoutMs));
-        const engine = selectEngine(parseEngineMode(engineMode, a.engine ? '--engine' : 'NASBACKUP_ENGINE'), qemuImg, (m) => ctx.logger.log(m), undefined, () => ctx.checkpoint());
-        return ops.chainDelete(ctx, args, engine);
-      }
+        const { selectEngine } = await import('../engine/select.js');
+        const qemuImg = new QemuImgRebaseEngine(ctx.clients.qemuImg, (step) => ctx.shield(step));
+        const engine = selectEngine(config.engine, qemuImg, (m) => ctx.logger.log(m), undefined, () => ctx.checkpoint());
+        return ops.chainDelete(ctx, args, engine, approve);
+      });
+      return render(io.out, mode, chainDeleteRenderer, outcome);
     }
-  });
+  }
 }

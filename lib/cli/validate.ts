@@ -1,26 +1,137 @@
-// Per-operation argument checks that need no mount and no host: they run before
-// anything else, so bad input changes nothing anywhere.
+// argv → one typed, checked argument object per operation, exactly once: everything
+// that needs no mount and no host runs here, before anything else, so bad input
+// changes nothing anywhere. The operations take these objects and do not check again.
 import { NasbackupError } from '../errors.js';
-import { validateDeleteArgs } from '../ops/delete.js';
-import { validateRebaseArgs } from '../ops/rebase.js';
-import { validateBackupArgs } from '../ops/backup.js';
+import { parseRelativePath } from '../paths.js';
+import type { AgentProfile } from '../protocol.js';
+import type { NasTarget } from '../nas/session.js';
+import { checkIncrementalArgs, type BackupArgs, type BackupMode } from '../ops/backup/index.js';
+import { DELETE_MIN_DEPTH, type DeleteArgs } from '../ops/delete.js';
+import type { RebaseArgs } from '../ops/rebase.js';
+import type { ChainArgs } from '../ops/chain/index.js';
+import type { BackupRecord } from '../ops/chain/provider-plan.js';
 import type { CliArgs, Operation } from './args.js';
 
-export function validateOperationArgs(op: Operation, a: CliArgs): void {
+export interface StatsArgs {
+  nas: NasTarget;
+}
+
+export type OperationArgs =
+  | { op: 'backup'; args: BackupArgs }
+  | { op: 'rebase'; args: RebaseArgs }
+  | { op: 'delete'; args: DeleteArgs }
+  | { op: 'stats'; args: StatsArgs };
+
+export function validateOperationArgs(op: Operation, a: CliArgs, profile: AgentProfile): OperationArgs {
   if (!a.type || !a.storage) {
     throw new NasbackupError('MISSING_ARGUMENT', 'The NAS must be given with -t <storage type> and -s <storage address>');
   }
+  const nas: NasTarget = { type: a.type, address: a.storage, options: a.mount ?? '' };
   switch (op) {
     case 'rebase':
-      validateRebaseArgs(a);
-      return;
+      return { op, args: validateRebaseArgs(a, nas) };
     case 'delete':
-      validateDeleteArgs(a);
-      return;
+      return { op, args: validateDeleteArgs(a, nas) };
     case 'backup':
-      validateBackupArgs(a, { type: a.type, address: a.storage, options: a.mount ?? '' }, 'rebase-era');
-      return;
+      return { op, args: validateBackupArgs(a, nas, profile) };
     case 'stats':
-      return;
+      return { op, args: { nas } };
   }
+}
+
+/** `nasbackup chain <action>`: --vm is one instance folder; --backup (`[<instance>/]<timestamp>`) belongs to it. */
+export function validateChainArgs(
+  action: 'list' | 'verify' | 'plan-delete' | 'delete',
+  a: { nas: NasTarget; vm: string; backup?: string; force: boolean; records?: BackupRecord[] },
+): ChainArgs {
+  const parts = parseRelativePath(a.vm, { what: '--vm' });
+  if (parts.length !== 1) throw new NasbackupError('INVALID_ARGUMENT', `--vm must be an instance name, not a path: ${a.vm}`);
+  const vm = parts[0]!;
+  const out: ChainArgs = { nas: a.nas, vm, force: a.force, ...(a.records ? { records: a.records } : {}) };
+  if (action === 'list' || action === 'verify') return out;
+  if (!a.backup) throw new NasbackupError('MISSING_ARGUMENT', '--backup <instance>/<timestamp> is required');
+  const b = parseRelativePath(a.backup, { what: '--backup' });
+  if (b.length === 2 && b[0] !== vm) throw new NasbackupError('INVALID_ARGUMENT', `--backup ${a.backup} is not a backup of ${vm}`);
+  if (b.length > 2) throw new NasbackupError('INVALID_ARGUMENT', `--backup must be <instance>/<timestamp>: ${a.backup}`);
+  return { ...out, backup: b.at(-1)! };
+}
+
+const TARGET = '--rebase-target';
+const BACKING = '--rebase-new-backing';
+
+export function validateRebaseArgs(a: Pick<CliArgs, 'rebaseTarget' | 'rebaseNewBacking'>, nas: NasTarget): RebaseArgs {
+  if (!a.rebaseTarget || !a.rebaseNewBacking) {
+    throw new NasbackupError('MISSING_ARGUMENT', 'rebase requires --rebase-target and --rebase-new-backing');
+  }
+  const target = parseRelativePath(a.rebaseTarget, { what: TARGET, minDepth: 2 });
+  parseRelativePath(a.rebaseNewBacking, { what: BACKING, minDepth: 2 });
+  // Both name files: `x.qcow2/` is not what the management server meant to send.
+  for (const [what, v] of [[TARGET, a.rebaseTarget], [BACKING, a.rebaseNewBacking]] as const) {
+    if (v.endsWith('/')) throw new NasbackupError('PATH_INVALID', `${what} must name a file, not end with '/': ${v}`);
+  }
+  return { nas, target: a.rebaseTarget, newBacking: a.rebaseNewBacking, instance: target[0]! };
+}
+
+export function validateDeleteArgs(a: Pick<CliArgs, 'path'>, nas: NasTarget): DeleteArgs {
+  if (a.path === undefined) throw new NasbackupError('MISSING_ARGUMENT', 'delete requires -p <backup path>');
+  const parts = parseRelativePath(a.path, { what: '-p', minDepth: DELETE_MIN_DEPTH });
+  return { nas, path: a.path, instance: parts[0]! };
+}
+
+/** The backup flags as parsed from the command line. */
+export type RawBackupArgs = Pick<CliArgs, 'vm' | 'path' | 'quiesce' | 'diskpaths' | 'mode' | 'bitmapNew' | 'bitmapParent' | 'parentPaths'>;
+
+// Checkpoint/bitmap names go into libvirt XML, qemu-img argv and qcow2 headers.
+const NAME = /^[A-Za-z0-9][A-Za-z0-9._:+-]{0,254}$/;
+
+function checkName(v: string, what: string): string {
+  if (!NAME.test(v)) throw new NasbackupError('INVALID_ARGUMENT', `Invalid ${what}: ${JSON.stringify(v)}`);
+  return v;
+}
+
+/**
+ * Everything about -o backup that can be checked without touching anything. Refused
+ * on every path: a missing -v/-p, a bad name or path, an unknown mode, full without
+ * --bitmap-new. The incremental arguments are only needed by a running VM (a stopped
+ * one falls back to a full copy, as the original did, whatever parents were sent), so
+ * they are checked here only with `-d ""`, where the running path is the only one that
+ * can succeed; with -d they are checked once the VM is found running (checkIncrementalArgs).
+ */
+export function validateBackupArgs(a: RawBackupArgs, nas: NasTarget, profile: AgentProfile): BackupArgs {
+  if (!a.vm) throw new NasbackupError('MISSING_ARGUMENT', 'backup requires -v <domain name>');
+  if (a.path === undefined) throw new NasbackupError('MISSING_ARGUMENT', 'backup requires -p <backup path>');
+  const instance = parseRelativePath(a.path, { what: '-p', minDepth: 2 })[0]!;
+  const raw = a.mode ?? '';
+  let mode: BackupMode;
+  if (raw === '' || raw === 'legacy-full') mode = 'legacy';
+  else if (raw === 'full' || raw === 'incremental') mode = raw;
+  else throw new NasbackupError('INVALID_ARGUMENT', `Unknown mode: ${raw}`);
+  const bitmapNew = a.bitmapNew ? checkName(a.bitmapNew, '--bitmap-new') : null;
+  const bitmapParent = a.bitmapParent ? checkName(a.bitmapParent, '--bitmap-parent') : null;
+  const parentPaths = (a.parentPaths ?? '').split(',').filter((p) => p !== '');
+  if (mode === 'full' && !bitmapNew) {
+    throw new NasbackupError('MISSING_ARGUMENT', 'full mode requires --bitmap-new (the bitmap to create for the next incremental)');
+  }
+  for (const p of parentPaths) parseRelativePath(p, { what: '--parent-paths', minDepth: 3 });
+  const diskPaths = (a.diskpaths ?? '').split(',').filter((d) => d !== '');
+  for (const d of diskPaths) {
+    if (!d.startsWith('/') && !d.startsWith('rbd:')) {
+      throw new NasbackupError('INVALID_ARGUMENT', `Disk path must be absolute or an rbd: URI: ${d}`);
+    }
+  }
+  const args: BackupArgs = {
+    nas,
+    vm: a.vm,
+    path: a.path,
+    instance,
+    quiesce: a.quiesce === 'true',
+    diskPaths,
+    mode,
+    bitmapNew: mode === 'legacy' ? null : bitmapNew,
+    bitmapParent: mode === 'incremental' ? bitmapParent : null,
+    parentPaths: mode === 'incremental' ? parentPaths : [],
+    profile,
+  };
+  if (diskPaths.length === 0) checkIncrementalArgs(args);
+  return args;
 }

@@ -1,7 +1,9 @@
-// `mount`/`umount` behind a small typed client, plus a reader of the kernel's
-// mount table so cleanup can check what is really still mounted.
+// `mount`/`umount` behind a small typed client (coded ToolErrors, never a raw process
+// result), plus a reader of the kernel's mount table so cleanup can check what is
+// really still mounted.
 import { readFileSync } from 'node:fs';
-import type { Runner, RunResult } from '../exec.js';
+import { describeFailure, failureText, succeeded, type Runner } from '../exec.js';
+import { ToolError } from './failure.js';
 
 export interface MountRequest {
   type: string;
@@ -12,7 +14,7 @@ export interface MountRequest {
 }
 
 /** The original's command line: `mount -t <type> <source> <target> [-o <options>]`. */
-export function mountArgs(req: MountRequest): string[] {
+function mountArgs(req: MountRequest): string[] {
   const args = ['-t', req.type, req.source, req.target];
   if (req.options !== '') args.push('-o', req.options);
   return args;
@@ -29,13 +31,19 @@ export function effectiveMountOptions(type: string, options: string): string {
 export class MountClient {
   constructor(private readonly runner: Runner) {}
 
-  mount(req: MountRequest, timeoutMs: number): Promise<RunResult> {
-    return this.runner.run('mount', mountArgs(req), { timeoutMs });
+  /** A failure may still have mounted (a timeout, a signal): the caller checks the mount table. */
+  async mount(req: MountRequest, timeoutMs: number): Promise<void> {
+    const r = await this.runner.run('mount', mountArgs(req), { timeoutMs });
+    if (succeeded(r)) return;
+    if (r.canceled) throw new ToolError('INTERRUPTED', `Interrupted while mounting ${req.type} store`, r, '');
+    const output = [r.stderr, r.stdout].filter(Boolean).join('');
+    throw new ToolError(r.timedOut ? 'NAS_MOUNT_TIMEOUT' : 'NAS_MOUNT_FAILED', `Failed to mount ${req.type} store`, r, output.trim() || describeFailure(r));
   }
 
   /** Never cancelled by a signal: unmounting is part of cleanup. */
-  umount(target: string, timeoutMs: number, lazy = false): Promise<RunResult> {
-    return this.runner.run('umount', lazy ? ['-l', target] : [target], { timeoutMs, abortable: false });
+  async umount(target: string, timeoutMs: number, lazy = false): Promise<void> {
+    const r = await this.runner.run('umount', lazy ? ['-l', target] : [target], { timeoutMs, abortable: false });
+    if (!succeeded(r)) throw new ToolError('NAS_CLEANUP_FAILED', `Failed to unmount ${target}`, r, failureText(r));
   }
 
   /**
@@ -43,17 +51,18 @@ export class MountClient {
    * FUSE), so our own stuck calls return; `-c` keeps umount from resolving the path,
    * which would wait on the NAS too. `lazy` then detaches what is still busy.
    */
-  umountDead(target: string, timeoutMs: number, lazy: boolean): Promise<RunResult> {
-    return this.runner.run('umount', [lazy ? '-l' : '-f', '-c', target], { timeoutMs, abortable: false });
+  async umountDead(target: string, timeoutMs: number, lazy: boolean): Promise<void> {
+    const r = await this.runner.run('umount', [lazy ? '-l' : '-f', '-c', target], { timeoutMs, abortable: false });
+    if (!succeeded(r)) throw new ToolError('NAS_CLEANUP_FAILED', `Failed to unmount ${target}`, r, failureText(r));
   }
 }
 
 /** Decode the octal escapes (\040 for space, …) the kernel uses in mountinfo. */
-export function unescapeMountPath(s: string): string {
+function unescapeMountPath(s: string): string {
   return s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
 }
 
-export function mountPointsFromMountinfo(text: string): string[] {
+function mountPointsFromMountinfo(text: string): string[] {
   const out: string[] = [];
   for (const line of text.split('\n')) {
     const f = line.split(' ');
@@ -63,8 +72,8 @@ export function mountPointsFromMountinfo(text: string): string[] {
 }
 
 /**
- * Synchronous on purpose: procfs answers at once, and libuv's threads may all be stuck
- * in calls on a NAS that stopped answering (cleanup must still see the mount table).
+ * Synchronous read on purpose: procfs answers at once, and libuv's threads may all be
+ * stuck in calls on a NAS that stopped answering (cleanup must still see the mount table).
  */
 export function isMountPoint(path: string): Promise<boolean> {
   try {

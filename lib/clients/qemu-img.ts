@@ -1,15 +1,18 @@
-// qemu-img behind a small typed client. Every call has a deadline; callers turn
-// failures into their own messages and keep qemu-img's stderr as details.
-import type { Runner, RunResult } from '../exec.js';
+// qemu-img behind a small typed client: parsed values or a coded ToolError (qemu-img's
+// stderr as details). Every call has a deadline; the `info` parser stays private.
+import { failureText, succeeded, type Runner, type RunResult } from '../exec.js';
+import { ToolError } from './failure.js';
 
 export interface RebaseArgs {
   file: string;
   backing: string;
   backingFormat: string;
   unsafe?: boolean;
+  /** Run in its own process group: a signal sent to ours does not stop it halfway. */
+  ownProcessGroup?: boolean;
 }
 
-export function rebaseArgs(a: RebaseArgs): string[] {
+function rebaseArgs(a: RebaseArgs): string[] {
   return ['rebase', ...(a.unsafe ? ['-u'] : []), '-b', a.backing, '-F', a.backingFormat, a.file];
 }
 
@@ -20,7 +23,7 @@ export interface ImageBitmap {
 }
 
 /** The bitmaps of a qcow2 image from `qemu-img info --output=json`. */
-export function parseImageBitmaps(text: string): ImageBitmap[] {
+function parseImageBitmaps(text: string): ImageBitmap[] {
   const info = JSON.parse(text) as { 'format-specific'?: { data?: { bitmaps?: unknown } } };
   const list = info['format-specific']?.data?.bitmaps ?? [];
   if (!Array.isArray(list)) throw new Error('qemu-img info: bitmaps is not a list');
@@ -30,7 +33,11 @@ export function parseImageBitmaps(text: string): ImageBitmap[] {
   }));
 }
 
-export type BitmapAction = '--add' | '--clear' | '--remove' | '--enable' | '--disable';
+/** `qemu-img check`'s answer: its exit code is the verdict (3: only leaked clusters). */
+export type CheckResult =
+  | { kind: 'clean' }
+  | { kind: 'leaks' }
+  | { kind: 'failed'; exitCode: number | null; message: string };
 
 export class QemuImgClient {
   constructor(
@@ -39,28 +46,58 @@ export class QemuImgClient {
     private readonly timeoutMs: number,
   ) {}
 
-  rebase(a: RebaseArgs): Promise<RunResult> {
-    return this.runner.run(this.binary, rebaseArgs(a), { timeoutMs: this.timeoutMs });
+  private run(args: string[], opts: { ownProcessGroup?: boolean } = {}): Promise<RunResult> {
+    return this.runner.run(this.binary, args, { timeoutMs: this.timeoutMs, ...(opts.ownProcessGroup ? { ownProcessGroup: true } : {}) });
+  }
+
+  /** Throws QEMU_IMG_FAILED; `canceled`/`timedOut` on the error let a caller word it otherwise. */
+  async rebase(a: RebaseArgs): Promise<void> {
+    const r = await this.run(rebaseArgs(a), { ownProcessGroup: a.ownProcessGroup ?? false });
+    if (!succeeded(r)) throw new ToolError('QEMU_IMG_FAILED', `qemu-img rebase failed for ${a.file} onto ${a.backing}`, r, failureText(r));
   }
 
   /** Copy a disk into a new qcow2 (the source format is given, never probed). */
-  convert(src: string, srcFormat: string, dst: string): Promise<RunResult> {
-    return this.runner.run(this.binary, ['convert', '-f', srcFormat, '-O', 'qcow2', src, dst], { timeoutMs: this.timeoutMs });
+  async convert(src: string, srcFormat: string, dst: string): Promise<void> {
+    const r = await this.run(['convert', '-f', srcFormat, '-O', 'qcow2', src, dst]);
+    if (succeeded(r)) return;
+    if (r.canceled) throw new ToolError('INTERRUPTED', `Interrupted while copying ${src}`, r, '');
+    throw new ToolError(r.timedOut ? 'COMMAND_TIMEOUT' : 'CONVERT_FAILED', `qemu-img convert failed for ${src} ${dst}`, r, failureText(r));
   }
 
-  /** Several actions run in the given order on one open of the image (e.g. --remove --add). */
-  bitmap(file: string, action: BitmapAction | BitmapAction[], name: string): Promise<RunResult> {
-    const actions = Array.isArray(action) ? action : [action];
-    return this.runner.run(this.binary, ['bitmap', ...actions, file, name], { timeoutMs: this.timeoutMs });
+  /** Add a persistent bitmap; false when one of that name already exists. */
+  async addBitmap(file: string, name: string): Promise<boolean> {
+    const r = await this.run(['bitmap', '--add', file, name]);
+    if (succeeded(r)) return true;
+    if (/already exists/i.test(r.stderr)) return false;
+    throw this.bitmapFailure(r);
   }
 
-  /** `qemu-img info --output=json` of one image (no backing chain walk needed for its own bitmaps). */
-  info(file: string): Promise<RunResult> {
-    return this.runner.run(this.binary, ['info', '--output=json', file], { timeoutMs: this.timeoutMs });
+  /** Remove and add again in one open of the image: an empty, recording bitmap. */
+  async replaceBitmap(file: string, name: string): Promise<void> {
+    const r = await this.run(['bitmap', '--remove', '--add', file, name]);
+    if (!succeeded(r)) throw this.bitmapFailure(r);
+  }
+
+  private bitmapFailure(r: RunResult): ToolError {
+    return new ToolError('QEMU_IMG_FAILED', 'qemu-img bitmap failed', r, failureText(r));
+  }
+
+  /** The image's own persistent bitmaps (`qemu-img info --output=json`, no chain walk). */
+  async bitmaps(file: string): Promise<ImageBitmap[]> {
+    const r = await this.run(['info', '--output=json', file]);
+    if (!succeeded(r)) throw new ToolError('QEMU_IMG_FAILED', `qemu-img info failed for ${file}`, r, failureText(r));
+    try {
+      return parseImageBitmaps(r.stdout);
+    } catch (e) {
+      throw new ToolError('QEMU_IMG_FAILED', `Cannot read the bitmaps of ${file}`, r, (e as Error).message);
+    }
   }
 
   /** `shared`: -U, read-only check of an image another process may hold. */
-  check(file: string, opts: { shared?: boolean } = {}): Promise<RunResult> {
-    return this.runner.run(this.binary, ['check', ...(opts.shared ? ['-U'] : []), '--output=json', file], { timeoutMs: this.timeoutMs });
+  async check(file: string, opts: { shared?: boolean } = {}): Promise<CheckResult> {
+    const r = await this.run(['check', ...(opts.shared ? ['-U'] : []), '--output=json', file]);
+    if (r.exitCode === 0) return { kind: 'clean' };
+    if (r.exitCode === 3) return { kind: 'leaks' };
+    return { kind: 'failed', exitCode: r.exitCode, message: (r.stderr || r.stdout).trim().split('\n')[0] ?? '' };
   }
 }

@@ -1,6 +1,8 @@
-// virsh behind a small typed client: one method per call the program makes, and the
-// parsers for virsh's table and key/value output (libvirt 9 formats, docs/e2e-lab.md §7).
-import type { Runner, RunResult } from '../exec.js';
+// virsh behind a small typed client: one method per call the program makes, returning
+// parsed values or throwing a coded ToolError. The parsers for virsh's table and
+// key/value output (libvirt 9 formats, docs/e2e-lab.md §7) stay private to it.
+import { describeFailure, failureText, succeeded, type Runner, type RunResult } from '../exec.js';
+import { ToolError, toolFailure } from './failure.js';
 
 export const URI = 'qemu:///system';
 
@@ -24,7 +26,7 @@ function tableRows(text: string, columns: number): string[][] {
 }
 
 /** `virsh list`: ` Id   Name   State` header, a dash line, then one row per active domain. */
-export function parseList(text: string): DomainRow[] {
+function parseList(text: string): DomainRow[] {
   return tableRows(text, 3).map(([id, name, state]) => ({ id: id!, name: name!, state: state! }));
 }
 
@@ -36,12 +38,12 @@ export interface BlockDevice {
 }
 
 /** `virsh domblklist DOM --details`: Type Device Target Source; Source may contain spaces. */
-export function parseDomblklistDetails(text: string): BlockDevice[] {
+function parseDomblklistDetails(text: string): BlockDevice[] {
   return tableRows(text, 4).map(([type, device, target, source]) => ({ type: type!, device: device!, target: target!, source: source! }));
 }
 
 /** `virsh domjobinfo`: `Key:   value` lines; values keep their inner spacing, trimmed. */
-export function parseJobInfo(text: string): Map<string, string> {
+function parseJobInfo(text: string): Map<string, string> {
   const m = new Map<string, string>();
   for (const line of text.split('\n')) {
     const i = line.indexOf(':');
@@ -53,7 +55,7 @@ export function parseJobInfo(text: string): Map<string, string> {
 const UNITS: Record<string, number> = { B: 1, KiB: 1024, MiB: 1024 ** 2, GiB: 1024 ** 3, TiB: 1024 ** 4, PiB: 1024 ** 5 };
 
 /** "16.000 MiB" → bytes (for the progress bar only; never for agent-facing numbers). */
-export function parseSize(v: string | undefined): number | null {
+function parseSize(v: string | undefined): number | null {
   const m = v ? /^([\d.]+)\s*([KMGTP]iB|B)$/.exec(v) : null;
   return m ? Math.round(Number(m[1]) * UNITS[m[2]!]!) : null;
 }
@@ -73,7 +75,7 @@ export interface QueryBlockEntry {
 }
 
 /** QMP query-block reply (through qemu-monitor-command): the bitmaps on each disk's top image. */
-export function parseQueryBlock(text: string): QueryBlockEntry[] {
+function parseQueryBlock(text: string): QueryBlockEntry[] {
   const reply = JSON.parse(text) as { return?: unknown };
   if (!Array.isArray(reply.return)) throw new Error('query-block reply has no return array');
   return reply.return.map((e: Record<string, unknown>) => {
@@ -86,6 +88,61 @@ export function parseQueryBlock(text: string): QueryBlockEntry[] {
   });
 }
 
+/** A domjobinfo answer: its fields, and the block itself (the agent reads it verbatim). */
+export interface JobInfo {
+  /** `Job type` (Completed, Failed, Cancelled, Unbounded, Bounded, None), or null. */
+  type: string | null;
+  fields: ReadonlyMap<string, string>;
+  text: string;
+  /** Bytes done and to do (the progress bar only), when the job says. */
+  processed: number | null;
+  total: number | null;
+}
+
+function jobInfo(text: string): JobInfo {
+  const fields = parseJobInfo(text);
+  return {
+    type: fields.get('Job type') ?? null,
+    fields,
+    text,
+    processed: parseSize(fields.get('File processed') ?? fields.get('Data processed')),
+    total: parseSize(fields.get('File total') ?? fields.get('Data total')),
+  };
+}
+
+/** What restore needs besides the disks, by the file name it is saved under. */
+const RESTORE_FILES = {
+  'domain-config.xml': 'dumpxml',
+  'dominfo.xml': 'dominfo',
+  'domiflist.xml': 'domiflist',
+  'domblklist.xml': 'domblklist',
+} as const;
+export type RestoreFile = keyof typeof RESTORE_FILES;
+export const RESTORE_FILE_NAMES = Object.keys(RESTORE_FILES) as RestoreFile[];
+
+/** What `virsh version` says (each field only when found), and its text for error details. */
+export interface VirshVersions {
+  qemu?: string;
+  libvirt?: string;
+  api?: string;
+  text: string;
+}
+
+const lastField = (line: string | undefined): string | undefined => line?.trim().split(/\s+/).at(-1);
+
+/** Same extraction rules as the original: `hypervisor` line, LAST `libvirt` line, `API` line. */
+function parseVirshVersion(text: string): VirshVersions {
+  const lines = text.split('\n');
+  const out: VirshVersions = { text };
+  const qemu = lastField(lines.find((l) => l.includes('hypervisor')));
+  const libvirt = lastField(lines.filter((l) => l.includes('libvirt')).at(-1));
+  const api = lastField(lines.find((l) => l.includes('API')));
+  if (qemu) out.qemu = qemu;
+  if (libvirt) out.libvirt = libvirt;
+  if (api) out.api = api;
+  return out;
+}
+
 export class VirshClient {
   constructor(
     private readonly runner: Runner,
@@ -93,75 +150,112 @@ export class VirshClient {
     private readonly timeoutMs: number,
   ) {}
 
-  private call(args: string[], opts: { abortable?: boolean; timeoutMs?: number } = {}): Promise<RunResult> {
+  private run(args: string[], opts: { abortable?: boolean; timeoutMs?: number } = {}): Promise<RunResult> {
     return this.runner.run(this.binary, ['-c', URI, ...args], {
       timeoutMs: opts.timeoutMs ?? this.timeoutMs,
       ...(opts.abortable === false ? { abortable: false } : {}),
     });
   }
 
-  /** `virsh version`, without `-c`, as the original's sanity check runs it. */
-  version(): Promise<RunResult> {
-    return this.runner.run(this.binary, ['version'], { timeoutMs: this.timeoutMs });
+  /** stdout of a call that must succeed; `what` names it in the error. */
+  private async call(what: string, args: string[], opts: { abortable?: boolean; timeoutMs?: number } = {}): Promise<string> {
+    const r = await this.run(args, opts);
+    if (!succeeded(r)) throw toolFailure('VIRSH_FAILED', `virsh ${what}`, r);
+    return r.stdout;
   }
 
-  list(): Promise<RunResult> {
-    return this.call(['list']);
+  /** `virsh version`, without `-c`, as the original's sanity check runs it. */
+  async version(): Promise<VirshVersions> {
+    const r = await this.runner.run(this.binary, ['version'], { timeoutMs: this.timeoutMs });
+    if (!succeeded(r)) {
+      throw new ToolError('LIBVIRT_UNAVAILABLE', `Cannot query the QEMU/libvirt versions (${describeFailure(r)}); is libvirtd running?`, r, r.stderr || r.stdout);
+    }
+    return parseVirshVersion(r.stdout);
   }
-  domblklistDetails(vm: string): Promise<RunResult> {
-    return this.call(['domblklist', vm, '--details']);
+
+  /** The active domains. */
+  async list(): Promise<DomainRow[]> {
+    const r = await this.run(['list']);
+    if (!succeeded(r)) throw new ToolError('LIBVIRT_UNAVAILABLE', `Cannot list domains (${describeFailure(r)})`, r, r.stderr || r.stdout);
+    return parseList(r.stdout);
   }
-  /** Raw outputs saved next to the backup for restore (domain-config.xml etc.). */
-  dumpxml(vm: string): Promise<RunResult> {
-    return this.call(['dumpxml', vm]);
+
+  /** Every block device of the domain (disks, cdroms), with its source. */
+  async blockDevices(vm: string): Promise<BlockDevice[]> {
+    return parseDomblklistDetails(await this.call(`domblklist ${vm}`, ['domblklist', vm, '--details']));
   }
-  dominfo(vm: string): Promise<RunResult> {
-    return this.call(['dominfo', vm]);
+
+  /** The raw text saved next to the backup for restore (domain-config.xml etc.). */
+  restoreFile(vm: string, file: RestoreFile): Promise<string> {
+    return this.call(file, [RESTORE_FILES[file], vm]);
   }
-  domiflist(vm: string): Promise<RunResult> {
-    return this.call(['domiflist', vm]);
+
+  /** `domstate` text, e.g. "running" or "paused". */
+  async state(vm: string): Promise<string> {
+    return (await this.call(`domstate ${vm}`, ['domstate', vm], { abortable: false })).trim();
   }
-  domblklist(vm: string): Promise<RunResult> {
-    return this.call(['domblklist', vm]);
+
+  async resume(vm: string): Promise<void> {
+    await this.call(`resume ${vm}`, ['resume', vm], { abortable: false });
   }
-  domstate(vm: string): Promise<RunResult> {
-    return this.call(['domstate', vm], { abortable: false });
+
+  /** Names of the checkpoints libvirt has registered for the domain. */
+  async checkpoints(vm: string): Promise<string[]> {
+    const text = await this.call(`checkpoint-list ${vm}`, ['checkpoint-list', vm, '--name']);
+    return text.split('\n').map((l) => l.trim()).filter(Boolean);
   }
-  resume(vm: string): Promise<RunResult> {
-    return this.call(['resume', vm], { abortable: false });
+
+  async checkpointCreate(vm: string, xmlFile: string, redefine: boolean): Promise<void> {
+    await this.call(`checkpoint-create ${vm}`, ['checkpoint-create', vm, '--xmlfile', xmlFile, ...(redefine ? ['--redefine'] : [])]);
   }
-  checkpointList(vm: string): Promise<RunResult> {
-    return this.call(['checkpoint-list', vm, '--name']);
-  }
-  checkpointCreate(vm: string, xmlFile: string, redefine: boolean): Promise<RunResult> {
-    return this.call(['checkpoint-create', vm, '--xmlfile', xmlFile, ...(redefine ? ['--redefine'] : [])]);
-  }
+
   /** Cleanup and housekeeping: never cancelled by a signal. */
-  checkpointDelete(vm: string, name: string): Promise<RunResult> {
-    return this.call(['checkpoint-delete', vm, name], { abortable: false });
+  async checkpointDelete(vm: string, name: string): Promise<void> {
+    await this.call(`checkpoint-delete ${vm} ${name}`, ['checkpoint-delete', vm, name], { abortable: false });
   }
-  queryBlock(vm: string): Promise<RunResult> {
-    return this.call(['qemu-monitor-command', vm, '{"execute":"query-block"}']);
+
+  /** The bitmaps on each disk's top image (QMP query-block through the monitor). */
+  async queryBlock(vm: string): Promise<QueryBlockEntry[]> {
+    const text = await this.call(`qemu-monitor-command ${vm}`, ['qemu-monitor-command', vm, '{"execute":"query-block"}']);
+    try {
+      return parseQueryBlock(text);
+    } catch (e) {
+      throw new ToolError('VIRSH_FAILED', `Cannot read the query-block reply of ${vm}`, null, (e as Error).message);
+    }
   }
-  backupBegin(vm: string, backupXml: string, checkpointXml: string | null): Promise<RunResult> {
-    return this.call(['backup-begin', '--domain', vm, '--backupxml', backupXml, ...(checkpointXml ? ['--checkpointxml', checkpointXml] : [])]);
+
+  async backupBegin(vm: string, backupXml: string, checkpointXml: string | null): Promise<void> {
+    const r = await this.run(['backup-begin', '--domain', vm, '--backupxml', backupXml, ...(checkpointXml ? ['--checkpointxml', checkpointXml] : [])]);
+    if (!succeeded(r)) throw new ToolError('BACKUP_BEGIN_FAILED', `Failed to start the backup of ${vm}`, r, failureText(r));
   }
+
   /** Completed-job statistics; `keep` leaves them for a later read. */
-  jobInfoCompleted(vm: string, opts: { keep?: boolean; anystats?: boolean } = {}): Promise<RunResult> {
-    return this.call(
-      ['domjobinfo', vm, '--completed', ...(opts.keep ? ['--keep-completed'] : []), ...(opts.anystats ? ['--anystats'] : [])],
-      { abortable: false },
-    );
+  async jobInfoCompleted(vm: string, opts: { keep?: boolean; anystats?: boolean } = {}): Promise<JobInfo> {
+    const args = ['domjobinfo', vm, '--completed', ...(opts.keep ? ['--keep-completed'] : []), ...(opts.anystats ? ['--anystats'] : [])];
+    return jobInfo(await this.call(`domjobinfo ${vm}`, args, { abortable: false }));
   }
+
   /** The active job (Unbounded while a backup runs, None when there is none). */
-  jobInfo(vm: string): Promise<RunResult> {
-    return this.call(['domjobinfo', vm], { abortable: false });
+  async jobInfo(vm: string): Promise<JobInfo> {
+    return jobInfo(await this.call(`domjobinfo ${vm}`, ['domjobinfo', vm], { abortable: false }));
   }
-  jobAbort(vm: string): Promise<RunResult> {
-    return this.call(['domjobabort', vm], { abortable: false });
+
+  async jobAbort(vm: string): Promise<void> {
+    await this.call(`domjobabort ${vm}`, ['domjobabort', vm], { abortable: false });
   }
-  agentCommand(vm: string, json: string, timeoutSec: number, abortable = true): Promise<RunResult> {
-    return this.call(['qemu-agent-command', vm, '--timeout', String(timeoutSec), json], {
+
+  /** Freeze the guest's filesystems through its agent. */
+  async guestFreeze(vm: string, timeoutSec: number): Promise<void> {
+    await this.agentCommand(vm, '{"execute":"guest-fsfreeze-freeze"}', timeoutSec, true);
+  }
+
+  /** Thaw: part of every cleanup, so never cancelled by a signal. */
+  async guestThaw(vm: string, timeoutSec: number): Promise<void> {
+    await this.agentCommand(vm, '{"execute":"guest-fsfreeze-thaw"}', timeoutSec, false);
+  }
+
+  private agentCommand(vm: string, json: string, timeoutSec: number, abortable: boolean): Promise<string> {
+    return this.call(`qemu-agent-command ${vm}`, ['qemu-agent-command', vm, '--timeout', String(timeoutSec), json], {
       timeoutMs: (timeoutSec + 10) * 1000,
       abortable,
     });

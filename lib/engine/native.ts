@@ -2,7 +2,7 @@
 // Other shapes (new backing outside the chain) go to the fallback engine.
 import { setFlagsFromString } from 'node:v8';
 import { basename, dirname } from 'node:path';
-import { refusalForQcow2 } from '../chain/safety.js';
+import { refusalForQcow2 } from '../store/safety.js';
 import { NasbackupError } from '../errors.js';
 import { Qcow2Error, UNSUPPORTED_CODES, nativeRebase } from '../qcow2/index.js';
 import type { RebaseEngine, RebaseRequest } from './types.js';

@@ -6,15 +6,14 @@
 // damage or an unsafe input found by the dry run is refused (qemu-img would copy zeros
 // where the data was, or follow what it should not).
 import { basename, dirname } from 'node:path';
-import { refusalForQcow2 } from '../chain/safety.js';
+import { refusalForQcow2 } from '../store/safety.js';
 import { NasbackupError } from '../errors.js';
 import { readChain, Qcow2Error, UNSUPPORTED_CODES, nativeRebase } from '../qcow2/index.js';
 import { ProcLocksProbe, type LockProbe } from './locks.js';
 import { NativeRebaseEngine } from './native.js';
-import type { RebaseEngine, RebaseRequest } from './types.js';
+import { ENGINE_MODES, type EngineMode, type RebaseEngine, type RebaseRequest } from './types.js';
 
-export const ENGINE_MODES = ['auto', 'native', 'qemu-img'] as const;
-export type EngineMode = (typeof ENGINE_MODES)[number];
+export { ENGINE_MODES, type EngineMode };
 export const DEFAULT_ENGINE: EngineMode = 'auto';
 
 export function parseEngineMode(v: string, what = '--engine'): EngineMode {

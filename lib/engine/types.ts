@@ -1,5 +1,9 @@
 // The rebase engine interface: qemu-img today, a native qcow2 engine later.
 
+/** --engine / NASBACKUP_ENGINE (pure here so the config can check it without loading an engine). */
+export const ENGINE_MODES = ['auto', 'native', 'qemu-img'] as const;
+export type EngineMode = (typeof ENGINE_MODES)[number];
+
 export interface RebaseRequest {
   /** Absolute path of the image to repoint. */
   target: string;

@@ -7,7 +7,8 @@ import { mkdir, readdir, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { Worker } from 'node:worker_threads';
 import { NasbackupError } from '../errors.js';
-import { describeFailure, failureText, resolveProgram, succeeded, type Runner } from '../exec.js';
+import { resolveProgram, type Runner } from '../exec.js';
+import { softly, ToolError } from '../clients/failure.js';
 import { effectiveMountOptions, isMountPoint, MountClient } from '../clients/mount.js';
 import type { Config } from '../config.js';
 import type { Logger } from '../log.js';
@@ -33,7 +34,8 @@ export async function makeMountPoint(tmpdir: string = process.env.TMPDIR || '/tm
       await mkdir(dir, { mode: 0o700 });
       return dir;
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST')
+        throw new NasbackupError('TMPDIR_UNUSABLE', `Cannot create a mount point in ${tmpdir} (TMPDIR): ${(e as Error).message}`);
     }
   }
   throw new NasbackupError('NAS_MOUNT_FAILED', `Cannot create a mount point in ${tmpdir}`);
@@ -114,17 +116,13 @@ export class NasSession {
     const options = effectiveMountOptions(type, this.target.options);
     // Watched from before the mount: the log line that follows it may already block on the NAS.
     if (this.watch) this.startProbe(this.watch);
-    const r = await this.mounts.mount({ type, source: address, target: this.mountPoint, options }, this.config.mountTimeoutMs);
-    // A mount that timed out or was interrupted may still have happened.
-    this.mounted = succeeded(r) || (await isMountPoint(this.mountPoint));
-    if (!succeeded(r)) {
-      const output = [r.stderr, r.stdout].filter(Boolean).join('');
-      if (r.canceled) throw new NasbackupError('INTERRUPTED', `Interrupted while mounting ${type} store`);
-      throw new NasbackupError(
-        r.timedOut ? 'NAS_MOUNT_TIMEOUT' : 'NAS_MOUNT_FAILED',
-        `Failed to mount ${type} store`,
-        { details: output.trim() || describeFailure(r) },
-      );
+    try {
+      await this.mounts.mount({ type, source: address, target: this.mountPoint, options }, this.config.mountTimeoutMs);
+      this.mounted = true;
+    } catch (e) {
+      // A mount that timed out or was interrupted may still have happened.
+      this.mounted = await isMountPoint(this.mountPoint);
+      throw e;
     }
     this.logger.log(`Successfully mounted ${type} store`);
   }
@@ -203,40 +201,43 @@ export class NasSession {
     const { umountAttempts, umountTimeoutMs, umountRetryDelayMs } = this.config;
     let last = '';
     for (let attempt = 1; attempt <= umountAttempts; attempt++) {
-      const r = await this.mounts.umount(this.mountPoint, umountTimeoutMs);
-      if (succeeded(r) || !(await isMountPoint(this.mountPoint))) {
+      const failed = await softly(this.mounts.umount(this.mountPoint, umountTimeoutMs));
+      if (failed === null || !(await isMountPoint(this.mountPoint))) {
         this.mounted = false;
         return null;
       }
-      last = failureText(r);
+      last = failed;
       this.logger.log(`umount ${this.mountPoint} failed (attempt ${attempt}/${umountAttempts}): ${last}`);
       if (attempt < umountAttempts) await sleep(umountRetryDelayMs * attempt);
     }
     // Still busy (CIFS "target is busy"): detach it so nothing is left mounted on the host.
-    const lazy = await this.mounts.umount(this.mountPoint, umountTimeoutMs, true);
+    const lazy = await this.mounts.umount(this.mountPoint, umountTimeoutMs, true).then(
+      () => '',
+      (e: unknown) => (e instanceof ToolError ? e.output : Promise.reject(e)),
+    );
     if (!(await isMountPoint(this.mountPoint))) {
       this.mounted = false;
       this.logger.log(`Warning: ${this.mountPoint} was busy; detached with a lazy unmount`);
       return null;
     }
-    return `Failed to unmount ${this.mountPoint}: ${(lazy.stderr || last).trim()}`;
+    return `Failed to unmount ${this.mountPoint}: ${(lazy || last).trim()}`;
   }
 
   /** A NAS that does not answer: force (abort its waiting requests), then detach lazily. */
   private async unmountDead(): Promise<string | null> {
     const { umountTimeoutMs } = this.config;
-    const force = await this.mounts.umountDead(this.mountPoint, umountTimeoutMs, false);
-    if (succeeded(force) || !(await isMountPoint(this.mountPoint))) {
+    const force = await softly(this.mounts.umountDead(this.mountPoint, umountTimeoutMs, false));
+    if (force === null || !(await isMountPoint(this.mountPoint))) {
       this.mounted = false;
       this.logger.log(`Warning: ${this.mountPoint} did not answer; unmounted by force`);
       return null;
     }
-    const lazy = await this.mounts.umountDead(this.mountPoint, umountTimeoutMs, true);
+    const lazy = await softly(this.mounts.umountDead(this.mountPoint, umountTimeoutMs, true));
     if (!(await isMountPoint(this.mountPoint))) {
       this.mounted = false;
       this.logger.log(`Warning: ${this.mountPoint} did not answer; detached with a lazy unmount`);
       return null;
     }
-    return `Failed to unmount ${this.mountPoint}: ${failureText(lazy).trim()}`;
+    return `Failed to unmount ${this.mountPoint}: ${(lazy ?? force).trim()}`;
   }
 }

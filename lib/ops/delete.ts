@@ -3,33 +3,33 @@
 // mounted filesystem, and a directory already gone is success (retries are safe).
 import { lstat, readdir, rmdir, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
-import { removedDirectoryLine, removedFileLine } from '../agent-output.js';
-import { NasbackupError } from '../errors.js';
-import { ensureWithin, exists, parseRelativePath } from '../paths.js';
+import { NasbackupError, withResult } from '../errors.js';
+import { ensureWithin, exists } from '../paths.js';
 import type { NasTarget } from '../nas/session.js';
+import type { DeleteResult, RemovedEntry } from '../output.js';
 import { syncAfter, type OpContext } from './context.js';
 
+/** Checked by lib/cli/validate.ts. */
 export interface DeleteArgs {
   nas: NasTarget;
+  /** Mount-relative `<instance>/<timestamp>`. */
   path: string;
+  /** Its first component: the VM lock. */
+  instance: string;
 }
 
 /** `<instance>/<timestamp>` at least: never the root, never an instance folder as a whole. */
 export const DELETE_MIN_DEPTH = 2;
 
-export function validateDeleteArgs(a: { path?: string }): void {
-  if (a.path === undefined) throw new NasbackupError('MISSING_ARGUMENT', 'delete requires -p <backup path>');
-  parseRelativePath(a.path, { what: '-p', minDepth: DELETE_MIN_DEPTH });
-}
-
-export async function deleteOperation(ctx: OpContext, args: DeleteArgs): Promise<void> {
-  validateDeleteArgs(args);
+export async function deleteOperation(ctx: OpContext, args: DeleteArgs): Promise<DeleteResult> {
   const nas = await ctx.openNas(args.nas);
   const abs = await ensureWithin(nas.mountPoint, args.path, { what: '-p', minDepth: DELETE_MIN_DEPTH });
-  const instance = parseRelativePath(args.path, { what: '-p' })[0]!;
+  const instance = args.instance;
   if (await exists(await ensureWithin(nas.mountPoint, instance, { what: '-p' }))) {
     await ctx.lockVm(nas.mountPoint, instance, 'delete');
   }
+  const removed: RemovedEntry[] = [];
+  const result: DeleteResult = { path: args.path, removed };
   const st = await lstat(abs).catch((e: NodeJS.ErrnoException) => {
     if (e.code === 'ENOENT') return null;
     throw e;
@@ -40,30 +40,32 @@ export async function deleteOperation(ctx: OpContext, args: DeleteArgs): Promise
     throw new NasbackupError('PATH_INVALID', `Refusing to delete ${abs}: it is a symbolic link, not a backup`);
   } else {
     try {
-      await removeTree(ctx, abs, st.dev);
+      await removeTree(ctx, abs, st.dev, removed);
     } catch (e) {
-      if (e instanceof NasbackupError) throw e;
-      throw new NasbackupError('DELETE_FAILED', `Failed to delete ${abs}`, { details: (e as Error).message });
+      // What was removed before the failure is still reported (as `rm -v` would have).
+      const err = e instanceof NasbackupError ? e : new NasbackupError('DELETE_FAILED', `Failed to delete ${abs}`, { details: (e as Error).message });
+      throw withResult(err, result);
     }
   }
   await syncAfter(ctx, 'delete');
+  return result;
 }
 
-/** Depth-first removal: contents first, each directory after what it held. */
-export async function removeTree(ctx: OpContext, path: string, dev: number): Promise<void> {
+/** Depth-first removal: contents first, each directory after what it held; each entry is added to `removed` once gone. */
+export async function removeTree(ctx: OpContext, path: string, dev: number, removed: RemovedEntry[]): Promise<void> {
   ctx.checkpoint();
   const st = await lstat(path);
   if (!st.isDirectory()) {
     await unlink(path);
-    ctx.out.write(removedFileLine(path));
+    removed.push({ path, directory: false });
     return;
   }
   if (st.dev !== dev) {
     throw new NasbackupError('DELETE_FAILED', `Refusing to delete ${path}: another filesystem is mounted there`);
   }
   for (const name of await readdir(path)) {
-    await removeTree(ctx, join(path, name), dev);
+    await removeTree(ctx, join(path, name), dev, removed);
   }
   await rmdir(path);
-  ctx.out.write(removedDirectoryLine(path));
+  removed.push({ path, directory: true });
 }

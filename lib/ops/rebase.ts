@@ -3,35 +3,26 @@
 // failure never touches anything but the target (the original wiped the share).
 import { stat } from 'node:fs/promises';
 import { basename, dirname, join, relative } from 'node:path';
-import { assertChainSafe } from '../chain/safety.js';
+import { assertChainSafe } from '../store/safety.js';
 import { NasbackupError } from '../errors.js';
-import { parseRelativePath, ensureWithin } from '../paths.js';
+import { ensureWithin } from '../paths.js';
 import { readChain, indexInChain, Qcow2Error, readHeader, type Chain } from '../qcow2/index.js';
 import type { NasTarget } from '../nas/session.js';
+import type { RebaseResult } from '../output.js';
 import type { RebaseEngine } from '../engine/types.js';
 import { syncAfter, type OpContext } from './context.js';
 
+/** Checked by lib/cli/validate.ts: both mount-relative files, at least `<instance>/<file>`. */
 export interface RebaseArgs {
   nas: NasTarget;
   target: string;
   newBacking: string;
+  /** The target's instance folder (its first component): the VM lock. */
+  instance: string;
 }
 
 const TARGET = '--rebase-target';
 const BACKING = '--rebase-new-backing';
-
-/** Argument checks that need no mount: run before anything happens. */
-export function validateRebaseArgs(a: { rebaseTarget?: string; rebaseNewBacking?: string }): void {
-  if (!a.rebaseTarget || !a.rebaseNewBacking) {
-    throw new NasbackupError('MISSING_ARGUMENT', 'rebase requires --rebase-target and --rebase-new-backing');
-  }
-  parseRelativePath(a.rebaseTarget, { what: TARGET, minDepth: 2 });
-  parseRelativePath(a.rebaseNewBacking, { what: BACKING, minDepth: 2 });
-  // Both name files: `x.qcow2/` is not what the management server meant to send.
-  for (const [what, v] of [[TARGET, a.rebaseTarget], [BACKING, a.rebaseNewBacking]] as const) {
-    if (v.endsWith('/')) throw new NasbackupError('PATH_INVALID', `${what} must name a file, not end with '/': ${v}`);
-  }
-}
 
 async function requireFile(abs: string, message: string): Promise<void> {
   const st = await stat(abs).catch(() => null);
@@ -48,16 +39,19 @@ async function requireQcow2(abs: string, what: string): Promise<void> {
   }
 }
 
-export async function rebaseOperation(ctx: OpContext, args: RebaseArgs, engine: RebaseEngine): Promise<void> {
-  validateRebaseArgs({ rebaseTarget: args.target, rebaseNewBacking: args.newBacking });
+export async function rebaseOperation(ctx: OpContext, args: RebaseArgs, engine: RebaseEngine): Promise<RebaseResult> {
   const nas = await ctx.openNas(args.nas);
   const root = nas.mountPoint;
-  const vm = parseRelativePath(args.target, { what: TARGET })[0]!;
+  const vm = args.instance;
   await ctx.lockVm(root, vm, 'rebase');
   const target = await ensureWithin(root, args.target, { what: TARGET, minDepth: 2 });
   const backing = await ensureWithin(root, args.newBacking, { what: BACKING, minDepth: 2 });
-  await safeRebase(ctx, target, backing, engine, join(root, vm));
-  await syncAfter(ctx, 'rebase');
+  const changed = await safeRebase(ctx, target, backing, engine, join(root, vm));
+  // Done and confirmed on disk: a signal from here on (or one that raced the engine's
+  // last step) must not turn it into a failure; the flush still runs.
+  ctx.committed();
+  await syncAfter(ctx, 'rebase', { afterCommit: true });
+  return { target: args.target, newBacking: args.newBacking, changed };
 }
 
 /**
@@ -65,8 +59,9 @@ export async function rebaseOperation(ctx: OpContext, args: RebaseArgs, engine: 
  * with the new reference written relative to the target's folder. Checks everything
  * first; a no-op when already done, so a repeated chain repair is safe. Both chains must
  * stay inside `instanceDir` (the VM's folder on the mount) and pass the chain safety check.
+ * Returns whether anything was written.
  */
-export async function safeRebase(ctx: OpContext, target: string, backing: string, engine: RebaseEngine, instanceDir: string): Promise<void> {
+export async function safeRebase(ctx: OpContext, target: string, backing: string, engine: RebaseEngine, instanceDir: string): Promise<boolean> {
   await requireFile(target, `Rebase target file does not exist: ${target}`);
   await requireFile(backing, `New backing file does not exist: ${backing}`);
   await requireQcow2(target, 'Rebase target');
@@ -75,8 +70,8 @@ export async function safeRebase(ctx: OpContext, target: string, backing: string
   // reader refused.
   const vm = basename(instanceDir);
   const safe = { missingOk: true }; // a missing layer: CHAIN_BROKEN below, as before
-  for (const w of await assertChainSafe(target, instanceDir, 'The chain of the rebase target', vm, safe)) ctx.logger.log(`Warning: ${w}`);
-  for (const w of await assertChainSafe(backing, instanceDir, 'The chain of the new backing file', vm, safe)) ctx.logger.log(`Warning: ${w}`);
+  for (const w of await assertChainSafe(target, instanceDir, 'The chain of the rebase target', vm, safe)) ctx.logger.log(`Warning: ${w.message}`);
+  for (const w of await assertChainSafe(backing, instanceDir, 'The chain of the new backing file', vm, safe)) ctx.logger.log(`Warning: ${w.message}`);
 
   const tst = await stat(target);
   const bst = await stat(backing);
@@ -99,7 +94,7 @@ export async function safeRebase(ctx: OpContext, target: string, backing: string
 
   if (index === 1 && current.backingFile === name && current.backingFormat === 'qcow2') {
     ctx.logger.log(`Rebase: ${target} already backs onto ${name}; nothing to do`);
-    return;
+    return false;
   }
   if (index === -1) {
     ctx.logger.log(`Rebase: ${backing} is not in the current chain of ${target}; qemu-img compares the whole disk (slow path)`);
@@ -115,6 +110,7 @@ export async function safeRebase(ctx: OpContext, target: string, backing: string
   if (!after || top?.backingFile !== name || (await indexInChain(after, backing)) !== 1) {
     throw new NasbackupError('QEMU_IMG_FAILED', `Rebase of ${target} did not take effect (backing is ${top?.backingFile ?? 'unreadable'})`);
   }
+  return true;
 }
 
 async function chainOrFail(path: string, what: string): Promise<Chain> {

@@ -35,8 +35,8 @@ export async function growRefcountTable(T: Qcow2Image, nextFree: number, mustCov
 
   // Size the table: it, and the blocks that count it and themselves, come first.
   let tc = oldClusters;
-  let blocks: number[] = [];
-  let end = P;
+  let blocks: number[];
+  let end: number;
   for (;;) {
     let stop = P + tc;
     for (;;) {

@@ -60,7 +60,7 @@ describe('fake virsh: libvirt 9 output formats', () => {
         ' file   cdrom    hdc      -\n\n',
     );
     expect(names.stdout).toBe(`${PARENT_BITMAP}\n\n`);
-    expect(info.stdout).toMatch(/^Id:             7\nName:           i-2-10-VM\nUUID:           4c0c1f2e-8d7a-4b1e-9f3a-2d6e5b7c8a90\nOS Type:        hvm\nState:          running\n/);
+    expect(info.stdout).toMatch(/^Id: {13}7\nName: {11}i-2-10-VM\nUUID: {11}4c0c1f2e-8d7a-4b1e-9f3a-2d6e5b7c8a90\nOS Type: {8}hvm\nState: {10}running\n/);
     expect(state.stdout).toBe('running\n\n');
     expect(nic.stdout).toBe(
       ' Interface   Type     Source     Model    MAC\n-------------------------------------------------------------\n vnet0       bridge   cloudbr0   virtio   02:00:4c:5e:00:01\n\n',

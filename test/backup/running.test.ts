@@ -32,7 +32,7 @@ describe.concurrent('-o backup, running VM', () => {
     expect(compareImages(root, s.rootDisk)).toBe('Images are identical.');
     expect(qemuInfo(root)['backing-filename']).toBeUndefined();
     expect(modeOf(root)).toBe('0600');
-    expect(readFileSync(join(s.final, 'dominfo.xml'), 'utf8')).toMatch(/^Id:             7\nName:           i-2-10-VM\n/);
+    expect(readFileSync(join(s.final, 'dominfo.xml'), 'utf8')).toMatch(/^Id: {13}7\nName: {11}i-2-10-VM\n/);
     expect(readFileSync(join(s.final, 'domain-config.xml'), 'utf8')).toContain(`<source file='${s.rootDisk}' index='2'/>`);
     expect(othersOnNas(s.sb)).toEqual(before);
 

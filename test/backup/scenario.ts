@@ -116,7 +116,7 @@ export function scenario(tag: string, o: ScenarioOptions = {}): Scenario {
     if (dataDisk) disks[1]!.dirty = DATA_DIRTY;
   }
   const { disks: diskOverrides, ...rest } = o.domain ?? {};
-  for (const [i, d] of (diskOverrides ?? []).entries()) if (disks[i]) disks[i] = { ...disks[i]!, ...d };
+  for (const [i, d] of (diskOverrides ?? []).entries()) if (disks[i]) disks[i] = { ...disks[i], ...d };
 
   const domain: FakeDomain = {
     name: VM,

@@ -1,10 +1,10 @@
 // `nasbackup chain …` on real qemu-img chains with two disks (root + datadisk) on a
 // bind-mounted folder: every remaining point in time must read identically afterwards.
-import { execFileSync } from 'node:child_process'
+import { execFileSync, spawn } from 'node:child_process'
 import { existsSync, readdirSync, readFileSync, rmSync, writeFileSync, openSync, writeSync, closeSync } from 'node:fs'
 import { join } from 'node:path'
 import { afterAll, describe, expect, it } from 'vitest'
-import { bindNas, leftovers, makeSandbox, run, start, writeShim, type Sandbox } from '../helpers/cli.js'
+import { BIN, bindNas, leftovers, makeSandbox, run, start, writeShim, type Sandbox } from '../helpers/cli.js'
 import { contentSha256, makeImage, info } from '../helpers/qemu.js'
 import { removeTempDirs } from '../helpers/tmp.js'
 
@@ -84,8 +84,10 @@ describe('chain delete', () => {
     expectSame(sb, before, [])
     const forced = await run(sb, chain(sb, 'delete', '--backup', `${VM}/${TS[0]}`, '--force'))
     expect(forced.code).toBe(0)
-    const order = [...forced.stdout.matchAll(/removed directory '\S+\/(\d{4}[.\d]+)'/g)].map((m) => m[1])
+    // Operator text names NAS-relative folders, never the temporary mount point.
+    const order = [...forced.stdout.matchAll(/^removed i-2-10-VM\/(\d{4}[.\d]+)$/gm)].map((m) => m[1])
     expect(order).toEqual([TS[3], TS[2], TS[1], TS[0]])
+    expect(forced.stdout).not.toContain('csbackup.')
     expect(readdirSync(join(sb.nas, VM))).toEqual([])
   })
 
@@ -157,7 +159,7 @@ describe('chain verify', () => {
     const j = await run(sb, [...chain(sb, 'verify'), '--json'])
     expect(j.code).toBe(1)
     const report = JSON.parse(j.stdout)
-    expect(report.ok).toBe(false)
+    expect(report).toMatchObject({ ok: false, command: 'chain verify', vm: VM, errors: [{ code: 'CHAIN_INVALID', exitCode: 1 }] })
     expect(j.stdout.trim().split('\n')).toHaveLength(1)
   })
 
@@ -167,6 +169,7 @@ describe('chain verify', () => {
     const r = await run(sb, [...chain(sb, 'list'), '--json'])
     expect(r.code).toBe(0)
     const j = JSON.parse(r.stdout)
+    expect(j).toMatchObject({ ok: true, command: 'chain list', vm: VM, errors: [], warnings: [] })
     expect(j.backups).toEqual(TS)
     expect(j.files).toHaveLength(8)
     expect(j.files[2]).toMatchObject({ backup: TS[1], file: DISKS[1]!.file, backing: `../${TS[0]}/${DISKS[1]!.file}`, virtualSize: 8 * MiB })
@@ -188,11 +191,11 @@ describe('plans', () => {
     seed(sb)
     const ok = await run(sb, [...chain(sb, 'plan-delete', '--backup', `${VM}/${TS[1]}`), '--json', '--records', records(sb, TS.map((t, i) => [t, i]))])
     expect(ok.code).toBe(0)
-    expect(JSON.parse(ok.stdout)).toEqual({
+    expect(JSON.parse(ok.stdout)).toEqual({ ok: true, command: 'chain plan-delete', errors: [], warnings: [], plan: {
       backup: `${VM}/${TS[1]}`, proceed: true, reason: null,
       rebases: DISKS.map((d) => ({ volId: d.file.split('.')[1], target: `${VM}/${TS[2]}/${d.file}`, newBacking: `${VM}/${TS[0]}/${d.file}` })).sort((a, b) => a.target.localeCompare(b.target)),
       remove: [`${VM}/${TS[1]}`],
-    })
+    } })
     // The records claim TS[3] follows TS[1]; the files say TS[2] does.
     const bad = await run(sb, chain(sb, 'plan-delete', '--backup', `${VM}/${TS[1]}`, '--records', records(sb, [[TS[0]!, 0], [TS[1]!, 1], [TS[3]!, 2], [TS[2]!, 3]])))
     expect(bad.code).toBe(1)
@@ -226,5 +229,54 @@ describe('plans', () => {
     const missing = await run(sb, ['plan-delete', '--records', join(sb.root, 'nope.json'), '--backup', 'x', '--root-volume-uuid', 'RV'])
     expect(missing.code).toBe(1)
     expect(missing.stdout).toMatch(/^Cannot read records file/)
+  })
+})
+
+describe('chain delete --force on a terminal', () => {
+  /** Run under a pseudo-terminal (util-linux `script`), typing `answer` when asked. */
+  function onTerminal(sb: Sandbox, args: string[], answer: string): Promise<{ code: number | null; out: string }> {
+    const q = (a: string): string => `'${a.replace(/'/g, `'\\''`)}'`
+    const child = spawn('script', ['-qec', [BIN, ...args].map(q).join(' '), '/dev/null'], { env: { ...process.env, ...sb.env }, stdio: ['pipe', 'pipe', 'pipe'] })
+    let out = ''
+    let typed = false
+    child.stdout!.on('data', (d: Buffer) => {
+      out += d.toString()
+      // Answer only once the question is on the screen, as a person would.
+      if (!typed && out.includes('Proceed? [y/N]')) {
+        typed = true
+        child.stdin!.write(`${answer}\n`)
+      }
+    })
+    return new Promise((res) => child.on('close', (code) => {
+      child.stdin!.destroy()
+      res({ code, out: out.replace(/\r\n/g, '\n') })
+    }))
+  }
+
+  it('shows the plan and asks; anything but y changes nothing (NOT_CONFIRMED); y proceeds', async () => {
+    const sb = makeSandbox('chain-confirm')
+    const before = seed(sb)
+    const no = await onTerminal(sb, chain(sb, 'delete', '--backup', `${VM}/${TS[0]}`, '--force'), 'n')
+    expect(no.code).toBe(1)
+    expect(no.out).toContain(`remove ${VM}/${TS[3]}\n`)
+    expect(no.out).toContain(`remove ${VM}/${TS[0]}\n`)
+    expect(no.out).toMatch(/Not confirmed: nothing of i-2-10-VM\/2025\.01\.01\.00\.00\.00 was changed/)
+    expect(no.out).not.toContain('csbackup.')
+    expectSame(sb, before, [])
+    expect(readFileSync(sb.logFile, 'utf8')).toMatch(/ERROR \[NOT_CONFIRMED\]/)
+    const yes = await onTerminal(sb, chain(sb, 'delete', '--backup', `${VM}/${TS[0]}`, '--force'), 'y')
+    expect(yes.code).toBe(0)
+    expect(yes.out).toContain(`removed ${VM}/${TS[0]}\n`)
+    expect(readdirSync(join(sb.nas, VM))).toEqual([])
+    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] })
+  })
+
+  it('--yes does not ask', async () => {
+    const sb = makeSandbox('chain-yes')
+    seed(sb)
+    const r = await onTerminal(sb, chain(sb, 'delete', '--backup', `${VM}/${TS[0]}`, '--force', '--yes'), 'n')
+    expect(r.code).toBe(0)
+    expect(r.out).not.toContain('Proceed?')
+    expect(readdirSync(join(sb.nas, VM))).toEqual([])
   })
 })

@@ -132,3 +132,38 @@ describe('mount failures', () => {
     expect(logText(sb)).not.toMatch(/password=p\b/);
   });
 });
+
+describe('settings: one that is set but unusable is an error, not the default', () => {
+  it.each([
+    [{ NASBACKUP_AGENT_PROFILE: 'newset' }, /^Invalid NASBACKUP_AGENT_PROFILE: newset \(expected rebase-era, merged or newest\)\n$/],
+    [{ NASBACKUP_MOUNT_TIMEOUT: '10s' }, /^Invalid NASBACKUP_MOUNT_TIMEOUT: 10s/],
+    [{ NASBACKUP_BREAK_LOCK: 'yes' }, /^Invalid NASBACKUP_BREAK_LOCK: yes/],
+  ])('%j: one line, exit 1, INVALID_SETTING logged, nothing mounted', async (env, message) => {
+    const sb = makeSandbox('gen-setting');
+    const r = await run(sb, ['-o', 'stats', ...bindNas(sb)], env);
+    expect(r).toMatchObject({ code: 1, stderr: '' });
+    expect(r.stdout).toMatch(message);
+    expect(logText(sb)).toMatch(/ERROR \[INVALID_SETTING\] Invalid NASBACKUP_/);
+    expect(logText(sb)).not.toMatch(/exec: mount/);
+    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+    const j = await run(sb, ['-o', 'stats', ...bindNas(sb), '--json'], env);
+    expect(j.code).toBe(1);
+    expect(JSON.parse(j.stdout)).toMatchObject({ ok: false, command: 'stats', errors: [{ code: 'INVALID_SETTING', exitCode: 1 }], warnings: [] });
+  });
+});
+
+describe('operator messages name files on the NAS, not the temporary mount point', () => {
+  it('-o rebase --json of a missing file: `<instance>/<ts>/<file> on <address>`; the agent text is unchanged', async () => {
+    const sb = makeSandbox('gen-relnames');
+    const argv = ['-o', 'rebase', ...bindNas(sb), '--rebase-target', 'i-2-10-VM/2025.01.03.00.00.00/root.v.qcow2', '--rebase-new-backing', 'i-2-10-VM/2025.01.01.00.00.00/root.v.qcow2'];
+    const agent = await run(sb, argv);
+    expect(agent.code).toBe(1);
+    // The agent's bytes are the contract's (the absolute path it always had).
+    expect(agent.stdout).toMatch(new RegExp(`^Rebase target file does not exist: ${sb.tmp}/csbackup\\.\\w+/i-2-10-VM/2025\\.01\\.03\\.00\\.00\\.00/root\\.v\\.qcow2\\n$`));
+    const j = await run(sb, [...argv, '--json']);
+    expect(j.code).toBe(1);
+    expect(j.stdout).not.toContain('csbackup.');
+    expect(JSON.parse(j.stdout).errors[0].message).toBe(`Rebase target file does not exist: i-2-10-VM/2025.01.03.00.00.00/root.v.qcow2 on ${sb.nas}`);
+    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+  });
+});

@@ -194,7 +194,7 @@ describe('lib/cli/agent', () => {
     [['--profile', 'merged'], { profile: 'merged' }],
     [['--profile=newest'], { profile: 'newest' }],
     [['--profile'], { error: 'Option --profile requires a value' }],
-    [['-x'], { error: expect.stringMatching(/^Invalid agent option: -x/) as unknown as string }],
+    [['-x'], { error: expect.stringMatching(/^Invalid agent option: -x/) }],
   ])('parseAgentArgs(%j)', (args, out) => expect(parseAgentArgs(args)).toEqual(out));
 
   it('runAgent in-process: bad input is answered on the answer channel (exit 0) without running anything', async () => {

@@ -170,7 +170,7 @@ const command: fc.Arbitrary<BackupCommand> = fc.oneof(
     { cls: fc.constant('GetBackupStorageStatsCommand' as const), backupRepoType: str, backupRepoAddress: str, mountOptions: opt(str), ...base },
     { requiredKeys: ['cls', 'backupRepoType', 'backupRepoAddress', 'wait', 'bypassHostMaintenance'] },
   ),
-) as fc.Arbitrary<BackupCommand>;
+);
 
 const answer: fc.Arbitrary<WireAnswer> = fc.oneof(
   fc.record(
@@ -196,7 +196,7 @@ const answer: fc.Arbitrary<WireAnswer> = fc.oneof(
     { cls: fc.constant('Answer' as const), result: fc.boolean(), details: opt(str), ...base },
     { requiredKeys: ['cls', 'result', 'wait', 'bypassHostMaintenance'] },
   ),
-) as fc.Arbitrary<WireAnswer>;
+);
 
 /** Drop undefined members so objects compare as the wire sees them. */
 const defined = (o: object): Record<string, unknown> => Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined));

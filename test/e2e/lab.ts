@@ -255,7 +255,7 @@ export async function startGuest(opts: GuestOptions): Promise<Guest> {
     return { name: opts.name, consoleLog, xmlPath, timings: { readyMs, agentMs }, destroy }
   } catch (e) {
     await destroy().catch(() => {})
-    throw new Error(`${(e as Error).message}\n--- console (${consoleLog}) ---\n${tail(consoleLog)}`)
+    throw new Error(`${(e as Error).message}\n--- console (${consoleLog}) ---\n${tail(consoleLog)}`, { cause: e })
   }
 }
 

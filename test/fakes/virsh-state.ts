@@ -60,7 +60,8 @@ export interface FakeDomain {
   name: string;
   id: number;
   uuid: string;
-  state: 'running' | 'paused' | 'shut off' | 'in shutdown' | string;
+  /** 'running', 'paused', 'shut off', 'in shutdown', or any other text virsh may print. */
+  state: string;
   vcpus?: number;
   memoryKiB?: number;
   persistent?: boolean;

@@ -776,7 +776,7 @@ function main(argv) {
     if (f && existsSync(f)) inputs[o] = readFileSync(f, 'utf8');
   }
 
-  let stdout = '';
+  let stdout;
   let stderr = '';
   let exitCode = 0;
   try {

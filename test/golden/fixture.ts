@@ -17,6 +17,8 @@ export const RUN = `${GOLDEN_ROOT}/run`;
 export const SCRIPT_NAME = '/usr/share/cloudstack-common/scripts/vm/hypervisor/kvm/nasbackup.sh';
 
 export const PROJECT_FIXTURES = fileURLToPath(new URL('./fixtures', import.meta.url));
+/** Fixtures we wrote ourselves, in the recorded shape, for kinds the recordings lack (see its README). */
+export const EXTRA_FIXTURES = fileURLToPath(new URL('./extra-fixtures', import.meta.url));
 
 export interface Annotation {
   line: number;
@@ -187,8 +189,8 @@ export interface Fixture {
   };
 }
 
-/** Fixtures from a folder (NASBACKUP_GOLDEN_DIR or the project's), sorted by name. */
-export function loadFixtures(dir: string = process.env.NASBACKUP_GOLDEN_DIR || PROJECT_FIXTURES): Fixture[] {
+/** Fixtures from one folder, sorted by name. */
+export function loadFixtureDir(dir: string): Fixture[] {
   return readdirSync(dir)
     .filter((f) => f.endsWith('.json'))
     .sort()
@@ -199,15 +201,77 @@ export function loadFixtures(dir: string = process.env.NASBACKUP_GOLDEN_DIR || P
     });
 }
 
+/**
+ * The fixtures a run replays: NASBACKUP_GOLDEN_DIR alone when set, otherwise the
+ * recorded ones and our extra ones. `dirs` overrides both.
+ */
+export function loadFixtures(...dirs: string[]): Fixture[] {
+  const from = dirs.length ? dirs : process.env.NASBACKUP_GOLDEN_DIR ? [process.env.NASBACKUP_GOLDEN_DIR] : [PROJECT_FIXTURES, EXTRA_FIXTURES];
+  return from.flatMap(loadFixtureDir);
+}
+
 /** `<NAS>`/`<PRIMARY>` → sandbox paths (argv, host and nas keep them unresolved). */
 export function resolvePaths<T>(value: T): T {
   return JSON.parse(JSON.stringify(value).replaceAll('<NAS>', NAS).replaceAll('<PRIMARY>', PRIMARY)) as T;
 }
 
-/** Value of a flag in the fixture argv (`-p`, `--bitmap-new`, …), or undefined when absent. */
+/** Short and long spellings of the original's flags (a flag is looked up by either). */
+const ALIASES: ReadonlyArray<[string, string]> = [
+  ['-o', '--operation'],
+  ['-v', '--vm'],
+  ['-t', '--type'],
+  ['-s', '--storage'],
+  ['-m', '--mount'],
+  ['-p', '--path'],
+  ['-q', '--quiesce'],
+  ['-d', '--diskpaths'],
+  ['-M', '--mode'],
+  ['-h', '--help'],
+  ['-c', '--compress'],
+  ['-b', '--bandwidth'],
+  ['-e', '--encrypt'],
+  ['-w', '--mount-timeout'],
+];
+
+/** Flags the original script takes a value for (each consumes the next argv element). */
+export const ORIGINAL_VALUE_FLAGS = new Set([
+  ...ALIASES.slice(0, 9).flat(),
+  '--bitmap-new',
+  '--bitmap-parent',
+  '--parent-paths',
+  '--rebase-target',
+  '--rebase-new-backing',
+]);
+
+/** Every value flag a fixture argv may hold: the original's and the later upstream ones. */
+const VALUE_FLAGS = new Set([...ORIGINAL_VALUE_FLAGS, '--parent-path', '-b', '--bandwidth', '-e', '--encrypt', '-w', '--mount-timeout', '--quiesce-timeout']);
+
+const spellings = (flag: string): string[] => ALIASES.find((a) => a.includes(flag)) ?? [flag];
+
+/**
+ * Value of a flag in the fixture argv (`-p`, `--bitmap-new`, …; short or long spelling),
+ * or undefined when absent. Read like the original's loop: every value flag consumes the
+ * next element, and a flag given twice keeps its last value.
+ */
 export function argValue(argv: readonly string[], ...flags: string[]): string | undefined {
-  for (let i = 0; i < argv.length - 1; i++) if (flags.includes(argv[i]!)) return argv[i + 1];
-  return undefined;
+  const want = new Set(flags.flatMap(spellings));
+  let v: string | undefined;
+  for (let i = 0; i < argv.length; i++) {
+    if (!VALUE_FLAGS.has(argv[i]!)) continue;
+    if (want.has(argv[i]!) && i + 1 < argv.length) v = argv[i + 1];
+    i++;
+  }
+  return v;
+}
+
+/** Whether a flag (either spelling) is present at all, as a flag. */
+export function hasFlag(argv: readonly string[], flag: string): boolean {
+  const want = new Set(spellings(flag));
+  for (let i = 0; i < argv.length; i++) {
+    if (want.has(argv[i]!)) return true;
+    if (VALUE_FLAGS.has(argv[i]!)) i++;
+  }
+  return false;
 }
 
 /** The backed-up VM's domain in `host` (the one named by -v). */

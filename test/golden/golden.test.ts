@@ -4,12 +4,12 @@
 // The sandbox paths are fixed (/tmp/nasbackup-golden), so scenarios run one by one.
 import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { loadFixtures, PROJECT_FIXTURES, resolvePaths } from './fixture.js';
+import { argValue, EXTRA_FIXTURES, hasFlag, loadFixtures, PROJECT_FIXTURES, resolvePaths } from './fixture.js';
 import { compare } from './compare.js';
 import { KEEP, replay } from './harness.js';
 import { callKey, matchesPattern, normArgv, normText } from './normalize.js';
 import { DIVERGENCES_MD, renderDivergences } from './render.js';
-import { HOST_FACTS, loadTable, matches, resolve } from './rules.js';
+import { FACTS, HOST_FACTS, loadTable, matches, ourCifsOptions, resolve, unsafeRelativePath } from './rules.js';
 import { acquireSuiteLock, releaseSuiteLock, removeSandbox } from './sandbox.js';
 import * as synth from './fakes/synth.js';
 
@@ -19,13 +19,13 @@ const say = (line: string): void => void process.stdout.write(`${line}\n`);
 
 describe('golden: the divergence table', () => {
   it('DIVERGENCES.md is generated from divergences.json (npm run golden:divergences)', () => {
-    expect(readFileSync(DIVERGENCES_MD, 'utf8')).toBe(renderDivergences(table, loadFixtures(PROJECT_FIXTURES)));
+    expect(readFileSync(DIVERGENCES_MD, 'utf8')).toBe(renderDivergences(table, loadFixtures(PROJECT_FIXTURES, EXTRA_FIXTURES)));
   });
 
   it('every rule explains itself, uses known conditions and applies to a project fixture', () => {
-    const project = loadFixtures(PROJECT_FIXTURES);
-    const whenKeys = ['group', 'exit', 'recordedStdout', 'recordedStderr', 'recordedLeftovers', 'recordedEffect', 'recordedCall', 'failedCall', 'args', 'host', 'scenarios'];
-    const expectKeys = ['exit', 'stdout', 'stdoutContains', 'stderr', 'log', 'calls', 'nas', 'primary', 'checkpoints', 'leftovers'];
+    const project = loadFixtures(PROJECT_FIXTURES, EXTRA_FIXTURES);
+    const whenKeys = ['group', 'exit', 'recordedStdout', 'recordedStderr', 'recordedLeftovers', 'recordedEffect', 'recordedCall', 'failedCall', 'args', 'host', 'facts', 'scenarios'];
+    const expectKeys = ['exit', 'stdout', 'stdoutContains', 'stdoutExcludes', 'stderr', 'log', 'calls', 'nas', 'primary', 'checkpoints', 'leftovers'];
     const ids = new Set<string>();
     for (const r of table.rules) {
       expect(ids.has(r.id), r.id).toBe(false);
@@ -34,6 +34,7 @@ describe('golden: the divergence table', () => {
       for (const k of Object.keys(r.when)) expect(whenKeys, `${r.id}: when.${k}`).toContain(k);
       for (const k of Object.keys(r.expect)) expect(expectKeys, `${r.id}: expect.${k}`).toContain(k);
       for (const h of [r.when.host ?? []].flat()) expect(Object.keys(HOST_FACTS), r.id).toContain(h.replace(/^!/, ''));
+      for (const h of [r.when.facts ?? []].flat()) expect(Object.keys(FACTS), r.id).toContain(h.replace(/^!/, ''));
       expect(project.some((fx) => matches(r.when, fx, table.argv)), `${r.id} applies to no fixture`).toBe(true);
     }
     for (const a of table.argv) for (const k of ['original', 'ours', 'why'] as const) expect(a[k], `${a.id}.${k}`).toMatch(/\S/);
@@ -50,6 +51,18 @@ describe('golden: the divergence table', () => {
     expect(matchesPattern('virsh domjobinfo vm --completed', 'virsh domjobinfo *')).toBe(false);
     expect(matchesPattern('virsh domjobinfo vm --completed', 'virsh domjobinfo **')).toBe(true);
     expect(matchesPattern('mount -t cifs //h/s <MOUNT_POINT> -o ""', 'mount ** -o ""')).toBe(true);
+  });
+
+  it('argv is read like the original reads it; the path and cifs facts follow the contract', () => {
+    const argv = ['-o', 'backup', '--vm', 'a', '-m', '-p', '-p', 'x/y', '--parent-path', 'x/y/root.v.qcow2', '-v', 'b'];
+    expect(argValue(argv, '-v')).toBe('b'); // long or short spelling, the last one wins
+    expect(argValue(argv, '-m')).toBe('-p'); // a value flag consumes the next element
+    expect(argValue(argv, '-p')).toBe('x/y');
+    expect(argValue(argv, '--parent-paths', '--parent-path')).toBe('x/y/root.v.qcow2');
+    expect(argValue(['-o', 'delete', '-p'], '-p')).toBeUndefined();
+    expect([hasFlag(argv, '-o'), hasFlag(['-m', '-o'], '-o')]).toEqual([true, false]);
+    expect(['', '/abs/x', 'a/../b', 'vm', './vm/.', 'vm/ts', 'vm//ts/'].map((p) => unsafeRelativePath(p, 2))).toEqual([true, true, true, true, true, false, false]);
+    expect(['', 'vers=3.0', 'vers=3.0,nobrl', ',a,,b,'].map(ourCifsOptions)).toEqual(['nobrl', 'vers=3.0,nobrl', 'vers=3.0,nobrl', 'a,b,nobrl']);
   });
 
   it('the fakes’ synthetic answers reproduce the recorded ones wherever both exist', () => {

@@ -3,7 +3,7 @@
 // golden.test.ts fails when it is out of date.
 import { fileURLToPath } from 'node:url';
 import type { Fixture } from './fixture.js';
-import { HOST_FACTS, matches, type Expectation, type Table, type When } from './rules.js';
+import { FACTS, HOST_FACTS, matches, type Expectation, type Table, type When } from './rules.js';
 
 export const DIVERGENCES_MD = fileURLToPath(new URL('./DIVERGENCES.md', import.meta.url));
 
@@ -21,8 +21,9 @@ function describeWhen(w: When): string {
   if (w.recordedEffect) parts.push(`a recorded ${code(w.recordedEffect)} effect`);
   if (w.recordedCall) parts.push(w.recordedCall.startsWith('!') ? `no recorded ${code(w.recordedCall.slice(1))}` : `a recorded ${code(w.recordedCall)}`);
   if (w.failedCall) parts.push(`a recorded failing ${code(w.failedCall)}`);
-  for (const [k, v] of Object.entries(w.args ?? {})) parts.push(`${code(k)} matches ${code(v)}`);
+  for (const [k, v] of Object.entries(w.args ?? {})) parts.push(v === null ? `no ${code(k)}` : `${code(k)} matches ${code(v)}`);
   for (const h of Array.isArray(w.host) ? w.host : w.host ? [w.host] : []) parts.push(h.startsWith('!') ? `host: not ${h.slice(1)}` : `host: ${h}`);
+  for (const h of Array.isArray(w.facts) ? w.facts : w.facts ? [w.facts] : []) parts.push(h.startsWith('!') ? `not ${h.slice(1)}` : h);
   if (w.scenarios) parts.push(`scenarios ${w.scenarios.join(', ')}`);
   return parts.length ? parts.join('; ') : 'every scenario';
 }
@@ -30,8 +31,9 @@ function describeWhen(w: When): string {
 function describeExpect(x: Expectation): string {
   const parts: string[] = [];
   if (x.exit !== undefined) parts.push(`exit ${x.exit}`);
-  if (x.stdout) parts.push(x.stdout === 'recorded' ? 'stdout as recorded' : `stdout ${x.stdout.lines.map((l) => code(typeof l === 'string' ? l : `/${l.re}/`)).join(' ')}`);
+  if (x.stdout) parts.push(x.stdout === 'recorded' ? 'stdout as recorded' : `stdout ${x.stdout.lines.map((l) => code(typeof l === 'string' ? l : `/${l.re}/${l.optional ? '?' : ''}`)).join(' ')}`);
   if (x.stdoutContains?.length) parts.push(`stdout contains ${x.stdoutContains.map(code).join(', ')}`);
+  if (x.stdoutExcludes?.length) parts.push(`no stdout line matches ${x.stdoutExcludes.map((e) => code(`/${e}/`)).join(', ')}`);
   if (x.stderr) parts.push(`stderr ${x.stderr}`);
   if (x.log) parts.push(`log ${x.log}`);
   if (x.nas) parts.push(`NAS ${x.nas}`);
@@ -60,18 +62,24 @@ const RULE_LANGUAGE = [
   '* `when` (all given conditions must hold): `group`; `exit` (recorded exit code, `nonzero`, `timeout`); `recordedStdout` (regex); ' +
     '`recordedStderr` / `recordedLeftovers` (true: the original printed to stderr / left mounts); `recordedEffect` (an effect op such as ' +
     '`mount-failed`); `recordedCall` / `failedCall` (a recorded call, or a recorded failing call, matches a call pattern; `!pattern`: none ' +
-    'does); `args` (flag → regex on its value); `host` (named facts of the simulated host: HOST_FACTS; `!fact` negates).',
-  '* `expect`: `exit`; `stdout` (`recorded`, or `lines`: literal lines, `{re}` regexes, `@recorded[:n[-m]]`, `@recorded-through:<regex>`, ' +
-    '`@markers`, `@job-block`, `@du-total`, `@file-sizes`, `@any*`); `stdoutContains` (text; `@tool-errors`: the stderr of each failing ' +
+    'does); `args` (flag, short or long spelling → regex on its value, `null`: the flag is absent); `host` (named facts of the simulated ' +
+    'host: HOST_FACTS; `!fact` negates); `facts` (named facts of the argv and the NAS before the run: FACTS).',
+  '* `expect`: `exit` (`any`: the recording cannot say, the original never ran the operation); `stdout` (`recorded`, or `lines`: literal ' +
+    'lines, `{re}` regexes (`optional`: zero or one such line, shown `/re/?`), `@recorded[:n[-m]]`, `@recorded-through:<regex>`, ' +
+    '`@recorded-normalized-paths` (as recorded, with `//`, `/./` and a trailing `/` taken out of quoted paths), ' +
+    '`@markers[:<prefix>]` (the recorded `NAME=` lines), `@job-block`, `@du-total`, `@file-sizes` (one size per qcow2 of the new backup, ' +
+    'in `ls` order), `@any*`); `stdoutExcludes` (regexes no line may match); `stdoutContains` (text; `@tool-errors`: the stderr of each failing ' +
     'call we also made; `@tool-error-reasons`: the reason part of failing recorded calls we did not make); `stderr` (`recorded`, `empty`); ' +
     '`log` (`recorded`: the recorded lines appear in order; `append-only`); `calls` (`none`, `recorded: false`, `drop`, `dropFrom`, ' +
-    '`extra`, `optional`, `unordered`, `require`, `forbid`, `sequence`); `nas` (`recorded`, `unchanged`, `backup-full`, `backup-incremental`: the ' +
+    '`extra`, `optional`, `unordered`, `require`, `forbid`, `sequence`); `nas` (`recorded`, `unchanged`, `any`, `backup-full`, `backup-incremental`: the ' +
     'new folder holds the side files and one qcow2 per disk whose guest-visible content equals the live disk, a full copy or a thin ' +
-    'incremental relinked onto its parent); `primary` (`recorded`, `unchanged`); `checkpoints` (`recorded`, `unchanged`, ' +
+    'incremental relinked onto its parent, a disk without a parent path taking the file of its name from the parents\' folder); ' +
+    '`primary` (`recorded`, `unchanged`, `any`); `checkpoints` (`recorded`, `unchanged`, `any`, ' +
     '`after-success`: before + `--bitmap-new` − `--bitmap-parent`); `leftovers` (`recorded`, `none`).',
   '* Call patterns are call keys (`virsh` without `-c qemu:///system`): `*` is one argument, `**` any number, a trailing `!word` ' +
-    "excludes calls with that argument. `${-v}`, `${--bitmap-new}`, … are the fixture's argv values; `${qemu}`, `${libvirt}`, " +
-    '`${job.errorMessage}` come from its host section.',
+    "excludes calls with that argument. `${-v}`, `${--bitmap-new}`, … are the fixture's argv values (`${argv.last}` its last element); " +
+    '`${qemu}`, `${libvirt}`, `${job.errorMessage}` come from its host section; `${cifsOptions}` / `${originalCifsOptions}` are the ' +
+    '`-o` value of a cifs mount, ours and the original\'s.',
 ];
 
 export function renderDivergences(table: Table, fixtures: Fixture[]): string {
@@ -82,7 +90,10 @@ export function renderDivergences(table: Table, fixtures: Fixture[]): string {
   out.push('');
   out.push(table.about);
   out.push('');
-  out.push(`The golden suite (\`npm run test:golden\`) replays ${fixtures.length} recorded scenarios of the original against \`bin/nasbackup\`.`);
+  out.push(
+    `The golden suite (\`npm run test:golden\`) replays ${fixtures.length} scenarios of the original against \`bin/nasbackup\`: the recorded ones ` +
+      '(`fixtures/`) and ours, in the same shape, for kinds the recordings lack (`extra-fixtures/`, see its README).',
+  );
   out.push('');
   out.push('## How calls and files are compared');
   out.push('');
@@ -91,7 +102,7 @@ export function renderDivergences(table: Table, fixtures: Fixture[]): string {
   out.push('');
   out.push('## The rule language');
   out.push('');
-  out.push(...RULE_LANGUAGE.map((l) => l.replace('HOST_FACTS', Object.keys(HOST_FACTS).map(code).join(', '))));
+  out.push(...RULE_LANGUAGE.map((l) => l.replace('HOST_FACTS', Object.keys(HOST_FACTS).map(code).join(', ')).replace('FACTS)', `${Object.keys(FACTS).map(code).join(', ')})`)));
   out.push('');
   out.push('## Argument rewrites (our extra arguments)');
   out.push('');

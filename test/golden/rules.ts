@@ -6,13 +6,14 @@
 // the recording.
 import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { argValue, targetDomain, type Fixture } from './fixture.js';
+import { posix } from 'node:path';
+import { argValue, hasFlag, ORIGINAL_VALUE_FLAGS, targetDomain, type Entry, type Fixture } from './fixture.js';
 import { callKey, matchesPattern, normArgv, type ArgvRule } from './normalize.js';
 
 export const TABLE_FILE = fileURLToPath(new URL('./divergences.json', import.meta.url));
 
-/** One line of expected stdout: literal text, a regex, or a directive (see README of the table). */
-export type LineSpec = string | { re: string };
+/** One line of expected stdout: literal text, a regex (`optional`: zero or one such line), or a directive. */
+export type LineSpec = string | { re: string; optional?: boolean };
 
 export interface CallsExpect {
   /** The program makes no external call at all (it refuses before touching anything). */
@@ -36,15 +37,18 @@ export interface CallsExpect {
 }
 
 export interface Expectation {
-  exit?: number;
+  /** `any`: the recording cannot say (the original never ran the operation). */
+  exit?: number | 'any';
   stdout?: 'recorded' | { lines: LineSpec[] };
   stdoutContains?: string[];
+  /** Regexes no stdout line may match. */
+  stdoutExcludes?: string[];
   stderr?: 'recorded' | 'empty';
   log?: 'recorded' | 'append-only';
   calls?: CallsExpect;
-  nas?: 'recorded' | 'unchanged' | 'backup-full' | 'backup-incremental';
-  primary?: 'recorded' | 'unchanged';
-  checkpoints?: 'recorded' | 'unchanged' | 'after-success';
+  nas?: 'recorded' | 'unchanged' | 'backup-full' | 'backup-incremental' | 'any';
+  primary?: 'recorded' | 'unchanged' | 'any';
+  checkpoints?: 'recorded' | 'unchanged' | 'after-success' | 'any';
   leftovers?: 'recorded' | 'none';
 }
 
@@ -60,10 +64,12 @@ export interface When {
   recordedCall?: string;
   /** A recorded call with a non-zero exit matches the pattern. */
   failedCall?: string;
-  /** argv flag → regex its value must match (an absent flag never matches). */
-  args?: Record<string, string>;
+  /** argv flag (either spelling) → regex its value must match (an absent flag never matches); null: the flag is absent. */
+  args?: Record<string, string | null>;
   /** Named facts of the fixture's host section (`!name` negates); see HOST_FACTS. */
   host?: string | string[];
+  /** Named facts of the fixture's argv and NAS (`!name` negates); see FACTS. */
+  facts?: string | string[];
   scenarios?: string[];
 }
 
@@ -118,10 +124,135 @@ export const HOST_FACTS: Record<string, (fx: Fixture) => boolean> = {
     const disks = targetDomain(fx)?.disks.filter((k) => k.device === 'disk' && k.source !== '-') ?? [];
     return parent !== undefined && disks.length > 0 && disks.every((k) => (k.bitmaps ?? []).includes(parent));
   },
+  /** The VM's scripted backup job carries an error message (what libvirt reports for a failed job). */
+  jobErrorMessage: (fx) => targetDomain(fx)?.job?.errorMessage !== undefined,
   /** A -d source disk that the host does not have (not seeded). */
   missingSourceDisk: (fx) => {
     const seeded = new Set(fx.host.domains.flatMap((d) => d.disks).filter((k) => k.seed !== false).map((k) => k.source));
     return (argValue(fx.argv, '-d', '--diskpaths') ?? '').split(',').filter(Boolean).some((p) => !seeded.has(p));
+  },
+};
+
+/** The original's way of adding `nobrl` for cifs: appended to -m as it is. */
+export const originalCifsOptions = (m: string): string => `${m},nobrl`;
+/** Ours (contract §10.25): empty pieces dropped, `nobrl` added once. */
+export const ourCifsOptions = (m: string): string => {
+  const parts = m.split(',').filter((p) => p !== '');
+  if (!parts.includes('nobrl')) parts.push('nobrl');
+  return parts.join(',');
+};
+
+/** Mount-relative path checks of the contract (§6): non-empty, relative, no `..`, deep enough. */
+export function unsafeRelativePath(p: string, minDepth: number): boolean {
+  if (p === '' || p.startsWith('/') || p.includes('\0')) return true;
+  const parts = p.split('/').filter((x) => x !== '' && x !== '.');
+  return parts.includes('..') || parts.length < minDepth;
+}
+
+const imageDisks = (fx: Fixture) => targetDomain(fx)?.disks.filter((k) => k.device === 'disk' && k.source !== '-') ?? [];
+const nasEntry = (fx: Fixture, rel: string | undefined): Entry | undefined =>
+  rel === undefined ? undefined : fx.nasBefore.find((e) => e.path === posix.normalize(rel).replace(/\/+$/, ''));
+const parentList = (fx: Fixture): string[] => (argValue(fx.argv, '--parent-paths', '--parent-path') ?? '').split(',').filter(Boolean);
+const volOf = (file: string): string | null => (/^(?:root|datadisk)\.(.+)\.qcow2$/.exec(posix.basename(file)) ?? [])[1] ?? null;
+
+/** Facts about a fixture's argv and NAS a rule may select on (what it shows, never its name). */
+export const FACTS: Record<string, (fx: Fixture) => boolean> = {
+  /** The last argv element is a flag the original takes a value for: its `shift` fails. */
+  trailingValueFlag: (fx) => ORIGINAL_VALUE_FLAGS.has(fx.argv.at(-1) ?? ''),
+  /** No -o, or an empty one. */
+  noOperation: (fx) => !argValue(fx.argv, '-o'),
+  /** A mount-relative path the operation uses fails the contract's checks (§6): delete/backup -p, the rebase paths (files: no trailing `/`), the parents. */
+  unsafePath: (fx) => {
+    const op = argValue(fx.argv, '-o');
+    const p = argValue(fx.argv, '-p');
+    if (op === 'delete') return p === undefined || unsafeRelativePath(p, 2);
+    if (op === 'backup') return (p !== undefined && unsafeRelativePath(p, 2)) || parentList(fx).some((x) => unsafeRelativePath(x, 3));
+    if (op === 'rebase') {
+      // Both name files: a trailing `/` is refused too.
+      return ['--rebase-target', '--rebase-new-backing'].some((f) => {
+        const v = argValue(fx.argv, f);
+        return v !== undefined && v !== '' && (unsafeRelativePath(v, 2) || v.endsWith('/'));
+      });
+    }
+    return false;
+  },
+  /** cifs, and the original's `-m,nobrl` is not what we pass (empty -m, empty pieces, nobrl already there). */
+  cifsOptionsRewritten: (fx) => {
+    if (argValue(fx.argv, '-t') !== 'cifs') return false;
+    const m = argValue(fx.argv, '-m') ?? '';
+    return originalCifsOptions(m) !== ourCifsOptions(m);
+  },
+  /** The backup folder -p already exists on the NAS before the run. */
+  backupDirExists: (fx) => argValue(fx.argv, '-o') === 'backup' && nasEntry(fx, argValue(fx.argv, '-p'))?.type === 'dir',
+  /** A stopped VM's -d disk already carries the --bitmap-new bitmap. */
+  newBitmapOnStoppedDisk: (fx) => {
+    const name = argValue(fx.argv, '--bitmap-new');
+    const srcs = (argValue(fx.argv, '-d') ?? '').split(',').filter(Boolean);
+    const disks = fx.host.domains.flatMap((d) => d.disks);
+    return name !== undefined && srcs.some((s) => disks.some((k) => k.source === s && (k.bitmaps ?? []).includes(name)));
+  },
+  /** -M is one we refuse before anything runs: unknown, or `full` without --bitmap-new. */
+  modeRefused: (fx) => {
+    const m = argValue(fx.argv, '-M');
+    if (m === undefined) return false;
+    return !['', 'legacy-full', 'full', 'incremental'].includes(m) || (m === 'full' && !argValue(fx.argv, '--bitmap-new'));
+  },
+  /** The VM is paused (libvirt lists it, not as running). */
+  vmPaused: (fx) => targetDomain(fx)?.state === 'paused',
+  /** An incremental with fewer parent paths than the VM has disks. */
+  fewerParentsThanDisks: (fx) => argValue(fx.argv, '-M') === 'incremental' && parentList(fx).length > 0 && parentList(fx).length < imageDisks(fx).length,
+  /** Every disk without a parent path has its file, by volume id, in the folder of the given parents. */
+  missingParentsInferable: (fx) => {
+    const given = parentList(fx);
+    const dirs = new Set(given.map((p) => posix.dirname(p)));
+    if (dirs.size !== 1) return false;
+    const [dir] = [...dirs];
+    const vols = new Set(given.map(volOf));
+    return imageDisks(fx).every((k, i) => {
+      const vol = posix.basename(k.source);
+      return vols.has(vol) || nasEntry(fx, `${dir}/${i === 0 ? 'root' : 'datadisk'}.${vol}.qcow2`)?.type === 'qcow2';
+    });
+  },
+  /** An incremental whose parent paths name the VM's disks, but in another order than its disks (domblklist order). */
+  parentsOutOfDiskOrder: (fx) => {
+    const given = parentList(fx).map(volOf);
+    const vols = imageDisks(fx).map((k) => posix.basename(k.source));
+    return argValue(fx.argv, '-M') === 'incremental' && given.length === vols.length && given.every((v) => v !== null && vols.includes(v)) && given.some((v, i) => v !== vols[i]);
+  },
+  /** An incremental with a parent path whose volume id is none of the VM's disks. */
+  parentForUnknownVolume: (fx) => {
+    const vols = imageDisks(fx).map((k) => posix.basename(k.source));
+    return argValue(fx.argv, '-M') === 'incremental' && vols.length > 0 && parentList(fx).some((p) => !vols.includes(volOf(p) ?? ''));
+  },
+  /** Every disk's parent (by volume id, or the file of its name in the parents' folder) is a qcow2 on the NAS. */
+  allParentsOnNas: (fx) => {
+    const given = parentList(fx);
+    const dirs = [...new Set(given.map((p) => posix.dirname(p)))];
+    const disks = imageDisks(fx);
+    return (
+      disks.length > 0 &&
+      disks.every((k, i) => {
+        const vol = posix.basename(k.source);
+        const parent = given.find((p) => volOf(p) === vol) ?? (dirs.length === 1 ? `${dirs[0]}/${i === 0 ? 'root' : 'datadisk'}.${vol}.qcow2` : undefined);
+        return nasEntry(fx, parent)?.type === 'qcow2';
+      })
+    );
+  },
+  /** The VM runs and libvirt has the --bitmap-parent checkpoint registered. */
+  parentCheckpointRegistered: (fx) => {
+    const d = targetDomain(fx);
+    const parent = argValue(fx.argv, '--bitmap-parent');
+    return d?.state === 'running' && parent !== undefined && d.checkpoints.includes(parent);
+  },
+  /** The rebase target is not a readable qcow2 image (corrupt header, not qcow2). */
+  rebaseTargetUnreadable: (fx) => {
+    const e = nasEntry(fx, argValue(fx.argv, '--rebase-target'));
+    return e !== undefined && (e.type !== 'qcow2' || e.infoError !== undefined || e.corrupt === true);
+  },
+  /** The rebase target is a readable qcow2 whose current backing chain is broken (a layer is gone). */
+  rebaseTargetChainBroken: (fx) => {
+    const e = nasEntry(fx, argValue(fx.argv, '--rebase-target'));
+    return e?.type === 'qcow2' && e.infoError === undefined && (e.backingChainError !== undefined || (e.contentSha256 === null && !!e.backingFilename));
   },
 };
 
@@ -156,6 +287,10 @@ export function matches(w: When, fx: Fixture, argv: readonly ArgvRule[]): boolea
   }
   if (w.failedCall && !recordedKeys(fx, argv, true).some((k) => matchesPattern(k, w.failedCall!))) return false;
   for (const [flag, re] of Object.entries(w.args ?? {})) {
+    if (re === null) {
+      if (hasFlag(fx.argv, flag)) return false;
+      continue;
+    }
     const v = argValue(fx.argv, flag);
     if (v === undefined || !new RegExp(re).test(v)) return false;
   }
@@ -165,11 +300,17 @@ export function matches(w: When, fx: Fixture, argv: readonly ArgvRule[]): boolea
     if (!fact) throw new Error(`unknown host fact ${h}`);
     if (fact(fx) === neg) return false;
   }
+  for (const h of list(w.facts)) {
+    const neg = h.startsWith('!');
+    const fact = FACTS[neg ? h.slice(1) : h];
+    if (!fact) throw new Error(`unknown fact ${h}`);
+    if (fact(fx) === neg) return false;
+  }
   return true;
 }
 
 export interface Resolved {
-  expect: Required<Omit<Expectation, 'exit'>> & { exit?: number; calls: Required<Omit<CallsExpect, 'dropFrom'>> & { dropFrom?: string } };
+  expect: Required<Omit<Expectation, 'exit'>> & { exit?: number | 'any'; calls: Required<Omit<CallsExpect, 'dropFrom'>> & { dropFrom?: string } };
   rules: Rule[];
 }
 
@@ -178,6 +319,7 @@ export function resolve(fx: Fixture, table: Table): Resolved {
   const out: Resolved['expect'] = {
     stdout: 'recorded',
     stdoutContains: [],
+    stdoutExcludes: [],
     stderr: 'recorded',
     log: 'recorded',
     nas: 'recorded',
@@ -196,6 +338,7 @@ export function resolve(fx: Fixture, table: Table): Resolved {
       if (x[k] !== undefined) (out as unknown as Record<string, unknown>)[k] = x[k];
     }
     out.stdoutContains.push(...(x.stdoutContains ?? []));
+    out.stdoutExcludes.push(...(x.stdoutExcludes ?? []));
     const c = x.calls ?? {};
     if (c.none !== undefined) out.calls.none = c.none;
     if (c.recorded !== undefined) out.calls.recorded = c.recorded;
@@ -208,13 +351,18 @@ export function resolve(fx: Fixture, table: Table): Resolved {
 const escapeRe = (s: string): string => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 
 /**
- * `${-v}`, `${--bitmap-new}` … (argv values), `${qemu}`/`${libvirt}` (host versions),
- * `${job.errorMessage}` (the VM's scripted job error). In regexes, values are escaped.
+ * `${-v}`, `${--bitmap-new}` … (argv values), `${argv.last}`, `${qemu}`/`${libvirt}` (host
+ * versions), `${job.errorMessage}` (the VM's scripted job error), `${cifsOptions}` /
+ * `${originalCifsOptions}` (the -o value of a cifs mount, ours / the original's). In
+ * regexes, values are escaped.
  */
 export function substitute(s: string, fx: Fixture, forRegex = false): string {
   return s.replace(/\$\{([^}]+)\}/g, (_, name: string) => {
     let v: string | undefined;
     if (name.startsWith('-')) v = argValue(fx.argv, name);
+    else if (name === 'argv.last') v = fx.argv.at(-1);
+    else if (name === 'cifsOptions') v = ourCifsOptions(argValue(fx.argv, '-m') ?? '');
+    else if (name === 'originalCifsOptions') v = originalCifsOptions(argValue(fx.argv, '-m') ?? '');
     else if (name === 'qemu') v = lastField(fx.host.virsh.version.hypervisor);
     else if (name === 'libvirt') v = fx.host.virsh.version.library;
     else if (name === 'job.errorMessage') v = targetDomain(fx)?.job?.errorMessage;

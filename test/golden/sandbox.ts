@@ -71,7 +71,10 @@ function alive(pid: number): boolean {
 
 /**
  * The sandbox paths are fixed, so two golden runs (say two `npm test` at once) must
- * not overlap: the second waits. A lock whose process is gone is taken over.
+ * not overlap: the second waits. A lock whose process is gone is taken over. The file
+ * is also the one people `flock(1)` around a run, so it is never deleted (a new inode
+ * would split that flock in two): a stale or empty lock is overwritten in place, and
+ * release empties it.
  */
 export async function acquireSuiteLock(waitMs: number): Promise<void> {
   const end = Date.now() + waitMs;
@@ -82,9 +85,12 @@ export async function acquireSuiteLock(waitMs: number): Promise<void> {
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
     }
-    const pid = Number(readFileSync(SUITE_LOCK, 'utf8').trim());
-    if (!Number.isInteger(pid) || pid <= 0 || !alive(pid)) {
-      rmSync(SUITE_LOCK, { force: true });
+    const text = readFileSync(SUITE_LOCK, 'utf8').trim();
+    const pid = Number(text);
+    if (text === '' || !Number.isInteger(pid) || pid <= 0 || !alive(pid)) {
+      writeFileSync(SUITE_LOCK, String(process.pid));
+      await new Promise((r) => setTimeout(r, 50));
+      if (readFileSync(SUITE_LOCK, 'utf8').trim() === String(process.pid)) return;
       continue;
     }
     if (Date.now() > end) throw new Error(`another golden run (pid ${pid}) holds ${SUITE_LOCK}`);
@@ -94,7 +100,7 @@ export async function acquireSuiteLock(waitMs: number): Promise<void> {
 
 export function releaseSuiteLock(): void {
   try {
-    if (Number(readFileSync(SUITE_LOCK, 'utf8').trim()) === process.pid) rmSync(SUITE_LOCK, { force: true });
+    if (Number(readFileSync(SUITE_LOCK, 'utf8').trim()) === process.pid) writeFileSync(SUITE_LOCK, '');
   } catch {
     // not ours / already gone
   }

@@ -135,7 +135,7 @@ describe('header codec', () => {
         for (const [field, { offset, width }] of Object.entries(HEADER_FIELDS)) {
           if (offset >= V2_HEADER_LENGTH && h.version === 2) continue;
           const raw = width === 8 ? b.readBigUInt64BE(offset) : BigInt(b.readUInt32BE(offset));
-          const want = field === 'magic' ? 0x514649fbn : BigInt(h[field as Exclude<keyof typeof HEADER_FIELDS, 'magic'>] as number | bigint);
+          const want = field === 'magic' ? 0x514649fbn : BigInt(h[field as Exclude<keyof typeof HEADER_FIELDS, 'magic'>]);
           expect(raw, field).toBe(want);
         }
       }),

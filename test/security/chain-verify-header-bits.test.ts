@@ -39,7 +39,7 @@ describe('chain verify reports the header bits and external data files', () => {
     execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x33 2M 128k', top], { stdio: 'ignore' });
     const r = await runBounded(sb, chainArgs(sb, 'verify', '--json'));
     expect(r.code).toBe(1);
-    const report = JSON.parse(r.stdout) as { ok: boolean; files: Array<{ file: string; errors: string[]; warnings: string[] }> };
+    const report = JSON.parse(r.stdout) as { ok: boolean; files: Array<{ file: string; errors: string[]; warnings: Array<{ code: string; message: string }> }> };
     expect(report.ok).toBe(false);
     const f = report.files.find((x) => x.file === `${TS[2]}/${FILE}`)!;
     expect(f.errors).toEqual([`${TS[2]}/${FILE} has an external data file (its data lives in another file)`]);
@@ -53,5 +53,9 @@ describe('chain verify reports the header bits and external data files', () => {
     const r = await runBounded(sb, chainArgs(sb, 'verify'));
     expect(r.stdout).toMatch(new RegExp(`^OK   ${VM}/${TS[1]}/${FILE}\n     warning: ${TS[1]}/${FILE} is marked dirty`, 'm'));
     expect(r.code, r.stdout).toBe(0);
+    // --json: the same warning with its stable code, in the envelope's list.
+    const j = JSON.parse((await runBounded(sb, chainArgs(sb, 'verify', '--json'))).stdout);
+    expect(j).toMatchObject({ ok: true, command: 'chain verify', errors: [] });
+    expect(j.warnings).toContainEqual({ code: 'IMAGE_DIRTY', file: `${VM}/${TS[1]}/${FILE}`, message: expect.stringMatching(new RegExp(`^${TS[1]}/${FILE} is marked dirty`)) });
   });
 });

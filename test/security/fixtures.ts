@@ -98,14 +98,14 @@ export async function runBounded(sb: Sandbox, args: string[], env: NodeJS.Proces
 
 function descendants(pid: number): number[] {
   const out: number[] = [];
-  let tasks: string[] = [];
+  let tasks: string[];
   try {
     tasks = readdirSync(`/proc/${pid}/task`);
   } catch {
     return out;
   }
   for (const t of tasks) {
-    let kids = '';
+    let kids: string;
     try {
       kids = readFileSync(`/proc/${pid}/task/${t}/children`, 'utf8');
     } catch {

@@ -44,7 +44,7 @@ describe('the bundle runs alone', () => {
     const sb = makeSandbox('ship-version');
     expect(await nb(sb, ['--version'])).toMatchObject({ code: 0, stdout: `nasbackup ${PKG.version}\n`, stderr: '' });
     const j = await nb(sb, ['--version', '--json']);
-    expect(JSON.parse(j.stdout)).toEqual({ ok: true, name: 'nasbackup', version: PKG.version });
+    expect(JSON.parse(j.stdout)).toEqual({ ok: true, command: 'version', name: 'nasbackup', version: PKG.version, errors: [], warnings: [] });
   });
 
   it.each([
@@ -72,7 +72,7 @@ describe('the bundle runs alone', () => {
     expect(r.stdout).toMatch(new RegExp(`^${sb.tmp}/csbackup\\.\\w+\\n\\d+ \\d+\\n$`));
     const j = await nb(sb, ['-o', 'stats', ...bindNas(sb), '--json']);
     expect(j.code).toBe(0);
-    expect(JSON.parse(j.stdout)).toMatchObject({ ok: true, operation: 'stats', totalKiB: expect.any(Number), usedKiB: expect.any(Number) });
+    expect(JSON.parse(j.stdout)).toMatchObject({ ok: true, command: 'stats', errors: [], totalKiB: expect.any(Number), usedKiB: expect.any(Number) });
     expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
     expect(logText(sb)).toMatch(/> exec: df -P /);
   });
@@ -96,7 +96,7 @@ describe('the bundle runs alone', () => {
     expect(list.stdout).toMatch(new RegExp(`^${VM}: 2 backup\\(s\\)\\n`));
     const verify = await nb(sb, ['chain', 'verify', ...bindNas(sb), '--vm', VM, '--json']);
     expect(verify.code).toBe(0);
-    expect(JSON.parse(verify.stdout)).toMatchObject({ vm: VM, ok: true });
+    expect(JSON.parse(verify.stdout)).toMatchObject({ ok: true, command: 'chain verify', vm: VM, errors: [] });
     expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
   });
 
@@ -138,7 +138,8 @@ describe('the bundle runs alone', () => {
     expect(j.code).toBe(0);
     expect(JSON.parse(j.stdout)).toMatchObject({
       ok: true,
-      operation: 'backup',
+      command: 'backup',
+      errors: [],
       vm: VM,
       format: state === 'running' ? 'running' : 'stopped',
       bitmapCreated: expect.stringMatching(/^backup-\d+$/),

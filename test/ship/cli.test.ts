@@ -2,10 +2,10 @@
 // per run, the same error codes and exit codes as the text output, and no change at all
 // to the agent's bytes when --json is absent.
 import { afterAll, describe, expect, it } from 'vitest';
-import { AGENT_PROFILES, runningBackupText, stoppedBackupText, usageText, type BackupReport } from '../../lib/agent-output.js';
+import { usageText } from '../../lib/agent-output.js';
 import { BOOLEAN_FLAGS, JSON_FLAG, OPERATIONS, parseArgs, VALUE_FLAGS, wantsJson } from '../../lib/cli/args.js';
 import { OPERATOR_COMMANDS } from '../../lib/cli/entry.js';
-import { parseBackupText, parseDeleteText, parseStatsText } from '../../lib/cli/json.js';
+import { CHAIN_SUBCOMMANDS } from '../../lib/cli/tools.js';
 import { rootFile, seedChain, TS, VM } from '../helpers/chain.js';
 import { bindNas, leftovers, makeSandbox, run, writeShim } from '../helpers/cli.js';
 import { removeTempDirs } from '../helpers/tmp.js';
@@ -18,7 +18,7 @@ describe('--version', () => {
     const sb = makeSandbox('ship-ver');
     expect(await run(sb, ['--version'])).toMatchObject({ code: 0, stdout: `nasbackup ${PKG.version}\n`, stderr: '' });
     const j = await run(sb, ['--version', '--json']);
-    expect(JSON.parse(j.stdout)).toEqual({ ok: true, name: 'nasbackup', version: PKG.version });
+    expect(JSON.parse(j.stdout)).toEqual({ ok: true, command: 'version', name: 'nasbackup', version: PKG.version, errors: [], warnings: [] });
   });
 });
 
@@ -47,14 +47,23 @@ describe('--help', () => {
     for (const v of envVars()) expect(text, v).toContain(v);
   });
 
-  it('-h still exits 1 (the contract); an operator command --help exits 0', async () => {
+  it('-h still exits 1 (the contract); an operator command --help exits 0 with that command\'s own usage', async () => {
     const sb = makeSandbox('ship-help');
     const h = await run(sb, ['--help'], { NASBACKUP_SCRIPT_NAME: 'S' });
     expect(h).toMatchObject({ code: 1, stdout: text, stderr: '' });
     for (const c of OPERATOR_COMMANDS) {
       const r = await run(sb, [c, '--help'], { NASBACKUP_SCRIPT_NAME: 'S' });
-      expect(r, c).toMatchObject({ code: 0, stdout: text });
+      expect(r, c).toMatchObject({ code: 0, stderr: '' });
+      expect(r.stdout, c).toMatch(new RegExp(`^Usage:[\\s\\S]*nasbackup ${c}`));
+      expect(r.stdout, c).not.toContain('-o <operation>'); // not the agent's usage
     }
+    for (const sub of CHAIN_SUBCOMMANDS) {
+      const r = await run(sb, ['chain', sub, '--help']);
+      expect(r, sub).toMatchObject({ code: 0, stderr: '' });
+      expect(r.stdout, sub).toMatch(new RegExp(`^Usage: nasbackup chain ${sub} `));
+      expect(r.stdout.split('\n').filter((l) => l.startsWith('Usage:')), sub).toHaveLength(1);
+    }
+    expect((await run(sb, ['chain', 'delete', '--help'])).stdout).toContain('--yes');
   });
 });
 
@@ -72,14 +81,16 @@ describe('--json on the agent-style CLI', () => {
     expect(() => parseArgs(['-o', 'stats', '--no-json'])).toThrow(/Invalid option: --no-json/);
   });
 
-  it('stats: {ok, operation, mountPoint, totalKiB, usedKiB}; exit 0; nothing left', async () => {
+  it('stats: {ok, command, storage, totalKiB, usedKiB, errors, warnings}; exit 0; nothing left', async () => {
     const sb = makeSandbox('ship-json-stats');
     const r = await run(sb, ['--json', '-o', 'stats', ...bindNas(sb)]);
     expect(r).toMatchObject({ code: 0, stderr: '' });
     expect(r.stdout.endsWith('\n') && r.stdout.split('\n')).toHaveLength(2);
     const o = JSON.parse(r.stdout);
-    expect(Object.keys(o)).toEqual(['ok', 'operation', 'mountPoint', 'totalKiB', 'usedKiB']);
-    expect(o).toMatchObject({ ok: true, operation: 'stats', mountPoint: expect.stringMatching(new RegExp(`^${sb.tmp}/csbackup\\.`)) });
+    expect(Object.keys(o)).toEqual(['ok', 'command', 'storage', 'totalKiB', 'usedKiB', 'errors', 'warnings']);
+    // The NAS by its address: the temporary mount point is gone when anyone reads this.
+    expect(o).toMatchObject({ ok: true, command: 'stats', storage: sb.nas, errors: [], warnings: [] });
+    expect(r.stdout).not.toContain('csbackup.');
     expect(o.totalKiB).toBeGreaterThan(0);
     expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
   });
@@ -89,13 +100,15 @@ describe('--json on the agent-style CLI', () => {
     seedChain(sb.nas);
     const rb = await run(sb, ['-o', 'rebase', ...bindNas(sb), '--rebase-target', rootFile(TS[2]), '--rebase-new-backing', rootFile(TS[0]), '--json']);
     expect(rb.code).toBe(0);
-    expect(JSON.parse(rb.stdout)).toEqual({ ok: true, operation: 'rebase', target: rootFile(TS[2]), newBacking: rootFile(TS[0]) });
+    expect(JSON.parse(rb.stdout)).toEqual({ ok: true, command: 'rebase', target: rootFile(TS[2]), newBacking: rootFile(TS[0]), changed: true, errors: [], warnings: [] });
     const del = await run(sb, ['-o', 'delete', ...bindNas(sb), '-p', `${VM}/${TS[1]}`, '--json']);
     expect(del.code).toBe(0);
     const d = JSON.parse(del.stdout);
-    expect(d).toMatchObject({ ok: true, operation: 'delete', path: `${VM}/${TS[1]}`, alreadyGone: false });
+    expect(d).toMatchObject({ ok: true, command: 'delete', path: `${VM}/${TS[1]}`, alreadyGone: false, errors: [], warnings: [] });
     expect(d.removedFiles).toHaveLength(5);
-    expect(d.removedDirectories).toEqual([expect.stringMatching(new RegExp(`/${VM}/${TS[1].replace(/\./g, '\\.')}$`))]);
+    // NAS-relative, as the operator knows them (the agent's text keeps rm -v's absolute lines).
+    expect(d.removedDirectories).toEqual([`${VM}/${TS[1]}`]);
+    for (const f of d.removedFiles) expect(f.startsWith(`${VM}/${TS[1]}/`)).toBe(true);
     const again = await run(sb, ['-o', 'delete', ...bindNas(sb), '-p', `${VM}/${TS[1]}`, '--json']);
     expect(JSON.parse(again.stdout)).toMatchObject({ ok: true, removedFiles: [], removedDirectories: [], alreadyGone: true });
   });
@@ -115,7 +128,8 @@ describe('--json on the agent-style CLI', () => {
     expect(r.code).toBe(1);
     expect(r.stdout.split('\n')).toHaveLength(2);
     const o = JSON.parse(r.stdout);
-    expect(o).toMatchObject({ ok: false, errors: [{ code, exitCode: 1, message: expect.any(String) }] });
+    expect(o).toMatchObject({ ok: false, errors: [{ code, exitCode: 1, message: expect.any(String) }], warnings: [] });
+    expect(o.command).toBe(argv.includes('stats') ? 'stats' : argv.includes('delete') ? 'delete' : 'nasbackup');
     expect(o.errors).toHaveLength(1);
     expect(text.stdout).toContain(o.errors[0].message);
     expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
@@ -128,6 +142,8 @@ describe('--json on the agent-style CLI', () => {
     expect(r.code).toBe(1);
     expect(JSON.parse(r.stdout)).toEqual({
       ok: false,
+      command: 'stats',
+      warnings: [],
       errors: [
         {
           code: 'LIBVIRT_UNAVAILABLE',
@@ -136,47 +152,6 @@ describe('--json on the agent-style CLI', () => {
           exitCode: 1,
         },
       ],
-    });
-  });
-});
-
-describe('reading the agent formats back', () => {
-  it('stats and delete', () => {
-    expect(parseStatsText('/tmp/csbackup.X\n100 20\n')).toEqual({ mountPoint: '/tmp/csbackup.X', totalKiB: 100, usedKiB: 20 });
-    expect(parseStatsText('garbage')).toBeNull();
-    expect(parseDeleteText("removed '/m/a/b/f'\nremoved directory '/m/a/b'\n")).toEqual({ removedFiles: ['/m/a/b/f'], removedDirectories: ['/m/a/b'] });
-  });
-
-  const job = 'Job type:         Completed   \nOperation:        Backup      \nTime elapsed:     133          ms\n\n';
-  const reports = AGENT_PROFILES.flatMap((profile) =>
-    [null, 'VM stopped — incremental requires running VM'].flatMap((fallbackReason) =>
-      [null, 'backup-1736035200'].map(
-        (bitmapCreated): BackupReport => ({ profile, fallbackReason, bitmapCreated, warnings: ['Quiesce failed, backup is crash-consistent: no agent'], totalBytes: 465222n }),
-      ),
-    ),
-  );
-
-  it.each(reports)('running format, $profile, fallback $fallbackReason, bitmap $bitmapCreated', (r) => {
-    const p = parseBackupText(runningBackupText(r, job), 'running');
-    expect(p).toEqual({
-      format: 'running',
-      incrementalFallback: r.fallbackReason === null ? null : r.profile === 'rebase-era' ? r.fallbackReason : true,
-      bitmapCreated: r.profile === 'rebase-era' ? r.bitmapCreated : null,
-      warnings: r.warnings,
-      job: { 'Job type': 'Completed', Operation: 'Backup', 'Time elapsed': '133 ms' },
-      totalBytes: 465222,
-    });
-  });
-
-  it.each(reports)('stopped format, $profile, fallback $fallbackReason, bitmap $bitmapCreated', (r) => {
-    const p = parseBackupText(stoppedBackupText(r, [{ name: 'datadisk.b.qcow2', size: 1638400n }, { name: 'root.a.qcow2', size: 851968n }]), 'stopped');
-    expect(p).toEqual({
-      format: 'stopped',
-      incrementalFallback: r.fallbackReason === null ? null : r.profile === 'rebase-era' ? r.fallbackReason : true,
-      bitmapCreated: r.profile === 'rebase-era' ? r.bitmapCreated : null,
-      warnings: [],
-      fileSizes: [1638400, 851968],
-      ...(r.profile === 'newest' ? { totalBytes: 465222 } : {}),
     });
   });
 });

@@ -6,7 +6,7 @@ import { chmodSync, chownSync, lstatSync, mkdirSync, readdirSync, readFileSync, 
 import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { compareVersions, DEFAULT_AGENT_SCRIPT, isLauncher, launcherText, LAUNCHER_MARKER, MIN_NODE_VERSION, parseInstallArgs, shQuote } from '../../lib/cli/install.js';
-import { ERROR_CODES } from '../../lib/errors.js';
+import { type ERROR_CODES } from '../../lib/errors.js';
 import { BIN } from '../helpers/cli.js';
 import { removeTempDirs, tempDir } from '../helpers/tmp.js';
 import { buildBundle, PKG, runProgram } from './ship.js';
@@ -131,7 +131,7 @@ describe('install-agent-hook', () => {
 
     const again = await hook(r, ['--uninstall', '--json']);
     expect(again.code).toBe(0);
-    expect(JSON.parse(again.stdout)).toEqual({ ok: true, action: 'not-installed', target: r.target, orig: r.orig });
+    expect(JSON.parse(again.stdout)).toEqual({ ok: true, command: 'install-agent-hook', action: 'not-installed', target: r.target, orig: r.orig, errors: [], warnings: [] });
     expect(fingerprint(r.dir)).toEqual(pristine);
   });
 

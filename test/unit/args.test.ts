@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { parseArgs, UsageRequested } from '../../lib/cli/args.js';
-import { NasbackupError } from '../../lib/errors.js';
+import { type NasbackupError } from '../../lib/errors.js';
 
 const code = (f: () => unknown): string => {
   try {
@@ -56,6 +56,12 @@ describe('parseArgs', () => {
   it('recognises -h/--help', () => {
     expect(() => parseArgs(['-h'])).toThrow(UsageRequested);
     expect(() => parseArgs(['--help'])).toThrow(UsageRequested);
+  });
+
+  it('reads argv in order, like the original: -h before a bad option is the usage, after it the error', () => {
+    expect(() => parseArgs(['-o', 'stats', '-h', '--bogus'])).toThrow(UsageRequested);
+    expect(() => parseArgs(['-o', 'stats', '--help', '-m'])).toThrow(UsageRequested);
+    expect(code(() => parseArgs(['-o', 'stats', '--bogus', '-h']))).toBe('INVALID_OPTION');
   });
 
   it('recognises the later upstream flags', () => {

@@ -2,7 +2,8 @@
 // what an accepted command line becomes. (test/backup/validation.test.ts runs a few
 // of these through bin/nasbackup to show they happen before any host call or mount.)
 import { describe, expect, it } from 'vitest';
-import { checkIncrementalArgs, validateBackupArgs, type RawBackupArgs } from '../../lib/ops/backup.js';
+import { checkIncrementalArgs } from '../../lib/ops/backup/index.js';
+import { validateBackupArgs, type RawBackupArgs } from '../../lib/cli/validate.js';
 import type { NasbackupError } from '../../lib/errors.js';
 
 const NAS = { type: 'nfs', address: '10.10.0.5:/export/backup', options: '' };

@@ -1,8 +1,8 @@
 // Disk naming and identity: the volume id a disk's backup file is named after, and
 // the parent each disk continues from, matched by that id — never by position.
 import { describe, expect, it } from 'vitest';
-import { backupFileName, matchParents, volumeId, volumeIdOfBackupFile, type NamedDisk } from '../../lib/backup/disks.js';
-import { NasbackupError } from '../../lib/errors.js';
+import { backupFileName, matchParents, volumeId, volumeIdOfBackupFile, type NamedDisk } from '../../lib/store/disks.js';
+import { type NasbackupError } from '../../lib/errors.js';
 
 const ROOT = 'b3f4c2a0-6d1e-4f7a-9c2b-1e5d8a7f3c01';
 const DATA = 'c9e8d7f6-2a3b-4c5d-8e9f-0a1b2c3d4e02';

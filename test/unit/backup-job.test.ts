@@ -1,10 +1,11 @@
 // Waiting for a libvirt push-backup job, with a scripted virsh and a fake clock: every
 // way a job can end (or not) becomes a result or a failure — never a hang.
 import { describe, expect, it } from 'vitest';
-import { waitForBackupJob, type WaitOptions } from '../../lib/backup/job.js';
-import type { VirshClient } from '../../lib/clients/virsh.js';
+import { waitForBackupJob, type WaitOptions } from '../../lib/ops/backup/job.js';
+import { VirshClient } from '../../lib/clients/virsh.js';
 import { NasbackupError } from '../../lib/errors.js';
 import type { RunResult } from '../../lib/exec.js';
+import { scriptedRunner } from '../helpers/runner.js';
 
 const ok = (stdout: string): RunResult => ({
   command: 'virsh', args: [], exitCode: 0, signal: null, stdout, stderr: '', timedOut: false, canceled: false, spawnError: null, durationMs: 1,
@@ -21,7 +22,8 @@ const running = (processed: string, total: string): string =>
 
 /**
  * A virsh answering from scripts (the last answer repeats) and a clock that only the
- * poll's sleeps move. Records every call and every sleep.
+ * poll's sleeps move. Records every call and every sleep. The real client runs over a
+ * scripted Runner, so the poll sees virsh's output as the client parses it.
  */
 function harness(completed: RunResult[], active: RunResult[] = [ok(running('1.000 MiB', '16.000 MiB'))], anystats: RunResult = ok(FAILED_ANY)) {
   const calls: string[] = [];
@@ -29,17 +31,21 @@ function harness(completed: RunResult[], active: RunResult[] = [ok(running('1.00
   let t = 1_000_000;
   let c = 0;
   let a = 0;
-  const virsh = {
-    jobInfoCompleted: async (vm: string, o: { keep?: boolean; anystats?: boolean } = {}) => {
-      calls.push(`completed${o.keep ? ' keep' : ''}${o.anystats ? ' anystats' : ''} ${vm}`);
-      if (o.anystats) return anystats;
+  const { runner } = scriptedRunner((args) => {
+    const [, , , vm] = args; // -c <uri> domjobinfo <vm> ...
+    const keep = args.includes('--keep-completed');
+    if (args.includes('--anystats')) {
+      calls.push(`completed${keep ? ' keep' : ''} anystats ${vm}`);
+      return anystats;
+    }
+    if (args.includes('--completed')) {
+      calls.push(`completed${keep ? ' keep' : ''} ${vm}`);
       return completed[Math.min(c++, completed.length - 1)]!;
-    },
-    jobInfo: async (vm: string) => {
-      calls.push(`active ${vm}`);
-      return active[Math.min(a++, active.length - 1)]!;
-    },
-  } as unknown as VirshClient;
+    }
+    calls.push(`active ${vm}`);
+    return active[Math.min(a++, active.length - 1)]!;
+  });
+  const virsh = new VirshClient(runner, 'virsh', 1000);
   const progress: Array<[number, number]> = [];
   const opts = (o: Partial<WaitOptions> = {}): WaitOptions => ({
     deadlineMs: 60_000,

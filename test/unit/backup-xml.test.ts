@@ -3,7 +3,7 @@
 import fc from 'fast-check';
 import { create } from 'xmlbuilder2';
 import { describe, expect, it } from 'vitest';
-import { backupXml, checkpointXml, redefineCheckpointXml } from '../../lib/backup/xml.js';
+import { backupXml, checkpointXml, redefineCheckpointXml } from '../../lib/ops/backup/xml.js';
 
 /** The few DOM members used here (the test build has no DOM lib). */
 interface XmlElement {

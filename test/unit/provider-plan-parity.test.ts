@@ -11,7 +11,7 @@ import {
   parseRecords,
   providerChainRepair,
   type ChainRepairPlan,
-} from '../../lib/chain/provider-plan.js'
+} from '../../lib/ops/chain/provider-plan.js'
 
 const ROOT = 'RV'
 const MAX = 2147483647

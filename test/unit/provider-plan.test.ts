@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest'
-import { computeChainRepair, parseRecords, type BackupRecord } from '../../lib/chain/provider-plan.js'
+import { computeChainRepair, parseRecords, type BackupRecord } from '../../lib/ops/chain/provider-plan.js'
 
 const ROOT = 'r00t-uuid'
 let nextId = 1

@@ -1,15 +1,23 @@
 import { describe, expect, it } from 'vitest';
-import { compareVersions, parseVirshVersion, unsupportedMessage } from '../../lib/sanity.js';
+import { VirshClient } from '../../lib/clients/virsh.js';
+import { compareVersions, unsupportedMessage } from '../../lib/sanity.js';
+import { ok, scriptedRunner } from '../helpers/runner.js';
+
+/** What the virsh client makes of `virsh version` printing `text` (its text left out). */
+async function parseVirshVersion(text: string): Promise<object> {
+  const { text: _text, ...versions } = await new VirshClient(scriptedRunner(() => ok(text)).runner, 'virsh', 1000).version();
+  return versions;
+}
 
 describe('virsh version parsing', () => {
-  it('takes the hypervisor line, the last libvirt line and the API line', () => {
+  it('takes the hypervisor line, the last libvirt line and the API line', async () => {
     const text =
       'Compiled against library: libvirt 9.0.0\nUsing library: libvirt 9.1.0\nUsing API: QEMU 9.0.0\nRunning hypervisor: QEMU 7.2.22\nRunning against daemon: 9.0.0\n\n';
-    expect(parseVirshVersion(text)).toEqual({ qemu: '7.2.22', libvirt: '9.1.0', api: '9.0.0' });
+    expect(await parseVirshVersion(text)).toEqual({ qemu: '7.2.22', libvirt: '9.1.0', api: '9.0.0' });
   });
-  it('leaves out what is missing', () => {
-    expect(parseVirshVersion('Compiled against library: libvirt 9.0.0\n')).toEqual({ libvirt: '9.0.0' });
-    expect(parseVirshVersion('')).toEqual({});
+  it('leaves out what is missing', async () => {
+    expect(await parseVirshVersion('Compiled against library: libvirt 9.0.0\n')).toEqual({ libvirt: '9.0.0' });
+    expect(await parseVirshVersion('')).toEqual({});
   });
 });
 

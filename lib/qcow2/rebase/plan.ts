@@ -89,7 +89,6 @@ export async function* workItems(chain: ImageChain, j: number): AsyncGenerator<W
       while (p < end) {
         if (p >= b1Size) {
           add(p, end - p, ZERO); // the old backing is shorter: the old view reads zeros
-          p = end;
           break;
         }
         const s = await chain.status(p, end - p, 1, j);

@@ -56,7 +56,7 @@ export class Writer {
   private batchStart: number;
   private dirty = new Map<number, DirtyL2>();
   private copyQueue: Promise<void>[] = [];
-  private copyError: unknown = null;
+  private copyError: Error | null = null;
   private writeTail: Promise<void> = Promise.resolve();
   private readonly buffers: Buffer[] = Array.from({ length: COPIES_IN_FLIGHT }, () => Buffer.allocUnsafe(COPY_CHUNK));
   private run: { guest: number; dest: number; len: number } | null = null;
@@ -164,7 +164,7 @@ export class Writer {
     // Queued tasks never reject; the first failure is kept and rethrown before any metadata is written.
     this.copyQueue.push(
       task.catch((e: unknown) => {
-        this.copyError ??= e;
+        this.copyError ??= e instanceof Error ? e : new Error(String(e));
       }),
     );
   }

@@ -319,7 +319,7 @@ export class FakeHost {
 
   private checkpointCreate(call: OurCall, s: DomState, args: string[]): Answer {
     const xmlFile = args[args.indexOf('--xmlfile') + 1] ?? '';
-    let xml = '';
+    let xml: string;
     try {
       xml = readFileSync(xmlFile, 'utf8');
     } catch {

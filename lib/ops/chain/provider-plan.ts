@@ -1,7 +1,7 @@
 // The management server's chain-repair plan (rebase-era `computeChainRepair`), ported
 // from the contract so its decisions can be checked without Java. Pure: no I/O.
 // Its known weakness is kept on purpose (root disk only, paths from the CURRENT root
-// volume uuid); lib/chain/plan.ts is the improved, on-disk planner.
+// volume uuid); lib/ops/chain/plan.ts is the improved, on-disk planner.
 //
 // `providerChainRepair` reads malformed metadata exactly as the provider does:
 //   * `nas.chain_position` is read with Integer.parseInt ("+1" and "01" parse; " 1", "1 ",
@@ -27,7 +27,7 @@
 //      (cyclic parent ids, a second child beside the rebased one, a child in another chain id).
 // Every other refusal is the provider's own, with its message (code CHAIN_REFUSED).
 
-import { parseJavaInt } from '../../compat/java.js';
+import { parseJavaInt } from '../../../compat/java.js';
 
 export const CHAIN_ID = 'nas.chain_id';
 export const CHAIN_POSITION = 'nas.chain_position';
@@ -74,7 +74,7 @@ export interface ChainRepairPlan {
   shiftPositionsBelow: { chainId: string; afterPosition: number } | null;
 }
 
-/** decideChain's reading (lib/chain/plan.ts cross-checks with it): a missing or unparseable position counts as 0. */
+/** decideChain's reading (lib/ops/chain/plan.ts cross-checks with it): a missing or unparseable position counts as 0. */
 export function chainPosition(r: BackupRecord): number {
   const raw = r.details[CHAIN_POSITION];
   if (raw === undefined || raw === null || !/^\s*-?\d+\s*$/.test(raw)) return 0;
@@ -256,8 +256,10 @@ export function parseRecords(json: unknown): BackupRecord[] {
       return String(v);
     };
     // No prototype: a detail named "__proto__" is a name like any other.
-    const details: Record<string, string | null> = Object.create(null);
-    const value = (v: unknown): string | null => (v === null || v === undefined ? null : String(v));
+    const details = Object.create(null) as Record<string, string | null>;
+    // A detail's value is a string column; anything else is kept as its JSON text.
+    const value = (v: unknown): string | null =>
+      v === null || v === undefined ? null : typeof v === 'string' ? v : typeof v === 'number' || typeof v === 'boolean' ? String(v) : JSON.stringify(v);
     const d = r.details;
     if (Array.isArray(d)) {
       for (const e of d as Array<{ name?: unknown; value?: unknown }>) {

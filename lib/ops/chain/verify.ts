@@ -4,24 +4,26 @@
 // and `qemu-img check` clean. Header and metadata walking is native; only the structural
 // check runs qemu-img, and never on a chain our reader rejected (a FIFO or a loop would
 // hang it).
+import type { CheckResult } from '../../clients/qemu-img.js';
+import type { Warning } from '../../errors.js';
 import { backingFile, insideInstance, type BackupFile, type VmBackups } from './discover.js';
-import { inspectChain, type ChainProblem } from './safety.js';
+import { inspectChain, type ChainProblem } from '../../store/safety.js';
 
 export interface FileReport {
   file: string;
   backing: string | null;
   errors: string[];
-  warnings: string[];
+  warnings: Warning[];
 }
 
 export interface VerifyReport {
   ok: boolean;
   files: FileReport[];
-  warnings: string[];
+  warnings: Warning[];
 }
 
-/** Result of `qemu-img check` for one file: exit code and its JSON (if any). */
-export type CheckFn = (abs: string) => Promise<{ exitCode: number | null; stdout: string; stderr: string }>;
+/** `qemu-img check` of one file. */
+export type CheckFn = (abs: string) => Promise<CheckResult>;
 
 /** The checks of `f`'s backing reference; `refProblem` is what the chain safety check found in it. */
 async function checkReference(vm: VmBackups, f: BackupFile, errors: string[], refProblem: ChainProblem | null, rel: (m: string) => string): Promise<void> {
@@ -63,7 +65,7 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
       continue;
     }
     const safety = await inspectChain(f.abs, vm.instanceDir, { scanned });
-    for (const w of safety.warnings) if (w.startsWith(`${f.abs} `) || w.startsWith(`${f.abs}:`)) r.warnings.push(rel(w));
+    for (const w of safety.warnings) if (w.message.startsWith(`${f.abs} `) || w.message.startsWith(`${f.abs}:`)) r.warnings.push({ ...w, message: rel(w.message) });
     if (safety.problem) rejected.add(f);
     const p = safety.problem;
     // This file's own damage first; its backing reference is judged by the checks below.
@@ -73,20 +75,20 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
     if (p && p.layer !== f.abs) r.errors.push(`chain ${p.kind === 'broken' ? 'unreadable' : p.kind}: ${rel(p.message)}`);
   }
   // Structural checks, a few at a time; never on a chain our reader rejected.
-  for (const [f, r] of reports) if (rejected.has(f) && !f.error) r.warnings.push('qemu-img check skipped: the chain failed the checks above');
+  for (const [f, r] of reports) if (rejected.has(f) && !f.error) r.warnings.push({ code: 'CHECK_SKIPPED', message: 'qemu-img check skipped: the chain failed the checks above' });
   const queue = vm.files.filter((f) => !f.error && !rejected.has(f));
   await Promise.all(
     Array.from({ length: Math.max(1, concurrency) }, async () => {
       for (let f = queue.shift(); f; f = queue.shift()) {
         const res = await check(f.abs);
         const r = reports.get(f)!;
-        if (res.exitCode === 0) continue;
-        if (res.exitCode === 3) r.warnings.push('qemu-img check: leaked clusters (harmless, space only)');
-        else r.errors.push(`qemu-img check failed (exit ${res.exitCode}): ${(res.stderr || res.stdout).trim().split('\n')[0] ?? ''}`);
+        if (res.kind === 'clean') continue;
+        if (res.kind === 'leaks') r.warnings.push({ code: 'LEAKED_CLUSTERS', message: 'qemu-img check: leaked clusters (harmless, space only)' });
+        else r.errors.push(`qemu-img check failed (exit ${res.exitCode}): ${res.message}`);
       }
     }),
   );
   const files = [...reports.values()];
-  const warnings = vm.partials.map((p) => `unfinished backup folder of an interrupted run: ${p}`);
+  const warnings = vm.partials.map((p): Warning => ({ code: 'UNFINISHED_BACKUP', message: `unfinished backup folder of an interrupted run: ${p}` }));
   return { ok: files.every((f) => f.errors.length === 0), files, warnings };
 }

@@ -1,9 +1,9 @@
 // Waiting for a libvirt push-backup job: a short, growing poll interval under an
 // overall deadline. Completed → the statistics block; Failed/Cancelled → libvirt's
 // own error text; a job that vanishes or never ends → a failure, never a hang.
-import { NasbackupError } from '../errors.js';
-import { describeFailure, succeeded } from '../exec.js';
-import { parseJobInfo, parseSize, type VirshClient } from '../clients/virsh.js';
+import { NasbackupError } from '../../errors.js';
+import { ToolError } from '../../clients/failure.js';
+import type { VirshClient } from '../../clients/virsh.js';
 
 export interface WaitOptions {
   deadlineMs: number;
@@ -22,6 +22,12 @@ const RUNNING = new Set(['Unbounded', 'Bounded']);
 const MAX_ERRORS = 3;
 const MAX_VANISHED = 5;
 
+/** A tool failure as a value (the poll counts them); anything else propagates. */
+function orFailure(e: unknown): ToolError {
+  if (e instanceof ToolError) return e;
+  throw e;
+}
+
 export async function waitForBackupJob(virsh: VirshClient, vm: string, opts: WaitOptions): Promise<string> {
   const sleep = opts.sleep ?? ((ms: number) => new Promise<void>((r) => setTimeout(r, ms)));
   const now = opts.now ?? Date.now;
@@ -32,33 +38,28 @@ export async function waitForBackupJob(virsh: VirshClient, vm: string, opts: Wai
   let vanished = 0;
   for (;;) {
     opts.checkpoint();
-    const r = await virsh.jobInfoCompleted(vm, { keep: true });
-    if (!succeeded(r)) {
+    const r = await virsh.jobInfoCompleted(vm, { keep: true }).catch(orFailure);
+    if (r instanceof ToolError) {
       if (++errors >= MAX_ERRORS) {
-        throw new NasbackupError('VIRSH_FAILED', `Cannot read the backup job status of ${vm} (${describeFailure(r)})`, {
-          details: r.stderr || r.stdout,
-        });
+        throw new NasbackupError('VIRSH_FAILED', `Cannot read the backup job status of ${vm} (${r.reason})`, { details: r.output });
       }
     } else {
       errors = 0;
-      const type = parseJobInfo(r.stdout).get('Job type');
-      if (type === 'Completed') return r.stdout;
+      const type = r.type;
+      if (type === 'Completed') return r.text;
       if (type === 'Failed' || type === 'Cancelled') {
-        const any = await virsh.jobInfoCompleted(vm, { keep: true, anystats: true });
+        const any = await virsh.jobInfoCompleted(vm, { keep: true, anystats: true }).catch(orFailure);
         // virsh prints an empty line even when it fails: fall back to the first answer.
-        const stats = succeeded(any) ? any.stdout : r.stdout;
-        const why = parseJobInfo(stats).get('Error message') ?? `job ${type.toLowerCase()}`;
-        throw new NasbackupError('BACKUP_JOB_FAILED', 'Virsh backup job failed', { details: `${why}\n${stats.trimEnd()}` });
+        const stats = any instanceof ToolError ? r : any;
+        const why = stats.fields.get('Error message') ?? `job ${type.toLowerCase()}`;
+        throw new NasbackupError('BACKUP_JOB_FAILED', 'Virsh backup job failed', { details: `${why}\n${stats.text.trimEnd()}` });
       }
-      // Not finished: is it still running?
-      const active = await virsh.jobInfo(vm);
-      const a = parseJobInfo(active.stdout);
-      const atype = a.get('Job type') ?? '';
-      if (RUNNING.has(atype)) {
+      // Not finished: is it still running? (A failed answer counts as no job.)
+      const active = await virsh.jobInfo(vm).catch(orFailure);
+      const atype = active instanceof ToolError ? '' : (active.type ?? '');
+      if (!(active instanceof ToolError) && RUNNING.has(atype)) {
         vanished = 0;
-        const processed = parseSize(a.get('File processed') ?? a.get('Data processed'));
-        const total = parseSize(a.get('File total') ?? a.get('Data total'));
-        if (processed !== null && total !== null) opts.onProgress?.(processed, total);
+        if (active.processed !== null && active.total !== null) opts.onProgress?.(active.processed, active.total);
       } else if (++vanished >= MAX_VANISHED) {
         throw new NasbackupError('BACKUP_JOB_FAILED', 'Virsh backup job failed', {
           details: `The backup job of ${vm} is neither running nor completed (job type ${type ?? 'unknown'}/${atype || 'unknown'}); was libvirtd restarted?`,

@@ -2,15 +2,17 @@
 // (the original carried on into a deleted folder); bitmaps are added to the sources
 // only once every copy succeeded, so the next running backup can be incremental.
 import { stat } from 'node:fs/promises';
-import { stoppedBackupText, STOPPED_FALLBACK_REASON, type BackupReport } from '../agent-output.js';
-import { NasbackupError } from '../errors.js';
-import { exists, parseRelativePath } from '../paths.js';
-import { failureText, succeeded } from '../exec.js';
-import { Qcow2Error, readHeader } from '../qcow2/index.js';
-import { parseImageBitmaps, QemuImgClient } from '../clients/qemu-img.js';
-import { backupFileName, volumeId } from '../backup/disks.js';
-import { apparentSize, WorkDir, type BackupArgs } from './backup.js';
-import { syncAfter, type OpContext } from './context.js';
+import { STOPPED_FALLBACK_REASON, type BackupReport } from '../../agent-output.js';
+import { NasbackupError } from '../../errors.js';
+import { exists } from '../../paths.js';
+import { Qcow2Error, readHeader } from '../../qcow2/index.js';
+import { softly, ToolError } from '../../clients/failure.js';
+import type { QemuImgClient } from '../../clients/qemu-img.js';
+import { backupFileName, volumeId } from '../../store/disks.js';
+import type { BackupArgs } from './index.js';
+import { apparentSize, WorkDir } from './workdir.js';
+import { syncAfter, type OpContext } from '../context.js';
+import type { BackupResult } from '../../output.js';
 
 
 /**
@@ -26,8 +28,8 @@ async function sourceFormat(src: string): Promise<'qcow2' | 'raw'> {
   );
 }
 
-export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<void> {
-  const qemuImg = new QemuImgClient(ctx.runner, ctx.config.qemuImgBinary, ctx.config.qemuImgTimeoutMs);
+export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<BackupResult> {
+  const { qemuImg } = ctx.clients;
   const disks = a.diskPaths.map((src, i) => {
     const volId = volumeId(src);
     return { src, volId, file: backupFileName(i, volId) };
@@ -41,7 +43,7 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<void
     }
   }
   const nas = await ctx.openNas(a.nas);
-  await ctx.lockVm(nas.mountPoint, parseRelativePath(a.path, { what: '-p' })[0]!, 'backup');
+  await ctx.lockVm(nas.mountPoint, a.instance, 'backup');
   const work = await WorkDir.create(nas.mountPoint, a.path, { staleAfterMs: ctx.config.lockStaleAfterMs, log: (m) => ctx.logger.log(m) });
   try {
     const formats: Array<'qcow2' | 'raw'> = [];
@@ -50,15 +52,10 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<void
       const fmt = await sourceFormat(d.src);
       formats.push(fmt);
       const dst = work.file(d.file);
-      const r = await qemuImg.convert(d.src, fmt, dst);
-      if (!succeeded(r)) {
-        if (r.canceled) throw new NasbackupError('INTERRUPTED', `Interrupted while copying ${d.src}`);
-        throw new NasbackupError(r.timedOut ? 'COMMAND_TIMEOUT' : 'CONVERT_FAILED', `qemu-img convert failed for ${d.src} ${dst}`, { details: failureText(r) });
-      }
+      await qemuImg.convert(d.src, fmt, dst);
     }
     await syncAfter(ctx, 'backup');
-    ctx.checkpoint();
-    await work.commit();
+    await ctx.commit(() => work.commit());
 
     // Seed the bitmap the next (running) incremental starts from. Only qcow2 files can
     // carry one; a disk without it makes that incremental fall back to a full, safely.
@@ -87,10 +84,10 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<void
       warnings: [],
       totalBytes: await apparentSize(work.final),
     };
-    ctx.out.write(stoppedBackupText(report, sizes));
     ctx.logger.log(`Backup of stopped VM ${a.vm} to ${work.final} completed (${report.totalBytes} bytes)`);
+    return { vm: a.vm, path: a.path, mode: a.mode, format: 'stopped', report, warnings: [], jobBlock: '', files: sizes };
   } catch (e) {
-    await work.discard().catch((err: Error) => ctx.logger.log(`Warning: could not remove ${work.path}: ${err.message}`));
+    await work.discard().catch((err: Error) => ctx.leftover(`Could not remove the unfinished backup ${work.path}: ${err.message}`));
     throw e;
   }
 }
@@ -103,24 +100,22 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<void
  * and then read back.
  */
 async function seedBitmap(ctx: OpContext, qemuImg: QemuImgClient, src: string, name: string): Promise<boolean> {
-  const add = await qemuImg.bitmap(src, '--add', name);
-  if (succeeded(add)) return true;
-  if (!/already exists/i.test(add.stderr)) {
-    ctx.logger.log(`Warning: could not add bitmap ${name} to ${src}: ${failureText(add)}`);
+  const added = await qemuImg.addBitmap(src, name).catch((e: unknown) => toolText(e));
+  if (added === true) return true;
+  if (typeof added === 'string') {
+    ctx.logger.log(`Warning: could not add bitmap ${name} to ${src}: ${added}`);
     return false;
   }
-  const replace = await qemuImg.bitmap(src, ['--remove', '--add'], name);
-  if (!succeeded(replace)) {
-    ctx.logger.log(`Warning: bitmap ${name} already exists on ${src} and could not be replaced: ${failureText(replace)}`);
+  const refused = await softly(qemuImg.replaceBitmap(src, name));
+  if (refused !== null) {
+    ctx.logger.log(`Warning: bitmap ${name} already exists on ${src} and could not be replaced: ${refused}`);
     return false;
   }
-  const info = await qemuImg.info(src);
   let flags: string[] | undefined;
   try {
-    if (!succeeded(info)) throw new Error(failureText(info));
-    flags = parseImageBitmaps(info.stdout).find((b) => b.name === name)?.flags;
+    flags = (await qemuImg.bitmaps(src)).find((b) => b.name === name)?.flags;
   } catch (e) {
-    ctx.logger.log(`Warning: cannot read back bitmap ${name} on ${src}: ${(e as Error).message}`);
+    ctx.logger.log(`Warning: cannot read back bitmap ${name} on ${src}: ${toolText(e)}`);
     return false;
   }
   if (!flags?.includes('auto') || flags.includes('in-use')) {
@@ -129,4 +124,10 @@ async function seedBitmap(ctx: OpContext, qemuImg: QemuImgClient, src: string, n
   }
   ctx.logger.log(`Replaced the existing bitmap ${name} on ${src} with an empty, recording one`);
   return true;
+}
+
+/** A tool failure's own text; anything else propagates. */
+function toolText(e: unknown): string {
+  if (e instanceof ToolError) return e.details;
+  throw e;
 }

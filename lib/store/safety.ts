@@ -7,7 +7,7 @@
 // reported, not refused (its refcounts may be stale; qemu-img repairs that on open).
 import { realpath, stat } from 'node:fs/promises';
 import { isAbsolute, resolve } from 'node:path';
-import { NasbackupError, type ErrorCode } from '../errors.js';
+import { NasbackupError, type ErrorCode, type Warning } from '../errors.js';
 import { isWithin } from '../paths.js';
 import {
   isFollowableBackingName,
@@ -40,7 +40,7 @@ export interface ChainInspection {
   /** Layers checked, top first (up to the problem). */
   layers: string[];
   problem: ChainProblem | null;
-  warnings: string[];
+  warnings: Warning[];
 }
 
 export interface InspectOptions {
@@ -73,7 +73,7 @@ function fileType(st: { isDirectory(): boolean; isFIFO(): boolean; isSocket(): b
 /** Walk and check the chain of `top`; never throws for what it finds (see `problem`). */
 export async function inspectChain(top: string, instanceDir: string, opts: InspectOptions = {}): Promise<ChainInspection> {
   const layers: string[] = [];
-  const warnings: string[] = [];
+  const warnings: Warning[] = [];
   const done = (p: Omit<ChainProblem, 'reference'> & { reference?: boolean }): ChainInspection => ({
     layers,
     problem: { reference: false, ...p },
@@ -114,7 +114,7 @@ export async function inspectChain(top: string, instanceDir: string, opts: Inspe
     if (hasExternalDataFile(h)) return done({ kind: 'unsafe', layer: path, message: `${path} has an external data file (its data lives in another file)` });
     if ((h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n) return done({ kind: 'corrupt', layer: path, message: `${path} is marked corrupt (QEMU found damage in it)` });
     if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n)
-      warnings.push(`${path} is marked dirty (not closed cleanly; refcounts may be stale, \`qemu-img check -r all\` repairs them)`);
+      warnings.push({ code: 'IMAGE_DIRTY', message: `${path} is marked dirty (not closed cleanly; refcounts may be stale, \`qemu-img check -r all\` repairs them)` });
     let scan = opts.scanned?.get(key);
     if (scan === undefined) {
       scan = null;
@@ -123,7 +123,7 @@ export async function inspectChain(top: string, instanceDir: string, opts: Inspe
       } catch (e) {
         if (!(e instanceof Qcow2Error)) throw e;
         // A valid feature our reader does not handle (encryption, …): not scanned, not refused.
-        if (UNSUPPORTED_CODES.has(e.code)) warnings.push(`${path}: metadata not checked (${stripPath(e.message, real)})`);
+        if (UNSUPPORTED_CODES.has(e.code)) warnings.push({ code: 'METADATA_NOT_CHECKED', message: `${path}: metadata not checked (${stripPath(e.message, real)})` });
         else scan = { kind: kindOf(e.code), layer: path, message: `${path}: ${stripPath(e.message, real)}`, reference: false };
       }
       opts.scanned?.set(key, scan);
@@ -159,7 +159,7 @@ export function chainRefusal(p: ChainProblem, what: string, vm: string): Nasback
  * outside the VM folder, nothing written). Returns the warnings (a dirty layer). With
  * `missingOk`, a missing layer is left to the caller (whose own message names it).
  */
-export async function assertChainSafe(top: string, instanceDir: string, what: string, vm: string, opts: { missingOk?: boolean } = {}): Promise<string[]> {
+export async function assertChainSafe(top: string, instanceDir: string, what: string, vm: string, opts: { missingOk?: boolean } = {}): Promise<Warning[]> {
   const r = await inspectChain(top, instanceDir);
   if (r.problem && !(opts.missingOk && r.problem.kind === 'broken')) throw chainRefusal(r.problem, what, vm);
   return r.warnings;

@@ -1,0 +1,38 @@
+// `--help` of each operator command: its own usage (exit 0). The agent CLI's -h keeps the
+// original's full usage and exit 1 (lib/agent-output.ts usageText).
+
+const CHAIN_NAS = '-t <type> -s <address> [-m <mount options>] --vm <instance>';
+
+const CHAIN: Record<string, string> = {
+  list: `nasbackup chain list ${CHAIN_NAS} [--json]
+  Lists the backups of the VM on the NAS, each file with its backing file (read from the qcow2 headers).`,
+  verify: `nasbackup chain verify ${CHAIN_NAS} [--json]
+  Checks every chain of the VM: backing files present, relative, inside the VM folder, no cycles, same
+  virtual size, qemu-img check clean. Exit 1 (CHAIN_INVALID) and a report when anything is wrong.`,
+  'plan-delete': `nasbackup chain plan-delete ${CHAIN_NAS} --backup <instance>/<timestamp> [--force] [--records <records.json>] [--json]
+  Shows what 'chain delete' would do (rebases, then removals), changing nothing.`,
+  delete: `nasbackup chain delete ${CHAIN_NAS} --backup <instance>/<timestamp> [--force [--yes]] [--records <records.json>]
+            [--engine <auto|native|qemu-img>] [--json]
+  Removes the backup and repairs every disk of the backups that depend on it. --force also removes a
+  full backup with its whole chain: on a terminal the plan is shown and confirmed first, unless --yes.`,
+};
+
+const COMMANDS: Record<string, string> = {
+  'plan-delete': `nasbackup plan-delete --records <records.json> --backup <uuid> --root-volume-uuid <uuid> [--forced] [--json]
+  The management server's own delete plan for these backup records (JSON), for checking.`,
+  agent: `nasbackup agent [--profile rebase-era|merged|newest] < command.json
+  Serves one CloudStack agent request from stdin, answering as that agent generation's wrapper would.`,
+  'install-agent-hook': `nasbackup install-agent-hook [--target <script path>] [--node <absolute node path>] [--uninstall] [--json]
+  Puts a launcher for this program at the agent's nasbackup.sh (the original is kept as .orig);
+  --uninstall puts the original back.`,
+};
+
+/** The help of `nasbackup <command> [<subcommand>] --help`. */
+export function operatorHelp(command: string, rest: readonly string[]): string {
+  if (command === 'chain') {
+    const sub = rest.find((a) => a in CHAIN);
+    if (sub) return `Usage: ${CHAIN[sub]}\n`;
+    return `Usage:\n${Object.values(CHAIN).map((t) => `  ${t.split('\n')[0]}`).join('\n')}\n(nasbackup chain <subcommand> --help for one of them)\n`;
+  }
+  return `Usage: ${COMMANDS[command] ?? command}\n`;
+}

@@ -1,0 +1,129 @@
+// Operator chain tools on a mounted NAS: list, verify, plan a delete, and delete with
+// repair of every disk. Each returns its result (lib/output.ts renders it). A delete is idempotent: it re-reads the chains each run, so a
+// run interrupted anywhere is finished by running it again.
+import { lstat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { NasbackupError, withResult } from '../../errors.js';
+import { ensureWithin, exists } from '../../paths.js';
+import { discover, type VmBackups } from './discover.js';
+import { planDelete, type DeletePlan } from './plan.js';
+import type { BackupRecord } from './provider-plan.js';
+import { verifyChains, type VerifyReport } from './verify.js';
+import type { RebaseEngine } from '../../engine/types.js';
+import type { NasTarget } from '../../nas/session.js';
+import { syncAfter, type OpContext } from '../context.js';
+import { removeTree } from '../delete.js';
+import { safeRebase } from '../rebase.js';
+
+/** Checked by lib/cli/validate.ts (validateChainArgs). */
+export interface ChainArgs {
+  nas: NasTarget;
+  /** The instance folder (one path component). */
+  vm: string;
+  /** The backup's folder name (`<timestamp>`) below the instance; required by plan-delete and delete. */
+  backup?: string;
+  force: boolean;
+  records?: BackupRecord[];
+}
+
+/** validateChainArgs requires --backup for plan-delete and delete. */
+function required(backup: string | undefined): string {
+  if (backup === undefined) throw new NasbackupError('INTERNAL', 'Internal error: --backup was not checked');
+  return backup;
+}
+
+async function load(ctx: OpContext, a: ChainArgs): Promise<{ vm: string; root: string; backups: VmBackups }> {
+  const vm = a.vm;
+  const nas = await ctx.openNas(a.nas);
+  const dir = await ensureWithin(nas.mountPoint, vm, { what: '--vm' });
+  return { vm, root: nas.mountPoint, backups: await discover(dir) };
+}
+
+export interface ChainListResult {
+  vm: string;
+  backups: VmBackups;
+}
+
+export async function chainList(ctx: OpContext, a: ChainArgs): Promise<ChainListResult> {
+  const { vm, backups } = await load(ctx, a);
+  return { vm, backups };
+}
+
+export interface ChainVerifyResult {
+  vm: string;
+  report: VerifyReport;
+}
+
+export async function chainVerify(ctx: OpContext, a: ChainArgs): Promise<ChainVerifyResult> {
+  const { vm, backups } = await load(ctx, a);
+  const report = await verifyChains(backups, (abs) => ctx.clients.qemuImg.check(abs, { shared: true }));
+  const result = { vm, report };
+  if (!report.ok) throw new NasbackupError('CHAIN_INVALID', `The backup chains of ${vm} have errors`, { result });
+  return result;
+}
+
+export interface ChainPlanResult {
+  plan: DeletePlan;
+}
+
+export async function chainPlanDelete(ctx: OpContext, a: ChainArgs): Promise<ChainPlanResult> {
+  const { vm, backups } = await load(ctx, a);
+  const plan = await planDelete(backups, vm, required(a.backup), { force: a.force, ...(a.records ? { records: a.records } : {}) });
+  if (!plan.proceed) throw new NasbackupError('CHAIN_REFUSED', plan.reason ?? 'refused', { result: { plan } });
+  return { plan };
+}
+
+export interface ChainDeleteResult {
+  plan: DeletePlan;
+  /** What was done, in order: `rebased <file> onto <file>`, `removed <instance>/<timestamp>` (NAS-relative). */
+  done: string[];
+}
+
+/**
+ * `approve`: asked once the plan is made (under the lock) and before anything changes;
+ * false leaves everything as it was (NOT_CONFIRMED).
+ */
+export async function chainDelete(ctx: OpContext, a: ChainArgs, engine: RebaseEngine, approve?: (plan: DeletePlan) => Promise<boolean>): Promise<ChainDeleteResult> {
+  const vm = a.vm;
+  const name = required(a.backup);
+  const nas = await ctx.openNas(a.nas);
+  const dir = await ensureWithin(nas.mountPoint, vm, { what: '--vm' });
+  if (!(await exists(dir))) {
+    throw new NasbackupError('FILE_NOT_FOUND', `No backups of ${vm} on this NAS`);
+  }
+  await ctx.lockVm(nas.mountPoint, vm, 'chain delete');
+  // Plan under the lock, from the files as they are now.
+  const plan = await planDelete(await discover(dir), vm, name, { force: a.force, ...(a.records ? { records: a.records } : {}) });
+  if (!plan.proceed) throw new NasbackupError('CHAIN_REFUSED', plan.reason ?? 'refused', { result: { plan, done: [] } });
+  const done: string[] = [];
+  const result: ChainDeleteResult = { plan, done };
+  if (approve && (plan.rebases.length > 0 || plan.remove.length > 0) && !(await approve(plan))) {
+    throw new NasbackupError('NOT_CONFIRMED', `Not confirmed: nothing of ${join(vm, name)} was changed`);
+  }
+  try {
+    for (const r of plan.rebases) {
+      ctx.checkpoint();
+      const target = await ensureWithin(nas.mountPoint, r.target, { what: 'rebase target', minDepth: 3 });
+      const backing = await ensureWithin(nas.mountPoint, r.newBacking, { what: 'new backing', minDepth: 3 });
+      await safeRebase(ctx, target, backing, engine, dir);
+      done.push(`rebased ${r.target} onto ${r.newBacking}`);
+    }
+    // Nothing may depend on what is removed: re-read and re-plan before each removal.
+    for (const d of plan.remove) {
+      ctx.checkpoint();
+      const again = await planDelete(await discover(dir), vm, d.split('/').at(-1)!, { force: a.force });
+      if (!again.proceed || again.rebases.length > 0 || again.remove.length > 1 || (again.remove.length === 1 && again.remove[0] !== d)) {
+        throw new NasbackupError('CHAIN_REFUSED', `Refusing to remove ${d}: backups still depend on it`, { details: again.reason ?? '' });
+      }
+      const abs = await ensureWithin(nas.mountPoint, d, { what: 'backup', minDepth: 2 });
+      const st = await lstat(abs).catch(() => null);
+      if (st && st.isDirectory()) await removeTree(ctx, abs, st.dev, []);
+      done.push(`removed ${d}`);
+    }
+  } catch (e) {
+    throw withResult(e, result); // what was done before the failure is still reported
+  }
+  await syncAfter(ctx, 'chain delete');
+  ctx.logger.log(`Chain delete of ${join(vm, name)}: ${done.join('; ') || 'nothing to do'}`);
+  return result;
+}

@@ -86,6 +86,22 @@ function setpriv(): string | null {
   return setprivPath;
 }
 
+/**
+ * A child bound to us (pdeathsig: it dies the moment we are gone) that SIGKILLs us if we
+ * are still here after `ms` (see NasWatch.guardExit). Without setpriv there is no guard:
+ * it could outlive us.
+ */
+export function spawnExitGuard(ms: number): void {
+  const guard = setpriv();
+  if (!guard) return;
+  const kill = `setTimeout(() => { try { process.kill(${process.pid}, 'SIGKILL') } catch {} }, ${ms})`;
+  try {
+    spawn(guard, ['--pdeathsig', 'KILL', '--', process.execPath, '-e', kill], { detached: true, stdio: 'ignore' }).unref();
+  } catch {
+    // no guard: the exit may wait on the NAS
+  }
+}
+
 export class Runner {
   constructor(
     private readonly logger: Logger,

@@ -4,9 +4,8 @@
 // mounted, a child probes it (statfs) with a deadline; when it does not answer, the
 // watch trips, the operation is abandoned where it stands (its calls are left behind
 // and die with the process), and cleanup runs with children and local calls only.
-import { spawn } from 'node:child_process';
 import { NasbackupError } from '../errors.js';
-import { resolveProgram } from '../exec.js';
+import { spawnExitGuard } from '../exec.js';
 
 /** How long the process may take to end once a NAS stopped answering and cleanup is done. */
 export const EXIT_GUARD_MS = 10_000;
@@ -43,14 +42,7 @@ export class NasWatch {
    * still here after `ms`. Without setpriv there is no guard: it could outlive us.
    */
   guardExit(ms: number = EXIT_GUARD_MS): void {
-    const setpriv = resolveProgram('setpriv', '/usr/bin:/bin:/usr/sbin:/sbin');
-    if (!setpriv) return;
-    const kill = `setTimeout(() => { try { process.kill(${process.pid}, 'SIGKILL') } catch {} }, ${ms})`;
-    try {
-      spawn(setpriv, ['--pdeathsig', 'KILL', '--', process.execPath, '-e', kill], { detached: true, stdio: 'ignore' }).unref();
-    } catch {
-      // no guard: the exit may wait on the NAS
-    }
+    spawnExitGuard(ms);
   }
 
   /** `p`, unless the NAS stops answering first. */

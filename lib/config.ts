@@ -17,6 +17,13 @@ export interface Config {
   /** Attempts for a busy unmount (CIFS "target is busy") before a lazy unmount. */
   umountAttempts: number;
   umountRetryDelayMs: number;
+  /**
+   * The NAS must answer a probe (statfs of the mount, in a child) within this; else the
+   * operation is abandoned as NAS_UNRESPONSIVE (a hung NFS/CIFS/FUSE server).
+   */
+  nasTimeoutMs: number;
+  /** How often the mounted NAS is probed. */
+  nasProbeIntervalMs: number;
   /** Short host commands: virsh queries, df, sync. */
   commandTimeoutMs: number;
   /** Long qemu-img work (rebase, convert); default matches the agent's cmds.timeout. */
@@ -130,6 +137,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, flags: ConfigFl
     umountTimeoutMs: seconds(env, 'NASBACKUP_UMOUNT_TIMEOUT', 30),
     umountAttempts: int(env, 'NASBACKUP_UMOUNT_ATTEMPTS', 5),
     umountRetryDelayMs: seconds(env, 'NASBACKUP_UMOUNT_RETRY_DELAY', 1),
+    nasTimeoutMs: seconds(env, 'NASBACKUP_NAS_TIMEOUT', 120),
+    nasProbeIntervalMs: seconds(env, 'NASBACKUP_NAS_PROBE_INTERVAL', 5),
     commandTimeoutMs: seconds(env, 'NASBACKUP_COMMAND_TIMEOUT', 300),
     qemuImgTimeoutMs: seconds(env, 'NASBACKUP_QEMU_IMG_TIMEOUT', 7200),
     versionCheck: oneOf(env, 'NASBACKUP_VERSION_CHECK', ['all', 'backup', 'off'] as const, 'all'),

@@ -1,6 +1,8 @@
 // The one way this program starts another program: argv arrays (never a shell),
 // a deadline on every call, cancellation on SIGTERM/SIGINT, and one log line per
 // call with exit code and duration.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { accessSync, constants as fsConstants, statSync } from 'node:fs';
 import type { Logger } from './log.js';
 
 export interface RunOptions {
@@ -8,7 +10,10 @@ export interface RunOptions {
   /** false: not cancelled by the run-wide abort (used by cleanup, which must still run). */
   abortable?: boolean;
   env?: NodeJS.ProcessEnv;
-  /** Start it in its own process group (signals sent to ours do not reach it). */
+  /**
+   * Start it in its own process group (signals sent to ours do not reach it). Every
+   * child is now (see spawnBounded); kept so callers can say it matters to them.
+   */
   ownProcessGroup?: boolean;
 }
 
@@ -49,6 +54,54 @@ export function redact(text: string): string {
   return text.replace(SECRET, '$1=***');
 }
 
+/** After the kill, how long the pipes and the exit may still take before we stop waiting. */
+const KILL_GRACE_MS = 5000;
+/** After a normal exit, how long a leftover holder of our pipes may keep them open. */
+const PIPE_GRACE_MS = 1000;
+const MAX_OUTPUT = 64 * 1024 * 1024;
+
+/** An executable path for `command` on `path`, or null (so a missing program stays ENOENT). */
+export function resolveProgram(command: string, path: string | undefined): string | null {
+  const ok = (p: string): boolean => {
+    try {
+      accessSync(p, fsConstants.X_OK);
+      return statSync(p).isFile();
+    } catch {
+      return false;
+    }
+  };
+  if (command.includes('/')) return ok(command) ? command : null;
+  for (const dir of (path ?? '').split(':')) {
+    if (dir === '') continue;
+    const p = `${dir}/${command}`;
+    if (ok(p)) return p;
+  }
+  return null;
+}
+
+let setprivPath: string | null | undefined;
+/** util-linux `setpriv`, which makes the kernel kill a child when we die (PR_SET_PDEATHSIG). */
+function setpriv(): string | null {
+  if (setprivPath === undefined) setprivPath = resolveProgram('setpriv', '/usr/bin:/bin:/usr/sbin:/sbin');
+  return setprivPath;
+}
+
+/**
+ * A child bound to us (pdeathsig: it dies the moment we are gone) that SIGKILLs us if we
+ * are still here after `ms` (see NasWatch.guardExit). Without setpriv there is no guard:
+ * it could outlive us.
+ */
+export function spawnExitGuard(ms: number): void {
+  const guard = setpriv();
+  if (!guard) return;
+  const kill = `setTimeout(() => { try { process.kill(${process.pid}, 'SIGKILL') } catch {} }, ${ms})`;
+  try {
+    spawn(guard, ['--pdeathsig', 'KILL', '--', process.execPath, '-e', kill], { detached: true, stdio: 'ignore' }).unref();
+  } catch {
+    // no guard: the exit may wait on the NAS
+  }
+}
+
 export class Runner {
   constructor(
     private readonly logger: Logger,
@@ -60,46 +113,128 @@ export class Runner {
   }
 
   async run(command: string, args: readonly string[], opts: RunOptions): Promise<RunResult> {
-    const { execa } = await import('execa'); // lazy: keeps start-up light for --help and errors
     const useAbort = opts.abortable !== false && this.abort !== undefined;
     const started = process.hrtime.bigint();
-    const r = await execa(command, args, {
-      reject: false,
-      stdin: 'ignore',
-      stripFinalNewline: false,
-      timeout: opts.timeoutMs,
-      forceKillAfterDelay: 5000,
-      ...(useAbort ? { cancelSignal: this.abort } : {}),
-      ...(opts.ownProcessGroup ? { detached: true } : {}),
-      env: opts.env ?? process.env,
-      extendEnv: false,
-      encoding: 'utf8',
-      maxBuffer: 64 * 1024 * 1024,
-    });
-    const durationMs = Number(process.hrtime.bigint() - started) / 1e6;
-    const err = r as unknown as { code?: string; originalMessage?: string };
-    const spawnError =
-      r.exitCode === undefined && !r.timedOut && !r.isCanceled && r.signal === undefined
-        ? (err.code ?? err.originalMessage ?? 'failed to start')
-        : null;
-    const result: RunResult = {
-      command,
-      args,
-      exitCode: r.exitCode ?? null,
-      signal: r.signal ?? null,
-      stdout: typeof r.stdout === 'string' ? r.stdout : '',
-      stderr: typeof r.stderr === 'string' ? r.stderr : '',
-      timedOut: r.timedOut,
-      canceled: r.isCanceled,
-      spawnError,
-      durationMs,
-    };
+    const r = await spawnBounded(command, args, opts, useAbort && this.abort ? [this.abort] : []);
+    const result: RunResult = { command, args, ...r, durationMs: Number(process.hrtime.bigint() - started) / 1e6 };
     const status = succeeded(result) ? 'exit 0' : describeFailure(result);
     this.logger.log(
-      redact(`exec: ${[command, ...args].map(quoteForLog).join(' ')} -> ${status} (${durationMs.toFixed(0)} ms)`),
+      redact(`exec: ${[command, ...args].map(quoteForLog).join(' ')} -> ${status} (${result.durationMs.toFixed(0)} ms)`),
     );
     return result;
   }
+}
+
+type Outcome = Omit<RunResult, 'command' | 'args' | 'durationMs'>;
+
+/**
+ * Start one child in its own process group, under `setpriv --pdeathsig KILL` when the
+ * host has it (the child dies with us, even on our SIGKILL). On the deadline or on
+ * cancellation the whole group gets SIGTERM, then SIGKILL, so a helper the child
+ * started (mount.nfs under mount) goes too; and we never wait for the pipes or the
+ * exit longer than a short grace after that (a process stuck in the kernel is left).
+ */
+function spawnBounded(command: string, args: readonly string[], opts: RunOptions, aborts: AbortSignal[]): Promise<Outcome> {
+  const env = opts.env ?? process.env;
+  const base: Outcome = { exitCode: null, signal: null, stdout: '', stderr: '', timedOut: false, canceled: false, spawnError: null };
+  if (aborts.some((a) => a.aborted)) return Promise.resolve({ ...base, canceled: true });
+  const program = resolveProgram(command, env.PATH);
+  if (program === null) return Promise.resolve({ ...base, spawnError: 'ENOENT' });
+  const guard = setpriv();
+  const [file, argv] = guard ? [guard, ['--pdeathsig', 'KILL', '--', program, ...args]] : [program, [...args]];
+
+  return new Promise<Outcome>((resolve) => {
+    let child: ChildProcess;
+    try {
+      child = spawn(file, argv, { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env });
+    } catch (e) {
+      resolve({ ...base, spawnError: (e as NodeJS.ErrnoException).code ?? (e as Error).message });
+      return;
+    }
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    let size = 0;
+    const collect = (into: Buffer[]) => (d: Buffer) => {
+      if (size + d.length > MAX_OUTPUT) return; // keep the first 64 MiB; the rest is not read by anyone
+      size += d.length;
+      into.push(d);
+    };
+    child.stdout!.on('data', collect(out));
+    child.stderr!.on('data', collect(err));
+
+    let timedOut = false;
+    let canceled = false;
+    let exit: { code: number | null; signal: string | null } | null = null;
+    let spawnError: string | null = null;
+    let settled = false;
+    const timers: NodeJS.Timeout[] = [];
+
+    const killGroup = (sig: NodeJS.Signals): void => {
+      if (child.pid === undefined) return;
+      try {
+        process.kill(-child.pid, sig);
+      } catch {
+        // the group is gone already
+      }
+    };
+    const finish = (): void => {
+      if (settled) return;
+      settled = true;
+      for (const t of timers) clearTimeout(t);
+      for (const a of aborts) a.removeEventListener('abort', onAbort);
+      child.stdout!.destroy();
+      child.stderr!.destroy();
+      child.unref();
+      resolve({
+        exitCode: exit?.code ?? null,
+        // A child we gave up on after SIGKILL (stuck in the kernel) counts as killed.
+        signal: exit?.signal ?? (exit === null && spawnError === null ? 'SIGKILL' : null),
+        stdout: Buffer.concat(out).toString('utf8'),
+        stderr: Buffer.concat(err).toString('utf8'),
+        timedOut,
+        canceled,
+        spawnError,
+      });
+    };
+    const stop = (): void => {
+      killGroup('SIGTERM');
+      timers.push(
+        setTimeout(() => {
+          killGroup('SIGKILL');
+          timers.push(setTimeout(finish, KILL_GRACE_MS)); // do not wait on pipes or exit any longer
+        }, KILL_GRACE_MS),
+      );
+    };
+    const onAbort = (): void => {
+      if (exit !== null || timedOut || canceled) return;
+      canceled = true;
+      stop();
+    };
+    for (const a of aborts) a.addEventListener('abort', onAbort, { once: true });
+    timers.push(
+      setTimeout(() => {
+        if (exit !== null || canceled) return;
+        timedOut = true;
+        stop();
+      }, opts.timeoutMs),
+    );
+    child.on('error', (e: NodeJS.ErrnoException) => {
+      spawnError = e.code ?? e.message;
+      finish();
+    });
+    child.on('exit', (code, signal) => {
+      exit = { code, signal };
+      // Normally the pipes close with the exit; a leftover of its group holding them
+      // (a helper gone astray) is killed after a short grace rather than waited for.
+      timers.push(
+        setTimeout(() => {
+          killGroup('SIGKILL');
+          finish();
+        }, PIPE_GRACE_MS),
+      );
+    });
+    child.on('close', finish);
+  });
 }
 
 function quoteForLog(a: string): string {

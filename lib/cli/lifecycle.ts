@@ -9,6 +9,7 @@ import { Runner } from '../exec.js';
 import type { Logger } from '../log.js';
 import { VmLock } from '../nas/lock.js';
 import { NasSession } from '../nas/session.js';
+import { NasWatch } from '../nas/watch.js';
 import { ensureWithin } from '../paths.js';
 import type { OpContext } from '../ops/context.js';
 import { onTerminatingSignal } from './signals.js';
@@ -55,6 +56,8 @@ export async function execute<T>(io: ExecuteIo, config: Config, logger: Logger, 
   });
 
   const runner = new Runner(logger, abort.signal);
+  // A NAS that stops answering abandons the body; its children are killed (abort).
+  const watch = new NasWatch(() => abort.abort());
   const sessions: NasSession[] = [];
   const locks: VmLock[] = [];
   const leftovers: string[] = [];
@@ -64,7 +67,7 @@ export async function execute<T>(io: ExecuteIo, config: Config, logger: Logger, 
     logger,
     config,
     openNas: (target) =>
-      NasSession.open(target, { runner, config, logger }, (s) => {
+      NasSession.open(target, { runner, config, logger, watch }, (s) => {
         sessions.push(s);
         mounts.push({ mountPoint: s.mountPoint, address: target.address });
       }),
@@ -81,6 +84,7 @@ export async function execute<T>(io: ExecuteIo, config: Config, logger: Logger, 
       );
     },
     checkpoint: () => {
+      if (watch.unresponsive) throw watch.unresponsive;
       if (interruptedBy && phase === 'work') throw new NasbackupError('INTERRUPTED', `Interrupted by ${interruptedBy}`);
     },
     shield: async <T>(step: () => Promise<T>): Promise<T> => {
@@ -128,7 +132,7 @@ export async function execute<T>(io: ExecuteIo, config: Config, logger: Logger, 
   let result: T | undefined;
   try {
     ctx.checkpoint(); // a signal that came in while starting: stop before anything happens
-    result = await body(ctx);
+    result = await watch.race(body(ctx));
     ctx.checkpoint();
   } catch (e) {
     failure = toNasbackupError(e);
@@ -140,9 +144,15 @@ export async function execute<T>(io: ExecuteIo, config: Config, logger: Logger, 
 
   const cleanupErrors: NasbackupError[] = [];
   for (const l of locks.reverse()) {
-    await l.release();
+    // A lock on a NAS that does not answer cannot be removed (nor looked at); the next run takes it over.
+    if (watch.unresponsive) {
+      ctx.leftover(`Could not remove the lock ${l.path} (the NAS did not answer)`);
+      continue;
+    }
+    await watch.race(l.release()).catch(() => {});
     // Still there (a read-only or failing NAS): say so; the next run takes over a lock whose holder is gone.
-    if (await lstat(l.path).then(() => true, () => false)) ctx.leftover(`Could not remove the lock ${l.path}`);
+    const left = await watch.race(lstat(l.path).then(() => true, () => false)).catch(() => true);
+    if (left) ctx.leftover(`Could not remove the lock ${l.path}`);
   }
   for (const s of sessions.reverse()) {
     try {
@@ -157,6 +167,7 @@ export async function execute<T>(io: ExecuteIo, config: Config, logger: Logger, 
     cleanupErrors.push(new NasbackupError('NAS_CLEANUP_FAILED', all.join('\n'), { details: 'Backup cleanup failed' }));
   }
   unhook();
+  if (watch.unresponsive) watch.guardExit();
 
   const errors = [failure, ...cleanupErrors].filter((e): e is NasbackupError => e !== null);
   for (const e of errors) logger.log(`ERROR [${e.code}] ${e.message}${e.details ? `\n${e.details}` : ''}`);

@@ -1,7 +1,7 @@
 // `mount`/`umount` behind a small typed client (coded ToolErrors, never a raw process
 // result), plus a reader of the kernel's mount table so cleanup can check what is
 // really still mounted.
-import { readFile } from 'node:fs/promises';
+import { readFileSync } from 'node:fs';
 import { describeFailure, failureText, succeeded, type Runner } from '../exec.js';
 import { ToolError } from './failure.js';
 
@@ -45,6 +45,16 @@ export class MountClient {
     const r = await this.runner.run('umount', lazy ? ['-l', target] : [target], { timeoutMs, abortable: false });
     if (!succeeded(r)) throw new ToolError('NAS_CLEANUP_FAILED', `Failed to unmount ${target}`, r, failureText(r));
   }
+
+  /**
+   * For a NAS that stopped answering: `-f` aborts the requests waiting on it (NFS, CIFS,
+   * FUSE), so our own stuck calls return; `-c` keeps umount from resolving the path,
+   * which would wait on the NAS too. `lazy` then detaches what is still busy.
+   */
+  async umountDead(target: string, timeoutMs: number, lazy: boolean): Promise<void> {
+    const r = await this.runner.run('umount', [lazy ? '-l' : '-f', '-c', target], { timeoutMs, abortable: false });
+    if (!succeeded(r)) throw new ToolError('NAS_CLEANUP_FAILED', `Failed to unmount ${target}`, r, failureText(r));
+  }
 }
 
 /** Decode the octal escapes (\040 for space, …) the kernel uses in mountinfo. */
@@ -61,7 +71,14 @@ function mountPointsFromMountinfo(text: string): string[] {
   return out;
 }
 
-export async function isMountPoint(path: string): Promise<boolean> {
-  const text = await readFile('/proc/self/mountinfo', 'utf8');
-  return mountPointsFromMountinfo(text).includes(path);
+/**
+ * Synchronous read on purpose: procfs answers at once, and libuv's threads may all be
+ * stuck in calls on a NAS that stopped answering (cleanup must still see the mount table).
+ */
+export function isMountPoint(path: string): Promise<boolean> {
+  try {
+    return Promise.resolve(mountPointsFromMountinfo(readFileSync('/proc/self/mountinfo', 'utf8')).includes(path));
+  } catch (e) {
+    return Promise.reject(e instanceof Error ? e : new Error(String(e)));
+  }
 }

@@ -52,6 +52,17 @@ export async function staleReason(info: LockInfo, ageMs: number, staleAfterMs: n
   return ageMs > staleAfterMs ? `held by ${info.host} for ${Math.round(ageMs / 1000)} s, longer than any operation may run` : null;
 }
 
+/** Who we are, as a lock (or another owner marker) records it. */
+export async function ownerInfo(operation: string): Promise<LockInfo> {
+  return { host: hostname(), pid: process.pid, pidStart: await processStart(process.pid), startedAt: new Date().toISOString(), operation };
+}
+
+/** The owner recorded in a marker file and the file's age; null when unreadable or gone. */
+export async function readOwner(path: string): Promise<{ info: LockInfo; ageMs: number } | null> {
+  const r = await readLock(path);
+  return r === 'gone' ? null : r;
+}
+
 export class VmLock {
   private constructor(
     readonly path: string,
@@ -65,13 +76,7 @@ export class VmLock {
     const path = join(instanceDir, LOCK_NAME);
     const created = (await mkdir(instanceDir, { recursive: true, mode: 0o755 })) !== undefined ? instanceDir : null;
     const sleep = opts.sleep ?? ((ms: number) => new Promise<void>((r) => setTimeout(r, ms)));
-    const me: LockInfo = {
-      host: hostname(),
-      pid: process.pid,
-      pidStart: await processStart(process.pid),
-      startedAt: new Date().toISOString(),
-      operation: opts.operation,
-    };
+    const me = await ownerInfo(opts.operation);
     const end = Date.now() + opts.waitMs;
     let delay = 100;
     for (;;) {

@@ -2,14 +2,18 @@
 // original's (`$TMPDIR/csbackup.XXXXX`), and it is unmounted and removed on every
 // path: success, error, and signals (the CLI's lifecycle calls close()).
 import { randomInt } from 'node:crypto';
-import { mkdir, rmdir } from 'node:fs/promises';
-import { join } from 'node:path';
+import { rmdirSync, unlinkSync } from 'node:fs';
+import { mkdir, readdir, writeFile } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
+import { Worker } from 'node:worker_threads';
 import { NasbackupError } from '../errors.js';
-import type { Runner } from '../exec.js';
+import { resolveProgram, type Runner } from '../exec.js';
 import { softly, ToolError } from '../clients/failure.js';
 import { effectiveMountOptions, isMountPoint, MountClient } from '../clients/mount.js';
 import type { Config } from '../config.js';
 import type { Logger } from '../log.js';
+import { ownerInfo, readOwner, staleReason } from './lock.js';
+import { PROBE_WORKER, type NasWatch } from './watch.js';
 
 export interface NasTarget {
   type: string;
@@ -37,12 +41,22 @@ export async function makeMountPoint(tmpdir: string = process.env.TMPDIR || '/tm
   throw new NasbackupError('NAS_MOUNT_FAILED', `Cannot create a mount point in ${tmpdir}`);
 }
 
+/**
+ * Beside each mount point while it exists: who made it. A run that was killed (SIGKILL,
+ * power cut of the agent) leaves its mount; the next run unmounts it only when this
+ * marker proves the mount ours and its maker dead.
+ */
+export const ownerMarker = (mountPoint: string): string => join(dirname(mountPoint), `.${basename(mountPoint)}.owner`);
+const MARKER = /^\.(csbackup\.[A-Za-z0-9]{5})\.owner$/;
+
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 export class NasSession {
   private closed = false;
   private mounted = false;
   private readonly mounts: MountClient;
+  /** The worker thread that probes the NAS (see NasWatch). */
+  private prober: Worker | null = null;
 
   private constructor(
     readonly mountPoint: string,
@@ -50,6 +64,7 @@ export class NasSession {
     runner: Runner,
     private readonly config: Config,
     private readonly logger: Logger,
+    private readonly watch: NasWatch | undefined = undefined,
   ) {
     this.mounts = new MountClient(runner);
   }
@@ -60,12 +75,14 @@ export class NasSession {
    */
   static async open(
     target: NasTarget,
-    ctx: { runner: Runner; config: Config; logger: Logger },
+    ctx: { runner: Runner; config: Config; logger: Logger; watch?: NasWatch },
     onCreated: (s: NasSession) => void = () => {},
   ): Promise<NasSession> {
+    await NasSession.sweepDead(ctx);
     const mp = await makeMountPoint();
-    const s = new NasSession(mp, target, ctx.runner, ctx.config, ctx.logger);
+    const s = new NasSession(mp, target, ctx.runner, ctx.config, ctx.logger, ctx.watch);
     onCreated(s);
+    await writeFile(ownerMarker(mp), JSON.stringify(await ownerInfo('mount')) + '\n', { mode: 0o600 });
     try {
       await s.mount();
     } catch (e) {
@@ -75,9 +92,30 @@ export class NasSession {
     return s;
   }
 
+  /** Unmount and remove what killed runs of ours left in $TMPDIR (conservatively: see ownerMarker). */
+  static async sweepDead(ctx: { runner: Runner; config: Config; logger: Logger }, tmpdir: string = process.env.TMPDIR || '/tmp'): Promise<void> {
+    const names = await readdir(tmpdir).catch(() => [] as string[]);
+    for (const name of names) {
+      const m = MARKER.exec(name);
+      if (!m) continue;
+      const owner = await readOwner(join(tmpdir, name));
+      if (!owner) continue;
+      const why = await staleReason(owner.info, owner.ageMs, Number.POSITIVE_INFINITY);
+      if (why === null) continue;
+      ctx.logger.log(`Cleaning up ${join(tmpdir, m[1]!)}, left by a dead run (pid ${owner.info.pid}): ${why}`);
+      // Nobody uses a dead run's mount: one plain attempt, then lazily (its NAS may be the hung one).
+      const config = { ...ctx.config, umountAttempts: 1 };
+      const s = new NasSession(join(tmpdir, m[1]!), { type: '', address: '', options: '' }, ctx.runner, config, ctx.logger);
+      s.mounted = true;
+      await s.close().catch((e: Error) => ctx.logger.log(`Warning: could not clean up ${s.mountPoint}: ${e.message}`));
+    }
+  }
+
   private async mount(): Promise<void> {
     const { type, address } = this.target;
     const options = effectiveMountOptions(type, this.target.options);
+    // Watched from before the mount: the log line that follows it may already block on the NAS.
+    if (this.watch) this.startProbe(this.watch);
     try {
       await this.mounts.mount({ type, source: address, target: this.mountPoint, options }, this.config.mountTimeoutMs);
       this.mounted = true;
@@ -89,10 +127,49 @@ export class NasSession {
     this.logger.log(`Successfully mounted ${type} store`);
   }
 
+  /** Watch the NAS from a worker thread (see PROBE_WORKER) while this session exists. */
+  private startProbe(watch: NasWatch): void {
+    const { nasTimeoutMs, nasProbeIntervalMs, umountTimeoutMs } = this.config;
+    const stat = resolveProgram('stat', process.env.PATH);
+    const umount = resolveProgram('umount', process.env.PATH);
+    if (stat === null || umount === null) {
+      this.logger.log('Warning: stat or umount not found; the NAS is not watched for a hang');
+      return;
+    }
+    const w = new Worker(PROBE_WORKER, {
+      eval: true,
+      workerData: {
+        mountPoint: this.mountPoint,
+        stat,
+        umount,
+        setpriv: resolveProgram('setpriv', '/usr/bin:/bin:/usr/sbin:/sbin'),
+        env: { ...process.env },
+        intervalMs: nasProbeIntervalMs,
+        timeoutMs: nasTimeoutMs,
+        umountTimeoutMs,
+      },
+    });
+    w.unref();
+    w.on('message', (m: { type: string; code?: number | null }) => {
+      if (m.type === 'tripped') {
+        this.logger.log(`The NAS at ${this.mountPoint} did not answer a statfs within ${Math.round(nasTimeoutMs / 1000)} s`);
+        watch.trip(this.mountPoint, `${this.target.type} ${this.target.address}`, nasTimeoutMs);
+      } else if (m.type === 'forced') {
+        this.logger.log(`umount -f -c ${this.mountPoint} (abort what waits on the NAS) -> exit ${m.code}`);
+      }
+    });
+    w.on('error', (e) => this.logger.log(`Warning: the NAS watch failed: ${e.message}`));
+    this.prober = w;
+  }
+
   /** Unmount (retrying while busy, then lazily) and remove the mount point. Idempotent. */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    if (this.prober) {
+      this.prober.postMessage('stop');
+      void this.prober.terminate();
+    }
     const problems: string[] = [];
     if (this.mounted || (await isMountPoint(this.mountPoint).catch(() => false))) {
       const err = await this.unmount();
@@ -100,10 +177,19 @@ export class NasSession {
     }
     try {
       // rmdir, never a recursive remove: if anything is left, it is not ours to delete.
-      await rmdir(this.mountPoint);
+      // Synchronous: a local folder, and libuv's threads may be stuck on a dead NAS.
+      rmdirSync(this.mountPoint);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'ENOENT')
         problems.push(`Failed to remove mount point ${this.mountPoint}: ${(e as Error).message}`);
+    }
+    // The marker goes with the mount point; while a mount is left, it stays for the next run.
+    if (problems.length === 0) {
+      try {
+        unlinkSync(ownerMarker(this.mountPoint));
+      } catch {
+        // a session of a dead run swept without its marker, or already gone
+      }
     }
     if (problems.length > 0) {
       throw new NasbackupError('NAS_CLEANUP_FAILED', problems.join('\n'), { details: 'Backup cleanup failed' });
@@ -111,6 +197,7 @@ export class NasSession {
   }
 
   private async unmount(): Promise<string | null> {
+    if (this.watch?.unresponsive) return this.unmountDead();
     const { umountAttempts, umountTimeoutMs, umountRetryDelayMs } = this.config;
     let last = '';
     for (let attempt = 1; attempt <= umountAttempts; attempt++) {
@@ -137,5 +224,23 @@ export class NasSession {
       return null;
     }
     return `Failed to unmount ${this.mountPoint}: ${(lazy || last).trim()}`;
+  }
+
+  /** A NAS that does not answer: force (abort its waiting requests), then detach lazily. */
+  private async unmountDead(): Promise<string | null> {
+    const { umountTimeoutMs } = this.config;
+    const force = await softly(this.mounts.umountDead(this.mountPoint, umountTimeoutMs, false));
+    if (force === null || !(await isMountPoint(this.mountPoint))) {
+      this.mounted = false;
+      this.logger.log(`Warning: ${this.mountPoint} did not answer; unmounted by force`);
+      return null;
+    }
+    const lazy = await softly(this.mounts.umountDead(this.mountPoint, umountTimeoutMs, true));
+    if (!(await isMountPoint(this.mountPoint))) {
+      this.mounted = false;
+      this.logger.log(`Warning: ${this.mountPoint} did not answer; detached with a lazy unmount`);
+      return null;
+    }
+    return `Failed to unmount ${this.mountPoint}: ${(lazy ?? force).trim()}`;
   }
 }

@@ -118,7 +118,7 @@ register(new URL('./hooks.mjs', import.meta.url), { data: { pattern: process.env
 
 describe('SIGTERM while the program is still loading', () => {
   // Every module on the way from bin/nasbackup to the running operation (after the first one, which installs the handlers).
-  const points = ['dist/lib/cli/entry.js', 'dist/lib/agent-output.js', 'dist/lib/cli/main.js', 'dist/lib/config.js', '/yargs/', 'dist/lib/cli/lifecycle.js', 'dist/lib/nas/session.js', 'dist/lib/ops/stats.js', '/execa/'];
+  const points = ['dist/lib/cli/entry.js', 'dist/lib/agent-output.js', 'dist/lib/cli/main.js', 'dist/lib/config.js', '/yargs/', 'dist/lib/cli/lifecycle.js', 'dist/lib/nas/session.js', 'dist/lib/ops/stats.js', 'dist/lib/nas/watch.js'];
 
   it.each(points)('during the load of %s: a clean "Interrupted by SIGTERM", exit 1, nothing touched', async (point) => {
     const sb = makeSandbox('sec-startup');

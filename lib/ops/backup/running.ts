@@ -164,7 +164,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
   const nas = await ctx.openNas(a.nas);
   const disks = await listDisks(virsh, a.vm);
   await ctx.lockVm(nas.mountPoint, a.instance, 'backup');
-  const work = await WorkDir.create(nas.mountPoint, a.path);
+  const work = await WorkDir.create(nas.mountPoint, a.path, { staleAfterMs: ctx.config.lockStaleAfterMs, log: (m) => ctx.logger.log(m) });
 
   const undo = new UndoStack(ctx.logger);
   undo.defer('remove the work folder', () =>

@@ -44,7 +44,7 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
   }
   const nas = await ctx.openNas(a.nas);
   await ctx.lockVm(nas.mountPoint, a.instance, 'backup');
-  const work = await WorkDir.create(nas.mountPoint, a.path);
+  const work = await WorkDir.create(nas.mountPoint, a.path, { staleAfterMs: ctx.config.lockStaleAfterMs, log: (m) => ctx.logger.log(m) });
   try {
     const formats: Array<'qcow2' | 'raw'> = [];
     for (const d of disks) {

@@ -1,9 +1,10 @@
 // The work folder both backup paths write into: it becomes the backup only when it is
 // complete, and byte sizes computed with stat (never from `ls` columns).
-import { lstat, mkdir, readdir, rename, rm, open } from 'node:fs/promises';
+import { lstat, mkdir, readdir, rename, rm, open, unlink, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { NasbackupError, toNasbackupError } from '../../errors.js';
 import { ensureWithin, exists } from '../../paths.js';
+import { ownerInfo, readOwner, staleReason } from '../../nas/lock.js';
 
 /**
  * The backup is written into `<timestamp>.partial` and renamed into place only when it
@@ -18,9 +19,14 @@ export class WorkDir {
     readonly path: string,
   ) {}
 
-  static async create(mountPoint: string, relPath: string): Promise<WorkDir> {
+  /**
+   * Call with the VM's lock held: unfinished folders that a dead run of this VM left
+   * (its owner marker proves it) are removed first.
+   */
+  static async create(mountPoint: string, relPath: string, sweep?: { staleAfterMs: number; log: (m: string) => void }): Promise<WorkDir> {
     const final = await ensureWithin(mountPoint, relPath, { what: '-p', minDepth: 2 });
     const w = new WorkDir(final, `${final}.partial`);
+    if (sweep) await removeDeadPartials(dirname(final), sweep.staleAfterMs, sweep.log);
     for (const p of [final, w.path]) {
       if (await exists(p)) {
         throw new NasbackupError(
@@ -34,10 +40,12 @@ export class WorkDir {
     try {
       await mkdir(dirname(final), { recursive: true, mode: 0o755 });
       await mkdir(w.path, { mode: 0o755 });
+      w.created = true;
+      await writeFile(join(w.path, OWNER_MARKER), JSON.stringify(await ownerInfo('backup')) + '\n');
     } catch (e) {
+      await w.discard().catch(() => {});
       throw new NasbackupError('NAS_WRITE_FAILED', `Failed to create backup directory ${final}`, { details: (e as Error).message });
     }
-    w.created = true;
     return w;
   }
 
@@ -48,6 +56,7 @@ export class WorkDir {
   /** Make it the backup: flush, rename into place, flush the rename. */
   async commit(): Promise<void> {
     try {
+      await unlink(join(this.path, OWNER_MARKER)).catch(() => {});
       for (const name of await readdir(this.path)) await fsyncPath(join(this.path, name));
       await fsyncPath(this.path);
       await rename(this.path, this.final);
@@ -62,6 +71,28 @@ export class WorkDir {
   /** Remove what this run wrote (only ever our own work folder). */
   async discard(): Promise<void> {
     if (this.created && !this.done) await rm(this.path, { recursive: true, force: true });
+  }
+}
+
+/** Inside a work folder while it is written: who writes it (so a later run can tell it is dead). */
+export const OWNER_MARKER = '.nasbackup-owner';
+
+/** `*.partial` folders whose marker names a writer that is gone (never one without a marker). */
+export async function removeDeadPartials(instanceDir: string, staleAfterMs: number, log: (m: string) => void): Promise<void> {
+  const names = await readdir(instanceDir).catch(() => [] as string[]);
+  for (const name of names) {
+    if (!name.endsWith('.partial')) continue;
+    const p = join(instanceDir, name);
+    const st = await lstat(p).catch(() => null);
+    if (!st?.isDirectory()) continue;
+    const owner = await readOwner(join(p, OWNER_MARKER));
+    if (!owner) continue;
+    const why = await staleReason(owner.info, owner.ageMs, staleAfterMs);
+    if (why === null) continue;
+    log(
+      `Removing ${p}, the unfinished backup of a dead run (${owner.info.operation} by pid ${owner.info.pid} on ${owner.info.host}): ${why}`,
+    );
+    await rm(p, { recursive: true, force: true });
   }
 }
 

@@ -15,6 +15,12 @@ export interface RunOptions {
    * child is now (see spawnBounded); kept so callers can say it matters to them.
    */
   ownProcessGroup?: boolean;
+  /**
+   * Not bound to our life (no pdeathsig): a step that would leave damage if stopped
+   * halfway (qemu-img rebase is not crash-safe) finishes even if we are SIGKILLed.
+   * Its deadline still applies while we live.
+   */
+  finishIfWeDie?: boolean;
 }
 
 export interface RunResult {
@@ -140,7 +146,7 @@ function spawnBounded(command: string, args: readonly string[], opts: RunOptions
   if (aborts.some((a) => a.aborted)) return Promise.resolve({ ...base, canceled: true });
   const program = resolveProgram(command, env.PATH);
   if (program === null) return Promise.resolve({ ...base, spawnError: 'ENOENT' });
-  const guard = setpriv();
+  const guard = opts.finishIfWeDie ? null : setpriv();
   const [file, argv] = guard ? [guard, ['--pdeathsig', 'KILL', '--', program, ...args]] : [program, [...args]];
 
   return new Promise<Outcome>((resolve) => {

@@ -8,7 +8,7 @@ export interface RebaseArgs {
   backing: string;
   backingFormat: string;
   unsafe?: boolean;
-  /** Run in its own process group: a signal sent to ours does not stop it halfway. */
+  /** Must not stop halfway: its own process group (our signals do not reach it), and it finishes even if we are killed. */
   ownProcessGroup?: boolean;
 }
 
@@ -47,7 +47,8 @@ export class QemuImgClient {
   ) {}
 
   private run(args: string[], opts: { ownProcessGroup?: boolean } = {}): Promise<RunResult> {
-    return this.runner.run(this.binary, args, { timeoutMs: this.timeoutMs, ...(opts.ownProcessGroup ? { ownProcessGroup: true } : {}) });
+    // A rebase that must not stop halfway also outlives a SIGKILL of ours (lib/exec.ts).
+    return this.runner.run(this.binary, args, { timeoutMs: this.timeoutMs, ...(opts.ownProcessGroup ? { ownProcessGroup: true, finishIfWeDie: true } : {}) });
   }
 
   /** Throws QEMU_IMG_FAILED; `canceled`/`timedOut` on the error let a caller word it otherwise. */

@@ -8,7 +8,7 @@
 // the run must say honestly what happened (success only if the rebase is done, and a
 // rebase that got done is a success), and a rerun must finish the job.
 import { execFileSync, spawnSync } from 'node:child_process';
-import { closeSync, cpSync, mkdirSync, openSync, readFileSync, readSync, rmSync } from 'node:fs';
+import { closeSync, cpSync, existsSync, mkdirSync, openSync, readFileSync, readSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { bindNas, leftovers, makeSandbox, run, type RunOutcome, type Sandbox } from '../helpers/cli.js';
@@ -186,5 +186,27 @@ describe('a signal during a rebase (sweep over both engines)', () => {
     expectHonest(shot, 'qemu-img', `${sig} group=${group}`);
     expect(shot.outcome.code).toBe(0);
     expect(readFileSync(sb.logFile, 'utf8')).toMatch(new RegExp(`Received ${sig} during a step that must not be stopped halfway`));
+  }, 120_000);
+});
+
+describe('SIGKILL of nasbackup during a qemu-img rebase', () => {
+  it('the rebase is not bound to our life: qemu-img finishes it and the chain reads as before', async () => {
+    reseed();
+    const { child, done } = startGroup(sb, ARGS(sb), { NASBACKUP_ENGINE: 'qemu-img' });
+    const pid = child.pid!;
+    await waitFor(() => childrenNamed(pid, 'qemu-img').length > 0, 30_000, 'qemu-img start');
+    const [qemuImg] = childrenNamed(pid, 'qemu-img');
+    process.kill(pid, 'SIGKILL'); // no handler can run: only the child's own binding decides
+    const r = await done;
+    expect(r.signal).toBe('SIGKILL');
+    // qemu-img (re-parented) runs to the end of the rebase instead of dying halfway.
+    await waitFor(() => !existsSync(`/proc/${qemuImg}`) || /^\S+ \(.*\) Z/.test(readFileSync(`/proc/${qemuImg}/stat`, 'utf8')), 60_000, 'qemu-img end');
+    expect(backingOf(TARGET)).toBe(NEW_NAME);
+    expect(compareWithReference()).toBe(0);
+    // What the killed run left (its mount, its lock) is the next run's to clean; the
+    // rerun is then a no-op on the finished rebase.
+    const again = await run(sb, ARGS(sb), { NASBACKUP_ENGINE: 'qemu-img' });
+    expect(again).toMatchObject({ code: 0, stdout: '' });
+    expect(compareWithReference()).toBe(0);
   }, 120_000);
 });

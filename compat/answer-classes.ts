@@ -83,7 +83,10 @@ const fresh = (result: boolean, details: string | null | undefined): AnswerCommo
 });
 
 /** new BackupAnswer(command, success, details). */
-export const backupAnswer = (result: boolean, details?: string | null): BackupAnswer => ({ cls: 'BackupAnswer', ...fresh(result, details) });
+export const backupAnswer = (result: boolean, details?: string | null): BackupAnswer => ({
+  cls: 'BackupAnswer',
+  ...fresh(result, details),
+});
 
 /** new BackupStorageStatsAnswer(command, success, details): both sizes start at 0L. */
 export const statsAnswer = (result: boolean, details?: string | null): BackupStorageStatsAnswer => ({

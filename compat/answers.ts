@@ -92,7 +92,12 @@ function bitmapFromCommand(cmd: TakeBackupCommand): string | undefined {
  */
 function successG3(cmd: TakeBackupCommand, stdout: string, stoppedVm: boolean): BackupAnswer {
   const fallback = stdout.includes(FALLBACK_MARKER);
-  const stripped = stdout === '' ? '' : javaSplit(stdout, '\n', -1).filter((l) => !l.includes(FALLBACK_MARKER)).join('\n');
+  const stripped =
+    stdout === ''
+      ? ''
+      : javaSplit(stdout, '\n', -1)
+          .filter((l) => !l.includes(FALLBACK_MARKER))
+          .join('\n');
   const size = positionalSize(javaTrim(stripped), stoppedVm);
   const a = backupAnswer(true, javaTrim(stdout));
   a.size = size;

@@ -3,7 +3,13 @@
 // empty disk list, the optional tail only when its value passes the wrapper's
 // emptiness test, and the generation differences from profiles.ts.
 import { backupAnswer, type WireAnswer } from './answer-classes.js';
-import type { BackupCommand, DeleteBackupCommand, GetBackupStorageStatsCommand, RebaseBackupCommand, TakeBackupCommand } from './commands.js';
+import type {
+  BackupCommand,
+  DeleteBackupCommand,
+  GetBackupStorageStatsCommand,
+  RebaseBackupCommand,
+  TakeBackupCommand,
+} from './commands.js';
 import { buildDiskPaths, type RbdPoolResolver } from './disks.js';
 import { isBlank, isNotEmpty, javaJoin, JavaException } from './java.js';
 import type { Profile } from './profiles.js';
@@ -35,17 +41,30 @@ export const WRAPPER_CLASSES: Readonly<Record<BackupCommand['cls'], string>> = {
 const present = (profile: Profile, v: string | undefined): v is string => (profile.tailTest === 'blank' ? !isBlank(v) : isNotEmpty(v));
 
 /** The TakeBackup argv for already-built -d entries. */
-export function takeBackupArgv(profile: Profile, cmd: TakeBackupCommand, diskPaths: ReadonlyArray<string | null>, script = DEFAULT_SCRIPT_PATH): string[] {
+export function takeBackupArgv(
+  profile: Profile,
+  cmd: TakeBackupCommand,
+  diskPaths: ReadonlyArray<string | null>,
+  script = DEFAULT_SCRIPT_PATH,
+): string[] {
   const argv = [
     script,
-    '-o', 'backup',
-    '-v', cmd.vmName,
-    '-t', cmd.backupRepoType,
-    '-s', cmd.backupRepoAddress,
-    '-m', cmd.mountOptions ?? '',
-    '-p', cmd.backupPath,
-    '-q', cmd.quiesce === true ? 'true' : 'false',
-    '-d', diskPaths.length === 0 ? '' : javaJoin(',', diskPaths),
+    '-o',
+    'backup',
+    '-v',
+    cmd.vmName,
+    '-t',
+    cmd.backupRepoType,
+    '-s',
+    cmd.backupRepoAddress,
+    '-m',
+    cmd.mountOptions ?? '',
+    '-p',
+    cmd.backupPath,
+    '-q',
+    cmd.quiesce === true ? 'true' : 'false',
+    '-d',
+    diskPaths.length === 0 ? '' : javaJoin(',', diskPaths),
   ];
   if (present(profile, cmd.mode)) argv.push('-M', cmd.mode);
   if (present(profile, cmd.bitmapNew)) argv.push('--bitmap-new', cmd.bitmapNew);
@@ -62,16 +81,45 @@ export function takeBackupArgv(profile: Profile, cmd: TakeBackupCommand, diskPat
 }
 
 export const deleteArgv = (cmd: DeleteBackupCommand, script = DEFAULT_SCRIPT_PATH): string[] => [
-  script, '-o', 'delete', '-t', cmd.backupRepoType, '-s', cmd.backupRepoAddress, '-m', cmd.mountOptions ?? '', '-p', cmd.backupPath,
+  script,
+  '-o',
+  'delete',
+  '-t',
+  cmd.backupRepoType,
+  '-s',
+  cmd.backupRepoAddress,
+  '-m',
+  cmd.mountOptions ?? '',
+  '-p',
+  cmd.backupPath,
 ];
 
 export const rebaseArgv = (cmd: RebaseBackupCommand, script = DEFAULT_SCRIPT_PATH): string[] => [
-  script, '-o', 'rebase', '-t', cmd.backupRepoType, '-s', cmd.backupRepoAddress, '-m', cmd.mountOptions ?? '',
-  '--rebase-target', cmd.targetPath, '--rebase-new-backing', cmd.newBackingPath,
+  script,
+  '-o',
+  'rebase',
+  '-t',
+  cmd.backupRepoType,
+  '-s',
+  cmd.backupRepoAddress,
+  '-m',
+  cmd.mountOptions ?? '',
+  '--rebase-target',
+  cmd.targetPath,
+  '--rebase-new-backing',
+  cmd.newBackingPath,
 ];
 
 export const statsArgv = (cmd: GetBackupStorageStatsCommand, script = DEFAULT_SCRIPT_PATH): string[] => [
-  script, '-o', 'stats', '-t', cmd.backupRepoType, '-s', cmd.backupRepoAddress, '-m', cmd.mountOptions ?? '',
+  script,
+  '-o',
+  'stats',
+  '-t',
+  cmd.backupRepoType,
+  '-s',
+  cmd.backupRepoAddress,
+  '-m',
+  cmd.mountOptions ?? '',
 ];
 
 /** W2-and-later pre-validation: the refusal text, or null to go ahead. */
@@ -113,16 +161,26 @@ function ignoredFieldNotes(profile: Profile, cmd: TakeBackupCommand): string[] {
 function prepareTakeBackup(profile: Profile, cmd: TakeBackupCommand, opts: PrepareOptions): Prepared {
   const notes = ignoredFieldNotes(profile, cmd);
   const refusal = preValidationError(profile, cmd);
-  if (refusal !== null) return { kind: 'answer', answer: backupAnswer(false, refusal), notes: [...notes, `pre-validation refused: ${refusal}`] };
+  if (refusal !== null)
+    return { kind: 'answer', answer: backupAnswer(false, refusal), notes: [...notes, `pre-validation refused: ${refusal}`] };
   let disks: Array<string | null>;
   try {
     disks = buildDiskPaths(cmd, opts.rbdPool);
   } catch (e) {
     if (!(e instanceof JavaException)) throw e;
     if (profile.catchesRuntimeException) {
-      return { kind: 'answer', answer: backupAnswer(false, e.message), notes: [...notes, `disk list: ${e.toString()} (caught by the ${profile.wrapper} wrapper)`] };
+      return {
+        kind: 'answer',
+        answer: backupAnswer(false, e.message),
+        notes: [...notes, `disk list: ${e.toString()} (caught by the ${profile.wrapper} wrapper)`],
+      };
     }
-    return { kind: 'throw', exception: e, wrapperClass: WRAPPER_CLASSES.TakeBackupCommand, notes: [...notes, `disk list: ${e.toString()}`] };
+    return {
+      kind: 'throw',
+      exception: e,
+      wrapperClass: WRAPPER_CLASSES.TakeBackupCommand,
+      notes: [...notes, `disk list: ${e.toString()}`],
+    };
   }
   return { kind: 'run', argv: takeBackupArgv(profile, cmd, disks, opts.scriptPath), stoppedVm: disks.length > 0, notes };
 }

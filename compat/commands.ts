@@ -97,7 +97,12 @@ export const COMMAND_SCHEMAS: Readonly<Record<CommandClass, ClassSchema>> = {
     { name: 'volumePassphrases', kind: 'Object' },
     { name: 'quiesceTimeout', kind: 'Integer' },
   ]),
-  DeleteBackupCommand: schema('DeleteBackupCommand', [req('backupPath'), req('backupRepoType'), req('backupRepoAddress'), str('mountOptions')]),
+  DeleteBackupCommand: schema('DeleteBackupCommand', [
+    req('backupPath'),
+    req('backupRepoType'),
+    req('backupRepoAddress'),
+    str('mountOptions'),
+  ]),
   RebaseBackupCommand: schema('RebaseBackupCommand', [
     req('targetPath'),
     req('newBackingPath'),
@@ -105,7 +110,11 @@ export const COMMAND_SCHEMAS: Readonly<Record<CommandClass, ClassSchema>> = {
     req('backupRepoAddress'),
     str('mountOptions'),
   ]),
-  GetBackupStorageStatsCommand: schema('GetBackupStorageStatsCommand', [req('backupRepoType'), req('backupRepoAddress'), str('mountOptions')]),
+  GetBackupStorageStatsCommand: schema('GetBackupStorageStatsCommand', [
+    req('backupRepoType'),
+    req('backupRepoAddress'),
+    str('mountOptions'),
+  ]),
 };
 
 const BY_FQCN = new Map(Object.values(COMMAND_SCHEMAS).map((s) => [s.fqcn, s]));
@@ -119,7 +128,9 @@ export function commandClassOf(fqcn: string): CommandClass | undefined {
 export function decodeCommand(el: FqcnElement): BackupCommand {
   const s = BY_FQCN.get(el.fqcn);
   if (!s) {
-    const known = Object.values(COMMAND_SCHEMAS).map((x) => x.fqcn).join(', ');
+    const known = Object.values(COMMAND_SCHEMAS)
+      .map((x) => x.fqcn)
+      .join(', ');
     throw new CompatError('UNKNOWN_CLASS', `Unknown command class "${el.fqcn}" (this agent handles ${known})`);
   }
   return { cls: s.simpleName, ...bindFields(s, el.body) } as BackupCommand;
@@ -134,8 +145,7 @@ export const encodeCommands = (cmds: readonly BackupCommand[]): string => encode
 
 /** One element of a decoded request: the command, or why it cannot be one. */
 export type DecodedElement =
-  | { ok: true; fqcn: string; command: BackupCommand }
-  | { ok: false; fqcn: string; commandClass?: CommandClass; error: CompatError };
+  { ok: true; fqcn: string; command: BackupCommand } | { ok: false; fqcn: string; commandClass?: CommandClass; error: CompatError };
 
 /**
  * Decode a whole request. Structural errors throw (nothing can be answered per

@@ -17,7 +17,8 @@ export interface PoolView {
   details?: Map<string, string>;
 }
 
-const str = (v: unknown): string | undefined => (typeof v === 'string' ? v : typeof v === 'number' || typeof v === 'bigint' ? String(v) : undefined);
+const str = (v: unknown): string | undefined =>
+  typeof v === 'string' ? v : typeof v === 'number' || typeof v === 'bigint' ? String(v) : undefined;
 
 export function poolView(raw: JsonObject): PoolView {
   const out: PoolView = {};
@@ -126,4 +127,3 @@ export function volumeIdOf(entry: string): string {
   const trimmed = entry.replace(/\/+$/, '');
   return trimmed.slice(trimmed.lastIndexOf('/') + 1);
 }
-

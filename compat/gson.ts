@@ -10,12 +10,18 @@ const hex4 = (c: number): string => `\\u${c.toString(16).padStart(4, '0')}`; // 
 function replacement(c: number, htmlSafe: boolean): string | undefined {
   if (c < 0x20) {
     switch (c) {
-      case 0x08: return '\\b';
-      case 0x09: return '\\t';
-      case 0x0a: return '\\n';
-      case 0x0c: return '\\f';
-      case 0x0d: return '\\r';
-      default: return hex4(c);
+      case 0x08:
+        return '\\b';
+      case 0x09:
+        return '\\t';
+      case 0x0a:
+        return '\\n';
+      case 0x0c:
+        return '\\f';
+      case 0x0d:
+        return '\\r';
+      default:
+        return hex4(c);
     }
   }
   if (c === 0x22) return '\\"';
@@ -78,7 +84,8 @@ export function encodeFqcnArray(elements: readonly FqcnElement[]): string {
  * whole request, as they fail Gson's ArrayTypeAdaptor before any class is known.
  */
 export function decodeFqcnArray(text: string): FqcnElement[] {
-  if (text.trim() === '') throw new CompatError('MALFORMED_JSON', 'Malformed JSON: the request is empty (expected a command array on stdin)');
+  if (text.trim() === '')
+    throw new CompatError('MALFORMED_JSON', 'Malformed JSON: the request is empty (expected a command array on stdin)');
   const doc = parseJson(text);
   if (!Array.isArray(doc)) {
     throw new CompatError('NOT_A_COMMAND_ARRAY', `Expected a JSON array of commands [{"<class name>":{…}}], got ${jsonTypeName(doc)}`);

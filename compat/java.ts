@@ -30,8 +30,7 @@ export class JavaException {
   }
 }
 
-export const numberFormat = (s: string): JavaException =>
-  new JavaException('java.lang.NumberFormatException', `For input string: "${s}"`);
+export const numberFormat = (s: string): JavaException => new JavaException('java.lang.NumberFormatException', `For input string: "${s}"`);
 
 export const indexOutOfBounds = (index: number, length: number, array = true): JavaException =>
   new JavaException(
@@ -146,5 +145,4 @@ export function isBlank(s: string | null | undefined): boolean {
 export const isNotEmpty = (s: string | null | undefined): s is string => s !== null && s !== undefined && s !== '';
 
 /** String.join(",", list): a null element becomes "null". */
-export const javaJoin = (sep: string, items: ReadonlyArray<string | null>): string =>
-  items.map((x) => (x === null ? 'null' : x)).join(sep);
+export const javaJoin = (sep: string, items: ReadonlyArray<string | null>): string => items.map((x) => (x === null ? 'null' : x)).join(sep);

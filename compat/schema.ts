@@ -75,7 +75,8 @@ function asInteger(cls: string, field: string, v: JsonValue, min: bigint, max: b
     if (Number.isInteger(d)) n = BigInt(d);
   }
   if (n === null) return invalid(cls, field, what, v);
-  if (n < min || n > max) throw new CompatError('INVALID_FIELD', `${cls}.${field}: ${typeof v === 'string' ? v : String(n)} does not fit in a Java ${what}`);
+  if (n < min || n > max)
+    throw new CompatError('INVALID_FIELD', `${cls}.${field}: ${typeof v === 'string' ? v : String(n)} does not fit in a Java ${what}`);
   return n;
 }
 

@@ -81,7 +81,10 @@ export async function serveRequest(text: string, opts: ServeOptions): Promise<Se
       continue;
     }
     if (p.kind === 'throw') {
-      const notes = [...p.notes, `the ${opts.profile.wrapper} wrapper throws ${p.exception.toString()} before running anything; the agent answers with a plain Answer`];
+      const notes = [
+        ...p.notes,
+        `the ${opts.profile.wrapper} wrapper throws ${p.exception.toString()} before running anything; the agent answers with a plain Answer`,
+      ];
       served.push({ fqcn: el.fqcn, answer: agentAnswerForThrow(p.exception, p.wrapperClass), notes });
       continue;
     }

@@ -124,9 +124,7 @@ export class Runner {
     const r = await spawnBounded(command, args, opts, useAbort && this.abort ? [this.abort] : []);
     const result: RunResult = { command, args, ...r, durationMs: Number(process.hrtime.bigint() - started) / 1e6 };
     const status = succeeded(result) ? 'exit 0' : describeFailure(result);
-    this.logger.log(
-      redact(`exec: ${[command, ...args].map(quoteForLog).join(' ')} -> ${status} (${result.durationMs.toFixed(0)} ms)`),
-    );
+    this.logger.log(redact(`exec: ${[command, ...args].map(quoteForLog).join(' ')} -> ${status} (${result.durationMs.toFixed(0)} ms)`));
     return result;
   }
 }

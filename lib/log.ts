@@ -34,7 +34,7 @@ function append(file: string, data: string): void {
     const st = fstatSync(fd);
     if (!st.isFile() && !st.isCharacterDevice()) throw new Error(`${file} is not a regular file`);
     const buf = Buffer.from(data);
-    for (let off = 0; off < buf.length; ) off += writeSync(fd, buf, off);
+    for (let off = 0; off < buf.length;) off += writeSync(fd, buf, off);
   } finally {
     closeSync(fd);
   }

@@ -82,7 +82,13 @@ function errorJson(e: NasbackupError, nas: NasNames | null): Record<string, unkn
 }
 
 /** The one JSON envelope. */
-export function envelope(command: string, fields: Record<string, unknown>, errors: readonly NasbackupError[], warnings: readonly Warning[], nas: NasNames | null = null): string {
+export function envelope(
+  command: string,
+  fields: Record<string, unknown>,
+  errors: readonly NasbackupError[],
+  warnings: readonly Warning[],
+  nas: NasNames | null = null,
+): string {
   return `${JSON.stringify({ ok: errors.length === 0, command, ...fields, errors: errors.map((e) => errorJson(e, nas)), warnings })}\n`;
 }
 
@@ -119,7 +125,8 @@ export const statsRenderer: Renderer<StatsResult> = {
   fields: (r) => ({ storage: r.address, totalKiB: Number(r.totalKiB), usedKiB: Number(r.usedKiB) }),
 };
 
-const removedLines = (removed: readonly RemovedEntry[]): string => removed.map((e) => (e.directory ? removedDirectoryLine(e.path) : removedFileLine(e.path))).join('');
+const removedLines = (removed: readonly RemovedEntry[]): string =>
+  removed.map((e) => (e.directory ? removedDirectoryLine(e.path) : removedFileLine(e.path))).join('');
 
 export const deleteRenderer: Renderer<DeleteResult> = {
   command: 'delete',
@@ -146,7 +153,11 @@ function jobFields(block: string): Record<string, string> {
   const job: Record<string, string> = {};
   for (const line of block.split('\n')) {
     const i = line.indexOf(':');
-    if (i > 0) job[line.slice(0, i).trim()] = line.slice(i + 1).trim().replace(/\s+/g, ' ');
+    if (i > 0)
+      job[line.slice(0, i).trim()] = line
+        .slice(i + 1)
+        .trim()
+        .replace(/\s+/g, ' ');
   }
   return job;
 }
@@ -164,7 +175,9 @@ export const backupRenderer: Renderer<BackupResult> = {
     incrementalFallback: r.report.fallbackReason,
     bitmapCreated: r.report.bitmapCreated,
     totalBytes: Number(r.report.totalBytes),
-    ...(r.format === 'running' ? { job: jobFields(r.jobBlock) } : { fileSizes: [...r.files].sort((a, b) => Buffer.compare(Buffer.from(a.name), Buffer.from(b.name))).map((f) => Number(f.size)) }),
+    ...(r.format === 'running'
+      ? { job: jobFields(r.jobBlock) }
+      : { fileSizes: [...r.files].sort((a, b) => Buffer.compare(Buffer.from(a.name), Buffer.from(b.name))).map((f) => Number(f.size)) }),
   }),
   warnings: (r) => r.warnings,
 };
@@ -212,7 +225,10 @@ export const chainVerifyRenderer: Renderer<ChainVerifyResult> = {
   },
   // Each file's errors stay with it; every warning, with its code, is also in the envelope's list.
   fields: ({ vm, report }) => ({ vm, files: report.files }),
-  warnings: ({ vm, report }) => [...report.files.flatMap((f) => f.warnings.map((w) => ({ ...w, file: `${vm}/${f.file}` }))), ...report.warnings],
+  warnings: ({ vm, report }) => [
+    ...report.files.flatMap((f) => f.warnings.map((w) => ({ ...w, file: `${vm}/${f.file}` }))),
+    ...report.warnings,
+  ],
 };
 
 /** A chain delete plan for people: what will be rebased, then what will be removed. */
@@ -233,7 +249,10 @@ export const chainPlanRenderer: Renderer<ChainPlanResult> = {
 
 export const chainDeleteRenderer: Renderer<ChainDeleteResult> = {
   command: 'chain delete',
-  text: ({ plan, done }) => (done.length === 0 && plan.proceed && plan.rebases.length === 0 && plan.remove.length === 0 ? planText(plan) : done.map((d) => `${d}\n`).join('')),
+  text: ({ plan, done }) =>
+    done.length === 0 && plan.proceed && plan.rebases.length === 0 && plan.remove.length === 0
+      ? planText(plan)
+      : done.map((d) => `${d}\n`).join(''),
   fields: ({ plan, done }) => ({ plan, done }),
 };
 

@@ -20,8 +20,7 @@ export function parseRelativePath(raw: string, opts: RelativePathOptions): strin
   if (raw.startsWith('/'))
     throw new NasbackupError('PATH_ABSOLUTE', `${what} must be relative to the NAS mount, got absolute path: ${raw}`);
   const parts = raw.split('/').filter((p) => p !== '' && p !== '.');
-  if (parts.includes('..'))
-    throw new NasbackupError('PATH_TRAVERSAL', `${what} must not contain '..': ${raw}`);
+  if (parts.includes('..')) throw new NasbackupError('PATH_TRAVERSAL', `${what} must not contain '..': ${raw}`);
   // NAME_MAX of every Linux file system we mount; PATH_MAX less room for the mount point.
   if (parts.some((p) => Buffer.byteLength(p) > 255) || Buffer.byteLength(raw) > 3840)
     throw new NasbackupError('PATH_TOO_LONG', `${what} is too long (a name over 255 bytes, or the path over 3840): ${raw.slice(0, 80)}…`);

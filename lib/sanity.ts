@@ -35,11 +35,7 @@ export function unsupportedMessage(v: HostVersions): string {
 export async function checkHostVersions(virsh: VirshClient, logger: Logger): Promise<HostVersions> {
   const p = await virsh.version();
   if (!p.qemu || !p.libvirt) {
-    throw new NasbackupError(
-      'VERSION_UNPARSEABLE',
-      'Cannot determine the QEMU/libvirt versions from `virsh version`',
-      { details: p.text },
-    );
+    throw new NasbackupError('VERSION_UNPARSEABLE', 'Cannot determine the QEMU/libvirt versions from `virsh version`', { details: p.text });
   }
   const v: HostVersions = { qemu: p.qemu, libvirt: p.libvirt, api: p.api ?? '' };
   if (compareVersions(v.qemu, MIN_QEMU) < 0 || compareVersions(v.libvirt, MIN_LIBVIRT) < 0) {

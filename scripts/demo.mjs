@@ -57,7 +57,9 @@ async function nasbackup(args) {
 async function contentHash(p) {
   const raw = path.join(work, 'flat.raw');
   await $`qemu-img convert -O raw ${p} ${raw}`;
-  const h = createHash('sha256').update(await fs.readFile(raw)).digest('hex');
+  const h = createHash('sha256')
+    .update(await fs.readFile(raw))
+    .digest('hex');
   await fs.rm(raw);
   return h;
 }
@@ -109,7 +111,9 @@ try {
     const backing = info['backing-filename'] ?? '(none)';
     const relativeOk = backing === '(none)' || !backing.startsWith('/');
     ok &&= same && check && relativeOk;
-    console.log(`${same && check && relativeOk ? 'OK  ' : 'FAIL'} ${f}: content ${same ? 'identical' : 'CHANGED'}, check ${check ? 'clean' : 'FAILED'}, backing ${backing}`);
+    console.log(
+      `${same && check && relativeOk ? 'OK  ' : 'FAIL'} ${f}: content ${same ? 'identical' : 'CHANGED'}, check ${check ? 'clean' : 'FAILED'}, backing ${backing}`,
+    );
   }
   if (await fs.pathExists(path.join(nas, vm, ts[1]))) ok = false;
 

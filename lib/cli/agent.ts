@@ -3,15 +3,7 @@
 // turned into the script's argv as the chosen generation's Java wrapper builds it,
 // run in-process through main(), and answered as that wrapper would answer. The
 // exit code is always 0: the answer array on stdout is the result channel.
-import {
-  badRequest,
-  CompatError,
-  PROFILE_ENV,
-  resolveProfile,
-  serveRequest,
-  type Profile,
-  type ServeResult,
-} from '../../compat/index.js';
+import { badRequest, CompatError, PROFILE_ENV, resolveProfile, serveRequest, type Profile, type ServeResult } from '../../compat/index.js';
 import { redact } from '../exec.js';
 import { createLogger, logFileFromEnv, type Logger } from '../log.js';
 import { main } from './main.js';

@@ -30,7 +30,11 @@ const isHelp = (a: string): boolean => a === '-h' || a === '--help';
 export async function dispatch(argv: readonly string[], io: EntryIo): Promise<number> {
   const [first, ...rest] = argv;
   if (first === '--version') {
-    return render(io.out, rest.includes('--json') ? 'json' : 'text', versionRenderer, { result: { version: io.version() }, errors: [], mounts: [] });
+    return render(io.out, rest.includes('--json') ? 'json' : 'text', versionRenderer, {
+      result: { version: io.version() },
+      errors: [],
+      mounts: [],
+    });
   }
   // Operator commands: --help is that command's usage, exit 0 (only the agent CLI's -h keeps the original's exit 1).
   if ((OPERATOR_COMMANDS as readonly string[]).includes(first ?? '') && rest.some(isHelp)) {

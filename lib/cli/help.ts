@@ -32,7 +32,9 @@ export function operatorHelp(command: string, rest: readonly string[]): string {
   if (command === 'chain') {
     const sub = rest.find((a) => a in CHAIN);
     if (sub) return `Usage: ${CHAIN[sub]}\n`;
-    return `Usage:\n${Object.values(CHAIN).map((t) => `  ${t.split('\n')[0]}`).join('\n')}\n(nasbackup chain <subcommand> --help for one of them)\n`;
+    return `Usage:\n${Object.values(CHAIN)
+      .map((t) => `  ${t.split('\n')[0]}`)
+      .join('\n')}\n(nasbackup chain <subcommand> --help for one of them)\n`;
   }
   return `Usage: ${COMMANDS[command] ?? command}\n`;
 }

@@ -151,7 +151,14 @@ export async function execute<T>(io: ExecuteIo, config: Config, logger: Logger, 
     }
     await watch.race(l.release()).catch(() => {});
     // Still there (a read-only or failing NAS): say so; the next run takes over a lock whose holder is gone.
-    const left = await watch.race(lstat(l.path).then(() => true, () => false)).catch(() => true);
+    const left = await watch
+      .race(
+        lstat(l.path).then(
+          () => true,
+          () => false,
+        ),
+      )
+      .catch(() => true);
     if (left) ctx.leftover(`Could not remove the lock ${l.path}`);
   }
   for (const s of sessions.reverse()) {
@@ -173,4 +180,3 @@ export async function execute<T>(io: ExecuteIo, config: Config, logger: Logger, 
   for (const e of errors) logger.log(`ERROR [${e.code}] ${e.message}${e.details ? `\n${e.details}` : ''}`);
   return { ...(result !== undefined ? { result } : {}), errors, mounts };
 }
-

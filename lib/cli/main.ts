@@ -6,7 +6,16 @@ import { invalidOptionText, usageText } from '../agent-output.js';
 import { loadConfig, type Config, type ConfigFlags } from '../config.js';
 import { NasbackupError, toNasbackupError } from '../errors.js';
 import { createLogger, logFileFromEnv } from '../log.js';
-import { backupRenderer, deleteRenderer, rebaseRenderer, render, renderFailure, statsRenderer, type OutputMode, type Renderer } from '../output.js';
+import {
+  backupRenderer,
+  deleteRenderer,
+  rebaseRenderer,
+  render,
+  renderFailure,
+  statsRenderer,
+  type OutputMode,
+  type Renderer,
+} from '../output.js';
 import type { AgentProfile } from '../../compat/protocol.js';
 import { QemuImgRebaseEngine } from '../engine/qemu-img.js';
 import { selectEngine } from '../engine/select.js';
@@ -38,11 +47,12 @@ function configFlags(a: CliArgs, profile: AgentProfile | undefined): ConfigFlags
 /** Later upstream flags that we cannot honour: refused where pretending would mislead. */
 function refuseLaterFlags(a: CliArgs): void {
   if (a.encrypt !== undefined)
-    throw new NasbackupError('UNSUPPORTED_OPTION', 'Option -e/--encrypt is not supported by this nasbackup; backups would not be encrypted');
-  if (a.compress)
-    throw new NasbackupError('UNSUPPORTED_OPTION', 'Option -c/--compress is not supported by this nasbackup');
-  if (a.bandwidth !== undefined)
-    throw new NasbackupError('UNSUPPORTED_OPTION', 'Option -b/--bandwidth is not supported by this nasbackup');
+    throw new NasbackupError(
+      'UNSUPPORTED_OPTION',
+      'Option -e/--encrypt is not supported by this nasbackup; backups would not be encrypted',
+    );
+  if (a.compress) throw new NasbackupError('UNSUPPORTED_OPTION', 'Option -c/--compress is not supported by this nasbackup');
+  if (a.bandwidth !== undefined) throw new NasbackupError('UNSUPPORTED_OPTION', 'Option -b/--bandwidth is not supported by this nasbackup');
 }
 
 export async function main(argv: readonly string[], io: MainIo): Promise<number> {
@@ -101,7 +111,13 @@ async function runOperation(c: OperationArgs, ctx: OpContext): Promise<unknown> 
     case 'rebase': {
       const { rebaseOperation } = await import('../ops/rebase.js');
       const qemuImg = new QemuImgRebaseEngine(ctx.clients.qemuImg, (step) => ctx.shield(step));
-      const engine = selectEngine(ctx.config.engine, qemuImg, (m) => ctx.logger.log(m), undefined, () => ctx.checkpoint());
+      const engine = selectEngine(
+        ctx.config.engine,
+        qemuImg,
+        (m) => ctx.logger.log(m),
+        undefined,
+        () => ctx.checkpoint(),
+      );
       return rebaseOperation(ctx, c.args, engine);
     }
     case 'delete': {

@@ -151,7 +151,13 @@ export async function runTool(tool: string, argv: readonly string[], io: ToolIo)
         const { QemuImgRebaseEngine } = await import('../engine/qemu-img.js');
         const { selectEngine } = await import('../engine/select.js');
         const qemuImg = new QemuImgRebaseEngine(ctx.clients.qemuImg, (step) => ctx.shield(step));
-        const engine = selectEngine(config.engine, qemuImg, (m) => ctx.logger.log(m), undefined, () => ctx.checkpoint());
+        const engine = selectEngine(
+          config.engine,
+          qemuImg,
+          (m) => ctx.logger.log(m),
+          undefined,
+          () => ctx.checkpoint(),
+        );
         return ops.chainDelete(ctx, args, engine, approve);
       });
       return render(io.out, mode, chainDeleteRenderer, outcome);

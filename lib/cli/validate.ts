@@ -66,7 +66,10 @@ export function validateRebaseArgs(a: Pick<CliArgs, 'rebaseTarget' | 'rebaseNewB
   const target = parseRelativePath(a.rebaseTarget, { what: TARGET, minDepth: 2 });
   parseRelativePath(a.rebaseNewBacking, { what: BACKING, minDepth: 2 });
   // Both name files: `x.qcow2/` is not what the management server meant to send.
-  for (const [what, v] of [[TARGET, a.rebaseTarget], [BACKING, a.rebaseNewBacking]] as const) {
+  for (const [what, v] of [
+    [TARGET, a.rebaseTarget],
+    [BACKING, a.rebaseNewBacking],
+  ] as const) {
     if (v.endsWith('/')) throw new NasbackupError('PATH_INVALID', `${what} must name a file, not end with '/': ${v}`);
   }
   return { nas, target: a.rebaseTarget, newBacking: a.rebaseNewBacking, instance: target[0]! };

@@ -37,7 +37,12 @@ export class MountClient {
     if (succeeded(r)) return;
     if (r.canceled) throw new ToolError('INTERRUPTED', `Interrupted while mounting ${req.type} store`, r, '');
     const output = [r.stderr, r.stdout].filter(Boolean).join('');
-    throw new ToolError(r.timedOut ? 'NAS_MOUNT_TIMEOUT' : 'NAS_MOUNT_FAILED', `Failed to mount ${req.type} store`, r, output.trim() || describeFailure(r));
+    throw new ToolError(
+      r.timedOut ? 'NAS_MOUNT_TIMEOUT' : 'NAS_MOUNT_FAILED',
+      `Failed to mount ${req.type} store`,
+      r,
+      output.trim() || describeFailure(r),
+    );
   }
 
   /** Never cancelled by a signal: unmounting is part of cleanup. */

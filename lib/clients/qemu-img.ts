@@ -34,10 +34,7 @@ function parseImageBitmaps(text: string): ImageBitmap[] {
 }
 
 /** `qemu-img check`'s answer: its exit code is the verdict (3: only leaked clusters). */
-export type CheckResult =
-  | { kind: 'clean' }
-  | { kind: 'leaks' }
-  | { kind: 'failed'; exitCode: number | null; message: string };
+export type CheckResult = { kind: 'clean' } | { kind: 'leaks' } | { kind: 'failed'; exitCode: number | null; message: string };
 
 export class QemuImgClient {
   constructor(
@@ -48,7 +45,10 @@ export class QemuImgClient {
 
   private run(args: string[], opts: { ownProcessGroup?: boolean } = {}): Promise<RunResult> {
     // A rebase that must not stop halfway also outlives a SIGKILL of ours (lib/exec.ts).
-    return this.runner.run(this.binary, args, { timeoutMs: this.timeoutMs, ...(opts.ownProcessGroup ? { ownProcessGroup: true, finishIfWeDie: true } : {}) });
+    return this.runner.run(this.binary, args, {
+      timeoutMs: this.timeoutMs,
+      ...(opts.ownProcessGroup ? { ownProcessGroup: true, finishIfWeDie: true } : {}),
+    });
   }
 
   /** Throws QEMU_IMG_FAILED; `canceled`/`timedOut` on the error let a caller word it otherwise. */

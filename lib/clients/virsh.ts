@@ -168,7 +168,12 @@ export class VirshClient {
   async version(): Promise<VirshVersions> {
     const r = await this.runner.run(this.binary, ['version'], { timeoutMs: this.timeoutMs });
     if (!succeeded(r)) {
-      throw new ToolError('LIBVIRT_UNAVAILABLE', `Cannot query the QEMU/libvirt versions (${describeFailure(r)}); is libvirtd running?`, r, r.stderr || r.stdout);
+      throw new ToolError(
+        'LIBVIRT_UNAVAILABLE',
+        `Cannot query the QEMU/libvirt versions (${describeFailure(r)}); is libvirtd running?`,
+        r,
+        r.stderr || r.stdout,
+      );
     }
     return parseVirshVersion(r.stdout);
   }
@@ -202,7 +207,10 @@ export class VirshClient {
   /** Names of the checkpoints libvirt has registered for the domain. */
   async checkpoints(vm: string): Promise<string[]> {
     const text = await this.call(`checkpoint-list ${vm}`, ['checkpoint-list', vm, '--name']);
-    return text.split('\n').map((l) => l.trim()).filter(Boolean);
+    return text
+      .split('\n')
+      .map((l) => l.trim())
+      .filter(Boolean);
   }
 
   async checkpointCreate(vm: string, xmlFile: string, redefine: boolean): Promise<void> {
@@ -225,7 +233,14 @@ export class VirshClient {
   }
 
   async backupBegin(vm: string, backupXml: string, checkpointXml: string | null): Promise<void> {
-    const r = await this.run(['backup-begin', '--domain', vm, '--backupxml', backupXml, ...(checkpointXml ? ['--checkpointxml', checkpointXml] : [])]);
+    const r = await this.run([
+      'backup-begin',
+      '--domain',
+      vm,
+      '--backupxml',
+      backupXml,
+      ...(checkpointXml ? ['--checkpointxml', checkpointXml] : []),
+    ]);
     if (!succeeded(r)) throw new ToolError('BACKUP_BEGIN_FAILED', `Failed to start the backup of ${vm}`, r, failureText(r));
   }
 

@@ -43,7 +43,13 @@ export class NativeRebaseEngine implements RebaseEngine {
     }
     capYoungGeneration();
     try {
-      const r = await nativeRebase({ target: req.target, newBacking: req.newBacking, newBackingName: req.newBackingName, log: this.log, checkpoint: this.checkpoint });
+      const r = await nativeRebase({
+        target: req.target,
+        newBacking: req.newBacking,
+        newBackingName: req.newBackingName,
+        log: this.log,
+        checkpoint: this.checkpoint,
+      });
       this.log(`engine native: ${req.target} rebased (${r.copiedBytes} bytes copied, ${r.zeroUnits} zero units, ${r.batches} batch(es))`);
     } catch (e) {
       if (e instanceof Qcow2Error) {

@@ -49,7 +49,9 @@ export async function nativeEligibility(req: RebaseRequest, probe: LockProbe): P
     if (e instanceof Qcow2Error && UNSUPPORTED_CODES.has(e.code)) return { native: false, reason };
     const refusal =
       (e instanceof Qcow2Error ? refusalForQcow2(e, `The chain of ${req.target}`, vmOf(req.target)) : null) ??
-      new NasbackupError('NATIVE_REBASE_FAILED', `Native rebase planning for ${req.target} failed, refusing to hand it to qemu-img`, { details: reason });
+      new NasbackupError('NATIVE_REBASE_FAILED', `Native rebase planning for ${req.target} failed, refusing to hand it to qemu-img`, {
+        details: reason,
+      });
     return { native: false, reason, refusal };
   }
   const held = await probe.held(involved);

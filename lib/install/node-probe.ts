@@ -49,7 +49,10 @@ export async function checkNode(runner: ProbeRunner, node: string, env: NodeJS.P
     if (!(await stat(node)).isFile()) throw Object.assign(new Error('not a file'), { code: 'EISDIR' });
   } catch (e) {
     const why = (e as NodeJS.ErrnoException).code === 'ENOENT' ? 'not found' : 'not an executable file';
-    throw new NasbackupError('NODE_MISSING', `Node.js ${why} at ${node}; install Node.js >= ${MIN_NODE_VERSION} or pass --node <absolute path>`);
+    throw new NasbackupError(
+      'NODE_MISSING',
+      `Node.js ${why} at ${node}; install Node.js >= ${MIN_NODE_VERSION} or pass --node <absolute path>`,
+    );
   }
   const r = await probe(runner, node, ['-e', 'process.stdout.write(process.versions.node)'], env);
   const m = /^v?(\d+\.\d+\.\d+)/.exec(r.stdout.trim());

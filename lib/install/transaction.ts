@@ -14,10 +14,7 @@ import { isLauncher, launcherText, ORIG_SUFFIX } from './launcher.js';
 import { checkLaunch, checkNode, type ProbeRunner } from './node-probe.js';
 
 /** What is at the script path: nothing, our launcher, or anything else (the original, a link, …). */
-type TargetState =
-  | { kind: 'missing' }
-  | { kind: 'launcher'; text: string; st: Stats }
-  | { kind: 'other'; st: Stats };
+type TargetState = { kind: 'missing' } | { kind: 'launcher'; text: string; st: Stats } | { kind: 'other'; st: Stats };
 
 async function targetState(target: string): Promise<TargetState> {
   const st = await lstat(target).catch((e: NodeJS.ErrnoException) => {
@@ -68,7 +65,10 @@ async function preflight(target: string): Promise<{ target: string; orig: string
   const dir = dirname(abs);
   const dst = await stat(dir).catch(() => null);
   if (!dst?.isDirectory()) {
-    throw new NasbackupError('INSTALL_TARGET_MISSING', `The folder of ${abs} does not exist: is the CloudStack KVM agent installed here? (or pass --target <path>)`);
+    throw new NasbackupError(
+      'INSTALL_TARGET_MISSING',
+      `The folder of ${abs} does not exist: is the CloudStack KVM agent installed here? (or pass --target <path>)`,
+    );
   }
   const orig = abs + ORIG_SUFFIX;
   return { target: abs, orig, state: await targetState(abs), origExists: await exists(orig) };
@@ -122,7 +122,11 @@ export async function installAgentHook(opts: InstallOptions): Promise<InstallRes
     );
   }
   if (state.kind === 'other' && origExists) {
-    throw conflict(target, orig, `${target} is not a nasbackup launcher but ${orig} exists (changed by someone else, e.g. an agent package upgrade?)`);
+    throw conflict(
+      target,
+      orig,
+      `${target} is not a nasbackup launcher but ${orig} exists (changed by someone else, e.g. an agent package upgrade?)`,
+    );
   }
   if (state.kind === 'launcher' && !origExists) {
     throw conflict(target, orig, `${target} is a nasbackup launcher but the original ${orig} is missing`);
@@ -162,10 +166,15 @@ export async function uninstallAgentHook(opts: { target: string }): Promise<Inst
   const { target, orig, state, origExists } = await preflight(opts.target);
   if (state.kind === 'other' && !origExists) return { action: 'not-installed', target, orig };
   if (state.kind === 'other') {
-    throw conflict(target, orig, `${target} is not a nasbackup launcher but ${orig} exists (changed by someone else, e.g. an agent package upgrade?)`);
+    throw conflict(
+      target,
+      orig,
+      `${target} is not a nasbackup launcher but ${orig} exists (changed by someone else, e.g. an agent package upgrade?)`,
+    );
   }
   if (state.kind === 'missing') {
-    if (!origExists) throw new NasbackupError('INSTALL_TARGET_MISSING', `${target} does not exist and there is no ${orig}; nothing to restore`);
+    if (!origExists)
+      throw new NasbackupError('INSTALL_TARGET_MISSING', `${target} does not exist and there is no ${orig}; nothing to restore`);
     throw conflict(target, orig, `${target} is missing but ${orig} exists`);
   }
   if (!origExists) throw conflict(target, orig, `${target} is a nasbackup launcher but the original ${orig} is missing`);

@@ -108,11 +108,9 @@ export class VmLock {
       }
       if (Date.now() + delay > end) {
         if (created) await rmdir(instanceDir).catch(() => {});
-        throw new NasbackupError(
-          'LOCKED',
-          `Another operation holds the lock of this VM's backups: ${held ? describe(held.info) : path}`,
-          { details: `Lock file: ${path} (set NASBACKUP_BREAK_LOCK=1 to break it if that operation is known to be dead)` },
-        );
+        throw new NasbackupError('LOCKED', `Another operation holds the lock of this VM's backups: ${held ? describe(held.info) : path}`, {
+          details: `Lock file: ${path} (set NASBACKUP_BREAK_LOCK=1 to break it if that operation is known to be dead)`,
+        });
       }
       await sleep(delay);
       delay = Math.min(2000, delay * 2);
@@ -123,7 +121,8 @@ export class VmLock {
     try {
       await unlink(this.path);
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') this.logger.log(`Warning: could not remove lock ${this.path}: ${(e as Error).message}`);
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT')
+        this.logger.log(`Warning: could not remove lock ${this.path}: ${(e as Error).message}`);
     }
     // A folder made only to hold the lock (the operation then failed) is not left behind.
     if (this.createdDir) await rmdir(this.createdDir).catch(() => {});

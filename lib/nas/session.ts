@@ -93,7 +93,10 @@ export class NasSession {
   }
 
   /** Unmount and remove what killed runs of ours left in $TMPDIR (conservatively: see ownerMarker). */
-  static async sweepDead(ctx: { runner: Runner; config: Config; logger: Logger }, tmpdir: string = process.env.TMPDIR || '/tmp'): Promise<void> {
+  static async sweepDead(
+    ctx: { runner: Runner; config: Config; logger: Logger },
+    tmpdir: string = process.env.TMPDIR || '/tmp',
+  ): Promise<void> {
     const names = await readdir(tmpdir).catch(() => [] as string[]);
     for (const name of names) {
       const m = MARKER.exec(name);

@@ -9,7 +9,6 @@ import type { Clients } from '../clients/index.js';
 import type { Logger } from '../log.js';
 import type { NasSession, NasTarget } from '../nas/session.js';
 
-
 export interface OpContext {
   clients: Clients;
   logger: Logger;

@@ -43,7 +43,8 @@ export async function deleteOperation(ctx: OpContext, args: DeleteArgs): Promise
       await removeTree(ctx, abs, st.dev, removed);
     } catch (e) {
       // What was removed before the failure is still reported (as `rm -v` would have).
-      const err = e instanceof NasbackupError ? e : new NasbackupError('DELETE_FAILED', `Failed to delete ${abs}`, { details: (e as Error).message });
+      const err =
+        e instanceof NasbackupError ? e : new NasbackupError('DELETE_FAILED', `Failed to delete ${abs}`, { details: (e as Error).message });
       throw withResult(err, result);
     }
   }

@@ -34,7 +34,8 @@ async function requireQcow2(abs: string, what: string): Promise<void> {
   try {
     await readHeader(abs);
   } catch (e) {
-    if (e instanceof Qcow2Error) throw new NasbackupError('NOT_QCOW2', `${what} is not a usable qcow2 image: ${abs}`, { details: e.message });
+    if (e instanceof Qcow2Error)
+      throw new NasbackupError('NOT_QCOW2', `${what} is not a usable qcow2 image: ${abs}`, { details: e.message });
     throw e;
   }
 }
@@ -61,7 +62,13 @@ export async function rebaseOperation(ctx: OpContext, args: RebaseArgs, engine: 
  * stay inside `instanceDir` (the VM's folder on the mount) and pass the chain safety check.
  * Returns whether anything was written.
  */
-export async function safeRebase(ctx: OpContext, target: string, backing: string, engine: RebaseEngine, instanceDir: string): Promise<boolean> {
+export async function safeRebase(
+  ctx: OpContext,
+  target: string,
+  backing: string,
+  engine: RebaseEngine,
+  instanceDir: string,
+): Promise<boolean> {
   await requireFile(target, `Rebase target file does not exist: ${target}`);
   await requireFile(backing, `New backing file does not exist: ${backing}`);
   await requireQcow2(target, 'Rebase target');
@@ -70,8 +77,10 @@ export async function safeRebase(ctx: OpContext, target: string, backing: string
   // reader refused.
   const vm = basename(instanceDir);
   const safe = { missingOk: true }; // a missing layer: CHAIN_BROKEN below, as before
-  for (const w of await assertChainSafe(target, instanceDir, 'The chain of the rebase target', vm, safe)) ctx.logger.log(`Warning: ${w.message}`);
-  for (const w of await assertChainSafe(backing, instanceDir, 'The chain of the new backing file', vm, safe)) ctx.logger.log(`Warning: ${w.message}`);
+  for (const w of await assertChainSafe(target, instanceDir, 'The chain of the rebase target', vm, safe))
+    ctx.logger.log(`Warning: ${w.message}`);
+  for (const w of await assertChainSafe(backing, instanceDir, 'The chain of the new backing file', vm, safe))
+    ctx.logger.log(`Warning: ${w.message}`);
 
   const tst = await stat(target);
   const bst = await stat(backing);
@@ -118,7 +127,9 @@ async function chainOrFail(path: string, what: string): Promise<Chain> {
     return await readChain(path);
   } catch (e) {
     if (e instanceof Qcow2Error) {
-      throw new NasbackupError('CHAIN_BROKEN', `${what} has an unreadable backing chain, refusing to rebase: ${path}`, { details: e.message });
+      throw new NasbackupError('CHAIN_BROKEN', `${what} has an unreadable backing chain, refusing to rebase: ${path}`, {
+        details: e.message,
+      });
     }
     throw e;
   }

@@ -84,7 +84,13 @@ export async function growRefcountTable(T: Qcow2Image, nextFree: number, mustCov
  * freeing). Blocks in `fresh` (by table index, not linked yet) are filled and written whole;
  * linked blocks are changed in place, only the span of changed entries written.
  */
-export async function writeRefcounts(T: Qcow2Image, lo: number, hi: number, value: 0n | 1n, fresh: Map<number, { off: number; buf: Buffer }>): Promise<void> {
+export async function writeRefcounts(
+  T: Qcow2Image,
+  lo: number,
+  hi: number,
+  value: 0n | 1n,
+  fresh: Map<number, { off: number; buf: Buffer }>,
+): Promise<void> {
   const order = T.header.refcountOrder;
   const epb = entriesPerBlock(T.clusterSize, order);
   const before = value === 1n ? 0n : 1n;

@@ -79,8 +79,7 @@ export function decodeHeader(buf: Buffer): Qcow2Header {
   need(buf, V2_HEADER_LENGTH, 'fixed fields');
   if (buf.readUInt32BE(0) !== QCOW2_MAGIC) throw new Qcow2Error('QCOW2_BAD_MAGIC', 'not a qcow2 image (bad magic)');
   const version = buf.readUInt32BE(4);
-  if (version !== 2 && version !== 3)
-    throw new Qcow2Error('QCOW2_UNSUPPORTED_VERSION', `Unsupported qcow2 version ${version}`);
+  if (version !== 2 && version !== 3) throw new Qcow2Error('QCOW2_UNSUPPORTED_VERSION', `Unsupported qcow2 version ${version}`);
   const backingFileOffset = toSafe(buf.readBigUInt64BE(8), 'backing_file_offset');
   const backingFileSize = buf.readUInt32BE(16);
   const clusterBits = buf.readUInt32BE(20);
@@ -219,8 +218,7 @@ export function checkReadable(h: Qcow2Header, path?: string): void {
   const compressionBit = (h.incompatibleFeatures & INCOMPAT_COMPRESSION) !== 0n;
   if (compressionBit !== (h.compressionType !== 0))
     throw new Qcow2Error('QCOW2_BAD_HEADER', 'compression type field and incompatible bit 3 disagree', path);
-  if (h.compressionType > 1)
-    throw new Qcow2Error('QCOW2_UNSUPPORTED_FEATURE', `unknown compression type ${h.compressionType}`, path);
+  if (h.compressionType > 1) throw new Qcow2Error('QCOW2_UNSUPPORTED_FEATURE', `unknown compression type ${h.compressionType}`, path);
   if ((h.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n && h.clusterBits < 14)
     throw new Qcow2Error('QCOW2_BAD_HEADER', 'extended L2 entries need clusters of at least 16 KiB', path);
   if (h.version === 2 && h.refcountOrder !== 4) throw new Qcow2Error('QCOW2_BAD_HEADER', 'v2 image with refcount order', path);
@@ -231,8 +229,7 @@ export function checkWritable(h: Qcow2Header, path?: string): void {
   checkReadable(h, path);
   if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n)
     throw new Qcow2Error('QCOW2_DIRTY', 'image is marked dirty (run qemu-img check -r all first)', path);
-  if ((h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n)
-    throw new Qcow2Error('QCOW2_MARKED_CORRUPT', 'image is marked corrupt', path);
+  if ((h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n) throw new Qcow2Error('QCOW2_MARKED_CORRUPT', 'image is marked corrupt', path);
   if (h.nbSnapshots > 0) throw new Qcow2Error('QCOW2_SNAPSHOTS', `image has ${h.nbSnapshots} internal snapshot(s)`, path);
   if ((h.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n || h.extensions.some((e) => e.type === EXT_BITMAPS))
     throw new Qcow2Error('QCOW2_BITMAPS', 'image carries dirty bitmaps; guest data is never written into it', path);
@@ -274,7 +271,8 @@ export function encodeHeader(h: Qcow2Header, opts: { backingFile?: string | null
   if (name.length > MAX_BACKING_NAME) throw new Qcow2Error('QCOW2_BACKING_NAME', `backing file name longer than ${MAX_BACKING_NAME} bytes`);
   const backingFileOffset = name.length ? len : 0;
   len += name.length;
-  if (len > h.clusterSize) throw new Qcow2Error('QCOW2_HEADER_FULL', 'header, extensions and backing name do not fit into the first cluster');
+  if (len > h.clusterSize)
+    throw new Qcow2Error('QCOW2_HEADER_FULL', 'header, extensions and backing name do not fit into the first cluster');
   const b = Buffer.alloc(len);
   putField(b, 'magic', QCOW2_MAGIC);
   putField(b, 'version', h.version);

@@ -137,17 +137,22 @@ export class Qcow2Image {
     const size = safeNumber(header.size, 'virtual size');
     const l2Entries = cs / (ext ? 16 : 8);
     const needL1 = Math.ceil(size / (cs * l2Entries));
-    if (header.l1Size * 8 > MAX_L1_BYTES) throw new Qcow2Error('QCOW2_TOO_LARGE', `L1 table of ${header.l1Size} entries is larger than 32 MiB`);
-    if (header.l1Size < needL1) throw new Qcow2Error('QCOW2_CORRUPT', `L1 table too small (${header.l1Size} < ${needL1} entries) for the virtual size`);
+    if (header.l1Size * 8 > MAX_L1_BYTES)
+      throw new Qcow2Error('QCOW2_TOO_LARGE', `L1 table of ${header.l1Size} entries is larger than 32 MiB`);
+    if (header.l1Size < needL1)
+      throw new Qcow2Error('QCOW2_CORRUPT', `L1 table too small (${header.l1Size} < ${needL1} entries) for the virtual size`);
     const l1Off = safeNumber(header.l1TableOffset, 'L1 table offset');
     if (header.l1Size > 0) {
-      if (l1Off % cs !== 0 || l1Off === 0) throw new Qcow2Error('QCOW2_CORRUPT', `L1 table offset ${l1Off} is not cluster-aligned or overlaps the header`);
-      if (l1Off + header.l1Size * 8 > fileSize) throw new Qcow2Error('QCOW2_CORRUPT', `L1 table at ${l1Off} extends past the end of the file`);
+      if (l1Off % cs !== 0 || l1Off === 0)
+        throw new Qcow2Error('QCOW2_CORRUPT', `L1 table offset ${l1Off} is not cluster-aligned or overlaps the header`);
+      if (l1Off + header.l1Size * 8 > fileSize)
+        throw new Qcow2Error('QCOW2_CORRUPT', `L1 table at ${l1Off} extends past the end of the file`);
     }
     const rtOff = safeNumber(header.refcountTableOffset, 'refcount table offset');
     if (header.refcountTableClusters * cs > MAX_REFTABLE_BYTES)
       throw new Qcow2Error('QCOW2_TOO_LARGE', `refcount table of ${header.refcountTableClusters} clusters is larger than 8 MiB`);
-    if (rtOff % cs !== 0 || rtOff === 0) throw new Qcow2Error('QCOW2_CORRUPT', `refcount table offset ${rtOff} is not cluster-aligned or overlaps the header`);
+    if (rtOff % cs !== 0 || rtOff === 0)
+      throw new Qcow2Error('QCOW2_CORRUPT', `refcount table offset ${rtOff} is not cluster-aligned or overlaps the header`);
     if (header.refcountTableClusters === 0) throw new Qcow2Error('QCOW2_CORRUPT', 'empty refcount table');
     if (rtOff + header.refcountTableClusters * cs > fileSize)
       throw new Qcow2Error('QCOW2_CORRUPT', `refcount table at ${rtOff} extends past the end of the file`);
@@ -170,8 +175,10 @@ export class Qcow2Image {
     if (i >= this.header.l1Size) return 0;
     const off = l1EntryOffset(this.l1, i);
     if (off === 0) return 0;
-    if (off % this.clusterSize !== 0) throw new Qcow2Error('QCOW2_CORRUPT', `L2 table offset ${off} (L1 index ${i}) is not cluster-aligned`, this.path);
-    if (off + this.clusterSize > this.fileSize) throw new Qcow2Error('QCOW2_CORRUPT', `L2 table offset ${off} (L1 index ${i}) is past the end of the file`, this.path);
+    if (off % this.clusterSize !== 0)
+      throw new Qcow2Error('QCOW2_CORRUPT', `L2 table offset ${off} (L1 index ${i}) is not cluster-aligned`, this.path);
+    if (off + this.clusterSize > this.fileSize)
+      throw new Qcow2Error('QCOW2_CORRUPT', `L2 table offset ${off} (L1 index ${i}) is past the end of the file`, this.path);
     if (off < this.clusterSize) throw new Qcow2Error('QCOW2_CORRUPT', `L2 table (L1 index ${i}) overlaps the header`, this.path);
     if (rangesOverlap(off, this.clusterSize, this.l1TableOffset, this.l1.length))
       throw new Qcow2Error('QCOW2_CORRUPT', `L2 table (L1 index ${i}) overlaps the L1 table`, this.path);
@@ -220,7 +227,9 @@ export class Qcow2Image {
   decodeEntry(table: Buffer | null, c: number): ClusterEntry {
     const out: ScratchEntry = { type: 'standard', host: 0, alloc: 0, zero: 0, copied: false, sectors: 0, size: 0 };
     this.entryInto(table, c, out);
-    return out.type === 'compressed' ? { type: 'compressed', host: out.host, size: out.size } : { type: 'standard', host: out.host, alloc: out.alloc, zero: out.zero, copied: out.copied };
+    return out.type === 'compressed'
+      ? { type: 'compressed', host: out.host, size: out.size }
+      : { type: 'standard', host: out.host, alloc: out.alloc, zero: out.zero, copied: out.copied };
   }
 
   /** Decode into `out` without allocating (status scans run over every cluster of the disk). */
@@ -239,20 +248,26 @@ export class Qcow2Image {
     const host = out.host;
     if (out.type === 'compressed') {
       if (host >= 2 ** 56) throw new Qcow2Error('QCOW2_CORRUPT', `compressed cluster ${c}: host offset out of range`, this.path);
-      if (this.extendedL2 && (out.alloc | out.zero) !== 0) throw new Qcow2Error('QCOW2_CORRUPT', `compressed cluster ${c} has a subcluster bitmap`, this.path);
-      if (host >= this.fileSize) throw new Qcow2Error('QCOW2_CORRUPT', `compressed cluster ${c} at ${host} is past the end of the file`, this.path);
+      if (this.extendedL2 && (out.alloc | out.zero) !== 0)
+        throw new Qcow2Error('QCOW2_CORRUPT', `compressed cluster ${c} has a subcluster bitmap`, this.path);
+      if (host >= this.fileSize)
+        throw new Qcow2Error('QCOW2_CORRUPT', `compressed cluster ${c} at ${host} is past the end of the file`, this.path);
       out.size = compressedBytes(out);
       out.alloc = 0;
       out.zero = 0;
       out.copied = false;
       return;
     }
-    if (host % this.clusterSize !== 0) throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${c}: host offset ${host} is not cluster-aligned`, this.path);
-    if (host !== 0 && host >= this.fileSize) throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${c}: host offset ${host} is past the end of the file`, this.path);
+    if (host % this.clusterSize !== 0)
+      throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${c}: host offset ${host} is not cluster-aligned`, this.path);
+    if (host !== 0 && host >= this.fileSize)
+      throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${c}: host offset ${host} is past the end of the file`, this.path);
     if (host !== 0 && host < this.clusterSize) throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${c}: data overlaps the header`, this.path);
     if (this.extendedL2) {
-      if ((out.alloc & out.zero) !== 0) throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${c}: subclusters both allocated and zero`, this.path);
-      if (out.alloc !== 0 && host === 0) throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${c}: allocated subclusters without a host cluster`, this.path);
+      if ((out.alloc & out.zero) !== 0)
+        throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${c}: subclusters both allocated and zero`, this.path);
+      if (out.alloc !== 0 && host === 0)
+        throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${c}: allocated subclusters without a host cluster`, this.path);
       return;
     }
     if (out.zero) return;
@@ -304,7 +319,7 @@ export class Qcow2Image {
       if (out === null) {
         out = { offset: pos, length: pEnd - pos, kind };
         if (host >= 0) out.host = host;
-      } else if (out.kind === kind && (out.host === undefined) === (host < 0) && (out.host === undefined || out.host + out.length === host)) {
+      } else if (out.kind === kind && (out.host === undefined) === host < 0 && (out.host === undefined || out.host + out.length === host)) {
         out.length += pEnd - pos;
       } else break;
       pos = pEnd;
@@ -322,7 +337,8 @@ export class Qcow2Image {
     try {
       if (this.header.compressionType === 1) {
         const z = zlib as unknown as { zstdDecompressSync?: (b: Buffer, o: object) => Buffer };
-        if (!hasZstd() || !z.zstdDecompressSync) throw new Qcow2Error('QCOW2_UNSUPPORTED_FEATURE', 'zstd-compressed clusters need Node with zstd support', this.path);
+        if (!hasZstd() || !z.zstdDecompressSync)
+          throw new Qcow2Error('QCOW2_UNSUPPORTED_FEATURE', 'zstd-compressed clusters need Node with zstd support', this.path);
         const frame = zstdFrameLength(src.subarray(0, n));
         if (frame === null) throw new Error('not a complete zstd frame');
         out = z.zstdDecompressSync(src.subarray(0, frame), { maxOutputLength: this.clusterSize });
@@ -331,10 +347,18 @@ export class Qcow2Image {
       }
     } catch (e) {
       if (e instanceof Qcow2Error) throw e;
-      throw new Qcow2Error('QCOW2_COMPRESSED_DATA', `compressed cluster at ${cc.host} does not decompress: ${(e as Error).message}`, this.path);
+      throw new Qcow2Error(
+        'QCOW2_COMPRESSED_DATA',
+        `compressed cluster at ${cc.host} does not decompress: ${(e as Error).message}`,
+        this.path,
+      );
     }
     if (out.length !== this.clusterSize)
-      throw new Qcow2Error('QCOW2_COMPRESSED_DATA', `compressed cluster at ${cc.host} decompresses to ${out.length} bytes, not ${this.clusterSize}`, this.path);
+      throw new Qcow2Error(
+        'QCOW2_COMPRESSED_DATA',
+        `compressed cluster at ${cc.host} decompresses to ${out.length} bytes, not ${this.clusterSize}`,
+        this.path,
+      );
     this.lastCompressed = { host: cc.host, data: out };
     return out;
   }

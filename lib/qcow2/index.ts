@@ -19,7 +19,15 @@ export {
   type HeaderPatch,
 } from './header.js';
 export { decodeL2Entry, encodeL2Entry, type L2Entry, type L2Layout } from './l2.js';
-export { readChain, indexInChain, isFollowableBackingName, resolveBackingName, MAX_CHAIN_DEPTH, type Chain, type ChainLayer } from './chain.js';
+export {
+  readChain,
+  indexInChain,
+  isFollowableBackingName,
+  resolveBackingName,
+  MAX_CHAIN_DEPTH,
+  type Chain,
+  type ChainLayer,
+} from './chain.js';
 export { Qcow2Image, type Extent, type ExtentKind, type ClusterEntry } from './image.js';
 export { ImageChain, mapImage, layerExtents, type MapEntry, type ChainExtent } from './view.js';
 export { imageInfo, readBitmaps, type ImageInfo, type BitmapInfo } from './info.js';

@@ -167,7 +167,9 @@ export async function nativeRebase(opts: NativeRebaseOptions): Promise<NativeReb
     let nextFree = plan.nextFree;
     if (plan.growTable) {
       const g = await growRefcountTable(T, nextFree, mustCover(plan, T.refcountEntriesPerBlock));
-      log(`refcount table of ${opts.target} moved to ${g.tableOffset} (${g.tableClusters} cluster(s), ${g.newBlocks} new refcount block(s))`);
+      log(
+        `refcount table of ${opts.target} moved to ${g.tableOffset} (${g.tableClusters} cluster(s), ${g.newBlocks} new refcount block(s))`,
+      );
       nextFree = g.nextFree;
       result.refcountTableGrown = true;
       opts.checkpoint?.();

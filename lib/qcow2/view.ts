@@ -190,7 +190,8 @@ export async function layerExtents(img: Qcow2Image): Promise<Extent[]> {
     const e = await img.status(pos, img.virtualSize - pos);
     const last = out.at(-1);
     if (last && last.kind === e.kind && e.kind !== 'compressed' && last.host === undefined && e.host === undefined) last.length += e.length;
-    else if (last && last.kind === e.kind && e.kind !== 'compressed' && last.host !== undefined && last.host + last.length === e.host) last.length += e.length;
+    else if (last && last.kind === e.kind && e.kind !== 'compressed' && last.host !== undefined && last.host + last.length === e.host)
+      last.length += e.length;
     else out.push(e);
     pos += e.length;
   }

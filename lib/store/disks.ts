@@ -44,7 +44,11 @@ export async function matchParents(
   const byVol = new Map<string, string>();
   for (const p of parentPaths) {
     const vol = volumeIdOfBackupFile(p);
-    if (vol === null) throw new NasbackupError('INVALID_ARGUMENT', `Parent path is not a backup disk file (root.<vol>.qcow2 or datadisk.<vol>.qcow2): ${p}`);
+    if (vol === null)
+      throw new NasbackupError(
+        'INVALID_ARGUMENT',
+        `Parent path is not a backup disk file (root.<vol>.qcow2 or datadisk.<vol>.qcow2): ${p}`,
+      );
     if (byVol.has(vol)) throw new NasbackupError('INVALID_ARGUMENT', `Two parent paths for volume ${vol}`);
     byVol.set(vol, p);
   }

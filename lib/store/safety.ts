@@ -62,7 +62,13 @@ function kindOf(code: Qcow2ErrorCode): ProblemKind {
   return UNSAFE_CODES.has(code) ? 'unsafe' : 'corrupt';
 }
 
-function fileType(st: { isDirectory(): boolean; isFIFO(): boolean; isSocket(): boolean; isCharacterDevice(): boolean; isBlockDevice(): boolean }): string {
+function fileType(st: {
+  isDirectory(): boolean;
+  isFIFO(): boolean;
+  isSocket(): boolean;
+  isCharacterDevice(): boolean;
+  isBlockDevice(): boolean;
+}): string {
   if (st.isDirectory()) return 'a folder';
   if (st.isFIFO()) return 'a FIFO';
   if (st.isSocket()) return 'a socket';
@@ -93,14 +99,29 @@ export async function inspectChain(top: string, instanceDir: string, opts: Inspe
       return done({ kind: 'broken', layer: referrer ?? path, message: `${via} does not exist`, reference: referrer !== null });
     }
     if (!isWithin(realDir, real, { strict: true }))
-      return done({ kind: 'unsafe', layer: referrer ?? path, message: `${via} is outside the VM folder (${real})`, reference: referrer !== null });
+      return done({
+        kind: 'unsafe',
+        layer: referrer ?? path,
+        message: `${via} is outside the VM folder (${real})`,
+        reference: referrer !== null,
+      });
     const st = await stat(real);
     if (!st.isFile())
-      return done({ kind: 'unsafe', layer: referrer ?? path, message: `${via} is ${fileType(st)}, not a regular file`, reference: referrer !== null });
+      return done({
+        kind: 'unsafe',
+        layer: referrer ?? path,
+        message: `${via} is ${fileType(st)}, not a regular file`,
+        reference: referrer !== null,
+      });
     const key = `${st.dev}:${st.ino}`;
     if (seen.has(key)) {
       const self = referrer !== null && layers.at(-1) === referrer && (await realpath(referrer).catch(() => '')) === real;
-      return done({ kind: 'unsafe', layer: referrer ?? path, message: self ? `${path} is its own backing file` : `the backing chain loops at ${path}`, reference: true });
+      return done({
+        kind: 'unsafe',
+        layer: referrer ?? path,
+        message: self ? `${path} is its own backing file` : `the backing chain loops at ${path}`,
+        reference: true,
+      });
     }
     seen.add(key);
     layers.push(path);
@@ -111,10 +132,15 @@ export async function inspectChain(top: string, instanceDir: string, opts: Inspe
       if (!(e instanceof Qcow2Error)) throw e;
       return done({ kind: kindOf(e.code), layer: path, message: `${path}: ${stripPath(e.message, real)}` });
     }
-    if (hasExternalDataFile(h)) return done({ kind: 'unsafe', layer: path, message: `${path} has an external data file (its data lives in another file)` });
-    if ((h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n) return done({ kind: 'corrupt', layer: path, message: `${path} is marked corrupt (QEMU found damage in it)` });
+    if (hasExternalDataFile(h))
+      return done({ kind: 'unsafe', layer: path, message: `${path} has an external data file (its data lives in another file)` });
+    if ((h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n)
+      return done({ kind: 'corrupt', layer: path, message: `${path} is marked corrupt (QEMU found damage in it)` });
     if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n)
-      warnings.push({ code: 'IMAGE_DIRTY', message: `${path} is marked dirty (not closed cleanly; refcounts may be stale, \`qemu-img check -r all\` repairs them)` });
+      warnings.push({
+        code: 'IMAGE_DIRTY',
+        message: `${path} is marked dirty (not closed cleanly; refcounts may be stale, \`qemu-img check -r all\` repairs them)`,
+      });
     let scan = opts.scanned?.get(key);
     if (scan === undefined) {
       scan = null;
@@ -123,7 +149,8 @@ export async function inspectChain(top: string, instanceDir: string, opts: Inspe
       } catch (e) {
         if (!(e instanceof Qcow2Error)) throw e;
         // A valid feature our reader does not handle (encryption, …): not scanned, not refused.
-        if (UNSUPPORTED_CODES.has(e.code)) warnings.push({ code: 'METADATA_NOT_CHECKED', message: `${path}: metadata not checked (${stripPath(e.message, real)})` });
+        if (UNSUPPORTED_CODES.has(e.code))
+          warnings.push({ code: 'METADATA_NOT_CHECKED', message: `${path}: metadata not checked (${stripPath(e.message, real)})` });
         else scan = { kind: kindOf(e.code), layer: path, message: `${path}: ${stripPath(e.message, real)}`, reference: false };
       }
       opts.scanned?.set(key, scan);
@@ -159,7 +186,13 @@ export function chainRefusal(p: ChainProblem, what: string, vm: string): Nasback
  * outside the VM folder, nothing written). Returns the warnings (a dirty layer). With
  * `missingOk`, a missing layer is left to the caller (whose own message names it).
  */
-export async function assertChainSafe(top: string, instanceDir: string, what: string, vm: string, opts: { missingOk?: boolean } = {}): Promise<Warning[]> {
+export async function assertChainSafe(
+  top: string,
+  instanceDir: string,
+  what: string,
+  vm: string,
+  opts: { missingOk?: boolean } = {},
+): Promise<Warning[]> {
   const r = await inspectChain(top, instanceDir);
   if (r.problem && !(opts.missingOk && r.problem.kind === 'broken')) throw chainRefusal(r.problem, what, vm);
   return r.warnings;

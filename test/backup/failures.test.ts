@@ -10,8 +10,20 @@ import { logText, writeShim } from '../helpers/cli.js';
 import { snapshotTree, type TreeEntry } from '../helpers/tree.js';
 import { removeTempDirs } from '../helpers/tmp.js';
 import {
-  backup, callLines, expectClean, fullFlags, incrementalFlags, NEW_BITMAP, PARENT_BITMAP, PARENT_TS, rootFile,
-  ROOT_VOL, scenario, startBackup, VM, type Scenario,
+  backup,
+  callLines,
+  expectClean,
+  fullFlags,
+  incrementalFlags,
+  NEW_BITMAP,
+  PARENT_BITMAP,
+  PARENT_TS,
+  rootFile,
+  ROOT_VOL,
+  scenario,
+  startBackup,
+  VM,
+  type Scenario,
 } from './scenario.js';
 
 afterAll(removeTempDirs);
@@ -46,8 +58,10 @@ describe.concurrent('-o backup: libvirt failures', () => {
     expectUndone(s, before);
   });
 
-  it('job Failed (NAS full): one message with libvirt\'s error from --anystats, new checkpoint removed, the VM it paused resumed', async () => {
-    const s = scenario('fail-job', { domain: { job: { behaviour: 'failed', errorMessage: 'No space left on device', pauseOnFailure: true } } });
+  it("job Failed (NAS full): one message with libvirt's error from --anystats, new checkpoint removed, the VM it paused resumed", async () => {
+    const s = scenario('fail-job', {
+      domain: { job: { behaviour: 'failed', errorMessage: 'No space left on device', pauseOnFailure: true } },
+    });
     const before = snapshotTree(s.sb.nas);
     const r = await backup(s, { extra: fullFlags() });
     expect(r.code).toBe(1);
@@ -101,7 +115,7 @@ describe.concurrent('-o backup: libvirt failures', () => {
     expectUndone(s, before);
   });
 
-  it('domjobinfo keeps failing: virsh\'s error on stdout, the job aborted, cleanup done (the original left the NAS mounted)', async () => {
+  it("domjobinfo keeps failing: virsh's error on stdout, the job aborted, cleanup done (the original left the NAS mounted)", async () => {
     const lock = 'error: Timed out during operation: cannot acquire state change lock (held by monitor=remoteDispatchDomainBackupBegin)\n';
     const s = scenario('fail-jobinfo', {
       domain: { job: { behaviour: 'never' } },
@@ -120,11 +134,14 @@ describe.concurrent('-o backup: libvirt failures', () => {
   it('a failure after backup-begin (a side file): the running job is aborted before its files are removed', async () => {
     const s = scenario('fail-side', {
       domain: { job: { behaviour: 'completed', runningPolls: 100 } },
-      fail: { dominfo: { stderr: 'error: failed to get domain \'i-2-10-VM\'\n' } },
+      fail: { dominfo: { stderr: "error: failed to get domain 'i-2-10-VM'\n" } },
     });
     const before = snapshotTree(s.sb.nas);
     const r = await backup(s, { extra: fullFlags() });
-    expect(r).toMatchObject({ code: 1, stdout: `virsh dominfo.xml failed (virsh exited with code 1)\nerror: failed to get domain 'i-2-10-VM'\n` });
+    expect(r).toMatchObject({
+      code: 1,
+      stdout: `virsh dominfo.xml failed (virsh exited with code 1)\nerror: failed to get domain 'i-2-10-VM'\n`,
+    });
     const calls = callLines(s);
     expect(calls.slice(calls.indexOf(`dominfo ${VM}`))).toEqual([
       `dominfo ${VM}`,
@@ -142,7 +159,11 @@ describe.concurrent('-o backup: libvirt failures', () => {
       domain: { checkpoints: [{ name: PARENT_BITMAP, creationTime: 1735689600 }], disks: [{ bitmaps: [PARENT_BITMAP] }] },
     });
     const before = snapshotTree(s.sb.nas);
-    writeShim(s.sb, 'qemu-img', `if [ "$1" = rebase ]; then echo "qemu-img: Could not open '$7': Permission denied" >&2; exit 1; fi\nexec /usr/bin/qemu-img "$@"`);
+    writeShim(
+      s.sb,
+      'qemu-img',
+      `if [ "$1" = rebase ]; then echo "qemu-img: Could not open '$7': Permission denied" >&2; exit 1; fi\nexec /usr/bin/qemu-img "$@"`,
+    );
     const parent = snapshotTree(join(s.sb.nas, VM, PARENT_TS));
     const r = await backup(s, { extra: incrementalFlags([rootFile(PARENT_TS)]) });
     expect(r.code).toBe(1);
@@ -166,11 +187,19 @@ describe.concurrent('-o backup: libvirt failures', () => {
       domain: { checkpoints: [{ name: PARENT_BITMAP, creationTime: 1735689600 }], disks: [{ bitmaps: [PARENT_BITMAP] }] },
     });
     // A qemu-img whose rebase writes a wrong backing name (as a buggy or mismatched tool would).
-    writeShim(s.sb, 'qemu-img', `if [ "$1" = rebase ]; then exec /usr/bin/qemu-img rebase -u -b ../2024.12.30.00.00.00/gone.qcow2 -F qcow2 "$7"; fi\nexec /usr/bin/qemu-img "$@"`);
+    writeShim(
+      s.sb,
+      'qemu-img',
+      `if [ "$1" = rebase ]; then exec /usr/bin/qemu-img rebase -u -b ../2024.12.30.00.00.00/gone.qcow2 -F qcow2 "$7"; fi\nexec /usr/bin/qemu-img "$@"`,
+    );
     const before = snapshotTree(s.sb.nas);
     const r = await backup(s, { extra: incrementalFlags([rootFile(PARENT_TS)]) });
     expect(r.code).toBe(1);
-    expect(r.stdout).toMatch(new RegExp(`^Backup file ${MP}/${VM}/\\S+/root\\.${ROOT_VOL}\\.qcow2 does not read as a complete chain\n.*gone\\.qcow2.* does not exist\n$`));
+    expect(r.stdout).toMatch(
+      new RegExp(
+        `^Backup file ${MP}/${VM}/\\S+/root\\.${ROOT_VOL}\\.qcow2 does not read as a complete chain\n.*gone\\.qcow2.* does not exist\n$`,
+      ),
+    );
     expect(callLines(s).filter((c) => c.startsWith('checkpoint-delete'))).toEqual([`checkpoint-delete ${VM} ${NEW_BITMAP}`]);
     expectUndone(s, before, [PARENT_BITMAP]);
   });

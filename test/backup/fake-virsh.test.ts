@@ -36,7 +36,11 @@ const direct = (fake: FakeVirsh, ...args: string[]): Promise<Answer> =>
 
 describe('fake virsh: libvirt 9 output formats', () => {
   it('tables, pads and the trailing empty line, as virsh prints them', async () => {
-    const s = scenario('fake-fmt', { dataDisk: true, cdrom: true, domain: { checkpoints: [{ name: PARENT_BITMAP, creationTime: 1735689600 }] } });
+    const s = scenario('fake-fmt', {
+      dataDisk: true,
+      cdrom: true,
+      domain: { checkpoints: [{ name: PARENT_BITMAP, creationTime: 1735689600 }] },
+    });
     const v = (...a: string[]) => virsh(s.sb.shims, ...a);
     const w = Math.max(s.rootDisk.length, 'Source'.length);
     const [version, list, blk, names, info, state, nic] = await Promise.all([
@@ -51,25 +55,39 @@ describe('fake virsh: libvirt 9 output formats', () => {
     expect(version.stdout).toBe(
       'Compiled against library: libvirt 9.0.0\nUsing library: libvirt 9.0.0\nUsing API: QEMU 9.0.0\nRunning hypervisor: QEMU 7.2.0\n\n',
     );
-    expect(list.stdout).toBe(' Id   Name        State\n---------------------------\n 3    i-3-12-VM   running\n 7    i-2-10-VM   running\n\n');
+    expect(list.stdout).toBe(
+      ' Id   Name        State\n---------------------------\n 3    i-3-12-VM   running\n 7    i-2-10-VM   running\n\n',
+    );
     expect(blk.stdout).toBe(
       ' Type   Device   Target   Source\n' +
-        '-'.repeat(1 + 4 + 3 + 6 + 3 + 6 + 3 + w + 2) + '\n' +
+        '-'.repeat(1 + 4 + 3 + 6 + 3 + 6 + 3 + w + 2) +
+        '\n' +
         ` file   disk     vda      ${s.rootDisk}\n` +
         ` file   disk     vdb      ${s.dataDisk}\n` +
         ' file   cdrom    hdc      -\n\n',
     );
     expect(names.stdout).toBe(`${PARENT_BITMAP}\n\n`);
-    expect(info.stdout).toMatch(/^Id: {13}7\nName: {11}i-2-10-VM\nUUID: {11}4c0c1f2e-8d7a-4b1e-9f3a-2d6e5b7c8a90\nOS Type: {8}hvm\nState: {10}running\n/);
+    expect(info.stdout).toMatch(
+      /^Id: {13}7\nName: {11}i-2-10-VM\nUUID: {11}4c0c1f2e-8d7a-4b1e-9f3a-2d6e5b7c8a90\nOS Type: {8}hvm\nState: {10}running\n/,
+    );
     expect(state.stdout).toBe('running\n\n');
     expect(nic.stdout).toBe(
       ' Interface   Type     Source     Model    MAC\n-------------------------------------------------------------\n vnet0       bridge   cloudbr0   virtio   02:00:4c:5e:00:01\n\n',
     );
   });
 
-  it('the shim\'s fast answers and call log equal the fake\'s own', async () => {
+  it("the shim's fast answers and call log equal the fake's own", async () => {
     const s = scenario('fake-fast', { dataDisk: true, cdrom: true });
-    const queries = [['list'], ['domblklist', VM, '--details'], ['domblklist', VM], ['dumpxml', VM], ['dominfo', VM], ['domiflist', VM], ['domstate', VM], ['checkpoint-list', VM, '--name']];
+    const queries = [
+      ['list'],
+      ['domblklist', VM, '--details'],
+      ['domblklist', VM],
+      ['dumpxml', VM],
+      ['dominfo', VM],
+      ['domiflist', VM],
+      ['domstate', VM],
+      ['checkpoint-list', VM, '--name'],
+    ];
     const slow = await Promise.all(queries.map((q) => direct(s.fake, ...q)));
     expect(existsSync(`${s.fake.statePath}.fast`)).toBe(true); // rendered when the state was written
     const fast = await Promise.all(queries.map((q) => virsh(s.sb.shims, ...q)));
@@ -80,7 +98,7 @@ describe('fake virsh: libvirt 9 output formats', () => {
     expect(argv.slice(queries.length).sort()).toEqual(argv.slice(0, queries.length).sort());
   });
 
-  it('errors: virsh\'s texts on stderr, an empty line on stdout, exit 1', async () => {
+  it("errors: virsh's texts on stderr, an empty line on stdout, exit 1", async () => {
     const s = scenario('fake-err');
     const [agent, gone, abort] = await Promise.all([
       virsh(s.sb.shims, 'qemu-agent-command', VM, '--timeout', '5', '{"execute":"guest-fsfreeze-freeze"}'),
@@ -103,8 +121,20 @@ describe('fake virsh: a push backup as libvirt runs it', () => {
     const dir = join(s.sb.root, 'out');
     mkdirSync(dir);
     writeFileSync(join(dir, 'b.xml'), bxml(join(dir, 'vda.qcow2')));
-    writeFileSync(join(dir, 'c.xml'), `<domaincheckpoint><name>${NEW_BITMAP}</name><disks><disk name='vda' checkpoint='bitmap'/></disks></domaincheckpoint>`);
-    const begin = await virsh(s.sb.shims, 'backup-begin', '--domain', VM, '--backupxml', join(dir, 'b.xml'), '--checkpointxml', join(dir, 'c.xml'));
+    writeFileSync(
+      join(dir, 'c.xml'),
+      `<domaincheckpoint><name>${NEW_BITMAP}</name><disks><disk name='vda' checkpoint='bitmap'/></disks></domaincheckpoint>`,
+    );
+    const begin = await virsh(
+      s.sb.shims,
+      'backup-begin',
+      '--domain',
+      VM,
+      '--backupxml',
+      join(dir, 'b.xml'),
+      '--checkpointxml',
+      join(dir, 'c.xml'),
+    );
     expect(begin).toEqual({ code: 0, stdout: 'Backup started\n\n', stderr: '' });
     expect((statSync(join(dir, 'vda.qcow2')).mode & 0o777).toString(8)).toBe('600');
     expect(qemuInfo(join(dir, 'vda.qcow2'))['virtual-size']).toBe(16 * MiB);
@@ -119,8 +149,10 @@ describe('fake virsh: a push backup as libvirt runs it', () => {
     expect((await virsh(s.sb.shims, 'domjobinfo', VM, '--completed')).stdout).toBe('Job type:         None        \n\n');
   });
 
-  it('incremental: the target is backed by the live disk; an unknown checkpoint is libvirt\'s error', async () => {
-    const s = scenario('fake-inc', { domain: { checkpoints: [{ name: PARENT_BITMAP, creationTime: 1735689600 }], disks: [{ bitmaps: [PARENT_BITMAP] }] } });
+  it("incremental: the target is backed by the live disk; an unknown checkpoint is libvirt's error", async () => {
+    const s = scenario('fake-inc', {
+      domain: { checkpoints: [{ name: PARENT_BITMAP, creationTime: 1735689600 }], disks: [{ bitmaps: [PARENT_BITMAP] }] },
+    });
     const dir = join(s.sb.root, 'out');
     mkdirSync(dir);
     writeFileSync(join(dir, 'b.xml'), bxml(join(dir, 'inc.qcow2'), PARENT_BITMAP));
@@ -137,7 +169,9 @@ describe('fake virsh: a push backup as libvirt runs it', () => {
   });
 
   it('a failed job: two lines with --completed, the error only with --anystats; the targets deleted', async () => {
-    const s = scenario('fake-failed', { domain: { job: { behaviour: 'failed', errorMessage: 'No space left on device', timeElapsedMs: 71 } } });
+    const s = scenario('fake-failed', {
+      domain: { job: { behaviour: 'failed', errorMessage: 'No space left on device', timeElapsedMs: 71 } },
+    });
     const dir = join(s.sb.root, 'out');
     mkdirSync(dir);
     writeFileSync(join(dir, 'b.xml'), bxml(join(dir, 'vda.qcow2')));

@@ -8,24 +8,45 @@ import type { RunResult } from '../../lib/exec.js';
 import { scriptedRunner } from '../helpers/runner.js';
 
 const ok = (stdout: string): RunResult => ({
-  command: 'virsh', args: [], exitCode: 0, signal: null, stdout, stderr: '', timedOut: false, canceled: false, spawnError: null, durationMs: 1,
+  command: 'virsh',
+  args: [],
+  exitCode: 0,
+  signal: null,
+  stdout,
+  stderr: '',
+  timedOut: false,
+  canceled: false,
+  spawnError: null,
+  durationMs: 1,
 });
 const err = (stderr: string): RunResult => ({ ...ok('\n'), exitCode: 1, stderr });
 
 const pad = (k: string, v: string): string => `${k.padEnd(17)} ${v.padEnd(12)}\n`;
 const NONE = pad('Job type:', 'None') + '\n';
-const COMPLETED = pad('Job type:', 'Completed') + pad('Operation:', 'Backup') + 'Time elapsed:     133          ms\nFile processed:   16.000 MiB\nFile remaining:   0.000 B\nFile total:       16.000 MiB\n\n';
+const COMPLETED =
+  pad('Job type:', 'Completed') +
+  pad('Operation:', 'Backup') +
+  'Time elapsed:     133          ms\nFile processed:   16.000 MiB\nFile remaining:   0.000 B\nFile total:       16.000 MiB\n\n';
 const FAILED = pad('Job type:', 'Failed') + pad('Operation:', 'Backup') + '\n';
-const FAILED_ANY = pad('Job type:', 'Failed') + pad('Operation:', 'Backup') + 'Time elapsed:     71           ms\nError message:    No space left on device\n\n';
+const FAILED_ANY =
+  pad('Job type:', 'Failed') +
+  pad('Operation:', 'Backup') +
+  'Time elapsed:     71           ms\nError message:    No space left on device\n\n';
 const running = (processed: string, total: string): string =>
-  pad('Job type:', 'Unbounded') + pad('Operation:', 'Backup') + `File processed:   ${processed}\nFile remaining:   0.000 B\nFile total:       ${total}\n\n`;
+  pad('Job type:', 'Unbounded') +
+  pad('Operation:', 'Backup') +
+  `File processed:   ${processed}\nFile remaining:   0.000 B\nFile total:       ${total}\n\n`;
 
 /**
  * A virsh answering from scripts (the last answer repeats) and a clock that only the
  * poll's sleeps move. Records every call and every sleep. The real client runs over a
  * scripted Runner, so the poll sees virsh's output as the client parses it.
  */
-function harness(completed: RunResult[], active: RunResult[] = [ok(running('1.000 MiB', '16.000 MiB'))], anystats: RunResult = ok(FAILED_ANY)) {
+function harness(
+  completed: RunResult[],
+  active: RunResult[] = [ok(running('1.000 MiB', '16.000 MiB'))],
+  anystats: RunResult = ok(FAILED_ANY),
+) {
   const calls: string[] = [];
   const sleeps: number[] = [];
   let t = 1_000_000;
@@ -78,7 +99,10 @@ describe('waitForBackupJob', () => {
   });
 
   it('running, then Completed: progress reported from the active job, growing sleeps', async () => {
-    const h = harness([ok(NONE), ok(NONE), ok(COMPLETED)], [ok(running('4.000 MiB', '16.000 MiB')), ok(running('12.000 MiB', '16.000 MiB'))]);
+    const h = harness(
+      [ok(NONE), ok(NONE), ok(COMPLETED)],
+      [ok(running('4.000 MiB', '16.000 MiB')), ok(running('12.000 MiB', '16.000 MiB'))],
+    );
     expect(await waitForBackupJob(h.virsh, 'vm', h.opts())).toBe(COMPLETED);
     expect(h.calls).toEqual(['completed keep vm', 'active vm', 'completed keep vm', 'active vm', 'completed keep vm']);
     expect(h.progress).toEqual([
@@ -88,7 +112,7 @@ describe('waitForBackupJob', () => {
     expect(h.sleeps).toEqual([100, 150]);
   });
 
-  it('Failed: libvirt\'s error message from --anystats, with the statistics', async () => {
+  it("Failed: libvirt's error message from --anystats, with the statistics", async () => {
     const h = harness([ok(FAILED)]);
     const e = await failure(waitForBackupJob(h.virsh, 'vm', h.opts()));
     expect(e.code).toBe('BACKUP_JOB_FAILED');
@@ -129,11 +153,14 @@ describe('waitForBackupJob', () => {
 
   it('a job seen running again resets the vanish count', async () => {
     const r = ok(running('1.000 MiB', '2.000 MiB'));
-    const h = harness([ok(NONE), ok(NONE), ok(NONE), ok(NONE), ok(NONE), ok(NONE), ok(NONE), ok(COMPLETED)], [ok(NONE), ok(NONE), ok(NONE), ok(NONE), r, ok(NONE), ok(NONE)]);
+    const h = harness(
+      [ok(NONE), ok(NONE), ok(NONE), ok(NONE), ok(NONE), ok(NONE), ok(NONE), ok(COMPLETED)],
+      [ok(NONE), ok(NONE), ok(NONE), ok(NONE), r, ok(NONE), ok(NONE)],
+    );
     expect(await waitForBackupJob(h.virsh, 'vm', h.opts())).toBe(COMPLETED);
   });
 
-  it('domjobinfo failing 3 times in a row: VIRSH_FAILED with virsh\'s error', async () => {
+  it("domjobinfo failing 3 times in a row: VIRSH_FAILED with virsh's error", async () => {
     const lock = 'error: Timed out during operation: cannot acquire state change lock (held by monitor=remoteDispatchDomainBackupBegin)\n';
     const h = harness([err(lock)]);
     const e = await failure(waitForBackupJob(h.virsh, 'vm', h.opts()));

@@ -36,7 +36,9 @@ describe.concurrent('-o backup -q true', () => {
     const r = await backup(s, { quiesce: true, extra: fullFlags() });
     expect(r.code).toBe(0);
     expect(r.stdout).toBe(
-      `Quiesce failed, backup is crash-consistent: ${NOT_CONNECTED}\n` + completedBlock(16 * MiB) + `${duSb(s.final)}\nBITMAP_CREATED=${NEW_BITMAP}\n`,
+      `Quiesce failed, backup is crash-consistent: ${NOT_CONNECTED}\n` +
+        completedBlock(16 * MiB) +
+        `${duSb(s.final)}\nBITMAP_CREATED=${NEW_BITMAP}\n`,
     );
     // The failed freeze is followed by one best-effort thaw, before backup-begin.
     const calls = callLines(s);
@@ -59,7 +61,10 @@ describe.concurrent('-o backup -q true', () => {
 
   it('a freeze whose reply is lost (agent timeout) may still have frozen the guest: it is thawed', async () => {
     const lost = 'error: Guest agent is not responding: Guest agent not available for now\n';
-    const s = scenario('qz-lost', { domain: { agent: agentUp }, fail: { 'qemu-agent-command:guest-fsfreeze-freeze': { apply: true, stderr: lost } } });
+    const s = scenario('qz-lost', {
+      domain: { agent: agentUp },
+      fail: { 'qemu-agent-command:guest-fsfreeze-freeze': { apply: true, stderr: lost } },
+    });
     const r = await backup(s, { quiesce: true, extra: fullFlags() });
     expect(r.code).toBe(0);
     expect(r.stdout.split('\n')[0]).toBe(`Quiesce failed, backup is crash-consistent: ${lost.trim()}`);
@@ -100,7 +105,12 @@ describe.concurrent('-o backup -q true', () => {
   it('thaw fails once: retried, the backup succeeds', async () => {
     const s = scenario('qz-thaw1', {
       domain: { agent: agentUp },
-      fail: { 'qemu-agent-command:guest-fsfreeze-thaw': { times: 1, stderr: 'error: Guest agent is not responding: Guest agent not available for now\n' } },
+      fail: {
+        'qemu-agent-command:guest-fsfreeze-thaw': {
+          times: 1,
+          stderr: 'error: Guest agent is not responding: Guest agent not available for now\n',
+        },
+      },
     });
     const r = await backup(s, { quiesce: true, extra: fullFlags() });
     expect(r.code).toBe(0);
@@ -117,7 +127,9 @@ describe.concurrent('-o backup: the domain state decides', () => {
     const s = scenario('st-paused', { state: 'paused', domain: { agent: agentUp } });
     const r = await backup(s, { quiesce: true });
     expect(r.code).toBe(0);
-    expect(r.stdout).toBe(`Quiesce skipped: VM ${VM} is paused, its disks are already quiet\n` + completedBlock(16 * MiB) + `${duSb(s.final)}\n`);
+    expect(r.stdout).toBe(
+      `Quiesce skipped: VM ${VM} is paused, its disks are already quiet\n` + completedBlock(16 * MiB) + `${duSb(s.final)}\n`,
+    );
     const names = s.fake.names();
     expect(names).toContain('backup-begin');
     expect(names).not.toContain('qemu-agent-command');

@@ -8,9 +8,32 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { contentSha256 } from '../helpers/qemu.js';
 import { removeTempDirs } from '../helpers/tmp.js';
 import {
-  BACKUP_PATH, backup, compareImages, completedBlock, DATA_DIRTY, DATA_VOL, dataFile, duSb, expectClean, fullFlags, incrementalFlags, MiB,
-  modeOf, NEW_BITMAP, normalizedCalls, othersOnNas, PARENT_BITMAP, PARENT_TS, qemuInfo, ROOT_DIRTY, ROOT_VOL, rootFile, scenario,
-  seedOtherBackups, SIDE_FILES, VM,
+  BACKUP_PATH,
+  backup,
+  compareImages,
+  completedBlock,
+  DATA_DIRTY,
+  DATA_VOL,
+  dataFile,
+  duSb,
+  expectClean,
+  fullFlags,
+  incrementalFlags,
+  MiB,
+  modeOf,
+  NEW_BITMAP,
+  normalizedCalls,
+  othersOnNas,
+  PARENT_BITMAP,
+  PARENT_TS,
+  qemuInfo,
+  ROOT_DIRTY,
+  ROOT_VOL,
+  rootFile,
+  scenario,
+  seedOtherBackups,
+  SIDE_FILES,
+  VM,
 } from './scenario.js';
 
 afterAll(removeTempDirs);
@@ -69,7 +92,9 @@ describe.concurrent('-o backup, running VM', () => {
     const bxml = begin!.inputs!['--backupxml']!;
     expect([...bxml.matchAll(/<disk name="(\w+)"/g)].map((m) => m[1])).toEqual(['vda', 'vdb']);
     expect(bxml).not.toContain('<incremental>');
-    expect(begin!.inputs!['--checkpointxml']).toMatch(new RegExp(`<name>${NEW_BITMAP}</name>[\\s\\S]*<disk name="vda" checkpoint="bitmap"/>\\s*<disk name="vdb" checkpoint="bitmap"/>`));
+    expect(begin!.inputs!['--checkpointxml']).toMatch(
+      new RegExp(`<name>${NEW_BITMAP}</name>[\\s\\S]*<disk name="vda" checkpoint="bitmap"/>\\s*<disk name="vdb" checkpoint="bitmap"/>`),
+    );
     expect(s.fake.checkpointNames(VM)).toEqual([NEW_BITMAP]);
     expect(s.fake.bitmaps(VM, 'vda')).toEqual([NEW_BITMAP]);
     expect(s.fake.bitmaps(VM, 'vdb')).toEqual([NEW_BITMAP]);
@@ -102,7 +127,10 @@ describe.concurrent('-o backup, running VM', () => {
     const s = scenario('bk-inc', {
       dataDisk: true,
       parentOnNas: true,
-      domain: { checkpoints: [{ name: PARENT_BITMAP, creationTime: 1735689600 }], disks: [{ bitmaps: [PARENT_BITMAP] }, { bitmaps: [PARENT_BITMAP] }] },
+      domain: {
+        checkpoints: [{ name: PARENT_BITMAP, creationTime: 1735689600 }],
+        disks: [{ bitmaps: [PARENT_BITMAP] }, { bitmaps: [PARENT_BITMAP] }],
+      },
     });
     seedOtherBackups(s.sb);
     const before = othersOnNas(s.sb);
@@ -111,7 +139,10 @@ describe.concurrent('-o backup, running VM', () => {
     expect(r.code).toBe(0);
     expect(r.stdout).toBe(completedBlock(sum(ROOT_DIRTY) + sum(DATA_DIRTY)) + `${duSb(s.final)}\nBITMAP_CREATED=${NEW_BITMAP}\n`);
 
-    for (const [file, live] of [[rootFile(), s.rootDisk], [dataFile(), s.dataDisk!]] as const) {
+    for (const [file, live] of [
+      [rootFile(), s.rootDisk],
+      [dataFile(), s.dataDisk!],
+    ] as const) {
       const abs = join(s.sb.nas, file);
       const info = qemuInfo(abs);
       expect(info['backing-filename']).toBe(`../${PARENT_TS}/${file.split('/').pop()}`);

@@ -141,7 +141,9 @@ export function scenario(tag: string, o: ScenarioOptions = {}): Scenario {
 
 function applyWrites(path: string, writes: Write[]): void {
   for (const w of writes) {
-    execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x${w.pattern.toString(16)} ${w.offset} ${w.length}`, path], { stdio: 'ignore' });
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x${w.pattern.toString(16)} ${w.offset} ${w.length}`, path], {
+      stdio: 'ignore',
+    });
   }
 }
 
@@ -155,14 +157,31 @@ export interface BackupFlags {
 
 export function backupArgv(s: Scenario, f: BackupFlags = {}): string[] {
   return [
-    '-o', 'backup', '-v', VM, ...bindNas(s.sb), '-p', f.path ?? BACKUP_PATH,
-    '-q', f.quiesce ? 'true' : 'false', '-d', f.disks ?? '', ...(f.extra ?? []),
+    '-o',
+    'backup',
+    '-v',
+    VM,
+    ...bindNas(s.sb),
+    '-p',
+    f.path ?? BACKUP_PATH,
+    '-q',
+    f.quiesce ? 'true' : 'false',
+    '-d',
+    f.disks ?? '',
+    ...(f.extra ?? []),
   ];
 }
 
 export const fullFlags = (bitmap = NEW_BITMAP): string[] => ['-M', 'full', '--bitmap-new', bitmap];
 export const incrementalFlags = (parents: string[], bitmap = NEW_BITMAP, parent = PARENT_BITMAP): string[] => [
-  '-M', 'incremental', '--bitmap-new', bitmap, '--bitmap-parent', parent, '--parent-paths', parents.join(','),
+  '-M',
+  'incremental',
+  '--bitmap-new',
+  bitmap,
+  '--bitmap-parent',
+  parent,
+  '--parent-paths',
+  parents.join(','),
 ];
 
 export function backup(s: Scenario, f: BackupFlags = {}, env: NodeJS.ProcessEnv = {}): Promise<RunOutcome> {

@@ -10,8 +10,27 @@ import { bitmapIsEmpty, imageBitmaps, leaveBitmapsInUse } from '../helpers/bitma
 import { snapshotTree } from '../helpers/tree.js';
 import { removeTempDirs } from '../helpers/tmp.js';
 import {
-  backup, bitmapsIn, compareImages, DATA_VOL, duSb, expectClean, fullFlags, incrementalFlags, modeOf, NEW_BITMAP, othersOnNas, PARENT_BITMAP, PARENT_TS,
-  rootFile, dataFile, ROOT_VOL, scenario, seedOtherBackups, TS, VM, type Scenario,
+  backup,
+  bitmapsIn,
+  compareImages,
+  DATA_VOL,
+  duSb,
+  expectClean,
+  fullFlags,
+  incrementalFlags,
+  modeOf,
+  NEW_BITMAP,
+  othersOnNas,
+  PARENT_BITMAP,
+  PARENT_TS,
+  rootFile,
+  dataFile,
+  ROOT_VOL,
+  scenario,
+  seedOtherBackups,
+  TS,
+  VM,
+  type Scenario,
 } from './scenario.js';
 
 afterAll(removeTempDirs);
@@ -61,9 +80,13 @@ describe.concurrent('-o backup, stopped VM', () => {
 
   it('-M incremental (merged agent): INCREMENTAL_FALLBACK=true then only integers; the parents are not needed', async () => {
     const s = stopped('stp-inc-merged');
-    const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra: incrementalFlags([rootFile(PARENT_TS), dataFile(PARENT_TS)]) }, {
-      NASBACKUP_AGENT_PROFILE: 'merged',
-    });
+    const r = await backup(
+      s,
+      { disks: `${s.rootDisk},${s.dataDisk}`, extra: incrementalFlags([rootFile(PARENT_TS), dataFile(PARENT_TS)]) },
+      {
+        NASBACKUP_AGENT_PROFILE: 'merged',
+      },
+    );
     expect(r.code).toBe(0);
     expect(r.stdout).toBe('INCREMENTAL_FALLBACK=true\n' + sizeLines(s));
     expect(bitmapsIn(s.rootDisk)).toEqual([NEW_BITMAP]);
@@ -72,9 +95,14 @@ describe.concurrent('-o backup, stopped VM', () => {
 
   it('-M incremental (rebase-era): INCREMENTAL_FALLBACK=full (…) first, then BITMAP_CREATED, then the sizes', async () => {
     const s = stopped('stp-inc');
-    const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra: incrementalFlags([rootFile(PARENT_TS), dataFile(PARENT_TS)]) });
+    const r = await backup(s, {
+      disks: `${s.rootDisk},${s.dataDisk}`,
+      extra: incrementalFlags([rootFile(PARENT_TS), dataFile(PARENT_TS)]),
+    });
     expect(r.code).toBe(0);
-    expect(r.stdout).toBe(`INCREMENTAL_FALLBACK=full (VM stopped — incremental requires running VM)\nBITMAP_CREATED=${NEW_BITMAP}\n` + sizeLines(s));
+    expect(r.stdout).toBe(
+      `INCREMENTAL_FALLBACK=full (VM stopped — incremental requires running VM)\nBITMAP_CREATED=${NEW_BITMAP}\n` + sizeLines(s),
+    );
     expectClean(s);
   });
 
@@ -100,22 +128,29 @@ describe.concurrent('-o backup, stopped VM', () => {
       (s) => `INCREMENTAL_FALLBACK=true\nBACKUP_SIZE_TOTAL=${duSb(s.final)}\n` + sizeLines(s),
     ],
   ];
-  it.each(partial)('-M incremental with partial parent arguments, %s: a full copy reported as a fallback', async (_n, extra, env, expected) => {
-    const s = stopped('stp-inc-partial');
-    const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra }, env);
-    expect(r).toMatchObject({ code: 0, stderr: '' });
-    expect(r.stdout).toBe(expected(s));
-    expect(compareImages(join(s.sb.nas, rootFile()), s.rootDisk)).toBe('Images are identical.');
-    expect(compareImages(join(s.sb.nas, dataFile()), s.dataDisk!)).toBe('Images are identical.');
-    expect(bitmapsIn(s.rootDisk)).toEqual([NEW_BITMAP]);
-    expect(bitmapsIn(s.dataDisk!)).toEqual([NEW_BITMAP]);
-    expectClean(s);
-  });
+  it.each(partial)(
+    '-M incremental with partial parent arguments, %s: a full copy reported as a fallback',
+    async (_n, extra, env, expected) => {
+      const s = stopped('stp-inc-partial');
+      const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra }, env);
+      expect(r).toMatchObject({ code: 0, stderr: '' });
+      expect(r.stdout).toBe(expected(s));
+      expect(compareImages(join(s.sb.nas, rootFile()), s.rootDisk)).toBe('Images are identical.');
+      expect(compareImages(join(s.sb.nas, dataFile()), s.dataDisk!)).toBe('Images are identical.');
+      expect(bitmapsIn(s.rootDisk)).toEqual([NEW_BITMAP]);
+      expect(bitmapsIn(s.dataDisk!)).toEqual([NEW_BITMAP]);
+      expectClean(s);
+    },
+  );
 
   it('-M incremental without --bitmap-new either: the full copy, the fallback marker, no bitmap and no BITMAP_CREATED', async () => {
     const s = stopped('stp-inc-bare');
     const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra: ['-M', 'incremental'] });
-    expect(r).toMatchObject({ code: 0, stderr: '', stdout: 'INCREMENTAL_FALLBACK=full (VM stopped — incremental requires running VM)\n' + sizeLines(s) });
+    expect(r).toMatchObject({
+      code: 0,
+      stderr: '',
+      stdout: 'INCREMENTAL_FALLBACK=full (VM stopped — incremental requires running VM)\n' + sizeLines(s),
+    });
     expect(bitmapsIn(s.rootDisk)).toEqual([]);
     expectClean(s);
   });
@@ -142,8 +177,7 @@ describe.concurrent('-o backup, stopped VM', () => {
     expect(bitmapIsEmpty(disk, NEW_BITMAP)).toBe(false);
   };
   /** The qemu-img bitmap/info calls of the run, e.g. "bitmap --remove --add". */
-  const bitmapCalls = (s: Scenario): string[] =>
-    [...logText(s.sb).matchAll(/exec: qemu-img (bitmap(?: --\w+)+|info) /g)].map((m) => m[1]!);
+  const bitmapCalls = (s: Scenario): string[] => [...logText(s.sb).matchAll(/exec: qemu-img (bitmap(?: --\w+)+|info) /g)].map((m) => m[1]!);
 
   it('the bitmap already exists, disabled on one disk and enabled on the other: both replaced by empty, recording ones; BITMAP_CREATED', async () => {
     const s = stopped('stp-bm-disabled');
@@ -209,21 +243,26 @@ describe.concurrent('-o backup, stopped VM', () => {
       /Could not open backing file: .*template-gone\.qcow2.*No such file or directory\n$/,
     ],
   ];
-  it.each(broken)('the second copy fails (%s): stop at once, no bitmap added anywhere, nothing left, exit 1', async (_name, breakIt, why) => {
-    const s = stopped('stp-convert-fails');
-    breakIt(s);
-    const before = snapshotTree(s.sb.nas);
-    const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra: fullFlags() });
-    expect(r.code).toBe(1);
-    expect(r.stdout).toMatch(
-      new RegExp(`^qemu-img convert failed for ${esc(s.dataDisk!)} ${MP}/${VM}/${esc(TS)}\\.partial/datadisk\\.${DATA_VOL}\\.qcow2\nqemu-img: Could not open '${esc(s.dataDisk!)}': `),
-    );
-    expect(r.stdout).toMatch(why);
-    expect(qemuImgCalls(s)).toEqual(['convert', 'convert']);
-    expect(bitmapsIn(s.rootDisk)).toEqual([]);
-    expect(snapshotTree(s.sb.nas)).toEqual(before);
-    expectClean(s);
-  });
+  it.each(broken)(
+    'the second copy fails (%s): stop at once, no bitmap added anywhere, nothing left, exit 1',
+    async (_name, breakIt, why) => {
+      const s = stopped('stp-convert-fails');
+      breakIt(s);
+      const before = snapshotTree(s.sb.nas);
+      const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra: fullFlags() });
+      expect(r.code).toBe(1);
+      expect(r.stdout).toMatch(
+        new RegExp(
+          `^qemu-img convert failed for ${esc(s.dataDisk!)} ${MP}/${VM}/${esc(TS)}\\.partial/datadisk\\.${DATA_VOL}\\.qcow2\nqemu-img: Could not open '${esc(s.dataDisk!)}': `,
+        ),
+      );
+      expect(r.stdout).toMatch(why);
+      expect(qemuImgCalls(s)).toEqual(['convert', 'convert']);
+      expect(bitmapsIn(s.rootDisk)).toEqual([]);
+      expect(snapshotTree(s.sb.nas)).toEqual(before);
+      expectClean(s);
+    },
+  );
 
   it('a source disk that does not exist: refused before anything is mounted', async () => {
     const s = stopped('stp-missing');

@@ -10,8 +10,23 @@ import { bindNas, leftovers, run } from '../helpers/cli.js';
 import { snapshotTree } from '../helpers/tree.js';
 import { removeTempDirs } from '../helpers/tmp.js';
 import {
-  BACKUP_PATH, backup, DATA_VOL, dataFile, expectClean, fullFlags, incrementalFlags, NEW_BITMAP, PARENT_BITMAP, PARENT_TS, ROOT_VOL,
-  rootFile, scenario, TS, VM, type BackupFlags, type Scenario,
+  BACKUP_PATH,
+  backup,
+  DATA_VOL,
+  dataFile,
+  expectClean,
+  fullFlags,
+  incrementalFlags,
+  NEW_BITMAP,
+  PARENT_BITMAP,
+  PARENT_TS,
+  ROOT_VOL,
+  rootFile,
+  scenario,
+  TS,
+  VM,
+  type BackupFlags,
+  type Scenario,
 } from './scenario.js';
 
 afterAll(removeTempDirs);
@@ -22,7 +37,11 @@ const MP = String.raw`\S+/csbackup\.[A-Za-z0-9]{5}`;
 // bin/nasbackup, that the checks come before the host check, the mount and the lock.
 describe.concurrent('command-line checks: a message, exit 1, no virsh call, nothing mounted', () => {
   const cases: Array<[string, BackupFlags, string]> = [
-    ['full without --bitmap-new', { extra: ['-M', 'full'] }, 'full mode requires --bitmap-new (the bitmap to create for the next incremental)\n'],
+    [
+      'full without --bitmap-new',
+      { extra: ['-M', 'full'] },
+      'full mode requires --bitmap-new (the bitmap to create for the next incremental)\n',
+    ],
     [
       'incremental without --parent-paths',
       { extra: ['-M', 'incremental', '--bitmap-new', NEW_BITMAP, '--bitmap-parent', PARENT_BITMAP] },
@@ -30,9 +49,17 @@ describe.concurrent('command-line checks: a message, exit 1, no virsh call, noth
     ],
     ['an unknown mode', { extra: ['-M', 'differential', '--bitmap-new', NEW_BITMAP] }, 'Unknown mode: differential\n'],
     ['a bitmap name with XML in it', { extra: fullFlags("b'><x/>") }, 'Invalid --bitmap-new: "b\'><x/>"\n'],
-    ['a parent path with ..', { extra: incrementalFlags([`${VM}/../../etc/root.${ROOT_VOL}.qcow2`]) }, `--parent-paths must not contain '..': ${VM}/../../etc/root.${ROOT_VOL}.qcow2\n`],
+    [
+      'a parent path with ..',
+      { extra: incrementalFlags([`${VM}/../../etc/root.${ROOT_VOL}.qcow2`]) },
+      `--parent-paths must not contain '..': ${VM}/../../etc/root.${ROOT_VOL}.qcow2\n`,
+    ],
     ['-p with ..', { path: `${VM}/../../etc` }, `-p must not contain '..': ${VM}/../../etc\n`],
-    ['-p only the instance folder', { path: VM }, `-p must name something at least 2 levels below the NAS mount root (e.g. <instance>/<timestamp>): ${VM}\n`],
+    [
+      '-p only the instance folder',
+      { path: VM },
+      `-p must name something at least 2 levels below the NAS mount root (e.g. <instance>/<timestamp>): ${VM}\n`,
+    ],
   ];
   it.each(cases)('%s', async (_name, flags, stdout) => {
     const s = scenario('val-args');
@@ -48,8 +75,16 @@ describe.concurrent('command-line checks: a message, exit 1, no virsh call, noth
   // up front (a stopped VM falls back to a full copy); everything else still is.
   const withDisks: Array<[string, string[], string]> = [
     ['an unknown mode', ['-M', 'differential', '--bitmap-new', NEW_BITMAP], 'Unknown mode: differential\n'],
-    ['a bad --bitmap-parent name', ['-M', 'incremental', '--bitmap-new', NEW_BITMAP, '--bitmap-parent', '../x'], 'Invalid --bitmap-parent: "../x"\n'],
-    ['a parent path with ..', incrementalFlags([`${VM}/../../etc/root.${ROOT_VOL}.qcow2`]), `--parent-paths must not contain '..': ${VM}/../../etc/root.${ROOT_VOL}.qcow2\n`],
+    [
+      'a bad --bitmap-parent name',
+      ['-M', 'incremental', '--bitmap-new', NEW_BITMAP, '--bitmap-parent', '../x'],
+      'Invalid --bitmap-parent: "../x"\n',
+    ],
+    [
+      'a parent path with ..',
+      incrementalFlags([`${VM}/../../etc/root.${ROOT_VOL}.qcow2`]),
+      `--parent-paths must not contain '..': ${VM}/../../etc/root.${ROOT_VOL}.qcow2\n`,
+    ],
   ];
   it.each(withDisks)('with -d, %s', async (_name, extra, stdout) => {
     const s = scenario('val-args-d', { state: 'shut off' });
@@ -95,7 +130,9 @@ describe.concurrent('checks that need the NAS or the domain: before backup-begin
       false,
       () => {},
       () => [`${VM}/${PARENT_TS}/root.00000000-0000-4000-8000-000000000000.qcow2`],
-      new RegExp(`^Parent paths do not match the VM's disks: no disk with volume 00000000-0000-4000-8000-000000000000 \\(disks: ${ROOT_VOL}\\)\n$`),
+      new RegExp(
+        `^Parent paths do not match the VM's disks: no disk with volume 00000000-0000-4000-8000-000000000000 \\(disks: ${ROOT_VOL}\\)\n$`,
+      ),
     ],
     [
       'two parents for one volume',
@@ -126,7 +163,9 @@ describe.concurrent('checks that need the NAS or the domain: before backup-begin
         writeFileSync(join(s.sb.nas, VM, '2024.12.31.00.00.00', `root.${ROOT_VOL}.qcow2`), 'not an image at all\n'.repeat(8));
       },
       () => [`${VM}/2024.12.31.00.00.00/root.${ROOT_VOL}.qcow2`],
-      new RegExp(`^Parent backup file is not a usable qcow2 image: ${MP}/${VM}/2024\\.12\\.31\\.00\\.00\\.00/root\\.${ROOT_VOL}\\.qcow2\n.*not a qcow2 image\n$`),
+      new RegExp(
+        `^Parent backup file is not a usable qcow2 image: ${MP}/${VM}/2024\\.12\\.31\\.00\\.00\\.00/root\\.${ROOT_VOL}\\.qcow2\n.*not a qcow2 image\n$`,
+      ),
     ],
     [
       'a parent whose own chain is broken (its backing is gone)',
@@ -134,7 +173,19 @@ describe.concurrent('checks that need the NAS or the domain: before backup-begin
       (s) => {
         const f = join(s.sb.nas, rootFile(PARENT_TS));
         rmSync(f);
-        execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-b', `../2024.12.30.00.00.00/root.${ROOT_VOL}.qcow2`, '-F', 'qcow2', f, '16M']);
+        execFileSync('qemu-img', [
+          'create',
+          '-q',
+          '-f',
+          'qcow2',
+          '-u',
+          '-b',
+          `../2024.12.30.00.00.00/root.${ROOT_VOL}.qcow2`,
+          '-F',
+          'qcow2',
+          f,
+          '16M',
+        ]);
       },
       () => [rootFile(PARENT_TS)],
       new RegExp(
@@ -159,19 +210,32 @@ describe.concurrent('checks that need the NAS or the domain: before backup-begin
   it('-d sent but the VM is running: an incremental without parents is refused once the state is known, before the mount', async () => {
     const s = scenario('val-d-running');
     const snap = snapshotTree(s.sb.nas);
-    const r = await backup(s, { disks: s.rootDisk, extra: ['-M', 'incremental', '--bitmap-new', NEW_BITMAP, '--bitmap-parent', PARENT_BITMAP] });
-    expect(r).toMatchObject({ code: 1, stdout: 'incremental mode requires --bitmap-parent, --bitmap-new, and --parent-paths\n', stderr: '' });
+    const r = await backup(s, {
+      disks: s.rootDisk,
+      extra: ['-M', 'incremental', '--bitmap-new', NEW_BITMAP, '--bitmap-parent', PARENT_BITMAP],
+    });
+    expect(r).toMatchObject({
+      code: 1,
+      stdout: 'incremental mode requires --bitmap-parent, --bitmap-new, and --parent-paths\n',
+      stderr: '',
+    });
     expect(s.fake.names()).toEqual(['version', 'list']);
     expect(snapshotTree(s.sb.nas)).toEqual(snap);
     expectClean(s);
   });
 
   it.each([
-    ['the backup directory exists', TS, new RegExp(`^Backup directory already exists: ${MP}/${VM}/${TS.replace(/\./g, '\\.')}; refusing to overwrite it\n$`)],
+    [
+      'the backup directory exists',
+      TS,
+      new RegExp(`^Backup directory already exists: ${MP}/${VM}/${TS.replace(/\./g, '\\.')}; refusing to overwrite it\n$`),
+    ],
     [
       'an unfinished backup of an interrupted run exists',
       `${TS}.partial`,
-      new RegExp(`^An unfinished backup from an interrupted run exists: ${MP}/${VM}/${TS.replace(/\./g, '\\.')}\\.partial; delete it first\n$`),
+      new RegExp(
+        `^An unfinished backup from an interrupted run exists: ${MP}/${VM}/${TS.replace(/\./g, '\\.')}\\.partial; delete it first\n$`,
+      ),
     ],
   ])('%s: refused, and what is there is left exactly as it is', async (_name, dir, stdout) => {
     const s = scenario('val-exists');

@@ -56,12 +56,20 @@ describe('backupXml', () => {
     const text = fc.string({ unit: 'grapheme', minLength: 1, maxLength: 40 }).filter((s) => !/[\u0000-\u001f\u007f\ufffe\uffff]/.test(s));
     fc.assert(
       // (A text of spaces only would be ignorable whitespace to a parser; checkpoint names never are.)
-      fc.property(text, text, fc.option(text.filter((t) => /[^ ]/.test(t)), { nil: null }), (name, file, inc) => {
-        const doc = parse(backupXml([{ name, file }], inc));
-        expect(one(doc, 'disk').getAttribute('name')).toBe(name);
-        expect(one(doc, 'target').getAttribute('file')).toBe(file);
-        expect(all(doc, 'incremental').map((e) => e.textContent)).toEqual(inc === null ? [] : [inc]);
-      }),
+      fc.property(
+        text,
+        text,
+        fc.option(
+          text.filter((t) => /[^ ]/.test(t)),
+          { nil: null },
+        ),
+        (name, file, inc) => {
+          const doc = parse(backupXml([{ name, file }], inc));
+          expect(one(doc, 'disk').getAttribute('name')).toBe(name);
+          expect(one(doc, 'target').getAttribute('file')).toBe(file);
+          expect(all(doc, 'incremental').map((e) => e.textContent)).toEqual(inc === null ? [] : [inc]);
+        },
+      ),
       { numRuns: 200 },
     );
   });

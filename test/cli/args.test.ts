@@ -14,26 +14,99 @@ const code = (f: () => unknown): string => {
 describe('parseArgs', () => {
   it('parses the backup argv of the agent, empty values included', () => {
     const a = parseArgs([
-      '-o', 'backup', '-v', 'i-2-10-VM', '-t', 'nfs', '-s', '10.0.0.5:/export', '-m', '', '-p', 'i-2-10-VM/2025.01.04.00.00.00',
-      '-q', 'false', '-d', '', '-M', 'incremental', '--bitmap-new', 'backup-2', '--bitmap-parent', 'backup-1',
-      '--parent-paths', 'a/b/root.x.qcow2,a/b/datadisk.y.qcow2',
+      '-o',
+      'backup',
+      '-v',
+      'i-2-10-VM',
+      '-t',
+      'nfs',
+      '-s',
+      '10.0.0.5:/export',
+      '-m',
+      '',
+      '-p',
+      'i-2-10-VM/2025.01.04.00.00.00',
+      '-q',
+      'false',
+      '-d',
+      '',
+      '-M',
+      'incremental',
+      '--bitmap-new',
+      'backup-2',
+      '--bitmap-parent',
+      'backup-1',
+      '--parent-paths',
+      'a/b/root.x.qcow2,a/b/datadisk.y.qcow2',
     ]);
     expect(a).toMatchObject({
-      operation: 'backup', vm: 'i-2-10-VM', type: 'nfs', storage: '10.0.0.5:/export', mount: '', path: 'i-2-10-VM/2025.01.04.00.00.00',
-      quiesce: 'false', diskpaths: '', mode: 'incremental', bitmapNew: 'backup-2', bitmapParent: 'backup-1',
+      operation: 'backup',
+      vm: 'i-2-10-VM',
+      type: 'nfs',
+      storage: '10.0.0.5:/export',
+      mount: '',
+      path: 'i-2-10-VM/2025.01.04.00.00.00',
+      quiesce: 'false',
+      diskpaths: '',
+      mode: 'incremental',
+      bitmapNew: 'backup-2',
+      bitmapParent: 'backup-1',
       parentPaths: 'a/b/root.x.qcow2,a/b/datadisk.y.qcow2',
     });
   });
 
   it('accepts long names and the G1 --parent-path spelling', () => {
-    const a = parseArgs(['--operation', 'backup', '--vm', 'v', '--type', 'cifs', '--storage', '//h/s', '--mount', 'vers=3.0',
-      '--path', 'v/t', '--quiesce', 'true', '--diskpaths', '/a,/b', '--mode', 'full', '--parent-path', 'v/p/root.a.qcow2']);
-    expect(a).toMatchObject({ operation: 'backup', vm: 'v', type: 'cifs', storage: '//h/s', mount: 'vers=3.0', path: 'v/t',
-      quiesce: 'true', diskpaths: '/a,/b', mode: 'full', parentPaths: 'v/p/root.a.qcow2' });
+    const a = parseArgs([
+      '--operation',
+      'backup',
+      '--vm',
+      'v',
+      '--type',
+      'cifs',
+      '--storage',
+      '//h/s',
+      '--mount',
+      'vers=3.0',
+      '--path',
+      'v/t',
+      '--quiesce',
+      'true',
+      '--diskpaths',
+      '/a,/b',
+      '--mode',
+      'full',
+      '--parent-path',
+      'v/p/root.a.qcow2',
+    ]);
+    expect(a).toMatchObject({
+      operation: 'backup',
+      vm: 'v',
+      type: 'cifs',
+      storage: '//h/s',
+      mount: 'vers=3.0',
+      path: 'v/t',
+      quiesce: 'true',
+      diskpaths: '/a,/b',
+      mode: 'full',
+      parentPaths: 'v/p/root.a.qcow2',
+    });
   });
 
   it('parses the rebase argv', () => {
-    const a = parseArgs(['-o', 'rebase', '-t', 'nfs', '-s', 'h:/e', '-m', '', '--rebase-target', 'v/2/r.qcow2', '--rebase-new-backing', 'v/1/r.qcow2']);
+    const a = parseArgs([
+      '-o',
+      'rebase',
+      '-t',
+      'nfs',
+      '-s',
+      'h:/e',
+      '-m',
+      '',
+      '--rebase-target',
+      'v/2/r.qcow2',
+      '--rebase-new-backing',
+      'v/1/r.qcow2',
+    ]);
     expect(a).toMatchObject({ operation: 'rebase', rebaseTarget: 'v/2/r.qcow2', rebaseNewBacking: 'v/1/r.qcow2', mount: '' });
   });
 

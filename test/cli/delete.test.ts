@@ -22,7 +22,9 @@ describe('-o delete', () => {
     const prefix = `${mp}/${VM}/${TS[1]}`;
     expect(lines.at(-1)).toBe(`removed directory '${prefix}'`);
     expect(lines.slice(0, -1).sort()).toEqual(
-      ['domain-config.xml', 'domblklist.xml', 'domiflist.xml', 'dominfo.xml', 'root.b3f4c2a0-6d1e-4f7a-9c2b-1e5d8a7f3c01.qcow2'].map((f) => `removed '${prefix}/${f}'`),
+      ['domain-config.xml', 'domblklist.xml', 'domiflist.xml', 'dominfo.xml', 'root.b3f4c2a0-6d1e-4f7a-9c2b-1e5d8a7f3c01.qcow2'].map(
+        (f) => `removed '${prefix}/${f}'`,
+      ),
     );
     const expected = before.filter((e) => !e.path.startsWith(`${VM}/${TS[1]}`));
     expect(snapshotTree(sb.nas)).toEqual(expected);
@@ -35,7 +37,10 @@ describe('-o delete', () => {
     writeFileSync(join(sb.nas, VM, TS[0], 'sub', 'f'), 'x');
     const r = await run(sb, del(sb, `${VM}/${TS[0]}`));
     expect(r.code).toBe(0);
-    const lines = r.stdout.split('\n').filter(Boolean).map((l) => l.replace(/'\S+\/csbackup\.\w{5}/, "'<MP>"));
+    const lines = r.stdout
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => l.replace(/'\S+\/csbackup\.\w{5}/, "'<MP>"));
     expect(lines).toEqual([
       `removed '<MP>/${VM}/${TS[0]}/sub/f'`,
       `removed directory '<MP>/${VM}/${TS[0]}/sub'`,
@@ -123,7 +128,10 @@ describe('per-VM lock', () => {
     const { hostname } = await import('node:os');
     const { processStart } = await import('../../lib/nas/lock.js');
     const pidStart = await processStart(process.pid);
-    writeFileSync(join(sb.nas, VM, '.nasbackup.lock'), JSON.stringify({ host: hostname(), pid: process.pid, pidStart, startedAt: 'now', operation: 'backup' }));
+    writeFileSync(
+      join(sb.nas, VM, '.nasbackup.lock'),
+      JSON.stringify({ host: hostname(), pid: process.pid, pidStart, startedAt: 'now', operation: 'backup' }),
+    );
     const before = snapshotTree(sb.nas);
     const r = await run(sb, del(sb, `${VM}/${TS[1]}`), { NASBACKUP_LOCK_WAIT: '0.5' });
     expect(r.code).toBe(1);

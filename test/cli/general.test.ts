@@ -33,8 +33,14 @@ describe('usage and option errors', () => {
     [['-o', 'nonsense', '-t', 'nfs', '-s', 'h:/e'], /^Unknown operation: nonsense/],
     [['-t', 'nfs', '-s', 'h:/e'], /^Missing -o <operation>/],
     [['-o', 'stats', '-m', ''], /^The NAS must be given with -t <storage type> and -s <storage address>\n$/],
-    [['-o', 'backup', '-v', 'v', '-t', 'nfs', '-s', 'h:/e', '-m', '', '-p', 'v/t', '-q', 'false', '-d', '', '-e', '/key'], /^Option -e\/--encrypt is not supported/],
-    [['-o', 'backup', '-v', 'v', '-t', 'nfs', '-s', 'h:/e', '-m', '', '-p', 'v/t', '-q', 'false', '-d', '', '-c'], /^Option -c\/--compress is not supported/],
+    [
+      ['-o', 'backup', '-v', 'v', '-t', 'nfs', '-s', 'h:/e', '-m', '', '-p', 'v/t', '-q', 'false', '-d', '', '-e', '/key'],
+      /^Option -e\/--encrypt is not supported/,
+    ],
+    [
+      ['-o', 'backup', '-v', 'v', '-t', 'nfs', '-s', 'h:/e', '-m', '', '-p', 'v/t', '-q', 'false', '-d', '', '-c'],
+      /^Option -c\/--compress is not supported/,
+    ],
     [['-o', 'stats', '-t', 'nfs', '-s', 'h:/e', '-m', '', '-w', 'soon'], /^Invalid mount timeout: soon/],
   ])('%j -> clear message, exit 1, nothing mounted', async (argv, msg) => {
     const sb = makeSandbox('gen-bad');
@@ -126,7 +132,9 @@ describe('mount failures', () => {
     await run(sb, ['-o', 'stats', '-t', 'cifs', '-s', '//h/s', '-m', '']);
     await run(sb, ['-o', 'stats', '-t', 'cifs', '-s', '//h/s', '-m', 'username=u,password=p']);
     const { readFileSync } = await import('node:fs');
-    expect(readFileSync(`${sb.shims}/mount.args`, 'utf8')).toMatch(/^-t cifs \/\/h\/s \S+\/csbackup\.\w{5} -o username=u,password=p,nobrl\n$/);
+    expect(readFileSync(`${sb.shims}/mount.args`, 'utf8')).toMatch(
+      /^-t cifs \/\/h\/s \S+\/csbackup\.\w{5} -o username=u,password=p,nobrl\n$/,
+    );
     expect(logText(sb)).toMatch(/-o nobrl -> /);
     expect(logText(sb)).toMatch(/-o username=u,password=\*\*\*,nobrl -> /);
     expect(logText(sb)).not.toMatch(/password=p\b/);
@@ -148,22 +156,41 @@ describe('settings: one that is set but unusable is an error, not the default', 
     expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
     const j = await run(sb, ['-o', 'stats', ...bindNas(sb), '--json'], env);
     expect(j.code).toBe(1);
-    expect(JSON.parse(j.stdout)).toMatchObject({ ok: false, command: 'stats', errors: [{ code: 'INVALID_SETTING', exitCode: 1 }], warnings: [] });
+    expect(JSON.parse(j.stdout)).toMatchObject({
+      ok: false,
+      command: 'stats',
+      errors: [{ code: 'INVALID_SETTING', exitCode: 1 }],
+      warnings: [],
+    });
   });
 });
 
 describe('operator messages name files on the NAS, not the temporary mount point', () => {
   it('-o rebase --json of a missing file: `<instance>/<ts>/<file> on <address>`; the agent text is unchanged', async () => {
     const sb = makeSandbox('gen-relnames');
-    const argv = ['-o', 'rebase', ...bindNas(sb), '--rebase-target', 'i-2-10-VM/2025.01.03.00.00.00/root.v.qcow2', '--rebase-new-backing', 'i-2-10-VM/2025.01.01.00.00.00/root.v.qcow2'];
+    const argv = [
+      '-o',
+      'rebase',
+      ...bindNas(sb),
+      '--rebase-target',
+      'i-2-10-VM/2025.01.03.00.00.00/root.v.qcow2',
+      '--rebase-new-backing',
+      'i-2-10-VM/2025.01.01.00.00.00/root.v.qcow2',
+    ];
     const agent = await run(sb, argv);
     expect(agent.code).toBe(1);
     // The agent's bytes are the contract's (the absolute path it always had).
-    expect(agent.stdout).toMatch(new RegExp(`^Rebase target file does not exist: ${sb.tmp}/csbackup\\.\\w+/i-2-10-VM/2025\\.01\\.03\\.00\\.00\\.00/root\\.v\\.qcow2\\n$`));
+    expect(agent.stdout).toMatch(
+      new RegExp(
+        `^Rebase target file does not exist: ${sb.tmp}/csbackup\\.\\w+/i-2-10-VM/2025\\.01\\.03\\.00\\.00\\.00/root\\.v\\.qcow2\\n$`,
+      ),
+    );
     const j = await run(sb, [...argv, '--json']);
     expect(j.code).toBe(1);
     expect(j.stdout).not.toContain('csbackup.');
-    expect(JSON.parse(j.stdout).errors[0].message).toBe(`Rebase target file does not exist: i-2-10-VM/2025.01.03.00.00.00/root.v.qcow2 on ${sb.nas}`);
+    expect(JSON.parse(j.stdout).errors[0].message).toBe(
+      `Rebase target file does not exist: i-2-10-VM/2025.01.03.00.00.00/root.v.qcow2 on ${sb.nas}`,
+    );
     expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
   });
 });

@@ -12,7 +12,13 @@ import { removeTempDirs } from '../helpers/tmp.js';
 afterAll(removeTempDirs);
 
 const rebaseArgs = (sb: Sandbox, target: string, backing: string): string[] => [
-  '-o', 'rebase', ...bindNas(sb), '--rebase-target', target, '--rebase-new-backing', backing,
+  '-o',
+  'rebase',
+  ...bindNas(sb),
+  '--rebase-target',
+  target,
+  '--rebase-new-backing',
+  backing,
 ];
 
 function chained(tag: string): Sandbox {
@@ -47,7 +53,9 @@ describe('-o rebase', () => {
     const before = contentSha256(inc2, sb.root);
     const r = await run(sb, [...rebaseArgs(sb, rootFile(TS[2]), rootFile(TS[0])), '--engine', 'qemu-img']);
     expect(r).toMatchObject({ code: 0, stdout: '' });
-    expect(logText(sb)).toMatch(/exec: qemu-img rebase -b \.\.\/2025\.01\.01\.00\.00\.00\/root\.[\w-]+\.qcow2 -F qcow2 \S+ -> exit 0 \(\d+ ms\)/);
+    expect(logText(sb)).toMatch(
+      /exec: qemu-img rebase -b \.\.\/2025\.01\.01\.00\.00\.00\/root\.[\w-]+\.qcow2 -F qcow2 \S+ -> exit 0 \(\d+ ms\)/,
+    );
     expect(contentSha256(inc2, sb.root)).toBe(before);
     const bad = await run(sb, rebaseArgs(sb, rootFile(TS[2]), rootFile(TS[0])), { NASBACKUP_ENGINE: 'turbo' });
     expect(bad.code).toBe(1);
@@ -80,12 +88,37 @@ describe('-o rebase', () => {
 
   describe('every failure leaves the NAS exactly as it was and nothing mounted', () => {
     const cases: Array<[string, (sb: Sandbox) => string[], number, RegExp]> = [
-      ['missing --rebase-target', (sb) => ['-o', 'rebase', ...bindNas(sb), '--rebase-new-backing', rootFile(TS[0])], 1, /^rebase requires --rebase-target and --rebase-new-backing\n$/],
-      ['missing --rebase-new-backing', (sb) => ['-o', 'rebase', ...bindNas(sb), '--rebase-target', rootFile(TS[2])], 1, /^rebase requires --rebase-target and --rebase-new-backing\n$/],
-      ['target absent', (sb) => rebaseArgs(sb, `${VM}/2099.01.01.00.00.00/root.${VOL}.qcow2`, rootFile(TS[0])), 1, /^Rebase target file does not exist: \S+\/csbackup\.\w{5}\/i-2-10-VM\/2099/],
-      ['backing absent', (sb) => rebaseArgs(sb, rootFile(TS[2]), `${VM}/2099.01.01.00.00.00/root.${VOL}.qcow2`), 1, /^New backing file does not exist: /],
+      [
+        'missing --rebase-target',
+        (sb) => ['-o', 'rebase', ...bindNas(sb), '--rebase-new-backing', rootFile(TS[0])],
+        1,
+        /^rebase requires --rebase-target and --rebase-new-backing\n$/,
+      ],
+      [
+        'missing --rebase-new-backing',
+        (sb) => ['-o', 'rebase', ...bindNas(sb), '--rebase-target', rootFile(TS[2])],
+        1,
+        /^rebase requires --rebase-target and --rebase-new-backing\n$/,
+      ],
+      [
+        'target absent',
+        (sb) => rebaseArgs(sb, `${VM}/2099.01.01.00.00.00/root.${VOL}.qcow2`, rootFile(TS[0])),
+        1,
+        /^Rebase target file does not exist: \S+\/csbackup\.\w{5}\/i-2-10-VM\/2099/,
+      ],
+      [
+        'backing absent',
+        (sb) => rebaseArgs(sb, rootFile(TS[2]), `${VM}/2099.01.01.00.00.00/root.${VOL}.qcow2`),
+        1,
+        /^New backing file does not exist: /,
+      ],
       ['absolute target', (sb) => rebaseArgs(sb, '/etc/passwd', rootFile(TS[0])), 1, /^--rebase-target must be relative/],
-      ['traversal in backing', (sb) => rebaseArgs(sb, rootFile(TS[2]), `${VM}/../../etc/x.qcow2`), 1, /^--rebase-new-backing must not contain '\.\.'/],
+      [
+        'traversal in backing',
+        (sb) => rebaseArgs(sb, rootFile(TS[2]), `${VM}/../../etc/x.qcow2`),
+        1,
+        /^--rebase-new-backing must not contain '\.\.'/,
+      ],
       ['empty target', (sb) => rebaseArgs(sb, '', rootFile(TS[0])), 1, /^rebase requires --rebase-target/],
       ['target onto itself', (sb) => rebaseArgs(sb, rootFile(TS[2]), rootFile(TS[2])), 1, /same file/],
       ['backing loop', (sb) => rebaseArgs(sb, rootFile(TS[0]), rootFile(TS[2])), 1, /backing loop/],
@@ -121,7 +154,9 @@ describe('-o rebase', () => {
       const snap = snapshotTree(sb.nas);
       const r = await run(sb, rebaseArgs(sb, rootFile(TS[2]), rootFile(TS[0])));
       expect(r.code).toBe(1);
-      expect(r.stdout).toMatch(/^Rebase target has an unreadable backing chain, refusing to rebase: .*\n.*2025\.01\.02\.00\.00\.00\/root\.[\w-]+\.qcow2 .*does not exist/);
+      expect(r.stdout).toMatch(
+        /^Rebase target has an unreadable backing chain, refusing to rebase: .*\n.*2025\.01\.02\.00\.00\.00\/root\.[\w-]+\.qcow2 .*does not exist/,
+      );
       expect(snapshotTree(sb.nas)).toEqual(snap);
     });
 
@@ -131,9 +166,13 @@ describe('-o rebase', () => {
       // refuse is now refused by the chain safety check before qemu-img runs).
       writeShim(sb, 'qemu-img', `echo "qemu-img: Could not open '$6': injected failure" >&2; exit 1`);
       const snap = snapshotTree(sb.nas);
-      const r = await run(sb, [...rebaseArgs(sb, rootFile(TS[2]), rootFile(TS[0])), '--engine', 'qemu-img'], { NASBACKUP_QEMU_IMG: join(sb.shims, 'qemu-img') });
+      const r = await run(sb, [...rebaseArgs(sb, rootFile(TS[2]), rootFile(TS[0])), '--engine', 'qemu-img'], {
+        NASBACKUP_QEMU_IMG: join(sb.shims, 'qemu-img'),
+      });
       expect(r.code).toBe(1);
-      expect(r.stdout).toMatch(/^qemu-img rebase failed for \S+\/root\.[\w-]+\.qcow2 onto \.\.\/2025\.01\.01\.00\.00\.00\/root\.[\w-]+\.qcow2\nqemu-img: Could not open '\S+': injected failure\n$/);
+      expect(r.stdout).toMatch(
+        /^qemu-img rebase failed for \S+\/root\.[\w-]+\.qcow2 onto \.\.\/2025\.01\.01\.00\.00\.00\/root\.[\w-]+\.qcow2\nqemu-img: Could not open '\S+': injected failure\n$/,
+      );
       expect(snapshotTree(sb.nas)).toEqual(snap);
       expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
     });

@@ -30,12 +30,21 @@ describe('-o stats', () => {
   });
 
   it('parses df -P rows whose source contains spaces; an unreadable answer is STATS_FAILED', async () => {
-    const text = 'Filesystem 1024-blocks Used Available Capacity Mounted on\n//h/my share 104857600 52428800 52428800 50% /tmp/csbackup.ab cd\n';
+    const text =
+      'Filesystem 1024-blocks Used Available Capacity Mounted on\n//h/my share 104857600 52428800 52428800 50% /tmp/csbackup.ab cd\n';
     const df = (stdout: string) => new HostClient(scriptedRunner(() => ok(stdout)).runner, 1000).diskUsage('/m');
     expect(await df(text)).toEqual({ totalKiB: 104857600n, usedKiB: 52428800n });
-    await expect(df('Filesystem\n')).rejects.toMatchObject({ code: 'STATS_FAILED', message: 'Cannot parse the output of df -P', details: 'Filesystem' });
+    await expect(df('Filesystem\n')).rejects.toMatchObject({
+      code: 'STATS_FAILED',
+      message: 'Cannot parse the output of df -P',
+      details: 'Filesystem',
+    });
     const failing = new HostClient(scriptedRunner(() => ({ exitCode: 1, stderr: 'df: /m: No such file or directory\n' })).runner, 1000);
-    await expect(failing.diskUsage('/m')).rejects.toMatchObject({ code: 'STATS_FAILED', message: 'Failed to get storage stats of /m', details: 'df: /m: No such file or directory' });
+    await expect(failing.diskUsage('/m')).rejects.toMatchObject({
+      code: 'STATS_FAILED',
+      message: 'Failed to get storage stats of /m',
+      details: 'df: /m: No such file or directory',
+    });
   });
 
   it('sync through the host client: argv, and a failure with why', async () => {

@@ -20,8 +20,20 @@ afterAll(removeTempDirs);
 
 describe('mount command line', () => {
   it('passes -o only when there are options', async () => {
-    expect(await mountArgs({ type: 'nfs', source: 'h:/e', target: '/tmp/csbackup.abcde', options: '' })).toEqual(['-t', 'nfs', 'h:/e', '/tmp/csbackup.abcde']);
-    expect(await mountArgs({ type: 'nfs', source: 'h:/e', target: '/m', options: 'vers=4.1,timeo=600' })).toEqual(['-t', 'nfs', 'h:/e', '/m', '-o', 'vers=4.1,timeo=600']);
+    expect(await mountArgs({ type: 'nfs', source: 'h:/e', target: '/tmp/csbackup.abcde', options: '' })).toEqual([
+      '-t',
+      'nfs',
+      'h:/e',
+      '/tmp/csbackup.abcde',
+    ]);
+    expect(await mountArgs({ type: 'nfs', source: 'h:/e', target: '/m', options: 'vers=4.1,timeo=600' })).toEqual([
+      '-t',
+      'nfs',
+      'h:/e',
+      '/m',
+      '-o',
+      'vers=4.1,timeo=600',
+    ]);
   });
   it('adds nobrl for cifs, never as ",nobrl"', () => {
     expect(effectiveMountOptions('cifs', '')).toBe('nobrl');
@@ -35,17 +47,32 @@ describe('mount command line', () => {
 describe('mount failures are coded', () => {
   const req = { type: 'nfs', source: 'h:/e', target: '/m', options: '' };
   it.each<[string, object, string, string, string]>([
-    ['refused', { exitCode: 32, stderr: 'mount.nfs: access denied\n' }, 'NAS_MOUNT_FAILED', 'Failed to mount nfs store', 'mount.nfs: access denied'],
-    ['timed out', { exitCode: null, timedOut: true, durationMs: 5000 }, 'NAS_MOUNT_TIMEOUT', 'Failed to mount nfs store', 'mount timed out after 5 s'],
+    [
+      'refused',
+      { exitCode: 32, stderr: 'mount.nfs: access denied\n' },
+      'NAS_MOUNT_FAILED',
+      'Failed to mount nfs store',
+      'mount.nfs: access denied',
+    ],
+    [
+      'timed out',
+      { exitCode: null, timedOut: true, durationMs: 5000 },
+      'NAS_MOUNT_TIMEOUT',
+      'Failed to mount nfs store',
+      'mount timed out after 5 s',
+    ],
     ['interrupted', { exitCode: null, canceled: true }, 'INTERRUPTED', 'Interrupted while mounting nfs store', ''],
   ])('%s', async (_name, answer, code, message, details) => {
     const client = new MountClient(scriptedRunner(() => answer).runner);
     await expect(client.mount(req, 1000)).rejects.toMatchObject({ code, message, details });
   });
-  it('umount is never cancelled by a signal, -l when lazy; a failure carries umount\'s text', async () => {
+  it("umount is never cancelled by a signal, -l when lazy; a failure carries umount's text", async () => {
     const { runner, calls } = scriptedRunner(() => ({ exitCode: 32, stderr: 'umount: /m: target is busy.\n' }));
     const client = new MountClient(runner);
-    await expect(client.umount('/m', 1000, true)).rejects.toMatchObject({ details: 'umount: /m: target is busy.', output: 'umount: /m: target is busy.\n' });
+    await expect(client.umount('/m', 1000, true)).rejects.toMatchObject({
+      details: 'umount: /m: target is busy.',
+      output: 'umount: /m: target is busy.\n',
+    });
     expect(calls[0]).toEqual({ command: 'umount', args: ['-l', '/m'], opts: { timeoutMs: 1000, abortable: false } });
   });
 });

@@ -32,7 +32,7 @@ describe('QemuImgClient.bitmaps', () => {
     expect(await qemuImg.bitmaps(join(dir, 'c.raw'))).toEqual([]);
   });
 
-  it('a missing image: QEMU_IMG_FAILED with qemu-img\'s own error', async () => {
+  it("a missing image: QEMU_IMG_FAILED with qemu-img's own error", async () => {
     const e = await qemuImg.bitmaps(join(tempDir('qi-missing'), 'nope.qcow2')).catch((err: unknown) => err);
     expect(e).toBeInstanceOf(ToolError);
     expect(e).toMatchObject({ code: 'QEMU_IMG_FAILED', details: expect.stringMatching(/Could not open/) });
@@ -74,10 +74,21 @@ describe('QemuImgClient: add, replace, check', () => {
   });
 
   it('convert: a timeout and an interruption keep their own codes', async () => {
-    const timedOut = new QemuImgClient(scriptedRunner(() => ({ exitCode: null, timedOut: true, durationMs: 5000 })).runner, 'qemu-img', 1000);
-    await expect(timedOut.convert('/a', 'raw', '/b')).rejects.toMatchObject({ code: 'COMMAND_TIMEOUT', message: 'qemu-img convert failed for /a /b' });
+    const timedOut = new QemuImgClient(
+      scriptedRunner(() => ({ exitCode: null, timedOut: true, durationMs: 5000 })).runner,
+      'qemu-img',
+      1000,
+    );
+    await expect(timedOut.convert('/a', 'raw', '/b')).rejects.toMatchObject({
+      code: 'COMMAND_TIMEOUT',
+      message: 'qemu-img convert failed for /a /b',
+    });
     const canceled = new QemuImgClient(scriptedRunner(() => ({ exitCode: null, canceled: true })).runner, 'qemu-img', 1000);
-    await expect(canceled.convert('/a', 'raw', '/b')).rejects.toMatchObject({ code: 'INTERRUPTED', message: 'Interrupted while copying /a', details: '' });
+    await expect(canceled.convert('/a', 'raw', '/b')).rejects.toMatchObject({
+      code: 'INTERRUPTED',
+      message: 'Interrupted while copying /a',
+      details: '',
+    });
   });
 
   it('rebase: -u and the backing format on the argv; a failure names both files', async () => {

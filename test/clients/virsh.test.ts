@@ -15,7 +15,11 @@ const parseJobInfo = async (text: string) => (await printing(text).jobInfoComple
 const parseQueryBlock = (text: string) => printing(text).queryBlock('vm');
 /** The progress figure of a running job that reports `File processed: <text>`. */
 const parseSize = async (text: string | undefined) =>
-  (await printing(`Job type:         Unbounded\n${text === undefined ? '' : `File processed:   ${text}\n`}File total:       1.000 MiB\n`).jobInfo('vm')).processed;
+  (
+    await printing(
+      `Job type:         Unbounded\n${text === undefined ? '' : `File processed:   ${text}\n`}File total:       1.000 MiB\n`,
+    ).jobInfo('vm')
+  ).processed;
 
 describe('parseList', () => {
   it('reads the table (padded columns, trailing empty line)', async () => {
@@ -73,9 +77,11 @@ describe('parseJobInfo', () => {
     expect(m.size).toBe(6);
   });
   it('an error message with colons stays whole; None has one key', async () => {
-    expect((await parseJobInfo('Job type:         Failed      \nError message:    operation failed: job: No space left on device\n')).get('Error message')).toBe(
-      'operation failed: job: No space left on device',
-    );
+    expect(
+      (await parseJobInfo('Job type:         Failed      \nError message:    operation failed: job: No space left on device\n')).get(
+        'Error message',
+      ),
+    ).toBe('operation failed: job: No space left on device');
     expect([...(await parseJobInfo('Job type:         None        \n\n'))]).toEqual([['Job type', 'None']]);
     expect((await parseJobInfo('')).size).toBe(0);
   });
@@ -98,12 +104,24 @@ describe('parseSize', () => {
 });
 
 describe('parseQueryBlock', () => {
-  const bitmap = (name: string, extra: Record<string, unknown> = {}) => ({ name, recording: true, persistent: true, busy: false, granularity: 65536, count: 0, ...extra });
+  const bitmap = (name: string, extra: Record<string, unknown> = {}) => ({
+    name,
+    recording: true,
+    persistent: true,
+    busy: false,
+    granularity: 65536,
+    count: 0,
+    ...extra,
+  });
 
   it('QEMU >= 4.2: dirty-bitmaps inside "inserted"; an empty cdrom has no file', async () => {
     const reply = {
       return: [
-        { device: '', qdev: '/machine/peripheral/virtio-disk0/virtio-backend', inserted: { file: '/pool/a.qcow2', 'dirty-bitmaps': [bitmap('b1'), bitmap('b2', { inconsistent: true })] } },
+        {
+          device: '',
+          qdev: '/machine/peripheral/virtio-disk0/virtio-backend',
+          inserted: { file: '/pool/a.qcow2', 'dirty-bitmaps': [bitmap('b1'), bitmap('b2', { inconsistent: true })] },
+        },
         { device: '', qdev: '/machine/peripheral/virtio-disk1/virtio-backend', inserted: { file: '/pool/b.qcow2' } },
         { device: '', qdev: 'ide0-1-0', removable: true, tray_open: false },
       ],
@@ -120,14 +138,21 @@ describe('parseQueryBlock', () => {
   });
 
   it('older QEMU: dirty-bitmaps at the top level of each entry', async () => {
-    const reply = { return: [{ device: 'drive-virtio-disk0', 'dirty-bitmaps': [bitmap('b1', { persistent: false })], inserted: { file: '/pool/a.qcow2' } }] };
+    const reply = {
+      return: [
+        { device: 'drive-virtio-disk0', 'dirty-bitmaps': [bitmap('b1', { persistent: false })], inserted: { file: '/pool/a.qcow2' } },
+      ],
+    };
     const [e] = await parseQueryBlock(JSON.stringify(reply));
     expect(e).toMatchObject({ file: '/pool/a.qcow2', bitmaps: [{ name: 'b1', persistent: false }] });
   });
 
   it('virsh\'s trailing empty line is fine; a reply without "return" or not JSON is an error', async () => {
     expect(await parseQueryBlock('{"return":[],"id":"libvirt-1"}\n\n')).toEqual([]);
-    await expect(parseQueryBlock('{"error":{"class":"GenericError","desc":"x"}}')).rejects.toMatchObject({ code: 'VIRSH_FAILED', details: 'query-block reply has no return array' });
+    await expect(parseQueryBlock('{"error":{"class":"GenericError","desc":"x"}}')).rejects.toMatchObject({
+      code: 'VIRSH_FAILED',
+      details: 'query-block reply has no return array',
+    });
     await expect(parseQueryBlock('error: failed to get domain')).rejects.toBeInstanceOf(ToolError);
   });
 });
@@ -148,14 +173,34 @@ describe('VirshClient: the argv of every call', () => {
     ['resume', () => v.resume('vm'), ['resume', 'vm'], false],
     ['checkpoints', () => v.checkpoints('vm'), ['checkpoint-list', 'vm', '--name'], true],
     ['checkpointCreate', () => v.checkpointCreate('vm', '/x/c.xml', false), ['checkpoint-create', 'vm', '--xmlfile', '/x/c.xml'], true],
-    ['checkpointCreate --redefine', () => v.checkpointCreate('vm', '/x/c.xml', true), ['checkpoint-create', 'vm', '--xmlfile', '/x/c.xml', '--redefine'], true],
+    [
+      'checkpointCreate --redefine',
+      () => v.checkpointCreate('vm', '/x/c.xml', true),
+      ['checkpoint-create', 'vm', '--xmlfile', '/x/c.xml', '--redefine'],
+      true,
+    ],
     ['checkpointDelete', () => v.checkpointDelete('vm', 'b-1'), ['checkpoint-delete', 'vm', 'b-1'], false],
     ['queryBlock', () => v.queryBlock('vm'), ['qemu-monitor-command', 'vm', '{"execute":"query-block"}'], true],
     ['backupBegin', () => v.backupBegin('vm', '/x/b.xml', null), ['backup-begin', '--domain', 'vm', '--backupxml', '/x/b.xml'], true],
-    ['backupBegin + checkpoint', () => v.backupBegin('vm', '/x/b.xml', '/x/c.xml'), ['backup-begin', '--domain', 'vm', '--backupxml', '/x/b.xml', '--checkpointxml', '/x/c.xml'], true],
+    [
+      'backupBegin + checkpoint',
+      () => v.backupBegin('vm', '/x/b.xml', '/x/c.xml'),
+      ['backup-begin', '--domain', 'vm', '--backupxml', '/x/b.xml', '--checkpointxml', '/x/c.xml'],
+      true,
+    ],
     ['jobInfoCompleted', () => v.jobInfoCompleted('vm'), ['domjobinfo', 'vm', '--completed'], false],
-    ['jobInfoCompleted keep', () => v.jobInfoCompleted('vm', { keep: true }), ['domjobinfo', 'vm', '--completed', '--keep-completed'], false],
-    ['jobInfoCompleted keep+anystats', () => v.jobInfoCompleted('vm', { keep: true, anystats: true }), ['domjobinfo', 'vm', '--completed', '--keep-completed', '--anystats'], false],
+    [
+      'jobInfoCompleted keep',
+      () => v.jobInfoCompleted('vm', { keep: true }),
+      ['domjobinfo', 'vm', '--completed', '--keep-completed'],
+      false,
+    ],
+    [
+      'jobInfoCompleted keep+anystats',
+      () => v.jobInfoCompleted('vm', { keep: true, anystats: true }),
+      ['domjobinfo', 'vm', '--completed', '--keep-completed', '--anystats'],
+      false,
+    ],
     ['jobInfo', () => v.jobInfo('vm'), ['domjobinfo', 'vm'], false],
     ['jobAbort', () => v.jobAbort('vm'), ['domjobabort', 'vm'], false],
   ])('%s', async (_name, call, args, abortable) => {
@@ -187,21 +232,34 @@ describe('VirshClient: the argv of every call', () => {
   });
 });
 
-describe('VirshClient: a failed call is a coded error with virsh\'s text', () => {
-  const busy = "error: Timed out during operation: cannot acquire state change lock\n";
+describe("VirshClient: a failed call is a coded error with virsh's text", () => {
+  const busy = 'error: Timed out during operation: cannot acquire state change lock\n';
   const failing = answering(() => fails(busy));
 
   it.each<[string, () => Promise<unknown>, string, string]>([
     ['list', () => failing.list(), 'LIBVIRT_UNAVAILABLE', 'Cannot list domains (virsh exited with code 1)'],
-    ['version', () => failing.version(), 'LIBVIRT_UNAVAILABLE', 'Cannot query the QEMU/libvirt versions (virsh exited with code 1); is libvirtd running?'],
+    [
+      'version',
+      () => failing.version(),
+      'LIBVIRT_UNAVAILABLE',
+      'Cannot query the QEMU/libvirt versions (virsh exited with code 1); is libvirtd running?',
+    ],
     ['blockDevices', () => failing.blockDevices('vm'), 'VIRSH_FAILED', 'virsh domblklist vm failed (virsh exited with code 1)'],
     ['checkpoints', () => failing.checkpoints('vm'), 'VIRSH_FAILED', 'virsh checkpoint-list vm failed (virsh exited with code 1)'],
-    ['checkpointDelete', () => failing.checkpointDelete('vm', 'b-1'), 'VIRSH_FAILED', 'virsh checkpoint-delete vm b-1 failed (virsh exited with code 1)'],
+    [
+      'checkpointDelete',
+      () => failing.checkpointDelete('vm', 'b-1'),
+      'VIRSH_FAILED',
+      'virsh checkpoint-delete vm b-1 failed (virsh exited with code 1)',
+    ],
     ['restoreFile', () => failing.restoreFile('vm', 'dominfo.xml'), 'VIRSH_FAILED', 'virsh dominfo.xml failed (virsh exited with code 1)'],
     ['backupBegin', () => failing.backupBegin('vm', '/x/b.xml', null), 'BACKUP_BEGIN_FAILED', 'Failed to start the backup of vm'],
     ['jobInfo', () => failing.jobInfo('vm'), 'VIRSH_FAILED', 'virsh domjobinfo vm failed (virsh exited with code 1)'],
   ])('%s', async (_name, call, code, message) => {
-    const e = await call().then(() => null, (err: unknown) => err);
+    const e = await call().then(
+      () => null,
+      (err: unknown) => err,
+    );
     expect(e).toBeInstanceOf(ToolError);
     expect(e).toMatchObject({ code, message });
     // version and list keep virsh's raw output; the others its trimmed text.
@@ -211,7 +269,9 @@ describe('VirshClient: a failed call is a coded error with virsh\'s text', () =>
   });
 
   it('a call that could not start says so, with no output to show', async () => {
-    const e = (await answering(() => ({ exitCode: null, spawnError: 'ENOENT' })).checkpoints('vm').catch((err: unknown) => err)) as ToolError;
+    const e = (await answering(() => ({ exitCode: null, spawnError: 'ENOENT' }))
+      .checkpoints('vm')
+      .catch((err: unknown) => err)) as ToolError;
     expect(e.message).toBe('virsh checkpoint-list vm failed (could not run virsh: ENOENT)');
     expect(e.details).toBe('could not run virsh: ENOENT');
   });

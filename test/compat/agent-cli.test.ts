@@ -14,8 +14,22 @@ import { removeTempDirs } from '../helpers/tmp.js';
 import { snapshotTree } from '../helpers/tree.js';
 import { ANSWER_REBASE_OR_DELETE_OK } from './examples.js';
 import {
-  BACKUP_PATH, bitmapsIn, compareImages, DATA_VOL, duSb, expectClean, FAST_POLL, NEW_BITMAP, PARENT_BITMAP, PARENT_TS, POOL, ROOT_VOL,
-  rootFile as vmRootFile, scenario, VM as SVM, type Scenario,
+  BACKUP_PATH,
+  bitmapsIn,
+  compareImages,
+  DATA_VOL,
+  duSb,
+  expectClean,
+  FAST_POLL,
+  NEW_BITMAP,
+  PARENT_BITMAP,
+  PARENT_TS,
+  POOL,
+  ROOT_VOL,
+  rootFile as vmRootFile,
+  scenario,
+  VM as SVM,
+  type Scenario,
 } from '../backup/scenario.js';
 
 afterAll(removeTempDirs);
@@ -62,7 +76,9 @@ describe('nasbackup agent', () => {
     expect(checkExitCode(inc2)).toBe(0);
     expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
     const log = logText(sb);
-    expect(log).toMatch(/> agent\[rebase-era\]: run -o rebase -t none -s \S+ -m bind --rebase-target i-2-10-VM\/2025\.01\.03\.00\.00\.00\/root\.\S+ --rebase-new-backing /);
+    expect(log).toMatch(
+      /> agent\[rebase-era\]: run -o rebase -t none -s \S+ -m bind --rebase-target i-2-10-VM\/2025\.01\.03\.00\.00\.00\/root\.\S+ --rebase-new-backing /,
+    );
     expect(log).toMatch(/> agent\[rebase-era\]: RebaseBackupCommand: answered BackupAnswer result=true/);
   });
 
@@ -74,7 +90,9 @@ describe('nasbackup agent', () => {
     expect(r.code).toBe(0);
     const [a] = decodeAnswers(r.stdout);
     expect(a).toMatchObject({ cls: 'BackupAnswer', result: false });
-    expect(a!.details).toMatch(/^New backing file does not exist: \S+\/csbackup\.\w{5}\/i-2-10-VM\/2099\.01\.01\.00\.00\.00\/root\.\S+\.qcow2\n$/);
+    expect(a!.details).toMatch(
+      /^New backing file does not exist: \S+\/csbackup\.\w{5}\/i-2-10-VM\/2099\.01\.01\.00\.00\.00\/root\.\S+\.qcow2\n$/,
+    );
     expect(snapshotTree(sb.nas)).toEqual(snap);
     expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
     expect(logText(sb)).toMatch(/agent\[rebase-era\]: RebaseBackupCommand: Failed to rebase backup file /);
@@ -99,9 +117,20 @@ describe('nasbackup agent', () => {
   it('NASBACKUP_AGENT_PROFILE=merged: no rebase wrapper there, so nothing is mounted or changed', async () => {
     const sb = chained('agent-merged');
     const snap = snapshotTree(sb.nas);
-    const r = await agent(sb, request('RebaseBackupCommand', { targetPath: rootFile(TS[2]), newBackingPath: rootFile(TS[0]), ...nas(sb) }), [], { NASBACKUP_AGENT_PROFILE: 'merged' });
+    const r = await agent(
+      sb,
+      request('RebaseBackupCommand', { targetPath: rootFile(TS[2]), newBackingPath: rootFile(TS[0]), ...nas(sb) }),
+      [],
+      { NASBACKUP_AGENT_PROFILE: 'merged' },
+    );
     expect(r.code).toBe(0);
-    expect(decodeAnswers(r.stdout)).toEqual([expect.objectContaining({ cls: 'BackupAnswer', result: false, details: expect.stringMatching(/not handled by the merged agent profile/) })]);
+    expect(decodeAnswers(r.stdout)).toEqual([
+      expect.objectContaining({
+        cls: 'BackupAnswer',
+        result: false,
+        details: expect.stringMatching(/not handled by the merged agent profile/),
+      }),
+    ]);
     expect(snapshotTree(sb.nas)).toEqual(snap);
     expect(logText(sb)).not.toMatch(/mount/);
   });
@@ -130,9 +159,14 @@ describe('nasbackup agent', () => {
     expect(r.stdout).toBe(
       String.raw`[{"org.apache.cloudstack.backup.BackupAnswer":{"size":${data + root},"bitmapCreated":"${NEW_BITMAP}","incrementalFallback":true,"result":true,` +
         String.raw`"details":"INCREMENTAL_FALLBACK\u003dfull (VM stopped — incremental requires running VM)\nBITMAP_CREATED\u003d${NEW_BITMAP}\n${data}\n${root}",` +
-        String.raw`"contextMap":{},"wait":0,"bypassHostMaintenance":false}}]` + '\n',
+        String.raw`"contextMap":{},"wait":0,"bypassHostMaintenance":false}}]` +
+        '\n',
     );
-    expect(logText(s.sb)).toMatch(new RegExp(`agent\\[rebase-era\\]: run -o backup -v ${SVM} .* -M incremental --bitmap-new ${NEW_BITMAP} --bitmap-parent ${PARENT_BITMAP}\n`));
+    expect(logText(s.sb)).toMatch(
+      new RegExp(
+        `agent\\[rebase-era\\]: run -o backup -v ${SVM} .* -M incremental --bitmap-new ${NEW_BITMAP} --bitmap-parent ${PARENT_BITMAP}\n`,
+      ),
+    );
     expect(compareImages(join(s.final, `root.${ROOT_VOL}.qcow2`), s.rootDisk)).toBe('Images are identical.');
     expect(bitmapsIn(s.rootDisk)).toEqual([NEW_BITMAP]);
     expect(bitmapsIn(s.dataDisk!)).toEqual([NEW_BITMAP]);
@@ -148,7 +182,8 @@ describe('nasbackup agent', () => {
     const root = fileSize(s, `root.${ROOT_VOL}.qcow2`);
     expect(r.stdout).toBe(
       String.raw`[{"org.apache.cloudstack.backup.BackupAnswer":{"size":${data + root},"bitmapCreated":"${NEW_BITMAP}","incrementalFallback":true,"result":true,` +
-        String.raw`"details":"INCREMENTAL_FALLBACK\u003dtrue\n${data}\n${root}","contextMap":{},"wait":0,"bypassHostMaintenance":false}}]` + '\n',
+        String.raw`"details":"INCREMENTAL_FALLBACK\u003dtrue\n${data}\n${root}","contextMap":{},"wait":0,"bypassHostMaintenance":false}}]` +
+        '\n',
     );
     expectClean(s);
   });
@@ -163,7 +198,8 @@ describe('nasbackup agent', () => {
       String.raw`[{"org.apache.cloudstack.backup.BackupAnswer":{"size":${du},"bitmapCreated":"${NEW_BITMAP}","incrementalFallback":false,"result":true,` +
         String.raw`"details":"Job type:         Completed   \nOperation:        Backup      \nTime elapsed:     133          ms\n` +
         String.raw`File processed:   16.000 MiB\nFile remaining:   0.000 B\nFile total:       16.000 MiB\n\n${du}\nBITMAP_CREATED\u003d${NEW_BITMAP}",` +
-        String.raw`"contextMap":{},"wait":0,"bypassHostMaintenance":false}}]` + '\n',
+        String.raw`"contextMap":{},"wait":0,"bypassHostMaintenance":false}}]` +
+        '\n',
     );
     expect(s.fake.checkpointNames(SVM)).toEqual([NEW_BITMAP]);
     expectClean(s);
@@ -201,7 +237,9 @@ describe('lib/cli/agent', () => {
     const sb = makeSandbox('agent-inproc');
     const r = await runAgent('not json', { env: { NASBACKUP_LOG_FILE: sb.logFile }, scriptName: '/x/nasbackup.sh' });
     expect(r.exitCode).toBe(0);
-    expect(r.stdout).toMatch(/^\[\{"org\.apache\.cloudstack\.backup\.BackupAnswer":\{"result":false,"details":"nasbackup agent: Malformed JSON at offset 0: /);
+    expect(r.stdout).toMatch(
+      /^\[\{"org\.apache\.cloudstack\.backup\.BackupAnswer":\{"result":false,"details":"nasbackup agent: Malformed JSON at offset 0: /,
+    );
     expect(r.stdout.endsWith('}}]\n')).toBe(true);
     expect(logText(sb)).toMatch(/agent\[rebase-era\]: request: nasbackup agent: Malformed JSON/);
   });

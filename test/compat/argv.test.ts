@@ -33,7 +33,22 @@ const take = (over: Partial<TakeBackupCommand> = {}): TakeBackupCommand => ({
   ...over,
 });
 /** The fixed part every generation sends, in order. */
-const fixed = (q = 'false', d = '', m = ''): string[] => [S, '-o', 'backup', '-v', VM, ...NAS, '-m', m, '-p', `${VM}/2025.01.04.00.00.00`, '-q', q, '-d', d];
+const fixed = (q = 'false', d = '', m = ''): string[] => [
+  S,
+  '-o',
+  'backup',
+  '-v',
+  VM,
+  ...NAS,
+  '-m',
+  m,
+  '-p',
+  `${VM}/2025.01.04.00.00.00`,
+  '-q',
+  q,
+  '-d',
+  d,
+];
 
 const argvOf = (p: Prepared): string[] => {
   if (p.kind !== 'run') throw new Error(`expected a run, got ${p.kind}`);
@@ -50,16 +65,56 @@ const rows: Row[] = [
     'incremental, both parent fields present',
     take({ ...INC, parentPath: P1, parentPaths: [P1, P2] }),
     {
-      'rebase-era': [...fixed(), '-M', 'incremental', '--bitmap-new', INC.bitmapNew, '--bitmap-parent', INC.bitmapParent, '--parent-path', P1],
-      merged: [...fixed(), '-M', 'incremental', '--bitmap-new', INC.bitmapNew, '--bitmap-parent', INC.bitmapParent, '--parent-paths', `${P1},${P2}`],
-      newest: [...fixed(), '-M', 'incremental', '--bitmap-new', INC.bitmapNew, '--bitmap-parent', INC.bitmapParent, '--parent-paths', `${P1},${P2}`],
+      'rebase-era': [
+        ...fixed(),
+        '-M',
+        'incremental',
+        '--bitmap-new',
+        INC.bitmapNew,
+        '--bitmap-parent',
+        INC.bitmapParent,
+        '--parent-path',
+        P1,
+      ],
+      merged: [
+        ...fixed(),
+        '-M',
+        'incremental',
+        '--bitmap-new',
+        INC.bitmapNew,
+        '--bitmap-parent',
+        INC.bitmapParent,
+        '--parent-paths',
+        `${P1},${P2}`,
+      ],
+      newest: [
+        ...fixed(),
+        '-M',
+        'incremental',
+        '--bitmap-new',
+        INC.bitmapNew,
+        '--bitmap-parent',
+        INC.bitmapParent,
+        '--parent-paths',
+        `${P1},${P2}`,
+      ],
     },
   ],
   [
     'rebase-era command (parentPath only) to later wrappers: they refuse, having no parentPaths',
     take({ ...INC, parentPath: P1 }),
     {
-      'rebase-era': [...fixed(), '-M', 'incremental', '--bitmap-new', INC.bitmapNew, '--bitmap-parent', INC.bitmapParent, '--parent-path', P1],
+      'rebase-era': [
+        ...fixed(),
+        '-M',
+        'incremental',
+        '--bitmap-new',
+        INC.bitmapNew,
+        '--bitmap-parent',
+        INC.bitmapParent,
+        '--parent-path',
+        P1,
+      ],
       merged: 'incremental mode requires parentPaths',
       newest: 'incremental mode requires parentPaths',
     },
@@ -78,7 +133,11 @@ const rows: Row[] = [
     take({ quiesce: false, quiesceTimeout: 30 }),
     { 'rebase-era': fixed(), merged: fixed(), newest: fixed() },
   ],
-  ['quiesceTimeout 0', take({ quiesce: true, quiesceTimeout: 0 }), { 'rebase-era': fixed('true'), merged: fixed('true'), newest: fixed('true') }],
+  [
+    'quiesceTimeout 0',
+    take({ quiesce: true, quiesceTimeout: 0 }),
+    { 'rebase-era': fixed('true'), merged: fixed('true'), newest: fixed('true') },
+  ],
   [
     'blank tail values: isEmpty keeps them, isNotBlank (newest) drops them',
     take({ mode: 'full', bitmapNew: 'b', bitmapParent: '  ' }),
@@ -96,12 +155,20 @@ const rows: Row[] = [
   [
     'legacy-full (feature switched off)',
     take({ mode: 'legacy-full' }),
-    { 'rebase-era': [...fixed(), '-M', 'legacy-full'], merged: [...fixed(), '-M', 'legacy-full'], newest: [...fixed(), '-M', 'legacy-full'] },
+    {
+      'rebase-era': [...fixed(), '-M', 'legacy-full'],
+      merged: [...fixed(), '-M', 'legacy-full'],
+      newest: [...fixed(), '-M', 'legacy-full'],
+    },
   ],
   [
     'unknown mode: the rebase-era wrapper passes it on, later ones refuse',
     take({ mode: 'differential', bitmapNew: 'b' }),
-    { 'rebase-era': [...fixed(), '-M', 'differential', '--bitmap-new', 'b'], merged: 'Unknown backup mode: differential', newest: 'Unknown backup mode: differential' },
+    {
+      'rebase-era': [...fixed(), '-M', 'differential', '--bitmap-new', 'b'],
+      merged: 'Unknown backup mode: differential',
+      newest: 'Unknown backup mode: differential',
+    },
   ],
   [
     'full without bitmapNew',
@@ -126,8 +193,28 @@ const rows: Row[] = [
     take({ ...INC, parentPaths: [P1, null] }),
     {
       'rebase-era': [...fixed(), '-M', 'incremental', '--bitmap-new', INC.bitmapNew, '--bitmap-parent', INC.bitmapParent],
-      merged: [...fixed(), '-M', 'incremental', '--bitmap-new', INC.bitmapNew, '--bitmap-parent', INC.bitmapParent, '--parent-paths', `${P1},null`],
-      newest: [...fixed(), '-M', 'incremental', '--bitmap-new', INC.bitmapNew, '--bitmap-parent', INC.bitmapParent, '--parent-paths', `${P1},null`],
+      merged: [
+        ...fixed(),
+        '-M',
+        'incremental',
+        '--bitmap-new',
+        INC.bitmapNew,
+        '--bitmap-parent',
+        INC.bitmapParent,
+        '--parent-paths',
+        `${P1},null`,
+      ],
+      newest: [
+        ...fixed(),
+        '-M',
+        'incremental',
+        '--bitmap-new',
+        INC.bitmapNew,
+        '--bitmap-parent',
+        INC.bitmapParent,
+        '--parent-paths',
+        `${P1},null`,
+      ],
     },
   ],
 ];
@@ -158,9 +245,31 @@ describe('the contract §3.1 example (later wrapper, running VM, incremental)', 
       parentPaths: ['i-2-10-VM/2025.01.01.00.00.00/root.<vol>.qcow2', 'i-2-10-VM/2025.01.01.00.00.00/datadisk.<vol2>.qcow2'],
     });
     expect(argvOf(prepare(PROFILES[name], cmd))).toEqual([
-      S, '-o', 'backup', '-v', 'i-2-10-VM', '-t', 'nfs', '-s', '10.10.0.5:/export/backup', '-m', '', '-p', 'i-2-10-VM/2025.01.04.00.00.00',
-      '-q', 'false', '-d', '', '-M', 'incremental', '--bitmap-new', 'backup-1736035200', '--bitmap-parent', 'backup-1735689600',
-      '--parent-paths', 'i-2-10-VM/2025.01.01.00.00.00/root.<vol>.qcow2,i-2-10-VM/2025.01.01.00.00.00/datadisk.<vol2>.qcow2',
+      S,
+      '-o',
+      'backup',
+      '-v',
+      'i-2-10-VM',
+      '-t',
+      'nfs',
+      '-s',
+      '10.10.0.5:/export/backup',
+      '-m',
+      '',
+      '-p',
+      'i-2-10-VM/2025.01.04.00.00.00',
+      '-q',
+      'false',
+      '-d',
+      '',
+      '-M',
+      'incremental',
+      '--bitmap-new',
+      'backup-1736035200',
+      '--bitmap-parent',
+      'backup-1735689600',
+      '--parent-paths',
+      'i-2-10-VM/2025.01.01.00.00.00/root.<vol>.qcow2,i-2-10-VM/2025.01.01.00.00.00/datadisk.<vol2>.qcow2',
     ]);
   });
 });
@@ -173,7 +282,8 @@ describe('stopped VM: -d from volumePaths and volumePools', () => {
     volumePools: [nfs, rbd, linstor],
     volumePaths: ['/mnt/p-nfs/aaaa', 'cloudstack/bbbb', linstorDevicePath('cccc')],
   });
-  const disks = '/mnt/p-nfs/aaaa,rbd:cloudstack/bbbb:mon_host=10.0.0.1\\:6789\\;10.0.0.2\\:6789:auth_supported=none:rbd_default_format=2:client_mount_timeout=30,/dev/drbd/by-res/cs-cccc/0';
+  const disks =
+    '/mnt/p-nfs/aaaa,rbd:cloudstack/bbbb:mon_host=10.0.0.1\\:6789\\;10.0.0.2\\:6789:auth_supported=none:rbd_default_format=2:client_mount_timeout=30,/dev/drbd/by-res/cs-cccc/0';
 
   it.each(Object.keys(PROFILES) as ProfileName[])('%s: NFS and LINSTOR pass through, RBD becomes an rbd: string', (name) => {
     const p = prepare(PROFILES[name], cmd);
@@ -197,7 +307,11 @@ describe('stopped VM: -d from volumePaths and volumePools', () => {
   });
 
   it.each<[string, Partial<TakeBackupCommand>, string]>([
-    ['fewer pools than paths', { volumePaths: ['a', 'b'], volumePools: [nfs] }, 'java.lang.IndexOutOfBoundsException: Index 1 out of bounds for length 1'],
+    [
+      'fewer pools than paths',
+      { volumePaths: ['a', 'b'], volumePools: [nfs] },
+      'java.lang.IndexOutOfBoundsException: Index 1 out of bounds for length 1',
+    ],
     ['no pools at all', { volumePaths: ['a'] }, 'java.lang.NullPointerException'],
     ['a null pool', { volumePaths: ['a'], volumePools: [null] }, 'java.lang.NullPointerException'],
   ])('%s: G1/G2/G3 wrappers throw (agent answers a plain Answer), W4 answers BackupAnswer(false)', (_n, over, exception) => {
@@ -214,7 +328,9 @@ describe('stopped VM: -d from volumePaths and volumePools', () => {
   it('composes monitors like KVMPhysicalDisk: IPv6 colons escaped, port optional', () => {
     expect(composeMonHosts('[2001:db8::1],10.0.0.1', 6789)).toBe('[2001\\:db8\\:\\:1]\\:6789\\;10.0.0.1\\:6789');
     expect(composeMonHosts('mon.example', 0)).toBe('mon.example');
-    expect(rbdString({ monHost: 'm', monPort: 0 }, 'p/i')).toBe('rbd:p/i:mon_host=m:auth_supported=none:rbd_default_format=2:client_mount_timeout=30');
+    expect(rbdString({ monHost: 'm', monPort: 0 }, 'p/i')).toBe(
+      'rbd:p/i:mon_host=m:auth_supported=none:rbd_default_format=2:client_mount_timeout=30',
+    );
   });
 
   it.each([
@@ -228,7 +344,13 @@ describe('stopped VM: -d from volumePaths and volumePools', () => {
 describe('DeleteBackupCommand, RebaseBackupCommand, GetBackupStorageStatsCommand', () => {
   const base = { wait: 0, bypassHostMaintenance: false, backupRepoType: 'nfs', backupRepoAddress: '10.10.0.5:/export/backup' };
   const del: BackupCommand = { cls: 'DeleteBackupCommand', ...base, backupPath: `${VM}/2025.01.02.00.00.00` };
-  const reb: BackupCommand = { cls: 'RebaseBackupCommand', ...base, targetPath: 'a/b/root.x.qcow2', newBackingPath: 'a/c/root.x.qcow2', mountOptions: 'vers=4.1' };
+  const reb: BackupCommand = {
+    cls: 'RebaseBackupCommand',
+    ...base,
+    targetPath: 'a/b/root.x.qcow2',
+    newBackingPath: 'a/c/root.x.qcow2',
+    mountOptions: 'vers=4.1',
+  };
   const stats: BackupCommand = { cls: 'GetBackupStorageStatsCommand', ...base };
 
   it.each(Object.keys(PROFILES) as ProfileName[])('%s: delete and stats argv (mount options "" when null)', (name) => {
@@ -238,7 +360,16 @@ describe('DeleteBackupCommand, RebaseBackupCommand, GetBackupStorageStatsCommand
 
   it('rebase-era: the rebase argv has no -p and no -v', () => {
     expect(argvOf(prepare(PROFILES['rebase-era'], reb, { scriptPath: '/opt/nasbackup.sh' }))).toEqual([
-      '/opt/nasbackup.sh', '-o', 'rebase', ...NAS, '-m', 'vers=4.1', '--rebase-target', 'a/b/root.x.qcow2', '--rebase-new-backing', 'a/c/root.x.qcow2',
+      '/opt/nasbackup.sh',
+      '-o',
+      'rebase',
+      ...NAS,
+      '-m',
+      'vers=4.1',
+      '--rebase-target',
+      'a/b/root.x.qcow2',
+      '--rebase-new-backing',
+      'a/c/root.x.qcow2',
     ]);
   });
 
@@ -262,15 +393,35 @@ describe('argv building never throws on arbitrary input (property)', () => {
   const s = fc.string({ unit: 'binary', maxLength: 12 });
   const o = <T>(a: fc.Arbitrary<T>) => fc.option(a, { nil: undefined });
   const anyPool = fc.option(
-    fc.record({ poolType: fc.constantFrom('RBD', 'NetworkFilesystem', 'Linstor', 'x'), host: o(s), port: o(fc.integer()), path: o(s), uuid: o(s) }).map((r) => pool(r)),
+    fc
+      .record({
+        poolType: fc.constantFrom('RBD', 'NetworkFilesystem', 'Linstor', 'x'),
+        host: o(s),
+        port: o(fc.integer()),
+        path: o(s),
+        uuid: o(s),
+      })
+      .map((r) => pool(r)),
     { nil: null },
   );
-  const anyTake = fc.record({
-    vmName: s, backupPath: s, backupRepoType: s, backupRepoAddress: s,
-    mountOptions: o(s), mode: o(fc.oneof(s, fc.constantFrom('full', 'incremental', 'legacy-full'))), bitmapNew: o(s), bitmapParent: o(s),
-    parentPath: o(s), parentPaths: o(fc.array(fc.option(s, { nil: null }))), quiesce: o(fc.boolean()), quiesceTimeout: o(fc.integer()),
-    volumePaths: o(fc.array(fc.option(s, { nil: null }), { maxLength: 3 })), volumePools: o(fc.array(anyPool, { maxLength: 3 })),
-  }).map((r) => take(Object.fromEntries(Object.entries(r).filter(([, v]) => v !== undefined)) as Partial<TakeBackupCommand>));
+  const anyTake = fc
+    .record({
+      vmName: s,
+      backupPath: s,
+      backupRepoType: s,
+      backupRepoAddress: s,
+      mountOptions: o(s),
+      mode: o(fc.oneof(s, fc.constantFrom('full', 'incremental', 'legacy-full'))),
+      bitmapNew: o(s),
+      bitmapParent: o(s),
+      parentPath: o(s),
+      parentPaths: o(fc.array(fc.option(s, { nil: null }))),
+      quiesce: o(fc.boolean()),
+      quiesceTimeout: o(fc.integer()),
+      volumePaths: o(fc.array(fc.option(s, { nil: null }), { maxLength: 3 })),
+      volumePools: o(fc.array(anyPool, { maxLength: 3 })),
+    })
+    .map((r) => take(Object.fromEntries(Object.entries(r).filter(([, v]) => v !== undefined)) as Partial<TakeBackupCommand>));
 
   it('every profile: a run with the fixed part in place, a refusal, or a modelled Java exception', () => {
     fc.assert(

@@ -19,8 +19,17 @@ function compatError(f: () => unknown): CompatError {
 
 describe('decoding commands', () => {
   it('GetBackupStorageStatsCommand', () => {
-    const [c] = decodeCommands(wire('GetBackupStorageStatsCommand', { backupRepoType: 'cifs', backupRepoAddress: '//h/s', mountOptions: 'username=u,password=p' }));
-    expect(c).toEqual({ cls: 'GetBackupStorageStatsCommand', backupRepoType: 'cifs', backupRepoAddress: '//h/s', mountOptions: 'username=u,password=p', wait: 0, bypassHostMaintenance: false });
+    const [c] = decodeCommands(
+      wire('GetBackupStorageStatsCommand', { backupRepoType: 'cifs', backupRepoAddress: '//h/s', mountOptions: 'username=u,password=p' }),
+    );
+    expect(c).toEqual({
+      cls: 'GetBackupStorageStatsCommand',
+      backupRepoType: 'cifs',
+      backupRepoAddress: '//h/s',
+      mountOptions: 'username=u,password=p',
+      wait: 0,
+      bypassHostMaintenance: false,
+    });
   });
 
   it('TakeBackupCommand for a stopped VM: volumePaths and PrimaryDataStoreTOs kept as sent', () => {
@@ -44,8 +53,23 @@ describe('decoding commands', () => {
   });
 
   it('absent and null members are both null; unknown members are ignored', () => {
-    const [a] = decodeCommands(wire('DeleteBackupCommand', { backupPath: 'x/y', backupRepoType: 'nfs', backupRepoAddress: 'h:/e', mountOptions: null, somethingNew: { deep: [1] } }));
-    expect(a).toEqual({ cls: 'DeleteBackupCommand', backupPath: 'x/y', backupRepoType: 'nfs', backupRepoAddress: 'h:/e', wait: 0, bypassHostMaintenance: false });
+    const [a] = decodeCommands(
+      wire('DeleteBackupCommand', {
+        backupPath: 'x/y',
+        backupRepoType: 'nfs',
+        backupRepoAddress: 'h:/e',
+        mountOptions: null,
+        somethingNew: { deep: [1] },
+      }),
+    );
+    expect(a).toEqual({
+      cls: 'DeleteBackupCommand',
+      backupPath: 'x/y',
+      backupRepoType: 'nfs',
+      backupRepoAddress: 'h:/e',
+      wait: 0,
+      bypassHostMaintenance: false,
+    });
   });
 
   it('reads the log view too: unescaped "=", every value a string', () => {
@@ -60,9 +84,15 @@ describe('decoding commands', () => {
   });
 
   it('keeps contextMap order and big wait values are refused, not wrapped', () => {
-    const [c] = decodeCommands(`[{"${P}DeleteBackupCommand":{"backupPath":"a/b","backupRepoType":"t","backupRepoAddress":"s","contextMap":{"2":"b","1":"a","logid":"x"}}}]`);
+    const [c] = decodeCommands(
+      `[{"${P}DeleteBackupCommand":{"backupPath":"a/b","backupRepoType":"t","backupRepoAddress":"s","contextMap":{"2":"b","1":"a","logid":"x"}}}]`,
+    );
     expect([...(c!.contextMap as Map<string, string>).keys()]).toEqual(['2', '1', 'logid']);
-    expect(compatError(() => decodeCommands(wire('DeleteBackupCommand', { backupPath: 'a', backupRepoType: 't', backupRepoAddress: 's', wait: 2 ** 31 }))).code).toBe('INVALID_FIELD');
+    expect(
+      compatError(() =>
+        decodeCommands(wire('DeleteBackupCommand', { backupPath: 'a', backupRepoType: 't', backupRepoAddress: 's', wait: 2 ** 31 })),
+      ).code,
+    ).toBe('INVALID_FIELD');
   });
 });
 
@@ -83,12 +113,42 @@ describe('bad input', () => {
   });
 
   const perElement: Array<[string, string, string, RegExp]> = [
-    ['unknown class', '[{"com.cloud.agent.api.ReadyCommand":{}}]', 'UNKNOWN_CLASS', /Unknown command class "com\.cloud\.agent\.api\.ReadyCommand"/],
-    ['missing required field', wire('RebaseBackupCommand', { targetPath: 'a', backupRepoType: 'nfs', backupRepoAddress: 'h' }), 'MISSING_FIELD', /RebaseBackupCommand is missing the required field "newBackingPath"/],
-    ['object for a string', wire('GetBackupStorageStatsCommand', { backupRepoType: {}, backupRepoAddress: 'h' }), 'INVALID_FIELD', /backupRepoType: expected a string but was BEGIN_OBJECT/],
-    ['number for a boolean', wire('TakeBackupCommand', { vmName: 'v', backupPath: 'p', backupRepoType: 't', backupRepoAddress: 'a', quiesce: 1 }), 'INVALID_FIELD', /quiesce: expected a boolean/],
-    ['string for a list', wire('TakeBackupCommand', { vmName: 'v', backupPath: 'p', backupRepoType: 't', backupRepoAddress: 'a', parentPaths: 'x' }), 'INVALID_FIELD', /parentPaths: expected a list/],
-    ['fraction for an int', wire('TakeBackupCommand', { vmName: 'v', backupPath: 'p', backupRepoType: 't', backupRepoAddress: 'a', quiesceTimeout: 1.5 }), 'INVALID_FIELD', /quiesceTimeout/],
+    [
+      'unknown class',
+      '[{"com.cloud.agent.api.ReadyCommand":{}}]',
+      'UNKNOWN_CLASS',
+      /Unknown command class "com\.cloud\.agent\.api\.ReadyCommand"/,
+    ],
+    [
+      'missing required field',
+      wire('RebaseBackupCommand', { targetPath: 'a', backupRepoType: 'nfs', backupRepoAddress: 'h' }),
+      'MISSING_FIELD',
+      /RebaseBackupCommand is missing the required field "newBackingPath"/,
+    ],
+    [
+      'object for a string',
+      wire('GetBackupStorageStatsCommand', { backupRepoType: {}, backupRepoAddress: 'h' }),
+      'INVALID_FIELD',
+      /backupRepoType: expected a string but was BEGIN_OBJECT/,
+    ],
+    [
+      'number for a boolean',
+      wire('TakeBackupCommand', { vmName: 'v', backupPath: 'p', backupRepoType: 't', backupRepoAddress: 'a', quiesce: 1 }),
+      'INVALID_FIELD',
+      /quiesce: expected a boolean/,
+    ],
+    [
+      'string for a list',
+      wire('TakeBackupCommand', { vmName: 'v', backupPath: 'p', backupRepoType: 't', backupRepoAddress: 'a', parentPaths: 'x' }),
+      'INVALID_FIELD',
+      /parentPaths: expected a list/,
+    ],
+    [
+      'fraction for an int',
+      wire('TakeBackupCommand', { vmName: 'v', backupPath: 'p', backupRepoType: 't', backupRepoAddress: 'a', quiesceTimeout: 1.5 }),
+      'INVALID_FIELD',
+      /quiesceTimeout/,
+    ],
   ];
   it.each(perElement)('%s: reported per element (%s)', (_n, text, code, msg) => {
     const [el] = decodeRequest(text);
@@ -119,7 +179,13 @@ describe('bad input', () => {
     fc.assert(
       fc.property(fc.json(), (text) => {
         const toPlain = (v: unknown): unknown =>
-          v instanceof Map ? Object.fromEntries([...v].map(([k, x]) => [k, toPlain(x)])) : Array.isArray(v) ? v.map(toPlain) : typeof v === 'bigint' ? Number(v) : v;
+          v instanceof Map
+            ? Object.fromEntries([...v].map(([k, x]) => [k, toPlain(x)]))
+            : Array.isArray(v)
+              ? v.map(toPlain)
+              : typeof v === 'bigint'
+                ? Number(v)
+                : v;
         expect(toPlain(parseJson(text))).toEqual(JSON.parse(text));
       }),
     );

@@ -54,7 +54,13 @@ describe('gsonStringify', () => {
     const v = new Map<string, unknown>([
       ['a', null],
       ['b', [null, 1, 'x']],
-      ['c', new Map([['k', null], ['l', 'v']])],
+      [
+        'c',
+        new Map([
+          ['k', null],
+          ['l', 'v'],
+        ]),
+      ],
       ['d', 2n ** 63n - 1n],
     ]);
     expect(gsonStringify(v as never)).toBe('{"b":[null,1,"x"],"c":{"l":"v"},"d":9223372036854775807}');
@@ -96,7 +102,10 @@ describe('the contract §8.3 examples', () => {
     cleanup.needsCleanup = true;
     expect(encodeAnswers([cleanup])).toBe(EX.ANSWER_CLEANUP_FAILED);
 
-    const escaped = backupAnswer(false, "qemu-img: Could not open '/tmp/csbackup.Ab3xZ/i-2-10-VM/2025.01.03.00.00.00/root.b3f4.qcow2': Unsupported qcow2 version 9");
+    const escaped = backupAnswer(
+      false,
+      "qemu-img: Could not open '/tmp/csbackup.Ab3xZ/i-2-10-VM/2025.01.03.00.00.00/root.b3f4.qcow2': Unsupported qcow2 version 9",
+    );
     expect(encodeAnswers([escaped])).toBe(EX.ANSWER_ESCAPED_DETAILS);
 
     expect(encodeAnswers([backupAnswer(true, null)])).toBe(EX.ANSWER_REBASE_OR_DELETE_OK);
@@ -114,7 +123,14 @@ describe('the contract §8.3 examples', () => {
 
   it('the take-backup example: mountOptions absent (null), fields typed', () => {
     const [cmd] = decodeCommands(EX.TAKE_BACKUP);
-    expect(cmd).toMatchObject({ cls: 'TakeBackupCommand', vmName: 'i-2-10-VM', quiesce: false, mode: 'incremental', wait: 0, bypassHostMaintenance: false });
+    expect(cmd).toMatchObject({
+      cls: 'TakeBackupCommand',
+      vmName: 'i-2-10-VM',
+      quiesce: false,
+      mode: 'incremental',
+      wait: 0,
+      bypassHostMaintenance: false,
+    });
     expect(cmd).not.toHaveProperty('mountOptions');
     expect((cmd as { contextMap: Map<string, string> }).contextMap.get('logid')).toBe('a1b2c3d4');
   });
@@ -151,7 +167,14 @@ const command: fc.Arbitrary<BackupCommand> = fc.oneof(
     { requiredKeys: ['cls', 'vmName', 'backupPath', 'backupRepoType', 'backupRepoAddress', 'wait', 'bypassHostMaintenance'] },
   ),
   fc.record(
-    { cls: fc.constant('DeleteBackupCommand' as const), backupPath: str, backupRepoType: str, backupRepoAddress: str, mountOptions: opt(str), ...base },
+    {
+      cls: fc.constant('DeleteBackupCommand' as const),
+      backupPath: str,
+      backupRepoType: str,
+      backupRepoAddress: str,
+      mountOptions: opt(str),
+      ...base,
+    },
     { requiredKeys: ['cls', 'backupPath', 'backupRepoType', 'backupRepoAddress', 'wait', 'bypassHostMaintenance'] },
   ),
   fc.record(
@@ -167,7 +190,13 @@ const command: fc.Arbitrary<BackupCommand> = fc.oneof(
     { requiredKeys: ['cls', 'targetPath', 'newBackingPath', 'backupRepoType', 'backupRepoAddress', 'wait', 'bypassHostMaintenance'] },
   ),
   fc.record(
-    { cls: fc.constant('GetBackupStorageStatsCommand' as const), backupRepoType: str, backupRepoAddress: str, mountOptions: opt(str), ...base },
+    {
+      cls: fc.constant('GetBackupStorageStatsCommand' as const),
+      backupRepoType: str,
+      backupRepoAddress: str,
+      mountOptions: opt(str),
+      ...base,
+    },
     { requiredKeys: ['cls', 'backupRepoType', 'backupRepoAddress', 'wait', 'bypassHostMaintenance'] },
   ),
 );
@@ -189,7 +218,14 @@ const answer: fc.Arbitrary<WireAnswer> = fc.oneof(
     { requiredKeys: ['cls', 'result', 'wait', 'bypassHostMaintenance'] },
   ),
   fc.record(
-    { cls: fc.constant('BackupStorageStatsAnswer' as const), totalSize: opt(long), usedSize: opt(long), result: fc.boolean(), details: opt(str), ...base },
+    {
+      cls: fc.constant('BackupStorageStatsAnswer' as const),
+      totalSize: opt(long),
+      usedSize: opt(long),
+      result: fc.boolean(),
+      details: opt(str),
+      ...base,
+    },
     { requiredKeys: ['cls', 'result', 'wait', 'bypassHostMaintenance'] },
   ),
   fc.record(

@@ -42,7 +42,7 @@ describe('Long.parseLong', () => {
   ])('%j -> %s', (s, v) => expect(parseLong(s)).toBe(v));
 
   it.each(['', '+', '-', ' 1', '1 ', '1.0', '0x10', 'Jul', '9223372036854775808', '-9223372036854775809', '\u{1d7ce}'])(
-    '%j throws NumberFormatException with Java\'s message',
+    "%j throws NumberFormatException with Java's message",
     (s) => {
       let err: unknown;
       try {
@@ -56,9 +56,11 @@ describe('Long.parseLong', () => {
   );
 
   it('agrees with BigInt on every canonical decimal in range (property)', () => {
-    fc.assert(fc.property(fc.bigInt({ min: -(2n ** 63n), max: 2n ** 63n - 1n }), (n) => {
-      expect(parseLong(n.toString())).toBe(n);
-    }));;
+    fc.assert(
+      fc.property(fc.bigInt({ min: -(2n ** 63n), max: 2n ** 63n - 1n }), (n) => {
+        expect(parseLong(n.toString())).toBe(n);
+      }),
+    );
   });
 
   it('only ever returns a long or throws a JavaException (property)', () => {
@@ -85,9 +87,11 @@ describe('Script.executePipedCommands stdout: readLine + "\\n"', () => {
   ])('%j -> %j', (raw, out) => expect(pipedStdout(raw)).toBe(out));
 
   it('is idempotent (property)', () => {
-    fc.assert(fc.property(fc.string({ unit: 'binary' }), (s) => {
-      expect(pipedStdout(pipedStdout(s))).toBe(pipedStdout(s));
-    }));
+    fc.assert(
+      fc.property(fc.string({ unit: 'binary' }), (s) => {
+        expect(pipedStdout(pipedStdout(s))).toBe(pipedStdout(s));
+      }),
+    );
   });
 });
 

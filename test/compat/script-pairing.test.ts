@@ -22,7 +22,9 @@ const JOB = 'Job type:         Completed   \nOperation:        Backup      \nTim
 const report = (profile: ProfileName) =>
   fc.record({
     profile: fc.constant(profile),
-    fallbackReason: fc.option(fc.constantFrom('VM stopped — incremental requires running VM', 'parent checkpoint missing on a disk'), { nil: null }),
+    fallbackReason: fc.option(fc.constantFrom('VM stopped — incremental requires running VM', 'parent checkpoint missing on a disk'), {
+      nil: null,
+    }),
     bitmapCreated: fc.option(fc.constant('backup-1736035200'), { nil: null }),
     warnings: fc.array(fc.constantFrom('Quiesce failed: guest agent not responding; the backup is crash-consistent'), { maxLength: 1 }),
     totalBytes: fc.constant(0n),
@@ -47,7 +49,18 @@ describe.each(Object.keys(PROFILES) as ProfileName[])('script output for profile
       fc.property(report(name), fc.array(fc.bigInt({ min: 0n, max: 2n ** 40n }), { minLength: 1, maxLength: 4 }), (r, sizes) => {
         const total = sizes.reduce((a, b) => a + b, 0n);
         const rep: BackupReport = { ...r, warnings: [], totalBytes: total };
-        const { answer } = answerFor(PROFILES[name], cmd, { exitCode: 0, stdout: stoppedBackupText(rep, sizes.map((size, i) => ({ name: `disk${i}`, size }))) }, true);
+        const { answer } = answerFor(
+          PROFILES[name],
+          cmd,
+          {
+            exitCode: 0,
+            stdout: stoppedBackupText(
+              rep,
+              sizes.map((size, i) => ({ name: `disk${i}`, size })),
+            ),
+          },
+          true,
+        );
         expect(answer).toMatchObject({ cls: 'BackupAnswer', result: true, size: total, incrementalFallback: rep.fallbackReason !== null });
         expect((answer as { bitmapCreated?: string }).bitmapCreated).toBe(expectedBitmap(rep));
       }),

@@ -21,8 +21,29 @@ describe('serveRequest', () => {
     const r = await serveRequest(EX.TAKE_BACKUP, { profile: PROFILES['rebase-era'], run });
     expect(run).toHaveBeenCalledTimes(1);
     expect(run.mock.calls[0]![0]).toEqual([
-      S, '-o', 'backup', '-v', 'i-2-10-VM', '-t', 'nfs', '-s', '10.10.0.5:/export/backup', '-m', '', '-p', 'i-2-10-VM/2025.01.04.00.00.00',
-      '-q', 'false', '-d', '', '-M', 'incremental', '--bitmap-new', 'backup-1736035200', '--bitmap-parent', 'backup-1735689600',
+      S,
+      '-o',
+      'backup',
+      '-v',
+      'i-2-10-VM',
+      '-t',
+      'nfs',
+      '-s',
+      '10.10.0.5:/export/backup',
+      '-m',
+      '',
+      '-p',
+      'i-2-10-VM/2025.01.04.00.00.00',
+      '-q',
+      'false',
+      '-d',
+      '',
+      '-M',
+      'incremental',
+      '--bitmap-new',
+      'backup-1736035200',
+      '--bitmap-parent',
+      'backup-1735689600',
     ]);
     expect(r.wire).toBe(EX.ANSWER_INCREMENTAL_OK);
     expect(r.served[0]!.notes).toContain('profile rebase-era: the G1/G2 wrapper only knows parentPath; parentPaths ignored');
@@ -32,9 +53,19 @@ describe('serveRequest', () => {
     const run = fakeRunner([{ exitCode: 0, stdout: 'INCREMENTAL_FALLBACK=true\nJob type:         Completed   \n\n1024\n' }]);
     const r = await serveRequest(EX.TAKE_BACKUP, { profile: PROFILES.merged, run, scriptPath: '/opt/s.sh' });
     expect(run.mock.calls[0]![0].slice(0, 1)).toEqual(['/opt/s.sh']);
-    expect(run.mock.calls[0]![0].slice(-2)).toEqual(['--parent-paths', 'i-2-10-VM/2025.01.01.00.00.00/root.b3f4c2a0-6d1e-4f7a-9c2b-1e5d8a7f3c01.qcow2']);
+    expect(run.mock.calls[0]![0].slice(-2)).toEqual([
+      '--parent-paths',
+      'i-2-10-VM/2025.01.01.00.00.00/root.b3f4c2a0-6d1e-4f7a-9c2b-1e5d8a7f3c01.qcow2',
+    ]);
     expect(decodeAnswers(r.wire)).toEqual([
-      expect.objectContaining({ cls: 'BackupAnswer', result: true, size: 1024n, bitmapCreated: 'backup-1736035200', incrementalFallback: true, details: 'INCREMENTAL_FALLBACK=true\nJob type:         Completed   \n\n1024' }),
+      expect.objectContaining({
+        cls: 'BackupAnswer',
+        result: true,
+        size: 1024n,
+        bitmapCreated: 'backup-1736035200',
+        incrementalFallback: true,
+        details: 'INCREMENTAL_FALLBACK=true\nJob type:         Completed   \n\n1024',
+      }),
     ]);
   });
 
@@ -47,7 +78,11 @@ describe('serveRequest', () => {
 
   it('several commands run in order and are answered in order', async () => {
     const text = `[${[EX.DELETE_BACKUP, EX.REBASE_BACKUP].map((t) => t.slice(1, -1)).join(',')},{"${P}GetBackupStorageStatsCommand":{"backupRepoType":"nfs","backupRepoAddress":"h:/e"}}]`;
-    const run = fakeRunner([{ exitCode: 0, stdout: '' }, { exitCode: 1, stdout: 'Rebase target file does not exist: x\n' }, { exitCode: 0, stdout: '/mp\n10 5\n' }]);
+    const run = fakeRunner([
+      { exitCode: 0, stdout: '' },
+      { exitCode: 1, stdout: 'Rebase target file does not exist: x\n' },
+      { exitCode: 0, stdout: '/mp\n10 5\n' },
+    ]);
     const r = await serveRequest(text, { profile: PROFILES['rebase-era'], run });
     expect(run.mock.calls.map((c) => c[0][2])).toEqual(['delete', 'rebase', 'stats']);
     expect(run.mock.calls[1]![0]).toContain('vers=4.1'); // \u003d decoded
@@ -62,7 +97,9 @@ describe('serveRequest', () => {
     const run = fakeRunner();
     const r = await serveRequest(EX.REBASE_BACKUP, { profile: PROFILES[name], run });
     expect(run).not.toHaveBeenCalled();
-    expect(decodeAnswers(r.wire)).toEqual([expect.objectContaining({ cls: 'BackupAnswer', result: false, details: expect.stringMatching(/not handled by the .* profile/) })]);
+    expect(decodeAnswers(r.wire)).toEqual([
+      expect.objectContaining({ cls: 'BackupAnswer', result: false, details: expect.stringMatching(/not handled by the .* profile/) }),
+    ]);
   });
 
   it('a wrapper that throws before running (short pool list) runs nothing and answers a plain Answer', async () => {
@@ -70,7 +107,9 @@ describe('serveRequest', () => {
     const run = fakeRunner();
     const r = await serveRequest(text, { profile: PROFILES['rebase-era'], run });
     expect(run).not.toHaveBeenCalled();
-    expect(r.wire).toMatch(/^\[\{"com\.cloud\.agent\.api\.Answer":\{"result":false,"details":"java\.lang\.IndexOutOfBoundsException: Index 1 out of bounds for length 1\\n\\tat /);
+    expect(r.wire).toMatch(
+      /^\[\{"com\.cloud\.agent\.api\.Answer":\{"result":false,"details":"java\.lang\.IndexOutOfBoundsException: Index 1 out of bounds for length 1\\n\\tat /,
+    );
   });
 
   it('a runner that fails becomes (-1, "execute.error")', async () => {
@@ -88,8 +127,16 @@ describe('bad input: an answer with result=false, a clear details, nothing execu
     ['malformed JSON', '[{"', /^nasbackup agent: Malformed JSON at end of input: .*; nothing was executed$/],
     ['not an array', '{}', /Expected a JSON array of commands/],
     ['empty array', '[]', /The command array is empty/],
-    ['unknown class', '[{"org.apache.cloudstack.backup.RestoreBackupCommand":{}}]', /Unknown command class "org\.apache\.cloudstack\.backup\.RestoreBackupCommand"/],
-    ['missing field', `[{"${P}DeleteBackupCommand":{"backupRepoType":"nfs","backupRepoAddress":"h"}}]`, /DeleteBackupCommand is missing the required field "backupPath"/],
+    [
+      'unknown class',
+      '[{"org.apache.cloudstack.backup.RestoreBackupCommand":{}}]',
+      /Unknown command class "org\.apache\.cloudstack\.backup\.RestoreBackupCommand"/,
+    ],
+    [
+      'missing field',
+      `[{"${P}DeleteBackupCommand":{"backupRepoType":"nfs","backupRepoAddress":"h"}}]`,
+      /DeleteBackupCommand is missing the required field "backupPath"/,
+    ],
   ];
   it.each(cases)('%s', async (_n, text, details) => {
     const run = fakeRunner();
@@ -107,20 +154,34 @@ describe('bad input: an answer with result=false, a clear details, nothing execu
     const r = await serveRequest(text, { profile: PROFILES['rebase-era'], run });
     expect(run).not.toHaveBeenCalled();
     expect(decodeAnswers(r.wire)).toEqual([
-      expect.objectContaining({ cls: 'BackupStorageStatsAnswer', result: false, totalSize: 0n, details: expect.stringMatching(/command 0 was not run because command 1 of the same request is invalid/) }),
-      expect.objectContaining({ cls: 'BackupAnswer', result: false, details: expect.stringMatching(/missing the required field "newBackingPath"/) }),
+      expect.objectContaining({
+        cls: 'BackupStorageStatsAnswer',
+        result: false,
+        totalSize: 0n,
+        details: expect.stringMatching(/command 0 was not run because command 1 of the same request is invalid/),
+      }),
+      expect.objectContaining({
+        cls: 'BackupAnswer',
+        result: false,
+        details: expect.stringMatching(/missing the required field "newBackingPath"/),
+      }),
     ]);
   });
 
   it('never rejects, and runs something only for a valid request (property)', async () => {
     await fc.assert(
-      fc.asyncProperty(fc.oneof(fc.string({ unit: 'binary' }), fc.json()), fc.constantFrom(...(Object.keys(PROFILES) as ProfileName[])), async (text, name) => {
-        const run = fakeRunner();
-        const r = await serveRequest(text, { profile: PROFILES[name], run });
-        const answers = decodeAnswers(r.wire);
-        expect(answers.length).toBeGreaterThan(0);
-        if (run.mock.calls.length === 0) expect(answers.every((a) => a.result === false || a.cls === 'BackupStorageStatsAnswer')).toBe(true);
-      }),
+      fc.asyncProperty(
+        fc.oneof(fc.string({ unit: 'binary' }), fc.json()),
+        fc.constantFrom(...(Object.keys(PROFILES) as ProfileName[])),
+        async (text, name) => {
+          const run = fakeRunner();
+          const r = await serveRequest(text, { profile: PROFILES[name], run });
+          const answers = decodeAnswers(r.wire);
+          expect(answers.length).toBeGreaterThan(0);
+          if (run.mock.calls.length === 0)
+            expect(answers.every((a) => a.result === false || a.cls === 'BackupStorageStatsAnswer')).toBe(true);
+        },
+      ),
     );
   });
 });

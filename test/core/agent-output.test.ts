@@ -5,7 +5,14 @@
 // management server, so these are checked as properties, not only by example.
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { AGENT_PROFILES, runningBackupText, STOPPED_FALLBACK_REASON, stoppedBackupText, type AgentProfile, type BackupReport } from '../../lib/agent-output.js';
+import {
+  AGENT_PROFILES,
+  runningBackupText,
+  STOPPED_FALLBACK_REASON,
+  stoppedBackupText,
+  type AgentProfile,
+  type BackupReport,
+} from '../../lib/agent-output.js';
 
 /** Java's Long.parseLong: an optional sign and decimal digits, within 64 bits. */
 function parseLong(s: string): bigint {
@@ -18,7 +25,10 @@ function parseLong(s: string): bigint {
 /** What the wrapper keeps of stdout before parsing the size (trim, drop its marker lines, trim). */
 function kept(profile: AgentProfile, stdout: string): string[] {
   const markers = profile === 'rebase-era' ? ['BITMAP_CREATED=', 'BITMAP_RECREATED=', 'INCREMENTAL_FALLBACK='] : ['INCREMENTAL_FALLBACK'];
-  const lines = stdout.trim().split('\n').filter((l) => !markers.some((m) => l.trim().startsWith(m)));
+  const lines = stdout
+    .trim()
+    .split('\n')
+    .filter((l) => !markers.some((m) => l.trim().startsWith(m)));
   return lines.join('\n').trim().split('\n');
 }
 
@@ -49,14 +59,24 @@ const JOB =
 
 describe('running-VM backup text', () => {
   it('rebase-era, as the original prints it: the job block, the du total, BITMAP_CREATED last', () => {
-    expect(runningBackupText(report({ bitmapCreated: 'backup-1736035200' }), JOB)).toBe(JOB + '1775942\nBITMAP_CREATED=backup-1736035200\n');
+    expect(runningBackupText(report({ bitmapCreated: 'backup-1736035200' }), JOB)).toBe(
+      JOB + '1775942\nBITMAP_CREATED=backup-1736035200\n',
+    );
   });
   it('markers and warnings first; merged has no BITMAP_CREATED; newest adds BACKUP_SIZE_TOTAL= before the total', () => {
-    const r = { fallbackReason: 'parent bitmap b missing on disk vdb', bitmapCreated: 'n', warnings: ['Quiesce failed, backup is crash-consistent: x'] };
+    const r = {
+      fallbackReason: 'parent bitmap b missing on disk vdb',
+      bitmapCreated: 'n',
+      warnings: ['Quiesce failed, backup is crash-consistent: x'],
+    };
     expect(runningBackupText(report(r), JOB)).toBe(
-      'INCREMENTAL_FALLBACK=full (parent bitmap b missing on disk vdb)\nQuiesce failed, backup is crash-consistent: x\n' + JOB + '1775942\nBITMAP_CREATED=n\n',
+      'INCREMENTAL_FALLBACK=full (parent bitmap b missing on disk vdb)\nQuiesce failed, backup is crash-consistent: x\n' +
+        JOB +
+        '1775942\nBITMAP_CREATED=n\n',
     );
-    expect(runningBackupText(report({ ...r, profile: 'merged' }), JOB)).toBe('INCREMENTAL_FALLBACK=true\nQuiesce failed, backup is crash-consistent: x\n' + JOB + '1775942\n');
+    expect(runningBackupText(report({ ...r, profile: 'merged' }), JOB)).toBe(
+      'INCREMENTAL_FALLBACK=true\nQuiesce failed, backup is crash-consistent: x\n' + JOB + '1775942\n',
+    );
     expect(runningBackupText(report({ ...r, profile: 'newest' }), JOB)).toBe(
       'INCREMENTAL_FALLBACK=true\nQuiesce failed, backup is crash-consistent: x\n' + JOB + 'BACKUP_SIZE_TOTAL=1775942\n1775942\n',
     );
@@ -79,10 +99,15 @@ describe('stopped-VM backup text', () => {
     expect(stoppedBackupText(report({ fallbackReason: STOPPED_FALLBACK_REASON, bitmapCreated: 'backup-1736035200' }), files)).toBe(
       'INCREMENTAL_FALLBACK=full (VM stopped — incremental requires running VM)\nBITMAP_CREATED=backup-1736035200\n917504\n1769472\n',
     );
-    expect(stoppedBackupText(report({ profile: 'merged', fallbackReason: STOPPED_FALLBACK_REASON, bitmapCreated: 'b' }), [{ name: 'root.x', size: 1n }, { name: 'datadisk.y', size: 2n }])).toBe(
-      'INCREMENTAL_FALLBACK=true\n2\n1\n',
+    expect(
+      stoppedBackupText(report({ profile: 'merged', fallbackReason: STOPPED_FALLBACK_REASON, bitmapCreated: 'b' }), [
+        { name: 'root.x', size: 1n },
+        { name: 'datadisk.y', size: 2n },
+      ]),
+    ).toBe('INCREMENTAL_FALLBACK=true\n2\n1\n');
+    expect(stoppedBackupText(report({ profile: 'newest', totalBytes: 2690880n }), files)).toBe(
+      'BACKUP_SIZE_TOTAL=2690880\n917504\n1769472\n',
     );
-    expect(stoppedBackupText(report({ profile: 'newest', totalBytes: 2690880n }), files)).toBe('BACKUP_SIZE_TOTAL=2690880\n917504\n1769472\n');
   });
 
   it('sizes in the order `ls` lists the folder in the C locale: byte order of the names, whatever order they were written in', () => {
@@ -103,7 +128,9 @@ describe('stopped-VM backup text', () => {
 const profile = fc.constantFrom<AgentProfile>(...AGENT_PROFILES);
 const bytes = fc.bigInt({ min: 0n, max: 2n ** 53n });
 /** One line of operator text: no newline, not starting like a marker. */
-const line = fc.string({ minLength: 0, maxLength: 60 }).filter((s) => !/[\r\n]/.test(s) && !/^\s*(BITMAP_|INCREMENTAL_|BACKUP_SIZE)/.test(s));
+const line = fc
+  .string({ minLength: 0, maxLength: 60 })
+  .filter((s) => !/[\r\n]/.test(s) && !/^\s*(BITMAP_|INCREMENTAL_|BACKUP_SIZE)/.test(s));
 const name = fc.stringMatching(/^[A-Za-z0-9][A-Za-z0-9._:+-]{0,30}$/);
 /** A domjobinfo --completed block: `Key:  value` lines, then virsh's empty line. */
 const jobBlock = fc
@@ -143,7 +170,10 @@ describe('properties', () => {
   it('stopped VM: every line a rebase-era or merged wrapper keeps is an integer, and they sum to the file sizes', () => {
     fc.assert(
       fc.property(anyReport, fc.array(bytes, { minLength: 1, maxLength: 6 }), (r, sizes) => {
-        const out = stoppedBackupText(r, sizes.map((size, i) => ({ name: `${i === 0 ? 'root' : 'datadisk'}.v${i}.qcow2`, size })));
+        const out = stoppedBackupText(
+          r,
+          sizes.map((size, i) => ({ name: `${i === 0 ? 'root' : 'datadisk'}.v${i}.qcow2`, size })),
+        );
         expect(out).not.toContain('\n\n');
         expect(out.startsWith('\n')).toBe(false);
         const total = sizes.reduce((a, b) => a + b, 0n);

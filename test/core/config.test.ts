@@ -36,11 +36,17 @@ describe('loadConfig', () => {
   });
 
   it('command-line settings override the environment (and are checked as arguments)', () => {
-    const c = loadConfig({ NASBACKUP_ENGINE: 'native', NASBACKUP_MOUNT_TIMEOUT: '5' }, { engine: 'qemu-img', mountTimeout: '1.5', quiesceTimeout: '7', agentProfile: 'newest' });
+    const c = loadConfig(
+      { NASBACKUP_ENGINE: 'native', NASBACKUP_MOUNT_TIMEOUT: '5' },
+      { engine: 'qemu-img', mountTimeout: '1.5', quiesceTimeout: '7', agentProfile: 'newest' },
+    );
     expect(c).toMatchObject({ engine: 'qemu-img', mountTimeoutMs: 1500, quiesceTimeoutSec: 7, agentProfile: 'newest' });
     // The agent command's profile wins over a bad environment value it already rejected or overrode.
     expect(loadConfig({ NASBACKUP_AGENT_PROFILE: 'bogus' }, { agentProfile: 'merged' }).agentProfile).toBe('merged');
-    expect(refusal({}, { engine: 'turbo' })).toMatchObject({ code: 'INVALID_ARGUMENT', message: expect.stringMatching(/Invalid --engine: turbo/) });
+    expect(refusal({}, { engine: 'turbo' })).toMatchObject({
+      code: 'INVALID_ARGUMENT',
+      message: expect.stringMatching(/Invalid --engine: turbo/),
+    });
     expect(refusal({}, { mountTimeout: '0' }).code).toBe('INVALID_ARGUMENT');
     expect(refusal({}, { quiesceTimeout: '1.5' }).code).toBe('INVALID_ARGUMENT');
   });

@@ -42,6 +42,8 @@ describe('logger', () => {
     expect(() => createLogger(join(ro, 'x', 'agent.log')).log('x')).not.toThrow();
   });
   it('keeps CIFS credentials out of the log', () => {
-    expect(redact('mount -t cifs //h/s /m -o username=u,password=s3cr3t,vers=3.0')).toBe('mount -t cifs //h/s /m -o username=u,password=***,vers=3.0');
+    expect(redact('mount -t cifs //h/s /m -o username=u,password=s3cr3t,vers=3.0')).toBe(
+      'mount -t cifs //h/s /m -o username=u,password=***,vers=3.0',
+    );
   });
 });

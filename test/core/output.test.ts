@@ -4,7 +4,16 @@
 import { describe, expect, it } from 'vitest';
 import { runningBackupText, stoppedBackupText, type BackupReport } from '../../lib/agent-output.js';
 import { EXIT_CLEANUP_FAILED, EXIT_OK, exitCodeOf, NasbackupError, WARNING_CODES, withResult } from '../../lib/errors.js';
-import { backupRenderer, deleteRenderer, envelope, NasNames, render, renderFailure, type BackupResult, type DeleteResult } from '../../lib/output.js';
+import {
+  backupRenderer,
+  deleteRenderer,
+  envelope,
+  NasNames,
+  render,
+  renderFailure,
+  type BackupResult,
+  type DeleteResult,
+} from '../../lib/output.js';
 import * as protocol from '../../compat/protocol.js';
 
 const MP = '/tmp/csbackup.Ab12Cd';
@@ -37,11 +46,22 @@ describe('exitCodeOf: one precedence for several failures', () => {
 
 describe('the JSON envelope', () => {
   it('success: ok, command, the fields, empty errors and warnings', () => {
-    expect(JSON.parse(envelope('stats', { storage: 'h:/e' }, [], []))).toEqual({ ok: true, command: 'stats', storage: 'h:/e', errors: [], warnings: [] });
+    expect(JSON.parse(envelope('stats', { storage: 'h:/e' }, [], []))).toEqual({
+      ok: true,
+      command: 'stats',
+      storage: 'h:/e',
+      errors: [],
+      warnings: [],
+    });
   });
 
   it('failure: ok false, every error with code/message/details/exitCode, one line', () => {
-    const text = envelope('delete', {}, [new NasbackupError('DELETE_FAILED', 'Failed', { details: 'EBUSY' })], [{ code: 'LEAKED_CLUSTERS', message: 'm' }]);
+    const text = envelope(
+      'delete',
+      {},
+      [new NasbackupError('DELETE_FAILED', 'Failed', { details: 'EBUSY' })],
+      [{ code: 'LEAKED_CLUSTERS', message: 'm' }],
+    );
     expect(text.split('\n')).toHaveLength(2);
     expect(JSON.parse(text)).toEqual({
       ok: false,
@@ -63,8 +83,12 @@ describe('NAS-relative names for operators', () => {
   it('a path below the mount point is named on the NAS', () => {
     expect(nas.rel(`${MP}/${FILE}`)).toBe(FILE);
     expect(nas.rel('/elsewhere/x')).toBe('/elsewhere/x');
-    expect(nas.text(`Rebase target file does not exist: ${MP}/${FILE}`)).toBe(`Rebase target file does not exist: ${FILE} on 10.0.0.5:/export`);
-    expect(nas.text(`Refusing to delete ${MP}/${FILE}: it is a symbolic link.`)).toBe(`Refusing to delete ${FILE} on 10.0.0.5:/export: it is a symbolic link.`);
+    expect(nas.text(`Rebase target file does not exist: ${MP}/${FILE}`)).toBe(
+      `Rebase target file does not exist: ${FILE} on 10.0.0.5:/export`,
+    );
+    expect(nas.text(`Refusing to delete ${MP}/${FILE}: it is a symbolic link.`)).toBe(
+      `Refusing to delete ${FILE} on 10.0.0.5:/export: it is a symbolic link.`,
+    );
   });
 
   it('operator text and JSON never name the mount point; the agent text keeps the contract bytes', () => {
@@ -89,9 +113,18 @@ describe('NAS-relative names for operators', () => {
 });
 
 describe('the agent bytes come from the one renderer, unchanged', () => {
-  const report: BackupReport = { profile: 'rebase-era', fallbackReason: null, bitmapCreated: 'backup-2', warnings: ['Quiesce skipped: VM v is paused, its disks are already quiet'], totalBytes: 465222n };
+  const report: BackupReport = {
+    profile: 'rebase-era',
+    fallbackReason: null,
+    bitmapCreated: 'backup-2',
+    warnings: ['Quiesce skipped: VM v is paused, its disks are already quiet'],
+    totalBytes: 465222n,
+  };
   const job = 'Job type:         Completed   \nOperation:        Backup      \n\n';
-  const files = [{ name: 'root.a.qcow2', size: 851968n }, { name: 'datadisk.b.qcow2', size: 1638400n }];
+  const files = [
+    { name: 'root.a.qcow2', size: 851968n },
+    { name: 'datadisk.b.qcow2', size: 1638400n },
+  ];
   const result = (format: 'running' | 'stopped'): BackupResult => ({
     vm: 'v',
     path: 'v/2025.01.01.00.00.00',
@@ -113,19 +146,33 @@ describe('the agent bytes come from the one renderer, unchanged', () => {
     const c = capture();
     render(c.out, 'json', backupRenderer, { result: result('stopped'), errors: [], mounts: MOUNTS });
     const o = JSON.parse(c.text());
-    expect(o).toMatchObject({ ok: true, command: 'backup', format: 'stopped', bitmapCreated: 'backup-2', fileSizes: [1638400, 851968], totalBytes: 465222 });
+    expect(o).toMatchObject({
+      ok: true,
+      command: 'backup',
+      format: 'stopped',
+      bitmapCreated: 'backup-2',
+      fileSizes: [1638400, 851968],
+      totalBytes: 465222,
+    });
     expect(o.warnings).toEqual([{ code: 'QUIESCE_SKIPPED', message: report.warnings[0] }]);
     for (const w of o.warnings) expect(WARNING_CODES).toContain(w.code);
   });
 
   it('a delete that failed half-way: the rm -v lines of what went, then the error (as before)', () => {
     const partial: DeleteResult = { path: 'v/t', removed: [{ path: `${MP}/v/t/a`, directory: false }] };
-    const err = withResult(new NasbackupError('DELETE_FAILED', `Refusing to delete ${MP}/v/t/m: another filesystem is mounted there`), partial);
+    const err = withResult(
+      new NasbackupError('DELETE_FAILED', `Refusing to delete ${MP}/v/t/m: another filesystem is mounted there`),
+      partial,
+    );
     const c = capture();
     expect(render(c.out, 'agent', deleteRenderer, { errors: [err], mounts: MOUNTS })).toBe(1);
     expect(c.text()).toBe(`removed '${MP}/v/t/a'\nRefusing to delete ${MP}/v/t/m: another filesystem is mounted there\n`);
     const j = capture();
     render(j.out, 'json', deleteRenderer, { errors: [err], mounts: MOUNTS });
-    expect(JSON.parse(j.text())).toMatchObject({ ok: false, removedFiles: ['v/t/a'], errors: [{ code: 'DELETE_FAILED', message: 'Refusing to delete v/t/m on 10.0.0.5:/export: another filesystem is mounted there' }] });
+    expect(JSON.parse(j.text())).toMatchObject({
+      ok: false,
+      removedFiles: ['v/t/a'],
+      errors: [{ code: 'DELETE_FAILED', message: 'Refusing to delete v/t/m on 10.0.0.5:/export: another filesystem is mounted there' }],
+    });
   });
 });

@@ -6,7 +6,11 @@ import { removeTempDirs, tempDir } from '../helpers/tmp.js';
 
 afterAll(removeTempDirs);
 
-const codeOf = async (p: Promise<unknown>): Promise<string> => p.then(() => 'ok', (e: { code: string }) => e.code);
+const codeOf = async (p: Promise<unknown>): Promise<string> =>
+  p.then(
+    () => 'ok',
+    (e: { code: string }) => e.code,
+  );
 const syncCode = (f: () => unknown): string => {
   try {
     f();

@@ -1,33 +1,33 @@
 // Host-side helpers for end-to-end tests against real libvirt/QEMU.
 // The lab itself (packages, daemons, guest kernel/initramfs) is managed by
 // scripts/e2e-lab.mjs; see docs/e2e-lab.md for the background.
-import { execa } from 'execa'
-import fs from 'node:fs'
-import path from 'node:path'
-import { fileURLToPath } from 'node:url'
+import { execa } from 'execa';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 
-export const REPO_ROOT = fileURLToPath(new URL('../..', import.meta.url))
-export const LAB_SCRIPT = path.join(REPO_ROOT, 'scripts', 'e2e-lab.mjs')
-export const GUEST_CACHE = process.env.NASBACKUP_E2E_CACHE || '/var/cache/nasbackup-e2e/guest'
-export const VIRSH_URI = 'qemu:///system'
-export const DOMAIN_PREFIX = 'nbe2e-'
-export const READY_MARKER = 'E2E-GUEST-READY'
+export const REPO_ROOT = fileURLToPath(new URL('../..', import.meta.url));
+export const LAB_SCRIPT = path.join(REPO_ROOT, 'scripts', 'e2e-lab.mjs');
+export const GUEST_CACHE = process.env.NASBACKUP_E2E_CACHE || '/var/cache/nasbackup-e2e/guest';
+export const VIRSH_URI = 'qemu:///system';
+export const DOMAIN_PREFIX = 'nbe2e-';
+export const READY_MARKER = 'E2E-GUEST-READY';
 /** 'qemu' = TCG. Set NASBACKUP_E2E_DOMAIN_TYPE=kvm only where /dev/kvm really works. */
-export const DOMAIN_TYPE = process.env.NASBACKUP_E2E_DOMAIN_TYPE || 'qemu'
+export const DOMAIN_TYPE = process.env.NASBACKUP_E2E_DOMAIN_TYPE || 'qemu';
 
 export interface RunResult {
-  stdout: string
-  stderr: string
-  exitCode: number
+  stdout: string;
+  stderr: string;
+  exitCode: number;
 }
 
 export interface RunOptions {
   /** Kill the command after this many ms (default 60 s). */
-  timeoutMs?: number
+  timeoutMs?: number;
   /** Throw on a non-zero exit instead of returning it. */
-  check?: boolean
-  cwd?: string
-  input?: string
+  check?: boolean;
+  cwd?: string;
+  input?: string;
 }
 
 /** Run a command without a shell; never hangs past its timeout. */
@@ -38,25 +38,25 @@ export async function run(file: string, args: string[], opts: RunOptions = {}): 
     cwd: opts.cwd,
     input: opts.input,
     stripFinalNewline: false,
-  })
+  });
   const res: RunResult = {
     stdout: String(r.stdout ?? ''),
     stderr: String(r.stderr ?? ''),
     exitCode: r.exitCode ?? (r.timedOut ? 124 : 1),
-  }
+  };
   if (opts.check && res.exitCode !== 0) {
-    const why = r.timedOut ? `timed out after ${opts.timeoutMs ?? 60_000} ms` : `exit ${res.exitCode}`
-    throw new Error(`${file} ${args.join(' ')}: ${why}\n${res.stderr || res.stdout}`)
+    const why = r.timedOut ? `timed out after ${opts.timeoutMs ?? 60_000} ms` : `exit ${res.exitCode}`;
+    throw new Error(`${file} ${args.join(' ')}: ${why}\n${res.stderr || res.stdout}`);
   }
-  return res
+  return res;
 }
 
 /** virsh against the system URI. */
 export function virsh(args: string[], opts: RunOptions = {}): Promise<RunResult> {
-  return run('virsh', ['-c', VIRSH_URI, ...args], opts)
+  return run('virsh', ['-c', VIRSH_URI, ...args], opts);
 }
 
-export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms))
+export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 /** Poll until probe returns a truthy value; throws with `what` after deadlineMs. */
 export async function waitFor<T>(
@@ -65,34 +65,34 @@ export async function waitFor<T>(
   probe: () => Promise<T | undefined | false> | T | undefined | false,
   intervalMs = 200,
 ): Promise<T> {
-  const end = Date.now() + deadlineMs
+  const end = Date.now() + deadlineMs;
   for (;;) {
-    const v = await probe()
-    if (v) return v
-    if (Date.now() > end) throw new Error(`timed out after ${deadlineMs} ms waiting for ${what}`)
-    await sleep(intervalMs)
+    const v = await probe();
+    if (v) return v;
+    if (Date.now() > end) throw new Error(`timed out after ${deadlineMs} ms waiting for ${what}`);
+    await sleep(intervalMs);
   }
 }
 
-let labReady: Promise<void> | undefined
+let labReady: Promise<void> | undefined;
 
 /** Install/configure the lab and start libvirt: once per process. */
 export function ensureLab(): Promise<void> {
   labReady ??= (async () => {
     for (const cmd of ['setup', 'start']) {
       // Cold setup installs packages (~20-70 s); warm setup is well under a second.
-      const r = await run(process.execPath, [LAB_SCRIPT, cmd], { timeoutMs: 900_000, cwd: REPO_ROOT })
-      if (r.exitCode !== 0) throw new Error(`e2e-lab ${cmd} failed (exit ${r.exitCode}):\n${r.stdout}${r.stderr}`)
+      const r = await run(process.execPath, [LAB_SCRIPT, cmd], { timeoutMs: 900_000, cwd: REPO_ROOT });
+      if (r.exitCode !== 0) throw new Error(`e2e-lab ${cmd} failed (exit ${r.exitCode}):\n${r.stdout}${r.stderr}`);
     }
-  })()
+  })();
   // A failed attempt must not poison later calls.
-  labReady.catch(() => (labReady = undefined))
-  return labReady
+  labReady.catch(() => (labReady = undefined));
+  return labReady;
 }
 
 /** Create an empty qcow2 image. */
 export async function createQcow2(file: string, sizeBytes: number): Promise<void> {
-  await run('qemu-img', ['create', '-q', '-f', 'qcow2', file, String(sizeBytes)], { check: true })
+  await run('qemu-img', ['create', '-q', '-f', 'qcow2', file, String(sizeBytes)], { check: true });
 }
 
 /**
@@ -102,64 +102,64 @@ export async function createQcow2(file: string, sizeBytes: number): Promise<void
  * initialised up front so the guest kernel does no background writes.
  */
 export async function mkfsExt4(file: string, sizeBytes: number, label = 'nbe2e'): Promise<void> {
-  const raw = `${file}.raw.tmp`
+  const raw = `${file}.raw.tmp`;
   try {
-    fs.closeSync(fs.openSync(raw, 'w'))
-    fs.truncateSync(raw, sizeBytes)
+    fs.closeSync(fs.openSync(raw, 'w'));
+    fs.truncateSync(raw, sizeBytes);
     await run('mkfs.ext4', ['-q', '-F', '-L', label, '-E', 'lazy_itable_init=0,lazy_journal_init=0', raw], {
       check: true,
-    })
-    await run('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', raw, file], { check: true })
+    });
+    await run('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', raw, file], { check: true });
   } finally {
-    fs.rmSync(raw, { force: true })
+    fs.rmSync(raw, { force: true });
   }
 }
 
 export interface GuestOptions {
   /** Domain name; must start with nbe2e- so `e2e-lab.mjs stop` can clean it up. */
-  name: string
+  name: string;
   /** qcow2 images: the first is vda, then vdb, vdc, ... */
-  disks: string[]
+  disks: string[];
   /**
    * Default true. false keeps the agent channel (as on a VM without the agent
    * installed) but the guest never starts qemu-ga, so agent calls fail with
    * "QEMU guest agent is not connected".
    */
-  withAgent?: boolean
+  withAgent?: boolean;
   /** Directory for the domain XML and the console log. */
-  dir: string
+  dir: string;
   /** Disk cache mode (default 'none', as CloudStack; needs O_DIRECT, so not on tmpfs). */
-  cache?: 'none' | 'writeback' | 'writethrough' | 'directsync' | 'unsafe'
+  cache?: 'none' | 'writeback' | 'writethrough' | 'directsync' | 'unsafe';
   /** Deadline for boot + agent (default 120 s; TCG boot is ~6 s on an idle host). */
-  bootTimeoutMs?: number
+  bootTimeoutMs?: number;
 }
 
 export interface Guest {
-  name: string
-  consoleLog: string
-  xmlPath: string
+  name: string;
+  consoleLog: string;
+  xmlPath: string;
   /** ms from `virsh create` to the ready marker / to the first guest-ping answer. */
-  timings: { readyMs: number; agentMs?: number }
+  timings: { readyMs: number; agentMs?: number };
   /** Destroy the transient domain; safe to call twice. */
-  destroy(): Promise<void>
+  destroy(): Promise<void>;
 }
 
 const xmlEscape = (s: string) =>
-  s.replace(/[<>&'"]/g, (c) => ({ '<': '&lt;', '>': '&gt;', '&': '&amp;', "'": '&apos;', '"': '&quot;' })[c]!)
+  s.replace(/[<>&'"]/g, (c) => ({ '<': '&lt;', '>': '&gt;', '&': '&amp;', "'": '&apos;', '"': '&quot;' })[c]!);
 
 /** vda, vdb, ... vdz */
-export const diskTarget = (i: number) => `vd${String.fromCharCode(97 + i)}`
+export const diskTarget = (i: number) => `vd${String.fromCharCode(97 + i)}`;
 
 export function domainXml(opts: GuestOptions, consoleLog: string): string {
-  const cmdline = ['console=ttyS0', 'rdinit=/init', 'panic=-1', 'quiet']
-  if (opts.withAgent === false) cmdline.push('nbe2e.noagent')
+  const cmdline = ['console=ttyS0', 'rdinit=/init', 'panic=-1', 'quiet'];
+  if (opts.withAgent === false) cmdline.push('nbe2e.noagent');
   const disks = opts.disks.map(
     (d, i) => `    <disk type='file' device='disk'>
       <driver name='qemu' type='qcow2' cache='${opts.cache ?? 'none'}'/>
       <source file='${xmlEscape(path.resolve(d))}'/>
       <target dev='${diskTarget(i)}' bus='virtio'/>
     </disk>`,
-  )
+  );
   return `<domain type='${DOMAIN_TYPE}'>
   <name>${xmlEscape(opts.name)}</name>
   <memory unit='MiB'>256</memory>
@@ -188,107 +188,107 @@ ${disks.join('\n')}
     <memballoon model='none'/>
   </devices>
 </domain>
-`
+`;
 }
 
 /** Send one guest-agent command; returns the parsed JSON reply or throws with virsh's error. */
 export async function agentCommand(name: string, execute: string, args?: object): Promise<unknown> {
-  const cmd = JSON.stringify(args ? { execute, arguments: args } : { execute })
-  const r = await virsh(['qemu-agent-command', name, cmd, '--timeout', '10'], { timeoutMs: 30_000 })
-  if (r.exitCode !== 0) throw new Error(`${execute} on ${name}: ${r.stderr.trim() || r.stdout.trim()}`)
-  return JSON.parse(r.stdout)
+  const cmd = JSON.stringify(args ? { execute, arguments: args } : { execute });
+  const r = await virsh(['qemu-agent-command', name, cmd, '--timeout', '10'], { timeoutMs: 30_000 });
+  if (r.exitCode !== 0) throw new Error(`${execute} on ${name}: ${r.stderr.trim() || r.stdout.trim()}`);
+  return JSON.parse(r.stdout);
 }
 
 async function domainExists(name: string): Promise<boolean> {
-  return (await virsh(['domstate', name], { timeoutMs: 15_000 })).exitCode === 0
+  return (await virsh(['domstate', name], { timeoutMs: 15_000 })).exitCode === 0;
 }
 
 function tail(file: string, lines = 30): string {
   try {
-    return fs.readFileSync(file, 'utf8').split('\n').slice(-lines).join('\n')
+    return fs.readFileSync(file, 'utf8').split('\n').slice(-lines).join('\n');
   } catch {
-    return '(no console log)'
+    return '(no console log)';
   }
 }
 
 /** Start a transient TCG domain from the lab guest and wait until it is usable. */
 export async function startGuest(opts: GuestOptions): Promise<Guest> {
-  if (!/^nbe2e-[A-Za-z0-9_.-]+$/.test(opts.name)) throw new Error(`guest name must match nbe2e-*: ${opts.name}`)
-  if (opts.disks.length < 1 || opts.disks.length > 26) throw new Error('need 1..26 disks')
-  const deadline = Date.now() + (opts.bootTimeoutMs ?? 120_000)
-  const left = () => Math.max(0, deadline - Date.now())
-  const consoleLog = path.join(opts.dir, `${opts.name}.console.log`)
-  const xmlPath = path.join(opts.dir, `${opts.name}.xml`)
-  fs.rmSync(consoleLog, { force: true })
-  fs.writeFileSync(xmlPath, domainXml(opts, consoleLog))
+  if (!/^nbe2e-[A-Za-z0-9_.-]+$/.test(opts.name)) throw new Error(`guest name must match nbe2e-*: ${opts.name}`);
+  if (opts.disks.length < 1 || opts.disks.length > 26) throw new Error('need 1..26 disks');
+  const deadline = Date.now() + (opts.bootTimeoutMs ?? 120_000);
+  const left = () => Math.max(0, deadline - Date.now());
+  const consoleLog = path.join(opts.dir, `${opts.name}.console.log`);
+  const xmlPath = path.join(opts.dir, `${opts.name}.xml`);
+  fs.rmSync(consoleLog, { force: true });
+  fs.writeFileSync(xmlPath, domainXml(opts, consoleLog));
 
   const destroy = async () => {
-    const r = await virsh(['destroy', opts.name], { timeoutMs: 60_000 })
+    const r = await virsh(['destroy', opts.name], { timeoutMs: 60_000 });
     if (r.exitCode !== 0 && !/failed to get domain|not found|not running/i.test(r.stderr)) {
-      throw new Error(`virsh destroy ${opts.name}: ${r.stderr.trim()}`)
+      throw new Error(`virsh destroy ${opts.name}: ${r.stderr.trim()}`);
     }
-  }
+  };
 
-  const t0 = Date.now()
-  await virsh(['create', xmlPath], { check: true, timeoutMs: 60_000 })
+  const t0 = Date.now();
+  await virsh(['create', xmlPath], { check: true, timeoutMs: 60_000 });
   try {
-    let polls = 0
+    let polls = 0;
     await waitFor(`${READY_MARKER} on ${opts.name}'s console`, left(), async () => {
-      if (fs.existsSync(consoleLog) && fs.readFileSync(consoleLog, 'utf8').includes(READY_MARKER)) return true
+      if (fs.existsSync(consoleLog) && fs.readFileSync(consoleLog, 'utf8').includes(READY_MARKER)) return true;
       // A guest that panicked is destroyed (on_crash/on_reboot): fail fast.
-      if (++polls % 5 === 0 && !(await domainExists(opts.name))) throw new Error(`${opts.name} vanished while booting`)
-      return false
-    })
-    const readyMs = Date.now() - t0
-    let agentMs: number | undefined
+      if (++polls % 5 === 0 && !(await domainExists(opts.name))) throw new Error(`${opts.name} vanished while booting`);
+      return false;
+    });
+    const readyMs = Date.now() - t0;
+    let agentMs: number | undefined;
     if (opts.withAgent !== false) {
       await waitFor(`guest-ping on ${opts.name}`, left(), async () => {
         try {
-          await agentCommand(opts.name, 'guest-ping')
-          return true
+          await agentCommand(opts.name, 'guest-ping');
+          return true;
         } catch {
-          return false
+          return false;
         }
-      })
-      agentMs = Date.now() - t0
+      });
+      agentMs = Date.now() - t0;
     }
-    return { name: opts.name, consoleLog, xmlPath, timings: { readyMs, agentMs }, destroy }
+    return { name: opts.name, consoleLog, xmlPath, timings: { readyMs, agentMs }, destroy };
   } catch (e) {
-    await destroy().catch(() => {})
-    throw new Error(`${(e as Error).message}\n--- console (${consoleLog}) ---\n${tail(consoleLog)}`, { cause: e })
+    await destroy().catch(() => {});
+    throw new Error(`${(e as Error).message}\n--- console (${consoleLog}) ---\n${tail(consoleLog)}`, { cause: e });
   }
 }
 
 /** The device alias libvirt gave the disk with this target (virtio-disk0 for vda, ...). */
 export async function diskAlias(name: string, target: string): Promise<string> {
-  const xml = (await virsh(['dumpxml', name], { check: true })).stdout
+  const xml = (await virsh(['dumpxml', name], { check: true })).stdout;
   for (const disk of xml.match(/<disk[\s\S]*?<\/disk>/g) ?? []) {
     if (new RegExp(`<target dev='${target}'`).test(disk)) {
-      const alias = disk.match(/<alias name='([^']+)'/)?.[1]
-      if (alias) return alias
+      const alias = disk.match(/<alias name='([^']+)'/)?.[1];
+      if (alias) return alias;
     }
   }
-  throw new Error(`no disk ${target} with an alias on ${name}`)
+  throw new Error(`no disk ${target} with an alias on ${name}`);
 }
 
 export interface GuestWrite {
-  target: string
+  target: string;
   /** Byte value 0..255 written with qemu-io's -P. */
-  pattern: number
-  offset: number
-  length: number
+  pattern: number;
+  offset: number;
+  length: number;
 }
 
 /** QEMU's per-domain log; virtlogd appends qemu-io's reports to it. */
-export const qemuLogPath = (name: string) => `/var/log/libvirt/qemu/${name}.log`
+export const qemuLogPath = (name: string) => `/var/log/libvirt/qemu/${name}.log`;
 
 const fileSize = (p: string) => {
   try {
-    return fs.statSync(p).size
+    return fs.statSync(p).size;
   } catch {
-    return 0
+    return 0;
   }
-}
+};
 
 /**
  * Write a byte pattern into a running guest's disk from the host, through
@@ -301,27 +301,32 @@ const fileSize = (p: string) => {
  * So the outcome is read from there.
  */
 export async function guestWrite(name: string, w: GuestWrite): Promise<void> {
-  if (!Number.isInteger(w.pattern) || w.pattern < 0 || w.pattern > 255) throw new Error(`bad pattern ${w.pattern}`)
-  for (const n of [w.offset, w.length]) if (!Number.isSafeInteger(n) || n < 0) throw new Error(`bad offset/length ${n}`)
-  const alias = await diskAlias(name, w.target)
-  const io = `write -P 0x${w.pattern.toString(16).padStart(2, '0')} ${w.offset} ${w.length}`
-  const hmp = `qemu-io -d /machine/peripheral/${alias}/virtio-backend "${io}"`
-  const logFile = qemuLogPath(name)
-  const before = fileSize(logFile)
-  const r = await virsh(['qemu-monitor-command', name, '--hmp', hmp], { check: true })
-  if (r.stdout.trim()) throw new Error(`qemu-io on ${name}/${w.target}: ${r.stdout.trim()}`)
+  if (!Number.isInteger(w.pattern) || w.pattern < 0 || w.pattern > 255) throw new Error(`bad pattern ${w.pattern}`);
+  for (const n of [w.offset, w.length]) if (!Number.isSafeInteger(n) || n < 0) throw new Error(`bad offset/length ${n}`);
+  const alias = await diskAlias(name, w.target);
+  const io = `write -P 0x${w.pattern.toString(16).padStart(2, '0')} ${w.offset} ${w.length}`;
+  const hmp = `qemu-io -d /machine/peripheral/${alias}/virtio-backend "${io}"`;
+  const logFile = qemuLogPath(name);
+  const before = fileSize(logFile);
+  const r = await virsh(['qemu-monitor-command', name, '--hmp', hmp], { check: true });
+  if (r.stdout.trim()) throw new Error(`qemu-io on ${name}/${w.target}: ${r.stdout.trim()}`);
 
-  const ok = `wrote ${w.length}/${w.length} bytes at offset ${w.offset}`
-  const report = await waitFor(`qemu-io report in ${logFile}`, 10_000, () => {
-    const fd = fs.openSync(logFile, 'r')
-    try {
-      const buf = Buffer.alloc(Math.max(0, fileSize(logFile) - before))
-      fs.readSync(fd, buf, 0, buf.length, before)
-      const text = buf.toString('utf8')
-      return text.includes(ok) || /(write|qemu-io).*(failed|error)/i.test(text) ? text : undefined
-    } finally {
-      fs.closeSync(fd)
-    }
-  }, 50)
-  if (!report.includes(ok)) throw new Error(`qemu-io "${io}" on ${name}/${w.target} failed:\n${report.trim()}`)
+  const ok = `wrote ${w.length}/${w.length} bytes at offset ${w.offset}`;
+  const report = await waitFor(
+    `qemu-io report in ${logFile}`,
+    10_000,
+    () => {
+      const fd = fs.openSync(logFile, 'r');
+      try {
+        const buf = Buffer.alloc(Math.max(0, fileSize(logFile) - before));
+        fs.readSync(fd, buf, 0, buf.length, before);
+        const text = buf.toString('utf8');
+        return text.includes(ok) || /(write|qemu-io).*(failed|error)/i.test(text) ? text : undefined;
+      } finally {
+        fs.closeSync(fd);
+      }
+    },
+    50,
+  );
+  if (!report.includes(ok)) throw new Error(`qemu-io "${io}" on ${name}/${w.target} failed:\n${report.trim()}`);
 }

@@ -1,8 +1,8 @@
 // Separate config for the real-libvirt e2e tests:
 //   npx vitest run --config test/e2e/vitest.config.ts
 // They share one libvirtd and a 2-core machine, so files run one at a time.
-import { fileURLToPath } from 'node:url'
-import { defineConfig } from 'vitest/config'
+import { fileURLToPath } from 'node:url';
+import { defineConfig } from 'vitest/config';
 
 export default defineConfig({
   test: {
@@ -14,4 +14,4 @@ export default defineConfig({
     globalSetup: ['test/e2e/global-setup.ts'],
     reporters: ['default', './test/summary-reporter.ts'],
   },
-})
+});

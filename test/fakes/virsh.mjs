@@ -36,7 +36,21 @@
 // qemu-monitor-command (e.g. "qemu-agent-command:guest-fsfreeze-thaw"), and
 // "completed"/"active" for domjobinfo with/without --completed.
 import { execFileSync } from 'node:child_process';
-import { appendFileSync, chmodSync, closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, realpathSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import {
+  appendFileSync,
+  chmodSync,
+  closeSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readFileSync,
+  readSync,
+  realpathSync,
+  renameSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -103,7 +117,8 @@ function jobBlock(j, { anystats }) {
   return out;
 }
 
-const xmlAttr = (s) => String(s).replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/'/g, '&apos;').replace(/"/g, '&quot;');
+const xmlAttr = (s) =>
+  String(s).replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/'/g, '&apos;').replace(/"/g, '&quot;');
 const xmlText = (s) => String(s).replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
 
 function unescapeXml(s) {
@@ -163,10 +178,17 @@ function imageBitmaps(disk) {
   const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', '-U', disk.source], { encoding: 'utf8' }));
   return (info['format-specific']?.data?.bitmaps ?? []).map((b) => {
     const inUse = b.flags.includes('in-use');
-    return { name: b.name, recording: b.flags.includes('auto') && !inUse, persistent: true, busy: false, ...(inUse ? { inconsistent: true } : {}) };
+    return {
+      name: b.name,
+      recording: b.flags.includes('auto') && !inUse,
+      persistent: true,
+      busy: false,
+      ...(inUse ? { inconsistent: true } : {}),
+    };
   });
 }
-const bitmapsOf = (disk) => (disk.bitmapsInImage ? imageBitmaps(disk) : (disk.bitmaps ??= []).map((b) => (typeof b === 'string' ? { name: b } : b)));
+const bitmapsOf = (disk) =>
+  disk.bitmapsInImage ? imageBitmaps(disk) : (disk.bitmaps ??= []).map((b) => (typeof b === 'string' ? { name: b } : b));
 const hasBitmap = (disk, name) => bitmapsOf(disk).some((b) => b.name === name);
 function addBitmap(disk, name) {
   if (disk.bitmapsInImage) return qemuImg(['bitmap', '--add', disk.source, name]);
@@ -273,16 +295,25 @@ function list(args) {
     .filter((d) => all || isActive(d))
     .sort((a, b) => (isActive(a) ? a.id : Infinity) - (isActive(b) ? b.id : Infinity));
   if (flag(args, '--name')) return ds.map((d) => `${d.name}\n`).join('');
-  return table(['Id', 'Name', 'State'], ds.map((d) => [isActive(d) ? String(d.id) : '-', d.name, d.state]));
+  return table(
+    ['Id', 'Name', 'State'],
+    ds.map((d) => [isActive(d) ? String(d.id) : '-', d.name, d.state]),
+  );
 }
 
 function domblklist(args) {
   const d = domain(positional(args)[0]);
   const disks = d.disks ?? [];
   if (flag(args, '--details')) {
-    return table(['Type', 'Device', 'Target', 'Source'], disks.map((k) => [k.type ?? 'file', k.device ?? 'disk', k.target, k.source ?? '-']));
+    return table(
+      ['Type', 'Device', 'Target', 'Source'],
+      disks.map((k) => [k.type ?? 'file', k.device ?? 'disk', k.target, k.source ?? '-']),
+    );
   }
-  return table(['Target', 'Source'], disks.map((k) => [k.target, k.source ?? '-']));
+  return table(
+    ['Target', 'Source'],
+    disks.map((k) => [k.target, k.source ?? '-']),
+  );
 }
 
 function dumpxml(args) {
@@ -356,7 +387,10 @@ function dominfo(args) {
 
 function domiflist(args) {
   const d = domain(positional(args)[0]);
-  return table(['Interface', 'Type', 'Source', 'Model', 'MAC'], (d.interfaces ?? []).map((n) => [n.name, n.type, n.source, n.model, n.mac]));
+  return table(
+    ['Interface', 'Type', 'Source', 'Model', 'MAC'],
+    (d.interfaces ?? []).map((n) => [n.name, n.type, n.source, n.model, n.mac]),
+  );
 }
 
 function domstate(args) {
@@ -365,7 +399,8 @@ function domstate(args) {
 
 function resume(args) {
   const d = domain(positional(args)[0]);
-  if (!isActive(d)) throw new VirshError(`error: Failed to resume domain '${d.name}'\nerror: Requested operation is not valid: domain is not running\n`);
+  if (!isActive(d))
+    throw new VirshError(`error: Failed to resume domain '${d.name}'\nerror: Requested operation is not valid: domain is not running\n`);
   if (d.state === 'paused') {
     d.state = 'running';
     dirty = true;
@@ -375,7 +410,8 @@ function resume(args) {
 
 function suspend(args) {
   const d = domain(positional(args)[0]);
-  if (!isActive(d)) throw new VirshError(`error: Failed to suspend domain '${d.name}'\nerror: Requested operation is not valid: domain is not running\n`);
+  if (!isActive(d))
+    throw new VirshError(`error: Failed to suspend domain '${d.name}'\nerror: Requested operation is not valid: domain is not running\n`);
   d.state = 'paused';
   dirty = true;
   return `Domain '${d.name}' suspended\n`;
@@ -385,8 +421,15 @@ function checkpointList(args) {
   const d = domain(positional(args)[0]);
   const cps = checkpoints(d);
   if (flag(args, '--name')) return cps.map((c) => `${c.name}\n`).join('');
-  const when = (c) => new Date((c.creationTime ?? 0) * 1000).toISOString().replace('T', ' ').replace(/\.\d+Z$/, ' +0000');
-  return table(['Name', 'Creation Time'], cps.map((c) => [c.name, when(c)]));
+  const when = (c) =>
+    new Date((c.creationTime ?? 0) * 1000)
+      .toISOString()
+      .replace('T', ' ')
+      .replace(/\.\d+Z$/, ' +0000');
+  return table(
+    ['Name', 'Creation Time'],
+    cps.map((c) => [c.name, when(c)]),
+  );
 }
 
 /** Registers a checkpoint: a new one adds its bitmap to every disk; --redefine only records it. */
@@ -398,7 +441,9 @@ function checkpointCreate(args) {
   const name = textOf(xml, 'name');
   if (!name) fail('XML error: a checkpoint needs a name');
   const cps = checkpoints(d);
-  const listed = diskElements(xml).filter((e) => (e.attrs.checkpoint ?? 'bitmap') === 'bitmap').map((e) => e.attrs.name);
+  const listed = diskElements(xml)
+    .filter((e) => (e.attrs.checkpoint ?? 'bitmap') === 'bitmap')
+    .map((e) => e.attrs.name);
   const targets = listed.length > 0 ? listed : (d.disks ?? []).filter((k) => (k.device ?? 'disk') === 'disk').map((k) => k.target);
   if (redefine) {
     const creationTime = textOf(xml, 'creationTime');
@@ -413,7 +458,11 @@ function checkpointCreate(args) {
     if (!disk) fail(`invalid argument: no disk named '${t}'`);
     if (hasBitmap(disk, name)) fail(`internal error: unable to execute QEMU command 'transaction': Bitmap already exists: ${name}`);
   }
-  for (const t of targets) addBitmap(d.disks.find((k) => k.target === t), name);
+  for (const t of targets)
+    addBitmap(
+      d.disks.find((k) => k.target === t),
+      name,
+    );
   setCheckpoints(d, [...cps, { name, creationTime: Math.floor(Date.now() / 1000), disks: targets }]);
   return `Domain checkpoint ${name} created from '${file}'\n`;
 }
@@ -425,7 +474,10 @@ function checkpointDelete(args) {
   const cp = cps.find((c) => c.name === name);
   if (!cp) fail(`Domain checkpoint not found: no domain checkpoint with matching name '${name}'`);
   if (!flag(args, '--metadata')) for (const k of d.disks ?? []) if (hasBitmap(k, name)) removeBitmap(k, name);
-  setCheckpoints(d, cps.filter((c) => c.name !== name));
+  setCheckpoints(
+    d,
+    cps.filter((c) => c.name !== name),
+  );
   return `Domain checkpoint ${name} deleted\n`;
 }
 
@@ -433,7 +485,13 @@ function queryBlockReply(d) {
   const style = state.queryBlock ?? 'inserted';
   const entries = (d.disks ?? []).map((k, i) => {
     const cdrom = (k.device ?? 'disk') === 'cdrom';
-    const e = { device: '', locked: cdrom, removable: cdrom, qdev: cdrom ? `ide0-1-0` : `/machine/peripheral/virtio-disk${i}/virtio-backend`, type: 'unknown' };
+    const e = {
+      device: '',
+      locked: cdrom,
+      removable: cdrom,
+      qdev: cdrom ? `ide0-1-0` : `/machine/peripheral/virtio-disk${i}/virtio-backend`,
+      type: 'unknown',
+    };
     if (cdrom && (!k.source || k.source === '-')) return { ...e, tray_open: false };
     const bitmaps = bitmapsOf(k).map((b) => ({
       name: b.name,
@@ -444,7 +502,15 @@ function queryBlockReply(d) {
       count: 0,
       ...(b.inconsistent ? { inconsistent: true } : {}),
     }));
-    const inserted = { 'node-name': `libvirt-${i + 1}-format`, ro: cdrom, drv: k.format ?? 'qcow2', encrypted: false, file: k.source, backing_file_depth: 0, detect_zeroes: 'off' };
+    const inserted = {
+      'node-name': `libvirt-${i + 1}-format`,
+      ro: cdrom,
+      drv: k.format ?? 'qcow2',
+      encrypted: false,
+      file: k.source,
+      backing_file_depth: 0,
+      detect_zeroes: 'off',
+    };
     if (style === 'top-level') return { 'io-status': 'ok', ...e, 'dirty-bitmaps': bitmaps, inserted };
     return { 'io-status': 'ok', ...e, inserted: { ...inserted, 'dirty-bitmaps': bitmaps } };
   });
@@ -464,7 +530,8 @@ function monitorCommand(args) {
   if (cmd.execute === 'query-block') return JSON.stringify(queryBlockReply(d)) + '\n';
   if (cmd.execute === 'block-dirty-bitmap-remove') {
     const i = (d.disks ?? []).findIndex((_, n) => `libvirt-${n + 1}-format` === cmd.arguments?.node);
-    if (i < 0 || !hasBitmap(d.disks[i], cmd.arguments?.name)) fail(`internal error: unable to execute QEMU command 'block-dirty-bitmap-remove': Dirty bitmap '${cmd.arguments?.name}' not found`);
+    if (i < 0 || !hasBitmap(d.disks[i], cmd.arguments?.name))
+      fail(`internal error: unable to execute QEMU command 'block-dirty-bitmap-remove': Dirty bitmap '${cmd.arguments?.name}' not found`);
     removeBitmap(d.disks[i], cmd.arguments.name);
     return '{"return":{},"id":"libvirt-43"}\n';
   }
@@ -485,7 +552,9 @@ function agentCommand(args) {
   switch (cmd.execute) {
     case 'guest-fsfreeze-freeze':
       if (agent.frozen)
-        fail("internal error: unable to execute QEMU agent command 'guest-fsfreeze-freeze': Command guest-fsfreeze-freeze has been disabled: the agent is in frozen state");
+        fail(
+          "internal error: unable to execute QEMU agent command 'guest-fsfreeze-freeze': Command guest-fsfreeze-freeze has been disabled: the agent is in frozen state",
+        );
       d.agent = { ...agent, frozen: true };
       dirty = true;
       return `{"return":${n}}\n`;
@@ -550,7 +619,8 @@ function backupBegin(args) {
         fail(`Domain checkpoint not found: Checkpoint '${incremental}' for incremental backup of disk '${disk.target}' not found`);
       // libvirt 9 refuses a bitmap that is gone, inconsistent or disabled (seen in the e2e lab).
       const bm = bitmapsOf(disk).find((b) => b.name === incremental);
-      if (!bm || bm.inconsistent || bm.recording === false) fail(`checkpoint inconsistent: missing or broken bitmap '${incremental}' for disk '${disk.target}'`);
+      if (!bm || bm.inconsistent || bm.recording === false)
+        fail(`checkpoint inconsistent: missing or broken bitmap '${incremental}' for disk '${disk.target}'`);
     }
     targets.push({ disk, file });
   }
@@ -560,7 +630,9 @@ function backupBegin(args) {
     const name = textOf(cxml, 'name');
     if (!name) fail('XML error: a checkpoint needs a name');
     if (checkpoints(d).some((c) => c.name === name)) fail(`invalid argument: domain moment ${name} already exists`);
-    const listed = diskElements(cxml).filter((e) => (e.attrs.checkpoint ?? 'bitmap') === 'bitmap').map((e) => e.attrs.name);
+    const listed = diskElements(cxml)
+      .filter((e) => (e.attrs.checkpoint ?? 'bitmap') === 'bitmap')
+      .map((e) => e.attrs.name);
     for (const t of listed) {
       const disk = (d.disks ?? []).find((k) => k.target === t);
       if (!disk) fail(`invalid argument: no disk named '${t}'`);
@@ -594,8 +666,15 @@ function backupBegin(args) {
     throw e;
   }
   if (newCheckpoint) {
-    for (const t of newCheckpoint.disks) addBitmap(d.disks.find((k) => k.target === t), newCheckpoint.name);
-    setCheckpoints(d, [...checkpoints(d), { name: newCheckpoint.name, creationTime: Math.floor(Date.now() / 1000), disks: newCheckpoint.disks }]);
+    for (const t of newCheckpoint.disks)
+      addBitmap(
+        d.disks.find((k) => k.target === t),
+        newCheckpoint.name,
+      );
+    setCheckpoints(d, [
+      ...checkpoints(d),
+      { name: newCheckpoint.name, creationTime: Math.floor(Date.now() / 1000), disks: newCheckpoint.disks },
+    ]);
   }
   const job = d.job ?? {};
   rt.active = {
@@ -642,7 +721,13 @@ function domjobabort(args) {
   if (!rt.active) fail('Requested operation is not valid: no job is active on the domain');
   const a = rt.active;
   rt.active = null;
-  rt.completed = { type: 'Cancelled', timeElapsedMs: a.timeElapsedMs, processed: a.processed, total: a.total, errorMessage: 'operation aborted: job canceled by client' };
+  rt.completed = {
+    type: 'Cancelled',
+    timeElapsedMs: a.timeElapsedMs,
+    processed: a.processed,
+    total: a.total,
+    errorMessage: 'operation aborted: job canceled by client',
+  };
   removeTargets(a.targets);
   dirty = true;
   return '';
@@ -674,12 +759,24 @@ function writeFast(dir, tmp) {
   const queries = [['version'], ['list'], ['list', '--all']];
   for (const d of domains()) {
     const n = d.name;
-    queries.push(['domblklist', n, '--details'], ['domblklist', n], ['dumpxml', n], ['dominfo', n], ['domiflist', n], ['domstate', n], ['checkpoint-list', n, '--name']);
+    queries.push(
+      ['domblklist', n, '--details'],
+      ['domblklist', n],
+      ['dumpxml', n],
+      ['dominfo', n],
+      ['domiflist', n],
+      ['domstate', n],
+      ['checkpoint-list', n, '--name'],
+    );
     // Job queries change nothing while no job runs; reading completed statistics
     // without --keep-completed consumes them, so that one only when there are none.
     const rt = runtime(d);
     if (!rt.active) {
-      queries.push(['domjobinfo', n], ['domjobinfo', n, '--completed', '--keep-completed'], ['domjobinfo', n, '--completed', '--keep-completed', '--anystats']);
+      queries.push(
+        ['domjobinfo', n],
+        ['domjobinfo', n, '--completed', '--keep-completed'],
+        ['domjobinfo', n, '--completed', '--keep-completed', '--anystats'],
+      );
       if (!rt.completed) queries.push(['domjobinfo', n, '--completed'], ['domjobinfo', n, '--completed', '--anystats']);
     }
   }
@@ -798,7 +895,10 @@ function main(argv) {
     renameSync(tmp, STATE);
   }
   if (dirty || !existsSync(`${STATE}.fast`)) renderFast();
-  appendFileSync(`${STATE}.calls`, JSON.stringify({ argv, exitCode, t: Date.now(), ...(Object.keys(inputs).length ? { inputs } : {}) }) + '\n');
+  appendFileSync(
+    `${STATE}.calls`,
+    JSON.stringify({ argv, exitCode, t: Date.now(), ...(Object.keys(inputs).length ? { inputs } : {}) }) + '\n',
+  );
   process.stderr.write(stderr);
   process.stdout.write(stdout);
   process.exitCode = exitCode;

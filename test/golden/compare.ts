@@ -81,7 +81,8 @@ function recordedItems(ctx: Ctx, from = 1, to = Number.MAX_SAFE_INTEGER, fix: (l
         const src = ours ? lines(normText(a.stream === 'stderr' ? ours.stderr : ours.stdout)) : block.lines.slice(i - 1, i - 1 + a.count);
         for (let k = 0; k < a.count; k++) {
           const want = src[k];
-          if (i + k >= from && i + k <= to) items.push(want === undefined ? { kind: 'line', desc: `(line ${k + 1} of call #${a.seq})`, test: () => false } : literal(want));
+          if (i + k >= from && i + k <= to)
+            items.push(want === undefined ? { kind: 'line', desc: `(line ${k + 1} of call #${a.seq})`, test: () => false } : literal(want));
         }
         i += a.count - 1;
         break;
@@ -138,7 +139,14 @@ function recordedItems(ctx: Ctx, from = 1, to = Number.MAX_SAFE_INTEGER, fix: (l
 
 /** In `'…'`-quoted paths: `//` → `/`, `/./` → `/`, no trailing `/` (paths as a normalizing program prints them). */
 function normalizeQuotedPaths(line: string): string {
-  return line.replace(/'([^']*)'/g, (_, p: string) => `'${p.replace(/\/(\.\/)+/g, '/').replace(/\/{2,}/g, '/').replace(/(.)\/$/, '$1')}'`);
+  return line.replace(
+    /'([^']*)'/g,
+    (_, p: string) =>
+      `'${p
+        .replace(/\/(\.\/)+/g, '/')
+        .replace(/\/{2,}/g, '/')
+        .replace(/(.)\/$/, '$1')}'`,
+  );
 }
 
 function specItems(ctx: Ctx, specs: readonly LineSpec[]): Item[] {
@@ -148,7 +156,12 @@ function specItems(ctx: Ctx, specs: readonly LineSpec[]): Item[] {
   for (const s of specs) {
     if (typeof s !== 'string') {
       const re = new RegExp(substitute(s.re, fx, true));
-      items.push({ kind: 'line', desc: `/${re.source}/${s.optional ? ' (optional)' : ''}`, test: (l) => re.test(l), ...(s.optional ? { optional: true } : {}) });
+      items.push({
+        kind: 'line',
+        desc: `/${re.source}/${s.optional ? ' (optional)' : ''}`,
+        test: (l) => re.test(l),
+        ...(s.optional ? { optional: true } : {}),
+      });
     } else if (s === '@any*') items.push({ kind: 'any' });
     else if (s === '@recorded') items.push(...recordedItems(ctx));
     else if (s === '@recorded-normalized-paths') items.push(...recordedItems(ctx, 1, Number.MAX_SAFE_INTEGER, normalizeQuotedPaths));
@@ -170,22 +183,47 @@ function specItems(ctx: Ctx, specs: readonly LineSpec[]): Item[] {
       const dir = join(NAS, p);
       let names: string[] = [];
       try {
-        names = readdirSync(dir).filter((n) => n.endsWith('.qcow2')).sort((a, b) => Buffer.compare(Buffer.from(a), Buffer.from(b)));
+        names = readdirSync(dir)
+          .filter((n) => n.endsWith('.qcow2'))
+          .sort((a, b) => Buffer.compare(Buffer.from(a), Buffer.from(b)));
       } catch {
         // no backup folder: nothing can match below
       }
-      if (names.length === 0) items.push({ kind: 'line', desc: `(size lines of the qcow2 files in ${p}: there are none)`, test: () => false });
+      if (names.length === 0)
+        items.push({ kind: 'line', desc: `(size lines of the qcow2 files in ${p}: there are none)`, test: () => false });
       for (const name of names) {
         const f = join(dir, name);
-        items.push({ kind: 'line', desc: `size of ${name}`, test: (l) => { try { return l === String(lstatSync(f).size); } catch { return false; } } });
+        items.push({
+          kind: 'line',
+          desc: `size of ${name}`,
+          test: (l) => {
+            try {
+              return l === String(lstatSync(f).size);
+            } catch {
+              return false;
+            }
+          },
+        });
       }
     } else if (s === '@job-block') {
-      const job = [...ctx.out.calls].reverse().find((c) => /^virsh domjobinfo \S+ --completed/.test(c.key) && /^Job type:\s+Completed/.test(c.stdout));
+      const job = [...ctx.out.calls]
+        .reverse()
+        .find((c) => /^virsh domjobinfo \S+ --completed/.test(c.key) && /^Job type:\s+Completed/.test(c.stdout));
       if (!job) items.push({ kind: 'line', desc: '(a completed domjobinfo block)', test: () => false });
       else for (const l of lines(normText(job.stdout))) items.push(literal(l));
     } else if (s === '@du-total') {
       const dir = join(NAS, p);
-      items.push({ kind: 'line', desc: `du -sb of ${p}`, test: (l) => { try { return l === String(duSb(dir)); } catch { return false; } } });
+      items.push({
+        kind: 'line',
+        desc: `du -sb of ${p}`,
+        test: (l) => {
+          try {
+            return l === String(duSb(dir));
+          } catch {
+            return false;
+          }
+        },
+      });
     } else items.push(literal(substitute(s, fx)));
   }
   return items;
@@ -217,7 +255,8 @@ function matchItems(items: Item[], got: string[]): string | null {
       if (!it.optional) return false;
     }
     if (it.optional) return go(i + 1, j);
-    if (i >= best.i) best = { i, why: `line ${j + 1}: expected ${it.desc}, got ${j < got.length ? JSON.stringify(got[j]) : 'end of output'}` };
+    if (i >= best.i)
+      best = { i, why: `line ${j + 1}: expected ${it.desc}, got ${j < got.length ? JSON.stringify(got[j]) : 'end of output'}` };
     return false;
   };
   return go(0, 0) ? null : best.why;
@@ -241,7 +280,11 @@ function compareStdout(ctx: Ctx, r: Resolved, diffs: Diff[]): void {
         const ours = ctx.out.calls.filter((x) => x.key === key && x.exitCode !== 0).at(-1);
         if (c === '@tool-errors' && ours) wanted.push(...lines(normText(ours.stderr)).filter((l) => l.trim()));
         if (c === '@tool-error-reasons' && !ctx.out.calls.some((x) => x.key === key)) {
-          wanted.push(...lines(rec.stderr).filter((l) => l.trim()).map((l) => l.slice(l.lastIndexOf(': ') + 2)));
+          wanted.push(
+            ...lines(rec.stderr)
+              .filter((l) => l.trim())
+              .map((l) => l.slice(l.lastIndexOf(': ') + 2)),
+          );
         }
       }
     } else wanted = [substitute(c, ctx.fx)];
@@ -313,7 +356,8 @@ function compareCalls(ctx: Ctx, r: Resolved, diffs: Diff[]): void {
     const [a, b] = [ordered(rec), ordered(mine)];
     if (!isDeepStrictEqual(a, b)) diffs.push({ check: 'calls', message: `order differs:\n  recorded:\n${show(a)}\n  ours:\n${show(b)}` });
   }
-  for (const p of c.require) if (!ours.some((k) => matchesPattern(k, sub(p)))) diffs.push({ check: 'calls', message: `required call not made: ${sub(p)}` });
+  for (const p of c.require)
+    if (!ours.some((k) => matchesPattern(k, sub(p)))) diffs.push({ check: 'calls', message: `required call not made: ${sub(p)}` });
   for (const p of c.forbid) {
     const hit = ours.filter((k) => matchesPattern(k, sub(p)));
     if (hit.length) diffs.push({ check: 'calls', message: `forbidden call made (${sub(p)}):\n${show(hit)}` });
@@ -367,11 +411,15 @@ const mergeAdjacent = (r: Entry['topLayerData']): Entry['topLayerData'] => {
 };
 
 const mergeRanges = (writes: readonly Write[]): Array<[number, number]> => {
-  const clusters = [...new Set(writes.flatMap((w) => {
-    const out: number[] = [];
-    for (let c = Math.floor(w.offset / 65536); c * 65536 < w.offset + w.length; c++) out.push(c);
-    return out;
-  }))].sort((a, b) => a - b);
+  const clusters = [
+    ...new Set(
+      writes.flatMap((w) => {
+        const out: number[] = [];
+        for (let c = Math.floor(w.offset / 65536); c * 65536 < w.offset + w.length; c++) out.push(c);
+        return out;
+      }),
+    ),
+  ].sort((a, b) => a - b);
   const r: Array<[number, number]> = [];
   for (const c of clusters) {
     const last = r.at(-1);
@@ -398,7 +446,12 @@ function expectedBackupTree(ctx: Ctx, kind: 'full' | 'incremental'): Entry[] {
     const d = parts.slice(0, i).join('/');
     if (!have.has(d)) tree.push({ path: d, type: 'dir', mode: '0755' });
   }
-  const side: Array<[string, string]> = [['domain-config.xml', 'dumpxml'], ['dominfo.xml', 'dominfo'], ['domiflist.xml', 'domiflist'], ['domblklist.xml', 'domblklist']];
+  const side: Array<[string, string]> = [
+    ['domain-config.xml', 'dumpxml'],
+    ['dominfo.xml', 'dominfo'],
+    ['domiflist.xml', 'domiflist'],
+    ['domblklist.xml', 'domblklist'],
+  ];
   for (const [file, sub] of side) {
     const call = [...out.calls].reverse().find((c) => c.key === `virsh ${sub} ${vm}`);
     const raw = call?.stdout ?? '';
@@ -458,10 +511,14 @@ function compareNas(ctx: Ctx, r: Resolved, diffs: Diff[]): void {
   else if (mode === 'unchanged') {
     // `mkdir -p` of the instance folder (the original does it too) may leave it behind, empty.
     const p = argValue(fx.argv, '-p', '--path') ?? '';
-    const ancestors = p.split('/').slice(0, -1).map((_, i, a) => a.slice(0, i + 1).join('/'));
+    const ancestors = p
+      .split('/')
+      .slice(0, -1)
+      .map((_, i, a) => a.slice(0, i + 1).join('/'));
     compareTrees('nas', out.nasAfter, fx.nasBefore, diffs, (e) => e.type === 'dir' && ancestors.includes(e.path));
   } else compareTrees('nas', out.nasAfter, expectedBackupTree(ctx, mode === 'backup-full' ? 'full' : 'incremental'), diffs);
-  if (r.expect.primary !== 'any') compareTrees('primary', out.primaryAfter, r.expect.primary === 'recorded' ? fx.expect.primaryAfter : fx.primaryBefore, diffs);
+  if (r.expect.primary !== 'any')
+    compareTrees('primary', out.primaryAfter, r.expect.primary === 'recorded' ? fx.expect.primaryAfter : fx.primaryBefore, diffs);
 }
 
 // ------------------------------------------------------------------ the rest
@@ -485,7 +542,11 @@ export function compare(fx: Fixture, out: Outcome, r: Resolved, table: Table): D
   if (out.timedOut) diffs.push({ check: 'exit', message: 'the program did not finish (killed by the watchdog)' });
   const exit = r.expect.exit ?? fx.expect.exitCode;
   if (exit === null) diffs.push({ check: 'exit', message: 'the original hung here: a rule must say what we do instead' });
-  else if (exit !== 'any' && out.exitCode !== exit) diffs.push({ check: 'exit', message: `exit ${out.exitCode}, expected ${exit} (recorded ${fx.expect.timedOut ? 'timeout' : fx.expect.exitCode})` });
+  else if (exit !== 'any' && out.exitCode !== exit)
+    diffs.push({
+      check: 'exit',
+      message: `exit ${out.exitCode}, expected ${exit} (recorded ${fx.expect.timedOut ? 'timeout' : fx.expect.exitCode})`,
+    });
 
   const step = (name: string, f: () => void): void => {
     try {
@@ -504,19 +565,32 @@ export function compare(fx: Fixture, out: Outcome, r: Resolved, table: Table): D
   step('calls', () => compareCalls(ctx, r, diffs));
   step('nas', () => compareNas(ctx, r, diffs));
   step('checkpoints', () => {
-    const sort = (o: Record<string, string[]>) => Object.fromEntries(Object.entries(o).map(([k, v]) => [k, [...v].sort()]).sort());
+    const sort = (o: Record<string, string[]>) =>
+      Object.fromEntries(
+        Object.entries(o)
+          .map(([k, v]) => [k, [...v].sort()])
+          .sort(),
+      );
     if (r.expect.checkpoints === 'any') return;
     const want = expectedCheckpoints(ctx, r.expect.checkpoints);
     if (!isDeepStrictEqual(sort(out.checkpoints), sort(want))) {
-      diffs.push({ check: 'checkpoints', message: `libvirt checkpoints ${JSON.stringify(out.checkpoints)}, expected ${JSON.stringify(want)}` });
+      diffs.push({
+        check: 'checkpoints',
+        message: `libvirt checkpoints ${JSON.stringify(out.checkpoints)}, expected ${JSON.stringify(want)}`,
+      });
     }
   });
   step('leftovers', () => {
     const rec = fx.expect.leftovers;
     const none = r.expect.leftovers === 'none';
-    const want = { mounts: none ? [] : rec.mounts, tempDirs: none ? [] : rec.tempDirs, shimMounts: none ? [] : fx.expect.hostAfter.shimMounts };
+    const want = {
+      mounts: none ? [] : rec.mounts,
+      tempDirs: none ? [] : rec.tempDirs,
+      shimMounts: none ? [] : fx.expect.hostAfter.shimMounts,
+    };
     const got = { mounts: out.leftovers.mounts, tempDirs: out.leftovers.tempDirs, shimMounts: out.shimMounts };
-    if (!isDeepStrictEqual(got, want)) diffs.push({ check: 'leftovers', message: `${JSON.stringify(got)}, expected ${JSON.stringify(want)}` });
+    if (!isDeepStrictEqual(got, want))
+      diffs.push({ check: 'leftovers', message: `${JSON.stringify(got)}, expected ${JSON.stringify(want)}` });
   });
   return diffs;
 }

@@ -206,7 +206,11 @@ export function loadFixtureDir(dir: string): Fixture[] {
  * recorded ones and our extra ones. `dirs` overrides both.
  */
 export function loadFixtures(...dirs: string[]): Fixture[] {
-  const from = dirs.length ? dirs : process.env.NASBACKUP_GOLDEN_DIR ? [process.env.NASBACKUP_GOLDEN_DIR] : [PROJECT_FIXTURES, EXTRA_FIXTURES];
+  const from = dirs.length
+    ? dirs
+    : process.env.NASBACKUP_GOLDEN_DIR
+      ? [process.env.NASBACKUP_GOLDEN_DIR]
+      : [PROJECT_FIXTURES, EXTRA_FIXTURES];
   return from.flatMap(loadFixtureDir);
 }
 
@@ -244,7 +248,17 @@ export const ORIGINAL_VALUE_FLAGS = new Set([
 ]);
 
 /** Every value flag a fixture argv may hold: the original's and the later upstream ones. */
-const VALUE_FLAGS = new Set([...ORIGINAL_VALUE_FLAGS, '--parent-path', '-b', '--bandwidth', '-e', '--encrypt', '-w', '--mount-timeout', '--quiesce-timeout']);
+const VALUE_FLAGS = new Set([
+  ...ORIGINAL_VALUE_FLAGS,
+  '--parent-path',
+  '-b',
+  '--bandwidth',
+  '-e',
+  '--encrypt',
+  '-w',
+  '--mount-timeout',
+  '--quiesce-timeout',
+]);
 
 const spellings = (flag: string): string[] => ALIASES.find((a) => a.includes(flag)) ?? [flag];
 

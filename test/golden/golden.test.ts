@@ -24,8 +24,33 @@ describe('golden: the divergence table', () => {
 
   it('every rule explains itself, uses known conditions and applies to a project fixture', () => {
     const project = loadFixtures(PROJECT_FIXTURES, EXTRA_FIXTURES);
-    const whenKeys = ['group', 'exit', 'recordedStdout', 'recordedStderr', 'recordedLeftovers', 'recordedEffect', 'recordedCall', 'failedCall', 'args', 'host', 'facts', 'scenarios'];
-    const expectKeys = ['exit', 'stdout', 'stdoutContains', 'stdoutExcludes', 'stderr', 'log', 'calls', 'nas', 'primary', 'checkpoints', 'leftovers'];
+    const whenKeys = [
+      'group',
+      'exit',
+      'recordedStdout',
+      'recordedStderr',
+      'recordedLeftovers',
+      'recordedEffect',
+      'recordedCall',
+      'failedCall',
+      'args',
+      'host',
+      'facts',
+      'scenarios',
+    ];
+    const expectKeys = [
+      'exit',
+      'stdout',
+      'stdoutContains',
+      'stdoutExcludes',
+      'stderr',
+      'log',
+      'calls',
+      'nas',
+      'primary',
+      'checkpoints',
+      'leftovers',
+    ];
     const ids = new Set<string>();
     for (const r of table.rules) {
       expect(ids.has(r.id), r.id).toBe(false);
@@ -35,15 +60,29 @@ describe('golden: the divergence table', () => {
       for (const k of Object.keys(r.expect)) expect(expectKeys, `${r.id}: expect.${k}`).toContain(k);
       for (const h of [r.when.host ?? []].flat()) expect(Object.keys(HOST_FACTS), r.id).toContain(h.replace(/^!/, ''));
       for (const h of [r.when.facts ?? []].flat()) expect(Object.keys(FACTS), r.id).toContain(h.replace(/^!/, ''));
-      expect(project.some((fx) => matches(r.when, fx, table.argv)), `${r.id} applies to no fixture`).toBe(true);
+      expect(
+        project.some((fx) => matches(r.when, fx, table.argv)),
+        `${r.id} applies to no fixture`,
+      ).toBe(true);
     }
     for (const a of table.argv) for (const k of ['original', 'ours', 'why'] as const) expect(a[k], `${a.id}.${k}`).toMatch(/\S/);
   });
 
   it('call keys and patterns: placeholders, our extra arguments, wildcards', () => {
-    const key = callKey('virsh', normArgv('virsh', ['-c', 'qemu:///system', 'qemu-agent-command', 'vm', '--timeout', '60', '{"execute":"guest-fsfreeze-thaw"}'], table.argv));
+    const key = callKey(
+      'virsh',
+      normArgv(
+        'virsh',
+        ['-c', 'qemu:///system', 'qemu-agent-command', 'vm', '--timeout', '60', '{"execute":"guest-fsfreeze-thaw"}'],
+        table.argv,
+      ),
+    );
     expect(key).toBe('virsh qemu-agent-command vm {"execute":"guest-fsfreeze-thaw"}');
-    const partial = normArgv('virsh', ['backup-begin', '--backupxml', '/tmp/nasbackup-golden/tmp/csbackup.Ab3xZ/i-2-10-VM/2025.01.04.00.00.00.partial/backup.xml'], table.argv);
+    const partial = normArgv(
+      'virsh',
+      ['backup-begin', '--backupxml', '/tmp/nasbackup-golden/tmp/csbackup.Ab3xZ/i-2-10-VM/2025.01.04.00.00.00.partial/backup.xml'],
+      table.argv,
+    );
     expect(partial[2]).toBe('<MOUNT_POINT>/i-2-10-VM/2025.01.04.00.00.00/backup.xml');
     expect(callKey('mount', ['-t', 'cifs', '//h/s', '<MOUNT_POINT>', '-o', ''])).toBe('mount -t cifs //h/s <MOUNT_POINT> -o ""');
     expect(matchesPattern('virsh checkpoint-create vm --xmlfile f --redefine', 'virsh checkpoint-create ** !--redefine')).toBe(false);
@@ -61,8 +100,21 @@ describe('golden: the divergence table', () => {
     expect(argValue(argv, '--parent-paths', '--parent-path')).toBe('x/y/root.v.qcow2');
     expect(argValue(['-o', 'delete', '-p'], '-p')).toBeUndefined();
     expect([hasFlag(argv, '-o'), hasFlag(['-m', '-o'], '-o')]).toEqual([true, false]);
-    expect(['', '/abs/x', 'a/../b', 'vm', './vm/.', 'vm/ts', 'vm//ts/'].map((p) => unsafeRelativePath(p, 2))).toEqual([true, true, true, true, true, false, false]);
-    expect(['', 'vers=3.0', 'vers=3.0,nobrl', ',a,,b,'].map(ourCifsOptions)).toEqual(['nobrl', 'vers=3.0,nobrl', 'vers=3.0,nobrl', 'a,b,nobrl']);
+    expect(['', '/abs/x', 'a/../b', 'vm', './vm/.', 'vm/ts', 'vm//ts/'].map((p) => unsafeRelativePath(p, 2))).toEqual([
+      true,
+      true,
+      true,
+      true,
+      true,
+      false,
+      false,
+    ]);
+    expect(['', 'vers=3.0', 'vers=3.0,nobrl', ',a,,b,'].map(ourCifsOptions)).toEqual([
+      'nobrl',
+      'vers=3.0,nobrl',
+      'vers=3.0,nobrl',
+      'a,b,nobrl',
+    ]);
   });
 
   it('the fakes’ synthetic answers reproduce the recorded ones wherever both exist', () => {
@@ -102,15 +154,19 @@ describe.sequential('golden: replay of the original nasbackup.sh', () => {
   });
 
   for (const fx of fixtures) {
-    it(fx.name, async () => {
-      const r = resolve(fx, table);
-      const out = await replay(fx, table.argv);
-      const diffs = compare(fx, out, r, table);
-      const rules = r.rules.map((x) => x.id).join(', ') || 'as recorded';
-      if (diffs.length === 0) passed++;
-      else failed++;
-      say(`golden ${diffs.length === 0 ? 'PASS' : 'FAIL'} ${fx.name} (${(out.ms / 1000).toFixed(1)} s; ${rules})`);
-      expect(diffs.map((d) => `[${d.check}] ${d.message}`)).toEqual([]);
-    }, 90_000);
+    it(
+      fx.name,
+      async () => {
+        const r = resolve(fx, table);
+        const out = await replay(fx, table.argv);
+        const diffs = compare(fx, out, r, table);
+        const rules = r.rules.map((x) => x.id).join(', ') || 'as recorded';
+        if (diffs.length === 0) passed++;
+        else failed++;
+        say(`golden ${diffs.length === 0 ? 'PASS' : 'FAIL'} ${fx.name} (${(out.ms / 1000).toFixed(1)} s; ${rules})`);
+        expect(diffs.map((d) => `[${d.check}] ${d.message}`)).toEqual([]);
+      },
+      90_000,
+    );
   }
 });

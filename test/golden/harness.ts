@@ -4,7 +4,19 @@ import { spawn } from 'node:child_process';
 import { cpSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { CWD, GOLDEN_ROOT, NAS, PRIMARY, RUN, SCRIPT_NAME, TMP, resolvePaths, type Entry, type Fixture, type Leftovers } from './fixture.js';
+import {
+  CWD,
+  GOLDEN_ROOT,
+  NAS,
+  PRIMARY,
+  RUN,
+  SCRIPT_NAME,
+  TMP,
+  resolvePaths,
+  type Entry,
+  type Fixture,
+  type Leftovers,
+} from './fixture.js';
 import { FakeHost, type OurCall } from './fakes/host.js';
 import { ShimServer } from './fakes/server.js';
 import type { ArgvRule } from './normalize.js';

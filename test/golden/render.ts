@@ -17,12 +17,15 @@ function describeWhen(w: When): string {
   if (w.exit !== undefined) parts.push(`recorded exit ${list(w.exit)}`);
   if (w.recordedStdout) parts.push(`recorded stdout matches ${code(w.recordedStdout)}`);
   if (w.recordedStderr !== undefined) parts.push(w.recordedStderr ? 'recorded stderr not empty' : 'recorded stderr empty');
-  if (w.recordedLeftovers !== undefined) parts.push(w.recordedLeftovers ? 'the original left mounts or mount points' : 'no recorded leftovers');
+  if (w.recordedLeftovers !== undefined)
+    parts.push(w.recordedLeftovers ? 'the original left mounts or mount points' : 'no recorded leftovers');
   if (w.recordedEffect) parts.push(`a recorded ${code(w.recordedEffect)} effect`);
-  if (w.recordedCall) parts.push(w.recordedCall.startsWith('!') ? `no recorded ${code(w.recordedCall.slice(1))}` : `a recorded ${code(w.recordedCall)}`);
+  if (w.recordedCall)
+    parts.push(w.recordedCall.startsWith('!') ? `no recorded ${code(w.recordedCall.slice(1))}` : `a recorded ${code(w.recordedCall)}`);
   if (w.failedCall) parts.push(`a recorded failing ${code(w.failedCall)}`);
   for (const [k, v] of Object.entries(w.args ?? {})) parts.push(v === null ? `no ${code(k)}` : `${code(k)} matches ${code(v)}`);
-  for (const h of Array.isArray(w.host) ? w.host : w.host ? [w.host] : []) parts.push(h.startsWith('!') ? `host: not ${h.slice(1)}` : `host: ${h}`);
+  for (const h of Array.isArray(w.host) ? w.host : w.host ? [w.host] : [])
+    parts.push(h.startsWith('!') ? `host: not ${h.slice(1)}` : `host: ${h}`);
   for (const h of Array.isArray(w.facts) ? w.facts : w.facts ? [w.facts] : []) parts.push(h.startsWith('!') ? `not ${h.slice(1)}` : h);
   if (w.scenarios) parts.push(`scenarios ${w.scenarios.join(', ')}`);
   return parts.length ? parts.join('; ') : 'every scenario';
@@ -31,7 +34,12 @@ function describeWhen(w: When): string {
 function describeExpect(x: Expectation): string {
   const parts: string[] = [];
   if (x.exit !== undefined) parts.push(`exit ${x.exit}`);
-  if (x.stdout) parts.push(x.stdout === 'recorded' ? 'stdout as recorded' : `stdout ${x.stdout.lines.map((l) => code(typeof l === 'string' ? l : `/${l.re}/${l.optional ? '?' : ''}`)).join(' ')}`);
+  if (x.stdout)
+    parts.push(
+      x.stdout === 'recorded'
+        ? 'stdout as recorded'
+        : `stdout ${x.stdout.lines.map((l) => code(typeof l === 'string' ? l : `/${l.re}/${l.optional ? '?' : ''}`)).join(' ')}`,
+    );
   if (x.stdoutContains?.length) parts.push(`stdout contains ${x.stdoutContains.map(code).join(', ')}`);
   if (x.stdoutExcludes?.length) parts.push(`no stdout line matches ${x.stdoutExcludes.map((e) => code(`/${e}/`)).join(', ')}`);
   if (x.stderr) parts.push(`stderr ${x.stderr}`);
@@ -73,13 +81,13 @@ const RULE_LANGUAGE = [
     '`log` (`recorded`: the recorded lines appear in order; `append-only`); `calls` (`none`, `recorded: false`, `drop`, `dropFrom`, ' +
     '`extra`, `optional`, `unordered`, `require`, `forbid`, `sequence`); `nas` (`recorded`, `unchanged`, `any`, `backup-full`, `backup-incremental`: the ' +
     'new folder holds the side files and one qcow2 per disk whose guest-visible content equals the live disk, a full copy or a thin ' +
-    'incremental relinked onto its parent, a disk without a parent path taking the file of its name from the parents\' folder); ' +
+    "incremental relinked onto its parent, a disk without a parent path taking the file of its name from the parents' folder); " +
     '`primary` (`recorded`, `unchanged`, `any`); `checkpoints` (`recorded`, `unchanged`, `any`, ' +
     '`after-success`: before + `--bitmap-new` − `--bitmap-parent`); `leftovers` (`recorded`, `none`).',
   '* Call patterns are call keys (`virsh` without `-c qemu:///system`): `*` is one argument, `**` any number, a trailing `!word` ' +
     "excludes calls with that argument. `${-v}`, `${--bitmap-new}`, … are the fixture's argv values (`${argv.last}` its last element); " +
     '`${qemu}`, `${libvirt}`, `${job.errorMessage}` come from its host section; `${cifsOptions}` / `${originalCifsOptions}` are the ' +
-    '`-o` value of a cifs mount, ours and the original\'s.',
+    "`-o` value of a cifs mount, ours and the original's.",
 ];
 
 export function renderDivergences(table: Table, fixtures: Fixture[]): string {
@@ -102,7 +110,13 @@ export function renderDivergences(table: Table, fixtures: Fixture[]): string {
   out.push('');
   out.push('## The rule language');
   out.push('');
-  out.push(...RULE_LANGUAGE.map((l) => l.replace('HOST_FACTS', Object.keys(HOST_FACTS).map(code).join(', ')).replace('FACTS)', `${Object.keys(FACTS).map(code).join(', ')})`)));
+  out.push(
+    ...RULE_LANGUAGE.map((l) =>
+      l
+        .replace('HOST_FACTS', Object.keys(HOST_FACTS).map(code).join(', '))
+        .replace('FACTS)', `${Object.keys(FACTS).map(code).join(', ')})`),
+    ),
+  );
   out.push('');
   out.push('## Argument rewrites (our extra arguments)');
   out.push('');
@@ -117,11 +131,15 @@ export function renderDivergences(table: Table, fixtures: Fixture[]): string {
   table.rules.forEach((r, i) => {
     const hits = fixtures.filter((fx) => matches(r.when, fx, table.argv)).map((fx) => code(fx.name));
     const scope = `${describeWhen(r.when)}: ${hits.length ? hits.join(', ') : '(no fixture yet)'}`;
-    out.push(`| ${i + 1} | **${cell(r.title)}** (${code(r.id)}) | ${cell(scope)} | ${cell(r.original)} | ${cell(r.ours)} | ${cell(r.why)} | ${cell(describeExpect(r.expect))} |`);
+    out.push(
+      `| ${i + 1} | **${cell(r.title)}** (${code(r.id)}) | ${cell(scope)} | ${cell(r.original)} | ${cell(r.ours)} | ${cell(r.why)} | ${cell(describeExpect(r.expect))} |`,
+    );
   });
   out.push('');
   const covered = fixtures.filter((fx) => !table.rules.some((r) => matches(r.when, fx, table.argv))).map((fx) => code(fx.name));
-  out.push(`Scenarios no rule touches (everything as recorded, apart from the comparison notes above): ${covered.length ? covered.join(', ') : 'none'}.`);
+  out.push(
+    `Scenarios no rule touches (everything as recorded, apart from the comparison notes above): ${covered.length ? covered.join(', ') : 'none'}.`,
+  );
   out.push('');
   return out.join('\n');
 }

@@ -128,8 +128,16 @@ export const HOST_FACTS: Record<string, (fx: Fixture) => boolean> = {
   jobErrorMessage: (fx) => targetDomain(fx)?.job?.errorMessage !== undefined,
   /** A -d source disk that the host does not have (not seeded). */
   missingSourceDisk: (fx) => {
-    const seeded = new Set(fx.host.domains.flatMap((d) => d.disks).filter((k) => k.seed !== false).map((k) => k.source));
-    return (argValue(fx.argv, '-d', '--diskpaths') ?? '').split(',').filter(Boolean).some((p) => !seeded.has(p));
+    const seeded = new Set(
+      fx.host.domains
+        .flatMap((d) => d.disks)
+        .filter((k) => k.seed !== false)
+        .map((k) => k.source),
+    );
+    return (argValue(fx.argv, '-d', '--diskpaths') ?? '')
+      .split(',')
+      .filter(Boolean)
+      .some((p) => !seeded.has(p));
   },
 };
 
@@ -200,7 +208,8 @@ export const FACTS: Record<string, (fx: Fixture) => boolean> = {
   /** The VM is paused (libvirt lists it, not as running). */
   vmPaused: (fx) => targetDomain(fx)?.state === 'paused',
   /** An incremental with fewer parent paths than the VM has disks. */
-  fewerParentsThanDisks: (fx) => argValue(fx.argv, '-M') === 'incremental' && parentList(fx).length > 0 && parentList(fx).length < imageDisks(fx).length,
+  fewerParentsThanDisks: (fx) =>
+    argValue(fx.argv, '-M') === 'incremental' && parentList(fx).length > 0 && parentList(fx).length < imageDisks(fx).length,
   /** Every disk without a parent path has its file, by volume id, in the folder of the given parents. */
   missingParentsInferable: (fx) => {
     const given = parentList(fx);
@@ -217,7 +226,12 @@ export const FACTS: Record<string, (fx: Fixture) => boolean> = {
   parentsOutOfDiskOrder: (fx) => {
     const given = parentList(fx).map(volOf);
     const vols = imageDisks(fx).map((k) => posix.basename(k.source));
-    return argValue(fx.argv, '-M') === 'incremental' && given.length === vols.length && given.every((v) => v !== null && vols.includes(v)) && given.some((v, i) => v !== vols[i]);
+    return (
+      argValue(fx.argv, '-M') === 'incremental' &&
+      given.length === vols.length &&
+      given.every((v) => v !== null && vols.includes(v)) &&
+      given.some((v, i) => v !== vols[i])
+    );
   },
   /** An incremental with a parent path whose volume id is none of the VM's disks. */
   parentForUnknownVolume: (fx) => {
@@ -233,7 +247,9 @@ export const FACTS: Record<string, (fx: Fixture) => boolean> = {
       disks.length > 0 &&
       disks.every((k, i) => {
         const vol = posix.basename(k.source);
-        const parent = given.find((p) => volOf(p) === vol) ?? (dirs.length === 1 ? `${dirs[0]}/${i === 0 ? 'root' : 'datadisk'}.${vol}.qcow2` : undefined);
+        const parent =
+          given.find((p) => volOf(p) === vol) ??
+          (dirs.length === 1 ? `${dirs[0]}/${i === 0 ? 'root' : 'datadisk'}.${vol}.qcow2` : undefined);
         return nasEntry(fx, parent)?.type === 'qcow2';
       })
     );
@@ -252,7 +268,11 @@ export const FACTS: Record<string, (fx: Fixture) => boolean> = {
   /** The rebase target is a readable qcow2 whose current backing chain is broken (a layer is gone). */
   rebaseTargetChainBroken: (fx) => {
     const e = nasEntry(fx, argValue(fx.argv, '--rebase-target'));
-    return e?.type === 'qcow2' && e.infoError === undefined && (e.backingChainError !== undefined || (e.contentSha256 === null && !!e.backingFilename));
+    return (
+      e?.type === 'qcow2' &&
+      e.infoError === undefined &&
+      (e.backingChainError !== undefined || (e.contentSha256 === null && !!e.backingFilename))
+    );
   },
 };
 
@@ -310,7 +330,10 @@ export function matches(w: When, fx: Fixture, argv: readonly ArgvRule[]): boolea
 }
 
 export interface Resolved {
-  expect: Required<Omit<Expectation, 'exit'>> & { exit?: number | 'any'; calls: Required<Omit<CallsExpect, 'dropFrom'>> & { dropFrom?: string } };
+  expect: Required<Omit<Expectation, 'exit'>> & {
+    exit?: number | 'any';
+    calls: Required<Omit<CallsExpect, 'dropFrom'>> & { dropFrom?: string };
+  };
   rules: Rule[];
 }
 
@@ -326,7 +349,17 @@ export function resolve(fx: Fixture, table: Table): Resolved {
     primary: 'recorded',
     checkpoints: 'recorded',
     leftovers: 'recorded',
-    calls: { none: false, recorded: true, drop: [], extra: [], optional: [], unordered: [...table.compare.queries], require: [], forbid: [], sequence: [] },
+    calls: {
+      none: false,
+      recorded: true,
+      drop: [],
+      extra: [],
+      optional: [],
+      unordered: [...table.compare.queries],
+      require: [],
+      forbid: [],
+      sequence: [],
+    },
   };
   const applied: Rule[] = [];
   for (const r of table.rules) {
@@ -343,7 +376,8 @@ export function resolve(fx: Fixture, table: Table): Resolved {
     if (c.none !== undefined) out.calls.none = c.none;
     if (c.recorded !== undefined) out.calls.recorded = c.recorded;
     if (c.dropFrom !== undefined) out.calls.dropFrom = c.dropFrom;
-    for (const k of ['drop', 'extra', 'optional', 'unordered', 'require', 'forbid', 'sequence'] as const) out.calls[k].push(...(c[k] ?? []));
+    for (const k of ['drop', 'extra', 'optional', 'unordered', 'require', 'forbid', 'sequence'] as const)
+      out.calls[k].push(...(c[k] ?? []));
   }
   return { expect: out, rules: applied };
 }

@@ -3,7 +3,23 @@
 // and the leftovers a run may have left (mount points in the program's TMPDIR).
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { accessSync, chmodSync, closeSync, constants, copyFileSync, cpSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import {
+  accessSync,
+  chmodSync,
+  closeSync,
+  constants,
+  copyFileSync,
+  cpSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  writeFileSync,
+  writeSync,
+} from 'node:fs';
 import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
 import { CWD, GOLDEN_ROOT, NAS, PRIMARY, RUN, TMP, resolvePaths, type Fixture, type Leftovers, type Write } from './fixture.js';
@@ -27,10 +43,18 @@ export function which(name: string): string {
 }
 
 export const REAL = {
-  get mount() { return which('mount'); },
-  get umount() { return which('umount'); },
-  get qemuImg() { return which('qemu-img'); },
-  get qemuIo() { return which('qemu-io'); },
+  get mount() {
+    return which('mount');
+  },
+  get umount() {
+    return which('umount');
+  },
+  get qemuImg() {
+    return which('qemu-img');
+  },
+  get qemuIo() {
+    return which('qemu-io');
+  },
 };
 
 export function unescapeMount(s: string): string {
@@ -130,7 +154,11 @@ function ioCommands(writes: readonly Write[]): string[] {
   return writes.flatMap((w) => ['-c', `write -P ${w.pattern} ${w.offset} ${w.length}`]);
 }
 
-export async function makeQcow2(path: string, size: number, opts: { backing?: { file: string; format: string }; writes?: readonly Write[]; bitmaps?: readonly string[] } = {}): Promise<void> {
+export async function makeQcow2(
+  path: string,
+  size: number,
+  opts: { backing?: { file: string; format: string }; writes?: readonly Write[]; bitmaps?: readonly string[] } = {},
+): Promise<void> {
   mkdirSync(dirname(path), { recursive: true, mode: 0o755 });
   const args = ['create', '-q', '-f', 'qcow2'];
   if (opts.backing) args.push('-b', opts.backing.file, '-F', opts.backing.format);
@@ -203,7 +231,11 @@ async function buildNas(fx: Fixture, root: string): Promise<void> {
 /** Mount points (and folders) the program left in its TMPDIR, normalized like the fixtures. */
 export function leftovers(): Leftovers {
   const mounted = new Set(mountsUnder(TMP).filter((m) => m !== TMP));
-  const dirs = existsSync(TMP) ? readdirSync(TMP).filter((n) => n.startsWith('csbackup.')).map((n) => join(TMP, n)) : [];
+  const dirs = existsSync(TMP)
+    ? readdirSync(TMP)
+        .filter((n) => n.startsWith('csbackup.'))
+        .map((n) => join(TMP, n))
+    : [];
   const all = [...new Set([...dirs, ...mounted])].sort();
   const detail: Leftovers['detail'] = {};
   for (const p of all) {

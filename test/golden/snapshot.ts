@@ -18,7 +18,7 @@ interface Out {
 function qemuImg(args: string[]): Promise<Out> {
   return new Promise((res) => {
     execFile(REAL.qemuImg, args, { encoding: 'utf8', maxBuffer: 16 << 20 }, (err, stdout, stderr) => {
-      const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? ((err as { code: number }).code) : 1) : 0;
+      const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? (err as { code: number }).code : 1) : 0;
       res({ code, stdout, stderr });
     });
   });
@@ -174,7 +174,8 @@ export async function snapshotTree(root: string): Promise<Entry[]> {
       const r = rel ? `${rel}/${name}` : name;
       const p = join(root, r);
       const st = lstatSync(p);
-      if (st.isSymbolicLink()) jobs.push(Promise.resolve({ path: r, type: 'link', mode: mode(st.mode), target: normText(readlinkSync(p)) }));
+      if (st.isSymbolicLink())
+        jobs.push(Promise.resolve({ path: r, type: 'link', mode: mode(st.mode), target: normText(readlinkSync(p)) }));
       else if (st.isDirectory()) {
         jobs.push(Promise.resolve({ path: r, type: 'dir', mode: mode(st.mode) }));
         walk(r);

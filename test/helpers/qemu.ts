@@ -23,7 +23,9 @@ export function makeImage(path: string, opts: { size?: number; backing?: string;
   if (!opts.backing || opts.size !== undefined) args.push(String(opts.size ?? 16 * 1024 * 1024));
   qemuImg(args);
   for (const w of opts.writes ?? []) {
-    execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x${w.pattern.toString(16)} ${w.offset} ${w.length}`, path], { stdio: 'ignore' });
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x${w.pattern.toString(16)} ${w.offset} ${w.length}`, path], {
+      stdio: 'ignore',
+    });
   }
 }
 

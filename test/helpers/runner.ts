@@ -13,13 +13,25 @@ export const ok = (stdout: string): Partial<RunResult> => ({ stdout });
 export const fails = (stderr: string, exitCode = 1): Partial<RunResult> => ({ exitCode, stderr });
 
 /** `answer` sees each call and returns what differs from a silent success. */
-export function scriptedRunner(answer: (args: readonly string[], command: string) => Partial<RunResult> = () => ({})): { runner: Runner; calls: Call[] } {
+export function scriptedRunner(answer: (args: readonly string[], command: string) => Partial<RunResult> = () => ({})): {
+  runner: Runner;
+  calls: Call[];
+} {
   const calls: Call[] = [];
   const runner = {
     run: async (command: string, args: readonly string[], opts: RunOptions): Promise<RunResult> => {
       calls.push({ command, args, opts });
       return {
-        command, args, exitCode: 0, signal: null, stdout: '', stderr: '', timedOut: false, canceled: false, spawnError: null, durationMs: 1,
+        command,
+        args,
+        exitCode: 0,
+        signal: null,
+        stdout: '',
+        stderr: '',
+        timedOut: false,
+        canceled: false,
+        spawnError: null,
+        durationMs: 1,
         ...answer(args, command),
       };
     },

@@ -26,6 +26,7 @@ describe('layers', () => {
   });
 
   it('nothing but lib/output.ts (and the agent formats it uses) builds the JSON envelope', () => {
-    for (const f of [...tsFiles('lib/cli'), ...tsFiles('lib/ops')]) expect(readFileSync(f, 'utf8'), f).not.toMatch(/JSON\.stringify\(\{\s*ok:/);
+    for (const f of [...tsFiles('lib/cli'), ...tsFiles('lib/ops')])
+      expect(readFileSync(f, 'utf8'), f).not.toMatch(/JSON\.stringify\(\{\s*ok:/);
   });
 });

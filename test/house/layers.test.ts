@@ -61,7 +61,13 @@ describe('layer rules (eslint layers/imports)', () => {
 
   it('the repository config turns the layer rule and the promise rules on for the real sources', async () => {
     const full = new ESLint({ cwd: ROOT });
-    for (const file of ['lib/qcow2/rebase.ts', 'compat/index.ts', 'lib/ops/backup/index.ts', 'lib/clients/virsh.ts', 'lib/store/safety.ts']) {
+    for (const file of [
+      'lib/qcow2/rebase.ts',
+      'compat/index.ts',
+      'lib/ops/backup/index.ts',
+      'lib/clients/virsh.ts',
+      'lib/store/safety.ts',
+    ]) {
       const { rules } = (await full.calculateConfigForFile(`${ROOT}${file}`)) as { rules: Record<string, unknown[]> };
       expect(rules['layers/imports']?.[0], file).toBe(2);
       expect(rules['@typescript-eslint/no-floating-promises']?.[0], file).toBe(2);

@@ -26,7 +26,10 @@ describe('lib/ structure', () => {
     expect(imports('ops/backup/running.ts')).toEqual(expect.arrayContaining(['clients/virsh.js', 'ops/undo.js', 'store/safety.js']));
     for (const f of files('ops')) {
       const src = readFileSync(join(LIB, f), 'utf8');
-      expect(imports(f).filter((p) => p === 'exec.js'), f).toEqual([]);
+      expect(
+        imports(f).filter((p) => p === 'exec.js'),
+        f,
+      ).toEqual([]);
       expect(src, f).not.toMatch(/\brunner\b|RunResult|succeeded\(|child_process|execa/);
     }
   });
@@ -42,12 +45,24 @@ describe('lib/ structure', () => {
   });
 
   it('lib/store imports no operation and no CLI; client parsers are not exported', () => {
-    for (const f of files('store')) expect(imports(f).filter((p) => p.startsWith('ops/') || p.startsWith('cli/')), f).toEqual([]);
+    for (const f of files('store'))
+      expect(
+        imports(f).filter((p) => p.startsWith('ops/') || p.startsWith('cli/')),
+        f,
+      ).toEqual([]);
     for (const f of files('clients')) expect(readFileSync(join(LIB, f), 'utf8'), f).not.toMatch(/export function parse/);
   });
 
   it('the backup and chain operation folders do not import each other', () => {
-    for (const f of files('ops/backup')) expect(imports(f).filter((p) => p.startsWith('ops/chain/')), f).toEqual([]);
-    for (const f of files('ops/chain')) expect(imports(f).filter((p) => p.startsWith('ops/backup/')), f).toEqual([]);
+    for (const f of files('ops/backup'))
+      expect(
+        imports(f).filter((p) => p.startsWith('ops/chain/')),
+        f,
+      ).toEqual([]);
+    for (const f of files('ops/chain'))
+      expect(
+        imports(f).filter((p) => p.startsWith('ops/backup/')),
+        f,
+      ).toEqual([]);
   });
 });

@@ -18,7 +18,17 @@ import {
   type HeaderPatch,
   type Qcow2Header,
 } from '../../lib/qcow2/header.js';
-import { decodeL2Entry, emptyL2Entry, encodeL1Entry, encodeL2Entry, l1EntryCopied, l1EntryOffset, l2EntrySize, type L2Entry, type L2Layout } from '../../lib/qcow2/l2.js';
+import {
+  decodeL2Entry,
+  emptyL2Entry,
+  encodeL1Entry,
+  encodeL2Entry,
+  l1EntryCopied,
+  l1EntryOffset,
+  l2EntrySize,
+  type L2Entry,
+  type L2Layout,
+} from '../../lib/qcow2/l2.js';
 import { encodeRefTableEntry, entryByteSpan, getRefcount, refTableEntry, setRefcount } from '../../lib/qcow2/refcount.js';
 import { numRuns } from './gen.js';
 
@@ -26,7 +36,8 @@ const runs = numRuns(300);
 const u32 = fc.integer({ min: 0, max: 0xffffffff });
 const u64 = fc.bigInt({ min: 0n, max: (1n << 64n) - 1n });
 const bytes = (max: number): fc.Arbitrary<Buffer> => fc.uint8Array({ maxLength: max }).map((a) => Buffer.from(a));
-const name = (max: number): fc.Arbitrary<string> => fc.string({ unit: 'grapheme', minLength: 1, maxLength: max }).filter((s) => Buffer.byteLength(s) <= 1023);
+const name = (max: number): fc.Arbitrary<string> =>
+  fc.string({ unit: 'grapheme', minLength: 1, maxLength: max }).filter((s) => Buffer.byteLength(s) <= 1023);
 
 function apply(buf: Buffer, p: HeaderPatch): Buffer {
   p.bytes.copy(buf, p.offset);
@@ -52,7 +63,9 @@ const headerArb: fc.Arbitrary<Qcow2Header> = fc
     refcountOrder: fc.integer({ min: 0, max: 6 }),
     extraFields: fc.integer({ min: 0, max: 12 }),
     tail: bytes(96),
-    extensions: fc.array(fc.record({ type: u32.filter((t) => t !== EXT_END && t !== EXT_BACKING_FORMAT), data: bytes(40) }), { maxLength: 4 }),
+    extensions: fc.array(fc.record({ type: u32.filter((t) => t !== EXT_END && t !== EXT_BACKING_FORMAT), data: bytes(40) }), {
+      maxLength: 4,
+    }),
     backingFile: fc.option(name(64)),
     backingFormat: fc.option(name(16)),
     formatAt: fc.nat(),
@@ -62,7 +75,8 @@ const headerArb: fc.Arbitrary<Qcow2Header> = fc
     const headerTail = r.v3 ? Buffer.concat([r.tail, Buffer.alloc(96)]).subarray(0, headerLength - 104) : Buffer.alloc(0);
     const backingFormat = r.backingFile === null ? null : r.backingFormat;
     const extensions: HeaderExtension[] = [...r.extensions];
-    if (backingFormat !== null) extensions.splice(r.formatAt % (extensions.length + 1), 0, { type: EXT_BACKING_FORMAT, data: Buffer.from(backingFormat) });
+    if (backingFormat !== null)
+      extensions.splice(r.formatAt % (extensions.length + 1), 0, { type: EXT_BACKING_FORMAT, data: Buffer.from(backingFormat) });
     const h: Qcow2Header = {
       version: r.v3 ? 3 : 2,
       backingFileOffset: 0,
@@ -105,7 +119,8 @@ const headerArb: fc.Arbitrary<Qcow2Header> = fc
   });
 
 /** Encoded into a whole first cluster, as read from an image. */
-const cluster0 = (h: Qcow2Header, bytes = encodeHeader(h).bytes): Buffer => Buffer.concat([bytes, Buffer.alloc(h.clusterSize - bytes.length)]);
+const cluster0 = (h: Qcow2Header, bytes = encodeHeader(h).bytes): Buffer =>
+  Buffer.concat([bytes, Buffer.alloc(h.clusterSize - bytes.length)]);
 
 describe('header codec', () => {
   it('decode(encode(h)) = h', () => {
@@ -149,13 +164,21 @@ describe('header codec', () => {
         const enc = encodeHeader(h).bytes;
         // With the header's own values a patch changes nothing.
         if (h.refcountTableOffset <= BigInt(Number.MAX_SAFE_INTEGER))
-          expect(apply(Buffer.from(enc), encodeRefcountTablePointer(Number(h.refcountTableOffset), h.refcountTableClusters)).equals(enc)).toBe(true);
+          expect(
+            apply(Buffer.from(enc), encodeRefcountTablePointer(Number(h.refcountTableOffset), h.refcountTableClusters)).equals(enc),
+          ).toBe(true);
         expect(apply(Buffer.from(enc), encodeBackingPointer(h.backingFileOffset, h.backingFileSize)).equals(enc)).toBe(true);
         const off = Number(rtOff & BigInt(Number.MAX_SAFE_INTEGER));
-        expect(apply(Buffer.from(enc), encodeRefcountTablePointer(off, rtClusters)).equals(encodeHeader({ ...h, refcountTableOffset: BigInt(off), refcountTableClusters: rtClusters }).bytes)).toBe(true);
+        expect(
+          apply(Buffer.from(enc), encodeRefcountTablePointer(off, rtClusters)).equals(
+            encodeHeader({ ...h, refcountTableOffset: BigInt(off), refcountTableClusters: rtClusters }).bytes,
+          ),
+        ).toBe(true);
         if (h.version === 3) {
           expect(apply(Buffer.from(enc), encodeAutoclear(h.autoclearFeatures)).equals(enc)).toBe(true);
-          expect(apply(Buffer.from(enc), encodeAutoclear(autoclear)).equals(encodeHeader({ ...h, autoclearFeatures: autoclear }).bytes)).toBe(true);
+          expect(
+            apply(Buffer.from(enc), encodeAutoclear(autoclear)).equals(encodeHeader({ ...h, autoclearFeatures: autoclear }).bytes),
+          ).toBe(true);
         }
       }),
       { numRuns: runs },
@@ -197,7 +220,9 @@ const hostArb = fc.bigInt({ min: 0n, max: (1n << 47n) - 1n }).map((k) => Number(
 
 function entryArb(layout: L2Layout): fc.Arbitrary<L2Entry> {
   const standard = layout.extendedL2
-    ? fc.record({ host: hostArb, alloc: u32, zero: u32, copied: fc.boolean() }).map((r) => ({ type: 'standard' as const, ...r, sectors: 0 }))
+    ? fc
+        .record({ host: hostArb, alloc: u32, zero: u32, copied: fc.boolean() })
+        .map((r) => ({ type: 'standard' as const, ...r, sectors: 0 }))
     : fc.record({ host: hostArb, zeroFlag: fc.boolean(), copied: fc.boolean() }).map((r) => ({
         type: 'standard' as const,
         host: r.host,
@@ -215,7 +240,14 @@ function entryArb(layout: L2Layout): fc.Arbitrary<L2Entry> {
       bitmaps: layout.extendedL2 ? fc.tuple(u32, u32) : fc.constant<[number, number]>([0, 0]),
       copied: fc.boolean(),
     })
-    .map((r) => ({ type: 'compressed' as const, host: r.host, alloc: r.bitmaps[0], zero: r.bitmaps[1], copied: r.copied, sectors: r.sectors }));
+    .map((r) => ({
+      type: 'compressed' as const,
+      host: r.host,
+      alloc: r.bitmaps[0],
+      zero: r.bitmaps[1],
+      copied: r.copied,
+      sectors: r.sectors,
+    }));
   return fc.oneof(standard, compressed);
 }
 
@@ -243,7 +275,14 @@ describe('L2 entry codec', () => {
   it('decode(encode(e)) = e, and neighbouring entries are untouched', () => {
     fc.assert(
       fc.property(
-        layoutArb.chain((layout) => fc.tuple(fc.constant(layout), entryArb(layout), fc.integer({ min: 0, max: 7 }), fc.uint8Array({ minLength: 128, maxLength: 128 }))),
+        layoutArb.chain((layout) =>
+          fc.tuple(
+            fc.constant(layout),
+            entryArb(layout),
+            fc.integer({ min: 0, max: 7 }),
+            fc.uint8Array({ minLength: 128, maxLength: 128 }),
+          ),
+        ),
         ([layout, e, index, noise]) => {
           const table = Buffer.from(noise);
           const before = Buffer.from(table);
@@ -276,7 +315,14 @@ describe('L2 entry codec', () => {
     const std: L2Layout = { clusterBits: 16, extendedL2: false };
     const t = Buffer.alloc(16);
     t.writeBigUInt64BE((1n << 63n) | 0x30000n);
-    expect(decodeL2Entry(t, 0, std, emptyL2Entry())).toEqual({ type: 'standard', host: 0x30000, alloc: 1, zero: 0, copied: true, sectors: 0 });
+    expect(decodeL2Entry(t, 0, std, emptyL2Entry())).toEqual({
+      type: 'standard',
+      host: 0x30000,
+      alloc: 1,
+      zero: 0,
+      copied: true,
+      sectors: 0,
+    });
     t.writeBigUInt64BE(0x30001n); // preallocated zero cluster
     expect(decodeL2Entry(t, 0, std, emptyL2Entry())).toMatchObject({ host: 0x30000, alloc: 0, zero: 1 });
     // 64 KiB clusters: x = 54; 3 more sectors, stream at byte 0x12345.
@@ -285,7 +331,14 @@ describe('L2 entry codec', () => {
     const ext: L2Layout = { clusterBits: 16, extendedL2: true };
     t.writeBigUInt64BE(0x50000n, 0);
     t.writeBigUInt64BE((0xf0n << 32n) | 0x0fn, 8); // zero bitmap high word, allocation bitmap low word
-    expect(decodeL2Entry(t, 0, ext, emptyL2Entry())).toEqual({ type: 'standard', host: 0x50000, alloc: 0x0f, zero: 0xf0, copied: false, sectors: 0 });
+    expect(decodeL2Entry(t, 0, ext, emptyL2Entry())).toEqual({
+      type: 'standard',
+      host: 0x50000,
+      alloc: 0x0f,
+      zero: 0xf0,
+      copied: false,
+      sectors: 0,
+    });
   });
 });
 
@@ -321,19 +374,25 @@ describe('L1 entry codec', () => {
 describe('refcount entries of every width', () => {
   it('get(set(v)) = v, and no other entry changes', () => {
     fc.assert(
-      fc.property(fc.integer({ min: 0, max: 6 }), fc.integer({ min: 0, max: 15 }), u64, fc.uint8Array({ minLength: 128, maxLength: 128 }), (order, idx, v, noise) => {
-        const block = Buffer.from(noise);
-        const val = v & ((1n << BigInt(1 << order)) - 1n);
-        const n = (128 * 8) >> order;
-        const all = (): bigint[] => Array.from({ length: n }, (_, k) => getRefcount(block, k, order));
-        const want = all();
-        want[idx] = val;
-        setRefcount(block, idx, order, val);
-        expect(all()).toEqual(want);
-        const [s, e] = entryByteSpan(idx, idx + 1, order);
-        expect(Buffer.compare(block.subarray(0, s), Buffer.from(noise).subarray(0, s))).toBe(0);
-        expect(Buffer.compare(block.subarray(e), Buffer.from(noise).subarray(e))).toBe(0);
-      }),
+      fc.property(
+        fc.integer({ min: 0, max: 6 }),
+        fc.integer({ min: 0, max: 15 }),
+        u64,
+        fc.uint8Array({ minLength: 128, maxLength: 128 }),
+        (order, idx, v, noise) => {
+          const block = Buffer.from(noise);
+          const val = v & ((1n << BigInt(1 << order)) - 1n);
+          const n = (128 * 8) >> order;
+          const all = (): bigint[] => Array.from({ length: n }, (_, k) => getRefcount(block, k, order));
+          const want = all();
+          want[idx] = val;
+          setRefcount(block, idx, order, val);
+          expect(all()).toEqual(want);
+          const [s, e] = entryByteSpan(idx, idx + 1, order);
+          expect(Buffer.compare(block.subarray(0, s), Buffer.from(noise).subarray(0, s))).toBe(0);
+          expect(Buffer.compare(block.subarray(e), Buffer.from(noise).subarray(e))).toBe(0);
+        },
+      ),
       { numRuns: runs },
     );
   });

@@ -36,7 +36,13 @@ const scenarios: Scenario[] = [
     spec: {
       layers: [
         { clusterBits: 16, v2: false, extL2: false, size: 1088 * M, ops: ['write -P 1 0 2M', 'write -P 1 700M 1M'] },
-        { clusterBits: 16, v2: false, extL2: false, size: 1088 * M, ops: ['write -c -P 9 0 64k', 'write -P 2 64k 1M', 'write -z 3M 256k', 'write -P 4 600M 512k', 'write -P 5 1050M 256k'] },
+        {
+          clusterBits: 16,
+          v2: false,
+          extL2: false,
+          size: 1088 * M,
+          ops: ['write -c -P 9 0 64k', 'write -P 2 64k 1M', 'write -z 3M 256k', 'write -P 4 600M 512k', 'write -P 5 1050M 256k'],
+        },
         { clusterBits: 16, v2: false, extL2: false, size: 1088 * M, ops: ['write -P 3 128k 64k'] },
       ],
     },
@@ -93,7 +99,15 @@ function points(total: number, budget: number, firstOps = 0): number[] {
 let childJs = '';
 beforeAll(() => {
   const out = join(tempDir('q2child'), 'crash-child.mjs');
-  buildSync({ entryPoints: [join(import.meta.dirname, 'crash-child.ts')], bundle: true, platform: 'node', format: 'esm', target: 'node20', outfile: out, logLevel: 'silent' });
+  buildSync({
+    entryPoints: [join(import.meta.dirname, 'crash-child.ts')],
+    bundle: true,
+    platform: 'node',
+    format: 'esm',
+    target: 'node20',
+    outfile: out,
+    logLevel: 'silent',
+  });
   childJs = out;
 });
 
@@ -186,7 +200,12 @@ describe.each(scenarios)('crash injection: $name', (s) => {
   beforeAll(async () => {
     ({ pristine, orig } = prepare(s));
     const d = workCopy(pristine, 'count');
-    const r = await nativeRebase({ target: join(d, 'l2.qcow2'), newBacking: join(d, 'l0.qcow2'), newBackingName: 'l0.qcow2', batchBytes: s.batch });
+    const r = await nativeRebase({
+      target: join(d, 'l2.qcow2'),
+      newBacking: join(d, 'l0.qcow2'),
+      newBackingName: 'l0.qcow2',
+      batchBytes: s.batch,
+    });
     total = r.ops;
     console.log(`${s.name}: ${total} crash points (writes + syncs), ${r.batches} batches`);
     assertState(join(d, 'l2.qcow2'), orig, 'uninterrupted');
@@ -197,7 +216,9 @@ describe.each(scenarios)('crash injection: $name', (s) => {
     expect(total).toBeGreaterThan(8);
     for (const n of points(total, 6, s.firstOps)) {
       const d = workCopy(pristine, `kill-${n}`);
-      const r = spawnSync(process.execPath, [childJs, join(d, 'l2.qcow2'), join(d, 'l0.qcow2'), 'l0.qcow2', String(n), String(s.batch)], { encoding: 'utf8' });
+      const r = spawnSync(process.execPath, [childJs, join(d, 'l2.qcow2'), join(d, 'l0.qcow2'), 'l0.qcow2', String(n), String(s.batch)], {
+        encoding: 'utf8',
+      });
       expect(r.signal, `op ${n}: ${r.stderr}`).toBe('SIGKILL');
       assertState(join(d, 'l2.qcow2'), orig, `killed after op ${n}/${total}`);
       await finish(d, orig, `killed after op ${n}/${total}`);

@@ -103,7 +103,13 @@ describe('engine selection', () => {
 
   it('parses /proc/locks lines', () => {
     const keys = ofdLockedKeys(
-      ['1: POSIX  ADVISORY  WRITE 17962 fe:00:16638066 0 0', '2: OFDLCK ADVISORY  READ -1 fe:00:2154748 201 201', '3: OFDLCK ADVISORY  READ -1 08:01:77 0 EOF', '4: OFDLCK ADVISORY  READ -1 08:01:78 0 0', ' -> OFDLCK ADVISORY  WRITE -1 08:01:79 100 100'].join('\n'),
+      [
+        '1: POSIX  ADVISORY  WRITE 17962 fe:00:16638066 0 0',
+        '2: OFDLCK ADVISORY  READ -1 fe:00:2154748 201 201',
+        '3: OFDLCK ADVISORY  READ -1 08:01:77 0 EOF',
+        '4: OFDLCK ADVISORY  READ -1 08:01:78 0 0',
+        ' -> OFDLCK ADVISORY  WRITE -1 08:01:79 100 100',
+      ].join('\n'),
     );
     expect([...keys].sort()).toEqual(['254:0:2154748', '8:1:77', '8:1:79']);
   });

@@ -39,7 +39,9 @@ function layerArb(compressOk: boolean): fc.Arbitrary<LayerSpec> {
       const cs = 1 << clusterBits;
       const off = fc.integer({ min: 0, max: sectors - 1 }).map((s) => s * 512);
       const op = fc.oneof(
-        fc.tuple(off, fc.integer({ min: 1, max: 512 }), fc.integer({ min: 1, max: 255 })).map(([o, n, p]) => `write -P ${p} ${o} ${Math.min(n * 512, size - o)}`),
+        fc
+          .tuple(off, fc.integer({ min: 1, max: 512 }), fc.integer({ min: 1, max: 255 }))
+          .map(([o, n, p]) => `write -P ${p} ${o} ${Math.min(n * 512, size - o)}`),
         fc.tuple(off, fc.integer({ min: 1, max: 256 })).map(([o, n]) => `write -z ${o} ${Math.min(n * 512, size - o)}`),
         fc.tuple(off, fc.integer({ min: 1, max: 256 })).map(([o, n]) => `discard ${o} ${Math.min(n * 512, size - o)}`),
         fc.tuple(fc.nat(), fc.integer({ min: 1, max: 255 })).map(([k, p]) => {
@@ -54,16 +56,25 @@ function layerArb(compressOk: boolean): fc.Arbitrary<LayerSpec> {
         for (const o of ops.filter((x) => x.startsWith('write -c'))) byOffset.set(o.split(' ').at(-2)!, o);
         return [...byOffset.values(), ...ops.filter((o) => !o.startsWith('write -c'))];
       };
-      return fc.array(op, { minLength: 0, maxLength: 6 }).map((ops) => ({ clusterBits, v2, extL2: ext, ...(v2 || refcountBits === 16 ? {} : { refcountBits }), size, ops: order(ops) }));
+      return fc
+        .array(op, { minLength: 0, maxLength: 6 })
+        .map((ops) => ({ clusterBits, v2, extL2: ext, ...(v2 || refcountBits === 16 ? {} : { refcountBits }), size, ops: order(ops) }));
     });
 }
 
 export function chainArb(opts: { minLayers?: number; maxLayers?: number; compress?: boolean } = {}): fc.Arbitrary<ChainSpec> {
-  return fc.array(layerArb(opts.compress ?? true), { minLength: opts.minLayers ?? 1, maxLength: opts.maxLayers ?? 3 }).map((layers) => ({ layers }));
+  return fc
+    .array(layerArb(opts.compress ?? true), { minLength: opts.minLayers ?? 1, maxLength: opts.maxLayers ?? 3 })
+    .map((layers) => ({ layers }));
 }
 
 export function layerOptions(l: LayerSpec): string {
-  return [`cluster_size=${1 << l.clusterBits}`, `compat=${l.v2 ? '0.10' : '1.1'}`, ...(l.extL2 ? ['extended_l2=on'] : []), ...(l.refcountBits ? [`refcount_bits=${l.refcountBits}`] : [])].join(',');
+  return [
+    `cluster_size=${1 << l.clusterBits}`,
+    `compat=${l.v2 ? '0.10' : '1.1'}`,
+    ...(l.extL2 ? ['extended_l2=on'] : []),
+    ...(l.refcountBits ? [`refcount_bits=${l.refcountBits}`] : []),
+  ].join(',');
 }
 
 /** Build the chain in `dir` as l0.qcow2 (bottom) … l<n-1>.qcow2 (top); returns the paths. */
@@ -86,7 +97,9 @@ export function buildChain(dir: string, spec: ChainSpec): string[] {
 }
 
 export function qemuMap(path: string): MapEntry[] {
-  return JSON.parse(execFileSync('qemu-img', ['map', '--output=json', '-U', path], { encoding: 'utf8', maxBuffer: 64 << 20 })) as MapEntry[];
+  return JSON.parse(
+    execFileSync('qemu-img', ['map', '--output=json', '-U', path], { encoding: 'utf8', maxBuffer: 64 << 20 }),
+  ) as MapEntry[];
 }
 
 export function qemuInfo(path: string): Record<string, unknown> {
@@ -123,7 +136,14 @@ export function compareWithRaw(path: string, raw: string): { code: number; out: 
 export function normaliseMap(entries: MapEntry[]): MapEntry[] {
   const out: MapEntry[] = [];
   for (const raw of entries) {
-    const e: MapEntry = { start: raw.start, length: raw.length, depth: raw.depth, present: raw.present, zero: raw.data ? false : raw.zero, data: raw.data };
+    const e: MapEntry = {
+      start: raw.start,
+      length: raw.length,
+      depth: raw.depth,
+      present: raw.present,
+      zero: raw.data ? false : raw.zero,
+      data: raw.data,
+    };
     if (raw.offset !== undefined) e.offset = raw.offset;
     const last = out.at(-1);
     if (

@@ -9,7 +9,11 @@ import { removeTempDirs, tempDir } from '../helpers/tmp.js';
 afterAll(removeTempDirs);
 
 const dir = tempDir('qcow2');
-const codeOf = async (p: Promise<unknown>): Promise<string> => p.then(() => 'ok', (e: { code: string }) => e.code);
+const codeOf = async (p: Promise<unknown>): Promise<string> =>
+  p.then(
+    () => 'ok',
+    (e: { code: string }) => e.code,
+  );
 
 describe('header decode agrees with qemu-img info', () => {
   it.each([
@@ -54,7 +58,11 @@ describe('malformed headers give coded errors', () => {
     ['empty', () => Buffer.alloc(0), 'QCOW2_BAD_MAGIC'],
     ['backing-name-2000', (b: Buffer) => (b.writeBigUInt64BE(512n, 8), b.writeUInt32BE(2000, 16), b), 'QCOW2_BACKING_NAME'],
     ['backing-name-outside-cluster', (b: Buffer) => (b.writeBigUInt64BE(65530n, 8), b.writeUInt32BE(100, 16), b), 'QCOW2_BACKING_NAME'],
-    ['extension-overrun', (b: Buffer) => (b.writeUInt32BE(0x1234, b.readUInt32BE(100)), b.writeUInt32BE(0xffffff, b.readUInt32BE(100) + 4), b), 'QCOW2_BAD_HEADER'],
+    [
+      'extension-overrun',
+      (b: Buffer) => (b.writeUInt32BE(0x1234, b.readUInt32BE(100)), b.writeUInt32BE(0xffffff, b.readUInt32BE(100) + 4), b),
+      'QCOW2_BAD_HEADER',
+    ],
   ])('%s -> %s', async (name, mutate, code) => {
     expect(await codeOf(readHeader(variant(name, mutate)))).toBe(code);
   });
@@ -91,7 +99,10 @@ describe('chains', () => {
   });
   it('names the missing backing file', async () => {
     makeImage(join(c, 'd/orphan.qcow2'), { backing: '../gone/full.qcow2', size: 1 << 20, extra: ['-u'] });
-    await expect(readChain(join(c, 'd/orphan.qcow2'))).rejects.toMatchObject({ code: 'QCOW2_CHAIN_MISSING', path: join(c, 'gone/full.qcow2') });
+    await expect(readChain(join(c, 'd/orphan.qcow2'))).rejects.toMatchObject({
+      code: 'QCOW2_CHAIN_MISSING',
+      path: join(c, 'gone/full.qcow2'),
+    });
   });
   it('detects a cycle', async () => {
     makeImage(join(c, 'e/x.qcow2'), { size: 1 << 20 });

@@ -70,12 +70,29 @@ describe('reader vs qemu-img on random chains', () => {
 
   it('per-layer map covers the disk and matches qemu-img map of a lone layer', async () => {
     const d = tempDir('q2layer');
-    const [p] = buildChain(d, { layers: [{ clusterBits: 16, v2: false, extL2: true, size: 3 * 1024 * 1024 + 512, ops: ['write -P 1 0 70000', 'write -z 200000 4096', 'write -c -P 3 1048576 65536'] }] });
+    const [p] = buildChain(d, {
+      layers: [
+        {
+          clusterBits: 16,
+          v2: false,
+          extL2: true,
+          size: 3 * 1024 * 1024 + 512,
+          ops: ['write -P 1 0 70000', 'write -z 200000 4096', 'write -c -P 3 1048576 65536'],
+        },
+      ],
+    });
     const img = await Qcow2Image.open(p!);
     try {
       const ext = await layerExtents(img);
       expect(ext.reduce((a, e) => a + e.length, 0)).toBe(img.virtualSize);
-      expect(ext.map((e) => e.kind).filter((k, i, a) => k !== a[i - 1])).toEqual(['data', 'unallocated', 'zero', 'unallocated', 'compressed', 'unallocated']);
+      expect(ext.map((e) => e.kind).filter((k, i, a) => k !== a[i - 1])).toEqual([
+        'data',
+        'unallocated',
+        'zero',
+        'unallocated',
+        'compressed',
+        'unallocated',
+      ]);
     } finally {
       await img.close();
     }
@@ -118,7 +135,9 @@ describe('zstd-compressed clusters', () => {
       await nativeRebase({ target: top, newBacking: base, newBackingName: 'base.qcow2' });
       expect(rawContent(top, d).equals(want)).toBe(true);
     } else {
-      await expect(nativeRebase({ target: top, newBacking: base, newBackingName: 'base.qcow2' })).rejects.toMatchObject({ code: 'QCOW2_UNSUPPORTED_FEATURE' });
+      await expect(nativeRebase({ target: top, newBacking: base, newBackingName: 'base.qcow2' })).rejects.toMatchObject({
+        code: 'QCOW2_UNSUPPORTED_FEATURE',
+      });
       expect(readFileSync(top).equals(before)).toBe(true);
     }
   });

@@ -63,7 +63,10 @@ describe('native rebase: refcount table growth (random)', () => {
     await fc.assert(
       fc.asyncProperty(
         fc.record({
-          writes: fc.array(fc.record({ at: fc.integer({ min: 0, max: 23 }), len: fc.integer({ min: 1, max: 16 }), zero: fc.boolean() }), { minLength: 1, maxLength: 8 }),
+          writes: fc.array(fc.record({ at: fc.integer({ min: 0, max: 23 }), len: fc.integer({ min: 1, max: 16 }), zero: fc.boolean() }), {
+            minLength: 1,
+            maxLength: 8,
+          }),
           top: fc.integer({ min: 0, max: 6 * 1024 - 4 }),
         }),
         async ({ writes, top }) => {
@@ -73,7 +76,9 @@ describe('native rebase: refcount table growth (random)', () => {
           // removed layer holds 3 MiB at its top half, random data and zeros below.
           const ops = [
             'write -P 2 3M 3M',
-            ...writes.map((w) => `write ${w.zero ? '-z' : '-P 7'} ${w.at * 128 * 1024} ${Math.min(w.len * 128 * 1024, 3 * MiB - w.at * 128 * 1024)}`),
+            ...writes.map(
+              (w) => `write ${w.zero ? '-z' : '-P 7'} ${w.at * 128 * 1024} ${Math.min(w.len * 128 * 1024, 3 * MiB - w.at * 128 * 1024)}`,
+            ),
           ];
           const paths = buildChain(d, {
             layers: [
@@ -118,7 +123,12 @@ describe('native rebase: shapes and refusals', () => {
     expect(r.zeroUnits).toBe(16);
     expect(r.dataUnits).toBe(31); // 2 MiB of 64 KiB clusters minus the one the top has
     expect(r.copiedBytes).toBe(31 * 65536);
-    const map = JSON.parse(execFileSync('qemu-img', ['map', '--output=json', c!], { encoding: 'utf8' })) as Array<{ start: number; depth: number; zero: boolean; data: boolean }>;
+    const map = JSON.parse(execFileSync('qemu-img', ['map', '--output=json', c!], { encoding: 'utf8' })) as Array<{
+      start: number;
+      depth: number;
+      zero: boolean;
+      data: boolean;
+    }>;
     expect(map.find((e) => e.start === 5 << 20)).toMatchObject({ depth: 0, zero: true, data: false });
     expect(readFileSync(c!).length - before).toBeLessThan(33 * 65536);
   });
@@ -127,16 +137,24 @@ describe('native rebase: shapes and refusals', () => {
     const cases: Array<[string, (p: string) => void, string]> = [
       ['bitmaps', (p) => execFileSync('qemu-img', ['bitmap', '--add', p, 'b0']), 'QCOW2_BITMAPS'],
       ['snapshot', (p) => execFileSync('qemu-img', ['snapshot', '-c', 's1', p]), 'QCOW2_SNAPSHOTS'],
-      ['dirty', (p) => {
-        const b = readFileSync(p);
-        b.writeBigUInt64BE(b.readBigUInt64BE(72) | 1n, 72);
-        writeFileSync(p, b);
-      }, 'QCOW2_DIRTY'],
-      ['corrupt', (p) => {
-        const b = readFileSync(p);
-        b.writeBigUInt64BE(b.readBigUInt64BE(72) | 2n, 72);
-        writeFileSync(p, b);
-      }, 'QCOW2_MARKED_CORRUPT'],
+      [
+        'dirty',
+        (p) => {
+          const b = readFileSync(p);
+          b.writeBigUInt64BE(b.readBigUInt64BE(72) | 1n, 72);
+          writeFileSync(p, b);
+        },
+        'QCOW2_DIRTY',
+      ],
+      [
+        'corrupt',
+        (p) => {
+          const b = readFileSync(p);
+          b.writeBigUInt64BE(b.readBigUInt64BE(72) | 2n, 72);
+          writeFileSync(p, b);
+        },
+        'QCOW2_MARKED_CORRUPT',
+      ],
     ];
     for (const [tag, damage, code] of cases) {
       const [a, , c] = chain3(tag);
@@ -149,7 +167,9 @@ describe('native rebase: shapes and refusals', () => {
     const [, , c] = chain3('shape');
     const other = join(dir, 'other.qcow2');
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', other, '8M']);
-    await expect(nativeRebase({ target: c!, newBacking: other, newBackingName: '../other.qcow2' })).rejects.toMatchObject({ code: 'QCOW2_REBASE_SHAPE' });
+    await expect(nativeRebase({ target: c!, newBacking: other, newBackingName: '../other.qcow2' })).rejects.toMatchObject({
+      code: 'QCOW2_REBASE_SHAPE',
+    });
   });
 
   it('clears unknown autoclear bits, keeps unknown extensions, adds a missing backing format last', async () => {

@@ -41,7 +41,8 @@ const placements: Array<[string, (sb: Sandbox) => void, RegExp]> = [
       repoint(sb, '../../i-9-99-VM/secret.qcow2');
     },
     /i-9-99-VM\/secret\.qcow2 of \S+ is outside the VM folder/,
-  ],  [
+  ],
+  [
     'a relative name that climbs out to /proc',
     (sb) => repoint(sb, `${'../'.repeat(24)}proc/self/environ`),
     /proc\/self\/environ of \S+ is outside the VM folder \(\/proc\/\d+\/environ\)/,
@@ -60,7 +61,6 @@ describe('a backing reference outside the VM folder is never followed', () => {
       expect(r.stdout).toMatch(why);
       expect(logText(sb)).not.toMatch(/exec: qemu-img rebase/);
     });
-
   });
 
   it('chain delete: the repair of a chain that leads outside (the full backed by a host file) is refused', async () => {

@@ -35,11 +35,27 @@ describe('chain verify reports the header bits and external data files', () => {
     const outside = join(sb.root, 'outside');
     mkdirSync(outside);
     rmSync(top);
-    qemuImg(['create', '-q', '-f', 'qcow2', '-o', `data_file=${join(outside, 'top.data')}`, '-b', `../${TS[1]}/${FILE}`, '-F', 'qcow2', top, '16M']);
+    qemuImg([
+      'create',
+      '-q',
+      '-f',
+      'qcow2',
+      '-o',
+      `data_file=${join(outside, 'top.data')}`,
+      '-b',
+      `../${TS[1]}/${FILE}`,
+      '-F',
+      'qcow2',
+      top,
+      '16M',
+    ]);
     execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x33 2M 128k', top], { stdio: 'ignore' });
     const r = await runBounded(sb, chainArgs(sb, 'verify', '--json'));
     expect(r.code).toBe(1);
-    const report = JSON.parse(r.stdout) as { ok: boolean; files: Array<{ file: string; errors: string[]; warnings: Array<{ code: string; message: string }> }> };
+    const report = JSON.parse(r.stdout) as {
+      ok: boolean;
+      files: Array<{ file: string; errors: string[]; warnings: Array<{ code: string; message: string }> }>;
+    };
     expect(report.ok).toBe(false);
     const f = report.files.find((x) => x.file === `${TS[2]}/${FILE}`)!;
     expect(f.errors).toEqual([`${TS[2]}/${FILE} has an external data file (its data lives in another file)`]);
@@ -56,6 +72,10 @@ describe('chain verify reports the header bits and external data files', () => {
     // --json: the same warning with its stable code, in the envelope's list.
     const j = JSON.parse((await runBounded(sb, chainArgs(sb, 'verify', '--json'))).stdout);
     expect(j).toMatchObject({ ok: true, command: 'chain verify', errors: [] });
-    expect(j.warnings).toContainEqual({ code: 'IMAGE_DIRTY', file: `${VM}/${TS[1]}/${FILE}`, message: expect.stringMatching(new RegExp(`^${TS[1]}/${FILE} is marked dirty`)) });
+    expect(j.warnings).toContainEqual({
+      code: 'IMAGE_DIRTY',
+      file: `${VM}/${TS[1]}/${FILE}`,
+      message: expect.stringMatching(new RegExp(`^${TS[1]}/${FILE} is marked dirty`)),
+    });
   });
 });

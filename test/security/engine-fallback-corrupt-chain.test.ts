@@ -24,9 +24,15 @@ const MiB = 1 << 20;
 const damages: Array<[string, (mid: string) => void]> = [
   // Cut off at its first data cluster: metadata intact, the data gone.
   ['truncated layer', (mid) => truncateSync(mid, Number(readU64(mid, l2EntryOffset(mid, MiB)) & 0x00fffffffffffe00n))],
-  ['L2 entry past the end of the file', (mid) => writeU64(mid, l2EntryOffset(mid, MiB), (1n << 63n) | BigInt(statSync(mid).size * 4 - ((statSync(mid).size * 4) % 65536)))],
+  [
+    'L2 entry past the end of the file',
+    (mid) => writeU64(mid, l2EntryOffset(mid, MiB), (1n << 63n) | BigInt(statSync(mid).size * 4 - ((statSync(mid).size * 4) % 65536))),
+  ],
   ['L1 table past the end of the file', (mid) => writeU64(mid, 40, BigInt(Math.ceil(statSync(mid).size / 65536) * 65536 + 10 * 65536))],
-  ['refcount table past the end of the file', (mid) => writeU64(mid, 48, BigInt(Math.ceil(statSync(mid).size / 65536) * 65536 + 10 * 65536))],
+  [
+    'refcount table past the end of the file',
+    (mid) => writeU64(mid, 48, BigInt(Math.ceil(statSync(mid).size / 65536) * 65536 + 10 * 65536)),
+  ],
   ['corrupt bit set', (mid) => writeU64(mid, 72, readU64(mid, 72) | 2n)],
 ];
 
@@ -103,9 +109,17 @@ describe('the fallback rule itself (engines called directly, without the pre-fli
     const calls: string[] = [];
     const qemu = { name: 'qemu-img', rebase: async (req: { target: string }) => void calls.push(req.target) };
     const target = onNas(sb, TS[2]);
-    const req = { target, newBacking: onNas(sb, TS[0]), newBackingName: `../${TS[0]}/${rootFile(TS[0]).split('/').at(-1)}`, newBackingFormat: 'qcow2' as const, chainIndex: 2 };
+    const req = {
+      target,
+      newBacking: onNas(sb, TS[0]),
+      newBackingName: `../${TS[0]}/${rootFile(TS[0]).split('/').at(-1)}`,
+      newBackingFormat: 'qcow2' as const,
+      chainIndex: 2,
+    };
     const before = sha(target);
-    await expect(new AutoRebaseEngine(qemu, () => {}, { held: async () => [] }).rebase(req)).rejects.toMatchObject({ code: 'CHAIN_CORRUPT' });
+    await expect(new AutoRebaseEngine(qemu, () => {}, { held: async () => [] }).rebase(req)).rejects.toMatchObject({
+      code: 'CHAIN_CORRUPT',
+    });
     const { NativeRebaseEngine } = await import('../../lib/engine/native.js');
     await expect(new NativeRebaseEngine(qemu).rebase(req)).rejects.toMatchObject({ code: 'CHAIN_CORRUPT' });
     expect(calls).toEqual([]);

@@ -53,10 +53,24 @@ export function l2EntryOffset(file: string, guest: number): number {
 }
 
 export const rebaseArgs = (sb: Sandbox, target: string, backing: string, engine?: string): string[] => [
-  '-o', 'rebase', ...bindNas(sb), '--rebase-target', target, '--rebase-new-backing', backing, ...(engine ? ['--engine', engine] : []),
+  '-o',
+  'rebase',
+  ...bindNas(sb),
+  '--rebase-target',
+  target,
+  '--rebase-new-backing',
+  backing,
+  ...(engine ? ['--engine', engine] : []),
 ];
 
-export const chainArgs = (sb: Sandbox, action: string, ...more: string[]): string[] => ['chain', action, ...bindNas(sb), '--vm', VM, ...more];
+export const chainArgs = (sb: Sandbox, action: string, ...more: string[]): string[] => [
+  'chain',
+  action,
+  ...bindNas(sb),
+  '--vm',
+  VM,
+  ...more,
+];
 
 export interface Bounded extends RunOutcome {
   /** Still running after the bound: killed (SIGKILL; a process blocked in open() ignores SIGTERM). */

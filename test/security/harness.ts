@@ -16,7 +16,12 @@ export async function waitFor(cond: () => boolean, ms: number, what = 'condition
 }
 
 /** bin/nasbackup (or `bin` given) as the leader of its own process group. */
-export function startGroup(sb: Sandbox, args: string[], env: NodeJS.ProcessEnv = {}, bin = BIN): { child: ChildProcess; done: Promise<RunOutcome> } {
+export function startGroup(
+  sb: Sandbox,
+  args: string[],
+  env: NodeJS.ProcessEnv = {},
+  bin = BIN,
+): { child: ChildProcess; done: Promise<RunOutcome> } {
   const child = spawn(bin, args, { env: { ...sb.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
   let stdout = '';
   let stderr = '';

@@ -30,9 +30,20 @@ const CASES: Array<[string, (nas: string) => string, RegExp]> = [
   ['an object instead of the command array', () => '{"__proto__":{"polluted":true}}', /Expected a JSON array of commands/],
   ['a number instead of a command', () => '[1e999999]', /must be an object with exactly one key/],
   ['not JSON at all', () => 'rm -rf /', /Malformed JSON/],
-  ['truncated', (nas) => del(`{"backupPath":"i-2-10-VM/2025.01.01.00.00.00","backupRepoType":"none","backupRepoAddress":"${nas}"`), /Malformed JSON/],
+  [
+    'truncated',
+    (nas) => del(`{"backupPath":"i-2-10-VM/2025.01.01.00.00.00","backupRepoType":"none","backupRepoAddress":"${nas}"`),
+    /Malformed JSON/,
+  ],
   ['an unknown command class', () => `[{"${P}FormatDiskCommand":{}}]`, /FormatDiskCommand/],
-  ['a wait that does not fit a Java int', (nas) => del(`{"backupPath":"i-2-10-VM/2025.01.01.00.00.00","backupRepoType":"none","backupRepoAddress":"${nas}","mountOptions":"bind","wait":99999999999}`), /wait/],
+  [
+    'a wait that does not fit a Java int',
+    (nas) =>
+      del(
+        `{"backupPath":"i-2-10-VM/2025.01.01.00.00.00","backupRepoType":"none","backupRepoAddress":"${nas}","mountOptions":"bind","wait":99999999999}`,
+      ),
+    /wait/,
+  ],
 ];
 
 describe('hostile wire JSON', () => {
@@ -53,7 +64,12 @@ describe('hostile wire JSON', () => {
   it('a __proto__ key inside a command does not reach any object prototype', async () => {
     const sb = makeSandbox('hostile-proto');
     seedChain(sb.nas);
-    const r = await agent(sb, del(`{"backupPath":"../../etc","backupRepoType":"none","backupRepoAddress":"${sb.nas}","mountOptions":"bind","__proto__":{"backupPath":"x"}}`));
+    const r = await agent(
+      sb,
+      del(
+        `{"backupPath":"../../etc","backupRepoType":"none","backupRepoAddress":"${sb.nas}","mountOptions":"bind","__proto__":{"backupPath":"x"}}`,
+      ),
+    );
     const [answer] = decodeAnswers(r.stdout.trim());
     expect(answer?.result).toBe(false);
     expect(({} as Record<string, unknown>).backupPath).toBeUndefined();

@@ -95,7 +95,13 @@ describe('a log that cannot be written', () => {
     expect(() => writeFileSync(join(full, 'probe'), 'x'.repeat(8192))).toThrow(/ENOSPC/);
     writeFileSync(join(sb.root, 'plain-file'), 'x');
     mkdirSync(join(sb.root, 'a-folder.log'));
-    for (const log of [join(ro, 'agent.log'), join(ro, 'new', 'agent.log'), join(full, 'agent.log'), join(sb.root, 'plain-file', 'agent.log'), join(sb.root, 'a-folder.log')]) {
+    for (const log of [
+      join(ro, 'agent.log'),
+      join(ro, 'new', 'agent.log'),
+      join(full, 'agent.log'),
+      join(sb.root, 'plain-file', 'agent.log'),
+      join(sb.root, 'a-folder.log'),
+    ]) {
       expectUnaffected(await runWithLog(log));
     }
     expect(readFileSync(join(sb.root, 'plain-file'), 'utf8')).toBe('x');

@@ -59,25 +59,34 @@ const corpus: Array<[string, Mutation]> = [
   ['l1-unaligned.QCOW2_CORRUPT', (b) => (b.writeBigUInt64BE(BigInt(L1 + 8), 40), b)],
   ['refcount-table-past-eof.QCOW2_CORRUPT', (b) => (b.writeBigUInt64BE(BigInt(b.length * 4), 48), b)],
   ['l2-past-eof.QCOW2_CORRUPT', (b) => (b.writeBigUInt64BE((1n << 63n) | BigInt(b.length * 8), L1), b)],
-  ['l2-is-header.QCOW2_CORRUPT', (b) => (b.writeBigUInt64BE(1n << 63n, L1), b.writeBigUInt64BE((1n << 63n) | 0n, L1), b.writeBigUInt64BE(0x200n, L1), b)],
+  [
+    'l2-is-header.QCOW2_CORRUPT',
+    (b) => (b.writeBigUInt64BE(1n << 63n, L1), b.writeBigUInt64BE((1n << 63n) | 0n, L1), b.writeBigUInt64BE(0x200n, L1), b),
+  ],
   ['l2-is-l1-cycle.QCOW2_CORRUPT', (b) => (b.writeBigUInt64BE((1n << 63n) | BigInt(L1), L1), b)],
   ['l2-is-refcount-table.QCOW2_CORRUPT', (b) => (b.writeBigUInt64BE((1n << 63n) | BigInt(RT), L1), b)],
   ['data-past-eof.QCOW2_CORRUPT', (b) => (b.writeBigUInt64BE((1n << 63n) | BigInt(b.length * 16), L2), b)],
   ['data-unaligned.QCOW2_CORRUPT', (b) => (b.writeBigUInt64BE((1n << 63n) | BigInt(L2 + 512), L2), b)],
-  ['compressed-garbage.QCOW2_COMPRESSED_DATA', (b) => {
-    const e = b.readBigUInt64BE(L2 + 256 * 8); // cluster of guest offset 1 MiB
-    const x = 62n - BigInt(12 - 8);
-    const host = Number(e & ((1n << x) - 1n));
-    b.fill(0xff, host, Math.min(b.length, host + 64));
-    return b;
-  }],
+  [
+    'compressed-garbage.QCOW2_COMPRESSED_DATA',
+    (b) => {
+      const e = b.readBigUInt64BE(L2 + 256 * 8); // cluster of guest offset 1 MiB
+      const x = 62n - BigInt(12 - 8);
+      const host = Number(e & ((1n << x) - 1n));
+      b.fill(0xff, host, Math.min(b.length, host + 64));
+      return b;
+    },
+  ],
   ['backing-name-too-long.QCOW2_BACKING_NAME', (b) => (b.writeBigUInt64BE(512n, 8), b.writeUInt32BE(5000, 16), b)],
-  ['extension-overrun.QCOW2_BAD_HEADER', (b) => {
-    const hl = b.readUInt32BE(100);
-    b.writeUInt32BE(0x0badcafe, hl);
-    b.writeUInt32BE(0x7fffffff, hl + 4);
-    return b;
-  }],
+  [
+    'extension-overrun.QCOW2_BAD_HEADER',
+    (b) => {
+      const hl = b.readUInt32BE(100);
+      b.writeUInt32BE(0x0badcafe, hl);
+      b.writeUInt32BE(0x7fffffff, hl + 4);
+      return b;
+    },
+  ],
 ];
 
 describe('malformed images give coded errors', () => {
@@ -111,7 +120,9 @@ describe('malformed images give coded errors', () => {
     copyFileSync(big, tgt);
     execFileSync('qemu-img', ['rebase', '-u', '-b', 'two-l1-mid.qcow2', '-F', 'qcow2', tgt]);
     const before = readFileSync(tgt);
-    await expect(nativeRebase({ target: tgt, newBacking: big, newBackingName: 'two-l1.qcow2' })).rejects.toMatchObject({ code: 'QCOW2_CORRUPT' });
+    await expect(nativeRebase({ target: tgt, newBacking: big, newBackingName: 'two-l1.qcow2' })).rejects.toMatchObject({
+      code: 'QCOW2_CORRUPT',
+    });
     expect(readFileSync(tgt).equals(before)).toBe(true);
   });
   it('random byte damage to metadata never escapes as anything but a Qcow2Error', async () => {

@@ -54,7 +54,9 @@ describe('the NAS turns read-only during a backup', () => {
     expect(r.code, r.stdout).toBe(20);
     const lines = r.stdout.split('\n');
     expect(lines[0]).toMatch(/^Failed to finish the backup \S+\/i-2-19-VM\/2025\.09\.01\.00\.00\.00: EROFS: read-only file system/);
-    expect(r.stdout).toMatch(new RegExp(`\\nCould not remove the unfinished backup \\S+/${partial.replace(/\./g, '\\.')}: EROFS[^\\n]*\\n`));
+    expect(r.stdout).toMatch(
+      new RegExp(`\\nCould not remove the unfinished backup \\S+/${partial.replace(/\./g, '\\.')}: EROFS[^\\n]*\\n`),
+    );
     expect(r.stdout).toMatch(/\nCould not remove the lock \S+\/i-2-19-VM\/\.nasbackup\.lock\n/);
     expect(r.stdout.endsWith('\nBackup cleanup failed\n')).toBe(true);
     expect(logText(sb)).toMatch(/ERROR \[NAS_READ_ONLY\]/);

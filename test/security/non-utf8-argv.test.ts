@@ -30,7 +30,8 @@ function runBytes(sb: Sandbox, args: Array<string | Buffer>): Promise<RunOutcome
   return new Promise((res) => child.on('close', (code, signal) => res({ code, signal, stdout, stderr })));
 }
 
-const bytes = (...parts: Array<string | number[]>): Buffer => Buffer.concat(parts.map((p) => (typeof p === 'string' ? Buffer.from(p) : Buffer.from(p))));
+const bytes = (...parts: Array<string | number[]>): Buffer =>
+  Buffer.concat(parts.map((p) => (typeof p === 'string' ? Buffer.from(p) : Buffer.from(p))));
 
 function seed(sb: Sandbox): void {
   // The folder a lossy decoding of `<vm>/\xff` would name, and a sibling.
@@ -55,9 +56,21 @@ describe('an argument that is not valid UTF-8', () => {
   });
 
   it.each([
-    ['a truncated sequence in -p of a backup', ['-o', 'backup', '-v', VM, '-p', bytes(`${VM}/2025.07.02`, [0xe2, 0x82])], /^The value of -p is not valid UTF-8 \("i-2-17-VM\/2025\.07\.02\\xe2\\x82"\)/],
-    ['an overlong encoding of "/" in --rebase-target', ['-o', 'rebase', '--rebase-target', bytes(`${VM}/a`, [0xc0, 0xaf], 'x'), '--rebase-new-backing', `${VM}/b/x`], /^The value of --rebase-target is not valid UTF-8/],
-    ['a lone surrogate (CESU) in -v', ['-o', 'backup', '-v', bytes('vm', [0xed, 0xa0, 0x80]), '-p', `${VM}/x`], /^The value of -v is not valid UTF-8 \("vm\\xed\\xa0\\x80"\)/],
+    [
+      'a truncated sequence in -p of a backup',
+      ['-o', 'backup', '-v', VM, '-p', bytes(`${VM}/2025.07.02`, [0xe2, 0x82])],
+      /^The value of -p is not valid UTF-8 \("i-2-17-VM\/2025\.07\.02\\xe2\\x82"\)/,
+    ],
+    [
+      'an overlong encoding of "/" in --rebase-target',
+      ['-o', 'rebase', '--rebase-target', bytes(`${VM}/a`, [0xc0, 0xaf], 'x'), '--rebase-new-backing', `${VM}/b/x`],
+      /^The value of --rebase-target is not valid UTF-8/,
+    ],
+    [
+      'a lone surrogate (CESU) in -v',
+      ['-o', 'backup', '-v', bytes('vm', [0xed, 0xa0, 0x80]), '-p', `${VM}/x`],
+      /^The value of -v is not valid UTF-8 \("vm\\xed\\xa0\\x80"\)/,
+    ],
     ['a Latin-1 byte in the mount options', ['-o', 'stats', '-m', bytes('bind,', [0xe9])], /^The value of -m is not valid UTF-8/],
     ['an invalid byte as the operation itself', ['-o', bytes([0xff])], /^The value of -o is not valid UTF-8 \("\\xff"\)/],
     ['an invalid byte as an option name', [bytes('-', [0xff]), 'x'], /^Argument 1 is not valid UTF-8 \("-\\xff"\)/],
@@ -81,6 +94,11 @@ describe('an argument that is not valid UTF-8', () => {
     mkdirSync(join(sb.nas, `${VM}/été`), { recursive: true });
     const r = await runBytes(sb, ['-o', 'delete', ...bindNas(sb), '-p', `${VM}/${REPLACEMENT}`]);
     expect(r.code, r.stdout).toBe(0);
-    expect(snapshotTree(sb.nas).map((e) => e.path)).toEqual([VM, `${VM}/2025.07.01.00.00.00`, `${VM}/2025.07.01.00.00.00/root.qcow2`, `${VM}/été`]);
+    expect(snapshotTree(sb.nas).map((e) => e.path)).toEqual([
+      VM,
+      `${VM}/2025.07.01.00.00.00`,
+      `${VM}/2025.07.01.00.00.00/root.qcow2`,
+      `${VM}/été`,
+    ]);
   });
 });

@@ -49,12 +49,20 @@ describe.each(BAD)('%s path', (_name, bad, msg) => {
 
   it('rebase --rebase-target', async () => {
     const sb = share('esc-rebase-target');
-    await refused(sb, ['-o', 'rebase', ...bindNas(sb), '--rebase-target', `${bad}/root.qcow2`, '--rebase-new-backing', rootFile(TS[0])], msg);
+    await refused(
+      sb,
+      ['-o', 'rebase', ...bindNas(sb), '--rebase-target', `${bad}/root.qcow2`, '--rebase-new-backing', rootFile(TS[0])],
+      msg,
+    );
   });
 
   it('rebase --rebase-new-backing', async () => {
     const sb = share('esc-rebase-backing');
-    await refused(sb, ['-o', 'rebase', ...bindNas(sb), '--rebase-target', rootFile(TS[2]), '--rebase-new-backing', `${bad}/root.qcow2`], msg);
+    await refused(
+      sb,
+      ['-o', 'rebase', ...bindNas(sb), '--rebase-target', rootFile(TS[2]), '--rebase-new-backing', `${bad}/root.qcow2`],
+      msg,
+    );
   });
 
   it('backup -p (stopped VM)', async () => {

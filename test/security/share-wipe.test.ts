@@ -48,8 +48,14 @@ describe('the share is never wiped', () => {
   });
 
   it.each([
-    ['the target is not qcow2', (_sb: Sandbox) => ['--rebase-target', `${VM}/${TS[2]}/domain-config.xml`, '--rebase-new-backing', rootFile(TS[0])]],
-    ['the new backing is missing', () => ['--rebase-target', rootFile(TS[2]), '--rebase-new-backing', `${VM}/2030.01.01.00.00.00/root.x.qcow2`]],
+    [
+      'the target is not qcow2',
+      (_sb: Sandbox) => ['--rebase-target', `${VM}/${TS[2]}/domain-config.xml`, '--rebase-new-backing', rootFile(TS[0])],
+    ],
+    [
+      'the new backing is missing',
+      () => ['--rebase-target', rootFile(TS[2]), '--rebase-new-backing', `${VM}/2030.01.01.00.00.00/root.x.qcow2`],
+    ],
     ['the target is missing', () => ['--rebase-target', `${VM}/${TS[2]}/root.nope.qcow2`, '--rebase-new-backing', rootFile(TS[0])]],
   ])('a failed rebase (%s) changes nothing on the share, with either engine', async (_what, args) => {
     for (const engine of ['native', 'qemu-img']) {

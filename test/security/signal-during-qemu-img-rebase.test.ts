@@ -36,8 +36,19 @@ beforeAll(() => {
   template = join(sb.root, 'template');
   // The middle backup holds most of the data: the rebase copies it into the top (long enough to be hit mid-way).
   makeImage(join(template, file(TS[0]!)), { size: 160 * M, writes: [{ pattern: 0x11, offset: 0, length: 8 * M }] });
-  makeImage(join(template, file(TS[1]!)), { size: 160 * M, backing: `../${TS[0]}/root.qcow2`, writes: [{ pattern: 0x22, offset: 4 * M, length: 120 * M }] });
-  makeImage(join(template, file(TS[2]!)), { size: 160 * M, backing: `../${TS[1]}/root.qcow2`, writes: [{ pattern: 0x33, offset: 1 * M, length: 2 * M }, { pattern: 0x34, offset: 150 * M, length: 64 * 1024 }] });
+  makeImage(join(template, file(TS[1]!)), {
+    size: 160 * M,
+    backing: `../${TS[0]}/root.qcow2`,
+    writes: [{ pattern: 0x22, offset: 4 * M, length: 120 * M }],
+  });
+  makeImage(join(template, file(TS[2]!)), {
+    size: 160 * M,
+    backing: `../${TS[1]}/root.qcow2`,
+    writes: [
+      { pattern: 0x33, offset: 1 * M, length: 2 * M },
+      { pattern: 0x34, offset: 150 * M, length: 64 * 1024 },
+    ],
+  });
   reference = join(sb.root, 'reference.raw');
   execFileSync('qemu-img', ['convert', '-O', 'raw', join(template, TARGET), reference]);
 }, 120_000);
@@ -50,7 +61,10 @@ function reseed(): void {
 }
 
 function backingOf(rel: string): string {
-  const info = JSON.parse(execFileSync('qemu-img', ['info', '-U', '--output=json', join(sb.nas, rel)], { encoding: 'utf8' })) as Record<string, string>;
+  const info = JSON.parse(execFileSync('qemu-img', ['info', '-U', '--output=json', join(sb.nas, rel)], { encoding: 'utf8' })) as Record<
+    string,
+    string
+  >;
   return info['backing-filename'] ?? '';
 }
 
@@ -135,45 +149,49 @@ async function rerunFinishes(engine: string, label: string): Promise<void> {
 }
 
 describe('a signal during a rebase (sweep over both engines)', () => {
-  it.each(['qemu-img', 'native'])('engine %s: the chain stays intact and the report honest at every point', async (engine) => {
-    // Uninterrupted reference: how long the rebase step takes here (the sweep spans it).
-    reseed();
-    const t0 = Date.now();
-    const { done } = startGroup(sb, ARGS(sb), { NASBACKUP_ENGINE: engine });
-    await waitFor(() => logHas(sb.logFile, /Rebase: \S+ onto/), 30_000, 'rebase start');
-    const t1 = Date.now();
-    const ref = await done;
-    expect(ref, 'reference run').toMatchObject({ code: 0, stdout: '' });
-    if (engine === 'native') expect(logHas(sb.logFile, /engine native: \S+ rebased/)).toBe(true);
-    const span = Math.max(Date.now() - t1, 50);
-    expect(t1 - t0).toBeGreaterThan(0);
+  it.each(['qemu-img', 'native'])(
+    'engine %s: the chain stays intact and the report honest at every point',
+    async (engine) => {
+      // Uninterrupted reference: how long the rebase step takes here (the sweep spans it).
+      reseed();
+      const t0 = Date.now();
+      const { done } = startGroup(sb, ARGS(sb), { NASBACKUP_ENGINE: engine });
+      await waitFor(() => logHas(sb.logFile, /Rebase: \S+ onto/), 30_000, 'rebase start');
+      const t1 = Date.now();
+      const ref = await done;
+      expect(ref, 'reference run').toMatchObject({ code: 0, stdout: '' });
+      if (engine === 'native') expect(logHas(sb.logFile, /engine native: \S+ rebased/)).toBe(true);
+      const span = Math.max(Date.now() - t1, 50);
+      expect(t1 - t0).toBeGreaterThan(0);
 
-    const points: Point[] = [0, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95, 1.1].map((fraction) => ({ kind: 'delay', fraction }));
-    points.push({ kind: 'switched' });
-    if (engine === 'qemu-img') points.push({ kind: 'qemu-img started' });
-    let interrupted = 0;
-    let shielded = 0;
-    for (const point of points) {
-      const label =
-        point.kind === 'delay'
-          ? `SIGTERM at ${Math.round(point.fraction * 100)}% of the rebase`
-          : point.kind === 'switched'
-            ? 'SIGTERM once the header names the new backing'
-            : 'SIGTERM as soon as qemu-img runs';
-      const shot = await shoot(engine, point, span, 'SIGTERM');
-      expectHonest(shot, engine, label);
-      if (shot.outcome.code !== 0) {
-        interrupted++;
-        await rerunFinishes(engine, label);
+      const points: Point[] = [0, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95, 1.1].map((fraction) => ({ kind: 'delay', fraction }));
+      points.push({ kind: 'switched' });
+      if (engine === 'qemu-img') points.push({ kind: 'qemu-img started' });
+      let interrupted = 0;
+      let shielded = 0;
+      for (const point of points) {
+        const label =
+          point.kind === 'delay'
+            ? `SIGTERM at ${Math.round(point.fraction * 100)}% of the rebase`
+            : point.kind === 'switched'
+              ? 'SIGTERM once the header names the new backing'
+              : 'SIGTERM as soon as qemu-img runs';
+        const shot = await shoot(engine, point, span, 'SIGTERM');
+        expectHonest(shot, engine, label);
+        if (shot.outcome.code !== 0) {
+          interrupted++;
+          await rerunFinishes(engine, label);
+        }
+        if (shot.qemuImgRunning) shielded++;
       }
-      if (shot.qemuImgRunning) shielded++;
-    }
-    // The sweep did hit the rebase, not only before or after it: qemu-img was running
-    // (and was let finish), or the native engine was stopped between its batches.
-    console.log(`${engine}: ${points.length} points, ${interrupted} interrupted, ${shielded} during qemu-img`);
-    if (engine === 'qemu-img') expect(shielded).toBeGreaterThan(0);
-    else expect(interrupted).toBeGreaterThan(0);
-  }, 600_000);
+      // The sweep did hit the rebase, not only before or after it: qemu-img was running
+      // (and was let finish), or the native engine was stopped between its batches.
+      console.log(`${engine}: ${points.length} points, ${interrupted} interrupted, ${shielded} during qemu-img`);
+      if (engine === 'qemu-img') expect(shielded).toBeGreaterThan(0);
+      else expect(interrupted).toBeGreaterThan(0);
+    },
+    600_000,
+  );
 
   it.each([
     ['SIGTERM', true],
@@ -181,12 +199,16 @@ describe('a signal during a rebase (sweep over both engines)', () => {
     ['SIGHUP', true],
     ['SIGINT', false],
     ['SIGHUP', false],
-  ] as const)('qemu-img engine, %s (to the whole process group: %s) once the header names the new backing: it finishes and reports success', async (sig, group) => {
-    const shot = await shoot('qemu-img', { kind: 'switched' }, 0, sig, group);
-    expectHonest(shot, 'qemu-img', `${sig} group=${group}`);
-    expect(shot.outcome.code).toBe(0);
-    expect(readFileSync(sb.logFile, 'utf8')).toMatch(new RegExp(`Received ${sig} during a step that must not be stopped halfway`));
-  }, 120_000);
+  ] as const)(
+    'qemu-img engine, %s (to the whole process group: %s) once the header names the new backing: it finishes and reports success',
+    async (sig, group) => {
+      const shot = await shoot('qemu-img', { kind: 'switched' }, 0, sig, group);
+      expectHonest(shot, 'qemu-img', `${sig} group=${group}`);
+      expect(shot.outcome.code).toBe(0);
+      expect(readFileSync(sb.logFile, 'utf8')).toMatch(new RegExp(`Received ${sig} during a step that must not be stopped halfway`));
+    },
+    120_000,
+  );
 });
 
 describe('SIGKILL of nasbackup during a qemu-img rebase', () => {
@@ -200,7 +222,11 @@ describe('SIGKILL of nasbackup during a qemu-img rebase', () => {
     const r = await done;
     expect(r.signal).toBe('SIGKILL');
     // qemu-img (re-parented) runs to the end of the rebase instead of dying halfway.
-    await waitFor(() => !existsSync(`/proc/${qemuImg}`) || /^\S+ \(.*\) Z/.test(readFileSync(`/proc/${qemuImg}/stat`, 'utf8')), 60_000, 'qemu-img end');
+    await waitFor(
+      () => !existsSync(`/proc/${qemuImg}`) || /^\S+ \(.*\) Z/.test(readFileSync(`/proc/${qemuImg}/stat`, 'utf8')),
+      60_000,
+      'qemu-img end',
+    );
     expect(backingOf(TARGET)).toBe(NEW_NAME);
     expect(compareWithReference()).toBe(0);
     // What the killed run left (its mount, its lock) is the next run's to clean; the

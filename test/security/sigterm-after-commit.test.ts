@@ -29,7 +29,21 @@ function stoppedVm(tag: string): { sb: Sandbox; disk: string; args: (ts: string)
   // Real qemu-img; its post-commit step (the bitmap for the next incremental) made slow,
   // so a signal can land on it for certain.
   writeShim(sb, 'qemu-img', `[ "$1" = bitmap ] && { echo $$ > "$0.bitmap.pid"; sleep 1; }\nexec /usr/bin/qemu-img "$@"`);
-  const args = (ts: string): string[] => ['-o', 'backup', ...bindNas(sb), '-v', VM, '-p', `${VM}/${ts}`, '-d', disk, '-M', 'full', '--bitmap-new', `backup-${ts.replace(/\./g, '')}`];
+  const args = (ts: string): string[] => [
+    '-o',
+    'backup',
+    ...bindNas(sb),
+    '-v',
+    VM,
+    '-p',
+    `${VM}/${ts}`,
+    '-d',
+    disk,
+    '-M',
+    'full',
+    '--bitmap-new',
+    `backup-${ts.replace(/\./g, '')}`,
+  ];
   return { sb, disk, args };
 }
 
@@ -43,7 +57,11 @@ describe('SIGTERM during a stopped-VM backup, swept over its commit point', () =
     const points = [
       { name: 'the work folder exists (copy under way)', before: true, ready: (final: string) => existsSync(`${final}.partial`) },
       { name: 'the folder has its final name', before: false, ready: (final: string) => existsSync(final) },
-      { name: 'the bitmap for the next incremental is being added', before: false, ready: () => existsSync(`${sb.shims}/qemu-img.bitmap.pid`) },
+      {
+        name: 'the bitmap for the next incremental is being added',
+        before: false,
+        ready: () => existsSync(`${sb.shims}/qemu-img.bitmap.pid`),
+      },
     ];
     for (const [i, p] of points.entries()) {
       const ts = `2025.04.0${i + 2}.00.00.00`;
@@ -67,7 +85,9 @@ describe('SIGTERM during a stopped-VM backup, swept over its commit point', () =
         expect(r.code, ctx).toBe(0);
         expect(r.stdout, ctx).toBe(ref.stdout.replace('20250401000000', ts.replace(/\./g, '')));
         expect(readdirSync(final), ctx).toEqual(readdirSync(join(sb.nas, VM, '2025.04.01.00.00.00')));
-        expect(logHas(sb.logFile, /Received SIGTERM (after the commit point|during a step that must not be stopped halfway)/), ctx).toBe(true);
+        expect(logHas(sb.logFile, /Received SIGTERM (after the commit point|during a step that must not be stopped halfway)/), ctx).toBe(
+          true,
+        );
       }
       expect(existsSync(join(sb.nas, VM, '.nasbackup.lock')), ctx).toBe(false);
       expect(leftovers(sb), ctx).toEqual({ dirs: [], mounts: [] });
@@ -80,11 +100,23 @@ describe('SIGTERM after a native rebase is on disk', () => {
     const sb = makeSandbox('sec-commit-rebase');
     const f = (ts: string): string => `${VM}/${ts}/root.qcow2`;
     makeImage(join(sb.nas, f('2025.05.01.00.00.00')), { size: 16 * M, writes: [{ pattern: 1, offset: 0, length: 4 * M }] });
-    makeImage(join(sb.nas, f('2025.05.02.00.00.00')), { size: 16 * M, backing: '../2025.05.01.00.00.00/root.qcow2', writes: [{ pattern: 2, offset: 2 * M, length: 4 * M }] });
-    makeImage(join(sb.nas, f('2025.05.03.00.00.00')), { size: 16 * M, backing: '../2025.05.02.00.00.00/root.qcow2', writes: [{ pattern: 3, offset: 8 * M, length: 1 * M }] });
+    makeImage(join(sb.nas, f('2025.05.02.00.00.00')), {
+      size: 16 * M,
+      backing: '../2025.05.01.00.00.00/root.qcow2',
+      writes: [{ pattern: 2, offset: 2 * M, length: 4 * M }],
+    });
+    makeImage(join(sb.nas, f('2025.05.03.00.00.00')), {
+      size: 16 * M,
+      backing: '../2025.05.02.00.00.00/root.qcow2',
+      writes: [{ pattern: 3, offset: 8 * M, length: 1 * M }],
+    });
     // The flush after the rebase made slow (it still runs to completion).
     writeShim(sb, 'sync', `echo $$ > "$0.pid"; sleep 1; exec /usr/bin/sync`);
-    const { child, done } = startGroup(sb, ['-o', 'rebase', ...bindNas(sb), '--rebase-target', f('2025.05.03.00.00.00'), '--rebase-new-backing', f('2025.05.01.00.00.00')], { NASBACKUP_ENGINE: 'native' });
+    const { child, done } = startGroup(
+      sb,
+      ['-o', 'rebase', ...bindNas(sb), '--rebase-target', f('2025.05.03.00.00.00'), '--rebase-new-backing', f('2025.05.01.00.00.00')],
+      { NASBACKUP_ENGINE: 'native' },
+    );
     let exited = false;
     void done.then(() => (exited = true));
     await waitFor(() => exited || existsSync(`${sb.shims}/sync.pid`), 30_000, 'flush after the rebase');
@@ -118,20 +150,37 @@ register(new URL('./hooks.mjs', import.meta.url), { data: { pattern: process.env
 
 describe('SIGTERM while the program is still loading', () => {
   // Every module on the way from bin/nasbackup to the running operation (after the first one, which installs the handlers).
-  const points = ['dist/lib/cli/entry.js', 'dist/lib/agent-output.js', 'dist/lib/cli/main.js', 'dist/lib/config.js', '/yargs/', 'dist/lib/cli/lifecycle.js', 'dist/lib/nas/session.js', 'dist/lib/ops/stats.js', 'dist/lib/nas/watch.js'];
+  const points = [
+    'dist/lib/cli/entry.js',
+    'dist/lib/agent-output.js',
+    'dist/lib/cli/main.js',
+    'dist/lib/config.js',
+    '/yargs/',
+    'dist/lib/cli/lifecycle.js',
+    'dist/lib/nas/session.js',
+    'dist/lib/ops/stats.js',
+    'dist/lib/nas/watch.js',
+  ];
 
-  it.each(points)('during the load of %s: a clean "Interrupted by SIGTERM", exit 1, nothing touched', async (point) => {
-    const sb = makeSandbox('sec-startup');
-    writeFileSync(join(sb.root, 'hooks.mjs'), HOOKS);
-    writeFileSync(join(sb.root, 'preload.mjs'), PRELOAD);
-    mkdirSync(join(sb.nas, VM, '2025.06.01.00.00.00'), { recursive: true });
-    const snap = snapshotTree(sb.nas);
-    const { done } = startGroup(sb, ['-o', 'stats', ...bindNas(sb)], { NODE_OPTIONS: `--import=${join(sb.root, 'preload.mjs')}`, NB_SIGTERM_ON_LOAD: point });
-    const r = await done;
-    expect(r, JSON.stringify(r)).toMatchObject({ code: 1, signal: null });
-    // Before the operation: by the signal; in its first steps (the last points): what it interrupted.
-    expect(r.stdout).toMatch(/^Interrupted (by SIGTERM|while mounting none store)\n/);
-    expect(snapshotTree(sb.nas)).toEqual(snap);
-    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
-  }, 60_000);
+  it.each(points)(
+    'during the load of %s: a clean "Interrupted by SIGTERM", exit 1, nothing touched',
+    async (point) => {
+      const sb = makeSandbox('sec-startup');
+      writeFileSync(join(sb.root, 'hooks.mjs'), HOOKS);
+      writeFileSync(join(sb.root, 'preload.mjs'), PRELOAD);
+      mkdirSync(join(sb.nas, VM, '2025.06.01.00.00.00'), { recursive: true });
+      const snap = snapshotTree(sb.nas);
+      const { done } = startGroup(sb, ['-o', 'stats', ...bindNas(sb)], {
+        NODE_OPTIONS: `--import=${join(sb.root, 'preload.mjs')}`,
+        NB_SIGTERM_ON_LOAD: point,
+      });
+      const r = await done;
+      expect(r, JSON.stringify(r)).toMatchObject({ code: 1, signal: null });
+      // Before the operation: by the signal; in its first steps (the last points): what it interrupted.
+      expect(r.stdout).toMatch(/^Interrupted (by SIGTERM|while mounting none store)\n/);
+      expect(snapshotTree(sb.nas)).toEqual(snap);
+      expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+    },
+    60_000,
+  );
 });

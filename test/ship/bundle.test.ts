@@ -22,7 +22,8 @@ beforeAll(() => {
   // Decoys: a bundle that looked beside itself would report 9.9.9 or choke on the locales.
   writeFileSync(join(folder, 'package.json'), JSON.stringify({ name: 'nasbackup', version: '9.9.9' }));
   mkdirSync(join(dirname(folder), 'locales'), { recursive: true });
-  for (const l of ['C', 'C.UTF-8', 'en', 'en_US', 'en_US.UTF-8']) writeFileSync(join(dirname(folder), 'locales', `${l}.json`), '{ not json');
+  for (const l of ['C', 'C.UTF-8', 'en', 'en_US', 'en_US.UTF-8'])
+    writeFileSync(join(dirname(folder), 'locales', `${l}.json`), '{ not json');
 }, 120_000);
 
 /**
@@ -44,7 +45,14 @@ describe('the bundle runs alone', () => {
     const sb = makeSandbox('ship-version');
     expect(await nb(sb, ['--version'])).toMatchObject({ code: 0, stdout: `nasbackup ${PKG.version}\n`, stderr: '' });
     const j = await nb(sb, ['--version', '--json']);
-    expect(JSON.parse(j.stdout)).toEqual({ ok: true, command: 'version', name: 'nasbackup', version: PKG.version, errors: [], warnings: [] });
+    expect(JSON.parse(j.stdout)).toEqual({
+      ok: true,
+      command: 'version',
+      name: 'nasbackup',
+      version: PKG.version,
+      errors: [],
+      warnings: [],
+    });
   });
 
   it.each([
@@ -72,7 +80,13 @@ describe('the bundle runs alone', () => {
     expect(r.stdout).toMatch(new RegExp(`^${sb.tmp}/csbackup\\.\\w+\\n\\d+ \\d+\\n$`));
     const j = await nb(sb, ['-o', 'stats', ...bindNas(sb), '--json']);
     expect(j.code).toBe(0);
-    expect(JSON.parse(j.stdout)).toMatchObject({ ok: true, command: 'stats', errors: [], totalKiB: expect.any(Number), usedKiB: expect.any(Number) });
+    expect(JSON.parse(j.stdout)).toMatchObject({
+      ok: true,
+      command: 'stats',
+      errors: [],
+      totalKiB: expect.any(Number),
+      usedKiB: expect.any(Number),
+    });
     expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
     expect(logText(sb)).toMatch(/> exec: df -P /);
   });
@@ -133,7 +147,9 @@ describe('the bundle runs alone', () => {
     const r = await nb(s.sb, backupArgv(s, { disks, extra: fullFlags() }), FAST_POLL);
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);
-    expect(r.stdout).toMatch(state === 'running' ? /^Job type: +Completed[\s\S]*\n\d+\nBITMAP_CREATED=backup-\d+\n$/ : /^BITMAP_CREATED=backup-\d+\n\d+\n\d+\n$/);
+    expect(r.stdout).toMatch(
+      state === 'running' ? /^Job type: +Completed[\s\S]*\n\d+\nBITMAP_CREATED=backup-\d+\n$/ : /^BITMAP_CREATED=backup-\d+\n\d+\n\d+\n$/,
+    );
     const j = await nb(s.sb, backupArgv(s, { disks, extra: fullFlags(), path: `${VM}/2025.01.05.00.00.00` }).concat('--json'), FAST_POLL);
     expect(j.code).toBe(0);
     expect(JSON.parse(j.stdout)).toMatchObject({
@@ -143,7 +159,9 @@ describe('the bundle runs alone', () => {
       vm: VM,
       format: state === 'running' ? 'running' : 'stopped',
       bitmapCreated: expect.stringMatching(/^backup-\d+$/),
-      ...(state === 'running' ? { totalBytes: expect.any(Number), job: { 'Job type': 'Completed' } } : { fileSizes: [expect.any(Number), expect.any(Number)] }),
+      ...(state === 'running'
+        ? { totalBytes: expect.any(Number), job: { 'Job type': 'Completed' } }
+        : { fileSizes: [expect.any(Number), expect.any(Number)] }),
     });
     expect(leftovers(s.sb)).toEqual({ dirs: [], mounts: [] });
   });

@@ -18,7 +18,14 @@ describe('--version', () => {
     const sb = makeSandbox('ship-ver');
     expect(await run(sb, ['--version'])).toMatchObject({ code: 0, stdout: `nasbackup ${PKG.version}\n`, stderr: '' });
     const j = await run(sb, ['--version', '--json']);
-    expect(JSON.parse(j.stdout)).toEqual({ ok: true, command: 'version', name: 'nasbackup', version: PKG.version, errors: [], warnings: [] });
+    expect(JSON.parse(j.stdout)).toEqual({
+      ok: true,
+      command: 'version',
+      name: 'nasbackup',
+      version: PKG.version,
+      errors: [],
+      warnings: [],
+    });
   });
 });
 
@@ -47,7 +54,7 @@ describe('--help', () => {
     for (const v of envVars()) expect(text, v).toContain(v);
   });
 
-  it('-h still exits 1 (the contract); an operator command --help exits 0 with that command\'s own usage', async () => {
+  it("-h still exits 1 (the contract); an operator command --help exits 0 with that command's own usage", async () => {
     const sb = makeSandbox('ship-help');
     const h = await run(sb, ['--help'], { NASBACKUP_SCRIPT_NAME: 'S' });
     expect(h).toMatchObject({ code: 1, stdout: text, stderr: '' });
@@ -61,7 +68,10 @@ describe('--help', () => {
       const r = await run(sb, ['chain', sub, '--help']);
       expect(r, sub).toMatchObject({ code: 0, stderr: '' });
       expect(r.stdout, sub).toMatch(new RegExp(`^Usage: nasbackup chain ${sub} `));
-      expect(r.stdout.split('\n').filter((l) => l.startsWith('Usage:')), sub).toHaveLength(1);
+      expect(
+        r.stdout.split('\n').filter((l) => l.startsWith('Usage:')),
+        sub,
+      ).toHaveLength(1);
     }
     expect((await run(sb, ['chain', 'delete', '--help'])).stdout).toContain('--yes');
   });
@@ -98,9 +108,26 @@ describe('--json on the agent-style CLI', () => {
   it('rebase and delete (and a delete already done)', async () => {
     const sb = makeSandbox('ship-json-chain');
     seedChain(sb.nas);
-    const rb = await run(sb, ['-o', 'rebase', ...bindNas(sb), '--rebase-target', rootFile(TS[2]), '--rebase-new-backing', rootFile(TS[0]), '--json']);
+    const rb = await run(sb, [
+      '-o',
+      'rebase',
+      ...bindNas(sb),
+      '--rebase-target',
+      rootFile(TS[2]),
+      '--rebase-new-backing',
+      rootFile(TS[0]),
+      '--json',
+    ]);
     expect(rb.code).toBe(0);
-    expect(JSON.parse(rb.stdout)).toEqual({ ok: true, command: 'rebase', target: rootFile(TS[2]), newBacking: rootFile(TS[0]), changed: true, errors: [], warnings: [] });
+    expect(JSON.parse(rb.stdout)).toEqual({
+      ok: true,
+      command: 'rebase',
+      target: rootFile(TS[2]),
+      newBacking: rootFile(TS[0]),
+      changed: true,
+      errors: [],
+      warnings: [],
+    });
     const del = await run(sb, ['-o', 'delete', ...bindNas(sb), '-p', `${VM}/${TS[1]}`, '--json']);
     expect(del.code).toBe(0);
     const d = JSON.parse(del.stdout);

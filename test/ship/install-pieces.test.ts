@@ -109,7 +109,11 @@ describe('the probes go through the Runner', () => {
     const env = { PATH: '/usr/bin:/bin' };
     expect(await checkNode(runner, process.execPath, env)).toBe(process.versions.node);
     expect(calls).toHaveLength(1);
-    expect(calls[0]).toMatchObject({ command: process.execPath, args: ['-e', 'process.stdout.write(process.versions.node)'], opts: { timeoutMs: PROBE_TIMEOUT_MS, env } });
+    expect(calls[0]).toMatchObject({
+      command: process.execPath,
+      args: ['-e', 'process.stdout.write(process.versions.node)'],
+      opts: { timeoutMs: PROBE_TIMEOUT_MS, env },
+    });
     expect(readFileSync(log, 'utf8')).toMatch(/> exec: \S+ -e process\.stdout\.write\(process\.versions\.node\) -> exit 0 \(\d+ ms\)\n$/);
   });
 
@@ -117,7 +121,9 @@ describe('the probes go through the Runner', () => {
     const log = join(tempDir('probe-launch'), 'agent.log');
     const { runner, calls } = recording(log);
     await checkLaunch(runner, process.execPath, BIN, { PATH: '/usr/bin:/bin' });
-    expect(calls).toEqual([{ command: process.execPath, args: [BIN, '--version'], opts: { timeoutMs: PROBE_TIMEOUT_MS, env: { PATH: '/usr/bin:/bin' } } }]);
+    expect(calls).toEqual([
+      { command: process.execPath, args: [BIN, '--version'], opts: { timeoutMs: PROBE_TIMEOUT_MS, env: { PATH: '/usr/bin:/bin' } } },
+    ]);
     expect(readFileSync(log, 'utf8')).toContain(' --version -> exit 0 ');
   });
 
@@ -151,7 +157,9 @@ describe('the transaction refuses before writing', () => {
     // The Node.js probe answers; the launch probe times out.
     const runner: ProbeRunner = {
       run: (command, args, opts) =>
-        args[0] === '-e' ? answering({ stdout: process.versions.node }).run(command, args, opts) : answering({ exitCode: null, timedOut: true }).run(command, args, opts),
+        args[0] === '-e'
+          ? answering({ stdout: process.versions.node }).run(command, args, opts)
+          : answering({ exitCode: null, timedOut: true }).run(command, args, opts),
     };
     const e = await refusal(installAgentHook({ target, node: process.execPath, entry: BIN, version: '0.0.0', env: {}, runner }));
     expect(e.code).toBe('INSTALL_FAILED');
@@ -177,8 +185,14 @@ describe('the command around it', () => {
     for (const f of files) {
       const src = readFileSync(join(dir, f), 'utf8');
       const from = [...src.matchAll(/from '([^']+)'/g)].map((m) => m[1]!);
-      expect(from.filter((p) => p.startsWith('../cli') || p.startsWith('../ops')), f).toEqual([]);
-      expect(from.filter((p) => p === 'node:child_process' || p === 'execa'), f).toEqual([]);
+      expect(
+        from.filter((p) => p.startsWith('../cli') || p.startsWith('../ops')),
+        f,
+      ).toEqual([]);
+      expect(
+        from.filter((p) => p === 'node:child_process' || p === 'execa'),
+        f,
+      ).toEqual([]);
     }
   });
 });

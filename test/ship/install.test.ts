@@ -2,10 +2,31 @@
 // original kept byte for byte, idempotent, --uninstall restores it exactly, and every
 // refusal is one line, a stable code, exit 1 and nothing changed.
 import { spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, lstatSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import {
+  chmodSync,
+  chownSync,
+  lstatSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  utimesSync,
+  writeFileSync,
+} from 'node:fs';
 import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { compareVersions, DEFAULT_AGENT_SCRIPT, isLauncher, launcherText, LAUNCHER_MARKER, MIN_NODE_VERSION, parseInstallArgs, shQuote } from '../../lib/cli/install.js';
+import {
+  compareVersions,
+  DEFAULT_AGENT_SCRIPT,
+  isLauncher,
+  launcherText,
+  LAUNCHER_MARKER,
+  MIN_NODE_VERSION,
+  parseInstallArgs,
+  shQuote,
+} from '../../lib/cli/install.js';
 import { type ERROR_CODES } from '../../lib/errors.js';
 import { BIN } from '../helpers/cli.js';
 import { removeTempDirs, tempDir } from '../helpers/tmp.js';
@@ -19,7 +40,10 @@ beforeAll(() => {
 }, 120_000);
 
 /** The original script: not even valid UTF-8, odd mode, another owner, an old mtime. */
-const ORIGINAL = Buffer.concat([Buffer.from('#!/usr/bin/bash\n# upstream nasbackup.sh\necho "$@"\n'), Buffer.from([0xff, 0xfe, 0x00, 0x0a])]);
+const ORIGINAL = Buffer.concat([
+  Buffer.from('#!/usr/bin/bash\n# upstream nasbackup.sh\necho "$@"\n'),
+  Buffer.from([0xff, 0xfe, 0x00, 0x0a]),
+]);
 const MODE = 0o750;
 const UID = 1234;
 const GID = 5678;
@@ -52,12 +76,23 @@ function fingerprint(dir: string): unknown[] {
     .map((name) => {
       const p = join(dir, name);
       const st = lstatSync(p);
-      return { name, mode: st.mode, uid: st.uid, gid: st.gid, mtime: st.mtimeMs, ino: st.ino, bytes: st.isFile() ? readFileSync(p).toString('base64') : null };
+      return {
+        name,
+        mode: st.mode,
+        uid: st.uid,
+        gid: st.gid,
+        mtime: st.mtimeMs,
+        ino: st.ino,
+        bytes: st.isFile() ? readFileSync(p).toString('base64') : null,
+      };
     });
 }
 
 const hook = (r: Root, args: string[], program: string[] = [process.execPath, bundle]) =>
-  runProgram(program[0]!, [...program.slice(1), 'install-agent-hook', '--target', r.target, ...args], { PATH: process.env.PATH, NASBACKUP_LOG_FILE: r.log });
+  runProgram(program[0]!, [...program.slice(1), 'install-agent-hook', '--target', r.target, ...args], {
+    PATH: process.env.PATH,
+    NASBACKUP_LOG_FILE: r.log,
+  });
 
 function fakeNode(r: Root, version: string): string {
   const p = join(r.root, `node-${version}`);
@@ -77,13 +112,21 @@ describe('install-agent-hook', () => {
     );
 
     // The launcher: exactly our text, with the original's mode and owner.
-    expect(readFileSync(r.target, 'utf8')).toBe(launcherText({ node: process.execPath, entry: bundle, target: r.target, version: PKG.version }));
+    expect(readFileSync(r.target, 'utf8')).toBe(
+      launcherText({ node: process.execPath, entry: bundle, target: r.target, version: PKG.version }),
+    );
     const lst = statSync(r.target);
     expect({ mode: lst.mode & 0o7777, uid: lst.uid, gid: lst.gid }).toEqual({ mode: MODE, uid: UID, gid: GID });
     // The original: untouched, byte for byte, same inode, mode, owner, mtime.
     const ost = statSync(r.orig);
     expect(readFileSync(r.orig).equals(ORIGINAL)).toBe(true);
-    expect({ ino: ost.ino, mode: ost.mode & 0o7777, uid: ost.uid, gid: ost.gid, mtime: ost.mtimeMs }).toEqual({ ino: origIno, mode: MODE, uid: UID, gid: GID, mtime: MTIME.getTime() });
+    expect({ ino: ost.ino, mode: ost.mode & 0o7777, uid: ost.uid, gid: ost.gid, mtime: ost.mtimeMs }).toEqual({
+      ino: origIno,
+      mode: MODE,
+      uid: UID,
+      gid: GID,
+      mtime: MTIME.getTime(),
+    });
     expect(readdirSync(r.dir).sort()).toEqual(['nasbackup.sh', 'nasbackup.sh.orig']);
 
     // Run the way the agent does: the script path itself, no shell, a PATH without our Node.js.
@@ -112,7 +155,14 @@ describe('install-agent-hook', () => {
     const origBefore = fingerprint(r.dir).filter((e) => (e as { name: string }).name.endsWith('.orig'));
     const upd = await hook(r, ['--node', otherNode, '--json']);
     expect(upd.code).toBe(0);
-    expect(JSON.parse(upd.stdout)).toMatchObject({ ok: true, action: 'updated', target: r.target, orig: r.orig, node: otherNode, entry: bundle });
+    expect(JSON.parse(upd.stdout)).toMatchObject({
+      ok: true,
+      action: 'updated',
+      target: r.target,
+      orig: r.orig,
+      node: otherNode,
+      entry: bundle,
+    });
     expect(readFileSync(r.target, 'utf8')).toContain(`exec ${shQuote(otherNode)} ${shQuote(bundle)} "$@"`);
     expect(fingerprint(r.dir).filter((e) => (e as { name: string }).name.endsWith('.orig'))).toEqual(origBefore);
     const lst = statSync(r.target);
@@ -131,7 +181,15 @@ describe('install-agent-hook', () => {
 
     const again = await hook(r, ['--uninstall', '--json']);
     expect(again.code).toBe(0);
-    expect(JSON.parse(again.stdout)).toEqual({ ok: true, command: 'install-agent-hook', action: 'not-installed', target: r.target, orig: r.orig, errors: [], warnings: [] });
+    expect(JSON.parse(again.stdout)).toEqual({
+      ok: true,
+      command: 'install-agent-hook',
+      action: 'not-installed',
+      target: r.target,
+      orig: r.orig,
+      errors: [],
+      warnings: [],
+    });
     expect(fingerprint(r.dir)).toEqual(pristine);
   });
 
@@ -155,7 +213,10 @@ describe('install-agent-hook', () => {
     const res = await hook(r, [], [BIN]);
     expect(res.code).toBe(0);
     expect(readFileSync(r.target, 'utf8')).toContain(`exec ${shQuote(process.execPath)} ${shQuote(BIN)} "$@"`);
-    expect(await runProgram(r.target, ['--version'], { PATH: '/usr/bin:/bin' })).toMatchObject({ code: 0, stdout: `nasbackup ${PKG.version}\n` });
+    expect(await runProgram(r.target, ['--version'], { PATH: '/usr/bin:/bin' })).toMatchObject({
+      code: 0,
+      stdout: `nasbackup ${PKG.version}\n`,
+    });
     expect((await hook(r, ['--uninstall'], [BIN])).code).toBe(0);
     expect(readFileSync(r.target).equals(ORIGINAL)).toBe(true);
   });
@@ -164,14 +225,39 @@ describe('install-agent-hook', () => {
 describe('refusals: one line, a stable code, exit 1, nothing changed', () => {
   type Setup = (r: Root) => Promise<string[]> | string[];
   const cases: Array<[string, keyof typeof ERROR_CODES, Setup, RegExp]> = [
-    ['Node.js missing', 'NODE_MISSING', () => ['--node', '/nonexistent/bin/node'], /^Node\.js not found at \/nonexistent\/bin\/node; install Node\.js >= 18\.19\.0 or pass --node <absolute path>$/],
+    [
+      'Node.js missing',
+      'NODE_MISSING',
+      () => ['--node', '/nonexistent/bin/node'],
+      /^Node\.js not found at \/nonexistent\/bin\/node; install Node\.js >= 18\.19\.0 or pass --node <absolute path>$/,
+    ],
     ['--node not absolute', 'INVALID_ARGUMENT', () => ['--node', 'node'], /^--node must be an absolute path/],
-    ['Node.js 16', 'NODE_TOO_OLD', (r) => ['--node', fakeNode(r, 'v16.20.2')], /^Node\.js 16\.20\.2 at .* is too old: nasbackup needs Node\.js >= 18\.19\.0$/],
+    [
+      'Node.js 16',
+      'NODE_TOO_OLD',
+      (r) => ['--node', fakeNode(r, 'v16.20.2')],
+      /^Node\.js 16\.20\.2 at .* is too old: nasbackup needs Node\.js >= 18\.19\.0$/,
+    ],
     ['Node.js 18.18', 'NODE_TOO_OLD', (r) => ['--node', fakeNode(r, 'v18.18.2')], /^Node\.js 18\.18\.2 at .* is too old/],
-    ['a "node" that cannot run the program', 'INSTALL_FAILED', (r) => ['--node', fakeNode(r, 'v18.19.0')], /--version does not work .*; nothing changed$/],
+    [
+      'a "node" that cannot run the program',
+      'INSTALL_FAILED',
+      (r) => ['--node', fakeNode(r, 'v18.19.0')],
+      /--version does not work .*; nothing changed$/,
+    ],
     ['a directory as --node', 'NODE_MISSING', (r) => ['--node', r.dir], /^Node\.js not an executable file at /],
-    ['script folder missing', 'INSTALL_TARGET_MISSING', (r) => ['--target', join(r.root, 'no/such/dir/nasbackup.sh')], /^The folder of .* does not exist/],
-    ['script missing', 'INSTALL_TARGET_MISSING', (r) => ['--target', join(r.dir, 'other.sh')], /other\.sh does not exist: is the CloudStack KVM agent installed here\?/],
+    [
+      'script folder missing',
+      'INSTALL_TARGET_MISSING',
+      (r) => ['--target', join(r.root, 'no/such/dir/nasbackup.sh')],
+      /^The folder of .* does not exist/,
+    ],
+    [
+      'script missing',
+      'INSTALL_TARGET_MISSING',
+      (r) => ['--target', join(r.dir, 'other.sh')],
+      /other\.sh does not exist: is the CloudStack KVM agent installed here\?/,
+    ],
     ['a directory as target', 'INSTALL_TARGET_MISSING', (r) => ['--target', r.dir], /is a directory/],
     ['an unknown option', 'INVALID_OPTION', () => ['--force'], /^Invalid option: --force \(usage: /],
     ['--target without a value', 'MISSING_OPTION_VALUE', () => ['--target'], /^Option --target requires a value$/],
@@ -219,7 +305,11 @@ describe('refusals: one line, a stable code, exit 1, nothing changed', () => {
   });
 
   it.each([
-    ['the script was changed by someone else', (r: Root) => writeFileSync(r.target, '#!/bin/bash\n# newer upstream\n'), /is not a nasbackup launcher but .* exists/],
+    [
+      'the script was changed by someone else',
+      (r: Root) => writeFileSync(r.target, '#!/bin/bash\n# newer upstream\n'),
+      /is not a nasbackup launcher but .* exists/,
+    ],
     ['.orig is gone', (r: Root) => rmSync(r.orig), /the original .* is missing/],
     ['the script is gone', (r: Root) => rmSync(r.target), /is missing but .* exists/],
   ])('--uninstall when %s: INSTALL_CONFLICT, nothing changed', async (_name, spoil, message) => {
@@ -252,7 +342,12 @@ describe('the launcher text', () => {
   });
 
   it('starts with #!/bin/sh and carries the marker on line 2; anything else is not ours', () => {
-    const t = launcherText({ node: '/usr/bin/node', entry: '/opt/nasbackup/nasbackup.cjs', target: DEFAULT_AGENT_SCRIPT, version: '0.1.0' });
+    const t = launcherText({
+      node: '/usr/bin/node',
+      entry: '/opt/nasbackup/nasbackup.cjs',
+      target: DEFAULT_AGENT_SCRIPT,
+      version: '0.1.0',
+    });
     expect(t.split('\n')[0]).toBe('#!/bin/sh');
     expect(t.split('\n')[1]!.startsWith(LAUNCHER_MARKER)).toBe(true);
     expect(t.split('\n').at(-2)).toBe(`exec '/usr/bin/node' '/opt/nasbackup/nasbackup.cjs' "$@"`);
@@ -275,7 +370,12 @@ describe('install-agent-hook pieces', () => {
 
   it('parses its arguments', () => {
     expect(parseInstallArgs([])).toEqual({ target: DEFAULT_AGENT_SCRIPT, uninstall: false, json: false });
-    expect(parseInstallArgs(['--target=/x/n.sh', '--node', '/n', '--uninstall', '--json'])).toEqual({ target: '/x/n.sh', node: '/n', uninstall: true, json: true });
+    expect(parseInstallArgs(['--target=/x/n.sh', '--node', '/n', '--uninstall', '--json'])).toEqual({
+      target: '/x/n.sh',
+      node: '/n',
+      uninstall: true,
+      json: true,
+    });
     expect(() => parseInstallArgs(['--uninstall=yes'])).toThrow(/Invalid option/);
     expect(() => parseInstallArgs(['--node', ''])).toThrow(/needs a path/);
   });
@@ -283,6 +383,8 @@ describe('install-agent-hook pieces', () => {
   it('--help exits 0 with the full usage', async () => {
     const r = await runProgram(process.execPath, [bundle, 'install-agent-hook', '--help'], { PATH: process.env.PATH });
     expect(r.code).toBe(0);
-    expect(r.stdout).toContain('nasbackup install-agent-hook [--target <script path>] [--node <absolute node path>] [--uninstall] [--json]');
+    expect(r.stdout).toContain(
+      'nasbackup install-agent-hook [--target <script path>] [--node <absolute node path>] [--uninstall] [--json]',
+    );
   });
 });

@@ -18,7 +18,12 @@ function table(title: string): string[][] {
     .split('\n')
     .filter((l) => l.startsWith('|') && !/^\|[-| ]+\|$/.test(l))
     .slice(1) // header
-    .map((l) => l.slice(1, -1).split(' | ').map((c) => c.trim()));
+    .map((l) =>
+      l
+        .slice(1, -1)
+        .split(' | ')
+        .map((c) => c.trim()),
+    );
 }
 
 describe('README', () => {
@@ -35,7 +40,9 @@ describe('README', () => {
   });
 
   it('Configuration: every NASBACKUP_* variable the program reads has a row', () => {
-    const documented = table('Configuration').map((r) => r[0]!).join(' ');
+    const documented = table('Configuration')
+      .map((r) => r[0]!)
+      .join(' ');
     for (const v of envVars()) expect(documented, v).toContain(`\`${v}\``);
   });
 
@@ -43,7 +50,15 @@ describe('README', () => {
     for (const h of ['Install on a KVM host', 'Roll back', 'Usage', 'Configuration', 'Logs', 'Troubleshooting']) {
       expect(README).toContain(`\n## ${h}\n`);
     }
-    for (const s of ['npm run bundle', 'dist/nasbackup.cjs', 'npm pack', 'install-agent-hook --uninstall', '--json', '--version', 'NASBACKUP_AGENT_PROFILE']) {
+    for (const s of [
+      'npm run bundle',
+      'dist/nasbackup.cjs',
+      'npm pack',
+      'install-agent-hook --uninstall',
+      '--json',
+      '--version',
+      'NASBACKUP_AGENT_PROFILE',
+    ]) {
       expect(README).toContain(s);
     }
   });

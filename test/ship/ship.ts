@@ -20,7 +20,12 @@ export function buildBundle(tag: string, sub = 'opt'): string {
 }
 
 /** Run a program (argv array, no shell, no stdin unless given) and collect stdout/stderr. */
-export function runProgram(file: string, args: string[], env: NodeJS.ProcessEnv, opts: { cwd?: string; stdin?: string } = {}): Promise<RunOutcome> {
+export function runProgram(
+  file: string,
+  args: string[],
+  env: NodeJS.ProcessEnv,
+  opts: { cwd?: string; stdin?: string } = {},
+): Promise<RunOutcome> {
   const child = spawn(file, args, { env, cwd: opts.cwd, stdio: [opts.stdin === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
@@ -37,7 +42,8 @@ export function envVars(): string[] {
     for (const e of readdirSync(dir, { withFileTypes: true })) {
       const p = join(dir, e.name);
       if (e.isDirectory()) walk(p);
-      else if (e.name.endsWith('.ts')) for (const m of readFileSync(p, 'utf8').matchAll(/\bNASBACKUP_[A-Z]+(?:_[A-Z]+)*\b/g)) names.add(m[0]);
+      else if (e.name.endsWith('.ts'))
+        for (const m of readFileSync(p, 'utf8').matchAll(/\bNASBACKUP_[A-Z]+(?:_[A-Z]+)*\b/g)) names.add(m[0]);
     }
   };
   for (const d of ['lib', 'compat']) walk(join(REPO, d));

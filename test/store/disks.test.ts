@@ -43,11 +43,19 @@ describe('matchParents', () => {
   ];
   const P = 'i-2-10-VM/2025.01.01.00.00.00';
   const none = async () => false;
-  const code = async (p: Promise<unknown>): Promise<string> => p.then(() => 'resolved', (e: NasbackupError) => `${e.code}: ${e.message}`);
+  const code = async (p: Promise<unknown>): Promise<string> =>
+    p.then(
+      () => 'resolved',
+      (e: NasbackupError) => `${e.code}: ${e.message}`,
+    );
 
   it('pairs by volume id whatever the order (the agent sorts by deviceId, libvirt lists by target)', async () => {
     const parents = [`${P}/datadisk.${DATA2}.qcow2`, `${P}/root.${ROOT}.qcow2`, `${P}/datadisk.${DATA}.qcow2`];
-    expect(await matchParents(disks, parents, none)).toEqual([`${P}/root.${ROOT}.qcow2`, `${P}/datadisk.${DATA}.qcow2`, `${P}/datadisk.${DATA2}.qcow2`]);
+    expect(await matchParents(disks, parents, none)).toEqual([
+      `${P}/root.${ROOT}.qcow2`,
+      `${P}/datadisk.${DATA}.qcow2`,
+      `${P}/datadisk.${DATA2}.qcow2`,
+    ]);
   });
 
   it('parents may come from different folders (a disk added later starts its chain later)', async () => {
@@ -55,7 +63,7 @@ describe('matchParents', () => {
     expect(await matchParents(disks, parents, none)).toEqual(parents);
   });
 
-  it('G1 (--parent-path, root only): the other disks\' parents are inferred beside it when they exist', async () => {
+  it("G1 (--parent-path, root only): the other disks' parents are inferred beside it when they exist", async () => {
     const seen: string[] = [];
     const exists = async (rel: string) => {
       seen.push(rel);
@@ -78,19 +86,27 @@ describe('matchParents', () => {
 
   it('no inference when the given parents are in different folders', async () => {
     const parents = [`${P}/root.${ROOT}.qcow2`, `i-2-10-VM/2025.01.02.00.00.00/datadisk.${DATA}.qcow2`];
-    expect(await code(matchParents(disks, parents, async () => true))).toMatch(/^INVALID_ARGUMENT: PARENT_PATHS list shorter than DISK_PATHS — missing parent for disk index 2 /);
+    expect(await code(matchParents(disks, parents, async () => true))).toMatch(
+      /^INVALID_ARGUMENT: PARENT_PATHS list shorter than DISK_PATHS — missing parent for disk index 2 /,
+    );
   });
 
-  it('a parent of a volume the VM does not have (a longer list, or another VM\'s file) is refused', async () => {
+  it("a parent of a volume the VM does not have (a longer list, or another VM's file) is refused", async () => {
     const other = '00000000-0000-4000-8000-000000000000';
     expect(await code(matchParents(disks.slice(0, 1), [`${P}/root.${ROOT}.qcow2`, `${P}/datadisk.${DATA}.qcow2`], none))).toBe(
       `INVALID_ARGUMENT: Parent paths do not match the VM's disks: no disk with volume ${DATA} (disks: ${ROOT})`,
     );
-    expect(await code(matchParents(disks.slice(0, 1), [`${P}/root.${other}.qcow2`], none))).toMatch(new RegExp(`no disk with volume ${other}`));
+    expect(await code(matchParents(disks.slice(0, 1), [`${P}/root.${other}.qcow2`], none))).toMatch(
+      new RegExp(`no disk with volume ${other}`),
+    );
   });
 
   it('two parents for one volume, or a parent that is not a backup disk file, are refused', async () => {
-    expect(await code(matchParents(disks, [`${P}/root.${ROOT}.qcow2`, `x/y/root.${ROOT}.qcow2`], none))).toBe(`INVALID_ARGUMENT: Two parent paths for volume ${ROOT}`);
-    expect(await code(matchParents(disks, [`${P}/domain-config.xml`], none))).toMatch(/^INVALID_ARGUMENT: Parent path is not a backup disk file/);
+    expect(await code(matchParents(disks, [`${P}/root.${ROOT}.qcow2`, `x/y/root.${ROOT}.qcow2`], none))).toBe(
+      `INVALID_ARGUMENT: Two parent paths for volume ${ROOT}`,
+    );
+    expect(await code(matchParents(disks, [`${P}/domain-config.xml`], none))).toMatch(
+      /^INVALID_ARGUMENT: Parent path is not a backup disk file/,
+    );
   });
 });

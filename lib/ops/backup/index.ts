@@ -9,7 +9,6 @@ import { checkIncrementalArgs, type BackupArgs } from './args.js';
 
 export { checkIncrementalArgs, type BackupArgs, type BackupMode } from './args.js';
 
-
 export type VmState = { kind: 'running' } | { kind: 'paused' } | { kind: 'absent' } | { kind: 'other'; state: string };
 
 /** Running or not, from `virsh -c qemu:///system list` (active domains only), as the original decides. */

@@ -39,7 +39,8 @@ async function listDisks(virsh: VirshClient, vm: string): Promise<Disk[]> {
   });
   const seen = new Set<string>();
   for (const d of disks) {
-    if (seen.has(d.volId)) throw new NasbackupError('INVALID_ARGUMENT', `Two disks of ${vm} share the volume id ${d.volId}; their backup files would collide`);
+    if (seen.has(d.volId))
+      throw new NasbackupError('INVALID_ARGUMENT', `Two disks of ${vm} share the volume id ${d.volId}; their backup files would collide`);
     seen.add(d.volId);
   }
   return disks;
@@ -83,7 +84,12 @@ async function plan(ctx: OpContext, virsh: VirshClient, a: BackupArgs, disks: Di
   );
   for (const rel of parents) {
     const abs = await ensureWithin(mount, rel, { what: '--parent-paths', minDepth: 3 });
-    if (!(await stat(abs).then((s) => s.isFile(), () => false))) {
+    if (
+      !(await stat(abs).then(
+        (s) => s.isFile(),
+        () => false,
+      ))
+    ) {
       throw new NasbackupError('FILE_NOT_FOUND', `Parent backup file does not exist on NAS: ${abs}`);
     }
     await readHeader(abs).catch((e: Error) => {
@@ -93,7 +99,8 @@ async function plan(ctx: OpContext, virsh: VirshClient, a: BackupArgs, disks: Di
     // check, before anything follows it) and whole before backup-begin.
     const vmDir = parseRelativePath(rel, { what: '--parent-paths' })[0]!;
     const safety = await inspectChain(abs, join(mount, vmDir));
-    if (safety.problem && safety.problem.kind !== 'broken') throw chainRefusal(safety.problem, `The chain of parent backup file ${abs}`, vmDir);
+    if (safety.problem && safety.problem.kind !== 'broken')
+      throw chainRefusal(safety.problem, `The chain of parent backup file ${abs}`, vmDir);
     await readChain(abs).catch((e: Error) => {
       throw new NasbackupError('CHAIN_BROKEN', `Parent backup file does not read as a complete chain: ${abs}`, { details: e.message });
     });
@@ -121,7 +128,14 @@ async function plan(ctx: OpContext, virsh: VirshClient, a: BackupArgs, disks: Di
 
   const xml = work.file('redefine-checkpoint.xml');
   const epoch = /(\d{9,})$/.exec(parent);
-  await writeFile(xml, redefineCheckpointXml(parent, epoch ? Number(epoch[1]) : Math.floor(Date.now() / 1000), disks.map((d) => d.target)));
+  await writeFile(
+    xml,
+    redefineCheckpointXml(
+      parent,
+      epoch ? Number(epoch[1]) : Math.floor(Date.now() / 1000),
+      disks.map((d) => d.target),
+    ),
+  );
   const refused = await softly(virsh.checkpointCreate(a.vm, xml, true));
   await unlink(xml).catch(() => {});
   if (refused !== null) return full(`cannot register the existing checkpoint ${parent}: ${refused}`);
@@ -152,7 +166,10 @@ async function abortJob(ctx: OpContext, virsh: VirshClient, vm: string): Promise
   const refused = await softly(virsh.jobAbort(vm));
   if (refused !== null) ctx.logger.log(`domjobabort ${vm}: ${refused}`);
   for (let i = 0; i < 50; i++) {
-    const t = await virsh.jobInfo(vm).then((j) => j.type, () => null);
+    const t = await virsh.jobInfo(vm).then(
+      (j) => j.type,
+      () => null,
+    );
     if (t !== 'Unbounded' && t !== 'Bounded') return;
     await sleep(200);
   }
@@ -178,13 +195,29 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     const bxml = work.file('backup.xml');
     const cxml = work.file('checkpoint.xml');
     await writeFile(bxml, backupXml(targets, p.incrementalFrom));
-    if (p.newCheckpoint) await writeFile(cxml, checkpointXml(p.newCheckpoint, disks.map((d) => d.target)));
+    if (p.newCheckpoint)
+      await writeFile(
+        cxml,
+        checkpointXml(
+          p.newCheckpoint,
+          disks.map((d) => d.target),
+        ),
+      );
     ctx.checkpoint();
 
     // Discard stale completed-job statistics so the poll cannot mistake them for ours
     // (before any freeze: the guest stays frozen only for backup-begin itself).
     await softly(virsh.jobInfoCompleted(a.vm));
-    const releaseJob = await beginBackup(ctx, virsh, a, paused, undo, warnings, bxml, p.newCheckpoint ? { name: p.newCheckpoint, xml: cxml } : null);
+    const releaseJob = await beginBackup(
+      ctx,
+      virsh,
+      a,
+      paused,
+      undo,
+      warnings,
+      bxml,
+      p.newCheckpoint ? { name: p.newCheckpoint, xml: cxml } : null,
+    );
     await captureRestoreFiles(virsh, a.vm, work);
 
     const block = await waitForBackupJob(virsh, a.vm, {
@@ -215,9 +248,20 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     };
     for (const w of warnings) ctx.logger.log(`Warning: ${w.message}`);
     // The agent chose the format: -d given means the stopped-VM one (one integer per line).
-    const files = await Promise.all(disks.map(async (d) => ({ name: d.file, size: (await stat(`${work.final}/${d.file}`, { bigint: true })).size })));
+    const files = await Promise.all(
+      disks.map(async (d) => ({ name: d.file, size: (await stat(`${work.final}/${d.file}`, { bigint: true })).size })),
+    );
     ctx.logger.log(`Backup of ${a.vm} to ${work.final} completed (${report.totalBytes} bytes)`);
-    return { vm: a.vm, path: a.path, mode: a.mode, format: a.diskPaths.length > 0 ? 'stopped' : 'running', report, warnings, jobBlock, files };
+    return {
+      vm: a.vm,
+      path: a.path,
+      mode: a.mode,
+      format: a.diskPaths.length > 0 ? 'stopped' : 'running',
+      report,
+      warnings,
+      jobBlock,
+      files,
+    };
   } catch (e) {
     progress.stop();
     await undo.unwind(e);
@@ -251,7 +295,8 @@ async function beginBackup(
     else {
       // A freeze whose reply was lost (agent timeout) may still have frozen the guest.
       await softly(virsh.guestThaw(a.vm, ctx.config.quiesceTimeoutSec));
-      if (ctx.config.quiesceRequired) throw new NasbackupError('QUIESCE_FAILED', `Failed to freeze the filesystems of vm ${a.vm}`, { details: why });
+      if (ctx.config.quiesceRequired)
+        throw new NasbackupError('QUIESCE_FAILED', `Failed to freeze the filesystems of vm ${a.vm}`, { details: why });
       warnings.push({ code: 'QUIESCE_UNAVAILABLE', message: `Quiesce failed, backup is crash-consistent: ${why.split('\n')[0]}` });
     }
   }
@@ -315,7 +360,9 @@ async function relinkOntoParents(qemuImg: QemuImgClient, disks: Disk[], parents:
 async function checkNewChains(disks: Disk[], work: WorkDir): Promise<void> {
   for (const d of disks) {
     await readChain(work.file(d.file)).catch((e: Error) => {
-      throw new NasbackupError('CHAIN_BROKEN', `Backup file ${work.file(d.file)} does not read as a complete chain`, { details: e.message });
+      throw new NasbackupError('CHAIN_BROKEN', `Backup file ${work.file(d.file)} does not read as a complete chain`, {
+        details: e.message,
+      });
     });
   }
 }

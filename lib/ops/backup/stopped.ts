@@ -14,7 +14,6 @@ import { apparentSize, WorkDir } from './workdir.js';
 import { syncAfter, type OpContext } from '../context.js';
 import type { BackupResult } from '../results.js';
 
-
 /**
  * Source format, stated explicitly rather than probed: RBD and block devices are raw.
  * A file with the qcow2 magic is qcow2 even when its header is damaged: qemu-img
@@ -73,10 +72,13 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
       }
       bitmapCreated = all ? a.bitmapNew : null;
       // The next incremental may only start from a bitmap that records on every disk.
-      if (!all) ctx.logger.log(`Not reporting BITMAP_CREATED=${a.bitmapNew}: it is not an empty, recording bitmap on every disk (see above)`);
+      if (!all)
+        ctx.logger.log(`Not reporting BITMAP_CREATED=${a.bitmapNew}: it is not an empty, recording bitmap on every disk (see above)`);
     }
 
-    const sizes = await Promise.all(disks.map(async (d) => ({ name: d.file, size: (await stat(`${work.final}/${d.file}`, { bigint: true })).size })));
+    const sizes = await Promise.all(
+      disks.map(async (d) => ({ name: d.file, size: (await stat(`${work.final}/${d.file}`, { bigint: true })).size })),
+    );
     const report: BackupReport = {
       profile: a.profile,
       fallbackReason: a.mode === 'incremental' ? STOPPED_FALLBACK_REASON : null,
@@ -119,7 +121,9 @@ async function seedBitmap(ctx: OpContext, qemuImg: QemuImgClient, src: string, n
     return false;
   }
   if (!flags?.includes('auto') || flags.includes('in-use')) {
-    ctx.logger.log(`Warning: bitmap ${name} on ${src} is not recording after it was replaced (${flags ? `flags: ${flags.join(',') || 'none'}` : 'missing'})`);
+    ctx.logger.log(
+      `Warning: bitmap ${name} on ${src} is not recording after it was replaced (${flags ? `flags: ${flags.join(',') || 'none'}` : 'missing'})`,
+    );
     return false;
   }
   ctx.logger.log(`Replaced the existing bitmap ${name} on ${src} with an empty, recording one`);

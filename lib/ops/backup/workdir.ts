@@ -62,7 +62,10 @@ export class WorkDir {
       await rename(this.path, this.final);
     } catch (e) {
       const code = toNasbackupError(e).code;
-      throw new NasbackupError(code === 'INTERNAL' ? 'NAS_WRITE_FAILED' : code, `Failed to finish the backup ${this.final}: ${(e as Error).message}`);
+      throw new NasbackupError(
+        code === 'INTERNAL' ? 'NAS_WRITE_FAILED' : code,
+        `Failed to finish the backup ${this.final}: ${(e as Error).message}`,
+      );
     }
     this.done = true;
     await fsyncPath(dirname(this.final));

@@ -83,7 +83,12 @@ export interface ChainDeleteResult {
  * `approve`: asked once the plan is made (under the lock) and before anything changes;
  * false leaves everything as it was (NOT_CONFIRMED).
  */
-export async function chainDelete(ctx: OpContext, a: ChainArgs, engine: RebaseEngine, approve?: (plan: DeletePlan) => Promise<boolean>): Promise<ChainDeleteResult> {
+export async function chainDelete(
+  ctx: OpContext,
+  a: ChainArgs,
+  engine: RebaseEngine,
+  approve?: (plan: DeletePlan) => Promise<boolean>,
+): Promise<ChainDeleteResult> {
   const vm = a.vm;
   const name = required(a.backup);
   const nas = await ctx.openNas(a.nas);

@@ -61,7 +61,19 @@ export async function planDelete(
       );
     }
     // Newest first, so no backup ever backs onto a removed one while this runs.
-    return { backup: id, proceed: true, reason: null, rebases: [], remove: [...all.sort().reverse().map((b) => rel(b)), id] };
+    return {
+      backup: id,
+      proceed: true,
+      reason: null,
+      rebases: [],
+      remove: [
+        ...all
+          .sort()
+          .reverse()
+          .map((b) => rel(b)),
+        id,
+      ],
+    };
   }
 
   const rebases: DiskRebase[] = [];
@@ -104,7 +116,13 @@ async function descendants(vm: VmBackups, files: BackupFile[]): Promise<string[]
  * The metadata's view (chain position ±1) must match the files' view, else the
  * database and the NAS disagree and repairing from either could lose data.
  */
-async function crossCheck(vm: VmBackups, backup: string, instance: string, dependentBackups: string[], records: BackupRecord[]): Promise<string | null> {
+async function crossCheck(
+  vm: VmBackups,
+  backup: string,
+  instance: string,
+  dependentBackups: string[],
+  records: BackupRecord[],
+): Promise<string | null> {
   const id = posix.join(instance, backup);
   const rec = records.find((r) => r.externalId.replace(/\/+$/, '') === id);
   if (!rec) return `Metadata and NAS disagree: no backup record has externalId ${id}`;

@@ -159,7 +159,14 @@ export function providerChainRepair(records: BackupRecord[], backupUuid: string,
           'Delete the incrementals first, or pass forced=true to remove the entire chain.',
       );
     }
-    return { proceed: true, reason: null, code: null, rebaseSteps: [], toDelete: [...descendants.map(ref), ref(target)], shiftPositionsBelow: null };
+    return {
+      proceed: true,
+      reason: null,
+      code: null,
+      rebaseSteps: [],
+      toDelete: [...descendants.map(ref), ref(target)],
+      shiftPositionsBelow: null,
+    };
   }
 
   if (descendants.length === 0) return deleteOnly(target);
@@ -259,7 +266,13 @@ export function parseRecords(json: unknown): BackupRecord[] {
     const details = Object.create(null) as Record<string, string | null>;
     // A detail's value is a string column; anything else is kept as its JSON text.
     const value = (v: unknown): string | null =>
-      v === null || v === undefined ? null : typeof v === 'string' ? v : typeof v === 'number' || typeof v === 'boolean' ? String(v) : JSON.stringify(v);
+      v === null || v === undefined
+        ? null
+        : typeof v === 'string'
+          ? v
+          : typeof v === 'number' || typeof v === 'boolean'
+            ? String(v)
+            : JSON.stringify(v);
     const d = r.details;
     if (Array.isArray(d)) {
       for (const e of d as Array<{ name?: unknown; value?: unknown }>) {

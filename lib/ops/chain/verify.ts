@@ -26,7 +26,13 @@ export interface VerifyReport {
 export type CheckFn = (abs: string) => Promise<CheckResult>;
 
 /** The checks of `f`'s backing reference; `refProblem` is what the chain safety check found in it. */
-async function checkReference(vm: VmBackups, f: BackupFile, errors: string[], refProblem: ChainProblem | null, rel: (m: string) => string): Promise<void> {
+async function checkReference(
+  vm: VmBackups,
+  f: BackupFile,
+  errors: string[],
+  refProblem: ChainProblem | null,
+  rel: (m: string) => string,
+): Promise<void> {
   if (f.backingName === null) return;
   const before = errors.length;
   if (f.backingName.startsWith('/')) errors.push(`backing name is absolute (${f.backingName}); chains on the NAS must be relative`);
@@ -65,7 +71,8 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
       continue;
     }
     const safety = await inspectChain(f.abs, vm.instanceDir, { scanned });
-    for (const w of safety.warnings) if (w.message.startsWith(`${f.abs} `) || w.message.startsWith(`${f.abs}:`)) r.warnings.push({ ...w, message: rel(w.message) });
+    for (const w of safety.warnings)
+      if (w.message.startsWith(`${f.abs} `) || w.message.startsWith(`${f.abs}:`)) r.warnings.push({ ...w, message: rel(w.message) });
     if (safety.problem) rejected.add(f);
     const p = safety.problem;
     // This file's own damage first; its backing reference is judged by the checks below.
@@ -75,7 +82,9 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
     if (p && p.layer !== f.abs) r.errors.push(`chain ${p.kind === 'broken' ? 'unreadable' : p.kind}: ${rel(p.message)}`);
   }
   // Structural checks, a few at a time; never on a chain our reader rejected.
-  for (const [f, r] of reports) if (rejected.has(f) && !f.error) r.warnings.push({ code: 'CHECK_SKIPPED', message: 'qemu-img check skipped: the chain failed the checks above' });
+  for (const [f, r] of reports)
+    if (rejected.has(f) && !f.error)
+      r.warnings.push({ code: 'CHECK_SKIPPED', message: 'qemu-img check skipped: the chain failed the checks above' });
   const queue = vm.files.filter((f) => !f.error && !rejected.has(f));
   await Promise.all(
     Array.from({ length: Math.max(1, concurrency) }, async () => {
@@ -83,12 +92,16 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
         const res = await check(f.abs);
         const r = reports.get(f)!;
         if (res.kind === 'clean') continue;
-        if (res.kind === 'leaks') r.warnings.push({ code: 'LEAKED_CLUSTERS', message: 'qemu-img check: leaked clusters (harmless, space only)' });
+        if (res.kind === 'leaks')
+          r.warnings.push({ code: 'LEAKED_CLUSTERS', message: 'qemu-img check: leaked clusters (harmless, space only)' });
         else r.errors.push(`qemu-img check failed (exit ${res.exitCode}): ${res.message}`);
       }
     }),
   );
   const files = [...reports.values()];
-  const warnings = vm.partials.map((p): Warning => ({ code: 'UNFINISHED_BACKUP', message: `unfinished backup folder of an interrupted run: ${p}` }));
+  const warnings = vm.partials.map((p): Warning => ({
+    code: 'UNFINISHED_BACKUP',
+    message: `unfinished backup folder of an interrupted run: ${p}`,
+  }));
   return { ok: files.every((f) => f.errors.length === 0), files, warnings };
 }

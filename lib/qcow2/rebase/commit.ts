@@ -1,7 +1,14 @@
 // Header updates of the native rebase, through the header codec's field patches: clearing
 // unknown autoclear bits before the first write, and the commit point (the new backing name and
 // format), written last.
-import { AUTOCLEAR_KNOWN, encodeAutoclear, encodeBackingFormatExtension, encodeBackingPointer, encodeHeader, extensionSize } from '../header.js';
+import {
+  AUTOCLEAR_KNOWN,
+  encodeAutoclear,
+  encodeBackingFormatExtension,
+  encodeBackingPointer,
+  encodeHeader,
+  extensionSize,
+} from '../header.js';
 import type { Qcow2Image } from '../image.js';
 
 /** Unknown autoclear bits are cleared before the first write (the specification). */

@@ -53,8 +53,8 @@ export async function* workItems(chain: ImageChain, j: number): AsyncGenerator<W
       if (cur) ready.push(cur);
       cur = { c, data: 0, zero: 0 };
     }
-    if (kind === DATA) cur.data |= 1 << u % nsub;
-    else cur.zero |= 1 << u % nsub;
+    if (kind === DATA) cur.data |= 1 << (u % nsub);
+    else cur.zero |= 1 << (u % nsub);
   };
   const add = (p: number, len: number, cls: number): void => {
     const u0 = Math.floor(p / us);
@@ -160,7 +160,8 @@ export async function planWork(chain: ImageChain, j: number): Promise<Plan> {
     const e = await T.entry(item.c);
     if (e.type !== 'standard') throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${item.c} changed under the rebase`, T.path);
     if (item.data && e.host === 0) p.newClusters++;
-    if (e.host !== 0 && !e.copied) throw new Qcow2Error('QCOW2_UNSUPPORTED_FEATURE', `cluster ${item.c} is shared (refcount is not 1)`, T.path);
+    if (e.host !== 0 && !e.copied)
+      throw new Qcow2Error('QCOW2_UNSUPPORTED_FEATURE', `cluster ${item.c} is shared (refcount is not 1)`, T.path);
   }
   // Allocation starts at the aligned end of the file, above any cluster with a refcount
   // (clusters leaked by an interrupted earlier run are never reused).

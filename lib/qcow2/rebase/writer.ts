@@ -103,7 +103,7 @@ export class Writer {
     let host = e.host;
     if (item.data && host === 0) host = this.alloc();
     const us = T.subclusterSize;
-    for (let s = 0; s < T.subclusters; ) {
+    for (let s = 0; s < T.subclusters;) {
       if (!(item.data & (1 << s))) {
         s++;
         continue;
@@ -116,7 +116,14 @@ export class Writer {
     const idx = item.c % T.l2Entries;
     // New clusters are exclusively owned (COPIED); with extended L2 the bitmaps only gain bits.
     if (T.extendedL2)
-      encodeL2Entry(d.table, idx, T, { type: 'standard', host, alloc: e.alloc | item.data, zero: e.zero | item.zero, copied: host !== 0 || e.copied, sectors: 0 });
+      encodeL2Entry(d.table, idx, T, {
+        type: 'standard',
+        host,
+        alloc: e.alloc | item.data,
+        zero: e.zero | item.zero,
+        copied: host !== 0 || e.copied,
+        sectors: 0,
+      });
     else if (item.data) encodeL2Entry(d.table, idx, T, { type: 'standard', host, alloc: 1, zero: 0, copied: true, sectors: 0 });
     else encodeL2Entry(d.table, idx, T, { type: 'standard', host: 0, alloc: 0, zero: 1, copied: false, sectors: 0 });
     const at = idx * l2EntrySize(T);
@@ -195,7 +202,8 @@ export class Writer {
       const hi = this.nextFree / cs;
       let added = false;
       for (let ti = Math.floor(lo / epb); ti <= Math.floor((hi - 1) / epb); ti++) {
-        if (ti >= T.refcountTableEntries) throw new Qcow2Error('QCOW2_REFCOUNT_TABLE_FULL', 'the refcount table would have to grow', T.path);
+        if (ti >= T.refcountTableEntries)
+          throw new Qcow2Error('QCOW2_REFCOUNT_TABLE_FULL', 'the refcount table would have to grow', T.path);
         if (refTableEntry(table, ti) === 0n && !newBlocks.has(ti)) {
           newBlocks.set(ti, { off: this.alloc(), buf: Buffer.alloc(cs) });
           added = true;

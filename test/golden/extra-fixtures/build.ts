@@ -64,7 +64,16 @@ const BYSTANDER: HostDomain = {
   state: 'running',
   vcpus: 2,
   memoryKiB: 2097152,
-  disks: [{ type: 'file', device: 'disk', target: 'vda', source: '<PRIMARY>/7f3c9a12-4b5d-3e6f-a1b2-c3d4e5f60718/0d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6', virtualSize: 8388608, seed: false }],
+  disks: [
+    {
+      type: 'file',
+      device: 'disk',
+      target: 'vda',
+      source: '<PRIMARY>/7f3c9a12-4b5d-3e6f-a1b2-c3d4e5f60718/0d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6',
+      virtualSize: 8388608,
+      seed: false,
+    },
+  ],
   interfaces: [],
   checkpoints: [],
 };
@@ -130,7 +139,11 @@ class Calls {
     return this.host;
   }
 
-  add(cmd: string, argv: string[], o: { stdout?: string; stderr?: string; exitCode?: number; effects?: Effect[]; kind?: string } = {}): RecordedCall {
+  add(
+    cmd: string,
+    argv: string[],
+    o: { stdout?: string; stderr?: string; exitCode?: number; effects?: Effect[]; kind?: string } = {},
+  ): RecordedCall {
     const c: RecordedCall = {
       seq: this.list.length + 1,
       cmd,
@@ -176,7 +189,9 @@ class Calls {
   }
 
   mount(type: string, source: string, opts: string): void {
-    this.add('mount', ['-t', type, source, '<MOUNT_POINT>', ...(opts ? ['-o', opts] : [])], { effects: [{ op: 'bind-mount', from: '<NAS>', to: '<MOUNT_POINT>' }] });
+    this.add('mount', ['-t', type, source, '<MOUNT_POINT>', ...(opts ? ['-o', opts] : [])], {
+      effects: [{ op: 'bind-mount', from: '<NAS>', to: '<MOUNT_POINT>' }],
+    });
   }
 
   umount(): void {
@@ -188,7 +203,10 @@ class Calls {
   }
 }
 
-const LOG_CHECKS = ['<TS> Success... [ QEMU: 7.2.0 Libvirt: 9.0.0 apiVersion: 9.0.0 ]', '<TS> Environment Sanity Checks successfully passed'];
+const LOG_CHECKS = [
+  '<TS> Success... [ QEMU: 7.2.0 Libvirt: 9.0.0 apiVersion: 9.0.0 ]',
+  '<TS> Environment Sanity Checks successfully passed',
+];
 const logMounted = (type: string): string[] => [...LOG_CHECKS, `<TS> Successfully mounted ${type} store`];
 
 const USAGE = [
@@ -231,8 +249,17 @@ function sizeLines(dir: string): Line[] {
   // `ls -l --numeric-uid-gid <dest> | awk '{print $5}'`: the total line, then each entry in C order.
   const names = readdirSync(dir).sort((a, b) => Buffer.compare(Buffer.from(a), Buffer.from(b)));
   return [
-    { text: '', kind: 'size:ls-total-line', rule: 'first line of `ls -l --numeric-uid-gid <dest> | awk \'{print $5}\'`: the "total N" line has no 5th field, so it prints an empty line' },
-    ...names.map((n) => ({ text: String(lstatSync(join(dir, n)).size), kind: 'size:ls-entry', entry: n, rule: 'size in bytes (ls -l column 5) of this entry of <dest>, one line per entry in `ls` name order (LC_ALL=C.UTF-8)' })),
+    {
+      text: '',
+      kind: 'size:ls-total-line',
+      rule: 'first line of `ls -l --numeric-uid-gid <dest> | awk \'{print $5}\'`: the "total N" line has no 5th field, so it prints an empty line',
+    },
+    ...names.map((n) => ({
+      text: String(lstatSync(join(dir, n)).size),
+      kind: 'size:ls-entry',
+      entry: n,
+      rule: 'size in bytes (ls -l column 5) of this entry of <dest>, one line per entry in `ls` name order (LC_ALL=C.UTF-8)',
+    })),
   ];
 }
 
@@ -271,7 +298,8 @@ async function pushStore(target: string, live: string, dirty: Write[] | null): P
   if (dirty === null) await run(REAL.qemuImg, ['convert', '-O', 'qcow2', live, target]);
   else {
     await run(REAL.qemuImg, ['create', '-q', '-f', 'qcow2', '-b', live, '-F', 'qcow2', target]);
-    if (dirty.length) await run(REAL.qemuIo, ['-f', 'qcow2', ...dirty.flatMap((x) => ['-c', `write -P ${x.pattern} ${x.offset} ${x.length}`]), target]);
+    if (dirty.length)
+      await run(REAL.qemuIo, ['-f', 'qcow2', ...dirty.flatMap((x) => ['-c', `write -P ${x.pattern} ${x.offset} ${x.length}`]), target]);
   }
   chmodSync(target, 0o600);
 }
@@ -285,7 +313,11 @@ async function build(sc: Scenario): Promise<Fixture> {
   const o = await sc.original({ calls });
   const [nasAfter, primaryAfter] = await Promise.all([snapshotTree(NAS), snapshotTree(PRIMARY)]);
   const leftovers = o.leftMounted
-    ? { mounts: ['<MOUNT_POINT>'], tempDirs: ['<MOUNT_POINT>'], detail: { '<MOUNT_POINT>': { mounted: true, entries: readdirSync(NAS).sort() } } }
+    ? {
+        mounts: ['<MOUNT_POINT>'],
+        tempDirs: ['<MOUNT_POINT>'],
+        detail: { '<MOUNT_POINT>': { mounted: true, entries: readdirSync(NAS).sort() } },
+      }
     : { mounts: [], tempDirs: [], detail: {} };
   const mountCall = calls.list.find((c) => c.cmd === 'mount');
   const shimMounts =
@@ -340,7 +372,16 @@ const vm33 = (state: string, extra: Partial<HostDomain> = {}): HostDomain => ({
   vcpus: 2,
   memoryKiB: 2097152,
   disks: [
-    { type: 'file', device: 'disk', target: 'vda', source: `<PRIMARY>/${POOL}/${VOL_A}`, virtualSize: 16777216, writes: rootA.writes, dirty: [w('0x23', 3145728, 65536)], bitmaps: [] },
+    {
+      type: 'file',
+      device: 'disk',
+      target: 'vda',
+      source: `<PRIMARY>/${POOL}/${VOL_A}`,
+      virtualSize: 16777216,
+      writes: rootA.writes,
+      dirty: [w('0x23', 3145728, 65536)],
+      bitmaps: [],
+    },
     { type: 'file', device: 'cdrom', target: 'hdc', source: '-' },
   ],
   interfaces: [{ name: 'vnet4', type: 'bridge', source: 'cloudbr1', model: 'virtio', mac: '02:00:2f:61:00:0b' }],
@@ -359,10 +400,32 @@ function fewerParents(name: string, inferable: boolean): Scenario {
     group: 'backup-running',
     description: inferable
       ? 'Incremental of a running VM with three disks but --parent-paths naming only the root disk\'s parent (the data disks\' parents are in the same folder): after the job, root is relinked, then "PARENT_PATHS list shorter than DISK_PATHS" for disk index 1, files removed, exit 1; the new checkpoint stays.'
-      : 'As with the data disks\' parents present, but the parents\' folder holds only the root disk\'s file: the same failure after the job, exit 1; the new checkpoint stays.',
+      : "As with the data disks' parents present, but the parents' folder holds only the root disk's file: the same failure after the job, exit 1; the new checkpoint stays.",
     argv: [
-      '-o', 'backup', '-v', 'i-7-41-VM', '-t', 'nfs', '-s', '10.40.1.20:/vol/cs-backup', '-m', '', '-p', 'i-7-41-VM/2025.02.02.03.15.00', '-q', 'false', '-d', '',
-      '-M', 'incremental', '--bitmap-new', 'backup-1738466100', '--bitmap-parent', 'backup-1738379700', '--parent-paths', `i-7-41-VM/2025.02.01.03.15.00/root.${VOL_A}.qcow2`,
+      '-o',
+      'backup',
+      '-v',
+      'i-7-41-VM',
+      '-t',
+      'nfs',
+      '-s',
+      '10.40.1.20:/vol/cs-backup',
+      '-m',
+      '',
+      '-p',
+      'i-7-41-VM/2025.02.02.03.15.00',
+      '-q',
+      'false',
+      '-d',
+      '',
+      '-M',
+      'incremental',
+      '--bitmap-new',
+      'backup-1738466100',
+      '--bitmap-parent',
+      'backup-1738379700',
+      '--parent-paths',
+      `i-7-41-VM/2025.02.01.03.15.00/root.${VOL_A}.qcow2`,
     ],
     host: host([
       {
@@ -373,9 +436,36 @@ function fewerParents(name: string, inferable: boolean): Scenario {
         vcpus: 4,
         memoryKiB: 4194304,
         disks: [
-          { type: 'file', device: 'disk', target: 'vda', source: `<PRIMARY>/${POOL}/${VOL_A}`, virtualSize: 16777216, writes: rootA.writes, dirty: [w('0x24', 9437184, 131072)], bitmaps: ['backup-1738379700'] },
-          { type: 'file', device: 'disk', target: 'vdb', source: `<PRIMARY>/${POOL}/${VOL_B}`, virtualSize: 8388608, writes: [w('0x41', 0, 524288)], dirty: [w('0x42', 1048576, 65536)], bitmaps: ['backup-1738379700'] },
-          { type: 'file', device: 'disk', target: 'vdc', source: `<PRIMARY>/${POOL}/${VOL_C}`, virtualSize: 8388608, writes: [w('0x51', 2097152, 131072)], dirty: [w('0x52', 0, 65536)], bitmaps: ['backup-1738379700'] },
+          {
+            type: 'file',
+            device: 'disk',
+            target: 'vda',
+            source: `<PRIMARY>/${POOL}/${VOL_A}`,
+            virtualSize: 16777216,
+            writes: rootA.writes,
+            dirty: [w('0x24', 9437184, 131072)],
+            bitmaps: ['backup-1738379700'],
+          },
+          {
+            type: 'file',
+            device: 'disk',
+            target: 'vdb',
+            source: `<PRIMARY>/${POOL}/${VOL_B}`,
+            virtualSize: 8388608,
+            writes: [w('0x41', 0, 524288)],
+            dirty: [w('0x42', 1048576, 65536)],
+            bitmaps: ['backup-1738379700'],
+          },
+          {
+            type: 'file',
+            device: 'disk',
+            target: 'vdc',
+            source: `<PRIMARY>/${POOL}/${VOL_C}`,
+            virtualSize: 8388608,
+            writes: [w('0x51', 2097152, 131072)],
+            dirty: [w('0x52', 0, 65536)],
+            bitmaps: ['backup-1738379700'],
+          },
           { type: 'file', device: 'cdrom', target: 'hdc', source: '-' },
         ],
         interfaces: [{ name: 'vnet9', type: 'bridge', source: 'cloudbr0', model: 'virtio', mac: '02:00:7a:41:00:17' }],
@@ -385,7 +475,11 @@ function fewerParents(name: string, inferable: boolean): Scenario {
     nasSteps: backupSteps(
       'i-7-41-VM/2025.02.01.03.15.00',
       inferable
-        ? [rootA, { vol: VOL_B, size: 8388608, writes: [w('0x41', 0, 524288)] }, { vol: VOL_C, size: 8388608, writes: [w('0x51', 2097152, 131072)] }]
+        ? [
+            rootA,
+            { vol: VOL_B, size: 8388608, writes: [w('0x41', 0, 524288)] },
+            { vol: VOL_C, size: 8388608, writes: [w('0x51', 2097152, 131072)] },
+          ]
         : [rootA],
     ),
     original: async ({ calls }) => {
@@ -424,7 +518,15 @@ function fewerParents(name: string, inferable: boolean): Scenario {
         stdout: synth.jobInfoText('Completed', { elapsedMs: 171, totalBytes: total, processedBytes: total }),
       });
       calls.domblklist(vm, true);
-      calls.add('qemu-img', ['rebase', '-u', '-b', `../2025.02.01.03.15.00/root.${VOL_A}.qcow2`, '-F', 'qcow2', `${dest}/root.${VOL_A}.qcow2`]);
+      calls.add('qemu-img', [
+        'rebase',
+        '-u',
+        '-b',
+        `../2025.02.01.03.15.00/root.${VOL_A}.qcow2`,
+        '-F',
+        'qcow2',
+        `${dest}/root.${VOL_A}.qcow2`,
+      ]);
       calls.umount();
       return {
         exitCode: 1,
@@ -441,7 +543,17 @@ function jobLines(text: string, seq: number): Line[] {
   const lines = text.split('\n');
   lines.pop();
   return lines.map((l, i) =>
-    i === 0 ? { text: l, kind: 'from-call', seq, cmd: 'virsh', stream: 'stdout', count: lines.length, rule: `these lines are the verbatim stdout of call #${seq} (virsh), passed through by the script` } : l,
+    i === 0
+      ? {
+          text: l,
+          kind: 'from-call',
+          seq,
+          cmd: 'virsh',
+          stream: 'stdout',
+          count: lines.length,
+          rule: `these lines are the verbatim stdout of call #${seq} (virsh), passed through by the script`,
+        }
+      : l,
   );
 }
 
@@ -458,8 +570,22 @@ function runningTwoDisks(name: string, variant: 'swapped' | 'extra'): Scenario {
   const rel = 'i-12-88-VM/2025.02.06.01.30.00';
   const dest = `<MOUNT_POINT>/${rel}`;
   const all = [
-    { t: 'vda', vol: VOL_C, file: `root.${VOL_C}.qcow2`, size: 16777216, writes: [w('0x61', 0, 1048576)], dirty: [w('0x62', 8388608, 131072)] },
-    { t: 'vdb', vol: VOL_B, file: `datadisk.${VOL_B}.qcow2`, size: 8388608, writes: [w('0x71', 1048576, 262144)], dirty: [w('0x72', 0, 65536), w('0x73', 4194304, 65536)] },
+    {
+      t: 'vda',
+      vol: VOL_C,
+      file: `root.${VOL_C}.qcow2`,
+      size: 16777216,
+      writes: [w('0x61', 0, 1048576)],
+      dirty: [w('0x62', 8388608, 131072)],
+    },
+    {
+      t: 'vdb',
+      vol: VOL_B,
+      file: `datadisk.${VOL_B}.qcow2`,
+      size: 8388608,
+      writes: [w('0x71', 1048576, 262144)],
+      dirty: [w('0x72', 0, 65536), w('0x73', 4194304, 65536)],
+    },
   ];
   const disks = variant === 'extra' ? all.slice(0, 1) : all;
   const parents = variant === 'extra' ? [all[0]!.file, all[1]!.file] : [all[1]!.file, all[0]!.file];
@@ -472,7 +598,16 @@ function runningTwoDisks(name: string, variant: 'swapped' | 'extra'): Scenario {
       vcpus: 2,
       memoryKiB: 2097152,
       disks: [
-        ...disks.map((d) => ({ type: 'file', device: 'disk', target: d.t, source: `<PRIMARY>/${POOL}/${d.vol}`, virtualSize: d.size, writes: d.writes, dirty: d.dirty, bitmaps: ['backup-1738719000'] })),
+        ...disks.map((d) => ({
+          type: 'file',
+          device: 'disk',
+          target: d.t,
+          source: `<PRIMARY>/${POOL}/${d.vol}`,
+          virtualSize: d.size,
+          writes: d.writes,
+          dirty: d.dirty,
+          bitmaps: ['backup-1738719000'],
+        })),
         { type: 'file', device: 'cdrom', target: 'hdc', source: '-' },
       ],
       interfaces: [{ name: 'vnet7', type: 'bridge', source: 'cloudbr0', model: 'virtio', mac: '02:00:7e:6d:00:2c' }],
@@ -484,15 +619,39 @@ function runningTwoDisks(name: string, variant: 'swapped' | 'extra'): Scenario {
     group: 'backup-running',
     description:
       variant === 'swapped'
-        ? 'Incremental of a two-disk VM with --parent-paths in deviceId order, the data disk first: the script pairs parents by position, so root is relinked onto the data disk\'s parent and the data disk onto root\'s; exit 0 with broken chains.'
+        ? "Incremental of a two-disk VM with --parent-paths in deviceId order, the data disk first: the script pairs parents by position, so root is relinked onto the data disk's parent and the data disk onto root's; exit 0 with broken chains."
         : 'Incremental of a one-disk VM with two parent paths (the second for a volume the VM no longer has): the script pairs by position and ignores the extra one, exit 0.',
     argv: [
-      '-o', 'backup', '-v', vm, '-t', 'nfs', '-s', '10.40.1.20:/vol/cs-backup', '-m', '', '-p', rel, '-q', 'false', '-d', '',
-      '-M', 'incremental', '--bitmap-new', 'backup-1738805400', '--bitmap-parent', 'backup-1738719000',
-      '--parent-paths', parents.map((f) => `${parentDir}/${f}`).join(','),
+      '-o',
+      'backup',
+      '-v',
+      vm,
+      '-t',
+      'nfs',
+      '-s',
+      '10.40.1.20:/vol/cs-backup',
+      '-m',
+      '',
+      '-p',
+      rel,
+      '-q',
+      'false',
+      '-d',
+      '',
+      '-M',
+      'incremental',
+      '--bitmap-new',
+      'backup-1738805400',
+      '--bitmap-parent',
+      'backup-1738719000',
+      '--parent-paths',
+      parents.map((f) => `${parentDir}/${f}`).join(','),
     ],
     host: h,
-    nasSteps: backupSteps(parentDir, all.map((d) => ({ vol: d.vol, size: d.size, writes: d.writes }))),
+    nasSteps: backupSteps(
+      parentDir,
+      all.map((d) => ({ vol: d.vol, size: d.size, writes: d.writes })),
+    ),
     original: async ({ calls }) => {
       calls.version();
       calls.list_();
@@ -538,7 +697,13 @@ function runningTwoDisks(name: string, variant: 'swapped' | 'extra'): Scenario {
         exitCode: 0,
         stdout: [
           ...jobLines(job, poll.seq),
-          { text: String(du.total), kind: 'size:du-sb', of: dest, components: du.components, rule: '`du -sb <dest> | cut -f1`: apparent size in bytes of <dest> and everything below it (sum of st_size of the directory itself and of each entry)' },
+          {
+            text: String(du.total),
+            kind: 'size:du-sb',
+            of: dest,
+            components: du.components,
+            rule: '`du -sb <dest> | cut -f1`: apparent size in bytes of <dest> and everything below it (sum of st_size of the directory itself and of each entry)',
+          },
           'BITMAP_CREATED=backup-1738805400',
         ],
         log: logMounted('nfs'),
@@ -552,10 +717,29 @@ const scenarios: Scenario[] = [
   {
     name: 'backup-stopped-incremental-no-parents',
     group: 'backup-stopped',
-    description: 'Stopped VM with three disks, -M incremental with --bitmap-new only (no parent arguments), on cifs with options: the stopped path ignores the parents: INCREMENTAL_FALLBACK line, a full copy and a bitmap per disk, BITMAP_CREATED, then the ls sizes; exit 0, NAS left mounted.',
+    description:
+      'Stopped VM with three disks, -M incremental with --bitmap-new only (no parent arguments), on cifs with options: the stopped path ignores the parents: INCREMENTAL_FALLBACK line, a full copy and a bitmap per disk, BITMAP_CREATED, then the ls sizes; exit 0, NAS left mounted.',
     argv: [
-      '-o', 'backup', '-v', 'i-7-41-VM', '-t', 'cifs', '-s', '//10.30.0.7/backups', '-m', 'vers=3.1.1', '-p', 'i-7-41-VM/2025.02.07.22.45.00', '-q', 'true',
-      '-d', [VOL_A, VOL_B, VOL_C].map((v) => `<PRIMARY>/${POOL}/${v}`).join(','), '-M', 'incremental', '--bitmap-new', 'backup-1738968300',
+      '-o',
+      'backup',
+      '-v',
+      'i-7-41-VM',
+      '-t',
+      'cifs',
+      '-s',
+      '//10.30.0.7/backups',
+      '-m',
+      'vers=3.1.1',
+      '-p',
+      'i-7-41-VM/2025.02.07.22.45.00',
+      '-q',
+      'true',
+      '-d',
+      [VOL_A, VOL_B, VOL_C].map((v) => `<PRIMARY>/${POOL}/${v}`).join(','),
+      '-M',
+      'incremental',
+      '--bitmap-new',
+      'backup-1738968300',
     ],
     host: host([
       {
@@ -566,9 +750,33 @@ const scenarios: Scenario[] = [
         vcpus: 4,
         memoryKiB: 4194304,
         disks: [
-          { type: 'file', device: 'disk', target: 'vda', source: `<PRIMARY>/${POOL}/${VOL_A}`, virtualSize: 16777216, writes: rootA.writes, bitmaps: [] },
-          { type: 'file', device: 'disk', target: 'vdb', source: `<PRIMARY>/${POOL}/${VOL_B}`, virtualSize: 8388608, writes: [w('0x41', 0, 524288)], bitmaps: [] },
-          { type: 'file', device: 'disk', target: 'vdc', source: `<PRIMARY>/${POOL}/${VOL_C}`, virtualSize: 8388608, writes: [w('0x51', 2097152, 131072)], bitmaps: [] },
+          {
+            type: 'file',
+            device: 'disk',
+            target: 'vda',
+            source: `<PRIMARY>/${POOL}/${VOL_A}`,
+            virtualSize: 16777216,
+            writes: rootA.writes,
+            bitmaps: [],
+          },
+          {
+            type: 'file',
+            device: 'disk',
+            target: 'vdb',
+            source: `<PRIMARY>/${POOL}/${VOL_B}`,
+            virtualSize: 8388608,
+            writes: [w('0x41', 0, 524288)],
+            bitmaps: [],
+          },
+          {
+            type: 'file',
+            device: 'disk',
+            target: 'vdc',
+            source: `<PRIMARY>/${POOL}/${VOL_C}`,
+            virtualSize: 8388608,
+            writes: [w('0x51', 2097152, 131072)],
+            bitmaps: [],
+          },
           { type: 'file', device: 'cdrom', target: 'hdc', source: '-' },
         ],
         interfaces: [{ name: 'vnet9', type: 'bridge', source: 'cloudbr0', model: 'virtio', mac: '02:00:7a:41:00:17' }],
@@ -592,7 +800,11 @@ const scenarios: Scenario[] = [
       calls.sync();
       return {
         exitCode: 0,
-        stdout: ['INCREMENTAL_FALLBACK=full (VM stopped — incremental requires running VM)', 'BITMAP_CREATED=backup-1738968300', ...sizeLines(mpOnNas(rel))],
+        stdout: [
+          'INCREMENTAL_FALLBACK=full (VM stopped — incremental requires running VM)',
+          'BITMAP_CREATED=backup-1738968300',
+          ...sizeLines(mpOnNas(rel)),
+        ],
         log: [],
         leftMounted: true,
       };
@@ -601,10 +813,33 @@ const scenarios: Scenario[] = [
   {
     name: 'backup-running-incremental-parent-path-singular',
     group: 'backup-running',
-    description: 'The rebase-era agent\'s incremental argv with "--parent-path" (singular, root only): the recorded script does not know it: "Invalid option: --parent-path" and the usage, exit 1, no call.',
+    description:
+      'The rebase-era agent\'s incremental argv with "--parent-path" (singular, root only): the recorded script does not know it: "Invalid option: --parent-path" and the usage, exit 1, no call.',
     argv: [
-      '-o', 'backup', '-v', 'i-5-33-VM', '-t', 'nfs', '-s', '10.40.1.20:/vol/cs-backup', '-m', 'vers=4.2', '-p', 'i-5-33-VM/2025.02.03.03.15.00', '-q', 'false', '-d', '',
-      '-M', 'incremental', '--bitmap-new', 'backup-1738552500', '--bitmap-parent', 'backup-1738466100', '--parent-path', `i-5-33-VM/2025.02.02.03.15.00/root.${VOL_A}.qcow2`,
+      '-o',
+      'backup',
+      '-v',
+      'i-5-33-VM',
+      '-t',
+      'nfs',
+      '-s',
+      '10.40.1.20:/vol/cs-backup',
+      '-m',
+      'vers=4.2',
+      '-p',
+      'i-5-33-VM/2025.02.03.03.15.00',
+      '-q',
+      'false',
+      '-d',
+      '',
+      '-M',
+      'incremental',
+      '--bitmap-new',
+      'backup-1738552500',
+      '--bitmap-parent',
+      'backup-1738466100',
+      '--parent-path',
+      `i-5-33-VM/2025.02.02.03.15.00/root.${VOL_A}.qcow2`,
     ],
     host: host([vm33('running', { checkpoints: ['backup-1738466100'] })]),
     nasSteps: NAS_33,
@@ -613,8 +848,28 @@ const scenarios: Scenario[] = [
   {
     name: 'backup-stopped-unknown-mode',
     group: 'backup-stopped',
-    description: 'Stopped VM with an unknown -M (differential): the stopped path ignores the mode, copies the disk and prints the ls sizes, exit 0, NAS left mounted.',
-    argv: ['-o', 'backup', '-v', 'i-9-77-VM', '-t', 'nfs', '-s', '10.40.1.20:/vol/cs-backup', '-m', '', '-p', 'i-9-77-VM/2025.02.08.04.00.00', '-q', 'false', '-d', `<PRIMARY>/${POOL}/${VOL_D}`, '-M', 'differential'],
+    description:
+      'Stopped VM with an unknown -M (differential): the stopped path ignores the mode, copies the disk and prints the ls sizes, exit 0, NAS left mounted.',
+    argv: [
+      '-o',
+      'backup',
+      '-v',
+      'i-9-77-VM',
+      '-t',
+      'nfs',
+      '-s',
+      '10.40.1.20:/vol/cs-backup',
+      '-m',
+      '',
+      '-p',
+      'i-9-77-VM/2025.02.08.04.00.00',
+      '-q',
+      'false',
+      '-d',
+      `<PRIMARY>/${POOL}/${VOL_D}`,
+      '-M',
+      'differential',
+    ],
     host: host([
       {
         name: 'i-9-77-VM',
@@ -623,7 +878,17 @@ const scenarios: Scenario[] = [
         state: 'shut off',
         vcpus: 1,
         memoryKiB: 1048576,
-        disks: [{ type: 'file', device: 'disk', target: 'vda', source: `<PRIMARY>/${POOL}/${VOL_D}`, virtualSize: 8388608, writes: [w('0x34', 1048576, 196608)], bitmaps: [] }],
+        disks: [
+          {
+            type: 'file',
+            device: 'disk',
+            target: 'vda',
+            source: `<PRIMARY>/${POOL}/${VOL_D}`,
+            virtualSize: 8388608,
+            writes: [w('0x34', 1048576, 196608)],
+            bitmaps: [],
+          },
+        ],
         interfaces: [],
         checkpoints: [],
       },
@@ -655,8 +920,30 @@ const scenarios: Scenario[] = [
   {
     name: 'backup-running-disk-paths-given',
     group: 'backup-running',
-    description: 'A running VM whose -d lists its disk (the agent thought it stopped): the script follows virsh list and prints the running-VM output (job statistics, du -sb total, BITMAP_CREATED), exit 0.',
-    argv: ['-o', 'backup', '-v', 'i-9-77-VM', '-t', 'nfs', '-s', '10.10.0.5:/export/backup', '-m', 'vers=4.1', '-p', 'i-9-77-VM/2025.02.04.04.00.00', '-q', 'false', '-d', `<PRIMARY>/${POOL}/${VOL_D}`, '-M', 'full', '--bitmap-new', 'backup-1738641600'],
+    description:
+      'A running VM whose -d lists its disk (the agent thought it stopped): the script follows virsh list and prints the running-VM output (job statistics, du -sb total, BITMAP_CREATED), exit 0.',
+    argv: [
+      '-o',
+      'backup',
+      '-v',
+      'i-9-77-VM',
+      '-t',
+      'nfs',
+      '-s',
+      '10.10.0.5:/export/backup',
+      '-m',
+      'vers=4.1',
+      '-p',
+      'i-9-77-VM/2025.02.04.04.00.00',
+      '-q',
+      'false',
+      '-d',
+      `<PRIMARY>/${POOL}/${VOL_D}`,
+      '-M',
+      'full',
+      '--bitmap-new',
+      'backup-1738641600',
+    ],
     host: host([
       {
         name: 'i-9-77-VM',
@@ -666,7 +953,15 @@ const scenarios: Scenario[] = [
         vcpus: 1,
         memoryKiB: 1048576,
         disks: [
-          { type: 'file', device: 'disk', target: 'vda', source: `<PRIMARY>/${POOL}/${VOL_D}`, virtualSize: 8388608, writes: [w('0x31', 0, 262144), w('0x33', 5242880, 131072)], bitmaps: [] },
+          {
+            type: 'file',
+            device: 'disk',
+            target: 'vda',
+            source: `<PRIMARY>/${POOL}/${VOL_D}`,
+            virtualSize: 8388608,
+            writes: [w('0x31', 0, 262144), w('0x33', 5242880, 131072)],
+            bitmaps: [],
+          },
           { type: 'file', device: 'cdrom', target: 'hdc', source: '-' },
         ],
         interfaces: [{ name: 'vnet2', type: 'bridge', source: 'cloudbr0', model: 'e1000', mac: '02:00:0f:1e:00:1f' }],
@@ -685,7 +980,15 @@ const scenarios: Scenario[] = [
       calls.virsh(['backup-begin', '--domain', vm, '--backupxml', `${dest}/backup.xml`, '--checkpointxml', `${dest}/checkpoint.xml`], {
         stdout: 'Backup started\n\n',
         effects: [
-          { op: 'create-store', mode: 'full', disk: 'vda', target: `${dest}/root.${VOL_D}.qcow2`, source: `<PRIMARY>/${POOL}/${VOL_D}`, fileMode: '0600', how: 'qemu-img convert -O qcow2 <source> <target>' },
+          {
+            op: 'create-store',
+            mode: 'full',
+            disk: 'vda',
+            target: `${dest}/root.${VOL_D}.qcow2`,
+            source: `<PRIMARY>/${POOL}/${VOL_D}`,
+            fileMode: '0600',
+            how: 'qemu-img convert -O qcow2 <source> <target>',
+          },
           { op: 'register-checkpoint', domain: vm, name: 'backup-1738641600', disks: ['vda'] },
         ],
       });
@@ -704,7 +1007,13 @@ const scenarios: Scenario[] = [
         exitCode: 0,
         stdout: [
           ...jobLines(job, poll.seq),
-          { text: String(du.total), kind: 'size:du-sb', of: dest, components: du.components, rule: '`du -sb <dest> | cut -f1`: apparent size in bytes of <dest> and everything below it (sum of st_size of the directory itself and of each entry)' },
+          {
+            text: String(du.total),
+            kind: 'size:du-sb',
+            of: dest,
+            components: du.components,
+            rule: '`du -sb <dest> | cut -f1`: apparent size in bytes of <dest> and everything below it (sum of st_size of the directory itself and of each entry)',
+          },
           'BITMAP_CREATED=backup-1738641600',
         ],
         log: logMounted('nfs'),
@@ -724,8 +1033,27 @@ const scenarios: Scenario[] = [
   {
     name: 'general-later-flag-compress',
     group: 'general',
-    description: 'A later upstream flag (-c, compression) is unknown to the recorded script: "Invalid option: -c" and the usage, exit 1, no call.',
-    argv: ['-o', 'backup', '-v', 'i-5-33-VM', '-t', 'nfs', '-s', '10.40.1.20:/vol/cs-backup', '-m', '', '-p', 'i-5-33-VM/2025.02.03.03.15.00', '-q', 'false', '-d', '', '-c'],
+    description:
+      'A later upstream flag (-c, compression) is unknown to the recorded script: "Invalid option: -c" and the usage, exit 1, no call.',
+    argv: [
+      '-o',
+      'backup',
+      '-v',
+      'i-5-33-VM',
+      '-t',
+      'nfs',
+      '-s',
+      '10.40.1.20:/vol/cs-backup',
+      '-m',
+      '',
+      '-p',
+      'i-5-33-VM/2025.02.03.03.15.00',
+      '-q',
+      'false',
+      '-d',
+      '',
+      '-c',
+    ],
     host: host([vm33('running')]),
     nasSteps: NAS_33,
     original: async () => ({ exitCode: 1, stdout: ['Invalid option: -c', ...USAGE], log: [] }),
@@ -733,7 +1061,8 @@ const scenarios: Scenario[] = [
   {
     name: 'stats-later-flag-mount-timeout',
     group: 'stats',
-    description: 'stats with a fork\'s -w <mount timeout> (and cifs credentials in -m): the recorded script does not know -w: "Invalid option: -w" and the usage, exit 1, no call.',
+    description:
+      'stats with a fork\'s -w <mount timeout> (and cifs credentials in -m): the recorded script does not know -w: "Invalid option: -w" and the usage, exit 1, no call.',
     argv: ['-o', 'stats', '-t', 'cifs', '-s', '//10.30.0.7/backups', '-m', 'username=svc-backup,password=Sup3rS3cret,vers=3.0', '-w', '45'],
     host: host([vm33('running')]),
     nasSteps: NAS_33,
@@ -754,7 +1083,8 @@ const scenarios: Scenario[] = [
   {
     name: 'stats-cifs-empty-options',
     group: 'stats',
-    description: 'stats on cifs with an empty -m: the script mounts with "-o ,nobrl", then prints the mount point and "<1K-blocks> <used>".',
+    description:
+      'stats on cifs with an empty -m: the script mounts with "-o ,nobrl", then prints the mount point and "<1K-blocks> <used>".',
     argv: ['-o', 'stats', '-t', 'cifs', '-s', '//192.168.50.4/cloudbackup', '-m', ''],
     host: host([vm33('running')], { df: { blocks1k: 2147483648, used1k: 987654321 } }),
     nasSteps: NAS_33,
@@ -762,14 +1092,20 @@ const scenarios: Scenario[] = [
       calls.version();
       calls.mount('cifs', '//192.168.50.4/cloudbackup', ',nobrl');
       const df = calls.add('df', ['-P', '<MOUNT_POINT>'], {
-        stdout: 'Filesystem                   1024-blocks      Used  Available Capacity Mounted on\n//192.168.50.4/cloudbackup    2147483648 987654321 1159829327      46% <MOUNT_POINT>\n',
+        stdout:
+          'Filesystem                   1024-blocks      Used  Available Capacity Mounted on\n//192.168.50.4/cloudbackup    2147483648 987654321 1159829327      46% <MOUNT_POINT>\n',
       });
       calls.umount();
       return {
         exitCode: 0,
         stdout: [
           { text: '<MOUNT_POINT>', kind: 'mount-point', rule: 'the mktemp -d -t csbackup.XXXXX mount point' },
-          { text: '2147483648 987654321', kind: 'size:df-blocks-used', fromCall: df.seq, rule: 'fields 2 and 3 (1024-blocks, Used) of row 2 of `df -P <MOUNT_POINT>`, joined by one space' },
+          {
+            text: '2147483648 987654321',
+            kind: 'size:df-blocks-used',
+            fromCall: df.seq,
+            rule: 'fields 2 and 3 (1024-blocks, Used) of row 2 of `df -P <MOUNT_POINT>`, joined by one space',
+          },
         ],
         log: logMounted('cifs'),
       };
@@ -795,7 +1131,8 @@ const scenarios: Scenario[] = [
   {
     name: 'delete-trailing-slash-cifs',
     group: 'delete',
-    description: 'delete on cifs with "nobrl" already in -m (mounted with "-o vers=3.0,nobrl,nobrl") and -p ending in "/": rm -frv echoes the path as given, the directory line keeps the trailing slash, exit 0.',
+    description:
+      'delete on cifs with "nobrl" already in -m (mounted with "-o vers=3.0,nobrl,nobrl") and -p ending in "/": rm -frv echoes the path as given, the directory line keeps the trailing slash, exit 0.',
     argv: ['-o', 'delete', '-t', 'cifs', '-s', '//10.30.0.7/backups', '-m', 'vers=3.0,nobrl', '-p', 'i-5-33-VM/2025.02.02.03.15.00/'],
     host: host([vm33('running')]),
     nasSteps: NAS_33,
@@ -813,7 +1150,18 @@ const scenarios: Scenario[] = [
     name: 'delete-single-disk-file',
     group: 'delete',
     description: 'delete -p naming one disk file inside a backup (three levels): rm -frv removes that file only, exit 0.',
-    argv: ['-o', 'delete', '-t', 'nfs', '-s', '10.40.1.20:/vol/cs-backup', '-m', '', '-p', `i-5-33-VM/2025.02.02.03.15.00/root.${VOL_A}.qcow2`],
+    argv: [
+      '-o',
+      'delete',
+      '-t',
+      'nfs',
+      '-s',
+      '10.40.1.20:/vol/cs-backup',
+      '-m',
+      '',
+      '-p',
+      `i-5-33-VM/2025.02.02.03.15.00/root.${VOL_A}.qcow2`,
+    ],
     host: host([vm33('running')]),
     nasSteps: NAS_33,
     original: async ({ calls }) => {
@@ -830,8 +1178,30 @@ const scenarios: Scenario[] = [
   {
     name: 'backup-running-existing-dir',
     group: 'backup-running',
-    description: 'Full backup of a running VM into a -p that already holds a backup: backup-begin refuses (output discarded), cleanup() deletes the pre-existing backup, exit 1 with empty stdout.',
-    argv: ['-o', 'backup', '-v', 'i-5-33-VM', '-t', 'nfs', '-s', '10.40.1.20:/vol/cs-backup', '-m', 'vers=4.2', '-p', 'i-5-33-VM/2025.02.02.03.15.00', '-q', 'false', '-d', '', '-M', 'full', '--bitmap-new', 'backup-1738466100'],
+    description:
+      'Full backup of a running VM into a -p that already holds a backup: backup-begin refuses (output discarded), cleanup() deletes the pre-existing backup, exit 1 with empty stdout.',
+    argv: [
+      '-o',
+      'backup',
+      '-v',
+      'i-5-33-VM',
+      '-t',
+      'nfs',
+      '-s',
+      '10.40.1.20:/vol/cs-backup',
+      '-m',
+      'vers=4.2',
+      '-p',
+      'i-5-33-VM/2025.02.02.03.15.00',
+      '-q',
+      'false',
+      '-d',
+      '',
+      '-M',
+      'full',
+      '--bitmap-new',
+      'backup-1738466100',
+    ],
     host: host([vm33('running')]),
     nasSteps: NAS_33,
     original: async ({ calls }) => {
@@ -840,11 +1210,14 @@ const scenarios: Scenario[] = [
       calls.mount('nfs', '10.40.1.20:/vol/cs-backup', 'vers=4.2');
       calls.domblklist('i-5-33-VM', true);
       const dest = '<MOUNT_POINT>/i-5-33-VM/2025.02.02.03.15.00';
-      calls.virsh(['backup-begin', '--domain', 'i-5-33-VM', '--backupxml', `${dest}/backup.xml`, '--checkpointxml', `${dest}/checkpoint.xml`], {
-        stdout: '\n',
-        stderr: `error: invalid argument: store '${dest}/root.${VOL_A}.qcow2' for backup of 'vda' exists\n`,
-        exitCode: 1,
-      });
+      calls.virsh(
+        ['backup-begin', '--domain', 'i-5-33-VM', '--backupxml', `${dest}/backup.xml`, '--checkpointxml', `${dest}/checkpoint.xml`],
+        {
+          stdout: '\n',
+          stderr: `error: invalid argument: store '${dest}/root.${VOL_A}.qcow2' for backup of 'vda' exists\n`,
+          exitCode: 1,
+        },
+      );
       rmSync(mpOnNas('i-5-33-VM/2025.02.02.03.15.00'), { recursive: true });
       calls.umount();
       return { exitCode: 1, stdout: [], log: logMounted('nfs') };
@@ -853,8 +1226,26 @@ const scenarios: Scenario[] = [
   {
     name: 'backup-stopped-existing-dir',
     group: 'backup-stopped',
-    description: 'Stopped-VM backup into a -p that already holds a backup: qemu-img convert overwrites its disk file, ls lists every entry (old side files too), exit 0, NAS left mounted.',
-    argv: ['-o', 'backup', '-v', 'i-5-33-VM', '-t', 'nfs', '-s', '10.40.1.20:/vol/cs-backup', '-m', '', '-p', 'i-5-33-VM/2025.02.01.03.15.00', '-q', 'false', '-d', `<PRIMARY>/${POOL}/${VOL_A}`],
+    description:
+      'Stopped-VM backup into a -p that already holds a backup: qemu-img convert overwrites its disk file, ls lists every entry (old side files too), exit 0, NAS left mounted.',
+    argv: [
+      '-o',
+      'backup',
+      '-v',
+      'i-5-33-VM',
+      '-t',
+      'nfs',
+      '-s',
+      '10.40.1.20:/vol/cs-backup',
+      '-m',
+      '',
+      '-p',
+      'i-5-33-VM/2025.02.01.03.15.00',
+      '-q',
+      'false',
+      '-d',
+      `<PRIMARY>/${POOL}/${VOL_A}`,
+    ],
     host: host([vm33('shut off')]),
     nasSteps: NAS_33,
     original: async ({ calls }) => {
@@ -873,8 +1264,28 @@ const scenarios: Scenario[] = [
   {
     name: 'backup-running-legacy-full-mode',
     group: 'backup-running',
-    description: 'A newer agent\'s "-M legacy-full" is unknown to the recorded script: "Unknown mode: legacy-full" after the mount, cleanup, exit 1.',
-    argv: ['-o', 'backup', '-v', 'i-5-33-VM', '-t', 'nfs', '-s', '10.40.1.20:/vol/cs-backup', '-m', '', '-p', 'i-5-33-VM/2025.02.03.03.15.00', '-q', 'false', '-d', '', '-M', 'legacy-full'],
+    description:
+      'A newer agent\'s "-M legacy-full" is unknown to the recorded script: "Unknown mode: legacy-full" after the mount, cleanup, exit 1.',
+    argv: [
+      '-o',
+      'backup',
+      '-v',
+      'i-5-33-VM',
+      '-t',
+      'nfs',
+      '-s',
+      '10.40.1.20:/vol/cs-backup',
+      '-m',
+      '',
+      '-p',
+      'i-5-33-VM/2025.02.03.03.15.00',
+      '-q',
+      'false',
+      '-d',
+      '',
+      '-M',
+      'legacy-full',
+    ],
     host: host([vm33('running')]),
     nasSteps: NAS_33,
     original: async ({ calls }) => {
@@ -888,8 +1299,30 @@ const scenarios: Scenario[] = [
   {
     name: 'backup-stopped-existing-bitmap',
     group: 'backup-stopped',
-    description: 'Stopped-VM full backup whose source disk already carries the --bitmap-new bitmap: the copy succeeds, "qemu-img bitmap --add" fails (its error goes to agent.log), no BITMAP_CREATED line, exit 0, NAS left mounted.',
-    argv: ['-o', 'backup', '-v', 'i-9-77-VM', '-t', 'nfs', '-s', '10.40.1.20:/vol/cs-backup', '-m', 'vers=3', '-p', 'i-9-77-VM/2025.02.03.04.00.00', '-q', 'false', '-d', `<PRIMARY>/${POOL}/${VOL_D}`, '-M', 'full', '--bitmap-new', 'backup-1738555200'],
+    description:
+      'Stopped-VM full backup whose source disk already carries the --bitmap-new bitmap: the copy succeeds, "qemu-img bitmap --add" fails (its error goes to agent.log), no BITMAP_CREATED line, exit 0, NAS left mounted.',
+    argv: [
+      '-o',
+      'backup',
+      '-v',
+      'i-9-77-VM',
+      '-t',
+      'nfs',
+      '-s',
+      '10.40.1.20:/vol/cs-backup',
+      '-m',
+      'vers=3',
+      '-p',
+      'i-9-77-VM/2025.02.03.04.00.00',
+      '-q',
+      'false',
+      '-d',
+      `<PRIMARY>/${POOL}/${VOL_D}`,
+      '-M',
+      'full',
+      '--bitmap-new',
+      'backup-1738555200',
+    ],
     host: host([
       {
         name: 'i-9-77-VM',
@@ -898,7 +1331,17 @@ const scenarios: Scenario[] = [
         state: 'shut off',
         vcpus: 1,
         memoryKiB: 1048576,
-        disks: [{ type: 'file', device: 'disk', target: 'vda', source: `<PRIMARY>/${POOL}/${VOL_D}`, virtualSize: 8388608, writes: [w('0x31', 0, 262144), w('0x32', 4194304, 65536)], bitmaps: ['backup-1738555200'] }],
+        disks: [
+          {
+            type: 'file',
+            device: 'disk',
+            target: 'vda',
+            source: `<PRIMARY>/${POOL}/${VOL_D}`,
+            virtualSize: 8388608,
+            writes: [w('0x31', 0, 262144), w('0x32', 4194304, 65536)],
+            bitmaps: ['backup-1738555200'],
+          },
+        ],
         interfaces: [],
         checkpoints: [],
       },
@@ -921,15 +1364,30 @@ const scenarios: Scenario[] = [
   {
     name: 'rebase-old-backing-gone',
     group: 'rebase',
-    description: 'Chain repair on cifs (empty -m, so "-o ,nobrl") after the middle backup was already removed: the safe qemu-img rebase cannot open the old backing, "qemu-img rebase failed", then the NAS-wiping cleanup, exit 20.',
+    description:
+      'Chain repair on cifs (empty -m, so "-o ,nobrl") after the middle backup was already removed: the safe qemu-img rebase cannot open the old backing, "qemu-img rebase failed", then the NAS-wiping cleanup, exit 20.',
     argv: [
-      '-o', 'rebase', '-t', 'cifs', '-s', '//192.168.50.4/cloudbackup', '-m', '',
-      '--rebase-target', `i-5-33-VM/2025.02.03.03.15.00/root.${VOL_A}.qcow2`, '--rebase-new-backing', `i-5-33-VM/2025.02.01.03.15.00/root.${VOL_A}.qcow2`,
+      '-o',
+      'rebase',
+      '-t',
+      'cifs',
+      '-s',
+      '//192.168.50.4/cloudbackup',
+      '-m',
+      '',
+      '--rebase-target',
+      `i-5-33-VM/2025.02.03.03.15.00/root.${VOL_A}.qcow2`,
+      '--rebase-new-backing',
+      `i-5-33-VM/2025.02.01.03.15.00/root.${VOL_A}.qcow2`,
     ],
     host: host([vm33('running')]),
     nasSteps: [
       ...NAS_33,
-      ...backupSteps('i-5-33-VM/2025.02.03.03.15.00', [{ ...rootA, writes: [w('0x25', 12582912, 65536)] }], 'i-5-33-VM/2025.02.02.03.15.00'),
+      ...backupSteps(
+        'i-5-33-VM/2025.02.03.03.15.00',
+        [{ ...rootA, writes: [w('0x25', 12582912, 65536)] }],
+        'i-5-33-VM/2025.02.02.03.15.00',
+      ),
       { op: 'remove', path: 'i-5-33-VM/2025.02.02.03.15.00' },
     ],
     original: async ({ calls }) => {
@@ -953,8 +1411,30 @@ const scenarios: Scenario[] = [
   {
     name: 'backup-paused-vm',
     group: 'backup-stopped',
-    description: 'A paused VM (listed, but not as running) with -d "" and -q true takes the stopped path with no disks: one empty line, exit 0, NAS left mounted.',
-    argv: ['-o', 'backup', '-v', 'i-5-33-VM', '-t', 'nfs', '-s', '10.40.1.20:/vol/cs-backup', '-m', '', '-p', 'i-5-33-VM/2025.02.03.03.15.00', '-q', 'true', '-d', '', '-M', 'full', '--bitmap-new', 'backup-1738552500'],
+    description:
+      'A paused VM (listed, but not as running) with -d "" and -q true takes the stopped path with no disks: one empty line, exit 0, NAS left mounted.',
+    argv: [
+      '-o',
+      'backup',
+      '-v',
+      'i-5-33-VM',
+      '-t',
+      'nfs',
+      '-s',
+      '10.40.1.20:/vol/cs-backup',
+      '-m',
+      '',
+      '-p',
+      'i-5-33-VM/2025.02.03.03.15.00',
+      '-q',
+      'true',
+      '-d',
+      '',
+      '-M',
+      'full',
+      '--bitmap-new',
+      'backup-1738552500',
+    ],
     host: host([vm33('paused', { agent: { 'guest-fsfreeze-freeze': { return: 1 }, 'guest-fsfreeze-thaw': { return: 1 } } })]),
     nasSteps: NAS_33,
     original: async ({ calls }) => {
@@ -969,8 +1449,30 @@ const scenarios: Scenario[] = [
   {
     name: 'backup-running-thaw-fails',
     group: 'backup-running',
-    description: '-q true: the freeze works, backup-begin starts the job, the thaw fails: "Failed to thaw the filesystem for vm …" with virsh\'s error, cleanup, exit 1; the new checkpoint stays registered.',
-    argv: ['-o', 'backup', '-v', 'i-9-77-VM', '-t', 'nfs', '-s', '10.10.0.5:/export/backup', '-m', '', '-p', 'i-9-77-VM/2025.02.03.04.00.00', '-q', 'true', '-d', '', '-M', 'full', '--bitmap-new', 'backup-1738555200'],
+    description:
+      '-q true: the freeze works, backup-begin starts the job, the thaw fails: "Failed to thaw the filesystem for vm …" with virsh\'s error, cleanup, exit 1; the new checkpoint stays registered.',
+    argv: [
+      '-o',
+      'backup',
+      '-v',
+      'i-9-77-VM',
+      '-t',
+      'nfs',
+      '-s',
+      '10.10.0.5:/export/backup',
+      '-m',
+      '',
+      '-p',
+      'i-9-77-VM/2025.02.03.04.00.00',
+      '-q',
+      'true',
+      '-d',
+      '',
+      '-M',
+      'full',
+      '--bitmap-new',
+      'backup-1738555200',
+    ],
     host: host([
       {
         name: 'i-9-77-VM',
@@ -980,12 +1482,23 @@ const scenarios: Scenario[] = [
         vcpus: 1,
         memoryKiB: 1048576,
         disks: [
-          { type: 'file', device: 'disk', target: 'vda', source: `<PRIMARY>/${POOL}/${VOL_D}`, virtualSize: 8388608, writes: [w('0x31', 0, 262144)], bitmaps: [] },
+          {
+            type: 'file',
+            device: 'disk',
+            target: 'vda',
+            source: `<PRIMARY>/${POOL}/${VOL_D}`,
+            virtualSize: 8388608,
+            writes: [w('0x31', 0, 262144)],
+            bitmaps: [],
+          },
           { type: 'file', device: 'cdrom', target: 'hdc', source: '-' },
         ],
         interfaces: [{ name: 'vnet2', type: 'bridge', source: 'cloudbr0', model: 'e1000', mac: '02:00:0f:1e:00:1f' }],
         checkpoints: [],
-        agent: { 'guest-fsfreeze-freeze': { return: 1 }, 'guest-fsfreeze-thaw': { error: 'Guest agent is not responding: Guest agent not available for now' } },
+        agent: {
+          'guest-fsfreeze-freeze': { return: 1 },
+          'guest-fsfreeze-thaw': { error: 'Guest agent is not responding: Guest agent not available for now' },
+        },
       },
     ]),
     nasSteps: [],
@@ -1000,7 +1513,15 @@ const scenarios: Scenario[] = [
       calls.virsh(['backup-begin', '--domain', vm, '--backupxml', `${dest}/backup.xml`, '--checkpointxml', `${dest}/checkpoint.xml`], {
         stdout: 'Backup started\n\n',
         effects: [
-          { op: 'create-store', mode: 'full', disk: 'vda', target: `${dest}/root.${VOL_D}.qcow2`, source: `<PRIMARY>/${POOL}/${VOL_D}`, fileMode: '0600', how: 'qemu-img convert -O qcow2 <source> <target>' },
+          {
+            op: 'create-store',
+            mode: 'full',
+            disk: 'vda',
+            target: `${dest}/root.${VOL_D}.qcow2`,
+            source: `<PRIMARY>/${POOL}/${VOL_D}`,
+            fileMode: '0600',
+            how: 'qemu-img convert -O qcow2 <source> <target>',
+          },
           { op: 'register-checkpoint', domain: vm, name: 'backup-1738555200', disks: ['vda'] },
         ],
       });

@@ -7,7 +7,16 @@
 // domain's disk, which QEMU's image lock refuses.
 import { execFile } from 'node:child_process';
 import { chmodSync, readFileSync } from 'node:fs';
-import { NAS, resolvePaths, type Effect, type Fixture, type HostDisk, type HostDomain, type JobStep, type RecordedCall } from '../fixture.js';
+import {
+  NAS,
+  resolvePaths,
+  type Effect,
+  type Fixture,
+  type HostDisk,
+  type HostDomain,
+  type JobStep,
+  type RecordedCall,
+} from '../fixture.js';
 import { callKey, denormText, normArgv, normText, subcommand, type ArgvRule } from '../normalize.js';
 import { REAL } from '../sandbox.js';
 import * as synth from './synth.js';
@@ -63,7 +72,12 @@ function runReal(bin: string, args: string[], cwd: string): Promise<Answer> {
 }
 
 const unxml = (s: string): string =>
-  s.replace(/&lt;/g, '<').replace(/&gt;/g, '>').replace(/&quot;/g, '"').replace(/&apos;/g, "'").replace(/&amp;/g, '&');
+  s
+    .replace(/&lt;/g, '<')
+    .replace(/&gt;/g, '>')
+    .replace(/&quot;/g, '"')
+    .replace(/&apos;/g, "'")
+    .replace(/&amp;/g, '&');
 
 /** Writes the qcow2-relevant disks of a domain (device disk with a file source). */
 const imageDisks = (d: HostDomain): HostDisk[] => d.disks.filter((k) => k.device === 'disk' && k.source !== '-');
@@ -88,7 +102,12 @@ export class FakeHost {
   ) {
     this.host = resolvePaths(fx.host);
     for (const d of this.host.domains) {
-      this.domains.set(d.name, { def: d, checkpoints: d.checkpoints.map((name) => ({ name, provenance: 'initial' })), job: null, checkpointCreates: 0 });
+      this.domains.set(d.name, {
+        def: d,
+        checkpoints: d.checkpoints.map((name) => ({ name, provenance: 'initial' })),
+        job: null,
+        checkpointCreates: 0,
+      });
     }
     this.recorded = fx.expect.calls;
     this.recordedKeys = this.recorded.map((c) => callKey(c.cmd, normArgv(c.cmd, c.argv, this.argvRules)));
@@ -110,7 +129,19 @@ export class FakeHost {
 
   async handle(cmd: string, argv: string[], cwd: string): Promise<OurCall> {
     const norm = normArgv(cmd, argv, this.argvRules);
-    const call: OurCall = { seq: this.calls.length + 1, cmd, argv, norm, key: callKey(cmd, norm), cwd, stdout: '', stderr: '', exitCode: 0, source: 'synthetic', effects: [] };
+    const call: OurCall = {
+      seq: this.calls.length + 1,
+      cmd,
+      argv,
+      norm,
+      key: callKey(cmd, norm),
+      cwd,
+      stdout: '',
+      stderr: '',
+      exitCode: 0,
+      source: 'synthetic',
+      effects: [],
+    };
     this.calls.push(call);
     let a: Answer;
     try {
@@ -330,7 +361,8 @@ export class FakeHost {
     if (args.includes('--redefine')) {
       // Registers a checkpoint whose bitmap already exists in every disk.
       const missing = disks.filter((k) => !(k.bitmaps ?? []).includes(name));
-      if (s.checkpoints.some((c) => c.name === name)) return synth.virshError(`invalid argument: domain checkpoint '${name}' already exists`);
+      if (s.checkpoints.some((c) => c.name === name))
+        return synth.virshError(`invalid argument: domain checkpoint '${name}' already exists`);
       if (missing.length) return synth.virshError(`internal error: bitmap '${name}' not found in disk '${missing[0]!.target}'`);
       s.checkpoints.push({ name, provenance: 'redefined' });
       call.effects.push({ op: 'register-checkpoint', domain: s.def.name, name, disks: disks.map((k) => k.target), redefined: true });
@@ -376,16 +408,36 @@ export class FakeHost {
         const c = await runReal(REAL.qemuImg, ['create', '-q', '-f', 'qcow2', '-b', disk.source, '-F', 'qcow2', target], call.cwd);
         if (c.exitCode !== 0) return synth.virshError(`fake backup-begin: ${c.stderr}`);
         if (dirty.length) {
-          const io = await runReal(REAL.qemuIo, ['-f', 'qcow2', ...dirty.flatMap((w) => ['-c', `write -P ${w.pattern} ${w.offset} ${w.length}`]), target], call.cwd);
+          const io = await runReal(
+            REAL.qemuIo,
+            ['-f', 'qcow2', ...dirty.flatMap((w) => ['-c', `write -P ${w.pattern} ${w.offset} ${w.length}`]), target],
+            call.cwd,
+          );
           if (io.exitCode !== 0) return synth.virshError(`fake backup-begin: ${io.stderr}`);
         }
         total += synth.dirtyBytes(dirty);
-        call.effects.push({ op: 'create-store', mode: 'incremental', disk: name, target: normText(target), backing: normText(disk.source), backingFormat: 'qcow2', dirty, fileMode: '0600' });
+        call.effects.push({
+          op: 'create-store',
+          mode: 'incremental',
+          disk: name,
+          target: normText(target),
+          backing: normText(disk.source),
+          backingFormat: 'qcow2',
+          dirty,
+          fileMode: '0600',
+        });
       } else {
         const c = await runReal(REAL.qemuImg, ['convert', '-O', 'qcow2', disk.source, target], call.cwd);
         if (c.exitCode !== 0) return synth.virshError(`fake backup-begin: ${c.stderr}`);
         total += disk.virtualSize ?? 0;
-        call.effects.push({ op: 'create-store', mode: 'full', disk: name, target: normText(target), source: normText(disk.source), fileMode: '0600' });
+        call.effects.push({
+          op: 'create-store',
+          mode: 'full',
+          disk: name,
+          target: normText(target),
+          source: normText(disk.source),
+          fileMode: '0600',
+        });
       }
       chmodSync(target, 0o600);
     }
@@ -400,7 +452,12 @@ export class FakeHost {
       steps: job?.sequence ?? ['Completed'],
       polls: 0,
       status: 'running',
-      stats: { elapsedMs: job?.timeElapsedMs ?? 133, totalBytes: total, processedBytes: total, ...(job?.errorMessage ? { errorMessage: job.errorMessage } : {}) },
+      stats: {
+        elapsedMs: job?.timeElapsedMs ?? 133,
+        totalBytes: total,
+        processedBytes: total,
+        ...(job?.errorMessage ? { errorMessage: job.errorMessage } : {}),
+      },
     };
     return this.recordedOr(call, synth.ok('Backup started\n\n'), { fits: (r) => r.exitCode === 0 });
   }
@@ -413,9 +470,14 @@ export class FakeHost {
   private jobInfo(call: OurCall, s: DomState, args: string[]): Answer {
     const job = s.job;
     const fits = (want: Answer) => (r: RecordedCall) =>
-      r.exitCode === want.exitCode && firstLine(r.stdout) === firstLine(want.stdout) && fileLine(r.stdout) === fileLine(want.stdout) && r.stderr === want.stderr;
+      r.exitCode === want.exitCode &&
+      firstLine(r.stdout) === firstLine(want.stdout) &&
+      fileLine(r.stdout) === fileLine(want.stdout) &&
+      r.stderr === want.stderr;
     if (!args.includes('--completed')) {
-      const a = synth.ok(job?.status === 'running' ? synth.jobInfoText('Unbounded', { ...job.stats, processedBytes: 0 }) : synth.jobInfoText('None'));
+      const a = synth.ok(
+        job?.status === 'running' ? synth.jobInfoText('Unbounded', { ...job.stats, processedBytes: 0 }) : synth.jobInfoText('None'),
+      );
       return this.recordedOr(call, a, { fits: fits(a) });
     }
     let a: Answer;

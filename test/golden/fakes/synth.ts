@@ -22,25 +22,36 @@ export function versionText(v: HostVersion): string {
 /** virsh's table: one leading space, columns padded and separated by 3 spaces, dash line, empty line. */
 export function table(headers: string[], rows: string[][]): string {
   const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
-  const line = (cells: string[]): string =>
-    ' ' + cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]!))).join('   ');
+  const line = (cells: string[]): string => ' ' + cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]!))).join('   ');
   const dash = '-'.repeat(widths.reduce((a, b) => a + b, 0) + 3 * widths.length);
   return [line(headers), dash, ...rows.map(line)].join('\n') + '\n\n';
 }
 
 export function listText(domains: HostDomain[]): string {
   const running = domains.filter((d) => d.state === 'running' || d.state === 'paused');
-  return table(['Id', 'Name', 'State'], running.map((d) => [String(d.id), d.name, d.state]));
+  return table(
+    ['Id', 'Name', 'State'],
+    running.map((d) => [String(d.id), d.name, d.state]),
+  );
 }
 
 export function domblklistText(d: HostDomain, details: boolean): string {
   return details
-    ? table(['Type', 'Device', 'Target', 'Source'], d.disks.map((k) => [k.type, k.device, k.target, k.source]))
-    : table(['Target', 'Source'], d.disks.map((k) => [k.target, k.source]));
+    ? table(
+        ['Type', 'Device', 'Target', 'Source'],
+        d.disks.map((k) => [k.type, k.device, k.target, k.source]),
+      )
+    : table(
+        ['Target', 'Source'],
+        d.disks.map((k) => [k.target, k.source]),
+      );
 }
 
 export function domiflistText(d: HostDomain): string {
-  return table(['Interface', 'Type', 'Source', 'Model', 'MAC'], d.interfaces.map((i) => [i.name, i.type, i.source, i.model, i.mac]));
+  return table(
+    ['Interface', 'Type', 'Source', 'Model', 'MAC'],
+    d.interfaces.map((i) => [i.name, i.type, i.source, i.model, i.mac]),
+  );
 }
 
 export function dominfoText(d: HostDomain): string {

@@ -111,6 +111,7 @@ export const WARNING_CODES = [
   'CHECK_SKIPPED', // chain verify: no qemu-img check on a chain our reader rejected
   'LEAKED_CLUSTERS', // qemu-img check: leaked clusters (space only)
   'UNFINISHED_BACKUP', // a `.partial` folder of an interrupted run
+  'NOT_LOCKED', // restore from a read-only NAS: read without the VM lock (nothing can change the chain through this mount)
 ] as const;
 export type WarningCode = (typeof WARNING_CODES)[number];
 

@@ -269,7 +269,8 @@ export const restoreRenderer: Renderer<RestoreResult> = {
   command: 'restore',
   text: (r, nas) =>
     `restored ${nas.rel(r.file)} (${r.layers} layer(s)) to ${r.to} as ${r.format}${r.blockDevice ? ' (block device)' : ''}: ` +
-    `${r.virtualSize} bytes, ${r.dataBytes} of data\n`,
+    `${r.virtualSize} bytes, ${r.dataBytes} of data\n` +
+    r.warnings.map((w) => `warning: ${nas.text(w.message)}\n`).join(''),
   fields: (r, nas) => ({
     vm: r.vm,
     backup: `${r.vm}/${r.backup}`,

@@ -5,7 +5,7 @@
 // temporary name beside it and renamed into place once synced; a block device is written in place.
 import { randomBytes } from 'node:crypto';
 import { constants } from 'node:fs';
-import { chmod, lstat, open, readdir, realpath, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { access, chmod, lstat, open, readdir, realpath, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { NasbackupError, type Warning } from '../errors.js';
 import { ensureWithin, exists, isWithin } from '../paths.js';
@@ -211,11 +211,11 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
   const target = await checkTarget(a, [nas.mountPoint, ...(a.nas.address.startsWith('/') ? [a.nas.address] : [])]);
   if (!(await exists(instanceDir))) throw new NasbackupError('BACKUP_NOT_FOUND', `No backups of ${a.vm} on this NAS`);
   // No delete or rebase may change the chain while it is read.
-  await ctx.lockVm(nas.mountPoint, a.vm, 'restore');
+  const unlocked = await lockUnlessReadOnly(ctx, nas.mountPoint, a.vm, instanceDir);
   const st = await lstat(backupDir).catch(() => null);
   if (!st?.isDirectory()) throw new NasbackupError('BACKUP_NOT_FOUND', `No backup ${where} on this NAS`);
   const file = await findDisk(backupDir, a.disk, `Backup ${where}`);
-  const warnings = await assertChainSafe(file, instanceDir, `The chain of ${basename(file)} in ${where}`, a.vm);
+  const warnings = [...unlocked, ...(await assertChainSafe(file, instanceDir, `The chain of ${basename(file)} in ${where}`, a.vm))];
 
   let chain: ImageChain;
   try {
@@ -241,7 +241,11 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
   const temps: string[] = [];
   try {
     if (target.blockDevice) {
-      const fh = await open(target.path, constants.O_WRONLY);
+      // O_EXCL on a block device: refused while it is in use (mounted, or held by a VM or device mapper).
+      const fh = await open(target.path, constants.O_WRONLY | constants.O_EXCL).catch((e: NodeJS.ErrnoException) => {
+        if (e.code === 'EBUSY') throw new NasbackupError('RESTORE_TARGET_INVALID', `${a.to} is in use (mounted?), refusing to write it`);
+        throw e;
+      });
       try {
         const devSize = (await fh.stat()).size || Number(await blockDeviceSize(fh));
         if (devSize < chain.virtualSize)
@@ -292,6 +296,26 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
     `Restored ${where}/${basename(file)} (${result.layers} layer(s), ${result.virtualSize} bytes, ${result.dataBytes} of data) to ${a.to} as ${a.format}`,
   );
   return result;
+}
+
+/**
+ * The VM lock; on a read-only NAS (it cannot hold a lock, and nothing can change the chain
+ * through this mount) the restore goes on without it, with a warning.
+ */
+async function lockUnlessReadOnly(ctx: OpContext, mountPoint: string, vm: string, instanceDir: string): Promise<Warning[]> {
+  try {
+    await ctx.lockVm(mountPoint, vm, 'restore');
+    return [];
+  } catch (e) {
+    if (!(e instanceof NasbackupError && e.code === 'LOCK_FAILED')) throw e;
+    const readOnly = await access(instanceDir, constants.W_OK).then(
+      () => false,
+      (err: NodeJS.ErrnoException) => err.code === 'EROFS',
+    );
+    if (!readOnly) throw e;
+    ctx.logger.log(`The NAS is read-only: restoring ${vm} without the VM lock`);
+    return [{ code: 'NOT_LOCKED', message: `The NAS is read-only: ${vm}'s backups were read without the VM lock` }];
+  }
 }
 
 /** A block device's size: fstat says 0, its end does not (seek is not exposed; read the sysfs size). */

@@ -263,7 +263,92 @@ describe('restore extension point', () => {
       expect(readdirSync(out)).toEqual([]);
       expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
     } finally {
-      process.env.TMPDIR = prevTmp;
+      if (prevTmp === undefined) delete process.env.TMPDIR;
+      else process.env.TMPDIR = prevTmp;
+    }
+  });
+});
+
+describe('restore: the VM lock and a read-only NAS', () => {
+  it('waits for the VM lock held by a live operation (a delete could change the chain), then fails writing nothing', async () => {
+    const sb = makeSandbox('restore-locked');
+    seed(sb);
+    const out = join(sb.root, 'out');
+    mkdirSync(out);
+    const { hostname } = await import('node:os');
+    const { processStart } = await import('../../lib/nas/lock.js');
+    const pidStart = await processStart(process.pid);
+    const lock = join(sb.nas, VM, '.nasbackup.lock');
+    writeFileSync(lock, JSON.stringify({ host: hostname(), pid: process.pid, pidStart, startedAt: 'now', operation: 'chain delete' }));
+    const r = await run(sb, [...restoreArgs(sb, TS[1]!, DISKS[0]!.vol, join(out, 'x.raw')), '--json'], { NASBACKUP_LOCK_WAIT: '0.5' });
+    expect(r.code).toBe(1);
+    expect(JSON.parse(r.stdout)).toMatchObject({ ok: false, errors: [{ code: 'LOCKED' }] });
+    expect(readdirSync(out)).toEqual([]);
+    expect(existsSync(lock)).toBe(true); // not ours: left alone
+    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+  });
+
+  it('a read-only NAS cannot hold the lock: the restore reads without it and says so (NOT_LOCKED)', async () => {
+    const sb = makeSandbox('restore-ro');
+    seed(sb);
+    const out = join(sb.root, 'out');
+    mkdirSync(out);
+    const to = join(out, 'ro.qcow2');
+    const r = await run(sb, [
+      'restore',
+      '-t',
+      'none',
+      '-s',
+      sb.nas,
+      '-m',
+      'bind,ro',
+      '--backup',
+      `${VM}/${TS[4]}`,
+      '--disk',
+      DISKS[1]!.vol,
+      '--to',
+      to,
+    ]);
+    expect(r.code, r.stdout).toBe(0);
+    expect(r.stdout).toMatch(/\nwarning: The NAS is read-only: i-2-10-VM's backups were read without the VM lock\n$/);
+    expect(same(to, 'qcow2', join(sb.nas, VM, TS[4]!, DISKS[1]!.file), 'qcow2')).toBe(true);
+    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+  });
+});
+
+describe('restore onto a block device (a loop device)', () => {
+  it('needs --force, refuses qcow2 and a device smaller than the disk, and writes zeros over old data', async () => {
+    const sb = makeSandbox('restore-dev');
+    seed(sb);
+    const d = DISKS[0]!;
+    const devices: string[] = [];
+    const loop = (file: string, size: number): string => {
+      writeFileSync(file, Buffer.alloc(size, 0xee)); // old data the restore must overwrite, zeros included
+      const dev = execFileSync('losetup', ['-f', '--show', file], { encoding: 'utf8' }).trim();
+      devices.push(dev);
+      return dev;
+    };
+    try {
+      const dev = loop(join(sb.root, 'dev.img'), d.size + MiB);
+      const small = loop(join(sb.root, 'small.img'), d.size - MiB);
+      const refused = await run(sb, [...restoreArgs(sb, TS[4]!, d.vol, dev), '--json']);
+      expect(JSON.parse(refused.stdout)).toMatchObject({ ok: false, errors: [{ code: 'RESTORE_TARGET_EXISTS' }] });
+      const qcow2 = await run(sb, [...restoreArgs(sb, TS[4]!, d.vol, dev, '--force', '--format', 'qcow2'), '--json']);
+      expect(JSON.parse(qcow2.stdout)).toMatchObject({ ok: false, errors: [{ code: 'RESTORE_TARGET_INVALID' }] });
+      const tooSmall = await run(sb, [...restoreArgs(sb, TS[4]!, d.vol, small, '--force'), '--json']);
+      expect(JSON.parse(tooSmall.stdout)).toMatchObject({ ok: false, errors: [{ code: 'RESTORE_TARGET_INVALID' }] });
+      expect(JSON.parse(tooSmall.stdout).errors[0].message).toMatch(/holds 24117248 bytes, the disk needs 25165824/);
+      const ok = await run(sb, [...restoreArgs(sb, TS[4]!, d.vol, dev, '--force'), '--json']);
+      expect(ok.code, ok.stdout).toBe(0);
+      expect(JSON.parse(ok.stdout)).toMatchObject({ ok: true, blockDevice: true, replaced: true, format: 'raw', to: dev });
+      const expected = join(sb.root, 'expected.raw');
+      qemuImg(['convert', '-U', '-f', 'qcow2', '-O', 'raw', join(sb.nas, VM, TS[4]!, d.file), expected]);
+      const written = readFileSync(join(sb.root, 'dev.img'));
+      expect(written.subarray(0, d.size).equals(readFileSync(expected))).toBe(true);
+      expect(written.subarray(d.size).every((b) => b === 0xee)).toBe(true); // past the disk: untouched
+      expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+    } finally {
+      for (const dev of devices) execFileSync('losetup', ['-d', dev]);
     }
   });
 });

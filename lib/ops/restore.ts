@@ -265,7 +265,8 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
       try {
         await fh.truncate(chain.virtualSize);
         result.dataBytes = (await flatten(ctx, chain, fh, true, opts)).dataBytes;
-        await fh.sync();
+        // The raw intermediate of a qcow2 target is read back and removed: only what is renamed into place is synced.
+        if (a.format === 'raw') await fh.sync();
       } finally {
         await fh.close();
       }

@@ -81,16 +81,21 @@ interface TargetPlan {
   existing: boolean;
 }
 
-async function checkTarget(a: RestoreArgs, nasRoots: string[]): Promise<TargetPlan> {
+async function checkTarget(a: RestoreArgs, mountPoint: string): Promise<TargetPlan> {
   const dir = dirname(a.to);
   const realDir = await realpath(dir).catch(() => null);
   if (realDir === null) throw new NasbackupError('RESTORE_TARGET_INVALID', `The folder of --to does not exist: ${dir}`);
-  // The NAS is the source: a restore must never write into it.
-  for (const root of nasRoots) {
+  // The NAS is the source: a restore must never write into it — through our mount, through the
+  // local folder a bind mount exports, or through another mount of the same share (same file system).
+  const bind = a.nas.options.split(',').some((o) => o === 'bind' || o === 'rbind');
+  const roots = [mountPoint, ...(bind ? [a.nas.address] : [])];
+  for (const root of roots) {
     const realRoot = await realpath(root).catch(() => null);
     if (realRoot !== null && isWithin(realRoot, realDir, { strict: false }))
       throw new NasbackupError('RESTORE_TARGET_INVALID', `--to must be outside the NAS: ${a.to}`);
   }
+  if (!bind && (await stat(realDir)).dev === (await stat(mountPoint)).dev)
+    throw new NasbackupError('RESTORE_TARGET_INVALID', `--to must be outside the NAS (it is on the NAS's file system): ${a.to}`);
   const st = await stat(a.to).catch((e: NodeJS.ErrnoException) => {
     if (e.code === 'ENOENT') return null;
     throw e;
@@ -207,8 +212,7 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
   const where = `${a.vm}/${a.backup}`;
   const instanceDir = await ensureWithin(nas.mountPoint, a.vm, { what: '--backup' });
   const backupDir = await ensureWithin(nas.mountPoint, where, { what: '--backup', minDepth: 2 });
-  // The NAS as mounted, and for a local export (bind mount) the folder itself.
-  const target = await checkTarget(a, [nas.mountPoint, ...(a.nas.address.startsWith('/') ? [a.nas.address] : [])]);
+  const target = await checkTarget(a, nas.mountPoint);
   if (!(await exists(instanceDir))) throw new NasbackupError('BACKUP_NOT_FOUND', `No backups of ${a.vm} on this NAS`);
   // No delete or rebase may change the chain while it is read.
   const unlocked = await lockUnlessReadOnly(ctx, nas.mountPoint, a.vm, instanceDir);
@@ -286,7 +290,10 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
       await syncFolder(dirname(target.path));
     }
   } catch (e) {
-    for (const t of temps) await unlink(t).catch(() => ctx.leftover(`Could not remove ${t}`));
+    for (const t of temps)
+      await unlink(t).catch((err: NodeJS.ErrnoException) => {
+        if (err.code !== 'ENOENT') ctx.leftover(`Could not remove ${t}`); // ENOENT: never made (qemu-img had not started it)
+      });
     throw e;
   } finally {
     await chain.close();

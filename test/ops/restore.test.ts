@@ -9,7 +9,7 @@ import { execute } from '../../lib/cli/lifecycle.js';
 import { loadConfig } from '../../lib/config.js';
 import { memoryLogger } from '../../lib/log.js';
 import { restore, type RestoreExtent } from '../../lib/ops/restore.js';
-import { bindNas, leftovers, makeSandbox, run, type Sandbox } from '../helpers/cli.js';
+import { bindNas, leftovers, makeSandbox, run, start, writeShim, type Sandbox } from '../helpers/cli.js';
 import { makeImage, qemuImg } from '../helpers/qemu.js';
 import { removeTempDirs } from '../helpers/tmp.js';
 
@@ -350,5 +350,69 @@ describe('restore onto a block device (a loop device)', () => {
     } finally {
       for (const dev of devices) execFileSync('losetup', ['-d', dev]);
     }
+  });
+});
+
+describe('restore: the target is never on the NAS, and an interrupted restore leaves nothing', () => {
+  it('a target on another mount of the NAS file system is refused (same file system)', async () => {
+    const sb = makeSandbox('restore-samefs');
+    const img = join(sb.root, 'nas.img');
+    execFileSync('truncate', ['-s', '64M', img]);
+    execFileSync('mkfs.ext4', ['-q', '-F', img]);
+    const dev = execFileSync('losetup', ['-f', '--show', img], { encoding: 'utf8' }).trim();
+    const other = join(sb.root, 'other');
+    mkdirSync(other);
+    try {
+      execFileSync('mount', [dev, other]);
+      try {
+        makeImage(join(other, VM, TS[0]!, DISKS[1]!.file), { size: 4 * MiB, writes: [{ pattern: 0x42, offset: 0, length: MiB }] });
+        mkdirSync(join(other, 'restores'));
+        const nas = ['-t', 'ext4', '-s', dev, '-m', ''];
+        const args = (to: string): string[] => [
+          'restore',
+          ...nas,
+          '--backup',
+          `${VM}/${TS[0]}`,
+          '--disk',
+          DISKS[1]!.vol,
+          '--to',
+          to,
+          '--json',
+        ];
+        const refused = await run(sb, args(join(other, 'restores', 'x.raw')));
+        expect(JSON.parse(refused.stdout)).toMatchObject({ ok: false, errors: [{ code: 'RESTORE_TARGET_INVALID' }] });
+        expect(JSON.parse(refused.stdout).errors[0].message).toMatch(/on the NAS's file system/);
+        expect(readdirSync(join(other, 'restores'))).toEqual([]);
+        const ok = await run(sb, args(join(sb.root, 'x.raw')));
+        expect(ok.code, ok.stdout).toBe(0);
+        expect(same(join(sb.root, 'x.raw'), 'raw', join(other, VM, TS[0]!, DISKS[1]!.file), 'qcow2')).toBe(true);
+        expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+      } finally {
+        execFileSync('umount', [other]);
+      }
+    } finally {
+      execFileSync('losetup', ['-d', dev]);
+    }
+  });
+
+  it('SIGTERM during the qcow2 conversion: INTERRUPTED, the temporary file removed, nothing mounted', async () => {
+    const sb = makeSandbox('restore-term');
+    seed(sb);
+    const out = join(sb.root, 'out');
+    mkdirSync(out);
+    const marker = join(sb.root, 'converting');
+    // qemu-img that says when the conversion starts, then takes long enough to be interrupted.
+    writeShim(sb, 'qemu-img', `if [ "$1" = convert ]; then touch '${marker}'; sleep 30; fi\nexec /usr/bin/qemu-img "$@"`);
+    const { child, done } = start(sb, [...restoreArgs(sb, TS[4]!, DISKS[0]!.vol, join(out, 'x.qcow2')), '--json']);
+    for (let i = 0; i < 200 && !existsSync(marker); i++) await new Promise((r) => setTimeout(r, 50));
+    expect(existsSync(marker)).toBe(true);
+    expect(temps(out)).toHaveLength(1); // the raw intermediate (the qcow2 one is not made yet)
+    child.kill('SIGTERM');
+    const r = await done;
+    expect(r.code).toBe(1);
+    expect(JSON.parse(r.stdout)).toMatchObject({ ok: false, errors: [{ code: 'INTERRUPTED' }] });
+    expect(readdirSync(out)).toEqual([]);
+    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+    expect(existsSync(join(sb.nas, VM, '.nasbackup.lock'))).toBe(false);
   });
 });

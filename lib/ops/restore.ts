@@ -259,6 +259,7 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
           );
         result.dataBytes = (await flatten(ctx, chain, fh, false, opts)).dataBytes;
         await fh.sync();
+        ctx.committed(); // the device holds the disk: a signal from here on no longer fails the run
       } finally {
         await fh.close();
       }
@@ -284,8 +285,8 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
         const q = await open(final, constants.O_RDONLY);
         await q.sync().finally(() => q.close());
       }
-      ctx.checkpoint();
-      await rename(final, target.path);
+      // The commit point: once renamed, the restore stands whatever signal comes.
+      await ctx.commit(() => rename(final, target.path));
       temps.splice(temps.indexOf(final), 1);
       await syncFolder(dirname(target.path));
     }
@@ -294,6 +295,12 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
       await unlink(t).catch((err: NodeJS.ErrnoException) => {
         if (err.code !== 'ENOENT') ctx.leftover(`Could not remove ${t}`); // ENOENT: never made (qemu-img had not started it)
       });
+    // A layer that turns out damaged while read is refused like the pre-flight would; a failed read is an I/O error.
+    if (e instanceof Qcow2Error)
+      throw (
+        refusalForQcow2(e, `The chain of ${basename(file)} in ${where}`, a.vm) ??
+        new NasbackupError('IO_ERROR', `Reading the chain of ${basename(file)} in ${where} failed: ${e.message}`)
+      );
     throw e;
   } finally {
     await chain.close();

@@ -2,7 +2,7 @@
 // compressed and all-zero data clusters) on a bind-mounted folder as the NAS: every point of
 // every disk restored as raw and as qcow2 must equal qemu-img's own flatten of that point.
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execute } from '../../lib/cli/lifecycle.js';
@@ -414,5 +414,31 @@ describe('restore: the target is never on the NAS, and an interrupted restore le
     expect(readdirSync(out)).toEqual([]);
     expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
     expect(existsSync(join(sb.nas, VM, '.nasbackup.lock'))).toBe(false);
+  });
+});
+
+describe('restore of a layer damaged where only a read finds it', () => {
+  it('a compressed cluster that does not decompress: CHAIN_CORRUPT, no target, no temporary file', async () => {
+    const sb = makeSandbox('restore-damaged');
+    seed(sb);
+    const out = join(sb.root, 'out');
+    mkdirSync(out);
+    const d = DISKS[0]!;
+    const layer = join(sb.nas, VM, TS[1]!, d.file); // the layer with the compressed cluster
+    const { Qcow2Image } = await import('../../lib/qcow2/index.js');
+    const img = await Qcow2Image.open(layer);
+    const s = await img.status(10 * MiB, 64 * 1024);
+    await img.close();
+    expect(s.kind).toBe('compressed');
+    const fd = openSync(layer, 'r+');
+    writeSync(fd, Buffer.alloc(512, 0xa5), 0, 512, s.compressed!.host);
+    closeSync(fd);
+    const r = await run(sb, [...restoreArgs(sb, TS[4]!, d.vol, join(out, 'x.raw')), '--json']);
+    expect(r.code).toBe(1);
+    const j = JSON.parse(r.stdout);
+    expect(j).toMatchObject({ ok: false, errors: [{ code: 'CHAIN_CORRUPT' }] });
+    expect(j.errors[0].message).toMatch(/does not decompress/);
+    expect(readdirSync(out)).toEqual([]);
+    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
   });
 });

@@ -44,6 +44,8 @@ export function usageText(script: string): string {
     '  nasbackup chain list|verify|plan-delete|delete -t <type> -s <address> [-m <options>] --vm <instance>',
     '            [--backup <instance>/<timestamp>] [--force [--yes]] [--json] [--records <records.json>] [--engine <mode>]',
     '  nasbackup plan-delete --records <records.json> --backup <uuid> --root-volume-uuid <uuid> [--forced] [--json]',
+    '  nasbackup restore -t <type> -s <address> [-m <options>] --backup <instance>/<timestamp> --disk <volume uuid>',
+    '            --to <path> [--format qcow2|raw] [--force] [--json]',
     '  nasbackup agent [--profile rebase-era|merged|newest] < command.json',
     '  nasbackup install-agent-hook [--target <script path>] [--node <absolute node path>] [--uninstall] [--json]',
     '            default target /usr/share/cloudstack-common/scripts/vm/hypervisor/kvm/nasbackup.sh (original kept as .orig)',

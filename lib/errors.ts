@@ -69,6 +69,11 @@ export const ERROR_CODES = {
   // operations
   DELETE_FAILED: EXIT_FAILURE,
   STATS_FAILED: EXIT_FAILURE,
+  // restore (operators only)
+  BACKUP_NOT_FOUND: EXIT_FAILURE, // no such <instance>/<timestamp> on the NAS
+  DISK_NOT_FOUND: EXIT_FAILURE, // the backup has no file for that volume id
+  RESTORE_TARGET_EXISTS: EXIT_FAILURE, // --to exists and --force was not given: nothing written
+  RESTORE_TARGET_INVALID: EXIT_FAILURE, // --to inside the NAS, its folder missing, not a file/device, a device too small
   COMMAND_FAILED: EXIT_FAILURE,
   COMMAND_TIMEOUT: EXIT_FAILURE,
   INTERRUPTED: EXIT_FAILURE,
@@ -106,6 +111,7 @@ export const WARNING_CODES = [
   'CHECK_SKIPPED', // chain verify: no qemu-img check on a chain our reader rejected
   'LEAKED_CLUSTERS', // qemu-img check: leaked clusters (space only)
   'UNFINISHED_BACKUP', // a `.partial` folder of an interrupted run
+  'NOT_LOCKED', // restore from a read-only NAS: read without the VM lock (nothing can change the chain through this mount)
 ] as const;
 export type WarningCode = (typeof WARNING_CODES)[number];
 

@@ -11,6 +11,7 @@ import { exitCodeOf, type NasbackupError, type Warning } from './errors.js';
 import type { ChainRepairPlan } from './ops/chain/provider-plan.js';
 import type { DeletePlan } from './ops/chain/plan.js';
 import type { ChainDeleteResult, ChainListResult, ChainPlanResult, ChainVerifyResult } from './ops/chain/index.js';
+import type { RestoreResult } from './ops/restore.js';
 import type { BackupResult, DeleteResult, RebaseResult, RemovedEntry, StatsResult } from './ops/results.js';
 
 export type { BackupResult, DeleteResult, RebaseResult, RemovedEntry, StatsResult };
@@ -262,6 +263,28 @@ export const providerPlanRenderer: Renderer<ChainRepairPlan> = {
   text: (plan) => `${JSON.stringify(plan, null, 2)}\n`,
   textCarriesErrors: true,
   fields: (plan) => ({ plan }),
+};
+
+export const restoreRenderer: Renderer<RestoreResult> = {
+  command: 'restore',
+  text: (r, nas) =>
+    `restored ${nas.rel(r.file)} (${r.layers} layer(s)) to ${r.to} as ${r.format}${r.blockDevice ? ' (block device)' : ''}: ` +
+    `${r.virtualSize} bytes, ${r.dataBytes} of data\n` +
+    r.warnings.map((w) => `warning: ${nas.text(w.message)}\n`).join(''),
+  fields: (r, nas) => ({
+    vm: r.vm,
+    backup: `${r.vm}/${r.backup}`,
+    disk: r.disk,
+    file: nas.rel(r.file),
+    layers: r.layers,
+    to: r.to,
+    format: r.format,
+    blockDevice: r.blockDevice,
+    replaced: r.replaced,
+    virtualSize: r.virtualSize,
+    dataBytes: r.dataBytes,
+  }),
+  warnings: (r) => r.warnings,
 };
 
 export const versionRenderer: Renderer<{ version: string }> = {

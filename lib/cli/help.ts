@@ -20,6 +20,11 @@ const CHAIN: Record<string, string> = {
 const COMMANDS: Record<string, string> = {
   'plan-delete': `nasbackup plan-delete --records <records.json> --backup <uuid> --root-volume-uuid <uuid> [--forced] [--json]
   The management server's own delete plan for these backup records (JSON), for checking.`,
+  restore: `nasbackup restore -t <type> -s <address> [-m <mount options>] --backup <instance>/<timestamp> --disk <volume uuid>
+            --to <path> [--format qcow2|raw] [--force] [--json]
+  Writes the disk of that backup (any point of a chain, flattened) to a new file or a block device, with only
+  the NAS reachable. Raw targets are sparse; the format defaults to qcow2 for a .qcow2 target, raw otherwise.
+  An existing target is refused unless --force (a block device is written in place, as raw only).`,
   agent: `nasbackup agent [--profile rebase-era|merged|newest] < command.json
   Serves one CloudStack agent request from stdin, answering as that agent generation's wrapper would.`,
   'install-agent-hook': `nasbackup install-agent-hook [--target <script path>] [--node <absolute node path>] [--uninstall] [--json]

@@ -1,15 +1,18 @@
 // Operator commands beside the agent's CLI (never invoked by the agent):
 //   nasbackup chain list|verify|plan-delete|delete -t <type> -s <address> [-m <opts>] --vm <instance>
 //             [--backup <instance>/<timestamp>] [--force [--yes]] [--json] [--records <file>]
+//   nasbackup restore -t <type> -s <address> [-m <opts>] --backup <instance>/<timestamp> --disk <volume uuid>
+//             --to <path> [--format qcow2|raw] [--force] [--json]
 //   nasbackup plan-delete --records <file> --backup <uuid> --root-volume-uuid <uuid> [--forced]
 import { readFile } from 'node:fs/promises';
 import yargsFactory from 'yargs/yargs';
 import { loadConfig, type Config } from '../config.js';
 import { NasbackupError, toNasbackupError } from '../errors.js';
-import { createLogger, logFileFromEnv } from '../log.js';
+import { createLogger, logFileFromEnv, type Logger } from '../log.js';
 import type { DeletePlan } from '../ops/chain/plan.js';
 import { parseRecords, computeChainRepair, type BackupRecord, type ChainRepairPlan } from '../ops/chain/provider-plan.js';
 import type { ChainArgs } from '../ops/chain/index.js';
+import type { RestoreArgs } from '../ops/restore.js';
 import {
   chainDeleteRenderer,
   chainListRenderer,
@@ -18,14 +21,15 @@ import {
   planText,
   providerPlanRenderer,
   render,
+  restoreRenderer,
   renderFailure,
   type OutputMode,
 } from '../output.js';
 import { wantsJson } from './args.js';
 import { execute, type ExecuteIo } from './lifecycle.js';
-import { validateChainArgs } from './validate.js';
+import { validateChainArgs, validateRestoreArgs } from './validate.js';
 
-export const TOOLS = ['chain', 'plan-delete'] as const;
+export const TOOLS = ['chain', 'plan-delete', 'restore'] as const;
 
 export const CHAIN_SUBCOMMANDS = ['list', 'verify', 'plan-delete', 'delete'] as const;
 
@@ -56,7 +60,22 @@ async function loadRecords(file: string): Promise<BackupRecord[]> {
 }
 
 /** The operator commands' flags whose next argument is their value (`-m --json` is a mount option). */
-const VALUE_FLAGS = ['-t', '--type', '-s', '--storage', '-m', '--mount', '--vm', '--backup', '--records', '--engine', '--root-volume-uuid'];
+const VALUE_FLAGS = [
+  '-t',
+  '--type',
+  '-s',
+  '--storage',
+  '-m',
+  '--mount',
+  '--vm',
+  '--backup',
+  '--records',
+  '--engine',
+  '--root-volume-uuid',
+  '--disk',
+  '--to',
+  '--format',
+];
 const takesValue = (a: string): boolean => VALUE_FLAGS.includes(a);
 
 export interface ToolIo extends ExecuteIo {
@@ -92,6 +111,8 @@ export async function runTool(tool: string, argv: readonly string[], io: ToolIo)
     for (const e of errors) logger.log(`ERROR [${e.code}] ${e.message}`);
     return render(io.out, mode, providerPlanRenderer, { result: plan, errors, mounts: [] });
   }
+
+  if (tool === 'restore') return runRestore(argv, io, json, logger, fail);
 
   const command = `chain ${CHAIN_SUBCOMMANDS.find((s) => s === argv[0]) ?? ''}`.trim();
   let a;
@@ -163,4 +184,48 @@ export async function runTool(tool: string, argv: readonly string[], io: ToolIo)
       return render(io.out, mode, chainDeleteRenderer, outcome);
     }
   }
+}
+
+async function runRestore(
+  argv: readonly string[],
+  io: ToolIo,
+  json: boolean,
+  logger: Logger,
+  fail: (command: string, e: unknown) => number,
+): Promise<number> {
+  let config: Readonly<Config>;
+  let args: RestoreArgs;
+  try {
+    const a = parser(argv)
+      .option('t', { alias: 'type', type: 'string', demandOption: true, nargs: 1 })
+      .option('s', { alias: 'storage', type: 'string', demandOption: true, nargs: 1 })
+      .option('m', { alias: 'mount', type: 'string', default: '', nargs: 1 })
+      .option('backup', { type: 'string', demandOption: true, nargs: 1 })
+      .option('disk', { type: 'string', demandOption: true, nargs: 1 })
+      .option('to', { type: 'string', demandOption: true, nargs: 1 })
+      .option('format', { type: 'string', nargs: 1 })
+      .option('force', { type: 'boolean', default: false })
+      .option('json', { type: 'boolean', default: false })
+      .parseSync();
+    config = loadConfig(io.env, {});
+    args = validateRestoreArgs({
+      nas: { type: a.t, address: a.s, options: a.m },
+      backup: a.backup,
+      disk: a.disk,
+      to: a.to,
+      ...(a.format !== undefined ? { format: a.format } : {}),
+      force: a.force,
+      cwd: process.cwd(),
+    });
+  } catch (e) {
+    return fail('restore', e);
+  }
+  const { restore } = await import('../ops/restore.js');
+  const { createProgress } = await import('../ops/backup/progress.js');
+  // A bar on stderr for an operator at a terminal; never with --json.
+  const progress = await createProgress(process.stdout.isTTY === true && !json, 'restore');
+  const outcome = await execute(io, config, logger, (ctx) =>
+    restore(ctx, args, { progress: (done, total) => progress.update(done, total) }).finally(() => progress.stop()),
+  );
+  return render(io.out, json ? 'json' : 'text', restoreRenderer, outcome);
 }

@@ -1,6 +1,7 @@
 // argv → one typed, checked argument object per operation, exactly once: everything
 // that needs no mount and no host runs here, before anything else, so bad input
 // changes nothing anywhere. The operations take these objects and do not check again.
+import { resolve } from 'node:path';
 import { NasbackupError } from '../errors.js';
 import { parseRelativePath } from '../paths.js';
 import type { AgentProfile } from '../../compat/protocol.js';
@@ -9,6 +10,7 @@ import { checkIncrementalArgs, type BackupArgs, type BackupMode } from '../ops/b
 import { DELETE_MIN_DEPTH, type DeleteArgs } from '../ops/delete.js';
 import type { RebaseArgs } from '../ops/rebase.js';
 import type { ChainArgs } from '../ops/chain/index.js';
+import type { RestoreArgs, RestoreFormat } from '../ops/restore.js';
 import type { BackupRecord } from '../ops/chain/provider-plan.js';
 import type { CliArgs, Operation } from './args.js';
 
@@ -54,6 +56,34 @@ export function validateChainArgs(
   if (b.length === 2 && b[0] !== vm) throw new NasbackupError('INVALID_ARGUMENT', `--backup ${a.backup} is not a backup of ${vm}`);
   if (b.length > 2) throw new NasbackupError('INVALID_ARGUMENT', `--backup must be <instance>/<timestamp>: ${a.backup}`);
   return { ...out, backup: b.at(-1)! };
+}
+
+/**
+ * `nasbackup restore`: --backup is `<instance>/<timestamp>` on the NAS (the path guard applies);
+ * --to is a path on this host, outside the NAS (checked once the NAS is mounted). The format is
+ * --format, else qcow2 for a `.qcow2` target and raw otherwise.
+ */
+export function validateRestoreArgs(a: {
+  nas: NasTarget;
+  backup: string;
+  disk: string;
+  to: string;
+  format?: string;
+  force: boolean;
+  cwd: string;
+}): RestoreArgs {
+  const b = parseRelativePath(a.backup, { what: '--backup', minDepth: 2 });
+  if (b.length !== 2) throw new NasbackupError('INVALID_ARGUMENT', `--backup must be <instance>/<timestamp>: ${a.backup}`);
+  // The volume id is matched against file names: one plain name, nothing that could form a path.
+  if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$/.test(a.disk))
+    throw new NasbackupError('INVALID_ARGUMENT', `Invalid --disk volume id: ${JSON.stringify(a.disk)}`);
+  if (a.to === '' || a.to.includes('\0')) throw new NasbackupError('INVALID_ARGUMENT', '--to must name a file or a block device');
+  if (a.to.endsWith('/')) throw new NasbackupError('INVALID_ARGUMENT', `--to must name a file, not end with '/': ${a.to}`);
+  let format: RestoreFormat;
+  if (a.format === undefined) format = a.to.endsWith('.qcow2') ? 'qcow2' : 'raw';
+  else if (a.format === 'raw' || a.format === 'qcow2') format = a.format;
+  else throw new NasbackupError('INVALID_ARGUMENT', `--format must be qcow2 or raw, not ${a.format}`);
+  return { nas: a.nas, vm: b[0]!, backup: b[1]!, disk: a.disk, to: resolve(a.cwd, a.to), format, force: a.force };
 }
 
 const TARGET = '--rebase-target';

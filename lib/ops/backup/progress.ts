@@ -7,11 +7,11 @@ export interface Progress {
 
 const NONE: Progress = { update() {}, stop() {} };
 
-export async function createProgress(enabled: boolean): Promise<Progress> {
+export async function createProgress(enabled: boolean, label = 'backup'): Promise<Progress> {
   if (!enabled) return NONE;
   const { default: cliProgress } = await import('cli-progress');
   const bar = new cliProgress.SingleBar(
-    { stream: process.stderr, format: 'backup [{bar}] {percentage}% | {value}/{total} MiB', hideCursor: true },
+    { stream: process.stderr, format: `${label} [{bar}] {percentage}% | {value}/{total} MiB`, hideCursor: true },
     cliProgress.Presets.shades_classic,
   );
   let started = false;

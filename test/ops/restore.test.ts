@@ -1,0 +1,444 @@
+// `nasbackup restore` on real qemu-img chains (two disks, five points in time, with zero,
+// compressed and all-zero data clusters) on a bind-mounted folder as the NAS: every point of
+// every disk restored as raw and as qcow2 must equal qemu-img's own flatten of that point.
+import { execFileSync } from 'node:child_process';
+import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { execute } from '../../lib/cli/lifecycle.js';
+import { loadConfig } from '../../lib/config.js';
+import { memoryLogger } from '../../lib/log.js';
+import { restore, type RestoreExtent } from '../../lib/ops/restore.js';
+import { bindNas, leftovers, makeSandbox, run, start, writeShim, type Sandbox } from '../helpers/cli.js';
+import { makeImage, qemuImg } from '../helpers/qemu.js';
+import { removeTempDirs } from '../helpers/tmp.js';
+
+afterAll(removeTempDirs);
+
+const VM = 'i-2-10-VM';
+const TS = ['2025.01.01.00.00.00', '2025.01.02.00.00.00', '2025.01.03.00.00.00', '2025.01.04.00.00.00', '2025.01.05.00.00.00'];
+const MiB = 1 << 20;
+const DISKS = [
+  { vol: 'aaaaaaaa-0000-4000-8000-000000000001', file: 'root.aaaaaaaa-0000-4000-8000-000000000001.qcow2', size: 24 * MiB },
+  { vol: 'bbbbbbbb-0000-4000-8000-000000000002', file: 'datadisk.bbbbbbbb-0000-4000-8000-000000000002.qcow2', size: 12 * MiB },
+];
+
+const io = (cmd: string, path: string): void => void execFileSync('qemu-io', ['-f', 'qcow2', '-c', cmd, path], { stdio: 'ignore' });
+
+/** full <- inc1 <- … <- inc4 for both disks: data, overwrites, zeroed ranges, compressed and all-zero clusters. */
+function seed(sb: Sandbox): void {
+  TS.forEach((ts, i) => {
+    DISKS.forEach((d, k) => {
+      const path = join(sb.nas, VM, ts, d.file);
+      makeImage(path, {
+        size: d.size,
+        ...(i === 0 ? {} : { backing: `../${TS[i - 1]}/${d.file}` }),
+        writes: [{ pattern: 0x10 * (i + 1) + k, offset: (i * 2 + k) * MiB + 4096 * i, length: 1536 * 1024 }],
+      });
+      if (i === 0) io(`write -P 0 ${8 * MiB} ${MiB}`, path); // allocated, but all zeros
+      if (i === 1) io(`write -c -P 0x5a ${10 * MiB} 64k`, path); // compressed
+      if (i === 2) io(`write -z ${MiB} ${512 * 1024}`, path); // zeroes what the full wrote
+      if (i === 3) io(`discard ${2 * MiB} 64k`, path);
+    });
+    writeFileSync(join(sb.nas, VM, ts, 'domain-config.xml'), `<!-- ${ts} -->\n`);
+  });
+}
+
+const restoreArgs = (sb: Sandbox, ts: string, vol: string, to: string, ...more: string[]): string[] => [
+  'restore',
+  ...bindNas(sb),
+  '--backup',
+  `${VM}/${ts}`,
+  '--disk',
+  vol,
+  '--to',
+  to,
+  ...more,
+];
+
+/** `qemu-img compare` of two images (formats given, never probed): true when the guest sees the same disk. */
+function same(a: string, aFmt: string, b: string, bFmt: string): boolean {
+  try {
+    execFileSync('qemu-img', ['compare', '-q', '-f', aFmt, '-F', bFmt, a, b], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Nothing of ours beside the target: no temporary name left in its folder. */
+const temps = (dir: string): string[] => readdirSync(dir).filter((n) => n.includes('.restore-'));
+
+describe('restore', () => {
+  let sb: Sandbox;
+  let out: string;
+  beforeAll(() => {
+    sb = makeSandbox('restore');
+    seed(sb);
+    out = join(sb.root, 'out');
+    mkdirSync(out);
+  });
+
+  it('every point of every disk, raw and qcow2, equals qemu-img convert of that point', async () => {
+    for (const ts of TS) {
+      for (const d of DISKS) {
+        const src = join(sb.nas, VM, ts, d.file);
+        const expected = join(out, `expected-${ts}-${d.vol}.raw`);
+        qemuImg(['convert', '-U', '-f', 'qcow2', '-O', 'raw', src, expected]);
+        for (const format of ['raw', 'qcow2'] as const) {
+          const to = join(out, `${ts}-${d.vol}.${format === 'raw' ? 'img' : 'qcow2'}`);
+          const r = await run(sb, [...restoreArgs(sb, ts, d.vol, to, '--format', format), '--json']);
+          expect(r.code, r.stdout).toBe(0);
+          const j = JSON.parse(r.stdout);
+          expect(j).toMatchObject({
+            ok: true,
+            command: 'restore',
+            backup: `${VM}/${ts}`,
+            disk: d.vol,
+            file: `${VM}/${ts}/${d.file}`,
+            layers: TS.indexOf(ts) + 1,
+            to,
+            format,
+            blockDevice: false,
+            replaced: false,
+            virtualSize: d.size,
+            errors: [],
+          });
+          expect(same(to, format, expected, 'raw'), `${ts} ${d.file} ${format}`).toBe(true);
+          if (format === 'qcow2') expect(JSON.parse(qemuImg(['info', '--output=json', to]))).toMatchObject({ format: 'qcow2' });
+          expect(statSync(to).mode & 0o777).toBe(0o600);
+          rmSync(to);
+        }
+        rmSync(expected);
+      }
+    }
+    expect(temps(out)).toEqual([]);
+    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+    expect(existsSync(join(sb.nas, VM, '.nasbackup.lock'))).toBe(false);
+  });
+
+  it('a raw target is sparse: only data is allocated (zero, unallocated and all-zero ranges are holes)', async () => {
+    const d = DISKS[0]!;
+    const to = join(out, 'sparse.raw');
+    const r = await run(sb, [...restoreArgs(sb, TS[4]!, d.vol, to), '--json']);
+    expect(r.code, r.stdout).toBe(0);
+    const j = JSON.parse(r.stdout);
+    expect(j.format).toBe('raw'); // the default for a name without .qcow2
+    const st = statSync(to);
+    expect(st.size).toBe(d.size);
+    // Data written: below what the guest's nonzero ranges span (5 × 1.5 MiB + 64 KiB compressed), far below the size.
+    expect(j.dataBytes).toBeGreaterThan(0);
+    expect(j.dataBytes).toBeLessThanOrEqual(5 * 1536 * 1024 + 64 * 1024);
+    expect(st.blocks * 512).toBeLessThanOrEqual(j.dataBytes + 256 * 1024);
+    expect(st.blocks * 512).toBeGreaterThanOrEqual(j.dataBytes);
+    rmSync(to);
+  });
+
+  it('an existing target is refused without --force (left as it was), replaced with it', async () => {
+    const d = DISKS[1]!;
+    const to = join(out, 'existing.qcow2');
+    writeFileSync(to, 'precious');
+    const refused = await run(sb, restoreArgs(sb, TS[2]!, d.vol, to));
+    expect(refused.code).toBe(1);
+    expect(refused.stdout).toBe(`${to} already exists, refusing to overwrite it (--force replaces it)\n`);
+    expect(readFileSync(to, 'utf8')).toBe('precious');
+    const j = JSON.parse((await run(sb, [...restoreArgs(sb, TS[2]!, d.vol, to), '--json'])).stdout);
+    expect(j).toMatchObject({ ok: false, command: 'restore', errors: [{ code: 'RESTORE_TARGET_EXISTS', exitCode: 1 }] });
+    const forced = await run(sb, [...restoreArgs(sb, TS[2]!, d.vol, to, '--force'), '--json']);
+    expect(forced.code, forced.stdout).toBe(0);
+    expect(JSON.parse(forced.stdout)).toMatchObject({ ok: true, replaced: true, format: 'qcow2' });
+    expect(same(to, 'qcow2', join(sb.nas, VM, TS[2]!, d.file), 'qcow2')).toBe(true);
+    expect(temps(out)).toEqual([]);
+    rmSync(to);
+  });
+
+  it('unknown backup, unknown disk, a target inside the NAS or in a missing folder: coded, nothing written', async () => {
+    const to = join(out, 'never.raw');
+    const cases: Array<[string[], string, RegExp]> = [
+      [
+        restoreArgs(sb, '2030.01.01.00.00.00', DISKS[0]!.vol, to),
+        'BACKUP_NOT_FOUND',
+        /^No backup i-2-10-VM\/2030\.01\.01\.00\.00\.00 on this NAS$/,
+      ],
+      [
+        ['restore', ...bindNas(sb), '--backup', `i-9-VM/${TS[0]}`, '--disk', DISKS[0]!.vol, '--to', to],
+        'BACKUP_NOT_FOUND',
+        /^No backups of i-9-VM on this NAS$/,
+      ],
+      [
+        restoreArgs(sb, TS[0]!, 'cccccccc-0000', to),
+        'DISK_NOT_FOUND',
+        /has no disk with volume cccccccc-0000 \(disks: bbbbbbbb-[-0-9]+, aaaaaaaa-[-0-9]+\)$/,
+      ],
+      [restoreArgs(sb, TS[0]!, DISKS[0]!.vol, join(sb.nas, VM, 'x.raw')), 'RESTORE_TARGET_INVALID', /must be outside the NAS/],
+      [restoreArgs(sb, TS[0]!, DISKS[0]!.vol, join(out, 'no', 'x.raw')), 'RESTORE_TARGET_INVALID', /folder of --to does not exist/],
+      [restoreArgs(sb, TS[0]!, DISKS[0]!.vol, to, '--format', 'vmdk'), 'INVALID_ARGUMENT', /--format must be qcow2 or raw/],
+      [restoreArgs(sb, '../x', DISKS[0]!.vol, to), 'PATH_TRAVERSAL', /--backup/],
+      [restoreArgs(sb, TS[0]!, '../etc', to), 'INVALID_ARGUMENT', /Invalid --disk/],
+    ];
+    for (const [args, code, message] of cases) {
+      const r = await run(sb, [...args, '--json']);
+      expect(r.code, r.stdout).toBe(1);
+      const j = JSON.parse(r.stdout);
+      expect(j).toMatchObject({ ok: false, command: 'restore', errors: [{ code, exitCode: 1 }] });
+      expect(j.errors[0].message).toMatch(message);
+      expect(r.stdout.trim().split('\n')).toHaveLength(1);
+    }
+    expect(existsSync(to)).toBe(false);
+    expect(existsSync(join(sb.nas, VM, 'x.raw'))).toBe(false);
+    expect(temps(out)).toEqual([]);
+    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+  });
+
+  it('--help names the command and its flags', async () => {
+    const r = await run(sb, ['restore', '--help']);
+    expect(r.code).toBe(0);
+    expect(r.stdout).toMatch(/^Usage: nasbackup restore -t <type> -s <address> .*--backup <instance>\/<timestamp> --disk <volume uuid>/);
+  });
+});
+
+describe('restore of a broken chain', () => {
+  it('a missing middle layer fails (CHAIN_BROKEN) and leaves no target and no temporary file', async () => {
+    const sb = makeSandbox('restore-broken');
+    seed(sb);
+    const out = join(sb.root, 'out');
+    mkdirSync(out);
+    rmSync(join(sb.nas, VM, TS[2]!, DISKS[1]!.file));
+    for (const format of ['raw', 'qcow2']) {
+      const to = join(out, `broken.${format}`);
+      const r = await run(sb, [...restoreArgs(sb, TS[4]!, DISKS[1]!.vol, to, '--format', format), '--json']);
+      expect(r.code).toBe(1);
+      expect(JSON.parse(r.stdout)).toMatchObject({ ok: false, errors: [{ code: 'CHAIN_BROKEN' }] });
+    }
+    expect(readdirSync(out)).toEqual([]);
+    // The other disk of the same backup is whole: it restores.
+    const ok = await run(sb, restoreArgs(sb, TS[4]!, DISKS[0]!.vol, join(out, 'root.raw')));
+    expect(ok.code, ok.stdout).toBe(0);
+    const line = `restored ${VM}/${TS[4]}/${DISKS[0]!.file} (5 layer(s)) to ${join(out, 'root.raw')} as raw: ${DISKS[0]!.size} bytes, `;
+    expect(ok.stdout.startsWith(line)).toBe(true);
+    expect(ok.stdout.slice(line.length)).toMatch(/^\d+ of data\n$/);
+    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+  });
+});
+
+describe('restore extension point', () => {
+  it('the verifier sees every range of the disk once, with the data it reads; a throwing verifier leaves nothing', async () => {
+    const sb = makeSandbox('restore-verify');
+    seed(sb);
+    const out = join(sb.root, 'out');
+    mkdirSync(out);
+    const d = DISKS[0]!;
+    const to = join(out, 'v.raw');
+    const config = loadConfig({ ...sb.env }, {});
+    const nas = { type: 'none', address: sb.nas, options: 'bind' };
+    const args = { nas, vm: VM, backup: TS[3]!, disk: d.vol, to, format: 'raw' as const, force: false };
+    const seen: RestoreExtent[] = [];
+    const prevTmp = process.env.TMPDIR;
+    process.env.TMPDIR = sb.tmp;
+    try {
+      const ok = await execute({ out: { write() {} }, env: sb.env, onSignal: () => () => {} }, config, memoryLogger(), (ctx) =>
+        restore(ctx, args, { verify: (e) => void seen.push({ ...e, data: e.data && Buffer.from(e.data) }) }),
+      );
+      expect(ok.errors).toEqual([]);
+      // The pieces tile the disk exactly, and each one's data is what was written there.
+      const sorted = [...seen].sort((a, b) => a.offset - b.offset);
+      let pos = 0;
+      const written = readFileSync(to);
+      for (const e of sorted) {
+        expect(e.offset).toBe(pos);
+        if (e.data) expect(e.data.equals(written.subarray(e.offset, e.offset + e.length))).toBe(true);
+        else expect(written.subarray(e.offset, e.offset + e.length).every((b) => b === 0)).toBe(true);
+        pos += e.length;
+      }
+      expect(pos).toBe(d.size);
+      rmSync(to);
+      const failed = await execute({ out: { write() {} }, env: sb.env, onSignal: () => () => {} }, config, memoryLogger(), (ctx) =>
+        restore(ctx, args, {
+          verify: (e) => {
+            if (e.offset >= 4 * MiB) throw new Error('digest mismatch');
+          },
+        }),
+      );
+      expect(failed.errors.map((e) => e.message)).toEqual(['Internal error: digest mismatch']);
+      expect(readdirSync(out)).toEqual([]);
+      expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+    } finally {
+      if (prevTmp === undefined) delete process.env.TMPDIR;
+      else process.env.TMPDIR = prevTmp;
+    }
+  });
+});
+
+describe('restore: the VM lock and a read-only NAS', () => {
+  it('waits for the VM lock held by a live operation (a delete could change the chain), then fails writing nothing', async () => {
+    const sb = makeSandbox('restore-locked');
+    seed(sb);
+    const out = join(sb.root, 'out');
+    mkdirSync(out);
+    const { hostname } = await import('node:os');
+    const { processStart } = await import('../../lib/nas/lock.js');
+    const pidStart = await processStart(process.pid);
+    const lock = join(sb.nas, VM, '.nasbackup.lock');
+    writeFileSync(lock, JSON.stringify({ host: hostname(), pid: process.pid, pidStart, startedAt: 'now', operation: 'chain delete' }));
+    const r = await run(sb, [...restoreArgs(sb, TS[1]!, DISKS[0]!.vol, join(out, 'x.raw')), '--json'], { NASBACKUP_LOCK_WAIT: '0.5' });
+    expect(r.code).toBe(1);
+    expect(JSON.parse(r.stdout)).toMatchObject({ ok: false, errors: [{ code: 'LOCKED' }] });
+    expect(readdirSync(out)).toEqual([]);
+    expect(existsSync(lock)).toBe(true); // not ours: left alone
+    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+  });
+
+  it('a read-only NAS cannot hold the lock: the restore reads without it and says so (NOT_LOCKED)', async () => {
+    const sb = makeSandbox('restore-ro');
+    seed(sb);
+    const out = join(sb.root, 'out');
+    mkdirSync(out);
+    const to = join(out, 'ro.qcow2');
+    const r = await run(sb, [
+      'restore',
+      '-t',
+      'none',
+      '-s',
+      sb.nas,
+      '-m',
+      'bind,ro',
+      '--backup',
+      `${VM}/${TS[4]}`,
+      '--disk',
+      DISKS[1]!.vol,
+      '--to',
+      to,
+    ]);
+    expect(r.code, r.stdout).toBe(0);
+    expect(r.stdout).toMatch(/\nwarning: The NAS is read-only: i-2-10-VM's backups were read without the VM lock\n$/);
+    expect(same(to, 'qcow2', join(sb.nas, VM, TS[4]!, DISKS[1]!.file), 'qcow2')).toBe(true);
+    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+  });
+});
+
+describe('restore onto a block device (a loop device)', () => {
+  it('needs --force, refuses qcow2 and a device smaller than the disk, and writes zeros over old data', async () => {
+    const sb = makeSandbox('restore-dev');
+    seed(sb);
+    const d = DISKS[0]!;
+    const devices: string[] = [];
+    const loop = (file: string, size: number): string => {
+      writeFileSync(file, Buffer.alloc(size, 0xee)); // old data the restore must overwrite, zeros included
+      const dev = execFileSync('losetup', ['-f', '--show', file], { encoding: 'utf8' }).trim();
+      devices.push(dev);
+      return dev;
+    };
+    try {
+      const dev = loop(join(sb.root, 'dev.img'), d.size + MiB);
+      const small = loop(join(sb.root, 'small.img'), d.size - MiB);
+      const refused = await run(sb, [...restoreArgs(sb, TS[4]!, d.vol, dev), '--json']);
+      expect(JSON.parse(refused.stdout)).toMatchObject({ ok: false, errors: [{ code: 'RESTORE_TARGET_EXISTS' }] });
+      const qcow2 = await run(sb, [...restoreArgs(sb, TS[4]!, d.vol, dev, '--force', '--format', 'qcow2'), '--json']);
+      expect(JSON.parse(qcow2.stdout)).toMatchObject({ ok: false, errors: [{ code: 'RESTORE_TARGET_INVALID' }] });
+      const tooSmall = await run(sb, [...restoreArgs(sb, TS[4]!, d.vol, small, '--force'), '--json']);
+      expect(JSON.parse(tooSmall.stdout)).toMatchObject({ ok: false, errors: [{ code: 'RESTORE_TARGET_INVALID' }] });
+      expect(JSON.parse(tooSmall.stdout).errors[0].message).toMatch(/holds 24117248 bytes, the disk needs 25165824/);
+      const ok = await run(sb, [...restoreArgs(sb, TS[4]!, d.vol, dev, '--force'), '--json']);
+      expect(ok.code, ok.stdout).toBe(0);
+      expect(JSON.parse(ok.stdout)).toMatchObject({ ok: true, blockDevice: true, replaced: true, format: 'raw', to: dev });
+      const expected = join(sb.root, 'expected.raw');
+      qemuImg(['convert', '-U', '-f', 'qcow2', '-O', 'raw', join(sb.nas, VM, TS[4]!, d.file), expected]);
+      const written = readFileSync(join(sb.root, 'dev.img'));
+      expect(written.subarray(0, d.size).equals(readFileSync(expected))).toBe(true);
+      expect(written.subarray(d.size).every((b) => b === 0xee)).toBe(true); // past the disk: untouched
+      expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+    } finally {
+      for (const dev of devices) execFileSync('losetup', ['-d', dev]);
+    }
+  });
+});
+
+describe('restore: the target is never on the NAS, and an interrupted restore leaves nothing', () => {
+  it('a target on another mount of the NAS file system is refused (same file system)', async () => {
+    const sb = makeSandbox('restore-samefs');
+    const img = join(sb.root, 'nas.img');
+    execFileSync('truncate', ['-s', '64M', img]);
+    execFileSync('mkfs.ext4', ['-q', '-F', img]);
+    const dev = execFileSync('losetup', ['-f', '--show', img], { encoding: 'utf8' }).trim();
+    const other = join(sb.root, 'other');
+    mkdirSync(other);
+    try {
+      execFileSync('mount', [dev, other]);
+      try {
+        makeImage(join(other, VM, TS[0]!, DISKS[1]!.file), { size: 4 * MiB, writes: [{ pattern: 0x42, offset: 0, length: MiB }] });
+        mkdirSync(join(other, 'restores'));
+        const nas = ['-t', 'ext4', '-s', dev, '-m', ''];
+        const args = (to: string): string[] => [
+          'restore',
+          ...nas,
+          '--backup',
+          `${VM}/${TS[0]}`,
+          '--disk',
+          DISKS[1]!.vol,
+          '--to',
+          to,
+          '--json',
+        ];
+        const refused = await run(sb, args(join(other, 'restores', 'x.raw')));
+        expect(JSON.parse(refused.stdout)).toMatchObject({ ok: false, errors: [{ code: 'RESTORE_TARGET_INVALID' }] });
+        expect(JSON.parse(refused.stdout).errors[0].message).toMatch(/on the NAS's file system/);
+        expect(readdirSync(join(other, 'restores'))).toEqual([]);
+        const ok = await run(sb, args(join(sb.root, 'x.raw')));
+        expect(ok.code, ok.stdout).toBe(0);
+        expect(same(join(sb.root, 'x.raw'), 'raw', join(other, VM, TS[0]!, DISKS[1]!.file), 'qcow2')).toBe(true);
+        expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+      } finally {
+        execFileSync('umount', [other]);
+      }
+    } finally {
+      execFileSync('losetup', ['-d', dev]);
+    }
+  });
+
+  it('SIGTERM during the qcow2 conversion: INTERRUPTED, the temporary file removed, nothing mounted', async () => {
+    const sb = makeSandbox('restore-term');
+    seed(sb);
+    const out = join(sb.root, 'out');
+    mkdirSync(out);
+    const marker = join(sb.root, 'converting');
+    // qemu-img that says when the conversion starts, then takes long enough to be interrupted.
+    writeShim(sb, 'qemu-img', `if [ "$1" = convert ]; then touch '${marker}'; sleep 30; fi\nexec /usr/bin/qemu-img "$@"`);
+    const { child, done } = start(sb, [...restoreArgs(sb, TS[4]!, DISKS[0]!.vol, join(out, 'x.qcow2')), '--json']);
+    for (let i = 0; i < 200 && !existsSync(marker); i++) await new Promise((r) => setTimeout(r, 50));
+    expect(existsSync(marker)).toBe(true);
+    expect(temps(out)).toHaveLength(1); // the raw intermediate (the qcow2 one is not made yet)
+    child.kill('SIGTERM');
+    const r = await done;
+    expect(r.code).toBe(1);
+    expect(JSON.parse(r.stdout)).toMatchObject({ ok: false, errors: [{ code: 'INTERRUPTED' }] });
+    expect(readdirSync(out)).toEqual([]);
+    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+    expect(existsSync(join(sb.nas, VM, '.nasbackup.lock'))).toBe(false);
+  });
+});
+
+describe('restore of a layer damaged where only a read finds it', () => {
+  it('a compressed cluster that does not decompress: CHAIN_CORRUPT, no target, no temporary file', async () => {
+    const sb = makeSandbox('restore-damaged');
+    seed(sb);
+    const out = join(sb.root, 'out');
+    mkdirSync(out);
+    const d = DISKS[0]!;
+    const layer = join(sb.nas, VM, TS[1]!, d.file); // the layer with the compressed cluster
+    const { Qcow2Image } = await import('../../lib/qcow2/index.js');
+    const img = await Qcow2Image.open(layer);
+    const s = await img.status(10 * MiB, 64 * 1024);
+    await img.close();
+    expect(s.kind).toBe('compressed');
+    const fd = openSync(layer, 'r+');
+    writeSync(fd, Buffer.alloc(512, 0xa5), 0, 512, s.compressed!.host);
+    closeSync(fd);
+    const r = await run(sb, [...restoreArgs(sb, TS[4]!, d.vol, join(out, 'x.raw')), '--json']);
+    expect(r.code).toBe(1);
+    const j = JSON.parse(r.stdout);
+    expect(j).toMatchObject({ ok: false, errors: [{ code: 'CHAIN_CORRUPT' }] });
+    expect(j.errors[0].message).toMatch(/does not decompress/);
+    expect(readdirSync(out)).toEqual([]);
+    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+  });
+});

@@ -8,7 +8,7 @@ import { render, versionRenderer } from '../output.js';
 import { operatorHelp } from './help.js';
 
 /** First arguments that select an operator command instead of the agent's CLI. */
-export const OPERATOR_COMMANDS = ['agent', 'chain', 'plan-delete', 'install-agent-hook'] as const;
+export const OPERATOR_COMMANDS = ['agent', 'chain', 'plan-delete', 'install-agent-hook', 'mount', 'umount'] as const;
 
 export interface EntryIo {
   out: Output;
@@ -54,7 +54,9 @@ export async function dispatch(argv: readonly string[], io: EntryIo): Promise<nu
       return r.exitCode;
     }
     case 'chain':
-    case 'plan-delete': {
+    case 'plan-delete':
+    case 'mount':
+    case 'umount': {
       const { runTool } = await import('./tools.js');
       return runTool(first, rest, { out: io.out, env: io.env, ...(io.confirm ? { confirm: io.confirm } : {}) });
     }

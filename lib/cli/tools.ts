@@ -2,6 +2,8 @@
 //   nasbackup chain list|verify|plan-delete|delete -t <type> -s <address> [-m <opts>] --vm <instance>
 //             [--backup <instance>/<timestamp>] [--force [--yes]] [--json] [--records <file>]
 //   nasbackup plan-delete --records <file> --backup <uuid> --root-volume-uuid <uuid> [--forced]
+//   nasbackup mount -t <type> -s <address> [-m <opts>] --backup <instance>/<timestamp> [--disk <uuid>] <dir>
+//   nasbackup umount <dir>
 import { readFile } from 'node:fs/promises';
 import yargsFactory from 'yargs/yargs';
 import { loadConfig, type Config } from '../config.js';
@@ -15,17 +17,19 @@ import {
   chainListRenderer,
   chainPlanRenderer,
   chainVerifyRenderer,
+  mountRenderer,
   planText,
   providerPlanRenderer,
   render,
   renderFailure,
+  umountRenderer,
   type OutputMode,
 } from '../output.js';
 import { wantsJson } from './args.js';
 import { execute, type ExecuteIo } from './lifecycle.js';
-import { validateChainArgs } from './validate.js';
+import { validateChainArgs, validateMountArgs, validateUmountArgs } from './validate.js';
 
-export const TOOLS = ['chain', 'plan-delete'] as const;
+export const TOOLS = ['chain', 'plan-delete', 'mount', 'umount'] as const;
 
 export const CHAIN_SUBCOMMANDS = ['list', 'verify', 'plan-delete', 'delete'] as const;
 
@@ -56,7 +60,20 @@ async function loadRecords(file: string): Promise<BackupRecord[]> {
 }
 
 /** The operator commands' flags whose next argument is their value (`-m --json` is a mount option). */
-const VALUE_FLAGS = ['-t', '--type', '-s', '--storage', '-m', '--mount', '--vm', '--backup', '--records', '--engine', '--root-volume-uuid'];
+const VALUE_FLAGS = [
+  '-t',
+  '--type',
+  '-s',
+  '--storage',
+  '-m',
+  '--mount',
+  '--vm',
+  '--backup',
+  '--records',
+  '--engine',
+  '--root-volume-uuid',
+  '--disk',
+];
 const takesValue = (a: string): boolean => VALUE_FLAGS.includes(a);
 
 export interface ToolIo extends ExecuteIo {
@@ -92,6 +109,8 @@ export async function runTool(tool: string, argv: readonly string[], io: ToolIo)
     for (const e of errors) logger.log(`ERROR [${e.code}] ${e.message}`);
     return render(io.out, mode, providerPlanRenderer, { result: plan, errors, mounts: [] });
   }
+
+  if (tool === 'mount' || tool === 'umount') return runMountTool(tool, argv, io, mode, fail);
 
   const command = `chain ${CHAIN_SUBCOMMANDS.find((s) => s === argv[0]) ?? ''}`.trim();
   let a;
@@ -163,4 +182,51 @@ export async function runTool(tool: string, argv: readonly string[], io: ToolIo)
       return render(io.out, mode, chainDeleteRenderer, outcome);
     }
   }
+}
+
+/** `nasbackup mount … <dir>` and `nasbackup umount <dir>` (file-level access). */
+async function runMountTool(
+  tool: 'mount' | 'umount',
+  argv: readonly string[],
+  io: ToolIo,
+  mode: OutputMode,
+  fail: (command: string, e: unknown) => number,
+): Promise<number> {
+  const logger = createLogger(logFileFromEnv(io.env));
+  const ops = await import('../ops/mount.js');
+  if (tool === 'umount') {
+    let args;
+    let config: Readonly<Config>;
+    try {
+      const a = parser(argv).command('$0 [dir]', 'umount').option('json', { type: 'boolean', default: false }).parseSync();
+      args = validateUmountArgs({ ...(typeof a.dir === 'string' ? { dir: a.dir } : {}) });
+      config = loadConfig(io.env, {});
+    } catch (e) {
+      return fail(tool, e);
+    }
+    return render(io.out, mode, umountRenderer, await execute(io, config, logger, (ctx) => ops.umountBackup(ctx, args)));
+  }
+  let args;
+  let config: Readonly<Config>;
+  try {
+    const a = parser(argv)
+      .command('$0 [dir]', 'mount')
+      .option('t', { alias: 'type', type: 'string', demandOption: true, nargs: 1 })
+      .option('s', { alias: 'storage', type: 'string', demandOption: true, nargs: 1 })
+      .option('m', { alias: 'mount', type: 'string', default: '', nargs: 1 })
+      .option('backup', { type: 'string', demandOption: true, nargs: 1 })
+      .option('disk', { type: 'string', nargs: 1 })
+      .option('json', { type: 'boolean', default: false })
+      .parseSync();
+    args = validateMountArgs({
+      nas: { type: a.t, address: a.s, options: a.m },
+      backup: a.backup,
+      ...(a.disk !== undefined ? { disk: a.disk } : {}),
+      ...(typeof a.dir === 'string' ? { dir: a.dir } : {}),
+    });
+    config = loadConfig(io.env, {});
+  } catch (e) {
+    return fail(tool, e);
+  }
+  return render(io.out, mode, mountRenderer, await execute(io, config, logger, (ctx) => ops.mountBackup(ctx, args)));
 }

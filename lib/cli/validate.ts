@@ -9,6 +9,7 @@ import { checkIncrementalArgs, type BackupArgs, type BackupMode } from '../ops/b
 import { DELETE_MIN_DEPTH, type DeleteArgs } from '../ops/delete.js';
 import type { RebaseArgs } from '../ops/rebase.js';
 import type { ChainArgs } from '../ops/chain/index.js';
+import type { MountArgs, UmountArgs } from '../ops/mount.js';
 import type { BackupRecord } from '../ops/chain/provider-plan.js';
 import type { CliArgs, Operation } from './args.js';
 
@@ -54,6 +55,30 @@ export function validateChainArgs(
   if (b.length === 2 && b[0] !== vm) throw new NasbackupError('INVALID_ARGUMENT', `--backup ${a.backup} is not a backup of ${vm}`);
   if (b.length > 2) throw new NasbackupError('INVALID_ARGUMENT', `--backup must be <instance>/<timestamp>: ${a.backup}`);
   return { ...out, backup: b.at(-1)! };
+}
+
+// A volume uuid as backup file names carry it (`root.<vol>.qcow2`): one file-name component.
+const VOLUME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$/;
+
+function checkMountDir(dir: string | undefined): string {
+  if (!dir) throw new NasbackupError('MISSING_ARGUMENT', 'The folder to mount under is required (nasbackup mount … <dir>)');
+  if (!dir.startsWith('/')) throw new NasbackupError('PATH_INVALID', `The mount folder must be an absolute path: ${dir}`);
+  if (dir.includes('\0')) throw new NasbackupError('PATH_INVALID', 'The mount folder contains a NUL byte');
+  if (dir.replace(/\/+$/, '') === '') throw new NasbackupError('PATH_INVALID', 'The mount folder must not be /');
+  return dir;
+}
+
+/** `nasbackup mount`: --backup is `<instance>/<timestamp>`, --disk a volume uuid, <dir> absolute. */
+export function validateMountArgs(a: { nas: NasTarget; backup: string; disk?: string; dir?: string }): MountArgs {
+  const b = parseRelativePath(a.backup, { what: '--backup', minDepth: 2 });
+  if (b.length !== 2) throw new NasbackupError('INVALID_ARGUMENT', `--backup must be <instance>/<timestamp>: ${a.backup}`);
+  if (a.disk !== undefined && !VOLUME.test(a.disk))
+    throw new NasbackupError('INVALID_ARGUMENT', `Invalid --disk volume uuid: ${JSON.stringify(a.disk)}`);
+  return { nas: a.nas, instance: b[0]!, timestamp: b[1]!, disk: a.disk ?? null, dir: checkMountDir(a.dir) };
+}
+
+export function validateUmountArgs(a: { dir?: string }): UmountArgs {
+  return { dir: checkMountDir(a.dir) };
 }
 
 const TARGET = '--rebase-target';

@@ -5,8 +5,8 @@
 // the moment it exists; the undo (on failure, on a signal, or by `umount`) reads that
 // record and takes them down in reverse order, each step checking first whether its
 // piece is still there, so it can be repeated after a partial failure.
-import { lstat, mkdir, readdir, readFile, rename, rm, rmdir, writeFile } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { lstat, mkdir, readdir, readFile, realpath, rename, rm, rmdir, writeFile } from 'node:fs/promises';
+import { basename, dirname, join, resolve } from 'node:path';
 import { effectiveMountOptions, isMountPoint } from '../clients/mount.js';
 import { findOurProcess } from '../clients/nbd.js';
 import { NasbackupError, toNasbackupError, type Warning } from '../errors.js';
@@ -128,6 +128,18 @@ async function findDisk(backupDir: string, disk: string | null, name: string): P
   return match[0]!;
 }
 
+/**
+ * The path the kernel's mount table will show (symlinks in the parent resolved): what
+ * `umount` compares against when it checks what is still mounted.
+ */
+async function canonical(dir: string): Promise<string> {
+  const abs = resolve(dir);
+  const parent = await realpath(dirname(abs)).catch(() => {
+    throw new NasbackupError('MOUNT_DIR_UNUSABLE', `The folder holding ${abs} does not exist`);
+  });
+  return join(parent, basename(abs));
+}
+
 /** `dir` must be an empty folder (made if missing; its parent must exist). */
 async function prepareDir(dir: string): Promise<boolean> {
   const st = await lstat(dir).catch(() => null);
@@ -155,7 +167,7 @@ export async function mountBackup(ctx: OpContext, args: MountArgs): Promise<Moun
       `Missing ${missing.map((m) => m.program).join(', ')}: install the Debian package${missing.length > 1 ? 's' : ''} ${[...new Set(missing.map((m) => m.pkg))].join(' ')}`,
     );
   }
-  const dir = resolve(args.dir);
+  const dir = await canonical(args.dir);
   const name = `${args.instance}/${args.timestamp}`;
   const createdDir = await prepareDir(dir);
   const priv = join(dir, PRIVATE);
@@ -342,7 +354,7 @@ function ignoreMissing(e: NodeJS.ErrnoException): void {
 }
 
 export async function umountBackup(ctx: OpContext, args: UmountArgs): Promise<UmountResult> {
-  const dir = resolve(args.dir);
+  const dir = await realpath(args.dir).catch(() => resolve(args.dir));
   const state = await loadState(dir);
   const before = describe(state);
   const left = await undo(ctx, state);

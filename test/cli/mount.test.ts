@@ -1,6 +1,6 @@
 // `nasbackup mount` / `umount` with the real pieces: qemu-nbd, nbdfuse, sfdisk, loop
 // devices and ext4 mounts, on a local folder bind-mounted as the NAS.
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -139,10 +139,13 @@ describe('nasbackup mount / umount', () => {
     expect(u2.stdout).toBe(`${dir} was not set up by nasbackup mount (no .nasbackup/state.json); nothing done\n`);
   });
 
-  it('a filesystem on the whole disk (no partition table) is mounted at <dir>/disk; --json', async () => {
+  it('a filesystem on the whole disk (no partition table) is mounted at <dir>/disk; --json; a symlinked parent', async () => {
     const sb = makeSandbox('mount-bare');
     const { vol } = makeBackup(sb, { partitioned: false });
-    const dir = join(sb.root, 'restore');
+    // Through a symlinked parent: the mount table shows the real path, and umount must still find it all.
+    mkdirSync(join(sb.root, 'real'));
+    symlinkSync(join(sb.root, 'real'), join(sb.root, 'link'));
+    const dir = join(sb.root, 'link', 'restore');
     mkdirSync(dir); // an existing empty folder is used and kept
     const r = await run(sb, ['mount', ...bindNas(sb), '--backup', `${VM}/${TS}`, '--disk', vol, '--json', dir]);
     try {
@@ -150,13 +153,39 @@ describe('nasbackup mount / umount', () => {
       const j = JSON.parse(r.stdout) as { ok: boolean; disk: string; partitions: { number: number; mountPoint: string }[] };
       expect(j.ok).toBe(true);
       expect(j.disk).toBe(`${VM}/${TS}/root.${vol}.qcow2`);
-      expect(j.partitions).toEqual([{ number: 0, offset: 0, size: 64 * MiB, mountPoint: join(dir, 'disk') }]);
+      expect(j.partitions).toEqual([{ number: 0, offset: 0, size: 64 * MiB, mountPoint: join(sb.root, 'real', 'restore', 'disk') }]);
       expect(readFileSync(join(dir, 'disk', 'hello.txt'), 'utf8')).toBe('hello from the backup\n');
     } finally {
       expect((await run(sb, ['umount', '--json', dir])).code).toBe(0);
     }
     expect(traces(sb)).toEqual(nothing);
     expect(readdirSync(dir)).toEqual([]);
+  });
+
+  it('a partition still in use: umount exits 20, keeps the record of what is left, and a second umount finishes', async () => {
+    const sb = makeSandbox('mount-busy');
+    makeBackup(sb, { partitioned: true });
+    const dir = join(sb.root, 'restore');
+    expect((await run(sb, ['mount', ...bindNas(sb), '--backup', `${VM}/${TS}`, dir])).code).toBe(0);
+    const before = traces(sb);
+    const user = spawn('sleep', ['60'], { cwd: join(dir, 'part1'), stdio: 'ignore' });
+    try {
+      const u = await run(sb, ['umount', '--json', dir]);
+      expect(u.code).toBe(20);
+      expect(codes(u.stdout)).toEqual(['MOUNT_CLEANUP_FAILED']);
+      expect(u.stdout).toContain(`unmount ${join(dir, 'part1')}`);
+      // Nothing below a busy partition was taken away from under it.
+      expect(traces(sb)).toEqual(before);
+      expect(existsSync(join(dir, '.nasbackup', 'state.json'))).toBe(true);
+    } finally {
+      const gone = new Promise((res) => user.on('exit', res));
+      user.kill('SIGKILL');
+      await gone;
+    }
+    const again = await run(sb, ['umount', dir]);
+    expect(again.code).toBe(0);
+    expect(traces(sb)).toEqual(nothing);
+    expect(existsSync(dir)).toBe(false);
   });
 
   it('a missing program is named with its Debian package, and nothing is set up', async () => {

@@ -234,6 +234,44 @@ describe('nasbackup mount / umount', () => {
     expect(traces(sb)).toEqual(nothing);
   });
 
+  it('an unsafe chain is refused by the pre-flight before anything serves it; a tampered record is refused by umount', async () => {
+    const sb = makeSandbox('mount-unsafe');
+    const outside = join(sb.root, 'outside.qcow2');
+    sh('qemu-img', ['create', '-q', '-f', 'qcow2', outside, '64M']);
+    const inc = join(sb.nas, VM, TS);
+    mkdirSync(inc, { recursive: true });
+    sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-b', outside, '-F', 'qcow2', join(inc, 'root.vol-9.qcow2'), '64M']);
+    const dir = join(sb.root, 'restore');
+    const r = await run(sb, ['mount', ...bindNas(sb), '--backup', `${VM}/${TS}`, '--json', dir]);
+    expect(codes(r.stdout)).toEqual(['CHAIN_UNSAFE']);
+    expect(r.code).toBe(1);
+    expect(logText(sb)).not.toContain('exec: qemu-nbd');
+    expect(traces(sb)).toEqual(nothing);
+    expect(existsSync(dir)).toBe(false);
+
+    // A record that names a mount outside its folder is not acted on.
+    const fake = join(sb.root, 'fake');
+    mkdirSync(join(fake, '.nasbackup'), { recursive: true });
+    const state = {
+      version: 1,
+      dir: fake,
+      createdDir: false,
+      backup: `${VM}/${TS}`,
+      disk: null,
+      nas: { mountPoint: sb.nas, type: 'none', address: sb.nas, mounted: true },
+      server: null,
+      fuse: null,
+      loops: [],
+      mounts: [],
+    };
+    writeFileSync(join(fake, '.nasbackup', 'state.json'), JSON.stringify(state));
+    const logged = logText(sb).length;
+    const u = await run(sb, ['umount', '--json', fake]);
+    expect(codes(u.stdout)).toEqual(['NOT_OUR_MOUNT']);
+    expect(u.code).toBe(1);
+    expect(logText(sb).slice(logged)).not.toContain('exec:');
+  });
+
   it('SIGTERM during mount undoes what was set up so far', async () => {
     const sb = makeSandbox('mount-signal');
     makeBackup(sb, { partitioned: true });

@@ -187,7 +187,10 @@ export async function mountBackup(ctx: OpContext, args: MountArgs): Promise<Moun
   await mkdir(state.nas.mountPoint, { mode: 0o700 });
   await saveState(state);
   try {
-    return await expose(ctx, args, state, name);
+    const result = await expose(ctx, args, state, name);
+    ctx.checkpoint(); // a signal during the last step still undoes it all
+    ctx.committed(); // from here on it stands: a signal no longer fails a mount that is up
+    return result;
   } catch (e) {
     const err = toNasbackupError(e);
     const left = await undo(ctx, state).catch((u: unknown) => toNasbackupError(u));

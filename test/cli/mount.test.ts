@@ -293,6 +293,27 @@ describe('nasbackup mount / umount', () => {
     expect(logText(sb)).toContain('Received SIGTERM');
   });
 
+  it('SIGKILL during mount leaves a record from which umount undoes everything', async () => {
+    const sb = makeSandbox('mount-kill');
+    makeBackup(sb, { partitioned: true });
+    const mark = join(sb.root, 'sfdisk-started');
+    writeShim(sb, 'sfdisk', `touch '${mark}'; exec sleep 30`);
+    const dir = join(sb.root, 'restore');
+    const { child, done } = start(sb, ['mount', ...bindNas(sb), '--backup', `${VM}/${TS}`, dir]);
+    const until = Date.now() + 20_000;
+    while (!existsSync(mark) && Date.now() < until) await new Promise((r) => setTimeout(r, 20));
+    expect(existsSync(mark)).toBe(true);
+    child.kill('SIGKILL');
+    expect((await done).signal).toBe('SIGKILL');
+    // Left running (nothing could undo it), but all recorded.
+    expect(traces(sb).processes).toHaveLength(2);
+    const u = await run(sb, ['umount', dir]);
+    expect(u.stdout).toBe(`Unmounted backup ${VM}/${TS} from ${dir}\n`);
+    expect(u.code).toBe(0);
+    expect(traces(sb)).toEqual(nothing);
+    expect(existsSync(dir)).toBe(false);
+  });
+
   it('reads the partition table signature itself', () => {
     const s = Buffer.alloc(512);
     expect(hasPartitionSignature(s)).toBe(false);

@@ -27,6 +27,8 @@ export interface RunOptions {
    * starter's exit is waited for (the daemon is in a session of its own, no longer our child).
    */
   daemonLog?: string;
+  /** Working folder of the child (a daemon gets `/`, so it holds no filesystem busy). */
+  cwd?: string;
 }
 
 export interface RunResult {
@@ -160,7 +162,7 @@ function spawnBounded(command: string, args: readonly string[], opts: RunOptions
     try {
       if (daemon) logFd = openSync(opts.daemonLog!, 'a', 0o600);
       const out = logFd ?? 'pipe';
-      child = spawn(file, argv, { detached: true, stdio: ['ignore', out, out], env });
+      child = spawn(file, argv, { detached: true, stdio: ['ignore', out, out], env, ...(opts.cwd !== undefined ? { cwd: opts.cwd } : {}) });
     } catch (e) {
       resolve({ ...base, spawnError: (e as NodeJS.ErrnoException).code ?? (e as Error).message });
       return;

@@ -102,7 +102,7 @@ export class BlockClient {
     const r = await this.runner.run(
       'qemu-nbd',
       ['--read-only', '--persistent', '--fork', `--pid-file=${pidFile}`, '--socket', socket, '--format', 'qcow2', image],
-      { timeoutMs: this.timeoutMs, daemonLog: log },
+      { timeoutMs: this.timeoutMs, daemonLog: log, cwd: '/' },
     );
     if (r.canceled) throw new ToolError('INTERRUPTED', 'Interrupted while starting qemu-nbd', r, failureText(r));
     if (!succeeded(r)) throw toolFailure('MOUNT_FAILED', `qemu-nbd on ${basename(image)}`, r);
@@ -117,6 +117,7 @@ export class BlockClient {
     const r = await this.runner.run('setsid', ['--fork', 'nbdfuse', '--readonly', '--pidfile', pidFile, file, '--unix', socket], {
       timeoutMs: this.timeoutMs,
       daemonLog: log,
+      cwd: '/',
     });
     if (r.canceled) throw new ToolError('INTERRUPTED', 'Interrupted while starting nbdfuse', r, failureText(r));
     if (!succeeded(r)) throw toolFailure('MOUNT_FAILED', 'nbdfuse', r);

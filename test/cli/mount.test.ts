@@ -1,7 +1,7 @@
 // `nasbackup mount` / `umount` with the real pieces: qemu-nbd, nbdfuse, sfdisk, loop
 // devices and ext4 mounts, on a local folder bind-mounted as the NAS.
 import { execFileSync, spawn } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { bindNas, leftovers, logText, makeSandbox, run, start, writeShim, type Sandbox } from '../helpers/cli.js';
@@ -99,6 +99,21 @@ function traces(sb: Sandbox): { loops: string[]; mounts: string[]; processes: st
 
 const nothing = { loops: [], mounts: [], processes: [] };
 
+/** The working folders of our qemu-nbd and nbdfuse (they must hold no filesystem busy). */
+function daemonCwds(sb: Sandbox): string[] {
+  return readdirSync('/proc')
+    .filter((p) => /^\d+$/.test(p))
+    .filter((p) => {
+      try {
+        const c = readFileSync(`/proc/${p}/cmdline`, 'utf8');
+        return /qemu-nbd|nbdfuse/.test(c) && c.includes(sb.root);
+      } catch {
+        return false;
+      }
+    })
+    .map((p) => readlinkSync(`/proc/${p}/cwd`));
+}
+
 /** The error codes of a --json run. */
 const codes = (stdout: string): string[] => (JSON.parse(stdout) as { errors: { code: string }[] }).errors.map((e) => e.code);
 
@@ -119,6 +134,7 @@ describe('nasbackup mount / umount', () => {
       const t = traces(sb);
       expect(t.loops).toHaveLength(1);
       expect(t.processes).toHaveLength(2); // qemu-nbd and nbdfuse outlived the command
+      expect(daemonCwds(sb)).toEqual(['/', '/']);
       expect(t.mounts).toHaveLength(3); // the NAS, the fuse file, the partition
       // A second mount on the same folder is refused and changes nothing.
       const again = await run(sb, ['mount', ...bindNas(sb), '--backup', `${VM}/${TS}`, '--json', dir]);

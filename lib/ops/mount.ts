@@ -171,7 +171,6 @@ export async function mountBackup(ctx: OpContext, args: MountArgs): Promise<Moun
   const name = `${args.instance}/${args.timestamp}`;
   const createdDir = await prepareDir(dir);
   const priv = join(dir, PRIVATE);
-  await mkdir(priv, { mode: 0o700 });
   const state: MountState = {
     version: 1,
     dir,
@@ -184,9 +183,10 @@ export async function mountBackup(ctx: OpContext, args: MountArgs): Promise<Moun
     loops: [],
     mounts: [],
   };
-  await mkdir(state.nas.mountPoint, { mode: 0o700 });
-  await saveState(state);
   try {
+    await mkdir(priv, { mode: 0o700 });
+    await mkdir(state.nas.mountPoint, { mode: 0o700 });
+    await saveState(state);
     const result = await expose(ctx, args, state, name);
     ctx.checkpoint(); // a signal during the last step still undoes it all
     ctx.committed(); // from here on it stands: a signal no longer fails a mount that is up

@@ -49,6 +49,8 @@ export function usageText(script: string): string {
     '  nasbackup agent [--profile rebase-era|merged|newest] < command.json',
     '  nasbackup install-agent-hook [--target <script path>] [--node <absolute node path>] [--uninstall] [--json]',
     '            default target /usr/share/cloudstack-common/scripts/vm/hypervisor/kvm/nasbackup.sh (original kept as .orig)',
+    '  nasbackup mount -t <type> -s <address> [-m <options>] --backup <instance>/<timestamp> [--disk <volume uuid>] [--json] <dir>',
+    '  nasbackup umount [--json] <dir>   (file-level access: a backup disk read-only under <dir>, and back)',
     '',
     'Environment: NASBACKUP_LOG_FILE, NASBACKUP_MOUNT_TIMEOUT, NASBACKUP_UMOUNT_TIMEOUT, NASBACKUP_UMOUNT_ATTEMPTS,',
     '  NASBACKUP_UMOUNT_RETRY_DELAY, NASBACKUP_NAS_TIMEOUT, NASBACKUP_NAS_PROBE_INTERVAL, NASBACKUP_COMMAND_TIMEOUT,',

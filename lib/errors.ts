@@ -78,6 +78,12 @@ export const ERROR_CODES = {
   COMMAND_TIMEOUT: EXIT_FAILURE,
   INTERRUPTED: EXIT_FAILURE,
   INTERNAL: EXIT_FAILURE,
+  // mount/umount (file-level access; operators only)
+  TOOL_MISSING: EXIT_FAILURE, // a program the command needs is not installed (the message names the Debian package)
+  MOUNT_DIR_UNUSABLE: EXIT_FAILURE, // the mount folder is not an empty folder (or is mounted already)
+  NOT_OUR_MOUNT: EXIT_FAILURE, // umount of a folder `nasbackup mount` did not set up
+  MOUNT_FAILED: EXIT_FAILURE, // a step of exposing the backup failed (all undone)
+  MOUNT_CLEANUP_FAILED: EXIT_CLEANUP_FAILED, // something could not be undone (left recorded for a retry)
   // install-agent-hook (operators only; a refusal changes nothing)
   NODE_MISSING: EXIT_FAILURE,
   NODE_TOO_OLD: EXIT_FAILURE,

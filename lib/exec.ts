@@ -2,7 +2,7 @@
 // a deadline on every call, cancellation on SIGTERM/SIGINT, and one log line per
 // call with exit code and duration.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { accessSync, constants as fsConstants, statSync } from 'node:fs';
+import { accessSync, closeSync, constants as fsConstants, openSync, readFileSync, statSync } from 'node:fs';
 import type { Logger } from './log.js';
 
 export interface RunOptions {
@@ -21,6 +21,14 @@ export interface RunOptions {
    * Its deadline still applies while we live.
    */
   finishIfWeDie?: boolean;
+  /**
+   * The program leaves a daemon behind on purpose (`qemu-nbd --fork`, `setsid -f`): its
+   * output goes to this file instead of pipes the daemon would keep open, and only the
+   * starter's exit is waited for (the daemon is in a session of its own, no longer our child).
+   */
+  daemonLog?: string;
+  /** Working folder of the child (a daemon gets `/`, so it holds no filesystem busy). */
+  cwd?: string;
 }
 
 export interface RunResult {
@@ -149,11 +157,17 @@ function spawnBounded(command: string, args: readonly string[], opts: RunOptions
 
   return new Promise<Outcome>((resolve) => {
     let child: ChildProcess;
+    const daemon = opts.daemonLog !== undefined;
+    let logFd: number | null = null;
     try {
-      child = spawn(file, argv, { detached: true, stdio: ['ignore', 'pipe', 'pipe'], env });
+      if (daemon) logFd = openSync(opts.daemonLog!, 'a', 0o600);
+      const out = logFd ?? 'pipe';
+      child = spawn(file, argv, { detached: true, stdio: ['ignore', out, out], env, ...(opts.cwd !== undefined ? { cwd: opts.cwd } : {}) });
     } catch (e) {
       resolve({ ...base, spawnError: (e as NodeJS.ErrnoException).code ?? (e as Error).message });
       return;
+    } finally {
+      if (logFd !== null) closeSync(logFd); // the child has its own copy; the file is read back at the end
     }
     const out: Buffer[] = [];
     const err: Buffer[] = [];
@@ -163,8 +177,8 @@ function spawnBounded(command: string, args: readonly string[], opts: RunOptions
       size += d.length;
       into.push(d);
     };
-    child.stdout!.on('data', collect(out));
-    child.stderr!.on('data', collect(err));
+    child.stdout?.on('data', collect(out));
+    child.stderr?.on('data', collect(err));
 
     let timedOut = false;
     let canceled = false;
@@ -186,15 +200,15 @@ function spawnBounded(command: string, args: readonly string[], opts: RunOptions
       settled = true;
       for (const t of timers) clearTimeout(t);
       for (const a of aborts) a.removeEventListener('abort', onAbort);
-      child.stdout!.destroy();
-      child.stderr!.destroy();
+      child.stdout?.destroy();
+      child.stderr?.destroy();
       child.unref();
       resolve({
         exitCode: exit?.code ?? null,
         // A child we gave up on after SIGKILL (stuck in the kernel) counts as killed.
         signal: exit?.signal ?? (exit === null && spawnError === null ? 'SIGKILL' : null),
         stdout: Buffer.concat(out).toString('utf8'),
-        stderr: Buffer.concat(err).toString('utf8'),
+        stderr: daemon ? readLog(opts.daemonLog!) : Buffer.concat(err).toString('utf8'),
         timedOut,
         canceled,
         spawnError,
@@ -228,6 +242,7 @@ function spawnBounded(command: string, args: readonly string[], opts: RunOptions
     });
     child.on('exit', (code, signal) => {
       exit = { code, signal };
+      if (daemon) return finish(); // no pipes; the daemon it left is not ours to kill
       // Normally the pipes close with the exit; a leftover of its group holding them
       // (a helper gone astray) is killed after a short grace rather than waited for.
       timers.push(
@@ -240,6 +255,15 @@ function spawnBounded(command: string, args: readonly string[], opts: RunOptions
     child.on('close', finish);
   });
 }
+
+function readLog(path: string): string {
+  try {
+    return readFileSync(path, 'utf8').slice(-MAX_LOG);
+  } catch {
+    return '';
+  }
+}
+const MAX_LOG = 64 * 1024;
 
 function quoteForLog(a: string): string {
   return a === '' ? "''" : /[\s'"\\$`]/.test(a) ? `'${a.replace(/'/g, "'\\''")}'` : a;

@@ -13,6 +13,7 @@ import type { DeletePlan } from './ops/chain/plan.js';
 import type { ChainDeleteResult, ChainListResult, ChainPlanResult, ChainVerifyResult } from './ops/chain/index.js';
 import type { RestoreResult } from './ops/restore.js';
 import type { BackupResult, DeleteResult, RebaseResult, RemovedEntry, StatsResult } from './ops/results.js';
+import type { MountResult, UmountResult } from './ops/mount.js';
 
 export type { BackupResult, DeleteResult, RebaseResult, RemovedEntry, StatsResult };
 
@@ -255,6 +256,33 @@ export const chainDeleteRenderer: Renderer<ChainDeleteResult> = {
       ? planText(plan)
       : done.map((d) => `${d}\n`).join(''),
   fields: ({ plan, done }) => ({ plan, done }),
+};
+
+// --- file-level access ------------------------------------------------------------------
+
+const mib = (n: number): string => `${(n / 1048576).toFixed(n % 1048576 === 0 ? 0 : 1)} MiB`;
+
+export const mountRenderer: Renderer<MountResult> = {
+  command: 'mount',
+  text: (r) =>
+    `Backup disk ${r.disk} is mounted read-only under ${r.dir}:\n` +
+    r.partitions
+      .map((p) => {
+        const what = p.number === 0 ? 'whole disk' : `partition ${p.number}`;
+        return p.mountPoint
+          ? `  ${p.mountPoint}  (${what}, ${mib(p.size)})\n`
+          : `  ${what} (${mib(p.size)}) not mounted: ${p.reason ?? ''}\n`;
+      })
+      .join('') +
+    `Undo with: nasbackup umount ${r.dir}\n`,
+  fields: (r) => ({ dir: r.dir, backup: r.backup, disk: r.disk, partitions: r.partitions }),
+  warnings: (r) => r.warnings,
+};
+
+export const umountRenderer: Renderer<UmountResult> = {
+  command: 'umount',
+  text: (r) => `Unmounted backup ${r.backup} from ${r.dir}\n`,
+  fields: (r) => ({ dir: r.dir, backup: r.backup, undone: r.undone }),
 };
 
 /** Top-level `plan-delete`: the management server's own plan, as JSON even without --json (its historical output). */

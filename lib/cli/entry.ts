@@ -8,7 +8,7 @@ import { render, versionRenderer } from '../output.js';
 import { operatorHelp } from './help.js';
 
 /** First arguments that select an operator command instead of the agent's CLI. */
-export const OPERATOR_COMMANDS = ['agent', 'chain', 'plan-delete', 'restore', 'install-agent-hook'] as const;
+export const OPERATOR_COMMANDS = ['agent', 'chain', 'plan-delete', 'restore', 'install-agent-hook', 'mount', 'umount'] as const;
 
 export interface EntryIo {
   out: Output;
@@ -55,7 +55,9 @@ export async function dispatch(argv: readonly string[], io: EntryIo): Promise<nu
     }
     case 'chain':
     case 'plan-delete':
-    case 'restore': {
+    case 'restore':
+    case 'mount':
+    case 'umount': {
       const { runTool } = await import('./tools.js');
       return runTool(first, rest, { out: io.out, env: io.env, ...(io.confirm ? { confirm: io.confirm } : {}) });
     }

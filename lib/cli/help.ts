@@ -25,6 +25,13 @@ const COMMANDS: Record<string, string> = {
   Writes the disk of that backup (any point of a chain, flattened) to a new file or a block device, with only
   the NAS reachable. Raw targets are sparse; the format defaults to qcow2 for a .qcow2 target, raw otherwise.
   An existing target is refused unless --force (a block device is written in place, as raw only).`,
+  mount: `nasbackup mount -t <type> -s <address> [-m <mount options>] --backup <instance>/<timestamp> [--disk <volume uuid>] [--json] <dir>
+  Exposes one disk of a backup (the root disk by default) read-only under <dir> (an empty or new folder), each
+  partition at <dir>/part<N> (a filesystem on the whole disk at <dir>/disk), so single files can be copied out.
+  The NAS stays mounted until 'nasbackup umount <dir>'. Needs qemu-nbd (qemu-utils), nbdfuse (libnbd-bin), sfdisk (fdisk).`,
+  umount: `nasbackup umount [--json] <dir>
+  Undoes 'nasbackup mount' in reverse order: partition mounts, loop devices, nbdfuse, qemu-nbd, the NAS mount.
+  Refuses a folder it did not set up; after a partial failure it can be run again.`,
   agent: `nasbackup agent [--profile rebase-era|merged|newest] < command.json
   Serves one CloudStack agent request from stdin, answering as that agent generation's wrapper would.`,
   'install-agent-hook': `nasbackup install-agent-hook [--target <script path>] [--node <absolute node path>] [--uninstall] [--json]

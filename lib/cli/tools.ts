@@ -4,6 +4,8 @@
 //   nasbackup restore -t <type> -s <address> [-m <opts>] --backup <instance>/<timestamp> --disk <volume uuid>
 //             --to <path> [--format qcow2|raw] [--force] [--json]
 //   nasbackup plan-delete --records <file> --backup <uuid> --root-volume-uuid <uuid> [--forced]
+//   nasbackup mount -t <type> -s <address> [-m <opts>] --backup <instance>/<timestamp> [--disk <uuid>] <dir>
+//   nasbackup umount <dir>
 import { readFile } from 'node:fs/promises';
 import yargsFactory from 'yargs/yargs';
 import { loadConfig, type Config } from '../config.js';
@@ -18,18 +20,20 @@ import {
   chainListRenderer,
   chainPlanRenderer,
   chainVerifyRenderer,
+  mountRenderer,
   planText,
   providerPlanRenderer,
   render,
   restoreRenderer,
   renderFailure,
+  umountRenderer,
   type OutputMode,
 } from '../output.js';
 import { wantsJson } from './args.js';
 import { execute, type ExecuteIo } from './lifecycle.js';
-import { validateChainArgs, validateRestoreArgs } from './validate.js';
+import { validateChainArgs, validateMountArgs, validateRestoreArgs, validateUmountArgs } from './validate.js';
 
-export const TOOLS = ['chain', 'plan-delete', 'restore'] as const;
+export const TOOLS = ['chain', 'plan-delete', 'restore', 'mount', 'umount'] as const;
 
 export const CHAIN_SUBCOMMANDS = ['list', 'verify', 'plan-delete', 'delete'] as const;
 
@@ -113,6 +117,7 @@ export async function runTool(tool: string, argv: readonly string[], io: ToolIo)
   }
 
   if (tool === 'restore') return runRestore(argv, io, json, logger, fail);
+  if (tool === 'mount' || tool === 'umount') return runMountTool(tool, argv, io, mode, fail);
 
   const command = `chain ${CHAIN_SUBCOMMANDS.find((s) => s === argv[0]) ?? ''}`.trim();
   let a;
@@ -228,4 +233,51 @@ async function runRestore(
     restore(ctx, args, { progress: (done, total) => progress.update(done, total) }).finally(() => progress.stop()),
   );
   return render(io.out, json ? 'json' : 'text', restoreRenderer, outcome);
+}
+
+/** `nasbackup mount … <dir>` and `nasbackup umount <dir>` (file-level access). */
+async function runMountTool(
+  tool: 'mount' | 'umount',
+  argv: readonly string[],
+  io: ToolIo,
+  mode: OutputMode,
+  fail: (command: string, e: unknown) => number,
+): Promise<number> {
+  const logger = createLogger(logFileFromEnv(io.env));
+  const ops = await import('../ops/mount.js');
+  if (tool === 'umount') {
+    let args;
+    let config: Readonly<Config>;
+    try {
+      const a = parser(argv).command('$0 [dir]', 'umount').option('json', { type: 'boolean', default: false }).parseSync();
+      args = validateUmountArgs({ ...(typeof a.dir === 'string' ? { dir: a.dir } : {}) });
+      config = loadConfig(io.env, {});
+    } catch (e) {
+      return fail(tool, e);
+    }
+    return render(io.out, mode, umountRenderer, await execute(io, config, logger, (ctx) => ops.umountBackup(ctx, args)));
+  }
+  let args;
+  let config: Readonly<Config>;
+  try {
+    const a = parser(argv)
+      .command('$0 [dir]', 'mount')
+      .option('t', { alias: 'type', type: 'string', demandOption: true, nargs: 1 })
+      .option('s', { alias: 'storage', type: 'string', demandOption: true, nargs: 1 })
+      .option('m', { alias: 'mount', type: 'string', default: '', nargs: 1 })
+      .option('backup', { type: 'string', demandOption: true, nargs: 1 })
+      .option('disk', { type: 'string', nargs: 1 })
+      .option('json', { type: 'boolean', default: false })
+      .parseSync();
+    args = validateMountArgs({
+      nas: { type: a.t, address: a.s, options: a.m },
+      backup: a.backup,
+      ...(a.disk !== undefined ? { disk: a.disk } : {}),
+      ...(typeof a.dir === 'string' ? { dir: a.dir } : {}),
+    });
+    config = loadConfig(io.env, {});
+  } catch (e) {
+    return fail(tool, e);
+  }
+  return render(io.out, mode, mountRenderer, await execute(io, config, logger, (ctx) => ops.mountBackup(ctx, args)));
 }

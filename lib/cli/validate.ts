@@ -11,6 +11,7 @@ import { DELETE_MIN_DEPTH, type DeleteArgs } from '../ops/delete.js';
 import type { RebaseArgs } from '../ops/rebase.js';
 import type { ChainArgs } from '../ops/chain/index.js';
 import type { RestoreArgs, RestoreFormat } from '../ops/restore.js';
+import type { MountArgs, UmountArgs } from '../ops/mount.js';
 import type { BackupRecord } from '../ops/chain/provider-plan.js';
 import type { CliArgs, Operation } from './args.js';
 
@@ -58,6 +59,9 @@ export function validateChainArgs(
   return { ...out, backup: b.at(-1)! };
 }
 
+// A volume uuid as backup file names carry it (`root.<vol>.qcow2`): one file-name component.
+const VOLUME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$/;
+
 /**
  * `nasbackup restore`: --backup is `<instance>/<timestamp>` on the NAS (the path guard applies);
  * --to is a path on this host, outside the NAS (checked once the NAS is mounted). The format is
@@ -75,8 +79,7 @@ export function validateRestoreArgs(a: {
   const b = parseRelativePath(a.backup, { what: '--backup', minDepth: 2 });
   if (b.length !== 2) throw new NasbackupError('INVALID_ARGUMENT', `--backup must be <instance>/<timestamp>: ${a.backup}`);
   // The volume id is matched against file names: one plain name, nothing that could form a path.
-  if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$/.test(a.disk))
-    throw new NasbackupError('INVALID_ARGUMENT', `Invalid --disk volume id: ${JSON.stringify(a.disk)}`);
+  if (!VOLUME.test(a.disk)) throw new NasbackupError('INVALID_ARGUMENT', `Invalid --disk volume id: ${JSON.stringify(a.disk)}`);
   if (a.to === '' || a.to.includes('\0')) throw new NasbackupError('INVALID_ARGUMENT', '--to must name a file or a block device');
   if (a.to.endsWith('/')) throw new NasbackupError('INVALID_ARGUMENT', `--to must name a file, not end with '/': ${a.to}`);
   let format: RestoreFormat;
@@ -84,6 +87,27 @@ export function validateRestoreArgs(a: {
   else if (a.format === 'raw' || a.format === 'qcow2') format = a.format;
   else throw new NasbackupError('INVALID_ARGUMENT', `--format must be qcow2 or raw, not ${a.format}`);
   return { nas: a.nas, vm: b[0]!, backup: b[1]!, disk: a.disk, to: resolve(a.cwd, a.to), format, force: a.force };
+}
+
+function checkMountDir(dir: string | undefined): string {
+  if (!dir) throw new NasbackupError('MISSING_ARGUMENT', 'The folder to mount under is required (nasbackup mount … <dir>)');
+  if (!dir.startsWith('/')) throw new NasbackupError('PATH_INVALID', `The mount folder must be an absolute path: ${dir}`);
+  if (dir.includes('\0')) throw new NasbackupError('PATH_INVALID', 'The mount folder contains a NUL byte');
+  if (dir.replace(/\/+$/, '') === '') throw new NasbackupError('PATH_INVALID', 'The mount folder must not be /');
+  return dir;
+}
+
+/** `nasbackup mount`: --backup is `<instance>/<timestamp>`, --disk a volume uuid, <dir> absolute. */
+export function validateMountArgs(a: { nas: NasTarget; backup: string; disk?: string; dir?: string }): MountArgs {
+  const b = parseRelativePath(a.backup, { what: '--backup', minDepth: 2 });
+  if (b.length !== 2) throw new NasbackupError('INVALID_ARGUMENT', `--backup must be <instance>/<timestamp>: ${a.backup}`);
+  if (a.disk !== undefined && !VOLUME.test(a.disk))
+    throw new NasbackupError('INVALID_ARGUMENT', `Invalid --disk volume uuid: ${JSON.stringify(a.disk)}`);
+  return { nas: a.nas, instance: b[0]!, timestamp: b[1]!, disk: a.disk ?? null, dir: checkMountDir(a.dir) };
+}
+
+export function validateUmountArgs(a: { dir?: string }): UmountArgs {
+  return { dir: checkMountDir(a.dir) };
 }
 
 const TARGET = '--rebase-target';

@@ -3,6 +3,8 @@
 import type { Config } from '../config.js';
 import type { Runner } from '../exec.js';
 import { HostClient } from './host.js';
+import { MountClient } from './mount.js';
+import { BlockClient } from './nbd.js';
 import { QemuImgClient } from './qemu-img.js';
 import { VirshClient } from './virsh.js';
 
@@ -10,6 +12,8 @@ export interface Clients {
   virsh: VirshClient;
   qemuImg: QemuImgClient;
   host: HostClient;
+  block: BlockClient;
+  mount: MountClient;
 }
 
 export function makeClients(runner: Runner, config: Config): Clients {
@@ -17,5 +21,7 @@ export function makeClients(runner: Runner, config: Config): Clients {
     virsh: new VirshClient(runner, config.virshBinary, config.commandTimeoutMs),
     qemuImg: new QemuImgClient(runner, config.qemuImgBinary, config.qemuImgTimeoutMs),
     host: new HostClient(runner, config.commandTimeoutMs),
+    block: new BlockClient(runner, config.commandTimeoutMs),
+    mount: new MountClient(runner),
   };
 }

@@ -106,6 +106,7 @@ export const WARNING_CODES = [
   'CHECK_SKIPPED', // chain verify: no qemu-img check on a chain our reader rejected
   'LEAKED_CLUSTERS', // qemu-img check: leaked clusters (space only)
   'UNFINISHED_BACKUP', // a `.partial` folder of an interrupted run
+  'NO_MANIFEST', // chain verify: a backup without manifest.json (older than manifests): structural checks only
 ] as const;
 export type WarningCode = (typeof WARNING_CODES)[number];
 

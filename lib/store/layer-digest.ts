@@ -5,7 +5,7 @@
 // the last unit of a disk whose size is not a unit multiple is short). SHA-256 of that
 // stream is the extent's digest; an extent wholly unallocated in the layer is not listed.
 import { createHash, type Hash } from 'node:crypto';
-import { Qcow2Image } from '../qcow2/index.js';
+import { Qcow2Image, type Extent } from '../qcow2/index.js';
 import { DEFAULT_EXTENT_BYTES, type ExtentDigest } from './manifest.js';
 
 export const UNALLOCATED = 0;
@@ -27,6 +27,11 @@ export interface DigestOptions {
 }
 
 const READ_CHUNK = 8 << 20;
+
+type Step =
+  | { t: 'status'; byte: number; n: number }
+  | { t: 'compressed'; cc: NonNullable<Extent['compressed']>; from: number; len: number }
+  | { t: 'read'; host: number; len: number };
 const DATA_MARK = Buffer.from([DATA]);
 
 export async function digestLayer(path: string, opts: DigestOptions = {}): Promise<LayerDigest> {
@@ -44,43 +49,60 @@ export async function digestImage(img: Qcow2Image, opts: DigestOptions = {}): Pr
   if (extentBytes % img.clusterSize !== 0)
     throw new RangeError(`extent size ${extentBytes} is not a multiple of the cluster size ${img.clusterSize}`);
   const out: LayerDigest = { virtualSize: img.virtualSize, unitBytes: unit, dataBytes: 0, zeroBytes: 0, extents: [] };
-  const buf = Buffer.alloc(Math.min(READ_CHUNK, Math.max(unit, extentBytes)));
+  const chunk = Math.min(READ_CHUNK, Math.max(unit, extentBytes));
+  const bufs = [Buffer.alloc(chunk), Buffer.alloc(chunk)];
   for (let index = 0; index * extentBytes < img.virtualSize; index++) {
     opts.between?.();
     const start = index * extentBytes;
     const end = Math.min(start + extentBytes, img.virtualSize);
-    const hash = createHash('sha256');
+    // First the extent's map (metadata only), then its stream, the next data read running
+    // while the current one is hashed.
+    const steps: Step[] = [];
     let held = false;
     for (let pos = start; pos < end;) {
       const e = await img.status(pos, end - pos);
       const len = Math.min(e.length, end - pos);
       if (e.kind === 'unallocated' || e.kind === 'zero') {
-        const byte = e.kind === 'zero' ? ZERO : UNALLOCATED;
-        if (byte === ZERO) {
+        if (e.kind === 'zero') {
           held = true;
           out.zeroBytes += len;
         }
-        statusRun(hash, byte, units(pos, len, unit));
+        steps.push({ t: 'status', byte: e.kind === 'zero' ? ZERO : UNALLOCATED, n: units(pos, len, unit) });
       } else if (e.kind === 'compressed') {
         held = true;
         out.dataBytes += len;
-        const cluster = await img.readCompressed(e.compressed!);
-        const from = pos - e.compressed!.clusterStart;
-        dataRun(hash, cluster.subarray(from, from + len), unit, DATA_MARK);
+        steps.push({ t: 'compressed', cc: e.compressed!, from: pos - e.compressed!.clusterStart, len });
       } else {
         held = true;
         out.dataBytes += len;
-        for (let done = 0; done < len;) {
-          // Whole units per read, so a unit never straddles two reads.
-          const n = Math.min(len - done, buf.length - (buf.length % unit));
-          await img.readHost(buf, 0, n, e.host! + done);
-          dataRun(hash, buf.subarray(0, n), unit, DATA_MARK);
-          done += n;
-        }
+        // Whole units per read, so a unit never straddles two reads.
+        const most = chunk - (chunk % unit);
+        for (let done = 0; done < len; done += most) steps.push({ t: 'read', host: e.host! + done, len: Math.min(most, len - done) });
       }
       pos += len;
     }
-    if (held) out.extents.push({ index, digest: hash.digest('hex') });
+    if (!held) continue;
+    const hash = createHash('sha256');
+    const reads = steps.filter((x): x is Extract<Step, { t: 'read' }> => x.t === 'read');
+    let next = 0;
+    let pending: Promise<Buffer> | null = null;
+    const startRead = (): void => {
+      const r = reads[next];
+      if (!r) return;
+      const b = bufs[next++ % 2]!;
+      pending = img.readHost(b, 0, r.len, r.host).then(() => b.subarray(0, r.len));
+    };
+    startRead();
+    for (const x of steps) {
+      if (x.t === 'status') statusRun(hash, x.byte, x.n);
+      else if (x.t === 'compressed') dataRun(hash, (await img.readCompressed(x.cc)).subarray(x.from, x.from + x.len), unit, DATA_MARK);
+      else {
+        const data: Buffer = await pending!;
+        startRead();
+        dataRun(hash, data, unit, DATA_MARK);
+      }
+    }
+    out.extents.push({ index, digest: hash.digest('hex') });
   }
   return out;
 }

@@ -151,6 +151,26 @@ describe.concurrent('chain verify: content against the manifests', () => {
     ]);
   });
 
+  it('a legitimate rebase (-o rebase; chain delete uses the same safe rebase) keeps the manifest true: the rebased layer`s entry follows it', async () => {
+    const s = await incrementalChain('vc-rebase');
+    const mf = join(s.final, 'manifest.json');
+    const before = JSON.parse(readFileSync(mf, 'utf8')) as { disks: Array<{ file: string; backing: string; dataBytes: number }> };
+    // An empty full of the same size as the new backing: the rebase copies the parent's data into the layer.
+    const NEW = '2025.01.02.00.00.00';
+    makeImage(join(s.sb.nas, VM, NEW, ROOT), { size: 16 * MiB });
+    const r = await run(s.sb, ['-o', 'rebase', ...bindNas(s.sb), '--rebase-target', rootFile(), '--rebase-new-backing', rootFile(NEW)]);
+    expect(r).toMatchObject({ code: 0, stdout: '' });
+    const after = JSON.parse(readFileSync(mf, 'utf8')) as typeof before;
+    const b = before.disks.find((d) => d.file === ROOT)!;
+    const a = after.disks.find((d) => d.file === ROOT)!;
+    expect(a.backing).toBe(`../${NEW}/${ROOT}`);
+    expect(a.dataBytes).toBeGreaterThan(b.dataBytes);
+    expect(after.disks.find((d) => d.file === DATA)).toEqual(before.disks.find((d) => d.file === DATA));
+    const v = await verify(s.sb, '--backup', TS);
+    expect(v.code).toBe(0);
+    expect(v.stdout).toContain(`OK   ${VM}/${TS}/${ROOT}`);
+  });
+
   it('--backup: one point in time and its chain only; a backup or VM that does not exist is an error', async () => {
     const s = await incrementalChain('vc-scope');
     // Another backup beside the chain, damaged: not part of the parent's point in time.

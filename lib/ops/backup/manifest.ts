@@ -7,18 +7,14 @@
 // which now counts the manifest as it counts the side files; the stopped-VM lines list
 // the disk files only, so they do not change.
 import { readFileSync } from 'node:fs';
-import { open, rename, stat, unlink, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { NasbackupError } from '../../errors.js';
-import { readHeader } from '../../qcow2/index.js';
-import { digestLayer } from '../../store/layer-digest.js';
+import { describeLayer, writeManifestFile } from '../../store/manifest-file.js';
 import {
   DEFAULT_EXTENT_BYTES,
   DIGEST_ALGORITHM,
   DIGEST_STREAM,
-  encodeManifest,
   MANIFEST_FORMAT,
-  MANIFEST_NAME,
   MANIFEST_VERSION,
   type Manifest,
   type ManifestDisk,
@@ -65,22 +61,7 @@ async function manifestStep(ctx: OpContext, a: BackupArgs, work: WorkDir, facts:
   const disks: ManifestDisk[] = [];
   for (const d of facts.disks) {
     ctx.checkpoint();
-    const abs = work.file(d.file);
-    const h = await readHeader(abs);
-    const dg = await digestLayer(abs, { extentBytes: DEFAULT_EXTENT_BYTES, between: () => ctx.checkpoint() });
-    disks.push({
-      file: d.file,
-      volumeId: d.volId,
-      format: 'qcow2',
-      virtualSize: dg.virtualSize,
-      backing: h.backingFile,
-      backingFormat: h.backingFormat,
-      fileBytes: Number((await stat(abs, { bigint: true })).size),
-      dataBytes: dg.dataBytes,
-      zeroBytes: dg.zeroBytes,
-      unitBytes: dg.unitBytes,
-      extents: dg.extents,
-    });
+    disks.push(await describeLayer(work.file(d.file), d.volId, DEFAULT_EXTENT_BYTES, () => ctx.checkpoint()));
   }
   const m: Manifest = {
     format: MANIFEST_FORMAT,
@@ -97,21 +78,7 @@ async function manifestStep(ctx: OpContext, a: BackupArgs, work: WorkDir, facts:
     digest: { algorithm: DIGEST_ALGORITHM, stream: DIGEST_STREAM, extentBytes: DEFAULT_EXTENT_BYTES },
     disks,
   };
-  const final = work.file(MANIFEST_NAME);
-  const tmp = `${final}.tmp`;
-  try {
-    await writeFile(tmp, encodeManifest(m), { mode: 0o644 });
-    const fh = await open(tmp, 'r');
-    try {
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-    await rename(tmp, final);
-  } catch (e) {
-    await unlink(tmp).catch(() => {});
-    throw e;
-  }
+  await writeManifestFile(work.path, m);
   ctx.logger.log(`Manifest of ${a.path}: ${disks.length} disk(s) digested in ${Date.now() - started} ms`);
   return m;
 }

@@ -6,14 +6,14 @@
 // hang it). Then content: each layer of a backup with a manifest.json is re-read and its
 // digest per extent compared with the manifest (lib/store/layer-digest.ts); a backup
 // without one (older than manifests) gets the structural checks only, and says so.
-import { lstat, readFile } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import type { CheckResult } from '../../clients/qemu-img.js';
 import type { Warning } from '../../errors.js';
 import { backingFile, insideInstance, type BackupFile, type VmBackups } from './discover.js';
 import { inspectChain, type ChainProblem } from '../../store/safety.js';
 import type { LayerDigest } from '../../store/layer-digest.js';
-import { decodeManifest, MANIFEST_NAME, type ExtentDigest, type Manifest } from '../../store/manifest.js';
+import { MANIFEST_NAME, type ExtentDigest } from '../../store/manifest.js';
+import { readManifestFile } from '../../store/manifest-file.js';
 
 export interface FileReport {
   file: string;
@@ -129,23 +129,6 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
 /** Digests of one layer (lib/store/layer-digest.ts), injectable for tests. */
 export type DigestFn = (abs: string, extentBytes: number) => Promise<LayerDigest>;
 
-const MANIFEST_MAX_BYTES = 64 << 20;
-
-/** The manifest of one backup folder: absent (null), or what is wrong with it. */
-async function readManifest(dir: string): Promise<Manifest | null | { error: string }> {
-  const abs = join(dir, MANIFEST_NAME);
-  const st = await lstat(abs).catch(() => null);
-  if (!st) return null;
-  // Never follow a link or read a FIFO; a manifest is a small regular file.
-  if (!st.isFile()) return { error: `${MANIFEST_NAME} is not a regular file` };
-  if (st.size > MANIFEST_MAX_BYTES) return { error: `${MANIFEST_NAME} is ${st.size} bytes, more than a manifest can be` };
-  try {
-    return decodeManifest(await readFile(abs, 'utf8'));
-  } catch (e) {
-    return { error: `${MANIFEST_NAME} is unusable: ${(e as Error).message}` };
-  }
-}
-
 /** `extent <n>: digest mismatch` lines, by extent number. */
 function compareExtents(want: readonly ExtentDigest[], got: readonly ExtentDigest[]): string[] {
   const w = new Map(want.map((e) => [e.index, e.digest]));
@@ -178,7 +161,7 @@ export async function verifyContent(
   const warnings: Warning[] = [];
   const instance = basename(vm.instanceDir);
   for (const backup of scope) {
-    const m = await readManifest(join(vm.instanceDir, backup));
+    const m = await readManifestFile(join(vm.instanceDir, backup));
     if (m === null) {
       warnings.push({ code: 'NO_MANIFEST', message: `${backup}: no manifest: structural checks only` });
       continue;

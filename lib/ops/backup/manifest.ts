@@ -8,7 +8,7 @@
 // the disk files only, so they do not change.
 import { readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import { NasbackupError } from '../../errors.js';
+import { NasbackupError, toNasbackupError } from '../../errors.js';
 import { describeLayer, writeManifestFile } from '../../store/manifest-file.js';
 import {
   DEFAULT_EXTENT_BYTES,
@@ -51,7 +51,12 @@ export async function writeManifest(ctx: OpContext, a: BackupArgs, work: WorkDir
     return await manifestStep(ctx, a, work, facts);
   } catch (e) {
     if (e instanceof NasbackupError) throw e;
-    throw new NasbackupError('NAS_WRITE_FAILED', `Failed to write the manifest of ${work.final}: ${(e as Error).message}`);
+    // Worded and coded as a failed commit: the manifest is part of finishing the backup.
+    const code = toNasbackupError(e).code;
+    throw new NasbackupError(
+      code === 'INTERNAL' ? 'NAS_WRITE_FAILED' : code,
+      `Failed to finish the backup ${work.final}: ${(e as Error).message}`,
+    );
   }
 }
 

@@ -118,6 +118,7 @@ export const WARNING_CODES = [
   'LEAKED_CLUSTERS', // qemu-img check: leaked clusters (space only)
   'UNFINISHED_BACKUP', // a `.partial` folder of an interrupted run
   'NOT_LOCKED', // restore from a read-only NAS: read without the VM lock (nothing can change the chain through this mount)
+  'NO_MANIFEST', // chain verify: a backup without manifest.json (older than manifests): structural checks only
 ] as const;
 export type WarningCode = (typeof WARNING_CODES)[number];
 

@@ -217,8 +217,10 @@ export const chainVerifyRenderer: Renderer<ChainVerifyResult> = {
   command: 'chain verify',
   text: ({ vm, report }) => {
     let out = '';
+    // One line per problem, each naming backup and disk (and extent, for content).
     for (const f of report.files) {
-      out += `${f.errors.length ? 'FAIL' : 'OK  '} ${vm}/${f.file}${f.errors.length ? `: ${f.errors.join('; ')}` : ''}\n`;
+      if (f.errors.length === 0) out += `OK   ${vm}/${f.file}\n`;
+      for (const e of f.errors) out += `FAIL ${vm}/${f.file}: ${e}\n`;
       for (const w of f.warnings) out += `     warning: ${w.message}\n`;
     }
     for (const w of report.warnings) out += `warning: ${w.message}\n`;

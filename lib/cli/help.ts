@@ -6,9 +6,11 @@ const CHAIN_NAS = '-t <type> -s <address> [-m <mount options>] --vm <instance>';
 const CHAIN: Record<string, string> = {
   list: `nasbackup chain list ${CHAIN_NAS} [--json]
   Lists the backups of the VM on the NAS, each file with its backing file (read from the qcow2 headers).`,
-  verify: `nasbackup chain verify ${CHAIN_NAS} [--json]
-  Checks every chain of the VM: backing files present, relative, inside the VM folder, no cycles, same
-  virtual size, qemu-img check clean. Exit 1 (CHAIN_INVALID) and a report when anything is wrong.`,
+  verify: `nasbackup chain verify ${CHAIN_NAS} [--backup <instance>/<timestamp>] [--json]
+  Checks every chain of the VM (or, with --backup, that point in time and its chain): backing files
+  present, relative, inside the VM folder, no cycles, same virtual size, qemu-img check clean; and the
+  content of every layer against its backup's manifest.json (each extent's digest), when it has one.
+  Exit 1 (CHAIN_INVALID) and one line per problem when anything is wrong.`,
   'plan-delete': `nasbackup chain plan-delete ${CHAIN_NAS} --backup <instance>/<timestamp> [--force] [--records <records.json>] [--json]
   Shows what 'chain delete' would do (rebases, then removals), changing nothing.`,
   delete: `nasbackup chain delete ${CHAIN_NAS} --backup <instance>/<timestamp> [--force [--yes]] [--records <records.json>]

@@ -51,7 +51,7 @@ export function validateChainArgs(
   if (parts.length !== 1) throw new NasbackupError('INVALID_ARGUMENT', `--vm must be an instance name, not a path: ${a.vm}`);
   const vm = parts[0]!;
   const out: ChainArgs = { nas: a.nas, vm, force: a.force, ...(a.records ? { records: a.records } : {}) };
-  if (action === 'list' || action === 'verify') return out;
+  if (action === 'list' || (action === 'verify' && a.backup === undefined)) return out;
   if (!a.backup) throw new NasbackupError('MISSING_ARGUMENT', '--backup <instance>/<timestamp> is required');
   const b = parseRelativePath(a.backup, { what: '--backup' });
   if (b.length === 2 && b[0] !== vm) throw new NasbackupError('INVALID_ARGUMENT', `--backup ${a.backup} is not a backup of ${vm}`);

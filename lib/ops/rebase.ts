@@ -3,6 +3,7 @@
 // failure never touches anything but the target (the original wiped the share).
 import { stat } from 'node:fs/promises';
 import { basename, dirname, join, relative } from 'node:path';
+import { refreshManifestEntry } from '../store/manifest-file.js';
 import { assertChainSafe } from '../store/safety.js';
 import { NasbackupError } from '../errors.js';
 import { ensureWithin } from '../paths.js';
@@ -119,6 +120,10 @@ export async function safeRebase(
   if (!after || top?.backingFile !== name || (await indexInChain(after, backing)) !== 1) {
     throw new NasbackupError('QEMU_IMG_FAILED', `Rebase of ${target} did not take effect (backing is ${top?.backingFile ?? 'unreadable'})`);
   }
+  // The layer now holds clusters it took from its old backing: its manifest entry follows,
+  // so `chain verify` keeps proving it. The rebase is done whatever happens here.
+  const refreshed = await refreshManifestEntry(target).catch((e: Error) => `not updated: ${e.message}`);
+  ctx.logger.log(`Rebase: manifest entry of ${target}: ${refreshed}`);
   return true;
 }
 

@@ -50,7 +50,7 @@ describe.concurrent('-o backup, running VM', () => {
     expect(r.code).toBe(0);
     expect(r.stdout).toBe(completedBlock(16 * MiB) + `${duSb(s.final)}\n`);
 
-    expect(readdirSync(s.final).sort()).toEqual([...SIDE_FILES, `root.${ROOT_VOL}.qcow2`].sort());
+    expect(readdirSync(s.final).sort()).toEqual([...SIDE_FILES, 'manifest.json', `root.${ROOT_VOL}.qcow2`].sort());
     const root = join(s.final, `root.${ROOT_VOL}.qcow2`);
     expect(compareImages(root, s.rootDisk)).toBe('Images are identical.');
     expect(qemuInfo(root)['backing-filename']).toBeUndefined();
@@ -83,7 +83,9 @@ describe.concurrent('-o backup, running VM', () => {
     const r = await backup(s, { extra: fullFlags() });
     expect(r.code).toBe(0);
     expect(r.stdout).toBe(completedBlock(24 * MiB) + `${duSb(s.final)}\nBITMAP_CREATED=${NEW_BITMAP}\n`);
-    expect(readdirSync(s.final).sort()).toEqual([`datadisk.${DATA_VOL}.qcow2`, ...SIDE_FILES, `root.${ROOT_VOL}.qcow2`].sort());
+    expect(readdirSync(s.final).sort()).toEqual(
+      [`datadisk.${DATA_VOL}.qcow2`, ...SIDE_FILES, 'manifest.json', `root.${ROOT_VOL}.qcow2`].sort(),
+    );
     expect(compareImages(join(s.final, `datadisk.${DATA_VOL}.qcow2`), s.dataDisk!)).toBe('Images are identical.');
 
     // One push target per disk, the cdrom left out; the checkpoint covers both disks.

@@ -183,6 +183,7 @@ describe.sequential('-o backup on a real guest', () => {
       'domblklist.xml',
       'domiflist.xml',
       'dominfo.xml',
+      'manifest.json',
       'root.' + ROOT_VOL + '.qcow2',
     ]);
     const du = withNas((root) => execFileSync('du', ['-sb', path.join(root, full)], { encoding: 'utf8' }).split('\t')[0]);
@@ -227,6 +228,12 @@ describe.sequential('-o backup on a real guest', () => {
     await expectChainEqualsLive(inc1);
     // The parent checkpoint is dropped; the new one remains.
     expect(await checkpoints()).toEqual(['backup-1700000002']);
+    // Both points in time carry manifests that the layers libvirt wrote match, extent by extent.
+    const v = await cli(['chain', 'verify', ...nas(), '--vm', VM, '--backup', inc1]);
+    expect(v.code).toBe(0);
+    expect(v.stdout).toContain(`OK   ${rootFile(inc1)}\n`);
+    expect(v.stdout).toContain(`OK   ${dataFile(full)}\n`);
+    expect(v.stdout).not.toContain('no manifest');
     nothingLeft();
   });
 

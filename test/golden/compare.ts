@@ -2,7 +2,7 @@
 // (annotations honoured, sizes recomputed from our files), stderr, log, calls, trees,
 // checkpoints and leftovers. Returns every difference found (empty: the scenario passes).
 import { createHash } from 'node:crypto';
-import { lstatSync, readdirSync } from 'node:fs';
+import { lstatSync, readdirSync, readFileSync } from 'node:fs';
 import { basename, join, posix } from 'node:path';
 import { isDeepStrictEqual } from 'node:util';
 import { argValue, NAS, targetDomain, type Annotation, type Entry, type Fixture, type Write } from './fixture.js';
@@ -10,6 +10,7 @@ import type { Outcome } from './harness.js';
 import { LOG_SENTINEL } from './harness.js';
 import { callKey, matchesPattern, normArgv, normText, VIRSH_URI } from './normalize.js';
 import { substitute, type LineSpec, type Resolved, type Table } from './rules.js';
+import { decodeManifest, MANIFEST_NAME } from '../../lib/store/manifest.js';
 
 export interface Diff {
   check: string;
@@ -502,12 +503,42 @@ function expectedBackupTree(ctx: Ctx, kind: 'full' | 'incremental'): Entry[] {
   return tree.sort((a, b) => Buffer.compare(Buffer.from(a.path), Buffer.from(b.path)));
 }
 
+/** The declared files we add (nasAdds): present, and a manifest that decodes and lists the new backup's qcow2 files. */
+function checkNasAdds(ctx: Ctx, r: Resolved, diffs: Diff[]): Set<string> {
+  const adds = new Set(r.expect.nasAdds.map((a) => substitute(a, ctx.fx)));
+  // A backup folder as ours writes it carries its manifest.
+  if (r.expect.nas === 'backup-full' || r.expect.nas === 'backup-incremental') adds.add(substitute(`\${-p}/${MANIFEST_NAME}`, ctx.fx));
+  const problems: string[] = [];
+  for (const a of adds) {
+    const e = ctx.out.nasAfter.find((x) => x.path === a);
+    if (!e || e.type !== 'file') {
+      problems.push(`missing: ${a} (file)`);
+      continue;
+    }
+    if (posix.basename(a) !== MANIFEST_NAME) continue;
+    try {
+      const m = decodeManifest(readFileSync(join(NAS, a), 'utf8'));
+      const dir = posix.dirname(a);
+      const qcow2 = ctx.out.nasAfter.filter((x) => x.type === 'qcow2' && posix.dirname(x.path) === dir).map((x) => posix.basename(x.path));
+      const listed = m.disks.map((d) => d.file);
+      if (!isDeepStrictEqual([...listed].sort(), qcow2.sort()))
+        problems.push(`${a}: lists ${JSON.stringify(listed)}, the folder holds ${JSON.stringify(qcow2)}`);
+    } catch (e) {
+      problems.push(`${a}: ${(e as Error).message}`);
+    }
+  }
+  if (problems.length) diffs.push({ check: 'nas', message: problems.join('\n  ') });
+  return adds;
+}
+
 function compareNas(ctx: Ctx, r: Resolved, diffs: Diff[]): void {
   const { fx, out } = ctx;
   const mode = r.expect.nas;
+  const adds = mode === 'any' || mode === 'unchanged' ? new Set<string>() : checkNasAdds(ctx, r, diffs);
+  const added = (e: Entry): boolean => adds.has(e.path);
   if (mode === 'any') {
     // the recording cannot say (the original never ran the operation)
-  } else if (mode === 'recorded') compareTrees('nas', out.nasAfter, fx.expect.nasAfter, diffs);
+  } else if (mode === 'recorded') compareTrees('nas', out.nasAfter, fx.expect.nasAfter, diffs, added);
   else if (mode === 'unchanged') {
     // `mkdir -p` of the instance folder (the original does it too) may leave it behind, empty.
     const p = argValue(fx.argv, '-p', '--path') ?? '';
@@ -516,7 +547,7 @@ function compareNas(ctx: Ctx, r: Resolved, diffs: Diff[]): void {
       .slice(0, -1)
       .map((_, i, a) => a.slice(0, i + 1).join('/'));
     compareTrees('nas', out.nasAfter, fx.nasBefore, diffs, (e) => e.type === 'dir' && ancestors.includes(e.path));
-  } else compareTrees('nas', out.nasAfter, expectedBackupTree(ctx, mode === 'backup-full' ? 'full' : 'incremental'), diffs);
+  } else compareTrees('nas', out.nasAfter, expectedBackupTree(ctx, mode === 'backup-full' ? 'full' : 'incremental'), diffs, added);
   if (r.expect.primary !== 'any')
     compareTrees('primary', out.primaryAfter, r.expect.primary === 'recorded' ? fx.expect.primaryAfter : fx.primaryBefore, diffs);
 }

@@ -50,6 +50,7 @@ describe('golden: the divergence table', () => {
       'primary',
       'checkpoints',
       'leftovers',
+      'nasAdds',
     ];
     const ids = new Set<string>();
     for (const r of table.rules) {

@@ -48,6 +48,7 @@ function describeExpect(x: Expectation): string {
   if (x.primary) parts.push(`primary ${x.primary}`);
   if (x.checkpoints) parts.push(`checkpoints ${x.checkpoints}`);
   if (x.leftovers) parts.push(`leftovers ${x.leftovers}`);
+  if (x.nasAdds?.length) parts.push(`NAS also holds ${x.nasAdds.map(code).join(', ')}`);
   const c = x.calls;
   if (c) {
     if (c.none) parts.push('no calls at all');
@@ -80,10 +81,11 @@ const RULE_LANGUAGE = [
     'call we also made; `@tool-error-reasons`: the reason part of failing recorded calls we did not make); `stderr` (`recorded`, `empty`); ' +
     '`log` (`recorded`: the recorded lines appear in order; `append-only`); `calls` (`none`, `recorded: false`, `drop`, `dropFrom`, ' +
     '`extra`, `optional`, `unordered`, `require`, `forbid`, `sequence`); `nas` (`recorded`, `unchanged`, `any`, `backup-full`, `backup-incremental`: the ' +
-    'new folder holds the side files and one qcow2 per disk whose guest-visible content equals the live disk, a full copy or a thin ' +
+    'new folder holds the side files, a `manifest.json` and one qcow2 per disk whose guest-visible content equals the live disk, a full copy or a thin ' +
     "incremental relinked onto its parent, a disk without a parent path taking the file of its name from the parents' folder); " +
     '`primary` (`recorded`, `unchanged`, `any`); `checkpoints` (`recorded`, `unchanged`, `any`, ' +
-    '`after-success`: before + `--bitmap-new` − `--bitmap-parent`); `leftovers` (`recorded`, `none`).',
+    '`after-success`: before + `--bitmap-new` − `--bitmap-parent`); `leftovers` (`recorded`, `none`); ' +
+    '`nasAdds` (NAS-relative files we add, `${-p}` substituted: each must exist, a `manifest.json` must decode and list the new qcow2 files).',
   '* Call patterns are call keys (`virsh` without `-c qemu:///system`): `*` is one argument, `**` any number, a trailing `!word` ' +
     "excludes calls with that argument. `${-v}`, `${--bitmap-new}`, … are the fixture's argv values (`${argv.last}` its last element); " +
     '`${qemu}`, `${libvirt}`, `${job.errorMessage}` come from its host section; `${cifsOptions}` / `${originalCifsOptions}` are the ' +

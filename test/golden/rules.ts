@@ -50,6 +50,8 @@ export interface Expectation {
   primary?: 'recorded' | 'unchanged' | 'any';
   checkpoints?: 'recorded' | 'unchanged' | 'after-success' | 'any';
   leftovers?: 'recorded' | 'none';
+  /** NAS-relative files (`${-p}` substituted) that we add and the recording lacks; each must exist, a `manifest.json` must decode. */
+  nasAdds?: string[];
 }
 
 export interface When {
@@ -349,6 +351,7 @@ export function resolve(fx: Fixture, table: Table): Resolved {
     primary: 'recorded',
     checkpoints: 'recorded',
     leftovers: 'recorded',
+    nasAdds: [],
     calls: {
       none: false,
       recorded: true,
@@ -372,6 +375,7 @@ export function resolve(fx: Fixture, table: Table): Resolved {
     }
     out.stdoutContains.push(...(x.stdoutContains ?? []));
     out.stdoutExcludes.push(...(x.stdoutExcludes ?? []));
+    out.nasAdds.push(...(x.nasAdds ?? []));
     const c = x.calls ?? {};
     if (c.none !== undefined) out.calls.none = c.none;
     if (c.recorded !== undefined) out.calls.recorded = c.recorded;

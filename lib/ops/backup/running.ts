@@ -2,7 +2,7 @@
 // agent asks for one, incrementals that stay correct after a VM restart, a guest
 // frozen only for the instant of backup-begin, and a clean undo on every failure.
 import { stat, unlink, writeFile } from 'node:fs/promises';
-import { join, relative } from 'node:path';
+import { dirname, join, relative } from 'node:path';
 import type { BackupReport } from '../../agent-output.js';
 import { NasbackupError, type Warning } from '../../errors.js';
 import { ensureWithin, exists, parseRelativePath } from '../../paths.js';
@@ -17,6 +17,7 @@ import { createProgress } from './progress.js';
 import { backupXml, checkpointXml, redefineCheckpointXml } from './xml.js';
 import type { BackupArgs } from './args.js';
 import { apparentSize, WorkDir } from './workdir.js';
+import { writeManifest } from './manifest.js';
 import { syncAfter, type OpContext } from '../context.js';
 import { UndoStack } from '../undo.js';
 import type { BackupResult } from '../results.js';
@@ -234,6 +235,13 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     for (const f of [bxml, cxml]) await unlink(f).catch(() => {});
     await syncAfter(ctx, 'backup');
     await checkNewChains(disks, work);
+    await writeManifest(ctx, a, work, {
+      kind: p.incrementalFrom ? 'incremental' : 'full',
+      checkpoint: p.newCheckpoint,
+      incrementalFrom: p.incrementalFrom,
+      parent: p.incrementalFrom && p.parents[0] ? dirname(p.parents[0]) : null,
+      disks: disks.map((d) => ({ file: d.file, volId: d.volId })),
+    });
     await ctx.commit(() => work.commit());
     await dropOldCheckpoints(ctx, virsh, a.vm, p);
 

@@ -11,6 +11,7 @@ import type { QemuImgClient } from '../../clients/qemu-img.js';
 import { backupFileName, volumeId } from '../../store/disks.js';
 import type { BackupArgs } from './args.js';
 import { apparentSize, WorkDir } from './workdir.js';
+import { writeManifest } from './manifest.js';
 import { syncAfter, type OpContext } from '../context.js';
 import type { BackupResult } from '../results.js';
 
@@ -54,6 +55,13 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
       await qemuImg.convert(d.src, fmt, dst);
     }
     await syncAfter(ctx, 'backup');
+    await writeManifest(ctx, a, work, {
+      kind: 'full',
+      checkpoint: a.bitmapNew,
+      incrementalFrom: null,
+      parent: null,
+      disks: disks.map((d) => ({ file: d.file, volId: d.volId })),
+    });
     await ctx.commit(() => work.commit());
 
     // Seed the bitmap the next (running) incremental starts from. Only qcow2 files can

@@ -5,7 +5,8 @@ import { lstat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { NasbackupError, withResult } from '../../errors.js';
 import { ensureWithin, exists } from '../../paths.js';
-import { discover, type VmBackups } from './discover.js';
+import { backingFile, discover, type BackupFile, type VmBackups } from './discover.js';
+import { digestLayer } from '../../store/layer-digest.js';
 import { planDelete, type DeletePlan } from './plan.js';
 import type { BackupRecord } from './provider-plan.js';
 import { verifyChains, type VerifyReport } from './verify.js';
@@ -55,11 +56,39 @@ export interface ChainVerifyResult {
 }
 
 export async function chainVerify(ctx: OpContext, a: ChainArgs): Promise<ChainVerifyResult> {
-  const { vm, backups } = await load(ctx, a);
-  const report = await verifyChains(backups, (abs) => ctx.clients.qemuImg.check(abs, { shared: true }));
+  const { vm, root, backups: all } = await load(ctx, a);
+  if (!(await exists(all.instanceDir)) || (all.backups.length === 0 && all.partials.length === 0)) {
+    throw new NasbackupError('FILE_NOT_FOUND', `No backups of ${vm} on this NAS`);
+  }
+  let backups = all;
+  if (a.backup !== undefined) {
+    if (!all.backups.includes(a.backup)) throw new NasbackupError('FILE_NOT_FOUND', `No backup ${vm}/${a.backup} on this NAS`);
+    backups = await pointInTime(all, a.backup);
+  }
+  ctx.logger.log(`Chain verify of ${vm}${a.backup ? `/${a.backup}` : ''} on ${root}`);
+  const report = await verifyChains(backups, (abs) => ctx.clients.qemuImg.check(abs, { shared: true }), 2, {
+    scope: backups.backups,
+    digest: (abs, extentBytes) => digestLayer(abs, { extentBytes, between: () => ctx.checkpoint() }),
+    between: () => ctx.checkpoint(),
+  });
   const result = { vm, report };
   if (!report.ok) throw new NasbackupError('CHAIN_INVALID', `The backup chains of ${vm} have errors`, { result });
   return result;
+}
+
+/** One point in time: the files of `backup` and every layer below them, and the folders they are in. */
+async function pointInTime(all: VmBackups, backup: string): Promise<VmBackups> {
+  const keep = new Set<BackupFile>();
+  for (let todo = all.files.filter((f) => f.backup === backup); todo.length > 0;) {
+    const f = todo.pop()!;
+    if (keep.has(f)) continue;
+    keep.add(f);
+    const parent = await backingFile(all, f);
+    if (parent) todo.push(parent);
+  }
+  const files = all.files.filter((f) => keep.has(f));
+  const folders = new Set([backup, ...files.map((f) => f.backup)]);
+  return { ...all, files, backups: all.backups.filter((b) => folders.has(b)), partials: [] };
 }
 
 export interface ChainPlanResult {

@@ -1,0 +1,168 @@
+// The manifest of one backup (`manifest.json` in its folder): what the backup is (VM,
+// time, mode, checkpoint, parent) and, per disk file, its identity and content digests
+// per fixed guest extent, so `chain verify` can prove content and name the bad layer and
+// extent. Pure: encode, decode and validate; the digests are computed in layer-digest.ts.
+
+/** The file's name inside a backup folder. */
+export const MANIFEST_NAME = 'manifest.json';
+/** The `format` field: what this JSON is. */
+export const MANIFEST_FORMAT = 'nasbackup-manifest';
+/** Schema version; a reader refuses a newer one rather than misreading it. */
+export const MANIFEST_VERSION = 1;
+/** Digest of a guest extent: SHA-256 over the canonical stream (layer-digest.ts). */
+export const DIGEST_ALGORITHM = 'sha256';
+/** Name of the canonical stream definition (status byte per unit + a data unit's bytes). */
+export const DIGEST_STREAM = 'nasbackup-layer-v1';
+export const DEFAULT_EXTENT_BYTES = 64 * 1024 * 1024;
+
+export interface ExtentDigest {
+  /** Extent number: guest bytes [index * extentBytes, (index + 1) * extentBytes). */
+  index: number;
+  /** Lower-case hex. */
+  digest: string;
+}
+
+export interface ManifestDisk {
+  /** File name inside the backup folder (`root.<vol>.qcow2`, `datadisk.<vol>.qcow2`). */
+  file: string;
+  volumeId: string;
+  format: 'qcow2';
+  virtualSize: number;
+  /** The backing reference as stored in the header (relative), or null for a full. */
+  backing: string | null;
+  backingFormat: string | null;
+  /** st_size of the file. */
+  fileBytes: number;
+  /** Guest bytes this layer holds as data, and as zero clusters. */
+  dataBytes: number;
+  zeroBytes: number;
+  /** Unit of the canonical stream: the layer's (sub)cluster size. */
+  unitBytes: number;
+  /** Only extents where the layer holds something; an extent not listed must be wholly unallocated in it. */
+  extents: ExtentDigest[];
+}
+
+export interface Manifest {
+  format: typeof MANIFEST_FORMAT;
+  version: typeof MANIFEST_VERSION;
+  tool: { name: 'nasbackup'; version: string };
+  vm: string;
+  /** Mount-relative `<instance>/<timestamp>`. */
+  path: string;
+  /** ISO 8601, UTC, when the backup's data was complete. */
+  createdAt: string;
+  /** The mode the agent asked for, and what was taken (a fallback makes a full). */
+  mode: 'legacy' | 'full' | 'incremental';
+  kind: 'full' | 'incremental';
+  /** Running VM: the checkpoint created with the backup; stopped VM: the bitmap asked for (seeded on the sources after the commit). */
+  checkpoint: string | null;
+  /** The checkpoint an incremental was taken against. */
+  incrementalFrom: string | null;
+  /** Mount-relative folder of the parent backup (incremental), or null. */
+  parent: string | null;
+  digest: { algorithm: typeof DIGEST_ALGORITHM; stream: typeof DIGEST_STREAM; extentBytes: number };
+  disks: ManifestDisk[];
+}
+
+export function encodeManifest(m: Manifest): string {
+  return JSON.stringify(m, null, 2) + '\n';
+}
+
+export class ManifestError extends Error {}
+
+type Obj = Record<string, unknown>;
+const isObj = (v: unknown): v is Obj => typeof v === 'object' && v !== null && !Array.isArray(v);
+
+function str(o: Obj, k: string, where: string): string {
+  const v = o[k];
+  if (typeof v !== 'string') throw new ManifestError(`${where}${k} is not a string`);
+  return v;
+}
+function strOrNull(o: Obj, k: string, where: string): string | null {
+  return o[k] === null ? null : str(o, k, where);
+}
+function count(o: Obj, k: string, where: string): number {
+  const v = o[k];
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw new ManifestError(`${where}${k} is not a non-negative integer`);
+  return v;
+}
+function oneOf<T extends string>(o: Obj, k: string, allowed: readonly T[], where: string): T {
+  const v = str(o, k, where);
+  if (!(allowed as readonly string[]).includes(v))
+    throw new ManifestError(`${where}${k} is ${JSON.stringify(v)}, not one of ${allowed.join(', ')}`);
+  return v as T;
+}
+
+/** Parse and validate; throws ManifestError with what is wrong. */
+export function decodeManifest(text: string): Manifest {
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch (e) {
+    throw new ManifestError(`not JSON: ${(e as Error).message}`);
+  }
+  if (!isObj(raw)) throw new ManifestError('not a JSON object');
+  if (raw.format !== MANIFEST_FORMAT) throw new ManifestError(`format is ${JSON.stringify(raw.format)}, not ${MANIFEST_FORMAT}`);
+  if (raw.version !== MANIFEST_VERSION)
+    throw new ManifestError(`version ${JSON.stringify(raw.version)} is not supported (this reader knows ${MANIFEST_VERSION})`);
+  const tool = raw.tool;
+  if (!isObj(tool) || tool.name !== 'nasbackup' || typeof tool.version !== 'string')
+    throw new ManifestError('tool is not {name: nasbackup, version}');
+  const d = raw.digest;
+  if (!isObj(d) || d.algorithm !== DIGEST_ALGORITHM || d.stream !== DIGEST_STREAM)
+    throw new ManifestError(`digest is not ${DIGEST_ALGORITHM} over ${DIGEST_STREAM}`);
+  const extentBytes = count(d, 'extentBytes', 'digest.');
+  if (extentBytes === 0 || extentBytes % 512 !== 0) throw new ManifestError('digest.extentBytes is not a positive multiple of 512');
+  if (!Array.isArray(raw.disks)) throw new ManifestError('disks is not an array');
+  const files = new Set<string>();
+  const disks = raw.disks.map((x: unknown, i): ManifestDisk => {
+    const w = `disks[${i}].`;
+    if (!isObj(x)) throw new ManifestError(`disks[${i}] is not an object`);
+    const file = str(x, 'file', w);
+    if (file.includes('/') || file === '' || file === '.' || file === '..') throw new ManifestError(`${w}file is not a plain file name`);
+    if (files.has(file)) throw new ManifestError(`${w}file ${file} is listed twice`);
+    files.add(file);
+    if (!Array.isArray(x.extents)) throw new ManifestError(`${w}extents is not an array`);
+    const virtualSize = count(x, 'virtualSize', w);
+    const extentCount = Math.ceil(virtualSize / extentBytes);
+    let last = -1;
+    const extents = x.extents.map((e: unknown, j): ExtentDigest => {
+      const we = `${w}extents[${j}].`;
+      if (!isObj(e)) throw new ManifestError(`${we.slice(0, -1)} is not an object`);
+      const index = count(e, 'index', we);
+      if (index <= last || index >= extentCount) throw new ManifestError(`${we}index ${index} is out of order or past the disk's end`);
+      last = index;
+      const digest = str(e, 'digest', we);
+      if (!/^[0-9a-f]{64}$/.test(digest)) throw new ManifestError(`${we}digest is not 64 hex digits`);
+      return { index, digest };
+    });
+    return {
+      file,
+      volumeId: str(x, 'volumeId', w),
+      format: oneOf(x, 'format', ['qcow2'] as const, w),
+      virtualSize,
+      backing: strOrNull(x, 'backing', w),
+      backingFormat: strOrNull(x, 'backingFormat', w),
+      fileBytes: count(x, 'fileBytes', w),
+      dataBytes: count(x, 'dataBytes', w),
+      zeroBytes: count(x, 'zeroBytes', w),
+      unitBytes: count(x, 'unitBytes', w),
+      extents,
+    };
+  });
+  return {
+    format: MANIFEST_FORMAT,
+    version: MANIFEST_VERSION,
+    tool: { name: 'nasbackup', version: tool.version },
+    vm: str(raw, 'vm', ''),
+    path: str(raw, 'path', ''),
+    createdAt: str(raw, 'createdAt', ''),
+    mode: oneOf(raw, 'mode', ['legacy', 'full', 'incremental'] as const, ''),
+    kind: oneOf(raw, 'kind', ['full', 'incremental'] as const, ''),
+    checkpoint: strOrNull(raw, 'checkpoint', ''),
+    incrementalFrom: strOrNull(raw, 'incrementalFrom', ''),
+    parent: strOrNull(raw, 'parent', ''),
+    digest: { algorithm: DIGEST_ALGORITHM, stream: DIGEST_STREAM, extentBytes },
+    disks,
+  };
+}

@@ -1,0 +1,142 @@
+// The manifest model (encode, decode, what a reader refuses) and the per-extent digests
+// of one layer, each compared with an independent recomputation from qemu-img alone on
+// real images: data, zero and unallocated clusters, compressed clusters, a thin layer
+// over a backing (its own clusters only), a size that is not a cluster multiple.
+import { execFileSync } from 'node:child_process';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { digestLayer } from '../../lib/store/layer-digest.js';
+import { decodeManifest, encodeManifest, ManifestError, type Manifest } from '../../lib/store/manifest.js';
+import { recomputeDigests } from '../helpers/layer-digest.js';
+import { makeImage } from '../helpers/qemu.js';
+import { removeTempDirs, tempDir } from '../helpers/tmp.js';
+
+afterAll(removeTempDirs);
+
+const MiB = 1024 * 1024;
+
+const sample = (): Manifest => ({
+  format: 'nasbackup-manifest',
+  version: 1,
+  tool: { name: 'nasbackup', version: '0.1.0' },
+  vm: 'i-2-10-VM',
+  path: 'i-2-10-VM/2025.01.04.00.00.00',
+  createdAt: '2025-01-04T00:00:00.000Z',
+  mode: 'incremental',
+  kind: 'incremental',
+  checkpoint: 'backup-1736035200',
+  incrementalFrom: 'backup-1735689600',
+  parent: 'i-2-10-VM/2025.01.01.00.00.00',
+  digest: { algorithm: 'sha256', stream: 'nasbackup-layer-v1', extentBytes: 64 * MiB },
+  disks: [
+    {
+      file: 'root.b3f4.qcow2',
+      volumeId: 'b3f4',
+      format: 'qcow2',
+      virtualSize: 200 * MiB,
+      backing: '../2025.01.01.00.00.00/root.b3f4.qcow2',
+      backingFormat: 'qcow2',
+      fileBytes: 393216,
+      dataBytes: 131072,
+      zeroBytes: 0,
+      unitBytes: 65536,
+      extents: [
+        { index: 0, digest: 'a'.repeat(64) },
+        { index: 3, digest: '0123456789abcdef'.repeat(4) },
+      ],
+    },
+  ],
+});
+
+describe('manifest codec', () => {
+  it('round-trips', () => {
+    const m = sample();
+    expect(decodeManifest(encodeManifest(m))).toEqual(m);
+  });
+
+  const refuse = (edit: (o: Record<string, unknown>) => void, why: RegExp): void => {
+    const o = JSON.parse(encodeManifest(sample())) as Record<string, unknown>;
+    edit(o);
+    expect(() => decodeManifest(JSON.stringify(o))).toThrow(ManifestError);
+    expect(() => decodeManifest(JSON.stringify(o))).toThrow(why);
+  };
+  const disk0 = (o: Record<string, unknown>) => (o.disks as Array<Record<string, unknown>>)[0]!;
+  const ext = (o: Record<string, unknown>) => disk0(o).extents as Array<Record<string, unknown>>;
+
+  it('refuses what it cannot trust, naming the field', () => {
+    expect(() => decodeManifest('{"format":')).toThrow(/not JSON/);
+    refuse((o) => (o.format = 'other'), /format/);
+    refuse((o) => (o.version = 2), /version 2 is not supported/);
+    refuse((o) => ((o.digest as Record<string, unknown>).algorithm = 'md5'), /digest is not sha256/);
+    refuse((o) => ((o.digest as Record<string, unknown>).extentBytes = 1000), /extentBytes/);
+    refuse((o) => (ext(o)[0]!.digest = 'xyz'), /extents\[0\]\.digest is not 64 hex digits/);
+    refuse((o) => (ext(o)[1]!.index = 0), /extents\[1\]\.index 0 is out of order/);
+    refuse((o) => (ext(o)[1]!.index = 4), /past the disk's end/);
+    refuse((o) => (disk0(o).file = '../x.qcow2'), /not a plain file name/);
+    refuse((o) => (o.disks = [disk0(o), disk0(o)]), /listed twice/);
+    refuse((o) => (disk0(o).virtualSize = -1), /virtualSize is not a non-negative integer/);
+    refuse((o) => (o.kind = 'differential'), /kind is "differential"/);
+    refuse((o) => delete o.vm, /vm is not a string/);
+  });
+});
+
+describe('layer digests (native) = independent recomputation (qemu-img map + convert of the layer alone)', () => {
+  const dir = tempDir('layer-digest');
+  const io = (img: string, cmd: string): void => void execFileSync('qemu-io', ['-f', 'qcow2', '-c', cmd, img], { stdio: 'ignore' });
+
+  it('data, zero and unallocated clusters over several extents; an untouched extent is not listed', async () => {
+    const img = join(dir, 'mixed.qcow2');
+    makeImage(img, { size: 8 * MiB });
+    io(img, `write -P 0x11 0 ${MiB}`);
+    io(img, `write -z ${3 * MiB} ${MiB}`);
+    io(img, `write -P 0x00 ${5 * MiB + 65536} 65536`); // a data cluster of zeros is data
+    io(img, `write -P 0x7e ${7 * MiB - 512} 1024`); // straddles two clusters and two extents
+    const ours = await digestLayer(img, { extentBytes: MiB });
+    const theirs = recomputeDigests(img, dir, MiB);
+    expect(ours.extents).toEqual(theirs.extents);
+    expect(ours.extents.map((e) => e.index)).toEqual([0, 3, 5, 6, 7]);
+    expect({ unit: ours.unitBytes, data: ours.dataBytes, zero: ours.zeroBytes }).toEqual({
+      unit: theirs.unitBytes,
+      data: theirs.dataBytes,
+      zero: theirs.zeroBytes,
+    });
+    // One byte more anywhere changes that extent's digest and no other.
+    io(img, `write -P 0x12 ${MiB / 2} 1`);
+    const after = await digestLayer(img, { extentBytes: MiB });
+    expect(after.extents.filter((e, i) => e.digest !== ours.extents[i]!.digest).map((e) => e.index)).toEqual([0]);
+  });
+
+  it('compressed clusters are digested as their guest bytes', async () => {
+    const src = join(dir, 'plain.qcow2');
+    const img = join(dir, 'compressed.qcow2');
+    makeImage(src, { size: 4 * MiB, writes: [{ pattern: 0x33, offset: 0, length: 2 * MiB }] });
+    execFileSync('qemu-img', ['convert', '-c', '-O', 'qcow2', src, img]);
+    const ours = await digestLayer(img, { extentBytes: MiB });
+    expect(ours.extents).toEqual(recomputeDigests(img, dir, MiB).extents);
+    // The same guest data, compressed or not, is the same stream.
+    expect(ours.extents).toEqual((await digestLayer(src, { extentBytes: MiB })).extents);
+  });
+
+  it('a thin layer: only its own clusters, never its backing`s', async () => {
+    const base = join(dir, 'chain', 'base.qcow2');
+    const top = join(dir, 'chain', 'top.qcow2');
+    makeImage(base, { size: 4 * MiB, writes: [{ pattern: 0x44, offset: 0, length: 4 * MiB }] });
+    makeImage(top, { backing: 'base.qcow2', writes: [{ pattern: 0x55, offset: 2 * MiB, length: 65536 }] });
+    const ours = await digestLayer(top, { extentBytes: MiB });
+    expect(ours.extents).toEqual(recomputeDigests(top, dir, MiB).extents);
+    expect(ours.extents.map((e) => e.index)).toEqual([2]);
+    expect(ours.dataBytes).toBe(65536);
+  });
+
+  it('a disk size that is not a cluster multiple, other cluster sizes, the default 64 MiB extent', async () => {
+    for (const cs of [4096, 65536, 2 * MiB]) {
+      const img = join(dir, `odd-${cs}.qcow2`);
+      makeImage(img, { size: 70 * MiB + 3 * 512, extra: ['-o', `cluster_size=${cs}`] });
+      io(img, `write -P 0x66 0 ${3 * 65536}`);
+      io(img, `write -P 0x67 ${70 * MiB} 1536`);
+      const ours = await digestLayer(img);
+      expect(ours.extents).toEqual(recomputeDigests(img, dir).extents);
+      expect(ours.extents.map((e) => e.index)).toEqual([0, 1]);
+    }
+  });
+});

@@ -1,14 +1,13 @@
 // `bin/nasbackup agent` end to end: wire command JSON on stdin, the operation run
 // for real (qemu-img, a real bind mount of a local folder as the NAS), the wire
 // answer on stdout, exit 0.
-import { spawn } from 'node:child_process';
 import { existsSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { decodeAnswers } from '../../compat/index.js';
 import { parseAgentArgs, runAgent } from '../../lib/cli/agent.js';
 import { rootFile, seedChain, TS, VM, VOL } from '../helpers/chain.js';
-import { BIN, leftovers, logText, makeSandbox, type RunOutcome, type Sandbox } from '../helpers/cli.js';
+import { leftovers, logText, makeSandbox, spawnAgent, type Sandbox } from '../helpers/cli.js';
 import { checkExitCode, contentSha256, info } from '../helpers/qemu.js';
 import { removeTempDirs } from '../helpers/tmp.js';
 import { snapshotTree } from '../helpers/tree.js';
@@ -37,16 +36,7 @@ afterAll(removeTempDirs);
 const P = 'org.apache.cloudstack.backup.';
 const esc = (x: string): string => x.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 
-/** Like the agent's transport would hand it over: JSON on stdin, nothing else. */
-function agent(sb: Sandbox, input: string, args: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<RunOutcome> {
-  const child = spawn(BIN, ['agent', ...args], { env: { ...sb.env, ...env }, stdio: ['pipe', 'pipe', 'pipe'] });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-  child.stdin.end(input);
-  return new Promise((res) => child.on('close', (code, signal) => res({ code, signal, stdout, stderr })));
-}
+const agent = spawnAgent;
 
 /** The NAS as the management server describes it: a local folder bind-mounted. */
 const nas = (sb: Sandbox) => ({ backupRepoType: 'none', backupRepoAddress: sb.nas, mountOptions: 'bind' });

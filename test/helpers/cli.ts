@@ -59,18 +59,41 @@ export interface RunOutcome {
   stderr: string;
 }
 
-export function start(sb: Sandbox, args: string[], env: NodeJS.ProcessEnv = {}): { child: ChildProcess; done: Promise<RunOutcome> } {
-  const child = spawn(BIN, args, { env: { ...sb.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+export interface StartOptions {
+  /** Written to stdin, then closed (`nasbackup agent` reads the wire JSON there); none: stdin ignored. */
+  input?: string;
+  /** Its own process group, so a test can signal the group. */
+  detached?: boolean;
+  bin?: string;
+}
+
+export function start(
+  sb: Sandbox,
+  args: string[],
+  env: NodeJS.ProcessEnv = {},
+  opts: StartOptions = {},
+): { child: ChildProcess; done: Promise<RunOutcome> } {
+  const child = spawn(opts.bin ?? BIN, args, {
+    env: { ...sb.env, ...env },
+    stdio: [opts.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'],
+    detached: opts.detached ?? false,
+  });
+  if (opts.input !== undefined) child.stdin!.end(opts.input);
   let stdout = '';
   let stderr = '';
-  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
+  child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
   const done = new Promise<RunOutcome>((res) => child.on('close', (code, signal) => res({ code, signal, stdout, stderr })));
   return { child, done };
 }
 
 export function run(sb: Sandbox, args: string[], env: NodeJS.ProcessEnv = {}): Promise<RunOutcome> {
   return start(sb, args, env).done;
+}
+
+/** `nasbackup agent` as the agent's transport runs it: the wire JSON on stdin, nothing else. */
+export function spawnAgent(sb: Sandbox, input: string, args: string[] = [], env: NodeJS.ProcessEnv = {}): Promise<RunOutcome> {
+  return start(sb, ['agent', ...args], env, { input }).done;
 }
 
 /** The NAS flags for a local folder bind-mounted as the NAS. */

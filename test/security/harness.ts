@@ -1,9 +1,9 @@
 // Shared by the security regression tests: running bin/nasbackup as its own process
 // group (so a test can signal the group as a terminal or init would), sending signals
 // at chosen points, and looking at what a run left behind.
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
-import { BIN, type RunOutcome, type Sandbox } from '../helpers/cli.js';
+import { BIN, start, type RunOutcome, type Sandbox } from '../helpers/cli.js';
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -22,13 +22,7 @@ export function startGroup(
   env: NodeJS.ProcessEnv = {},
   bin = BIN,
 ): { child: ChildProcess; done: Promise<RunOutcome> } {
-  const child = spawn(bin, args, { env: { ...sb.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-  const done = new Promise<RunOutcome>((res) => child.on('close', (code, signal) => res({ code, signal, stdout, stderr })));
-  return { child, done };
+  return start(sb, args, env, { detached: true, bin });
 }
 
 /** Live (non-zombie) children of `pid` whose command name is `comm`. */

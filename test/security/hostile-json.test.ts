@@ -2,25 +2,16 @@
 // array): nesting meant to exhaust the stack, prototype keys, numbers out of range, wrong
 // shapes. Each gets a BackupAnswer(false) naming the problem, and nothing is executed: no
 // mount, no program, no file on the share.
-import { spawn } from 'node:child_process';
 import { afterAll, describe, expect, it } from 'vitest';
 import { decodeAnswers } from '../../compat/index.js';
 import { seedChain } from '../helpers/chain.js';
-import { BIN, leftovers, makeSandbox, type RunOutcome, type Sandbox } from '../helpers/cli.js';
+import { leftovers, makeSandbox, spawnAgent, type RunOutcome, type Sandbox } from '../helpers/cli.js';
 import { removeTempDirs } from '../helpers/tmp.js';
 import { snapshotTree } from '../helpers/tree.js';
 
 afterAll(removeTempDirs);
 
-function agent(sb: Sandbox, input: string): Promise<RunOutcome> {
-  const child = spawn(BIN, ['agent'], { env: sb.env, stdio: ['pipe', 'pipe', 'pipe'] });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-  child.stdin.end(input);
-  return new Promise((res) => child.on('close', (code, signal) => res({ code, signal, stdout, stderr })));
-}
+const agent = (sb: Sandbox, input: string): Promise<RunOutcome> => spawnAgent(sb, input);
 
 const P = 'org.apache.cloudstack.backup.';
 const del = (body: string): string => `[{"${P}DeleteBackupCommand":${body}}]`;

@@ -8,21 +8,16 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import { wantsJson } from '../../lib/cli/args.js';
 import { NasbackupError } from '../../lib/errors.js';
-import { Runner, type RunOptions, type RunResult } from '../../lib/exec.js';
+import { Runner, type RunResult } from '../../lib/exec.js';
 import { isLauncher, LAUNCHER_MARKER, launcherText, ORIG_SUFFIX, type LauncherSpec } from '../../lib/install/launcher.js';
 import { checkLaunch, checkNode, PROBE_TIMEOUT_MS, type ProbeRunner } from '../../lib/install/node-probe.js';
 import { installAgentHook } from '../../lib/install/transaction.js';
 import { createLogger } from '../../lib/log.js';
 import { BIN } from '../helpers/cli.js';
+import { scriptedRunner, type Call } from '../helpers/runner.js';
 import { removeTempDirs, tempDir } from '../helpers/tmp.js';
 
 afterAll(removeTempDirs);
-
-interface Call {
-  command: string;
-  args: readonly string[];
-  opts: RunOptions;
-}
 
 /** A real Runner, with every call recorded. */
 function recording(logFile: string): { runner: ProbeRunner; calls: Call[] } {
@@ -35,23 +30,7 @@ function recording(logFile: string): { runner: ProbeRunner; calls: Call[] } {
 }
 
 /** A stand-in Runner that answers every call with `result` (failure injection). */
-function answering(result: Partial<RunResult>): ProbeRunner {
-  return {
-    run: async (command, args) => ({
-      command,
-      args,
-      exitCode: 0,
-      signal: null,
-      stdout: '',
-      stderr: '',
-      timedOut: false,
-      canceled: false,
-      spawnError: null,
-      durationMs: 1,
-      ...result,
-    }),
-  };
-}
+const answering = (result: Partial<RunResult>): ProbeRunner => scriptedRunner(() => result).runner;
 
 async function refusal(p: Promise<unknown>): Promise<NasbackupError> {
   const e = await p.then(

@@ -31,6 +31,17 @@ export {
 export { Qcow2Image, type Extent, type ExtentKind, type ClusterEntry } from './image.js';
 export { ImageChain, mapImage, layerExtents, type MapEntry, type ChainExtent } from './view.js';
 export { imageInfo, readBitmaps, type ImageInfo, type BitmapInfo } from './info.js';
+export {
+  readBitmapDirectory,
+  findBitmap,
+  dirtyRanges,
+  expectedTableSize,
+  MIN_GRANULARITY_BITS,
+  MAX_GRANULARITY_BITS,
+  type DirtyBitmap,
+  type BitmapDirectory,
+  type GuestRange,
+} from './bitmaps.js';
 export { nativeRebase, type NativeRebaseOptions, type NativeRebaseResult, type RebaseHooks } from './rebase.js';
 export { NodeBlockFile, openImageFile, type BlockFile } from './io.js';
 export { scanImage, scanMetadata, type ScanResult } from './scan.js';

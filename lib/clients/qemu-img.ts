@@ -20,6 +20,8 @@ function rebaseArgs(a: RebaseArgs): string[] {
 export interface ImageBitmap {
   name: string;
   flags: string[];
+  /** Guest bytes per bit, as qemu-img reports it (null if it does not). */
+  granularity: number | null;
 }
 
 /** The bitmaps of a qcow2 image from `qemu-img info --output=json`. */
@@ -27,9 +29,10 @@ function parseImageBitmaps(text: string): ImageBitmap[] {
   const info = JSON.parse(text) as { 'format-specific'?: { data?: { bitmaps?: unknown } } };
   const list = info['format-specific']?.data?.bitmaps ?? [];
   if (!Array.isArray(list)) throw new Error('qemu-img info: bitmaps is not a list');
-  return list.map((b: { name?: unknown; flags?: unknown }) => ({
+  return list.map((b: { name?: unknown; flags?: unknown; granularity?: unknown }) => ({
     name: String(b.name),
     flags: Array.isArray(b.flags) ? b.flags.map(String) : [],
+    granularity: typeof b.granularity === 'number' ? b.granularity : null,
   }));
 }
 
@@ -76,6 +79,12 @@ export class QemuImgClient {
   /** Remove and add again in one open of the image: an empty, recording bitmap. */
   async replaceBitmap(file: string, name: string): Promise<void> {
     const r = await this.run(['bitmap', '--remove', '--add', file, name]);
+    if (!succeeded(r)) throw this.bitmapFailure(r);
+  }
+
+  /** Remove a persistent bitmap (the parent bitmap an offline incremental has consumed). */
+  async removeBitmap(file: string, name: string): Promise<void> {
+    const r = await this.run(['bitmap', '--remove', file, name]);
     if (!succeeded(r)) throw this.bitmapFailure(r);
   }
 

@@ -19,8 +19,8 @@ describe('QemuImgClient.bitmaps', () => {
     execFileSync('qemu-img', ['bitmap', '--add', f, 'on']);
     execFileSync('qemu-img', ['bitmap', '--add', '--disable', f, 'off']);
     expect(await qemuImg.bitmaps(f)).toEqual([
-      { name: 'on', flags: ['auto'] },
-      { name: 'off', flags: [] },
+      { name: 'on', flags: ['auto'], granularity: 65536 },
+      { name: 'off', flags: [], granularity: 65536 },
     ]);
   });
 

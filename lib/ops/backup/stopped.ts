@@ -1,4 +1,5 @@
-// Backup of a stopped VM: a qemu-img copy of each -d disk. Stops at the first failure
+// Backup of a stopped VM: a qemu-img copy of each -d disk, or with -M incremental only what
+// the parent bitmap marks dirty (stopped-incremental.ts). Stops at the first failure
 // (the original carried on into a deleted folder); bitmaps are added to the sources
 // only once every copy succeeded, so the next running backup can be incremental.
 import { stat } from 'node:fs/promises';
@@ -12,6 +13,7 @@ import { backupFileName, volumeId } from '../../store/disks.js';
 import type { BackupArgs } from './args.js';
 import { apparentSize, WorkDir } from './workdir.js';
 import { writeManifest } from './manifest.js';
+import { backingReference, planOffline, retireBitmap, writeOfflineIncremental } from './stopped-incremental.js';
 import { syncAfter, type OpContext } from '../context.js';
 import type { BackupResult } from '../results.js';
 
@@ -47,19 +49,28 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
   const work = await WorkDir.create(nas.mountPoint, a.path, { staleAfterMs: ctx.config.lockStaleAfterMs, log: (m) => ctx.logger.log(m) });
   try {
     const formats: Array<'qcow2' | 'raw'> = [];
-    for (const d of disks) {
-      ctx.checkpoint();
-      const fmt = await sourceFormat(d.src);
-      formats.push(fmt);
-      const dst = work.file(d.file);
-      await qemuImg.convert(d.src, fmt, dst);
+    for (const d of disks) formats.push(await sourceFormat(d.src));
+    // -M incremental: only the clusters the parent bitmap marks dirty, when it can be trusted.
+    const plan = a.mode === 'incremental' ? await planOffline(ctx, a, disks, formats, nas.mountPoint) : null;
+    if (plan?.kind === 'full') ctx.logger.log(`Offline incremental of ${a.vm} not possible (${plan.reason}): taking a full copy instead`);
+    if (plan?.kind === 'incremental') {
+      for (const d of plan.disks) {
+        ctx.checkpoint();
+        await writeOfflineIncremental(ctx, d, work.file(d.file), backingReference(work.final, d.parentAbs));
+      }
+    } else {
+      for (const [i, d] of disks.entries()) {
+        ctx.checkpoint();
+        await qemuImg.convert(d.src, formats[i]!, work.file(d.file));
+      }
     }
     await syncAfter(ctx, 'backup');
+    const incremental = plan?.kind === 'incremental' ? plan : null;
     await writeManifest(ctx, a, work, {
-      kind: 'full',
+      kind: incremental ? 'incremental' : 'full',
       checkpoint: a.bitmapNew,
-      incrementalFrom: null,
-      parent: null,
+      incrementalFrom: incremental ? a.bitmapParent : null,
+      parent: incremental ? incremental.parentDir : null,
       disks: disks.map((d) => ({ file: d.file, volId: d.volId })),
     });
     await ctx.commit(() => work.commit());
@@ -84,17 +95,24 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
         ctx.logger.log(`Not reporting BITMAP_CREATED=${a.bitmapNew}: it is not an empty, recording bitmap on every disk (see above)`);
     }
 
+    // The parent bitmap is consumed: the next incremental starts from --bitmap-new. (After a
+    // fallback full too, where the disk had it: nothing may base on it any more.)
+    const retire = incremental ? incremental.disks.map((d) => d.src) : plan?.kind === 'full' ? plan.seen : [];
+    if (a.bitmapParent && a.bitmapParent !== a.bitmapNew) for (const src of retire) await retireBitmap(ctx, qemuImg, src, a.bitmapParent);
+
     const sizes = await Promise.all(
       disks.map(async (d) => ({ name: d.file, size: (await stat(`${work.final}/${d.file}`, { bigint: true })).size })),
     );
     const report: BackupReport = {
       profile: a.profile,
-      fallbackReason: a.mode === 'incremental' ? STOPPED_FALLBACK_REASON : null,
+      fallbackReason: a.mode === 'incremental' && !incremental ? STOPPED_FALLBACK_REASON : null,
       bitmapCreated,
       warnings: [],
       totalBytes: await apparentSize(work.final),
     };
-    ctx.logger.log(`Backup of stopped VM ${a.vm} to ${work.final} completed (${report.totalBytes} bytes)`);
+    ctx.logger.log(
+      `${incremental ? `Offline incremental (from ${a.bitmapParent})` : 'Backup'} of stopped VM ${a.vm} to ${work.final} completed (${report.totalBytes} bytes)`,
+    );
     return { vm: a.vm, path: a.path, mode: a.mode, format: 'stopped', report, warnings: [], jobBlock: '', files: sizes };
   } catch (e) {
     await work.discard().catch((err: Error) => ctx.leftover(`Could not remove the unfinished backup ${work.path}: ${err.message}`));

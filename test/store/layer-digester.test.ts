@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { Qcow2Image } from '../../lib/qcow2/index.js';
 import { digestLayer, LayerDigester, type UnitKind } from '../../lib/store/layer-digest.js';
+import { describeLayer, layerEntry } from '../../lib/store/manifest-file.js';
 import { recomputeDigests } from '../helpers/layer-digest.js';
 import { removeTempDirs, tempDir } from '../helpers/tmp.js';
 
@@ -59,7 +60,7 @@ function readLayer(path: string, scratch: string): Layer {
   execFileSync('qemu-img', ['convert', '-U', '-O', 'raw', layerOnly(path), raw]);
   const bytes = readFileSync(raw);
   rmSync(raw, { force: true });
-  const rows = map.map((r) => ({
+  const rows = map.map((r): Layer['rows'][number] => ({
     start: r.start,
     length: r.length,
     kind: r.present === false ? 'unallocated' : r.data ? 'data' : r.zero ? 'zero' : 'unallocated',
@@ -190,5 +191,18 @@ describe('LayerDigester refuses a feed it cannot digest', () => {
     expect(r).toEqual({ virtualSize: 4 * MiB, unitBytes: 64 * KiB, dataBytes: 0, zeroBytes: 0, extents: [] });
     expect(a.finish()).toBe(r);
     expect(() => a.add(3 * MiB, 512, 'unallocated')).toThrow(/finished/);
+  });
+});
+
+describe('a manifest entry from streamed digests', () => {
+  const dir = tempDir('layer-entry');
+  it('equals the entry of a re-read; digests of another geometry are refused', async () => {
+    const img = join(dir, 'e.qcow2');
+    randomImage(img, rng(42), 64 * KiB, false);
+    const layer = readLayer(img, dir);
+    const streamed = stream(layer, 64 * MiB, rng(43));
+    expect(await layerEntry(img, 'vol-1', streamed)).toEqual(await describeLayer(img, 'vol-1', 64 * MiB));
+    await expect(layerEntry(img, 'vol-1', { ...streamed, unitBytes: 4 * KiB })).rejects.toThrow(/units of 4096/);
+    await expect(layerEntry(img, 'vol-1', { ...streamed, virtualSize: streamed.virtualSize + 512 })).rejects.toThrow(/virtual size/);
   });
 });

@@ -38,6 +38,8 @@ export interface LayerDigesterOptions {
   unitBytes: number;
   /** A multiple of unitBytes; the manifest's extent size by default. */
   extentBytes?: number;
+  /** Called with each listed extent as soon as the stream passes its end (a reader can compare early). */
+  onExtent?: (e: ExtentDigest) => void;
 }
 
 const DATA_MARK = Buffer.from([DATA]);
@@ -64,6 +66,7 @@ export class LayerDigester {
   private unitKind: UnitKind = 'unallocated';
   private done = false;
   private readonly out: LayerDigest;
+  private readonly onExtent: ((e: ExtentDigest) => void) | undefined;
 
   constructor(opts: LayerDigesterOptions) {
     const { virtualSize, unitBytes } = opts;
@@ -76,6 +79,7 @@ export class LayerDigester {
     this.unitBytes = unitBytes;
     this.extentBytes = extentBytes;
     this.out = { virtualSize, unitBytes, dataBytes: 0, zeroBytes: 0, extents: [] };
+    this.onExtent = opts.onExtent;
   }
 
   /** Guest offset up to which the stream is built. */
@@ -153,7 +157,11 @@ export class LayerDigester {
   }
 
   private closeExtent(): void {
-    if (this.hash !== null) this.out.extents.push({ index: Math.ceil(this.pos / this.extentBytes) - 1, digest: this.hash.digest('hex') });
+    if (this.hash !== null) {
+      const e = { index: Math.ceil(this.pos / this.extentBytes) - 1, digest: this.hash.digest('hex') };
+      this.out.extents.push(e);
+      this.onExtent?.(e);
+    }
     this.hash = null;
     this.lazyUnallocated = 0;
   }

@@ -184,6 +184,25 @@ describe('LayerDigester refuses a feed it cannot digest', () => {
     expect(() => b.add(8192, 4096, 'data', Buffer.alloc(4096))).toThrow(/inside a data unit/);
     expect(() => new LayerDigester({ virtualSize: MiB, unitBytes: 64 * KiB, extentBytes: 96 * KiB })).toThrow(/not a multiple/);
   });
+  it('reports each extent as soon as the stream passes its end', () => {
+    const seen: Array<[number, number]> = [];
+    const a = new LayerDigester({
+      virtualSize: 4 * MiB,
+      unitBytes: 64 * KiB,
+      extentBytes: MiB,
+      onExtent: (e) => seen.push([e.index, a.position]),
+    });
+    a.add(0, 64 * KiB, 'data', Buffer.alloc(64 * KiB, 3));
+    expect(seen).toEqual([]);
+    a.add(2 * MiB, 64 * KiB, 'zero');
+    expect(seen).toEqual([[0, MiB]]);
+    const r = a.finish();
+    expect(seen).toEqual([
+      [0, MiB],
+      [2, 3 * MiB],
+    ]);
+    expect(r.extents.map((e) => e.index)).toEqual([0, 2]);
+  });
   it('an empty layer lists no extent; finish() twice gives the same result; nothing after finish', () => {
     const a = dg();
     a.add(2 * MiB, MiB, 'unallocated');

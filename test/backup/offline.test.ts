@@ -8,7 +8,7 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { closeSync, openSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { logText, writeShim } from '../helpers/cli.js';
+import { bindNas, logText, run, writeShim } from '../helpers/cli.js';
 import { imageBitmaps, leaveBitmapsInUse } from '../helpers/bitmaps.js';
 import { removeTempDirs } from '../helpers/tmp.js';
 import {
@@ -115,6 +115,12 @@ describe('-o backup -M incremental, stopped VM: offline incremental', () => {
       incrementalFrom: PARENT_BITMAP,
       parent: `${VM}/${PARENT_TS}`,
     });
+    // The digests streamed while writing are what chain verify reads back from every layer.
+    const v = await run(s.sb, ['chain', 'verify', ...bindNas(s.sb), '--vm', VM, '--backup', `${VM}/${TS}`]);
+    expect(v.code).toBe(0);
+    expect(v.stdout).toContain(`OK   ${rootFile()}\n`);
+    expect(v.stdout).toContain(`OK   ${dataFile(PARENT_TS)}\n`);
+    expect(v.stdout).not.toContain('no manifest');
     const log = logText(s.sb);
     expect(log).not.toContain('not possible');
     expect(log).toContain(`Removed bitmap ${PARENT_BITMAP} from ${s.rootDisk}`);

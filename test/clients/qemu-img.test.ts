@@ -52,7 +52,7 @@ describe('QemuImgClient: add, replace, check', () => {
     expect(await qemuImg.addBitmap(f, 'n')).toBe(true);
     expect(await qemuImg.addBitmap(f, 'b')).toBe(false);
     await qemuImg.replaceBitmap(f, 'b');
-    expect((await qemuImg.bitmaps(f)).find((b) => b.name === 'b')).toEqual({ name: 'b', flags: ['auto'] });
+    expect((await qemuImg.bitmaps(f)).find((b) => b.name === 'b')).toEqual({ name: 'b', flags: ['auto'], granularity: 65536 });
   });
 
   it('add on a file that is not an image: a coded error, not false', async () => {

@@ -13,6 +13,7 @@ import { backupFileName, volumeId } from '../../store/disks.js';
 import type { BackupArgs } from './args.js';
 import { apparentSize, WorkDir } from './workdir.js';
 import { writeManifest } from './manifest.js';
+import type { LayerDigest } from '../../store/layer-digest.js';
 import { backingReference, planOffline, retireBitmap, writeOfflineIncremental } from './stopped-incremental.js';
 import { syncAfter, type OpContext } from '../context.js';
 import type { BackupResult } from '../results.js';
@@ -53,10 +54,11 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
     // -M incremental: only the clusters the parent bitmap marks dirty, when it can be trusted.
     const plan = a.mode === 'incremental' ? await planOffline(ctx, a, disks, formats, nas.mountPoint) : null;
     if (plan?.kind === 'full') ctx.logger.log(`Offline incremental of ${a.vm} not possible (${plan.reason}): taking a full copy instead`);
+    const digests = new Map<string, LayerDigest>();
     if (plan?.kind === 'incremental') {
       for (const d of plan.disks) {
         ctx.checkpoint();
-        await writeOfflineIncremental(ctx, d, work.file(d.file), backingReference(work.final, d.parentAbs));
+        digests.set(d.file, await writeOfflineIncremental(ctx, d, work.file(d.file), backingReference(work.final, d.parentAbs)));
       }
     } else {
       for (const [i, d] of disks.entries()) {
@@ -71,7 +73,10 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
       checkpoint: a.bitmapNew,
       incrementalFrom: incremental ? a.bitmapParent : null,
       parent: incremental ? incremental.parentDir : null,
-      disks: disks.map((d) => ({ file: d.file, volId: d.volId })),
+      disks: disks.map((d) => {
+        const digest = digests.get(d.file);
+        return { file: d.file, volId: d.volId, ...(digest ? { digest } : {}) };
+      }),
     });
     await ctx.commit(() => work.commit());
 

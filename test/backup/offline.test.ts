@@ -11,6 +11,9 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { bindNas, logText, run, writeShim } from '../helpers/cli.js';
 import { imageBitmaps, leaveBitmapsInUse } from '../helpers/bitmaps.js';
 import { removeTempDirs } from '../helpers/tmp.js';
+import { planOffline } from '../../lib/ops/backup/stopped-incremental.js';
+import type { BackupArgs } from '../../lib/ops/backup/args.js';
+import type { OpContext } from '../../lib/ops/context.js';
 import {
   backup,
   bitmapsIn,
@@ -281,5 +284,26 @@ describe('-M incremental, stopped VM: anything untrustworthy is the full copy, w
     expect(log).toContain(reason(s));
     expect(JSON.parse(readFileSync(join(s.final, 'manifest.json'), 'utf8'))).toMatchObject({ kind: 'full', parent: null });
     expectClean(s);
+  });
+});
+
+describe('planOffline, an rbd disk', () => {
+  it('is a full copy before anything is opened: an rbd image carries no qcow2 bitmap', async () => {
+    const args = {
+      vm: VM,
+      mode: 'incremental',
+      bitmapNew: NEW_BITMAP,
+      bitmapParent: PARENT_BITMAP,
+      parentPaths: [rootFile(PARENT_TS)],
+    } as unknown as BackupArgs;
+    const src = `rbd:cloudstack/${ROOT_VOL}:mon_host=10.0.0.9`;
+    const plan = await planOffline(
+      {} as OpContext,
+      args,
+      [{ src, volId: ROOT_VOL, file: `root.${ROOT_VOL}.qcow2` }],
+      ['raw'],
+      '/nonexistent',
+    );
+    expect(plan).toEqual({ kind: 'full', reason: `disk ${src} is raw (rbd): it carries no bitmap`, seen: [] });
   });
 });

@@ -105,10 +105,14 @@ function main(): void {
     const pieces = Math.round((size * changedPct) / 100 / pieceBytes);
     const slots = Math.floor(size / pieceBytes);
     const used = new Set<number>();
-    let x = 12345;
-    while (used.size < Math.min(pieces, slots)) {
-      x = (x * 1103515245 + 12345) % 2 ** 31;
-      used.add(x % slots);
+    // xorshift32: a fixed pseudo-random sequence (32-bit integer arithmetic, no precision loss).
+    let x = 0x9e3779b9;
+    const want = Math.min(pieces, slots);
+    for (let i = 0; used.size < want && i < 64 * want + 1024; i++) {
+      x ^= x << 13;
+      x ^= x >>> 17;
+      x ^= x << 5;
+      used.add((x >>> 0) % slots);
     }
     qemuIo(
       disk,

@@ -1,21 +1,30 @@
-// Backup of a stopped VM: a qemu-img copy of each -d disk, or with -M incremental only what
-// the parent bitmap marks dirty (stopped-incremental.ts). Stops at the first failure
-// (the original carried on into a deleted folder); bitmaps are added to the sources
-// only once every copy succeeded, so the next running backup can be incremental.
-import { stat } from 'node:fs/promises';
+// Backup of a stopped VM: a copy of each -d disk (with -M incremental, when the parent bitmap
+// can be trusted, only what it marks dirty: stopped-incremental.ts). A qcow2 source is copied natively through
+// the copy engine (lib/qcow2) into a new qcow2, its manifest digests computed on the way; a
+// raw, RBD or block-device source, and a qcow2 the native reader refuses or a QEMU process
+// holds, goes through `qemu-img convert` (which then words any error as it always did).
+// Stops at the first failure (the original carried on into a deleted folder); bitmaps are
+// added to the sources only once every copy succeeded, so the next running backup can be
+// incremental. No global sync: each file is flushed by its writer, and the commit fsyncs
+// the files and the folder.
+import { constants } from 'node:fs';
+import { open, stat } from 'node:fs/promises';
 import { STOPPED_FALLBACK_REASON, type BackupReport } from '../../agent-output.js';
 import { NasbackupError } from '../../errors.js';
 import { exists } from '../../paths.js';
-import { Qcow2Error, readHeader } from '../../qcow2/index.js';
+import { ImageChain, Qcow2Error, readHeader } from '../../qcow2/index.js';
 import { softly, ToolError } from '../../clients/failure.js';
 import type { QemuImgClient } from '../../clients/qemu-img.js';
+import { ProcLocksProbe } from '../../engine/locks.js';
 import { backupFileName, volumeId } from '../../store/disks.js';
+import type { LayerDigest } from '../../store/layer-digest.js';
 import type { BackupArgs } from './args.js';
 import { apparentSize, WorkDir } from './workdir.js';
 import { writeManifest } from './manifest.js';
-import type { LayerDigest } from '../../store/layer-digest.js';
 import { backingReference, planOffline, retireBitmap, writeOfflineIncremental } from './stopped-incremental.js';
-import { syncAfter, type OpContext } from '../context.js';
+import { copyDiskToQcow2 } from './copy-disk.js';
+import { createProgress } from './progress.js';
+import type { OpContext } from '../context.js';
 import type { BackupResult } from '../results.js';
 
 /**
@@ -54,29 +63,23 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
     // -M incremental: only the clusters the parent bitmap marks dirty, when it can be trusted.
     const plan = a.mode === 'incremental' ? await planOffline(ctx, a, disks, formats, nas.mountPoint) : null;
     if (plan?.kind === 'full') ctx.logger.log(`Offline incremental of ${a.vm} not possible (${plan.reason}): taking a full copy instead`);
-    const digests = new Map<string, LayerDigest>();
-    if (plan?.kind === 'incremental') {
-      for (const d of plan.disks) {
-        ctx.checkpoint();
-        digests.set(d.file, await writeOfflineIncremental(ctx, d, work.file(d.file), backingReference(work.final, d.parentAbs)));
-      }
-    } else {
-      for (const [i, d] of disks.entries()) {
-        ctx.checkpoint();
-        await qemuImg.convert(d.src, formats[i]!, work.file(d.file));
-      }
-    }
-    await syncAfter(ctx, 'backup');
     const incremental = plan?.kind === 'incremental' ? plan : null;
+    const digests: Array<LayerDigest | undefined> = [];
+    for (const [i, d] of disks.entries()) {
+      ctx.checkpoint();
+      const off = incremental?.disks[i];
+      digests.push(
+        off
+          ? await writeOfflineIncremental(ctx, off, work.file(d.file), backingReference(work.final, off.parentAbs))
+          : await copyDisk(ctx, a, d.src, formats[i]!, work.file(d.file), `disk ${i + 1}/${disks.length}`),
+      );
+    }
     await writeManifest(ctx, a, work, {
       kind: incremental ? 'incremental' : 'full',
       checkpoint: a.bitmapNew,
       incrementalFrom: incremental ? a.bitmapParent : null,
       parent: incremental ? incremental.parentDir : null,
-      disks: disks.map((d) => {
-        const digest = digests.get(d.file);
-        return { file: d.file, volId: d.volId, ...(digest ? { digest } : {}) };
-      }),
+      disks: disks.map((d, i) => ({ file: d.file, volId: d.volId, ...(digests[i] ? { digest: digests[i] } : {}) })),
     });
     await ctx.commit(() => work.commit());
 
@@ -123,6 +126,124 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
     await work.discard().catch((err: Error) => ctx.leftover(`Could not remove the unfinished backup ${work.path}: ${err.message}`));
     throw e;
   }
+}
+
+/**
+ * Copy one disk into `dst`; returns its digests when they were computed on the way (native
+ * copy), else undefined (the manifest step reads the file). Logs the throughput either way.
+ */
+async function copyDisk(
+  ctx: OpContext,
+  a: BackupArgs,
+  src: string,
+  fmt: 'qcow2' | 'raw',
+  dst: string,
+  label: string,
+): Promise<LayerDigest | undefined> {
+  const started = Date.now();
+  const chain = fmt === 'qcow2' ? await openNative(ctx, src) : null;
+  if (chain === null) {
+    // Parallel options: see QemuImgClient.convert.
+    await ctx.clients.qemuImg.convert(src, fmt, dst, { parallel: true });
+    await flushFile(ctx, dst);
+    const size = (await stat(dst)).size;
+    logThroughput(ctx, `Copied ${src} to ${dst} with qemu-img convert`, `${size} bytes written`, size, Date.now() - started);
+    return undefined;
+  }
+  const progress = await createProgress(process.stdout.isTTY === true && process.stderr.isTTY === true, `${a.vm} ${label}`);
+  // The deadline qemu-img convert had: checked between requests, and around the whole copy
+  // (a write or flush stuck on a dead NAS); once it passed, the next checkpoint stops the engine.
+  const limitMs = ctx.config.qemuImgTimeoutMs;
+  let expired = false;
+  try {
+    const r = await withDeadline(
+      copyDiskToQcow2(chain, dst, {
+        onProgress: (done, total) => progress.update(done, total),
+        checkpoint: () => {
+          ctx.checkpoint();
+          if (expired || Date.now() - started > limitMs)
+            throw new NasbackupError('COMMAND_TIMEOUT', `Copying ${src} did not finish within ${Math.round(limitMs / 1000)} s`);
+        },
+      }),
+      limitMs,
+      `Copying ${src}`,
+    ).catch((e: unknown) => {
+      expired = true;
+      throw e;
+    });
+    logThroughput(
+      ctx,
+      `Copied ${src} to ${dst}`,
+      `${chain.virtualSize} bytes virtual, ${r.stats.readBytes} bytes of data read, ${r.fileBytes} bytes written`,
+      r.stats.readBytes,
+      Date.now() - started,
+    );
+    return r.digest;
+  } catch (e) {
+    if (e instanceof Qcow2Error)
+      throw new NasbackupError('CONVERT_FAILED', `Failed to copy ${src} to ${dst}: ${e.message}`, { details: e.code });
+    throw e;
+  } finally {
+    progress.stop();
+    await chain.close();
+  }
+}
+
+/**
+ * The source's chain, opened natively; null (qemu-img convert does the copy, and words any
+ * refusal as before) when the reader refuses it or a QEMU process holds one of its files.
+ */
+async function openNative(ctx: OpContext, src: string): Promise<ImageChain | null> {
+  let chain: ImageChain;
+  try {
+    chain = await ImageChain.open(src);
+  } catch (e) {
+    if (!(e instanceof Qcow2Error)) throw e;
+    ctx.logger.log(`Copying ${src} with qemu-img convert: the native reader refuses it (${e.message})`);
+    return null;
+  }
+  const held = await new ProcLocksProbe().held(chain.images.map((i) => i.path));
+  if (held && held.length > 0) {
+    await chain.close();
+    ctx.logger.log(`Copying ${src} with qemu-img convert: ${held.join(', ')} is held by a QEMU process`);
+    return null;
+  }
+  return chain;
+}
+
+/**
+ * fdatasync of a file qemu-img wrote (qemu-img does not flush its output), under the deadline
+ * the global sync had: a flush that fails or does not return in time is logged, not fatal
+ * (the commit fsyncs the file again), as a failed sync was.
+ */
+async function flushFile(ctx: OpContext, path: string): Promise<void> {
+  const fh = await open(path, constants.O_RDONLY);
+  try {
+    await withDeadline(fh.datasync(), ctx.config.commandTimeoutMs, `fdatasync of ${path}`);
+  } catch (e) {
+    ctx.logger.log(`Warning: flushing ${path} failed: ${(e as Error).message}`);
+  } finally {
+    await fh.close();
+  }
+}
+
+/** `p`, or a COMMAND_TIMEOUT once `ms` passed (a syscall stuck on a dead NAS cannot be stopped). */
+async function withDeadline<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new NasbackupError('COMMAND_TIMEOUT', `${what} did not finish within ${Math.round(ms / 1000)} s`)), ms);
+  });
+  try {
+    return await Promise.race([p, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** The per-disk line: what was moved, how long it took, the rate of the data moved. */
+function logThroughput(ctx: OpContext, what: string, facts: string, moved: number, ms: number): void {
+  const rate = ms > 0 ? moved / 1048576 / (ms / 1000) : 0;
+  ctx.logger.log(`${what}: ${facts} in ${(ms / 1000).toFixed(2)} s (${rate.toFixed(1)} MiB/s)`);
 }
 
 /**

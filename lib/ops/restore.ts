@@ -1,7 +1,8 @@
 // Disaster recovery: one disk of one backup (any point of a chain) materialised outside the
 // NAS, with nothing but the NAS reachable (no libvirt, no management server). The chain is
 // flattened natively (lib/qcow2) into a sparse raw file: only extents holding data are written.
-// A qcow2 target is that raw file converted by qemu-img. A file target is written under a
+// Each layer whose backup has a manifest is proven while it is read (flatten.ts): a damaged
+// backup fails the restore and leaves no target. A qcow2 target is that raw file converted by qemu-img. A file target is written under a
 // temporary name beside it and renamed into place once synced; a block device is written in place.
 import { randomBytes } from 'node:crypto';
 import { constants } from 'node:fs';
@@ -9,10 +10,12 @@ import { access, chmod, lstat, open, readdir, realpath, rename, stat, unlink, ty
 import { basename, dirname, join } from 'node:path';
 import { NasbackupError, type Warning } from '../errors.js';
 import { ensureWithin, exists, isWithin } from '../paths.js';
-import { ImageChain, Qcow2Error } from '../qcow2/index.js';
+import { ImageChain, Qcow2Error, type Qcow2Image } from '../qcow2/index.js';
 import { assertChainSafe, refusalForQcow2 } from '../store/safety.js';
 import { volumeIdOfBackupFile } from '../store/disks.js';
 import type { NasTarget } from '../nas/session.js';
+import { readManifestFile } from '../store/manifest-file.js';
+import { flattenVerified, type FlatExtent, type LayerExpectation } from './flatten.js';
 import type { OpContext } from './context.js';
 
 export type RestoreFormat = 'raw' | 'qcow2';
@@ -32,20 +35,14 @@ export interface RestoreArgs {
   force: boolean;
 }
 
-/** One piece of the guest disk as it is read: `data` is null for a piece that reads as zeros without being read. */
-export interface RestoreExtent {
-  offset: number;
-  length: number;
-  data: Buffer | null;
-}
+export type RestoreExtent = FlatExtent;
 
 export interface RestoreOptions {
   /**
-   * Called for every piece of the disk in order of completion, before it is written; throwing
-   * stops the restore (the target is then removed). The extension point for checking content
-   * against a backup's digests.
+   * Called for every range of the disk in order of completion, before it is written; throwing
+   * stops the restore (the target is then removed). For tests.
    */
-  verify?: (extent: RestoreExtent) => void | Promise<void>;
+  inspect?: (extent: RestoreExtent) => void | Promise<void>;
   /** Bytes of the virtual disk processed so far, and the total. */
   progress?: (done: number, total: number) => void;
 }
@@ -68,11 +65,6 @@ export interface RestoreResult {
   dataBytes: number;
   warnings: Warning[];
 }
-
-/** Piece size and how many are read at once: memory stays at PIECE × IN_FLIGHT. */
-const PIECE = 4 << 20;
-const IN_FLIGHT = 4;
-const ZEROS = Buffer.alloc(PIECE);
 
 /** The target as it is before we write: where it goes, and what is there now. */
 interface TargetPlan {
@@ -125,68 +117,6 @@ async function findDisk(backupDir: string, disk: string, what: string): Promise<
   return join(backupDir, name);
 }
 
-const isAllZero = (b: Buffer): boolean => b.equals(ZEROS.subarray(0, b.length));
-
-/**
- * Flatten the chain into `fh` (already the virtual size for a file): a pool of IN_FLIGHT
- * readers, each with its own buffer, takes the next PIECE of the disk and reads the extents
- * that hold data. Zeros are skipped on a file (a hole reads as zeros; data that is all zeros
- * too) and written on a device (it holds old data).
- */
-async function flatten(
-  ctx: OpContext,
-  chain: ImageChain,
-  fh: FileHandle,
-  sparse: boolean,
-  opts: RestoreOptions,
-): Promise<{ dataBytes: number }> {
-  const size = chain.virtualSize;
-  let next = 0;
-  let done = 0;
-  let dataBytes = 0;
-  let failed = false;
-  const worker = async (): Promise<void> => {
-    const buf = Buffer.allocUnsafe(PIECE);
-    for (;;) {
-      ctx.checkpoint();
-      if (failed || next >= size) return;
-      const start = next; // claimed before any await: no two readers take the same piece
-      const end = Math.min(start + PIECE, size);
-      next = end;
-      for (let offset = start; offset < end;) {
-        const s = await chain.status(offset, end - offset);
-        let data: Buffer | null = null;
-        if (s.kind === 'data' || s.kind === 'compressed') {
-          data = buf.subarray(offset - start, offset - start + s.length);
-          await chain.readInto(data, 0, offset, s.length);
-        }
-        await opts.verify?.({ offset, length: s.length, data });
-        if (data !== null && !(sparse && isAllZero(data))) {
-          await writeAll(fh, data, offset);
-          dataBytes += s.length;
-        } else if (!sparse) {
-          await writeAll(fh, ZEROS.subarray(0, s.length), offset);
-        }
-        offset += s.length;
-      }
-      done += end - start;
-      opts.progress?.(done, size);
-    }
-  };
-  // On a failure the other readers stop at their next piece; the file is closed only once all have.
-  const settled = await Promise.allSettled(
-    Array.from({ length: IN_FLIGHT }, () =>
-      worker().catch((e: unknown) => {
-        failed = true;
-        throw e;
-      }),
-    ),
-  );
-  const first = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-  if (first) throw first.reason;
-  return { dataBytes };
-}
-
 async function writeAll(fh: FileHandle, buf: Buffer, position: number): Promise<void> {
   let at = 0;
   while (at < buf.length) {
@@ -228,6 +158,25 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
     if (e instanceof Qcow2Error) throw refusalForQcow2(e, `The chain of ${basename(file)} in ${where}`, a.vm) ?? e;
     throw e;
   }
+  // What each layer must hold, from its backup's manifest: proven while it is read.
+  let expect: Array<LayerExpectation | null>;
+  try {
+    const e = await expectations(chain.images, a.vm);
+    expect = e.expect;
+    warnings.push(...e.warnings);
+  } catch (e) {
+    await chain.close();
+    throw e;
+  }
+  const flatten = (sparse: boolean, write: (buf: Buffer, at: number) => Promise<void>) =>
+    flattenVerified(chain, {
+      expect,
+      sparse,
+      write,
+      checkpoint: () => ctx.checkpoint(),
+      ...(opts.inspect ? { inspect: opts.inspect } : {}),
+      ...(opts.progress ? { progress: opts.progress } : {}),
+    });
   const result: RestoreResult = {
     vm: a.vm,
     backup: a.backup,
@@ -257,7 +206,7 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
             'RESTORE_TARGET_INVALID',
             `${a.to} holds ${devSize} bytes, the disk needs ${chain.virtualSize}: refusing to write a truncated disk`,
           );
-        result.dataBytes = (await flatten(ctx, chain, fh, false, opts)).dataBytes;
+        result.dataBytes = (await flatten(false, (buf, at) => writeAll(fh, buf, at))).dataBytes;
         await fh.sync();
         ctx.committed(); // the device holds the disk: a signal from here on no longer fails the run
       } finally {
@@ -269,7 +218,7 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
       const fh = await open(raw, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o600);
       try {
         await fh.truncate(chain.virtualSize);
-        result.dataBytes = (await flatten(ctx, chain, fh, true, opts)).dataBytes;
+        result.dataBytes = (await flatten(true, (buf, at) => writeAll(fh, buf, at))).dataBytes;
         // The raw intermediate of a qcow2 target is read back and removed: only what is renamed into place is synced.
         if (a.format === 'raw') await fh.sync();
       } finally {
@@ -311,6 +260,56 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
     `Restored ${where}/${basename(file)} (${result.layers} layer(s), ${result.virtualSize} bytes, ${result.dataBytes} of data) to ${a.to} as ${a.format}`,
   );
   return result;
+}
+
+/**
+ * Per layer (0 = top), what its backup's manifest says it holds; null for a backup without a
+ * manifest (older than manifests: structural checks only, with a NO_MANIFEST warning). A
+ * manifest that is unusable, of another backup, or that does not describe the layer as it is
+ * (not listed, another size, backing or cluster layout) fails the restore before anything is written.
+ */
+async function expectations(images: Qcow2Image[], vm: string): Promise<{ expect: Array<LayerExpectation | null>; warnings: Warning[] }> {
+  const warnings: Warning[] = [];
+  const expect: Array<LayerExpectation | null> = [];
+  const manifests = new Map<string, Awaited<ReturnType<typeof readManifestFile>>>();
+  const unproven: string[] = [];
+  for (const img of images) {
+    const dir = dirname(img.path);
+    const backup = `${vm}/${basename(dir)}`;
+    const file = basename(img.path);
+    const damaged = (why: string): NasbackupError =>
+      new NasbackupError('BACKUP_DAMAGED', `Backup ${backup} is damaged: disk ${file}: ${why}`);
+    let m = manifests.get(dir);
+    if (m === undefined) {
+      m = await readManifestFile(dir);
+      manifests.set(dir, m);
+      if (m === null) unproven.push(backup);
+    }
+    if (m === null) {
+      expect.push(null);
+      continue;
+    }
+    if ('error' in m) throw new NasbackupError('BACKUP_DAMAGED', `Backup ${backup} is damaged: ${m.error}`);
+    if (m.path !== backup)
+      throw new NasbackupError('BACKUP_DAMAGED', `Backup ${backup} is damaged: its manifest is of another backup (${m.path})`);
+    const d = m.disks.find((x) => x.file === file);
+    if (!d) throw damaged('not listed in the manifest');
+    if (d.virtualSize !== img.virtualSize) throw damaged(`virtual size ${img.virtualSize}, the manifest says ${d.virtualSize}`);
+    if (d.backing !== img.header.backingFile)
+      throw damaged(`backing ${img.header.backingFile ?? 'none'}, the manifest says ${d.backing ?? 'none'}`);
+    if (d.unitBytes !== img.subclusterSize || m.digest.extentBytes % img.clusterSize !== 0)
+      throw damaged(
+        `cluster layout (${img.subclusterSize}-byte units) does not match the manifest's (${d.unitBytes}, extents of ${m.digest.extentBytes})`,
+      );
+    expect.push({ backup, file, extentBytes: m.digest.extentBytes, digests: new Map(d.extents.map((x) => [x.index, x.digest])) });
+  }
+  // One line for the chain (a chain of old backups has no manifest anywhere).
+  if (unproven.length > 0)
+    warnings.push({
+      code: 'NO_MANIFEST',
+      message: `No manifest in ${unproven.join(', ')}: ${unproven.length === 1 ? 'its' : 'their'} content was not verified (structural checks only)`,
+    });
+  return { expect, warnings };
 }
 
 /**

@@ -5,10 +5,9 @@
 // flattened piece, composed from the same buffers (top layer wins), goes to the target. A
 // damaged layer fails the restore at the first extent that does not match, without reading
 // the chain twice. A layer without a manifest is read only where it is visible.
-import { createHash, type Hash } from 'node:crypto';
 import { NasbackupError } from '../errors.js';
 import type { ImageChain, Qcow2Image, Extent } from '../qcow2/index.js';
-import { DATA, UNALLOCATED, ZERO } from '../store/layer-digest.js';
+import { LayerDigester } from '../store/layer-digest.js';
 
 /** What one layer must hold, from its backup's manifest. */
 export interface LayerExpectation {
@@ -31,8 +30,13 @@ export interface FlatExtent {
 export interface FlattenOptions {
   /** Per layer (0 = top): what to check it against, or null (no manifest: read only where visible). */
   expect: ReadonlyArray<LayerExpectation | null>;
-  /** Zeros are skipped (a sparse file: a hole reads as zeros), else written (a device holds old data). */
-  sparse: boolean;
+  /**
+   * How the target takes the disk: `sparse` a file where a hole reads as zeros (only data is
+   * written, all-zero data skipped); `device` every byte (it holds old data); `units` only
+   * whole aligned units of `unit` bytes holding something other than zeros (a new qcow2 image:
+   * what is not written reads as zeros).
+   */
+  target: { kind: 'sparse' } | { kind: 'device' } | { kind: 'units'; unit: number };
   write: (buf: Buffer, offset: number) => Promise<void>;
   /** A cancellation point before every piece. */
   checkpoint: () => void;
@@ -71,6 +75,13 @@ const isAllZero = (b: Buffer): boolean => {
 };
 const gcd = (a: number, b: number): number => (b === 0 ? a : gcd(b, a % b));
 
+/** The piece size: a power of two dividing every checked layer's extent (so a piece never straddles two). */
+export function pieceBytesFor(expect: ReadonlyArray<LayerExpectation | null>, want = PIECE): number {
+  let piece = want;
+  for (const e of expect) if (e) piece = gcd(piece, e.extentBytes);
+  return piece;
+}
+
 export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Promise<{ dataBytes: number }> {
   const images = chain.images;
   const size = chain.virtualSize;
@@ -78,8 +89,9 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
   // and itself (past a backing file's end the guest reads zeros, like QEMU).
   const visLimit: number[] = [];
   images.forEach((img, i) => visLimit.push(Math.min(img.virtualSize, i === 0 ? size : visLimit[i - 1]!)));
-  let piece = o.pieceBytes ?? PIECE;
-  for (const e of o.expect) if (e) piece = gcd(piece, e.extentBytes);
+  const piece = pieceBytesFor(o.expect, o.pieceBytes);
+  if (o.target.kind === 'units' && piece % o.target.unit !== 0)
+    throw new RangeError(`piece ${piece} is not a multiple of the unit ${o.target.unit}`);
   for (const [i, e] of o.expect.entries()) {
     if (e && piece % images[i]!.subclusterSize !== 0)
       throw new NasbackupError(
@@ -154,7 +166,7 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
       }
       await Promise.all(reads);
       // 4. The flattened piece to the target (it is removed if a digest fails later).
-      const writes = compose(start, end, segs, bufs, o.sparse, take, held);
+      const writes = compose(start, end, segs, bufs, o.target, take, held);
       for (const w of writes.inspect) await o.inspect?.(w);
       const written = Promise.all(writes.spans.map((w) => o.write(w.data, w.offset)));
       // 5. Digests, in disk order (a layer's extent spans several pieces).
@@ -197,6 +209,7 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
   );
   const first = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
   if (first) throw first.reason;
+  verifier.finish();
   return { dataBytes };
 }
 
@@ -237,14 +250,15 @@ function visibleSegments(runs: Run[][], visLimit: number[], start: number, end: 
 /**
  * The writes of one piece: on a sparse file, each run of adjacent data segments (skipping
  * what is all zeros), written straight from the layer's buffer when it comes from one layer,
- * else copied together; on a device, the whole piece, zeros included.
+ * else copied together; on a device, the whole piece, zeros included; on a new image, the
+ * piece composed whole, then its runs of aligned units that are not all zeros.
  */
 function compose(
   start: number,
   end: number,
   segs: Seg[],
   bufs: Array<Buffer | null>,
-  sparse: boolean,
+  target: FlattenOptions['target'],
   take: () => Buffer,
   held: Buffer[],
 ): { spans: Array<{ offset: number; data: Buffer }>; inspect: FlatExtent[]; dataBytes: number } {
@@ -252,15 +266,39 @@ function compose(
   const inspect = segs.map((s): FlatExtent => ({ offset: s.pos, length: s.len, data: s.layer < 0 ? null : slice(s) }));
   const spans: Array<{ offset: number; data: Buffer }> = [];
   let dataBytes = 0;
-  if (!sparse) {
+  if (target.kind !== 'sparse') {
     const out = take();
     held.push(out);
     for (const s of segs) {
       if (s.layer < 0) out.fill(0, s.pos - start, s.pos - start + s.len);
       else slice(s).copy(out, s.pos - start);
-      if (s.layer >= 0) dataBytes += s.len;
     }
-    spans.push({ offset: start, data: out.subarray(0, end - start) });
+    const piece = out.subarray(0, end - start);
+    if (target.kind === 'device') {
+      for (const s of segs) if (s.layer >= 0) dataBytes += s.len;
+      spans.push({ offset: start, data: piece });
+      return { spans, inspect, dataBytes };
+    }
+    // Aligned units; where no layer holds data the unit is known to be zeros without looking.
+    const unit = target.unit;
+    let run = -1;
+    let si = 0;
+    const flush = (to: number): void => {
+      if (run < 0) return;
+      spans.push({ offset: start + run, data: piece.subarray(run, to) });
+      dataBytes += to - run;
+      run = -1;
+    };
+    for (let u = 0; u < piece.length; u += unit) {
+      const ue = Math.min(u + unit, piece.length);
+      while (si < segs.length && segs[si]!.pos + segs[si]!.len <= start + u) si++;
+      let data = false;
+      for (let k = si; k < segs.length && segs[k]!.pos < start + ue; k++) if (segs[k]!.layer >= 0) data = true;
+      if (data && !isAllZero(piece.subarray(u, ue))) {
+        if (run < 0) run = u;
+      } else flush(u);
+    }
+    flush(piece.length);
     return { spans, inspect, dataBytes };
   }
   for (let i = 0; i < segs.length;) {
@@ -290,74 +328,86 @@ function compose(
   return { spans, inspect, dataBytes };
 }
 
-/** Each checked layer's running digest of its current extent; a mismatch throws BACKUP_DAMAGED. */
+/**
+ * Each checked layer's stream, fed in disk order to a LayerDigester (the one definition of a
+ * manifest's digests), every extent compared with the manifest as soon as the stream passes
+ * its end; a mismatch throws BACKUP_DAMAGED naming the backup, the disk and the extent.
+ */
 class ChainVerifier {
-  private readonly hashes: Array<Hash | null>;
-  private readonly held: boolean[];
+  private readonly digesters: Array<LayerDigester | null>;
+  /** Per layer, the manifest's extents not reached yet, in order. */
+  private readonly listed: number[][];
 
   constructor(
     private readonly images: Qcow2Image[],
     private readonly expect: ReadonlyArray<LayerExpectation | null>,
   ) {
-    this.hashes = images.map(() => null);
-    this.held = images.map(() => false);
+    this.listed = expect.map((e) => (e ? [...e.digests.keys()].sort((a, b) => a - b) : []));
+    this.digesters = images.map((img, L) => {
+      const e = expect[L];
+      if (!e) return null;
+      return new LayerDigester({
+        virtualSize: img.virtualSize,
+        unitBytes: img.subclusterSize,
+        extentBytes: e.extentBytes,
+        onExtent: (x) => this.reached(L, x.index, x.digest),
+      });
+    });
   }
 
   /** Feed piece [start, end) of every checked layer (called in disk order). */
   update(start: number, end: number, runs: Run[][], bufs: Array<Buffer | null>): void {
-    for (const [L, e] of this.expect.entries()) {
-      if (!e) continue;
-      const img = this.images[L]!;
-      if (start >= img.virtualSize) continue;
-      const unit = img.subclusterSize;
-      const h = (this.hashes[L] ??= createHash('sha256'));
+    for (const [L, dg] of this.digesters.entries()) {
+      if (!dg) continue;
       for (const r of runs[L]!) {
-        if (r.kind === 'unallocated' || r.kind === 'zero') {
-          if (r.kind === 'zero') this.held[L] = true;
-          statusRun(h, r.kind === 'zero' ? ZERO : UNALLOCATED, Math.ceil((r.pos + r.len) / unit) - Math.floor(r.pos / unit));
-        } else {
-          this.held[L] = true;
-          dataRun(h, bufs[L]!.subarray(r.pos - start, r.pos - start + r.len), unit);
-        }
+        if (r.kind === 'unallocated') continue; // a gap is unallocated
+        if (r.kind === 'zero') dg.add(r.pos, r.len, 'zero');
+        else dg.add(r.pos, r.len, 'data', bufs[L]!.subarray(r.pos - start, r.pos - start + r.len));
       }
-      const pieceEnd = Math.min(end, img.virtualSize);
-      if (pieceEnd % e.extentBytes === 0 || pieceEnd === img.virtualSize) this.finish(L, e, Math.floor((pieceEnd - 1) / e.extentBytes));
+      // The stream to the piece's end (what is left of it unallocated), so every extent that ends here is
+      // reported; the listed ones that end here and were not reported held nothing.
+      const reached = Math.min(end, this.images[L]!.virtualSize);
+      if (start >= reached) continue;
+      dg.add(reached, 0, 'unallocated');
+      this.passed(L, reached === this.images[L]!.virtualSize ? Infinity : Math.floor(reached / this.expect[L]!.extentBytes));
     }
   }
 
-  private finish(L: number, e: LayerExpectation, index: number): void {
-    const got = this.held[L] ? this.hashes[L]!.digest('hex') : undefined;
-    this.hashes[L] = null;
-    this.held[L] = false;
-    const want = e.digests.get(index);
-    if (got === want) return;
+  /** Every digester to the end of its layer: the extents not reached yet are settled. */
+  finish(): void {
+    for (const [L, dg] of this.digesters.entries()) {
+      if (!dg) continue;
+      dg.finish();
+      this.passed(L, Infinity);
+    }
+  }
+
+  /** A held extent's digest, as soon as the stream passed its end. */
+  private reached(L: number, index: number, digest: string): void {
+    this.passed(L, index);
+    const list = this.listed[L]!;
+    const want = list[0] === index ? (list.shift(), this.expect[L]!.digests.get(index)) : undefined;
+    if (want === digest) return;
+    this.fail(
+      L,
+      index,
+      want === undefined ? 'the layer holds data where its manifest records none' : 'the content does not match the digest in the manifest',
+    );
+  }
+
+  /** Listed extents below `index` were passed without holding anything. */
+  private passed(L: number, index: number): void {
+    const list = this.listed[L]!;
+    if (list.length > 0 && list[0]! < index) this.fail(L, list[0]!, 'the layer holds nothing where its manifest records data');
+  }
+
+  private fail(L: number, index: number, why: string): never {
+    const e = this.expect[L]!;
     const from = index * e.extentBytes;
     const to = Math.min(from + e.extentBytes, this.images[L]!.virtualSize);
-    const why =
-      want === undefined
-        ? 'the layer holds data where its manifest records none'
-        : got === undefined
-          ? 'the layer holds nothing where its manifest records data'
-          : 'the content does not match the digest in the manifest';
     throw new NasbackupError(
       'BACKUP_DAMAGED',
       `Backup ${e.backup} is damaged: disk ${e.file}, extent ${index} (guest bytes ${from}-${to}): ${why}`,
     );
-  }
-}
-
-const runCache = new Map<number, Buffer>();
-function statusRun(hash: Hash, byte: number, n: number): void {
-  const piece = 1 << 16;
-  let b = runCache.get(byte);
-  if (!b) runCache.set(byte, (b = Buffer.alloc(piece, byte)));
-  for (let left = n; left > 0; left -= piece) hash.update(left >= piece ? b : b.subarray(0, left));
-}
-
-const DATA_MARK = Buffer.from([DATA]);
-function dataRun(hash: Hash, data: Buffer, unit: number): void {
-  for (let o = 0; o < data.length; o += unit) {
-    hash.update(DATA_MARK);
-    hash.update(data.subarray(o, Math.min(o + unit, data.length)));
   }
 }

@@ -1,21 +1,22 @@
 // Disaster recovery: one disk of one backup (any point of a chain) materialised outside the
 // NAS, with nothing but the NAS reachable (no libvirt, no management server). The chain is
-// flattened natively (lib/qcow2) into a sparse raw file: only extents holding data are written.
-// Each layer whose backup has a manifest is proven while it is read (flatten.ts): a damaged
-// backup fails the restore and leaves no target. A qcow2 target is that raw file converted by qemu-img. A file target is written under a
+// flattened natively (flatten.ts): a raw target is a sparse file (only data is written), a
+// qcow2 target a new image written by our writer (only clusters holding data), a block device
+// is written whole. Each layer whose backup has a manifest is proven while it is read: a
+// damaged backup fails the restore and leaves no target. A file target is written under a
 // temporary name beside it and renamed into place once synced; a block device is written in place.
 import { randomBytes } from 'node:crypto';
 import { constants } from 'node:fs';
-import { access, chmod, lstat, open, readdir, realpath, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { access, lstat, open, readdir, realpath, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { NasbackupError, type Warning } from '../errors.js';
 import { ensureWithin, exists, isWithin } from '../paths.js';
-import { ImageChain, Qcow2Error, type Qcow2Image } from '../qcow2/index.js';
+import { ImageChain, Qcow2Error, Qcow2Writer, type Qcow2Image } from '../qcow2/index.js';
 import { assertChainSafe, refusalForQcow2 } from '../store/safety.js';
 import { volumeIdOfBackupFile } from '../store/disks.js';
 import type { NasTarget } from '../nas/session.js';
 import { readManifestFile } from '../store/manifest-file.js';
-import { flattenVerified, type FlatExtent, type LayerExpectation } from './flatten.js';
+import { flattenVerified, pieceBytesFor, type FlatExtent, type FlattenOptions, type LayerExpectation } from './flatten.js';
 import type { OpContext } from './context.js';
 
 export type RestoreFormat = 'raw' | 'qcow2';
@@ -134,6 +135,10 @@ async function syncFolder(dir: string): Promise<void> {
   }
 }
 
+/** A failure of the target (full, I/O error), told apart from one of the chain being read. */
+const writeFailed = (to: string, e: unknown): NasbackupError =>
+  new NasbackupError('IO_ERROR', `Writing ${to} failed: ${e instanceof Error ? e.message : String(e)}`);
+
 const tempName = (target: string, tag: string): string =>
   join(dirname(target), `.${basename(target)}.restore-${randomBytes(4).toString('hex')}.${tag}`);
 
@@ -168,10 +173,10 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
     await chain.close();
     throw e;
   }
-  const flatten = (sparse: boolean, write: (buf: Buffer, at: number) => Promise<void>) =>
+  const flatten = (target: FlattenOptions['target'], write: (buf: Buffer, at: number) => Promise<void>) =>
     flattenVerified(chain, {
       expect,
-      sparse,
+      target,
       write,
       checkpoint: () => ctx.checkpoint(),
       ...(opts.inspect ? { inspect: opts.inspect } : {}),
@@ -206,33 +211,39 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
             'RESTORE_TARGET_INVALID',
             `${a.to} holds ${devSize} bytes, the disk needs ${chain.virtualSize}: refusing to write a truncated disk`,
           );
-        result.dataBytes = (await flatten(false, (buf, at) => writeAll(fh, buf, at))).dataBytes;
+        result.dataBytes = (await flatten({ kind: 'device' }, (buf, at) => writeAll(fh, buf, at))).dataBytes;
         await fh.sync();
         ctx.committed(); // the device holds the disk: a signal from here on no longer fails the run
       } finally {
         await fh.close();
       }
     } else {
-      const raw = tempName(target.path, a.format === 'raw' ? 'tmp' : 'raw');
-      temps.push(raw);
-      const fh = await open(raw, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o600);
-      try {
-        await fh.truncate(chain.virtualSize);
-        result.dataBytes = (await flatten(true, (buf, at) => writeAll(fh, buf, at))).dataBytes;
-        // The raw intermediate of a qcow2 target is read back and removed: only what is renamed into place is synced.
-        if (a.format === 'raw') await fh.sync();
-      } finally {
-        await fh.close();
-      }
-      let final = raw;
-      if (a.format === 'qcow2') {
-        final = tempName(target.path, 'tmp');
-        temps.push(final);
-        ctx.checkpoint();
-        await ctx.clients.qemuImg.convert(raw, 'raw', final);
-        await chmod(final, 0o600); // a disk's content: as private as the raw one
-        const q = await open(final, constants.O_RDONLY);
-        await q.sync().finally(() => q.close());
+      const final = tempName(target.path, 'tmp');
+      temps.push(final);
+      if (a.format === 'raw') {
+        const fh = await open(final, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o600);
+        try {
+          await fh.truncate(chain.virtualSize);
+          result.dataBytes = (await flatten({ kind: 'sparse' }, (buf, at) => writeAll(fh, buf, at))).dataBytes;
+          await fh.sync();
+        } finally {
+          await fh.close();
+        }
+      } else {
+        // A new image written front to back by our writer: only clusters holding data, synced by finish().
+        const clusterBits = Math.min(16, Math.log2(pieceBytesFor(expect)));
+        const w = await Qcow2Writer.create(final, { virtualSize: chain.virtualSize, clusterBits, mode: 0o600 }).catch((e: unknown) => {
+          throw writeFailed(a.to, e);
+        });
+        try {
+          const writeData = (buf: Buffer, at: number): Promise<void> =>
+            w.writeData(at, buf).catch((e: unknown) => Promise.reject(writeFailed(a.to, e)));
+          result.dataBytes = (await flatten({ kind: 'units', unit: w.unit }, writeData)).dataBytes;
+          await w.finish().catch((e: unknown) => Promise.reject(writeFailed(a.to, e)));
+        } catch (e) {
+          await w.abort().catch(() => {});
+          throw e;
+        }
       }
       // The commit point: once renamed, the restore stands whatever signal comes.
       await ctx.commit(() => rename(final, target.path));
@@ -242,7 +253,7 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
   } catch (e) {
     for (const t of temps)
       await unlink(t).catch((err: NodeJS.ErrnoException) => {
-        if (err.code !== 'ENOENT') ctx.leftover(`Could not remove ${t}`); // ENOENT: never made (qemu-img had not started it)
+        if (err.code !== 'ENOENT') ctx.leftover(`Could not remove ${t}`); // ENOENT: never made, or removed by the writer's abort
       });
     // A layer that turns out damaged while read is refused like the pre-flight would; a failed read is an I/O error.
     if (e instanceof Qcow2Error)
@@ -253,8 +264,6 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
     throw e;
   } finally {
     await chain.close();
-    // The raw intermediate of a qcow2 target, once the qcow2 is in place.
-    for (const t of temps) await unlink(t).catch(() => {});
   }
   ctx.logger.log(
     `Restored ${where}/${basename(file)} (${result.layers} layer(s), ${result.virtualSize} bytes, ${result.dataBytes} of data) to ${a.to} as ${a.format}`,

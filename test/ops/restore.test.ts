@@ -22,7 +22,7 @@ import { execute } from '../../lib/cli/lifecycle.js';
 import { loadConfig } from '../../lib/config.js';
 import { memoryLogger } from '../../lib/log.js';
 import { restore, type RestoreExtent } from '../../lib/ops/restore.js';
-import { bindNas, leftovers, makeSandbox, run, start, writeShim, type Sandbox } from '../helpers/cli.js';
+import { bindNas, leftovers, makeSandbox, run, type Sandbox } from '../helpers/cli.js';
 import { writeManifestFromQemu } from '../helpers/layer-digest.js';
 import { makeImage, qemuImg } from '../helpers/qemu.js';
 import { removeTempDirs } from '../helpers/tmp.js';
@@ -146,7 +146,12 @@ describe('restore', () => {
                 ],
           );
           expect(same(to, format, expected, 'raw'), `${ts} ${d.file} ${format}`).toBe(true);
-          if (format === 'qcow2') expect(JSON.parse(qemuImg(['info', '--output=json', to]))).toMatchObject({ format: 'qcow2' });
+          if (format === 'qcow2') {
+            // Our own writer's image: a clean qcow2 (qemu-img check exits 0) with no backing.
+            expect(JSON.parse(qemuImg(['info', '--output=json', to]))).toMatchObject({ format: 'qcow2' });
+            expect(JSON.parse(qemuImg(['info', '--output=json', to]))['backing-filename']).toBeUndefined();
+            qemuImg(['check', '-q', to]);
+          }
           expect(statSync(to).mode & 0o777).toBe(0o600);
           rmSync(to);
         }
@@ -440,25 +445,47 @@ describe('restore: the target is never on the NAS, and an interrupted restore le
     }
   });
 
-  it('SIGTERM during the qcow2 conversion: INTERRUPTED, the temporary file removed, nothing mounted', async () => {
+  it('SIGTERM while the qcow2 image is being written: INTERRUPTED, the temporary image removed, nothing mounted', async () => {
     const sb = makeSandbox('restore-term');
-    seed(sb);
+    seed(sb, 2 * MiB);
     const out = join(sb.root, 'out');
     mkdirSync(out);
-    const marker = join(sb.root, 'converting');
-    // qemu-img that says when the conversion starts, then takes long enough to be interrupted.
-    writeShim(sb, 'qemu-img', `if [ "$1" = convert ]; then touch '${marker}'; sleep 30; fi\nexec /usr/bin/qemu-img "$@"`);
-    const { child, done } = start(sb, [...restoreArgs(sb, TS[4]!, DISKS[0]!.vol, join(out, 'x.qcow2')), '--json']);
-    for (let i = 0; i < 200 && !existsSync(marker); i++) await new Promise((r) => setTimeout(r, 50));
-    expect(existsSync(marker)).toBe(true);
-    expect(temps(out)).toHaveLength(1); // the raw intermediate (the qcow2 one is not made yet)
-    child.kill('SIGTERM');
-    const r = await done;
-    expect(r.code).toBe(1);
-    expect(JSON.parse(r.stdout)).toMatchObject({ ok: false, errors: [{ code: 'INTERRUPTED' }] });
-    expect(readdirSync(out)).toEqual([]);
-    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
-    expect(existsSync(join(sb.nas, VM, '.nasbackup.lock'))).toBe(false);
+    const config = loadConfig({ ...sb.env }, {});
+    const args = { nas: { type: 'none', address: sb.nas, options: 'bind' }, vm: VM, backup: TS[4]!, disk: DISKS[0]!.vol };
+    let signal: ((s: NodeJS.Signals) => void) | null = null;
+    let seenTemp: string[] = [];
+    const prevTmp = process.env.TMPDIR;
+    process.env.TMPDIR = sb.tmp;
+    try {
+      const r = await execute(
+        { out: { write() {} }, env: sb.env, onSignal: (h) => ((signal = h), () => {}) },
+        config,
+        memoryLogger(),
+        (ctx) =>
+          restore(
+            ctx,
+            { ...args, to: join(out, 'x.qcow2'), format: 'qcow2', force: false },
+            {
+              // Half way through the disk, the image being written exists under its temporary name.
+              inspect: (e) => {
+                if (e.offset >= 12 * MiB && signal) {
+                  seenTemp = temps(out);
+                  signal('SIGTERM');
+                  signal = null;
+                }
+              },
+            },
+          ),
+      );
+      expect(seenTemp).toHaveLength(1);
+      expect(r.errors.map((e) => e.code)).toEqual(['INTERRUPTED']);
+      expect(readdirSync(out)).toEqual([]);
+      expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+      expect(existsSync(join(sb.nas, VM, '.nasbackup.lock'))).toBe(false);
+    } finally {
+      if (prevTmp === undefined) delete process.env.TMPDIR;
+      else process.env.TMPDIR = prevTmp;
+    }
   });
 });
 

@@ -227,8 +227,8 @@ async function runRestore(
   }
   const { restore } = await import('../ops/restore.js');
   const { createProgress } = await import('../ops/backup/progress.js');
-  // A bar on stderr for an operator at a terminal; never with --json.
-  const progress = await createProgress(process.stdout.isTTY === true && !json, 'restore');
+  // A bar on stderr when stderr is a terminal (an operator watching; stdout may be redirected to keep the result); never with --json.
+  const progress = await createProgress(process.stderr.isTTY === true && !json, 'restore');
   const outcome = await execute(io, config, logger, (ctx) =>
     restore(ctx, args, { progress: (done, total) => progress.update(done, total) }).finally(() => progress.stop()),
   );

@@ -22,7 +22,7 @@ import { execute } from '../../lib/cli/lifecycle.js';
 import { loadConfig } from '../../lib/config.js';
 import { memoryLogger } from '../../lib/log.js';
 import { restore, type RestoreExtent } from '../../lib/ops/restore.js';
-import { bindNas, leftovers, makeSandbox, run, type Sandbox } from '../helpers/cli.js';
+import { BIN, bindNas, leftovers, makeSandbox, run, type Sandbox } from '../helpers/cli.js';
 import { writeManifestFromQemu } from '../helpers/layer-digest.js';
 import { makeImage, qemuImg } from '../helpers/qemu.js';
 import { removeTempDirs } from '../helpers/tmp.js';
@@ -665,5 +665,35 @@ describe('restore proves every layer while it reads it (manifests)', () => {
       { code: 'NO_MANIFEST', message: `No manifest in ${VM}/${TS[2]}: its content was not verified (structural checks only)` },
     ]);
     expect(same(to, 'raw', join(sb.nas, VM, TS[3]!, d1.file), 'qcow2')).toBe(true);
+  });
+});
+
+describe('restore progress', () => {
+  it('a bar on stderr when it is a terminal (to 100%), none with --json or without a terminal', async () => {
+    const sb = makeSandbox('restore-progress');
+    seed(sb, 2 * MiB);
+    const out = join(sb.root, 'out');
+    mkdirSync(out);
+    const d = DISKS[0]!;
+    const shell = (args: string[]): string => args.map((x) => `'${x}'`).join(' ');
+    // `script` gives the command a terminal for stdout and stderr, and copies what it draws.
+    const onTty = (args: string[]): string =>
+      execFileSync(
+        'script',
+        ['-qfec', `${shell(['env', ...Object.entries(sb.env).map(([k, v]) => `${k}=${v}`), BIN, ...args])}`, '/dev/null'],
+        {
+          encoding: 'utf8',
+        },
+      );
+    const text = onTty(restoreArgs(sb, TS[4]!, d.vol, join(out, 'a.qcow2')));
+    expect(text).toContain('restore [');
+    expect(text).toContain(`100% | 24/24 MiB`);
+    expect(text).toContain(`restored ${VM}/${TS[4]}/${d.file} (5 layer(s)) to ${join(out, 'a.qcow2')} as qcow2`);
+    const json = onTty([...restoreArgs(sb, TS[4]!, d.vol, join(out, 'b.qcow2')), '--json']);
+    expect(json).not.toContain('restore [');
+    expect(JSON.parse(json)).toMatchObject({ ok: true });
+    const plain = await run(sb, restoreArgs(sb, TS[4]!, d.vol, join(out, 'c.qcow2')));
+    expect(plain.code, plain.stdout).toBe(0);
+    expect(plain.stderr).toBe('');
   });
 });

@@ -236,6 +236,41 @@ describe('restore', () => {
     expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
   });
 
+  it('flags: unknown, missing or stray arguments are INVALID_OPTION; --flag=value and a value that looks like a flag are taken', async () => {
+    const d = DISKS[1]!;
+    const cases: Array<[string[], RegExp]> = [
+      [[...restoreArgs(sb, TS[0]!, d.vol, join(out, 'f.raw')), '--bogus'], /^Unknown option '--bogus'/],
+      [['restore', ...bindNas(sb), '--disk', d.vol], /^Missing required arguments: backup, to$/],
+      [[...restoreArgs(sb, TS[0]!, d.vol, join(out, 'f.raw')), 'stray'], /^Unexpected argument 'stray'/],
+      [['restore', ...bindNas(sb), '--backup', `${VM}/${TS[0]}`, '--disk'], /^Not enough arguments following: disk$/],
+    ];
+    for (const [args, message] of cases) {
+      const r = await run(sb, ['restore', '--json', ...args.slice(1)]);
+      expect(r.code, r.stdout).toBe(1);
+      const j = JSON.parse(r.stdout);
+      expect(j).toMatchObject({ ok: false, command: 'restore', errors: [{ code: 'INVALID_OPTION' }] });
+      expect(j.errors[0].message).toMatch(message);
+    }
+    const to = join(out, 'eq.raw');
+    const ok = await run(sb, [
+      'restore',
+      '-t',
+      'none',
+      `--storage=${sb.nas}`,
+      '-m',
+      'bind',
+      `--backup=${VM}/${TS[0]}`,
+      '--disk',
+      d.vol,
+      `--to=${to}`,
+      '--json',
+    ]);
+    expect(ok.code, ok.stdout).toBe(0);
+    expect(JSON.parse(ok.stdout)).toMatchObject({ ok: true, to, format: 'raw' });
+    rmSync(to);
+    expect(readdirSync(out).filter((n) => n.startsWith('f.'))).toEqual([]);
+  });
+
   it('--help names the command and its flags', async () => {
     const r = await run(sb, ['restore', '--help']);
     expect(r.code).toBe(0);

@@ -47,9 +47,15 @@ export interface FlattenOptions {
   inFlight?: number;
 }
 
-/** The piece size and how many are read at once: memory stays near PIECE × (layers + 1) × IN_FLIGHT. */
+/**
+ * The piece size and how many are read at once: a piece holds up to one buffer per layer and
+ * one composed, so memory is near piece × (layers + 1) × in flight. Deep chains get fewer
+ * pieces in flight, then smaller pieces, to stay near MEMORY_BUDGET.
+ */
 export const PIECE = 4 << 20;
 export const IN_FLIGHT = 4;
+const MEMORY_BUDGET = 128 << 20;
+const MIN_PIECE = 1 << 20;
 
 interface Run {
   pos: number;
@@ -75,12 +81,21 @@ const isAllZero = (b: Buffer): boolean => {
 };
 const gcd = (a: number, b: number): number => (b === 0 ? a : gcd(b, a % b));
 
-/** The piece size: a power of two dividing every checked layer's extent (so a piece never straddles two). */
-export function pieceBytesFor(expect: ReadonlyArray<LayerExpectation | null>, want = PIECE): number {
+/**
+ * The piece size: a power of two dividing every checked layer's extent (so a piece never
+ * straddles two), smaller for a deep chain (never below a layer's unit).
+ */
+export function pieceBytesFor(images: ReadonlyArray<Qcow2Image>, expect: ReadonlyArray<LayerExpectation | null>, want = PIECE): number {
   let piece = want;
+  const floor = Math.max(MIN_PIECE, ...images.map((i) => i.subclusterSize));
+  while (piece > floor && piece * (images.length + 1) > MEMORY_BUDGET) piece /= 2;
   for (const e of expect) if (e) piece = gcd(piece, e.extentBytes);
   return piece;
 }
+
+/** Pieces in flight: IN_FLIGHT, fewer when a piece of a deep chain is large. */
+const inFlightFor = (piece: number, layers: number): number =>
+  Math.max(1, Math.min(IN_FLIGHT, Math.floor(MEMORY_BUDGET / (piece * (layers + 1)))));
 
 export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Promise<{ dataBytes: number }> {
   const images = chain.images;
@@ -89,7 +104,7 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
   // and itself (past a backing file's end the guest reads zeros, like QEMU).
   const visLimit: number[] = [];
   images.forEach((img, i) => visLimit.push(Math.min(img.virtualSize, i === 0 ? size : visLimit[i - 1]!)));
-  const piece = pieceBytesFor(o.expect, o.pieceBytes);
+  const piece = pieceBytesFor(images, o.expect, o.pieceBytes);
   if (o.target.kind === 'units' && piece % o.target.unit !== 0)
     throw new RangeError(`piece ${piece} is not a multiple of the unit ${o.target.unit}`);
   for (const [i, e] of o.expect.entries()) {
@@ -200,7 +215,7 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
     }
   };
   const settled = await Promise.allSettled(
-    Array.from({ length: o.inFlight ?? IN_FLIGHT }, () =>
+    Array.from({ length: o.inFlight ?? inFlightFor(piece, images.length) }, () =>
       worker().catch((e: unknown) => {
         failed = true;
         throw e;

@@ -276,7 +276,7 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
         }
       } else {
         // A new image written front to back by our writer: only clusters holding data, synced by finish().
-        const clusterBits = Math.min(16, Math.log2(pieceBytesFor(expect)));
+        const clusterBits = Math.min(16, Math.log2(pieceBytesFor(chain.images, expect)));
         const w = await Qcow2Writer.create(final, { virtualSize: chain.virtualSize, clusterBits, mode: 0o600 }).catch((e: unknown) => {
           throw writeFailed(a.to, e);
         });

@@ -74,6 +74,7 @@ export const ERROR_CODES = {
   DISK_NOT_FOUND: EXIT_FAILURE, // the backup has no file for that volume id
   RESTORE_TARGET_EXISTS: EXIT_FAILURE, // --to exists and --force was not given: nothing written
   RESTORE_TARGET_INVALID: EXIT_FAILURE, // --to inside the NAS, its folder missing, not a file/device, a device too small
+  BACKUP_DAMAGED: EXIT_FAILURE, // restore: a layer does not match its backup's manifest (digest per extent, size, backing) or the manifest is unusable
   COMMAND_FAILED: EXIT_FAILURE,
   COMMAND_TIMEOUT: EXIT_FAILURE,
   INTERRUPTED: EXIT_FAILURE,

@@ -1,31 +1,46 @@
-// Benchmark (not a test): wall time of `nasbackup restore` (native flatten, raw and qcow2)
-// against `qemu-img convert -O raw` and `qemu-img convert -O qcow2 -m 16 -W` of the same point
-// of the same chain (full + incrementals on a bind-mounted folder), median of --runs runs.
-// Every output is checked against qemu-img's with `qemu-img compare`. Ours includes the mount,
-// the lock, the chain pre-flight and the fsync; qemu-img (default cache mode) does none of these.
-//   npm run bench:restore [-- --size-mib 1024 --layers 4 --data-mib 64 --runs 3]
+// Benchmark (not a test): `nasbackup restore` of the newest point of a chain (full + incrementals,
+// each backup with its manifest, so ours proves every layer while it reads it) against
+// `qemu-img convert` of the same point, and the floor: the chain's allocated bytes read once
+// with large sequential reads. Same chain, same run, variants interleaved round by round; the
+// page cache is dropped (sync; drop_caches) before every timed run, the output removed after.
+// Medians with min–max and paired ratios. Every output is compared with qemu-img's flatten once.
+// Ours includes the process start, the NAS mount, the lock, the chain pre-flight, the digests
+// and the fsync before the rename; `qemu-img convert` (default cache mode) never flushes.
+//   npm run bench:restore [-- --size-mib 4096 --layers 5 --full-mib 2048 --inc-mib 256 --runs 5]
+//   (--keep keeps the chain and prints where; --no-drop-caches runs warm)
+//   a short run: -- --size-mib 512 --full-mib 128 --inc-mib 32 --runs 3
 import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { describeLayer, writeManifestFile } from '../lib/store/manifest-file.js';
+import { DEFAULT_EXTENT_BYTES, DIGEST_ALGORITHM, DIGEST_STREAM, MANIFEST_FORMAT, MANIFEST_VERSION } from '../lib/store/manifest.js';
 
 const arg = (name: string, dflt: number): number => {
   const i = process.argv.indexOf(`--${name}`);
   return i > 0 ? Number(process.argv[i + 1]) : dflt;
 };
 const MiB = 1024 * 1024;
-const sizeMiB = arg('size-mib', 1024);
-const layers = arg('layers', 4);
-/** Data written per layer, in 4 MiB writes spread over the disk. */
-const dataMiB = arg('data-mib', 64);
-const runs = arg('runs', 3);
+const sizeMiB = arg('size-mib', 4096);
+const layers = arg('layers', 5);
+/** Data the full holds, and each incremental (4 MiB writes spread over the disk; incrementals overwrite some of the full's). */
+const fullMiB = arg('full-mib', 2048);
+const incMiB = arg('inc-mib', 256);
+const runs = arg('runs', 5);
+const dropCaches = !process.argv.includes('--no-drop-caches');
+/** Keep the chain (and print where) for a closer look. */
+const keep = process.argv.includes('--keep');
 const BIN = fileURLToPath(new URL('../bin/nasbackup', import.meta.url));
 const VM = 'i-2-10-VM';
 const VOL = 'aaaaaaaa-0000-4000-8000-00000000be01';
 const FILE = `root.${VOL}.qcow2`;
 
-const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+const sorted = (xs: number[]): number[] => [...xs].sort((a, b) => a - b);
+const median = (xs: number[]): number => {
+  const s = sorted(xs);
+  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
+};
 
 function time(f: () => void): number {
   const t0 = process.hrtime.bigint();
@@ -33,7 +48,31 @@ function time(f: () => void): number {
   return Number(process.hrtime.bigint() - t0) / 1e6;
 }
 
-function main(): void {
+function drop(): void {
+  execFileSync('sync');
+  if (dropCaches) fs.writeFileSync('/proc/sys/vm/drop_caches', '3');
+}
+
+/** The floor: every layer's allocated host ranges read once, in 16 MiB sequential reads. */
+function readAllocated(files: string[]): void {
+  const buf = Buffer.allocUnsafe(16 * MiB);
+  for (const f of files) {
+    const fd = fs.openSync(f, 'r');
+    try {
+      // A backup layer is its header and tables then its data, densely: its allocated bytes are the file.
+      const size = fs.fstatSync(fd).size;
+      for (let pos = 0; pos < size;) {
+        const n = fs.readSync(fd, buf, 0, Math.min(buf.length, size - pos), pos);
+        if (n <= 0) break;
+        pos += n;
+      }
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+}
+
+async function main(): Promise<void> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nb-bench-restore-'));
   const nas = path.join(dir, 'nas');
   const tmp = path.join(dir, 'tmp');
@@ -41,8 +80,11 @@ function main(): void {
   for (const d of [nas, tmp, out]) fs.mkdirSync(d);
   try {
     const ts = Array.from({ length: layers }, (_, i) => `2026.01.${String(i + 1).padStart(2, '0')}.00.00.00`);
-    ts.forEach((t, i) => {
+    const files: string[] = [];
+    const chunks = sizeMiB / 4;
+    for (const [i, t] of ts.entries()) {
       const file = path.join(nas, VM, t, FILE);
+      files.push(file);
       fs.mkdirSync(path.dirname(file), { recursive: true });
       execFileSync('qemu-img', [
         'create',
@@ -51,17 +93,35 @@ function main(): void {
         'qcow2',
         ...(i === 0 ? [file, `${sizeMiB}M`] : ['-b', `../${ts[i - 1]}/${FILE}`, '-F', 'qcow2', file]),
       ]);
-      // Spread the writes over the disk, each layer at its own offsets (some overlap the layer below).
+      // The full: every other 4 MiB chunk up to its size; an incremental: chunks spread over the disk, some over the full's.
+      const writes = Math.max(1, Math.floor((i === 0 ? fullMiB : incMiB) / 4));
       const cmds: string[] = [];
-      const writes = Math.max(1, Math.floor(dataMiB / 4));
       for (let w = 0; w < writes; w++) {
-        const off = ((w * 7919 + i * 4099) % Math.floor(sizeMiB / 4)) * 4 * MiB;
-        cmds.push('-c', `write -P 0x${(0x10 + i * 16 + (w % 16)).toString(16)} ${off} ${4 * MiB}`);
+        const chunk = i === 0 ? (w * 2) % chunks : (w * 7919 + i * 4099) % chunks;
+        cmds.push('-c', `write -P 0x${(0x10 + i * 16 + (w % 16)).toString(16)} ${chunk * 4 * MiB} ${4 * MiB}`);
       }
-      execFileSync('qemu-io', ['-f', 'qcow2', ...cmds, file], { stdio: 'ignore' });
-    });
-    const top = path.join(nas, VM, ts.at(-1)!, FILE);
-    const reference = path.join(out, 'reference.raw');
+      for (let c = 0; c < cmds.length; c += 512)
+        execFileSync('qemu-io', ['-f', 'qcow2', ...cmds.slice(c, c + 512), file], { stdio: 'ignore' });
+      // The backup's manifest, as the backup writes it.
+      await writeManifestFile(path.dirname(file), {
+        format: MANIFEST_FORMAT,
+        version: MANIFEST_VERSION,
+        tool: { name: 'nasbackup', version: 'bench' },
+        vm: VM,
+        path: `${VM}/${t}`,
+        createdAt: new Date().toISOString(),
+        mode: i === 0 ? 'full' : 'incremental',
+        kind: i === 0 ? 'full' : 'incremental',
+        checkpoint: null,
+        incrementalFrom: null,
+        parent: i === 0 ? null : `${VM}/${ts[i - 1]}`,
+        digest: { algorithm: DIGEST_ALGORITHM, stream: DIGEST_STREAM, extentBytes: DEFAULT_EXTENT_BYTES },
+        disks: [await describeLayer(file, VOL, DEFAULT_EXTENT_BYTES)],
+      });
+    }
+    const top = files.at(-1)!;
+    const allocated = files.reduce((n, f) => n + fs.statSync(f).size, 0);
+    const reference = path.join(dir, 'reference.raw');
     execFileSync('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', top, reference]);
     const env = { ...process.env, TMPDIR: tmp, NASBACKUP_LOG_FILE: path.join(dir, 'nasbackup.log') };
     const ours = (format: string) => (to: string) => {
@@ -71,36 +131,92 @@ function main(): void {
         { env, encoding: 'utf8' },
       );
       if (r.status !== 0) throw new Error(`nasbackup restore failed: ${r.stdout}${r.stderr}`);
+      if (/warning/.test(r.stdout)) throw new Error(`nasbackup restore warned (the chain should be proven): ${r.stdout}`);
     };
     const qemu = (extra: string[]) => (to: string) => void execFileSync('qemu-img', ['convert', '-f', 'qcow2', ...extra, top, to]);
-    const variants: Array<[string, string, (to: string) => void]> = [
-      ['nasbackup restore --format raw', 'raw', ours('raw')],
-      ['qemu-img convert -O raw', 'raw', qemu(['-O', 'raw'])],
-      // qemu-img's default cache mode for the output never flushes it; ours syncs the target before the rename.
-      ['qemu-img convert -t writeback -O raw', 'raw', qemu(['-t', 'writeback', '-O', 'raw'])],
-      ['nasbackup restore --format qcow2', 'qcow2', ours('qcow2')],
-      ['qemu-img convert -O qcow2 -m 16 -W', 'qcow2', qemu(['-O', 'qcow2', '-m', '16', '-W'])],
+    type Variant = { name: string; format: string | null; run: (to: string) => void };
+    const variants: Variant[] = [
+      { name: 'floor: allocated bytes read once (16 MiB reads)', format: null, run: () => readAllocated(files) },
+      { name: 'nasbackup restore --format raw (verified)', format: 'raw', run: ours('raw') },
+      { name: 'nasbackup restore --format qcow2 (verified)', format: 'qcow2', run: ours('qcow2') },
+      { name: 'qemu-img convert -O raw', format: 'raw', run: qemu(['-O', 'raw']) },
+      { name: 'qemu-img convert -O qcow2', format: 'qcow2', run: qemu(['-O', 'qcow2']) },
+      { name: 'qemu-img convert -O qcow2 -m 16 -W', format: 'qcow2', run: qemu(['-O', 'qcow2', '-m', '16', '-W']) },
+      // Durable like ours (cache=writeback flushes the output before qemu-img exits).
+      {
+        name: 'qemu-img convert -O qcow2 -m 16 -W -t writeback',
+        format: 'qcow2',
+        run: qemu(['-O', 'qcow2', '-m', '16', '-W', '-t', 'writeback']),
+      },
     ];
     const times: number[][] = variants.map(() => []);
-    // Run 0 warms the page cache and is not counted.
-    for (let r = 0; r <= runs; r++) {
-      for (const [i, [, format, f]] of variants.entries()) {
-        const to = path.join(out, `v${i}.${format}`);
-        const ms = time(() => f(to));
-        execFileSync('qemu-img', ['compare', '-q', '-f', format, '-F', 'raw', to, reference]);
-        if (r > 0) times[i]!.push(ms);
-        fs.rmSync(to);
+    for (let r = 0; r < runs; r++) {
+      for (const [i, v] of variants.entries()) {
+        const to = path.join(out, `v${i}.${v.format ?? 'none'}`);
+        drop();
+        times[i]!.push(time(() => v.run(to)));
+        if (v.format !== null) {
+          if (r === 0) execFileSync('qemu-img', ['compare', '-q', '-f', v.format, '-F', 'raw', to, reference]);
+          fs.rmSync(to);
+        }
       }
     }
-    console.log(`chain: ${layers} layers, ${sizeMiB} MiB virtual, ~${dataMiB} MiB written per layer; median of ${runs} runs`);
-    for (const [i, [name]] of variants.entries()) {
-      console.log(
-        `  ${name.padEnd(40)} ${median(times[i]!).toFixed(0).padStart(7)} ms   (${times[i]!.map((t) => t.toFixed(0)).join(', ')})`,
-      );
+    console.log(
+      `chain: ${layers} layers of a ${sizeMiB} MiB disk (full ${fullMiB} MiB of data, incrementals ${incMiB} MiB each; ` +
+        `${(allocated / MiB).toFixed(0)} MiB allocated); manifests with 64 MiB extents; ` +
+        `${dropCaches ? 'page cache dropped before every run' : 'page cache NOT dropped'}; median of ${runs} runs (min–max)`,
+    );
+    const med = times.map(median);
+    for (const [i, v] of variants.entries()) {
+      const s = sorted(times[i]!);
+      console.log(`  ${v.name.padEnd(52)} ${med[i]!.toFixed(0).padStart(7)} ms   (${s[0]!.toFixed(0)}–${s.at(-1)!.toFixed(0)})`);
     }
+    const at = (name: string): number => med[variants.findIndex((v) => v.name.startsWith(name))]!;
+    const fastestQcow2 = Math.min(at('qemu-img convert -O qcow2 -m'), at('qemu-img convert -O qcow2'));
+    const ratio = (a: number, b: number): string => `${(a / b).toFixed(2)}x`;
+    console.log('ratios (medians of the same run):');
+    console.log(`  ours raw   / fastest qemu-img convert -O qcow2: ${ratio(at('nasbackup restore --format raw'), fastestQcow2)}`);
+    console.log(`  ours qcow2 / fastest qemu-img convert -O qcow2: ${ratio(at('nasbackup restore --format qcow2'), fastestQcow2)}`);
+    console.log(
+      `  ours raw   / qemu-img convert -O raw:           ${ratio(at('nasbackup restore --format raw'), at('qemu-img convert -O raw'))}`,
+    );
+    console.log(`  ours raw   / floor:                             ${ratio(at('nasbackup restore --format raw'), at('floor'))}`);
+    console.log(`  ours qcow2 / floor:                             ${ratio(at('nasbackup restore --format qcow2'), at('floor'))}`);
+    console.log(
+      `  ours qcow2 / qemu-img convert -O qcow2 -m 16 -W -t writeback (durable too): ${ratio(at('nasbackup restore --format qcow2'), at('qemu-img convert -O qcow2 -m 16 -W -t'))}`,
+    );
+    // The fixed cost: a 64 MiB disk holding 1 MiB (start, mount, lock, pre-flight, manifests, sync, unmount).
+    const small = path.join(nas, VM, '2026.02.01.00.00.00');
+    fs.mkdirSync(small);
+    const smallFile = path.join(small, FILE);
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', smallFile, '64M']);
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x42 0 1M', smallFile], { stdio: 'ignore' });
+    const fixed: Record<string, number[]> = { ours: [], qemu: [], node: [] };
+    for (let r = 0; r < Math.max(5, runs); r++) {
+      const to = path.join(out, 'small.qcow2');
+      fixed.ours!.push(
+        time(() => {
+          const x = spawnSync(
+            BIN,
+            ['restore', '-t', 'none', '-s', nas, '-m', 'bind', '--backup', `${VM}/2026.02.01.00.00.00`, '--disk', VOL, '--to', to],
+            { env, encoding: 'utf8' },
+          );
+          if (x.status !== 0) throw new Error(x.stdout);
+        }),
+      );
+      fs.rmSync(to);
+      fixed.qemu!.push(time(() => qemu(['-O', 'qcow2'])(to)));
+      fs.rmSync(to);
+      fixed.node!.push(time(() => execFileSync(process.execPath, ['-e', '0'])));
+    }
+    console.log(`fixed cost (64 MiB disk, 1 MiB of data, warm cache; median of ${fixed.ours!.length}):`);
+    console.log(`  nasbackup restore --format qcow2   ${median(fixed.ours!).toFixed(0).padStart(5)} ms`);
+    console.log(`  qemu-img convert -O qcow2          ${median(fixed.qemu!).toFixed(0).padStart(5)} ms`);
+    console.log(`  node -e 0 (Node.js start alone)    ${median(fixed.node!).toFixed(0).padStart(5)} ms`);
   } finally {
-    fs.rmSync(dir, { recursive: true, force: true });
+    if (keep) console.log(`kept: ${dir}`);
+    else fs.rmSync(dir, { recursive: true, force: true });
   }
 }
 
-main();
+await main();

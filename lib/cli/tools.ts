@@ -7,7 +7,7 @@
 //   nasbackup mount -t <type> -s <address> [-m <opts>] --backup <instance>/<timestamp> [--disk <uuid>] <dir>
 //   nasbackup umount <dir>
 import { readFile } from 'node:fs/promises';
-import yargsFactory from 'yargs/yargs';
+import { parseArgs } from 'node:util';
 import { loadConfig, type Config } from '../config.js';
 import { NasbackupError, toNasbackupError } from '../errors.js';
 import { createLogger, logFileFromEnv, type Logger } from '../log.js';
@@ -37,7 +37,9 @@ export const TOOLS = ['chain', 'plan-delete', 'restore', 'mount', 'umount'] as c
 
 export const CHAIN_SUBCOMMANDS = ['list', 'verify', 'plan-delete', 'delete'] as const;
 
-function parser(argv: readonly string[]) {
+/** yargs, loaded only by the commands that use it (restore parses its flags without it: a faster start). */
+async function parser(argv: readonly string[]) {
+  const { default: yargsFactory } = await import('yargs/yargs');
   return yargsFactory([...argv])
     .help(false)
     .version(false)
@@ -100,7 +102,7 @@ export async function runTool(tool: string, argv: readonly string[], io: ToolIo)
   if (tool === 'plan-delete') {
     let plan: ChainRepairPlan;
     try {
-      const a = parser(argv)
+      const a = (await parser(argv))
         .option('records', { type: 'string', demandOption: true })
         .option('backup', { type: 'string', demandOption: true })
         .option('root-volume-uuid', { type: 'string', demandOption: true })
@@ -124,7 +126,7 @@ export async function runTool(tool: string, argv: readonly string[], io: ToolIo)
   let records: BackupRecord[] | undefined;
   let config: Readonly<Config>;
   try {
-    a = parser(argv)
+    a = (await parser(argv))
       .command('$0 <action>', 'chain tools', (y) => y.positional('action', { choices: CHAIN_SUBCOMMANDS, type: 'string' }))
       .option('t', { alias: 'type', type: 'string', demandOption: true, nargs: 1 })
       .option('s', { alias: 'storage', type: 'string', demandOption: true, nargs: 1 })
@@ -191,6 +193,59 @@ export async function runTool(tool: string, argv: readonly string[], io: ToolIo)
   }
 }
 
+const RESTORE_VALUES = { t: 'type', s: 'storage', m: 'mount', backup: 'backup', disk: 'disk', to: 'to', format: 'format' } as const;
+
+/**
+ * `restore`'s flags with node:util's parser (no yargs to load: the command starts faster). Like
+ * the other tools: a value flag takes the next argument whatever it looks like (`-m --json`
+ * is a mount option), the last of a repeated flag wins, anything unknown is INVALID_OPTION.
+ */
+function restoreFlags(argv: readonly string[]) {
+  const long = (f: string): string | undefined => {
+    const name = f.startsWith('--') ? f.slice(2) : f.length === 2 && f.startsWith('-') ? f.slice(1) : undefined;
+    if (name === undefined) return undefined;
+    return (RESTORE_VALUES as Record<string, string>)[name] ?? (Object.values(RESTORE_VALUES).includes(name as never) ? name : undefined);
+  };
+  const args: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const l = long(argv[i]!);
+    if (l === undefined) args.push(argv[i]!);
+    else if (i + 1 >= argv.length)
+      throw new NasbackupError('INVALID_OPTION', `Not enough arguments following: ${argv[i]!.replace(/^-+/, '')}`);
+    else args.push(`--${l}=${argv[++i]!}`);
+  }
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args,
+      strict: true,
+      allowPositionals: false,
+      options: {
+        ...Object.fromEntries(Object.values(RESTORE_VALUES).map((n) => [n, { type: 'string' as const }])),
+        force: { type: 'boolean' },
+        json: { type: 'boolean' },
+      },
+    }));
+  } catch (e) {
+    throw new NasbackupError('INVALID_OPTION', (e as Error).message);
+  }
+  const v = values as Record<string, string | boolean | undefined>;
+  const str = (k: string): string | undefined => (typeof v[k] === 'string' ? v[k] : undefined);
+  const missing = ['type', 'storage', 'backup', 'disk', 'to'].filter((k) => str(k) === undefined);
+  if (missing.length > 0)
+    throw new NasbackupError('INVALID_OPTION', `Missing required argument${missing.length > 1 ? 's' : ''}: ${missing.join(', ')}`);
+  return {
+    t: str('type')!,
+    s: str('storage')!,
+    m: str('mount') ?? '',
+    backup: str('backup')!,
+    disk: str('disk')!,
+    to: str('to')!,
+    format: str('format'),
+    force: v.force === true,
+  };
+}
+
 async function runRestore(
   argv: readonly string[],
   io: ToolIo,
@@ -201,17 +256,7 @@ async function runRestore(
   let config: Readonly<Config>;
   let args: RestoreArgs;
   try {
-    const a = parser(argv)
-      .option('t', { alias: 'type', type: 'string', demandOption: true, nargs: 1 })
-      .option('s', { alias: 'storage', type: 'string', demandOption: true, nargs: 1 })
-      .option('m', { alias: 'mount', type: 'string', default: '', nargs: 1 })
-      .option('backup', { type: 'string', demandOption: true, nargs: 1 })
-      .option('disk', { type: 'string', demandOption: true, nargs: 1 })
-      .option('to', { type: 'string', demandOption: true, nargs: 1 })
-      .option('format', { type: 'string', nargs: 1 })
-      .option('force', { type: 'boolean', default: false })
-      .option('json', { type: 'boolean', default: false })
-      .parseSync();
+    const a = restoreFlags(argv);
     config = loadConfig(io.env, {});
     args = validateRestoreArgs({
       nas: { type: a.t, address: a.s, options: a.m },
@@ -227,8 +272,8 @@ async function runRestore(
   }
   const { restore } = await import('../ops/restore.js');
   const { createProgress } = await import('../ops/backup/progress.js');
-  // A bar on stderr for an operator at a terminal; never with --json.
-  const progress = await createProgress(process.stdout.isTTY === true && !json, 'restore');
+  // A bar on stderr when stderr is a terminal (an operator watching; stdout may be redirected to keep the result); never with --json.
+  const progress = await createProgress(process.stderr.isTTY === true && !json, 'restore');
   const outcome = await execute(io, config, logger, (ctx) =>
     restore(ctx, args, { progress: (done, total) => progress.update(done, total) }).finally(() => progress.stop()),
   );
@@ -249,7 +294,7 @@ async function runMountTool(
     let args;
     let config: Readonly<Config>;
     try {
-      const a = parser(argv).command('$0 [dir]', 'umount').option('json', { type: 'boolean', default: false }).parseSync();
+      const a = (await parser(argv)).command('$0 [dir]', 'umount').option('json', { type: 'boolean', default: false }).parseSync();
       args = validateUmountArgs({ ...(typeof a.dir === 'string' ? { dir: a.dir } : {}) });
       config = loadConfig(io.env, {});
     } catch (e) {
@@ -260,7 +305,7 @@ async function runMountTool(
   let args;
   let config: Readonly<Config>;
   try {
-    const a = parser(argv)
+    const a = (await parser(argv))
       .command('$0 [dir]', 'mount')
       .option('t', { alias: 'type', type: 'string', demandOption: true, nargs: 1 })
       .option('s', { alias: 'storage', type: 'string', demandOption: true, nargs: 1 })

@@ -1,18 +1,22 @@
 // Disaster recovery: one disk of one backup (any point of a chain) materialised outside the
 // NAS, with nothing but the NAS reachable (no libvirt, no management server). The chain is
-// flattened natively (lib/qcow2) into a sparse raw file: only extents holding data are written.
-// A qcow2 target is that raw file converted by qemu-img. A file target is written under a
+// flattened natively (flatten.ts): a raw target is a sparse file (only data is written), a
+// qcow2 target a new image written by our writer (only clusters holding data), a block device
+// is written whole. Each layer whose backup has a manifest is proven while it is read: a
+// damaged backup fails the restore and leaves no target. A file target is written under a
 // temporary name beside it and renamed into place once synced; a block device is written in place.
 import { randomBytes } from 'node:crypto';
 import { constants } from 'node:fs';
-import { access, chmod, lstat, open, readdir, realpath, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { access, lstat, open, readdir, realpath, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { NasbackupError, type Warning } from '../errors.js';
 import { ensureWithin, exists, isWithin } from '../paths.js';
-import { ImageChain, Qcow2Error } from '../qcow2/index.js';
+import { ImageChain, Qcow2Error, Qcow2Writer, type Qcow2Image } from '../qcow2/index.js';
 import { assertChainSafe, refusalForQcow2 } from '../store/safety.js';
 import { volumeIdOfBackupFile } from '../store/disks.js';
 import type { NasTarget } from '../nas/session.js';
+import { readManifestFile } from '../store/manifest-file.js';
+import { flattenVerified, pieceBytesFor, type FlatExtent, type FlattenOptions, type LayerExpectation } from './flatten.js';
 import type { OpContext } from './context.js';
 
 export type RestoreFormat = 'raw' | 'qcow2';
@@ -32,20 +36,14 @@ export interface RestoreArgs {
   force: boolean;
 }
 
-/** One piece of the guest disk as it is read: `data` is null for a piece that reads as zeros without being read. */
-export interface RestoreExtent {
-  offset: number;
-  length: number;
-  data: Buffer | null;
-}
+export type RestoreExtent = FlatExtent;
 
 export interface RestoreOptions {
   /**
-   * Called for every piece of the disk in order of completion, before it is written; throwing
-   * stops the restore (the target is then removed). The extension point for checking content
-   * against a backup's digests.
+   * Called for every range of the disk in order of completion, before it is written; throwing
+   * stops the restore (the target is then removed). For tests.
    */
-  verify?: (extent: RestoreExtent) => void | Promise<void>;
+  inspect?: (extent: RestoreExtent) => void | Promise<void>;
   /** Bytes of the virtual disk processed so far, and the total. */
   progress?: (done: number, total: number) => void;
 }
@@ -68,11 +66,6 @@ export interface RestoreResult {
   dataBytes: number;
   warnings: Warning[];
 }
-
-/** Piece size and how many are read at once: memory stays at PIECE × IN_FLIGHT. */
-const PIECE = 4 << 20;
-const IN_FLIGHT = 4;
-const ZEROS = Buffer.alloc(PIECE);
 
 /** The target as it is before we write: where it goes, and what is there now. */
 interface TargetPlan {
@@ -125,68 +118,6 @@ async function findDisk(backupDir: string, disk: string, what: string): Promise<
   return join(backupDir, name);
 }
 
-const isAllZero = (b: Buffer): boolean => b.equals(ZEROS.subarray(0, b.length));
-
-/**
- * Flatten the chain into `fh` (already the virtual size for a file): a pool of IN_FLIGHT
- * readers, each with its own buffer, takes the next PIECE of the disk and reads the extents
- * that hold data. Zeros are skipped on a file (a hole reads as zeros; data that is all zeros
- * too) and written on a device (it holds old data).
- */
-async function flatten(
-  ctx: OpContext,
-  chain: ImageChain,
-  fh: FileHandle,
-  sparse: boolean,
-  opts: RestoreOptions,
-): Promise<{ dataBytes: number }> {
-  const size = chain.virtualSize;
-  let next = 0;
-  let done = 0;
-  let dataBytes = 0;
-  let failed = false;
-  const worker = async (): Promise<void> => {
-    const buf = Buffer.allocUnsafe(PIECE);
-    for (;;) {
-      ctx.checkpoint();
-      if (failed || next >= size) return;
-      const start = next; // claimed before any await: no two readers take the same piece
-      const end = Math.min(start + PIECE, size);
-      next = end;
-      for (let offset = start; offset < end;) {
-        const s = await chain.status(offset, end - offset);
-        let data: Buffer | null = null;
-        if (s.kind === 'data' || s.kind === 'compressed') {
-          data = buf.subarray(offset - start, offset - start + s.length);
-          await chain.readInto(data, 0, offset, s.length);
-        }
-        await opts.verify?.({ offset, length: s.length, data });
-        if (data !== null && !(sparse && isAllZero(data))) {
-          await writeAll(fh, data, offset);
-          dataBytes += s.length;
-        } else if (!sparse) {
-          await writeAll(fh, ZEROS.subarray(0, s.length), offset);
-        }
-        offset += s.length;
-      }
-      done += end - start;
-      opts.progress?.(done, size);
-    }
-  };
-  // On a failure the other readers stop at their next piece; the file is closed only once all have.
-  const settled = await Promise.allSettled(
-    Array.from({ length: IN_FLIGHT }, () =>
-      worker().catch((e: unknown) => {
-        failed = true;
-        throw e;
-      }),
-    ),
-  );
-  const first = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-  if (first) throw first.reason;
-  return { dataBytes };
-}
-
 async function writeAll(fh: FileHandle, buf: Buffer, position: number): Promise<void> {
   let at = 0;
   while (at < buf.length) {
@@ -203,6 +134,47 @@ async function syncFolder(dir: string): Promise<void> {
     await fh.close();
   }
 }
+
+/**
+ * Writeback while the restore goes on: every FLUSH_EVERY bytes written, an fdatasync of the
+ * target starts in the background (one at a time), so the final sync before the rename finds
+ * little left to write instead of the whole disk — the disk writes while the chain is read.
+ */
+const FLUSH_EVERY = 256 << 20;
+class FlushBehind {
+  private pending = 0;
+  private running: Promise<void> | null = null;
+  private failure: Error | null = null;
+  constructor(
+    private readonly fh: FileHandle,
+    private readonly owned = false,
+  ) {}
+  /** Count written bytes; a failed flush is reported by settle() (the final sync would fail the same way). */
+  wrote(n: number): void {
+    this.pending += n;
+    if (this.pending < FLUSH_EVERY || this.running || this.failure) return;
+    this.pending = 0;
+    this.running = this.fh.datasync().then(
+      () => void (this.running = null),
+      (e: unknown) => {
+        this.failure = e instanceof Error ? e : new Error(String(e));
+        this.running = null;
+      },
+    );
+  }
+  async settle(): Promise<void> {
+    await this.running;
+    if (this.failure) throw this.failure;
+  }
+  async close(): Promise<void> {
+    await this.running?.catch(() => {});
+    if (this.owned) await this.fh.close();
+  }
+}
+
+/** A failure of the target (full, I/O error), told apart from one of the chain being read. */
+const writeFailed = (to: string, e: unknown): NasbackupError =>
+  new NasbackupError('IO_ERROR', `Writing ${to} failed: ${e instanceof Error ? e.message : String(e)}`);
 
 const tempName = (target: string, tag: string): string =>
   join(dirname(target), `.${basename(target)}.restore-${randomBytes(4).toString('hex')}.${tag}`);
@@ -228,6 +200,25 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
     if (e instanceof Qcow2Error) throw refusalForQcow2(e, `The chain of ${basename(file)} in ${where}`, a.vm) ?? e;
     throw e;
   }
+  // What each layer must hold, from its backup's manifest: proven while it is read.
+  let expect: Array<LayerExpectation | null>;
+  try {
+    const e = await expectations(chain.images, a.vm);
+    expect = e.expect;
+    warnings.push(...e.warnings);
+  } catch (e) {
+    await chain.close();
+    throw e;
+  }
+  const flatten = (target: FlattenOptions['target'], write: (buf: Buffer, at: number) => Promise<void>) =>
+    flattenVerified(chain, {
+      expect,
+      target,
+      write,
+      checkpoint: () => ctx.checkpoint(),
+      ...(opts.inspect ? { inspect: opts.inspect } : {}),
+      ...(opts.progress ? { progress: opts.progress } : {}),
+    });
   const result: RestoreResult = {
     vm: a.vm,
     backup: a.backup,
@@ -257,33 +248,56 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
             'RESTORE_TARGET_INVALID',
             `${a.to} holds ${devSize} bytes, the disk needs ${chain.virtualSize}: refusing to write a truncated disk`,
           );
-        result.dataBytes = (await flatten(ctx, chain, fh, false, opts)).dataBytes;
+        result.dataBytes = (await flatten({ kind: 'device' }, (buf, at) => writeAll(fh, buf, at))).dataBytes;
         await fh.sync();
         ctx.committed(); // the device holds the disk: a signal from here on no longer fails the run
       } finally {
         await fh.close();
       }
     } else {
-      const raw = tempName(target.path, a.format === 'raw' ? 'tmp' : 'raw');
-      temps.push(raw);
-      const fh = await open(raw, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o600);
-      try {
-        await fh.truncate(chain.virtualSize);
-        result.dataBytes = (await flatten(ctx, chain, fh, true, opts)).dataBytes;
-        // The raw intermediate of a qcow2 target is read back and removed: only what is renamed into place is synced.
-        if (a.format === 'raw') await fh.sync();
-      } finally {
-        await fh.close();
-      }
-      let final = raw;
-      if (a.format === 'qcow2') {
-        final = tempName(target.path, 'tmp');
-        temps.push(final);
-        ctx.checkpoint();
-        await ctx.clients.qemuImg.convert(raw, 'raw', final);
-        await chmod(final, 0o600); // a disk's content: as private as the raw one
-        const q = await open(final, constants.O_RDONLY);
-        await q.sync().finally(() => q.close());
+      const final = tempName(target.path, 'tmp');
+      temps.push(final);
+      if (a.format === 'raw') {
+        const fh = await open(final, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o600);
+        const behind = new FlushBehind(fh);
+        try {
+          await fh.truncate(chain.virtualSize);
+          const write = (buf: Buffer, at: number): Promise<void> =>
+            writeAll(fh, buf, at).then(
+              () => behind.wrote(buf.length),
+              (e: unknown) => Promise.reject(writeFailed(a.to, e)),
+            );
+          result.dataBytes = (await flatten({ kind: 'sparse' }, write)).dataBytes;
+          await behind.settle().catch((e: unknown) => Promise.reject(writeFailed(a.to, e)));
+          await fh.sync().catch((e: unknown) => Promise.reject(writeFailed(a.to, e)));
+        } finally {
+          await behind.settle().catch(() => {});
+          await fh.close();
+        }
+      } else {
+        // A new image written front to back by our writer: only clusters holding data, synced by finish().
+        const clusterBits = Math.min(16, Math.log2(pieceBytesFor(chain.images, expect)));
+        const w = await Qcow2Writer.create(final, { virtualSize: chain.virtualSize, clusterBits, mode: 0o600 }).catch((e: unknown) => {
+          throw writeFailed(a.to, e);
+        });
+        // The writer's data reaches the disk while the chain is still read (any descriptor of the file flushes it).
+        const behind = new FlushBehind(await open(final, constants.O_RDONLY), true);
+        try {
+          const writeData = (buf: Buffer, at: number): Promise<void> =>
+            w.writeData(at, buf).then(
+              () => behind.wrote(buf.length),
+              (e: unknown) => Promise.reject(writeFailed(a.to, e)),
+            );
+          result.dataBytes = (await flatten({ kind: 'units', unit: w.unit }, writeData)).dataBytes;
+          await behind.settle().catch((e: unknown) => Promise.reject(writeFailed(a.to, e)));
+          await w.finish().catch((e: unknown) => Promise.reject(writeFailed(a.to, e)));
+        } catch (e) {
+          await behind.settle().catch(() => {});
+          await w.abort().catch(() => {});
+          throw e;
+        } finally {
+          await behind.close();
+        }
       }
       // The commit point: once renamed, the restore stands whatever signal comes.
       await ctx.commit(() => rename(final, target.path));
@@ -293,7 +307,7 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
   } catch (e) {
     for (const t of temps)
       await unlink(t).catch((err: NodeJS.ErrnoException) => {
-        if (err.code !== 'ENOENT') ctx.leftover(`Could not remove ${t}`); // ENOENT: never made (qemu-img had not started it)
+        if (err.code !== 'ENOENT') ctx.leftover(`Could not remove ${t}`); // ENOENT: never made, or removed by the writer's abort
       });
     // A layer that turns out damaged while read is refused like the pre-flight would; a failed read is an I/O error.
     if (e instanceof Qcow2Error)
@@ -304,13 +318,61 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
     throw e;
   } finally {
     await chain.close();
-    // The raw intermediate of a qcow2 target, once the qcow2 is in place.
-    for (const t of temps) await unlink(t).catch(() => {});
   }
   ctx.logger.log(
     `Restored ${where}/${basename(file)} (${result.layers} layer(s), ${result.virtualSize} bytes, ${result.dataBytes} of data) to ${a.to} as ${a.format}`,
   );
   return result;
+}
+
+/**
+ * Per layer (0 = top), what its backup's manifest says it holds; null for a backup without a
+ * manifest (older than manifests: structural checks only, with a NO_MANIFEST warning). A
+ * manifest that is unusable, of another backup, or that does not describe the layer as it is
+ * (not listed, another size, backing or cluster layout) fails the restore before anything is written.
+ */
+async function expectations(images: Qcow2Image[], vm: string): Promise<{ expect: Array<LayerExpectation | null>; warnings: Warning[] }> {
+  const warnings: Warning[] = [];
+  const expect: Array<LayerExpectation | null> = [];
+  const manifests = new Map<string, Awaited<ReturnType<typeof readManifestFile>>>();
+  const unproven: string[] = [];
+  for (const img of images) {
+    const dir = dirname(img.path);
+    const backup = `${vm}/${basename(dir)}`;
+    const file = basename(img.path);
+    const damaged = (why: string): NasbackupError =>
+      new NasbackupError('BACKUP_DAMAGED', `Backup ${backup} is damaged: disk ${file}: ${why}`);
+    let m = manifests.get(dir);
+    if (m === undefined) {
+      m = await readManifestFile(dir);
+      manifests.set(dir, m);
+      if (m === null) unproven.push(backup);
+    }
+    if (m === null) {
+      expect.push(null);
+      continue;
+    }
+    if ('error' in m) throw new NasbackupError('BACKUP_DAMAGED', `Backup ${backup} is damaged: ${m.error}`);
+    if (m.path !== backup)
+      throw new NasbackupError('BACKUP_DAMAGED', `Backup ${backup} is damaged: its manifest is of another backup (${m.path})`);
+    const d = m.disks.find((x) => x.file === file);
+    if (!d) throw damaged('not listed in the manifest');
+    if (d.virtualSize !== img.virtualSize) throw damaged(`virtual size ${img.virtualSize}, the manifest says ${d.virtualSize}`);
+    if (d.backing !== img.header.backingFile)
+      throw damaged(`backing ${img.header.backingFile ?? 'none'}, the manifest says ${d.backing ?? 'none'}`);
+    if (d.unitBytes !== img.subclusterSize || m.digest.extentBytes % img.clusterSize !== 0)
+      throw damaged(
+        `cluster layout (${img.subclusterSize}-byte units) does not match the manifest's (${d.unitBytes}, extents of ${m.digest.extentBytes})`,
+      );
+    expect.push({ backup, file, extentBytes: m.digest.extentBytes, digests: new Map(d.extents.map((x) => [x.index, x.digest])) });
+  }
+  // One line for the chain (a chain of old backups has no manifest anywhere).
+  if (unproven.length > 0)
+    warnings.push({
+      code: 'NO_MANIFEST',
+      message: `No manifest in ${unproven.join(', ')}: ${unproven.length === 1 ? 'its' : 'their'} content was not verified (structural checks only)`,
+    });
+  return { expect, warnings };
 }
 
 /**

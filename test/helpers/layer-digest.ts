@@ -4,7 +4,7 @@
 // convert` of the same layer gives the bytes. No line of lib/qcow2 is involved.
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { readFileSync, rmSync } from 'node:fs';
+import { readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 
 interface MapRow {
@@ -58,4 +58,52 @@ export function recomputeDigests(
     if (held) extents.push({ index, digest: h.digest('hex') });
   }
   return { unitBytes: unit, dataBytes, zeroBytes, extents };
+}
+
+/**
+ * A manifest.json for backup folder `<instanceDir>/<ts>` written from qemu-img's view of its
+ * disk files (recomputeDigests), as a backup would have written it: restore and verify tests
+ * get chains with manifests without a line of our digest code in their making.
+ */
+export function writeManifestFromQemu(instanceDir: string, ts: string, scratch: string, extentBytes = 64 * 1024 * 1024): void {
+  const folder = join(instanceDir, ts);
+  const vm = instanceDir.split('/').at(-1)!;
+  const disks = readdirSync(folder)
+    .filter((n) => /^(root|datadisk)\..+\.qcow2$/.test(n))
+    .sort()
+    .map((file) => {
+      const path = join(folder, file);
+      const info = JSON.parse(execFileSync('qemu-img', ['info', '-U', '--output=json', path], { encoding: 'utf8' })) as {
+        'virtual-size': number;
+        'backing-filename'?: string;
+        'backing-filename-format'?: string;
+      };
+      const d = recomputeDigests(path, scratch, extentBytes);
+      return {
+        file,
+        volumeId: file.split('.').slice(1, -1).join('.'),
+        format: 'qcow2',
+        virtualSize: info['virtual-size'],
+        backing: info['backing-filename'] ?? null,
+        backingFormat: info['backing-filename-format'] ?? null,
+        fileBytes: statSync(path).size,
+        ...d,
+      };
+    });
+  const m = {
+    format: 'nasbackup-manifest',
+    version: 1,
+    tool: { name: 'nasbackup', version: 'test' },
+    vm,
+    path: `${vm}/${ts}`,
+    createdAt: new Date(0).toISOString(),
+    mode: 'incremental',
+    kind: disks.some((d) => d.backing !== null) ? 'incremental' : 'full',
+    checkpoint: null,
+    incrementalFrom: null,
+    parent: null,
+    digest: { algorithm: 'sha256', stream: 'nasbackup-layer-v1', extentBytes },
+    disks,
+  };
+  writeFileSync(join(folder, 'manifest.json'), JSON.stringify(m, null, 2) + '\n');
 }

@@ -2,14 +2,28 @@
 // compressed and all-zero data clusters) on a bind-mounted folder as the NAS: every point of
 // every disk restored as raw and as qcow2 must equal qemu-img's own flatten of that point.
 import { execFileSync } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readSync,
+  rmSync,
+  statSync,
+  truncateSync,
+  writeFileSync,
+  writeSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execute } from '../../lib/cli/lifecycle.js';
 import { loadConfig } from '../../lib/config.js';
 import { memoryLogger } from '../../lib/log.js';
 import { restore, type RestoreExtent } from '../../lib/ops/restore.js';
-import { bindNas, leftovers, makeSandbox, run, start, writeShim, type Sandbox } from '../helpers/cli.js';
+import { BIN, bindNas, leftovers, makeSandbox, run, type Sandbox } from '../helpers/cli.js';
+import { writeManifestFromQemu } from '../helpers/layer-digest.js';
 import { makeImage, qemuImg } from '../helpers/qemu.js';
 import { removeTempDirs } from '../helpers/tmp.js';
 
@@ -25,8 +39,12 @@ const DISKS = [
 
 const io = (cmd: string, path: string): void => void execFileSync('qemu-io', ['-f', 'qcow2', '-c', cmd, path], { stdio: 'ignore' });
 
-/** full <- inc1 <- … <- inc4 for both disks: data, overwrites, zeroed ranges, compressed and all-zero clusters. */
-function seed(sb: Sandbox): void {
+/**
+ * full <- inc1 <- … <- inc4 for both disks: data, overwrites, zeroed ranges, compressed and
+ * all-zero clusters; with `manifestExtent`, a manifest per backup (digests by qemu-img's view,
+ * extents of that size) as a backup writes one.
+ */
+function seed(sb: Sandbox, manifestExtent?: number): void {
   TS.forEach((ts, i) => {
     DISKS.forEach((d, k) => {
       const path = join(sb.nas, VM, ts, d.file);
@@ -41,6 +59,7 @@ function seed(sb: Sandbox): void {
       if (i === 3) io(`discard ${2 * MiB} 64k`, path);
     });
     writeFileSync(join(sb.nas, VM, ts, 'domain-config.xml'), `<!-- ${ts} -->\n`);
+    if (manifestExtent !== undefined) writeManifestFromQemu(join(sb.nas, VM), ts, sb.root, manifestExtent);
   });
 }
 
@@ -72,22 +91,32 @@ const temps = (dir: string): string[] => readdirSync(dir).filter((n) => n.includ
 describe('restore', () => {
   let sb: Sandbox;
   let out: string;
+  let proven: Sandbox;
   beforeAll(() => {
     sb = makeSandbox('restore');
     seed(sb);
     out = join(sb.root, 'out');
     mkdirSync(out);
+    // The same chain with manifests; 2 MiB extents, so every disk spans several (and pieces follow them).
+    proven = makeSandbox('restore-proven');
+    seed(proven, 2 * MiB);
   });
 
-  it('every point of every disk, raw and qcow2, equals qemu-img convert of that point', async () => {
+  it.each([
+    ['without manifests (structural checks, NO_MANIFEST per backup)', false],
+    ['with manifests (every layer proven while read)', true],
+  ])('every point of every disk, raw and qcow2, equals qemu-img convert of that point: %s', async (_, withManifests) => {
+    const box = withManifests ? proven : sb;
+    const dir = join(box.root, withManifests ? 'out' : 'out-all');
+    mkdirSync(dir);
     for (const ts of TS) {
       for (const d of DISKS) {
-        const src = join(sb.nas, VM, ts, d.file);
-        const expected = join(out, `expected-${ts}-${d.vol}.raw`);
+        const src = join(box.nas, VM, ts, d.file);
+        const expected = join(dir, `expected-${ts}-${d.vol}.raw`);
         qemuImg(['convert', '-U', '-f', 'qcow2', '-O', 'raw', src, expected]);
         for (const format of ['raw', 'qcow2'] as const) {
-          const to = join(out, `${ts}-${d.vol}.${format === 'raw' ? 'img' : 'qcow2'}`);
-          const r = await run(sb, [...restoreArgs(sb, ts, d.vol, to, '--format', format), '--json']);
+          const to = join(dir, `${ts}-${d.vol}.${format === 'raw' ? 'img' : 'qcow2'}`);
+          const r = await run(box, [...restoreArgs(box, ts, d.vol, to, '--format', format), '--json']);
           expect(r.code, r.stdout).toBe(0);
           const j = JSON.parse(r.stdout);
           expect(j).toMatchObject({
@@ -104,17 +133,34 @@ describe('restore', () => {
             virtualSize: d.size,
             errors: [],
           });
+          const noManifest = (j.warnings as Array<{ code: string; message: string }>).filter((w) => w.code === 'NO_MANIFEST');
+          // One line naming every backup of the chain when nothing could be proven, none when all was.
+          const chain = TS.slice(0, TS.indexOf(ts) + 1)
+            .reverse()
+            .map((t) => `${VM}/${t}`);
+          expect(noManifest.map((w) => w.message)).toEqual(
+            withManifests
+              ? []
+              : [
+                  `No manifest in ${chain.join(', ')}: ${chain.length === 1 ? 'its' : 'their'} content was not verified (structural checks only)`,
+                ],
+          );
           expect(same(to, format, expected, 'raw'), `${ts} ${d.file} ${format}`).toBe(true);
-          if (format === 'qcow2') expect(JSON.parse(qemuImg(['info', '--output=json', to]))).toMatchObject({ format: 'qcow2' });
+          if (format === 'qcow2') {
+            // Our own writer's image: a clean qcow2 (qemu-img check exits 0) with no backing.
+            expect(JSON.parse(qemuImg(['info', '--output=json', to]))).toMatchObject({ format: 'qcow2' });
+            expect(JSON.parse(qemuImg(['info', '--output=json', to]))['backing-filename']).toBeUndefined();
+            qemuImg(['check', '-q', to]);
+          }
           expect(statSync(to).mode & 0o777).toBe(0o600);
           rmSync(to);
         }
         rmSync(expected);
       }
     }
-    expect(temps(out)).toEqual([]);
-    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
-    expect(existsSync(join(sb.nas, VM, '.nasbackup.lock'))).toBe(false);
+    expect(temps(dir)).toEqual([]);
+    expect(leftovers(box)).toEqual({ dirs: [], mounts: [] });
+    expect(existsSync(join(box.nas, VM, '.nasbackup.lock'))).toBe(false);
   });
 
   it('a raw target is sparse: only data is allocated (zero, unallocated and all-zero ranges are holes)', async () => {
@@ -190,6 +236,41 @@ describe('restore', () => {
     expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
   });
 
+  it('flags: unknown, missing or stray arguments are INVALID_OPTION; --flag=value and a value that looks like a flag are taken', async () => {
+    const d = DISKS[1]!;
+    const cases: Array<[string[], RegExp]> = [
+      [[...restoreArgs(sb, TS[0]!, d.vol, join(out, 'f.raw')), '--bogus'], /^Unknown option '--bogus'/],
+      [['restore', ...bindNas(sb), '--disk', d.vol], /^Missing required arguments: backup, to$/],
+      [[...restoreArgs(sb, TS[0]!, d.vol, join(out, 'f.raw')), 'stray'], /^Unexpected argument 'stray'/],
+      [['restore', ...bindNas(sb), '--backup', `${VM}/${TS[0]}`, '--disk'], /^Not enough arguments following: disk$/],
+    ];
+    for (const [args, message] of cases) {
+      const r = await run(sb, ['restore', '--json', ...args.slice(1)]);
+      expect(r.code, r.stdout).toBe(1);
+      const j = JSON.parse(r.stdout);
+      expect(j).toMatchObject({ ok: false, command: 'restore', errors: [{ code: 'INVALID_OPTION' }] });
+      expect(j.errors[0].message).toMatch(message);
+    }
+    const to = join(out, 'eq.raw');
+    const ok = await run(sb, [
+      'restore',
+      '-t',
+      'none',
+      `--storage=${sb.nas}`,
+      '-m',
+      'bind',
+      `--backup=${VM}/${TS[0]}`,
+      '--disk',
+      d.vol,
+      `--to=${to}`,
+      '--json',
+    ]);
+    expect(ok.code, ok.stdout).toBe(0);
+    expect(JSON.parse(ok.stdout)).toMatchObject({ ok: true, to, format: 'raw' });
+    rmSync(to);
+    expect(readdirSync(out).filter((n) => n.startsWith('f.'))).toEqual([]);
+  });
+
   it('--help names the command and its flags', async () => {
     const r = await run(sb, ['restore', '--help']);
     expect(r.code).toBe(0);
@@ -216,13 +297,15 @@ describe('restore of a broken chain', () => {
     expect(ok.code, ok.stdout).toBe(0);
     const line = `restored ${VM}/${TS[4]}/${DISKS[0]!.file} (5 layer(s)) to ${join(out, 'root.raw')} as raw: ${DISKS[0]!.size} bytes, `;
     expect(ok.stdout.startsWith(line)).toBe(true);
-    expect(ok.stdout.slice(line.length)).toMatch(/^\d+ of data\n$/);
+    expect(ok.stdout.slice(line.length)).toMatch(
+      /^\d+ of data\nwarning: No manifest in i-2-10-VM\/2025\.01\.05\.00\.00\.00, .*\(structural checks only\)\n$/,
+    );
     expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
   });
 });
 
 describe('restore extension point', () => {
-  it('the verifier sees every range of the disk once, with the data it reads; a throwing verifier leaves nothing', async () => {
+  it('the inspector sees every range of the disk once, with the data it reads; a throwing inspector leaves nothing', async () => {
     const sb = makeSandbox('restore-verify');
     seed(sb);
     const out = join(sb.root, 'out');
@@ -237,7 +320,7 @@ describe('restore extension point', () => {
     process.env.TMPDIR = sb.tmp;
     try {
       const ok = await execute({ out: { write() {} }, env: sb.env, onSignal: () => () => {} }, config, memoryLogger(), (ctx) =>
-        restore(ctx, args, { verify: (e) => void seen.push({ ...e, data: e.data && Buffer.from(e.data) }) }),
+        restore(ctx, args, { inspect: (e) => void seen.push({ ...e, data: e.data && Buffer.from(e.data) }) }),
       );
       expect(ok.errors).toEqual([]);
       // The pieces tile the disk exactly, and each one's data is what was written there.
@@ -254,7 +337,7 @@ describe('restore extension point', () => {
       rmSync(to);
       const failed = await execute({ out: { write() {} }, env: sb.env, onSignal: () => () => {} }, config, memoryLogger(), (ctx) =>
         restore(ctx, args, {
-          verify: (e) => {
+          inspect: (e) => {
             if (e.offset >= 4 * MiB) throw new Error('digest mismatch');
           },
         }),
@@ -310,7 +393,9 @@ describe('restore: the VM lock and a read-only NAS', () => {
       to,
     ]);
     expect(r.code, r.stdout).toBe(0);
-    expect(r.stdout).toMatch(/\nwarning: The NAS is read-only: i-2-10-VM's backups were read without the VM lock\n$/);
+    expect(r.stdout).toMatch(
+      /\nwarning: The NAS is read-only: i-2-10-VM's backups were read without the VM lock\nwarning: No manifest in /,
+    );
     expect(same(to, 'qcow2', join(sb.nas, VM, TS[4]!, DISKS[1]!.file), 'qcow2')).toBe(true);
     expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
   });
@@ -395,25 +480,47 @@ describe('restore: the target is never on the NAS, and an interrupted restore le
     }
   });
 
-  it('SIGTERM during the qcow2 conversion: INTERRUPTED, the temporary file removed, nothing mounted', async () => {
+  it('SIGTERM while the qcow2 image is being written: INTERRUPTED, the temporary image removed, nothing mounted', async () => {
     const sb = makeSandbox('restore-term');
-    seed(sb);
+    seed(sb, 2 * MiB);
     const out = join(sb.root, 'out');
     mkdirSync(out);
-    const marker = join(sb.root, 'converting');
-    // qemu-img that says when the conversion starts, then takes long enough to be interrupted.
-    writeShim(sb, 'qemu-img', `if [ "$1" = convert ]; then touch '${marker}'; sleep 30; fi\nexec /usr/bin/qemu-img "$@"`);
-    const { child, done } = start(sb, [...restoreArgs(sb, TS[4]!, DISKS[0]!.vol, join(out, 'x.qcow2')), '--json']);
-    for (let i = 0; i < 200 && !existsSync(marker); i++) await new Promise((r) => setTimeout(r, 50));
-    expect(existsSync(marker)).toBe(true);
-    expect(temps(out)).toHaveLength(1); // the raw intermediate (the qcow2 one is not made yet)
-    child.kill('SIGTERM');
-    const r = await done;
-    expect(r.code).toBe(1);
-    expect(JSON.parse(r.stdout)).toMatchObject({ ok: false, errors: [{ code: 'INTERRUPTED' }] });
-    expect(readdirSync(out)).toEqual([]);
-    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
-    expect(existsSync(join(sb.nas, VM, '.nasbackup.lock'))).toBe(false);
+    const config = loadConfig({ ...sb.env }, {});
+    const args = { nas: { type: 'none', address: sb.nas, options: 'bind' }, vm: VM, backup: TS[4]!, disk: DISKS[0]!.vol };
+    let signal: ((s: NodeJS.Signals) => void) | null = null;
+    let seenTemp: string[] = [];
+    const prevTmp = process.env.TMPDIR;
+    process.env.TMPDIR = sb.tmp;
+    try {
+      const r = await execute(
+        { out: { write() {} }, env: sb.env, onSignal: (h) => ((signal = h), () => {}) },
+        config,
+        memoryLogger(),
+        (ctx) =>
+          restore(
+            ctx,
+            { ...args, to: join(out, 'x.qcow2'), format: 'qcow2', force: false },
+            {
+              // Half way through the disk, the image being written exists under its temporary name.
+              inspect: (e) => {
+                if (e.offset >= 12 * MiB && signal) {
+                  seenTemp = temps(out);
+                  signal('SIGTERM');
+                  signal = null;
+                }
+              },
+            },
+          ),
+      );
+      expect(seenTemp).toHaveLength(1);
+      expect(r.errors.map((e) => e.code)).toEqual(['INTERRUPTED']);
+      expect(readdirSync(out)).toEqual([]);
+      expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+      expect(existsSync(join(sb.nas, VM, '.nasbackup.lock'))).toBe(false);
+    } finally {
+      if (prevTmp === undefined) delete process.env.TMPDIR;
+      else process.env.TMPDIR = prevTmp;
+    }
   });
 });
 
@@ -440,5 +547,204 @@ describe('restore of a layer damaged where only a read finds it', () => {
     expect(j.errors[0].message).toMatch(/does not decompress/);
     expect(readdirSync(out)).toEqual([]);
     expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+  });
+});
+
+describe('restore proves every layer while it reads it (manifests)', () => {
+  /** A chain with manifests (2 MiB extents), and a folder for targets. */
+  const proven = (tag: string): { sb: Sandbox; out: string } => {
+    const sb = makeSandbox(tag);
+    seed(sb, 2 * MiB);
+    const out = join(sb.root, 'out');
+    mkdirSync(out);
+    return { sb, out };
+  };
+  /** The host offset of guest byte `guest` in one layer (its own data cluster). */
+  const hostOf = async (layer: string, guest: number): Promise<number> => {
+    const { Qcow2Image } = await import('../../lib/qcow2/index.js');
+    const img = await Qcow2Image.open(layer);
+    try {
+      const s = await img.status(guest, 1);
+      expect(s.kind).toBe('data');
+      return s.host!;
+    } finally {
+      await img.close();
+    }
+  };
+  const flip = (file: string, at: number): void => {
+    const fd = openSync(file, 'r+');
+    const b = Buffer.alloc(1);
+    readSync(fd, b, 0, 1, at);
+    b[0] = b[0]! ^ 0xff;
+    writeSync(fd, b, 0, 1, at);
+    closeSync(fd);
+  };
+  /** Restore (raw and qcow2) fails with BACKUP_DAMAGED and `message`; nothing is left anywhere. */
+  const refused = async (sb: Sandbox, out: string, ts: string, vol: string, message: string): Promise<void> => {
+    for (const format of ['raw', 'qcow2']) {
+      const to = join(out, `x.${format}`);
+      const r = await run(sb, [...restoreArgs(sb, ts, vol, to, '--format', format), '--json']);
+      expect(r.code, r.stdout).toBe(1);
+      const j = JSON.parse(r.stdout);
+      expect(j).toMatchObject({ ok: false, command: 'restore', errors: [{ code: 'BACKUP_DAMAGED', exitCode: 1 }] });
+      expect(j.errors[0].message).toBe(message);
+      const text = await run(sb, restoreArgs(sb, ts, vol, to, '--format', format));
+      expect(text.stdout).toBe(`${message}\n`);
+      expect(readdirSync(out)).toEqual([]);
+    }
+    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+    expect(existsSync(join(sb.nas, VM, '.nasbackup.lock'))).toBe(false);
+  };
+  const d0 = DISKS[0]!;
+  const d1 = DISKS[1]!;
+  const ext = (i: number): string => `extent ${i} (guest bytes ${i * 2 * MiB}-${(i + 1) * 2 * MiB})`;
+
+  it('a flipped byte in a lower layer where a newer backup hides it (the guest never reads it) fails the restore', async () => {
+    const { sb, out } = proven('restore-shadowed');
+    // The full's data at 1 MiB is zeroed by the third backup: no read of the newest point touches it…
+    const full = join(sb.nas, VM, TS[0]!, d0.file);
+    const before = join(sb.root, 'before.raw');
+    qemuImg(['convert', '-U', '-f', 'qcow2', '-O', 'raw', join(sb.nas, VM, TS[4]!, d0.file), before]);
+    flip(full, (await hostOf(full, MiB + 100)) + 100);
+    expect(same(join(sb.nas, VM, TS[4]!, d0.file), 'qcow2', before, 'raw')).toBe(true);
+    // …but its layer is proven whole, so the damage is found.
+    await refused(
+      sb,
+      out,
+      TS[4]!,
+      d0.vol,
+      `Backup ${VM}/${TS[0]} is damaged: disk ${d0.file}, ${ext(0)}: the content does not match the digest in the manifest`,
+    );
+    // The other disk of the same backups is intact.
+    const ok = await run(sb, [...restoreArgs(sb, TS[4]!, d1.vol, join(out, 'd1.raw')), '--json']);
+    expect(ok.code, ok.stdout).toBe(0);
+    expect(JSON.parse(ok.stdout).warnings).toEqual([]);
+  });
+
+  it('a flipped byte in data the guest sees fails the restore; an older point without that layer still restores', async () => {
+    const { sb, out } = proven('restore-visible');
+    const top = join(sb.nas, VM, TS[4]!, d0.file);
+    flip(top, await hostOf(top, 8 * MiB + MiB / 2));
+    await refused(
+      sb,
+      out,
+      TS[4]!,
+      d0.vol,
+      `Backup ${VM}/${TS[4]} is damaged: disk ${d0.file}, ${ext(4)}: the content does not match the digest in the manifest`,
+    );
+    const to = join(out, 'older.raw');
+    const ok = await run(sb, restoreArgs(sb, TS[3]!, d0.vol, to));
+    expect(ok.code, ok.stdout).toBe(0);
+    expect(same(to, 'raw', join(sb.nas, VM, TS[3]!, d0.file), 'qcow2')).toBe(true);
+  });
+
+  it('a truncated layer (its last data cluster cut short) fails the restore at that extent', async () => {
+    const { sb, out } = proven('restore-truncated');
+    const layer = join(sb.nas, VM, TS[3]!, d1.file);
+    // That backup wrote 1.5 MiB at 7 MiB + 12 KiB: its last data cluster is the end of the file.
+    const last = await hostOf(layer, 7 * MiB + 12 * 1024 + 1536 * 1024 - 1);
+    expect(statSync(layer).size).toBe(last - (last % 65536) + 65536);
+    // Cut inside what the backup wrote there (12 KiB at the start of that cluster), not only its zero tail.
+    truncateSync(layer, last - (last % 65536) + 4096);
+    await refused(
+      sb,
+      out,
+      TS[4]!,
+      d1.vol,
+      `Backup ${VM}/${TS[3]} is damaged: disk ${d1.file}, ${ext(4)}: the content does not match the digest in the manifest`,
+    );
+  });
+
+  it('a manifest edited by hand: a changed digest names its extent, a broken one is refused, a removed one is a warning', async () => {
+    const { sb, out } = proven('restore-edited');
+    const mf = join(sb.nas, VM, TS[2]!, 'manifest.json');
+    const original = readFileSync(mf, 'utf8');
+    const m = JSON.parse(original) as { disks: Array<{ file: string; extents: Array<{ index: number; digest: string }> }> };
+    const entry = m.disks.find((x) => x.file === d1.file)!;
+    const edited = entry.extents[1]!;
+    edited.digest = edited.digest.replace(/^./, (c) => (c === '0' ? '1' : '0'));
+    writeFileSync(mf, JSON.stringify(m, null, 2));
+    await refused(
+      sb,
+      out,
+      TS[3]!,
+      d1.vol,
+      `Backup ${VM}/${TS[2]} is damaged: disk ${d1.file}, ${ext(edited.index)}: the content does not match the digest in the manifest`,
+    );
+    writeFileSync(mf, original.replace('"version": 1', '"version": "one"'));
+    await refused(
+      sb,
+      out,
+      TS[3]!,
+      d1.vol,
+      `Backup ${VM}/${TS[2]} is damaged: manifest.json is unusable: version "one" is not supported (this reader knows 1)`,
+    );
+    // An extent the layer holds that the manifest does not list.
+    const dropped = JSON.parse(original) as typeof m;
+    dropped.disks.find((x) => x.file === d1.file)!.extents.shift();
+    writeFileSync(mf, JSON.stringify(dropped));
+    const first = entry.extents[0]!.index;
+    await refused(
+      sb,
+      out,
+      TS[3]!,
+      d1.vol,
+      `Backup ${VM}/${TS[2]} is damaged: disk ${d1.file}, ${ext(first)}: the layer holds data where its manifest records none`,
+    );
+    // No manifest at all (a backup older than manifests): restored, that backup named in a warning.
+    rmSync(mf);
+    const to = join(out, 'warned.raw');
+    const r = await run(sb, [...restoreArgs(sb, TS[3]!, d1.vol, to), '--json']);
+    expect(r.code, r.stdout).toBe(0);
+    expect(JSON.parse(r.stdout).warnings).toEqual([
+      { code: 'NO_MANIFEST', message: `No manifest in ${VM}/${TS[2]}: its content was not verified (structural checks only)` },
+    ]);
+    expect(same(to, 'raw', join(sb.nas, VM, TS[3]!, d1.file), 'qcow2')).toBe(true);
+  });
+});
+
+describe('restore progress', () => {
+  it('a bar on stderr when it is a terminal (to 100%), none with --json or without a terminal', async () => {
+    const sb = makeSandbox('restore-progress');
+    seed(sb, 2 * MiB);
+    const out = join(sb.root, 'out');
+    mkdirSync(out);
+    const d = DISKS[0]!;
+    const shell = (args: string[]): string => args.map((x) => `'${x}'`).join(' ');
+    // `script` gives the command a terminal for stdout and stderr, and copies what it draws.
+    const onTty = (args: string[]): string =>
+      execFileSync(
+        'script',
+        ['-qfec', `${shell(['env', ...Object.entries(sb.env).map(([k, v]) => `${k}=${v}`), BIN, ...args])}`, '/dev/null'],
+        {
+          encoding: 'utf8',
+        },
+      );
+    const text = onTty(restoreArgs(sb, TS[4]!, d.vol, join(out, 'a.qcow2')));
+    expect(text).toContain('restore [');
+    expect(text).toContain(`100% | 24/24 MiB`);
+    expect(text).toContain(`restored ${VM}/${TS[4]}/${d.file} (5 layer(s)) to ${join(out, 'a.qcow2')} as qcow2`);
+    const json = onTty([...restoreArgs(sb, TS[4]!, d.vol, join(out, 'b.qcow2')), '--json']);
+    expect(json).not.toContain('restore [');
+    expect(JSON.parse(json)).toMatchObject({ ok: true });
+    const plain = await run(sb, restoreArgs(sb, TS[4]!, d.vol, join(out, 'c.qcow2')));
+    expect(plain.code, plain.stdout).toBe(0);
+    expect(plain.stderr).toBe('');
+  });
+});
+
+describe('restore memory stays bounded on deep chains', () => {
+  it('pieces shrink with depth (never below a layer unit) and always divide every manifest extent', async () => {
+    const { pieceBytesFor, PIECE } = await import('../../lib/ops/flatten.js');
+    type Img = Parameters<typeof pieceBytesFor>[0][number];
+    const chain = (n: number, sub = 65536): Img[] => Array.from({ length: n }, () => ({ subclusterSize: sub }) as Img);
+    const none = (n: number) => Array.from({ length: n }, () => null);
+    expect(pieceBytesFor(chain(5), none(5))).toBe(PIECE);
+    // One buffer per layer per piece: 4 MiB pieces of a 50-deep chain would be 200 MiB each.
+    expect(pieceBytesFor(chain(50), none(50))).toBe(2 * MiB);
+    expect(pieceBytesFor(chain(100), none(100))).toBe(MiB);
+    expect(pieceBytesFor(chain(100, 2 * MiB), none(100))).toBe(2 * MiB);
+    const e = { backup: 'b', file: 'f', extentBytes: 3 * 512 * 1024, digests: new Map<number, string>() };
+    expect(pieceBytesFor(chain(2), [e, null])).toBe(512 * 1024);
   });
 });

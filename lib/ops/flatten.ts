@@ -1,0 +1,428 @@
+// The verified flatten of a backing chain, for restore: the disk is processed piece by piece
+// (a piece divides every layer's manifest extent), and for each piece every layer's OWN data
+// is read once — the layer a guest sees there and the layers it shadows — so that each layer's
+// per-extent digest (the canonical stream of lib/store/layer-digest.ts) is checked while the
+// flattened piece, composed from the same buffers (top layer wins), goes to the target. A
+// damaged layer fails the restore at the first extent that does not match, without reading
+// the chain twice. A layer without a manifest is read only where it is visible.
+import { NasbackupError } from '../errors.js';
+import type { ImageChain, Qcow2Image, Extent } from '../qcow2/index.js';
+import { LayerDigester } from '../store/layer-digest.js';
+
+/** What one layer must hold, from its backup's manifest. */
+export interface LayerExpectation {
+  /** `<instance>/<timestamp>`, for messages. */
+  backup: string;
+  /** The disk's file name in that backup. */
+  file: string;
+  extentBytes: number;
+  /** Extent number → digest (lower-case hex); an extent not listed must be wholly unallocated. */
+  digests: ReadonlyMap<number, string>;
+}
+
+/** One piece of the guest disk as it is read: `data` is null for a piece that reads as zeros without being read. */
+export interface FlatExtent {
+  offset: number;
+  length: number;
+  data: Buffer | null;
+}
+
+export interface FlattenOptions {
+  /** Per layer (0 = top): what to check it against, or null (no manifest: read only where visible). */
+  expect: ReadonlyArray<LayerExpectation | null>;
+  /**
+   * How the target takes the disk: `sparse` a file where a hole reads as zeros (only data is
+   * written, all-zero data skipped); `device` every byte (it holds old data); `units` only
+   * whole aligned units of `unit` bytes holding something other than zeros (a new qcow2 image:
+   * what is not written reads as zeros).
+   */
+  target: { kind: 'sparse' } | { kind: 'device' } | { kind: 'units'; unit: number };
+  write: (buf: Buffer, offset: number) => Promise<void>;
+  /** A cancellation point before every piece. */
+  checkpoint: () => void;
+  /** Every range of the disk once, before it is written (tests, extension point). */
+  inspect?: (extent: FlatExtent) => void | Promise<void>;
+  progress?: (done: number, total: number) => void;
+  pieceBytes?: number;
+  inFlight?: number;
+}
+
+/**
+ * The piece size and how many are read at once: a piece holds up to one buffer per layer and
+ * one composed, so memory is near piece × (layers + 1) × in flight. Deep chains get fewer
+ * pieces in flight, then smaller pieces, to stay near MEMORY_BUDGET.
+ */
+export const PIECE = 4 << 20;
+export const IN_FLIGHT = 4;
+const MEMORY_BUDGET = 128 << 20;
+const MIN_PIECE = 1 << 20;
+
+interface Run {
+  pos: number;
+  len: number;
+  kind: Extent['kind'];
+  host?: number;
+  cc?: NonNullable<Extent['compressed']>;
+}
+/** A guest range whose content comes from layer `layer` (data), or reads as zeros (layer -1). */
+interface Seg {
+  pos: number;
+  len: number;
+  layer: number;
+}
+
+const ZEROS = Buffer.alloc(PIECE);
+const isAllZero = (b: Buffer): boolean => {
+  for (let o = 0; o < b.length; o += ZEROS.length) {
+    const n = Math.min(ZEROS.length, b.length - o);
+    if (!b.subarray(o, o + n).equals(ZEROS.subarray(0, n))) return false;
+  }
+  return true;
+};
+const gcd = (a: number, b: number): number => (b === 0 ? a : gcd(b, a % b));
+
+/**
+ * The piece size: a power of two dividing every checked layer's extent (so a piece never
+ * straddles two), smaller for a deep chain (never below a layer's unit).
+ */
+export function pieceBytesFor(images: ReadonlyArray<Qcow2Image>, expect: ReadonlyArray<LayerExpectation | null>, want = PIECE): number {
+  let piece = want;
+  const floor = Math.max(MIN_PIECE, ...images.map((i) => i.subclusterSize));
+  while (piece > floor && piece * (images.length + 1) > MEMORY_BUDGET) piece /= 2;
+  for (const e of expect) if (e) piece = gcd(piece, e.extentBytes);
+  return piece;
+}
+
+/** Pieces in flight: IN_FLIGHT, fewer when a piece of a deep chain is large. */
+const inFlightFor = (piece: number, layers: number): number =>
+  Math.max(1, Math.min(IN_FLIGHT, Math.floor(MEMORY_BUDGET / (piece * (layers + 1)))));
+
+export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Promise<{ dataBytes: number }> {
+  const images = chain.images;
+  const size = chain.virtualSize;
+  // Where layer L is visible at all: below the smallest virtual size of the layers above it
+  // and itself (past a backing file's end the guest reads zeros, like QEMU).
+  const visLimit: number[] = [];
+  images.forEach((img, i) => visLimit.push(Math.min(img.virtualSize, i === 0 ? size : visLimit[i - 1]!)));
+  const piece = pieceBytesFor(images, o.expect, o.pieceBytes);
+  if (o.target.kind === 'units' && piece % o.target.unit !== 0)
+    throw new RangeError(`piece ${piece} is not a multiple of the unit ${o.target.unit}`);
+  for (const [i, e] of o.expect.entries()) {
+    if (e && piece % images[i]!.subclusterSize !== 0)
+      throw new NasbackupError(
+        'BACKUP_DAMAGED',
+        `Backup ${e.backup}: disk ${e.file}: the manifest's extent size ${e.extentBytes} does not fit the layer's clusters`,
+      );
+  }
+  const verifier = new ChainVerifier(images, o.expect);
+  const pool: Buffer[] = [];
+  const take = (): Buffer => pool.pop() ?? Buffer.allocUnsafe(piece);
+
+  let next = 0;
+  let done = 0;
+  let dataBytes = 0;
+  let failed = false;
+  let hashTail: Promise<void> = Promise.resolve();
+
+  const onePiece = async (start: number, end: number, myTurn: Promise<void>): Promise<void> => {
+    const held: Buffer[] = [];
+    try {
+      // 1. Each layer's own statuses over the piece (metadata only; cached L2 tables).
+      const runs: Run[][] = [];
+      for (const [L, img] of images.entries()) {
+        const until = Math.min(end, o.expect[L] ? img.virtualSize : visLimit[L]!);
+        const rs: Run[] = [];
+        for (let pos = start; pos < until;) {
+          const e = await img.status(pos, until - pos);
+          const len = Math.min(e.length, until - pos);
+          const r: Run = { pos, len, kind: e.kind };
+          if (e.host !== undefined) r.host = e.host;
+          if (e.compressed) r.cc = e.compressed;
+          rs.push(r);
+          pos += len;
+        }
+        runs.push(rs);
+      }
+      // 2. What the guest sees: top layer wins where it holds anything (data, zero, compressed).
+      const segs = visibleSegments(runs, visLimit, start, end);
+      // 3. Reads: a checked layer's data all of it, another layer's only where visible; each layer into its own buffer.
+      const bufs: Array<Buffer | null> = images.map(() => null);
+      const reads: Promise<void>[] = [];
+      const bufOf = (L: number): Buffer => {
+        let b = bufs[L];
+        if (!b) held.push((b = bufs[L] = take()));
+        return b;
+      };
+      const readRange = (L: number, r: Run, pos: number, len: number): void => {
+        const img = images[L]!;
+        const b = bufOf(L);
+        if (r.kind === 'data') reads.push(img.readHost(b, pos - start, len, r.host! + (pos - r.pos)));
+        else
+          reads.push(
+            img.readCompressed(r.cc!).then((c) => {
+              const from = pos - r.cc!.clusterStart;
+              c.copy(b, pos - start, from, from + len);
+            }),
+          );
+      };
+      for (const [L, rs] of runs.entries()) {
+        if (o.expect[L]) {
+          for (const r of rs) if (r.kind === 'data' || r.kind === 'compressed') readRange(L, r, r.pos, r.len);
+        }
+      }
+      for (const s of segs) {
+        if (s.layer < 0 || o.expect[s.layer]) continue;
+        // Visible data of an unchecked layer: its run(s) over the segment.
+        for (const r of runs[s.layer]!) {
+          const a = Math.max(r.pos, s.pos);
+          const b = Math.min(r.pos + r.len, s.pos + s.len);
+          if (a < b) readRange(s.layer, r, a, b - a);
+        }
+      }
+      await Promise.all(reads);
+      // 4. The flattened piece to the target (it is removed if a digest fails later).
+      const writes = compose(start, end, segs, bufs, o.target, take, held);
+      for (const w of writes.inspect) await o.inspect?.(w);
+      const written = Promise.all(writes.spans.map((w) => o.write(w.data, w.offset)));
+      // 5. Digests, in disk order (a layer's extent spans several pieces).
+      await myTurn;
+      if (!failed) verifier.update(start, end, runs, bufs);
+      await written;
+      dataBytes += writes.dataBytes;
+      done += end - start;
+      o.progress?.(done, size);
+    } finally {
+      for (const b of held) pool.push(b);
+    }
+  };
+
+  const worker = async (): Promise<void> => {
+    for (;;) {
+      o.checkpoint();
+      if (failed || next >= size) return;
+      const start = next; // claimed before any await: no two readers take the same piece
+      const end = Math.min(start + piece, size);
+      next = end;
+      // This piece's turn to hash comes once the previous piece's did.
+      const prev = hashTail;
+      let release!: () => void;
+      hashTail = new Promise<void>((r) => (release = r));
+      try {
+        await onePiece(start, end, prev);
+      } finally {
+        release();
+      }
+    }
+  };
+  const settled = await Promise.allSettled(
+    Array.from({ length: o.inFlight ?? inFlightFor(piece, images.length) }, () =>
+      worker().catch((e: unknown) => {
+        failed = true;
+        throw e;
+      }),
+    ),
+  );
+  const first = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (first) throw first.reason;
+  verifier.finish();
+  return { dataBytes };
+}
+
+/** The guest's view of [start, end): segments from the top-most layer holding each range; zeros elsewhere. */
+function visibleSegments(runs: Run[][], visLimit: number[], start: number, end: number): Seg[] {
+  // The ranges no layer above holds yet, filled top-down: a range is taken by the first layer holding it.
+  let free: Array<[number, number]> = [[start, end]];
+  const segs: Seg[] = [];
+  for (const [L, rs] of runs.entries()) {
+    if (free.length === 0) break;
+    const lim = Math.min(end, visLimit[L]!);
+    const nextFree: Array<[number, number]> = [];
+    let i = 0;
+    for (const [fs, fe0] of free) {
+      // Past this layer's end the guest reads zeros: nothing below shows there (limits only shrink downwards).
+      if (fe0 > lim) segs.push({ pos: Math.max(fs, lim), len: fe0 - Math.max(fs, lim), layer: -1 });
+      const fe = Math.min(fe0, lim);
+      let cur = fs;
+      while (i < rs.length && rs[i]!.pos + rs[i]!.len <= cur) i++;
+      for (let j = i; j < rs.length && rs[j]!.pos < fe; j++) {
+        const r = rs[j]!;
+        if (r.kind === 'unallocated') continue;
+        const a = Math.max(r.pos, cur);
+        const b = Math.min(r.pos + r.len, fe);
+        if (a >= b) continue;
+        if (a > cur) nextFree.push([cur, a]);
+        segs.push({ pos: a, len: b - a, layer: r.kind === 'zero' ? -1 : L });
+        cur = b;
+      }
+      if (cur < fe) nextFree.push([cur, fe]);
+    }
+    free = nextFree;
+  }
+  for (const [fs, fe] of free) segs.push({ pos: fs, len: fe - fs, layer: -1 });
+  return segs.sort((a, b) => a.pos - b.pos);
+}
+
+/**
+ * The writes of one piece: on a sparse file, each run of adjacent data segments (skipping
+ * what is all zeros), written straight from the layer's buffer when it comes from one layer,
+ * else copied together; on a device, the whole piece, zeros included; on a new image, the
+ * piece composed whole, then its runs of aligned units that are not all zeros.
+ */
+function compose(
+  start: number,
+  end: number,
+  segs: Seg[],
+  bufs: Array<Buffer | null>,
+  target: FlattenOptions['target'],
+  take: () => Buffer,
+  held: Buffer[],
+): { spans: Array<{ offset: number; data: Buffer }>; inspect: FlatExtent[]; dataBytes: number } {
+  const slice = (s: Seg): Buffer => bufs[s.layer]!.subarray(s.pos - start, s.pos - start + s.len);
+  const inspect = segs.map((s): FlatExtent => ({ offset: s.pos, length: s.len, data: s.layer < 0 ? null : slice(s) }));
+  const spans: Array<{ offset: number; data: Buffer }> = [];
+  let dataBytes = 0;
+  if (target.kind !== 'sparse') {
+    const out = take();
+    held.push(out);
+    for (const s of segs) {
+      if (s.layer < 0) out.fill(0, s.pos - start, s.pos - start + s.len);
+      else slice(s).copy(out, s.pos - start);
+    }
+    const piece = out.subarray(0, end - start);
+    if (target.kind === 'device') {
+      for (const s of segs) if (s.layer >= 0) dataBytes += s.len;
+      spans.push({ offset: start, data: piece });
+      return { spans, inspect, dataBytes };
+    }
+    // Aligned units; where no layer holds data the unit is known to be zeros without looking.
+    const unit = target.unit;
+    let run = -1;
+    let si = 0;
+    const flush = (to: number): void => {
+      if (run < 0) return;
+      spans.push({ offset: start + run, data: piece.subarray(run, to) });
+      dataBytes += to - run;
+      run = -1;
+    };
+    for (let u = 0; u < piece.length; u += unit) {
+      const ue = Math.min(u + unit, piece.length);
+      while (si < segs.length && segs[si]!.pos + segs[si]!.len <= start + u) si++;
+      let data = false;
+      for (let k = si; k < segs.length && segs[k]!.pos < start + ue; k++) if (segs[k]!.layer >= 0) data = true;
+      if (data && !isAllZero(piece.subarray(u, ue))) {
+        if (run < 0) run = u;
+      } else flush(u);
+    }
+    flush(piece.length);
+    return { spans, inspect, dataBytes };
+  }
+  for (let i = 0; i < segs.length;) {
+    if (segs[i]!.layer < 0) {
+      i++;
+      continue;
+    }
+    let j = i + 1;
+    while (j < segs.length && segs[j]!.layer >= 0) j++;
+    const run = segs.slice(i, j);
+    const from = run[0]!.pos;
+    const to = run.at(-1)!.pos + run.at(-1)!.len;
+    let data: Buffer;
+    if (run.every((s) => s.layer === run[0]!.layer)) data = bufs[run[0]!.layer]!.subarray(from - start, to - start);
+    else {
+      const out = take();
+      held.push(out);
+      for (const s of run) slice(s).copy(out, s.pos - start);
+      data = out.subarray(from - start, to - start);
+    }
+    if (!isAllZero(data)) {
+      spans.push({ offset: from, data });
+      dataBytes += data.length;
+    }
+    i = j;
+  }
+  return { spans, inspect, dataBytes };
+}
+
+/**
+ * Each checked layer's stream, fed in disk order to a LayerDigester (the one definition of a
+ * manifest's digests), every extent compared with the manifest as soon as the stream passes
+ * its end; a mismatch throws BACKUP_DAMAGED naming the backup, the disk and the extent.
+ */
+class ChainVerifier {
+  private readonly digesters: Array<LayerDigester | null>;
+  /** Per layer, the manifest's extents not reached yet, in order. */
+  private readonly listed: number[][];
+
+  constructor(
+    private readonly images: Qcow2Image[],
+    private readonly expect: ReadonlyArray<LayerExpectation | null>,
+  ) {
+    this.listed = expect.map((e) => (e ? [...e.digests.keys()].sort((a, b) => a - b) : []));
+    this.digesters = images.map((img, L) => {
+      const e = expect[L];
+      if (!e) return null;
+      return new LayerDigester({
+        virtualSize: img.virtualSize,
+        unitBytes: img.subclusterSize,
+        extentBytes: e.extentBytes,
+        onExtent: (x) => this.reached(L, x.index, x.digest),
+      });
+    });
+  }
+
+  /** Feed piece [start, end) of every checked layer (called in disk order). */
+  update(start: number, end: number, runs: Run[][], bufs: Array<Buffer | null>): void {
+    for (const [L, dg] of this.digesters.entries()) {
+      if (!dg) continue;
+      for (const r of runs[L]!) {
+        if (r.kind === 'unallocated') continue; // a gap is unallocated
+        if (r.kind === 'zero') dg.add(r.pos, r.len, 'zero');
+        else dg.add(r.pos, r.len, 'data', bufs[L]!.subarray(r.pos - start, r.pos - start + r.len));
+      }
+      // The stream to the piece's end (what is left of it unallocated), so every extent that ends here is
+      // reported; the listed ones that end here and were not reported held nothing.
+      const reached = Math.min(end, this.images[L]!.virtualSize);
+      if (start >= reached) continue;
+      dg.add(reached, 0, 'unallocated');
+      this.passed(L, reached === this.images[L]!.virtualSize ? Infinity : Math.floor(reached / this.expect[L]!.extentBytes));
+    }
+  }
+
+  /** Every digester to the end of its layer: the extents not reached yet are settled. */
+  finish(): void {
+    for (const [L, dg] of this.digesters.entries()) {
+      if (!dg) continue;
+      dg.finish();
+      this.passed(L, Infinity);
+    }
+  }
+
+  /** A held extent's digest, as soon as the stream passed its end. */
+  private reached(L: number, index: number, digest: string): void {
+    this.passed(L, index);
+    const list = this.listed[L]!;
+    const want = list[0] === index ? (list.shift(), this.expect[L]!.digests.get(index)) : undefined;
+    if (want === digest) return;
+    this.fail(
+      L,
+      index,
+      want === undefined ? 'the layer holds data where its manifest records none' : 'the content does not match the digest in the manifest',
+    );
+  }
+
+  /** Listed extents below `index` were passed without holding anything. */
+  private passed(L: number, index: number): void {
+    const list = this.listed[L]!;
+    if (list.length > 0 && list[0]! < index) this.fail(L, list[0]!, 'the layer holds nothing where its manifest records data');
+  }
+
+  private fail(L: number, index: number, why: string): never {
+    const e = this.expect[L]!;
+    const from = index * e.extentBytes;
+    const to = Math.min(from + e.extentBytes, this.images[L]!.virtualSize);
+    throw new NasbackupError(
+      'BACKUP_DAMAGED',
+      `Backup ${e.backup} is damaged: disk ${e.file}, extent ${index} (guest bytes ${from}-${to}): ${why}`,
+    );
+  }
+}

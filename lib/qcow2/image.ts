@@ -13,8 +13,8 @@ import { entriesPerBlock, getRefcount, refTableEntry } from './refcount.js';
 /** QEMU's limits. */
 export const MAX_L1_BYTES = 32 << 20;
 export const MAX_REFTABLE_BYTES = 8 << 20;
-/** Dropped L2 table buffers kept for reuse. */
-const SPARE_TABLES = 4;
+/** Dropped L2 table buffers kept for reuse (bytes; at least 4 tables): a writer's dirty tables come from here. */
+const SPARE_TABLE_BYTES = 4 << 20;
 
 export type ExtentKind = 'data' | 'zero' | 'unallocated' | 'compressed';
 
@@ -229,6 +229,15 @@ export class Qcow2Image {
     return t;
   }
 
+  hasCachedL2(off: number): boolean {
+    return this.l2Cache.has(off);
+  }
+
+  /** A table buffer (from tableBuffer()) its user is done with. */
+  releaseTable(t: Buffer): void {
+    this.dropTable(t);
+  }
+
   /** A cluster-sized buffer for an L2 table (a reused one when there is one; contents undefined). */
   tableBuffer(): Buffer {
     return this.spareTables.pop() ?? Buffer.allocUnsafe(this.clusterSize);
@@ -249,7 +258,8 @@ export class Qcow2Image {
     this.releaseScheduled = true;
     setImmediate(() => {
       this.releaseScheduled = false;
-      for (const b of this.droppedTables.splice(0)) if (this.spareTables.length < SPARE_TABLES) this.spareTables.push(b);
+      const max = Math.max(4, Math.floor(SPARE_TABLE_BYTES / this.clusterSize));
+      for (const b of this.droppedTables.splice(0)) if (this.spareTables.length < max) this.spareTables.push(b);
     }).unref();
   }
 

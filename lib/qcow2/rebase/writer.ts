@@ -294,7 +294,9 @@ export class Writer {
     // 4. L1 entries of the new L2 tables.
     let l1Written = false;
     for (const [l1i, d] of this.dirty) {
-      T.cacheL2(d.off, d.table);
+      // Keep the cache coherent; a table it does not hold goes back to the buffer pool.
+      if (T.hasCachedL2(d.off)) T.cacheL2(d.off, d.table);
+      else T.releaseTable(d.table);
       if (!d.isNew) continue;
       const b = Buffer.alloc(8);
       encodeL1Entry(b, 0, d.off, true);

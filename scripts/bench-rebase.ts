@@ -94,11 +94,13 @@ function shape(name: string, scale: number): Shape {
       return { name, what: `${fmtB(span / 2)} to move (1 MiB every 2 MiB)`, size: al(16 * GiB * scale), middle: every(span, 2 * MiB, MiB) };
     }
     case 'thin': {
+      // 1 MiB every 100 MiB of the disk (1 GiB at full scale): the same proportion at any scale.
       const size = al(100 * GiB * scale);
-      const step = al(size / 1024);
+      const step = 100 * MiB;
+      const moved = Math.floor(size / step) * MiB;
       return {
         name,
-        what: `${fmtB(size)} disk, ${fmtB(Math.floor(size / step) * MiB)} spread thin (1 MiB every ${fmtB(step)})`,
+        what: `${fmtB(size)} disk, ${fmtB(moved)} spread thin (1 MiB every ${fmtB(step)})`,
         size,
         middle: every(size, step, MiB),
       };

@@ -1,15 +1,19 @@
 // Benchmark (not a test): the native in-chain safe rebase against `qemu-img rebase` on the
-// same chain in one run, locally and over a throughput-bound NAS, plus the physical floor
-// (reading and writing the bytes that must move, pipelined). Prints per-run times, medians,
-// ratios and peak RSS.
-//   npm run bench:rebase [-- --size 8G --delta 1G --runs 3 --nas auto|off|only
-//                           --nas-size 1G --nas-delta 128M --nas-link netns|lo --nas-rate 400mbit]
-// The chain: full F (data over 2×delta) ← inc I (delta of 1 MiB writes every 2 MiB) ← child C
-// (1 MiB every 64 MiB); C is rebased onto F (the "delete the middle incremental" repair).
-// The NAS is samba + smbnetfs (docs/e2e-lab.md §8). With --nas-link netns (default) smbd runs in its own
-// network namespace behind a veth pair shaped to --nas-rate in each direction (tc tbf), so the
-// link is the bottleneck as on a real NAS; smbnetfs gets big_writes so FUSE's 4 KiB writes are
-// not. --nas-link lo is samba on 127.0.0.1 with smbnetfs' defaults (write-bound, ~11 MB/s).
+// same chains in one run, locally and over a throughput-bound NAS, plus the physical floor
+// (reading and writing the bytes that must move, pipelined, then fdatasync). Issue 18 (c)/(d).
+//   npm run bench:rebase [-- --shapes contig,frag,move4g,thin --runs 5 --scale 1
+//                           --nas auto|off|only --nas-scale 0.125 --nas-link netns|lo --nas-rate 400mbit]
+// Shapes (chain full F ← middle I ← child C, C rebased onto F: "delete the middle incremental"):
+//   contig  8 GiB disk, I = 1 GiB contiguous
+//   frag    8 GiB disk, I = 1 MiB every 2 MiB over 2 GiB (1 GiB to move)
+//   move4g  16 GiB disk, I = 1 MiB every 2 MiB over 8 GiB (4 GiB to move)
+//   thin    100 GiB disk, I = 1 GiB spread thin (1 MiB every 100 MiB)
+// F holds data under all of I (qemu-img compares against it); C writes 1 MiB every 64 MiB.
+// --scale multiplies every size (e.g. 0.0625 while developing); the NAS runs use --nas-scale.
+// Per shape and run, caches dropped before each: qemu-img rebase, the native engine (node with the
+// launcher's V8 flags), the floor. Then once: the native rebase through the CLI (bin/nasbackup
+// -o rebase, bind "NAS", a stand-in virsh) for its peak RSS, and the idle CLI (--version).
+// Medians with min–max, paired ratios (median and range of the per-run ratios).
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -21,22 +25,19 @@ const opt = (name: string, dflt: string): string => {
   const i = argv.indexOf(`--${name}`);
   return i >= 0 && argv[i + 1] ? argv[i + 1]! : dflt;
 };
-const bytes = (s: string): number => {
-  const m = /^(\d+(?:\.\d+)?)([KMGT]?)$/i.exec(s);
-  if (!m) throw new Error(`bad size ${s}`);
-  return Math.round(Number(m[1]) * 1024 ** ' KMGT'.indexOf((m[2] || ' ').toUpperCase()));
-};
-const SIZE = bytes(opt('size', '8G'));
-const DELTA = bytes(opt('delta', '1G'));
-const NAS_SIZE = bytes(opt('nas-size', '1G'));
-const NAS_DELTA = bytes(opt('nas-delta', '128M'));
+const SHAPES = opt('shapes', 'contig,frag,move4g,thin').split(',');
+const SCALE = Number(opt('scale', '1'));
+const NAS_SCALE = Number(opt('nas-scale', '0.125'));
 const NAS_MODE = opt('nas', 'auto');
 const NAS_LINK = opt('nas-link', 'netns');
 const NAS_RATE = opt('nas-rate', '400mbit');
-const RUNS = Math.max(1, Number(opt('runs', '3')));
+const RUNS = Math.max(1, Number(opt('runs', '5')));
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const DIST_REBASE = path.join(ROOT, 'dist/lib/qcow2/rebase.js');
 const DIST_NATIVE = path.join(ROOT, 'dist/lib/engine/native.js');
+const BIN = path.join(ROOT, 'bin/nasbackup');
+/** The launcher's V8 flags (lib/install/launcher.ts NODE_FLAGS), so the engine runs as it does there. */
+const NODE_FLAGS = (/^#!\/usr\/bin\/env -S node (.*)$/m.exec(fs.readFileSync(BIN, 'utf8'))?.[1] ?? '').split(' ').filter(Boolean);
 const MiB = 1 << 20;
 
 const fmtB = (n: number): string => (n >= 1 << 30 ? `${(n / (1 << 30)).toFixed(2)} GiB` : `${(n / MiB).toFixed(1)} MiB`);
@@ -57,30 +58,104 @@ function qemuIo(file: string, cmds: string[]): void {
   }
 }
 
-/** Build F ← I ← C in `dir`. */
-function buildChain(dir: string, size: number, delta: number): void {
+interface Shape {
+  name: string;
+  what: string;
+  size: number;
+  /** The middle layer's writes: [offset, length] pairs (bytes). */
+  middle: Array<[number, number]>;
+}
+
+const GiB = 1024 * MiB;
+const al = (n: number): number => Math.max(MiB, Math.round(n / MiB) * MiB);
+
+function shape(name: string, scale: number): Shape {
+  const every = (span: number, step: number, len: number): Array<[number, number]> => {
+    const out: Array<[number, number]> = [];
+    for (let o = 0; o + len <= span; o += step) out.push([o, len]);
+    return out;
+  };
+  switch (name) {
+    case 'contig': {
+      const d = al(GiB * scale);
+      return { name, what: `${fmtB(d)} contiguous middle`, size: al(8 * GiB * scale), middle: [[0, d]] };
+    }
+    case 'frag': {
+      const span = al(2 * GiB * scale);
+      return {
+        name,
+        what: `fragmented middle (1 MiB every 2 MiB over ${fmtB(span)})`,
+        size: al(8 * GiB * scale),
+        middle: every(span, 2 * MiB, MiB),
+      };
+    }
+    case 'move4g': {
+      const span = al(8 * GiB * scale);
+      return { name, what: `${fmtB(span / 2)} to move (1 MiB every 2 MiB)`, size: al(16 * GiB * scale), middle: every(span, 2 * MiB, MiB) };
+    }
+    case 'thin': {
+      // 1 MiB every 100 MiB of the disk (1 GiB at full scale): the same proportion at any scale.
+      const size = al(100 * GiB * scale);
+      const step = 100 * MiB;
+      const moved = Math.floor(size / step) * MiB;
+      return {
+        name,
+        what: `${fmtB(size)} disk, ${fmtB(moved)} spread thin (1 MiB every ${fmtB(step)})`,
+        size,
+        middle: every(size, step, MiB),
+      };
+    }
+    default:
+      throw new Error(`unknown shape ${name} (contig, frag, move4g, thin)`);
+  }
+}
+
+/** Build F ← I ← C in `dir`: F has data under all of I, C 1 MiB every 64 MiB. */
+function buildChain(dir: string, s: Shape): void {
   fs.mkdirSync(dir, { recursive: true });
   const F = path.join(dir, 'full.qcow2');
   const I = path.join(dir, 'inc1.qcow2');
   const C = path.join(dir, 'inc2.qcow2');
-  execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', F, String(size)]);
+  execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', F, String(s.size)]);
   const fw: string[] = [];
-  for (let o = 0; o < 2 * delta; o += 64 * MiB) fw.push(`write -P 1 ${o} ${Math.min(64 * MiB, 2 * delta - o)}`);
+  // F: the middle's extents, merged when close, in pieces of at most 64 MiB.
+  let runStart = -1;
+  let runEnd = -1;
+  const flushRun = (): void => {
+    for (let o = runStart; o < runEnd; o += 64 * MiB) fw.push(`write -P 1 ${o} ${Math.min(64 * MiB, runEnd - o)}`);
+  };
+  for (const [o, l] of s.middle) {
+    if (runStart >= 0 && o <= runEnd + MiB) runEnd = Math.max(runEnd, o + l);
+    else {
+      if (runStart >= 0) flushRun();
+      runStart = o;
+      runEnd = o + l;
+    }
+  }
+  if (runStart >= 0) flushRun();
   qemuIo(F, fw);
   execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'full.qcow2', '-F', 'qcow2', I]);
   const iw: string[] = [];
-  for (let o = 0; o < 2 * delta; o += 2 * MiB) iw.push(`write -P 2 ${o} ${MiB}`);
+  for (const [o, l] of s.middle) for (let p = o; p < o + l; p += 64 * MiB) iw.push(`write -P 2 ${p} ${Math.min(64 * MiB, o + l - p)}`);
   qemuIo(I, iw);
   execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'inc1.qcow2', '-F', 'qcow2', C]);
   const cw: string[] = [];
-  for (let o = 0; o < size; o += 64 * MiB) cw.push(`write -P 3 ${o} ${MiB}`);
+  for (let o = 0; o < s.size; o += 64 * MiB) cw.push(`write -P 3 ${o} ${MiB}`);
   qemuIo(C, cw);
 }
 
+/** A working copy: F and I are only read (hard links), C is copied (it is what changes). */
 function copyChain(from: string, to: string): void {
   fs.rmSync(to, { recursive: true, force: true });
   fs.mkdirSync(to, { recursive: true });
-  for (const f of ['full.qcow2', 'inc1.qcow2', 'inc2.qcow2']) execFileSync('cp', ['--sparse=always', path.join(from, f), path.join(to, f)]);
+  for (const f of ['full.qcow2', 'inc1.qcow2']) {
+    try {
+      fs.linkSync(path.join(from, f), path.join(to, f));
+    } catch {
+      execFileSync('cp', ['--sparse=always', path.join(from, f), path.join(to, f)]); // no hard links (FUSE)
+    }
+  }
+  execFileSync('cp', ['--sparse=always', path.join(from, 'inc2.qcow2'), path.join(to, 'inc2.qcow2')]);
 }
 
 interface Run {
@@ -126,7 +201,7 @@ async function runNative(dir: string): Promise<Run> {
     capYoungGeneration(); // as the native engine does before a rebase
     const r = await nativeRebase({ target: ${JSON.stringify(path.join(dir, 'inc2.qcow2'))}, newBacking: ${JSON.stringify(path.join(dir, 'full.qcow2'))}, newBackingName: 'full.qcow2' });
     console.log(JSON.stringify({ ...r, maxRSS: process.resourceUsage().maxRSS }));`;
-  const r = await timed(process.execPath, ['--input-type=module', '-e', script]);
+  const r = await timed(process.execPath, [...NODE_FLAGS, '--input-type=module', '-e', script]);
   if (r.code !== 0) throw new Error(`native rebase failed: ${r.stderr}`);
   const out = JSON.parse(r.stdout.trim().split('\n').at(-1)!) as { maxRSS: number; copiedBytes: number; batches: number };
   return { seconds: r.seconds, rssKiB: out.maxRSS, extra: out };
@@ -166,12 +241,59 @@ async function runFloor(dir: string, n: number): Promise<Run> {
   return { seconds: r.seconds, rssKiB: (JSON.parse(r.stdout.trim()) as { maxRSS: number }).maxRSS };
 }
 
+/** A stand-in `virsh` (the CLI's start-up check asks libvirt's version; libvirt is not measured here). */
+function shimDir(base: string): string {
+  const dir = path.join(base, 'shims');
+  fs.mkdirSync(dir, { recursive: true });
+  const v =
+    'Compiled against library: libvirt 9.0.0\nUsing library: libvirt 9.0.0\nUsing API: QEMU 9.0.0\nRunning hypervisor: QEMU 7.2.0\n';
+  fs.writeFileSync(path.join(dir, 'virsh'), `#!/bin/sh\nprintf '${v}'\n`, { mode: 0o755 });
+  return dir;
+}
+
+/** The whole CLI: `-o rebase` on a bind "NAS" holding the chain in `<nas>/vm/`, native engine. */
+async function runCli(nas: string, shims: string, log: string): Promise<Run> {
+  dropCaches();
+  const env = { ...process.env, PATH: `${shims}:${process.env.PATH ?? ''}`, NASBACKUP_LOG_FILE: log };
+  const args = ['-f', '%M', BIN, '-o', 'rebase', '-t', 'none', '-s', nas, '-m', 'bind'];
+  args.push('--rebase-target', 'vm/inc2.qcow2', '--rebase-new-backing', 'vm/full.qcow2', '--engine', 'native');
+  const r = await new Promise<{ seconds: number; stdout: string; stderr: string; code: number | null }>((resolve) => {
+    const t0 = process.hrtime.bigint();
+    const c = spawn('/usr/bin/time', args, { stdio: ['ignore', 'pipe', 'pipe'], env });
+    let stdout = '';
+    let stderr = '';
+    c.stdout.on('data', (d) => (stdout += d));
+    c.stderr.on('data', (d) => (stderr += d));
+    c.on('close', (code) => resolve({ seconds: Number(process.hrtime.bigint() - t0) / 1e9, stdout, stderr, code }));
+  });
+  if (r.code !== 0) throw new Error(`nasbackup -o rebase failed (${r.code}): ${r.stdout}${r.stderr}`);
+  return { seconds: r.seconds, rssKiB: Number(r.stderr.trim().split('\n').at(-1)) };
+}
+
+function idleRssKiB(): number {
+  const r = spawnSync('/usr/bin/time', ['-f', '%M', BIN, '--version'], { encoding: 'utf8' });
+  return Number(r.stderr.trim().split('\n').at(-1));
+}
+
 const median = (xs: number[]): number => {
   const a = [...xs].sort((x, y) => x - y);
   return a.length % 2 ? a[(a.length - 1) / 2]! : (a[a.length / 2 - 1]! + a[a.length / 2]!) / 2;
 };
+const spread = (xs: number[], d = 2): string => `${median(xs).toFixed(d)} (${Math.min(...xs).toFixed(d)}–${Math.max(...xs).toFixed(d)})`;
 
-async function bench(label: string, pristine: string, workRoot: string): Promise<void> {
+interface Summary {
+  label: string;
+  moved: number;
+  q: number;
+  n: number;
+  f: number;
+  nq: string;
+  nf: string;
+  rss: string;
+}
+const summaries: Summary[] = [];
+
+async function bench(label: string, pristine: string, workRoot: string, cli: { shims: string } | null): Promise<void> {
   const qdir = path.join(workRoot, 'qemu');
   const ndir = path.join(workRoot, 'native');
   const qs: Run[] = [];
@@ -204,25 +326,41 @@ async function bench(label: string, pristine: string, workRoot: string): Promise
     identical &&= cmp.status === 0;
     clean &&= check.status === 0;
     console.log(
-      `  run ${run + 1}/${RUNS}: qemu-img ${q.seconds.toFixed(2)} s, native ${n.seconds.toFixed(2)} s, floor ${f.seconds.toFixed(2)} s`,
+      `  run ${run + 1}/${RUNS}: qemu-img ${q.seconds.toFixed(2)} s, native ${n.seconds.toFixed(2)} s, floor ${f.seconds.toFixed(2)} s` +
+        `  (native/qemu-img ${(n.seconds / q.seconds).toFixed(2)}x, native/floor ${(n.seconds / f.seconds).toFixed(2)}x)`,
     );
     fs.rmSync(qdir, { recursive: true, force: true });
     fs.rmSync(ndir, { recursive: true, force: true });
   }
-  const mq = median(qs.map((r) => r.seconds));
-  const mn = median(ns.map((r) => r.seconds));
-  const mf = median(fl.map((r) => r.seconds));
+  const sec = (rs: Run[]): number[] => rs.map((r) => r.seconds);
+  const nq = ns.map((r, i) => r.seconds / qs[i]!.seconds);
+  const nf = ns.map((r, i) => r.seconds / fl[i]!.seconds);
   const peak = (rs: Run[]): string => (Math.max(...rs.map((r) => r.rssKiB)) / 1024).toFixed(1);
-  console.log(`== ${label}: ${fmtB(moved)} to move, median of ${RUNS} run(s)`);
-  console.log(`  qemu-img rebase   ${mq.toFixed(2)} s   peak RSS ${peak(qs)} MiB`);
-  console.log(`  native rebase     ${mn.toFixed(2)} s   peak RSS ${peak(ns)} MiB   (${String(batches)} batch(es))`);
-  console.log(`  physical floor    ${mf.toFixed(2)} s   (pipelined copy + fdatasync of the moved bytes)`);
+  console.log(`== ${label}: ${fmtB(moved)} to move, ${RUNS} run(s): median (min–max)`);
+  console.log(`  qemu-img rebase   ${spread(sec(qs))} s   peak RSS ${peak(qs)} MiB`);
+  console.log(`  native engine     ${spread(sec(ns))} s   peak RSS ${peak(ns)} MiB   (${String(batches)} batch(es))`);
+  console.log(`  physical floor    ${spread(sec(fl))} s   (pipelined copy + fdatasync of the moved bytes)`);
   console.log(
-    `  ratio native/qemu-img ${(mn / mq).toFixed(2)}x   native/floor ${(mn / mf).toFixed(2)}x   floor/qemu-img ${(mf / mq).toFixed(2)}x`,
+    `  paired ratios: native/qemu-img ${spread(nq)}x   native/floor ${spread(nf)}x   floor/qemu-img ${(median(sec(fl)) / median(sec(qs))).toFixed(2)}x`,
   );
+  let rss = `engine ${peak(ns)} MiB, qemu-img ${peak(qs)} MiB`;
+  if (cli) {
+    // Through the whole CLI once (start-up, mount, lock, syncfs, unmount included), for its peak RSS.
+    const nas = path.join(workRoot, 'nas');
+    copyChain(pristine, path.join(nas, 'vm'));
+    const idle = idleRssKiB();
+    const c = await runCli(nas, cli.shims, path.join(workRoot, 'cli.log'));
+    fs.rmSync(nas, { recursive: true, force: true });
+    const over = (c.rssKiB - idle) / 1024;
+    console.log(
+      `  CLI (nasbackup -o rebase --engine native): ${c.seconds.toFixed(2)} s, peak RSS ${(c.rssKiB / 1024).toFixed(1)} MiB = idle (--version) ${(idle / 1024).toFixed(1)} MiB + ${over.toFixed(1)} MiB (goal: ≤ +32)`,
+    );
+    rss = `CLI ${(c.rssKiB / 1024).toFixed(1)} MiB (idle ${(idle / 1024).toFixed(1)}, +${over.toFixed(1)}), qemu-img ${peak(qs)} MiB`;
+  }
   console.log(
     `  results identical: ${identical ? 'yes' : 'NO'} (qemu-img compare); native qemu-img check: ${clean ? 'clean' : 'NOT clean'}`,
   );
+  summaries.push({ label, moved, q: median(sec(qs)), n: median(sec(ns)), f: median(sec(fl)), nq: spread(nq), nf: spread(nf), rss });
 }
 
 interface Smb {
@@ -347,16 +485,24 @@ async function startSmb(base: string): Promise<Smb | string> {
 async function main(): Promise<void> {
   if (!fs.existsSync(DIST_REBASE)) throw new Error('run npm run build first (dist/lib/qcow2/rebase.js is missing)');
   const base = fs.mkdtempSync(path.join(os.tmpdir(), 'nasbackup-bench-rebase-'));
+  const load = os
+    .loadavg()
+    .map((x) => x.toFixed(1))
+    .join(' ');
   console.log(
-    `bench-rebase: ${os.cpus().length} CPUs, qemu-img ${execFileSync('qemu-img', ['--version'], { encoding: 'utf8' }).split('\n')[0]}`,
+    `bench-rebase: ${os.cpus().length} CPUs, load ${load}, qemu-img ${execFileSync('qemu-img', ['--version'], { encoding: 'utf8' }).split('\n')[0]}, node flags ${NODE_FLAGS.join(' ') || '(none)'}`,
   );
+  const shapes = SHAPES.map((n) => shape(n, SCALE));
   try {
     if (NAS_MODE !== 'only') {
-      const pristine = path.join(base, 'local-pristine');
-      console.log(`building the local chain: ${fmtB(SIZE)} virtual, ${fmtB(DELTA)} in the middle layer…`);
-      buildChain(pristine, SIZE, DELTA);
-      await bench(`local disk, ${fmtB(SIZE)} virtual`, pristine, path.join(base, 'local'));
-      fs.rmSync(pristine, { recursive: true, force: true });
+      const shims = shimDir(base);
+      for (const s of shapes) {
+        const pristine = path.join(base, `local-${s.name}`);
+        console.log(`\nbuilding ${s.name}: ${fmtB(s.size)} virtual, ${s.what}…`);
+        buildChain(pristine, s);
+        await bench(`local disk, ${s.name}: ${s.what}`, pristine, path.join(base, 'local'), { shims });
+        fs.rmSync(pristine, { recursive: true, force: true });
+      }
     }
     if (NAS_MODE !== 'off') {
       const smb = await startSmb(base);
@@ -370,10 +516,14 @@ async function main(): Promise<void> {
         process.once('SIGINT', onSignal);
         process.once('SIGTERM', onSignal);
         try {
-          const pristine = path.join(base, 'nas-pristine');
-          console.log(`\nbuilding the NAS chain: ${fmtB(NAS_SIZE)} virtual, ${fmtB(NAS_DELTA)} in the middle layer…`);
-          buildChain(pristine, NAS_SIZE, NAS_DELTA);
-          await bench(`slow NAS (${smb.what}), ${fmtB(NAS_SIZE)} virtual`, pristine, path.join(smb.dir, 'bench'));
+          for (const name of SHAPES) {
+            const s = shape(name, NAS_SCALE * SCALE);
+            const pristine = path.join(base, `nas-pristine-${s.name}`);
+            console.log(`\nbuilding the NAS chain ${s.name}: ${fmtB(s.size)} virtual, ${s.what}…`);
+            buildChain(pristine, s);
+            await bench(`slow NAS (${smb.what}), ${s.name}: ${s.what}`, pristine, path.join(smb.dir, 'bench'), null);
+            fs.rmSync(pristine, { recursive: true, force: true });
+          }
         } finally {
           smb.stop();
         }
@@ -382,6 +532,16 @@ async function main(): Promise<void> {
   } finally {
     fs.rmSync(base, { recursive: true, force: true });
   }
+  console.log(
+    `\n== summary (medians; paired ratios median (min–max)); load at the end ${os
+      .loadavg()
+      .map((x) => x.toFixed(1))
+      .join(' ')}`,
+  );
+  for (const x of summaries)
+    console.log(
+      `  ${x.label}\n    moved ${fmtB(x.moved)}: qemu-img ${x.q.toFixed(2)} s, native ${x.n.toFixed(2)} s, floor ${x.f.toFixed(2)} s; native/qemu-img ${x.nq}x, native/floor ${x.nf}x; peak RSS ${x.rss}`,
+    );
 }
 
 await main();

@@ -25,9 +25,14 @@ export class HostClient {
     private readonly timeoutMs: number,
   ) {}
 
-  /** Flush every filesystem; a failure is a ToolError whose `reason` says why. */
-  async sync(opts: { abortable?: boolean } = {}): Promise<void> {
-    const r = await this.runner.run('sync', [], { timeoutMs: this.timeoutMs, ...(opts.abortable === false ? { abortable: false } : {}) });
+  /**
+   * Flush every filesystem, or with `fileSystemOf` only the one holding that path (`sync -f`,
+   * syncfs(2): the NAS, not every disk of the host); a failure is a ToolError whose `reason`
+   * says why.
+   */
+  async sync(opts: { abortable?: boolean; fileSystemOf?: string } = {}): Promise<void> {
+    const args = opts.fileSystemOf === undefined ? [] : ['-f', opts.fileSystemOf];
+    const r = await this.runner.run('sync', args, { timeoutMs: this.timeoutMs, ...(opts.abortable === false ? { abortable: false } : {}) });
     if (!succeeded(r)) throw toolFailure('COMMAND_FAILED', 'sync', r);
   }
 

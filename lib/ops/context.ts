@@ -43,9 +43,10 @@ export interface OpContext {
 }
 
 /** Flush the NAS after writing; a failed sync is logged, not fatal (the data was written). */
-export async function syncAfter(ctx: OpContext, what: string, opts: { afterCommit?: boolean } = {}): Promise<void> {
+export async function syncAfter(ctx: OpContext, what: string, opts: { afterCommit?: boolean; fileSystemOf?: string } = {}): Promise<void> {
   // After the commit point a signal no longer cancels the flush (it is bounded by its deadline).
-  await ctx.clients.host.sync({ abortable: !opts.afterCommit }).catch((e: unknown) => {
+  const only = opts.fileSystemOf === undefined ? {} : { fileSystemOf: opts.fileSystemOf };
+  await ctx.clients.host.sync({ abortable: !opts.afterCommit, ...only }).catch((e: unknown) => {
     if (!(e instanceof ToolError)) throw e;
     ctx.logger.log(`Warning: sync after ${what} failed: ${e.reason}`);
   });

@@ -52,7 +52,10 @@ export async function rebaseOperation(ctx: OpContext, args: RebaseArgs, engine: 
   // Done and confirmed on disk: a signal from here on (or one that raced the engine's
   // last step) must not turn it into a failure; the flush still runs.
   ctx.committed();
-  await syncAfter(ctx, 'rebase', { afterCommit: true });
+  // The engines made the target durable themselves (fdatasync after each step, qemu-img's flush
+  // on close); what is left (the manifest entry) is on the NAS: syncfs of the NAS, never a
+  // global sync that would wait on every disk of the host.
+  await syncAfter(ctx, 'rebase', { afterCommit: true, fileSystemOf: root });
   return { target: args.target, newBacking: args.newBacking, changed };
 }
 

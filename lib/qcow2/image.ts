@@ -13,6 +13,8 @@ import { entriesPerBlock, getRefcount, refTableEntry } from './refcount.js';
 /** QEMU's limits. */
 export const MAX_L1_BYTES = 32 << 20;
 export const MAX_REFTABLE_BYTES = 8 << 20;
+/** Dropped L2 table buffers kept for reuse (bytes; at least 4 tables): a writer's dirty tables come from here. */
+const SPARE_TABLE_BYTES = 4 << 20;
 
 export type ExtentKind = 'data' | 'zero' | 'unallocated' | 'compressed';
 
@@ -81,6 +83,16 @@ export class Qcow2Image {
   refcountTableEntries: number;
   private l2Cache = new Map<number, Buffer>();
   private readonly l2CacheMax: number;
+  /**
+   * Table buffers dropped from the cache, reused for later misses: a scan over a huge disk then
+   * allocates nothing per table, where fresh buffers would pile up as external memory until V8
+   * collects them (tens of MiB of RSS). A dropped buffer is reused only from the next
+   * macrotask on: a caller that awaited a table has used it by then (no caller keeps a table
+   * across an await).
+   */
+  private spareTables: Buffer[] = [];
+  private droppedTables: Buffer[] = [];
+  private releaseScheduled = false;
   private refTable: Buffer | null = null;
   private refBlockCache = new Map<number, Buffer>();
   private lastCompressed: { host: number; data: Buffer } | null = null;
@@ -208,19 +220,56 @@ export class Qcow2Image {
       this.l2Cache.set(off, hit);
       return hit;
     }
-    const t = Buffer.alloc(this.clusterSize);
+    const t = this.spareTables.pop() ?? Buffer.alloc(this.clusterSize);
     const n = await this.file.read(t, 0, t.length, off);
     if (n !== t.length) throw new Qcow2Error('QCOW2_TRUNCATED', `L2 table at ${off} truncated`, this.path);
+    this.dropTable(this.l2Cache.get(off)); // a concurrent miss of the same table got there first
     this.l2Cache.set(off, t);
-    while (this.l2Cache.size > this.l2CacheMax) this.l2Cache.delete(this.l2Cache.keys().next().value!);
+    this.trimL2Cache();
     return t;
+  }
+
+  hasCachedL2(off: number): boolean {
+    return this.l2Cache.has(off);
+  }
+
+  /** A table buffer (from tableBuffer()) its user is done with. */
+  releaseTable(t: Buffer): void {
+    this.dropTable(t);
+  }
+
+  /** A cluster-sized buffer for an L2 table (a reused one when there is one; contents undefined). */
+  tableBuffer(): Buffer {
+    return this.spareTables.pop() ?? Buffer.allocUnsafe(this.clusterSize);
+  }
+
+  private trimL2Cache(): void {
+    while (this.l2Cache.size > this.l2CacheMax) {
+      const [off, t] = this.l2Cache.entries().next().value!;
+      this.l2Cache.delete(off);
+      this.dropTable(t);
+    }
+  }
+
+  private dropTable(t: Buffer | undefined): void {
+    if (!t || t.length !== this.clusterSize) return;
+    this.droppedTables.push(t);
+    if (this.releaseScheduled) return;
+    this.releaseScheduled = true;
+    setImmediate(() => {
+      this.releaseScheduled = false;
+      const max = Math.max(4, Math.floor(SPARE_TABLE_BYTES / this.clusterSize));
+      for (const b of this.droppedTables.splice(0)) if (this.spareTables.length < max) this.spareTables.push(b);
+    }).unref();
   }
 
   /** Replace a cached L2 table (the writer keeps the cache coherent with what it wrote). */
   cacheL2(off: number, table: Buffer): void {
+    const old = this.l2Cache.get(off);
     this.l2Cache.delete(off);
+    if (old !== table) this.dropTable(old);
     this.l2Cache.set(off, table);
-    while (this.l2Cache.size > this.l2CacheMax) this.l2Cache.delete(this.l2Cache.keys().next().value!);
+    this.trimL2Cache();
   }
 
   /** Decode the L2 entry of guest cluster `c` from its table. */
@@ -291,38 +340,53 @@ export class Qcow2Image {
     let out: Extent | null = null;
     let pos = offset;
     const e = this.scratch;
-    while (pos < end) {
+    const sub = this.subclusterSize;
+    // One table lookup per L2 table, then a plain loop over its entries: a scan of a huge
+    // sparse disk costs an entry decode per cluster, nothing more.
+    scan: while (pos < end) {
       const l1i = Math.floor(pos / span);
       let table = this.l2TableCached(l1i);
       if (table === undefined) table = await this.l2Table(l1i);
-      let kind: ExtentKind;
-      let pEnd: number;
-      let host = -1;
-      if (table === null) {
-        kind = 'unallocated';
-        pEnd = Math.min((l1i + 1) * span, end);
-      } else {
-        const c = Math.floor(pos / cs);
-        this.entryInto(table, c, e);
-        const cEnd = Math.min((c + 1) * cs, end);
-        if (e.type === 'compressed') {
-          if (out !== null) break;
-          return { offset: pos, length: cEnd - pos, kind: 'compressed', compressed: { host: e.host, size: e.size, clusterStart: c * cs } };
+      const tEnd = Math.min((l1i + 1) * span, end);
+      while (pos < tEnd) {
+        let kind: ExtentKind;
+        let pEnd: number;
+        let host = -1;
+        if (table === null) {
+          kind = 'unallocated';
+          pEnd = tEnd;
+        } else {
+          const c = Math.floor(pos / cs);
+          this.entryInto(table, c, e);
+          const cEnd = Math.min((c + 1) * cs, end);
+          if (e.type === 'compressed') {
+            if (out !== null) break scan;
+            return {
+              offset: pos,
+              length: cEnd - pos,
+              kind: 'compressed',
+              compressed: { host: e.host, size: e.size, clusterStart: c * cs },
+            };
+          }
+          const within = pos - c * cs;
+          const si = Math.floor(within / sub);
+          const bit = 1 << si;
+          kind = e.alloc & bit ? 'data' : e.zero & bit ? 'zero' : 'unallocated';
+          pEnd = Math.min(c * cs + (si + 1) * sub, end);
+          if (e.host !== 0) host = e.host + within;
         }
-        const within = pos - c * cs;
-        const sub = Math.floor(within / this.subclusterSize);
-        const bit = 1 << sub;
-        kind = e.alloc & bit ? 'data' : e.zero & bit ? 'zero' : 'unallocated';
-        pEnd = Math.min(c * cs + (sub + 1) * this.subclusterSize, end);
-        if (e.host !== 0) host = e.host + within;
+        if (out === null) {
+          out = { offset: pos, length: pEnd - pos, kind };
+          if (host >= 0) out.host = host;
+        } else if (
+          out.kind === kind &&
+          (out.host === undefined) === host < 0 &&
+          (out.host === undefined || out.host + out.length === host)
+        ) {
+          out.length += pEnd - pos;
+        } else break scan;
+        pos = pEnd;
       }
-      if (out === null) {
-        out = { offset: pos, length: pEnd - pos, kind };
-        if (host >= 0) out.host = host;
-      } else if (out.kind === kind && (out.host === undefined) === host < 0 && (out.host === undefined || out.host + out.length === host)) {
-        out.length += pEnd - pos;
-      } else break;
-      pos = pEnd;
     }
     return out!;
   }

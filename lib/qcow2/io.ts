@@ -32,6 +32,11 @@ export interface BlockFile {
   /** Write all of `buf` at `position`. */
   write(buf: Buffer, position: number): Promise<void>;
   datasync(): Promise<void>;
+  /**
+   * Optional: start making what was written so far durable, concurrently with further writes
+   * (an early fdatasync). Gives no ordering guarantee; a failure must fail the operation.
+   */
+  writeback?(): Promise<void>;
   size(): Promise<number>;
   close(): Promise<void>;
 }
@@ -83,6 +88,10 @@ export class NodeBlockFile implements BlockFile {
     } catch (e) {
       throw new Qcow2Error('QCOW2_IO', `fdatasync of ${this.path} failed: ${(e as Error).message}`, this.path);
     }
+  }
+
+  writeback(): Promise<void> {
+    return this.datasync();
   }
 
   async size(): Promise<number> {

@@ -25,6 +25,8 @@ import { checkTargetMetadata, mustCover, planWork, workItems } from './rebase/pl
 import { Writer } from './rebase/writer.js';
 import { clearUnknownAutoclear, commitHeader, planHeader } from './rebase/commit.js';
 
+const L2_CACHE_BYTES = 512 << 10;
+
 export interface RebaseHooks {
   /**
    * Called after every write and every fdatasync of the target, numbered from 1. Throwing here
@@ -93,6 +95,11 @@ class HookedFile implements BlockFile {
     const n = ++this.ops;
     await this.hooks?.afterOp?.(n, 'sync', '');
   }
+  /** Not counted: an early writeback adds durability only; the ordered syncs are the crash points. */
+  get writeback(): (() => Promise<void>) | undefined {
+    const inner = this.inner;
+    return inner.writeback ? () => inner.writeback!() : undefined;
+  }
   size(): Promise<number> {
     return this.inner.size();
   }
@@ -112,6 +119,8 @@ export async function nativeRebase(opts: NativeRebaseOptions): Promise<NativeReb
   const box: { hooked: HookedFile | null } = { hooked: null };
   const chain = await ImageChain.open(opts.target, {
     writableTop: !opts.dryRun,
+    // The scans are sequential: a few tables per image suffice, and memory stays flat.
+    l2CacheBytes: L2_CACHE_BYTES,
     ...(opts.dryRun
       ? {}
       : {

@@ -73,3 +73,14 @@ export function refTableEntry(table: Buffer, i: number): bigint {
 export function encodeRefTableEntry(table: Buffer, i: number, blockOffset: number): void {
   table.writeBigUInt64BE(BigInt(blockOffset), i * 8);
 }
+
+/** Index of the last entry of `block` with a nonzero refcount, -1 if none (a byte scan, no BigInt). */
+export function lastNonzeroEntry(block: Buffer, order: number): number {
+  let b = block.length - 1;
+  while (b >= 0 && block[b] === 0) b--;
+  if (b < 0) return -1;
+  if (order >= 3) return Math.floor(b / (1 << (order - 3)));
+  const bits = 1 << order;
+  const high = 31 - Math.clz32(block[b]!); // highest set bit of the byte; entries fill from bit 0
+  return b * (8 / bits) + Math.floor(high / bits);
+}

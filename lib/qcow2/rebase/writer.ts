@@ -6,15 +6,20 @@
 // complete before linking) → fdatasync → L1 → fdatasync.
 import { Qcow2Error } from '../errors.js';
 import { writeRefcounts } from '../grow.js';
-import type { Qcow2Image } from '../image.js';
+import type { Qcow2Image, ScratchEntry } from '../image.js';
 import { encodeL1Entry, encodeL2Entry, l2EntrySize } from '../l2.js';
 import { encodeRefTableEntry, entriesPerBlock, refTableEntry } from '../refcount.js';
 import type { ImageChain } from '../view.js';
 import type { WorkItem } from './plan.js';
 
-const COPY_CHUNK = 4 << 20;
+// Copies in flight × their size is the data in memory (4 MiB): large enough for the disk to
+// stream, small enough that peak RSS stays within 32 MiB of the idle program's.
+const COPY_CHUNK = 1 << 20;
 const COPIES_IN_FLIGHT = 4;
-const MAX_DIRTY_L2_BYTES = 32 << 20;
+/** Dirty L2 tables held per batch (each batch rewrites them): bounds memory on huge sparse disks. */
+const MAX_DIRTY_L2_BYTES = 4 << 20;
+/** Bytes written between two early writebacks (one at a time). */
+const WRITEBACK_BYTES = 64 << 20;
 
 interface DirtyL2 {
   off: number;
@@ -49,17 +54,30 @@ function linkRounds<B extends { off: number }>(blocks: Map<number, B>, cs: numbe
   return rounds;
 }
 
+interface CopyRun {
+  guest: number;
+  dest: number;
+  len: number;
+}
+
 /** Takes the work items in guest order; flush() makes everything added so far durable. */
 export class Writer {
   private readonly T: Qcow2Image;
   private readonly cs: number;
   private batchStart: number;
   private dirty = new Map<number, DirtyL2>();
-  private copyQueue: Promise<void>[] = [];
+  private dirtyBytes = 0;
+  /** Copies merged so far and not yet started (the last one may still grow). */
+  private queue: CopyRun[] = [];
+  private inFlight: Promise<void>[] = [];
   private copyError: Error | null = null;
   private writeTail: Promise<void> = Promise.resolve();
   private readonly buffers: Buffer[] = Array.from({ length: COPIES_IN_FLIGHT }, () => Buffer.allocUnsafe(COPY_CHUNK));
-  private run: { guest: number; dest: number; len: number } | null = null;
+  private readonly scratch: ScratchEntry = { type: 'standard', host: 0, alloc: 0, zero: 0, copied: false, sectors: 0, size: 0 };
+  /** Early writeback: bytes written since the last one started, the one running, its failure. */
+  private unflushed = 0;
+  private writeback: Promise<void> | null = null;
+  private writebackError: Error | null = null;
   private batchCopied = 0;
   copiedBytes = 0;
   newClusters = 0;
@@ -88,88 +106,127 @@ export class Writer {
     if (d) return d;
     const off = this.T.l2Offset(l1i);
     let entry: DirtyL2;
-    if (off === 0) entry = { off: this.alloc(), table: Buffer.alloc(this.cs), isNew: true, lo: 0, hi: this.cs };
-    else entry = { off, table: Buffer.from((await this.T.l2Table(l1i))!), isNew: false, lo: this.cs, hi: 0 };
+    if (off === 0) entry = { off: this.alloc(), table: this.T.tableBuffer().fill(0), isNew: true, lo: 0, hi: this.cs };
+    else {
+      const src = (await this.T.l2Table(l1i))!;
+      const table = this.T.tableBuffer();
+      src.copy(table);
+      entry = { off, table, isNew: false, lo: this.cs, hi: 0 };
+    }
     this.dirty.set(l1i, entry);
+    this.dirtyBytes += this.cs;
     return entry;
   }
 
+  /** A run of clusters (one L2 table): allocate, queue the copies, edit the L2 entries in memory. */
   async add(item: WorkItem): Promise<void> {
     const T = this.T;
     const l1i = Math.floor(item.c / T.l2Entries);
     const d = await this.l2ForWrite(l1i);
-    const e = T.decodeEntry(d.table, item.c);
-    if (e.type !== 'standard') throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${item.c} changed under the rebase`, T.path);
-    let host = e.host;
-    if (item.data && host === 0) host = this.alloc();
+    const e = this.scratch;
     const us = T.subclusterSize;
-    for (let s = 0; s < T.subclusters;) {
-      if (!(item.data & (1 << s))) {
-        s++;
-        continue;
+    const esz = l2EntrySize(T);
+    for (let c = item.c; c < item.c + item.n; c++) {
+      T.entryInto(d.table, c, e);
+      if (e.type !== 'standard') throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${c} changed under the rebase`, T.path);
+      let host = e.host;
+      if (item.data && host === 0) host = this.alloc();
+      for (let s = 0; s < T.subclusters;) {
+        if (!(item.data & (1 << s))) {
+          s++;
+          continue;
+        }
+        let n = 1;
+        while (s + n < T.subclusters && item.data & (1 << (s + n))) n++;
+        this.copy(c * this.cs + s * us, host + s * us, n * us);
+        s += n;
       }
-      let n = 1;
-      while (s + n < T.subclusters && item.data & (1 << (s + n))) n++;
-      await this.copy(item.c * this.cs + s * us, host + s * us, n * us);
-      s += n;
+      const idx = c % T.l2Entries;
+      // New clusters are exclusively owned (COPIED); with extended L2 the bitmaps only gain bits.
+      if (T.extendedL2)
+        encodeL2Entry(d.table, idx, T, {
+          type: 'standard',
+          host,
+          alloc: e.alloc | item.data,
+          zero: e.zero | item.zero,
+          copied: host !== 0 || e.copied,
+          sectors: 0,
+        });
+      else if (item.data) encodeL2Entry(d.table, idx, T, { type: 'standard', host, alloc: 1, zero: 0, copied: true, sectors: 0 });
+      else encodeL2Entry(d.table, idx, T, { type: 'standard', host: 0, alloc: 0, zero: 1, copied: false, sectors: 0 });
     }
-    const idx = item.c % T.l2Entries;
-    // New clusters are exclusively owned (COPIED); with extended L2 the bitmaps only gain bits.
-    if (T.extendedL2)
-      encodeL2Entry(d.table, idx, T, {
-        type: 'standard',
-        host,
-        alloc: e.alloc | item.data,
-        zero: e.zero | item.zero,
-        copied: host !== 0 || e.copied,
-        sectors: 0,
-      });
-    else if (item.data) encodeL2Entry(d.table, idx, T, { type: 'standard', host, alloc: 1, zero: 0, copied: true, sectors: 0 });
-    else encodeL2Entry(d.table, idx, T, { type: 'standard', host: 0, alloc: 0, zero: 1, copied: false, sectors: 0 });
-    const at = idx * l2EntrySize(T);
-    d.lo = Math.min(d.lo, at);
-    d.hi = Math.max(d.hi, at + l2EntrySize(T));
-    if (this.batchCopied >= this.batchBytes || this.dirty.size * this.cs >= MAX_DIRTY_L2_BYTES) {
+    const first = item.c % T.l2Entries;
+    d.lo = Math.min(d.lo, first * esz);
+    d.hi = Math.max(d.hi, (first + item.n) * esz);
+    await this.pump(false);
+    if (this.batchCopied >= this.batchBytes || this.dirtyBytes >= MAX_DIRTY_L2_BYTES) {
       await this.flush();
       this.checkpoint?.();
     }
   }
 
-  private async copy(guest: number, dest: number, len: number): Promise<void> {
+  /** Queue a copy, merged with the previous one when both sides continue it. */
+  private copy(guest: number, dest: number, len: number): void {
     this.batchCopied += len;
     this.copiedBytes += len;
-    const r = this.run;
+    const r = this.queue.at(-1);
     if (r && r.guest + r.len === guest && r.dest + r.len === dest && r.len + len <= COPY_CHUNK) {
       r.len += len;
       return;
     }
-    await this.submitRun();
-    this.run = { guest, dest, len };
+    // Pieces of at most one copy buffer (a 2 MiB cluster is two).
+    for (let at = 0; at < len; at += COPY_CHUNK)
+      this.queue.push({ guest: guest + at, dest: dest + at, len: Math.min(COPY_CHUNK, len - at) });
   }
 
-  private async submitRun(): Promise<void> {
-    const r = this.run;
-    this.run = null;
-    if (!r) return;
-    while (this.copyQueue.length >= COPIES_IN_FLIGHT || this.buffers.length === 0) await this.copyQueue.shift();
-    if (this.copyError) throw this.copyError;
+  /** Start the queued copies (all of them, or all but the last, which may still grow). */
+  private async pump(all: boolean): Promise<void> {
+    const keep = all ? 0 : 1;
+    if (this.queue.length <= keep) return;
+    const q = this.queue;
+    const n = q.length - keep;
+    for (let i = 0; i < n; i++) {
+      while (this.inFlight.length >= COPIES_IN_FLIGHT) await this.inFlight.shift();
+      if (this.copyError) throw this.copyError;
+      this.start(q[i]!);
+    }
+    this.queue = q.slice(n);
+  }
+
+  private start(r: CopyRun): void {
     // A fixed pool of copy buffers: memory stays flat whatever the disk size.
     const buf = this.buffers.pop()!;
+    const file = this.T.file;
     const task = (async () => {
       try {
         const view = buf.subarray(0, r.len);
         await this.chain.readInto(view, 0, r.guest, r.len, 1);
-        // Reads overlap; writes go one at a time. Concurrent writes gain nothing on a local
-        // disk and cost a lot where the NAS client splits them into small requests.
-        const write = this.writeTail.then(() => this.T.file.write(view, r.dest));
+        // Reads overlap; writes go one at a time, in order. Concurrent writes gain nothing on
+        // a local disk and cost a lot where the NAS client splits them into small requests.
+        const write = this.writeTail.then(() => file.write(view, r.dest));
         this.writeTail = write.catch(() => {});
         await write;
+        this.unflushed += r.len;
+        // Start writing back early, so the batch's fdatasync finds little left to do and the
+        // disk works while we copy. Only durability changes: the order of the batch holds.
+        if (this.unflushed >= WRITEBACK_BYTES && this.writeback === null && file.writeback) {
+          this.unflushed = 0;
+          this.writeback = file.writeback().then(
+            () => {
+              this.writeback = null;
+            },
+            (e: unknown) => {
+              this.writebackError ??= e instanceof Error ? e : new Error(String(e));
+              this.writeback = null;
+            },
+          );
+        }
       } finally {
         this.buffers.push(buf);
       }
     })();
-    // Queued tasks never reject; the first failure is kept and rethrown before any metadata is written.
-    this.copyQueue.push(
+    // Tasks never reject; the first failure is kept and rethrown before any metadata is written.
+    this.inFlight.push(
       task.catch((e: unknown) => {
         this.copyError ??= e instanceof Error ? e : new Error(String(e));
       }),
@@ -177,11 +234,14 @@ export class Writer {
   }
 
   private async drain(): Promise<void> {
-    await this.submitRun();
-    const q = this.copyQueue;
-    this.copyQueue = [];
+    await this.pump(true);
+    const q = this.inFlight;
+    this.inFlight = [];
     await Promise.all(q);
+    while (this.writeback) await this.writeback;
     if (this.copyError) throw this.copyError;
+    // A failed fdatasync may be reported once only: the next one could pass with data lost.
+    if (this.writebackError) throw this.writebackError;
   }
 
   async flush(): Promise<void> {
@@ -234,7 +294,9 @@ export class Writer {
     // 4. L1 entries of the new L2 tables.
     let l1Written = false;
     for (const [l1i, d] of this.dirty) {
-      T.cacheL2(d.off, d.table);
+      // Keep the cache coherent; a table it does not hold goes back to the buffer pool.
+      if (T.hasCachedL2(d.off)) T.cacheL2(d.off, d.table);
+      else T.releaseTable(d.table);
       if (!d.isNew) continue;
       const b = Buffer.alloc(8);
       encodeL1Entry(b, 0, d.off, true);
@@ -244,6 +306,7 @@ export class Writer {
     }
     if (l1Written) await file.datasync();
     this.dirty.clear();
+    this.dirtyBytes = 0;
     this.batchStart = this.nextFree;
     this.batchCopied = 0;
   }

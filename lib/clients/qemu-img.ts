@@ -57,9 +57,19 @@ export class QemuImgClient {
     if (!succeeded(r)) throw new ToolError('QEMU_IMG_FAILED', `qemu-img rebase failed for ${a.file} onto ${a.backing}`, r, failureText(r));
   }
 
-  /** Copy a disk into a new qcow2 (the source format is given, never probed). */
-  async convert(src: string, srcFormat: string, dst: string): Promise<void> {
-    const r = await this.run(['convert', '-f', srcFormat, '-O', 'qcow2', src, dst]);
+  /**
+   * Copy a disk into a new qcow2 (the source format is given, never probed). `compress`:
+   * compressed clusters (-c; readable by every qcow2 reader, a valid base of a chain);
+   * `rateBytesPerSec`: qemu-img's own I/O rate limit (-r).
+   */
+  async convert(
+    src: string,
+    srcFormat: string,
+    dst: string,
+    opts: { compress?: boolean; rateBytesPerSec?: number | null } = {},
+  ): Promise<void> {
+    const extra = [...(opts.compress ? ['-c'] : []), ...(opts.rateBytesPerSec ? ['-r', String(Math.round(opts.rateBytesPerSec))] : [])];
+    const r = await this.run(['convert', ...extra, '-f', srcFormat, '-O', 'qcow2', src, dst]);
     if (succeeded(r)) return;
     if (r.canceled) throw new ToolError('INTERRUPTED', `Interrupted while copying ${src}`, r, '');
     throw new ToolError(r.timedOut ? 'COMMAND_TIMEOUT' : 'CONVERT_FAILED', `qemu-img convert failed for ${src} ${dst}`, r, failureText(r));

@@ -528,6 +528,34 @@ function monitorCommand(args) {
     fail('internal error: cannot parse json');
   }
   if (cmd.execute === 'query-block') return JSON.stringify(queryBlockReply(d)) + '\n';
+  if (cmd.execute === 'query-block-jobs') {
+    // One QEMU job per disk of a running push backup (libvirt names them backup-<target>-<node>).
+    const a = runtime(d).active;
+    const jobs = (a?.jobs ?? []).map((j) => ({
+      'auto-finalize': true,
+      'io-status': 'ok',
+      device: j.device,
+      'auto-dismiss': false,
+      busy: false,
+      len: j.len,
+      offset: a.total > 0 ? Math.min(j.len, Math.round((j.len * a.processed) / a.total)) : 0,
+      status: 'running',
+      paused: false,
+      speed: j.speed,
+      ready: false,
+      type: 'backup',
+    }));
+    return JSON.stringify({ return: jobs, id: 'libvirt-44' }) + '\n';
+  }
+  if (cmd.execute === 'block-job-set-speed') {
+    const job = (runtime(d).active?.jobs ?? []).find((j) => j.device === cmd.arguments?.device);
+    if (!job) fail(`internal error: unable to execute QEMU command 'block-job-set-speed': Block job '${cmd.arguments?.device}' not found`);
+    job.speed = cmd.arguments.speed;
+    // Kept after the job ends, for the tests: every limit set, in order.
+    (d.jobSpeeds ??= []).push({ device: job.device, speed: job.speed });
+    dirty = true;
+    return '{"return":{},"id":"libvirt-45"}\n';
+  }
   if (cmd.execute === 'block-dirty-bitmap-remove') {
     const i = (d.disks ?? []).findIndex((_, n) => `libvirt-${n + 1}-format` === cmd.arguments?.node);
     if (i < 0 || !hasBitmap(d.disks[i], cmd.arguments?.name))
@@ -687,6 +715,7 @@ function backupBegin(args) {
     errorMessage: job.errorMessage,
     pauseOnFailure: job.pauseOnFailure === true,
     targets: targets.map((t) => t.file),
+    jobs: targets.map(({ disk }, i) => ({ device: `backup-${disk.target}-libvirt-${i + 1}-format`, len: virtualSize(disk), speed: 0 })),
   };
   rt.completed = null;
   // A job with nothing left to run has ended by the time anyone polls (as small

@@ -18,6 +18,7 @@ import { backupXml, checkpointXml, redefineCheckpointXml } from './xml.js';
 import type { BackupArgs } from './args.js';
 import { apparentSize, WorkDir } from './workdir.js';
 import { writeManifest } from './manifest.js';
+import { limitBackupRate, type RateLimiter } from './throttle.js';
 import { syncAfter, type OpContext } from '../context.js';
 import { UndoStack } from '../undo.js';
 import type { BackupResult } from '../results.js';
@@ -190,6 +191,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
   );
   const warnings: Warning[] = [];
   const progress = await createProgress(process.stdout.isTTY === true);
+  let limiter: RateLimiter | null = null;
   try {
     const p = await plan(ctx, virsh, a, disks, nas.mountPoint, work);
     const targets = disks.map((d) => ({ name: d.target, file: work.file(d.file) }));
@@ -219,6 +221,8 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
       bxml,
       p.newCheckpoint ? { name: p.newCheckpoint, xml: cxml } : null,
     );
+    // -b: as soon as the jobs exist (QEMU has dispatched its first copies by then).
+    if (a.bandwidth !== null) limiter = await limitBackupRate(virsh, a.vm, a.bandwidth, (m) => ctx.logger.log(m));
     await captureRestoreFiles(virsh, a.vm, work);
 
     const block = await waitForBackupJob(virsh, a.vm, {
@@ -230,6 +234,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     });
     releaseJob();
     progress.stop();
+    await limiter?.stop();
 
     if (p.incrementalFrom) await relinkOntoParents(qemuImg, disks, p.parents, nas.mountPoint, work);
     for (const f of [bxml, cxml]) await unlink(f).catch(() => {});
@@ -272,6 +277,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     };
   } catch (e) {
     progress.stop();
+    await limiter?.stop();
     await undo.unwind(e);
     throw e;
   } finally {

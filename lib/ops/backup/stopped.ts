@@ -9,7 +9,7 @@ import { Qcow2Error, readHeader } from '../../qcow2/index.js';
 import { softly, ToolError } from '../../clients/failure.js';
 import type { QemuImgClient } from '../../clients/qemu-img.js';
 import { backupFileName, volumeId } from '../../store/disks.js';
-import type { BackupArgs } from './args.js';
+import { formatBandwidth, type BackupArgs } from './args.js';
 import { apparentSize, WorkDir } from './workdir.js';
 import { writeManifest } from './manifest.js';
 import { syncAfter, type OpContext } from '../context.js';
@@ -42,6 +42,10 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
       throw new NasbackupError('FILE_NOT_FOUND', `Source disk does not exist: ${d.src}`);
     }
   }
+  if (a.bandwidth !== null || a.compress)
+    ctx.logger.log(
+      `Stopped-VM copy of ${a.vm}:${a.compress ? ' compressed clusters' : ''}${a.bandwidth !== null ? ` rate limit ${formatBandwidth(a.bandwidth)}` : ''}`,
+    );
   const nas = await ctx.openNas(a.nas);
   await ctx.lockVm(nas.mountPoint, a.instance, 'backup');
   const work = await WorkDir.create(nas.mountPoint, a.path, { staleAfterMs: ctx.config.lockStaleAfterMs, log: (m) => ctx.logger.log(m) });
@@ -52,7 +56,7 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
       const fmt = await sourceFormat(d.src);
       formats.push(fmt);
       const dst = work.file(d.file);
-      await qemuImg.convert(d.src, fmt, dst);
+      await qemuImg.convert(d.src, fmt, dst, { compress: a.compress, rateBytesPerSec: a.bandwidth });
     }
     await syncAfter(ctx, 'backup');
     await writeManifest(ctx, a, work, {

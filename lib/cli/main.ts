@@ -5,7 +5,7 @@
 import { invalidOptionText, usageText } from '../agent-output.js';
 import { loadConfig, type Config, type ConfigFlags } from '../config.js';
 import { NasbackupError, toNasbackupError } from '../errors.js';
-import { createLogger, logFileFromEnv } from '../log.js';
+import { createLogger, logFileFromEnv, type Logger } from '../log.js';
 import {
   backupRenderer,
   deleteRenderer,
@@ -13,6 +13,8 @@ import {
   render,
   renderFailure,
   statsRenderer,
+  type BackupResult,
+  type Outcome,
   type OutputMode,
   type Renderer,
 } from '../output.js';
@@ -105,7 +107,23 @@ export async function main(argv: readonly string[], io: MainIo): Promise<number>
     ctx.checkpoint();
     return runOperation(checked, ctx);
   });
-  return render(io.out, mode, RENDERERS[checked.op] as Renderer<unknown>, outcome);
+  const shown = checked.op === 'backup' ? cleanupOnlyWarns(outcome as Outcome<BackupResult>, config.agentProfile, logger) : outcome;
+  return render(io.out, mode, RENDERERS[checked.op] as Renderer<unknown>, shown);
+}
+
+/**
+ * #13424, followed for the merged and newest agents: an unmount that fails or times out
+ * after a complete backup only warns (the backup is there; those agents would mark it
+ * failed). The rebase-era pairing keeps exit 20 (`Backup cleanup failed`).
+ */
+function cleanupOnlyWarns(outcome: Outcome<BackupResult>, profile: AgentProfile, logger: Logger): Outcome<BackupResult> {
+  const r = outcome.result;
+  if (profile === 'rebase-era' || !r || outcome.errors.length === 0) return outcome;
+  if (!outcome.errors.every((e) => e.code === 'NAS_CLEANUP_FAILED')) return outcome;
+  const warnings = outcome.errors.map((e) => ({ code: 'CLEANUP_INCOMPLETE' as const, message: e.message.split('\n').join('; ') }));
+  for (const w of warnings)
+    logger.log(`Warning: after the complete backup ${r.path}: ${w.message} (not a failure for the ${profile} agent)`);
+  return { ...outcome, result: { ...r, warnings: [...r.warnings, ...warnings] }, errors: [] };
 }
 
 /** The operation named in argv, for the JSON envelope of a command line that did not parse. */

@@ -44,39 +44,46 @@ function expectUntouched(s: Scenario): void {
 }
 
 describe.concurrent('-b/--bandwidth', () => {
-  it('running VM, two disks: the limit is set on the QEMU backup jobs as soon as they run, shared by the disks; stdout as without -b', async () => {
-    const s = scenario('opt-bw-run', { dataDisk: true, domain: { job: { runningPolls: 4 } } });
+  it('running VM, two disks: the limit is set in the same virsh session as backup-begin, shared by the disks, moved to the one still copying; stdout as without -b', async () => {
+    const s = scenario('opt-bw-run', { dataDisk: true, domain: { job: { runningPolls: 30 } } });
     const r = await backup(s, { extra: [...fullFlags(), '-b', '8'] });
     expect(r).toMatchObject({ code: 0, stderr: '' });
     // The agent's bytes do not change with -b.
     expect(r.stdout).toBe(completedBlock(24 * MiB) + `${duSb(s.final)}\nBITMAP_CREATED=${NEW_BITMAP}\n`);
-    // 8 MiB/s for the backup: 4 MiB/s per disk job while both copy.
-    const speeds = s.fake.domain(VM).jobSpeeds ?? [];
-    expect(speeds.slice(0, 2)).toEqual([
+    // backup-begin and the limits in one virsh batch (one process: nothing runs unthrottled while a second virsh starts).
+    const batch = s.fake.calls().filter((c) => (c as { batch?: boolean }).batch === true);
+    expect(batch.map((c) => c.argv.slice(2).join(' '))).toEqual([
+      expect.stringMatching(/^backup-begin --domain i-2-10-VM --backupxml /) as unknown,
+      `blockjob ${VM} vda --bandwidth ${4 * MiB} --bytes`,
+      `blockjob ${VM} vdb --bandwidth ${4 * MiB} --bytes`,
+    ]);
+    // 8 MiB/s for the backup: 4 MiB/s per disk while both copy; vdb gets all of it once vda is done.
+    expect(s.fake.domain(VM).jobSpeeds).toEqual([
       { device: 'backup-vda-libvirt-1-format', speed: 4 * MiB },
       { device: 'backup-vdb-libvirt-2-format', speed: 4 * MiB },
+      { device: 'backup-vdb-libvirt-2-format', speed: 8 * MiB },
     ]);
-    // Set right after backup-begin, before the job is polled.
-    const calls = s.fake.commands().map((c) => c.join(' '));
-    const begin = calls.findIndex((c) => c.startsWith('backup-begin'));
-    const setSpeed = calls.findIndex((c) => c.includes('block-job-set-speed'));
-    const firstPoll = calls.findIndex((c, i) => i > begin && c === `domjobinfo ${VM} --completed --keep-completed`);
-    expect(begin).toBeGreaterThan(0);
-    expect(setSpeed).toBeGreaterThan(begin);
-    expect(setSpeed).toBeLessThan(firstPoll);
     expect(logText(s.sb)).toContain(`Rate limit 8 MiB/s for the backup of ${VM}: 2 job(s) copying, 4 MiB/s each`);
+    expect(logText(s.sb)).toContain(`Rate limit 8 MiB/s for the backup of ${VM}: 1 job(s) copying, 8 MiB/s each`);
     expect(compareImages(join(s.sb.nas, rootFile()), s.rootDisk)).toBe('Images are identical.');
+    expect(compareImages(join(s.sb.nas, dataFile()), s.dataDisk!)).toBe('Images are identical.');
     expectClean(s);
   });
 
   it('running VM: a limit that cannot be set makes a faster backup, not a failed one (logged)', async () => {
     const s = scenario('opt-bw-fail', {
       domain: { job: { runningPolls: 2 } },
-      fail: { 'qemu-monitor-command:block-job-set-speed': { stderr: 'error: internal error: unable to execute QEMU command\n' } },
+      fail: {
+        blockjob: { stderr: 'error: invalid argument: disk vda does not have an active block job\n' },
+        'qemu-monitor-command:block-job-set-speed': { stderr: 'error: internal error: unable to execute QEMU command\n' },
+      },
     });
     const r = await backup(s, { extra: ['-b', '2.5'] });
     expect(r.code).toBe(0);
     expect(r.stdout).toBe(completedBlock(16 * MiB) + `${duSb(s.final)}\n`);
+    expect(logText(s.sb)).toContain(
+      'Warning: cannot limit the rate of a backup job of i-2-10-VM: error: invalid argument: disk vda does not have an active block job',
+    );
     expect(logText(s.sb)).toMatch(/Warning: cannot limit the rate of backup job backup-vda-libvirt-1-format of i-2-10-VM/);
     expectClean(s);
   });

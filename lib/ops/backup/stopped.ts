@@ -8,9 +8,9 @@ import { exists } from '../../paths.js';
 import { Qcow2Error, readHeader } from '../../qcow2/index.js';
 import { softly, ToolError } from '../../clients/failure.js';
 import type { QemuImgClient } from '../../clients/qemu-img.js';
-import { backupFileName, volumeId } from '../../store/disks.js';
+import { backupFileName, resolveVolumeId } from '../../store/disks.js';
 import { formatBandwidth, type BackupArgs } from './args.js';
-import { apparentSize, WorkDir } from './workdir.js';
+import { reportedSize, tolerantApparentSize, WorkDir } from './workdir.js';
 import { writeManifest } from './manifest.js';
 import { syncAfter, type OpContext } from '../context.js';
 import type { BackupResult } from '../results.js';
@@ -30,10 +30,11 @@ async function sourceFormat(src: string): Promise<'qcow2' | 'raw'> {
 
 export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<BackupResult> {
   const { qemuImg } = ctx.clients;
-  const disks = a.diskPaths.map((src, i) => {
-    const volId = volumeId(src);
-    return { src, volId, file: backupFileName(i, volId) };
-  });
+  const disks: Array<{ src: string; volId: string; file: string }> = [];
+  for (const [i, src] of a.diskPaths.entries()) {
+    const volId = await resolveVolumeId(src);
+    disks.push({ src, volId, file: backupFileName(i, volId) });
+  }
   if (new Set(disks.map((d) => d.volId)).size !== disks.length) {
     throw new NasbackupError('INVALID_ARGUMENT', `Two disks share a volume id; their backup files would collide: ${a.diskPaths.join(',')}`);
   }
@@ -89,14 +90,21 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
     }
 
     const sizes = await Promise.all(
-      disks.map(async (d) => ({ name: d.file, size: (await stat(`${work.final}/${d.file}`, { bigint: true })).size })),
+      disks.map(async (d) => ({
+        name: d.file,
+        size: await reportedSize(
+          async () => (await stat(`${work.final}/${d.file}`, { bigint: true })).size,
+          d.file,
+          (m) => ctx.logger.log(m),
+        ),
+      })),
     );
     const report: BackupReport = {
       profile: a.profile,
       fallbackReason: a.mode === 'incremental' ? STOPPED_FALLBACK_REASON : null,
       bitmapCreated,
       warnings: [],
-      totalBytes: await apparentSize(work.final),
+      totalBytes: await tolerantApparentSize(work.final, (m) => ctx.logger.log(m)),
     };
     ctx.logger.log(`Backup of stopped VM ${a.vm} to ${work.final} completed (${report.totalBytes} bytes)`);
     return { vm: a.vm, path: a.path, mode: a.mode, format: 'stopped', report, warnings: [], jobBlock: '', files: sizes };

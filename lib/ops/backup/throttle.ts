@@ -25,7 +25,7 @@ export async function limitBackupRate(
   log: (m: string) => void,
   everyMs = 1000,
 ): Promise<RateLimiter> {
-  let shared = new Map<string, number>(); // job id → the speed we set
+  let shared = new Map<string, number>(); // job id → its share, as of the last round
   let stopped = false;
 
   const round = async (): Promise<void> => {
@@ -38,7 +38,7 @@ export async function limitBackupRate(
     const next = new Map<string, number>();
     for (const j of active) {
       next.set(j.device, each);
-      if (shared.get(j.device) === each && j.speed === each) continue;
+      if (j.speed === each) continue;
       const refused = await softly(virsh.setBlockJobSpeed(vm, j.device, each));
       if (refused !== null) log(`Warning: cannot limit the rate of backup job ${j.device} of ${vm}: ${refused}`);
     }

@@ -14,6 +14,7 @@ export {
   hasExternalDataFile,
   INCOMPAT_CORRUPT,
   INCOMPAT_DIRTY,
+  INCOMPAT_EXTL2,
   type Qcow2Header,
   type HeaderExtension,
   type HeaderPatch,
@@ -34,3 +35,17 @@ export { imageInfo, readBitmaps, type ImageInfo, type BitmapInfo } from './info.
 export { nativeRebase, type NativeRebaseOptions, type NativeRebaseResult, type RebaseHooks } from './rebase.js';
 export { NodeBlockFile, openImageFile, type BlockFile } from './io.js';
 export { scanImage, scanMetadata, type ScanResult } from './scan.js';
+export { Qcow2Writer, type Qcow2WriterOptions, type Qcow2WriterResult } from './create.js';
+export {
+  copyImage,
+  normalizeRanges,
+  DEFAULT_BUFFERS,
+  DEFAULT_REQUEST_BYTES,
+  type CopySource,
+  type CopySink,
+  type CopyRun,
+  type CopyRange,
+  type CopyOptions,
+  type CopyStats,
+} from './copy/engine.js';
+export { RawFileSink, BlockDeviceSink } from './copy/sinks.js';

@@ -269,3 +269,12 @@ export function compareImages(a: string, b: string): string {
 }
 
 export const modeOf = (p: string): string => (statSync(p).mode & 0o7777).toString(8).padStart(4, '0');
+
+/**
+ * Turn the scenario's root disk into a raw file (same content): its copy then runs through an
+ * external `qemu-img convert` (a qcow2 disk is copied in-process), for tests about that child.
+ */
+export function rootDiskAsRaw(s: Scenario): void {
+  execFileSync('qemu-img', ['convert', '-O', 'raw', s.rootDisk, `${s.rootDisk}.raw`]);
+  execFileSync('mv', [`${s.rootDisk}.raw`, s.rootDisk]);
+}

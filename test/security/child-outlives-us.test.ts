@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { leftovers, logText, writeShim } from '../helpers/cli.js';
 import { removeTempDirs } from '../helpers/tmp.js';
-import { backup, scenario, startBackup, VM, TS } from '../backup/scenario.js';
+import { backup, rootDiskAsRaw, scenario, startBackup, VM, TS } from '../backup/scenario.js';
 import { killAll, pidsWithArgv, uniqueSleep, waitFor } from './faults.js';
 
 const sleeps: string[][] = [];
@@ -36,6 +36,7 @@ const mountsIn = (dir: string): string[] =>
 describe('a child outlives us', () => {
   it('SIGKILL of the program kills its qemu-img convert; the next backup cleans up the leftovers', async () => {
     const s = scenario('sec-child', { state: 'shut off' });
+    rootDiskAsRaw(s); // a raw source is copied by qemu-img convert, the child this test is about
     const sleep = uniqueSleep();
     sleeps.push(sleep);
     // qemu-img whose convert never ends (a copy to a slow NAS); the rest is the real one.

@@ -11,7 +11,7 @@ import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { bindNas, leftovers, logText, makeSandbox, start, writeShim, type Sandbox } from '../helpers/cli.js';
 import { removeTempDirs, tempDir } from '../helpers/tmp.js';
 import { seedChain, rootFile, TS as CHAIN_TS } from '../helpers/chain.js';
-import { backupArgv, FAST_POLL, scenario, VM, TS } from '../backup/scenario.js';
+import { backupArgv, FAST_POLL, rootDiskAsRaw, scenario, VM, TS } from '../backup/scenario.js';
 import { detachMountsBelow, fuseNas, killAll, pidsMentioning, pidsWithArgv, waitFor, within, type FuseNas } from './faults.js';
 
 const servers: FuseNas[] = [];
@@ -94,6 +94,7 @@ describe('a NAS that stops answering', () => {
 
   it('backup of a stopped VM: the copy blocks writing to the NAS; qemu-img is killed, the run gives up', async () => {
     const s = scenario('sec-nas-backup', { state: 'shut off' });
+    rootDiskAsRaw(s); // a raw source is copied by qemu-img convert, the child this test is about
     const f = await stoppingNas(s.sb, undefined, false);
     // This time the NAS stops answering when the copy starts (the lock and folder are made).
     const started = join(s.sb.root, 'convert-started');

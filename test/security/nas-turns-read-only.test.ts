@@ -1,5 +1,5 @@
 // Issue 15.10: a NAS that turns read-only in the middle of a backup (a real tmpfs export,
-// `mount -o remount,ro` while the run flushes, just before its commit). The run cannot
+// `mount -o remount,ro` once the copy is written, just before its commit). The run cannot
 // finish nor remove its work folder and lock: it must say what is left and exit 20
 // (contract §4.2: the agent marks the backup for cleanup) instead of exit 1 and silence;
 // once the NAS is writable again the next run takes the dead run's lock over and works.
@@ -39,14 +39,21 @@ describe('the NAS turns read-only during a backup', () => {
     tmpfsNas(sb);
     const disk = join(sb.root, 'vol-0c0d.qcow2');
     makeImage(disk, { size: 32 * M, writes: [{ pattern: 0x61, offset: 0, length: 8 * M }] });
-    // The flush before the commit waits for the test to flip the NAS (failure injection).
-    writeShim(sb, 'sync', `echo $$ > "$0.pid"\nwhile [ ! -e "$0.go" ]; do sleep 0.05; done\nexec /usr/bin/sync`);
+    // A raw source (copied by qemu-img convert): once the copy is written, the run waits for the
+    // test to flip the NAS before it goes on to the manifest and the commit (failure injection).
+    execFileSync('qemu-img', ['convert', '-O', 'raw', disk, `${disk}.raw`]);
+    execFileSync('mv', [`${disk}.raw`, disk]);
+    writeShim(
+      sb,
+      'qemu-img',
+      `case "$1" in convert) /usr/bin/qemu-img "$@" || exit $?; echo $$ > "$0.pid"; while [ ! -e "$0.go" ]; do sleep 0.05; done; exit 0;; esac\nexec /usr/bin/qemu-img "$@"`,
+    );
     const args = (ts: string): string[] => ['-o', 'backup', ...bindNas(sb), '-v', VM, '-p', `${VM}/${ts}`, '-d', disk];
 
     const { done } = startGroup(sb, args('2025.09.01.00.00.00'));
-    await waitFor(() => existsSync(`${sb.shims}/sync.pid`), 30_000, 'the flush before the commit');
+    await waitFor(() => existsSync(`${sb.shims}/qemu-img.pid`), 30_000, 'the copy written, before the commit');
     execFileSync('mount', ['-o', 'remount,ro', sb.nas]);
-    writeFileSync(`${sb.shims}/sync.go`, '');
+    writeFileSync(`${sb.shims}/qemu-img.go`, '');
     const r = await done;
 
     const partial = `${VM}/2025.09.01.00.00.00.partial`;
@@ -66,7 +73,7 @@ describe('the NAS turns read-only during a backup', () => {
 
     // Writable again: the next backup takes the dead run's lock over and completes.
     execFileSync('mount', ['-o', 'remount,rw', sb.nas]);
-    writeShim(sb, 'sync', 'exec /usr/bin/sync');
+    writeShim(sb, 'qemu-img', 'exec /usr/bin/qemu-img "$@"');
     const next = await run(sb, args('2025.09.02.00.00.00'));
     expect(next.code, next.stdout).toBe(0);
     expect(next.stdout).toMatch(/^\d+\n$/);

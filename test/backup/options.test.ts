@@ -88,22 +88,28 @@ describe.concurrent('-b/--bandwidth', () => {
     expectClean(s);
   });
 
-  it('stopped VM: qemu-img copies under its own rate limit (-r, bytes/s); the rate stays below the limit', async () => {
-    const s = scenario('opt-bw-stop', { state: 'shut off' });
+  it.each([
+    ['qcow2', 'the native copy engine', /Copied \S+ to \S+: /],
+    ['raw', 'qemu-img convert -r (bytes/s)', /exec: qemu-img convert -m 16 -W -r 1048576 -f raw -O qcow2 /],
+  ])('stopped VM, a %s disk: %s copies under the limit; the rate stays below it', async (format, _how, logLine) => {
+    const s = scenario(`opt-bw-stop-${format}`, { state: 'shut off' });
     // 3 MiB of data to copy at 1 MiB/s.
-    makeImage(s.rootDisk, {
-      size: 16 * MiB,
-      writes: [
-        { pattern: 0x31, offset: 0, length: 2 * MiB },
-        { pattern: 0x32, offset: 8 * MiB, length: MiB },
-      ],
-    });
+    const writes = [
+      { pattern: 0x31, offset: 0, length: 2 * MiB },
+      { pattern: 0x32, offset: 8 * MiB, length: MiB },
+    ];
+    makeImage(s.rootDisk, { size: 16 * MiB, writes });
+    if (format === 'raw') {
+      execFileSync('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', s.rootDisk, `${s.rootDisk}.raw`]);
+      execFileSync('mv', [`${s.rootDisk}.raw`, s.rootDisk]);
+    }
     const t0 = Date.now();
     const r = await backup(s, { disks: s.rootDisk, extra: ['--bandwidth', '1'] });
     const seconds = (Date.now() - t0) / 1000;
     expect(r).toMatchObject({ code: 0, stderr: '' });
     expect(r.stdout).toBe(`${statSync(join(s.sb.nas, rootFile())).size}\n`);
-    expect(logText(s.sb)).toMatch(/exec: qemu-img convert -r 1048576 -f qcow2 -O qcow2 /);
+    expect(logText(s.sb)).toMatch(logLine);
+    expect(logText(s.sb)).toContain(`Stopped-VM copy of ${VM}: rate limit 1 MiB/s`);
     // Loosely: what was copied over the whole run's time, never above 1.5 × the limit.
     expect(3 / seconds).toBeLessThan(1.5);
     expect(compareImages(join(s.sb.nas, rootFile()), s.rootDisk)).toBe('Images are identical.');
@@ -171,38 +177,52 @@ describe.concurrent('-c/--compress', () => {
     expectClean(s);
   });
 
-  it('stopped VM: compressed clusters, the same content, a sound image that a later incremental chains onto', async () => {
-    const s = scenario('opt-c-stop', { dataDisk: true, state: 'shut off' });
-    const plain = scenario('opt-c-plain', { dataDisk: true, state: 'shut off' });
-    const r = await backup(s, { disks: stoppedDisks(s), extra: ['-c', ...fullFlags()] });
-    const p = await backup(plain, { disks: stoppedDisks(plain), extra: fullFlags() });
-    expect(r).toMatchObject({ code: 0, stderr: '' });
-    expect(p.code).toBe(0);
-    const root = join(s.sb.nas, rootFile());
-    expect(logText(s.sb)).toMatch(/exec: qemu-img convert -c -f qcow2 -O qcow2 /);
-    // The agent's lines: one size per file (datadisk first), the compressed sizes.
-    expect(r.stdout).toBe(`BITMAP_CREATED=${NEW_BITMAP}\n${statSync(join(s.sb.nas, dataFile())).size}\n${statSync(root).size}\n`);
-    expect(compareImages(root, s.rootDisk)).toBe('Images are identical.');
-    expect(compareImages(join(s.sb.nas, dataFile()), s.dataDisk!)).toBe('Images are identical.');
-    // Compressed: smaller than the plain copy of the same disk (pattern data compresses well).
-    expect(statSync(root).size).toBeLessThan(statSync(join(plain.sb.nas, rootFile())).size / 2);
-    const check = JSON.parse(execFileSync('qemu-img', ['check', '--output=json', root], { encoding: 'utf8' })) as Record<string, number>;
-    expect(check['compressed-clusters']).toBeGreaterThan(0);
-    expect(check['check-errors']).toBe(0);
-    // A valid chain member: an incremental on top reads through it, and nasbackup's own
-    // reader proves every layer against the manifest.
-    const inc = join(s.sb.root, 'inc.qcow2');
-    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', root, '-F', 'qcow2', inc]);
-    execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x77 0 64k', inc], { stdio: 'ignore' });
-    expect(JSON.parse(execFileSync('qemu-img', ['info', '--output=json', '--backing-chain', inc], { encoding: 'utf8' })).length).toBe(2);
-    const v = await run(s.sb, ['chain', 'verify', ...bindNas(s.sb), '--vm', VM]);
-    expect(v.code).toBe(0);
-    expect(v.stdout).toContain(`OK   ${rootFile()}`);
-    expect(v.stdout).toContain(`OK   ${VM}/2025.01.04.00.00.00/datadisk.${DATA_VOL}.qcow2`);
-    expect(qemuInfo(root)['format']).toBe('qcow2');
-    expect(existsSync(join(s.sb.nas, `${VM}/2025.01.04.00.00.00/root.${ROOT_VOL}.qcow2`))).toBe(true);
-    expectClean(s);
-  });
+  it.each([
+    ['qcow2', /Copied \S+ to \S+: /],
+    ['raw', /exec: qemu-img convert -m 16 -W -c -f raw -O qcow2 /],
+  ])(
+    'stopped VM, %s disks: compressed clusters, the same content, a sound image a later incremental chains onto',
+    async (format, logLine) => {
+      const s = scenario(`opt-c-stop-${format}`, { dataDisk: true, state: 'shut off' });
+      const plain = scenario(`opt-c-plain-${format}`, { dataDisk: true, state: 'shut off' });
+      if (format === 'raw')
+        for (const disk of [s.rootDisk, s.dataDisk!, plain.rootDisk, plain.dataDisk!]) {
+          execFileSync('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', disk, `${disk}.raw`]);
+          execFileSync('mv', [`${disk}.raw`, disk]);
+        }
+      const r = await backup(s, { disks: stoppedDisks(s), extra: ['-c', ...fullFlags()] });
+      const p = await backup(plain, { disks: stoppedDisks(plain), extra: fullFlags() });
+      expect(r).toMatchObject({ code: 0, stderr: '' });
+      expect(p.code).toBe(0);
+      const root = join(s.sb.nas, rootFile());
+      expect(logText(s.sb)).toMatch(logLine);
+      // The agent's lines: one size per file (datadisk first), the compressed sizes (raw disks carry no bitmap).
+      expect(r.stdout).toBe(
+        (format === 'qcow2' ? `BITMAP_CREATED=${NEW_BITMAP}\n` : '') +
+          `${statSync(join(s.sb.nas, dataFile())).size}\n${statSync(root).size}\n`,
+      );
+      expect(compareImages(root, s.rootDisk)).toBe('Images are identical.');
+      expect(compareImages(join(s.sb.nas, dataFile()), s.dataDisk!)).toBe('Images are identical.');
+      // Compressed: smaller than the plain copy of the same disk (pattern data compresses well).
+      expect(statSync(root).size).toBeLessThan(statSync(join(plain.sb.nas, rootFile())).size / 2);
+      const check = JSON.parse(execFileSync('qemu-img', ['check', '--output=json', root], { encoding: 'utf8' })) as Record<string, number>;
+      expect(check['compressed-clusters']).toBeGreaterThan(0);
+      expect(check['check-errors']).toBe(0);
+      // A valid chain member: an incremental on top reads through it, and nasbackup's own
+      // reader proves every layer against the manifest.
+      const inc = join(s.sb.root, 'inc.qcow2');
+      execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', root, '-F', 'qcow2', inc]);
+      execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x77 0 64k', inc], { stdio: 'ignore' });
+      expect(JSON.parse(execFileSync('qemu-img', ['info', '--output=json', '--backing-chain', inc], { encoding: 'utf8' })).length).toBe(2);
+      const v = await run(s.sb, ['chain', 'verify', ...bindNas(s.sb), '--vm', VM]);
+      expect(v.code).toBe(0);
+      expect(v.stdout).toContain(`OK   ${rootFile()}`);
+      expect(v.stdout).toContain(`OK   ${VM}/2025.01.04.00.00.00/datadisk.${DATA_VOL}.qcow2`);
+      expect(qemuInfo(root)['format']).toBe('qcow2');
+      expect(existsSync(join(s.sb.nas, `${VM}/2025.01.04.00.00.00/root.${ROOT_VOL}.qcow2`))).toBe(true);
+      expectClean(s);
+    },
+  );
 });
 
 describe.concurrent('-e/--encrypt', () => {

@@ -100,7 +100,7 @@ describe('four backups at once onto one NAS', () => {
   it('a dead run left its mount in the shared TMPDIR: the four runs sweep it once between them, and all complete', async () => {
     const h = host('par-sweep');
     // A killed run's leftovers: its mount point (mounted) and owner marker naming a pid that is gone.
-    const dead = spawnSync('true').pid!;
+    const dead = spawnSync('true').pid;
     const mp = join(h.tmp, 'csbackup.DeAd0');
     mkdirSync(mp);
     execFileSync('mount', ['--bind', h.nas, mp]);

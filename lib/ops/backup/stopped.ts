@@ -53,7 +53,10 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
       throw new NasbackupError('FILE_NOT_FOUND', `Source disk does not exist: ${d.src}`);
     }
   }
-  const asked = [...(a.compress ? ['compressed clusters'] : []), ...(a.bandwidth !== null ? [`rate limit ${formatBandwidth(a.bandwidth)}`] : [])];
+  const asked = [
+    ...(a.compress ? ['compressed clusters'] : []),
+    ...(a.bandwidth !== null ? [`rate limit ${formatBandwidth(a.bandwidth)}`] : []),
+  ];
   if (asked.length > 0) ctx.logger.log(`Stopped-VM copy of ${a.vm}: ${asked.join(', ')}`);
   const nas = await ctx.openNas(a.nas);
   await ctx.lockVm(nas.mountPoint, a.instance, 'backup');

@@ -1,7 +1,8 @@
-// -b on the running path: libvirt's push backup runs one QEMU block job per disk and
-// its backup XML has no rate limit, so the limit is set on the jobs once they run
-// (QMP block-job-set-speed). The limit is for the whole backup: it is shared by the
-// jobs still copying, and moved to the others as each disk finishes.
+// -b on the running path: libvirt's push backup runs one QEMU block job per disk and its
+// backup XML has no rate limit. The limit is set on the jobs in the same virsh session as
+// backup-begin (VirshClient.backupBegin); from then on this limiter keeps it for the whole
+// backup: shared by the jobs still copying, and moved to the others as each disk finishes
+// (QMP query-block-jobs / block-job-set-speed).
 import { softly } from '../../clients/failure.js';
 import type { BlockJob, VirshClient } from '../../clients/virsh.js';
 import { formatBandwidth } from './args.js';
@@ -14,7 +15,7 @@ export interface RateLimiter {
 const copying = (j: BlockJob): boolean => j.type === 'backup' && j.status === 'running' && j.offset < j.len;
 
 /**
- * Apply `bytesPerSec` to the domain's backup jobs now, then every `everyMs` re-share it
+ * Check `bytesPerSec` on the domain's backup jobs now, then every `everyMs` re-share it
  * among those still copying. Failures are logged, never fatal: a limit that could not
  * be set makes a faster backup, not a failed one.
  */

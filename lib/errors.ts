@@ -53,6 +53,7 @@ export const ERROR_CODES = {
   // backup
   VM_STATE_UNSUPPORTED: EXIT_FAILURE,
   NO_DISKS: EXIT_FAILURE,
+  VOLUME_ID_UNKNOWN: EXIT_FAILURE, // a /dev/drbdNNNN disk that no LINSTOR udev link names: no volume uuid for its file
   BACKUP_EXISTS: EXIT_FAILURE,
   NAS_WRITE_FAILED: EXIT_FAILURE,
   NAS_READ_ONLY: EXIT_FAILURE,
@@ -120,6 +121,7 @@ export const WARNING_CODES = [
   'UNFINISHED_BACKUP', // a `.partial` folder of an interrupted run
   'NOT_LOCKED', // restore from a read-only NAS: read without the VM lock (nothing can change the chain through this mount)
   'NO_MANIFEST', // chain verify: a backup without manifest.json (older than manifests): structural checks only
+  'CLEANUP_INCOMPLETE', // merged/newest agents: the NAS could not be unmounted after a complete backup (#13424): not a failure
 ] as const;
 export type WarningCode = (typeof WARNING_CODES)[number];
 

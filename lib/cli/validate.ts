@@ -6,7 +6,7 @@ import { NasbackupError } from '../errors.js';
 import { parseRelativePath } from '../paths.js';
 import type { AgentProfile } from '../../compat/protocol.js';
 import type { NasTarget } from '../nas/session.js';
-import { checkIncrementalArgs, type BackupArgs, type BackupMode } from '../ops/backup/index.js';
+import { checkIncrementalArgs, parseBandwidth, refuseCompressWhileRunning, type BackupArgs, type BackupMode } from '../ops/backup/index.js';
 import { DELETE_MIN_DEPTH, type DeleteArgs } from '../ops/delete.js';
 import type { RebaseArgs } from '../ops/rebase.js';
 import type { ChainArgs } from '../ops/chain/index.js';
@@ -136,7 +136,8 @@ export function validateDeleteArgs(a: Pick<CliArgs, 'path'>, nas: NasTarget): De
 }
 
 /** The backup flags as parsed from the command line. */
-export type RawBackupArgs = Pick<CliArgs, 'vm' | 'path' | 'quiesce' | 'diskpaths' | 'mode' | 'bitmapNew' | 'bitmapParent' | 'parentPaths'>;
+export type RawBackupArgs = Pick<CliArgs, 'vm' | 'path' | 'quiesce' | 'diskpaths' | 'mode' | 'bitmapNew' | 'bitmapParent' | 'parentPaths'> &
+  Partial<Pick<CliArgs, 'bandwidth' | 'compress'>>;
 
 // Checkpoint/bitmap names go into libvirt XML, qemu-img argv and qcow2 headers.
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._:+-]{0,254}$/;
@@ -188,7 +189,13 @@ export function validateBackupArgs(a: RawBackupArgs, nas: NasTarget, profile: Ag
     bitmapParent: mode === 'incremental' ? bitmapParent : null,
     parentPaths: mode === 'incremental' ? parentPaths : [],
     profile,
+    bandwidth: a.bandwidth === undefined ? null : parseBandwidth(a.bandwidth),
+    compress: a.compress === true,
   };
-  if (diskPaths.length === 0) checkIncrementalArgs(args);
+  // Without -d only the running path can succeed: what it refuses is refused now.
+  if (diskPaths.length === 0) {
+    checkIncrementalArgs(args);
+    refuseCompressWhileRunning(args);
+  }
   return args;
 }

@@ -60,12 +60,25 @@ export class QemuImgClient {
     if (!succeeded(r)) throw new ToolError('QEMU_IMG_FAILED', `qemu-img rebase failed for ${a.file} onto ${a.backing}`, r, failureText(r));
   }
 
-  /** Copy a disk into a new qcow2 (the source format is given, never probed). */
-  async convert(src: string, srcFormat: string, dst: string, opts: { parallel?: boolean } = {}): Promise<void> {
-    // -m 16 -W: 16 coroutines with out-of-order writes (the default is 8, in order), what
-    // keeps a raw, RBD or block-device source streaming; the output is the same image.
-    const par = opts.parallel ? ['-m', '16', '-W'] : [];
-    const r = await this.run(['convert', ...par, '-f', srcFormat, '-O', 'qcow2', src, dst]);
+  /**
+   * Copy a disk into a new qcow2 (the source format is given, never probed). `parallel`:
+   * -m 16 -W, 16 coroutines with out-of-order writes (the default is 8, in order), what keeps
+   * a raw, RBD or block-device source streaming; the output is the same image. `compress`:
+   * compressed clusters (-c; readable by every qcow2 reader, a valid base of a chain);
+   * `rateBytesPerSec`: qemu-img's own I/O rate limit (-r).
+   */
+  async convert(
+    src: string,
+    srcFormat: string,
+    dst: string,
+    opts: { parallel?: boolean; compress?: boolean; rateBytesPerSec?: number | null } = {},
+  ): Promise<void> {
+    const extra = [
+      ...(opts.parallel ? ['-m', '16', '-W'] : []),
+      ...(opts.compress ? ['-c'] : []),
+      ...(opts.rateBytesPerSec ? ['-r', String(Math.round(opts.rateBytesPerSec))] : []),
+    ];
+    const r = await this.run(['convert', ...extra, '-f', srcFormat, '-O', 'qcow2', src, dst]);
     if (succeeded(r)) return;
     if (r.canceled) throw new ToolError('INTERRUPTED', `Interrupted while copying ${src}`, r, '');
     throw new ToolError(r.timedOut ? 'COMMAND_TIMEOUT' : 'CONVERT_FAILED', `qemu-img convert failed for ${src} ${dst}`, r, failureText(r));

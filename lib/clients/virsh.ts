@@ -88,6 +88,29 @@ function parseQueryBlock(text: string): QueryBlockEntry[] {
   });
 }
 
+/** One QEMU block job (QMP query-block-jobs): its id, kind, progress and rate limit (bytes/s, 0: none). */
+export interface BlockJob {
+  device: string;
+  type: string;
+  status: string | null;
+  offset: number;
+  len: number;
+  speed: number;
+}
+
+function parseBlockJobs(text: string): BlockJob[] {
+  const reply = JSON.parse(text) as { return?: unknown };
+  if (!Array.isArray(reply.return)) throw new Error('query-block-jobs reply has no return array');
+  return reply.return.map((j: Record<string, unknown>) => ({
+    device: String(j.device),
+    type: String(j.type),
+    status: typeof j.status === 'string' ? j.status : null,
+    offset: Number(j.offset ?? 0),
+    len: Number(j.len ?? 0),
+    speed: Number(j.speed ?? 0),
+  }));
+}
+
 /** A domjobinfo answer: its fields, and the block itself (the agent reads it verbatim). */
 export interface JobInfo {
   /** `Job type` (Completed, Failed, Cancelled, Unbounded, Bounded, None), or null. */
@@ -232,16 +255,65 @@ export class VirshClient {
     }
   }
 
-  async backupBegin(vm: string, backupXml: string, checkpointXml: string | null): Promise<void> {
-    const r = await this.run([
-      'backup-begin',
-      '--domain',
-      vm,
-      '--backupxml',
-      backupXml,
-      ...(checkpointXml ? ['--checkpointxml', checkpointXml] : []),
-    ]);
-    if (!succeeded(r)) throw new ToolError('BACKUP_BEGIN_FAILED', `Failed to start the backup of ${vm}`, r, failureText(r));
+  /** QEMU's block jobs of the domain (QMP query-block-jobs): a push backup runs one per disk. */
+  async blockJobs(vm: string): Promise<BlockJob[]> {
+    const text = await this.call(`qemu-monitor-command ${vm}`, ['qemu-monitor-command', vm, '{"execute":"query-block-jobs"}']);
+    try {
+      return parseBlockJobs(text);
+    } catch (e) {
+      throw new ToolError('VIRSH_FAILED', `Cannot read the query-block-jobs reply of ${vm}`, null, (e as Error).message);
+    }
+  }
+
+  /**
+   * Limit one block job's copy rate (QMP block-job-set-speed; bytes/s, 0 lifts it).
+   * libvirt's `blockjob --bandwidth` reaches the same job, but only by disk; the job id
+   * lets a limit shared by several disks be moved to the ones still copying.
+   */
+  async setBlockJobSpeed(vm: string, device: string, bytesPerSec: number): Promise<void> {
+    const cmd = JSON.stringify({ execute: 'block-job-set-speed', arguments: { device, speed: Math.round(bytesPerSec) } });
+    const out = await this.call(`qemu-monitor-command ${vm}`, ['qemu-monitor-command', vm, cmd]);
+    let reply: { error?: { desc?: string } } = {};
+    try {
+      reply = JSON.parse(out.trim() || '{}') as typeof reply;
+    } catch {
+      // not JSON: virsh said nothing about an error
+    }
+    if (reply.error) throw new ToolError('VIRSH_FAILED', `block-job-set-speed ${device} on ${vm} failed`, null, reply.error.desc ?? out);
+  }
+
+  /**
+   * `backup-begin`. With `limits`, each disk's job gets its rate limit (libvirt's
+   * `blockjob --bandwidth`) in the same virsh session, right behind it: libvirt's backup
+   * XML has no rate limit, and QEMU copies hundreds of MiB in the time a second virsh
+   * takes to start. Returns the limits that could not be set (their error text).
+   */
+  async backupBegin(
+    vm: string,
+    backupXml: string,
+    checkpointXml: string | null,
+    limits: ReadonlyArray<{ target: string; bytesPerSec: number }> = [],
+  ): Promise<string[]> {
+    const begin = ['backup-begin', '--domain', vm, '--backupxml', backupXml, ...(checkpointXml ? ['--checkpointxml', checkpointXml] : [])];
+    if (limits.length === 0) {
+      const r = await this.run(begin);
+      if (!succeeded(r)) throw new ToolError('BACKUP_BEGIN_FAILED', `Failed to start the backup of ${vm}`, r, failureText(r));
+      return [];
+    }
+    // virsh batch mode: `cmd ; cmd`, every word single-quoted (virsh's quoting is the shell's).
+    const quote = (w: string): string => `'${w.replace(/'/g, `'\\''`)}'`;
+    const cmds = [
+      begin,
+      ...limits.map((l) => ['blockjob', vm, l.target, '--bandwidth', String(Math.max(1, Math.round(l.bytesPerSec))), '--bytes']),
+    ];
+    const r = await this.run([cmds.map((c) => c.map(quote).join(' ')).join(' ; ')]);
+    // Each command runs whatever the one before did: backup-begin's own answer decides.
+    if (!/^Backup started/m.test(r.stdout))
+      throw new ToolError('BACKUP_BEGIN_FAILED', `Failed to start the backup of ${vm}`, r, failureText(r));
+    return r.stderr
+      .split('\n')
+      .map((l) => l.trim())
+      .filter((l) => l.startsWith('error:'));
   }
 
   /** Completed-job statistics; `keep` leaves them for a later read. */

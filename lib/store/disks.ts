@@ -1,6 +1,7 @@
 // Disk naming and identity: which file a disk is written to, and which parent file
 // an incremental continues from. Identity is the volume id, never the position.
-import { basename, posix } from 'node:path';
+import { readdir, readlink, realpath } from 'node:fs/promises';
+import { basename, join, posix, resolve } from 'node:path';
 import { NasbackupError } from '../errors.js';
 
 /** Volume id from a disk source: file path, `rbd:<pool>/<uuid>:…`, or LINSTOR `/dev/drbd/by-res/cs-<uuid>/0`. */
@@ -12,6 +13,36 @@ export function volumeId(source: string): string {
   const linstor = /^\/dev\/drbd\/by-res\/cs-([^/]+)\/\d+$/.exec(source);
   if (linstor) return linstor[1]!;
   return basename(source);
+}
+
+/** udev's links of LINSTOR's DRBD resources: `cs-<volume uuid>/<volume number>` → the DRBD minor. */
+export const DRBD_BY_RES = '/dev/drbd/by-res';
+
+/**
+ * The volume id of a disk source, as volumeId, except that a LINSTOR volume attached as
+ * its DRBD minor (`/dev/drbd1001`, #12218/#13538) is named by its volume UUID: the udev
+ * link `<byRes>/cs-<uuid>/<n>` that points at it. A minor no link names is refused: a
+ * backup file named after the minor could never be found by restore.
+ */
+export async function resolveVolumeId(source: string, byRes: string = DRBD_BY_RES): Promise<string> {
+  // A minor is a device of the /dev that holds drbd/by-res.
+  if (posix.dirname(source) !== resolve(byRes, '../..') || !/^drbd\d+$/.test(posix.basename(source))) return volumeId(source);
+  const real = await realpath(source).catch(() => source);
+  for (const res of await readdir(byRes).catch(() => [] as string[])) {
+    const m = /^cs-(.+)$/.exec(res);
+    if (!m) continue;
+    for (const vol of await readdir(join(byRes, res)).catch(() => [] as string[])) {
+      const link = join(byRes, res, vol);
+      const target = await readlink(link).catch(() => null);
+      if (target === null) continue;
+      const to = resolve(join(byRes, res), target);
+      if (to === source || to === real || (await realpath(link).catch(() => null)) === real) return m[1]!;
+    }
+  }
+  throw new NasbackupError(
+    'VOLUME_ID_UNKNOWN',
+    `Cannot tell the volume of ${source}: no LINSTOR link (${byRes}/cs-<volume uuid>/<n>) points at it, and a backup named after the DRBD minor could not be restored`,
+  );
 }
 
 /** `root.<vol>.qcow2` for the first disk, `datadisk.<vol>.qcow2` for every other. */

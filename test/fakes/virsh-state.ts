@@ -72,6 +72,8 @@ export interface FakeDomain {
   /** Absent or connected:false: "QEMU guest agent is not connected". */
   agent?: { connected: boolean; frozen?: boolean; filesystems?: number };
   job?: FakeJob;
+  /** Kept by the fake: every block-job-set-speed it was given, in order. */
+  jobSpeeds?: Array<{ device: string; speed: number }>;
   /** Kept by the fake: the active job and the completed job's statistics. */
   runtime?: { active: unknown; completed: { type: string } | null };
 }

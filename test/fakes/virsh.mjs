@@ -528,6 +528,37 @@ function monitorCommand(args) {
     fail('internal error: cannot parse json');
   }
   if (cmd.execute === 'query-block') return JSON.stringify(queryBlockReply(d)) + '\n';
+  if (cmd.execute === 'query-block-jobs') {
+    // One QEMU job per disk of a running push backup (libvirt names them backup-<target>-<node>).
+    const a = runtime(d).active;
+    // The disks are copied one after the other: the first job finishes first.
+    let before = 0;
+    const done = a ? Math.round(a.processed) : 0;
+    const jobs = (a?.jobs ?? []).map((j) => ({
+      'auto-finalize': true,
+      'io-status': 'ok',
+      device: j.device,
+      'auto-dismiss': false,
+      busy: false,
+      len: j.len,
+      offset: Math.min(j.len, Math.max(0, done - (before += j.len) + j.len)),
+      status: 'running',
+      paused: false,
+      speed: j.speed,
+      ready: false,
+      type: 'backup',
+    }));
+    return JSON.stringify({ return: jobs, id: 'libvirt-44' }) + '\n';
+  }
+  if (cmd.execute === 'block-job-set-speed') {
+    const job = (runtime(d).active?.jobs ?? []).find((j) => j.device === cmd.arguments?.device);
+    if (!job) fail(`internal error: unable to execute QEMU command 'block-job-set-speed': Block job '${cmd.arguments?.device}' not found`);
+    job.speed = cmd.arguments.speed;
+    // Kept after the job ends, for the tests: every limit set, in order.
+    (d.jobSpeeds ??= []).push({ device: job.device, speed: job.speed });
+    dirty = true;
+    return '{"return":{},"id":"libvirt-45"}\n';
+  }
   if (cmd.execute === 'block-dirty-bitmap-remove') {
     const i = (d.disks ?? []).findIndex((_, n) => `libvirt-${n + 1}-format` === cmd.arguments?.node);
     if (i < 0 || !hasBitmap(d.disks[i], cmd.arguments?.name))
@@ -687,6 +718,7 @@ function backupBegin(args) {
     errorMessage: job.errorMessage,
     pauseOnFailure: job.pauseOnFailure === true,
     targets: targets.map((t) => t.file),
+    jobs: targets.map(({ disk }, i) => ({ device: `backup-${disk.target}-libvirt-${i + 1}-format`, len: virtualSize(disk), speed: 0 })),
   };
   rt.completed = null;
   // A job with nothing left to run has ended by the time anyone polls (as small
@@ -694,6 +726,20 @@ function backupBegin(args) {
   if (rt.active.runningPolls === 0 && rt.active.behaviour !== 'never') advanceJob(d);
   dirty = true;
   return 'Backup started\n';
+}
+
+/** `blockjob <dom> <disk> --bandwidth <n> [--bytes]`: the rate limit of the disk's job (libvirt's own setting). */
+function blockjob(args) {
+  const [vm, target] = positional(args);
+  const d = domain(vm);
+  const bw = option(args, '--bandwidth');
+  const job = (runtime(d).active?.jobs ?? []).find((j) => j.device.startsWith(`backup-${target}-`));
+  if (!job) fail(`invalid argument: disk ${target} does not have an active block job`);
+  if (bw === undefined) fail('only --bandwidth is implemented by the fake');
+  job.speed = flag(args, '--bytes') ? Number(bw) : Number(bw) * 1048576;
+  (d.jobSpeeds ??= []).push({ device: job.device, speed: job.speed });
+  dirty = true;
+  return '';
 }
 
 function domjobinfo(args) {
@@ -839,6 +885,8 @@ function dispatch(cmd, args) {
       return domjobinfo(args);
     case 'domjobabort':
       return domjobabort(args);
+    case 'blockjob':
+      return blockjob(args);
     default:
       fail(`unknown command: '${cmd}'`);
   }
@@ -854,7 +902,63 @@ export function renderFastAnswers(path) {
   renderFast();
 }
 
-/** One virsh call: answer it, write back what changed, log it. */
+/** One command: its answer, or its failure as virsh prints it. */
+function runOne(rest) {
+  const [cmd = '', ...args] = rest;
+  // The XML documents a call was given, logged with it (the program deletes them afterwards).
+  const inputs = {};
+  for (const o of ['--xmlfile', '--backupxml', '--checkpointxml']) {
+    const f = option(args, o);
+    if (f && existsSync(f)) inputs[o] = readFileSync(f, 'utf8');
+  }
+  try {
+    if (state.connectError) throw new VirshError(state.connectError.stderr, state.connectError.exitCode ?? 1);
+    const inj = injected(cmd, detailOf(cmd, args));
+    if (inj?.error) {
+      if (inj.apply) dispatch(cmd, args);
+      throw inj.error;
+    }
+    return { stdout: (inj ? inj.ok : dispatch(cmd, args)) + '\n', stderr: '', exitCode: 0, inputs };
+  } catch (e) {
+    return {
+      stdout: '\n',
+      stderr: e instanceof VirshError ? e.stderr : `fake virsh crashed: ${e?.stack ?? e}\n`,
+      exitCode: e instanceof VirshError ? e.exitCode : 70,
+      inputs,
+    };
+  }
+}
+
+/** virsh's batch syntax: commands split on `;`, words on blanks, '…' and "…" quoting, \ escapes outside '…'. */
+function splitBatch(text) {
+  const cmds = [];
+  let words = [];
+  let word = null;
+  let sq = false;
+  let dq = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (!sq && !dq && (c === ' ' || c === '\t' || c === '\n' || c === ';')) {
+      if (word !== null) words.push(word);
+      word = null;
+      if (c === ';' && words.length) {
+        cmds.push(words);
+        words = [];
+      }
+      continue;
+    }
+    word ??= '';
+    if (!dq && c === "'") sq = !sq;
+    else if (!sq && c === '"') dq = !dq;
+    else if (!sq && c === '\\') word += text[++i] ?? '';
+    else word += c;
+  }
+  if (word !== null) words.push(word);
+  if (words.length) cmds.push(words);
+  return cmds;
+}
+
+/** One virsh call (or a batch of them): answer it, write back what changed, log it. */
 function main(argv) {
   if (!process.env.FAKE_VIRSH_STATE) {
     process.stderr.write('fake virsh: FAKE_VIRSH_STATE is not set\n');
@@ -864,30 +968,19 @@ function main(argv) {
   load(process.env.FAKE_VIRSH_STATE);
   let rest = [...argv];
   while (rest[0] === '-c' || rest[0] === '--connect') rest = rest.slice(2);
-  const [cmd = '', ...args] = rest;
-
-  // The XML documents a call was given, logged with it (the program deletes them afterwards).
-  const inputs = {};
-  for (const o of ['--xmlfile', '--backupxml', '--checkpointxml']) {
-    const f = option(args, o);
-    if (f && existsSync(f)) inputs[o] = readFileSync(f, 'utf8');
-  }
-
-  let stdout;
+  const prefix = argv.slice(0, argv.length - rest.length);
+  // Batch mode: one argument holding `cmd args ; cmd args` (virsh's own quoting), run in turn.
+  const batch = rest.length === 1 && /\s/.test(rest[0]) ? splitBatch(rest[0]) : null;
+  let stdout = '';
   let stderr = '';
   let exitCode = 0;
-  try {
-    if (state.connectError) throw new VirshError(state.connectError.stderr, state.connectError.exitCode ?? 1);
-    const inj = injected(cmd, detailOf(cmd, args));
-    if (inj?.error) {
-      if (inj.apply) dispatch(cmd, args);
-      throw inj.error;
-    }
-    stdout = (inj ? inj.ok : dispatch(cmd, args)) + '\n';
-  } catch (e) {
-    stdout = '\n';
-    stderr = e instanceof VirshError ? e.stderr : `fake virsh crashed: ${e?.stack ?? e}\n`;
-    exitCode = e instanceof VirshError ? e.exitCode : 70;
+  const logged = [];
+  for (const one of batch ?? [rest]) {
+    const r = runOne(one);
+    stdout += r.stdout;
+    stderr += r.stderr;
+    exitCode = r.exitCode;
+    logged.push({ argv: [...prefix, ...one], exitCode: r.exitCode, inputs: r.inputs, ...(batch ? { batch: true } : {}) });
   }
   if (dirty) {
     const tmp = `${STATE}.${process.pid}.tmp`;
@@ -895,10 +988,10 @@ function main(argv) {
     renameSync(tmp, STATE);
   }
   if (dirty || !existsSync(`${STATE}.fast`)) renderFast();
-  appendFileSync(
-    `${STATE}.calls`,
-    JSON.stringify({ argv, exitCode, t: Date.now(), ...(Object.keys(inputs).length ? { inputs } : {}) }) + '\n',
-  );
+  for (const l of logged) {
+    const { inputs, ...call } = l;
+    appendFileSync(`${STATE}.calls`, JSON.stringify({ ...call, t: Date.now(), ...(Object.keys(inputs).length ? { inputs } : {}) }) + '\n');
+  }
   process.stderr.write(stderr);
   process.stdout.write(stdout);
   process.exitCode = exitCode;

@@ -145,7 +145,7 @@ describe('--json on the agent-style CLI', () => {
     [['-o', 'nonsense', '-t', 'nfs', '-s', 'h:/e'], 'UNKNOWN_OPERATION'],
     [['-t', 'nfs', '-s', 'h:/e'], 'MISSING_ARGUMENT'],
     [['-o', 'delete', '-t', 'nfs', '-s', 'h:/e', '-m', '', '-p', '../x'], 'PATH_TRAVERSAL'],
-    [['-o', 'stats', '-t', 'nfs', '-s', 'h:/e', '-m', '', '-c'], 'UNSUPPORTED_OPTION'],
+    [['-o', 'stats', '-t', 'nfs', '-s', 'h:/e', '-m', '', '-e', '/k'], 'UNSUPPORTED_OPTION'],
     [['-o', 'stats', '-t', 'none', '-s', '/nonexistent/nas', '-m', 'bind'], 'NAS_MOUNT_FAILED'],
   ])('%j --json: {"ok":false,"errors":[{code: %s, …}]}, the same exit code as without --json', async (argv, code) => {
     const sb = makeSandbox('ship-json-err');

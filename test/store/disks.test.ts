@@ -1,7 +1,10 @@
 // Disk naming and identity: the volume id a disk's backup file is named after, and
 // the parent each disk continues from, matched by that id — never by position.
-import { describe, expect, it } from 'vitest';
-import { backupFileName, matchParents, volumeId, volumeIdOfBackupFile, type NamedDisk } from '../../lib/store/disks.js';
+import { mkdirSync, symlinkSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { backupFileName, matchParents, resolveVolumeId, volumeId, volumeIdOfBackupFile, type NamedDisk } from '../../lib/store/disks.js';
+import { removeTempDirs, tempDir } from '../helpers/tmp.js';
 import { type NasbackupError } from '../../lib/errors.js';
 
 const ROOT = 'b3f4c2a0-6d1e-4f7a-9c2b-1e5d8a7f3c01';
@@ -19,6 +22,47 @@ describe('volumeId', () => {
     ['/dev/drbd1001', 'drbd1001'],
   ])('%s -> %s', (source, id) => {
     expect(volumeId(source)).toBe(id);
+  });
+});
+
+afterAll(removeTempDirs);
+
+describe('resolveVolumeId: a LINSTOR disk attached as its DRBD minor is named by its volume UUID (#13538)', () => {
+  /** A /dev as udev leaves it for LINSTOR: drbd/by-res/cs-<uuid>/<n> → ../../../drbdNNNN. */
+  function dev(links: Record<string, string>): { dev: string; byRes: string } {
+    const root = tempDir('dev');
+    const byRes = join(root, 'drbd', 'by-res');
+    for (const [rel, target] of Object.entries(links)) {
+      mkdirSync(join(byRes, rel, '..'), { recursive: true });
+      symlinkSync(target, join(byRes, rel));
+    }
+    for (const minor of ['drbd1000', 'drbd1001', 'drbd1002']) writeFileSync(join(root, minor), '');
+    return { dev: root, byRes };
+  }
+
+  it('<dev>/drbd1001 → the uuid of the cs-<uuid> link that points at it (udev relative links, or absolute ones)', async () => {
+    const d = dev({ [`cs-${DATA}/0`]: '../../../drbd1000', [`cs-${ROOT}/0`]: '../../../drbd1001' });
+    symlinkSync(join(d.dev, 'drbd1002'), join(d.byRes, `cs-${DATA}`, '1'));
+    expect(await resolveVolumeId(join(d.dev, 'drbd1001'), d.byRes)).toBe(ROOT);
+    expect(await resolveVolumeId(join(d.dev, 'drbd1000'), d.byRes)).toBe(DATA);
+    expect(await resolveVolumeId(join(d.dev, 'drbd1002'), d.byRes)).toBe(DATA);
+  });
+
+  it('a minor no link names is refused (VOLUME_ID_UNKNOWN), naming the device', async () => {
+    const d = dev({ [`cs-${ROOT}/0`]: '../../../drbd1001' });
+    await expect(resolveVolumeId(join(d.dev, 'drbd1002'), d.byRes)).rejects.toMatchObject({
+      code: 'VOLUME_ID_UNKNOWN',
+      message: expect.stringContaining(`Cannot tell the volume of ${join(d.dev, 'drbd1002')}: no LINSTOR link`) as unknown,
+    });
+  });
+
+  it('every other source keeps its volumeId (no lookup); the default looks in /dev/drbd/by-res', async () => {
+    expect(await resolveVolumeId(`/dev/drbd/by-res/cs-${ROOT}/0`)).toBe(ROOT);
+    expect(await resolveVolumeId(`/mnt/p/${DATA}`)).toBe(DATA);
+    expect(await resolveVolumeId('/dev/drbdX')).toBe('drbdX');
+    expect(await resolveVolumeId('/srv/drbd1001')).toBe('drbd1001');
+    // On this host no LINSTOR link exists: a minor is refused rather than named drbd1001.
+    await expect(resolveVolumeId('/dev/drbd1001')).rejects.toMatchObject({ code: 'VOLUME_ID_UNKNOWN' });
   });
 });
 

@@ -5,9 +5,9 @@ import { NasbackupError } from '../../errors.js';
 import type { VirshClient } from '../../clients/virsh.js';
 import type { BackupResult } from '../results.js';
 import type { OpContext } from '../context.js';
-import { checkIncrementalArgs, type BackupArgs } from './args.js';
+import { checkIncrementalArgs, refuseCompressWhileRunning, type BackupArgs } from './args.js';
 
-export { checkIncrementalArgs, type BackupArgs, type BackupMode } from './args.js';
+export { checkIncrementalArgs, parseBandwidth, refuseCompressWhileRunning, type BackupArgs, type BackupMode } from './args.js';
 
 export type VmState = { kind: 'running' } | { kind: 'paused' } | { kind: 'absent' } | { kind: 'other'; state: string };
 
@@ -29,6 +29,7 @@ export async function backupOperation(ctx: OpContext, args: BackupArgs): Promise
     case 'paused': {
       // With -d the agent thought the VM stopped; running, it needs what an incremental needs.
       checkIncrementalArgs(args);
+      refuseCompressWhileRunning(args);
       const { runningBackup } = await import('./running.js');
       return runningBackup(ctx, args, virsh, state.kind === 'paused');
     }

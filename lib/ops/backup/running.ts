@@ -11,13 +11,14 @@ import { chainRefusal, inspectChain } from '../../store/safety.js';
 import type { QemuImgClient } from '../../clients/qemu-img.js';
 import { softly } from '../../clients/failure.js';
 import { RESTORE_FILE_NAMES, type QueryBlockEntry, type VirshClient } from '../../clients/virsh.js';
-import { backupFileName, matchParents, volumeId } from '../../store/disks.js';
+import { backupFileName, matchParents, resolveVolumeId } from '../../store/disks.js';
 import { waitForBackupJob } from './job.js';
 import { createProgress } from './progress.js';
 import { backupXml, checkpointXml, redefineCheckpointXml } from './xml.js';
 import type { BackupArgs } from './args.js';
-import { apparentSize, WorkDir } from './workdir.js';
+import { reportedSize, tolerantApparentSize, WorkDir } from './workdir.js';
 import { writeManifest } from './manifest.js';
+import { limitBackupRate, type RateLimiter } from './throttle.js';
 import { syncAfter, type OpContext } from '../context.js';
 import { UndoStack } from '../undo.js';
 import type { BackupResult } from '../results.js';
@@ -34,10 +35,11 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 async function listDisks(virsh: VirshClient, vm: string): Promise<Disk[]> {
   const rows = (await virsh.blockDevices(vm)).filter((d) => d.device === 'disk' && d.source !== '-');
   if (rows.length === 0) throw new NasbackupError('NO_DISKS', `VM ${vm} has no disks to back up`);
-  const disks = rows.map((d, i) => {
-    const volId = volumeId(d.source);
-    return { target: d.target, source: d.source, volId, file: backupFileName(i, volId) };
-  });
+  const disks: Disk[] = [];
+  for (const [i, d] of rows.entries()) {
+    const volId = await resolveVolumeId(d.source);
+    disks.push({ target: d.target, source: d.source, volId, file: backupFileName(i, volId) });
+  }
   const seen = new Set<string>();
   for (const d of disks) {
     if (seen.has(d.volId))
@@ -190,6 +192,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
   );
   const warnings: Warning[] = [];
   const progress = await createProgress(process.stdout.isTTY === true);
+  let limiter: RateLimiter | null = null;
   try {
     const p = await plan(ctx, virsh, a, disks, nas.mountPoint, work);
     const targets = disks.map((d) => ({ name: d.target, file: work.file(d.file) }));
@@ -218,7 +221,10 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
       warnings,
       bxml,
       p.newCheckpoint ? { name: p.newCheckpoint, xml: cxml } : null,
+      disks.map((d) => d.target),
     );
+    // -b: shared by the disks still copying, as they finish.
+    if (a.bandwidth !== null) limiter = await limitBackupRate(virsh, a.vm, a.bandwidth, (m) => ctx.logger.log(m));
     await captureRestoreFiles(virsh, a.vm, work);
 
     const block = await waitForBackupJob(virsh, a.vm, {
@@ -230,6 +236,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     });
     releaseJob();
     progress.stop();
+    await limiter?.stop();
 
     if (p.incrementalFrom) await relinkOntoParents(qemuImg, disks, p.parents, nas.mountPoint, work);
     for (const f of [bxml, cxml]) await unlink(f).catch(() => {});
@@ -252,12 +259,19 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
       fallbackReason: p.fallbackReason,
       bitmapCreated: p.newCheckpoint,
       warnings: warnings.map((w) => w.message),
-      totalBytes: await apparentSize(work.final),
+      totalBytes: await tolerantApparentSize(work.final, (m) => ctx.logger.log(m)),
     };
     for (const w of warnings) ctx.logger.log(`Warning: ${w.message}`);
     // The agent chose the format: -d given means the stopped-VM one (one integer per line).
     const files = await Promise.all(
-      disks.map(async (d) => ({ name: d.file, size: (await stat(`${work.final}/${d.file}`, { bigint: true })).size })),
+      disks.map(async (d) => ({
+        name: d.file,
+        size: await reportedSize(
+          async () => (await stat(`${work.final}/${d.file}`, { bigint: true })).size,
+          d.file,
+          (m) => ctx.logger.log(m),
+        ),
+      })),
     );
     ctx.logger.log(`Backup of ${a.vm} to ${work.final} completed (${report.totalBytes} bytes)`);
     return {
@@ -272,6 +286,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     };
   } catch (e) {
     progress.stop();
+    await limiter?.stop();
     await undo.unwind(e);
     throw e;
   } finally {
@@ -293,6 +308,7 @@ async function beginBackup(
   warnings: Warning[],
   bxml: string,
   checkpoint: { name: string; xml: string } | null,
+  targets: string[],
 ): Promise<() => void> {
   let frozen = false;
   if (a.quiesce && paused) {
@@ -311,7 +327,10 @@ async function beginBackup(
   let refused: unknown = null;
   let thawError: string | null = null;
   try {
-    await virsh.backupBegin(a.vm, bxml, checkpoint?.xml ?? null);
+    // -b: the limit goes on the jobs the moment they exist (shared by the disks; moved later by the limiter).
+    const limits = a.bandwidth === null ? [] : targets.map((target) => ({ target, bytesPerSec: a.bandwidth! / targets.length }));
+    for (const failed of await virsh.backupBegin(a.vm, bxml, checkpoint?.xml ?? null, limits))
+      ctx.logger.log(`Warning: cannot limit the rate of a backup job of ${a.vm}: ${failed}`);
   } catch (e) {
     refused = e;
   } finally {

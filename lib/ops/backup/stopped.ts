@@ -16,10 +16,10 @@ import { ImageChain, Qcow2Error, readHeader } from '../../qcow2/index.js';
 import { softly, ToolError } from '../../clients/failure.js';
 import type { QemuImgClient } from '../../clients/qemu-img.js';
 import { ProcLocksProbe } from '../../engine/locks.js';
-import { backupFileName, volumeId } from '../../store/disks.js';
+import { backupFileName, resolveVolumeId } from '../../store/disks.js';
 import type { LayerDigest } from '../../store/layer-digest.js';
-import type { BackupArgs } from './args.js';
-import { apparentSize, WorkDir } from './workdir.js';
+import { formatBandwidth, type BackupArgs } from './args.js';
+import { reportedSize, tolerantApparentSize, WorkDir } from './workdir.js';
 import { writeManifest } from './manifest.js';
 import { backingReference, planOffline, retireBitmap, writeOfflineIncremental } from './stopped-incremental.js';
 import { copyDiskToQcow2 } from './copy-disk.js';
@@ -42,10 +42,11 @@ async function sourceFormat(src: string): Promise<'qcow2' | 'raw'> {
 
 export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<BackupResult> {
   const { qemuImg } = ctx.clients;
-  const disks = a.diskPaths.map((src, i) => {
-    const volId = volumeId(src);
-    return { src, volId, file: backupFileName(i, volId) };
-  });
+  const disks: Array<{ src: string; volId: string; file: string }> = [];
+  for (const [i, src] of a.diskPaths.entries()) {
+    const volId = await resolveVolumeId(src);
+    disks.push({ src, volId, file: backupFileName(i, volId) });
+  }
   if (new Set(disks.map((d) => d.volId)).size !== disks.length) {
     throw new NasbackupError('INVALID_ARGUMENT', `Two disks share a volume id; their backup files would collide: ${a.diskPaths.join(',')}`);
   }
@@ -54,6 +55,11 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
       throw new NasbackupError('FILE_NOT_FOUND', `Source disk does not exist: ${d.src}`);
     }
   }
+  const asked = [
+    ...(a.compress ? ['compressed clusters'] : []),
+    ...(a.bandwidth !== null ? [`rate limit ${formatBandwidth(a.bandwidth)}`] : []),
+  ];
+  if (asked.length > 0) ctx.logger.log(`Stopped-VM copy of ${a.vm}: ${asked.join(', ')}`);
   const nas = await ctx.openNas(a.nas);
   await ctx.lockVm(nas.mountPoint, a.instance, 'backup');
   const work = await WorkDir.create(nas.mountPoint, a.path, { staleAfterMs: ctx.config.lockStaleAfterMs, log: (m) => ctx.logger.log(m) });
@@ -109,14 +115,21 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
     if (a.bitmapParent && a.bitmapParent !== a.bitmapNew) for (const src of retire) await retireBitmap(ctx, qemuImg, src, a.bitmapParent);
 
     const sizes = await Promise.all(
-      disks.map(async (d) => ({ name: d.file, size: (await stat(`${work.final}/${d.file}`, { bigint: true })).size })),
+      disks.map(async (d) => ({
+        name: d.file,
+        size: await reportedSize(
+          async () => (await stat(`${work.final}/${d.file}`, { bigint: true })).size,
+          d.file,
+          (m) => ctx.logger.log(m),
+        ),
+      })),
     );
     const report: BackupReport = {
       profile: a.profile,
       fallbackReason: a.mode === 'incremental' && !incremental ? STOPPED_FALLBACK_REASON : null,
       bitmapCreated,
       warnings: [],
-      totalBytes: await apparentSize(work.final),
+      totalBytes: await tolerantApparentSize(work.final, (m) => ctx.logger.log(m)),
     };
     ctx.logger.log(
       `${incremental ? `Offline incremental (from ${a.bitmapParent})` : 'Backup'} of stopped VM ${a.vm} to ${work.final} completed (${report.totalBytes} bytes)`,
@@ -144,7 +157,7 @@ async function copyDisk(
   const chain = fmt === 'qcow2' ? await openNative(ctx, src) : null;
   if (chain === null) {
     // Parallel options: see QemuImgClient.convert.
-    await ctx.clients.qemuImg.convert(src, fmt, dst, { parallel: true });
+    await ctx.clients.qemuImg.convert(src, fmt, dst, { parallel: true, compress: a.compress, rateBytesPerSec: a.bandwidth });
     await flushFile(ctx, dst);
     const size = (await stat(dst)).size;
     logThroughput(ctx, `Copied ${src} to ${dst} with qemu-img convert`, `${size} bytes written`, size, Date.now() - started);
@@ -158,6 +171,8 @@ async function copyDisk(
   try {
     const r = await withDeadline(
       copyDiskToQcow2(chain, dst, {
+        compress: a.compress,
+        ...(a.bandwidth !== null ? { rateBytesPerSec: a.bandwidth } : {}),
         onProgress: (done, total) => progress.update(done, total),
         checkpoint: () => {
           ctx.checkpoint();

@@ -118,3 +118,40 @@ export async function apparentSize(path: string): Promise<bigint> {
   if (st.isDirectory()) for (const name of await readdir(path)) total += await apparentSize(join(path, name));
   return total;
 }
+
+/** What tolerantApparentSize reads (tests inject failures here). */
+export interface SizeFs {
+  lstat(path: string, opts: { bigint: true }): Promise<{ size: bigint; isDirectory(): boolean }>;
+  readdir(path: string): Promise<string[]>;
+}
+
+/**
+ * Sizes reported after the commit point (#13424): computed tolerantly, since a finished
+ * backup must never be reported as failed because a size could not be read. What
+ * cannot be read counts 0 and is logged (the newest agent records 0 and warns, too).
+ */
+export async function reportedSize(what: () => Promise<bigint>, name: string, log: (m: string) => void): Promise<bigint> {
+  try {
+    return await what();
+  } catch (e) {
+    log(`Warning: cannot read the size of ${name} (${(e as Error).message}); reporting 0 for it`);
+    return 0n;
+  }
+}
+
+/** `du -sb` that never fails: an entry that cannot be read (gone, EIO) counts 0 and is logged. */
+export async function tolerantApparentSize(path: string, log: (m: string) => void, fs: SizeFs = { lstat, readdir }): Promise<bigint> {
+  const st = await fs.lstat(path, { bigint: true }).catch((e: Error) => {
+    log(`Warning: cannot read the size of ${path} (${e.message}); counting 0 for it`);
+    return null;
+  });
+  if (!st) return 0n;
+  let total = st.size;
+  if (!st.isDirectory()) return total;
+  const names = await fs.readdir(path).catch((e: Error) => {
+    log(`Warning: cannot list ${path} (${e.message}); counting only the folder itself`);
+    return [] as string[];
+  });
+  for (const name of names) total += await tolerantApparentSize(join(path, name), log, fs);
+  return total;
+}

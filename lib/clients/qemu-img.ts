@@ -43,10 +43,10 @@ export class QemuImgClient {
     private readonly timeoutMs: number,
   ) {}
 
-  private run(args: string[], opts: { ownProcessGroup?: boolean } = {}): Promise<RunResult> {
+  private run(args: string[], opts: { ownProcessGroup?: boolean; timeoutMs?: number } = {}): Promise<RunResult> {
     // A rebase that must not stop halfway also outlives a SIGKILL of ours (lib/exec.ts).
     return this.runner.run(this.binary, args, {
-      timeoutMs: this.timeoutMs,
+      timeoutMs: opts.timeoutMs ?? this.timeoutMs,
       ...(opts.ownProcessGroup ? { ownProcessGroup: true, finishIfWeDie: true } : {}),
     });
   }
@@ -57,9 +57,9 @@ export class QemuImgClient {
     if (!succeeded(r)) throw new ToolError('QEMU_IMG_FAILED', `qemu-img rebase failed for ${a.file} onto ${a.backing}`, r, failureText(r));
   }
 
-  /** Copy a disk into a new qcow2 (the source format is given, never probed). */
-  async convert(src: string, srcFormat: string, dst: string): Promise<void> {
-    const r = await this.run(['convert', '-f', srcFormat, '-O', 'qcow2', src, dst]);
+  /** Copy a disk into a new qcow2 (the source format is given, never probed); `timeoutMs`: a deadline of its own. */
+  async convert(src: string, srcFormat: string, dst: string, opts: { timeoutMs?: number } = {}): Promise<void> {
+    const r = await this.run(['convert', '-f', srcFormat, '-O', 'qcow2', src, dst], opts);
     if (succeeded(r)) return;
     if (r.canceled) throw new ToolError('INTERRUPTED', `Interrupted while copying ${src}`, r, '');
     throw new ToolError(r.timedOut ? 'COMMAND_TIMEOUT' : 'CONVERT_FAILED', `qemu-img convert failed for ${src} ${dst}`, r, failureText(r));

@@ -2,6 +2,9 @@
 // (the original carried on into a deleted folder); bitmaps are added to the sources
 // only once every copy succeeded, so the next running backup can be incremental.
 import { stat } from 'node:fs/promises';
+import { allocatedBytes, checkSpace, total } from './space.js';
+import { copyDeadline, deadlinePolicy, fmtSeconds, Heartbeat } from './deadline.js';
+import { NO_SPACE } from './job.js';
 import { STOPPED_FALLBACK_REASON, type BackupReport } from '../../agent-output.js';
 import { NasbackupError } from '../../errors.js';
 import { exists } from '../../paths.js';
@@ -43,16 +46,38 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
     }
   }
   const nas = await ctx.openNas(a.nas);
+  const estimates = [];
+  for (const d of disks) estimates.push(await allocatedBytes(d.src));
+  await checkSpace(ctx, a.vm, nas.mountPoint, estimates);
   await ctx.lockVm(nas.mountPoint, a.instance, 'backup');
   const work = await WorkDir.create(nas.mountPoint, a.path, { staleAfterMs: ctx.config.lockStaleAfterMs, log: (m) => ctx.logger.log(m) });
   try {
     const formats: Array<'qcow2' | 'raw'> = [];
-    for (const d of disks) {
+    const policy = deadlinePolicy(ctx.config);
+    // One deadline for all the copies, following the data (started once, like the agent's own wait).
+    const deadline = copyDeadline(total(estimates), policy);
+    const end = Date.now() + deadline.ms;
+    ctx.logger.log(`Backup of stopped VM ${a.vm}: deadline ${fmtSeconds(deadline.ms)} (${deadline.why})`);
+    for (const [i, d] of disks.entries()) {
       ctx.checkpoint();
       const fmt = await sourceFormat(d.src);
       formats.push(fmt);
       const dst = work.file(d.file);
-      await qemuImg.convert(d.src, fmt, dst);
+      const beat = copyHeartbeat(ctx, `Copy of ${d.src}`, dst, estimates[i]!.bytes);
+      try {
+        await qemuImg.convert(d.src, fmt, dst, { timeoutMs: Math.max(1000, end - Date.now()) });
+      } catch (e) {
+        if (e instanceof ToolError && e.code === 'CONVERT_FAILED' && NO_SPACE.test(e.details)) {
+          ctx.logger.log(`qemu-img convert of ${d.src}: ${e.details}`);
+          throw new NasbackupError(
+            'NAS_FULL',
+            `The NAS ran out of space during the backup of stopped VM ${a.vm} (No space left on device)`,
+          );
+        }
+        throw e;
+      } finally {
+        beat.stop();
+      }
     }
     await syncAfter(ctx, 'backup');
     await writeManifest(ctx, a, work, {
@@ -97,9 +122,30 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
     ctx.logger.log(`Backup of stopped VM ${a.vm} to ${work.final} completed (${report.totalBytes} bytes)`);
     return { vm: a.vm, path: a.path, mode: a.mode, format: 'stopped', report, warnings: [], jobBlock: '', files: sizes };
   } catch (e) {
-    await work.discard().catch((err: Error) => ctx.leftover(`Could not remove the unfinished backup ${work.path}: ${err.message}`));
+    const removed = await work.discard().then(
+      () => true,
+      (err: Error) => {
+        ctx.leftover(`Could not remove the unfinished backup ${work.path}: ${err.message}`);
+        return false;
+      },
+    );
+    if (e instanceof NasbackupError && e.code === 'NAS_FULL')
+      throw new NasbackupError(e.code, `${e.message}: ${removed ? 'partial files removed' : 'partial files NOT all removed'}`);
     throw e;
   }
+}
+
+/** Heartbeats of one copy: the bytes its target holds, every NASBACKUP_HEARTBEAT_INTERVAL. */
+function copyHeartbeat(ctx: OpContext, label: string, dst: string, totalBytes: number | null): { stop(): void } {
+  const beat = new Heartbeat(label, ctx.config.heartbeatMs, (l) => ctx.logger.log(l));
+  const timer = setInterval(() => {
+    void stat(dst).then(
+      (st) => beat.update(st.blocks * 512, totalBytes),
+      () => {},
+    );
+  }, ctx.config.heartbeatMs);
+  timer.unref();
+  return { stop: () => clearInterval(timer) };
 }
 
 /**

@@ -4,7 +4,7 @@
 import { stat, statfs, unlink, writeFile } from 'node:fs/promises';
 import { dirname, join, relative } from 'node:path';
 import type { BackupReport } from '../../agent-output.js';
-import { NasbackupError, type Warning } from '../../errors.js';
+import { NasbackupError, toNasbackupError, type Warning } from '../../errors.js';
 import { ensureWithin, exists, parseRelativePath } from '../../paths.js';
 import { readChain, readHeader } from '../../qcow2/index.js';
 import { chainRefusal, inspectChain } from '../../store/safety.js';
@@ -293,7 +293,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     progress.stop();
     await undo.unwind(e);
     const resumed = paused ? false : await resumeIfOurs(ctx, virsh, a.vm, nas.mountPoint, e);
-    throw await outcome(e, work, resumed);
+    throw await outcome(e, a.vm, work, resumed);
   } finally {
     // After a success too: a VM that an I/O error of ours paused does not stay paused.
     if (!paused && !failed) await resumeIfOurs(ctx, virsh, a.vm, nas.mountPoint, null);
@@ -472,7 +472,7 @@ export function pauseDecision(p: { state: string; reason: string; failure: strin
 async function resumeIfOurs(ctx: OpContext, virsh: VirshClient, vm: string, mountPoint: string, failure: unknown): Promise<boolean> {
   const s = await virsh.stateReason(vm).catch(() => null);
   if (s?.state !== 'paused') return false;
-  const code = failure instanceof NasbackupError ? failure.code : null;
+  const code = failure === null ? null : toNasbackupError(failure).code;
   const nas = code === 'NAS_FULL' ? { full: true } : await nasLooksFull(mountPoint);
   const what = pauseDecision({ state: s.state, reason: s.reason, failure: code, nasFull: nas.full });
   const why = s.reason || 'no reason given';
@@ -489,11 +489,13 @@ async function resumeIfOurs(ctx: OpContext, virsh: VirshClient, vm: string, moun
   return true;
 }
 
-/** A full NAS in one line: what happened and what was undone. Other failures as they are. */
-async function outcome(e: unknown, work: WorkDir, resumed: boolean): Promise<unknown> {
-  if (!(e instanceof NasbackupError) || e.code !== 'NAS_FULL') return e;
+/** A full NAS in one line (whichever write found it): what happened and what was undone. Other failures as they are. */
+async function outcome(e: unknown, vm: string, work: WorkDir, resumed: boolean): Promise<unknown> {
+  const err = toNasbackupError(e);
+  if (err.code !== 'NAS_FULL') return e;
+  const head = e instanceof NasbackupError ? err.message : `The NAS ran out of space during the backup of ${vm} (${(e as Error).message})`;
   const removed = !(await exists(work.path));
   const parts = ['backup stopped', removed ? 'partial files removed' : 'partial files NOT all removed'];
   if (resumed) parts.push('VM resumed');
-  return new NasbackupError(e.code, `${e.message}: ${parts.join(', ')}`, { details: e.details, cause: e });
+  return new NasbackupError(err.code, `${head}: ${parts.join(', ')}`, { details: err.details, cause: e });
 }

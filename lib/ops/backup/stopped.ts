@@ -6,7 +6,7 @@ import { allocatedBytes, checkSpace, total } from './space.js';
 import { copyDeadline, deadlinePolicy, fmtSeconds, Heartbeat } from './deadline.js';
 import { NO_SPACE } from './job.js';
 import { STOPPED_FALLBACK_REASON, type BackupReport } from '../../agent-output.js';
-import { NasbackupError } from '../../errors.js';
+import { NasbackupError, toNasbackupError } from '../../errors.js';
 import { exists } from '../../paths.js';
 import { Qcow2Error, readHeader } from '../../qcow2/index.js';
 import { softly, ToolError } from '../../clients/failure.js';
@@ -129,8 +129,14 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
         return false;
       },
     );
-    if (e instanceof NasbackupError && e.code === 'NAS_FULL')
-      throw new NasbackupError(e.code, `${e.message}: ${removed ? 'partial files removed' : 'partial files NOT all removed'}`);
+    const err = toNasbackupError(e);
+    if (err.code === 'NAS_FULL') {
+      const head =
+        e instanceof NasbackupError
+          ? e.message
+          : `The NAS ran out of space during the backup of stopped VM ${a.vm} (${(e as Error).message})`;
+      throw new NasbackupError(err.code, `${head}: ${removed ? 'partial files removed' : 'partial files NOT all removed'}`, { cause: e });
+    }
     throw e;
   }
 }

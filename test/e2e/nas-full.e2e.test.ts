@@ -8,7 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { agentCommand, createQcow2, ensureLab, type Guest, startGuest, virsh, waitFor } from './lab.js';
+import { agentCommand, createQcow2, ensureLab, type Guest, guestWrite, startGuest, virsh, waitFor } from './lab.js';
 
 const MiB = 1024 * 1024;
 const BIN = fileURLToPath(new URL('../../bin/nasbackup', import.meta.url));
@@ -32,6 +32,7 @@ describe.sequential('a NAS too small, and a long backup, on a real guest', () =>
   let rootDisk = '';
   let guest: Guest | undefined;
   let ts = 0;
+  let heartbeatBackup = '';
 
   const nas = (img: string) => ['-t', 'ext4', '-s', img, '-m', 'loop'];
   const nextPath = () => `${VM}/2026.02.01.00.00.${String(++ts).padStart(2, '0')}`;
@@ -199,6 +200,7 @@ exit $rc
     const shim = throttlingVirsh(48 * MiB);
     const at = logSize();
     const p = nextPath();
+    heartbeatBackup = p;
     const out = await cli(backupArgs(large, p, 'backup-1800000003'), { NASBACKUP_VIRSH: shim, NASBACKUP_HEARTBEAT_INTERVAL: '1' });
     const log = logSince(at);
     expect(out.code, `${out.stdout}\n${log}`).toBe(0);
@@ -220,6 +222,30 @@ exit $rc
     expect(beats.length, log).toBeGreaterThanOrEqual(2);
     expect(await state()).toMatch(/^running/);
     expect(withNas(large, (root) => fs.readdirSync(path.join(root, p)).sort())).toContain(`root.${ROOT_VOL}.qcow2`);
+    nothingMounted();
+  });
+
+  it("an incremental's estimate is the parent bitmap's dirty count (QMP query-block), and it fits", async () => {
+    await guestWrite(VM, { target: 'vda', pattern: 0x44, offset: 200 * MiB, length: 4 * MiB });
+    const at = logSize();
+    const p = nextPath();
+    const out = await cli([
+      ...backupArgs(large, p, 'backup-1800000005').slice(0, -4),
+      '-M',
+      'incremental',
+      '--bitmap-new',
+      'backup-1800000005',
+      '--bitmap-parent',
+      'backup-1800000003',
+      '--parent-paths',
+      `${heartbeatBackup}/root.${ROOT_VOL}.qcow2`,
+    ]);
+    const log = logSince(at);
+    expect(out.code, `${out.stdout}\n${log}`).toBe(0);
+    expect(out.stdout.trimEnd().split('\n').pop()).toBe('BITMAP_CREATED=backup-1800000005');
+    expect(log).toContain('Estimate for vda: 4.0 MiB (dirty bytes of bitmap backup-1800000003)');
+    expect(log).toMatch(new RegExp(`Backup job of ${VM}: deadline 10 min 0 s \\(4\\.0 MiB at 10\\.0 MiB/s \\+ 10 min 0 s\\)`));
+    expect(await checkpoints()).toEqual(['backup-1800000005']);
     nothingMounted();
   });
 
@@ -252,6 +278,6 @@ exit $rc
     nasUntouched(mid);
     nothingMounted();
     expect(await state()).toMatch(/^running/);
-    expect(await checkpoints()).toEqual(['backup-1800000003']);
+    expect(await checkpoints()).toEqual(['backup-1800000005']);
   });
 });

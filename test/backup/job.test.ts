@@ -132,6 +132,16 @@ describe('waitForBackupJob', () => {
     expect(logged).toEqual([`The backup job of vm failed: No space left on device\n${FAILED_ANY.trimEnd()}`]);
   });
 
+  it("Failed on another error while the NAS is full (libvirt's words do not say so): still NAS_FULL", async () => {
+    const io = FAILED_ANY.replace('No space left on device', 'Input/output error');
+    const h = harness([ok(FAILED)], undefined, ok(io));
+    const e = await failure(waitForBackupJob(h.virsh, 'vm', h.opts({ nasFull: async () => true })));
+    expect(e.code).toBe('NAS_FULL');
+    expect(e.message).toBe('The NAS ran out of space during the backup of vm (Input/output error)');
+    const h2 = harness([ok(FAILED)], undefined, ok(io));
+    expect((await failure(waitForBackupJob(h2.virsh, 'vm', h2.opts({ nasFull: async () => false })))).code).toBe('BACKUP_JOB_FAILED');
+  });
+
   it('watch: a failure it returns while the job runs ends the wait (the job still runs: not "ended")', async () => {
     const h = harness([ok(NONE)]);
     let polls = 0;

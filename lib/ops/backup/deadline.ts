@@ -70,7 +70,8 @@ export function fmtSeconds(ms: number): string {
 
 /**
  * Progress of a long copy in the log every `intervalMs`: bytes done of the total, the
- * rate since the last heartbeat, and the ETA at the average rate so far.
+ * rate since the last heartbeat, and the ETA at that rate (at the average rate so far
+ * when nothing moved since): a throttled or slowed copy shows in the ETA at once.
  */
 export class Heartbeat {
   private readonly started: number;
@@ -102,15 +103,15 @@ export class Heartbeat {
     const rate = ((this.done - this.last.done) / (t - this.last.t)) * 1000;
     const avg = (this.done / Math.max(1, t - this.started)) * 1000;
     this.last = { t, done: this.done };
-    this.log(this.line(t, rate, avg));
+    this.log(this.line(t, rate, rate > 0 ? rate : avg));
   }
 
-  private line(t: number, rate: number, avg: number): string {
+  private line(t: number, rate: number, etaRate: number): string {
     const total = this.total;
     const of = total !== null && total > 0 ? ` of ${fmtBytes(total)} (${Math.floor((this.done / total) * 100)}%)` : '';
     const eta =
-      total !== null && total > 0 && avg > 0
-        ? `ETA ${fmtSeconds(Math.round((Math.max(0, total - this.done) / avg) * 1000))}`
+      total !== null && total > 0 && etaRate > 0
+        ? `ETA ${fmtSeconds(Math.round((Math.max(0, total - this.done) / etaRate) * 1000))}`
         : 'ETA unknown';
     return `${this.label}: ${fmtBytes(this.done)}${of} after ${fmtSeconds(t - this.started)}, ${fmtBytes(Math.max(0, rate))}/s, ${eta}`;
   }

@@ -21,6 +21,8 @@ export interface WaitOptions {
   onPoll?: () => void;
   /** Log lines (what a failed job's statistics were). */
   log?: (line: string) => void;
+  /** Whether the NAS is full now: a failed job whose error does not say so is still a full NAS then. */
+  nasFull?: () => Promise<boolean>;
   /** First poll interval; grows by half each poll up to maxIntervalMs. */
   initialIntervalMs?: number;
   maxIntervalMs?: number;
@@ -75,7 +77,7 @@ export async function waitForBackupJob(virsh: VirshClient, vm: string, opts: Wai
         // virsh prints an empty line even when it fails: fall back to the first answer.
         const stats = any instanceof ToolError ? r : any;
         const why = stats.fields.get('Error message') ?? `job ${type.toLowerCase()}`;
-        if (type === 'Failed' && NO_SPACE.test(why)) {
+        if (type === 'Failed' && (NO_SPACE.test(why) || (await opts.nasFull?.()) === true)) {
           // One clear line for the agent; the statistics go to the log.
           opts.log?.(`The backup job of ${vm} failed: ${why}\n${stats.text.trimEnd()}`);
           const e = new NasbackupError('NAS_FULL', `The NAS ran out of space during the backup of ${vm} (${why})`);

@@ -244,6 +244,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
       },
       onPoll: () => beat.tick(),
       watch: () => (paused ? Promise.resolve(null) : pausedOnIoError(virsh, a.vm, nas.mountPoint)),
+      nasFull: async () => (await nasLooksFull(nas.mountPoint)).full,
       log: (l) => ctx.logger.log(l),
     });
     releaseJob();
@@ -493,7 +494,9 @@ async function resumeIfOurs(ctx: OpContext, virsh: VirshClient, vm: string, moun
 async function outcome(e: unknown, vm: string, work: WorkDir, resumed: boolean): Promise<unknown> {
   const err = toNasbackupError(e);
   if (err.code !== 'NAS_FULL') return e;
-  const head = e instanceof NasbackupError ? err.message : `The NAS ran out of space during the backup of ${vm} (${(e as Error).message})`;
+  // A write of ours that failed (a side file, the manifest): the system's words, without the call.
+  const head =
+    e instanceof NasbackupError ? err.message : `The NAS ran out of space during the backup of ${vm} (${err.message.split(':')[0]})`;
   const removed = !(await exists(work.path));
   const parts = ['backup stopped', removed ? 'partial files removed' : 'partial files NOT all removed'];
   if (resumed) parts.push('VM resumed');

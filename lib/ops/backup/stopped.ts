@@ -134,7 +134,7 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
       const head =
         e instanceof NasbackupError
           ? e.message
-          : `The NAS ran out of space during the backup of stopped VM ${a.vm} (${(e as Error).message})`;
+          : `The NAS ran out of space during the backup of stopped VM ${a.vm} (${err.message.split(':')[0]})`;
       throw new NasbackupError(err.code, `${head}: ${removed ? 'partial files removed' : 'partial files NOT all removed'}`, { cause: e });
     }
     throw e;

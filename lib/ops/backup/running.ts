@@ -418,11 +418,11 @@ async function estimate(ctx: OpContext, virsh: VirshClient, a: BackupArgs, disks
   const unreadable = await softly(virsh.queryBlock(a.vm).then((q) => (entries = q)));
   if (unreadable !== null) ctx.logger.log(`Cannot read the disks' allocation from QEMU (${unreadable}); reading the disk files`);
   const parent = a.mode === 'incremental' ? a.bitmapParent : null;
+  // An incremental copies the parent bitmap's dirty bytes only when every disk has it (else it falls back to a full).
+  const usable = parent !== null && disks.every((x) => entries.find((e) => e.file === x.source)?.bitmaps.some((b) => b.name === parent));
   const out: DiskEstimate[] = [];
   for (const d of disks) {
     const entry = entries.find((e) => e.file === d.source);
-    // An incremental copies the parent bitmap's dirty bytes only when every disk has it (else it falls back to a full).
-    const usable = parent !== null && disks.every((x) => entries.find((e) => e.file === x.source)?.bitmaps.some((b) => b.name === parent));
     out.push({ ...(await runningEstimate(d.source, entry, usable ? parent : null)), disk: d.target });
   }
   return out;

@@ -30,8 +30,23 @@ export interface Config {
   qemuImgTimeoutMs: number;
   /** Which operations run the QEMU/libvirt version check: all (like the original), backup, off. */
   versionCheck: 'all' | 'backup' | 'off';
-  /** Overall deadline of a libvirt backup job (the agent's cmds.timeout by default). */
-  jobTimeoutMs: number;
+  /**
+   * A fixed cap on a libvirt backup job, only when the operator sets one
+   * (NASBACKUP_JOB_TIMEOUT); otherwise the deadline follows the data (see lib/ops/backup/deadline.ts).
+   */
+  jobTimeoutMs: number | null;
+  /** The slowest copy rate still accepted (bytes/s): the data to move at this rate, plus the base, is the deadline. */
+  jobMinRateBytesPerSec: number;
+  /** Fixed part of a data-following deadline (setup, flush, the NAS's first writes). */
+  jobBaseMs: number;
+  /** The agent's own timeout for the command, when the operator tells it (it is not passed): no deadline goes past it. */
+  agentTimeoutMs: number | null;
+  /** How often a long copy logs a heartbeat (bytes done, rate, ETA). */
+  heartbeatMs: number;
+  /** Refuse a backup whose estimated size does not fit the NAS's free space. */
+  spaceCheck: boolean;
+  /** Margin on the estimate, percent. */
+  spaceMarginPct: number;
   /** Job poll: first interval, growing by half per poll up to the max (ms). */
   jobPollInitialMs: number;
   jobPollMaxMs: number;
@@ -82,6 +97,12 @@ function seconds(env: NodeJS.ProcessEnv, name: string, dflt: number): number {
   return Math.round(n * 1000);
 }
 
+function positive(env: NodeJS.ProcessEnv, name: string, dflt: number, want: string): number {
+  const n = nonNegative(env, name, dflt, want);
+  if (n === 0) throw bad(name, given(env, name)!, want);
+  return n;
+}
+
 function int(env: NodeJS.ProcessEnv, name: string, dflt: number): number {
   const raw = given(env, name);
   if (raw === undefined) return dflt;
@@ -90,9 +111,23 @@ function int(env: NodeJS.ProcessEnv, name: string, dflt: number): number {
   return n;
 }
 
-function flag(env: NodeJS.ProcessEnv, name: string): boolean {
+function optionalSeconds(env: NodeJS.ProcessEnv, name: string): number | null {
+  return given(env, name) === undefined ? null : seconds(env, name, 0);
+}
+
+/** A number >= 0 (fractions allowed), e.g. a percentage. */
+function nonNegative(env: NodeJS.ProcessEnv, name: string, dflt: number, want: string): number {
   const raw = given(env, name);
-  if (raw === undefined || raw === '0' || raw === 'false') return false;
+  if (raw === undefined) return dflt;
+  const n = Number(raw);
+  if (raw.trim() === '' || !Number.isFinite(n) || n < 0) throw bad(name, raw, want);
+  return n;
+}
+
+function flag(env: NodeJS.ProcessEnv, name: string, dflt = false): boolean {
+  const raw = given(env, name);
+  if (raw === undefined) return dflt;
+  if (raw === '0' || raw === 'false') return false;
   if (raw === '1' || raw === 'true') return true;
   throw bad(name, raw, '1, true, 0 or false');
 }
@@ -142,7 +177,13 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, flags: ConfigFl
     commandTimeoutMs: seconds(env, 'NASBACKUP_COMMAND_TIMEOUT', 300),
     qemuImgTimeoutMs: seconds(env, 'NASBACKUP_QEMU_IMG_TIMEOUT', 7200),
     versionCheck: oneOf(env, 'NASBACKUP_VERSION_CHECK', ['all', 'backup', 'off'] as const, 'all'),
-    jobTimeoutMs: seconds(env, 'NASBACKUP_JOB_TIMEOUT', 7200),
+    jobTimeoutMs: optionalSeconds(env, 'NASBACKUP_JOB_TIMEOUT'),
+    jobMinRateBytesPerSec: Math.round(positive(env, 'NASBACKUP_JOB_MIN_RATE', 10, 'a positive number of MiB/s') * 1024 * 1024),
+    jobBaseMs: seconds(env, 'NASBACKUP_JOB_BASE', 600),
+    agentTimeoutMs: optionalSeconds(env, 'NASBACKUP_AGENT_TIMEOUT'),
+    heartbeatMs: seconds(env, 'NASBACKUP_HEARTBEAT_INTERVAL', 60),
+    spaceCheck: flag(env, 'NASBACKUP_SPACE_CHECK', true),
+    spaceMarginPct: nonNegative(env, 'NASBACKUP_SPACE_MARGIN', 10, 'a percentage, 0 or more'),
     jobPollInitialMs: seconds(env, 'NASBACKUP_JOB_POLL_INITIAL', 0.1),
     jobPollMaxMs: seconds(env, 'NASBACKUP_JOB_POLL_MAX', 1),
     quiesceTimeoutSec,

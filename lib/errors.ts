@@ -58,6 +58,7 @@ export const ERROR_CODES = {
   NAS_WRITE_FAILED: EXIT_FAILURE,
   NAS_READ_ONLY: EXIT_FAILURE,
   NAS_FULL: EXIT_FAILURE,
+  NAS_SPACE_SHORT: EXIT_FAILURE, // the free-space check: the backup's estimate (with the margin) exceeds the NAS's free space; nothing written
   IO_ERROR: EXIT_FAILURE,
   VIRSH_FAILED: EXIT_FAILURE,
   CHECKPOINT_FAILED: EXIT_FAILURE,

@@ -46,10 +46,10 @@ export class QemuImgClient {
     private readonly timeoutMs: number,
   ) {}
 
-  private run(args: string[], opts: { ownProcessGroup?: boolean } = {}): Promise<RunResult> {
+  private run(args: string[], opts: { ownProcessGroup?: boolean; timeoutMs?: number } = {}): Promise<RunResult> {
     // A rebase that must not stop halfway also outlives a SIGKILL of ours (lib/exec.ts).
     return this.runner.run(this.binary, args, {
-      timeoutMs: this.timeoutMs,
+      timeoutMs: opts.timeoutMs ?? this.timeoutMs,
       ...(opts.ownProcessGroup ? { ownProcessGroup: true, finishIfWeDie: true } : {}),
     });
   }
@@ -65,20 +65,20 @@ export class QemuImgClient {
    * -m 16 -W, 16 coroutines with out-of-order writes (the default is 8, in order), what keeps
    * a raw, RBD or block-device source streaming; the output is the same image. `compress`:
    * compressed clusters (-c; readable by every qcow2 reader, a valid base of a chain);
-   * `rateBytesPerSec`: qemu-img's own I/O rate limit (-r).
+   * `rateBytesPerSec`: qemu-img's own I/O rate limit (-r); `timeoutMs`: a deadline of its own.
    */
   async convert(
     src: string,
     srcFormat: string,
     dst: string,
-    opts: { parallel?: boolean; compress?: boolean; rateBytesPerSec?: number | null } = {},
+    opts: { parallel?: boolean; compress?: boolean; rateBytesPerSec?: number | null; timeoutMs?: number } = {},
   ): Promise<void> {
     const extra = [
       ...(opts.parallel ? ['-m', '16', '-W'] : []),
       ...(opts.compress ? ['-c'] : []),
       ...(opts.rateBytesPerSec ? ['-r', String(Math.round(opts.rateBytesPerSec))] : []),
     ];
-    const r = await this.run(['convert', ...extra, '-f', srcFormat, '-O', 'qcow2', src, dst]);
+    const r = await this.run(['convert', ...extra, '-f', srcFormat, '-O', 'qcow2', src, dst], opts.timeoutMs !== undefined ? { timeoutMs: opts.timeoutMs } : {});
     if (succeeded(r)) return;
     if (r.canceled) throw new ToolError('INTERRUPTED', `Interrupted while copying ${src}`, r, '');
     throw new ToolError(r.timedOut ? 'COMMAND_TIMEOUT' : 'CONVERT_FAILED', `qemu-img convert failed for ${src} ${dst}`, r, failureText(r));

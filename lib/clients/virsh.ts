@@ -62,6 +62,8 @@ function parseSize(v: string | undefined): number | null {
 
 export interface QueryBlockBitmap {
   name: string;
+  /** Bytes marked dirty (what an incremental from it copies). */
+  count?: number;
   recording?: boolean;
   persistent?: boolean;
   busy?: boolean;
@@ -72,6 +74,19 @@ export interface QueryBlockEntry {
   /** Image file of the top node (what domblklist shows as Source). */
   file: string | null;
   bitmaps: QueryBlockBitmap[];
+  /** The disk's virtual size and the host bytes of each image of its chain (top first), when QEMU says. */
+  image?: { virtualSize: number; actualSizes: number[] };
+}
+
+/** `inserted.image` of query-block: virtual size, and actual-size down the backing-image chain. */
+function chainSizes(image: unknown): QueryBlockEntry['image'] | undefined {
+  const top = image as Record<string, unknown> | undefined;
+  if (!top || typeof top['virtual-size'] !== 'number') return undefined;
+  const actualSizes: number[] = [];
+  for (let i: Record<string, unknown> | undefined = top; i && actualSizes.length < 1000; i = i['backing-image'] as typeof i) {
+    if (typeof i['actual-size'] === 'number') actualSizes.push(i['actual-size']);
+  }
+  return { virtualSize: top['virtual-size'], actualSizes };
 }
 
 /** QMP query-block reply (through qemu-monitor-command): the bitmaps on each disk's top image. */
@@ -84,7 +99,8 @@ function parseQueryBlock(text: string): QueryBlockEntry[] {
       ...((e['dirty-bitmaps'] as QueryBlockBitmap[] | undefined) ?? []),
       ...((inserted['dirty-bitmaps'] as QueryBlockBitmap[] | undefined) ?? []),
     ];
-    return { file: typeof inserted.file === 'string' ? inserted.file : null, bitmaps };
+    const image = chainSizes(inserted.image);
+    return { file: typeof inserted.file === 'string' ? inserted.file : null, bitmaps, ...(image ? { image } : {}) };
   });
 }
 
@@ -221,6 +237,16 @@ export class VirshClient {
   /** `domstate` text, e.g. "running" or "paused". */
   async state(vm: string): Promise<string> {
     return (await this.call(`domstate ${vm}`, ['domstate', vm], { abortable: false })).trim();
+  }
+
+  /**
+   * `domstate --reason`: the state and why, e.g. paused / "I/O error" (libvirt's words; an
+   * older virsh or a stand-in that prints no reason gives an empty one).
+   */
+  async stateReason(vm: string): Promise<{ state: string; reason: string }> {
+    const text = (await this.call(`domstate ${vm}`, ['domstate', vm, '--reason'], { abortable: false })).trim();
+    const m = /^(.*?)\s*\(([^()]*)\)$/.exec(text);
+    return m ? { state: m[1]!, reason: m[2]! } : { state: text, reason: '' };
   }
 
   async resume(vm: string): Promise<void> {

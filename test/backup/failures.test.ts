@@ -54,11 +54,20 @@ describe.concurrent('-o backup: libvirt failures', () => {
       code: 1,
       stdout: `Failed to start the backup of ${VM}\nerror: Operation not supported: incremental backup is not supported yet\n`,
     });
-    expect(s.fake.names()).toEqual(['version', 'list', 'domblklist', 'checkpoint-list', 'domjobinfo', 'backup-begin', 'domstate']);
+    expect(s.fake.names()).toEqual([
+      'version',
+      'list',
+      'domblklist',
+      'qemu-monitor-command',
+      'checkpoint-list',
+      'domjobinfo',
+      'backup-begin',
+      'domstate',
+    ]);
     expectUndone(s, before);
   });
 
-  it("job Failed (NAS full): one message with libvirt's error from --anystats, new checkpoint removed, the VM it paused resumed", async () => {
+  it("job Failed (NAS full): one clear line, the job's statistics in the log, new checkpoint removed, the VM it paused resumed", async () => {
     const s = scenario('fail-job', {
       domain: { job: { behaviour: 'failed', errorMessage: 'No space left on device', pauseOnFailure: true } },
     });
@@ -66,23 +75,30 @@ describe.concurrent('-o backup: libvirt failures', () => {
     const r = await backup(s, { extra: fullFlags() });
     expect(r.code).toBe(1);
     expect(r.stdout).toBe(
-      'Virsh backup job failed\n' +
-        'No space left on device\n' +
-        'Job type:         Failed      \n' +
-        'Operation:        Backup      \n' +
-        'Time elapsed:     133          ms\n' +
-        'File processed:   12.000 MiB\n' +
-        'File remaining:   4.000 MiB\n' +
-        'File total:       16.000 MiB\n' +
-        'Error message:    No space left on device\n',
+      `The NAS ran out of space during the backup of ${VM} (No space left on device): backup stopped, partial files removed, VM resumed\n`,
     );
+    expect(logText(s.sb)).toContain('File remaining:   4.000 MiB');
     const calls = callLines(s);
     expect(calls).toContain(`domjobinfo ${VM} --completed --keep-completed --anystats`);
+    expect(calls).not.toContain(`domjobabort ${VM}`);
     expect(calls.filter((c) => c.startsWith('checkpoint-delete'))).toEqual([`checkpoint-delete ${VM} ${NEW_BITMAP}`]);
-    // Resumed only because it was found paused after the failure.
-    expect(calls.slice(-2)).toEqual([`domstate ${VM}`, `resume ${VM}`]);
+    // Resumed only because it was found paused on an I/O error after the NAS filled up.
+    expect(calls.slice(-2)).toEqual([`domstate ${VM} --reason`, `resume ${VM}`]);
     expectUndone(s, before);
     expect(s.fake.bitmaps(VM, 'vda')).toEqual([]);
+  });
+
+  it("job Failed on another error: libvirt's words and statistics, a VM paused on that I/O error is left paused (not ours)", async () => {
+    const s = scenario('fail-job-io', {
+      domain: { job: { behaviour: 'failed', errorMessage: 'Input/output error', pauseOnFailure: true } },
+    });
+    const r = await backup(s, { extra: fullFlags() });
+    expect(r.code).toBe(1);
+    expect(r.stdout).toMatch(/^Virsh backup job failed\nInput\/output error\nJob type: +Failed/);
+    expect(callLines(s)).not.toContain(`resume ${VM}`);
+    expect(s.fake.domain(VM).state).toBe('paused');
+    expect(logText(s.sb)).toContain(`Warning: VM ${VM} is paused (I/O error), not by this backup; leaving it paused`);
+    expectClean(s);
   });
 
   it('job never completes: the deadline ends it, domjobabort, nothing left, in bounded time', async () => {
@@ -95,7 +111,7 @@ describe.concurrent('-o backup: libvirt failures', () => {
     const calls = callLines(s);
     const abort = calls.indexOf(`domjobabort ${VM}`);
     expect(abort).toBeGreaterThan(calls.indexOf(`domjobinfo ${VM} --completed --keep-completed`));
-    expect(calls.slice(abort + 1)).toEqual([`domjobinfo ${VM}`, `checkpoint-delete ${VM} ${NEW_BITMAP}`, `domstate ${VM}`]);
+    expect(calls.slice(abort + 1)).toEqual([`domjobinfo ${VM}`, `checkpoint-delete ${VM} ${NEW_BITMAP}`, `domstate ${VM} --reason`]);
     // The deadline is the job's: polled for about 2 s after backup-begin, then aborted.
     const at = s.fake.calls().map((c) => c.t);
     const begun = at[calls.findIndex((c) => c.startsWith('backup-begin'))]!;
@@ -148,7 +164,7 @@ describe.concurrent('-o backup: libvirt failures', () => {
       `domjobabort ${VM}`,
       `domjobinfo ${VM}`,
       `checkpoint-delete ${VM} ${NEW_BITMAP}`,
-      `domstate ${VM}`,
+      `domstate ${VM} --reason`,
     ]);
     expectUndone(s, before);
   });
@@ -222,7 +238,7 @@ describe.concurrent('-o backup: libvirt failures', () => {
       `domjobabort ${VM}`,
       `domjobinfo ${VM}`,
       `checkpoint-delete ${VM} ${NEW_BITMAP}`,
-      `domstate ${VM}`,
+      `domstate ${VM} --reason`,
     ]);
     expect(logText(s.sb)).toContain('Received SIGTERM: stopping and cleaning up');
     expectUndone(s, before);

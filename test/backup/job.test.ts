@@ -1,7 +1,7 @@
 // Waiting for a libvirt push-backup job, with a scripted virsh and a fake clock: every
 // way a job can end (or not) becomes a result or a failure — never a hang.
 import { describe, expect, it } from 'vitest';
-import { waitForBackupJob, type WaitOptions } from '../../lib/ops/backup/job.js';
+import { jobHasEnded, waitForBackupJob, type WaitOptions } from '../../lib/ops/backup/job.js';
 import { VirshClient } from '../../lib/clients/virsh.js';
 import { NasbackupError } from '../../lib/errors.js';
 import type { RunResult } from '../../lib/exec.js';
@@ -113,11 +113,65 @@ describe('waitForBackupJob', () => {
   });
 
   it("Failed: libvirt's error message from --anystats, with the statistics", async () => {
-    const h = harness([ok(FAILED)]);
+    const io = FAILED_ANY.replace('No space left on device', 'Input/output error');
+    const h = harness([ok(FAILED)], undefined, ok(io));
     const e = await failure(waitForBackupJob(h.virsh, 'vm', h.opts()));
     expect(e.code).toBe('BACKUP_JOB_FAILED');
-    expect(e.toText()).toBe('Virsh backup job failed\nNo space left on device\n' + FAILED_ANY.trimEnd() + '\n');
+    expect(jobHasEnded(e)).toBe(true);
+    expect(e.toText()).toBe('Virsh backup job failed\nInput/output error\n' + io.trimEnd() + '\n');
     expect(h.calls).toEqual(['completed keep vm', 'completed keep anystats vm']);
+  });
+
+  it('Failed with "No space left on device": NAS_FULL in one line, the statistics in the log, nothing left to abort', async () => {
+    const h = harness([ok(FAILED)]);
+    const logged: string[] = [];
+    const e = await failure(waitForBackupJob(h.virsh, 'vm', h.opts({ log: (l) => logged.push(l) })));
+    expect(e.code).toBe('NAS_FULL');
+    expect(e.toText()).toBe('The NAS ran out of space during the backup of vm (No space left on device)\n');
+    expect(jobHasEnded(e)).toBe(true);
+    expect(logged).toEqual([`The backup job of vm failed: No space left on device\n${FAILED_ANY.trimEnd()}`]);
+  });
+
+  it("Failed on another error while the NAS is full (libvirt's words do not say so): still NAS_FULL", async () => {
+    const io = FAILED_ANY.replace('No space left on device', 'Input/output error');
+    const h = harness([ok(FAILED)], undefined, ok(io));
+    const e = await failure(waitForBackupJob(h.virsh, 'vm', h.opts({ nasFull: async () => true })));
+    expect(e.code).toBe('NAS_FULL');
+    expect(e.message).toBe('The NAS ran out of space during the backup of vm (Input/output error)');
+    const h2 = harness([ok(FAILED)], undefined, ok(io));
+    expect((await failure(waitForBackupJob(h2.virsh, 'vm', h2.opts({ nasFull: async () => false })))).code).toBe('BACKUP_JOB_FAILED');
+  });
+
+  it('watch: a failure it returns while the job runs ends the wait (the job still runs: not "ended")', async () => {
+    const h = harness([ok(NONE)]);
+    let polls = 0;
+    const stop = new NasbackupError('NAS_FULL', 'paused');
+    const e = await failure(waitForBackupJob(h.virsh, 'vm', h.opts({ watch: async () => (++polls === 3 ? stop : null) })));
+    expect(e).toBe(stop);
+    expect(jobHasEnded(e)).toBe(false);
+    expect(h.calls.filter((c) => c === 'active vm')).toHaveLength(3);
+  });
+
+  it('deadlineFromTotal: a total reported by the job extends the deadline (the data was not known beforehand)', async () => {
+    const h = harness([ok(NONE)], [ok(running('1.000 MiB', '16.000 MiB'))]);
+    const totals: number[] = [];
+    const e = await failure(
+      waitForBackupJob(
+        h.virsh,
+        'vm',
+        h.opts({
+          deadlineMs: 5_000,
+          deadlineFromTotal: (t) => {
+            totals.push(t);
+            return 30_000;
+          },
+        }),
+      ),
+    );
+    expect(e.message).toBe('Backup job of vm did not finish within 30 s');
+    expect(totals[0]).toBe(16 * 1048576);
+    expect(h.elapsed()).toBeGreaterThan(28_000);
+    expect(h.elapsed()).toBeLessThanOrEqual(30_000);
   });
 
   it('Cancelled (someone ran domjobabort): a failure saying so', async () => {

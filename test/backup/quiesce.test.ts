@@ -93,7 +93,7 @@ describe.concurrent('-o backup -q true', () => {
       `domjobabort ${VM}`,
       `domjobinfo ${VM}`,
       `checkpoint-delete ${VM} ${NEW_BITMAP}`,
-      `domstate ${VM}`,
+      `domstate ${VM} --reason`,
     ]);
     expect(s.fake.domain(VM).agent!.frozen).toBe(false);
     expect(s.fake.domain(VM).runtime!.active).toBeNull();

@@ -63,6 +63,7 @@ describe.concurrent('-o backup, running VM', () => {
       'version',
       'list',
       `domblklist ${VM} --details`,
+      `qemu-monitor-command ${VM} {"execute":"query-block"}`,
       `domjobinfo ${VM} --completed`,
       `backup-begin --domain ${VM} --backupxml <MP>/${BACKUP_PATH}.partial/backup.xml`,
       `dumpxml ${VM}`,
@@ -71,7 +72,7 @@ describe.concurrent('-o backup, running VM', () => {
       `domblklist ${VM}`,
       `domjobinfo ${VM} --completed --keep-completed`,
       `domjobinfo ${VM} --completed`,
-      `domstate ${VM}`,
+      `domstate ${VM} --reason`,
     ]);
     expect(s.fake.checkpointNames(VM)).toEqual([]);
     expect(s.fake.domain(VM).state).toBe('running');

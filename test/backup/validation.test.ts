@@ -202,7 +202,7 @@ describe.concurrent('checks that need the NAS or the domain: before backup-begin
     expect(r.code).toBe(1);
     expect(r.stdout).toMatch(stdout);
     expect(snapshotTree(s.sb.nas)).toEqual(snap);
-    expect(s.fake.names()).toEqual(['version', 'list', 'domblklist', 'checkpoint-list', 'domstate']);
+    expect(s.fake.names()).toEqual(['version', 'list', 'domblklist', 'qemu-monitor-command', 'checkpoint-list', 'domstate']);
     expect(s.fake.checkpointNames(VM)).toEqual([PARENT_BITMAP]);
     expectClean(s);
   });
@@ -246,7 +246,7 @@ describe.concurrent('checks that need the NAS or the domain: before backup-begin
     expect(r.code).toBe(1);
     expect(r.stdout).toMatch(stdout);
     expect(snapshotTree(s.sb.nas)).toEqual(snap);
-    expect(s.fake.names()).toEqual(['version', 'list', 'domblklist']);
+    expect(s.fake.names()).toEqual(['version', 'list', 'domblklist', 'qemu-monitor-command']);
     expect(s.fake.checkpointNames(VM)).toEqual([]);
     expect(leftovers(s.sb)).toEqual({ dirs: [], mounts: [] });
   });

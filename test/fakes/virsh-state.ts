@@ -13,6 +13,8 @@ export const FAKE_VIRSH = fileURLToPath(new URL('./virsh.mjs', import.meta.url))
 
 export interface FakeBitmap {
   name: string;
+  /** Dirty bytes (query-block's count). */
+  count?: number;
   persistent?: boolean;
   inconsistent?: boolean;
   recording?: boolean;
@@ -53,6 +55,10 @@ export interface FakeJob {
   errorMessage?: string;
   /** A failed job leaves the domain paused (an I/O error with werror=stop). */
   pauseOnFailure?: boolean;
+  /** After this many polls the domain pauses on an I/O error while the job runs on. */
+  pauseAfterPolls?: number;
+  /** With pauseAfterPolls: first grow the first target until its (small, test) file system is full. */
+  fillTargetFs?: boolean;
   timeElapsedMs?: number;
 }
 
@@ -62,6 +68,8 @@ export interface FakeDomain {
   uuid: string;
   /** 'running', 'paused', 'shut off', 'in shutdown', or any other text virsh may print. */
   state: string;
+  /** What `domstate --reason` adds (default: booted when running, user when paused). */
+  stateReason?: string;
   vcpus?: number;
   memoryKiB?: number;
   persistent?: boolean;

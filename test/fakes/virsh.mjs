@@ -46,6 +46,8 @@ import {
   readFileSync,
   readSync,
   realpathSync,
+  statfsSync,
+  writeSync,
   renameSync,
   rmSync,
   statSync,
@@ -214,6 +216,15 @@ function advanceJob(d) {
     dirty = true;
     return;
   }
+  a.seen = (a.seen ?? 0) + 1;
+  dirty = true;
+  if (a.pauseAfterPolls !== undefined && a.seen > a.pauseAfterPolls && !a.pausedMidJob) {
+    // The guest's write failed in the push target (copy-before-write): the VM pauses, the job runs on.
+    a.pausedMidJob = true;
+    if (a.fillTargetFs) fillFilesystemOf(a.targets[0]);
+    pauseOnIoError(d);
+    dirty = true;
+  }
   if (behaviour === 'never') return;
   if (a.polls < a.runningPolls) {
     a.polls++;
@@ -231,11 +242,31 @@ function advanceJob(d) {
       errorMessage: a.errorMessage ?? 'No space left on device',
     };
     removeTargets(a.targets); // libvirt deletes the partial target files of a failed push backup
-    if (a.pauseOnFailure) d.state = 'paused'; // e.g. an I/O error with werror=stop
+    if (a.pauseOnFailure) pauseOnIoError(d); // e.g. an I/O error with werror=stop
   } else {
     rt.completed = { type: 'Completed', timeElapsedMs: a.timeElapsedMs, processed: a.total, total: a.total };
   }
   dirty = true;
+}
+
+function pauseOnIoError(d) {
+  d.state = 'paused';
+  d.stateReason = 'I/O error';
+}
+
+/** Grow `file` until its file system is full (as a push target on a full NAS does); only on a small one. */
+function fillFilesystemOf(file) {
+  const st = statfsSync(dirname(file));
+  if (st.blocks * st.bsize > 256 * 1048576) throw new Error(`refusing to fill ${dirname(file)}: not a small test file system`);
+  const chunk = Buffer.alloc(1048576, 0x5a);
+  const fd = openSync(file, 'a');
+  try {
+    for (;;) writeSync(fd, chunk);
+  } catch (e) {
+    if (e.code !== 'ENOSPC') throw e;
+  } finally {
+    closeSync(fd);
+  }
 }
 
 function removeTargets(targets) {
@@ -393,8 +424,15 @@ function domiflist(args) {
   );
 }
 
+/** libvirt's reason for the state (`domstate --reason`). */
+function stateReason(d) {
+  if (d.stateReason) return d.stateReason;
+  return { running: 'booted', paused: 'user', 'shut off': 'destroyed' }[d.state] ?? 'unknown';
+}
+
 function domstate(args) {
-  return `${domain(positional(args)[0]).state}\n`;
+  const d = domain(positional(args)[0]);
+  return flag(args, '--reason') ? `${d.state} (${stateReason(d)})\n` : `${d.state}\n`;
 }
 
 function resume(args) {
@@ -403,6 +441,7 @@ function resume(args) {
     throw new VirshError(`error: Failed to resume domain '${d.name}'\nerror: Requested operation is not valid: domain is not running\n`);
   if (d.state === 'paused') {
     d.state = 'running';
+    delete d.stateReason;
     dirty = true;
   }
   return `Domain '${d.name}' resumed\n`;
@@ -413,6 +452,7 @@ function suspend(args) {
   if (!isActive(d))
     throw new VirshError(`error: Failed to suspend domain '${d.name}'\nerror: Requested operation is not valid: domain is not running\n`);
   d.state = 'paused';
+  d.stateReason = 'user';
   dirty = true;
   return `Domain '${d.name}' suspended\n`;
 }
@@ -499,7 +539,7 @@ function queryBlockReply(d) {
       persistent: b.persistent ?? true,
       busy: b.busy ?? false,
       granularity: 65536,
-      count: 0,
+      count: b.count ?? 0,
       ...(b.inconsistent ? { inconsistent: true } : {}),
     }));
     const inserted = {
@@ -509,12 +549,23 @@ function queryBlockReply(d) {
       encrypted: false,
       file: k.source,
       backing_file_depth: 0,
+      ...(existsSync(k.source) ? { image: imageOf(k) } : {}),
       detect_zeroes: 'off',
     };
     if (style === 'top-level') return { 'io-status': 'ok', ...e, 'dirty-bitmaps': bitmaps, inserted };
     return { 'io-status': 'ok', ...e, inserted: { ...inserted, 'dirty-bitmaps': bitmaps } };
   });
   return { return: entries, id: 'libvirt-42' };
+}
+
+/** query-block's `image`: virtual size and the file's host bytes (one image, no backing in the fake). */
+function imageOf(k) {
+  return {
+    filename: k.source,
+    format: k.format ?? 'qcow2',
+    'virtual-size': virtualSize(k),
+    'actual-size': statSync(k.source).blocks * 512,
+  };
 }
 
 function monitorCommand(args) {
@@ -717,6 +768,8 @@ function backupBegin(args) {
     timeElapsedMs: job.timeElapsedMs ?? 133,
     errorMessage: job.errorMessage,
     pauseOnFailure: job.pauseOnFailure === true,
+    pauseAfterPolls: job.pauseAfterPolls,
+    fillTargetFs: job.fillTargetFs === true,
     targets: targets.map((t) => t.file),
     jobs: targets.map(({ disk }, i) => ({ device: `backup-${disk.target}-libvirt-${i + 1}-format`, len: virtualSize(disk), speed: 0 })),
   };
@@ -812,6 +865,7 @@ function writeFast(dir, tmp) {
       ['dominfo', n],
       ['domiflist', n],
       ['domstate', n],
+      ['domstate', n, '--reason'],
       ['checkpoint-list', n, '--name'],
     );
     // Job queries change nothing while no job runs; reading completed statistics

@@ -1,10 +1,10 @@
 // Backup of a running (or paused) VM: libvirt push backup, with a checkpoint when the
 // agent asks for one, incrementals that stay correct after a VM restart, a guest
 // frozen only for the instant of backup-begin, and a clean undo on every failure.
-import { stat, unlink, writeFile } from 'node:fs/promises';
+import { stat, statfs, unlink, writeFile } from 'node:fs/promises';
 import { dirname, join, relative } from 'node:path';
 import type { BackupReport } from '../../agent-output.js';
-import { NasbackupError, type Warning } from '../../errors.js';
+import { NasbackupError, toNasbackupError, type Warning } from '../../errors.js';
 import { ensureWithin, exists, parseRelativePath } from '../../paths.js';
 import { readChain, readHeader } from '../../qcow2/index.js';
 import { chainRefusal, inspectChain } from '../../store/safety.js';
@@ -12,7 +12,9 @@ import type { QemuImgClient } from '../../clients/qemu-img.js';
 import { softly } from '../../clients/failure.js';
 import { RESTORE_FILE_NAMES, type QueryBlockEntry, type VirshClient } from '../../clients/virsh.js';
 import { backupFileName, matchParents, resolveVolumeId } from '../../store/disks.js';
-import { waitForBackupJob } from './job.js';
+import { jobHasEnded, waitForBackupJob } from './job.js';
+import { copyDeadline, deadlinePolicy, fmtBytes, fmtSeconds, Heartbeat } from './deadline.js';
+import { checkSpace, runningEstimate, total, type DiskEstimate } from './space.js';
 import { createProgress } from './progress.js';
 import { backupXml, checkpointXml, redefineCheckpointXml } from './xml.js';
 import type { BackupArgs } from './args.js';
@@ -183,6 +185,8 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
   const { qemuImg } = ctx.clients;
   const nas = await ctx.openNas(a.nas);
   const disks = await listDisks(virsh, a.vm);
+  const estimates = await estimate(ctx, virsh, a, disks);
+  await checkSpace(ctx, a.vm, nas.mountPoint, estimates);
   await ctx.lockVm(nas.mountPoint, a.instance, 'backup');
   const work = await WorkDir.create(nas.mountPoint, a.path, { staleAfterMs: ctx.config.lockStaleAfterMs, log: (m) => ctx.logger.log(m) });
 
@@ -193,6 +197,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
   const warnings: Warning[] = [];
   const progress = await createProgress(process.stdout.isTTY === true);
   let limiter: RateLimiter | null = null;
+  let failed = false;
   try {
     const p = await plan(ctx, virsh, a, disks, nas.mountPoint, work);
     const targets = disks.map((d) => ({ name: d.target, file: work.file(d.file) }));
@@ -227,12 +232,26 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     if (a.bandwidth !== null) limiter = await limitBackupRate(virsh, a.vm, a.bandwidth, (m) => ctx.logger.log(m));
     await captureRestoreFiles(virsh, a.vm, work);
 
+    // The deadline follows the data to move (never a fixed wait a large disk outgrows).
+    const policy = deadlinePolicy(ctx.config, a.bandwidth);
+    const toMove = total(estimates);
+    const deadline = copyDeadline(toMove, policy);
+    ctx.logger.log(`Backup job of ${a.vm}: deadline ${fmtSeconds(deadline.ms)} (${deadline.why})`);
+    const beat = new Heartbeat(`Backup of ${a.vm}`, ctx.config.heartbeatMs, (l) => ctx.logger.log(l));
     const block = await waitForBackupJob(virsh, a.vm, {
-      deadlineMs: ctx.config.jobTimeoutMs,
+      deadlineMs: deadline.ms,
+      ...(toMove === null ? { deadlineFromTotal: (t: number) => copyDeadline(t, policy).ms } : {}),
       initialIntervalMs: ctx.config.jobPollInitialMs,
       maxIntervalMs: ctx.config.jobPollMaxMs,
       checkpoint: () => ctx.checkpoint(),
-      onProgress: (done, total) => progress.update(done, total),
+      onProgress: (done, total) => {
+        progress.update(done, total);
+        beat.update(done, total);
+      },
+      onPoll: () => beat.tick(),
+      watch: () => (paused ? Promise.resolve(null) : pausedOnIoError(virsh, a.vm, nas.mountPoint)),
+      nasFull: async () => (await nasLooksFull(nas.mountPoint)).full,
+      log: (l) => ctx.logger.log(l),
     });
     releaseJob();
     progress.stop();
@@ -285,12 +304,15 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
       files,
     };
   } catch (e) {
+    failed = true;
     progress.stop();
     await limiter?.stop();
     await undo.unwind(e);
-    throw e;
+    const resumed = paused ? false : await resumeIfOurs(ctx, virsh, a.vm, nas.mountPoint, e);
+    throw await outcome(e, a.vm, work, resumed);
   } finally {
-    if (!paused) await resumeIfPaused(ctx, virsh, a.vm);
+    // After a success too: a VM that an I/O error of ours paused does not stay paused.
+    if (!paused && !failed) await resumeIfOurs(ctx, virsh, a.vm, nas.mountPoint, null);
   }
 }
 
@@ -347,7 +369,7 @@ async function beginBackup(
     }
     releaseJob = undo.defer('abort the backup job', async (failure) => {
       // A job libvirt reported as failed (or gone) has nothing left to abort.
-      if (!(failure instanceof NasbackupError && failure.code === 'BACKUP_JOB_FAILED')) await abortJob(ctx, virsh, a.vm);
+      if (!jobHasEnded(failure)) await abortJob(ctx, virsh, a.vm);
     });
   }
   if (thawError !== null) {
@@ -409,12 +431,93 @@ async function dropOldCheckpoints(ctx: OpContext, virsh: VirshClient, vm: string
   }
 }
 
-/** A VM that was running before us is never left paused (e.g. by an I/O error on a full NAS). */
-async function resumeIfPaused(ctx: OpContext, virsh: VirshClient, vm: string): Promise<void> {
-  const state = await virsh.state(vm).catch(() => '');
-  if (state.startsWith('paused')) {
-    ctx.logger.log(`VM ${vm} is paused after the backup; resuming it`);
-    const refused = await softly(virsh.resume(vm));
-    if (refused !== null) ctx.logger.log(`Warning: could not resume ${vm}: ${refused}`);
+/** Estimates of the bytes the backup writes, per disk (see space.ts). */
+async function estimate(ctx: OpContext, virsh: VirshClient, a: BackupArgs, disks: Disk[]): Promise<DiskEstimate[]> {
+  let entries: QueryBlockEntry[] = [];
+  const unreadable = await softly(virsh.queryBlock(a.vm).then((q) => (entries = q)));
+  if (unreadable !== null) ctx.logger.log(`Cannot read the disks' allocation from QEMU (${unreadable}); reading the disk files`);
+  const parent = a.mode === 'incremental' ? a.bitmapParent : null;
+  // An incremental copies the parent bitmap's dirty bytes only when every disk has it (else it falls back to a full).
+  const usable = parent !== null && disks.every((x) => entries.find((e) => e.file === x.source)?.bitmaps.some((b) => b.name === parent));
+  const out: DiskEstimate[] = [];
+  for (const d of disks) {
+    const entry = entries.find((e) => e.file === d.source);
+    out.push({ ...(await runningEstimate(d.source, entry, usable ? parent : null)), disk: d.target });
   }
+  return out;
+}
+
+/** libvirt's reason for a pause on a failed write (`virsh domstate --reason`: "I/O error"). */
+const IO_ERROR_REASON = /i\/o error|ioerror/i;
+
+/**
+ * The NAS has (about) no space left: what a write of ours that failed with ENOSPC leaves.
+ * Free space under 2% of the file system, and under 64 MiB.
+ */
+async function nasLooksFull(mountPoint: string): Promise<{ full: boolean; free: number | null }> {
+  const s = await statfs(mountPoint).catch(() => null);
+  if (!s) return { full: false, free: null };
+  const free = s.bavail * s.bsize;
+  return { full: free < Math.min(64 * 1024 * 1024, s.blocks * s.bsize * 0.02), free };
+}
+
+/**
+ * While the job runs: the VM paused on an I/O error. A full NAS means our push target
+ * failed the guest's write (copy-before-write): NAS_FULL; otherwise IO_ERROR. Either way
+ * the job is stopped (the caller's undo aborts it).
+ */
+async function pausedOnIoError(virsh: VirshClient, vm: string, mountPoint: string): Promise<NasbackupError | null> {
+  const s = await virsh.stateReason(vm).catch(() => null);
+  if (s?.state !== 'paused' || !IO_ERROR_REASON.test(s.reason)) return null;
+  const nas = await nasLooksFull(mountPoint);
+  if (nas.full) return new NasbackupError('NAS_FULL', `The NAS ran out of space during the backup of ${vm} (VM paused on an I/O error)`);
+  const free = nas.free === null ? 'unknown' : fmtBytes(nas.free);
+  return new NasbackupError('IO_ERROR', `VM ${vm} paused on an I/O error during the backup (the NAS is not full: ${free} free)`);
+}
+
+/** What to do with a VM found paused after our run (it was running when we started). */
+export function pauseDecision(p: { state: string; reason: string; failure: string | null; nasFull: boolean }): 'none' | 'resume' | 'leave' {
+  if (p.state !== 'paused') return 'none';
+  // Paused by someone else while we ran (virsh suspend: "user", a migration, …): not ours.
+  if (p.reason !== '' && !IO_ERROR_REASON.test(p.reason)) return 'leave';
+  // An I/O error (or no reason given): ours when our target filled up.
+  return p.failure === 'NAS_FULL' || p.nasFull ? 'resume' : 'leave';
+}
+
+/**
+ * A VM that was running before us is resumed when our run (a full NAS) paused it, and only
+ * then: one paused by an operator, or by an I/O error that is not ours, is left as it is.
+ * Returns whether it was resumed.
+ */
+async function resumeIfOurs(ctx: OpContext, virsh: VirshClient, vm: string, mountPoint: string, failure: unknown): Promise<boolean> {
+  const s = await virsh.stateReason(vm).catch(() => null);
+  if (s?.state !== 'paused') return false;
+  const code = failure === null ? null : toNasbackupError(failure).code;
+  const nas = code === 'NAS_FULL' ? { full: true } : await nasLooksFull(mountPoint);
+  const what = pauseDecision({ state: s.state, reason: s.reason, failure: code, nasFull: nas.full });
+  const why = s.reason || 'no reason given';
+  if (what !== 'resume') {
+    ctx.logger.log(`Warning: VM ${vm} is paused (${why}), not by this backup; leaving it paused`);
+    return false;
+  }
+  ctx.logger.log(`VM ${vm} is paused (${why}) by the backup's full NAS; resuming it`);
+  const refused = await softly(virsh.resume(vm));
+  if (refused !== null) {
+    ctx.logger.log(`Warning: could not resume ${vm}: ${refused}`);
+    return false;
+  }
+  return true;
+}
+
+/** A full NAS in one line (whichever write found it): what happened and what was undone. Other failures as they are. */
+async function outcome(e: unknown, vm: string, work: WorkDir, resumed: boolean): Promise<unknown> {
+  const err = toNasbackupError(e);
+  if (err.code !== 'NAS_FULL') return e;
+  // A write of ours that failed (a side file, the manifest): the system's words, without the call.
+  const head =
+    e instanceof NasbackupError ? err.message : `The NAS ran out of space during the backup of ${vm} (${err.message.split(':')[0]})`;
+  const removed = !(await exists(work.path));
+  const parts = ['backup stopped', removed ? 'partial files removed' : 'partial files NOT all removed'];
+  if (resumed) parts.push('VM resumed');
+  return new NasbackupError(err.code, `${head}: ${parts.join(', ')}`, { details: err.details, cause: e });
 }

@@ -9,8 +9,11 @@
 // the files and the folder.
 import { constants } from 'node:fs';
 import { open, stat } from 'node:fs/promises';
+import { allocatedBytes, checkSpace, total } from './space.js';
+import { copyDeadline, deadlinePolicy, fmtSeconds, Heartbeat } from './deadline.js';
+import { NO_SPACE } from './job.js';
 import { STOPPED_FALLBACK_REASON, type BackupReport } from '../../agent-output.js';
-import { NasbackupError } from '../../errors.js';
+import { NasbackupError, toNasbackupError } from '../../errors.js';
 import { exists } from '../../paths.js';
 import { ImageChain, Qcow2Error, readHeader } from '../../qcow2/index.js';
 import { softly, ToolError } from '../../clients/failure.js';
@@ -61,6 +64,9 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
   ];
   if (asked.length > 0) ctx.logger.log(`Stopped-VM copy of ${a.vm}: ${asked.join(', ')}`);
   const nas = await ctx.openNas(a.nas);
+  const estimates = [];
+  for (const d of disks) estimates.push(await allocatedBytes(d.src));
+  await checkSpace(ctx, a.vm, nas.mountPoint, estimates);
   await ctx.lockVm(nas.mountPoint, a.instance, 'backup');
   const work = await WorkDir.create(nas.mountPoint, a.path, { staleAfterMs: ctx.config.lockStaleAfterMs, log: (m) => ctx.logger.log(m) });
   try {
@@ -71,14 +77,31 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
     if (plan?.kind === 'full') ctx.logger.log(`Offline incremental of ${a.vm} not possible (${plan.reason}): taking a full copy instead`);
     const incremental = plan?.kind === 'incremental' ? plan : null;
     const digests: Array<LayerDigest | undefined> = [];
+    // One deadline for all the copies, following the data (started once, like the agent's own wait).
+    const deadline = copyDeadline(total(estimates), deadlinePolicy(ctx.config, a.bandwidth));
+    const end = Date.now() + deadline.ms;
+    ctx.logger.log(`Backup of stopped VM ${a.vm}: deadline ${fmtSeconds(deadline.ms)} (${deadline.why})`);
     for (const [i, d] of disks.entries()) {
       ctx.checkpoint();
       const off = incremental?.disks[i];
-      digests.push(
-        off
-          ? await writeOfflineIncremental(ctx, off, work.file(d.file), backingReference(work.final, off.parentAbs))
-          : await copyDisk(ctx, a, d.src, formats[i]!, work.file(d.file), `disk ${i + 1}/${disks.length}`),
-      );
+      const dst = work.file(d.file);
+      const beat = copyHeartbeat(ctx, `Copy of ${d.src}`, dst, estimates[i]!.bytes);
+      try {
+        digests.push(
+          off
+            ? await writeOfflineIncremental(ctx, off, dst, backingReference(work.final, off.parentAbs))
+            : await copyDisk(ctx, a, d.src, formats[i]!, dst, `disk ${i + 1}/${disks.length}`, end),
+        );
+      } catch (e) {
+        const text = e instanceof ToolError ? e.details : e instanceof Error ? e.message : '';
+        if (NO_SPACE.test(text)) {
+          ctx.logger.log(`Copy of ${d.src}: ${text}`);
+          throw new NasbackupError('NAS_FULL', `The NAS ran out of space during the backup of stopped VM ${a.vm} (No space left on device)`);
+        }
+        throw e;
+      } finally {
+        beat.stop();
+      }
     }
     await writeManifest(ctx, a, work, {
       kind: incremental ? 'incremental' : 'full',
@@ -136,9 +159,36 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
     );
     return { vm: a.vm, path: a.path, mode: a.mode, format: 'stopped', report, warnings: [], jobBlock: '', files: sizes };
   } catch (e) {
-    await work.discard().catch((err: Error) => ctx.leftover(`Could not remove the unfinished backup ${work.path}: ${err.message}`));
+    const removed = await work.discard().then(
+      () => true,
+      (err: Error) => {
+        ctx.leftover(`Could not remove the unfinished backup ${work.path}: ${err.message}`);
+        return false;
+      },
+    );
+    const err = toNasbackupError(e);
+    if (err.code === 'NAS_FULL') {
+      const head =
+        e instanceof NasbackupError
+          ? e.message
+          : `The NAS ran out of space during the backup of stopped VM ${a.vm} (${err.message.split(':')[0]})`;
+      throw new NasbackupError(err.code, `${head}: ${removed ? 'partial files removed' : 'partial files NOT all removed'}`, { cause: e });
+    }
     throw e;
   }
+}
+
+/** Heartbeats of one copy: the bytes its target holds, every NASBACKUP_HEARTBEAT_INTERVAL. */
+function copyHeartbeat(ctx: OpContext, label: string, dst: string, totalBytes: number | null): { stop(): void } {
+  const beat = new Heartbeat(label, ctx.config.heartbeatMs, (l) => ctx.logger.log(l));
+  const timer = setInterval(() => {
+    void stat(dst).then(
+      (st) => beat.update(st.blocks * 512, totalBytes),
+      () => {},
+    );
+  }, ctx.config.heartbeatMs);
+  timer.unref();
+  return { stop: () => clearInterval(timer) };
 }
 
 /**
@@ -152,21 +202,23 @@ async function copyDisk(
   fmt: 'qcow2' | 'raw',
   dst: string,
   label: string,
+  end: number,
 ): Promise<LayerDigest | undefined> {
   const started = Date.now();
+  // What is left of the backup's deadline (it follows the data: lib/ops/backup/deadline.ts).
+  const limitMs = Math.max(1000, end - started);
   const chain = fmt === 'qcow2' ? await openNative(ctx, src) : null;
   if (chain === null) {
     // Parallel options: see QemuImgClient.convert.
-    await ctx.clients.qemuImg.convert(src, fmt, dst, { parallel: true, compress: a.compress, rateBytesPerSec: a.bandwidth });
+    await ctx.clients.qemuImg.convert(src, fmt, dst, { parallel: true, compress: a.compress, rateBytesPerSec: a.bandwidth, timeoutMs: limitMs });
     await flushFile(ctx, dst);
     const size = (await stat(dst)).size;
     logThroughput(ctx, `Copied ${src} to ${dst} with qemu-img convert`, `${size} bytes written`, size, Date.now() - started);
     return undefined;
   }
   const progress = await createProgress(process.stdout.isTTY === true && process.stderr.isTTY === true, `${a.vm} ${label}`);
-  // The deadline qemu-img convert had: checked between requests, and around the whole copy
-  // (a write or flush stuck on a dead NAS); once it passed, the next checkpoint stops the engine.
-  const limitMs = ctx.config.qemuImgTimeoutMs;
+  // The deadline, checked between requests and around the whole copy (a write or flush stuck
+  // on a dead NAS); once it passed, the next checkpoint stops the engine.
   let expired = false;
   try {
     const r = await withDeadline(

@@ -28,7 +28,9 @@ const result = await build({
   // y18n would read locale files relative to the bundle at run time: English stand-in.
   alias: { y18n: './scripts/y18n-english.cjs' },
   define: { __NASBACKUP_VERSION__: JSON.stringify(pkg.version) },
-  banner: { js: `#!/usr/bin/env node\n// nasbackup ${pkg.version}: single-file build (npm run bundle); ${pkg.license}.` },
+  banner: {
+    js: `#!/usr/bin/env -S node --max-semi-space-size=1\n// nasbackup ${pkg.version}: single-file build (npm run bundle); ${pkg.license}.`,
+  },
   legalComments: 'none',
   keepNames: true,
   metafile: true,

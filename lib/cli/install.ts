@@ -13,7 +13,7 @@ import { wantsJson } from './args.js';
 import { render, renderFailure, type OutputMode, type Renderer } from '../output.js';
 
 // The command's pieces as they were exported before the split (test/ship/install.test.ts uses them from here).
-export { isLauncher, launcherText, LAUNCHER_MARKER, shQuote } from '../install/launcher.js';
+export { isLauncher, launcherText, LAUNCHER_MARKER, NODE_FLAGS, shQuote } from '../install/launcher.js';
 export { compareVersions, MIN_NODE_VERSION } from '../install/node-probe.js';
 
 /** Where packaged CloudStack agents keep the script (paths.script in environment.properties). */

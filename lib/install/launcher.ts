@@ -9,13 +9,6 @@ export const LAUNCHER_MARKER = '# nasbackup-agent-hook launcher';
 /** The original script is kept beside the launcher under this suffix. */
 export const ORIG_SUFFIX = '.orig';
 
-/**
- * V8 flags every launch passes (bin/nasbackup's shebang and the bundle's say the same): a
- * 1 MiB young generation and one V8 worker thread keep peak RSS near the idle program's,
- * whatever a copy or rebase moves. Both only cost more frequent small scavenges.
- */
-export const NODE_FLAGS = '--max-semi-space-size=1 --v8-pool-size=1';
-
 /** POSIX sh single quotes: everything literal, a quote as '\''. */
 export function shQuote(s: string): string {
   return `'${s.replace(/'/g, `'\\''`)}'`;
@@ -32,9 +25,17 @@ export interface LauncherSpec {
   version: string;
 }
 
+/**
+ * V8 flags every launch passes (bin/nasbackup's shebang and the bundle's say the same): a
+ * young generation of 1 MiB semi-spaces (V8 grows them to 16 MiB under the copy engine's
+ * allocation rate) and one V8 worker thread keep peak RSS near the idle program's, whatever a
+ * copy or rebase moves (issue 18). Both only cost more frequent small scavenges.
+ */
+export const NODE_FLAGS = ['--max-semi-space-size=1', '--v8-pool-size=1'];
+
 /** The launcher: no logic beyond naming the script and exec'ing Node with absolute paths. */
 export function launcherText(opts: LauncherSpec): string {
-  const self = `${shQuote(opts.node)} ${NODE_FLAGS} ${shQuote(opts.entry)}`;
+  const self = `${shQuote(opts.node)} ${NODE_FLAGS.join(' ')} ${shQuote(opts.entry)}`;
   return [
     '#!/bin/sh',
     `${LAUNCHER_MARKER} (nasbackup ${opts.version}); the original script is ${basename(opts.target)}${ORIG_SUFFIX} beside it.`,

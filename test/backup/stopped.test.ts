@@ -6,12 +6,13 @@ import { closeSync, openSync, readFileSync, statSync, writeSync } from 'node:fs'
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { digestLayer } from '../../lib/store/layer-digest.js';
-import { logText, writeShim } from '../helpers/cli.js';
+import { BIN, logText, writeShim } from '../helpers/cli.js';
 import { bitmapIsEmpty, imageBitmaps, leaveBitmapsInUse } from '../helpers/bitmaps.js';
 import { snapshotTree } from '../helpers/tree.js';
 import { removeTempDirs } from '../helpers/tmp.js';
 import {
   backup,
+  backupArgv,
   bitmapsIn,
   compareImages,
   DATA_VOL,
@@ -70,6 +71,18 @@ describe.concurrent('-o backup, stopped VM', () => {
     );
     expect(execFileSync('qemu-img', ['check', join(s.sb.nas, rootFile())], { encoding: 'utf8' })).toMatch(/No errors were found/);
     expect(othersOnNas(s.sb)).toEqual(before);
+    expectClean(s);
+  });
+
+  it('on a terminal: a progress bar per disk on stderr; stdout keeps its bytes', () => {
+    const s = stopped('stp-tty');
+    // `script` gives the run a terminal for stdout and stderr; what it captures is both streams.
+    const cmd = [BIN, ...backupArgv(s, { disks: `${s.rootDisk},${s.dataDisk}` })].map((a) => `'${a}'`).join(' ');
+    const seen = execFileSync('script', ['-qec', cmd, '/dev/null'], { env: { ...process.env, ...s.sb.env }, encoding: 'utf8' });
+    expect(seen).toMatch(new RegExp(`${VM} disk 1/2 \\[[^\\]]*\\] 100% \\| \\d+/\\d+ MiB`));
+    expect(seen).toMatch(new RegExp(`${VM} disk 2/2 \\[`));
+    // Without a terminal (the agent), the same run prints the sizes only: the other tests here.
+    expect(seen.replace(/\r/g, '')).toContain(sizeLines(s));
     expectClean(s);
   });
 

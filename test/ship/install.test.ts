@@ -22,6 +22,7 @@ import {
   DEFAULT_AGENT_SCRIPT,
   isLauncher,
   launcherText,
+  NODE_FLAGS,
   LAUNCHER_MARKER,
   MIN_NODE_VERSION,
   NODE_FLAGS,
@@ -164,7 +165,7 @@ describe('install-agent-hook', () => {
       node: otherNode,
       entry: bundle,
     });
-    expect(readFileSync(r.target, 'utf8')).toContain(`exec ${shQuote(otherNode)} ${NODE_FLAGS} ${shQuote(bundle)} "$@"`);
+    expect(readFileSync(r.target, 'utf8')).toContain(`exec ${shQuote(otherNode)} ${NODE_FLAGS.join(' ')} ${shQuote(bundle)} "$@"`);
     expect(fingerprint(r.dir).filter((e) => (e as { name: string }).name.endsWith('.orig'))).toEqual(origBefore);
     const lst = statSync(r.target);
     expect({ mode: lst.mode & 0o7777, uid: lst.uid, gid: lst.gid }).toEqual({ mode: MODE, uid: UID, gid: GID });
@@ -213,7 +214,7 @@ describe('install-agent-hook', () => {
     const r = agentRoot('inst-bin');
     const res = await hook(r, [], [BIN]);
     expect(res.code).toBe(0);
-    expect(readFileSync(r.target, 'utf8')).toContain(`exec ${shQuote(process.execPath)} ${NODE_FLAGS} ${shQuote(BIN)} "$@"`);
+    expect(readFileSync(r.target, 'utf8')).toContain(`exec ${shQuote(process.execPath)} ${NODE_FLAGS.join(' ')} ${shQuote(BIN)} "$@"`);
     expect(await runProgram(r.target, ['--version'], { PATH: '/usr/bin:/bin' })).toMatchObject({
       code: 0,
       stdout: `nasbackup ${PKG.version}\n`,
@@ -339,7 +340,8 @@ describe('the launcher text', () => {
     const args = ['-o', 'backup', '-m', '', '-d', '', 'a b', "it's", '$HOME', '*', '\\n', '-q', 'false'];
     const r = spawnSync(target, args, { encoding: 'utf8', env: { PATH: '/usr/bin:/bin' }, cwd: root });
     expect(r.status).toBe(0);
-    expect(r.stdout).toBe([target, ...[...NODE_FLAGS.split(' '), entry, ...args].map((a) => `[${a}]`)].join('\n') + '\n');
+    // Node gets its V8 flags first (NODE_FLAGS), then the program and every argument as given.
+    expect(r.stdout).toBe([target, ...[...NODE_FLAGS, entry, ...args].map((a) => `[${a}]`)].join('\n') + '\n');
   });
 
   it('starts with #!/bin/sh and carries the marker on line 2; anything else is not ours', () => {
@@ -351,7 +353,7 @@ describe('the launcher text', () => {
     });
     expect(t.split('\n')[0]).toBe('#!/bin/sh');
     expect(t.split('\n')[1]!.startsWith(LAUNCHER_MARKER)).toBe(true);
-    expect(t.split('\n').at(-2)).toBe(`exec '/usr/bin/node' ${NODE_FLAGS} '/opt/nasbackup/nasbackup.cjs' "$@"`);
+    expect(t.split('\n').at(-2)).toBe(`exec '/usr/bin/node' --max-semi-space-size=1 '/opt/nasbackup/nasbackup.cjs' "$@"`);
     expect(isLauncher(t)).toBe(true);
     expect(isLauncher(`#!/bin/bash\n# mentions ${LAUNCHER_MARKER} later\n`)).toBe(false);
     expect(isLauncher(ORIGINAL.toString('utf8'))).toBe(false);

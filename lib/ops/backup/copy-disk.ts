@@ -8,6 +8,13 @@ import { DEFAULT_EXTENT_BYTES } from '../../store/manifest.js';
 
 /** qemu-img convert's default cluster size for a new qcow2. */
 export const BACKUP_CLUSTER_BITS = 16;
+/**
+ * 2 MiB requests, 4 in flight (what qemu-img convert moves per request): 8 MiB of buffers, so
+ * the whole run stays within 32 MiB of the program's idle RSS (issue 18) at near the same speed
+ * as larger requests on a local disk or an NFS mount (1 MiB wsize).
+ */
+export const BACKUP_REQUEST_BYTES = 2 << 20;
+export const BACKUP_BUFFERS = 4;
 
 export interface DiskCopyOptions extends Pick<CopyOptions, 'onProgress' | 'checkpoint' | 'rateBytesPerSec' | 'requestBytes' | 'buffers'> {
   extentBytes?: number;
@@ -37,6 +44,8 @@ export async function copyDiskToQcow2(src: CopySource, dst: string, opts: DiskCo
   });
   try {
     const stats = await copyImage(src, w, {
+      requestBytes: BACKUP_REQUEST_BYTES,
+      buffers: BACKUP_BUFFERS,
       ...opts,
       onRun: (run) => {
         if (run.kind === 'data') dg.add(run.offset, run.length, 'data', run.data);

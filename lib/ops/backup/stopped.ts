@@ -263,7 +263,8 @@ async function copyDisk(
 async function openNative(ctx: OpContext, src: string): Promise<ImageChain | null> {
   let chain: ImageChain;
   try {
-    chain = await ImageChain.open(src);
+    // A front-to-back copy needs a table or two per layer: a small L2 cache keeps memory flat.
+    chain = await ImageChain.open(src, { l2CacheBytes: 512 << 10 });
   } catch (e) {
     if (!(e instanceof Qcow2Error)) throw e;
     ctx.logger.log(`Copying ${src} with qemu-img convert: the native reader refuses it (${e.message})`);

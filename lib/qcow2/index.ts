@@ -34,3 +34,4 @@ export { imageInfo, readBitmaps, type ImageInfo, type BitmapInfo } from './info.
 export { nativeRebase, type NativeRebaseOptions, type NativeRebaseResult, type RebaseHooks } from './rebase.js';
 export { NodeBlockFile, openImageFile, type BlockFile } from './io.js';
 export { scanImage, scanMetadata, type ScanResult } from './scan.js';
+export { checkImage, describeCheck, type Qcow2CheckResult, type CheckVerdict, type CheckOptions } from './check.js';

@@ -620,7 +620,7 @@ class Checker {
   /** Stored against computed, cluster by cluster, streaming the refcount blocks. */
   private async compare(): Promise<void> {
     const nb = this.counts.size;
-    let highest = -1;
+    let highest = 0;
     const blocks = Math.ceil(nb / this.epb);
     for (let b = 0; b < blocks; b++) {
       const lo = b * this.epb;

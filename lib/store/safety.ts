@@ -22,6 +22,8 @@ import {
   readHeader,
   type Qcow2Header,
   scanMetadata,
+  checkImage,
+  describeCheck,
 } from '../qcow2/index.js';
 
 /** unsafe: must never be read or handed on; corrupt: damaged; broken: a layer is missing. */
@@ -202,4 +204,40 @@ export async function assertChainSafe(
 export function refusalForQcow2(e: Qcow2Error, what: string, vm: string): NasbackupError | null {
   if (UNSUPPORTED_CODES.has(e.code) || e.code === 'QCOW2_IO' || e.code === 'QCOW2_CRASH_INJECTED' || e.code === 'QCOW2_RANGE') return null;
   return chainRefusal({ kind: kindOf(e.code), layer: e.path ?? '', message: e.message, reference: false }, what, vm);
+}
+
+// ---- the structural check ---------------------------------------------------------------
+
+/** The verdict of one file's structural check (refcounts against every reference, entries, header bits). */
+export type StructuralCheck =
+  | { kind: 'clean'; by: 'native' | 'qemu-img' }
+  | { kind: 'leaks'; by: 'native' | 'qemu-img'; message: string }
+  | { kind: 'failed'; by: 'native' | 'qemu-img'; message: string };
+
+/** `qemu-img check`, for the images the native check cannot answer for (encrypted ones). */
+export type QemuImgCheck = () => Promise<
+  { kind: 'clean' } | { kind: 'leaks' } | { kind: 'failed'; exitCode: number | null; message: string }
+>;
+
+/**
+ * The native check (lib/qcow2/check.ts, qemu-img check's counting); qemu-img only when the native
+ * check cannot answer (a valid feature it does not handle: encryption). Never call it on a chain
+ * inspectChain() refused.
+ */
+export async function structuralCheck(path: string, fallback?: QemuImgCheck): Promise<StructuralCheck> {
+  let r;
+  try {
+    r = await checkImage(path, { maxMessages: 3 });
+  } catch (e) {
+    if (!(e instanceof Qcow2Error) || !UNSUPPORTED_CODES.has(e.code) || !fallback) throw e;
+    const q = await fallback();
+    if (q.kind === 'clean') return { kind: 'clean', by: 'qemu-img' };
+    if (q.kind === 'leaks') return { kind: 'leaks', by: 'qemu-img', message: 'qemu-img check: leaked clusters (harmless, space only)' };
+    return { kind: 'failed', by: 'qemu-img', message: `qemu-img check failed (exit ${q.exitCode}): ${q.message}` };
+  }
+  if (r.verdict === 'clean') return { kind: 'clean', by: 'native' };
+  if (r.verdict === 'leaks')
+    return { kind: 'leaks', by: 'native', message: `structural check: ${r.leaks} leaked cluster(s) (harmless, space only)` };
+  const first = r.fatal === null && r.messages.length ? `; first: ${r.messages[0]}` : '';
+  return { kind: 'failed', by: 'native', message: `structural check failed: ${describeCheck(r)}${first}` };
 }

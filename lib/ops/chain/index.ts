@@ -7,6 +7,7 @@ import { NasbackupError, withResult } from '../../errors.js';
 import { ensureWithin, exists } from '../../paths.js';
 import { backingFile, discover, type BackupFile, type VmBackups } from './discover.js';
 import { digestLayer } from '../../store/layer-digest.js';
+import { structuralCheck, type StructuralCheck } from '../../store/safety.js';
 import { planDelete, type DeletePlan } from './plan.js';
 import type { BackupRecord } from './provider-plan.js';
 import { verifyChains, type VerifyReport } from './verify.js';
@@ -66,7 +67,12 @@ export async function chainVerify(ctx: OpContext, a: ChainArgs): Promise<ChainVe
     backups = await pointInTime(all, a.backup);
   }
   ctx.logger.log(`Chain verify of ${vm}${a.backup ? `/${a.backup}` : ''} on ${root}`);
-  const report = await verifyChains(backups, (abs) => ctx.clients.qemuImg.check(abs, { shared: true }), 2, {
+  const check = async (abs: string): Promise<StructuralCheck> => {
+    const r = await structuralCheck(abs, () => ctx.clients.qemuImg.check(abs, { shared: true }));
+    ctx.logger.log(`Structural check of ${abs}: ${r.kind}${r.kind === 'clean' ? '' : ` (${r.message})`} [${r.by}]`);
+    return r;
+  };
+  const report = await verifyChains(backups, check, 2, {
     scope: backups.backups,
     digest: (abs, extentBytes) => digestLayer(abs, { extentBytes, between: () => ctx.checkpoint() }),
     between: () => ctx.checkpoint(),

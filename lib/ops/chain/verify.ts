@@ -1,16 +1,15 @@
 // Verify every chain of a VM: backing files present, named relatively, inside the VM
 // folder, no cycles, equal virtual sizes, the chain safety check (regular files, no
 // external data file, no corrupt bit, tables inside the file; a dirty bit is a warning),
-// and `qemu-img check` clean. Header and metadata walking is native; only the structural
-// check runs qemu-img, and never on a chain our reader rejected (a FIFO or a loop would
-// hang it). Then content: each layer of a backup with a manifest.json is re-read and its
+// and the structural check clean (lib/qcow2/check.ts: refcounts against every reference;
+// qemu-img check only for what it cannot answer, and never on a chain our reader rejected:
+// a FIFO or a loop would hang it). Then content: each layer of a backup with a manifest.json is re-read and its
 // digest per extent compared with the manifest (lib/store/layer-digest.ts); a backup
 // without one (older than manifests) gets the structural checks only, and says so.
 import { basename, join } from 'node:path';
-import type { CheckResult } from '../../clients/qemu-img.js';
 import type { Warning } from '../../errors.js';
 import { backingFile, insideInstance, type BackupFile, type VmBackups } from './discover.js';
-import { inspectChain, type ChainProblem } from '../../store/safety.js';
+import { inspectChain, type ChainProblem, type StructuralCheck } from '../../store/safety.js';
 import type { LayerDigest } from '../../store/layer-digest.js';
 import { MANIFEST_NAME, type ExtentDigest } from '../../store/manifest.js';
 import { readManifestFile } from '../../store/manifest-file.js';
@@ -28,8 +27,8 @@ export interface VerifyReport {
   warnings: Warning[];
 }
 
-/** `qemu-img check` of one file. */
-export type CheckFn = (abs: string) => Promise<CheckResult>;
+/** The structural check of one file (lib/store/safety.ts structuralCheck). */
+export type CheckFn = (abs: string) => Promise<StructuralCheck>;
 
 /** The checks of `f`'s backing reference; `refProblem` is what the chain safety check found in it. */
 async function checkReference(
@@ -98,7 +97,7 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
   // Structural checks, a few at a time; never on a chain our reader rejected.
   for (const [f, r] of reports)
     if (rejected.has(f) && !f.error)
-      r.warnings.push({ code: 'CHECK_SKIPPED', message: 'qemu-img check skipped: the chain failed the checks above' });
+      r.warnings.push({ code: 'CHECK_SKIPPED', message: 'structural check skipped: the chain failed the checks above' });
   const queue = vm.files.filter((f) => !f.error && !rejected.has(f));
   await Promise.all(
     Array.from({ length: Math.max(1, concurrency) }, async () => {
@@ -106,9 +105,8 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
         const res = await check(f.abs);
         const r = reports.get(f)!;
         if (res.kind === 'clean') continue;
-        if (res.kind === 'leaks')
-          r.warnings.push({ code: 'LEAKED_CLUSTERS', message: 'qemu-img check: leaked clusters (harmless, space only)' });
-        else r.errors.push(`qemu-img check failed (exit ${res.exitCode}): ${res.message}`);
+        if (res.kind === 'leaks') r.warnings.push({ code: 'LEAKED_CLUSTERS', message: res.message });
+        else r.errors.push(res.message);
       }
     }),
   );

@@ -14,6 +14,7 @@ export {
   hasExternalDataFile,
   INCOMPAT_CORRUPT,
   INCOMPAT_DIRTY,
+  INCOMPAT_EXTL2,
   type Qcow2Header,
   type HeaderExtension,
   type HeaderPatch,

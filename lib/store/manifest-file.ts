@@ -3,8 +3,8 @@
 // legitimate change of that layer (a safe rebase copies clusters into it).
 import { lstat, open, readFile, rename, stat, unlink, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { readHeader } from '../qcow2/index.js';
-import { digestLayer } from './layer-digest.js';
+import { INCOMPAT_EXTL2, readHeader } from '../qcow2/index.js';
+import { digestLayer, type LayerDigest } from './layer-digest.js';
 import { decodeManifest, encodeManifest, MANIFEST_NAME, type Manifest, type ManifestDisk } from './manifest.js';
 
 const MANIFEST_MAX_BYTES = 64 << 20;
@@ -45,8 +45,17 @@ export async function writeManifestFile(dir: string, m: Manifest): Promise<void>
 
 /** One layer's manifest entry, read from the file as it is now. */
 export async function describeLayer(abs: string, volumeId: string, extentBytes: number, between?: () => void): Promise<ManifestDisk> {
+  return layerEntry(abs, volumeId, await digestLayer(abs, { extentBytes, ...(between ? { between } : {}) }));
+}
+
+/** One layer's manifest entry from digests already computed (a LayerDigester fed while the file was written). */
+export async function layerEntry(abs: string, volumeId: string, dg: LayerDigest): Promise<ManifestDisk> {
   const h = await readHeader(abs);
-  const dg = await digestLayer(abs, { extentBytes, ...(between ? { between } : {}) });
+  if (h.size !== BigInt(dg.virtualSize))
+    throw new Error(`${abs}: virtual size ${h.size}, but its digests were computed for ${dg.virtualSize} bytes`);
+  const unit = h.clusterSize / ((h.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n ? 32 : 1);
+  if (unit !== dg.unitBytes)
+    throw new Error(`${abs}: (sub)cluster size ${unit}, but its digests were computed for units of ${dg.unitBytes}`);
   return {
     file: basename(abs),
     volumeId,

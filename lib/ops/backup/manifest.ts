@@ -9,7 +9,8 @@
 import { readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { NasbackupError, toNasbackupError } from '../../errors.js';
-import { describeLayer, writeManifestFile } from '../../store/manifest-file.js';
+import { describeLayer, layerEntry, writeManifestFile } from '../../store/manifest-file.js';
+import type { LayerDigest } from '../../store/layer-digest.js';
 import {
   DEFAULT_EXTENT_BYTES,
   DIGEST_ALGORITHM,
@@ -29,7 +30,8 @@ export interface ManifestFacts {
   incrementalFrom: string | null;
   /** Mount-relative folder of the parent backup, or null. */
   parent: string | null;
-  disks: Array<{ file: string; volId: string }>;
+  /** Per disk: its file in the work folder, and its digests when the copy computed them as it wrote (else the file is re-read). */
+  disks: Array<{ file: string; volId: string; digest?: LayerDigest }>;
 }
 
 declare const __NASBACKUP_VERSION__: string | undefined;
@@ -66,7 +68,11 @@ async function manifestStep(ctx: OpContext, a: BackupArgs, work: WorkDir, facts:
   const disks: ManifestDisk[] = [];
   for (const d of facts.disks) {
     ctx.checkpoint();
-    disks.push(await describeLayer(work.file(d.file), d.volId, DEFAULT_EXTENT_BYTES, () => ctx.checkpoint()));
+    disks.push(
+      d.digest
+        ? await layerEntry(work.file(d.file), d.volId, d.digest)
+        : await describeLayer(work.file(d.file), d.volId, DEFAULT_EXTENT_BYTES, () => ctx.checkpoint()),
+    );
   }
   const m: Manifest = {
     format: MANIFEST_FORMAT,

@@ -1,0 +1,227 @@
+// The streaming digester (what a writer feeds while it writes a layer) gives exactly the
+// digests of re-reading the written file: random real images (qemu-img/qemu-io) over
+// several cluster sizes, extended L2 subclusters, zero clusters, compressed clusters and
+// disk sizes that are not a cluster multiple, fed in random pieces in guest order; what
+// the layer holds is taken from `qemu-img map` of the layer alone and its bytes from
+// `qemu-img convert`, so the feed owes nothing to lib/qcow2.
+import { execFileSync } from 'node:child_process';
+import { readFileSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { Qcow2Image } from '../../lib/qcow2/index.js';
+import { digestLayer, LayerDigester, type UnitKind } from '../../lib/store/layer-digest.js';
+import { describeLayer, layerEntry } from '../../lib/store/manifest-file.js';
+import { recomputeDigests } from '../helpers/layer-digest.js';
+import { removeTempDirs, tempDir } from '../helpers/tmp.js';
+
+afterAll(removeTempDirs);
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+/** Deterministic PRNG (mulberry32), so a failure reproduces. */
+function rng(seed: number): (n: number) => number {
+  let a = seed >>> 0;
+  return (n) => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return Math.floor((((t ^ (t >>> 14)) >>> 0) / 4294967296) * n);
+  };
+}
+
+const layerOnly = (path: string): string =>
+  `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: path }, backing: null })}`;
+
+interface Layer {
+  size: number;
+  unit: number;
+  rows: Array<{ start: number; length: number; kind: UnitKind }>;
+  bytes: Buffer;
+}
+
+/** What the layer holds, from qemu-img alone. */
+function readLayer(path: string, scratch: string): Layer {
+  const info = JSON.parse(execFileSync('qemu-img', ['info', '-U', '--output=json', path], { encoding: 'utf8' })) as {
+    'cluster-size': number;
+    'virtual-size': number;
+    'format-specific': { data: { 'extended-l2'?: boolean } };
+  };
+  const unit = info['cluster-size'] / (info['format-specific'].data['extended-l2'] ? 32 : 1);
+  const map = JSON.parse(execFileSync('qemu-img', ['map', '-U', '--output=json', layerOnly(path)], { encoding: 'utf8' })) as Array<{
+    start: number;
+    length: number;
+    present?: boolean;
+    zero: boolean;
+    data: boolean;
+  }>;
+  const raw = join(scratch, `layer-${Math.random().toString(36).slice(2)}.raw`);
+  execFileSync('qemu-img', ['convert', '-U', '-O', 'raw', layerOnly(path), raw]);
+  const bytes = readFileSync(raw);
+  rmSync(raw, { force: true });
+  const rows = map.map((r): Layer['rows'][number] => ({
+    start: r.start,
+    length: r.length,
+    kind: r.present === false ? 'unallocated' : r.data ? 'data' : r.zero ? 'zero' : 'unallocated',
+  }));
+  return { size: info['virtual-size'], unit, rows, bytes };
+}
+
+/** Feed the layer in random pieces: data split anywhere, zero at unit boundaries, unallocated sometimes left as a gap. */
+function stream(layer: Layer, extentBytes: number, rand: (n: number) => number): ReturnType<LayerDigester['finish']> {
+  const dg = new LayerDigester({ virtualSize: layer.size, unitBytes: layer.unit, extentBytes });
+  for (const r of layer.rows) {
+    if (r.kind === 'unallocated' && rand(2) === 0) continue;
+    for (let off = r.start; off < r.start + r.length;) {
+      const left = r.start + r.length - off;
+      let n: number;
+      if (r.kind === 'data') n = Math.min(left, 1 + rand(3 * layer.unit));
+      else {
+        const units = 1 + rand(4);
+        n = Math.min(left, (Math.floor(off / layer.unit) + units) * layer.unit - off);
+      }
+      dg.add(off, n, r.kind, r.kind === 'data' ? layer.bytes.subarray(off, off + n) : undefined);
+      off += n;
+    }
+  }
+  return dg.finish();
+}
+
+/** A random image: data, zero writes, discards (over a backing sometimes), an odd size. */
+function randomImage(path: string, rand: (n: number) => number, clusterSize: number, extendedL2: boolean): void {
+  const size = (4 + rand(12)) * MiB + rand(2) * (1 + rand(127)) * 512;
+  const opts = [`cluster_size=${clusterSize}`, ...(extendedL2 ? ['extended_l2=on'] : [])].join(',');
+  execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', opts, path, String(size)]);
+  const cmds: string[] = [];
+  const sectors = size / 512;
+  for (let i = 0; i < 24; i++) {
+    const big = rand(3) === 0;
+    const off = rand(sectors) * 512;
+    const len = Math.min(size - off, (1 + rand(big ? 4096 : 64)) * 512);
+    if (len <= 0) continue;
+    const op = rand(6);
+    if (op <= 2) cmds.push('-c', `write -P 0x${(1 + rand(255)).toString(16)} ${off} ${len}`);
+    else if (op === 3) cmds.push('-c', `write -P 0 ${off} ${len}`);
+    else if (op === 4) cmds.push('-c', `write -z ${off} ${len}`);
+    else cmds.push('-c', `discard ${off} ${len}`);
+  }
+  // The disk's last bytes, so the short last unit is covered.
+  cmds.push('-c', `write -P 0x5a ${size - 512} 512`);
+  execFileSync('qemu-io', ['-f', 'qcow2', ...cmds, path], { stdio: 'ignore' });
+}
+
+/** The kinds of cluster the native reader finds (to prove the corpus has what it claims). */
+async function kinds(path: string): Promise<Set<string>> {
+  const img = await Qcow2Image.open(path);
+  try {
+    const seen = new Set<string>();
+    for (let pos = 0; pos < img.virtualSize;) {
+      const e = await img.status(pos, img.virtualSize - pos);
+      seen.add(e.kind);
+      pos += e.length;
+    }
+    return seen;
+  } finally {
+    await img.close();
+  }
+}
+
+describe('LayerDigester (streaming) = digestLayer (re-read of the written file)', () => {
+  const dir = tempDir('layer-digester');
+  const shapes: Array<[number, boolean]> = [
+    [4 * KiB, false],
+    [64 * KiB, false],
+    [64 * KiB, true],
+    [512 * KiB, false],
+    [2 * MiB, false],
+  ];
+  for (const [cs, ext] of shapes) {
+    it(`random images, cluster ${cs / KiB} KiB${ext ? ' with subclusters' : ''}, plain and compressed`, async () => {
+      const seen = new Set<string>();
+      for (let seed = 1; seed <= 3; seed++) {
+        const rand = rng(seed * 7919 + cs + (ext ? 1 : 0));
+        const img = join(dir, `r-${cs}-${ext}-${seed}.qcow2`);
+        randomImage(img, rand, cs, ext);
+        const variants = [img];
+        if (!ext) {
+          const c = join(dir, `c-${cs}-${seed}.qcow2`);
+          execFileSync('qemu-img', ['convert', '-c', '-O', 'qcow2', '-o', `cluster_size=${cs}`, img, c]);
+          variants.push(c);
+          expect(await kinds(c)).toContain('compressed');
+        }
+        for (const k of await kinds(img)) seen.add(k);
+        for (const path of variants) {
+          const layer = readLayer(path, dir);
+          for (const extentBytes of [Math.max(cs, MiB), 2 * Math.max(cs, 2 * MiB), 64 * MiB]) {
+            const reread = await digestLayer(path, { extentBytes });
+            const streamed = stream(layer, extentBytes, rand);
+            expect(streamed, `${path} extent ${extentBytes}`).toEqual(reread);
+            // And both agree with the independent recomputation where it applies (no subclusters).
+            if (!ext) expect(reread.extents).toEqual(recomputeDigests(path, dir, extentBytes).extents);
+          }
+          expect((await digestLayer(path)).extents.length).toBeGreaterThan(0);
+        }
+      }
+      // The corpus holds every kind of unit it claims to cover.
+      if (cs <= 64 * KiB) expect(seen).toEqual(new Set(['data', 'zero', 'unallocated']));
+    });
+  }
+});
+
+describe('LayerDigester refuses a feed it cannot digest', () => {
+  const dg = () => new LayerDigester({ virtualSize: 4 * MiB, unitBytes: 64 * KiB, extentBytes: MiB });
+  it('out of guest order, past the end, data without its bytes, a kind change inside a unit', () => {
+    const a = dg();
+    a.add(MiB, 64 * KiB, 'zero');
+    expect(() => a.add(0, 64 * KiB, 'zero')).toThrow(/not in guest order/);
+    expect(() => dg().add(4 * MiB - 512, 1024, 'zero')).toThrow(/past the disk/);
+    expect(() => dg().add(0, 512, 'data', Buffer.alloc(511))).toThrow(/given 511 bytes/);
+    expect(() => dg().add(0, 512, 'zero', Buffer.alloc(512))).toThrow(/carries no bytes/);
+    const b = dg();
+    b.add(0, 4096, 'data', Buffer.alloc(4096, 1));
+    expect(() => b.add(4096, 4096, 'zero')).toThrow(/inside a data unit/);
+    expect(() => b.add(8192, 4096, 'data', Buffer.alloc(4096))).toThrow(/inside a data unit/);
+    expect(() => new LayerDigester({ virtualSize: MiB, unitBytes: 64 * KiB, extentBytes: 96 * KiB })).toThrow(/not a multiple/);
+  });
+  it('reports each extent as soon as the stream passes its end', () => {
+    const seen: Array<[number, number]> = [];
+    const a = new LayerDigester({
+      virtualSize: 4 * MiB,
+      unitBytes: 64 * KiB,
+      extentBytes: MiB,
+      onExtent: (e) => seen.push([e.index, a.position]),
+    });
+    a.add(0, 64 * KiB, 'data', Buffer.alloc(64 * KiB, 3));
+    expect(seen).toEqual([]);
+    a.add(2 * MiB, 64 * KiB, 'zero');
+    expect(seen).toEqual([[0, MiB]]);
+    const r = a.finish();
+    expect(seen).toEqual([
+      [0, MiB],
+      [2, 3 * MiB],
+    ]);
+    expect(r.extents.map((e) => e.index)).toEqual([0, 2]);
+  });
+  it('an empty layer lists no extent; finish() twice gives the same result; nothing after finish', () => {
+    const a = dg();
+    a.add(2 * MiB, MiB, 'unallocated');
+    const r = a.finish();
+    expect(r).toEqual({ virtualSize: 4 * MiB, unitBytes: 64 * KiB, dataBytes: 0, zeroBytes: 0, extents: [] });
+    expect(a.finish()).toBe(r);
+    expect(() => a.add(3 * MiB, 512, 'unallocated')).toThrow(/finished/);
+  });
+});
+
+describe('a manifest entry from streamed digests', () => {
+  const dir = tempDir('layer-entry');
+  it('equals the entry of a re-read; digests of another geometry are refused', async () => {
+    const img = join(dir, 'e.qcow2');
+    randomImage(img, rng(42), 64 * KiB, false);
+    const layer = readLayer(img, dir);
+    const streamed = stream(layer, 64 * MiB, rng(43));
+    expect(await layerEntry(img, 'vol-1', streamed)).toEqual(await describeLayer(img, 'vol-1', 64 * MiB));
+    await expect(layerEntry(img, 'vol-1', { ...streamed, unitBytes: 4 * KiB })).rejects.toThrow(/units of 4096/);
+    await expect(layerEntry(img, 'vol-1', { ...streamed, virtualSize: streamed.virtualSize + 512 })).rejects.toThrow(/virtual size/);
+  });
+});

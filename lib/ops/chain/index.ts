@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { NasbackupError, withResult } from '../../errors.js';
 import { ensureWithin, exists } from '../../paths.js';
 import { backingFile, discover, type BackupFile, type VmBackups } from './discover.js';
-import { digestLayer } from '../../store/layer-digest.js';
+import { readLayerDigest } from '../../store/layer-read.js';
 import { structuralCheck, type StructuralCheck } from '../../store/safety.js';
 import { planDelete, type DeletePlan } from './plan.js';
 import type { BackupRecord } from './provider-plan.js';
@@ -56,7 +56,12 @@ export interface ChainVerifyResult {
   report: VerifyReport;
 }
 
-export async function chainVerify(ctx: OpContext, a: ChainArgs): Promise<ChainVerifyResult> {
+export interface VerifyOptions {
+  /** Data bytes compared so far, of the total (a progress bar on a terminal). */
+  progress?: (done: number, total: number) => void;
+}
+
+export async function chainVerify(ctx: OpContext, a: ChainArgs, opts: VerifyOptions = {}): Promise<ChainVerifyResult> {
   const { vm, root, backups: all } = await load(ctx, a);
   if (!(await exists(all.instanceDir)) || (all.backups.length === 0 && all.partials.length === 0)) {
     throw new NasbackupError('FILE_NOT_FOUND', `No backups of ${vm} on this NAS`);
@@ -74,8 +79,11 @@ export async function chainVerify(ctx: OpContext, a: ChainArgs): Promise<ChainVe
   };
   const report = await verifyChains(backups, check, 2, {
     scope: backups.backups,
-    digest: (abs, extentBytes) => digestLayer(abs, { extentBytes, between: () => ctx.checkpoint() }),
+    // Several reads in flight per layer, two layers at once (lib/store/layer-read.ts).
+    digest: (abs, extentBytes, onData) =>
+      readLayerDigest(abs, { extentBytes, between: () => ctx.checkpoint(), ...(onData ? { onData } : {}) }),
     between: () => ctx.checkpoint(),
+    ...(opts.progress ? { progress: opts.progress } : {}),
   });
   const result = { vm, report };
   if (!report.ok) throw new NasbackupError('CHAIN_INVALID', `The backup chains of ${vm} have errors`, { result });

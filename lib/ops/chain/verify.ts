@@ -7,7 +7,7 @@
 // digest per extent compared with the manifest (lib/store/layer-digest.ts); a backup
 // without one (older than manifests) gets the structural checks only, and says so.
 import { basename, join } from 'node:path';
-import type { Warning } from '../../errors.js';
+import { NasbackupError, type Warning } from '../../errors.js';
 import { backingFile, insideInstance, type BackupFile, type VmBackups } from './discover.js';
 import { inspectChain, type ChainProblem, type StructuralCheck } from '../../store/safety.js';
 import type { LayerDigest } from '../../store/layer-digest.js';
@@ -68,6 +68,10 @@ export interface ContentOptions {
   digest: DigestFn;
   /** A cancellation point between layers. */
   between?: () => void;
+  /** Layers re-read at once (default 2: different files and extents in flight together). */
+  layers?: number;
+  /** Data bytes compared so far of the total the manifests list (a progress bar). */
+  progress?: (done: number, total: number) => void;
 }
 
 export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 2, content?: ContentOptions): Promise<VerifyReport> {
@@ -117,15 +121,15 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
   }));
   if (content) {
     const skip = new Set(vm.files.filter((f) => f.error || rejected.has(f)).map((f) => f.abs));
-    warnings.push(...(await verifyContent(vm, files, content.scope, content.digest, skip, content.between)));
+    warnings.push(...(await verifyContent(vm, files, content.scope, content.digest, skip, content)));
   }
   return { ok: files.every((f) => f.errors.length === 0), files, warnings };
 }
 
 // ---- content: each layer against its backup's manifest ---------------------------------
 
-/** Digests of one layer (lib/store/layer-digest.ts), injectable for tests. */
-export type DigestFn = (abs: string, extentBytes: number) => Promise<LayerDigest>;
+/** Digests of one layer (lib/store/layer-read.ts), injectable for tests; `onData`: bytes hashed so far. */
+export type DigestFn = (abs: string, extentBytes: number, onData?: (bytes: number) => void) => Promise<LayerDigest>;
 
 /** `extent <n>: digest mismatch` lines, by extent number. */
 function compareExtents(want: readonly ExtentDigest[], got: readonly ExtentDigest[]): string[] {
@@ -154,9 +158,12 @@ export async function verifyContent(
   scope: readonly string[],
   digest: DigestFn,
   skip: ReadonlySet<string>,
-  between: () => void = () => {},
+  opts: Pick<ContentOptions, 'between' | 'layers' | 'progress'> = {},
 ): Promise<Warning[]> {
+  const between = opts.between ?? ((): void => {});
   const warnings: Warning[] = [];
+  // Every layer to re-read, then a few at a time: the reads of one overlap the hashing of another.
+  const jobs: { r: FileReport; abs: string; extentBytes: number; want: readonly ExtentDigest[]; bytes: number }[] = [];
   const instance = basename(vm.instanceDir);
   for (const backup of scope) {
     const m = await readManifestFile(join(vm.instanceDir, backup));
@@ -195,15 +202,34 @@ export async function verifyContent(
       if (f.virtualSize !== null && f.virtualSize !== BigInt(d.virtualSize))
         r.errors.push(`virtual size ${f.virtualSize}, the manifest says ${d.virtualSize}`);
       if (f.backingName !== d.backing) r.errors.push(`backing ${f.backingName ?? 'none'}, the manifest says ${d.backing ?? 'none'}`);
-      let got: LayerDigest;
-      try {
-        got = await digest(f.abs, m.digest.extentBytes);
-      } catch (e) {
-        r.errors.push(`content unreadable: ${(e as Error).message.split(`${vm.instanceDir}/`).join('')}`);
-        continue;
-      }
-      r.errors.push(...compareExtents(d.extents, got.extents));
+      jobs.push({ r, abs: f.abs, extentBytes: m.digest.extentBytes, want: d.extents, bytes: d.dataBytes });
     }
   }
+  const total = jobs.reduce((n, j) => n + j.bytes, 0);
+  let done = 0;
+  const onData = opts.progress
+    ? (n: number): void => {
+        done += n;
+        opts.progress!(Math.min(done, total), total);
+      }
+    : undefined;
+  opts.progress?.(0, total);
+  const queue = [...jobs];
+  await Promise.all(
+    Array.from({ length: Math.max(1, Math.min(opts.layers ?? 2, jobs.length)) }, async () => {
+      for (let j = queue.shift(); j; j = queue.shift()) {
+        between();
+        let got: LayerDigest;
+        try {
+          got = await digest(j.abs, j.extentBytes, onData);
+        } catch (e) {
+          if (e instanceof NasbackupError) throw e; // a stop (signal) from the cancellation point
+          j.r.errors.push(`content unreadable: ${(e as Error).message.split(`${vm.instanceDir}/`).join('')}`);
+          continue;
+        }
+        j.r.errors.push(...compareExtents(j.want, got.extents));
+      }
+    }),
+  );
   return warnings;
 }

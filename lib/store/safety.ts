@@ -48,6 +48,13 @@ export interface ChainInspection {
 export interface InspectOptions {
   /** Metadata scans already done, by dev:ino (shared across the chains of one VM). */
   scanned?: Map<string, ChainProblem | null>;
+  /**
+   * Layers (by real path) whose chain was already walked to its end without a problem in this
+   * run, with the warnings from that layer down: a walk that reaches one stops there (a VM's
+   * chains share their lower layers; without this, verifying n layers walks n²/2). Only clean
+   * walks are remembered: a problem is always found by a walk of its own.
+   */
+  cleanBelow?: Map<string, Warning[]>;
 }
 
 const UNSAFE_CODES: ReadonlySet<Qcow2ErrorCode> = new Set<Qcow2ErrorCode>([
@@ -91,6 +98,11 @@ export async function inspectChain(top: string, instanceDir: string, opts: Inspe
   const seen = new Set<string>();
   let path = resolve(top);
   let referrer: string | null = null;
+  const walked: { real: string; warningsFrom: number }[] = [];
+  const clean = (): ChainInspection => {
+    for (const w of walked) opts.cleanBelow?.set(w.real, warnings.slice(w.warningsFrom));
+    return { layers, problem: null, warnings };
+  };
   for (;;) {
     const via = referrer ? `backing file ${path} of ${referrer}` : path;
     // Where the layer really is, before anything opens it.
@@ -115,6 +127,12 @@ export async function inspectChain(top: string, instanceDir: string, opts: Inspe
         message: `${via} is ${fileType(st)}, not a regular file`,
         reference: referrer !== null,
       });
+    const below = opts.cleanBelow?.get(real);
+    if (below) {
+      layers.push(path);
+      warnings.push(...below);
+      return clean();
+    }
     const key = `${st.dev}:${st.ino}`;
     if (seen.has(key)) {
       const self = referrer !== null && layers.at(-1) === referrer && (await realpath(referrer).catch(() => '')) === real;
@@ -127,6 +145,7 @@ export async function inspectChain(top: string, instanceDir: string, opts: Inspe
     }
     seen.add(key);
     layers.push(path);
+    walked.push({ real, warningsFrom: warnings.length });
     let h: Qcow2Header;
     try {
       h = await readHeader(real);
@@ -159,7 +178,7 @@ export async function inspectChain(top: string, instanceDir: string, opts: Inspe
     }
     if (scan) return done(scan);
     const name = h.backingFile;
-    if (name === null) return { layers, problem: null, warnings };
+    if (name === null) return clean();
     const ref = (message: string): ChainInspection => done({ kind: 'unsafe', layer: path, message, reference: true });
     if (layers.length >= MAX_CHAIN_DEPTH) return ref(`the backing chain of ${top} is deeper than ${MAX_CHAIN_DEPTH}`);
     if (!isFollowableBackingName(name)) return ref(`${path} has a backing reference that is not a file name: ${name}`);

@@ -78,6 +78,7 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
   const reports = new Map<BackupFile, FileReport>();
   const rejected = new Set<BackupFile>();
   const scanned = new Map<string, ChainProblem | null>();
+  const cleanBelow = new Map<string, Warning[]>();
   // Messages name files relative to the VM folder, as the report does.
   const rel = (m: string): string => m.split(`${vm.instanceDir}/`).join('');
   for (const f of vm.files) {
@@ -87,7 +88,7 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
       r.errors.push(`unreadable header: ${f.error}`);
       continue;
     }
-    const safety = await inspectChain(f.abs, vm.instanceDir, { scanned });
+    const safety = await inspectChain(f.abs, vm.instanceDir, { scanned, cleanBelow });
     for (const w of safety.warnings)
       if (w.message.startsWith(`${f.abs} `) || w.message.startsWith(`${f.abs}:`)) r.warnings.push({ ...w, message: rel(w.message) });
     if (safety.problem) rejected.add(f);

@@ -594,8 +594,8 @@ class Checker {
   /** Refcount table entries and the blocks they point at (QEMU's check_refblocks). */
   private checkRefblocks(): void {
     for (let i = 0; i < this.refTableEntries; i++) {
+      if (this.refTable.readUInt32BE(i * 8) === 0 && this.refTable.readUInt32BE(i * 8 + 4) === 0) continue;
       const raw = this.refTable.readBigUInt64BE(i * 8);
-      if (raw === 0n) continue;
       if ((raw & 0x1ffn) !== 0n) {
         this.corruption(`ERROR refcount table entry ${i} has reserved bits set`);
         continue;

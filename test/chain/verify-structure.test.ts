@@ -2,6 +2,12 @@
 // they ran `qemu-img check`: refcount damage in one layer fails that layer with qemu-img's
 // counts, a leak is a warning, and no qemu-img check process runs at all.
 import { closeSync, openSync, statSync, truncateSync, writeSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { discover } from '../../lib/ops/chain/discover.js';
+import { verifyChains } from '../../lib/ops/chain/verify.js';
+import { describeLayer, writeManifestFile } from '../../lib/store/manifest-file.js';
+import { readLayerDigest } from '../../lib/store/layer-read.js';
+import { structuralCheck } from '../../lib/store/safety.js';
 import { afterAll, describe, expect, it } from 'vitest';
 import { leftovers, logText } from '../helpers/cli.js';
 import { TS, VM, VOL } from '../helpers/chain.js';
@@ -72,5 +78,56 @@ describe('-o rebase: the structural check of the result', () => {
     expect(r.code).toBe(0);
     expect(logText(sb)).toMatch(new RegExp(`Rebase: structural check of .*${TS[2]}/${FILE.replace(/\./g, '\\.')}: clean`));
     expect(logText(sb)).not.toMatch(/exec: qemu-img check/);
+  });
+});
+
+describe('chain verify: content re-read with reads in flight, progress', () => {
+  it('progress climbs to the data bytes the manifests list; every layer proved; a changed layer still found', async () => {
+    const sb = chained('vs-progress');
+    const instanceDir = join(sb.nas, VM);
+    for (const ts of TS) {
+      const f = onNas(sb, ts);
+      await writeManifestFile(dirname(f), {
+        format: 'nasbackup-manifest',
+        version: 1,
+        tool: { name: 'nasbackup', version: 'test' },
+        vm: VM,
+        path: `${VM}/${ts}`,
+        createdAt: '2025-01-01T00:00:00.000Z',
+        mode: 'full',
+        kind: 'full',
+        checkpoint: null,
+        incrementalFrom: null,
+        parent: null,
+        digest: { algorithm: 'sha256', stream: 'nasbackup-layer-v1', extentBytes: 1 << 20 },
+        disks: [await describeLayer(f, VOL, 1 << 20)],
+      });
+    }
+    const vm = await discover(instanceDir);
+    const calls: Array<[number, number]> = [];
+    const digest = (abs: string, extentBytes: number, onData?: (n: number) => void) =>
+      readLayerDigest(abs, { extentBytes, chunkBytes: 65536, inFlight: 3, ...(onData ? { onData } : {}) });
+    const ok = await verifyChains(vm, (abs) => structuralCheck(abs), 4, {
+      scope: vm.backups,
+      digest,
+      progress: (d, t) => calls.push([d, t]),
+    });
+    expect(ok.ok).toBe(true);
+    // What the three layers hold (test/helpers/chain.ts): 1.25 MiB, 512 KiB, 128 KiB.
+    const total = (1 << 20) + (256 << 10) + (512 << 10) + (128 << 10);
+    expect(calls[0]).toEqual([0, total]);
+    expect(calls.at(-1)).toEqual([total, total]);
+    for (let i = 1; i < calls.length; i++) expect(calls[i]![0]).toBeGreaterThanOrEqual(calls[i - 1]![0]);
+    // A byte flipped in the middle layer's data: that layer, that extent.
+    const f = onNas(sb, TS[1]);
+    const host = Number(readU64(f, l2EntryOffset(f, 1 << 20)) & 0x00fffffffffffe00n);
+    const fd = openSync(f, 'r+');
+    writeSync(fd, Buffer.from([0xee]), 0, 1, host + 100);
+    closeSync(fd);
+    const bad = await verifyChains(await discover(instanceDir), (abs) => structuralCheck(abs), 4, { scope: vm.backups, digest });
+    expect(bad.ok).toBe(false);
+    expect(bad.files.filter((x) => x.errors.length).map((x) => [x.file, x.errors])).toEqual([
+      [`${TS[1]}/${FILE}`, ['extent 1: digest mismatch']],
+    ]);
   });
 });

@@ -77,7 +77,7 @@ export async function chainVerify(ctx: OpContext, a: ChainArgs, opts: VerifyOpti
     ctx.logger.log(`Structural check of ${abs}: ${r.kind}${r.kind === 'clean' ? '' : ` (${r.message})`} [${r.by}]`);
     return r;
   };
-  const report = await verifyChains(backups, check, 2, {
+  const report = await verifyChains(backups, check, 4, {
     scope: backups.backups,
     // Several reads in flight per layer, two layers at once (lib/store/layer-read.ts).
     digest: (abs, extentBytes, onData) =>

@@ -84,46 +84,59 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
   for (const f of vm.files) {
     const r: FileReport = { file: `${f.backup}/${f.name}`, backing: f.backingName, errors: [], warnings: [] };
     reports.set(f, r);
-    if (f.error) {
-      r.errors.push(`unreadable header: ${f.error}`);
-      continue;
-    }
-    const safety = await inspectChain(f.abs, vm.instanceDir, { scanned, cleanBelow });
-    for (const w of safety.warnings)
-      if (w.message.startsWith(`${f.abs} `) || w.message.startsWith(`${f.abs}:`)) r.warnings.push({ ...w, message: rel(w.message) });
-    if (safety.problem) rejected.add(f);
-    const p = safety.problem;
-    // This file's own damage first; its backing reference is judged by the checks below.
-    if (p && p.layer === f.abs && !p.reference) r.errors.push(rel(p.message));
-    await checkReference(vm, f, r.errors, p && p.layer === f.abs && p.reference ? p : null, rel);
-    // What breaks further down the chain.
-    if (p && p.layer !== f.abs) r.errors.push(`chain ${p.kind === 'broken' ? 'unreadable' : p.kind}: ${rel(p.message)}`);
+    if (f.error) r.errors.push(`unreadable header: ${f.error}`);
   }
+  // The chain walks, a few at a time (each mostly waits for small reads); a walk stops at a
+  // lower layer another walk found clean, so the VM's files are walked about once.
+  await pool(
+    4,
+    vm.files.filter((f) => !f.error),
+    async (f) => {
+      const r = reports.get(f)!;
+      const safety = await inspectChain(f.abs, vm.instanceDir, { scanned, cleanBelow });
+      for (const w of safety.warnings)
+        if (w.message.startsWith(`${f.abs} `) || w.message.startsWith(`${f.abs}:`)) r.warnings.push({ ...w, message: rel(w.message) });
+      if (safety.problem) rejected.add(f);
+      const p = safety.problem;
+      // This file's own damage first; its backing reference is judged by the checks below.
+      if (p && p.layer === f.abs && !p.reference) r.errors.push(rel(p.message));
+      await checkReference(vm, f, r.errors, p && p.layer === f.abs && p.reference ? p : null, rel);
+      // What breaks further down the chain.
+      if (p && p.layer !== f.abs) r.errors.push(`chain ${p.kind === 'broken' ? 'unreadable' : p.kind}: ${rel(p.message)}`);
+    },
+  );
   // Structural checks, a few at a time; never on a chain our reader rejected.
   for (const [f, r] of reports)
     if (rejected.has(f) && !f.error)
       r.warnings.push({ code: 'CHECK_SKIPPED', message: 'structural check skipped: the chain failed the checks above' });
-  const queue = vm.files.filter((f) => !f.error && !rejected.has(f));
-  await Promise.all(
-    Array.from({ length: Math.max(1, concurrency) }, async () => {
-      for (let f = queue.shift(); f; f = queue.shift()) {
-        const res = await check(f.abs);
-        const r = reports.get(f)!;
-        if (res.kind === 'clean') continue;
-        if (res.kind === 'leaks') r.warnings.push({ code: 'LEAKED_CLUSTERS', message: res.message });
-        else r.errors.push(res.message);
-      }
-    }),
-  );
   const files = [...reports.values()];
   const warnings = vm.partials.map((p): Warning => ({
     code: 'UNFINISHED_BACKUP',
     message: `unfinished backup folder of an interrupted run: ${p}`,
   }));
-  if (content) {
-    const skip = new Set(vm.files.filter((f) => f.error || rejected.has(f)).map((f) => f.abs));
-    warnings.push(...(await verifyContent(vm, files, content.scope, content.digest, skip, content)));
+  // The structural checks (metadata) run while the content is re-read (data); their lines go
+  // where they went when the two ran one after the other, before the content's.
+  const at = new Map(files.map((r) => [r, { errors: r.errors.length, warnings: r.warnings.length }]));
+  const structural = new Map<BackupFile, StructuralCheck>();
+  const skip = new Set(vm.files.filter((f) => f.error || rejected.has(f)).map((f) => f.abs));
+  const [checked, proved] = await Promise.allSettled([
+    pool(
+      concurrency,
+      vm.files.filter((f) => !f.error && !rejected.has(f)),
+      async (f) => void structural.set(f, await check(f.abs)),
+    ),
+    content ? verifyContent(vm, files, content.scope, content.digest, skip, content) : Promise.resolve([]),
+  ]);
+  if (checked.status === 'rejected') throw checked.reason;
+  if (proved.status === 'rejected') throw proved.reason;
+  for (const f of vm.files) {
+    const res = structural.get(f);
+    if (!res || res.kind === 'clean') continue;
+    const r = reports.get(f)!;
+    if (res.kind === 'leaks') r.warnings.splice(at.get(r)!.warnings, 0, { code: 'LEAKED_CLUSTERS', message: res.message });
+    else r.errors.splice(at.get(r)!.errors, 0, res.message);
   }
+  warnings.push(...proved.value);
   return { ok: files.every((f) => f.errors.length === 0), files, warnings };
 }
 
@@ -215,22 +228,27 @@ export async function verifyContent(
       }
     : undefined;
   opts.progress?.(0, total);
-  const queue = [...jobs];
+  await pool(opts.layers ?? 2, jobs, async (j) => {
+    between();
+    let got: LayerDigest;
+    try {
+      got = await digest(j.abs, j.extentBytes, onData);
+    } catch (e) {
+      if (e instanceof NasbackupError) throw e; // a stop (signal) from the cancellation point
+      j.r.errors.push(`content unreadable: ${(e as Error).message.split(`${vm.instanceDir}/`).join('')}`);
+      return;
+    }
+    j.r.errors.push(...compareExtents(j.want, got.extents));
+  });
+  return warnings;
+}
+
+/** Run `work` on every item, `n` at a time. */
+async function pool<T>(n: number, items: readonly T[], work: (item: T) => Promise<void>): Promise<void> {
+  const queue = [...items];
   await Promise.all(
-    Array.from({ length: Math.max(1, Math.min(opts.layers ?? 2, jobs.length)) }, async () => {
-      for (let j = queue.shift(); j; j = queue.shift()) {
-        between();
-        let got: LayerDigest;
-        try {
-          got = await digest(j.abs, j.extentBytes, onData);
-        } catch (e) {
-          if (e instanceof NasbackupError) throw e; // a stop (signal) from the cancellation point
-          j.r.errors.push(`content unreadable: ${(e as Error).message.split(`${vm.instanceDir}/`).join('')}`);
-          continue;
-        }
-        j.r.errors.push(...compareExtents(j.want, got.extents));
-      }
+    Array.from({ length: Math.max(1, Math.min(n, queue.length)) }, async () => {
+      for (let x = queue.shift(); x !== undefined; x = queue.shift()) await work(x);
     }),
   );
-  return warnings;
 }

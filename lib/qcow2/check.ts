@@ -442,6 +442,8 @@ class Checker {
     let pos = Number(h.snapshotsOffset);
     const start = pos;
     for (let i = 0; i < h.nbSnapshots; i++) {
+      // Entries start 8-aligned; the table ends right after the last one (QEMU's snapshots_size).
+      pos = Math.ceil(pos / 8) * 8;
       const e = await this.read(40, pos);
       const l1Offset = e.readBigUInt64BE(0);
       const l1Size = e.readUInt32BE(8);
@@ -449,7 +451,6 @@ class Checker {
       const nameLen = e.readUInt16BE(14);
       const extra = e.readUInt32BE(36);
       pos = pos + 40 + extra + idLen + nameLen;
-      pos = Math.ceil(pos / 8) * 8;
       if (l1Offset % BigInt(this.cs) !== 0n || l1Offset > BigInt(Number.MAX_SAFE_INTEGER)) {
         this.corruption(
           `ERROR snapshot ${i} l1_offset=0x${hexOf(l1Offset)}: L1 table is not cluster aligned; snapshot table entry corrupted`,

@@ -299,10 +299,13 @@ describe('malformed-image corpus: native check and qemu-img check say the same',
     expect(bad.ours.verdict).toBe('corrupt');
   });
 
-  it('an internal snapshot (shared clusters, refcount 2): clean; its L1 table refcount zeroed: corrupt', async () => {
+  it('internal snapshots (shared clusters, refcounts 2 and 3): clean; its L1 table refcount zeroed: corrupt', async () => {
     const p = base(dir, 'snap.qcow2');
     execFileSync('qemu-img', ['snapshot', '-c', 's1', p]);
     qemuIo(p, 'write -P 0x44 0 128k');
+    // A second entry, with a name that is not a multiple of 8 (entries are padded between).
+    execFileSync('qemu-img', ['snapshot', '-c', 'second-snapshot-x', p]);
+    qemuIo(p, 'write -P 0x45 64k 128k');
     const { ours } = await agree(p);
     expect(ours.verdict).toBe('clean');
     const snapTable = Number(readU64(p, 64));

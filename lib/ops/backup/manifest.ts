@@ -73,6 +73,7 @@ export function digestNewLayers(ctx: OpContext, work: WorkDir, files: readonly s
   };
   const result = (async () => {
     const out = new Map<string, LayerDigest>();
+    if (ctx.config.benchSkipManifest) return out;
     let bytes = 0;
     for (const f of files) bytes += (await stat(work.file(f))).size;
     if (bytes >= POOL_MIN_BYTES && !cancelled) pool = new HashPool();
@@ -82,7 +83,7 @@ export function digestNewLayers(ctx: OpContext, work: WorkDir, files: readonly s
         out.set(f, await digestLayer(work.file(f), { extentBytes: DEFAULT_EXTENT_BYTES, between, ...(pool ? { pool } : {}) }));
       }
     } finally {
-      await (pool)?.close();
+      await pool?.close();
     }
     return out;
   })();
@@ -93,7 +94,7 @@ export function digestNewLayers(ctx: OpContext, work: WorkDir, files: readonly s
     result,
     cancel: async () => {
       cancelled = true;
-      await (pool)?.close();
+      await pool?.close();
       await result.catch(() => {});
     },
   };
@@ -109,7 +110,11 @@ export async function writeManifest(
   work: WorkDir,
   facts: ManifestFacts,
   pending?: PendingDigests,
-): Promise<Manifest> {
+): Promise<Manifest | null> {
+  if (ctx.config.benchSkipManifest) {
+    ctx.logger.log(`Warning: no manifest for ${a.path} (NASBACKUP_BENCH_SKIP_MANIFEST, for measurements only)`);
+    return null;
+  }
   try {
     return await manifestStep(ctx, a, work, facts, pending);
   } catch (e) {

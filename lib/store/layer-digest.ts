@@ -10,6 +10,7 @@
 // re-reads a written file and feeds the same digester, so both give the same digests.
 import { createHash, type Hash } from 'node:crypto';
 import { Qcow2Image, type Extent } from '../qcow2/index.js';
+import type { ExtentSink, HashPool, Slot } from './hash-pool.js';
 import { DEFAULT_EXTENT_BYTES, type ExtentDigest } from './manifest.js';
 
 export const UNALLOCATED = 0;
@@ -28,6 +29,8 @@ export interface DigestOptions {
   extentBytes?: number;
   /** Called between extents (a cancellation point). */
   between?: () => void;
+  /** Hash on these worker threads, with several reads in flight; else on this thread. */
+  pool?: HashPool;
 }
 
 export type UnitKind = 'data' | 'zero' | 'unallocated';
@@ -40,6 +43,8 @@ export interface LayerDigesterOptions {
   extentBytes?: number;
   /** Called with each listed extent as soon as the stream passes its end (a reader can compare early). */
   onExtent?: (e: ExtentDigest) => void;
+  /** Where each extent's stream is hashed (a HashPool's workers); here, synchronously, by default. */
+  sink?: () => ExtentSink;
 }
 
 const DATA_MARK = Buffer.from([DATA]);
@@ -59,7 +64,10 @@ export class LayerDigester {
   readonly extentBytes: number;
   private pos = 0;
   /** The current extent's hash, created at its first unit that holds something. */
-  private hash: Hash | null = null;
+  private hash: ExtentSink | null = null;
+  private readonly newSink: () => ExtentSink;
+  /** Digests still being computed on worker threads, in extent order. */
+  private readonly pending: Array<Promise<ExtentDigest>> = [];
   /** Unallocated units that opened the current extent, hashed only if it holds something. */
   private lazyUnallocated = 0;
   /** Kind of the unit `pos` is inside of (meaningful when pos is not on a unit boundary). */
@@ -80,6 +88,7 @@ export class LayerDigester {
     this.extentBytes = extentBytes;
     this.out = { virtualSize, unitBytes, dataBytes: 0, zeroBytes: 0, extents: [] };
     this.onExtent = opts.onExtent;
+    this.newSink = opts.sink ?? (() => new HashSink());
   }
 
   /** Guest offset up to which the stream is built. */
@@ -104,11 +113,26 @@ export class LayerDigester {
 
   /** The digests; the rest of the disk after the last range is unallocated. */
   finish(): LayerDigest {
-    if (!this.done) {
-      if (this.pos < this.virtualSize) this.run(this.virtualSize - this.pos, 'unallocated');
-      this.done = true;
+    this.close();
+    if (this.pending.length > 0) throw new Error('digests are still being computed on worker threads: use settle()');
+    return this.out;
+  }
+
+  /** finish(), once the worker threads have hashed every extent (with a `sink` option). */
+  async settle(): Promise<LayerDigest> {
+    this.close();
+    for (const p of this.pending.splice(0)) {
+      const e = await p;
+      this.out.extents.push(e);
+      this.onExtent?.(e);
     }
     return this.out;
+  }
+
+  private close(): void {
+    if (this.done) return;
+    if (this.pos < this.virtualSize) this.run(this.virtualSize - this.pos, 'unallocated');
+    this.done = true;
   }
 
   private run(length: number, kind: UnitKind, data?: Buffer): void {
@@ -135,9 +159,9 @@ export class LayerDigester {
     this.unitKind = kind;
   }
 
-  private held(): Hash {
+  private held(): ExtentSink {
     if (this.hash === null) {
-      this.hash = createHash('sha256');
+      this.hash = this.newSink();
       statusRun(this.hash, UNALLOCATED, this.lazyUnallocated);
     }
     return this.hash;
@@ -149,25 +173,44 @@ export class LayerDigester {
     for (let o = 0; o < bytes.length;) {
       const p = this.pos + o;
       const within = p % unit;
-      if (within === 0) hash.update(DATA_MARK);
+      if (within === 0) hash.bytes(DATA_MARK);
       const n = Math.min(bytes.length - o, unit - within);
-      hash.update(bytes.subarray(o, o + n));
+      hash.bytes(bytes.subarray(o, o + n));
       o += n;
     }
   }
 
   private closeExtent(): void {
     if (this.hash !== null) {
-      const e = { index: Math.ceil(this.pos / this.extentBytes) - 1, digest: this.hash.digest('hex') };
-      this.out.extents.push(e);
-      this.onExtent?.(e);
+      const index = Math.ceil(this.pos / this.extentBytes) - 1;
+      const digest = this.hash.end();
+      if (typeof digest === 'string' && this.pending.length === 0) {
+        this.out.extents.push({ index, digest });
+        this.onExtent?.({ index, digest });
+      } else this.pending.push(Promise.resolve(digest).then((d) => ({ index, digest: d })));
     }
     this.hash = null;
     this.lazyUnallocated = 0;
   }
 }
 
+/** SHA-256 on this thread. */
+class HashSink implements ExtentSink {
+  private readonly h = createHash('sha256');
+  repeat(byte: number, n: number): void {
+    repeatInto(this.h, byte, n);
+  }
+  bytes(b: Buffer): void {
+    this.h.update(b);
+  }
+  end(): string {
+    return this.h.digest('hex');
+  }
+}
+
 const READ_CHUNK = 8 << 20;
+/** Steps mapped ahead of the one being hashed (reads among them run meanwhile). */
+const MAX_AHEAD = 64;
 
 type Step =
   | { t: 'status'; pos: number; len: number; kind: 'zero' | 'unallocated' }
@@ -184,65 +227,126 @@ export async function digestLayer(path: string, opts: DigestOptions = {}): Promi
   }
 }
 
+/** Read buffers: a HashPool's shared slots, or a few of our own when hashing here. */
+interface Buffers {
+  tryAcquire(): Slot | null;
+  acquire(): Promise<Slot>;
+  done(s: Slot): void;
+}
+
+function ownBuffers(n: number, size: number): Buffers {
+  const free: Slot[] = Array.from({ length: n }, (_, id) => ({ id, buf: Buffer.alloc(size) }));
+  const tryAcquire = (): Slot | null => free.pop() ?? null;
+  return {
+    tryAcquire,
+    // Called only when nothing is ahead, so every buffer is free.
+    acquire: () => Promise.resolve(tryAcquire()!),
+    done: (s) => void free.push(s),
+  };
+}
+
 export async function digestImage(img: Qcow2Image, opts: DigestOptions = {}): Promise<LayerDigest> {
   const extentBytes = opts.extentBytes ?? DEFAULT_EXTENT_BYTES;
   const unit = img.subclusterSize;
   if (extentBytes % img.clusterSize !== 0)
     throw new RangeError(`extent size ${extentBytes} is not a multiple of the cluster size ${img.clusterSize}`);
-  const dg = new LayerDigester({ virtualSize: img.virtualSize, unitBytes: unit, extentBytes });
-  const chunk = Math.min(READ_CHUNK, Math.max(unit, extentBytes));
-  const bufs = [Buffer.alloc(chunk), Buffer.alloc(chunk)];
+  const { pool } = opts;
+  const dg = new LayerDigester({
+    virtualSize: img.virtualSize,
+    unitBytes: unit,
+    extentBytes,
+    ...(pool ? { sink: () => pool.sink() } : {}),
+  });
+  const chunk = pool ? pool.slotBytes : Math.min(READ_CHUNK, Math.max(unit, extentBytes));
+  const buffers: Buffers = pool ?? ownBuffers(2, chunk);
+  const steps = mapSteps(img, extentBytes, chunk, opts.between);
+  // Steps in guest order; the reads among the next ones run while the current is hashed.
+  const ahead: Array<{ step: Step; slot?: Slot; read?: Promise<void> }> = [];
+  let next: Step | null = null;
+  let more = true;
+  const fill = async (): Promise<void> => {
+    while (ahead.length < MAX_AHEAD) {
+      if (next === null) {
+        const r = more ? await steps.next() : null;
+        if (!r || r.done) {
+          more = false;
+          return;
+        }
+        next = r.value;
+      }
+      if (next.t === 'read') {
+        const slot = ahead.length === 0 ? await buffers.acquire() : buffers.tryAcquire();
+        if (!slot) return;
+        const read = img.readHost(slot.buf, 0, next.len, next.host);
+        read.catch(() => {}); // awaited in turn below
+        ahead.push({ step: next, slot, read });
+      } else ahead.push({ step: next });
+      next = null;
+    }
+  };
+  try {
+    for (;;) {
+      await fill();
+      const a = ahead.shift();
+      if (!a) break;
+      const x = a.step;
+      try {
+        if (x.t === 'status') dg.add(x.pos, x.len, x.kind);
+        else if (x.t === 'compressed') dg.add(x.pos, x.len, 'data', (await img.readCompressed(x.cc)).subarray(x.from, x.from + x.len));
+        else {
+          await a.read;
+          dg.add(x.pos, x.len, 'data', a.slot!.buf.subarray(0, x.len));
+        }
+      } finally {
+        // Sent to the workers first: a message that carries the slot holds it until hashed.
+        pool?.flush();
+        if (a.slot) buffers.done(a.slot);
+      }
+    }
+  } finally {
+    // On a failure, the reads still running finish before their buffers go back.
+    for (const a of ahead.splice(0)) {
+      await a.read?.catch(() => {});
+      if (a.slot) buffers.done(a.slot);
+    }
+  }
+  return pool ? dg.settle() : dg.finish();
+}
+
+/** The layer's steps in guest order, mapped extent by extent; a wholly unallocated extent gives none. */
+async function* mapSteps(img: Qcow2Image, extentBytes: number, chunk: number, between?: () => void): AsyncGenerator<Step> {
   for (let index = 0; index * extentBytes < img.virtualSize; index++) {
-    opts.between?.();
+    between?.();
     const start = index * extentBytes;
     const end = Math.min(start + extentBytes, img.virtualSize);
-    // First the extent's map (metadata only), then its stream, the next data read running
-    // while the current one is hashed.
     const steps: Step[] = [];
+    let held = false;
     for (let pos = start; pos < end;) {
       const e = await img.status(pos, end - pos);
       const len = Math.min(e.length, end - pos);
       if (e.kind === 'unallocated' || e.kind === 'zero') steps.push({ t: 'status', pos, len, kind: e.kind });
       else if (e.kind === 'compressed')
         steps.push({ t: 'compressed', pos, cc: e.compressed!, from: pos - e.compressed!.clusterStart, len });
-      else {
-        // Whole units per read, so the buffers stay unit-aligned.
-        const most = chunk - (chunk % unit);
-        for (let done = 0; done < len; done += most)
-          steps.push({ t: 'read', pos: pos + done, host: e.host! + done, len: Math.min(most, len - done) });
-      }
+      else
+        for (let done = 0; done < len; done += chunk)
+          steps.push({ t: 'read', pos: pos + done, host: e.host! + done, len: Math.min(chunk, len - done) });
+      if (e.kind !== 'unallocated') held = true;
       pos += len;
     }
-    // Nothing held: the digester skips an unallocated extent without a read.
-    if (steps.every((x) => x.t === 'status' && x.kind === 'unallocated')) continue;
-    const reads = steps.filter((x): x is Extract<Step, { t: 'read' }> => x.t === 'read');
-    let next = 0;
-    let pending: Promise<Buffer> | null = null;
-    const startRead = (): void => {
-      const r = reads[next];
-      if (!r) return;
-      const b = bufs[next++ % 2]!;
-      pending = img.readHost(b, 0, r.len, r.host).then(() => b.subarray(0, r.len));
-    };
-    startRead();
-    for (const x of steps) {
-      if (x.t === 'status') dg.add(x.pos, x.len, x.kind);
-      else if (x.t === 'compressed') dg.add(x.pos, x.len, 'data', (await img.readCompressed(x.cc)).subarray(x.from, x.from + x.len));
-      else {
-        const data: Buffer = await pending!;
-        startRead();
-        dg.add(x.pos, x.len, 'data', data);
-      }
-    }
+    // Nothing held: the digester skips an unallocated extent without a step.
+    if (held) yield* steps;
   }
-  return dg.finish();
 }
 
 const runCache = new Map<number, Buffer>();
-function statusRun(hash: Hash, byte: number, n: number): void {
+function repeatInto(hash: Hash, byte: number, n: number): void {
   // Long runs (a 2 TiB unallocated disk) in bounded pieces.
   const piece = 1 << 16;
   let b = runCache.get(byte);
   if (!b) runCache.set(byte, (b = Buffer.alloc(piece, byte)));
   for (let left = n; left > 0; left -= piece) hash.update(left >= piece ? b : b.subarray(0, left));
+}
+
+function statusRun(sink: ExtentSink, byte: number, n: number): void {
+  if (n > 0) sink.repeat(byte, n);
 }

@@ -9,6 +9,7 @@ import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { Qcow2Image } from '../../lib/qcow2/index.js';
+import { HashPool } from '../../lib/store/hash-pool.js';
 import { digestLayer, LayerDigester, type UnitKind } from '../../lib/store/layer-digest.js';
 import { describeLayer, layerEntry } from '../../lib/store/manifest-file.js';
 import { recomputeDigests } from '../helpers/layer-digest.js';
@@ -129,6 +130,9 @@ async function kinds(path: string): Promise<Set<string>> {
 
 describe('LayerDigester (streaming) = digestLayer (re-read of the written file)', () => {
   const dir = tempDir('layer-digester');
+  // Small slots and few of them: many flushes, slots reused, reads waiting for a free one.
+  const pool = new HashPool({ workers: 2, slotBytes: 256 * KiB, slots: 3 });
+  afterAll(() => pool.close());
   const shapes: Array<[number, boolean]> = [
     [4 * KiB, false],
     [64 * KiB, false],
@@ -157,6 +161,8 @@ describe('LayerDigester (streaming) = digestLayer (re-read of the written file)'
             const reread = await digestLayer(path, { extentBytes });
             const streamed = stream(layer, extentBytes, rand);
             expect(streamed, `${path} extent ${extentBytes}`).toEqual(reread);
+            // Hashed on worker threads, reads in flight: the same digests.
+            expect(await digestLayer(path, { extentBytes, pool }), `${path} extent ${extentBytes}, pool`).toEqual(reread);
             // And both agree with the independent recomputation where it applies (no subclusters).
             if (!ext) expect(reread.extents).toEqual(recomputeDigests(path, dir, extentBytes).extents);
           }

@@ -1,0 +1,266 @@
+// SHA-256 on worker threads, so the digests of different extents are computed on every
+// core while the main thread only reads. The workers know nothing of the canonical
+// stream (layer-digest.ts builds it); they hash what they are told, in order: a byte
+// repeated n times, a range of the shared read buffer, or literal bytes. Reads land in
+// slots of one SharedArrayBuffer that the workers see too, so data is never copied
+// between threads; a slot is free again once the worker that hashed it says so.
+import { availableParallelism } from 'node:os';
+import { Worker } from 'node:worker_threads';
+
+/** What a hash sink receives (layer-digest.ts): one extent's stream, piece by piece. */
+export interface ExtentSink {
+  /** `n` copies of `byte`. */
+  repeat(byte: number, n: number): void;
+  bytes(b: Buffer): void;
+  /** The hex SHA-256 of everything given, now or once a worker has hashed it. */
+  end(): string | Promise<string>;
+}
+
+/** One read buffer of the pool. */
+export interface Slot {
+  readonly id: number;
+  readonly buf: Buffer;
+}
+
+const OP_REPEAT = 0;
+const OP_RANGE = 1;
+const OP_LITERAL = 2;
+
+/**
+ * CommonJS source, evaluated: the same from dist/ and from the single-file bundle (no
+ * worker file to find). Messages: {job, ops: Float64Array of [op, a, b] triples,
+ * literals, end, release}; reply {job, digest (when end), release}.
+ */
+const HASH_WORKER = String.raw`
+const { parentPort, workerData } = require('node:worker_threads');
+const { createHash } = require('node:crypto');
+const mem = Buffer.from(workerData.sab);
+const fills = new Map();
+const jobs = new Map();
+parentPort.on('message', (m) => {
+  if (m === 'stop') { parentPort.close(); return; }
+  let h = jobs.get(m.job);
+  if (!h) jobs.set(m.job, (h = createHash('sha256')));
+  const ops = m.ops;
+  for (let i = 0; i < ops.length; i += 3) {
+    const t = ops[i], a = ops[i + 1], b = ops[i + 2];
+    if (t === 0) {
+      let f = fills.get(a);
+      if (!f) fills.set(a, (f = Buffer.alloc(65536, a)));
+      for (let left = b; left > 0; left -= f.length) h.update(left >= f.length ? f : f.subarray(0, left));
+    } else if (t === 1) h.update(mem.subarray(a, a + b));
+    else h.update(m.literals[a]);
+  }
+  let digest = null;
+  if (m.end) { digest = h.digest('hex'); jobs.delete(m.job); }
+  parentPort.postMessage({ job: m.job, digest, release: m.release });
+});
+`;
+
+interface Pending<T> {
+  resolve: (v: T) => void;
+  reject: (e: Error) => void;
+}
+
+export interface HashPoolOptions {
+  /** Worker threads (default: one per core, at most 4). */
+  workers?: number;
+  slotBytes?: number;
+  slots?: number;
+}
+
+export class HashPool {
+  readonly slotBytes: number;
+  private readonly sab: SharedArrayBuffer;
+  private readonly mem: Buffer;
+  private readonly workers: Worker[] = [];
+  /** Outstanding extents per worker: a new one goes to the least loaded. */
+  private readonly load: number[] = [];
+  private readonly free: Slot[] = [];
+  /** References per slot: the reader's until done(), and one per message that carries it. */
+  private readonly refs: number[] = [];
+  private readonly waiting: Pending<Slot>[] = [];
+  private readonly jobs = new Map<number, Pending<string>>();
+  private readonly open = new Set<RecordingSink>();
+  private nextJob = 1;
+  private failure: Error | null = null;
+  private closed = false;
+
+  constructor(opts: HashPoolOptions = {}) {
+    const workers = Math.max(1, opts.workers ?? Math.min(4, availableParallelism()));
+    this.slotBytes = opts.slotBytes ?? 4 << 20;
+    const slots = Math.max(2, opts.slots ?? 4 * workers + 2);
+    this.sab = new SharedArrayBuffer(this.slotBytes * slots);
+    this.mem = Buffer.from(this.sab);
+    for (let i = 0; i < slots; i++) {
+      this.free.push({ id: i, buf: this.mem.subarray(i * this.slotBytes, (i + 1) * this.slotBytes) });
+      this.refs.push(0);
+    }
+    for (let i = 0; i < workers; i++) {
+      const w = new Worker(HASH_WORKER, { eval: true, workerData: { sab: this.sab } });
+      w.on('message', (m: { job: number; digest: string | null; release: number[] }) => this.reply(i, m));
+      w.on('error', (e) => this.fail(e));
+      w.on('exit', (code) => {
+        if (!this.closed) this.fail(new Error(`a hash worker exited (code ${code})`));
+      });
+      this.workers.push(w);
+      this.load.push(0);
+    }
+  }
+
+  /** A free slot, or null when all are in use. Give it back with done() once fed. */
+  tryAcquire(): Slot | null {
+    this.throwIfFailed();
+    const s = this.free.pop() ?? null;
+    if (s) this.refs[s.id] = 1;
+    return s;
+  }
+
+  /** A free slot, waiting for a worker to release one (the caller must have flushed). */
+  acquire(): Promise<Slot> {
+    const s = this.tryAcquire();
+    if (s) return Promise.resolve(s);
+    return new Promise((resolve, reject) => this.waiting.push({ resolve, reject }));
+  }
+
+  /** The reader is done with the slot: free once every message that carries it was hashed. */
+  done(slot: Slot): void {
+    this.unref([slot.id]);
+  }
+
+  /** A sink for one extent, hashed by the least loaded worker. */
+  sink(): ExtentSink {
+    this.throwIfFailed();
+    let w = 0;
+    for (let i = 1; i < this.load.length; i++) if (this.load[i]! < this.load[w]!) w = i;
+    this.load[w]!++;
+    const s = new RecordingSink(this, this.nextJob++, w);
+    this.open.add(s);
+    return s;
+  }
+
+  /** Send what every open sink recorded so far, and the slots it referenced (free once hashed). */
+  flush(): void {
+    for (const s of this.open) s.flush(false);
+  }
+
+  /** Stop the workers; pending digests fail. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.fail(new Error('the hash pool was closed'));
+    await Promise.all(this.workers.map((w) => w.terminate()));
+  }
+
+  // ---- internal (RecordingSink and the workers' replies) ----
+
+  slotOf(b: Buffer): number | null {
+    if (b.buffer !== this.sab) return null;
+    return Math.floor(b.byteOffset / this.slotBytes);
+  }
+
+  post(worker: number, msg: { job: number; ops: Float64Array; literals: Buffer[]; end: boolean; release: number[] }): void {
+    this.throwIfFailed();
+    for (const id of msg.release) this.refs[id]!++;
+    this.workers[worker]!.postMessage(msg);
+  }
+
+  expect(job: number): Promise<string> {
+    return new Promise((resolve, reject) => this.jobs.set(job, { resolve, reject }));
+  }
+
+  closeSink(s: RecordingSink): void {
+    this.open.delete(s);
+  }
+
+  private reply(worker: number, m: { job: number; digest: string | null; release: number[] }): void {
+    if (m.digest !== null) {
+      this.load[worker]!--;
+      const p = this.jobs.get(m.job);
+      this.jobs.delete(m.job);
+      p?.resolve(m.digest);
+    }
+    this.unref(m.release);
+  }
+
+  private unref(ids: number[]): void {
+    for (const id of ids) {
+      if (--this.refs[id]! > 0) continue;
+      const slot = { id, buf: this.mem.subarray(id * this.slotBytes, (id + 1) * this.slotBytes) };
+      const next = this.waiting.shift();
+      if (next) {
+        this.refs[id] = 1;
+        next.resolve(slot);
+      } else this.free.push(slot);
+    }
+  }
+
+  private fail(e: Error): void {
+    this.failure ??= e;
+    for (const p of this.jobs.values()) p.reject(this.failure);
+    this.jobs.clear();
+    for (const w of this.waiting.splice(0)) w.reject(this.failure);
+  }
+
+  private throwIfFailed(): void {
+    if (this.failure) throw this.failure;
+  }
+}
+
+/** Records one extent's stream as ops; flushed to its worker as the reads go by. */
+class RecordingSink implements ExtentSink {
+  private ops: number[] = [];
+  private literals: Buffer[] = [];
+  private slots = new Set<number>();
+  private result: Promise<string> | null = null;
+
+  constructor(
+    private readonly pool: HashPool,
+    private readonly job: number,
+    private readonly worker: number,
+  ) {}
+
+  repeat(byte: number, n: number): void {
+    const o = this.ops;
+    const k = o.length;
+    // Consecutive runs of one byte (status runs across several feeds) in one op.
+    if (k >= 3 && o[k - 3] === OP_REPEAT && o[k - 2] === byte) o[k - 1]! += n;
+    else o.push(OP_REPEAT, byte, n);
+  }
+
+  bytes(b: Buffer): void {
+    if (b.length === 0) return;
+    const slot = this.pool.slotOf(b);
+    if (slot !== null) {
+      this.ops.push(OP_RANGE, b.byteOffset, b.length);
+      this.slots.add(slot);
+    } else if (b.length === 1) this.repeat(b[0]!, 1);
+    else {
+      // Not in the shared buffer (a decompressed cluster): copied, as the caller may reuse it.
+      this.ops.push(OP_LITERAL, this.literals.length, 0);
+      this.literals.push(Buffer.from(b));
+    }
+  }
+
+  flush(end: boolean): void {
+    if (!end && this.ops.length === 0 && this.slots.size === 0) return;
+    this.pool.post(this.worker, {
+      job: this.job,
+      ops: Float64Array.from(this.ops),
+      literals: this.literals,
+      end,
+      release: [...this.slots],
+    });
+    this.ops = [];
+    this.literals = [];
+    this.slots = new Set();
+  }
+
+  end(): Promise<string> {
+    if (this.result) return this.result;
+    this.result = this.pool.expect(this.job);
+    this.flush(true);
+    this.pool.closeSink(this);
+    return this.result;
+  }
+}

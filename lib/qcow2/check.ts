@@ -133,7 +133,7 @@ class Bits {
 export async function checkImage(path: string, opts: CheckOptions = {}): Promise<Qcow2CheckResult> {
   const file = opts.file ?? (await NodeBlockFile.open(path, false));
   try {
-    return await new Checker(path, file, opts).run();
+    return await new Checker(path, file, opts).execute();
   } finally {
     if (!opts.file) await file.close();
   }
@@ -216,7 +216,7 @@ class Checker {
     return this.finish();
   }
 
-  async run(): Promise<Qcow2CheckResult> {
+  async execute(): Promise<Qcow2CheckResult> {
     this.fileSize = await this.file.size();
     const probe = Buffer.alloc(V3_MIN_HEADER_LENGTH + 8);
     const n = await this.file.read(probe, 0, probe.length, 0);

@@ -4,6 +4,7 @@
 // one read. Metadata (block status) is walked ahead of the reads; memory stays at
 // `inFlight + 1` read buffers whatever the disk size.
 import { Qcow2Image, type Extent } from '../qcow2/index.js';
+import type { HashPool, Slot } from './hash-pool.js';
 import { LayerDigester, type LayerDigest } from './layer-digest.js';
 import { DEFAULT_EXTENT_BYTES } from './manifest.js';
 
@@ -17,12 +18,14 @@ export interface ReadDigestOptions {
   between?: () => void;
   /** Guest data bytes hashed so far, as they are (progress). */
   onData?: (bytes: number) => void;
+  /** Hash on these worker threads (reads land in its shared slots); else on this thread. */
+  pool?: HashPool;
 }
 
 type Step =
   | { t: 'status'; pos: number; len: number; kind: 'zero' | 'unallocated' }
   | { t: 'compressed'; pos: number; cc: NonNullable<Extent['compressed']>; from: number; len: number }
-  | { t: 'read'; pos: number; len: number; buf: Buffer; done: Promise<void> };
+  | { t: 'read'; pos: number; len: number; slot: Slot; done: Promise<void> };
 
 const MAX_QUEUED = 4096;
 
@@ -40,29 +43,45 @@ export async function readImageDigest(img: Qcow2Image, opts: ReadDigestOptions =
   if (extentBytes % img.clusterSize !== 0)
     throw new RangeError(`extent size ${extentBytes} is not a multiple of the cluster size ${img.clusterSize}`);
   const unit = img.subclusterSize;
-  const dg = new LayerDigester({ virtualSize: img.virtualSize, unitBytes: unit, extentBytes });
-  const chunkBytes = Math.max(unit, (opts.chunkBytes ?? 8 << 20) - ((opts.chunkBytes ?? 8 << 20) % unit));
+  const pool = opts.pool;
+  const dg = new LayerDigester({
+    virtualSize: img.virtualSize,
+    unitBytes: unit,
+    extentBytes,
+    ...(pool ? { sink: () => pool.sink() } : {}),
+  });
+  const want = pool ? pool.slotBytes : (opts.chunkBytes ?? 8 << 20);
+  // A pool's slots may be smaller than a unit: the digester takes data in any pieces.
+  const chunkBytes = pool ? pool.slotBytes : Math.max(unit, want - (want % unit));
   const inFlight = Math.max(1, opts.inFlight ?? 4);
-  const free: Buffer[] = [];
+  const own: Slot[] = [];
+  let owned = 0;
+  const release = (slot: Slot): void => (pool ? pool.done(slot) : void own.push(slot));
   const queue: Step[] = [];
   let reads = 0;
   let pos = 0; // guest offset the status walk has reached
   let pendingData: { host: number; pos: number; left: number } | null = null; // a data run still to split into reads
   const size = img.virtualSize;
 
-  const startRead = (host: number, at: number, len: number): void => {
-    const buf = free.pop() ?? Buffer.allocUnsafe(chunkBytes);
-    const done = img.readHost(buf, 0, len, host);
+  /** A read buffer: a pool slot (waiting only when no read of ours is ahead), or one of ours. */
+  const slotFor = async (): Promise<Slot | null> => {
+    if (pool) return reads === 0 ? pool.acquire() : pool.tryAcquire();
+    return own.pop() ?? { id: owned++, buf: Buffer.allocUnsafe(chunkBytes) };
+  };
+  const startRead = (slot: Slot, host: number, at: number, len: number): void => {
+    const done = img.readHost(slot.buf, 0, len, host);
     done.catch(() => {}); // awaited in order below; a failure ahead of that must not go unhandled
-    queue.push({ t: 'read', pos: at, len, buf, done });
+    queue.push({ t: 'read', pos: at, len, slot, done });
     reads++;
   };
   /** Walk ahead: queue steps until `inFlight` reads are running (or the disk is done). */
   const fill = async (): Promise<void> => {
     while (reads < inFlight && queue.length < MAX_QUEUED) {
       if (pendingData) {
+        const slot = await slotFor();
+        if (!slot) return; // every pool slot busy: hash what is queued first
         const len = Math.min(chunkBytes, pendingData.left);
-        startRead(pendingData.host, pendingData.pos, len);
+        startRead(slot, pendingData.host, pendingData.pos, len);
         pendingData.host += len;
         pendingData.pos += len;
         pendingData.left -= len;
@@ -81,24 +100,37 @@ export async function readImageDigest(img: Qcow2Image, opts: ReadDigestOptions =
     }
   };
 
-  for (;;) {
-    await fill();
-    const s = queue.shift();
-    if (!s) break;
-    opts.between?.();
-    if (s.t === 'status') dg.add(s.pos, s.len, s.kind);
-    else if (s.t === 'compressed') {
-      dg.add(s.pos, s.len, 'data', (await img.readCompressed(s.cc)).subarray(s.from, s.from + s.len));
-      opts.onData?.(s.len);
-    } else {
-      await s.done;
-      reads--;
-      // Start the next read before hashing this one, so the disk keeps busy.
+  try {
+    for (;;) {
       await fill();
-      dg.add(s.pos, s.len, 'data', s.buf.subarray(0, s.len));
-      free.push(s.buf);
-      opts.onData?.(s.len);
+      const st = queue.shift();
+      if (!st) break;
+      opts.between?.();
+      if (st.t === 'status') dg.add(st.pos, st.len, st.kind);
+      else if (st.t === 'compressed') {
+        dg.add(st.pos, st.len, 'data', (await img.readCompressed(st.cc)).subarray(st.from, st.from + st.len));
+        opts.onData?.(st.len);
+      } else {
+        try {
+          await st.done;
+          reads--;
+          dg.add(st.pos, st.len, 'data', st.slot.buf.subarray(0, st.len));
+        } finally {
+          // Sent to the workers first: a message that carries the slot holds it until hashed.
+          pool?.flush();
+          release(st.slot);
+        }
+        opts.onData?.(st.len);
+      }
+      pool?.flush();
     }
+  } finally {
+    // On a failure, the reads still running finish before their buffers go back.
+    for (const st of queue.splice(0))
+      if (st.t === 'read') {
+        await st.done.catch(() => {});
+        release(st.slot);
+      }
   }
-  return dg.finish();
+  return pool ? dg.settle() : dg.finish();
 }

@@ -8,6 +8,7 @@ import fc from 'fast-check';
 import { afterAll, describe, expect, it } from 'vitest';
 import { digestLayer } from '../../lib/store/layer-digest.js';
 import { readLayerDigest } from '../../lib/store/layer-read.js';
+import { HashPool } from '../../lib/store/hash-pool.js';
 import { removeTempDirs, tempDir } from '../helpers/tmp.js';
 import { buildChain, chainArb, numRuns } from '../qcow2/gen.js';
 
@@ -15,6 +16,8 @@ afterAll(removeTempDirs);
 
 describe('readLayerDigest = digestLayer', () => {
   const dir = tempDir('layer-read');
+  const pool = new HashPool({ workers: 2, slotBytes: 65536, slots: 6 });
+  afterAll(() => pool.close());
   let n = 0;
   it('random layers, random read sizes and depths, extents of 1–4 clusters (×64 below 64 KiB)', async () => {
     await fc.assert(
@@ -35,6 +38,8 @@ describe('readLayerDigest = digestLayer', () => {
             const got = await readLayerDigest(p, { extentBytes, inFlight, chunkBytes, onData: (b) => (seen += b) });
             expect(got).toEqual(want);
             expect(seen).toBe(want.dataBytes);
+            // Hashed on worker threads, reads in the pool's shared slots: the same digests.
+            expect(await readLayerDigest(p, { extentBytes, inFlight, pool })).toEqual(want);
           }
         },
       ),

@@ -1,12 +1,13 @@
 // Operator chain tools on a mounted NAS: list, verify, plan a delete, and delete with
 // repair of every disk. Each returns its result (lib/output.ts renders it). A delete is idempotent: it re-reads the chains each run, so a
 // run interrupted anywhere is finished by running it again.
-import { lstat } from 'node:fs/promises';
+import { lstat, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { NasbackupError, withResult } from '../../errors.js';
 import { ensureWithin, exists } from '../../paths.js';
 import { backingFile, discover, type BackupFile, type VmBackups } from './discover.js';
 import { readLayerDigest } from '../../store/layer-read.js';
+import { HashPool } from '../../store/hash-pool.js';
 import { structuralCheck, type StructuralCheck } from '../../store/safety.js';
 import { planDelete, type DeletePlan } from './plan.js';
 import type { BackupRecord } from './provider-plan.js';
@@ -56,6 +57,9 @@ export interface ChainVerifyResult {
   report: VerifyReport;
 }
 
+/** Below this, starting worker threads costs more than hashing here. */
+const POOL_MIN_FILE_BYTES = 32 << 20;
+
 export interface VerifyOptions {
   /** Data bytes compared so far, of the total (a progress bar on a terminal). */
   progress?: (done: number, total: number) => void;
@@ -77,14 +81,32 @@ export async function chainVerify(ctx: OpContext, a: ChainArgs, opts: VerifyOpti
     ctx.logger.log(`Structural check of ${abs}: ${r.kind}${r.kind === 'clean' ? '' : ` (${r.message})`} [${r.by}]`);
     return r;
   };
-  const report = await verifyChains(backups, check, 4, {
-    scope: backups.backups,
-    // Several reads in flight per layer, two layers at once (lib/store/layer-read.ts).
-    digest: (abs, extentBytes, onData) =>
-      readLayerDigest(abs, { extentBytes, between: () => ctx.checkpoint(), ...(onData ? { onData } : {}) }),
-    between: () => ctx.checkpoint(),
-    ...(opts.progress ? { progress: opts.progress } : {}),
-  });
+  // Layers big enough are hashed on worker threads (every core), the reads staying here.
+  let pool: HashPool | undefined;
+  const poolFor = async (abs: string): Promise<HashPool | undefined> => {
+    if ((await stat(abs)).size < POOL_MIN_FILE_BYTES) return undefined;
+    return (pool ??= new HashPool());
+  };
+  let report: VerifyReport;
+  try {
+    report = await verifyChains(backups, check, 4, {
+      scope: backups.backups,
+      // Several reads in flight per layer, two layers at once (lib/store/layer-read.ts).
+      digest: async (abs, extentBytes, onData) => {
+        const p = await poolFor(abs);
+        return readLayerDigest(abs, {
+          extentBytes,
+          between: () => ctx.checkpoint(),
+          ...(onData ? { onData } : {}),
+          ...(p ? { pool: p } : {}),
+        });
+      },
+      between: () => ctx.checkpoint(),
+      ...(opts.progress ? { progress: opts.progress } : {}),
+    });
+  } finally {
+    await pool?.close();
+  }
   const result = { vm, report };
   if (!report.ok) throw new NasbackupError('CHAIN_INVALID', `The backup chains of ${vm} have errors`, { result });
   return result;

@@ -64,6 +64,8 @@ export interface Config {
   engine: EngineMode;
   /** Which agent generation reads our stdout: the `agent` command's choice, else NASBACKUP_AGENT_PROFILE. */
   agentProfile: AgentProfile;
+  /** Measurement only (scripts/bench-manifest.ts): back up without a manifest, as before manifests existed. */
+  benchSkipManifest: boolean;
 }
 
 /** Settings given on the command line; they override the environment's. Raw strings, checked here. */
@@ -195,5 +197,6 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, flags: ConfigFl
     qemuImgBinary: env.NASBACKUP_QEMU_IMG || 'qemu-img',
     engine,
     agentProfile: flags.agentProfile ?? oneOf(env, PROFILE_ENV, AGENT_PROFILES, DEFAULT_AGENT_PROFILE),
+    benchSkipManifest: flag(env, 'NASBACKUP_BENCH_SKIP_MANIFEST'),
   });
 }

@@ -1,14 +1,20 @@
-// Benchmark (not a test): what the manifest costs a backup. A stopped-VM backup (qemu-img
-// convert of one disk full of data, then the manifest's read and digest of the copy) of a
-// ~1 GiB disk onto a bind-mounted folder, timed end to end, median of N runs; the
-// manifest step's own time comes from the log. With `--baseline <bin/nasbackup of a build
-// without manifests>` the same runs are made with that build, interleaved.
-//   npm run build && vite-node scripts/bench-manifest.ts -- [--mib 1024] [--runs 3] [--baseline <bin>]
+// Benchmark (not a test): what the manifest costs a backup. The same build backs up the
+// same disk with the manifest and without it (NASBACKUP_BENCH_SKIP_MANIFEST=1, the
+// backup as it was before manifests), interleaved and alternating the order, in the
+// same run; reported: medians with min-max, the ratio of the medians and the median of
+// the paired ratios, and the manifest step's own figures from the log (digest time, and
+// the part of it the backup waited for: the rest overlapped the flush).
+//   running: a running VM (e2e lab guest, TCG) with one disk full of data, libvirt push
+//            backup onto a loop-mounted ext4 NAS;
+//   stopped: a stopped VM, qemu-img convert of one qcow2 disk full of data onto a bind NAS.
+//   npm run build && flock /tmp/nasbackup-bench.lock vite-node scripts/bench-manifest.ts -- \
+//     [--path running|stopped|both] [--mib 1024] [--runs 5]
 import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { createQcow2, ensureLab, guestWrite, startGuest } from '../test/e2e/lab.js';
 
 const arg = (name: string): string | undefined => {
   const i = process.argv.indexOf(`--${name}`);
@@ -16,72 +22,157 @@ const arg = (name: string): string | undefined => {
 };
 const MiB = 1024 * 1024;
 const mib = Number(arg('mib') ?? 1024);
-const runs = Number(arg('runs') ?? 3);
-const baseline = arg('baseline');
+const runs = Number(arg('runs') ?? 5);
+const which = arg('path') ?? 'both';
 const BIN = fileURLToPath(new URL('../bin/nasbackup', import.meta.url));
-const VM = 'i-2-99-VM';
-const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+const median = (xs: number[]): number => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = Math.floor(s.length / 2);
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+};
+const spread = (xs: number[]): string => `${(Math.min(...xs) / 1000).toFixed(2)}-${(Math.max(...xs) / 1000).toFixed(2)} s`;
 
-function main(): void {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nb-bench-manifest-'));
-  try {
-    const nas = path.join(dir, 'nas');
-    const tmp = path.join(dir, 'tmp');
-    const shims = path.join(dir, 'shims');
-    for (const d of [nas, tmp, shims]) fs.mkdirSync(d);
-    // The VM is not running: `virsh list` shows no domain; `virsh version` passes the check.
-    fs.writeFileSync(
-      path.join(shims, 'virsh'),
-      `#!/bin/sh\ncase "$*" in *version*) printf 'Compiled against library: libvirt 9.0.0\\nUsing library: libvirt 9.0.0\\nUsing API: QEMU 9.0.0\\nRunning hypervisor: QEMU 7.2.0\\n';;\n*list*) printf ' Id   Name   State\\n--------------------\\n\\n';;\nesac\n`,
-      { mode: 0o755 },
-    );
-    const disk = path.join(dir, '6a0b6f3e-0000-4000-8000-00000000b001');
-    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', disk, `${mib}M`]);
-    // Every cluster data, with varied content (64 MiB per pattern).
-    const cmds = [];
-    for (let off = 0; off < mib; off += 64) cmds.push('-c', `write -P ${0x10 + ((off / 64) % 200)} ${off}M ${Math.min(64, mib - off)}M`);
-    execFileSync('qemu-io', ['-f', 'qcow2', ...cmds, disk], { stdio: 'ignore' });
-    const log = path.join(dir, 'agent.log');
-    const env = { ...process.env, PATH: `${shims}:${process.env.PATH}`, TMPDIR: tmp, NASBACKUP_LOG_FILE: log, LC_ALL: 'C.UTF-8' };
-    const variants: Array<[string, string]> = [['with manifest', BIN]];
-    if (baseline) variants.push(['without manifest (baseline build)', baseline]);
-    const times: number[][] = variants.map(() => []);
-    const steps: number[] = [];
-    let n = 0;
-    // Run 0 warms the page cache and is not counted.
-    for (let r = 0; r <= runs; r++) {
-      // Alternate the order, so neither variant always runs right after the other's cleanup.
-      const order = [...variants.entries()];
-      if (r % 2 === 1) order.reverse();
-      for (const [i, [, bin]] of order) {
-        const p = `${VM}/2026.01.01.00.00.${String(++n).padStart(2, '0')}`;
-        const t0 = process.hrtime.bigint();
-        const res = spawnSync(bin, ['-o', 'backup', '-v', VM, '-t', 'none', '-s', nas, '-m', 'bind', '-p', p, '-q', 'false', '-d', disk], {
-          env,
-          encoding: 'utf8',
-        });
-        const ms = Number(process.hrtime.bigint() - t0) / 1e6;
-        if (res.status !== 0) throw new Error(`backup failed (${res.status}): ${res.stdout}${res.stderr}`);
-        const step = [...fs.readFileSync(log, 'utf8').matchAll(/Manifest of (\S+): \d+ disk\(s\) digested in (\d+) ms/g)].find(
-          (m) => m[1] === p,
-        );
-        if (r > 0) {
-          times[i]!.push(ms);
-          if (step) steps.push(Number(step[2]));
+interface Shape {
+  name: string;
+  vm: string;
+  /** argv after `-o backup -v <vm>` but before `-p`. */
+  nas: string[];
+  disks: string[];
+  env: NodeJS.ProcessEnv;
+  log: string;
+  cleanup(p: string): void;
+}
+
+/** `runs` pairs (after one warm-up pair), with and without the manifest, order alternating. */
+function measure(s: Shape): void {
+  const withM: number[] = [];
+  const without: number[] = [];
+  const digest: number[] = [];
+  const onPath: number[] = [];
+  let n = 0;
+  for (let r = 0; r <= runs; r++) {
+    const order = r % 2 === 0 ? [true, false] : [false, true];
+    for (const manifest of order) {
+      const p = `${s.vm}/2026.01.01.00.${String(Math.floor(n / 60)).padStart(2, '0')}.${String(n % 60).padStart(2, '0')}`;
+      n++;
+      const env = { ...s.env, ...(manifest ? {} : { NASBACKUP_BENCH_SKIP_MANIFEST: '1' }) };
+      const t0 = process.hrtime.bigint();
+      const res = spawnSync(BIN, ['-o', 'backup', '-v', s.vm, ...s.nas, '-p', p, '-q', 'false', ...s.disks], { env, encoding: 'utf8' });
+      const ms = Number(process.hrtime.bigint() - t0) / 1e6;
+      if (res.status !== 0) throw new Error(`backup failed (${res.status}): ${res.stdout}${res.stderr}`);
+      if (r > 0) {
+        (manifest ? withM : without).push(ms);
+        if (manifest) {
+          const m = [
+            ...fs.readFileSync(s.log, 'utf8').matchAll(/Manifest of (\S+): \d+ disk\(s\) digested in (\d+) ms \((\d+) ms on/g),
+          ].find((x) => x[1] === p);
+          if (m) {
+            digest.push(Number(m[2]));
+            onPath.push(Number(m[3]));
+          }
         }
-        fs.rmSync(path.join(nas, p), { recursive: true, force: true });
       }
+      s.cleanup(p);
     }
-    console.log(`stopped-VM backup of a ${mib} MiB qcow2 disk (all data), median of ${runs} (after one warm-up run):`);
-    for (const [i, [name]] of variants.entries())
-      console.log(`  ${name}: ${median(times[i]!).toFixed(0)} ms  (runs: ${times[i]!.map((t) => t.toFixed(0)).join(', ')})`);
-    if (steps.length)
-      console.log(
-        `  manifest step (read + SHA-256 of the copy, from the log): ${median(steps)} ms  (${((mib * MiB) / MiB / (median(steps) / 1000)).toFixed(0)} MiB/s)`,
-      );
+  }
+  const paired = withM.map((w, i) => w / without[i]!);
+  console.log(`${s.name}: ${mib} MiB of data, ${runs} pairs after one warm-up pair`);
+  console.log(`  without manifest  median ${(median(without) / 1000).toFixed(2)} s  (${spread(without)})`);
+  console.log(`  with manifest     median ${(median(withM) / 1000).toFixed(2)} s  (${spread(withM)})`);
+  console.log(
+    `  ratio with/without: ${(median(withM) / median(without)).toFixed(3)}x (medians), ${median(paired).toFixed(3)}x (median of paired, ${Math.min(...paired).toFixed(3)}-${Math.max(...paired).toFixed(3)})`,
+  );
+  if (digest.length)
+    console.log(
+      `  manifest step: digest ${median(digest)} ms median (${((mib * MiB) / MiB / (median(digest) / 1000)).toFixed(0)} MiB/s), of which the backup waited ${median(onPath)} ms (rest overlapped the flush)`,
+    );
+}
+
+async function running(dir: string): Promise<void> {
+  await ensureLab();
+  const vm = `nbe2e-bmf-${process.pid}`;
+  const disk = path.join(dir, '6a0b6f3e-0000-4000-8000-00000000b002');
+  await createQcow2(disk, (mib + 64) * MiB);
+  const img = path.join(dir, 'nas.img');
+  execFileSync('truncate', ['-s', `${Math.max(1024, mib * 4)}M`, img]);
+  execFileSync('mkfs.ext4', ['-q', '-F', img]);
+  const guest = await startGuest({ name: vm, disks: [disk], dir });
+  try {
+    for (let off = 0; off < mib; off += 64)
+      await guestWrite(vm, { target: 'vda', pattern: 0x10 + ((off / 64) % 200), offset: off * MiB, length: Math.min(64, mib - off) * MiB });
+    const nas = ['-t', 'ext4', '-s', img, '-m', 'loop'];
+    const log = path.join(dir, 'agent-running.log');
+    const env = { ...process.env, TMPDIR: path.join(dir, 'tmp'), NASBACKUP_LOG_FILE: log };
+    measure({
+      name: 'running VM (libvirt push, TCG guest, loop-ext4 NAS)',
+      vm,
+      nas,
+      disks: ['-d', ''],
+      env,
+      log,
+      cleanup: (p) => void spawnSync(BIN, ['-o', 'delete', ...nas, '-p', p], { env }),
+    });
+  } finally {
+    await guest.destroy().catch(() => {});
+  }
+}
+
+function stopped(dir: string): void {
+  const vm = 'i-2-99-VM';
+  const nas = path.join(dir, 'nas');
+  const shims = path.join(dir, 'shims');
+  for (const d of [nas, shims]) fs.mkdirSync(d);
+  // The VM is not running: `virsh list` shows no domain; `virsh version` passes the check.
+  fs.writeFileSync(
+    path.join(shims, 'virsh'),
+    `#!/bin/sh\ncase "$*" in *version*) printf 'Compiled against library: libvirt 9.0.0\\nUsing library: libvirt 9.0.0\\nUsing API: QEMU 9.0.0\\nRunning hypervisor: QEMU 7.2.0\\n';;\n*list*) printf ' Id   Name   State\\n--------------------\\n\\n';;\nesac\n`,
+    { mode: 0o755 },
+  );
+  const disk = path.join(dir, '6a0b6f3e-0000-4000-8000-00000000b001');
+  execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', disk, `${mib}M`]);
+  // Every cluster data, with varied content (64 MiB per pattern).
+  const cmds = [];
+  for (let off = 0; off < mib; off += 64) cmds.push('-c', `write -P ${0x10 + ((off / 64) % 200)} ${off}M ${Math.min(64, mib - off)}M`);
+  execFileSync('qemu-io', ['-f', 'qcow2', ...cmds, disk], { stdio: 'ignore' });
+  const log = path.join(dir, 'agent-stopped.log');
+  measure({
+    name: 'stopped VM (qemu-img convert, bind NAS)',
+    vm,
+    nas: ['-t', 'none', '-s', nas, '-m', 'bind'],
+    disks: ['-d', disk],
+    env: {
+      ...process.env,
+      PATH: `${shims}:${process.env.PATH}`,
+      TMPDIR: path.join(dir, 'tmp'),
+      NASBACKUP_LOG_FILE: log,
+      LC_ALL: 'C.UTF-8',
+    },
+    log,
+    cleanup: (p) => fs.rmSync(path.join(nas, p), { recursive: true, force: true }),
+  });
+}
+
+async function main(): Promise<void> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbe2e-bench-manifest-'));
+  try {
+    fs.mkdirSync(path.join(dir, 'tmp'));
+    console.log(
+      `bench-manifest: ${os.cpus().length} CPU(s), load average ${os
+        .loadavg()
+        .map((l) => l.toFixed(1))
+        .join(' ')} at start`,
+    );
+    if (which === 'stopped' || which === 'both') stopped(dir);
+    if (which === 'running' || which === 'both') await running(dir);
+    console.log(
+      `load average at the end: ${os
+        .loadavg()
+        .map((l) => l.toFixed(1))
+        .join(' ')}`,
+    );
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
 }
 
-main();
+await main();

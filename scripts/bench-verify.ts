@@ -1,77 +1,196 @@
-// Benchmark (not a test): `nasbackup chain verify` on a 50-deep chain against the
-// usual shell approach — `qemu-img info --backing-chain` plus `qemu-img check` for
-// every file — measured in the same run on the same files.
-//   npm run bench:verify [-- --depth 50 --runs 3]
+// Benchmark (not a test): `nasbackup chain verify` of a 50-deep chain with manifests (structure
+// natively + every layer's content against its manifest), against, on the same files in the same
+// run, with the page cache dropped before every timed command:
+//   (e)     `qemu-img check` of each layer (issue 18: goal ≤ 0.3×),
+//   (pair)  `qemu-img check` of each layer + `qemu-img compare` of the top against a reference
+//           (issue 17: goal ≤ 0.5×),
+//   (floor) reading the allocated bytes once: each layer file with large sequential reads
+//           (issue 17: goal ≤ 1.2×).
+// Two chains by default: `e`, issue 18's shape (1 GiB disk, 1 MiB written per layer, where the
+// cost is structure), and `v`, a chain with data to prove (2 GiB disk, a 1 GiB full, 16 MiB per
+// incremental). Medians of --runs (≥ 5) with min–max, paired ratios per run.
+//   npm run bench:verify [-- --depth 50 --runs 5 --shapes e,v --full-mib 1024 --inc-mib 16]
+//   smaller: --depth 10 --runs 2 --full-mib 64 --inc-mib 4
 import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-const arg = (name: string, dflt: number): number => {
+const arg = (name: string, dflt: string): string => {
   const i = process.argv.indexOf(`--${name}`);
-  return i > 0 ? Number(process.argv[i + 1]) : dflt;
+  return i > 0 ? process.argv[i + 1]! : dflt;
 };
-const depth = arg('depth', 50);
-const runs = arg('runs', 3);
-const BIN = fileURLToPath(new URL('../bin/nasbackup', import.meta.url));
+const depth = Number(arg('depth', '50'));
+const runs = Number(arg('runs', '5'));
+const shapes = arg('shapes', 'e,v').split(',');
+const fullMib = Number(arg('full-mib', '1024'));
+const incMib = Number(arg('inc-mib', '16'));
+const ROOT = fileURLToPath(new URL('..', import.meta.url));
+const BIN = path.join(ROOT, 'bin/nasbackup');
 const VM = 'i-9-99-VM';
-const FILE = 'root.5f2c7e1a-0000-4000-8000-000000000001.qcow2';
-const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+const VOL = '5f2c7e1a-0000-4000-8000-000000000001';
+const FILE = `root.${VOL}.qcow2`;
+const MiB = 1 << 20;
+
+const median = (xs: number[]): number => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = Math.floor(s.length / 2);
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+};
+const spread = (xs: number[], f: (x: number) => string): string => `${f(Math.min(...xs))}–${f(Math.max(...xs))}`;
+const sec = (ms: number): string => `${(ms / 1000).toFixed(2)} s`;
+const x = (r: number): string => `${r.toFixed(2)}×`;
+
+let cacheDrops = true;
+function dropCaches(): void {
+  spawnSync('sync');
+  try {
+    fs.writeFileSync('/proc/sys/vm/drop_caches', '3');
+  } catch {
+    cacheDrops = false; // not root or not allowed: runs are warm (said in the output)
+  }
+}
 
 function time(fn: () => void): number {
+  dropCaches();
   const t0 = process.hrtime.bigint();
   fn();
   return Number(process.hrtime.bigint() - t0) / 1e6;
 }
 
-const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nasbackup-bench-verify-'));
-const nas = path.join(dir, 'nas');
-try {
+interface Shape {
+  name: string;
+  sizeMib: number;
+  /** MiB written in the full, and in each incremental. */
+  full: number;
+  inc: number;
+}
+
+async function buildChain(nas: string, s: Shape): Promise<string[]> {
+  const { describeLayer, writeManifestFile } = (await import(path.join(ROOT, 'dist/lib/store/manifest-file.js'))) as {
+    describeLayer: (abs: string, vol: string, extentBytes: number) => Promise<unknown>;
+    writeManifestFile: (dir: string, m: unknown) => Promise<void>;
+  };
   const files: string[] = [];
+  const span = s.sizeMib - s.inc;
   for (let i = 0; i < depth; i++) {
     const ts = `2025.01.01.00.${String(Math.floor(i / 60)).padStart(2, '0')}.${String(i % 60).padStart(2, '0')}`;
     const f = path.join(nas, VM, ts, FILE);
     fs.mkdirSync(path.dirname(f), { recursive: true });
-    if (i === 0) execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', f, '1G']);
-    else
-      execFileSync('qemu-img', [
-        'create',
-        '-q',
-        '-f',
-        'qcow2',
-        '-b',
-        `../${path.basename(path.dirname(files[i - 1]!))}/${FILE}`,
-        '-F',
-        'qcow2',
-        f,
-      ]);
-    execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P ${(i % 250) + 1} ${i * 4}M 1M`, f], { stdio: 'ignore' });
+    const backing = i === 0 ? [] : ['-b', `../${path.basename(path.dirname(files[i - 1]!))}/${FILE}`, '-F', 'qcow2'];
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', ...backing, f, `${s.sizeMib}M`]);
+    // The full holds `full` MiB from the start; each incremental `inc` MiB somewhere else.
+    const at = i === 0 ? 0 : ((i * 37) % Math.max(1, span)) * MiB;
+    const len = (i === 0 ? s.full : s.inc) * MiB;
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P ${(i % 250) + 1} ${at} ${len}`, f], { stdio: 'ignore' });
+    const extentBytes = 64 * MiB;
+    await writeManifestFile(path.dirname(f), {
+      format: 'nasbackup-manifest',
+      version: 1,
+      tool: { name: 'nasbackup', version: 'bench' },
+      vm: VM,
+      path: `${VM}/${ts}`,
+      createdAt: new Date(Date.UTC(2025, 0, 1, 0, 0, i)).toISOString(),
+      mode: i === 0 ? 'full' : 'incremental',
+      kind: i === 0 ? 'full' : 'incremental',
+      checkpoint: null,
+      incrementalFrom: null,
+      parent: i === 0 ? null : `${VM}/${path.basename(path.dirname(files[i - 1]!))}`,
+      digest: { algorithm: 'sha256', stream: 'nasbackup-layer-v1', extentBytes },
+      disks: [await describeLayer(f, VOL, extentBytes)],
+    });
     files.push(f);
   }
-  const env = { ...process.env, NASBACKUP_VERSION_CHECK: 'off', NASBACKUP_LOG_FILE: path.join(dir, 'agent.log'), TMPDIR: dir };
-  const ours: number[] = [];
-  const shell: number[] = [];
-  for (let r = 0; r <= runs; r++) {
-    const a = time(() => {
-      const res = spawnSync(BIN, ['chain', 'verify', '-t', 'none', '-s', nas, '-m', 'bind', '--vm', VM], { env, encoding: 'utf8' });
-      if (res.status !== 0) throw new Error(`chain verify failed:\n${res.stdout}`);
-    });
-    const b = time(() => {
-      for (const f of files) {
-        execFileSync('qemu-img', ['info', '--backing-chain', '--output=json', f], { stdio: 'ignore' });
-        execFileSync('qemu-img', ['check', f], { stdio: 'ignore' });
-      }
-    });
-    if (r > 0) {
-      ours.push(a);
-      shell.push(b);
+  return files;
+}
+
+/** The floor: every layer file read once, front to back, 8 MiB at a time. */
+function readAll(files: string[]): void {
+  const buf = Buffer.allocUnsafe(8 * MiB);
+  for (const f of files) {
+    const fd = fs.openSync(f, 'r');
+    try {
+      while (fs.readSync(fd, buf, 0, buf.length, null) > 0);
+    } finally {
+      fs.closeSync(fd);
     }
   }
-  console.log(`chain verify, ${depth}-deep chain, ${runs} runs each (after one warm-up run)`);
-  console.log(`  nasbackup chain verify (mount, headers, qemu-img check x2 in flight): median ${(median(ours) / 1000).toFixed(2)} s`);
-  console.log(`  qemu-img info --backing-chain + qemu-img check per file:          median ${(median(shell) / 1000).toFixed(2)} s`);
-  console.log(`  ratio nasbackup / shell: ${(median(ours) / median(shell)).toFixed(2)}x`);
-} finally {
-  fs.rmSync(dir, { recursive: true, force: true });
 }
+
+async function bench(dir: string, s: Shape): Promise<void> {
+  const nas = path.join(dir, s.name, 'nas');
+  const files = await buildChain(nas, s);
+  const top = files.at(-1)!;
+  const ref = path.join(dir, s.name, 'reference.raw');
+  execFileSync('qemu-img', ['convert', '-O', 'raw', top, ref]);
+  const dataBytes = files.reduce((n, f) => n + fs.statSync(f).size, 0);
+  const env = { ...process.env, NASBACKUP_VERSION_CHECK: 'off', NASBACKUP_LOG_FILE: path.join(dir, 'agent.log'), TMPDIR: dir };
+  const verify = (): void => {
+    const r = spawnSync(BIN, ['chain', 'verify', '-t', 'none', '-s', nas, '-m', 'bind', '--vm', VM], { env, encoding: 'utf8' });
+    if (r.status !== 0) throw new Error(`chain verify failed:\n${r.stdout}${r.stderr}`);
+  };
+  const checks = (): void => {
+    for (const f of files) execFileSync('qemu-img', ['check', f], { stdio: 'ignore' });
+  };
+  const compare = (): void => {
+    execFileSync('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', top, ref], { stdio: 'ignore' });
+  };
+  const idle = (): void => {
+    spawnSync(BIN, ['--version'], { env });
+  };
+  const t = { ours: [] as number[], check: [] as number[], pair: [] as number[], floor: [] as number[], idle: [] as number[] };
+  verify(); // warm-up (not timed): builds nothing, proves the chain verifies
+  for (let r = 0; r < runs; r++) {
+    // Interleaved, so a change of machine load hits every contender alike.
+    t.ours.push(time(verify));
+    t.check.push(time(checks));
+    const c = time(checks);
+    t.pair.push(c + time(compare));
+    t.floor.push(time(() => readAll(files)));
+    t.idle.push(time(idle));
+  }
+  const ratios = (a: number[], b: number[]): number[] => a.map((v, i) => v / b[i]!);
+  console.log(
+    `\nshape ${s.name}: ${depth}-deep chain, ${s.sizeMib} MiB disk, full ${s.full} MiB, ${s.inc} MiB per incremental; ` +
+      `${(dataBytes / MiB).toFixed(0)} MiB of files; ${runs} runs, caches ${cacheDrops ? 'dropped before each command' : 'NOT dropped (no permission)'}`,
+  );
+  const row = (label: string, xs: number[]): void => console.log(`  ${label.padEnd(58)} median ${sec(median(xs))} (${spread(xs, sec)})`);
+  row('nasbackup chain verify (structure + content vs manifests)', t.ours);
+  row('qemu-img check per layer', t.check);
+  row('qemu-img check per layer + qemu-img compare top vs reference', t.pair);
+  row('floor: read every layer file once, 8 MiB sequential reads', t.floor);
+  row('nasbackup --version (start-up cost, for reference)', t.idle);
+  const ratio = (label: string, r: number[], goal: string): void =>
+    console.log(`  ${label.padEnd(58)} median ${x(median(r))} (${spread(r, x)}), goal ${goal}`);
+  ratio('ratio verify / qemu-img check per layer (issue 18 e)', ratios(t.ours, t.check), '≤ 0.3×');
+  ratio('ratio verify / (check per layer + compare) (issue 17)', ratios(t.ours, t.pair), '≤ 0.5×');
+  ratio('ratio verify / floor (issue 17)', ratios(t.ours, t.floor), '≤ 1.2×');
+}
+
+async function main(): Promise<void> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nasbackup-bench-verify-'));
+  try {
+    console.log(
+      `bench-verify: ${os.cpus().length} CPU(s), load average ${os
+        .loadavg()
+        .map((l) => l.toFixed(1))
+        .join(' ')}`,
+    );
+    const all: Record<string, Shape> = {
+      e: { name: 'e', sizeMib: 1024, full: 1, inc: 1 },
+      v: { name: 'v', sizeMib: Math.max(2048, fullMib * 2), full: fullMib, inc: incMib },
+    };
+    for (const s of shapes) await bench(dir, all[s]!);
+    console.log(
+      `load average at the end ${os
+        .loadavg()
+        .map((l) => l.toFixed(1))
+        .join(' ')}`,
+    );
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+await main();

@@ -8,7 +8,8 @@ const CHAIN: Record<string, string> = {
   Lists the backups of the VM on the NAS, each file with its backing file (read from the qcow2 headers).`,
   verify: `nasbackup chain verify ${CHAIN_NAS} [--backup <instance>/<timestamp>] [--json]
   Checks every chain of the VM (or, with --backup, that point in time and its chain): backing files
-  present, relative, inside the VM folder, no cycles, same virtual size, qemu-img check clean; and the
+  present, relative, inside the VM folder, no cycles, same virtual size, refcounts and tables sound
+  (a native check that counts like qemu-img check); and the
   content of every layer against its backup's manifest.json (each extent's digest), when it has one.
   Exit 1 (CHAIN_INVALID) and one line per problem when anything is wrong.`,
   'plan-delete': `nasbackup chain plan-delete ${CHAIN_NAS} --backup <instance>/<timestamp> [--force] [--records <records.json>] [--json]

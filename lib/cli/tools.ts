@@ -170,8 +170,15 @@ export async function runTool(tool: string, argv: readonly string[], io: ToolIo)
   switch (action) {
     case 'list':
       return render(io.out, mode, chainListRenderer, await execute(io, config, logger, (ctx) => ops.chainList(ctx, args)));
-    case 'verify':
-      return render(io.out, mode, chainVerifyRenderer, await execute(io, config, logger, (ctx) => ops.chainVerify(ctx, args)));
+    case 'verify': {
+      // A bar on stderr for an operator at a terminal; never with --json.
+      const { createProgress } = await import('../ops/backup/progress.js');
+      const progress = await createProgress(process.stdout.isTTY === true && !json, 'verify');
+      const outcome = await execute(io, config, logger, (ctx) =>
+        ops.chainVerify(ctx, args, { progress: (done, total) => progress.update(done, total) }).finally(() => progress.stop()),
+      );
+      return render(io.out, mode, chainVerifyRenderer, outcome);
+    }
     case 'plan-delete':
       return render(io.out, mode, chainPlanRenderer, await execute(io, config, logger, (ctx) => ops.chainPlanDelete(ctx, args)));
     case 'delete': {

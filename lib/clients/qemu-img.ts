@@ -78,7 +78,10 @@ export class QemuImgClient {
       ...(opts.compress ? ['-c'] : []),
       ...(opts.rateBytesPerSec ? ['-r', String(Math.round(opts.rateBytesPerSec))] : []),
     ];
-    const r = await this.run(['convert', ...extra, '-f', srcFormat, '-O', 'qcow2', src, dst], opts.timeoutMs !== undefined ? { timeoutMs: opts.timeoutMs } : {});
+    const r = await this.run(
+      ['convert', ...extra, '-f', srcFormat, '-O', 'qcow2', src, dst],
+      opts.timeoutMs !== undefined ? { timeoutMs: opts.timeoutMs } : {},
+    );
     if (succeeded(r)) return;
     if (r.canceled) throw new ToolError('INTERRUPTED', `Interrupted while copying ${src}`, r, '');
     throw new ToolError(r.timedOut ? 'COMMAND_TIMEOUT' : 'CONVERT_FAILED', `qemu-img convert failed for ${src} ${dst}`, r, failureText(r));

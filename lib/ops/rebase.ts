@@ -4,7 +4,7 @@
 import { stat } from 'node:fs/promises';
 import { basename, dirname, join, relative } from 'node:path';
 import { refreshManifestEntry } from '../store/manifest-file.js';
-import { assertChainSafe } from '../store/safety.js';
+import { assertChainSafe, structuralCheck } from '../store/safety.js';
 import { NasbackupError } from '../errors.js';
 import { ensureWithin } from '../paths.js';
 import { readChain, indexInChain, Qcow2Error, readHeader, type Chain } from '../qcow2/index.js';
@@ -123,6 +123,12 @@ export async function safeRebase(
   if (!after || top?.backingFile !== name || (await indexInChain(after, backing)) !== 1) {
     throw new NasbackupError('QEMU_IMG_FAILED', `Rebase of ${target} did not take effect (backing is ${top?.backingFile ?? 'unreadable'})`);
   }
+  // And structurally sound (refcounts against every reference, natively; the writer's own
+  // proof that it left a valid image). Leaks cost space only; anything else is damage.
+  const ck = await structuralCheck(target);
+  if (ck.kind === 'failed')
+    throw new NasbackupError('CHAIN_CORRUPT', `Rebase of ${target} left a damaged image, check it before use`, { details: ck.message });
+  ctx.logger.log(`Rebase: structural check of ${target}: ${ck.kind === 'clean' ? 'clean' : ck.message}`);
   // The layer now holds clusters it took from its old backing: its manifest entry follows,
   // so `chain verify` keeps proving it. The rebase is done whatever happens here.
   const refreshed = await refreshManifestEntry(target).catch((e: Error) => `not updated: ${e.message}`);

@@ -60,3 +60,4 @@ export {
   type CopyStats,
 } from './copy/engine.js';
 export { RawFileSink, BlockDeviceSink } from './copy/sinks.js';
+export { checkImage, describeCheck, type Qcow2CheckResult, type CheckVerdict, type CheckOptions } from './check.js';

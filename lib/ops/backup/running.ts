@@ -19,7 +19,7 @@ import { createProgress } from './progress.js';
 import { backupXml, checkpointXml, redefineCheckpointXml } from './xml.js';
 import type { BackupArgs } from './args.js';
 import { reportedSize, tolerantApparentSize, WorkDir } from './workdir.js';
-import { writeManifest } from './manifest.js';
+import { digestNewLayers, writeManifest } from './manifest.js';
 import { limitBackupRate, type RateLimiter } from './throttle.js';
 import { syncAfter, type OpContext } from '../context.js';
 import { UndoStack } from '../undo.js';
@@ -258,16 +258,29 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     await limiter?.stop();
 
     if (p.incrementalFrom) await relinkOntoParents(qemuImg, disks, p.parents, nas.mountPoint, work);
+    // The files are complete: digest them now, from the page cache, while the NAS is flushed.
+    const digests = digestNewLayers(
+      ctx,
+      work,
+      disks.map((d) => d.file),
+    );
+    undo.defer('stop the digests', () => digests.cancel());
     for (const f of [bxml, cxml]) await unlink(f).catch(() => {});
     await syncAfter(ctx, 'backup');
     await checkNewChains(disks, work);
-    await writeManifest(ctx, a, work, {
-      kind: p.incrementalFrom ? 'incremental' : 'full',
-      checkpoint: p.newCheckpoint,
-      incrementalFrom: p.incrementalFrom,
-      parent: p.incrementalFrom && p.parents[0] ? dirname(p.parents[0]) : null,
-      disks: disks.map((d) => ({ file: d.file, volId: d.volId })),
-    });
+    await writeManifest(
+      ctx,
+      a,
+      work,
+      {
+        kind: p.incrementalFrom ? 'incremental' : 'full',
+        checkpoint: p.newCheckpoint,
+        incrementalFrom: p.incrementalFrom,
+        parent: p.incrementalFrom && p.parents[0] ? dirname(p.parents[0]) : null,
+        disks: disks.map((d) => ({ file: d.file, volId: d.volId })),
+      },
+      digests,
+    );
     await ctx.commit(() => work.commit());
     await dropOldCheckpoints(ctx, virsh, a.vm, p);
 

@@ -96,7 +96,10 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
         const text = e instanceof ToolError ? e.details : e instanceof Error ? e.message : '';
         if (NO_SPACE.test(text)) {
           ctx.logger.log(`Copy of ${d.src}: ${text}`);
-          throw new NasbackupError('NAS_FULL', `The NAS ran out of space during the backup of stopped VM ${a.vm} (No space left on device)`);
+          throw new NasbackupError(
+            'NAS_FULL',
+            `The NAS ran out of space during the backup of stopped VM ${a.vm} (No space left on device)`,
+          );
         }
         throw e;
       } finally {
@@ -210,7 +213,12 @@ async function copyDisk(
   const chain = fmt === 'qcow2' ? await openNative(ctx, src) : null;
   if (chain === null) {
     // Parallel options: see QemuImgClient.convert.
-    await ctx.clients.qemuImg.convert(src, fmt, dst, { parallel: true, compress: a.compress, rateBytesPerSec: a.bandwidth, timeoutMs: limitMs });
+    await ctx.clients.qemuImg.convert(src, fmt, dst, {
+      parallel: true,
+      compress: a.compress,
+      rateBytesPerSec: a.bandwidth,
+      timeoutMs: limitMs,
+    });
     await flushFile(ctx, dst);
     const size = (await stat(dst)).size;
     logThroughput(ctx, `Copied ${src} to ${dst} with qemu-img convert`, `${size} bytes written`, size, Date.now() - started);

@@ -1,12 +1,14 @@
 // Operator chain tools on a mounted NAS: list, verify, plan a delete, and delete with
 // repair of every disk. Each returns its result (lib/output.ts renders it). A delete is idempotent: it re-reads the chains each run, so a
 // run interrupted anywhere is finished by running it again.
-import { lstat } from 'node:fs/promises';
+import { lstat, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { NasbackupError, withResult } from '../../errors.js';
 import { ensureWithin, exists } from '../../paths.js';
 import { backingFile, discover, type BackupFile, type VmBackups } from './discover.js';
-import { digestLayer } from '../../store/layer-digest.js';
+import { readLayerDigest } from '../../store/layer-read.js';
+import { HashPool } from '../../store/hash-pool.js';
+import { structuralCheck, type StructuralCheck } from '../../store/safety.js';
 import { planDelete, type DeletePlan } from './plan.js';
 import type { BackupRecord } from './provider-plan.js';
 import { verifyChains, type VerifyReport } from './verify.js';
@@ -55,7 +57,15 @@ export interface ChainVerifyResult {
   report: VerifyReport;
 }
 
-export async function chainVerify(ctx: OpContext, a: ChainArgs): Promise<ChainVerifyResult> {
+/** Below this, starting worker threads costs more than hashing here. */
+const POOL_MIN_FILE_BYTES = 32 << 20;
+
+export interface VerifyOptions {
+  /** Data bytes compared so far, of the total (a progress bar on a terminal). */
+  progress?: (done: number, total: number) => void;
+}
+
+export async function chainVerify(ctx: OpContext, a: ChainArgs, opts: VerifyOptions = {}): Promise<ChainVerifyResult> {
   const { vm, root, backups: all } = await load(ctx, a);
   if (!(await exists(all.instanceDir)) || (all.backups.length === 0 && all.partials.length === 0)) {
     throw new NasbackupError('FILE_NOT_FOUND', `No backups of ${vm} on this NAS`);
@@ -66,11 +76,37 @@ export async function chainVerify(ctx: OpContext, a: ChainArgs): Promise<ChainVe
     backups = await pointInTime(all, a.backup);
   }
   ctx.logger.log(`Chain verify of ${vm}${a.backup ? `/${a.backup}` : ''} on ${root}`);
-  const report = await verifyChains(backups, (abs) => ctx.clients.qemuImg.check(abs, { shared: true }), 2, {
-    scope: backups.backups,
-    digest: (abs, extentBytes) => digestLayer(abs, { extentBytes, between: () => ctx.checkpoint() }),
-    between: () => ctx.checkpoint(),
-  });
+  const check = async (abs: string): Promise<StructuralCheck> => {
+    const r = await structuralCheck(abs, () => ctx.clients.qemuImg.check(abs, { shared: true }));
+    ctx.logger.log(`Structural check of ${abs}: ${r.kind}${r.kind === 'clean' ? '' : ` (${r.message})`} [${r.by}]`);
+    return r;
+  };
+  // Layers big enough are hashed on worker threads (every core), the reads staying here.
+  let pool: HashPool | undefined;
+  const poolFor = async (abs: string): Promise<HashPool | undefined> => {
+    if ((await stat(abs)).size < POOL_MIN_FILE_BYTES) return undefined;
+    return (pool ??= new HashPool());
+  };
+  let report: VerifyReport;
+  try {
+    report = await verifyChains(backups, check, 4, {
+      scope: backups.backups,
+      // Several reads in flight per layer, two layers at once (lib/store/layer-read.ts).
+      digest: async (abs, extentBytes, onData) => {
+        const p = await poolFor(abs);
+        return readLayerDigest(abs, {
+          extentBytes,
+          between: () => ctx.checkpoint(),
+          ...(onData ? { onData } : {}),
+          ...(p ? { pool: p } : {}),
+        });
+      },
+      between: () => ctx.checkpoint(),
+      ...(opts.progress ? { progress: opts.progress } : {}),
+    });
+  } finally {
+    await pool?.close();
+  }
   const result = { vm, report };
   if (!report.ok) throw new NasbackupError('CHAIN_INVALID', `The backup chains of ${vm} have errors`, { result });
   return result;

@@ -1,16 +1,15 @@
 // Verify every chain of a VM: backing files present, named relatively, inside the VM
 // folder, no cycles, equal virtual sizes, the chain safety check (regular files, no
 // external data file, no corrupt bit, tables inside the file; a dirty bit is a warning),
-// and `qemu-img check` clean. Header and metadata walking is native; only the structural
-// check runs qemu-img, and never on a chain our reader rejected (a FIFO or a loop would
-// hang it). Then content: each layer of a backup with a manifest.json is re-read and its
+// and the structural check clean (lib/qcow2/check.ts: refcounts against every reference;
+// qemu-img check only for what it cannot answer, and never on a chain our reader rejected:
+// a FIFO or a loop would hang it). Then content: each layer of a backup with a manifest.json is re-read and its
 // digest per extent compared with the manifest (lib/store/layer-digest.ts); a backup
 // without one (older than manifests) gets the structural checks only, and says so.
 import { basename, join } from 'node:path';
-import type { CheckResult } from '../../clients/qemu-img.js';
-import type { Warning } from '../../errors.js';
+import { NasbackupError, type Warning } from '../../errors.js';
 import { backingFile, insideInstance, type BackupFile, type VmBackups } from './discover.js';
-import { inspectChain, type ChainProblem } from '../../store/safety.js';
+import { inspectChain, type ChainProblem, type StructuralCheck } from '../../store/safety.js';
 import type { LayerDigest } from '../../store/layer-digest.js';
 import { MANIFEST_NAME, type ExtentDigest } from '../../store/manifest.js';
 import { readManifestFile } from '../../store/manifest-file.js';
@@ -28,8 +27,8 @@ export interface VerifyReport {
   warnings: Warning[];
 }
 
-/** `qemu-img check` of one file. */
-export type CheckFn = (abs: string) => Promise<CheckResult>;
+/** The structural check of one file (lib/store/safety.ts structuralCheck). */
+export type CheckFn = (abs: string) => Promise<StructuralCheck>;
 
 /** The checks of `f`'s backing reference; `refProblem` is what the chain safety check found in it. */
 async function checkReference(
@@ -69,65 +68,82 @@ export interface ContentOptions {
   digest: DigestFn;
   /** A cancellation point between layers. */
   between?: () => void;
+  /** Layers re-read at once (default 2: different files and extents in flight together). */
+  layers?: number;
+  /** Data bytes compared so far of the total the manifests list (a progress bar). */
+  progress?: (done: number, total: number) => void;
 }
 
 export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 2, content?: ContentOptions): Promise<VerifyReport> {
   const reports = new Map<BackupFile, FileReport>();
   const rejected = new Set<BackupFile>();
   const scanned = new Map<string, ChainProblem | null>();
+  const cleanBelow = new Map<string, Warning[]>();
   // Messages name files relative to the VM folder, as the report does.
   const rel = (m: string): string => m.split(`${vm.instanceDir}/`).join('');
   for (const f of vm.files) {
     const r: FileReport = { file: `${f.backup}/${f.name}`, backing: f.backingName, errors: [], warnings: [] };
     reports.set(f, r);
-    if (f.error) {
-      r.errors.push(`unreadable header: ${f.error}`);
-      continue;
-    }
-    const safety = await inspectChain(f.abs, vm.instanceDir, { scanned });
-    for (const w of safety.warnings)
-      if (w.message.startsWith(`${f.abs} `) || w.message.startsWith(`${f.abs}:`)) r.warnings.push({ ...w, message: rel(w.message) });
-    if (safety.problem) rejected.add(f);
-    const p = safety.problem;
-    // This file's own damage first; its backing reference is judged by the checks below.
-    if (p && p.layer === f.abs && !p.reference) r.errors.push(rel(p.message));
-    await checkReference(vm, f, r.errors, p && p.layer === f.abs && p.reference ? p : null, rel);
-    // What breaks further down the chain.
-    if (p && p.layer !== f.abs) r.errors.push(`chain ${p.kind === 'broken' ? 'unreadable' : p.kind}: ${rel(p.message)}`);
+    if (f.error) r.errors.push(`unreadable header: ${f.error}`);
   }
+  // The chain walks, a few at a time (each mostly waits for small reads); a walk stops at a
+  // lower layer another walk found clean, so the VM's files are walked about once.
+  await pool(
+    4,
+    vm.files.filter((f) => !f.error),
+    async (f) => {
+      const r = reports.get(f)!;
+      const safety = await inspectChain(f.abs, vm.instanceDir, { scanned, cleanBelow });
+      for (const w of safety.warnings)
+        if (w.message.startsWith(`${f.abs} `) || w.message.startsWith(`${f.abs}:`)) r.warnings.push({ ...w, message: rel(w.message) });
+      if (safety.problem) rejected.add(f);
+      const p = safety.problem;
+      // This file's own damage first; its backing reference is judged by the checks below.
+      if (p && p.layer === f.abs && !p.reference) r.errors.push(rel(p.message));
+      await checkReference(vm, f, r.errors, p && p.layer === f.abs && p.reference ? p : null, rel);
+      // What breaks further down the chain.
+      if (p && p.layer !== f.abs) r.errors.push(`chain ${p.kind === 'broken' ? 'unreadable' : p.kind}: ${rel(p.message)}`);
+    },
+  );
   // Structural checks, a few at a time; never on a chain our reader rejected.
   for (const [f, r] of reports)
     if (rejected.has(f) && !f.error)
-      r.warnings.push({ code: 'CHECK_SKIPPED', message: 'qemu-img check skipped: the chain failed the checks above' });
-  const queue = vm.files.filter((f) => !f.error && !rejected.has(f));
-  await Promise.all(
-    Array.from({ length: Math.max(1, concurrency) }, async () => {
-      for (let f = queue.shift(); f; f = queue.shift()) {
-        const res = await check(f.abs);
-        const r = reports.get(f)!;
-        if (res.kind === 'clean') continue;
-        if (res.kind === 'leaks')
-          r.warnings.push({ code: 'LEAKED_CLUSTERS', message: 'qemu-img check: leaked clusters (harmless, space only)' });
-        else r.errors.push(`qemu-img check failed (exit ${res.exitCode}): ${res.message}`);
-      }
-    }),
-  );
+      r.warnings.push({ code: 'CHECK_SKIPPED', message: 'structural check skipped: the chain failed the checks above' });
   const files = [...reports.values()];
   const warnings = vm.partials.map((p): Warning => ({
     code: 'UNFINISHED_BACKUP',
     message: `unfinished backup folder of an interrupted run: ${p}`,
   }));
-  if (content) {
-    const skip = new Set(vm.files.filter((f) => f.error || rejected.has(f)).map((f) => f.abs));
-    warnings.push(...(await verifyContent(vm, files, content.scope, content.digest, skip, content.between)));
+  // The structural checks (metadata) run while the content is re-read (data); their lines go
+  // where they went when the two ran one after the other, before the content's.
+  const at = new Map(files.map((r) => [r, { errors: r.errors.length, warnings: r.warnings.length }]));
+  const structural = new Map<BackupFile, StructuralCheck>();
+  const skip = new Set(vm.files.filter((f) => f.error || rejected.has(f)).map((f) => f.abs));
+  const [checked, proved] = await Promise.allSettled([
+    pool(
+      concurrency,
+      vm.files.filter((f) => !f.error && !rejected.has(f)),
+      async (f) => void structural.set(f, await check(f.abs)),
+    ),
+    content ? verifyContent(vm, files, content.scope, content.digest, skip, content) : Promise.resolve([]),
+  ]);
+  if (checked.status === 'rejected') throw checked.reason;
+  if (proved.status === 'rejected') throw proved.reason;
+  for (const f of vm.files) {
+    const res = structural.get(f);
+    if (!res || res.kind === 'clean') continue;
+    const r = reports.get(f)!;
+    if (res.kind === 'leaks') r.warnings.splice(at.get(r)!.warnings, 0, { code: 'LEAKED_CLUSTERS', message: res.message });
+    else r.errors.splice(at.get(r)!.errors, 0, res.message);
   }
+  warnings.push(...proved.value);
   return { ok: files.every((f) => f.errors.length === 0), files, warnings };
 }
 
 // ---- content: each layer against its backup's manifest ---------------------------------
 
-/** Digests of one layer (lib/store/layer-digest.ts), injectable for tests. */
-export type DigestFn = (abs: string, extentBytes: number) => Promise<LayerDigest>;
+/** Digests of one layer (lib/store/layer-read.ts), injectable for tests; `onData`: bytes hashed so far. */
+export type DigestFn = (abs: string, extentBytes: number, onData?: (bytes: number) => void) => Promise<LayerDigest>;
 
 /** `extent <n>: digest mismatch` lines, by extent number. */
 function compareExtents(want: readonly ExtentDigest[], got: readonly ExtentDigest[]): string[] {
@@ -156,9 +172,12 @@ export async function verifyContent(
   scope: readonly string[],
   digest: DigestFn,
   skip: ReadonlySet<string>,
-  between: () => void = () => {},
+  opts: Pick<ContentOptions, 'between' | 'layers' | 'progress'> = {},
 ): Promise<Warning[]> {
+  const between = opts.between ?? ((): void => {});
   const warnings: Warning[] = [];
+  // Every layer to re-read, then a few at a time: the reads of one overlap the hashing of another.
+  const jobs: { r: FileReport; abs: string; extentBytes: number; want: readonly ExtentDigest[]; bytes: number }[] = [];
   const instance = basename(vm.instanceDir);
   for (const backup of scope) {
     const m = await readManifestFile(join(vm.instanceDir, backup));
@@ -197,15 +216,39 @@ export async function verifyContent(
       if (f.virtualSize !== null && f.virtualSize !== BigInt(d.virtualSize))
         r.errors.push(`virtual size ${f.virtualSize}, the manifest says ${d.virtualSize}`);
       if (f.backingName !== d.backing) r.errors.push(`backing ${f.backingName ?? 'none'}, the manifest says ${d.backing ?? 'none'}`);
-      let got: LayerDigest;
-      try {
-        got = await digest(f.abs, m.digest.extentBytes);
-      } catch (e) {
-        r.errors.push(`content unreadable: ${(e as Error).message.split(`${vm.instanceDir}/`).join('')}`);
-        continue;
-      }
-      r.errors.push(...compareExtents(d.extents, got.extents));
+      jobs.push({ r, abs: f.abs, extentBytes: m.digest.extentBytes, want: d.extents, bytes: d.dataBytes });
     }
   }
+  const total = jobs.reduce((n, j) => n + j.bytes, 0);
+  let done = 0;
+  const onData = opts.progress
+    ? (n: number): void => {
+        done += n;
+        opts.progress!(Math.min(done, total), total);
+      }
+    : undefined;
+  opts.progress?.(0, total);
+  await pool(opts.layers ?? 2, jobs, async (j) => {
+    between();
+    let got: LayerDigest;
+    try {
+      got = await digest(j.abs, j.extentBytes, onData);
+    } catch (e) {
+      if (e instanceof NasbackupError) throw e; // a stop (signal) from the cancellation point
+      j.r.errors.push(`content unreadable: ${(e as Error).message.split(`${vm.instanceDir}/`).join('')}`);
+      return;
+    }
+    j.r.errors.push(...compareExtents(j.want, got.extents));
+  });
   return warnings;
+}
+
+/** Run `work` on every item, `n` at a time. */
+async function pool<T>(n: number, items: readonly T[], work: (item: T) => Promise<void>): Promise<void> {
+  const queue = [...items];
+  await Promise.all(
+    Array.from({ length: Math.max(1, Math.min(n, queue.length)) }, async () => {
+      for (let x = queue.shift(); x !== undefined; x = queue.shift()) await work(x);
+    }),
+  );
 }

@@ -136,7 +136,8 @@ export function validateDeleteArgs(a: Pick<CliArgs, 'path'>, nas: NasTarget): De
 }
 
 /** The backup flags as parsed from the command line. */
-export type RawBackupArgs = Pick<CliArgs, 'vm' | 'path' | 'quiesce' | 'diskpaths' | 'mode' | 'bitmapNew' | 'bitmapParent' | 'parentPaths'>;
+export type RawBackupArgs = Pick<CliArgs, 'vm' | 'path' | 'quiesce' | 'diskpaths' | 'mode' | 'bitmapNew' | 'bitmapParent' | 'parentPaths'> &
+  Partial<Pick<CliArgs, 'verify'>>;
 
 // Checkpoint/bitmap names go into libvirt XML, qemu-img argv and qcow2 headers.
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._:+-]{0,254}$/;
@@ -188,6 +189,7 @@ export function validateBackupArgs(a: RawBackupArgs, nas: NasTarget, profile: Ag
     bitmapParent: mode === 'incremental' ? bitmapParent : null,
     parentPaths: mode === 'incremental' ? parentPaths : [],
     profile,
+    ...(a.verify ? { verify: true } : {}),
   };
   if (diskPaths.length === 0) checkIncrementalArgs(args);
   return args;

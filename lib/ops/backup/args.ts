@@ -21,6 +21,8 @@ export interface BackupArgs {
   bitmapParent: string | null;
   parentPaths: string[];
   profile: AgentProfile;
+  /** --verify: prove the backup before publishing it (verify.ts); a failure fails the backup. */
+  verify?: boolean;
 }
 
 /** What an incremental of a running VM needs: both bitmaps (distinct) and the parents. */

@@ -12,6 +12,7 @@ import { backupFileName, volumeId } from '../../store/disks.js';
 import type { BackupArgs } from './args.js';
 import { apparentSize, WorkDir } from './workdir.js';
 import { writeManifest } from './manifest.js';
+import { verifyBackup } from './verify.js';
 import { syncAfter, type OpContext } from '../context.js';
 import type { BackupResult } from '../results.js';
 
@@ -55,13 +56,14 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
       await qemuImg.convert(d.src, fmt, dst);
     }
     await syncAfter(ctx, 'backup');
-    await writeManifest(ctx, a, work, {
+    const manifest = await writeManifest(ctx, a, work, {
       kind: 'full',
       checkpoint: a.bitmapNew,
       incrementalFrom: null,
       parent: null,
       disks: disks.map((d) => ({ file: d.file, volId: d.volId })),
     });
+    if (a.verify) await verifyBackup(ctx, work, manifest);
     await ctx.commit(() => work.commit());
 
     // Seed the bitmap the next (running) incremental starts from. Only qcow2 files can

@@ -60,6 +60,7 @@ export function usageText(script: string): string {
     '  NASBACKUP_JOB_TIMEOUT, NASBACKUP_JOB_POLL_INITIAL, NASBACKUP_JOB_POLL_MAX, NASBACKUP_QUIESCE_TIMEOUT,',
     '  NASBACKUP_QUIESCE_REQUIRED, NASBACKUP_AGENT_PROFILE, NASBACKUP_LOCK_WAIT, NASBACKUP_LOCK_STALE_AFTER,',
     '  NASBACKUP_BREAK_LOCK, NASBACKUP_VIRSH, NASBACKUP_QEMU_IMG, NASBACKUP_ENGINE, NASBACKUP_SCRIPT_NAME (see the README).',
+    '  For measurements only: NASBACKUP_BENCH_SKIP_MANIFEST.',
     'Exit codes: 0 success, 20 a mount or mount point remains after cleanup, 1 any other failure.',
     '',
     '',

@@ -56,6 +56,7 @@ export const ERROR_CODES = {
   VOLUME_ID_UNKNOWN: EXIT_FAILURE, // a /dev/drbdNNNN disk that no LINSTOR udev link names: no volume uuid for its file
   BACKUP_EXISTS: EXIT_FAILURE,
   NAS_WRITE_FAILED: EXIT_FAILURE,
+  BACKUP_VERIFY_FAILED: EXIT_FAILURE, // --verify: the backup just written failed its checks; it was removed
   NAS_READ_ONLY: EXIT_FAILURE,
   NAS_FULL: EXIT_FAILURE,
   NAS_SPACE_SHORT: EXIT_FAILURE, // the free-space check: the backup's estimate (with the margin) exceeds the NAS's free space; nothing written

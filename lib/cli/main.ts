@@ -85,7 +85,7 @@ export async function main(argv: readonly string[], io: MainIo): Promise<number>
     const op = args.operation;
     laterFlags(args, op, (m) => logger.log(m));
     config = loadConfig(io.env, configFlags(args, io.profile));
-    if (args.verify) logger.log('--verify: chains are checked after the operation');
+    if (args.verify && op !== 'backup') logger.log(`--verify: ignored by -o ${op} (it verifies a backup just written)`);
     checked = (await import('./validate.js')).validateOperationArgs(op, args, config.agentProfile);
   } catch (e) {
     if (e instanceof UsageRequested) {

@@ -137,7 +137,7 @@ export function validateDeleteArgs(a: Pick<CliArgs, 'path'>, nas: NasTarget): De
 
 /** The backup flags as parsed from the command line. */
 export type RawBackupArgs = Pick<CliArgs, 'vm' | 'path' | 'quiesce' | 'diskpaths' | 'mode' | 'bitmapNew' | 'bitmapParent' | 'parentPaths'> &
-  Partial<Pick<CliArgs, 'bandwidth' | 'compress'>>;
+  Partial<Pick<CliArgs, 'bandwidth' | 'compress' | 'verify'>>;
 
 // Checkpoint/bitmap names go into libvirt XML, qemu-img argv and qcow2 headers.
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._:+-]{0,254}$/;
@@ -191,6 +191,7 @@ export function validateBackupArgs(a: RawBackupArgs, nas: NasTarget, profile: Ag
     profile,
     bandwidth: a.bandwidth === undefined ? null : parseBandwidth(a.bandwidth),
     compress: a.compress === true,
+    ...(a.verify ? { verify: true } : {}),
   };
   // Without -d only the running path can succeed: what it refuses is refused now.
   if (diskPaths.length === 0) {

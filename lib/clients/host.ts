@@ -1,5 +1,5 @@
-// The host's own small tools behind a typed client: `sync` after writing to the NAS and
-// `df -P` for the storage stats. The `df` parser stays private to it.
+// The host's own small tools behind a typed client: `sync` after writing to the NAS,
+// `dd` to drop a file's cached pages before a verifying re-read, and `df -P` for the storage stats. The `df` parser stays private to it.
 import { describeFailure, succeeded, type Runner } from '../exec.js';
 import { ToolError, toolFailure } from './failure.js';
 
@@ -34,6 +34,12 @@ export class HostClient {
     const args = opts.fileSystemOf === undefined ? [] : ['-f', opts.fileSystemOf];
     const r = await this.runner.run('sync', args, { timeoutMs: this.timeoutMs, ...(opts.abortable === false ? { abortable: false } : {}) });
     if (!succeeded(r)) throw toolFailure('COMMAND_FAILED', 'sync', r);
+  }
+
+  /** Ask the kernel to drop the clean cached pages of `file` (GNU dd: iflag=nocache count=0), so its next read comes from storage. */
+  async dropCache(file: string): Promise<void> {
+    const r = await this.runner.run('dd', [`if=${file}`, 'iflag=nocache', 'count=0', 'status=none'], { timeoutMs: this.timeoutMs });
+    if (!succeeded(r)) throw toolFailure('COMMAND_FAILED', 'dd', r);
   }
 
   /** Size and use of the filesystem holding `path`, in 1K blocks (`df -P`). */

@@ -144,6 +144,12 @@ export class HashPool {
     for (const s of this.open) s.flush(false);
   }
 
+  /** A digest given up (its reader failed): its open extents are ended, their results dropped. */
+  abandon(): void {
+    if (this.failure) return;
+    for (const s of [...this.open]) s.end().catch(() => {});
+  }
+
   /** Stop the workers; pending digests fail. */
   async close(): Promise<void> {
     if (this.closed) return;

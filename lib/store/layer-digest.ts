@@ -187,7 +187,11 @@ export class LayerDigester {
       if (typeof digest === 'string' && this.pending.length === 0) {
         this.out.extents.push({ index, digest });
         this.onExtent?.({ index, digest });
-      } else this.pending.push(Promise.resolve(digest).then((d) => ({ index, digest: d })));
+      } else {
+        const p = Promise.resolve(digest).then((d) => ({ index, digest: d }));
+        p.catch(() => {}); // awaited by settle(); a digest abandoned on failure must not go unhandled
+        this.pending.push(p);
+      }
     }
     this.hash = null;
     this.lazyUnallocated = 0;
@@ -303,6 +307,9 @@ export async function digestImage(img: Qcow2Image, opts: DigestOptions = {}): Pr
         if (a.slot) buffers.done(a.slot);
       }
     }
+  } catch (e) {
+    pool?.abandon();
+    throw e;
   } finally {
     // On a failure, the reads still running finish before their buffers go back.
     for (const a of ahead.splice(0)) {

@@ -22,7 +22,6 @@ import {
   DEFAULT_AGENT_SCRIPT,
   isLauncher,
   launcherText,
-  NODE_FLAGS,
   LAUNCHER_MARKER,
   MIN_NODE_VERSION,
   NODE_FLAGS,

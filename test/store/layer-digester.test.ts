@@ -231,3 +231,31 @@ describe('a manifest entry from streamed digests', () => {
     await expect(layerEntry(img, 'vol-1', { ...streamed, virtualSize: streamed.virtualSize + 512 })).rejects.toThrow(/virtual size/);
   });
 });
+
+describe('HashPool', () => {
+  const dir = tempDir('hash-pool');
+  it('closed while a digest runs: the digest fails, nothing hangs; a cancellation point stops it too', async () => {
+    const img = join(dir, 'big.qcow2');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', img, String(64 * MiB)]);
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x21 0 ${64 * MiB}`, img], { stdio: 'ignore' });
+    const pool = new HashPool({ workers: 2, slotBytes: MiB, slots: 4 });
+    const running = digestLayer(img, { extentBytes: 4 * MiB, pool });
+    const failed = expect(running).rejects.toThrow(/closed/);
+    await pool.close();
+    await failed;
+    const pool2 = new HashPool({ workers: 1 });
+    let n = 0;
+    await expect(
+      digestLayer(img, {
+        extentBytes: 4 * MiB,
+        pool: pool2,
+        between: () => {
+          if (++n === 3) throw new Error('interrupted');
+        },
+      }),
+    ).rejects.toThrow(/interrupted/);
+    // The pool still serves a digest afterwards, equal to hashing here.
+    expect(await digestLayer(img, { extentBytes: 4 * MiB, pool: pool2 })).toEqual(await digestLayer(img, { extentBytes: 4 * MiB }));
+    await pool2.close();
+  });
+});

@@ -25,6 +25,8 @@ export interface BackupArgs {
   bandwidth: number | null;
   /** -c: compressed qcow2 clusters (stopped path only; refused on the running path). */
   compress: boolean;
+  /** --verify: prove the backup before publishing it (verify.ts); a failure fails the backup. */
+  verify?: boolean;
 }
 
 const MiB = 1024 * 1024;

@@ -21,6 +21,7 @@ import type { BackupArgs } from './args.js';
 import { reportedSize, tolerantApparentSize, WorkDir } from './workdir.js';
 import { digestNewLayers, writeManifest } from './manifest.js';
 import { limitBackupRate, type RateLimiter } from './throttle.js';
+import { verifyBackup } from './verify.js';
 import { syncAfter, type OpContext } from '../context.js';
 import { UndoStack } from '../undo.js';
 import type { BackupResult } from '../results.js';
@@ -268,7 +269,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     for (const f of [bxml, cxml]) await unlink(f).catch(() => {});
     await syncAfter(ctx, 'backup');
     await checkNewChains(disks, work);
-    await writeManifest(
+    const manifest = await writeManifest(
       ctx,
       a,
       work,
@@ -281,6 +282,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
       },
       digests,
     );
+    if (a.verify) await verifyBackup(ctx, work, manifest);
     await ctx.commit(() => work.commit());
     await dropOldCheckpoints(ctx, virsh, a.vm, p);
 

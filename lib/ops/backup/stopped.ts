@@ -28,6 +28,7 @@ import { backingReference, planOffline, retireBitmap, writeOfflineIncremental } 
 import { copyDiskToQcow2 } from './copy-disk.js';
 import { createProgress } from './progress.js';
 import type { OpContext } from '../context.js';
+import { verifyBackup } from './verify.js';
 import type { BackupResult } from '../results.js';
 
 /**
@@ -106,13 +107,14 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
         beat.stop();
       }
     }
-    await writeManifest(ctx, a, work, {
+    const manifest = await writeManifest(ctx, a, work, {
       kind: incremental ? 'incremental' : 'full',
       checkpoint: a.bitmapNew,
       incrementalFrom: incremental ? a.bitmapParent : null,
       parent: incremental ? incremental.parentDir : null,
       disks: disks.map((d, i) => ({ file: d.file, volId: d.volId, ...(digests[i] ? { digest: digests[i] } : {}) })),
     });
+    if (a.verify) await verifyBackup(ctx, work, manifest);
     await ctx.commit(() => work.commit());
 
     // Seed the bitmap the next (running) incremental starts from. Only qcow2 files can

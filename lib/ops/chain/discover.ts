@@ -52,44 +52,53 @@ export async function discover(instanceDir: string): Promise<VmBackups> {
   const realDir = await realpath(instanceDir).catch(() => instanceDir);
   for (const b of backups) {
     for (const name of (await readdir(join(instanceDir, b))).sort()) {
-      const volId = volumeIdOfBackupFile(name);
-      if (volId === null) continue;
-      const abs = join(instanceDir, b, name);
-      const st = (await stat(abs).catch(() => null)) ?? (await lstat(abs));
-      const f: BackupFile = {
-        backup: b,
-        name,
-        abs,
-        volId,
-        kind: name.startsWith('root.') ? 'root' : 'datadisk',
-        virtualSize: null,
-        backingName: null,
-        backingFormat: null,
-        backingAbs: null,
-        error: null,
-        key: `${st.dev}:${st.ino}`,
-      };
-      // Nothing outside the VM folder is read, and nothing that could block (a FIFO).
-      const real = await realpath(abs).catch(() => null);
-      if (real === null || !isWithin(realDir, real, { strict: true })) {
-        f.error = real === null ? 'a link to nothing' : `resolves outside the VM folder (${real})`;
-      } else if (!st.isFile()) {
-        f.error = 'not a regular file';
-      } else {
-        try {
-          const h = await readHeader(abs);
-          f.virtualSize = h.size;
-          f.backingName = h.backingFile;
-          f.backingFormat = h.backingFormat;
-          if (h.backingFile !== null && isFollowableBackingName(h.backingFile)) f.backingAbs = resolveBackingName(abs, h.backingFile);
-        } catch (e) {
-          f.error = (e as Error).message;
-        }
-      }
-      files.push(f);
+      const f = await readBackupFile(realDir, b, name, join(instanceDir, b, name));
+      if (f) files.push(f);
     }
   }
   return { instanceDir, backups, files, partials };
+}
+
+/**
+ * One backup disk file as discover() sees it (null: not a backup disk file by its name).
+ * `backup` is the folder name it is listed under; `abs` where it is (a backup being
+ * written is still in its `.partial` folder, a sibling, so backing names resolve alike).
+ */
+export async function readBackupFile(realInstanceDir: string, backup: string, name: string, abs: string): Promise<BackupFile | null> {
+  const volId = volumeIdOfBackupFile(name);
+  if (volId === null) return null;
+  const st = (await stat(abs).catch(() => null)) ?? (await lstat(abs));
+  const f: BackupFile = {
+    backup,
+    name,
+    abs,
+    volId,
+    kind: name.startsWith('root.') ? 'root' : 'datadisk',
+    virtualSize: null,
+    backingName: null,
+    backingFormat: null,
+    backingAbs: null,
+    error: null,
+    key: `${st.dev}:${st.ino}`,
+  };
+  // Nothing outside the VM folder is read, and nothing that could block (a FIFO).
+  const real = await realpath(abs).catch(() => null);
+  if (real === null || !isWithin(realInstanceDir, real, { strict: true })) {
+    f.error = real === null ? 'a link to nothing' : `resolves outside the VM folder (${real})`;
+  } else if (!st.isFile()) {
+    f.error = 'not a regular file';
+  } else {
+    try {
+      const h = await readHeader(abs);
+      f.virtualSize = h.size;
+      f.backingName = h.backingFile;
+      f.backingFormat = h.backingFormat;
+      if (h.backingFile !== null && isFollowableBackingName(h.backingFile)) f.backingAbs = resolveBackingName(abs, h.backingFile);
+    } catch (e) {
+      f.error = (e as Error).message;
+    }
+  }
+  return f;
 }
 
 /** The file a backing reference points at, if it is one of the VM's backup files. */

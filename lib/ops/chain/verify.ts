@@ -146,7 +146,7 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
 export type DigestFn = (abs: string, extentBytes: number, onData?: (bytes: number) => void) => Promise<LayerDigest>;
 
 /** `extent <n>: digest mismatch` lines, by extent number. */
-function compareExtents(want: readonly ExtentDigest[], got: readonly ExtentDigest[]): string[] {
+export function compareExtents(want: readonly ExtentDigest[], got: readonly ExtentDigest[]): string[] {
   const w = new Map(want.map((e) => [e.index, e.digest]));
   const g = new Map(got.map((e) => [e.index, e.digest]));
   const out: string[] = [];

@@ -1,6 +1,6 @@
 // --verify (#12898): the backup just written is proved before it is published, as
 // `chain verify --backup` would prove it: the structure of its chain (backing references
-// inside the VM folder, formats, virtual sizes, the chain safety check, `qemu-img check`),
+// inside the VM folder, formats, virtual sizes, the chain safety check, the native structural check),
 // then its content re-read from the NAS (this host's cached pages of the files dropped
 // first) and compared with the manifest's digests. A failure fails the backup: the work
 // folder is discarded by the caller's undo, so a backup that failed never looks finished.
@@ -8,6 +8,7 @@ import { open, readdir, realpath } from 'node:fs/promises';
 import { basename, dirname } from 'node:path';
 import { NasbackupError } from '../../errors.js';
 import type { Manifest } from '../../store/manifest.js';
+import { structuralCheck, type StructuralCheck } from '../../store/safety.js';
 import { volumeIdOfBackupFile } from '../../store/disks.js';
 import { HashPool } from '../../store/hash-pool.js';
 import { digestLayer } from '../../store/layer-digest.js';
@@ -51,7 +52,12 @@ export async function verifyNewBackup(ctx: OpContext, work: WorkDir, manifest: M
   }
   const folders = new Set(files.map((f) => f.backup));
   const vm: VmBackups = { instanceDir, backups: [...all.backups.filter((b) => folders.has(b)), ts], files, partials: [] };
-  const report = await verifyChains(vm, (abs) => ctx.clients.qemuImg.check(abs, { shared: true }), 2);
+  const check = async (abs: string): Promise<StructuralCheck> => {
+    const r = await structuralCheck(abs, () => ctx.clients.qemuImg.check(abs, { shared: true }));
+    ctx.logger.log(`Structural check of ${abs}: ${r.kind}${r.kind === 'clean' ? '' : ` (${r.message})`} [${r.by}]`);
+    return r;
+  };
+  const report = await verifyChains(vm, check, 2);
   const problems: string[] = [];
   for (const r of report.files) for (const e of r.errors) problems.push(`${r.file}: ${e}`);
   ctx.checkpoint();

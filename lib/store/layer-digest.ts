@@ -107,8 +107,8 @@ export class LayerDigester {
       throw new RangeError(`range ${offset}+${length} is not a guest range`);
     if (offset < this.pos) throw new RangeError(`range at ${offset} is not in guest order (the stream is at ${this.pos})`);
     if (offset + length > this.virtualSize) throw new RangeError(`range ${offset}+${length} ends past the disk (${this.virtualSize})`);
-    if (offset > this.pos) this.run(offset - this.pos, 'unallocated');
-    if (length > 0) this.run(length, kind, data);
+    if (offset > this.pos) this.feedUnits(offset - this.pos, 'unallocated');
+    if (length > 0) this.feedUnits(length, kind, data);
   }
 
   /** The digests; the rest of the disk after the last range is unallocated. */
@@ -131,11 +131,11 @@ export class LayerDigester {
 
   private close(): void {
     if (this.done) return;
-    if (this.pos < this.virtualSize) this.run(this.virtualSize - this.pos, 'unallocated');
+    if (this.pos < this.virtualSize) this.feedUnits(this.virtualSize - this.pos, 'unallocated');
     this.done = true;
   }
 
-  private run(length: number, kind: UnitKind, data?: Buffer): void {
+  private feedUnits(length: number, kind: UnitKind, data?: Buffer): void {
     const unit = this.unitBytes;
     if (this.pos % unit !== 0 && kind !== this.unitKind)
       throw new RangeError(`${kind} at ${this.pos} inside a ${this.unitKind} unit of ${unit} bytes`);

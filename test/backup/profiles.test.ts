@@ -88,8 +88,11 @@ describe.concurrent("today's agents: merged and newest profiles (contract §12)"
     });
     const r = await backup(s, { extra: fullFlags() }, agent(profile));
     expect(r.code).toBe(1);
-    expect(r.stdout).toMatch(/^Virsh backup job failed\nNo space left on device\n/);
-    expect(callLines(s).slice(-2)).toEqual([`domstate ${VM}`, `resume ${VM}`]);
+    // One line naming the cause (issue 19 item 1), the VM resumed either way.
+    expect(r.stdout).toBe(
+      `The NAS ran out of space during the backup of ${VM} (No space left on device): backup stopped, partial files removed, VM resumed\n`,
+    );
+    expect(callLines(s).at(-1)).toBe(`resume ${VM}`);
     expect(s.fake.domain(VM).state).toBe('running');
     expectClean(s);
   });

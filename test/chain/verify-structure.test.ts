@@ -3,8 +3,8 @@
 // counts, a leak is a warning, and no qemu-img check process runs at all.
 import { closeSync, openSync, statSync, truncateSync, writeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import { discover } from '../../lib/ops/chain/discover.js';
-import { verifyChains } from '../../lib/ops/chain/verify.js';
+import { discover } from '../../lib/store/backups.js';
+import { verifyChains } from '../../lib/store/verify-chains.js';
 import { describeLayer, writeManifestFile } from '../../lib/store/manifest-file.js';
 import { readLayerDigest } from '../../lib/store/layer-read.js';
 import { structuralCheck } from '../../lib/store/safety.js';

@@ -12,8 +12,8 @@ import { structuralCheck, type StructuralCheck } from '../../store/safety.js';
 import { volumeIdOfBackupFile } from '../../store/disks.js';
 import { HashPool } from '../../store/hash-pool.js';
 import { digestLayer } from '../../store/layer-digest.js';
-import { backingFile, discover, readBackupFile, type BackupFile, type VmBackups } from '../chain/discover.js';
-import { compareExtents, verifyChains } from '../chain/verify.js';
+import { backingFile, discover, readBackupFile, type BackupFile, type VmBackups } from '../../store/backups.js';
+import { compareExtents, verifyChains } from '../../store/verify-chains.js';
 import type { OpContext } from '../context.js';
 import type { WorkDir } from './workdir.js';
 

@@ -4,7 +4,7 @@
 // with what the files say.
 import { posix, relative } from 'node:path';
 import { chainPosition, CHAIN_ID, type BackupRecord } from './provider-plan.js';
-import { backingFile, dependentsOf, type BackupFile, type VmBackups } from './discover.js';
+import { backingFile, dependentsOf, type BackupFile, type VmBackups } from '../../store/backups.js';
 
 export interface DiskRebase {
   volId: string;

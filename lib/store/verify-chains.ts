@@ -7,12 +7,12 @@
 // digest per extent compared with the manifest (lib/store/layer-digest.ts); a backup
 // without one (older than manifests) gets the structural checks only, and says so.
 import { basename, join } from 'node:path';
-import { NasbackupError, type Warning } from '../../errors.js';
-import { backingFile, insideInstance, type BackupFile, type VmBackups } from './discover.js';
-import { inspectChain, type ChainProblem, type StructuralCheck } from '../../store/safety.js';
-import type { LayerDigest } from '../../store/layer-digest.js';
-import { MANIFEST_NAME, type ExtentDigest } from '../../store/manifest.js';
-import { readManifestFile } from '../../store/manifest-file.js';
+import { NasbackupError, type Warning } from '../errors.js';
+import { backingFile, insideInstance, type BackupFile, type VmBackups } from './backups.js';
+import { inspectChain, type ChainProblem, type StructuralCheck } from './safety.js';
+import type { LayerDigest } from './layer-digest.js';
+import { MANIFEST_NAME, type ExtentDigest } from './manifest.js';
+import { readManifestFile } from './manifest-file.js';
 
 export interface FileReport {
   file: string;

@@ -3,9 +3,9 @@
 // The ground truth for repair and verification; no database needed.
 import { lstat, readdir, realpath, stat } from 'node:fs/promises';
 import { join, relative, sep } from 'node:path';
-import { volumeIdOfBackupFile } from '../../store/disks.js';
-import { isFollowableBackingName, resolveBackingName, readHeader } from '../../qcow2/index.js';
-import { isWithin } from '../../paths.js';
+import { volumeIdOfBackupFile } from './disks.js';
+import { isFollowableBackingName, resolveBackingName, readHeader } from '../qcow2/index.js';
+import { isWithin } from '../paths.js';
 
 export interface BackupFile {
   /** Backup folder name (the timestamp), e.g. 2025.01.02.00.00.00. */

@@ -93,10 +93,11 @@ describe.concurrent('-b/--bandwidth', () => {
     ['raw', 'qemu-img convert -r (bytes/s)', /exec: qemu-img convert -m 16 -W -r 1048576 -f raw -O qcow2 /],
   ])('stopped VM, a %s disk: %s copies under the limit; the rate stays below it', async (format, _how, logLine) => {
     const s = scenario(`opt-bw-stop-${format}`, { state: 'shut off' });
-    // 3 MiB of data to copy at 1 MiB/s.
+    // 6 MiB of data to copy at 1 MiB/s (qemu-img's limiter lets its first requests of up to
+    // 2 MiB each through before it delays: enough data that the limit dominates).
     const writes = [
-      { pattern: 0x31, offset: 0, length: 2 * MiB },
-      { pattern: 0x32, offset: 8 * MiB, length: MiB },
+      { pattern: 0x31, offset: 0, length: 4 * MiB },
+      { pattern: 0x32, offset: 8 * MiB, length: 2 * MiB },
     ];
     makeImage(s.rootDisk, { size: 16 * MiB, writes });
     if (format === 'raw') {
@@ -110,8 +111,9 @@ describe.concurrent('-b/--bandwidth', () => {
     expect(r.stdout).toBe(`${statSync(join(s.sb.nas, rootFile())).size}\n`);
     expect(logText(s.sb)).toMatch(logLine);
     expect(logText(s.sb)).toContain(`Stopped-VM copy of ${VM}: rate limit 1 MiB/s`);
-    // Loosely: what was copied over the whole run's time, never above 1.5 × the limit.
-    expect(3 / seconds).toBeLessThan(1.5);
+    // Loosely: what was copied over the whole run's time, well below what an unlimited copy
+    // does (hundreds of MiB/s) and under 2 × the limit (the burst before the limiter acts).
+    expect(6 / seconds).toBeLessThan(2);
     expect(compareImages(join(s.sb.nas, rootFile()), s.rootDisk)).toBe('Images are identical.');
     expectClean(s);
   });

@@ -389,7 +389,7 @@ describe.sequential('-o backup on a real guest', () => {
     expect(fs.readFileSync('/proc/self/mountinfo', 'utf8')).not.toContain(tmp);
   });
 
-  it('stopped VM: a copy per disk, one size per line, bitmaps seeded; after a start the next incremental is correct', async () => {
+  it('stopped VM: an offline incremental per disk from the bitmap QEMU wrote out, one size per line, bitmaps seeded and retired; after a start the next incremental is correct', async () => {
     await guest!.destroy();
     // A disabled bitmap under the new name already in the root disk: it must not be trusted as it is.
     execFileSync('qemu-img', ['bitmap', '--add', rootDisk, 'backup-1700000006']);
@@ -418,14 +418,23 @@ describe.sequential('-o backup on a real guest', () => {
     ]);
     expect(out.code).toBe(0);
     const lines = out.stdout.trimEnd().split('\n');
-    expect(lines[0]).toBe('INCREMENTAL_FALLBACK=full (VM stopped — incremental requires running VM)');
-    expect(lines[1]).toBe('BITMAP_CREATED=backup-1700000006');
+    // The disks hold the parent bitmap QEMU wrote out when the guest stopped: an offline
+    // incremental (issue 18), no fallback marker.
+    expect(lines[0]).toBe('BITMAP_CREATED=backup-1700000006');
     // In the original's order: `ls` of the folder in the C locale, datadisk before root.
     const sizes = withNas((root) => [dataFile(p), rootFile(p)].map((f) => String(fs.statSync(path.join(root, f)).size)));
-    expect(lines.slice(2)).toEqual(sizes);
+    expect(lines.slice(1)).toEqual(sizes);
+    for (const f of [rootFile(p), dataFile(p)]) {
+      const info = withNas((root) =>
+        JSON.parse(execFileSync('qemu-img', ['info', '--output=json', path.join(root, f)], { encoding: 'utf8' })),
+      );
+      expect(info['backing-filename']).toMatch(new RegExp(`^\\.\\./${inc1.split('/')[1]}/`));
+    }
     const bitmaps = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', rootDisk], { encoding: 'utf8' }))['format-specific'].data
       .bitmaps;
     expect(bitmaps.find((b: { name: string }) => b.name === 'backup-1700000006')?.flags).toEqual(['auto']);
+    // The parent bitmap is retired once the incremental based on it is taken.
+    expect(bitmaps.find((b: { name: string }) => b.name === 'backup-1700000005')).toBeUndefined();
     for (const f of [rootFile(p), dataFile(p)]) {
       const live = f.includes('root.') ? rootDisk : dataDisk;
       withNas((root) =>

@@ -6,7 +6,7 @@
 // the part of it the backup waited for: the rest overlapped the flush).
 //   running: a running VM (e2e lab guest, TCG) with one disk full of data, libvirt push
 //            backup onto a loop-mounted ext4 NAS;
-//   stopped: a stopped VM, qemu-img convert of one qcow2 disk full of data onto a bind NAS.
+//   stopped: a stopped VM, the native copy of one qcow2 disk full of data onto a bind NAS (digests computed while copying; the skip flag turns them off too).
 //   npm run build && flock /tmp/nasbackup-bench.lock vite-node scripts/bench-manifest.ts -- \
 //     [--path running|stopped|both] [--mib 1024] [--runs 5]
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -136,7 +136,7 @@ function stopped(dir: string): void {
   execFileSync('qemu-io', ['-f', 'qcow2', ...cmds, disk], { stdio: 'ignore' });
   const log = path.join(dir, 'agent-stopped.log');
   measure({
-    name: 'stopped VM (qemu-img convert, bind NAS)',
+    name: 'stopped VM (native copy, bind NAS)',
     vm,
     nas: ['-t', 'none', '-s', nas, '-m', 'bind'],
     disks: ['-d', disk],

@@ -19,10 +19,12 @@ export const BACKUP_BUFFERS = 4;
 export interface DiskCopyOptions extends Pick<CopyOptions, 'onProgress' | 'checkpoint' | 'rateBytesPerSec' | 'requestBytes' | 'buffers'> {
   extentBytes?: number;
   compress?: boolean;
+  /** Digest while copying (default); false only for measurements without the manifest (bench-manifest). */
+  digest?: boolean;
 }
 
 export interface DiskCopyResult {
-  digest: LayerDigest;
+  digest: LayerDigest | undefined;
   stats: CopyStats;
   /** The new file's size and the guest bytes stored in it. */
   fileBytes: number;
@@ -37,6 +39,7 @@ export async function copyDiskToQcow2(src: CopySource, dst: string, opts: DiskCo
     compress: opts.compress ?? false,
   });
   // The new layer has no backing: a zero run is left unallocated in it, and so digested.
+  const { digest = true, ...copyOpts } = opts;
   const dg = new LayerDigester({
     virtualSize: src.virtualSize,
     unitBytes: w.clusterSize,
@@ -46,13 +49,13 @@ export async function copyDiskToQcow2(src: CopySource, dst: string, opts: DiskCo
     const stats = await copyImage(src, w, {
       requestBytes: BACKUP_REQUEST_BYTES,
       buffers: BACKUP_BUFFERS,
-      ...opts,
+      ...copyOpts,
       onRun: (run) => {
-        if (run.kind === 'data') dg.add(run.offset, run.length, 'data', run.data);
+        if (digest && run.kind === 'data') dg.add(run.offset, run.length, 'data', run.data);
       },
     });
     const r = await w.finish();
-    return { digest: dg.finish(), stats, fileBytes: r.fileBytes, dataBytes: r.dataBytes };
+    return { digest: digest ? dg.finish() : undefined, stats, fileBytes: r.fileBytes, dataBytes: r.dataBytes };
   } catch (e) {
     await w.abort();
     throw e;

@@ -234,6 +234,7 @@ async function copyDisk(
     const r = await withDeadline(
       copyDiskToQcow2(chain, dst, {
         compress: a.compress,
+        digest: !ctx.config.benchSkipManifest,
         ...(a.bandwidth !== null ? { rateBytesPerSec: a.bandwidth } : {}),
         onProgress: (done, total) => progress.update(done, total),
         checkpoint: () => {

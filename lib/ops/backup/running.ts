@@ -18,7 +18,7 @@ import { checkSpace, runningEstimate, total, type DiskEstimate } from './space.j
 import { createProgress } from './progress.js';
 import { backupXml, checkpointXml, redefineCheckpointXml } from './xml.js';
 import type { BackupArgs } from './args.js';
-import { reportedSize, tolerantApparentSize, WorkDir } from './workdir.js';
+import { reportedSizes, tolerantApparentSize, WorkDir } from './workdir.js';
 import { digestNewLayers, writeManifest } from './manifest.js';
 import { limitBackupRate, type RateLimiter } from './throttle.js';
 import { verifyBackup } from './verify.js';
@@ -297,15 +297,10 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     };
     for (const w of warnings) ctx.logger.log(`Warning: ${w.message}`);
     // The agent chose the format: -d given means the stopped-VM one (one integer per line).
-    const files = await Promise.all(
-      disks.map(async (d) => ({
-        name: d.file,
-        size: await reportedSize(
-          async () => (await stat(`${work.final}/${d.file}`, { bigint: true })).size,
-          d.file,
-          (m) => ctx.logger.log(m),
-        ),
-      })),
+    const files = await reportedSizes(
+      work.final,
+      disks.map((d) => d.file),
+      (m) => ctx.logger.log(m),
     );
     ctx.logger.log(`Backup of ${a.vm} to ${work.final} completed (${report.totalBytes} bytes)`);
     return {

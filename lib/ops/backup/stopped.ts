@@ -22,7 +22,7 @@ import { ProcLocksProbe } from '../../engine/locks.js';
 import { backupFileName, resolveVolumeId } from '../../store/disks.js';
 import type { LayerDigest } from '../../store/layer-digest.js';
 import { formatBandwidth, type BackupArgs } from './args.js';
-import { reportedSize, tolerantApparentSize, WorkDir } from './workdir.js';
+import { reportedSizes, tolerantApparentSize, WorkDir } from './workdir.js';
 import { writeManifest } from './manifest.js';
 import { backingReference, planOffline, retireBitmap, writeOfflineIncremental } from './stopped-incremental.js';
 import { copyDiskToQcow2 } from './copy-disk.js';
@@ -142,15 +142,10 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
     const retire = incremental ? incremental.disks.map((d) => d.src) : plan?.kind === 'full' ? plan.seen : [];
     if (a.bitmapParent && a.bitmapParent !== a.bitmapNew) for (const src of retire) await retireBitmap(ctx, qemuImg, src, a.bitmapParent);
 
-    const sizes = await Promise.all(
-      disks.map(async (d) => ({
-        name: d.file,
-        size: await reportedSize(
-          async () => (await stat(`${work.final}/${d.file}`, { bigint: true })).size,
-          d.file,
-          (m) => ctx.logger.log(m),
-        ),
-      })),
+    const sizes = await reportedSizes(
+      work.final,
+      disks.map((d) => d.file),
+      (m) => ctx.logger.log(m),
     );
     const report: BackupReport = {
       profile: a.profile,

@@ -1,6 +1,6 @@
 // The work folder both backup paths write into: it becomes the backup only when it is
 // complete, and byte sizes computed with stat (never from `ls` columns).
-import { lstat, mkdir, readdir, rename, rm, open, unlink, writeFile } from 'node:fs/promises';
+import { lstat, mkdir, readdir, rename, rm, open, stat, unlink, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { NasbackupError, toNasbackupError } from '../../errors.js';
 import { ensureWithin, exists } from '../../paths.js';
@@ -137,6 +137,16 @@ export async function reportedSize(what: () => Promise<bigint>, name: string, lo
     log(`Warning: cannot read the size of ${name} (${(e as Error).message}); reporting 0 for it`);
     return 0n;
   }
+}
+
+/** Each finished file's size, tolerantly (reportedSize): what both backup paths report per disk. */
+export function reportedSizes(dir: string, names: string[], log: (m: string) => void): Promise<Array<{ name: string; size: bigint }>> {
+  return Promise.all(
+    names.map(async (name) => ({
+      name,
+      size: await reportedSize(async () => (await stat(join(dir, name), { bigint: true })).size, name, log),
+    })),
+  );
 }
 
 /** `du -sb` that never fails: an entry that cannot be read (gone, EIO) counts 0 and is logged. */

@@ -17,9 +17,14 @@ const BIG = `nbe2e-opt-${process.pid}`;
 const SMALL = `nbe2e-opt2-${process.pid}`;
 const BIG_VOL = '4a1b2c3d-0e0f-4a5b-8c7d-6e5f4a3b2c01';
 const SMALL_VOL = '5b2c3d4e-1f10-4b6c-9d8e-7f6a5b4c3d02';
-/** Data in the big guest's disk (of 256 MiB): the job at the limit lasts ~30 s. */
-const BIG_DATA = 200 * MiB;
-const LIMIT_MIB = 8;
+/**
+ * The big guest's disk and its data. The limit goes on the job right after backup-begin
+ * returns, and QEMU copies at full speed until then (up to ~250 MiB seen here, ~150 ms):
+ * the data must outlast that burst so the job spends ~20 s at the limit.
+ */
+const BIG_SIZE = 1024 * MiB;
+const BIG_DATA = 960 * MiB;
+const LIMIT_MIB = 32;
 
 interface Outcome {
   code: number | null;
@@ -113,7 +118,7 @@ describe.sequential('backup options and parallel backups on real guests', () => 
     for (const d of [nas, tmp, path.join(dir, 'pool')]) fs.mkdirSync(d);
     bigDisk = path.join(dir, 'pool', BIG_VOL);
     smallDisk = path.join(dir, 'pool', SMALL_VOL);
-    await createQcow2(bigDisk, 256 * MiB);
+    await createQcow2(bigDisk, BIG_SIZE);
     await createQcow2(smallDisk, 64 * MiB);
     // Data the backup must copy (a pattern, so nothing reads as zeros).
     execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x5a 0 ${BIG_DATA}`, bigDisk], { stdio: 'ignore' });
@@ -159,6 +164,7 @@ describe.sequential('backup options and parallel backups on real guests', () => 
     const out = await run;
     const throttled = expectGood(out, p);
     const limited = samples.filter((s) => s.speed === LIMIT_MIB * MiB);
+    if (limited.length < 4) console.log(`samples: ${JSON.stringify(samples)}\nlog:\n${fs.readFileSync(logFile, 'utf8')}`);
     expect(limited.length).toBeGreaterThanOrEqual(4);
     // The steady state: the second half of the samples taken at the limit.
     const from = limited[Math.floor(limited.length / 2)]!;

@@ -362,7 +362,12 @@ async function beginBackup(
     // -b: the limit goes on the jobs the moment they exist (shared by the disks; moved later by the limiter).
     const limits = a.bandwidth === null ? [] : targets.map((target) => ({ target, bytesPerSec: a.bandwidth! / targets.length }));
     for (const failed of await virsh.backupBegin(a.vm, bxml, checkpoint?.xml ?? null, limits))
-      ctx.logger.log(`Warning: cannot limit the rate of a backup job of ${a.vm}: ${failed}`);
+      // QEMU copies at full speed until the limit lands; a small disk can be done by then.
+      ctx.logger.log(
+        /in state 'concluded'|no active block job|does not have an active block job/.test(failed)
+          ? `A backup job of ${a.vm} finished before its rate limit was set`
+          : `Warning: cannot limit the rate of a backup job of ${a.vm}: ${failed}`,
+      );
   } catch (e) {
     refused = e;
   } finally {

@@ -88,6 +88,23 @@ describe.concurrent('-b/--bandwidth', () => {
     expectClean(s);
   });
 
+  it('running VM: a job that concluded before its limit landed is logged as done, not as a warning', async () => {
+    const s = scenario('opt-bw-done', {
+      fail: {
+        blockjob: {
+          stderr:
+            "error: internal error: unable to execute QEMU command 'block-job-set-speed': Job 'backup-vda-libvirt-1-format' in state 'concluded' cannot accept command verb 'set-speed'\n",
+        },
+      },
+    });
+    const r = await backup(s, { extra: ['-b', '2.5'] });
+    expect(r.code).toBe(0);
+    expect(r.stdout).toBe(completedBlock(16 * MiB) + `${duSb(s.final)}\n`);
+    expect(logText(s.sb)).toContain('A backup job of i-2-10-VM finished before its rate limit was set');
+    expect(logText(s.sb)).not.toContain('Warning: cannot limit the rate of a backup job');
+    expectClean(s);
+  });
+
   it.each([
     ['qcow2', 'the native copy engine', /Copied \S+ to \S+: /],
     ['raw', 'qemu-img convert -r (bytes/s)', /exec: qemu-img convert -m 16 -W -r 1048576 -f raw -O qcow2 /],

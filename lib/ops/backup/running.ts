@@ -364,7 +364,7 @@ async function beginBackup(
     for (const failed of await virsh.backupBegin(a.vm, bxml, checkpoint?.xml ?? null, limits))
       // QEMU copies at full speed until the limit lands; a small disk can be done by then.
       ctx.logger.log(
-        /in state 'concluded'|no active block job|does not have an active block job/.test(failed)
+        /in state 'concluded'/.test(failed)
           ? `A backup job of ${a.vm} finished before its rate limit was set`
           : `Warning: cannot limit the rate of a backup job of ${a.vm}: ${failed}`,
       );

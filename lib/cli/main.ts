@@ -19,16 +19,11 @@ import {
   type Renderer,
 } from '../output.js';
 import type { AgentProfile } from '../../compat/protocol.js';
-import { QemuImgRebaseEngine } from '../engine/qemu-img.js';
-import { selectEngine } from '../engine/select.js';
-import { checkHostVersions } from '../sanity.js';
 import { isOperation, parseArgs, UsageRequested, wantsJson, type CliArgs, type Operation } from './args.js';
 import { parseBandwidth } from '../ops/backup/args.js';
 import type { OpContext } from '../ops/context.js';
-import { execute, type ExecuteIo } from './lifecycle.js';
+import type { ExecuteIo } from './lifecycle.js';
 import type { OperationArgs } from './validate.js';
-
-export { processSignals } from './lifecycle.js';
 
 export interface MainIo extends ExecuteIo {
   /** Shown in the usage text ($0 of the original). */
@@ -102,6 +97,8 @@ export async function main(argv: readonly string[], io: MainIo): Promise<number>
   }
 
   const needsVersions = config.versionCheck === 'all' || (config.versionCheck === 'backup' && checked.op === 'backup');
+  // Loaded once the argv is good: the usage and an argv error need none of it.
+  const [{ execute }, { checkHostVersions }] = await Promise.all([import('./lifecycle.js'), import('../sanity.js')]);
   const outcome = await execute(io, config, logger, async (ctx) => {
     if (needsVersions) await checkHostVersions(ctx.clients.virsh, logger);
     ctx.checkpoint();
@@ -138,7 +135,12 @@ const RENDERERS = { stats: statsRenderer, delete: deleteRenderer, rebase: rebase
 async function runOperation(c: OperationArgs, ctx: OpContext): Promise<unknown> {
   switch (c.op) {
     case 'rebase': {
-      const { rebaseOperation } = await import('../ops/rebase.js');
+      // The engines (and the qcow2 library behind them) only for the operation that uses them.
+      const [{ rebaseOperation }, { QemuImgRebaseEngine }, { selectEngine }] = await Promise.all([
+        import('../ops/rebase.js'),
+        import('../engine/qemu-img.js'),
+        import('../engine/select.js'),
+      ]);
       const qemuImg = new QemuImgRebaseEngine(ctx.clients.qemuImg, (step) => ctx.shield(step));
       const engine = selectEngine(
         ctx.config.engine,

@@ -148,6 +148,7 @@ export class NasSession {
               tenths(nasTimeoutMs),
               tenths(umountTimeoutMs),
               resolveProgram('setpriv', '/usr/bin:/bin:/usr/sbin:/sbin') ?? '',
+              resolveProgram('sleep', '/usr/bin:/bin') ?? 'sleep',
             ],
             (line) => {
               if (line === 'tripped') {

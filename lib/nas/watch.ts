@@ -64,10 +64,11 @@ export class NasWatch {
  * code of umount -f>`, and ends; it also ends when we are gone (its children are bound to it
  * by pdeathsig when setpriv is there), and, never silently, when it cannot even sleep.
  * $1 mount point, $2 stat, $3 umount, $4 interval (seconds), $5 probe deadline and
- * $6 umount deadline (tenths of a second), $7 setpriv or empty.
+ * $6 umount deadline (tenths of a second), $7 setpriv or empty, $8 sleep (the system's, by
+ * absolute path: a `sleep` earlier on PATH, a test's stand-in, must not pace the watch).
  */
 export const PROBE_SCRIPT = String.raw`
-mp=$1 st=$2 um=$3 iv=$4 to=$5 uto=$6 parent=$PPID rc=0
+mp=$1 st=$2 um=$3 iv=$4 to=$5 uto=$6 sl=$8 parent=$PPID rc=0
 if [ -n "$7" ]; then sp="$7"; else sp=; fi
 # Only in a subshell or with &: it execs, so $! is the program itself.
 run() { if [ -n "$sp" ]; then exec "$sp" --pdeathsig KILL -- "$@"; else exec "$@"; fi; }
@@ -82,7 +83,7 @@ waitfor() {
       *) break ;;
     esac
     [ "$n" -ge "$2" ] && return 1
-    sleep 0.1
+    "$sl" 0.1
     n=$((n + 1))
   done
   wait "$1"
@@ -90,7 +91,7 @@ waitfor() {
   return 0
 }
 while :; do
-  (run sleep "$iv") || exit 3
+  (run "$sl" "$iv") || exit 3
   kill -0 "$parent" 2>/dev/null || exit 0
   run "$st" -f -c %b "$mp" >/dev/null 2>&1 &
   p=$!

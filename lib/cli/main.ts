@@ -99,6 +99,7 @@ export async function main(argv: readonly string[], io: MainIo): Promise<number>
   const needsVersions = config.versionCheck === 'all' || (config.versionCheck === 'backup' && checked.op === 'backup');
   // Loaded once the argv is good: the usage and an argv error need none of it.
   const [{ execute }, { checkHostVersions }] = await Promise.all([import('./lifecycle.js'), import('../sanity.js')]);
+  if (needsVersions) preloadOperation(checked.op);
   const outcome = await execute(io, config, logger, async (ctx) => {
     if (needsVersions) await checkHostVersions(ctx.clients.virsh, logger);
     ctx.checkpoint();
@@ -131,6 +132,22 @@ function wantedCommand(argv: readonly string[]): string {
 }
 
 const RENDERERS = { stats: statsRenderer, delete: deleteRenderer, rebase: rebaseRenderer, backup: backupRenderer } as const;
+
+/**
+ * Start loading the operation's modules (no side effects: code only), so they load while
+ * `virsh version` runs; runOperation's own imports then find them loaded.
+ */
+function preloadOperation(op: Operation): void {
+  const loads: Array<Promise<unknown>> =
+    op === 'rebase'
+      ? [import('../ops/rebase.js'), import('../engine/qemu-img.js'), import('../engine/select.js')]
+      : op === 'delete'
+        ? [import('../ops/delete.js')]
+        : op === 'stats'
+          ? [import('../ops/stats.js')]
+          : [import('../ops/backup/index.js')];
+  for (const l of loads) l.catch(() => {}); // a load that fails is reported where runOperation awaits it
+}
 
 async function runOperation(c: OperationArgs, ctx: OpContext): Promise<unknown> {
   switch (c.op) {

@@ -1,4 +1,5 @@
-// The one way this program starts another program: argv arrays (never a shell),
+// The one way this program starts another program: argv arrays (never a shell that
+// parses our values: the one shell, the NAS watch, runs a constant script),
 // a deadline on every call, cancellation on SIGTERM/SIGINT, and one log line per
 // call with exit code and duration.
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -114,6 +115,72 @@ export function spawnExitGuard(ms: number): void {
   } catch {
     // no guard: the exit may wait on the NAS
   }
+}
+
+/** A helper process that lives as long as we do (see spawnWatchdog). */
+export interface Watchdog {
+  /** Kill it and everything it started (its process group); no line is reported after this. */
+  stop(): void;
+}
+
+/**
+ * A long-lived helper: `sh -c script` with `args` as $1…, in its own process group, bound
+ * to us (pdeathsig; the script should also end when its parent is gone, for hosts without
+ * setpriv). The script is a constant of ours and the values only ever positional
+ * parameters, so no value is ever parsed as shell text. Each line it prints is handed to
+ * `onLine`, and its end to `onExit` unless we stopped it; it never keeps the process alive.
+ * Null when it cannot be started.
+ */
+export function spawnWatchdog(
+  script: string,
+  args: readonly string[],
+  onLine: (line: string) => void,
+  onExit: (code: number | null) => void = () => {},
+): Watchdog | null {
+  const sh = resolveProgram('sh', '/bin:/usr/bin');
+  if (sh === null) return null;
+  const guard = setpriv();
+  const argv = [sh, '-c', script, 'nasbackup-watch', ...args];
+  let child: ChildProcess;
+  try {
+    child = guard
+      ? spawn(guard, ['--pdeathsig', 'KILL', '--', ...argv], { detached: true, stdio: ['ignore', 'pipe', 'ignore'] })
+      : spawn(argv[0]!, argv.slice(1), { detached: true, stdio: ['ignore', 'pipe', 'ignore'] });
+  } catch {
+    return null;
+  }
+  let stopped = false;
+  let pending = '';
+  child.on('error', () => {}); // could not start: 'exit' says so (code null)
+  child.on('exit', (code) => {
+    if (!stopped) onExit(code);
+  });
+  child.stdout!.setEncoding('utf8');
+  child.stdout!.on('data', (d: string) => {
+    pending += d;
+    let nl: number;
+    while (!stopped && (nl = pending.indexOf('\n')) >= 0) {
+      const line = pending.slice(0, nl);
+      pending = pending.slice(nl + 1);
+      onLine(line);
+    }
+  });
+  child.unref();
+  (child.stdout as unknown as { unref?: () => void }).unref?.();
+  return {
+    stop: () => {
+      if (stopped) return;
+      stopped = true;
+      if (child.pid !== undefined && child.exitCode === null && child.signalCode === null) {
+        try {
+          process.kill(-child.pid, 'SIGKILL');
+        } catch {
+          // already gone
+        }
+      }
+      child.stdout!.destroy();
+    },
+  };
 }
 
 export class Runner {

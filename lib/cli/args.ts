@@ -2,7 +2,10 @@
 // its rules: every value flag takes the next argv element verbatim ("" is a value),
 // anything unknown is `Invalid option: <arg>`. Unlike the original, a value flag at
 // the end of argv and an unknown -o get a message instead of a silent exit.
-import yargsFactory from 'yargs/yargs';
+// The parser is yargs-parser, the one yargs itself runs, called with exactly the options
+// yargs would pass it (test/cli/args.test.ts proves it against yargs): yargs' own machinery
+// (locales, usage, commands) costs ~50 ms and ~10 MiB on every agent call for nothing.
+import yargsParser from 'yargs-parser';
 import { NasbackupError } from '../errors.js';
 
 export const OPERATIONS = ['backup', 'delete', 'rebase', 'stats'] as const;
@@ -99,33 +102,7 @@ export function parseArgs(all: readonly string[]): CliArgs {
       }
     }
   }
-  let y = yargsFactory([...argv])
-    .help(false)
-    .version(false)
-    .exitProcess(false)
-    .strict(false)
-    .parserConfiguration({
-      'unknown-options-as-args': true,
-      'camel-case-expansion': false,
-      'dot-notation': false,
-      'boolean-negation': false,
-      'short-option-groups': false,
-      'duplicate-arguments-array': false,
-      'parse-numbers': false,
-      'parse-positional-numbers': false,
-      'strip-aliased': true,
-      'greedy-arrays': false,
-    })
-    .fail((msg: string) => {
-      throw new NasbackupError('MISSING_OPTION_VALUE', msg);
-    });
-  for (const [short, long] of BOOLEAN_FLAGS) {
-    y = y.option(short ?? long, { ...(short ? { alias: long } : {}), type: 'boolean' });
-  }
-  for (const [short, long] of VALUE_FLAGS) {
-    y = y.option(short ?? long, { ...(short ? { alias: long } : {}), type: 'string', nargs: 1 });
-  }
-  const raw = y.parseSync() as Record<string, unknown> & { _: unknown[] };
+  const raw = parseFlags(argv);
   const unknown = raw._.map(String);
   if (unknown.length > 0) throw new NasbackupError('INVALID_OPTION', `Invalid option: ${unknown[0]}`);
   if (raw.h === true) throw new UsageRequested();
@@ -136,6 +113,55 @@ export function parseArgs(all: readonly string[]): CliArgs {
     if (typeof v === 'string') (out as unknown as Record<string, unknown>)[key] = v;
   }
   return out;
+}
+
+/** What yargs configures for these flags (parserConfiguration and .option() per flag). */
+export const PARSER_CONFIGURATION = {
+  'unknown-options-as-args': true,
+  'camel-case-expansion': false,
+  'dot-notation': false,
+  'boolean-negation': false,
+  'short-option-groups': false,
+  'duplicate-arguments-array': false,
+  'parse-numbers': false,
+  'parse-positional-numbers': false,
+  'strip-aliased': true,
+  'greedy-arrays': false,
+} as const;
+
+/**
+ * yargs-parser with the options yargs builds from the calls above: booleans and strings
+ * under both names, nargs 1 under the first name, short → long aliases; `populate--` on,
+ * then what follows `--` goes back into the positionals (as yargs does). A parse error
+ * (a value flag followed by a known flag) is what yargs hands to `.fail()`. Exported for the
+ * test that proves it equal to yargs.
+ */
+export function parseFlags(argv: readonly string[]): Record<string, unknown> & { _: unknown[] } {
+  const boolean: string[] = [];
+  const string: string[] = [];
+  const narg: Record<string, number> = {};
+  const alias: Record<string, string[]> = {};
+  const key: Record<string, boolean> = {};
+  for (const [short, long] of BOOLEAN_FLAGS) {
+    boolean.push(...(short ? [short, long] : [long]));
+    if (short) alias[short] = [long];
+  }
+  for (const [short, long] of VALUE_FLAGS) {
+    string.push(...(short ? [short, long] : [long]));
+    narg[short ?? long] = 1;
+    if (short) alias[short] = [long];
+  }
+  for (const name of [...boolean, ...string]) key[name] = true;
+  // `key` (every flag's name) is not in the typings, but yargs passes it: it makes each name known.
+  const options = { boolean, string, narg, alias, key, configuration: { ...PARSER_CONFIGURATION, 'populate--': true } };
+  const parsed = yargsParser.detailed([...argv], options);
+  if (parsed.error) throw new NasbackupError('MISSING_OPTION_VALUE', parsed.error.message);
+  const raw = parsed.argv as Record<string, unknown> & { _: unknown[]; '--'?: unknown[] };
+  if (raw['--']) {
+    raw._.push(...raw['--']);
+    delete raw['--'];
+  }
+  return raw;
 }
 
 const isValueFlag = (a: string): boolean => VALUE_FLAGS.some(([short, long]) => a === `--${long}` || (short !== null && a === `-${short}`));

@@ -19,16 +19,11 @@ import {
   type Renderer,
 } from '../output.js';
 import type { AgentProfile } from '../../compat/protocol.js';
-import { QemuImgRebaseEngine } from '../engine/qemu-img.js';
-import { selectEngine } from '../engine/select.js';
-import { checkHostVersions } from '../sanity.js';
 import { isOperation, parseArgs, UsageRequested, wantsJson, type CliArgs, type Operation } from './args.js';
 import { parseBandwidth } from '../ops/backup/args.js';
 import type { OpContext } from '../ops/context.js';
-import { execute, type ExecuteIo } from './lifecycle.js';
+import type { ExecuteIo } from './lifecycle.js';
 import type { OperationArgs } from './validate.js';
-
-export { processSignals } from './lifecycle.js';
 
 export interface MainIo extends ExecuteIo {
   /** Shown in the usage text ($0 of the original). */
@@ -102,6 +97,9 @@ export async function main(argv: readonly string[], io: MainIo): Promise<number>
   }
 
   const needsVersions = config.versionCheck === 'all' || (config.versionCheck === 'backup' && checked.op === 'backup');
+  // Loaded once the argv is good: the usage and an argv error need none of it.
+  const [{ execute }, { checkHostVersions }] = await Promise.all([import('./lifecycle.js'), import('../sanity.js')]);
+  if (needsVersions) preloadOperation(checked.op);
   const outcome = await execute(io, config, logger, async (ctx) => {
     if (needsVersions) await checkHostVersions(ctx.clients.virsh, logger);
     ctx.checkpoint();
@@ -135,10 +133,31 @@ function wantedCommand(argv: readonly string[]): string {
 
 const RENDERERS = { stats: statsRenderer, delete: deleteRenderer, rebase: rebaseRenderer, backup: backupRenderer } as const;
 
+/**
+ * Start loading the operation's modules (no side effects: code only), so they load while
+ * `virsh version` runs; runOperation's own imports then find them loaded.
+ */
+function preloadOperation(op: Operation): void {
+  const loads: Array<Promise<unknown>> =
+    op === 'rebase'
+      ? [import('../ops/rebase.js'), import('../engine/qemu-img.js'), import('../engine/select.js')]
+      : op === 'delete'
+        ? [import('../ops/delete.js')]
+        : op === 'stats'
+          ? [import('../ops/stats.js')]
+          : [import('../ops/backup/index.js')];
+  for (const l of loads) l.catch(() => {}); // a load that fails is reported where runOperation awaits it
+}
+
 async function runOperation(c: OperationArgs, ctx: OpContext): Promise<unknown> {
   switch (c.op) {
     case 'rebase': {
-      const { rebaseOperation } = await import('../ops/rebase.js');
+      // The engines (and the qcow2 library behind them) only for the operation that uses them.
+      const [{ rebaseOperation }, { QemuImgRebaseEngine }, { selectEngine }] = await Promise.all([
+        import('../ops/rebase.js'),
+        import('../engine/qemu-img.js'),
+        import('../engine/select.js'),
+      ]);
       const qemuImg = new QemuImgRebaseEngine(ctx.clients.qemuImg, (step) => ctx.shield(step));
       const engine = selectEngine(
         ctx.config.engine,

@@ -8,6 +8,7 @@
 //   nasbackup umount <dir>
 import { readFile } from 'node:fs/promises';
 import { parseArgs } from 'node:util';
+import yargsParser from 'yargs-parser';
 import { loadConfig, type Config } from '../config.js';
 import { NasbackupError, toNasbackupError } from '../errors.js';
 import { createLogger, logFileFromEnv, type Logger } from '../log.js';
@@ -122,29 +123,17 @@ export async function runTool(tool: string, argv: readonly string[], io: ToolIo)
   if (tool === 'mount' || tool === 'umount') return runMountTool(tool, argv, io, mode, fail);
 
   const command = `chain ${CHAIN_SUBCOMMANDS.find((s) => s === argv[0]) ?? ''}`.trim();
-  let a;
+  let a: ChainFlags;
   let records: BackupRecord[] | undefined;
   let config: Readonly<Config>;
   try {
-    a = (await parser(argv))
-      .command('$0 <action>', 'chain tools', (y) => y.positional('action', { choices: CHAIN_SUBCOMMANDS, type: 'string' }))
-      .option('t', { alias: 'type', type: 'string', demandOption: true, nargs: 1 })
-      .option('s', { alias: 'storage', type: 'string', demandOption: true, nargs: 1 })
-      .option('m', { alias: 'mount', type: 'string', default: '', nargs: 1 })
-      .option('vm', { type: 'string', demandOption: true, nargs: 1 })
-      .option('backup', { type: 'string', nargs: 1 })
-      .option('force', { type: 'boolean', default: false })
-      .option('yes', { type: 'boolean', default: false })
-      .option('json', { type: 'boolean', default: false })
-      .option('records', { type: 'string', nargs: 1 })
-      .option('engine', { type: 'string', nargs: 1 })
-      .parseSync();
+    a = plainChainFlags(argv) ?? (await yargsChainFlags(argv));
     config = loadConfig(io.env, a.engine !== undefined ? { engine: a.engine } : {});
     if (a.records) records = await loadRecords(a.records);
   } catch (e) {
     return fail(command, e);
   }
-  const action = a.action as (typeof CHAIN_SUBCOMMANDS)[number];
+  const action = a.action;
   let args: ChainArgs;
   try {
     args = validateChainArgs(action, {
@@ -198,6 +187,114 @@ export async function runTool(tool: string, argv: readonly string[], io: ToolIo)
       return render(io.out, mode, chainDeleteRenderer, outcome);
     }
   }
+}
+
+/** `chain`'s flags, read. */
+export interface ChainFlags {
+  action: (typeof CHAIN_SUBCOMMANDS)[number];
+  t: string;
+  s: string;
+  m: string;
+  vm: string;
+  backup?: string;
+  force: boolean;
+  yes: boolean;
+  json: boolean;
+  records?: string;
+  engine?: string;
+}
+
+const CHAIN_STRINGS = ['t', 'type', 's', 'storage', 'm', 'mount', 'vm', 'backup', 'records', 'engine'];
+const CHAIN_BOOLEANS = ['force', 'yes', 'json'];
+
+/** `chain`'s flags with yargs, which also words every refusal (the reference: see plainChainFlags). */
+export async function yargsChainFlags(argv: readonly string[]): Promise<ChainFlags> {
+  const a = (await parser(argv))
+    .command('$0 <action>', 'chain tools', (y) => y.positional('action', { choices: CHAIN_SUBCOMMANDS, type: 'string' }))
+    .option('t', { alias: 'type', type: 'string', demandOption: true, nargs: 1 })
+    .option('s', { alias: 'storage', type: 'string', demandOption: true, nargs: 1 })
+    .option('m', { alias: 'mount', type: 'string', default: '', nargs: 1 })
+    .option('vm', { type: 'string', demandOption: true, nargs: 1 })
+    .option('backup', { type: 'string', nargs: 1 })
+    .option('force', { type: 'boolean', default: false })
+    .option('yes', { type: 'boolean', default: false })
+    .option('json', { type: 'boolean', default: false })
+    .option('records', { type: 'string', nargs: 1 })
+    .option('engine', { type: 'string', nargs: 1 })
+    .parseSync();
+  return {
+    action: a.action as ChainFlags['action'],
+    t: a.t,
+    s: a.s,
+    m: a.m,
+    vm: a.vm,
+    ...(a.backup !== undefined ? { backup: a.backup } : {}),
+    force: a.force,
+    yes: a.yes,
+    json: a.json,
+    ...(a.records !== undefined ? { records: a.records } : {}),
+    ...(a.engine !== undefined ? { engine: a.engine } : {}),
+  };
+}
+
+/**
+ * The common case without loading yargs (~50 ms and ~10 MiB: `chain verify` is run often):
+ * yargs-parser, which yargs runs underneath, with the options yargs gives it. Only an argv
+ * that is plainly good is read here — one known action, the required flags, every flag
+ * known, nothing after `--`, no parse error — and then exactly as yargs reads it (proved
+ * on random argv in test/cli/validate-chain.test.ts); anything else (null) goes to
+ * yargsChainFlags, so every refusal keeps yargs' own words.
+ */
+export function plainChainFlags(argv: readonly string[]): ChainFlags | null {
+  const narg: Record<string, number> = {};
+  for (const n of ['t', 's', 'm', 'vm', 'backup', 'records', 'engine']) narg[n] = 1;
+  const key: Record<string, boolean> = {};
+  for (const n of [...CHAIN_STRINGS, ...CHAIN_BOOLEANS]) key[n] = true;
+  const options = {
+    boolean: CHAIN_BOOLEANS,
+    string: CHAIN_STRINGS,
+    narg,
+    key,
+    alias: { t: ['type'], s: ['storage'], m: ['mount'] },
+    default: { m: '', force: false, yes: false, json: false },
+    configuration: {
+      'parse-positional-numbers': false,
+      'camel-case-expansion': false,
+      'parse-numbers': false,
+      'duplicate-arguments-array': false,
+      'populate--': true,
+    },
+  };
+  const parsed = yargsParser.detailed([...argv], options);
+  if (parsed.error) return null;
+  const a = parsed.argv as Record<string, unknown>;
+  const rest = a['--'];
+  if (rest !== undefined && (!Array.isArray(rest) || rest.length > 0)) return null;
+  const pos = a._ as unknown[];
+  const action = pos[0];
+  if (pos.length !== 1 || typeof action !== 'string' || !(CHAIN_SUBCOMMANDS as readonly string[]).includes(action)) return null;
+  for (const k of Object.keys(a)) if (k !== '_' && k !== '--' && !(k in key)) return null;
+  const str = (k: string): string | undefined | null => (a[k] === undefined ? undefined : typeof a[k] === 'string' ? a[k] : null);
+  const bool = (k: string): boolean | null => (typeof a[k] === 'boolean' ? a[k] : null);
+  const [t, s, m, vm, backup, records, engine] = ['t', 's', 'm', 'vm', 'backup', 'records', 'engine'].map(str);
+  const force = bool('force');
+  const yes = bool('yes');
+  const json = bool('json');
+  if (typeof t !== 'string' || typeof s !== 'string' || typeof m !== 'string' || typeof vm !== 'string') return null;
+  if (backup === null || records === null || engine === null || force === null || yes === null || json === null) return null;
+  return {
+    action: action as ChainFlags['action'],
+    t,
+    s,
+    m,
+    vm,
+    ...(backup !== undefined ? { backup } : {}),
+    force,
+    yes,
+    json,
+    ...(records !== undefined ? { records } : {}),
+    ...(engine !== undefined ? { engine } : {}),
+  };
 }
 
 const RESTORE_VALUES = { t: 'type', s: 'storage', m: 'mount', backup: 'backup', disk: 'disk', to: 'to', format: 'format' } as const;

@@ -5,15 +5,14 @@ import { randomInt } from 'node:crypto';
 import { rmdirSync, unlinkSync } from 'node:fs';
 import { mkdir, readdir, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { Worker } from 'node:worker_threads';
 import { NasbackupError } from '../errors.js';
-import { resolveProgram, type Runner } from '../exec.js';
+import { resolveProgram, spawnWatchdog, type Runner, type Watchdog } from '../exec.js';
 import { softly, ToolError } from '../clients/failure.js';
 import { effectiveMountOptions, isMountPoint, MountClient } from '../clients/mount.js';
 import type { Config } from '../config.js';
 import type { Logger } from '../log.js';
 import { ownerInfo, readOwner, staleReason } from './lock.js';
-import { PROBE_WORKER, type NasWatch } from './watch.js';
+import { PROBE_SCRIPT, type NasWatch } from './watch.js';
 
 export interface NasTarget {
   type: string;
@@ -55,8 +54,8 @@ export class NasSession {
   private closed = false;
   private mounted = false;
   private readonly mounts: MountClient;
-  /** The worker thread that probes the NAS (see NasWatch). */
-  private prober: Worker | null = null;
+  /** The process that probes the NAS (see PROBE_SCRIPT). */
+  private prober: Watchdog | null = null;
 
   private constructor(
     readonly mountPoint: string,
@@ -130,38 +129,44 @@ export class NasSession {
     this.logger.log(`Successfully mounted ${type} store`);
   }
 
-  /** Watch the NAS from a worker thread (see PROBE_WORKER) while this session exists. */
+  /** Watch the NAS from another process (see PROBE_SCRIPT) while this session exists. */
   private startProbe(watch: NasWatch): void {
     const { nasTimeoutMs, nasProbeIntervalMs, umountTimeoutMs } = this.config;
     const stat = resolveProgram('stat', process.env.PATH);
     const umount = resolveProgram('umount', process.env.PATH);
-    if (stat === null || umount === null) {
-      this.logger.log('Warning: stat or umount not found; the NAS is not watched for a hang');
+    const tenths = (ms: number): string => String(Math.max(1, Math.ceil(ms / 100)));
+    const w =
+      stat === null || umount === null
+        ? null
+        : spawnWatchdog(
+            PROBE_SCRIPT,
+            [
+              this.mountPoint,
+              stat,
+              umount,
+              String(nasProbeIntervalMs / 1000),
+              tenths(nasTimeoutMs),
+              tenths(umountTimeoutMs),
+              resolveProgram('setpriv', '/usr/bin:/bin:/usr/sbin:/sbin') ?? '',
+              resolveProgram('sleep', '/usr/bin:/bin') ?? 'sleep',
+            ],
+            (line) => {
+              if (line === 'tripped') {
+                this.logger.log(`The NAS at ${this.mountPoint} did not answer a statfs within ${Math.round(nasTimeoutMs / 1000)} s`);
+                watch.trip(this.mountPoint, `${this.target.type} ${this.target.address}`, nasTimeoutMs);
+              } else if (line.startsWith('forced ')) {
+                this.logger.log(`umount -f -c ${this.mountPoint} (abort what waits on the NAS) -> exit ${line.slice('forced '.length)}`);
+              }
+            },
+            (code) => {
+              if (!watch.unresponsive)
+                this.logger.log(`Warning: the NAS watch ended (exit ${code}); the NAS is no longer watched for a hang`);
+            },
+          );
+    if (w === null) {
+      this.logger.log('Warning: sh, stat or umount not found; the NAS is not watched for a hang');
       return;
     }
-    const w = new Worker(PROBE_WORKER, {
-      eval: true,
-      workerData: {
-        mountPoint: this.mountPoint,
-        stat,
-        umount,
-        setpriv: resolveProgram('setpriv', '/usr/bin:/bin:/usr/sbin:/sbin'),
-        env: { ...process.env },
-        intervalMs: nasProbeIntervalMs,
-        timeoutMs: nasTimeoutMs,
-        umountTimeoutMs,
-      },
-    });
-    w.unref();
-    w.on('message', (m: { type: string; code?: number | null }) => {
-      if (m.type === 'tripped') {
-        this.logger.log(`The NAS at ${this.mountPoint} did not answer a statfs within ${Math.round(nasTimeoutMs / 1000)} s`);
-        watch.trip(this.mountPoint, `${this.target.type} ${this.target.address}`, nasTimeoutMs);
-      } else if (m.type === 'forced') {
-        this.logger.log(`umount -f -c ${this.mountPoint} (abort what waits on the NAS) -> exit ${m.code}`);
-      }
-    });
-    w.on('error', (e) => this.logger.log(`Warning: the NAS watch failed: ${e.message}`));
     this.prober = w;
   }
 
@@ -169,10 +174,7 @@ export class NasSession {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    if (this.prober) {
-      this.prober.postMessage('stop');
-      void this.prober.terminate();
-    }
+    this.prober?.stop();
     const problems: string[] = [];
     if (this.mounted || (await isMountPoint(this.mountPoint).catch(() => false))) {
       const err = await this.unmount();

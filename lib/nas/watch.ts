@@ -52,42 +52,56 @@ export class NasWatch {
 }
 
 /**
- * The probe runs in a worker thread: the main thread may itself be blocked in a call on
- * the NAS (the agent log can live there), and then only another thread can notice. The
- * worker never touches the NAS itself, it only starts children: `stat -f` with a deadline
- * (in its own process group, killed whole), and on a miss `umount -f`, which aborts the
- * requests waiting on the NAS, so a blocked main thread gets its call back (as an error).
- * CommonJS source, evaluated: it works the same from dist/ and from the single-file bundle.
+ * The watch is another process, not a thread of ours: the main thread may itself be blocked
+ * in a call on the NAS (the agent log can live there), and then only someone else can notice.
+ * A POSIX shell (a worker thread, its first form, cost a whole V8 isolate: ~10 MiB of RSS and
+ * ~30 ms of CPU on every call) that never touches the NAS itself, it only starts children:
+ * `stat -f` with a deadline, and on a miss `umount -f -c`, which aborts the requests waiting
+ * on the NAS, so a blocked main thread gets its call back (as an error). It waits for no
+ * child without a deadline: it polls the child's /proc entry (still running and ours, or
+ * ended: gone, a zombie, or another process by now), so a probe stuck in the kernel even past
+ * SIGKILL cannot hold it. It prints `tripped` when the deadline passed, then `forced <exit
+ * code of umount -f>`, and ends; it also ends when we are gone (its children are bound to it
+ * by pdeathsig when setpriv is there), and, never silently, when it cannot even sleep.
+ * $1 mount point, $2 stat, $3 umount, $4 interval (seconds), $5 probe deadline and
+ * $6 umount deadline (tenths of a second), $7 setpriv or empty, $8 sleep (the system's, by
+ * absolute path: a `sleep` earlier on PATH, a test's stand-in, must not pace the watch).
  */
-export const PROBE_WORKER = String.raw`
-const { parentPort, workerData: w } = require('node:worker_threads');
-const { spawn } = require('node:child_process');
-let timer = null;
-let stopped = false;
-const killGroup = (pid) => { try { process.kill(-pid, 'SIGKILL'); } catch {} };
-const run = (argv) => spawn(w.setpriv || argv[0], w.setpriv ? ['--pdeathsig', 'KILL', '--', ...argv] : argv.slice(1), { detached: true, stdio: 'ignore', env: w.env });
-function schedule() { if (!stopped) timer = setTimeout(tick, w.intervalMs); }
-function tick() {
-  timer = null;
-  if (stopped) return;
-  let child;
-  try { child = run([w.stat, '-f', '-c', '%b', w.mountPoint]); } catch { schedule(); return; }
-  const deadline = setTimeout(() => {
-    killGroup(child.pid);
-    if (stopped) return;
-    stopped = true;
-    parentPort.postMessage({ type: 'tripped' });
-    let u;
-    try { u = run([w.umount, '-f', '-c', w.mountPoint]); } catch { return; }
-    const t = setTimeout(() => killGroup(u.pid), w.umountTimeoutMs);
-    u.on('exit', (code) => { clearTimeout(t); parentPort.postMessage({ type: 'forced', code }); });
-    u.on('error', () => clearTimeout(t));
-  }, w.timeoutMs);
-  child.on('error', () => { clearTimeout(deadline); schedule(); });
-  child.on('exit', () => { clearTimeout(deadline); schedule(); });
+export const PROBE_SCRIPT = String.raw`
+mp=$1 st=$2 um=$3 iv=$4 to=$5 uto=$6 sl=$8 parent=$PPID rc=0
+if [ -n "$7" ]; then sp="$7"; else sp=; fi
+# Only in a subshell or with &: it execs, so $! is the program itself.
+run() { if [ -n "$sp" ]; then exec "$sp" --pdeathsig KILL -- "$@"; else exec "$@"; fi; }
+waitfor() {
+  n=0
+  while :; do
+    s=
+    read -r s 2>/dev/null </proc/$1/stat
+    case $s in
+      *") Z "*) break ;;
+      *") "?" $$ "*) ;;
+      *) break ;;
+    esac
+    [ "$n" -ge "$2" ] && return 1
+    "$sl" 0.1
+    n=$((n + 1))
+  done
+  wait "$1"
+  rc=$?
+  return 0
 }
-parentPort.on('message', (m) => {
-  if (m === 'stop') { stopped = true; if (timer) clearTimeout(timer); parentPort.close(); }
-});
-schedule();
+while :; do
+  (run "$sl" "$iv") || exit 3
+  kill -0 "$parent" 2>/dev/null || exit 0
+  run "$st" -f -c %b "$mp" >/dev/null 2>&1 &
+  p=$!
+  if ! waitfor "$p" "$to"; then
+    kill -KILL "$p" 2>/dev/null
+    echo tripped
+    run "$um" -f -c "$mp" >/dev/null 2>&1 &
+    u=$!
+    if waitfor "$u" "$uto"; then echo "forced $rc"; else kill -KILL "$u" 2>/dev/null; fi
+    exit 0
+  fi
+done
 `;

@@ -48,7 +48,7 @@ export async function deleteOperation(ctx: OpContext, args: DeleteArgs): Promise
       throw withResult(err, result);
     }
   }
-  await syncAfter(ctx, 'delete');
+  await syncAfter(ctx, 'delete', { fileSystemOf: nas.mountPoint }); // syncfs of the NAS, not every disk of the host
   return result;
 }
 

@@ -1,5 +1,7 @@
+import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { parseArgs, UsageRequested } from '../../lib/cli/args.js';
+import yargsFactory from 'yargs/yargs';
+import { BOOLEAN_FLAGS, PARSER_CONFIGURATION, parseArgs, parseFlags, UsageRequested, VALUE_FLAGS } from '../../lib/cli/args.js';
 import { type NasbackupError } from '../../lib/errors.js';
 
 const code = (f: () => unknown): string => {
@@ -140,5 +142,71 @@ describe('parseArgs', () => {
   it('recognises the later upstream flags', () => {
     const a = parseArgs(['-o', 'backup', '-c', '--verify', '-b', '10', '-e', '/k', '--quiesce-timeout', '30', '-w', '20']);
     expect(a).toMatchObject({ compress: true, verify: true, bandwidth: '10', encrypt: '/k', quiesceTimeout: '30', mountTimeout: '20' });
+  });
+});
+
+/** How the agent CLI parsed with yargs itself (before yargs-parser was called directly): the oracle. */
+function parseWithYargs(argv: readonly string[]): unknown {
+  let y = yargsFactory([...argv])
+    .help(false)
+    .version(false)
+    .exitProcess(false)
+    .strict(false)
+    .parserConfiguration(PARSER_CONFIGURATION)
+    .fail((msg: string) => {
+      throw new Error(msg);
+    });
+  for (const [short, long] of BOOLEAN_FLAGS) y = y.option(short ?? long, { ...(short ? { alias: long } : {}), type: 'boolean' });
+  for (const [short, long] of VALUE_FLAGS) y = y.option(short ?? long, { ...(short ? { alias: long } : {}), type: 'string', nargs: 1 });
+  try {
+    const { $0: _, ...rest } = y.parseSync() as Record<string, unknown>;
+    return rest;
+  } catch (e) {
+    return { error: (e as Error).message };
+  }
+}
+
+function parseDirect(argv: readonly string[]): unknown {
+  try {
+    return { ...parseFlags(argv) };
+  } catch (e) {
+    return { error: (e as Error).message };
+  }
+}
+
+describe('the agent CLI parser is yargs-parser with the options yargs gives it', () => {
+  const flags = [...BOOLEAN_FLAGS, ...VALUE_FLAGS].flatMap(([short, long]) => [`--${long}`, ...(short ? [`-${short}`] : [])]);
+  const odd = ['-x', '--bogus', '--', '-', '--operation=stats', '-o=stats', '-ostats', '-oc', '--no-compress', '--verify=false'];
+  const values = ['', 'a', 'stats', '-1', '1', '0x10', '1e3', 'a b', 'true', 'i-2-10-VM/2025.01.01.00.00.00', '--help=x', '-c=1'];
+  const token = fc.oneof(fc.constantFrom(...flags, ...odd, ...values), fc.string({ maxLength: 6 }));
+
+  it('equals yargs on the agent argv and on random argv', () => {
+    const agent = [
+      '-o',
+      'backup',
+      '-v',
+      'i-2-10-VM',
+      '-t',
+      'nfs',
+      '-s',
+      '10.0.0.5:/e',
+      '-m',
+      '',
+      '-p',
+      'i/t',
+      '-q',
+      'false',
+      '-d',
+      '',
+      '-c',
+      '--verify',
+    ];
+    expect(parseDirect(agent)).toEqual(parseWithYargs(agent));
+    fc.assert(
+      fc.property(fc.array(token, { maxLength: 10 }), (argv) => {
+        expect(parseDirect(argv)).toEqual(parseWithYargs(argv));
+      }),
+      { numRuns: 600 },
+    );
   });
 });

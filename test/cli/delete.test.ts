@@ -1,7 +1,7 @@
 import { mkdirSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { bindNas, leftovers, makeSandbox, run, type Sandbox } from '../helpers/cli.js';
+import { bindNas, leftovers, logText, makeSandbox, run, type Sandbox } from '../helpers/cli.js';
 import { seedChain, TS, VM } from '../helpers/chain.js';
 import { snapshotTree } from '../helpers/tree.js';
 import { removeTempDirs } from '../helpers/tmp.js';
@@ -29,6 +29,8 @@ describe('-o delete', () => {
     const expected = before.filter((e) => !e.path.startsWith(`${VM}/${TS[1]}`));
     expect(snapshotTree(sb.nas)).toEqual(expected);
     expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+    // Flushed: the NAS only (syncfs), not every filesystem of the host.
+    expect(logText(sb)).toContain(`exec: sync -f ${mp} -> exit 0`);
   });
 
   it('prints nested directories after their contents', async () => {

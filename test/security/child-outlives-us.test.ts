@@ -10,7 +10,7 @@ import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { leftovers, logText, writeShim } from '../helpers/cli.js';
 import { removeTempDirs } from '../helpers/tmp.js';
 import { backup, rootDiskAsRaw, scenario, startBackup, VM, TS } from '../backup/scenario.js';
-import { killAll, pidsWithArgv, uniqueSleep, waitFor } from './faults.js';
+import { killAll, pidsMentioning, pidsWithArgv, uniqueSleep, waitFor } from './faults.js';
 
 const sleeps: string[][] = [];
 const mounts: string[] = [];
@@ -45,12 +45,16 @@ describe('a child outlives us', () => {
     expect(await waitFor(() => pidsWithArgv(sleep).length === 1, 30_000)).toBe(true);
     const leftMount = mountsIn(s.sb.tmp);
     mounts.push(...leftMount);
+    // The NAS watch is a process of its own (its argv names the mount point).
+    const watchers = (): number[] => pidsMentioning('nasbackup-watch').filter((p) => pidsMentioning(s.sb.tmp).includes(p));
+    expect(watchers()).toHaveLength(1);
     run.child.kill('SIGKILL');
     const r = await run.done;
     expect(r.signal).toBe('SIGKILL');
 
-    // The convert died with us instead of writing on into the NAS.
+    // The convert died with us instead of writing on into the NAS, and so did the watch.
     expect(await waitFor(() => pidsWithArgv(sleep).length === 0, 5000)).toBe(true);
+    expect(await waitFor(() => watchers().length === 0, 5000)).toBe(true);
 
     // What a killed run leaves: its mount, its lock (a dead pid), its unfinished folder.
     expect(leftMount).toHaveLength(1);
@@ -64,6 +68,7 @@ describe('a child outlives us', () => {
     expect(next.stdout).toMatch(/^\d+\n$/);
     expect(readdirSync(join(s.sb.nas, VM)).sort()).toEqual([TS2]);
     expect(leftovers(s.sb)).toEqual({ dirs: [], mounts: [] });
+    expect(watchers()).toEqual([]); // a run that ends stops its watch
     const log = logText(s.sb);
     expect(log).toMatch(/Cleaning up \S+\/csbackup\.\w{5}, left by a dead run/);
     expect(log).toMatch(/Breaking lock .*process \d+ on this host is gone/);

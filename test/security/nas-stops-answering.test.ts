@@ -124,7 +124,7 @@ describe('a NAS that stops answering', () => {
     ]);
   }, 90_000);
 
-  it('the agent log on the NAS: a log line blocks the main thread; the watch (another thread) still ends the run', async () => {
+  it('the agent log on the NAS: a log line blocks the main thread; the watch (another process) still ends the run', async () => {
     const sb = makeSandbox('sec-nas-log');
     await stoppingNas(sb);
     const t0 = Date.now();

@@ -155,7 +155,7 @@ describe('SIGTERM while the program is still loading', () => {
     'dist/lib/agent-output.js',
     'dist/lib/cli/main.js',
     'dist/lib/config.js',
-    '/yargs/',
+    '/yargs-parser/',
     'dist/lib/cli/lifecycle.js',
     'dist/lib/nas/session.js',
     'dist/lib/ops/stats.js',

@@ -193,7 +193,7 @@ export async function chainDelete(
   } catch (e) {
     throw withResult(e, result); // what was done before the failure is still reported
   }
-  await syncAfter(ctx, 'chain delete');
+  await syncAfter(ctx, 'chain delete', { fileSystemOf: nas.mountPoint }); // the NAS only
   ctx.logger.log(`Chain delete of ${join(vm, name)}: ${done.join('; ') || 'nothing to do'}`);
   return result;
 }

@@ -130,7 +130,7 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
   const hashPool = checked
     ? new HashPool({
         slotBytes: piece,
-        slots: Math.max(images.length + 1, 3 * inFlight),
+        slots: Math.max(images.length + 1, 2 * inFlight),
         ...(o.hashWorkers ? { workers: o.hashWorkers } : {}),
       })
     : null;

@@ -122,11 +122,10 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
       );
   }
   const checked = o.expect.some((e) => e !== null);
-  // Per checked layer, the extents that contribute to the guest's view (metadata only).
-  const needed = checked ? await contributingExtents(images, o.expect, visLimit) : o.expect.map(() => null);
   const inFlight = o.inFlight ?? inFlightFor(piece, images.length);
   // Layer buffers are the hash workers' shared slots (no copy to hash them): enough for every
-  // piece in flight, and for the workers to fall a few behind.
+  // piece in flight, and for the workers to fall a few behind. Started first: the workers
+  // boot while the layers' metadata is walked.
   const hashPool = checked
     ? new HashPool({
         slotBytes: piece,
@@ -134,6 +133,14 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
         ...(o.hashWorkers ? { workers: o.hashWorkers } : {}),
       })
     : null;
+  // Per checked layer, the extents that contribute to the guest's view (metadata only).
+  let needed: Array<Set<number> | null>;
+  try {
+    needed = checked ? await contributingExtents(images, o.expect, visLimit) : o.expect.map(() => null);
+  } catch (e) {
+    await hashPool?.close();
+    throw e;
+  }
   const verifier = new ChainVerifier(images, o.expect, needed, hashPool);
   // Buffers that are never hashed (composed pieces, layers without a manifest) are ours.
   const own: Buffer[] = [];

@@ -1,5 +1,5 @@
 // Benchmark (not a test): `nasbackup restore` of the newest point of a chain (full + incrementals,
-// each backup with its manifest, so ours proves every layer while it reads it) against
+// each backup with its manifest, so ours proves every extent it restores from while it reads it) against
 // `qemu-img convert` of the same point, and the floor: the chain's allocated bytes read once
 // with large sequential reads. Same chain, same run, variants interleaved round by round; the
 // page cache is dropped (sync; drop_caches) before every timed run, the output removed after.

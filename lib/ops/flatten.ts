@@ -1,12 +1,17 @@
 // The verified flatten of a backing chain, for restore: the disk is processed piece by piece
-// (a piece divides every layer's manifest extent), and for each piece every layer's OWN data
-// is read once — the layer a guest sees there and the layers it shadows — so that each layer's
-// per-extent digest (the canonical stream of lib/store/layer-digest.ts) is checked while the
-// flattened piece, composed from the same buffers (top layer wins), goes to the target. A
-// damaged layer fails the restore at the first extent that does not match, without reading
-// the chain twice. A layer without a manifest is read only where it is visible.
+// (a piece divides every layer's manifest extent). An extent of a layer CONTRIBUTES when any
+// byte of it is not held by a layer above (the guest sees that layer's data, zero or hole
+// there); each contributing extent is read whole — the bytes the guest sees and the ones
+// newer layers hide — so that its digest (the canonical stream of lib/store/layer-digest.ts)
+// is checked while the flattened piece, composed from the same buffers (top layer wins), goes
+// to the target. An extent wholly hidden by newer layers is not read: nothing of it reaches
+// the target (`chain verify` proves those). A damaged layer fails the restore at the first
+// contributing extent that does not match, without reading the chain twice. Digests run on
+// HashPool workers (reads land in their shared slots); a layer without a manifest is read
+// only where it is visible.
 import { NasbackupError } from '../errors.js';
 import type { ImageChain, Qcow2Image, Extent } from '../qcow2/index.js';
+import { HashPool, type ExtentSink, type Slot } from '../store/hash-pool.js';
 import { LayerDigester } from '../store/layer-digest.js';
 
 /** What one layer must hold, from its backup's manifest. */
@@ -45,6 +50,8 @@ export interface FlattenOptions {
   progress?: (done: number, total: number) => void;
   pieceBytes?: number;
   inFlight?: number;
+  /** Hash worker threads (default: one per core, at most 4). */
+  hashWorkers?: number;
 }
 
 /**
@@ -114,23 +121,55 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
         `Backup ${e.backup}: disk ${e.file}: the manifest's extent size ${e.extentBytes} does not fit the layer's clusters`,
       );
   }
-  const verifier = new ChainVerifier(images, o.expect);
-  const pool: Buffer[] = [];
-  const take = (): Buffer => pool.pop() ?? Buffer.allocUnsafe(piece);
+  const checked = o.expect.some((e) => e !== null);
+  const inFlight = o.inFlight ?? inFlightFor(piece, images.length);
+  // Layer buffers are the hash workers' shared slots (no copy to hash them): enough for every
+  // piece in flight, and for the workers to fall a few behind. Started first: the workers
+  // boot while the layers' metadata is walked.
+  const hashPool = checked
+    ? new HashPool({
+        slotBytes: piece,
+        slots: Math.max(images.length + 1, 2 * inFlight),
+        ...(o.hashWorkers ? { workers: o.hashWorkers } : {}),
+      })
+    : null;
+  // Per checked layer, the extents that contribute to the guest's view (metadata only).
+  let needed: Array<Set<number> | null>;
+  try {
+    needed = checked ? await contributingExtents(images, o.expect, visLimit) : o.expect.map(() => null);
+  } catch (e) {
+    await hashPool?.close();
+    throw e;
+  }
+  const verifier = new ChainVerifier(images, o.expect, needed, hashPool);
+  // Buffers that are never hashed (composed pieces, layers without a manifest) are ours.
+  const own: Buffer[] = [];
+  const takeOwn = (): Buffer => own.pop() ?? Buffer.allocUnsafe(piece);
 
   let next = 0;
   let done = 0;
   let dataBytes = 0;
   let failed = false;
   let hashTail: Promise<void> = Promise.resolve();
+  let slotTail: Promise<void> = Promise.resolve();
 
-  const onePiece = async (start: number, end: number, myTurn: Promise<void>): Promise<void> => {
+  const onePiece = async (
+    start: number,
+    end: number,
+    myTurn: Promise<void>,
+    slotTurn: Promise<void>,
+    slotsTaken: () => void,
+  ): Promise<void> => {
     const held: Buffer[] = [];
+    const slots: Slot[] = [];
+    let slotTurnPassed = false;
     try {
       // 1. Each layer's own statuses over the piece (metadata only; cached L2 tables).
       const runs: Run[][] = [];
+      // Layers whose extent here is read whole (and proven).
+      const proving = images.map((_, L) => needed[L]?.has(Math.floor(start / o.expect[L]!.extentBytes)) ?? false);
       for (const [L, img] of images.entries()) {
-        const until = Math.min(end, o.expect[L] ? img.virtualSize : visLimit[L]!);
+        const until = Math.min(end, proving[L] ? img.virtualSize : visLimit[L]!);
         const rs: Run[] = [];
         for (let pos = start; pos < until;) {
           const e = await img.status(pos, until - pos);
@@ -145,54 +184,65 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
       }
       // 2. What the guest sees: top layer wins where it holds anything (data, zero, compressed).
       const segs = visibleSegments(runs, visLimit, start, end);
-      // 3. Reads: a checked layer's data all of it, another layer's only where visible; each layer into its own buffer.
-      const bufs: Array<Buffer | null> = images.map(() => null);
-      const reads: Promise<void>[] = [];
-      const bufOf = (L: number): Buffer => {
-        let b = bufs[L];
-        if (!b) held.push((b = bufs[L] = take()));
-        return b;
-      };
-      const readRange = (L: number, r: Run, pos: number, len: number): void => {
-        const img = images[L]!;
-        const b = bufOf(L);
-        if (r.kind === 'data') reads.push(img.readHost(b, pos - start, len, r.host! + (pos - r.pos)));
-        else
-          reads.push(
-            img.readCompressed(r.cc!).then((c) => {
-              const from = pos - r.cc!.clusterStart;
-              c.copy(b, pos - start, from, from + len);
-            }),
-          );
-      };
+      for (const s of segs)
+        if (s.layer >= 0 && o.expect[s.layer] && !proving[s.layer])
+          throw new Error(`internal: layer ${s.layer} is visible at ${s.pos} in an extent judged hidden`);
+      // 3. Reads: a proven layer's data all of it, another layer's only where visible; each layer into its own buffer.
+      const reads: Array<{ L: number; r: Run; pos: number; len: number }> = [];
       for (const [L, rs] of runs.entries()) {
-        if (o.expect[L]) {
-          for (const r of rs) if (r.kind === 'data' || r.kind === 'compressed') readRange(L, r, r.pos, r.len);
-        }
+        if (proving[L]) for (const r of rs) if (r.kind === 'data' || r.kind === 'compressed') reads.push({ L, r, pos: r.pos, len: r.len });
       }
       for (const s of segs) {
-        if (s.layer < 0 || o.expect[s.layer]) continue;
-        // Visible data of an unchecked layer: its run(s) over the segment.
+        if (s.layer < 0 || proving[s.layer]) continue;
+        // Visible data of an unproven layer: its run(s) over the segment.
         for (const r of runs[s.layer]!) {
           const a = Math.max(r.pos, s.pos);
           const b = Math.min(r.pos + r.len, s.pos + s.len);
-          if (a < b) readRange(s.layer, r, a, b - a);
+          if (a < b) reads.push({ L: s.layer, r, pos: a, len: b - a });
         }
       }
-      await Promise.all(reads);
+      // Buffers: a proven layer's is a hash slot. Slots are taken in piece order, all of a
+      // piece's at once, so a piece never waits for one a later piece holds.
+      const bufs: Array<Buffer | null> = images.map(() => null);
+      const want = new Set(reads.map((x) => x.L));
+      await slotTurn;
+      for (const L of want) {
+        if (proving[L]) {
+          const s = await hashPool!.acquire();
+          slots.push(s);
+          bufs[L] = s.buf;
+        } else held.push((bufs[L] = takeOwn()));
+      }
+      slotTurnPassed = true;
+      slotsTaken();
+      await Promise.all(
+        reads.map(({ L, r, pos, len }) => {
+          const img = images[L]!;
+          const b = bufs[L]!;
+          if (r.kind === 'data') return img.readHost(b, pos - start, len, r.host! + (pos - r.pos));
+          return img.readCompressed(r.cc!).then((c) => {
+            const from = pos - r.cc!.clusterStart;
+            c.copy(b, pos - start, from, from + len);
+          });
+        }),
+      );
       // 4. The flattened piece to the target (it is removed if a digest fails later).
-      const writes = compose(start, end, segs, bufs, o.target, take, held);
+      const writes = compose(start, end, segs, bufs, o.target, takeOwn, held);
       for (const w of writes.inspect) await o.inspect?.(w);
       const written = Promise.all(writes.spans.map((w) => o.write(w.data, w.offset)));
-      // 5. Digests, in disk order (a layer's extent spans several pieces).
+      written.catch(() => {}); // awaited below
+      // 5. Digests, in disk order (a layer's extent spans several pieces), hashed by the workers.
       await myTurn;
-      if (!failed) verifier.update(start, end, runs, bufs);
+      if (!failed) verifier.update(start, end, runs, bufs, proving);
       await written;
       dataBytes += writes.dataBytes;
       done += end - start;
       o.progress?.(done, size);
     } finally {
-      for (const b of held) pool.push(b);
+      if (!slotTurnPassed) slotsTaken();
+      for (const b of held) own.push(b);
+      // A slot is free again once the workers have hashed what was sent of it.
+      for (const s of slots) hashPool!.done(s);
     }
   };
 
@@ -203,29 +253,99 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
       const start = next; // claimed before any await: no two readers take the same piece
       const end = Math.min(start + piece, size);
       next = end;
-      // This piece's turn to hash comes once the previous piece's did.
+      // This piece's turn to hash comes once the previous piece's did; likewise its turn to take slots.
       const prev = hashTail;
       let release!: () => void;
       hashTail = new Promise<void>((r) => (release = r));
+      const prevSlots = slotTail;
+      let slotsTaken!: () => void;
+      slotTail = new Promise<void>((r) => (slotsTaken = r));
       try {
-        await onePiece(start, end, prev);
+        await onePiece(start, end, prev, prevSlots, slotsTaken);
       } finally {
         release();
       }
     }
   };
-  const settled = await Promise.allSettled(
-    Array.from({ length: o.inFlight ?? inFlightFor(piece, images.length) }, () =>
-      worker().catch((e: unknown) => {
-        failed = true;
-        throw e;
-      }),
-    ),
-  );
-  const first = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-  if (first) throw first.reason;
-  verifier.finish();
+  try {
+    const settled = await Promise.allSettled(
+      Array.from({ length: inFlight }, () =>
+        worker().catch((e: unknown) => {
+          failed = true;
+          throw e;
+        }),
+      ),
+    );
+    const first = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (first) throw first.reason;
+    await verifier.finish();
+  } catch (e) {
+    hashPool?.abandon();
+    throw e;
+  } finally {
+    await hashPool?.close();
+  }
   return { dataBytes };
+}
+
+/**
+ * Per checked layer, the extents that contribute to the guest's view: those with a byte below
+ * the layer's visibility limit that no layer above holds (data, zero or compressed). Only
+ * they can change what the target receives (the layer's data, its zeros, or its holes that
+ * let older layers show), so only they are read and proven; the rest is wholly hidden.
+ */
+async function contributingExtents(
+  images: ReadonlyArray<Qcow2Image>,
+  expect: ReadonlyArray<LayerExpectation | null>,
+  visLimit: number[],
+): Promise<Array<Set<number> | null>> {
+  // What the layers above hold: sorted, disjoint [start, end) ranges.
+  let covered: Array<[number, number]> = [];
+  const out: Array<Set<number> | null> = [];
+  for (const [L, img] of images.entries()) {
+    const lim = visLimit[L]!;
+    const e = expect[L];
+    if (e) {
+      const set = new Set<number>();
+      const free = (a: number, b: number): void => {
+        for (let x = Math.floor(a / e.extentBytes); x * e.extentBytes < b; x++) set.add(x);
+      };
+      let cur = 0;
+      for (const [a, b] of covered) {
+        if (a >= lim) break;
+        if (a > cur) free(cur, a);
+        cur = Math.max(cur, b);
+      }
+      if (cur < lim) free(cur, lim);
+      out.push(set);
+    } else out.push(null);
+    if (L === images.length - 1) break;
+    // Add this layer's held ranges (below its limit: nothing lower shows past it anyway).
+    const mine: Array<[number, number]> = [];
+    for (let pos = 0; pos < lim;) {
+      const s = await img.status(pos, lim - pos);
+      const len = Math.min(s.length, lim - pos);
+      if (s.kind !== 'unallocated') {
+        const last = mine.at(-1);
+        if (last && last[1] === pos) last[1] = pos + len;
+        else mine.push([pos, pos + len]);
+      }
+      pos += len;
+    }
+    covered = unionRanges(covered, mine);
+  }
+  return out;
+}
+
+function unionRanges(a: Array<[number, number]>, b: Array<[number, number]>): Array<[number, number]> {
+  const all = [...a, ...b].sort((x, y) => x[0] - y[0]);
+  const out: Array<[number, number]> = [];
+  for (const [s, e] of all) {
+    const last = out.at(-1);
+    if (last && s <= last[1]) last[1] = Math.max(last[1], e);
+    else out.push([s, e]);
+  }
+  return out;
 }
 
 /** The guest's view of [start, end): segments from the top-most layer holding each range; zeros elsewhere. */
@@ -265,8 +385,8 @@ function visibleSegments(runs: Run[][], visLimit: number[], start: number, end: 
 /**
  * The writes of one piece: on a sparse file, each run of adjacent data segments (skipping
  * what is all zeros), written straight from the layer's buffer when it comes from one layer,
- * else copied together; on a device, the whole piece, zeros included; on a new image, the
- * piece composed whole, then its runs of aligned units that are not all zeros.
+ * else copied together; on a device, the whole piece, zeros included; on a new image, its
+ * runs of aligned units that are not all zeros (from a layer's buffer, composed where mixed).
  */
 function compose(
   start: number,
@@ -281,39 +401,69 @@ function compose(
   const inspect = segs.map((s): FlatExtent => ({ offset: s.pos, length: s.len, data: s.layer < 0 ? null : slice(s) }));
   const spans: Array<{ offset: number; data: Buffer }> = [];
   let dataBytes = 0;
-  if (target.kind !== 'sparse') {
+  if (target.kind === 'device') {
     const out = take();
     held.push(out);
     for (const s of segs) {
       if (s.layer < 0) out.fill(0, s.pos - start, s.pos - start + s.len);
-      else slice(s).copy(out, s.pos - start);
+      else {
+        slice(s).copy(out, s.pos - start);
+        dataBytes += s.len;
+      }
     }
-    const piece = out.subarray(0, end - start);
-    if (target.kind === 'device') {
-      for (const s of segs) if (s.layer >= 0) dataBytes += s.len;
-      spans.push({ offset: start, data: piece });
-      return { spans, inspect, dataBytes };
-    }
-    // Aligned units; where no layer holds data the unit is known to be zeros without looking.
+    spans.push({ offset: start, data: out.subarray(0, end - start) });
+    return { spans, inspect, dataBytes };
+  }
+  if (target.kind === 'units') {
+    // Aligned units holding something other than zeros, written straight from the layer's
+    // buffer when one layer's data covers the unit, else composed (top layer wins). Where no
+    // layer holds data the unit is known to be zeros without looking.
     const unit = target.unit;
-    let run = -1;
-    let si = 0;
+    const len = end - start;
+    let out: Buffer | null = null;
+    let runFrom = -1;
+    let runBuf: Buffer | null = null;
     const flush = (to: number): void => {
-      if (run < 0) return;
-      spans.push({ offset: start + run, data: piece.subarray(run, to) });
-      dataBytes += to - run;
-      run = -1;
+      if (runFrom < 0) return;
+      spans.push({ offset: start + runFrom, data: runBuf!.subarray(runFrom, to) });
+      dataBytes += to - runFrom;
+      runFrom = -1;
+      runBuf = null;
     };
-    for (let u = 0; u < piece.length; u += unit) {
-      const ue = Math.min(u + unit, piece.length);
+    let si = 0;
+    for (let u = 0; u < len; u += unit) {
+      const ue = Math.min(u + unit, len);
       while (si < segs.length && segs[si]!.pos + segs[si]!.len <= start + u) si++;
       let data = false;
-      for (let k = si; k < segs.length && segs[k]!.pos < start + ue; k++) if (segs[k]!.layer >= 0) data = true;
-      if (data && !isAllZero(piece.subarray(u, ue))) {
-        if (run < 0) run = u;
-      } else flush(u);
+      let only: number | null = null; // the one layer over the whole unit, -2 when mixed
+      for (let k = si; k < segs.length && segs[k]!.pos < start + ue; k++) {
+        const L = segs[k]!.layer;
+        if (L >= 0) data = true;
+        only = only === null || only === L ? L : -2;
+      }
+      let buf: Buffer | null = null;
+      if (data) {
+        if (only !== null && only >= 0) buf = bufs[only]!;
+        else {
+          if (!out) held.push((out = take()));
+          for (let k = si; k < segs.length && segs[k]!.pos < start + ue; k++) {
+            const sg = segs[k]!;
+            const a = Math.max(sg.pos, start + u) - start;
+            const b = Math.min(sg.pos + sg.len, start + ue) - start;
+            if (sg.layer < 0) out.fill(0, a, b);
+            else bufs[sg.layer]!.copy(out, a, a, b);
+          }
+          buf = out;
+        }
+        if (isAllZero(buf.subarray(u, ue))) buf = null;
+      }
+      if (buf === null || (runBuf !== null && runBuf !== buf)) flush(u);
+      if (buf !== null && runFrom < 0) {
+        runFrom = u;
+        runBuf = buf;
+      }
     }
-    flush(piece.length);
+    flush(len);
     return { spans, inspect, dataBytes };
   }
   for (let i = 0; i < segs.length;) {
@@ -344,36 +494,46 @@ function compose(
 }
 
 /**
- * Each checked layer's stream, fed in disk order to a LayerDigester (the one definition of a
- * manifest's digests), every extent compared with the manifest as soon as the stream passes
- * its end; a mismatch throws BACKUP_DAMAGED naming the backup, the disk and the extent.
+ * Each proven layer's stream, fed in disk order to a LayerDigester (the one definition of a
+ * manifest's digests), every extent compared with the manifest as soon as its digest is known
+ * (on a hash worker, shortly after the stream passed its end); a mismatch fails with
+ * BACKUP_DAMAGED naming the backup, the disk and the extent. Extents that do not contribute
+ * to the guest's view are not fed (the digester sees them as holes and lists nothing there).
  */
 class ChainVerifier {
   private readonly digesters: Array<LayerDigester | null>;
-  /** Per layer, the manifest's extents not reached yet, in order. */
+  /** Per layer, the manifest's contributing extents not reached yet, in order. */
   private readonly listed: number[][];
+  /** Comparisons waiting for a worker's digest. */
+  private readonly checks: Array<Promise<void>> = [];
+  private failure: Error | null = null;
 
   constructor(
     private readonly images: Qcow2Image[],
     private readonly expect: ReadonlyArray<LayerExpectation | null>,
+    needed: ReadonlyArray<Set<number> | null>,
+    /** Where the digests are computed (present whenever a layer is checked). */
+    private readonly pool: HashPool | null,
   ) {
-    this.listed = expect.map((e) => (e ? [...e.digests.keys()].sort((a, b) => a - b) : []));
+    this.listed = expect.map((e, L) => (e ? [...e.digests.keys()].filter((x) => needed[L]!.has(x)).sort((a, b) => a - b) : []));
     this.digesters = images.map((img, L) => {
       const e = expect[L];
       if (!e) return null;
-      return new LayerDigester({
+      const dg: LayerDigester = new LayerDigester({
         virtualSize: img.virtualSize,
         unitBytes: img.subclusterSize,
         extentBytes: e.extentBytes,
-        onExtent: (x) => this.reached(L, x.index, x.digest),
+        sink: () => this.workerSink(L, pool!.sink(), () => Math.ceil(dg.position / e.extentBytes) - 1),
       });
+      return dg;
     });
   }
 
-  /** Feed piece [start, end) of every checked layer (called in disk order). */
-  update(start: number, end: number, runs: Run[][], bufs: Array<Buffer | null>): void {
+  /** Feed piece [start, end) of every proven layer (called in disk order). */
+  update(start: number, end: number, runs: Run[][], bufs: Array<Buffer | null>, proving: boolean[]): void {
+    if (this.failure) throw this.failure;
     for (const [L, dg] of this.digesters.entries()) {
-      if (!dg) continue;
+      if (!dg || !proving[L]) continue;
       for (const r of runs[L]!) {
         if (r.kind === 'unallocated') continue; // a gap is unallocated
         if (r.kind === 'zero') dg.add(r.pos, r.len, 'zero');
@@ -386,28 +546,50 @@ class ChainVerifier {
       dg.add(reached, 0, 'unallocated');
       this.passed(L, reached === this.images[L]!.virtualSize ? Infinity : Math.floor(reached / this.expect[L]!.extentBytes));
     }
+    // What was recorded goes to the workers now (the slots are theirs until hashed).
+    this.pool?.flush();
   }
 
-  /** Every digester to the end of its layer: the extents not reached yet are settled. */
-  finish(): void {
+  /** Every digester to the end of its layer: the extents not reached yet are settled, every digest compared. */
+  async finish(): Promise<void> {
     for (const [L, dg] of this.digesters.entries()) {
       if (!dg) continue;
-      dg.finish();
+      await dg.settle();
       this.passed(L, Infinity);
     }
+    await Promise.all(this.checks);
+    if (this.failure) throw this.failure;
   }
 
-  /** A held extent's digest, as soon as the stream passed its end. */
-  private reached(L: number, index: number, digest: string): void {
+  /** A sink hashed on a worker: its extent is compared once the worker answers. */
+  private workerSink(L: number, s: ExtentSink, index: () => number): ExtentSink {
+    return {
+      repeat: (b, n) => s.repeat(b, n),
+      bytes: (b) => s.bytes(b),
+      end: () => {
+        const digest = Promise.resolve(s.end());
+        digest.catch(() => {}); // compared below, or abandoned when the extent is refused now
+        const i = index();
+        const want = this.take(L, i);
+        this.checks.push(
+          digest
+            .then((d) => {
+              if (d !== want) this.fail(L, i, 'the content does not match the digest in the manifest');
+            })
+            .catch((e: unknown) => void (this.failure ??= e instanceof Error ? e : new Error(String(e)))),
+        );
+        return digest;
+      },
+    };
+  }
+
+  /** The manifest's digest of a held extent the stream just passed (refused if it records none). */
+  private take(L: number, index: number): string {
     this.passed(L, index);
     const list = this.listed[L]!;
     const want = list[0] === index ? (list.shift(), this.expect[L]!.digests.get(index)) : undefined;
-    if (want === digest) return;
-    this.fail(
-      L,
-      index,
-      want === undefined ? 'the layer holds data where its manifest records none' : 'the content does not match the digest in the manifest',
-    );
+    if (want === undefined) this.fail(L, index, 'the layer holds data where its manifest records none');
+    return want;
   }
 
   /** Listed extents below `index` were passed without holding anything. */

@@ -74,8 +74,11 @@ export class HashPool {
   private readonly sab: SharedArrayBuffer;
   private readonly mem: Buffer;
   private readonly workers: Worker[] = [];
-  /** Outstanding extents per worker: a new one goes to the least loaded. */
+  /** Outstanding extents per worker. */
   private readonly load: number[] = [];
+  /** Bytes sent to each worker and not hashed yet, per message in order (replies come in order). */
+  private readonly backlog: number[][] = [];
+  private readonly backlogBytes: number[] = [];
   private readonly free: Slot[] = [];
   /** References per slot: the reader's until done(), and one per message that carries it. */
   private readonly refs: number[] = [];
@@ -105,6 +108,8 @@ export class HashPool {
       });
       this.workers.push(w);
       this.load.push(0);
+      this.backlog.push([]);
+      this.backlogBytes.push(0);
     }
   }
 
@@ -128,11 +133,13 @@ export class HashPool {
     this.unref([slot.id]);
   }
 
-  /** A sink for one extent, hashed by the least loaded worker. */
+  /** A sink for one extent, hashed by the worker with the fewest bytes waiting (then the fewest extents). */
   sink(): ExtentSink {
     this.throwIfFailed();
     let w = 0;
-    for (let i = 1; i < this.load.length; i++) if (this.load[i]! < this.load[w]!) w = i;
+    const lighter = (i: number): boolean =>
+      this.backlogBytes[i]! < this.backlogBytes[w]! || (this.backlogBytes[i] === this.backlogBytes[w] && this.load[i]! < this.load[w]!);
+    for (let i = 1; i < this.load.length; i++) if (lighter(i)) w = i;
     this.load[w]!++;
     const s = new RecordingSink(this, this.nextJob++, w);
     this.open.add(s);
@@ -168,6 +175,11 @@ export class HashPool {
   post(worker: number, msg: { job: number; ops: Float64Array; literals: Buffer[]; end: boolean; release: number[] }): void {
     this.throwIfFailed();
     for (const id of msg.release) this.refs[id]!++;
+    let bytes = 0;
+    for (let i = 0; i < msg.ops.length; i += 3) if (msg.ops[i] !== OP_REPEAT) bytes += msg.ops[i + 2]!;
+    for (const l of msg.literals) bytes += l.length;
+    this.backlog[worker]!.push(bytes);
+    this.backlogBytes[worker]! += bytes;
     this.workers[worker]!.postMessage(msg);
   }
 
@@ -180,6 +192,7 @@ export class HashPool {
   }
 
   private reply(worker: number, m: { job: number; digest: string | null; release: number[] }): void {
+    this.backlogBytes[worker]! -= this.backlog[worker]!.shift() ?? 0;
     if (m.digest !== null) {
       this.load[worker]!--;
       const p = this.jobs.get(m.job);

@@ -599,7 +599,7 @@ describe('restore proves every layer while it reads it (manifests)', () => {
   const d1 = DISKS[1]!;
   const ext = (i: number): string => `extent ${i} (guest bytes ${i * 2 * MiB}-${(i + 1) * 2 * MiB})`;
 
-  it('a flipped byte in a lower layer where a newer backup hides it (the guest never reads it) fails the restore', async () => {
+  it('a flipped byte a newer backup hides, in an extent that still shows elsewhere, fails the restore (that extent is proven whole)', async () => {
     const { sb, out } = proven('restore-shadowed');
     // The full's data at 1 MiB is zeroed by the third backup: no read of the newest point touches it…
     const full = join(sb.nas, VM, TS[0]!, d0.file);
@@ -619,6 +619,47 @@ describe('restore proves every layer while it reads it (manifests)', () => {
     const ok = await run(sb, [...restoreArgs(sb, TS[4]!, d1.vol, join(out, 'd1.raw')), '--json']);
     expect(ok.code, ok.stdout).toBe(0);
     expect(JSON.parse(ok.stdout).warnings).toEqual([]);
+  });
+
+  it('an extent a newer backup wholly hides is not read: damage there leaves the restore exact; the point that sees it fails; chain verify finds it', async () => {
+    const sb = makeSandbox('restore-hidden');
+    const out = join(sb.root, 'out');
+    mkdirSync(out);
+    const [t0, t1] = [TS[0]!, TS[1]!];
+    const full = join(sb.nas, VM, t0, d0.file);
+    const inc = join(sb.nas, VM, t1, d0.file);
+    // The full holds extent 0 (0-2 MiB) and extent 2 (4-6 MiB); the incremental rewrites all of extent 2.
+    makeImage(full, {
+      size: 8 * MiB,
+      writes: [
+        { pattern: 0x11, offset: 0, length: MiB },
+        { pattern: 0x22, offset: 4 * MiB, length: 2 * MiB },
+      ],
+    });
+    writeManifestFromQemu(join(sb.nas, VM), t0, sb.root, 2 * MiB);
+    makeImage(inc, { backing: `../${t0}/${d0.file}`, writes: [{ pattern: 0x33, offset: 4 * MiB, length: 2 * MiB }] });
+    writeManifestFromQemu(join(sb.nas, VM), t1, sb.root, 2 * MiB);
+    flip(full, (await hostOf(full, 5 * MiB)) + 7);
+    // The newest point: the hidden extent is never read, so nothing is refused, and nothing of it is in the target.
+    for (const format of ['raw', 'qcow2']) {
+      const to = join(out, `new.${format}`);
+      const r = await run(sb, [...restoreArgs(sb, t1, d0.vol, to, '--format', format), '--json']);
+      expect(r.code, r.stdout).toBe(0);
+      expect(JSON.parse(r.stdout).warnings).toEqual([]);
+      expect(same(to, format, inc, 'qcow2')).toBe(true);
+    }
+    // The full's own point sees that extent: refused.
+    const older = await run(sb, [...restoreArgs(sb, t0, d0.vol, join(out, 'old.raw')), '--json']);
+    expect(older.code, older.stdout).toBe(1);
+    expect(JSON.parse(older.stdout).errors[0].message).toBe(
+      `Backup ${VM}/${t0} is damaged: disk ${d0.file}, ${ext(2)}: the content does not match the digest in the manifest`,
+    );
+    expect(existsSync(join(out, 'old.raw'))).toBe(false);
+    // chain verify proves every extent, hidden or not.
+    const v = await run(sb, ['chain', 'verify', ...bindNas(sb), '--vm', VM]);
+    expect(v.code, v.stdout).not.toBe(0);
+    expect(v.stdout).toContain(`${t0}`);
+    expect(v.stdout).toContain('extent 2');
   });
 
   it('a flipped byte in data the guest sees fails the restore; an older point without that layer still restores', async () => {

@@ -1,0 +1,187 @@
+// The verified flatten never writes a byte it has not proven: on random qemu-img chains (data,
+// zero and discarded clusters, small manifest extents), a byte flipped in any layer's data
+// either fails the flatten with BACKUP_DAMAGED naming that layer, or — where newer layers hide
+// the whole extent, so it is not read — the flatten succeeds and equals the undamaged disk.
+// Undamaged, every point equals qemu-img's own flatten.
+import { execFileSync } from 'node:child_process';
+import { closeSync, openSync, readFileSync, readSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { NasbackupError } from '../../lib/errors.js';
+import { flattenVerified, type LayerExpectation } from '../../lib/ops/flatten.js';
+import { ImageChain, Qcow2Image } from '../../lib/qcow2/index.js';
+import { digestLayer } from '../../lib/store/layer-digest.js';
+import { makeImage, qemuImg } from '../helpers/qemu.js';
+import { removeTempDirs, tempDir } from '../helpers/tmp.js';
+
+afterAll(removeTempDirs);
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+/** A small deterministic PRNG (mulberry32). */
+function rng(seed: number): (n: number) => number {
+  let a = seed >>> 0;
+  return (n) => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return Math.floor((((t ^ (t >>> 14)) >>> 0) / 4294967296) * n);
+  };
+}
+
+const SIZE = 8 * MiB;
+const EXTENT = 512 * KiB;
+
+/** full <- inc1 <- … : random data writes (some whole extents), zero writes and discards. */
+function makeChain(dir: string, seed: number, layers: number, clusterKiB: number): string[] {
+  const r = rng(seed);
+  const files: string[] = [];
+  for (let i = 0; i < layers; i++) {
+    const f = join(dir, `l${i}.qcow2`);
+    makeImage(f, {
+      size: SIZE,
+      extra: ['-o', `cluster_size=${clusterKiB * KiB}`],
+      ...(i === 0 ? {} : { backing: `l${i - 1}.qcow2` }),
+    });
+    const cmds: string[] = [];
+    const n = i === 0 ? 12 : 5;
+    for (let w = 0; w < n; w++) {
+      const kind = r(10);
+      // Whole extents now and then: the way a newer layer hides an older extent entirely.
+      const off = kind < 3 ? r(SIZE / EXTENT) * EXTENT : r(SIZE / (64 * KiB)) * 64 * KiB;
+      const len = kind < 3 ? EXTENT : (1 + r(8)) * 64 * KiB;
+      const l = Math.min(len, SIZE - off);
+      if (kind === 9) cmds.push('-c', `write -z ${off} ${l}`);
+      else if (kind === 8 && i > 0) cmds.push('-c', `discard ${off} ${l}`);
+      else cmds.push('-c', `write -P 0x${(0x20 + i * 16 + w).toString(16)} ${off} ${l}`);
+    }
+    execFileSync('qemu-io', ['-f', 'qcow2', ...cmds, f], { stdio: 'ignore' });
+    files.push(f);
+  }
+  return files;
+}
+
+async function expectations(files: string[]): Promise<LayerExpectation[]> {
+  const out: LayerExpectation[] = [];
+  for (const f of files) {
+    const d = await digestLayer(f, { extentBytes: EXTENT });
+    out.push({ backup: f, file: f, extentBytes: EXTENT, digests: new Map(d.extents.map((e) => [e.index, e.digest])) });
+  }
+  return out.reverse(); // top first, like the chain
+}
+
+/** The flatten of the chain whose top is `top`, into memory (a sparse target), or the error it failed with. */
+async function flatten(top: string, expect: LayerExpectation[]): Promise<Buffer | Error> {
+  const chain = await ImageChain.open(top);
+  const disk = Buffer.alloc(chain.virtualSize);
+  try {
+    await flattenVerified(chain, {
+      expect,
+      target: { kind: 'sparse' },
+      write: async (buf, at) => void buf.copy(disk, at),
+      checkpoint: () => {},
+      pieceBytes: 128 * KiB,
+    });
+    return disk;
+  } catch (e) {
+    return e as Error;
+  } finally {
+    await chain.close();
+  }
+}
+
+function qemuFlatten(dir: string, top: string): Buffer {
+  const raw = join(dir, 'ref.raw');
+  qemuImg(['convert', '-U', '-f', 'qcow2', '-O', 'raw', top, raw]);
+  return readFileSync(raw);
+}
+
+/** Host offsets of a few data bytes of a layer (its own clusters). */
+async function dataBytes(file: string, pick: (n: number) => number, count: number): Promise<Array<{ guest: number; host: number }>> {
+  const img = await Qcow2Image.open(file);
+  try {
+    const runs: Array<{ pos: number; len: number; host: number }> = [];
+    for (let pos = 0; pos < img.virtualSize;) {
+      const s = await img.status(pos, img.virtualSize - pos);
+      if (s.kind === 'data') runs.push({ pos, len: s.length, host: s.host! });
+      pos += s.length;
+    }
+    if (runs.length === 0) return [];
+    return Array.from({ length: count }, () => {
+      const r = runs[pick(runs.length)]!;
+      const o = pick(r.len);
+      return { guest: r.pos + o, host: r.host + o };
+    });
+  } finally {
+    await img.close();
+  }
+}
+
+function flip(file: string, at: number): void {
+  const fd = openSync(file, 'r+');
+  try {
+    const b = Buffer.alloc(1);
+    readSync(fd, b, 0, 1, at);
+    b[0] = b[0]! ^ 0xff;
+    writeSync(fd, b, 0, 1, at);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+describe('verified flatten: damage is refused or provably unread', () => {
+  let hiddenTotal = 0;
+  for (const [seed, clusterKiB] of [
+    [1, 64],
+    [2, 64],
+    [3, 4],
+    [4, 128],
+  ] as const) {
+    it(`random chain ${seed} (${clusterKiB} KiB clusters): every point exact; every flipped byte refused or hidden whole`, async () => {
+      const dir = tempDir(`flatten-damage-${seed}`);
+      const files = makeChain(dir, seed, 4, clusterKiB);
+      const expect4 = await expectations(files);
+      // Undamaged: every point equals qemu-img's flatten.
+      for (let top = 0; top < files.length; top++) {
+        const got = await flatten(files[top]!, expect4.slice(files.length - 1 - top));
+        expect(got).toBeInstanceOf(Buffer);
+        expect((got as Buffer).equals(qemuFlatten(dir, files[top]!))).toBe(true);
+      }
+      const clean = qemuFlatten(dir, files.at(-1)!);
+      const pick = rng(seed * 7919);
+      const outcomes = { refused: 0, hidden: 0 };
+      for (const [L, file] of files.entries()) {
+        for (const { guest, host } of await dataBytes(file, pick, 6)) {
+          flip(file, host);
+          try {
+            const got = await flatten(files.at(-1)!, expect4);
+            if (got instanceof Buffer) {
+              // Not read: the whole extent is hidden by newer layers, and the disk is the undamaged one.
+              expect(got.equals(clean), `layer ${L} guest ${guest}`).toBe(true);
+              outcomes.hidden++;
+            } else {
+              expect(got).toBeInstanceOf(NasbackupError);
+              expect((got as NasbackupError).code).toBe('BACKUP_DAMAGED');
+              expect((got as Error).message).toContain(`${file} is damaged`);
+              expect((got as Error).message).toContain(`extent ${Math.floor(guest / EXTENT)} `);
+              outcomes.refused++;
+            }
+            // The layer's own point always sees it.
+            const own = await flatten(file, expect4.slice(files.length - 1 - L));
+            expect(own).toBeInstanceOf(NasbackupError);
+          } finally {
+            flip(file, host);
+          }
+        }
+      }
+      hiddenTotal += outcomes.hidden;
+      expect(outcomes.refused).toBeGreaterThan(0);
+      expect(outcomes.refused + outcomes.hidden).toBe(files.length * 6);
+    }, 60_000);
+  }
+  it('the chains above include extents hidden whole (not read), so both outcomes were exercised', () => {
+    expect(hiddenTotal).toBeGreaterThan(0);
+  });
+});

@@ -24,6 +24,10 @@ const MiB = 1024 * 1024;
 const mib = Number(arg('mib') ?? 1024);
 const runs = Number(arg('runs') ?? 5);
 const which = arg('path') ?? 'both';
+/** -b for the running path (MiB/s): QEMU's copy held to a realistic NAS link (1 GbE ≈ 110). */
+const bandwidth = arg('bandwidth');
+/** Keep the agent log of the runs here (the per-phase lines), else it goes with the temp dir. */
+const keepLog = arg('keep-log');
 const BIN = fileURLToPath(new URL('../bin/nasbackup', import.meta.url));
 const median = (xs: number[]): number => {
   const s = [...xs].sort((a, b) => a - b);
@@ -100,11 +104,11 @@ async function running(dir: string): Promise<void> {
   try {
     for (let off = 0; off < mib; off += 64)
       await guestWrite(vm, { target: 'vda', pattern: 0x10 + ((off / 64) % 200), offset: off * MiB, length: Math.min(64, mib - off) * MiB });
-    const nas = ['-t', 'ext4', '-s', img, '-m', 'loop'];
+    const nas = ['-t', 'ext4', '-s', img, '-m', 'loop', ...(bandwidth ? ['-b', bandwidth] : [])];
     const log = path.join(dir, 'agent-running.log');
     const env = { ...process.env, TMPDIR: path.join(dir, 'tmp'), NASBACKUP_LOG_FILE: log };
     measure({
-      name: 'running VM (libvirt push, TCG guest, loop-ext4 NAS)',
+      name: `running VM (libvirt push, TCG guest, loop-ext4 NAS${bandwidth ? `, -b ${bandwidth} MiB/s` : ''})`,
       vm,
       nas,
       disks: ['-d', ''],
@@ -114,6 +118,7 @@ async function running(dir: string): Promise<void> {
     });
   } finally {
     await guest.destroy().catch(() => {});
+    if (keepLog) fs.copyFileSync(path.join(dir, 'agent-running.log'), keepLog);
   }
 }
 

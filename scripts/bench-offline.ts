@@ -133,31 +133,30 @@ function onSignals(dir: string): void {
 async function main(): Promise<void> {
   const dir = fs.mkdtempSync(path.join(baseDir, 'nb-bench-offline-'));
   onSignals(dir);
-  const disk = path.join(dir, 'pool', VOL);
-  const nas = path.join(dir, 'nas');
-  const tmp = path.join(dir, 'tmp');
-  for (const d of [path.dirname(disk), nas, tmp]) fs.mkdirSync(d, { recursive: true });
-  // A libvirt stand-in: the VM is not running (absent from `virsh list`).
-  const virsh = path.join(dir, 'virsh');
-  fs.writeFileSync(
-    virsh,
-    `#!/bin/sh\ncase " $* " in\n*" version "*) printf 'Compiled against library: libvirt 9.0.0\\nUsing library: libvirt 9.0.0\\nUsing API: QEMU 9.0.0\\nRunning hypervisor: QEMU 7.2.0\\n\\n';;\n*" list "*) printf ' Id   Name   State\\n--------------------\\n\\n';;\n*) echo "virsh stand-in: $*" >&2; exit 1;;\nesac\n`,
-    { mode: 0o755 },
-  );
-  const env = { ...process.env, TMPDIR: tmp, NASBACKUP_LOG_FILE: path.join(dir, 'agent.log'), NASBACKUP_VIRSH: virsh };
-  const cli = async (args: string[]): Promise<string> => (await run(BIN, args, { env })).stdout;
-  const nasArgs = ['-t', 'none', '-s', nas, '-m', 'bind'];
-  const size = sizeGiB * GiB;
-  // The disk, the parent full backup and qemu-img's copy each hold the data: never fill the file system.
-  const st = fs.statfsSync(dir);
-  const need = (3 * size * fillPct) / 100 + 2 * GiB;
-  if (st.bavail * st.bsize < need) {
-    removeDir(dir);
-    throw new Error(
-      `needs ${(need / GiB).toFixed(1)} GiB free in ${baseDir}, has ${((st.bavail * st.bsize) / GiB).toFixed(1)}: lower --fill-pct or --size-gib`,
-    );
-  }
   try {
+    const disk = path.join(dir, 'pool', VOL);
+    const nas = path.join(dir, 'nas');
+    const tmp = path.join(dir, 'tmp');
+    for (const d of [path.dirname(disk), nas, tmp]) fs.mkdirSync(d, { recursive: true });
+    // A libvirt stand-in: the VM is not running (absent from `virsh list`).
+    const virsh = path.join(dir, 'virsh');
+    fs.writeFileSync(
+      virsh,
+      `#!/bin/sh\ncase " $* " in\n*" version "*) printf 'Compiled against library: libvirt 9.0.0\\nUsing library: libvirt 9.0.0\\nUsing API: QEMU 9.0.0\\nRunning hypervisor: QEMU 7.2.0\\n\\n';;\n*" list "*) printf ' Id   Name   State\\n--------------------\\n\\n';;\n*) echo "virsh stand-in: $*" >&2; exit 1;;\nesac\n`,
+      { mode: 0o755 },
+    );
+    const env = { ...process.env, TMPDIR: tmp, NASBACKUP_LOG_FILE: path.join(dir, 'agent.log'), NASBACKUP_VIRSH: virsh };
+    const cli = async (args: string[]): Promise<string> => (await run(BIN, args, { env })).stdout;
+    const nasArgs = ['-t', 'none', '-s', nas, '-m', 'bind'];
+    const size = sizeGiB * GiB;
+    // The disk, the parent full backup and qemu-img's copy each hold the data: never fill the file system.
+    const st = fs.statfsSync(dir);
+    const need = (3 * size * fillPct) / 100 + 2 * GiB;
+    if (st.bavail * st.bsize < need) {
+      throw new Error(
+        `needs ${(need / GiB).toFixed(1)} GiB free in ${baseDir}, has ${((st.bavail * st.bsize) / GiB).toFixed(1)}: lower --fill-pct or --size-gib`,
+      );
+    }
     console.log(`setup: ${sizeGiB} GiB disk, ${fillPct} % filled, ${changedPct} % changed in ${pieceBytes / 1024} KiB pieces (${dir})`);
     await run('qemu-img', ['create', '-q', '-f', 'qcow2', disk, String(size)]);
     const fill = Math.floor((size * fillPct) / 100 / (64 * MiB));
@@ -284,7 +283,7 @@ async function main(): Promise<void> {
       `  bytes read by ours: median ${(median(moved) / MiB).toFixed(1)} MiB (${(median(moved) / dirty).toFixed(3)}x the dirty bytes); incremental file ${(median(files) / MiB).toFixed(1)} MiB`,
     );
   } finally {
-    if (keepLog) fs.copyFileSync(path.join(dir, 'agent.log'), keepLog);
+    if (keepLog && fs.existsSync(path.join(dir, 'agent.log'))) fs.copyFileSync(path.join(dir, 'agent.log'), keepLog);
     removeDir(dir);
   }
 }

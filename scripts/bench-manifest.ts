@@ -7,8 +7,10 @@
 //   running: a running VM (e2e lab guest, TCG) with one disk full of data, libvirt push
 //            backup onto a loop-mounted ext4 NAS;
 //   stopped: a stopped VM, the native copy of one qcow2 disk full of data onto a bind NAS (digests computed while copying; the skip flag turns them off too).
-//   npm run build && flock /tmp/nasbackup-bench.lock vite-node scripts/bench-manifest.ts -- \
-//     [--path running|stopped|both] [--mib 1024] [--runs 5]
+//   The running path is measured at each --bandwidth (MiB/s, `-b`; `none` for QEMU's full
+//   speed): by default unthrottled (a fast local NAS) and at 110 (a 1 GbE NAS link).
+//   npm run build && flock /tmp/nasbackup-bench.lock flock /tmp/nasbackup-e2e.lock vite-node scripts/bench-manifest.ts -- \
+//     [--path running|stopped|both] [--mib 1024] [--runs 5] [--bandwidth none,110] [--keep-log <file>]
 import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -24,6 +26,10 @@ const MiB = 1024 * 1024;
 const mib = Number(arg('mib') ?? 1024);
 const runs = Number(arg('runs') ?? 5);
 const which = arg('path') ?? 'both';
+/** -b for the running path (MiB/s), each measured in turn: `none` (full speed) and a realistic NAS link (1 GbE ≈ 110). */
+const bandwidths = (arg('bandwidth') ?? 'none,110').split(',').map((b) => (b === 'none' ? null : b));
+/** Keep the agent log of the runs here (the per-phase lines), else it goes with the temp dir. */
+const keepLog = arg('keep-log');
 const BIN = fileURLToPath(new URL('../bin/nasbackup', import.meta.url));
 const median = (xs: number[]): number => {
   const s = [...xs].sort((a, b) => a - b);
@@ -44,12 +50,13 @@ interface Shape {
 }
 
 /** `runs` pairs (after one warm-up pair), with and without the manifest, order alternating. */
+/** Backups so far: each one's folder name is new (the log is searched by it). */
+let n = 0;
 function measure(s: Shape): void {
   const withM: number[] = [];
   const without: number[] = [];
   const digest: number[] = [];
   const onPath: number[] = [];
-  let n = 0;
   for (let r = 0; r <= runs; r++) {
     const order = r % 2 === 0 ? [true, false] : [false, true];
     for (const manifest of order) {
@@ -100,20 +107,23 @@ async function running(dir: string): Promise<void> {
   try {
     for (let off = 0; off < mib; off += 64)
       await guestWrite(vm, { target: 'vda', pattern: 0x10 + ((off / 64) % 200), offset: off * MiB, length: Math.min(64, mib - off) * MiB });
-    const nas = ['-t', 'ext4', '-s', img, '-m', 'loop'];
     const log = path.join(dir, 'agent-running.log');
     const env = { ...process.env, TMPDIR: path.join(dir, 'tmp'), NASBACKUP_LOG_FILE: log };
-    measure({
-      name: 'running VM (libvirt push, TCG guest, loop-ext4 NAS)',
-      vm,
-      nas,
-      disks: ['-d', ''],
-      env,
-      log,
-      cleanup: (p) => void spawnSync(BIN, ['-o', 'delete', ...nas, '-p', p], { env }),
-    });
+    for (const bandwidth of bandwidths) {
+      const nas = ['-t', 'ext4', '-s', img, '-m', 'loop', ...(bandwidth ? ['-b', bandwidth] : [])];
+      measure({
+        name: `running VM (libvirt push, TCG guest, loop-ext4 NAS${bandwidth ? `, -b ${bandwidth} MiB/s` : ', full speed'})`,
+        vm,
+        nas,
+        disks: ['-d', ''],
+        env,
+        log,
+        cleanup: (p) => void spawnSync(BIN, ['-o', 'delete', ...nas, '-p', p], { env }),
+      });
+    }
   } finally {
     await guest.destroy().catch(() => {});
+    if (keepLog) fs.copyFileSync(path.join(dir, 'agent-running.log'), keepLog);
   }
 }
 

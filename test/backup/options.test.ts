@@ -74,7 +74,7 @@ describe.concurrent('-b/--bandwidth', () => {
     const s = scenario('opt-bw-fail', {
       domain: { job: { runningPolls: 2 } },
       fail: {
-        blockjob: { stderr: 'error: invalid argument: disk vda does not have an active block job\n' },
+        blockjob: { stderr: 'error: Operation not supported: block job speed cannot be changed\n' },
         'qemu-monitor-command:block-job-set-speed': { stderr: 'error: internal error: unable to execute QEMU command\n' },
       },
     });
@@ -82,7 +82,7 @@ describe.concurrent('-b/--bandwidth', () => {
     expect(r.code).toBe(0);
     expect(r.stdout).toBe(completedBlock(16 * MiB) + `${duSb(s.final)}\n`);
     expect(logText(s.sb)).toContain(
-      'Warning: cannot limit the rate of a backup job of i-2-10-VM: error: invalid argument: disk vda does not have an active block job',
+      'Warning: cannot limit the rate of a backup job of i-2-10-VM: error: Operation not supported: block job speed cannot be changed',
     );
     expect(logText(s.sb)).toMatch(/Warning: cannot limit the rate of backup job backup-vda-libvirt-1-format of i-2-10-VM/);
     expectClean(s);

@@ -62,22 +62,37 @@ export interface PendingDigests {
   cancel(): Promise<void>;
 }
 
-/** Start reading and digesting `files` (work-folder names) now, e.g. while the NAS is flushed. */
-export function digestNewLayers(ctx: OpContext, work: WorkDir, files: readonly string[]): PendingDigests {
+/**
+ * Hash workers started ahead, while the data is still being written (a running VM's
+ * backup job): their start-up (threads, module loading) then costs the backup nothing.
+ * Null when no manifest is written or the layers will be too small to be worth threads
+ * (`expectedBytes`, when known). Hand it to digestNewLayers, which closes it; close it
+ * yourself if the backup fails before.
+ */
+export function startHashPool(ctx: OpContext, expectedBytes: number | null): HashPool | null {
+  if (ctx.config.benchSkipManifest || (expectedBytes !== null && expectedBytes < POOL_MIN_BYTES)) return null;
+  return new HashPool();
+}
+
+/**
+ * Start reading and digesting `files` (work-folder names) now, e.g. while the NAS is
+ * flushed; on `pool` when given (started ahead; closed at the end, whatever the size).
+ */
+export function digestNewLayers(ctx: OpContext, work: WorkDir, files: readonly string[], warm: HashPool | null = null): PendingDigests {
   const started = Date.now();
   let cancelled = false;
-  let pool: HashPool | null = null;
+  let pool: HashPool | null = warm;
   const between = (): void => {
     if (cancelled) throw new Error('digests cancelled');
     ctx.checkpoint();
   };
   const result = (async () => {
     const out = new Map<string, LayerDigest>();
-    if (ctx.config.benchSkipManifest) return out;
-    let bytes = 0;
-    for (const f of files) bytes += (await stat(work.file(f))).size;
-    if (bytes >= POOL_MIN_BYTES && !cancelled) pool = new HashPool();
     try {
+      if (ctx.config.benchSkipManifest) return out;
+      let bytes = 0;
+      for (const f of files) bytes += (await stat(work.file(f))).size;
+      if (pool === null && bytes >= POOL_MIN_BYTES && !cancelled) pool = new HashPool();
       for (const f of files) {
         between();
         out.set(f, await digestLayer(work.file(f), { extentBytes: DEFAULT_EXTENT_BYTES, between, ...(pool ? { pool } : {}) }));

@@ -19,7 +19,7 @@ import { createProgress } from './progress.js';
 import { backupXml, checkpointXml, redefineCheckpointXml } from './xml.js';
 import type { BackupArgs } from './args.js';
 import { reportedSizes, tolerantApparentSize, WorkDir } from './workdir.js';
-import { digestNewLayers, writeManifest } from './manifest.js';
+import { digestNewLayers, startHashPool, writeManifest } from './manifest.js';
 import { limitBackupRate, type RateLimiter } from './throttle.js';
 import { verifyBackup } from './verify.js';
 import { syncAfter, type OpContext } from '../context.js';
@@ -231,6 +231,9 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     );
     // -b: shared by the disks still copying, as they finish.
     if (a.bandwidth !== null) limiter = await limitBackupRate(virsh, a.vm, a.bandwidth, (m) => ctx.logger.log(m));
+    // The digests' workers start while QEMU copies, not after it.
+    const pool = startHashPool(ctx, total(estimates));
+    if (pool) undo.defer('stop the hash workers', () => pool.close());
     await captureRestoreFiles(virsh, a.vm, work);
 
     // The deadline follows the data to move (never a fixed wait a large disk outgrows).
@@ -264,7 +267,10 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
       ctx,
       work,
       disks.map((d) => d.file),
+      pool,
     );
+    // The job's final statistics (virsh) are read while the layers are digested.
+    const finalStats = virsh.jobInfoCompleted(a.vm).catch(() => null);
     undo.defer('stop the digests', () => digests.cancel());
     for (const f of [bxml, cxml]) await unlink(f).catch(() => {});
     await syncAfter(ctx, 'backup');
@@ -286,7 +292,7 @@ export async function runningBackup(ctx: OpContext, a: BackupArgs, virsh: VirshC
     await ctx.commit(() => work.commit());
     await dropOldCheckpoints(ctx, virsh, a.vm, p);
 
-    const final = await virsh.jobInfoCompleted(a.vm).catch(() => null);
+    const final = await finalStats;
     const jobBlock = final?.type === 'Completed' ? final.text : block;
     const report: BackupReport = {
       profile: a.profile,

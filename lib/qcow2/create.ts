@@ -69,6 +69,8 @@ export class Qcow2Writer {
   private readonly layout: L2Layout;
   private readonly l1: Buffer;
   private readonly l2 = new Map<number, L2Slot>();
+  /** Buffers of tables written out and dropped, for new tables. */
+  private readonly spareTables: Buffer[] = [];
   /** Next free host byte: clusters are allocated here, compressed streams packed here. */
   private end: number;
   /** Refcount block being filled (covers host clusters [blockIndex * epb, +epb)). */
@@ -442,7 +444,7 @@ export class Qcow2Writer {
     const i = Math.floor(c / this.l2Entries);
     let slot = this.l2.get(i);
     if (!slot) {
-      slot = { host: 0, table: Buffer.alloc(this.clusterSize), dirty: false, loading: null, writing: null };
+      slot = { host: 0, table: this.newTable(), dirty: false, loading: null, writing: null };
       this.l2.set(i, slot);
       this.evictL2(i);
     } else {
@@ -483,7 +485,7 @@ export class Qcow2Writer {
     if (slot.table) return slot.table;
     slot.loading ??= (async () => {
       if (slot.writing) await slot.writing;
-      const t = Buffer.alloc(this.clusterSize);
+      const t = this.spareTables.pop() ?? Buffer.alloc(this.clusterSize);
       const { bytesRead } = await this.fh.read(t, 0, t.length, slot.host);
       if (bytesRead !== t.length) throw new Qcow2Error('QCOW2_IO', `L2 table at ${slot.host} could not be read back`, this.path);
       slot.table = t;
@@ -500,27 +502,48 @@ export class Qcow2Writer {
     for (const [i, s] of this.l2) {
       if (open <= OPEN_L2_TABLES) break;
       if (i === keep || !s.table || s.loading) continue;
-      if (s.dirty) this.flushL2(i, s);
+      if (s.dirty) this.flushL2(i, s, true);
+      else this.recycle(s.table);
       s.table = null;
       open--;
     }
   }
 
-  /** Write an L2 table (appended the first time, in place after) and point L1 at it. */
-  private flushL2(i: number, slot: L2Slot): void {
+  /**
+   * Write an L2 table (appended the first time, in place after) and point L1 at it. A table
+   * being dropped from memory is written as it is and its buffer reused once written (a long
+   * sparse disk touches a table every 512 MiB: no garbage per table); one that stays may
+   * change again while written, so a snapshot of it is written.
+   */
+  private flushL2(i: number, slot: L2Slot, dropping = false): void {
     if (slot.host === 0) {
       slot.host = this.allocClusters(1);
       encodeL1Entry(this.l1, i, slot.host, true);
     }
     const t = slot.table!;
     slot.dirty = false;
-    // The table may change again while written: write a snapshot.
-    const w = this.track(this.pwrite(Buffer.from(t), slot.host));
+    const w = this.track(this.pwrite(dropping ? t : Buffer.from(t), slot.host));
+    if (dropping)
+      void w.then(
+        () => this.recycle(t),
+        () => {},
+      );
     const prev = slot.writing;
     slot.writing = Promise.all([prev, w]).then(
       () => {},
       () => {},
     );
+  }
+
+  /** A table buffer nobody refers to any more: kept for the next new table (a few at most). */
+  private recycle(t: Buffer): void {
+    if (this.spareTables.length < OPEN_L2_TABLES) this.spareTables.push(t);
+  }
+
+  /** A zeroed table buffer. */
+  private newTable(): Buffer {
+    const t = this.spareTables.pop();
+    return t ? t.fill(0) : Buffer.alloc(this.clusterSize);
   }
 
   private async writeCompressed(offset: number, buf: Buffer): Promise<void> {
@@ -565,7 +588,7 @@ export class Qcow2Writer {
     const e: L2Entry = { type: 'compressed', host, alloc: 0, zero: 0, copied: false, sectors };
     let slot = this.l2.get(i);
     if (!slot) {
-      slot = { host: 0, table: Buffer.alloc(this.clusterSize), dirty: false, loading: null, writing: null };
+      slot = { host: 0, table: this.newTable(), dirty: false, loading: null, writing: null };
       this.l2.set(i, slot);
       this.evictL2(i);
     }

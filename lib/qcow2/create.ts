@@ -30,6 +30,12 @@ export interface Qcow2WriterOptions {
   compress?: boolean;
   /** File mode of the new file (default 0o644, like qemu-img under the usual umask). */
   mode?: number;
+  /**
+   * Start an fdatasync in the background each time this many bytes were written since the
+   * last one (0/undefined: only finish() flushes): the device writes back while later data
+   * is still being read, instead of all of it at the end.
+   */
+  flushEveryBytes?: number;
 }
 
 export interface Qcow2WriterResult {
@@ -83,6 +89,9 @@ export class Qcow2Writer {
   private readonly pending = new Set<Promise<void>>();
   private failure: Error | null = null;
   private closed = false;
+  /** Bytes written since the last background flush started, and that flush while it runs. */
+  private unflushed = 0;
+  private flushing = false;
   private stats = { dataBytes: 0, storedBytes: 0, zeroBytes: 0 };
   private readonly entry: L2Entry = { type: 'standard', host: 0, alloc: 0, zero: 0, copied: true, sectors: 0 };
 
@@ -352,6 +361,29 @@ export class Qcow2Writer {
     } catch (e) {
       throw new Qcow2Error('QCOW2_IO', `write of ${this.path} at ${position} failed: ${(e as Error).message}`, this.path);
     }
+    this.written(buf.length);
+  }
+
+  /** Count written bytes; start a background fdatasync when flushEveryBytes have piled up (one at a time). */
+  private written(n: number): void {
+    const every = this.opts.flushEveryBytes ?? 0;
+    if (every <= 0 || this.closed) return;
+    this.unflushed += n;
+    if (this.unflushed < every || this.flushing) return;
+    this.unflushed = 0;
+    this.flushing = true;
+    // A failed flush is a failed image (the data may not be on the device): kept, thrown by the next call or finish().
+    this.background(
+      this.fh.datasync().then(
+        () => {
+          this.flushing = false;
+        },
+        (e: unknown) => {
+          this.flushing = false;
+          throw new Qcow2Error('QCOW2_IO', `fdatasync of ${this.path} failed: ${(e as Error).message}`, this.path);
+        },
+      ),
+    );
   }
 
   /** `n` whole clusters at the end of the file; refcount 1 each. */

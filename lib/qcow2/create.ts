@@ -12,7 +12,7 @@ import * as zlib from 'node:zlib';
 import { promisify } from 'node:util';
 import { Qcow2Error } from './errors.js';
 import { encodeHeader, EXT_BACKING_FORMAT, MAX_BACKING_NAME, type Qcow2Header } from './header.js';
-import { decodeL2Entry, encodeL1Entry, encodeL2Entry, type L2Entry, type L2Layout } from './l2.js';
+import { decodeL2Entry, encodeL1Entry, encodeL2Entry, zeroEntries, type L2Entry, type L2Layout } from './l2.js';
 import { entriesPerBlock, getRefcount, setRefcount, encodeRefTableEntry } from './refcount.js';
 import { MAX_IO } from './io.js';
 import { MAX_L1_BYTES } from './image.js';
@@ -181,7 +181,7 @@ export class Qcow2Writer {
     const cs = this.clusterSize;
     const first = offset / cs;
     const n = Math.ceil(length / cs);
-    if (!this.hasBacking && !this.anyTableOf(first, n)) return Promise.resolve();
+    if (!this.hasBacking && this.neverWritten(first, n)) return Promise.resolve();
     const hosts = this.knownHosts(first, n);
     if (hosts === null) return this.track(this.loadTables(first, n).then(() => this.writeZero(offset, length)));
     if (this.hasBacking) this.stats.zeroBytes += length;
@@ -212,10 +212,22 @@ export class Qcow2Writer {
     return out;
   }
 
-  private anyTableOf(first: number, n: number): boolean {
-    for (let i = Math.floor(first / this.l2Entries); i <= Math.floor((first + n - 1) / this.l2Entries); i++)
-      if (this.l2.has(i)) return true;
-    return false;
+  /**
+   * No cluster of [first, first + n) was ever written (no table, or all-zero entries in a
+   * table in memory): a long zero run of a sparse disk is skipped without a per-cluster loop.
+   * False when unsure (a table written out of memory).
+   */
+  private neverWritten(first: number, n: number): boolean {
+    const per = this.l2Entries;
+    for (let i = Math.floor(first / per); i <= Math.floor((first + n - 1) / per); i++) {
+      const slot = this.l2.get(i);
+      if (!slot) continue;
+      if (!slot.table) return false;
+      const from = Math.max(first, i * per);
+      const to = Math.min(first + n, (i + 1) * per);
+      if (zeroEntries(slot.table, from - i * per, to - from, this.layout) !== to - from) return false;
+    }
+    return true;
   }
 
   private async loadTables(first: number, n: number): Promise<void> {

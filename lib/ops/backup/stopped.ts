@@ -83,10 +83,14 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
     const deadline = copyDeadline(total(estimates), deadlinePolicy(ctx.config, a.bandwidth));
     const end = Date.now() + deadline.ms;
     ctx.logger.log(`Backup of stopped VM ${a.vm}: deadline ${fmtSeconds(deadline.ms)} (${deadline.why})`);
-    // The native copies hash on a worker (one pool for every disk) unless there is too little data for it to pay.
-    const hashOnPool = !ctx.config.benchSkipManifest && (total(estimates) ?? Infinity) >= HASH_POOL_MIN_BYTES;
+    // The native copies hash on a worker (one pool for every disk) unless there is too little
+    // data for it to pay (unless NASBACKUP_HASH_WORKERS asks for workers), or
+    // NASBACKUP_HASH_WORKERS=0 keeps it on this thread (less memory).
+    const workers = ctx.config.hashWorkers ?? undefined;
+    const hashOnPool =
+      !ctx.config.benchSkipManifest && workers !== 0 && (workers !== undefined || (total(estimates) ?? Infinity) >= HASH_POOL_MIN_BYTES);
     let pool: HashPool | undefined;
-    const poolFor = (): HashPool | undefined => (hashOnPool ? (pool ??= copyHashPool()) : undefined);
+    const poolFor = (): HashPool | undefined => (hashOnPool ? (pool ??= copyHashPool(workers)) : undefined);
     try {
       for (const [i, d] of disks.entries()) {
         ctx.checkpoint();

@@ -53,7 +53,7 @@ export interface DiskCopyResult {
 }
 
 /** The pool's slots as the engine's buffers. */
-function slotBuffers(pool: HashPool): CopyBufferPool {
+export function slotBuffers(pool: HashPool): CopyBufferPool {
   return {
     size: pool.slotBytes,
     get available() {

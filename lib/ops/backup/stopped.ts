@@ -100,7 +100,7 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
         try {
           digests.push(
             off
-              ? await writeOfflineIncremental(ctx, off, dst, backingReference(work.final, off.parentAbs))
+              ? await writeOfflineIncremental(ctx, off, dst, backingReference(work.final, off.parentAbs), poolFor())
               : await copyDisk(ctx, a, d.src, formats[i]!, dst, `disk ${i + 1}/${disks.length}`, end, poolFor),
           );
         } catch (e) {

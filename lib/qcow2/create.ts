@@ -89,6 +89,8 @@ export class Qcow2Writer {
   private readonly pending = new Set<Promise<void>>();
   private failure: Error | null = null;
   private closed = false;
+  /** Data writes in flight (host byte ranges), so an overwrite waits for the write it replaces. */
+  private readonly dataWrites = new Set<{ host: number; end: number; settled: Promise<void> }>();
   /** Bytes written since the last background flush started, and that flush while it runs. */
   private unflushed = 0;
   private flushing = false;
@@ -165,7 +167,7 @@ export class Qcow2Writer {
     if (this.opts.compress) return this.track(this.writeCompressed(offset, buf));
     const host = this.allocClusters(n);
     this.stats.storedBytes += n * cs;
-    const jobs = [this.pwrite(buf, host)];
+    const jobs = [this.writeDataAt(buf, host)];
     for (let i = 0; i < n; i++) this.setEntry(first + i, host + i * cs, false, jobs);
     return this.track(Promise.all(jobs).then(() => {}));
   }
@@ -246,7 +248,7 @@ export class Qcow2Writer {
       const host = old !== 0 ? old : this.allocClusters(1);
       if (old === 0) this.stats.storedBytes += cs;
       this.setEntry(first + i, host, false, jobs);
-      jobs.push(this.pwrite(piece, host));
+      jobs.push(this.writeDataAt(piece, host));
     }
     await Promise.all(jobs);
   }
@@ -374,6 +376,29 @@ export class Qcow2Writer {
       throw new Qcow2Error('QCOW2_IO', `write of ${this.path} at ${position} failed: ${(e as Error).message}`, this.path);
     }
     this.written(buf.length);
+  }
+
+  /**
+   * Write guest data at `host`, after any earlier write of data that overlaps it: two calls
+   * that overwrite one cluster land in call order (concurrent pwrites of one range may
+   * complete in any order). Few are in flight at once, so the check is a short scan.
+   */
+  private writeDataAt(buf: Buffer, host: number): Promise<void> {
+    const end = host + buf.length;
+    const before: Array<Promise<void>> = [];
+    for (const w of this.dataWrites) if (w.host < end && host < w.end) before.push(w.settled);
+    const p = before.length > 0 ? Promise.all(before).then(() => this.pwrite(buf, host)) : this.pwrite(buf, host);
+    const rec = {
+      host,
+      end,
+      settled: p.then(
+        () => {},
+        () => {},
+      ),
+    };
+    this.dataWrites.add(rec);
+    void rec.settled.then(() => this.dataWrites.delete(rec));
+    return p;
   }
 
   /** Count written bytes; start a background fdatasync when flushEveryBytes have piled up (one at a time). */

@@ -66,6 +66,8 @@ export interface Config {
   agentProfile: AgentProfile;
   /** Measurement only (scripts/bench-manifest.ts): back up without a manifest, as before manifests existed. */
   benchSkipManifest: boolean;
+  /** Worker threads hashing a stopped VM's native copy (null: by the host's cores; 0: on the main thread). */
+  hashWorkers: number | null;
 }
 
 /** Settings given on the command line; they override the environment's. Raw strings, checked here. */
@@ -111,6 +113,14 @@ function int(env: NodeJS.ProcessEnv, name: string, dflt: number): number {
   const n = Number(raw);
   if (!/^\d+$/.test(raw) || !Number.isSafeInteger(n) || n <= 0) throw bad(name, raw, 'a positive whole number');
   return n;
+}
+
+/** NASBACKUP_HASH_WORKERS: 0 to 4 (unset: chosen by the host's cores). */
+function hashWorkers(env: NodeJS.ProcessEnv): number | null {
+  const raw = given(env, 'NASBACKUP_HASH_WORKERS');
+  if (raw === undefined) return null;
+  if (!/^[0-4]$/.test(raw)) throw bad('NASBACKUP_HASH_WORKERS', raw, 'a whole number from 0 to 4');
+  return Number(raw);
 }
 
 function optionalSeconds(env: NodeJS.ProcessEnv, name: string): number | null {
@@ -198,5 +208,6 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, flags: ConfigFl
     engine,
     agentProfile: flags.agentProfile ?? oneOf(env, PROFILE_ENV, AGENT_PROFILES, DEFAULT_AGENT_PROFILE),
     benchSkipManifest: flag(env, 'NASBACKUP_BENCH_SKIP_MANIFEST'),
+    hashWorkers: hashWorkers(env),
   });
 }

@@ -12,7 +12,7 @@ import * as zlib from 'node:zlib';
 import { promisify } from 'node:util';
 import { Qcow2Error } from './errors.js';
 import { encodeHeader, EXT_BACKING_FORMAT, MAX_BACKING_NAME, type Qcow2Header } from './header.js';
-import { decodeL2Entry, encodeL1Entry, encodeL2Entry, type L2Entry, type L2Layout } from './l2.js';
+import { decodeL2Entry, encodeL1Entry, encodeL2Entry, zeroEntries, type L2Entry, type L2Layout } from './l2.js';
 import { entriesPerBlock, getRefcount, setRefcount, encodeRefTableEntry } from './refcount.js';
 import { MAX_IO } from './io.js';
 import { MAX_L1_BYTES } from './image.js';
@@ -30,6 +30,12 @@ export interface Qcow2WriterOptions {
   compress?: boolean;
   /** File mode of the new file (default 0o644, like qemu-img under the usual umask). */
   mode?: number;
+  /**
+   * Start an fdatasync in the background each time this many bytes were written since the
+   * last one (0/undefined: only finish() flushes): the device writes back while later data
+   * is still being read, instead of all of it at the end.
+   */
+  flushEveryBytes?: number;
 }
 
 export interface Qcow2WriterResult {
@@ -69,6 +75,8 @@ export class Qcow2Writer {
   private readonly layout: L2Layout;
   private readonly l1: Buffer;
   private readonly l2 = new Map<number, L2Slot>();
+  /** Buffers of tables written out and dropped, for new tables. */
+  private readonly spareTables: Buffer[] = [];
   /** Next free host byte: clusters are allocated here, compressed streams packed here. */
   private end: number;
   /** Refcount block being filled (covers host clusters [blockIndex * epb, +epb)). */
@@ -81,6 +89,11 @@ export class Qcow2Writer {
   private readonly pending = new Set<Promise<void>>();
   private failure: Error | null = null;
   private closed = false;
+  /** Data writes in flight (host byte ranges), so an overwrite waits for the write it replaces. */
+  private readonly dataWrites = new Set<{ host: number; end: number; settled: Promise<void> }>();
+  /** Bytes written since the last background flush started, and that flush while it runs. */
+  private unflushed = 0;
+  private flushing = false;
   private stats = { dataBytes: 0, storedBytes: 0, zeroBytes: 0 };
   private readonly entry: L2Entry = { type: 'standard', host: 0, alloc: 0, zero: 0, copied: true, sectors: 0 };
 
@@ -154,7 +167,7 @@ export class Qcow2Writer {
     if (this.opts.compress) return this.track(this.writeCompressed(offset, buf));
     const host = this.allocClusters(n);
     this.stats.storedBytes += n * cs;
-    const jobs = [this.pwrite(buf, host)];
+    const jobs = [this.writeDataAt(buf, host)];
     for (let i = 0; i < n; i++) this.setEntry(first + i, host + i * cs, false, jobs);
     return this.track(Promise.all(jobs).then(() => {}));
   }
@@ -170,7 +183,7 @@ export class Qcow2Writer {
     const cs = this.clusterSize;
     const first = offset / cs;
     const n = Math.ceil(length / cs);
-    if (!this.hasBacking && !this.anyTableOf(first, n)) return Promise.resolve();
+    if (!this.hasBacking && this.neverWritten(first, n)) return Promise.resolve();
     const hosts = this.knownHosts(first, n);
     if (hosts === null) return this.track(this.loadTables(first, n).then(() => this.writeZero(offset, length)));
     if (this.hasBacking) this.stats.zeroBytes += length;
@@ -201,10 +214,22 @@ export class Qcow2Writer {
     return out;
   }
 
-  private anyTableOf(first: number, n: number): boolean {
-    for (let i = Math.floor(first / this.l2Entries); i <= Math.floor((first + n - 1) / this.l2Entries); i++)
-      if (this.l2.has(i)) return true;
-    return false;
+  /**
+   * No cluster of [first, first + n) was ever written (no table, or all-zero entries in a
+   * table in memory): a long zero run of a sparse disk is skipped without a per-cluster loop.
+   * False when unsure (a table written out of memory).
+   */
+  private neverWritten(first: number, n: number): boolean {
+    const per = this.l2Entries;
+    for (let i = Math.floor(first / per); i <= Math.floor((first + n - 1) / per); i++) {
+      const slot = this.l2.get(i);
+      if (!slot) continue;
+      if (!slot.table) return false;
+      const from = Math.max(first, i * per);
+      const to = Math.min(first + n, (i + 1) * per);
+      if (zeroEntries(slot.table, from - i * per, to - from, this.layout) !== to - from) return false;
+    }
+    return true;
   }
 
   private async loadTables(first: number, n: number): Promise<void> {
@@ -223,7 +248,7 @@ export class Qcow2Writer {
       const host = old !== 0 ? old : this.allocClusters(1);
       if (old === 0) this.stats.storedBytes += cs;
       this.setEntry(first + i, host, false, jobs);
-      jobs.push(this.pwrite(piece, host));
+      jobs.push(this.writeDataAt(piece, host));
     }
     await Promise.all(jobs);
   }
@@ -350,6 +375,52 @@ export class Qcow2Writer {
     } catch (e) {
       throw new Qcow2Error('QCOW2_IO', `write of ${this.path} at ${position} failed: ${(e as Error).message}`, this.path);
     }
+    this.written(buf.length);
+  }
+
+  /**
+   * Write guest data at `host`, after any earlier write of data that overlaps it: two calls
+   * that overwrite one cluster land in call order (concurrent pwrites of one range may
+   * complete in any order). Few are in flight at once, so the check is a short scan.
+   */
+  private writeDataAt(buf: Buffer, host: number): Promise<void> {
+    const end = host + buf.length;
+    const before: Array<Promise<void>> = [];
+    for (const w of this.dataWrites) if (w.host < end && host < w.end) before.push(w.settled);
+    const p = before.length > 0 ? Promise.all(before).then(() => this.pwrite(buf, host)) : this.pwrite(buf, host);
+    const rec = {
+      host,
+      end,
+      settled: p.then(
+        () => {},
+        () => {},
+      ),
+    };
+    this.dataWrites.add(rec);
+    void rec.settled.then(() => this.dataWrites.delete(rec));
+    return p;
+  }
+
+  /** Count written bytes; start a background fdatasync when flushEveryBytes have piled up (one at a time). */
+  private written(n: number): void {
+    const every = this.opts.flushEveryBytes ?? 0;
+    if (every <= 0 || this.closed) return;
+    this.unflushed += n;
+    if (this.unflushed < every || this.flushing) return;
+    this.unflushed = 0;
+    this.flushing = true;
+    // A failed flush is a failed image (the data may not be on the device): kept, thrown by the next call or finish().
+    this.background(
+      this.fh.datasync().then(
+        () => {
+          this.flushing = false;
+        },
+        (e: unknown) => {
+          this.flushing = false;
+          throw new Qcow2Error('QCOW2_IO', `fdatasync of ${this.path} failed: ${(e as Error).message}`, this.path);
+        },
+      ),
+    );
   }
 
   /** `n` whole clusters at the end of the file; refcount 1 each. */
@@ -442,7 +513,7 @@ export class Qcow2Writer {
     const i = Math.floor(c / this.l2Entries);
     let slot = this.l2.get(i);
     if (!slot) {
-      slot = { host: 0, table: Buffer.alloc(this.clusterSize), dirty: false, loading: null, writing: null };
+      slot = { host: 0, table: this.newTable(), dirty: false, loading: null, writing: null };
       this.l2.set(i, slot);
       this.evictL2(i);
     } else {
@@ -483,7 +554,7 @@ export class Qcow2Writer {
     if (slot.table) return slot.table;
     slot.loading ??= (async () => {
       if (slot.writing) await slot.writing;
-      const t = Buffer.alloc(this.clusterSize);
+      const t = this.spareTables.pop() ?? Buffer.alloc(this.clusterSize);
       const { bytesRead } = await this.fh.read(t, 0, t.length, slot.host);
       if (bytesRead !== t.length) throw new Qcow2Error('QCOW2_IO', `L2 table at ${slot.host} could not be read back`, this.path);
       slot.table = t;
@@ -500,27 +571,48 @@ export class Qcow2Writer {
     for (const [i, s] of this.l2) {
       if (open <= OPEN_L2_TABLES) break;
       if (i === keep || !s.table || s.loading) continue;
-      if (s.dirty) this.flushL2(i, s);
+      if (s.dirty) this.flushL2(i, s, true);
+      else this.recycle(s.table);
       s.table = null;
       open--;
     }
   }
 
-  /** Write an L2 table (appended the first time, in place after) and point L1 at it. */
-  private flushL2(i: number, slot: L2Slot): void {
+  /**
+   * Write an L2 table (appended the first time, in place after) and point L1 at it. A table
+   * being dropped from memory is written as it is and its buffer reused once written (a long
+   * sparse disk touches a table every 512 MiB: no garbage per table); one that stays may
+   * change again while written, so a snapshot of it is written.
+   */
+  private flushL2(i: number, slot: L2Slot, dropping = false): void {
     if (slot.host === 0) {
       slot.host = this.allocClusters(1);
       encodeL1Entry(this.l1, i, slot.host, true);
     }
     const t = slot.table!;
     slot.dirty = false;
-    // The table may change again while written: write a snapshot.
-    const w = this.track(this.pwrite(Buffer.from(t), slot.host));
+    const w = this.track(this.pwrite(dropping ? t : Buffer.from(t), slot.host));
+    if (dropping)
+      void w.then(
+        () => this.recycle(t),
+        () => {},
+      );
     const prev = slot.writing;
     slot.writing = Promise.all([prev, w]).then(
       () => {},
       () => {},
     );
+  }
+
+  /** A table buffer nobody refers to any more: kept for the next new table (a few at most). */
+  private recycle(t: Buffer): void {
+    if (this.spareTables.length < OPEN_L2_TABLES) this.spareTables.push(t);
+  }
+
+  /** A zeroed table buffer. */
+  private newTable(): Buffer {
+    const t = this.spareTables.pop();
+    return t ? t.fill(0) : Buffer.alloc(this.clusterSize);
   }
 
   private async writeCompressed(offset: number, buf: Buffer): Promise<void> {
@@ -565,7 +657,7 @@ export class Qcow2Writer {
     const e: L2Entry = { type: 'compressed', host, alloc: 0, zero: 0, copied: false, sectors };
     let slot = this.l2.get(i);
     if (!slot) {
-      slot = { host: 0, table: Buffer.alloc(this.clusterSize), dirty: false, loading: null, writing: null };
+      slot = { host: 0, table: this.newTable(), dirty: false, loading: null, writing: null };
       this.l2.set(i, slot);
       this.evictL2(i);
     }

@@ -7,7 +7,7 @@ import { Qcow2Error } from './errors.js';
 import { checkReadable, decodeHeader, INCOMPAT_EXTL2, QCOW2_MAGIC, V3_MIN_HEADER_LENGTH, type Qcow2Header } from './header.js';
 import { zstdFrameLength } from './zstd.js';
 import { NodeBlockFile, type BlockFile } from './io.js';
-import { compressedBytes, decodeL2Entry, l1EntryCopied, l1EntryOffset, type L2Entry } from './l2.js';
+import { compressedBytes, decodeL2Entry, l1EntryCopied, l1EntryOffset, zeroEntries, type L2Entry } from './l2.js';
 import { entriesPerBlock, getRefcount, refTableEntry } from './refcount.js';
 
 /** QEMU's limits. */
@@ -352,11 +352,12 @@ export class Qcow2Image {
         let kind: ExtentKind;
         let pEnd: number;
         let host = -1;
-        if (table === null) {
+        const c = Math.floor(pos / cs);
+        const unset = table === null ? 0 : zeroEntries(table, c % this.l2Entries, Math.ceil((tEnd - c * cs) / cs), this);
+        if (table === null || unset > 0) {
           kind = 'unallocated';
-          pEnd = tEnd;
+          pEnd = table === null ? tEnd : Math.min((c + unset) * cs, tEnd);
         } else {
-          const c = Math.floor(pos / cs);
           this.entryInto(table, c, e);
           const cEnd = Math.min((c + 1) * cs, end);
           if (e.type === 'compressed') {

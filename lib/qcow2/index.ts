@@ -58,6 +58,7 @@ export {
   type CopyRange,
   type CopyOptions,
   type CopyStats,
+  type CopyBufferPool,
 } from './copy/engine.js';
 export { RawFileSink, BlockDeviceSink } from './copy/sinks.js';
 export { checkImage, describeCheck, type Qcow2CheckResult, type CheckVerdict, type CheckOptions } from './check.js';

@@ -77,6 +77,33 @@ export function decodeL2Entry(table: Buffer, index: number, layout: L2Layout, ou
   return out;
 }
 
+const ZERO_ENTRIES = Buffer.alloc(4096);
+
+/**
+ * How many entries from `index` on (at most `max`) are all zero bytes: unallocated, with
+ * nothing to decode or check. Compared a page at a time, so a scan of a huge sparse disk
+ * does not decode every entry of its tables.
+ */
+export function zeroEntries(table: Buffer, index: number, max: number, layout: L2Layout): number {
+  const es = l2EntrySize(layout);
+  const start = index * es;
+  const limit = start + max * es;
+  // Most often the very first entry holds something: answered without a call into C++.
+  if (max <= 0 || table.readUInt32BE(start) !== 0 || table.readUInt32BE(start + 4) !== 0) return 0;
+  let at = start;
+  while (at < limit) {
+    const n = Math.min(ZERO_ENTRIES.length, limit - at);
+    if (table.compare(ZERO_ENTRIES, 0, n, at, at + n) === 0) {
+      at += n;
+      continue;
+    }
+    // The first entry that is not zero, inside this page.
+    while (at < limit && table.compare(ZERO_ENTRIES, 0, es, at, at + es) === 0) at += es;
+    break;
+  }
+  return (at - start) / es;
+}
+
 /** Encode `e` as entry `index` of an L2 table (both words with extended L2). */
 export function encodeL2Entry(table: Buffer, index: number, layout: L2Layout, e: L2Entry): void {
   const at = index * l2EntrySize(layout);

@@ -113,6 +113,11 @@ export class HashPool {
     }
   }
 
+  /** Slots free now (neither read into nor waiting for a worker). */
+  get available(): number {
+    return this.free.length;
+  }
+
   /** A free slot, or null when all are in use. Give it back with done() once fed. */
   tryAcquire(): Slot | null {
     this.throwIfFailed();

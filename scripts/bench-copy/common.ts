@@ -43,6 +43,8 @@ export interface Run {
   seconds: number;
   /** Peak RSS of the measured process (KiB). */
   rssKiB: number;
+  /** CPU seconds (user + system) of the process and its children: steadier than wall time on a loaded host. */
+  cpuSeconds?: number;
 }
 
 /** Run a command under /usr/bin/time: wall time and the peak RSS of the process. */
@@ -53,7 +55,7 @@ export function timed(
 ): Promise<Run & { stdout: string; stderr: string }> {
   return new Promise((resolve, reject) => {
     const t0 = process.hrtime.bigint();
-    const c = spawn('/usr/bin/time', ['-f', 'RSSKIB=%M', cmd, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env });
+    const c = spawn('/usr/bin/time', ['-f', 'RSSKIB=%M CPU=%U+%S', cmd, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env });
     let stdout = '';
     let stderr = '';
     c.stdout.on('data', (d) => (stdout += d));
@@ -61,8 +63,10 @@ export function timed(
     c.on('close', (code) => {
       const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
       const m = /RSSKIB=(\d+)/.exec(stderr);
+      const cpu = /CPU=([\d.]+)\+([\d.]+)/.exec(stderr);
+      const cpuSeconds = cpu ? Number(cpu[1]) + Number(cpu[2]) : 0;
       if (code !== 0) reject(new Error(`${cmd} ${args.join(' ')} failed (${code}):\n${stdout}\n${stderr}`));
-      else resolve({ seconds, rssKiB: m ? Number(m[1]) : 0, stdout, stderr });
+      else resolve({ seconds, rssKiB: m ? Number(m[1]) : 0, cpuSeconds, stdout, stderr });
     });
   });
 }
@@ -141,7 +145,7 @@ export async function cliStoppedBackup(box: CliBox, vm: string, disks: string[])
     ['-o', 'backup', '-v', vm, '-t', 'none', '-s', box.nas, '-m', 'bind', '-p', `${vm}/${ts}`, '-q', 'false', '-d', disks.join(',')],
     box.env,
   );
-  return { seconds: r.seconds, rssKiB: r.rssKiB, folder: path.join(box.nas, vm, ts) };
+  return { seconds: r.seconds, rssKiB: r.rssKiB, cpuSeconds: r.cpuSeconds ?? 0, folder: path.join(box.nas, vm, ts) };
 }
 
 /** Peak RSS of `nasbackup --version` (the program idle), KiB. */
@@ -197,7 +201,7 @@ export async function floorCopy(src: string, dstDir: string): Promise<Run & { by
     console.log(chunks.reduce((a, c) => a + c[1], 0));`;
   const r = await timed(process.execPath, ['--input-type=module', '-e', script]);
   fs.rmSync(dst, { force: true });
-  return { seconds: r.seconds, rssKiB: r.rssKiB, bytes: Number(r.stdout.trim()) };
+  return { seconds: r.seconds, rssKiB: r.rssKiB, cpuSeconds: r.cpuSeconds ?? 0, bytes: Number(r.stdout.trim()) };
 }
 
 export function scratch(tag: string): string {

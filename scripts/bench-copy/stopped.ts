@@ -4,6 +4,7 @@
 // caches dropped before every measurement, the order rotated per run.
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import {
   bytes,
@@ -63,7 +64,14 @@ export function stoppedShapes(): Shape[] {
 
 export async function sectionStopped(): Promise<void> {
   const idle = await idleRssKiB();
-  console.log(`(a) stopped full copy: ${RUNS} runs per shape; idle RSS (nasbackup --version) ${(idle / 1024).toFixed(1)} MiB`);
+  const load = (): string =>
+    os
+      .loadavg()
+      .map((l) => l.toFixed(1))
+      .join(' ');
+  console.log(
+    `(a) stopped full copy: ${RUNS} runs per shape; idle RSS (nasbackup --version) ${(idle / 1024).toFixed(1)} MiB; ${os.cpus().length} CPU(s), load average ${load()}`,
+  );
   for (const shape of stoppedShapes()) {
     const dir = scratch('a');
     try {
@@ -87,7 +95,7 @@ export async function sectionStopped(): Promise<void> {
             cold = dropCaches() && cold;
             const t = await timed('qemu-img', ['convert', '-O', 'qcow2', src, out]);
             const s = await timed('sync', []);
-            conv.push({ seconds: t.seconds + s.seconds, rssKiB: t.rssKiB });
+            conv.push({ seconds: t.seconds + s.seconds, rssKiB: t.rssKiB, cpuSeconds: (t.cpuSeconds ?? 0) + (s.cpuSeconds ?? 0) });
             fs.rmSync(out, { force: true });
           },
           async () => {
@@ -100,12 +108,16 @@ export async function sectionStopped(): Promise<void> {
       }
       const t = (xs: Run[]): number[] => xs.map((x) => x.seconds);
       const rss = (xs: Run[]): string => `${(Math.max(...xs.map((x) => x.rssKiB)) / 1024).toFixed(1)} MiB`;
+      // CPU time (user + system; the sync's is the kernel's writeback, not counted): steadier than wall time on a loaded host.
+      const cpu = (xs: Run[]): string => `CPU ${median(xs.map((x) => x.cpuSeconds ?? 0)).toFixed(2)} s`;
       console.log(`  ${shape.name}: ${fmtB(data)} of data${cold ? '' : ' (warm caches: not root)'}`);
       console.log(
-        `    ours (CLI)            ${spread(t(ours))}  peak RSS ${rss(ours)} (idle + ${((Math.max(...ours.map((x) => x.rssKiB)) - idle) / 1024).toFixed(1)} MiB)`,
+        `    ours (CLI)            ${spread(t(ours))}  peak RSS ${rss(ours)} (idle + ${((Math.max(...ours.map((x) => x.rssKiB)) - idle) / 1024).toFixed(1)} MiB), ${cpu(ours)}`,
       );
-      console.log(`    qemu-img convert+sync ${spread(t(conv))}  peak RSS ${rss(conv)}`);
-      console.log(`    floor                 ${spread(t(floor))}  (${fmtB(median(t(floor)) > 0 ? data / median(t(floor)) : 0)}/s)`);
+      console.log(`    qemu-img convert+sync ${spread(t(conv))}  peak RSS ${rss(conv)}, ${cpu(conv)}`);
+      console.log(
+        `    floor                 ${spread(t(floor))}  (${fmtB(median(t(floor)) > 0 ? data / median(t(floor)) : 0)}/s), ${cpu(floor)}`,
+      );
       console.log(
         `    ours / convert ${ratio(t(ours), t(conv))}   ours / floor ${ratio(t(ours), t(floor))}   convert / floor ${ratio(t(conv), t(floor))}`,
       );
@@ -113,5 +125,6 @@ export async function sectionStopped(): Promise<void> {
       execFileSync('rm', ['-rf', dir]);
     }
   }
+  console.log(`  load average at the end: ${load()}`);
   void GiB;
 }

@@ -1,20 +1,24 @@
 // The stopped path's native copy: random qemu-io chains copied into a new qcow2 whose
 // streamed digests equal a re-read of the written file (digestLayer), and whose content
-// equals the source (qemu-img compare), with the image clean (qemu-img check).
+// equals the source (qemu-img compare), with the image clean (qemu-img check); the same with
+// the hashing on HashPool workers reading the engine's buffers (its shared slots).
 import { spawnSync } from 'node:child_process';
-import { mkdirSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import fc from 'fast-check';
-import { afterAll, describe, expect, it } from 'vitest';
-import { copyDiskToQcow2 } from '../../lib/ops/backup/copy-disk.js';
-import { ImageChain } from '../../lib/qcow2/index.js';
+import { afterAll, describe, expect, it, vi } from 'vitest';
+import { copyDiskToQcow2, copyHashPool } from '../../lib/ops/backup/copy-disk.js';
+import { ImageChain, type CopySource } from '../../lib/qcow2/index.js';
+import { HashPool } from '../../lib/store/hash-pool.js';
 import { digestLayer } from '../../lib/store/layer-digest.js';
 import { removeTempDirs, tempDir } from '../helpers/tmp.js';
-import { buildChain, chainArb, checkCode, numRuns } from '../qcow2/gen.js';
+import { buildChain, chainArb, checkCode, KiB, numRuns } from '../qcow2/gen.js';
 
 afterAll(removeTempDirs);
 const dir = tempDir('copydisk');
 let k = 0;
+const MiB = 1024 * KiB;
 
 describe('copyDiskToQcow2', () => {
   it('streamed digests = digestLayer of the written file; clean; equal to the source', async () => {
@@ -38,5 +42,96 @@ describe('copyDiskToQcow2', () => {
       }),
       { numRuns: numRuns(20) },
     );
+  });
+});
+
+describe('copyDiskToQcow2 hashing on a HashPool (the engine reads into its slots)', () => {
+  // Few, small slots and two workers: slots are read into again while the other worker
+  // still hashes, extents alternate between the workers.
+  const pool = new HashPool({ workers: 2, slotBytes: 128 * KiB, slots: 3 });
+  afterAll(() => pool.close());
+
+  it('digests equal those of the single-threaded LayerDigester and of a re-read; same file content', async () => {
+    await fc.assert(
+      fc.asyncProperty(chainArb({ maxLayers: 3 }), fc.constantFrom(256 * KiB, MiB), fc.boolean(), async (spec, extentBytes, compress) => {
+        const d = join(dir, String(k++));
+        mkdirSync(d);
+        const top = buildChain(d, spec).at(-1)!;
+        const chain = await ImageChain.open(top);
+        let here, there;
+        try {
+          here = await copyDiskToQcow2(chain, join(d, 'here.qcow2'), { extentBytes, compress, requestBytes: 128 * KiB });
+          there = await copyDiskToQcow2(chain, join(d, 'pool.qcow2'), { extentBytes, compress, pool });
+        } finally {
+          await chain.close();
+        }
+        expect(there.digest).toEqual(here.digest);
+        expect(there.digest).toEqual(await digestLayer(join(d, 'pool.qcow2'), { extentBytes }));
+        const cmp = spawnSync('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'qcow2', join(d, 'pool.qcow2'), top], {
+          encoding: 'utf8',
+        });
+        expect(cmp.status, cmp.stdout + cmp.stderr).toBe(0);
+        // Every slot is free again once the copy returned.
+        expect(pool.available).toBe(3);
+      }),
+      { numRuns: numRuns(15) },
+    );
+  });
+
+  it('a 40 MiB disk of random data, zeros and holes: pool digests = single-threaded digests (default geometry)', async () => {
+    const d = join(dir, String(k++));
+    mkdirSync(d);
+    const src = join(d, 'src.qcow2');
+    spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', src, String(40 * MiB)]);
+    const raw = join(d, 'rand.bin');
+    writeFileSync(raw, randomBytes(9 * MiB));
+    // Random data (from a raw file) at unaligned places, a zeroed range inside it, a hole.
+    const cmds = [`write -P 7 ${3 * MiB + 512} ${MiB}`, `write -z ${20 * MiB} ${4 * MiB}`];
+    const io = spawnSync('qemu-io', ['-f', 'qcow2', ...cmds.flatMap((c) => ['-c', c]), src], { encoding: 'utf8' });
+    expect(io.status, io.stderr).toBe(0);
+    const put = spawnSync('qemu-io', ['-f', 'qcow2', '-c', `write -s ${raw} ${25 * MiB} ${9 * MiB}`, src], { encoding: 'utf8' });
+    expect(put.status, put.stderr).toBe(0);
+    const big = copyHashPool(2);
+    const chain = await ImageChain.open(src);
+    try {
+      const here = await copyDiskToQcow2(chain, join(d, 'here.qcow2'), { extentBytes: 4 * MiB });
+      const there = await copyDiskToQcow2(chain, join(d, 'pool.qcow2'), { extentBytes: 4 * MiB, pool: big });
+      expect(here.digest!.extents.length).toBeGreaterThan(3);
+      expect(there.digest).toEqual(here.digest);
+      expect(there.stats).toMatchObject({ readBytes: here.stats.readBytes, dataBytes: here.stats.dataBytes });
+      const cmp = spawnSync('qemu-img', ['compare', '-U', join(d, 'pool.qcow2'), src], { encoding: 'utf8' });
+      expect(cmp.status, cmp.stdout + cmp.stderr).toBe(0);
+    } finally {
+      await chain.close();
+      await big.close();
+    }
+  });
+
+  it('a read that fails midway: the copy fails, the file is removed, and the pool is whole for the next copy', async () => {
+    const d = join(dir, String(k++));
+    mkdirSync(d);
+    const src = join(d, 'src.qcow2');
+    spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', src, String(8 * MiB)]);
+    spawnSync('qemu-io', ['-f', 'qcow2', '-c', `write -P 3 0 ${8 * MiB}`, src]);
+    const chain = await ImageChain.open(src);
+    try {
+      let reads = 0;
+      const failing: CopySource = {
+        virtualSize: chain.virtualSize,
+        status: (o, n) => chain.status(o, n),
+        readInto: async (buf, at, o, n) => {
+          if (++reads === 20) throw new Error('injected read failure');
+          return chain.readInto(buf, at, o, n);
+        },
+      };
+      await expect(copyDiskToQcow2(failing, join(d, 'bad.qcow2'), { extentBytes: 256 * KiB, pool })).rejects.toThrow(/injected/);
+      expect(existsSync(join(d, 'bad.qcow2'))).toBe(false);
+      // The workers answer what was already sent to them, then every slot is free.
+      await vi.waitFor(() => expect(pool.available).toBe(3), { timeout: 10_000 });
+      const ok = await copyDiskToQcow2(chain, join(d, 'good.qcow2'), { extentBytes: 256 * KiB, pool });
+      expect(ok.digest).toEqual(await digestLayer(join(d, 'good.qcow2'), { extentBytes: 256 * KiB }));
+    } finally {
+      await chain.close();
+    }
   });
 });

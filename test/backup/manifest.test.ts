@@ -83,6 +83,18 @@ describe.concurrent('manifest.json of every backup path', () => {
     expectClean(s);
   });
 
+  it.each(['0', '1', '2'])(
+    'stopped VM, NASBACKUP_HASH_WORKERS=%s (on this thread, or workers reading the copy buffers): the same digests',
+    async (workers) => {
+      const s = scenario(`mf-stopped-w${workers}`, { dataDisk: true, state: 'shut off' });
+      const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra: fullFlags() }, { NASBACKUP_HASH_WORKERS: workers });
+      expect(r.code).toBe(0);
+      expect(manifestOf(s).disks).toHaveLength(2);
+      expectDigestsMatch(s);
+      expectClean(s);
+    },
+  );
+
   it('running VM, full: manifest inside the size line (du -sb of the folder), digests of each file', async () => {
     const s = scenario('mf-full', { dataDisk: true });
     const r = await backup(s, { extra: fullFlags() });

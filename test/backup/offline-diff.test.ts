@@ -11,6 +11,8 @@ import fc from 'fast-check';
 import { afterAll, describe, expect, it } from 'vitest';
 import { copyDirty } from '../../lib/ops/backup/stopped-incremental.js';
 import { dirtyRanges, Qcow2Image, readBitmapDirectory, type GuestRange } from '../../lib/qcow2/index.js';
+import { HashPool } from '../../lib/store/hash-pool.js';
+import { digestLayer } from '../../lib/store/layer-digest.js';
 import { removeTempDirs, tempDir } from '../helpers/tmp.js';
 
 afterAll(removeTempDirs);
@@ -103,6 +105,9 @@ function mapTop(path: string): Array<{ start: number; length: number; depth: num
 }
 
 describe('offline incremental: flatten(parent + incremental) = source at backup time', () => {
+  const pool = new HashPool({ workers: 2, slotBytes: 256 * KiB, slots: 4 });
+  afterAll(() => pool.close());
+
   it('random sources (cluster sizes 4 KiB–2 MiB, granularities 64 KiB–2 MiB, backing chains, zero writes, discards, growth)', async () => {
     const dir = tempDir('offline-diff');
     let n = 0;
@@ -130,7 +135,19 @@ describe('offline incremental: flatten(parent + incremental) = source at backup 
         }
         const { bm, ranges, virtualSize } = await bitmapOf(src, 'b');
         const inc = join(d, 'nas', 'i', 'root.qcow2');
-        const r = await copyDirty({ src, bitmap: bm, virtualSize, parentSize: c.size, dst: inc, backing: '../p/root.qcow2' });
+        // Every other case hashes on the pool's workers (the engine reading into its slots).
+        const onPool = n % 2 === 0;
+        const r = await copyDirty({
+          src,
+          bitmap: bm,
+          virtualSize,
+          parentSize: c.size,
+          dst: inc,
+          backing: '../p/root.qcow2',
+          ...(onPool ? { pool } : {}),
+        });
+        expect(r.digest).toEqual(await digestLayer(inc));
+        if (onPool) expect(pool.available).toBe(4);
 
         const cmp = spawnSync('qemu-img', ['compare', inc, src], { encoding: 'utf8' });
         expect(cmp.stdout + cmp.stderr).toContain('Images are identical');

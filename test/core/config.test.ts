@@ -16,7 +16,16 @@ function refusal(env: NodeJS.ProcessEnv, flags = {}): NasbackupError {
 describe('loadConfig', () => {
   it('defaults when unset or empty; frozen', () => {
     const c = loadConfig({ NASBACKUP_MOUNT_TIMEOUT: '', NASBACKUP_AGENT_PROFILE: '' });
-    expect(c).toMatchObject({ mountTimeoutMs: 60_000, agentProfile: 'rebase-era', engine: 'auto', versionCheck: 'all', breakLock: false });
+    expect(c).toMatchObject({
+      mountTimeoutMs: 60_000,
+      agentProfile: 'rebase-era',
+      engine: 'auto',
+      versionCheck: 'all',
+      breakLock: false,
+      hashWorkers: null,
+    });
+    expect(loadConfig({ NASBACKUP_HASH_WORKERS: '0' }).hashWorkers).toBe(0);
+    expect(loadConfig({ NASBACKUP_HASH_WORKERS: '2' }).hashWorkers).toBe(2);
     expect(Object.isFrozen(c)).toBe(true);
   });
 
@@ -28,6 +37,8 @@ describe('loadConfig', () => {
     ['NASBACKUP_VERSION_CHECK', 'sometimes', /expected all, backup or off/],
     ['NASBACKUP_BREAK_LOCK', 'yes', /expected 1, true, 0 or false/],
     ['NASBACKUP_ENGINE', 'turbo', /Invalid NASBACKUP_ENGINE: turbo \(expected auto, native or qemu-img\)/],
+    ['NASBACKUP_HASH_WORKERS', '5', /Invalid NASBACKUP_HASH_WORKERS: 5 \(expected a whole number from 0 to 4\)/],
+    ['NASBACKUP_HASH_WORKERS', 'two', /NASBACKUP_HASH_WORKERS/],
   ])('%s=%s is refused with INVALID_SETTING', (name, value, message) => {
     const e = refusal({ [name]: value });
     expect(e.code).toBe('INVALID_SETTING');

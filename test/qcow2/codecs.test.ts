@@ -26,6 +26,7 @@ import {
   l1EntryCopied,
   l1EntryOffset,
   l2EntrySize,
+  zeroEntries,
   type L2Entry,
   type L2Layout,
 } from '../../lib/qcow2/l2.js';
@@ -339,6 +340,34 @@ describe('L2 entry codec', () => {
       copied: false,
       sectors: 0,
     });
+  });
+});
+
+describe('zeroEntries (the scan over unallocated entries)', () => {
+  it('= a naive count of all-zero entries from an index, both layouts, any table size and limit', () => {
+    fc.assert(
+      fc.property(
+        fc.boolean(),
+        fc.integer({ min: 9, max: 16 }),
+        // Runs of zero entries and single set bytes at random places (any byte of an entry).
+        fc.array(fc.tuple(fc.nat(), fc.integer({ min: 1, max: 255 })), { maxLength: 6 }),
+        fc.nat(),
+        fc.nat(),
+        (extendedL2, bits, marks, i, m) => {
+          const layout: L2Layout = { clusterBits: bits, extendedL2 };
+          const es = l2EntrySize(layout);
+          const table = Buffer.alloc(1 << bits);
+          const entries = table.length / es;
+          for (const [at, v] of marks) table[at % table.length] = v;
+          const index = i % entries;
+          const max = m % (entries - index + 1);
+          let naive = 0;
+          while (naive < max && table.subarray((index + naive) * es, (index + naive + 1) * es).every((b) => b === 0)) naive++;
+          expect(zeroEntries(table, index, max, layout)).toBe(naive);
+        },
+      ),
+      { numRuns: 500 },
+    );
   });
 });
 

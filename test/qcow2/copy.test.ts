@@ -5,7 +5,16 @@ import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'no
 import { join } from 'node:path';
 import fc from 'fast-check';
 import { afterAll, describe, expect, it } from 'vitest';
-import { copyImage, ImageChain, normalizeRanges, Qcow2Writer, RawFileSink, type CopyRun, type CopySource } from '../../lib/qcow2/index.js';
+import {
+  copyImage,
+  ImageChain,
+  normalizeRanges,
+  Qcow2Writer,
+  RawFileSink,
+  type CopyBufferPool,
+  type CopyRun,
+  type CopySource,
+} from '../../lib/qcow2/index.js';
 import { removeTempDirs, tempDir } from '../helpers/tmp.js';
 import { buildChain, chainArb, checkCode, compareWithRaw, numRuns, qemuInfo, rawContent } from './gen.js';
 
@@ -45,17 +54,24 @@ describe('Qcow2Writer', () => {
           bits: fc.constantFrom(9, 12, 16, 17, 21),
           sectors: fc.integer({ min: 1, max: 16 * 1024 }),
           compress: fc.boolean(),
+          // Background fdatasyncs while writes are in flight (the stopped copy's writeback).
+          flush: fc.constantFrom(0, 0, 4096, 1 << 20),
           writes: fc.array(fc.record({ at: fc.nat(), n: fc.integer({ min: 1, max: 6 }), fill: fc.integer({ min: 0, max: 3 }) }), {
             maxLength: 12,
           }),
         }),
-        async ({ bits, sectors, compress, writes }) => {
+        async ({ bits, sectors, compress, flush, writes }) => {
           const d = fresh();
           const cs = 1 << bits;
           const size = sectors * 512;
           const clusters = Math.ceil(size / cs);
           const raw = Buffer.alloc(size);
-          const w = await Qcow2Writer.create(join(d, 'w.qcow2'), { virtualSize: size, clusterBits: bits, compress });
+          const w = await Qcow2Writer.create(join(d, 'w.qcow2'), {
+            virtualSize: size,
+            clusterBits: bits,
+            compress,
+            flushEveryBytes: flush,
+          });
           const jobs: Array<Promise<void>> = [];
           const seen = new Set<number>();
           for (const x of writes) {
@@ -284,6 +300,55 @@ describe('copyImage', () => {
       },
     };
     await expect(copyImage(src, null, { requestBytes: 1 << 20 })).rejects.toThrow('EIO');
+  });
+
+  it('lent buffers (bufferPool): requests fit them, and every one is given back, on success and when a read fails', async () => {
+    const size = 16 << 20;
+    const lent = (): CopyBufferPool & { out: number; most: number } => {
+      const free: Buffer[] = Array.from({ length: 3 }, () => Buffer.alloc(256 << 10));
+      const p = {
+        size: 256 << 10,
+        out: 0,
+        most: 0,
+        get available() {
+          return free.length;
+        },
+        take: async () => {
+          const b = free.pop();
+          if (!b) throw new Error('taken while none is free');
+          p.out++;
+          p.most = Math.max(p.most, p.out);
+          return b;
+        },
+        give: (b: Buffer) => {
+          p.out--;
+          free.push(b);
+        },
+      };
+      return p;
+    };
+    let reads = 0;
+    let failAt = 0;
+    const src: CopySource = {
+      virtualSize: size,
+      status: async (o, n) => ({ length: Math.min(n, size - o), kind: 'data' }),
+      readInto: async (b, at, o, n) => {
+        expect(n).toBeLessThanOrEqual(256 << 10);
+        if (++reads === failAt) throw new Error('EIO');
+        b.fill(o & 255 || 1, at, at + n);
+      },
+    };
+    const ok = lent();
+    const st = await copyImage(src, null, { requestBytes: 4 << 20, bufferPool: ok });
+    expect(st.readBytes).toBe(size);
+    expect([ok.out, ok.available, ok.most]).toEqual([0, 3, 3]);
+    for (const at of [1, 2, 5, 30]) {
+      reads = 0;
+      failAt = at;
+      const bad = lent();
+      await expect(copyImage(src, null, { requestBytes: 256 << 10, bufferPool: bad })).rejects.toThrow('EIO');
+      expect([bad.out, bad.available]).toEqual([0, 3]);
+    }
   });
 
   it('rate limit: bytes per second bound the read rate', async () => {

@@ -22,6 +22,8 @@ import {
   type DirtyBitmap,
 } from '../../qcow2/index.js';
 import { LayerDigester, type LayerDigest } from '../../store/layer-digest.js';
+import type { HashPool } from '../../store/hash-pool.js';
+import { slotBuffers } from './copy-disk.js';
 import { softly } from '../../clients/failure.js';
 import type { QemuImgClient } from '../../clients/qemu-img.js';
 import { readManifestFile } from '../../store/manifest-file.js';
@@ -204,6 +206,8 @@ export interface DirtyCopy {
   backing: string;
   checkpoint?: () => void;
   onProgress?: (done: number) => void;
+  /** Hash on these workers, the engine reading into their slots (as the full copy does). */
+  pool?: HashPool;
 }
 
 export interface DirtyCopyResult {
@@ -250,7 +254,8 @@ export async function copyDirty(c: DirtyCopy): Promise<DirtyCopyResult> {
     chain = await ImageChain.open(c.src);
     writer = await Qcow2Writer.create(c.dst, { virtualSize: c.virtualSize, backing: { name: c.backing, format: 'qcow2' } });
     const w = writer;
-    const digester = new LayerDigester({ virtualSize: c.virtualSize, unitBytes: w.unit });
+    const pool = c.pool;
+    const digester = new LayerDigester({ virtualSize: c.virtualSize, unitBytes: w.unit, ...(pool ? { sink: () => pool.sink() } : {}) });
     const total: CopyStats = { totalBytes: 0, readBytes: 0, dataBytes: 0, zeroBytes: 0, elapsedMs: 0 };
     const counted = { dirty: 0 };
     let batch: CopyRange[] = [];
@@ -259,7 +264,12 @@ export async function copyDirty(c: DirtyCopy): Promise<DirtyCopyResult> {
       const done = total.totalBytes;
       const st = await copyImage(chain!, w, {
         ranges: batch,
-        onRun: (run) => digester.add(run.offset, run.length, run.kind, run.data),
+        ...(pool ? { bufferPool: slotBuffers(pool) } : {}),
+        onRun: (run) => {
+          digester.add(run.offset, run.length, run.kind, run.data);
+          // Sent now: the slot is held by the message until a worker hashed it.
+          pool?.flush();
+        },
         ...(c.checkpoint ? { checkpoint: c.checkpoint } : {}),
         ...(c.onProgress ? { onProgress: (d: number) => c.onProgress!(done + d) } : {}),
       });
@@ -275,10 +285,17 @@ export async function copyDirty(c: DirtyCopy): Promise<DirtyCopyResult> {
       if (batch.length >= RANGES_PER_BATCH) await flush();
     }
     await flush();
-    const res = await w.finish();
+    // The workers finish hashing while the writer flushes.
+    const [res, digest] = await Promise.allSettled([w.finish(), digester.settle()]);
+    if (res.status === 'rejected') throw res.reason;
     writer = null;
-    return { stats: total, dirtyBytes: counted.dirty, digest: digester.finish(), fileBytes: res.fileBytes };
+    if (digest.status === 'rejected') {
+      await rm(c.dst, { force: true }).catch(() => {});
+      throw digest.reason;
+    }
+    return { stats: total, dirtyBytes: counted.dirty, digest: digest.value, fileBytes: res.value.fileBytes };
   } catch (e) {
+    c.pool?.abandon();
     await writer?.abort().catch(() => {});
     throw e;
   } finally {
@@ -288,7 +305,13 @@ export async function copyDirty(c: DirtyCopy): Promise<DirtyCopyResult> {
 }
 
 /** The offline incremental of one disk; failures are worded as the full copy's are. */
-export async function writeOfflineIncremental(ctx: OpContext, d: OfflineDisk, dst: string, backing: string): Promise<LayerDigest> {
+export async function writeOfflineIncremental(
+  ctx: OpContext,
+  d: OfflineDisk,
+  dst: string,
+  backing: string,
+  pool?: HashPool,
+): Promise<LayerDigest> {
   const started = Date.now();
   let r: DirtyCopyResult;
   try {
@@ -300,6 +323,7 @@ export async function writeOfflineIncremental(ctx: OpContext, d: OfflineDisk, ds
       dst,
       backing,
       checkpoint: () => ctx.checkpoint(),
+      ...(pool ? { pool } : {}),
     });
     // A VM started meanwhile would have set in-use on the bitmap: the copy may be torn.
     const img = await Qcow2Image.open(d.src);

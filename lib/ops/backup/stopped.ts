@@ -25,7 +25,8 @@ import { formatBandwidth, type BackupArgs } from './args.js';
 import { reportedSizes, tolerantApparentSize, WorkDir } from './workdir.js';
 import { writeManifest } from './manifest.js';
 import { backingReference, planOffline, retireBitmap, writeOfflineIncremental } from './stopped-incremental.js';
-import { copyDiskToQcow2 } from './copy-disk.js';
+import { copyDiskToQcow2, copyHashPool, HASH_POOL_MIN_BYTES } from './copy-disk.js';
+import type { HashPool } from '../../store/hash-pool.js';
 import { createProgress } from './progress.js';
 import type { OpContext } from '../context.js';
 import { verifyBackup } from './verify.js';
@@ -82,30 +83,42 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
     const deadline = copyDeadline(total(estimates), deadlinePolicy(ctx.config, a.bandwidth));
     const end = Date.now() + deadline.ms;
     ctx.logger.log(`Backup of stopped VM ${a.vm}: deadline ${fmtSeconds(deadline.ms)} (${deadline.why})`);
-    for (const [i, d] of disks.entries()) {
-      ctx.checkpoint();
-      const off = incremental?.disks[i];
-      const dst = work.file(d.file);
-      const beat = copyHeartbeat(ctx, `Copy of ${d.src}`, dst, estimates[i]!.bytes);
-      try {
-        digests.push(
-          off
-            ? await writeOfflineIncremental(ctx, off, dst, backingReference(work.final, off.parentAbs))
-            : await copyDisk(ctx, a, d.src, formats[i]!, dst, `disk ${i + 1}/${disks.length}`, end),
-        );
-      } catch (e) {
-        const text = e instanceof ToolError ? e.details : e instanceof Error ? e.message : '';
-        if (NO_SPACE.test(text)) {
-          ctx.logger.log(`Copy of ${d.src}: ${text}`);
-          throw new NasbackupError(
-            'NAS_FULL',
-            `The NAS ran out of space during the backup of stopped VM ${a.vm} (No space left on device)`,
+    // The native copies hash on a worker (one pool for every disk) unless there is too little
+    // data for it to pay (unless NASBACKUP_HASH_WORKERS asks for workers), or
+    // NASBACKUP_HASH_WORKERS=0 keeps it on this thread (less memory).
+    const workers = ctx.config.hashWorkers ?? undefined;
+    const hashOnPool =
+      !ctx.config.benchSkipManifest && workers !== 0 && (workers !== undefined || (total(estimates) ?? Infinity) >= HASH_POOL_MIN_BYTES);
+    let pool: HashPool | undefined;
+    const poolFor = (): HashPool | undefined => (hashOnPool ? (pool ??= copyHashPool(workers)) : undefined);
+    try {
+      for (const [i, d] of disks.entries()) {
+        ctx.checkpoint();
+        const off = incremental?.disks[i];
+        const dst = work.file(d.file);
+        const beat = copyHeartbeat(ctx, `Copy of ${d.src}`, dst, estimates[i]!.bytes);
+        try {
+          digests.push(
+            off
+              ? await writeOfflineIncremental(ctx, off, dst, backingReference(work.final, off.parentAbs), poolFor())
+              : await copyDisk(ctx, a, d.src, formats[i]!, dst, `disk ${i + 1}/${disks.length}`, end, poolFor),
           );
+        } catch (e) {
+          const text = e instanceof ToolError ? e.details : e instanceof Error ? e.message : '';
+          if (NO_SPACE.test(text)) {
+            ctx.logger.log(`Copy of ${d.src}: ${text}`);
+            throw new NasbackupError(
+              'NAS_FULL',
+              `The NAS ran out of space during the backup of stopped VM ${a.vm} (No space left on device)`,
+            );
+          }
+          throw e;
+        } finally {
+          beat.stop();
         }
-        throw e;
-      } finally {
-        beat.stop();
       }
+    } finally {
+      await pool?.close();
     }
     const manifest = await writeManifest(ctx, a, work, {
       kind: incremental ? 'incremental' : 'full',
@@ -203,6 +216,7 @@ async function copyDisk(
   dst: string,
   label: string,
   end: number,
+  poolFor: () => HashPool | undefined,
 ): Promise<LayerDigest | undefined> {
   const started = Date.now();
   // What is left of the backup's deadline (it follows the data: lib/ops/backup/deadline.ts).
@@ -230,6 +244,7 @@ async function copyDisk(
       copyDiskToQcow2(chain, dst, {
         compress: a.compress,
         digest: !ctx.config.benchSkipManifest,
+        pool: poolFor(),
         ...(a.bandwidth !== null ? { rateBytesPerSec: a.bandwidth } : {}),
         onProgress: (done, total) => progress.update(done, total),
         checkpoint: () => {

@@ -45,6 +45,19 @@ export interface CopyRange {
   length: number;
 }
 
+/**
+ * Read buffers lent by the caller (e.g. slots of a shared memory that hash workers read):
+ * `take()` settles once one is free, `give()` returns it after its writes settled; every
+ * buffer holds `size` bytes. A buffer given back may stay busy a while (a worker still
+ * hashing it): `available` says how many can be taken now.
+ */
+export interface CopyBufferPool {
+  readonly size: number;
+  readonly available: number;
+  take(): Promise<Buffer>;
+  give(b: Buffer): void;
+}
+
 export interface CopyOptions {
   /** Guest ranges to copy (sorted or not; widened to the sink's unit); default the whole disk. */
   ranges?: CopyRange[];
@@ -52,6 +65,8 @@ export interface CopyOptions {
   requestBytes?: number;
   /** Buffers in the pool = reads/writes in flight (default 4). */
   buffers?: number;
+  /** Use these buffers instead (requests are then at most its `size`; `buffers` is ignored). */
+  bufferPool?: CopyBufferPool;
   /** Alignment unit (default the sink's `unit`, else 64 KiB). */
   unit?: number;
   /** Report data units that are all zeros as zero (default true). */
@@ -192,10 +207,12 @@ async function* requests(src: CopySource, ranges: CopyRange[], unit: number, req
   if (req.pieces.length) yield req;
 }
 
-class Pool {
+class Pool implements CopyBufferPool {
+  readonly size: number;
   private readonly free: Buffer[] = [];
   private readonly waiters: Array<(b: Buffer) => void> = [];
   constructor(count: number, size: number) {
+    this.size = size;
     for (let i = 0; i < count; i++) this.free.push(Buffer.allocUnsafe(size));
   }
   get available(): number {
@@ -219,13 +236,15 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 export async function copyImage(src: CopySource, sink: CopySink | null, opts: CopyOptions = {}): Promise<CopyStats> {
   const started = Date.now();
   const unit = opts.unit ?? sink?.unit ?? 65536;
-  const requestBytes = Math.max(unit, Math.floor((opts.requestBytes ?? DEFAULT_REQUEST_BYTES) / unit) * unit);
-  const nbuf = Math.max(1, opts.buffers ?? DEFAULT_BUFFERS);
+  const lent = opts.bufferPool;
+  const asked = Math.min(opts.requestBytes ?? DEFAULT_REQUEST_BYTES, lent ? lent.size : Infinity);
+  if (lent && lent.size < unit) throw new Qcow2Error('QCOW2_RANGE', `buffers of ${lent.size} bytes cannot hold a unit of ${unit}`);
+  const requestBytes = Math.max(unit, Math.floor(asked / unit) * unit);
   const detect = opts.detectZeros ?? true;
   const size = src.virtualSize;
   const ranges = normalizeRanges(opts.ranges ?? [{ offset: 0, length: size }], unit, size);
   const stats: CopyStats = { totalBytes: ranges.reduce((a, r) => a + r.length, 0), readBytes: 0, dataBytes: 0, zeroBytes: 0, elapsedMs: 0 };
-  const pool = new Pool(nbuf, requestBytes);
+  const pool: CopyBufferPool = lent ?? new Pool(Math.max(1, opts.buffers ?? DEFAULT_BUFFERS), requestBytes);
   const queue: Request[] = [];
   const writes = new Set<Promise<void>>();
   const failed: { error: Error | null } = { error: null };
@@ -240,7 +259,12 @@ export async function copyImage(src: CopySource, sink: CopySink | null, opts: Co
   };
 
   const deliver = async (req: Request): Promise<void> => {
-    if (req.read) await req.read;
+    if (req.read)
+      await req.read.catch((e: unknown) => {
+        // Nothing was handed on from this buffer: it goes back now.
+        pool.give(req.buf!);
+        throw e;
+      });
     const tracked: Array<Promise<void>> = [];
     try {
       for (const p of req.pieces) {
@@ -320,6 +344,8 @@ export async function copyImage(src: CopySource, sink: CopySink | null, opts: Co
   } catch (e) {
     // Nothing may stay in flight once we return: reads into pool buffers, sink writes.
     await Promise.allSettled(queue.map((r) => r.read ?? Promise.resolve()));
+    // Requests read but never delivered: their buffers go back (a lent pool outlives the copy).
+    for (const r of queue.splice(0)) if (r.buf) pool.give(r.buf);
     while (writes.size) await Promise.allSettled([...writes]);
     throw e;
   }

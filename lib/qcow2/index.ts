@@ -50,6 +50,7 @@ export { Qcow2Writer, type Qcow2WriterOptions, type Qcow2WriterResult } from './
 export {
   copyImage,
   normalizeRanges,
+  CopyBufferPool,
   DEFAULT_BUFFERS,
   DEFAULT_REQUEST_BYTES,
   type CopySource,

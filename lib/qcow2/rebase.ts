@@ -184,8 +184,7 @@ export async function nativeRebase(opts: NativeRebaseOptions): Promise<NativeReb
       opts.checkpoint?.();
     }
     const w = new Writer(chain, nextFree, opts.batchBytes ?? 256 << 20, opts.checkpoint);
-    for await (const item of workItems(chain, j)) await w.add(item);
-    await w.flush();
+    await w.run(plan.work ?? workItems(chain, j));
     opts.checkpoint?.();
     result.copiedBytes = w.copiedBytes;
     result.newClusters = w.newClusters;

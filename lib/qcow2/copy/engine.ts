@@ -46,8 +46,18 @@ export interface CopyRange {
 }
 
 export interface CopyOptions {
-  /** Guest ranges to copy (sorted or not; widened to the sink's unit); default the whole disk. */
-  ranges?: CopyRange[];
+  /**
+   * Guest ranges to copy; default the whole disk. An array may be in any order. A stream is
+   * consumed as the copy goes (memory does not grow with it) and must come in guest order
+   * without overlap (QCOW2_RANGE otherwise). Both are widened to the unit and merged.
+   */
+  ranges?: CopyRange[] | AsyncIterable<CopyRange>;
+  /**
+   * Buffers to use instead of a pool of this call's own (several calls in a row, e.g. one per
+   * crash-safe batch, then share them): its buffer size caps `requestBytes`, its count is the
+   * number of buffers. All of them are back in the pool when the call settles.
+   */
+  pool?: CopyBufferPool;
   /** Bytes per read request (default 4 MiB). */
   requestBytes?: number;
   /** Buffers in the pool = reads/writes in flight (default 4). */
@@ -60,7 +70,7 @@ export interface CopyOptions {
   rateBytesPerSec?: number;
   /** Called in guest order for every run of the copied ranges, before the sink sees it. */
   onRun?: (run: CopyRun) => void | Promise<void>;
-  /** Guest bytes done (of the copied ranges) and their total, after each request. */
+  /** Guest bytes done (of the copied ranges) and their total (with streamed ranges: those seen so far), after each request. */
   onProgress?: (done: number, total: number) => void;
   /** Called before each request is started: throw to stop the copy (nothing then stays in flight). */
   checkpoint?: () => void;
@@ -113,6 +123,26 @@ export function normalizeRanges(ranges: CopyRange[], unit: number, size: number)
     else out.push({ offset: x.start, length: x.end - x.start });
   }
   return out;
+}
+
+/** Streamed ranges widened to `unit`, clipped and merged as they come; they must be in guest order. */
+async function* normalizeStream(ranges: AsyncIterable<CopyRange>, unit: number, size: number): AsyncGenerator<CopyRange> {
+  let cur: CopyRange | null = null;
+  let lastEnd = 0;
+  for await (const x of ranges) {
+    if (!(x.length > 0)) continue;
+    if (x.offset < lastEnd) throw new Qcow2Error('QCOW2_RANGE', `streamed copy range at ${x.offset} is out of guest order`);
+    lastEnd = x.offset + x.length;
+    const start = Math.max(0, Math.floor(x.offset / unit) * unit);
+    const end = Math.min(size, Math.ceil(lastEnd / unit) * unit);
+    if (start >= end) continue;
+    if (cur && start <= cur.offset + cur.length) cur.length = Math.max(cur.length, end - cur.offset);
+    else {
+      if (cur) yield cur;
+      cur = { offset: start, length: end - start };
+    }
+  }
+  if (cur) yield cur;
 }
 
 /** The status of `range` as alternating data / zero runs (zero and unallocated both read as zeros). */
@@ -169,9 +199,14 @@ async function* alignedPieces(
 }
 
 /** Pieces packed into requests holding at most `requestBytes` of data. */
-async function* requests(src: CopySource, ranges: CopyRange[], unit: number, requestBytes: number): AsyncGenerator<Request> {
+async function* requests(
+  src: CopySource,
+  ranges: Iterable<CopyRange> | AsyncIterable<CopyRange>,
+  unit: number,
+  requestBytes: number,
+): AsyncGenerator<Request> {
   let req: Request = { pieces: [], dataBytes: 0, buf: null, read: null };
-  for (const range of ranges) {
+  for await (const range of ranges) {
     for await (const p of alignedPieces(src, range, unit)) {
       if (p.kind === 'zero') {
         req.pieces.push({ ...p, at: 0 });
@@ -192,10 +227,14 @@ async function* requests(src: CopySource, ranges: CopyRange[], unit: number, req
   if (req.pieces.length) yield req;
 }
 
-class Pool {
+/** A fixed set of equal buffers, reusable across copies (CopyOptions.pool). */
+export class CopyBufferPool {
   private readonly free: Buffer[] = [];
   private readonly waiters: Array<(b: Buffer) => void> = [];
-  constructor(count: number, size: number) {
+  constructor(
+    readonly count: number,
+    readonly size: number,
+  ) {
     for (let i = 0; i < count; i++) this.free.push(Buffer.allocUnsafe(size));
   }
   get available(): number {
@@ -219,13 +258,33 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 export async function copyImage(src: CopySource, sink: CopySink | null, opts: CopyOptions = {}): Promise<CopyStats> {
   const started = Date.now();
   const unit = opts.unit ?? sink?.unit ?? 65536;
-  const requestBytes = Math.max(unit, Math.floor((opts.requestBytes ?? DEFAULT_REQUEST_BYTES) / unit) * unit);
+  let want = opts.requestBytes ?? DEFAULT_REQUEST_BYTES;
+  if (opts.pool) {
+    if (opts.pool.size < unit) throw new Qcow2Error('QCOW2_RANGE', `copy buffers of ${opts.pool.size} bytes are smaller than the unit ${unit}`);
+    want = Math.min(want, opts.pool.size);
+  }
+  const requestBytes = Math.max(unit, Math.floor(want / unit) * unit);
   const nbuf = Math.max(1, opts.buffers ?? DEFAULT_BUFFERS);
   const detect = opts.detectZeros ?? true;
   const size = src.virtualSize;
-  const ranges = normalizeRanges(opts.ranges ?? [{ offset: 0, length: size }], unit, size);
-  const stats: CopyStats = { totalBytes: ranges.reduce((a, r) => a + r.length, 0), readBytes: 0, dataBytes: 0, zeroBytes: 0, elapsedMs: 0 };
-  const pool = new Pool(nbuf, requestBytes);
+  const given = opts.ranges ?? [{ offset: 0, length: size }];
+  const stats: CopyStats = { totalBytes: 0, readBytes: 0, dataBytes: 0, zeroBytes: 0, elapsedMs: 0 };
+  let ranges: Iterable<CopyRange> | AsyncIterable<CopyRange>;
+  if (Array.isArray(given)) {
+    const list = normalizeRanges(given, unit, size);
+    stats.totalBytes = list.reduce((a, r) => a + r.length, 0);
+    ranges = list;
+  } else {
+    // Counted as they come: the total is what the stream has handed on so far.
+    const stream = normalizeStream(given, unit, size);
+    ranges = (async function* () {
+      for await (const r of stream) {
+        stats.totalBytes += r.length;
+        yield r;
+      }
+    })();
+  }
+  const pool = opts.pool ?? new CopyBufferPool(nbuf, requestBytes);
   const queue: Request[] = [];
   const writes = new Set<Promise<void>>();
   const failed: { error: Error | null } = { error: null };
@@ -240,9 +299,9 @@ export async function copyImage(src: CopySource, sink: CopySink | null, opts: Co
   };
 
   const deliver = async (req: Request): Promise<void> => {
-    if (req.read) await req.read;
     const tracked: Array<Promise<void>> = [];
     try {
+      if (req.read) await req.read;
       for (const p of req.pieces) {
         if (p.kind === 'zero') {
           await emit({ offset: p.offset, length: p.length, kind: 'zero' }, tracked);
@@ -318,8 +377,10 @@ export async function copyImage(src: CopySource, sink: CopySink | null, opts: Co
     while (writes.size) await Promise.all([...writes]);
     if (failed.error) throw failed.error;
   } catch (e) {
-    // Nothing may stay in flight once we return: reads into pool buffers, sink writes.
+    // Nothing may stay in flight once we return: reads into pool buffers, sink writes; and
+    // every buffer is back in the pool (it may be shared with the next copy).
     await Promise.allSettled(queue.map((r) => r.read ?? Promise.resolve()));
+    for (const r of queue.splice(0)) if (r.buf) pool.give(r.buf);
     while (writes.size) await Promise.allSettled([...writes]);
     throw e;
   }

@@ -1,5 +1,5 @@
-// The rebase writer: allocates at EOF, copies the old view's data with a few reads in flight
-// and one write at a time, edits L2 tables, and makes each batch durable in the crash-safe
+// The rebase writer: allocates at EOF, copies the old view's data through the shared copy
+// pipeline (a few reads in flight, one write at a time), edits L2 tables, and makes each batch durable in the crash-safe
 // order (docs/qcow2-notes.md §7): data → fdatasync → refcounts (new refcount blocks counted,
 // and written, before they are linked) → fdatasync → refcount table entries, in rounds so no
 // block is linked before the block counting it (fdatasync after each) → L2 (new tables
@@ -10,12 +10,13 @@ import type { Qcow2Image, ScratchEntry } from '../image.js';
 import { encodeL1Entry, encodeL2Entry, l2EntrySize } from '../l2.js';
 import { encodeRefTableEntry, entriesPerBlock, refTableEntry } from '../refcount.js';
 import type { ImageChain } from '../view.js';
+import { copyImage, CopyBufferPool, type CopyRange, type CopySink, type CopySource } from '../copy/engine.js';
 import type { WorkItem } from './plan.js';
 
-// Copies in flight × their size is the data in memory (4 MiB): large enough for the disk to
-// stream, small enough that peak RSS stays within 32 MiB of the idle program's.
-const COPY_CHUNK = 1 << 20;
-const COPIES_IN_FLIGHT = 4;
+// Requests in flight × their size is the data in memory: large enough for the disk to stream,
+// small enough that peak RSS stays within 32 MiB of the idle program's.
+const COPY_REQUEST = 2 << 20;
+const COPY_BUFFERS = 4;
 /** Dirty L2 tables held per batch (each batch rewrites them): bounds memory on huge sparse disks. */
 const MAX_DIRTY_L2_BYTES = 4 << 20;
 /** Bytes written between two early writebacks (one at a time). */
@@ -54,25 +55,35 @@ function linkRounds<B extends { off: number }>(blocks: Map<number, B>, cs: numbe
   return rounds;
 }
 
-interface CopyRun {
+/** Guest bytes of the old view going to host bytes of the target (merged when both continue). */
+interface CopyMap {
   guest: number;
   dest: number;
   len: number;
 }
 
-/** Takes the work items in guest order; flush() makes everything added so far durable. */
-export class Writer {
+/**
+ * Takes the work items in guest order, batch by batch: each batch's copies run through the
+ * shared copy pipeline (copyImage, streamed ranges, this writer as its sink), then flush()
+ * makes the batch durable in the order above.
+ */
+export class Writer implements CopySink {
   private readonly T: Qcow2Image;
   private readonly cs: number;
+  /** The copy unit: a subcluster (a cluster without extended L2). */
+  readonly unit: number;
   private batchStart: number;
   private dirty = new Map<number, DirtyL2>();
   private dirtyBytes = 0;
-  /** Copies merged so far and not yet started (the last one may still grow). */
-  private queue: CopyRun[] = [];
-  private inFlight: Promise<void>[] = [];
-  private copyError: Error | null = null;
+  /** Guest → host of the batch's copies, in guest order; consumed from `head` by writeData. */
+  private maps: CopyMap[] = [];
+  private head = 0;
+  private headDone = 0;
+  /** Guest ranges queued by add() and not yet handed to the copy. */
+  private fresh: CopyRange[] = [];
   private writeTail: Promise<void> = Promise.resolve();
-  private readonly buffers: Buffer[] = Array.from({ length: COPIES_IN_FLIGHT }, () => Buffer.allocUnsafe(COPY_CHUNK));
+  private readonly pool = new CopyBufferPool(COPY_BUFFERS, COPY_REQUEST);
+  private readonly source: CopySource;
   private readonly scratch: ScratchEntry = { type: 'standard', host: 0, alloc: 0, zero: 0, copied: false, sectors: 0, size: 0 };
   /** Early writeback: bytes written since the last one started, the one running, its failure. */
   private unflushed = 0;
@@ -84,14 +95,55 @@ export class Writer {
   batches = 0;
 
   constructor(
-    private readonly chain: ImageChain,
+    chain: ImageChain,
     private nextFree: number,
     private readonly batchBytes: number,
     private readonly checkpoint?: () => void,
   ) {
     this.T = chain.top;
     this.cs = this.T.clusterSize;
+    this.unit = this.T.subclusterSize;
     this.batchStart = nextFree;
+    // The old view (layer 1 down), read only where the plan found data: no status walk needed.
+    // Whole clusters, even the last one past the virtual size (it reads as zeros there).
+    this.source = {
+      virtualSize: Math.ceil(this.T.virtualSize / this.cs) * this.cs,
+      status: (_offset, maxLen) => Promise.resolve({ length: maxLen, kind: 'data' }),
+      readInto: (buf, bufOffset, offset, length) => chain.readInto(buf, bufOffset, offset, length, 1),
+    };
+  }
+
+  /**
+   * All the work: batches of at most `batchBytes` copied (or MAX_DIRTY_L2_BYTES of L2 tables
+   * edited), each made durable before the next starts, `checkpoint` between them.
+   */
+  async run(items: AsyncIterable<WorkItem> | WorkItem[]): Promise<void> {
+    const it: AsyncIterator<WorkItem> | Iterator<WorkItem> = Array.isArray(items)
+      ? items[Symbol.iterator]()
+      : items[Symbol.asyncIterator]();
+    const state = { more: true };
+    // The walk runs inside the copy: metadata is read while data moves.
+    const batchRanges = async function* (this: Writer): AsyncGenerator<CopyRange> {
+      for (;;) {
+        const r = await it.next();
+        if (r.done) {
+          state.more = false;
+          return;
+        }
+        await this.add(r.value);
+        if (this.fresh.length) {
+          const out = this.fresh;
+          this.fresh = [];
+          yield* out;
+        }
+        if (this.batchCopied >= this.batchBytes || this.dirtyBytes >= MAX_DIRTY_L2_BYTES) return;
+      }
+    };
+    while (state.more) {
+      await copyImage(this.source, this, { ranges: batchRanges.call(this), pool: this.pool, unit: this.unit, detectZeros: false });
+      await this.flush();
+      if (state.more) this.checkpoint?.();
+    }
   }
 
   private alloc(): number {
@@ -158,90 +210,80 @@ export class Writer {
     const first = item.c % T.l2Entries;
     d.lo = Math.min(d.lo, first * esz);
     d.hi = Math.max(d.hi, (first + item.n) * esz);
-    await this.pump(false);
-    if (this.batchCopied >= this.batchBytes || this.dirtyBytes >= MAX_DIRTY_L2_BYTES) {
-      await this.flush();
-      this.checkpoint?.();
-    }
   }
 
-  /** Queue a copy, merged with the previous one when both sides continue it. */
+  /** Queue a copy: its guest range for the pipeline, its host place for writeData. */
   private copy(guest: number, dest: number, len: number): void {
     this.batchCopied += len;
     this.copiedBytes += len;
-    const r = this.queue.at(-1);
-    if (r && r.guest + r.len === guest && r.dest + r.len === dest && r.len + len <= COPY_CHUNK) {
-      r.len += len;
-      return;
-    }
-    // Pieces of at most one copy buffer (a 2 MiB cluster is two).
-    for (let at = 0; at < len; at += COPY_CHUNK)
-      this.queue.push({ guest: guest + at, dest: dest + at, len: Math.min(COPY_CHUNK, len - at) });
+    const f = this.fresh.at(-1);
+    if (f && f.offset + f.length === guest) f.length += len;
+    else this.fresh.push({ offset: guest, length: len });
+    const m = this.maps.at(-1);
+    if (m && this.maps.length > this.head && m.guest + m.len === guest && m.dest + m.len === dest) m.len += len;
+    else this.maps.push({ guest, dest, len });
   }
 
-  /** Start the queued copies (all of them, or all but the last, which may still grow). */
-  private async pump(all: boolean): Promise<void> {
-    const keep = all ? 0 : 1;
-    if (this.queue.length <= keep) return;
-    const q = this.queue;
-    const n = q.length - keep;
-    for (let i = 0; i < n; i++) {
-      while (this.inFlight.length >= COPIES_IN_FLIGHT) await this.inFlight.shift();
-      if (this.copyError) throw this.copyError;
-      this.start(q[i]!);
-    }
-    this.queue = q.slice(n);
-  }
-
-  private start(r: CopyRun): void {
-    // A fixed pool of copy buffers: memory stays flat whatever the disk size.
-    const buf = this.buffers.pop()!;
-    const file = this.T.file;
-    const task = (async () => {
-      try {
-        const view = buf.subarray(0, r.len);
-        await this.chain.readInto(view, 0, r.guest, r.len, 1);
-        // Reads overlap; writes go one at a time, in order. Concurrent writes gain nothing on
-        // a local disk and cost a lot where the NAS client splits them into small requests.
-        const write = this.writeTail.then(() => file.write(view, r.dest));
-        this.writeTail = write.catch(() => {});
-        await write;
-        this.unflushed += r.len;
-        // Start writing back early, so the batch's fdatasync finds little left to do and the
-        // disk works while we copy. Only durability changes: the order of the batch holds.
-        if (this.unflushed >= WRITEBACK_BYTES && this.writeback === null && file.writeback) {
-          this.unflushed = 0;
-          this.writeback = file.writeback().then(
-            () => {
-              this.writeback = null;
-            },
-            (e: unknown) => {
-              this.writebackError ??= e instanceof Error ? e : new Error(String(e));
-              this.writeback = null;
-            },
-          );
-        }
-      } finally {
-        this.buffers.push(buf);
+  /** CopySink: guest bytes of the old view, in guest order, to the host places add() chose. */
+  writeData(offset: number, buf: Buffer): Promise<void> {
+    const parts: Array<Promise<void>> = [];
+    for (let at = 0; at < buf.length;) {
+      const m = this.maps[this.head];
+      if (!m || m.guest + this.headDone !== offset + at)
+        return Promise.reject(new Qcow2Error('QCOW2_RANGE', `copy of guest ${offset + at} was not planned by the rebase`, this.T.path));
+      const n = Math.min(m.len - this.headDone, buf.length - at);
+      parts.push(this.write(buf.subarray(at, at + n), m.dest + this.headDone));
+      at += n;
+      this.headDone += n;
+      if (this.headDone === m.len) {
+        this.head++;
+        this.headDone = 0;
       }
-    })();
-    // Tasks never reject; the first failure is kept and rethrown before any metadata is written.
-    this.inFlight.push(
-      task.catch((e: unknown) => {
-        this.copyError ??= e instanceof Error ? e : new Error(String(e));
-      }),
-    );
+    }
+    return Promise.all(parts).then(() => {});
+  }
+
+  writeZero(offset: number): Promise<void> {
+    // Zero detection is off and every range is data: the rebase never gets here.
+    return Promise.reject(new Qcow2Error('QCOW2_RANGE', `unexpected zero run at guest ${offset}`, this.T.path));
+  }
+
+  /**
+   * Writes go one at a time, in order (reads overlap them). Concurrent writes gain nothing on
+   * a local disk and cost a lot where the NAS client splits them into small requests.
+   */
+  private write(view: Buffer, dest: number): Promise<void> {
+    const file = this.T.file;
+    const w = this.writeTail.then(() => file.write(view, dest));
+    this.writeTail = w.catch(() => {});
+    return w.then(() => {
+      this.unflushed += view.length;
+      // Start writing back early, so the batch's fdatasync finds little left to do and the
+      // disk works while we copy. Only durability changes: the order of the batch holds.
+      if (this.unflushed >= WRITEBACK_BYTES && this.writeback === null && file.writeback) {
+        this.unflushed = 0;
+        this.writeback = file.writeback().then(
+          () => {
+            this.writeback = null;
+          },
+          (e: unknown) => {
+            this.writebackError ??= e instanceof Error ? e : new Error(String(e));
+            this.writeback = null;
+          },
+        );
+      }
+    });
   }
 
   private async drain(): Promise<void> {
-    await this.pump(true);
-    const q = this.inFlight;
-    this.inFlight = [];
-    await Promise.all(q);
     while (this.writeback) await this.writeback;
-    if (this.copyError) throw this.copyError;
     // A failed fdatasync may be reported once only: the next one could pass with data lost.
     if (this.writebackError) throw this.writebackError;
+    if (this.head !== this.maps.length)
+      throw new Qcow2Error('QCOW2_RANGE', `the copy ended with ${this.maps.length - this.head} planned run(s) unwritten`, this.T.path);
+    this.maps = [];
+    this.head = 0;
+    this.headDone = 0;
   }
 
   async flush(): Promise<void> {

@@ -24,10 +24,13 @@ const WRITEBACK_BYTES = 64 << 20;
 
 interface DirtyL2 {
   off: number;
-  table: Buffer;
-  isNew: boolean;
-  lo: number;
-  hi: number;
+  /** A new table: all of it (written whole before it is linked). Null for an existing table. */
+  table: Buffer | null;
+  /**
+   * An existing table: the edited entries only, a piece per work item, in table order. Whole
+   * copies of every touched table would make memory grow with a sparse delta's disk size.
+   */
+  patches: Array<{ at: number; bytes: Buffer }>;
 }
 
 /**
@@ -153,20 +156,16 @@ export class Writer implements CopySink {
     return off;
   }
 
-  private async l2ForWrite(l1i: number): Promise<DirtyL2> {
+  private l2ForWrite(l1i: number): DirtyL2 {
     const d = this.dirty.get(l1i);
     if (d) return d;
     const off = this.T.l2Offset(l1i);
     let entry: DirtyL2;
-    if (off === 0) entry = { off: this.alloc(), table: this.T.tableBuffer().fill(0), isNew: true, lo: 0, hi: this.cs };
-    else {
-      const src = (await this.T.l2Table(l1i))!;
-      const table = this.T.tableBuffer();
-      src.copy(table);
-      entry = { off, table, isNew: false, lo: this.cs, hi: 0 };
-    }
+    if (off === 0) {
+      entry = { off: this.alloc(), table: this.T.tableBuffer().fill(0), patches: [] };
+      this.dirtyBytes += this.cs;
+    } else entry = { off, table: null, patches: [] };
     this.dirty.set(l1i, entry);
-    this.dirtyBytes += this.cs;
     return entry;
   }
 
@@ -174,12 +173,19 @@ export class Writer implements CopySink {
   async add(item: WorkItem): Promise<void> {
     const T = this.T;
     const l1i = Math.floor(item.c / T.l2Entries);
-    const d = await this.l2ForWrite(l1i);
+    const d = this.l2ForWrite(l1i);
     const e = this.scratch;
     const us = T.subclusterSize;
     const esz = l2EntrySize(T);
+    // Current entries: the new table, or the image's own (unchanged until flush(); no item
+    // touches a cluster twice).
+    const src = d.table ?? (await T.l2Table(l1i))!;
+    const first = item.c % T.l2Entries;
+    const patch = d.table ? null : Buffer.allocUnsafe(item.n * esz);
+    const dst = d.table ?? patch!;
+    const base = d.table ? 0 : first;
     for (let c = item.c; c < item.c + item.n; c++) {
-      T.entryInto(d.table, c, e);
+      T.entryInto(src, c, e);
       if (e.type !== 'standard') throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${c} changed under the rebase`, T.path);
       let host = e.host;
       if (item.data && host === 0) host = this.alloc();
@@ -193,10 +199,10 @@ export class Writer implements CopySink {
         this.copy(c * this.cs + s * us, host + s * us, n * us);
         s += n;
       }
-      const idx = c % T.l2Entries;
+      const idx = (c % T.l2Entries) - base;
       // New clusters are exclusively owned (COPIED); with extended L2 the bitmaps only gain bits.
       if (T.extendedL2)
-        encodeL2Entry(d.table, idx, T, {
+        encodeL2Entry(dst, idx, T, {
           type: 'standard',
           host,
           alloc: e.alloc | item.data,
@@ -204,12 +210,13 @@ export class Writer implements CopySink {
           copied: host !== 0 || e.copied,
           sectors: 0,
         });
-      else if (item.data) encodeL2Entry(d.table, idx, T, { type: 'standard', host, alloc: 1, zero: 0, copied: true, sectors: 0 });
-      else encodeL2Entry(d.table, idx, T, { type: 'standard', host: 0, alloc: 0, zero: 1, copied: false, sectors: 0 });
+      else if (item.data) encodeL2Entry(dst, idx, T, { type: 'standard', host, alloc: 1, zero: 0, copied: true, sectors: 0 });
+      else encodeL2Entry(dst, idx, T, { type: 'standard', host: 0, alloc: 0, zero: 1, copied: false, sectors: 0 });
     }
-    const first = item.c % T.l2Entries;
-    d.lo = Math.min(d.lo, first * esz);
-    d.hi = Math.max(d.hi, (first + item.n) * esz);
+    if (patch) {
+      d.patches.push({ at: first * esz, bytes: patch });
+      this.dirtyBytes += patch.length;
+    }
   }
 
   /** Queue a copy: its guest range for the pipeline, its host place for writeData. */
@@ -326,20 +333,35 @@ export class Writer implements CopySink {
       }
       await file.datasync();
     }
-    // 3. L2 tables: new ones complete, existing ones the changed entries.
+    // 3. L2 tables: new ones complete, existing ones the changed entries (adjacent pieces in one write).
     T.fileSize = Math.max(T.fileSize, this.nextFree);
     for (const d of this.dirty.values()) {
-      if (d.isNew) await file.write(d.table, d.off);
-      else if (d.hi > d.lo) await file.write(Buffer.from(d.table.subarray(d.lo, d.hi)), d.off + d.lo);
+      if (d.table) {
+        await file.write(d.table, d.off);
+        continue;
+      }
+      for (let i = 0; i < d.patches.length;) {
+        let k = i + 1;
+        let end = d.patches[i]!.at + d.patches[i]!.bytes.length;
+        while (k < d.patches.length && d.patches[k]!.at === end) end += d.patches[k++]!.bytes.length;
+        const bytes = k === i + 1 ? d.patches[i]!.bytes : Buffer.concat(d.patches.slice(i, k).map((x) => x.bytes));
+        await file.write(bytes, d.off + d.patches[i]!.at);
+        i = k;
+      }
     }
     await file.datasync();
     // 4. L1 entries of the new L2 tables.
     let l1Written = false;
     for (const [l1i, d] of this.dirty) {
+      if (!d.table) {
+        // Keep a cached copy coherent with what was written.
+        const cached = T.l2TableCached(l1i);
+        if (cached) for (const x of d.patches) x.bytes.copy(cached, x.at);
+        continue;
+      }
       // Keep the cache coherent; a table it does not hold goes back to the buffer pool.
       if (T.hasCachedL2(d.off)) T.cacheL2(d.off, d.table);
       else T.releaseTable(d.table);
-      if (!d.isNew) continue;
       const b = Buffer.alloc(8);
       encodeL1Entry(b, 0, d.off, true);
       await file.write(b, T.l1TableOffset + l1i * 8);

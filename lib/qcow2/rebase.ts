@@ -45,6 +45,8 @@ export interface NativeRebaseOptions {
   newBackingFormat?: 'qcow2';
   /** Data per crash-consistent batch (default 256 MiB). */
   batchBytes?: number;
+  /** Copy requests: bytes each (default 2 MiB) and how many at once (default 4); memory is their product. */
+  copy?: { requestBytes?: number; buffers?: number };
   hooks?: RebaseHooks;
   /** Wrap the target's file (tests: power-loss models). */
   wrapFile?: (f: BlockFile) => BlockFile;
@@ -183,7 +185,7 @@ export async function nativeRebase(opts: NativeRebaseOptions): Promise<NativeReb
       result.refcountTableGrown = true;
       opts.checkpoint?.();
     }
-    const w = new Writer(chain, nextFree, opts.batchBytes ?? 256 << 20, opts.checkpoint);
+    const w = new Writer(chain, nextFree, opts.batchBytes ?? 256 << 20, opts.checkpoint, opts.copy);
     await w.run(plan.work ?? workItems(chain, j));
     opts.checkpoint?.();
     result.copiedBytes = w.copiedBytes;

@@ -15,8 +15,8 @@ import type { WorkItem } from './plan.js';
 
 // Requests in flight × their size is the data in memory: large enough for the disk to stream,
 // small enough that peak RSS stays within 32 MiB of the idle program's.
-const COPY_REQUEST = 2 << 20;
-const COPY_BUFFERS = 4;
+export const COPY_REQUEST = 2 << 20;
+export const COPY_BUFFERS = 4;
 /** Dirty L2 tables held per batch (each batch rewrites them): bounds memory on huge sparse disks. */
 const MAX_DIRTY_L2_BYTES = 4 << 20;
 /** Bytes written between two early writebacks (one at a time). */
@@ -85,7 +85,7 @@ export class Writer implements CopySink {
   /** Guest ranges queued by add() and not yet handed to the copy. */
   private fresh: CopyRange[] = [];
   private writeTail: Promise<void> = Promise.resolve();
-  private readonly pool = new CopyBufferPool(COPY_BUFFERS, COPY_REQUEST);
+  private readonly pool: CopyBufferPool;
   private readonly source: CopySource;
   private readonly scratch: ScratchEntry = { type: 'standard', host: 0, alloc: 0, zero: 0, copied: false, sectors: 0, size: 0 };
   /** Early writeback: bytes written since the last one started, the one running, its failure. */
@@ -102,7 +102,9 @@ export class Writer implements CopySink {
     private nextFree: number,
     private readonly batchBytes: number,
     private readonly checkpoint?: () => void,
+    copy: { requestBytes?: number; buffers?: number } = {},
   ) {
+    this.pool = new CopyBufferPool(copy.buffers ?? COPY_BUFFERS, copy.requestBytes ?? COPY_REQUEST);
     this.T = chain.top;
     this.cs = this.T.clusterSize;
     this.unit = this.T.subclusterSize;

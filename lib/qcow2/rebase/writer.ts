@@ -120,7 +120,8 @@ export class Writer implements CopySink {
 
   /**
    * All the work: batches of at most `batchBytes` copied (or MAX_DIRTY_L2_BYTES of L2 tables
-   * edited), each made durable before the next starts, `checkpoint` between them.
+   * edited), each made durable before the next starts; `checkpoint` before each copy request
+   * and between batches.
    */
   async run(items: AsyncIterable<WorkItem> | WorkItem[]): Promise<void> {
     const it: AsyncIterator<WorkItem> | Iterator<WorkItem> = Array.isArray(items)
@@ -145,7 +146,15 @@ export class Writer implements CopySink {
       }
     };
     while (state.more) {
-      await copyImage(this.source, this, { ranges: batchRanges.call(this), pool: this.pool, unit: this.unit, detectZeros: false });
+      // A stop inside a batch (checkpoint before each copy request) leaves its data in clusters
+      // nothing references yet: the image is as before the batch, as after a crash there.
+      await copyImage(this.source, this, {
+        ranges: batchRanges.call(this),
+        pool: this.pool,
+        unit: this.unit,
+        detectZeros: false,
+        ...(this.checkpoint ? { checkpoint: this.checkpoint } : {}),
+      });
       await this.flush();
       if (state.more) this.checkpoint?.();
     }

@@ -260,7 +260,8 @@ export async function copyImage(src: CopySource, sink: CopySink | null, opts: Co
   const unit = opts.unit ?? sink?.unit ?? 65536;
   let want = opts.requestBytes ?? DEFAULT_REQUEST_BYTES;
   if (opts.pool) {
-    if (opts.pool.size < unit) throw new Qcow2Error('QCOW2_RANGE', `copy buffers of ${opts.pool.size} bytes are smaller than the unit ${unit}`);
+    if (opts.pool.size < unit)
+      throw new Qcow2Error('QCOW2_RANGE', `copy buffers of ${opts.pool.size} bytes are smaller than the unit ${unit}`);
     want = Math.min(want, opts.pool.size);
   }
   const requestBytes = Math.max(unit, Math.floor(want / unit) * unit);

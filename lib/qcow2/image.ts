@@ -7,7 +7,7 @@ import { Qcow2Error } from './errors.js';
 import { checkReadable, decodeHeader, INCOMPAT_EXTL2, QCOW2_MAGIC, V3_MIN_HEADER_LENGTH, type Qcow2Header } from './header.js';
 import { zstdFrameLength } from './zstd.js';
 import { NodeBlockFile, type BlockFile } from './io.js';
-import { compressedBytes, decodeL2Entry, zeroEntriesFrom, l1EntryCopied, l1EntryOffset, type L2Entry } from './l2.js';
+import { compressedBytes, decodeL2Entry, l1EntryCopied, l1EntryOffset, type L2Entry } from './l2.js';
 import { entriesPerBlock, getRefcount, refTableEntry } from './refcount.js';
 
 /** QEMU's limits. */
@@ -357,16 +357,6 @@ export class Qcow2Image {
           pEnd = tEnd;
         } else {
           const c = Math.floor(pos / cs);
-          const zeros = pos === c * cs && (out === null || (out.kind === 'unallocated' && out.host === undefined));
-          const k = zeros ? zeroEntriesFrom(table, c % this.l2Entries, Math.ceil((tEnd - pos) / cs), this) : 0;
-          if (k > 0) {
-            // A run of empty entries: unallocated, as a decode of each would say.
-            pEnd = Math.min(pos + k * cs, tEnd);
-            if (out === null) out = { offset: pos, length: pEnd - pos, kind: 'unallocated' };
-            else out.length += pEnd - pos;
-            pos = pEnd;
-            continue;
-          }
           this.entryInto(table, c, e);
           const cEnd = Math.min((c + 1) * cs, end);
           if (e.type === 'compressed') {

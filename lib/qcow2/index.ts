@@ -50,7 +50,6 @@ export { Qcow2Writer, type Qcow2WriterOptions, type Qcow2WriterResult } from './
 export {
   copyImage,
   normalizeRanges,
-  CopyBufferPool,
   DEFAULT_BUFFERS,
   DEFAULT_REQUEST_BYTES,
   type CopySource,
@@ -59,6 +58,7 @@ export {
   type CopyRange,
   type CopyOptions,
   type CopyStats,
+  type CopyBufferPool,
 } from './copy/engine.js';
 export { RawFileSink, BlockDeviceSink } from './copy/sinks.js';
 export { checkImage, describeCheck, type Qcow2CheckResult, type CheckVerdict, type CheckOptions } from './check.js';

@@ -37,23 +37,6 @@ export function l2EntrySize(layout: L2Layout): number {
   return layout.extendedL2 ? 16 : 8;
 }
 
-/**
- * How many entries from `index` on (at most `max`) are all zero bytes: unallocated, nothing
- * else to decode or check. Sparse disks are mostly such entries; a word loop skips them at a
- * fraction of a decode's cost.
- */
-export function zeroEntriesFrom(table: Buffer, index: number, max: number, layout: L2Layout): number {
-  const words = l2EntrySize(layout) / 4;
-  const n = Math.min(max, table.length / (words * 4) - index);
-  if (table.byteOffset % 4 === 0) {
-    const w = new Int32Array(table.buffer, table.byteOffset + index * words * 4, n * words);
-    for (let i = 0; i < w.length; i++) if (w[i] !== 0) return Math.floor(i / words);
-    return n;
-  }
-  for (let k = 0; k < n; k++) for (let x = 0; x < words; x++) if (table.readInt32LE((index + k) * words * 4 + x * 4) !== 0) return k;
-  return n;
-}
-
 export function emptyL2Entry(): L2Entry {
   return { type: 'standard', host: 0, alloc: 0, zero: 0, copied: false, sectors: 0 };
 }

@@ -45,7 +45,7 @@ export interface NativeRebaseOptions {
   newBackingFormat?: 'qcow2';
   /** Data per crash-consistent batch (default 1 GiB: each batch ends with a pause of the pipeline for its syncs). */
   batchBytes?: number;
-  /** Copy requests: bytes each (default 2 MiB) and how many at once (default 4); memory is their product. */
+  /** Copy requests: bytes each (default 1 MiB) and how many at once (default 4); memory is their product. */
   copy?: { requestBytes?: number; buffers?: number };
   hooks?: RebaseHooks;
   /** Wrap the target's file (tests: power-loss models). */

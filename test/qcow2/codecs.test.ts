@@ -28,7 +28,6 @@ import {
   l2EntrySize,
   type L2Entry,
   type L2Layout,
-  zeroEntriesFrom,
 } from '../../lib/qcow2/l2.js';
 import { encodeRefTableEntry, entryByteSpan, getRefcount, refTableEntry, setRefcount } from '../../lib/qcow2/refcount.js';
 import { numRuns } from './gen.js';
@@ -340,32 +339,6 @@ describe('L2 entry codec', () => {
       copied: false,
       sectors: 0,
     });
-  });
-});
-
-describe('runs of empty L2 entries', () => {
-  it('zeroEntriesFrom counts the all-zero entries a byte-wise look counts, aligned or not', () => {
-    fc.assert(
-      fc.property(
-        fc.boolean(),
-        fc.array(fc.tuple(fc.nat(63), fc.nat(15), fc.integer({ min: 1, max: 255 })), { maxLength: 4 }),
-        fc.nat(63),
-        fc.integer({ min: 0, max: 70 }),
-        fc.integer({ min: 0, max: 3 }),
-        (ext, pokes, index, max, shift) => {
-          const layout = { clusterBits: 16, extendedL2: ext };
-          const esz = l2EntrySize(layout);
-          const backing = Buffer.alloc(64 * esz + 8);
-          const table = backing.subarray(shift, shift + 64 * esz); // shift ≠ 0: not word-aligned
-          for (const [e, b, v] of pokes) table[e * esz + (b % esz)] = v;
-          let want = 0;
-          const limit = Math.min(max, 64 - index);
-          while (want < limit && table.subarray((index + want) * esz, (index + want + 1) * esz).every((x) => x === 0)) want++;
-          expect(zeroEntriesFrom(table, index, max, layout)).toBe(want);
-        },
-      ),
-      { numRuns: numRuns(300) },
-    );
   });
 });
 

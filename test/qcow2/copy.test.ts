@@ -7,7 +7,7 @@ import fc from 'fast-check';
 import { afterAll, describe, expect, it } from 'vitest';
 import {
   copyImage,
-  CopyBufferPool,
+  type CopyBufferPool,
   ImageChain,
   normalizeRanges,
   Qcow2Writer,
@@ -346,7 +346,23 @@ describe('copyImage', () => {
 
   it('a shared buffer pool: reused by copy after copy, whole again after a failure, caps the request size', async () => {
     const size = 8 << 20;
-    const pool = new CopyBufferPool(3, 1 << 20);
+    const free: Buffer[] = Array.from({ length: 3 }, () => Buffer.allocUnsafe(1 << 20));
+    const waiters: Array<(b: Buffer) => void> = [];
+    const pool: CopyBufferPool = {
+      size: 1 << 20,
+      get available() {
+        return free.length;
+      },
+      take: () => {
+        const b = free.pop();
+        return b ? Promise.resolve(b) : new Promise((r) => waiters.push(r));
+      },
+      give: (b) => {
+        const w = waiters.shift();
+        if (w) w(b);
+        else free.push(b);
+      },
+    };
     const content = Buffer.alloc(size, 7);
     const bufs = new Set<ArrayBufferLike>();
     const sizes = new Set<number>();
@@ -358,7 +374,7 @@ describe('copyImage', () => {
       },
       writeZero: async () => {},
     };
-    for (let i = 0; i < 3; i++) await copyImage(memorySource(content, 65536), sink, { pool, requestBytes: 4 << 20 });
+    for (let i = 0; i < 3; i++) await copyImage(memorySource(content, 65536), sink, { bufferPool: pool, requestBytes: 4 << 20 });
     expect(bufs.size).toBeLessThanOrEqual(3);
     expect(Math.max(...sizes)).toBe(1 << 20);
     expect(pool.available).toBe(3);
@@ -371,11 +387,11 @@ describe('copyImage', () => {
         b.fill(1);
       },
     };
-    await expect(copyImage(failing, sink, { pool })).rejects.toThrow('EIO');
+    await expect(copyImage(failing, sink, { bufferPool: pool })).rejects.toThrow('EIO');
     expect(pool.available).toBe(3);
     await expect(
       copyImage(failing, sink, {
-        pool,
+        bufferPool: pool,
         checkpoint: () => {
           throw new Error('stop');
         },

@@ -45,6 +45,19 @@ export interface CopyRange {
   length: number;
 }
 
+/**
+ * Read buffers lent by the caller (e.g. slots of a shared memory that hash workers read):
+ * `take()` settles once one is free, `give()` returns it after its writes settled; every
+ * buffer holds `size` bytes. A buffer given back may stay busy a while (a worker still
+ * hashing it): `available` says how many can be taken now.
+ */
+export interface CopyBufferPool {
+  readonly size: number;
+  readonly available: number;
+  take(): Promise<Buffer>;
+  give(b: Buffer): void;
+}
+
 export interface CopyOptions {
   /**
    * Guest ranges to copy; default the whole disk. An array may be in any order. A stream is
@@ -52,16 +65,12 @@ export interface CopyOptions {
    * without overlap (QCOW2_RANGE otherwise). Both are widened to the unit and merged.
    */
   ranges?: CopyRange[] | AsyncIterable<CopyRange>;
-  /**
-   * Buffers to use instead of a pool of this call's own (several calls in a row, e.g. one per
-   * crash-safe batch, then share them): its buffer size caps `requestBytes`, its count is the
-   * number of buffers. All of them are back in the pool when the call settles.
-   */
-  pool?: CopyBufferPool;
   /** Bytes per read request (default 4 MiB). */
   requestBytes?: number;
   /** Buffers in the pool = reads/writes in flight (default 4). */
   buffers?: number;
+  /** Use these buffers instead (requests are then at most its `size`; `buffers` is ignored). */
+  bufferPool?: CopyBufferPool;
   /** Alignment unit (default the sink's `unit`, else 64 KiB). */
   unit?: number;
   /** Report data units that are all zeros as zero (default true). */
@@ -227,14 +236,12 @@ async function* requests(
   if (req.pieces.length) yield req;
 }
 
-/** A fixed set of equal buffers, reusable across copies (CopyOptions.pool). */
-export class CopyBufferPool {
+class Pool implements CopyBufferPool {
+  readonly size: number;
   private readonly free: Buffer[] = [];
   private readonly waiters: Array<(b: Buffer) => void> = [];
-  constructor(
-    readonly count: number,
-    readonly size: number,
-  ) {
+  constructor(count: number, size: number) {
+    this.size = size;
     for (let i = 0; i < count; i++) this.free.push(Buffer.allocUnsafe(size));
   }
   get available(): number {
@@ -258,14 +265,10 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 export async function copyImage(src: CopySource, sink: CopySink | null, opts: CopyOptions = {}): Promise<CopyStats> {
   const started = Date.now();
   const unit = opts.unit ?? sink?.unit ?? 65536;
-  let want = opts.requestBytes ?? DEFAULT_REQUEST_BYTES;
-  if (opts.pool) {
-    if (opts.pool.size < unit)
-      throw new Qcow2Error('QCOW2_RANGE', `copy buffers of ${opts.pool.size} bytes are smaller than the unit ${unit}`);
-    want = Math.min(want, opts.pool.size);
-  }
-  const requestBytes = Math.max(unit, Math.floor(want / unit) * unit);
-  const nbuf = Math.max(1, opts.buffers ?? DEFAULT_BUFFERS);
+  const lent = opts.bufferPool;
+  const asked = Math.min(opts.requestBytes ?? DEFAULT_REQUEST_BYTES, lent ? lent.size : Infinity);
+  if (lent && lent.size < unit) throw new Qcow2Error('QCOW2_RANGE', `buffers of ${lent.size} bytes cannot hold a unit of ${unit}`);
+  const requestBytes = Math.max(unit, Math.floor(asked / unit) * unit);
   const detect = opts.detectZeros ?? true;
   const size = src.virtualSize;
   const given = opts.ranges ?? [{ offset: 0, length: size }];
@@ -285,7 +288,7 @@ export async function copyImage(src: CopySource, sink: CopySink | null, opts: Co
       }
     })();
   }
-  const pool = opts.pool ?? new CopyBufferPool(nbuf, requestBytes);
+  const pool: CopyBufferPool = lent ?? new Pool(Math.max(1, opts.buffers ?? DEFAULT_BUFFERS), requestBytes);
   const queue: Request[] = [];
   const writes = new Set<Promise<void>>();
   const failed: { error: Error | null } = { error: null };
@@ -300,9 +303,14 @@ export async function copyImage(src: CopySource, sink: CopySink | null, opts: Co
   };
 
   const deliver = async (req: Request): Promise<void> => {
+    if (req.read)
+      await req.read.catch((e: unknown) => {
+        // Nothing was handed on from this buffer: it goes back now.
+        pool.give(req.buf!);
+        throw e;
+      });
     const tracked: Array<Promise<void>> = [];
     try {
-      if (req.read) await req.read;
       for (const p of req.pieces) {
         if (p.kind === 'zero') {
           await emit({ offset: p.offset, length: p.length, kind: 'zero' }, tracked);
@@ -378,9 +386,9 @@ export async function copyImage(src: CopySource, sink: CopySink | null, opts: Co
     while (writes.size) await Promise.all([...writes]);
     if (failed.error) throw failed.error;
   } catch (e) {
-    // Nothing may stay in flight once we return: reads into pool buffers, sink writes; and
-    // every buffer is back in the pool (it may be shared with the next copy).
+    // Nothing may stay in flight once we return: reads into pool buffers, sink writes.
     await Promise.allSettled(queue.map((r) => r.read ?? Promise.resolve()));
+    // Requests read but never delivered: their buffers go back (a lent pool outlives the copy).
     for (const r of queue.splice(0)) if (r.buf) pool.give(r.buf);
     while (writes.size) await Promise.allSettled([...writes]);
     throw e;

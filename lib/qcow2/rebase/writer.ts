@@ -10,12 +10,12 @@ import type { Qcow2Image, ScratchEntry } from '../image.js';
 import { encodeL1Entry, encodeL2Entry, l2EntrySize } from '../l2.js';
 import { encodeRefTableEntry, entriesPerBlock, refTableEntry } from '../refcount.js';
 import type { ImageChain } from '../view.js';
-import { copyImage, CopyBufferPool, type CopyRange, type CopySink, type CopySource } from '../copy/engine.js';
+import { copyImage, type CopyBufferPool, type CopyRange, type CopySink, type CopySource } from '../copy/engine.js';
 import type { WorkItem } from './plan.js';
 
 // Requests in flight × their size is the data in memory: large enough for the disk to stream,
 // small enough that peak RSS stays within 32 MiB of the idle program's.
-export const COPY_REQUEST = 2 << 20;
+export const COPY_REQUEST = 1 << 20;
 export const COPY_BUFFERS = 4;
 /** Dirty L2 tables held per batch (each batch rewrites them): bounds memory on huge sparse disks. */
 const MAX_DIRTY_L2_BYTES = 4 << 20;
@@ -56,6 +56,30 @@ function linkRounds<B extends { off: number }>(blocks: Map<number, B>, cs: numbe
     rounds.push(round);
   }
   return rounds;
+}
+
+/** The copy buffers, allocated once and lent to every batch's copy. */
+class BufferPool implements CopyBufferPool {
+  private readonly free: Buffer[] = [];
+  private readonly waiters: Array<(b: Buffer) => void> = [];
+  constructor(
+    count: number,
+    readonly size: number,
+  ) {
+    for (let i = 0; i < count; i++) this.free.push(Buffer.allocUnsafe(size));
+  }
+  get available(): number {
+    return this.free.length;
+  }
+  take(): Promise<Buffer> {
+    const b = this.free.pop();
+    return b ? Promise.resolve(b) : new Promise((resolve) => this.waiters.push(resolve));
+  }
+  give(b: Buffer): void {
+    const w = this.waiters.shift();
+    if (w) w(b);
+    else this.free.push(b);
+  }
 }
 
 /** Guest bytes of the old view going to host bytes of the target (merged when both continue). */
@@ -104,7 +128,8 @@ export class Writer implements CopySink {
     private readonly checkpoint?: () => void,
     copy: { requestBytes?: number; buffers?: number } = {},
   ) {
-    this.pool = new CopyBufferPool(copy.buffers ?? COPY_BUFFERS, copy.requestBytes ?? COPY_REQUEST);
+    // A buffer holds at least one copy unit (a 2 MiB cluster without subclusters).
+    this.pool = new BufferPool(copy.buffers ?? COPY_BUFFERS, Math.max(copy.requestBytes ?? COPY_REQUEST, chain.top.subclusterSize));
     this.T = chain.top;
     this.cs = this.T.clusterSize;
     this.unit = this.T.subclusterSize;
@@ -150,7 +175,7 @@ export class Writer implements CopySink {
       // nothing references yet: the image is as before the batch, as after a crash there.
       await copyImage(this.source, this, {
         ranges: batchRanges.call(this),
-        pool: this.pool,
+        bufferPool: this.pool,
         unit: this.unit,
         detectZeros: false,
         ...(this.checkpoint ? { checkpoint: this.checkpoint } : {}),

@@ -32,7 +32,7 @@ export class NativeRebaseEngine implements RebaseEngine {
   constructor(
     private readonly fallback: RebaseEngine,
     private readonly log: (message: string) => void = () => {},
-    /** Throws once the operation must stop (a termination signal); checked between batches. */
+    /** Throws once the operation must stop (a termination signal); checked before each copy request and between batches. */
     private readonly checkpoint: () => void = () => {},
   ) {}
 

@@ -43,8 +43,10 @@ export interface NativeRebaseOptions {
   /** What gets written into the header (relative to the target's folder). */
   newBackingName: string;
   newBackingFormat?: 'qcow2';
-  /** Data per crash-consistent batch (default 256 MiB). */
+  /** Data per crash-consistent batch (default 1 GiB: each batch ends with a pause of the pipeline for its syncs). */
   batchBytes?: number;
+  /** Copy requests: bytes each (default 1 MiB) and how many at once (default 4); memory is their product. */
+  copy?: { requestBytes?: number; buffers?: number };
   hooks?: RebaseHooks;
   /** Wrap the target's file (tests: power-loss models). */
   wrapFile?: (f: BlockFile) => BlockFile;
@@ -52,8 +54,9 @@ export interface NativeRebaseOptions {
   dryRun?: boolean;
   log?: (message: string) => void;
   /**
-   * Called between batches (each leaves a consistent image) and before the header commit; throw
-   * here to stop early (a termination signal). A rerun finishes the job.
+   * Called before each copy request, between batches (each leaves a consistent image) and
+   * before the header commit; throw here to stop early (a termination signal): the batch in
+   * progress is dropped (its data sits in clusters nothing references). A rerun finishes the job.
    */
   checkpoint?: () => void;
 }
@@ -183,9 +186,8 @@ export async function nativeRebase(opts: NativeRebaseOptions): Promise<NativeReb
       result.refcountTableGrown = true;
       opts.checkpoint?.();
     }
-    const w = new Writer(chain, nextFree, opts.batchBytes ?? 256 << 20, opts.checkpoint);
-    for await (const item of workItems(chain, j)) await w.add(item);
-    await w.flush();
+    const w = new Writer(chain, nextFree, opts.batchBytes ?? 1 << 30, opts.checkpoint, opts.copy);
+    await w.run(plan.work ?? workItems(chain, j));
     opts.checkpoint?.();
     result.copiedBytes = w.copiedBytes;
     result.newClusters = w.newClusters;

@@ -270,6 +270,71 @@ describe('native rebase: shapes and refusals', () => {
     expect(compareWithRaw(paths[2]!, orig).code).toBe(0);
   });
 
+  it('a stop before any copy request or between batches leaves the old content; a rerun finishes', async () => {
+    const [a, , c] = chain3('stops');
+    const orig = join(dir, 'stops', 'orig.raw');
+    saveRaw(c!, orig);
+    const pristine = join(dir, 'stops', 'pristine.qcow2');
+    copyFileSync(c!, pristine);
+    const clean = join(dir, 'stops', 'count.qcow2');
+    copyFileSync(c!, clean);
+    // How many checkpoints a whole run passes (small requests and batches: many stop points).
+    let total = 0;
+    const small = { batchBytes: 512 * 1024, copy: { requestBytes: 128 * 1024, buffers: 2 } };
+    await nativeRebase({ target: clean, newBacking: a!, newBackingName: 'l0.qcow2', ...small, checkpoint: () => void total++ });
+    expect(total).toBeGreaterThan(8);
+    for (let k = 1; k < total; k++) {
+      copyFileSync(pristine, c!);
+      let seen = 0;
+      await expect(
+        nativeRebase({
+          target: c!,
+          newBacking: a!,
+          newBackingName: 'l0.qcow2',
+          ...small,
+          checkpoint: () => {
+            if (++seen === k) throw new Error('stop');
+          },
+        }),
+      ).rejects.toThrow('stop');
+      expect(checkCode(c!).code, `stop at ${k}`).toBe(0);
+      expect(compareWithRaw(c!, orig).code, `stop at ${k}`).toBe(0);
+      expect(qemuInfo(c!)['backing-filename']).toBe('l1.qcow2');
+      const r = await nativeRebase({ target: c!, newBacking: a!, newBackingName: 'l0.qcow2', ...small });
+      expect(r.removedLayers).toBe(1);
+      expect(checkCode(c!).code).toBe(0);
+      expect(compareWithRaw(c!, orig).code).toBe(0);
+      expect(qemuInfo(c!)['backing-filename']).toBe('l0.qcow2');
+    }
+  });
+
+  it('a huge sparse target: empty L2 runs skipped, edited entries only, content as before', async () => {
+    const d = join(dir, 'sparse');
+    mkdirSync(d, { recursive: true });
+    const G = 1 << 30;
+    // 40 GiB virtual, the middle 1 MiB every 3 GiB (some inside the top's data, some not), the top 64 KiB every 2 GiB.
+    const mid: string[] = [];
+    const top: string[] = [];
+    for (let o = 0; o < 40 * G; o += 3 * G) mid.push(`write -P 2 ${o + (o % 7) * 65536} 1M`);
+    for (let o = 0; o < 40 * G; o += 2 * G) top.push(`write -P 3 ${o} 64k`);
+    const paths = buildChain(d, {
+      layers: [
+        { clusterBits: 16, v2: false, extL2: false, size: 40 * G, ops: ['write -P 1 0 4M'] },
+        { clusterBits: 16, v2: false, extL2: false, size: 40 * G, ops: mid },
+        { clusterBits: 16, v2: false, extL2: false, size: 40 * G, ops: top },
+      ],
+    });
+    const reference = join(d, 'ref.qcow2');
+    copyFileSync(paths[2]!, reference);
+    execFileSync('qemu-img', ['rebase', '-f', 'qcow2', '-b', 'l0.qcow2', '-F', 'qcow2', reference]);
+    const r = await nativeRebase({ target: paths[2]!, newBacking: paths[0]!, newBackingName: 'l0.qcow2', batchBytes: 4 << 20 });
+    expect(r.copiedBytes).toBe(14 * (1 << 20) - 64 * 1024); // 14 pieces, one 64 KiB under the top's data at 0
+    expect(r.batches).toBeGreaterThan(1);
+    expect(checkCode(paths[2]!).code).toBe(0);
+    const cmp = execFileSync('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', paths[2]!, reference], { encoding: 'utf8' });
+    expect(cmp).toContain('identical');
+  });
+
   it('leaves the removed layers untouched', async () => {
     const [a, bb, c] = chain3('untouched');
     const ha = readFileSync(a!);

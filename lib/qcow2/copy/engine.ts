@@ -59,8 +59,12 @@ export interface CopyBufferPool {
 }
 
 export interface CopyOptions {
-  /** Guest ranges to copy (sorted or not; widened to the sink's unit); default the whole disk. */
-  ranges?: CopyRange[];
+  /**
+   * Guest ranges to copy; default the whole disk. An array may be in any order. A stream is
+   * consumed as the copy goes (memory does not grow with it) and must come in guest order
+   * without overlap (QCOW2_RANGE otherwise). Both are widened to the unit and merged.
+   */
+  ranges?: CopyRange[] | AsyncIterable<CopyRange>;
   /** Bytes per read request (default 4 MiB). */
   requestBytes?: number;
   /** Buffers in the pool = reads/writes in flight (default 4). */
@@ -75,7 +79,7 @@ export interface CopyOptions {
   rateBytesPerSec?: number;
   /** Called in guest order for every run of the copied ranges, before the sink sees it. */
   onRun?: (run: CopyRun) => void | Promise<void>;
-  /** Guest bytes done (of the copied ranges) and their total, after each request. */
+  /** Guest bytes done (of the copied ranges) and their total (with streamed ranges: those seen so far), after each request. */
   onProgress?: (done: number, total: number) => void;
   /** Called before each request is started: throw to stop the copy (nothing then stays in flight). */
   checkpoint?: () => void;
@@ -128,6 +132,26 @@ export function normalizeRanges(ranges: CopyRange[], unit: number, size: number)
     else out.push({ offset: x.start, length: x.end - x.start });
   }
   return out;
+}
+
+/** Streamed ranges widened to `unit`, clipped and merged as they come; they must be in guest order. */
+async function* normalizeStream(ranges: AsyncIterable<CopyRange>, unit: number, size: number): AsyncGenerator<CopyRange> {
+  let cur: CopyRange | null = null;
+  let lastEnd = 0;
+  for await (const x of ranges) {
+    if (!(x.length > 0)) continue;
+    if (x.offset < lastEnd) throw new Qcow2Error('QCOW2_RANGE', `streamed copy range at ${x.offset} is out of guest order`);
+    lastEnd = x.offset + x.length;
+    const start = Math.max(0, Math.floor(x.offset / unit) * unit);
+    const end = Math.min(size, Math.ceil(lastEnd / unit) * unit);
+    if (start >= end) continue;
+    if (cur && start <= cur.offset + cur.length) cur.length = Math.max(cur.length, end - cur.offset);
+    else {
+      if (cur) yield cur;
+      cur = { offset: start, length: end - start };
+    }
+  }
+  if (cur) yield cur;
 }
 
 /** The status of `range` as alternating data / zero runs (zero and unallocated both read as zeros). */
@@ -184,9 +208,14 @@ async function* alignedPieces(
 }
 
 /** Pieces packed into requests holding at most `requestBytes` of data. */
-async function* requests(src: CopySource, ranges: CopyRange[], unit: number, requestBytes: number): AsyncGenerator<Request> {
+async function* requests(
+  src: CopySource,
+  ranges: Iterable<CopyRange> | AsyncIterable<CopyRange>,
+  unit: number,
+  requestBytes: number,
+): AsyncGenerator<Request> {
   let req: Request = { pieces: [], dataBytes: 0, buf: null, read: null };
-  for (const range of ranges) {
+  for await (const range of ranges) {
     for await (const p of alignedPieces(src, range, unit)) {
       if (p.kind === 'zero') {
         req.pieces.push({ ...p, at: 0 });
@@ -242,8 +271,23 @@ export async function copyImage(src: CopySource, sink: CopySink | null, opts: Co
   const requestBytes = Math.max(unit, Math.floor(asked / unit) * unit);
   const detect = opts.detectZeros ?? true;
   const size = src.virtualSize;
-  const ranges = normalizeRanges(opts.ranges ?? [{ offset: 0, length: size }], unit, size);
-  const stats: CopyStats = { totalBytes: ranges.reduce((a, r) => a + r.length, 0), readBytes: 0, dataBytes: 0, zeroBytes: 0, elapsedMs: 0 };
+  const given = opts.ranges ?? [{ offset: 0, length: size }];
+  const stats: CopyStats = { totalBytes: 0, readBytes: 0, dataBytes: 0, zeroBytes: 0, elapsedMs: 0 };
+  let ranges: Iterable<CopyRange> | AsyncIterable<CopyRange>;
+  if (Array.isArray(given)) {
+    const list = normalizeRanges(given, unit, size);
+    stats.totalBytes = list.reduce((a, r) => a + r.length, 0);
+    ranges = list;
+  } else {
+    // Counted as they come: the total is what the stream has handed on so far.
+    const stream = normalizeStream(given, unit, size);
+    ranges = (async function* () {
+      for await (const r of stream) {
+        stats.totalBytes += r.length;
+        yield r;
+      }
+    })();
+  }
   const pool: CopyBufferPool = lent ?? new Pool(Math.max(1, opts.buffers ?? DEFAULT_BUFFERS), requestBytes);
   const queue: Request[] = [];
   const writes = new Set<Promise<void>>();

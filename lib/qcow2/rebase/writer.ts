@@ -1,5 +1,5 @@
-// The rebase writer: allocates at EOF, copies the old view's data with a few reads in flight
-// and one write at a time, edits L2 tables, and makes each batch durable in the crash-safe
+// The rebase writer: allocates at EOF, copies the old view's data through the shared copy
+// pipeline (a few reads in flight, one write at a time), edits L2 tables, and makes each batch durable in the crash-safe
 // order (docs/qcow2-notes.md §7): data → fdatasync → refcounts (new refcount blocks counted,
 // and written, before they are linked) → fdatasync → refcount table entries, in rounds so no
 // block is linked before the block counting it (fdatasync after each) → L2 (new tables
@@ -10,12 +10,13 @@ import type { Qcow2Image, ScratchEntry } from '../image.js';
 import { encodeL1Entry, encodeL2Entry, l2EntrySize } from '../l2.js';
 import { encodeRefTableEntry, entriesPerBlock, refTableEntry } from '../refcount.js';
 import type { ImageChain } from '../view.js';
+import { copyImage, type CopyBufferPool, type CopyRange, type CopySink, type CopySource } from '../copy/engine.js';
 import type { WorkItem } from './plan.js';
 
-// Copies in flight × their size is the data in memory (4 MiB): large enough for the disk to
-// stream, small enough that peak RSS stays within 32 MiB of the idle program's.
-const COPY_CHUNK = 1 << 20;
-const COPIES_IN_FLIGHT = 4;
+// Requests in flight × their size is the data in memory: large enough for the disk to stream,
+// small enough that peak RSS stays within 32 MiB of the idle program's.
+export const COPY_REQUEST = 1 << 20;
+export const COPY_BUFFERS = 4;
 /** Dirty L2 tables held per batch (each batch rewrites them): bounds memory on huge sparse disks. */
 const MAX_DIRTY_L2_BYTES = 4 << 20;
 /** Bytes written between two early writebacks (one at a time). */
@@ -23,10 +24,13 @@ const WRITEBACK_BYTES = 64 << 20;
 
 interface DirtyL2 {
   off: number;
-  table: Buffer;
-  isNew: boolean;
-  lo: number;
-  hi: number;
+  /** A new table: all of it (written whole before it is linked). Null for an existing table. */
+  table: Buffer | null;
+  /**
+   * An existing table: the edited entries only, a piece per work item, in table order. Whole
+   * copies of every touched table would make memory grow with a sparse delta's disk size.
+   */
+  patches: Array<{ at: number; bytes: Buffer }>;
 }
 
 /**
@@ -54,25 +58,59 @@ function linkRounds<B extends { off: number }>(blocks: Map<number, B>, cs: numbe
   return rounds;
 }
 
-interface CopyRun {
+/** The copy buffers, allocated once and lent to every batch's copy. */
+class BufferPool implements CopyBufferPool {
+  private readonly free: Buffer[] = [];
+  private readonly waiters: Array<(b: Buffer) => void> = [];
+  constructor(
+    count: number,
+    readonly size: number,
+  ) {
+    for (let i = 0; i < count; i++) this.free.push(Buffer.allocUnsafe(size));
+  }
+  get available(): number {
+    return this.free.length;
+  }
+  take(): Promise<Buffer> {
+    const b = this.free.pop();
+    return b ? Promise.resolve(b) : new Promise((resolve) => this.waiters.push(resolve));
+  }
+  give(b: Buffer): void {
+    const w = this.waiters.shift();
+    if (w) w(b);
+    else this.free.push(b);
+  }
+}
+
+/** Guest bytes of the old view going to host bytes of the target (merged when both continue). */
+interface CopyMap {
   guest: number;
   dest: number;
   len: number;
 }
 
-/** Takes the work items in guest order; flush() makes everything added so far durable. */
-export class Writer {
+/**
+ * Takes the work items in guest order, batch by batch: each batch's copies run through the
+ * shared copy pipeline (copyImage, streamed ranges, this writer as its sink), then flush()
+ * makes the batch durable in the order above.
+ */
+export class Writer implements CopySink {
   private readonly T: Qcow2Image;
   private readonly cs: number;
+  /** The copy unit: a subcluster (a cluster without extended L2). */
+  readonly unit: number;
   private batchStart: number;
   private dirty = new Map<number, DirtyL2>();
   private dirtyBytes = 0;
-  /** Copies merged so far and not yet started (the last one may still grow). */
-  private queue: CopyRun[] = [];
-  private inFlight: Promise<void>[] = [];
-  private copyError: Error | null = null;
+  /** Guest → host of the batch's copies, in guest order; consumed from `head` by writeData. */
+  private maps: CopyMap[] = [];
+  private head = 0;
+  private headDone = 0;
+  /** Guest ranges queued by add() and not yet handed to the copy. */
+  private fresh: CopyRange[] = [];
   private writeTail: Promise<void> = Promise.resolve();
-  private readonly buffers: Buffer[] = Array.from({ length: COPIES_IN_FLIGHT }, () => Buffer.allocUnsafe(COPY_CHUNK));
+  private readonly pool: CopyBufferPool;
+  private readonly source: CopySource;
   private readonly scratch: ScratchEntry = { type: 'standard', host: 0, alloc: 0, zero: 0, copied: false, sectors: 0, size: 0 };
   /** Early writeback: bytes written since the last one started, the one running, its failure. */
   private unflushed = 0;
@@ -84,14 +122,67 @@ export class Writer {
   batches = 0;
 
   constructor(
-    private readonly chain: ImageChain,
+    chain: ImageChain,
     private nextFree: number,
     private readonly batchBytes: number,
     private readonly checkpoint?: () => void,
+    copy: { requestBytes?: number; buffers?: number } = {},
   ) {
+    // A buffer holds at least one copy unit (a 2 MiB cluster without subclusters).
+    this.pool = new BufferPool(copy.buffers ?? COPY_BUFFERS, Math.max(copy.requestBytes ?? COPY_REQUEST, chain.top.subclusterSize));
     this.T = chain.top;
     this.cs = this.T.clusterSize;
+    this.unit = this.T.subclusterSize;
     this.batchStart = nextFree;
+    // The old view (layer 1 down), read only where the plan found data: no status walk needed.
+    // Whole clusters, even the last one past the virtual size (it reads as zeros there).
+    this.source = {
+      virtualSize: Math.ceil(this.T.virtualSize / this.cs) * this.cs,
+      status: (_offset, maxLen) => Promise.resolve({ length: maxLen, kind: 'data' }),
+      readInto: (buf, bufOffset, offset, length) => chain.readInto(buf, bufOffset, offset, length, 1),
+    };
+  }
+
+  /**
+   * All the work: batches of at most `batchBytes` copied (or MAX_DIRTY_L2_BYTES of L2 tables
+   * edited), each made durable before the next starts; `checkpoint` before each copy request
+   * and between batches.
+   */
+  async run(items: AsyncIterable<WorkItem> | WorkItem[]): Promise<void> {
+    const it: AsyncIterator<WorkItem> | Iterator<WorkItem> = Array.isArray(items)
+      ? items[Symbol.iterator]()
+      : items[Symbol.asyncIterator]();
+    const state = { more: true };
+    // The walk runs inside the copy: metadata is read while data moves.
+    const batchRanges = async function* (this: Writer): AsyncGenerator<CopyRange> {
+      for (;;) {
+        const r = await it.next();
+        if (r.done) {
+          state.more = false;
+          return;
+        }
+        await this.add(r.value);
+        if (this.fresh.length) {
+          const out = this.fresh;
+          this.fresh = [];
+          yield* out;
+        }
+        if (this.batchCopied >= this.batchBytes || this.dirtyBytes >= MAX_DIRTY_L2_BYTES) return;
+      }
+    };
+    while (state.more) {
+      // A stop inside a batch (checkpoint before each copy request) leaves its data in clusters
+      // nothing references yet: the image is as before the batch, as after a crash there.
+      await copyImage(this.source, this, {
+        ranges: batchRanges.call(this),
+        bufferPool: this.pool,
+        unit: this.unit,
+        detectZeros: false,
+        ...(this.checkpoint ? { checkpoint: this.checkpoint } : {}),
+      });
+      await this.flush();
+      if (state.more) this.checkpoint?.();
+    }
   }
 
   private alloc(): number {
@@ -101,20 +192,16 @@ export class Writer {
     return off;
   }
 
-  private async l2ForWrite(l1i: number): Promise<DirtyL2> {
+  private l2ForWrite(l1i: number): DirtyL2 {
     const d = this.dirty.get(l1i);
     if (d) return d;
     const off = this.T.l2Offset(l1i);
     let entry: DirtyL2;
-    if (off === 0) entry = { off: this.alloc(), table: this.T.tableBuffer().fill(0), isNew: true, lo: 0, hi: this.cs };
-    else {
-      const src = (await this.T.l2Table(l1i))!;
-      const table = this.T.tableBuffer();
-      src.copy(table);
-      entry = { off, table, isNew: false, lo: this.cs, hi: 0 };
-    }
+    if (off === 0) {
+      entry = { off: this.alloc(), table: this.T.tableBuffer().fill(0), patches: [] };
+      this.dirtyBytes += this.cs;
+    } else entry = { off, table: null, patches: [] };
     this.dirty.set(l1i, entry);
-    this.dirtyBytes += this.cs;
     return entry;
   }
 
@@ -122,12 +209,19 @@ export class Writer {
   async add(item: WorkItem): Promise<void> {
     const T = this.T;
     const l1i = Math.floor(item.c / T.l2Entries);
-    const d = await this.l2ForWrite(l1i);
+    const d = this.l2ForWrite(l1i);
     const e = this.scratch;
     const us = T.subclusterSize;
     const esz = l2EntrySize(T);
+    // Current entries: the new table, or the image's own (unchanged until flush(); no item
+    // touches a cluster twice).
+    const src = d.table ?? (await T.l2Table(l1i))!;
+    const first = item.c % T.l2Entries;
+    const patch = d.table ? null : Buffer.allocUnsafe(item.n * esz);
+    const dst = d.table ?? patch!;
+    const base = d.table ? 0 : first;
     for (let c = item.c; c < item.c + item.n; c++) {
-      T.entryInto(d.table, c, e);
+      T.entryInto(src, c, e);
       if (e.type !== 'standard') throw new Qcow2Error('QCOW2_CORRUPT', `cluster ${c} changed under the rebase`, T.path);
       let host = e.host;
       if (item.data && host === 0) host = this.alloc();
@@ -141,10 +235,10 @@ export class Writer {
         this.copy(c * this.cs + s * us, host + s * us, n * us);
         s += n;
       }
-      const idx = c % T.l2Entries;
+      const idx = (c % T.l2Entries) - base;
       // New clusters are exclusively owned (COPIED); with extended L2 the bitmaps only gain bits.
       if (T.extendedL2)
-        encodeL2Entry(d.table, idx, T, {
+        encodeL2Entry(dst, idx, T, {
           type: 'standard',
           host,
           alloc: e.alloc | item.data,
@@ -152,96 +246,87 @@ export class Writer {
           copied: host !== 0 || e.copied,
           sectors: 0,
         });
-      else if (item.data) encodeL2Entry(d.table, idx, T, { type: 'standard', host, alloc: 1, zero: 0, copied: true, sectors: 0 });
-      else encodeL2Entry(d.table, idx, T, { type: 'standard', host: 0, alloc: 0, zero: 1, copied: false, sectors: 0 });
+      else if (item.data) encodeL2Entry(dst, idx, T, { type: 'standard', host, alloc: 1, zero: 0, copied: true, sectors: 0 });
+      else encodeL2Entry(dst, idx, T, { type: 'standard', host: 0, alloc: 0, zero: 1, copied: false, sectors: 0 });
     }
-    const first = item.c % T.l2Entries;
-    d.lo = Math.min(d.lo, first * esz);
-    d.hi = Math.max(d.hi, (first + item.n) * esz);
-    await this.pump(false);
-    if (this.batchCopied >= this.batchBytes || this.dirtyBytes >= MAX_DIRTY_L2_BYTES) {
-      await this.flush();
-      this.checkpoint?.();
+    if (patch) {
+      d.patches.push({ at: first * esz, bytes: patch });
+      this.dirtyBytes += patch.length;
     }
   }
 
-  /** Queue a copy, merged with the previous one when both sides continue it. */
+  /** Queue a copy: its guest range for the pipeline, its host place for writeData. */
   private copy(guest: number, dest: number, len: number): void {
     this.batchCopied += len;
     this.copiedBytes += len;
-    const r = this.queue.at(-1);
-    if (r && r.guest + r.len === guest && r.dest + r.len === dest && r.len + len <= COPY_CHUNK) {
-      r.len += len;
-      return;
-    }
-    // Pieces of at most one copy buffer (a 2 MiB cluster is two).
-    for (let at = 0; at < len; at += COPY_CHUNK)
-      this.queue.push({ guest: guest + at, dest: dest + at, len: Math.min(COPY_CHUNK, len - at) });
+    const f = this.fresh.at(-1);
+    if (f && f.offset + f.length === guest) f.length += len;
+    else this.fresh.push({ offset: guest, length: len });
+    const m = this.maps.at(-1);
+    if (m && this.maps.length > this.head && m.guest + m.len === guest && m.dest + m.len === dest) m.len += len;
+    else this.maps.push({ guest, dest, len });
   }
 
-  /** Start the queued copies (all of them, or all but the last, which may still grow). */
-  private async pump(all: boolean): Promise<void> {
-    const keep = all ? 0 : 1;
-    if (this.queue.length <= keep) return;
-    const q = this.queue;
-    const n = q.length - keep;
-    for (let i = 0; i < n; i++) {
-      while (this.inFlight.length >= COPIES_IN_FLIGHT) await this.inFlight.shift();
-      if (this.copyError) throw this.copyError;
-      this.start(q[i]!);
-    }
-    this.queue = q.slice(n);
-  }
-
-  private start(r: CopyRun): void {
-    // A fixed pool of copy buffers: memory stays flat whatever the disk size.
-    const buf = this.buffers.pop()!;
-    const file = this.T.file;
-    const task = (async () => {
-      try {
-        const view = buf.subarray(0, r.len);
-        await this.chain.readInto(view, 0, r.guest, r.len, 1);
-        // Reads overlap; writes go one at a time, in order. Concurrent writes gain nothing on
-        // a local disk and cost a lot where the NAS client splits them into small requests.
-        const write = this.writeTail.then(() => file.write(view, r.dest));
-        this.writeTail = write.catch(() => {});
-        await write;
-        this.unflushed += r.len;
-        // Start writing back early, so the batch's fdatasync finds little left to do and the
-        // disk works while we copy. Only durability changes: the order of the batch holds.
-        if (this.unflushed >= WRITEBACK_BYTES && this.writeback === null && file.writeback) {
-          this.unflushed = 0;
-          this.writeback = file.writeback().then(
-            () => {
-              this.writeback = null;
-            },
-            (e: unknown) => {
-              this.writebackError ??= e instanceof Error ? e : new Error(String(e));
-              this.writeback = null;
-            },
-          );
-        }
-      } finally {
-        this.buffers.push(buf);
+  /** CopySink: guest bytes of the old view, in guest order, to the host places add() chose. */
+  writeData(offset: number, buf: Buffer): Promise<void> {
+    const parts: Array<Promise<void>> = [];
+    for (let at = 0; at < buf.length;) {
+      const m = this.maps[this.head];
+      if (!m || m.guest + this.headDone !== offset + at)
+        return Promise.reject(new Qcow2Error('QCOW2_RANGE', `copy of guest ${offset + at} was not planned by the rebase`, this.T.path));
+      const n = Math.min(m.len - this.headDone, buf.length - at);
+      parts.push(this.write(buf.subarray(at, at + n), m.dest + this.headDone));
+      at += n;
+      this.headDone += n;
+      if (this.headDone === m.len) {
+        this.head++;
+        this.headDone = 0;
       }
-    })();
-    // Tasks never reject; the first failure is kept and rethrown before any metadata is written.
-    this.inFlight.push(
-      task.catch((e: unknown) => {
-        this.copyError ??= e instanceof Error ? e : new Error(String(e));
-      }),
-    );
+    }
+    return Promise.all(parts).then(() => {});
+  }
+
+  writeZero(offset: number): Promise<void> {
+    // Zero detection is off and every range is data: the rebase never gets here.
+    return Promise.reject(new Qcow2Error('QCOW2_RANGE', `unexpected zero run at guest ${offset}`, this.T.path));
+  }
+
+  /**
+   * Writes go one at a time, in order (reads overlap them). Concurrent writes gain nothing on
+   * a local disk and cost a lot where the NAS client splits them into small requests.
+   */
+  private write(view: Buffer, dest: number): Promise<void> {
+    const file = this.T.file;
+    const w = this.writeTail.then(() => file.write(view, dest));
+    this.writeTail = w.catch(() => {});
+    return w.then(() => {
+      this.unflushed += view.length;
+      // Start writing back early, so the batch's fdatasync finds little left to do and the
+      // disk works while we copy. Only durability changes: the order of the batch holds.
+      if (this.unflushed >= WRITEBACK_BYTES && this.writeback === null && file.writeback) {
+        this.unflushed = 0;
+        this.writeback = file.writeback().then(
+          () => {
+            this.writeback = null;
+          },
+          (e: unknown) => {
+            this.writebackError ??= e instanceof Error ? e : new Error(String(e));
+            this.writeback = null;
+          },
+        );
+      }
+    });
   }
 
   private async drain(): Promise<void> {
-    await this.pump(true);
-    const q = this.inFlight;
-    this.inFlight = [];
-    await Promise.all(q);
     while (this.writeback) await this.writeback;
-    if (this.copyError) throw this.copyError;
     // A failed fdatasync may be reported once only: the next one could pass with data lost.
     if (this.writebackError) throw this.writebackError;
+    if (this.head !== this.maps.length)
+      throw new Qcow2Error('QCOW2_RANGE', `the copy ended with ${this.maps.length - this.head} planned run(s) unwritten`, this.T.path);
+    this.maps = [];
+    this.head = 0;
+    this.headDone = 0;
   }
 
   async flush(): Promise<void> {
@@ -284,20 +369,35 @@ export class Writer {
       }
       await file.datasync();
     }
-    // 3. L2 tables: new ones complete, existing ones the changed entries.
+    // 3. L2 tables: new ones complete, existing ones the changed entries (adjacent pieces in one write).
     T.fileSize = Math.max(T.fileSize, this.nextFree);
     for (const d of this.dirty.values()) {
-      if (d.isNew) await file.write(d.table, d.off);
-      else if (d.hi > d.lo) await file.write(Buffer.from(d.table.subarray(d.lo, d.hi)), d.off + d.lo);
+      if (d.table) {
+        await file.write(d.table, d.off);
+        continue;
+      }
+      for (let i = 0; i < d.patches.length;) {
+        let k = i + 1;
+        let end = d.patches[i]!.at + d.patches[i]!.bytes.length;
+        while (k < d.patches.length && d.patches[k]!.at === end) end += d.patches[k++]!.bytes.length;
+        const bytes = k === i + 1 ? d.patches[i]!.bytes : Buffer.concat(d.patches.slice(i, k).map((x) => x.bytes));
+        await file.write(bytes, d.off + d.patches[i]!.at);
+        i = k;
+      }
     }
     await file.datasync();
     // 4. L1 entries of the new L2 tables.
     let l1Written = false;
     for (const [l1i, d] of this.dirty) {
+      if (!d.table) {
+        // Keep a cached copy coherent with what was written.
+        const cached = T.l2TableCached(l1i);
+        if (cached) for (const x of d.patches) x.bytes.copy(cached, x.at);
+        continue;
+      }
       // Keep the cache coherent; a table it does not hold goes back to the buffer pool.
       if (T.hasCachedL2(d.off)) T.cacheL2(d.off, d.table);
       else T.releaseTable(d.table);
-      if (!d.isNew) continue;
       const b = Buffer.alloc(8);
       encodeL1Entry(b, 0, d.off, true);
       await file.write(b, T.l1TableOffset + l1i * 8);

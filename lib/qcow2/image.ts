@@ -62,6 +62,15 @@ export interface OpenOptions {
 
 const hasZstd = (): boolean => typeof (zlib as unknown as { zstdDecompressSync?: unknown }).zstdDecompressSync === 'function';
 
+/** Empty L2 entries skipped at once by status() and the metadata scan. */
+export const ZERO_RUN = 64;
+const NO_ENTRIES = Buffer.alloc(ZERO_RUN * 16);
+
+/** True when `len` bytes of `table` from `at` are all zero (entries that map nothing). */
+export function zeroEntries(table: Buffer, at: number, len: number): boolean {
+  return table.compare(NO_ENTRIES, 0, len, at, at + len) === 0;
+}
+
 export function safeNumber(v: bigint, what: string, path?: string): number {
   if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new Qcow2Error('QCOW2_TOO_LARGE', `${what} ${v} is beyond 2^53`, path);
   return Number(v);
@@ -355,6 +364,15 @@ export class Qcow2Image {
         if (table === null) {
           kind = 'unallocated';
           pEnd = tEnd;
+        } else if (
+          pos % (ZERO_RUN * cs) === 0 &&
+          pos + ZERO_RUN * cs <= tEnd &&
+          (out === null || (out.kind === 'unallocated' && out.host === undefined)) &&
+          zeroEntries(table, ((pos / cs) % this.l2Entries) * (this.extendedL2 ? 16 : 8), ZERO_RUN * (this.extendedL2 ? 16 : 8))
+        ) {
+          // A run of empty entries (most of a sparse layer's table) in one memcmp, not a decode each.
+          kind = 'unallocated';
+          pEnd = pos + ZERO_RUN * cs;
         } else {
           const c = Math.floor(pos / cs);
           this.entryInto(table, c, e);

@@ -2,7 +2,7 @@
 // at and every entry in it, and every refcount table entry, validated against the file
 // (aligned, inside it, clear of the header and the tables). Reads metadata only, one table at
 // a time (memory stays at the L2 cache's budget).
-import { Qcow2Image, type ScratchEntry } from './image.js';
+import { Qcow2Image, ZERO_RUN, zeroEntries, type ScratchEntry } from './image.js';
 
 export interface ScanResult {
   l2Tables: number;
@@ -18,8 +18,17 @@ export async function scanImage(img: Qcow2Image): Promise<ScanResult> {
     const t = await img.l2Table(i);
     if (t === null) continue;
     l2Tables++;
-    const end = Math.min(clusters, (i + 1) * img.l2Entries);
-    for (let c = i * img.l2Entries; c < end; c++) img.entryInto(t, c, e);
+    const first = i * img.l2Entries;
+    const end = Math.min(clusters, first + img.l2Entries);
+    const esz = img.extendedL2 ? 16 : 8;
+    for (let c = first; c < end; c++) {
+      // Empty entries are valid: a run of them is skipped with one compare.
+      if ((c - first) % ZERO_RUN === 0 && c + ZERO_RUN <= end && zeroEntries(t, (c - first) * esz, ZERO_RUN * esz)) {
+        c += ZERO_RUN - 1;
+        continue;
+      }
+      img.entryInto(t, c, e);
+    }
   }
   let refcountBlocks = 0;
   // The table once, its empty entries skipped without an await each (a table has thousands).

@@ -48,15 +48,31 @@ export async function discover(instanceDir: string): Promise<VmBackups> {
     (e.name.endsWith('.partial') ? partials : backups).push(e.name);
   }
   backups.sort();
-  const files: BackupFile[] = [];
   const realDir = await realpath(instanceDir).catch(() => instanceDir);
-  for (const b of backups) {
-    for (const name of (await readdir(join(instanceDir, b))).sort()) {
-      const f = await readBackupFile(realDir, b, name, join(instanceDir, b, name));
-      if (f) files.push(f);
-    }
-  }
+  // A few folders and files at once (a chain of 50 read one by one waits on 50 × 5 small
+  // reads in turn); the lists keep their order.
+  const names = await mapLimit(DISCOVER_IN_FLIGHT, backups, async (b) => (await readdir(join(instanceDir, b))).sort());
+  const all = backups.flatMap((b, i) => names[i]!.map((name) => ({ b, name })));
+  const found = await mapLimit(DISCOVER_IN_FLIGHT, all, ({ b, name }) => readBackupFile(realDir, b, name, join(instanceDir, b, name)));
+  const files = found.filter((f): f is BackupFile => f !== null);
   return { instanceDir, backups, files, partials };
+}
+
+const DISCOVER_IN_FLIGHT = 8;
+
+/** `work` on every item, `n` at a time; the results in the items' order. */
+export async function mapLimit<T, R>(n: number, items: readonly T[], work: (item: T) => Promise<R>): Promise<R[]> {
+  const out: R[] = new Array<R>(items.length);
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: Math.max(1, Math.min(n, items.length)) }, async () => {
+      while (next < items.length) {
+        const i = next++;
+        out[i] = await work(items[i]!);
+      }
+    }),
+  );
+  return out;
 }
 
 /**

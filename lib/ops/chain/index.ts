@@ -1,7 +1,7 @@
 // Operator chain tools on a mounted NAS: list, verify, plan a delete, and delete with
 // repair of every disk. Each returns its result (lib/output.ts renders it). A delete is idempotent: it re-reads the chains each run, so a
 // run interrupted anywhere is finished by running it again.
-import { lstat, stat } from 'node:fs/promises';
+import { lstat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { NasbackupError, withResult } from '../../errors.js';
 import { ensureWithin, exists } from '../../paths.js';
@@ -57,8 +57,8 @@ export interface ChainVerifyResult {
   report: VerifyReport;
 }
 
-/** Below this, starting worker threads costs more than hashing here. */
-const POOL_MIN_FILE_BYTES = 32 << 20;
+/** Below this (data to prove in all), starting worker threads costs more than hashing here. */
+const POOL_MIN_BYTES = 64 << 20;
 
 export interface VerifyOptions {
   /** Data bytes compared so far, of the total (a progress bar on a terminal). */
@@ -81,26 +81,24 @@ export async function chainVerify(ctx: OpContext, a: ChainArgs, opts: VerifyOpti
     ctx.logger.log(`Structural check of ${abs}: ${r.kind}${r.kind === 'clean' ? '' : ` (${r.message})`} [${r.by}]`);
     return r;
   };
-  // Layers big enough are hashed on worker threads (every core), the reads staying here.
+  // With data enough to prove, every layer is hashed on worker threads (every core), the
+  // reads staying here; the workers start while the chains are walked.
   let pool: HashPool | undefined;
-  const poolFor = async (abs: string): Promise<HashPool | undefined> => {
-    if ((await stat(abs)).size < POOL_MIN_FILE_BYTES) return undefined;
-    return (pool ??= new HashPool());
-  };
   let report: VerifyReport;
   try {
     report = await verifyChains(backups, check, 4, {
       scope: backups.backups,
-      // Several reads in flight per layer, two layers at once (lib/store/layer-read.ts).
-      digest: async (abs, extentBytes, onData) => {
-        const p = await poolFor(abs);
-        return readLayerDigest(abs, {
+      planned: (bytes) => {
+        if (bytes >= POOL_MIN_BYTES) pool = new HashPool();
+      },
+      // Several reads in flight per layer, a few layers at once (lib/store/layer-read.ts).
+      digest: (abs, extentBytes, onData) =>
+        readLayerDigest(abs, {
           extentBytes,
           between: () => ctx.checkpoint(),
           ...(onData ? { onData } : {}),
-          ...(p ? { pool: p } : {}),
-        });
-      },
+          ...(pool ? { pool } : {}),
+        }),
       between: () => ctx.checkpoint(),
       ...(opts.progress ? { progress: opts.progress } : {}),
     });

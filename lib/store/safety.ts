@@ -25,6 +25,7 @@ import {
   scanMetadata,
   checkImage,
   describeCheck,
+  type BlockFile,
 } from '../qcow2/index.js';
 
 /** unsafe: must never be read or handed on; corrupt: damaged; broken: a layer is missing. */
@@ -300,12 +301,12 @@ export type QemuImgCheck = () => Promise<
 /**
  * The native check (lib/qcow2/check.ts, qemu-img check's counting); qemu-img only when the native
  * check cannot answer (a valid feature it does not handle: encryption). Never call it on a chain
- * inspectChain() refused.
+ * inspectChain() refused. `file`: the image, already open (left open).
  */
-export async function structuralCheck(path: string, fallback?: QemuImgCheck): Promise<StructuralCheck> {
+export async function structuralCheck(path: string, fallback?: QemuImgCheck, file?: BlockFile): Promise<StructuralCheck> {
   let r;
   try {
-    r = await checkImage(path, { maxMessages: 3 });
+    r = await checkImage(path, { maxMessages: 3, ...(file ? { file } : {}) });
   } catch (e) {
     if (!(e instanceof Qcow2Error) || !UNSUPPORTED_CODES.has(e.code) || !fallback) throw e;
     const q = await fallback();

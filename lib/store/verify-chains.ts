@@ -11,6 +11,7 @@
 import { realpath } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
 import { NasbackupError, type Warning } from '../errors.js';
+import { NodeBlockFile, type BlockFile } from '../qcow2/index.js';
 import { backingFile, insideInstance, mapLimit, type BackupFile, type VmBackups } from './backups.js';
 import { inspectChain, prefetchLayer, type ChainProblem, type InspectOptions, type StructuralCheck } from './safety.js';
 import type { LayerDigest } from './layer-digest.js';
@@ -30,8 +31,8 @@ export interface VerifyReport {
   warnings: Warning[];
 }
 
-/** The structural check of one file (lib/store/safety.ts structuralCheck). */
-export type CheckFn = (abs: string) => Promise<StructuralCheck>;
+/** The structural check of one file (lib/store/safety.ts structuralCheck); `file`: the file, already open. */
+export type CheckFn = (abs: string, file?: BlockFile) => Promise<StructuralCheck>;
 
 /** The checks of `f`'s backing reference; `refProblem` is what the chain safety check found in it. */
 async function checkReference(
@@ -109,48 +110,65 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
     reports.set(f, r);
     if (f.error) r.errors.push(`unreadable header: ${f.error}`);
   }
-  // The manifests, read while the chains are walked.
-  const manifests = content ? readManifests(vm, content.scope) : null;
-  manifests?.catch(() => {}); // awaited below; a failure before that must not go unhandled
+  // The manifests, read while the chains are walked, then what each file's content is compared with.
+  const plan = content ? readManifests(vm, content.scope).then((m) => planContent(vm, reports, m, content)) : Promise.resolve(null);
+  plan.catch(() => {}); // awaited below; a failure before that must not go unhandled
   const structural = new Map<BackupFile, StructuralCheck>();
   const checks = limiter(concurrency);
-  const checking: Promise<void>[] = [];
+  const layers = limiter(content?.layers ?? 2);
   // The chain walks, a few at a time; a walk stops at a lower layer another walk found clean,
   // so the VM's files are walked about once. True: the file's chain was refused.
   const walks = limiter(WALKS);
   const walked = new Map<BackupFile, Promise<boolean>>();
+  const tasks: Promise<void>[] = [];
   for (const f of vm.files) {
-    if (f.error) {
-      walked.set(f, Promise.resolve(true));
-      continue;
-    }
-    const w = walks(async () => {
-      const r = reports.get(f)!;
-      await prefetchLayer(f.abs, shared.realDir!, shared);
-      const safety = await inspectChain(f.abs, vm.instanceDir, shared);
-      for (const w of safety.warnings)
-        if (w.message.startsWith(`${f.abs} `) || w.message.startsWith(`${f.abs}:`)) r.warnings.push({ ...w, message: rel(w.message) });
-      const p = safety.problem;
-      // This file's own damage first; its backing reference is judged by the checks below.
-      if (p && p.layer === f.abs && !p.reference) r.errors.push(rel(p.message));
-      await checkReference(vm, f, r.errors, p && p.layer === f.abs && p.reference ? p : null, rel);
-      // What breaks further down the chain.
-      if (p && p.layer !== f.abs) r.errors.push(`chain ${p.kind === 'broken' ? 'unreadable' : p.kind}: ${rel(p.message)}`);
-      return p !== null;
-    });
+    const w = f.error
+      ? Promise.resolve(true)
+      : walks(async () => {
+          const r = reports.get(f)!;
+          await prefetchLayer(f.abs, shared.realDir!, shared);
+          const safety = await inspectChain(f.abs, vm.instanceDir, shared);
+          for (const w of safety.warnings)
+            if (w.message.startsWith(`${f.abs} `) || w.message.startsWith(`${f.abs}:`)) r.warnings.push({ ...w, message: rel(w.message) });
+          const p = safety.problem;
+          // This file's own damage first; its backing reference is judged by the checks below.
+          if (p && p.layer === f.abs && !p.reference) r.errors.push(rel(p.message));
+          await checkReference(vm, f, r.errors, p && p.layer === f.abs && p.reference ? p : null, rel);
+          // What breaks further down the chain.
+          if (p && p.layer !== f.abs) r.errors.push(`chain ${p.kind === 'broken' ? 'unreadable' : p.kind}: ${rel(p.message)}`);
+          return p !== null;
+        });
     walked.set(f, w);
-    // Structural check, never on a chain our reader rejected.
-    checking.push(
+    tasks.push(
       w.then(async (rejected) => {
-        if (rejected) return;
-        structural.set(f, await checks(() => check(f.abs)));
+        const c = await plan;
+        const jobs = c?.jobs.get(f) ?? [];
+        // Neither the structural check nor the content of a chain our reader rejected.
+        if (rejected) {
+          for (const j of jobs) c!.skip(j);
+          return;
+        }
+        if (jobs.length === 0) {
+          structural.set(f, await checks(() => check(f.abs)));
+          return;
+        }
+        // Structure then content, through one open file: the check's metadata reads warm the
+        // tables the re-read walks; other layers' data is read meanwhile.
+        await layers(async () => {
+          const file = await NodeBlockFile.open(f.abs, false).catch(() => undefined);
+          try {
+            structural.set(f, await check(f.abs, file));
+            for (const j of jobs) await c!.run(j, file);
+          } finally {
+            await file?.close();
+          }
+        });
       }),
     );
   }
-  const proved = content ? verifyContent(vm, reports, manifests!, content, walked) : Promise.resolve(null);
-  const settled = await Promise.allSettled([Promise.all([...walked.values()]), Promise.all(checking), proved]);
+  const settled = await Promise.allSettled([...walked.values(), ...tasks, plan]);
   for (const x of settled) if (x.status === 'rejected') throw x.reason;
-  const found = (settled[2] as PromiseFulfilledResult<ContentResult | null>).value;
+  const found = (await plan)?.out ?? null;
 
   const files = [...reports.values()];
   const warnings = vm.partials.map((p): Warning => ({
@@ -179,8 +197,8 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
 
 // ---- content: each layer against its backup's manifest ---------------------------------
 
-/** Digests of one layer (lib/store/layer-read.ts), injectable for tests; `onData`: bytes hashed so far. */
-export type DigestFn = (abs: string, extentBytes: number, onData?: (bytes: number) => void) => Promise<LayerDigest>;
+/** Digests of one layer (lib/store/layer-read.ts), injectable for tests; `onData`: bytes hashed so far; `file`: the layer, already open. */
+export type DigestFn = (abs: string, extentBytes: number, onData?: (bytes: number) => void, file?: BlockFile) => Promise<LayerDigest>;
 
 /** `extent <n>: digest mismatch` lines, by extent number. */
 export function compareExtents(want: readonly ExtentDigest[], got: readonly ExtentDigest[]): string[] {
@@ -219,19 +237,34 @@ interface ContentResult {
   warnings: Warning[];
 }
 
+interface Job {
+  f: BackupFile;
+  d: ManifestDisk;
+  r: Lines;
+  extentBytes: number;
+}
+
+interface ContentPlan {
+  out: ContentResult;
+  /** The manifest entries of each file (one, unless a manifest lists a file twice). */
+  jobs: Map<BackupFile, Job[]>;
+  /** Compare the layer with its entry (`file`: the layer, already open). */
+  run(j: Job, file?: BlockFile): Promise<void>;
+  /** The layer failed the checks above: not re-read. */
+  skip(j: Job): void;
+}
+
 /**
  * Content proof of the backups in `scope`: every disk file the manifest lists is
  * re-read and its per-extent digests compared; a file not listed, or listed and missing,
- * is a problem too. A backup without a manifest gets a NO_MANIFEST warning. A layer is
- * re-read once its own chain walk (`walked`) has found it sound.
+ * is a problem too. A backup without a manifest gets a NO_MANIFEST warning.
  */
-async function verifyContent(
+function planContent(
   vm: VmBackups,
   reports: ReadonlyMap<BackupFile, FileReport>,
-  manifests: Promise<Map<string, ManifestRead>>,
+  read: Map<string, ManifestRead>,
   opts: ContentOptions,
-  walked: ReadonlyMap<BackupFile, Promise<boolean>>,
-): Promise<ContentResult> {
+): ContentPlan {
   const between = opts.between ?? ((): void => {});
   const out: ContentResult = { lines: new Map(), extra: [], warnings: [] };
   const linesOf = (r: FileReport): Lines => {
@@ -249,10 +282,9 @@ async function verifyContent(
     }
     return r;
   };
-  // Every layer to re-read, then a few at a time: the reads of one overlap the hashing of another.
-  const jobs: { f: BackupFile; d: ManifestDisk; r: Lines; extentBytes: number }[] = [];
+  const jobs = new Map<BackupFile, Job[]>();
+  let total = 0;
   const instance = basename(vm.instanceDir);
-  const read = await manifests;
   for (const backup of opts.scope) {
     const m = read.get(backup)!;
     if (m === null) {
@@ -274,11 +306,16 @@ async function verifyContent(
         report(`${backup}/${d.file}`).errors.push('listed in the manifest but missing');
         continue;
       }
-      jobs.push({ f, d, r: linesOf(reports.get(f)!), extentBytes: m.digest.extentBytes });
+      let js = jobs.get(f);
+      if (!js) jobs.set(f, (js = []));
+      js.push({ f, d, r: linesOf(reports.get(f)!), extentBytes: m.digest.extentBytes });
+      total += d.dataBytes;
     }
   }
-  let total = jobs.reduce((n, j) => n + j.d.dataBytes, 0);
-  opts.planned?.(total, jobs.length);
+  opts.planned?.(
+    total,
+    [...jobs.values()].reduce((n, js) => n + js.length, 0),
+  );
   let done = 0;
   const onData = opts.progress
     ? (n: number): void => {
@@ -287,34 +324,30 @@ async function verifyContent(
       }
     : undefined;
   opts.progress?.(0, total);
-  const layers = limiter(opts.layers ?? 2);
-  await Promise.all(
-    jobs.map(async (j) => {
-      const { f, d, r } = j;
-      if (await walked.get(f)!) {
-        r.warnings.push({ code: 'CHECK_SKIPPED', message: 'content not compared with the manifest: the layer failed the checks above' });
-        total -= d.dataBytes;
-        opts.progress?.(Math.min(done, total), total);
-        return;
-      }
+  return {
+    out,
+    jobs,
+    skip({ d, r }): void {
+      r.warnings.push({ code: 'CHECK_SKIPPED', message: 'content not compared with the manifest: the layer failed the checks above' });
+      total -= d.dataBytes;
+      opts.progress?.(Math.min(done, total), total);
+    },
+    async run({ f, d, r, extentBytes }, file): Promise<void> {
       if (f.virtualSize !== null && f.virtualSize !== BigInt(d.virtualSize))
         r.errors.push(`virtual size ${f.virtualSize}, the manifest says ${d.virtualSize}`);
       if (f.backingName !== d.backing) r.errors.push(`backing ${f.backingName ?? 'none'}, the manifest says ${d.backing ?? 'none'}`);
-      await layers(async () => {
-        between();
-        let got: LayerDigest;
-        try {
-          got = await opts.digest(f.abs, j.extentBytes, onData);
-        } catch (e) {
-          if (e instanceof NasbackupError) throw e; // a stop (signal) from the cancellation point
-          r.errors.push(`content unreadable: ${(e as Error).message.split(`${vm.instanceDir}/`).join('')}`);
-          return;
-        }
-        r.errors.push(...compareExtents(d.extents, got.extents));
-      });
-    }),
-  );
-  return out;
+      between();
+      let got: LayerDigest;
+      try {
+        got = await opts.digest(f.abs, extentBytes, onData, file);
+      } catch (e) {
+        if (e instanceof NasbackupError) throw e; // a stop (signal) from the cancellation point
+        r.errors.push(`content unreadable: ${(e as Error).message.split(`${vm.instanceDir}/`).join('')}`);
+        return;
+      }
+      r.errors.push(...compareExtents(d.extents, got.extents));
+    },
+  };
 }
 
 /** Runs the tasks given to it, at most `n` at once, in the order given. */

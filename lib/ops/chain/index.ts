@@ -13,6 +13,7 @@ import { planDelete, type DeletePlan } from './plan.js';
 import type { BackupRecord } from './provider-plan.js';
 import { verifyChains, type VerifyReport } from '../../store/verify-chains.js';
 import type { RebaseEngine } from '../../engine/types.js';
+import type { BlockFile } from '../../qcow2/index.js';
 import type { NasTarget } from '../../nas/session.js';
 import { syncAfter, type OpContext } from '../context.js';
 import { removeTree } from '../delete.js';
@@ -76,8 +77,8 @@ export async function chainVerify(ctx: OpContext, a: ChainArgs, opts: VerifyOpti
     backups = await pointInTime(all, a.backup);
   }
   ctx.logger.log(`Chain verify of ${vm}${a.backup ? `/${a.backup}` : ''} on ${root}`);
-  const check = async (abs: string): Promise<StructuralCheck> => {
-    const r = await structuralCheck(abs, () => ctx.clients.qemuImg.check(abs, { shared: true }));
+  const check = async (abs: string, file?: BlockFile): Promise<StructuralCheck> => {
+    const r = await structuralCheck(abs, () => ctx.clients.qemuImg.check(abs, { shared: true }), file);
     ctx.logger.log(`Structural check of ${abs}: ${r.kind}${r.kind === 'clean' ? '' : ` (${r.message})`} [${r.by}]`);
     return r;
   };
@@ -88,13 +89,16 @@ export async function chainVerify(ctx: OpContext, a: ChainArgs, opts: VerifyOpti
   try {
     report = await verifyChains(backups, check, 4, {
       scope: backups.backups,
+      // A layer's structural check and re-read in one task: a few at once keep the disk and the cores busy.
+      layers: 4,
       planned: (bytes) => {
         if (bytes >= POOL_MIN_BYTES) pool = new HashPool();
       },
       // Several reads in flight per layer, a few layers at once (lib/store/layer-read.ts).
-      digest: (abs, extentBytes, onData) =>
+      digest: (abs, extentBytes, onData, file) =>
         readLayerDigest(abs, {
           extentBytes,
+          ...(file ? { file } : {}),
           between: () => ctx.checkpoint(),
           ...(onData ? { onData } : {}),
           ...(pool ? { pool } : {}),

@@ -100,7 +100,8 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
   const shared: InspectOptions = {
     scanned: new Map(),
     cleanBelow: new Map(),
-    looks: new Map(),
+    // What discovery read already (real path, stat, header) is not read again.
+    looks: new Map([...(vm.looked ?? [])].map(([abs, l]) => [abs, Promise.resolve(l)])),
     realDir: await realpath(vm.instanceDir).catch(() => resolve(vm.instanceDir)),
   };
   // Messages name files relative to the VM folder, as the report does.

@@ -60,6 +60,8 @@ export interface ChainVerifyResult {
 
 /** Below this (data to prove in all), starting worker threads costs more than hashing here. */
 const POOL_MIN_BYTES = 64 << 20;
+/** Files (metadata included) of at least this size start the workers before the manifests are read. */
+const POOL_EARLY_FILE_BYTES = 128 << 20;
 
 export interface VerifyOptions {
   /** Data bytes compared so far, of the total (a progress bar on a terminal). */
@@ -83,8 +85,12 @@ export async function chainVerify(ctx: OpContext, a: ChainArgs, opts: VerifyOpti
     return r;
   };
   // With data enough to prove, every layer is hashed on worker threads (every core), the
-  // reads staying here; the workers start while the chains are walked.
+  // reads staying here. Files this big hold data enough: the workers start now, while the
+  // chains are walked; else once the manifests say how much data there is.
   let pool: HashPool | undefined;
+  let fileBytes = 0;
+  for (const f of backups.files) fileBytes += backups.looked?.get(f.abs)?.st.size ?? 0;
+  if (fileBytes >= POOL_EARLY_FILE_BYTES) pool = new HashPool();
   let report: VerifyReport;
   try {
     report = await verifyChains(backups, check, 4, {
@@ -92,7 +98,7 @@ export async function chainVerify(ctx: OpContext, a: ChainArgs, opts: VerifyOpti
       // A layer's structural check and re-read in one task: a few at once keep the disk and the cores busy.
       layers: 4,
       planned: (bytes) => {
-        if (bytes >= POOL_MIN_BYTES) pool = new HashPool();
+        if (bytes >= POOL_MIN_BYTES) pool ??= new HashPool();
       },
       // Several reads in flight per layer, a few layers at once (lib/store/layer-read.ts).
       digest: (abs, extentBytes, onData, file) =>

@@ -156,7 +156,8 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
         // Structure then content, through one open file: the check's metadata reads warm the
         // tables the re-read walks; other layers' data is read meanwhile.
         await layers(async () => {
-          const file = await NodeBlockFile.open(f.abs, false).catch(() => undefined);
+          const opened = await NodeBlockFile.open(f.abs, false).catch(() => undefined);
+          const file = opened && new RememberedReads(opened);
           try {
             structural.set(f, await check(f.abs, file));
             for (const j of jobs) await c!.run(j, file);
@@ -350,6 +351,46 @@ function planContent(
     },
   };
 }
+
+/**
+ * One open layer read by the structural check, then by the re-read: the small reads (header,
+ * L1, L2 and refcount tables) are remembered, up to a budget, so the second reader gets the
+ * same bytes without asking the OS again; data reads pass through. Read-only.
+ */
+class RememberedReads implements BlockFile {
+  private readonly seen = new Map<string, Buffer>();
+  private kept = 0;
+  private sized: Promise<number> | null = null;
+  constructor(private readonly inner: BlockFile) {}
+  get path(): string {
+    return this.inner.path;
+  }
+  async read(buf: Buffer, offset: number, length: number, position: number): Promise<number> {
+    const key = `${position}:${length}`;
+    const hit = this.seen.get(key);
+    if (hit) return hit.copy(buf, offset);
+    const n = await this.inner.read(buf, offset, length, position);
+    if (length <= REMEMBER_READ_BYTES && this.kept + n <= REMEMBER_BYTES) {
+      this.seen.set(key, Buffer.from(buf.subarray(offset, offset + n)));
+      this.kept += n;
+    }
+    return n;
+  }
+  size(): Promise<number> {
+    return (this.sized ??= this.inner.size());
+  }
+  write(): Promise<void> {
+    return Promise.reject(new Error('read-only'));
+  }
+  datasync(): Promise<void> {
+    return Promise.reject(new Error('read-only'));
+  }
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+}
+const REMEMBER_READ_BYTES = 64 << 10;
+const REMEMBER_BYTES = 1 << 20;
 
 /** Runs the tasks given to it, at most `n` at once, in the order given. */
 function limiter(n: number): <T>(task: () => Promise<T>) => Promise<T> {

@@ -11,6 +11,7 @@
 // incremental). Medians of --runs (≥ 5) with min–max, paired ratios per run.
 //   npm run bench:verify [-- --depth 50 --runs 5 --shapes e,v --full-mib 1024 --inc-mib 16]
 //   smaller: --depth 10 --runs 2 --full-mib 64 --inc-mib 4
+//   profiling: --build <dir> builds the chains under <dir>/<shape>/nas and exits (remove it after)
 import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -26,6 +27,7 @@ const runs = Number(arg('runs', '5'));
 const shapes = arg('shapes', 'e,v').split(',');
 const fullMib = Number(arg('full-mib', '1024'));
 const incMib = Number(arg('inc-mib', '16'));
+const buildOnly = arg('build', '');
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const BIN = path.join(ROOT, 'bin/nasbackup');
 const VM = 'i-9-99-VM';
@@ -121,6 +123,7 @@ function readAll(files: string[]): void {
 async function bench(dir: string, s: Shape): Promise<void> {
   const nas = path.join(dir, s.name, 'nas');
   const files = await buildChain(nas, s);
+  if (buildOnly) return;
   const top = files.at(-1)!;
   const ref = path.join(dir, s.name, 'reference.raw');
   execFileSync('qemu-img', ['convert', '-O', 'raw', top, ref]);
@@ -169,7 +172,7 @@ async function bench(dir: string, s: Shape): Promise<void> {
 }
 
 async function main(): Promise<void> {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nasbackup-bench-verify-'));
+  const dir = buildOnly || fs.mkdtempSync(path.join(os.tmpdir(), 'nasbackup-bench-verify-'));
   try {
     console.log(
       `bench-verify: ${os.cpus().length} CPU(s), load average ${os
@@ -189,7 +192,7 @@ async function main(): Promise<void> {
         .join(' ')}`,
     );
   } finally {
-    fs.rmSync(dir, { recursive: true, force: true });
+    if (!buildOnly) fs.rmSync(dir, { recursive: true, force: true });
   }
 }
 

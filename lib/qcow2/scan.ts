@@ -3,6 +3,7 @@
 // (aligned, inside it, clear of the header and the tables). Reads metadata only, one table at
 // a time (memory stays at the L2 cache's budget).
 import { Qcow2Image, type ScratchEntry } from './image.js';
+import { zeroEntries } from './l2.js';
 
 export interface ScanResult {
   l2Tables: number;
@@ -18,8 +19,17 @@ export async function scanImage(img: Qcow2Image): Promise<ScanResult> {
     const t = await img.l2Table(i);
     if (t === null) continue;
     l2Tables++;
-    const end = Math.min(clusters, (i + 1) * img.l2Entries);
-    for (let c = i * img.l2Entries; c < end; c++) img.entryInto(t, c, e);
+    const first = i * img.l2Entries;
+    const end = Math.min(clusters, first + img.l2Entries);
+    for (let c = first; c < end; c++) {
+      // Empty entries are valid: a run of them is skipped a page at a time.
+      const unset = zeroEntries(t, c - first, end - c, img);
+      if (unset > 0) {
+        c += unset - 1;
+        continue;
+      }
+      img.entryInto(t, c, e);
+    }
   }
   let refcountBlocks = 0;
   // The table once, its empty entries skipped without an await each (a table has thousands).

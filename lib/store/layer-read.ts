@@ -3,7 +3,7 @@
 // across extent boundaries, so the disk never waits for the hash and the hash never waits for
 // one read. Metadata (block status) is walked ahead of the reads; memory stays at
 // `inFlight + 1` read buffers whatever the disk size.
-import { Qcow2Image, type Extent } from '../qcow2/index.js';
+import { Qcow2Image, type BlockFile, type Extent } from '../qcow2/index.js';
 import type { HashPool, Slot } from './hash-pool.js';
 import { LayerDigester, type LayerDigest } from './layer-digest.js';
 import { DEFAULT_EXTENT_BYTES } from './manifest.js';
@@ -20,6 +20,8 @@ export interface ReadDigestOptions {
   onData?: (bytes: number) => void;
   /** Hash on these worker threads (reads land in its shared slots); else on this thread. */
   pool?: HashPool;
+  /** The layer, already open (readLayerDigest leaves it open). */
+  file?: BlockFile;
 }
 
 type Step =
@@ -30,11 +32,11 @@ type Step =
 const MAX_QUEUED = 4096;
 
 export async function readLayerDigest(path: string, opts: ReadDigestOptions = {}): Promise<LayerDigest> {
-  const img = await Qcow2Image.open(path);
+  const img = await Qcow2Image.open(path, opts.file ? { file: opts.file } : {});
   try {
     return await readImageDigest(img, opts);
   } finally {
-    await img.close();
+    if (!opts.file) await img.close();
   }
 }
 

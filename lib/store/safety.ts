@@ -6,6 +6,7 @@
 // no corrupt bit, a readable header, and L1/L2/refcount tables inside the file. A dirty layer is
 // reported, not refused (its refcounts may be stale; qemu-img repairs that on open).
 import { realpath, stat } from 'node:fs/promises';
+import type { Stats } from 'node:fs';
 import { isAbsolute, resolve } from 'node:path';
 import { NasbackupError, type ErrorCode, type Warning } from '../errors.js';
 import { isWithin } from '../paths.js';
@@ -24,6 +25,7 @@ import {
   scanMetadata,
   checkImage,
   describeCheck,
+  type BlockFile,
 } from '../qcow2/index.js';
 
 /** unsafe: must never be read or handed on; corrupt: damaged; broken: a layer is missing. */
@@ -46,8 +48,11 @@ export interface ChainInspection {
 }
 
 export interface InspectOptions {
-  /** Metadata scans already done, by dev:ino (shared across the chains of one VM). */
-  scanned?: Map<string, ChainProblem | null>;
+  /**
+   * Metadata scans done or running, by dev:ino (shared across the chains of one VM walked at
+   * once: a layer is scanned once however many walks reach it).
+   */
+  scanned?: Map<string, Promise<Qcow2Error | null>>;
   /**
    * Layers (by real path) whose chain was already walked to its end without a problem in this
    * run, with the warnings from that layer down: a walk that reaches one stops there (a VM's
@@ -55,6 +60,76 @@ export interface InspectOptions {
    * walks are remembered: a problem is always found by a walk of its own.
    */
   cleanBelow?: Map<string, Warning[]>;
+  /**
+   * What each layer path was found to be (real path, type, header), shared by the walks of
+   * one run: a layer many chains pass through is looked at once (see prefetchLayer()).
+   */
+  looks?: Map<string, Promise<Look>>;
+  /** The VM folder's real path, when the caller resolved it already. */
+  realDir?: string;
+}
+
+/** One layer as a walk first sees it; what is not looked at (outside, not a file) is left out. */
+export interface Look {
+  real: string | null;
+  st?: Stats;
+  header?: Qcow2Header | Qcow2Error;
+}
+
+async function lookAt(path: string, realDir: string): Promise<Look> {
+  let real: string;
+  try {
+    real = await realpath(path);
+  } catch {
+    return { real: null };
+  }
+  // Nothing outside the VM folder is read, and nothing that could block (a FIFO).
+  if (!isWithin(realDir, real, { strict: true })) return { real };
+  const st = await stat(real);
+  if (!st.isFile()) return { real, st };
+  try {
+    return { real, st, header: await readHeader(real) };
+  } catch (e) {
+    if (!(e instanceof Qcow2Error)) throw e;
+    return { real, st, header: e };
+  }
+}
+
+function look(path: string, realDir: string, opts: InspectOptions): Promise<Look> {
+  let l = opts.looks?.get(path);
+  if (!l) {
+    l = lookAt(path, realDir);
+    opts.looks?.set(path, l);
+  }
+  return l;
+}
+
+function scan(real: string, key: string, opts: InspectOptions): Promise<Qcow2Error | null> {
+  let s = opts.scanned?.get(key);
+  if (s === undefined) {
+    s = scanMetadata(real).then(
+      () => null,
+      (e: unknown) => {
+        if (!(e instanceof Qcow2Error)) throw e;
+        return e;
+      },
+    );
+    opts.scanned?.set(key, s);
+  }
+  return s;
+}
+
+/**
+ * Look at the layer `path` and scan its metadata ahead of the walks that will reach it (the
+ * same reads a walk makes, no more: nothing outside the VM folder, nothing of a layer the
+ * walk would refuse before scanning). With `opts.looks` and `opts.scanned` shared.
+ */
+export async function prefetchLayer(path: string, realDir: string, opts: InspectOptions): Promise<void> {
+  const l = await look(resolve(path), realDir, opts);
+  const h = l.header;
+  if (!l.st || !h || h instanceof Qcow2Error) return;
+  if (hasExternalDataFile(h) || (h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n) return;
+  await scan(l.real!, `${l.st.dev}:${l.st.ino}`, opts);
 }
 
 const UNSAFE_CODES: ReadonlySet<Qcow2ErrorCode> = new Set<Qcow2ErrorCode>([
@@ -94,7 +169,7 @@ export async function inspectChain(top: string, instanceDir: string, opts: Inspe
     problem: { reference: false, ...p },
     warnings,
   });
-  const realDir = await realpath(instanceDir).catch(() => resolve(instanceDir));
+  const realDir = opts.realDir ?? (await realpath(instanceDir).catch(() => resolve(instanceDir)));
   const seen = new Set<string>();
   let path = resolve(top);
   let referrer: string | null = null;
@@ -106,20 +181,18 @@ export async function inspectChain(top: string, instanceDir: string, opts: Inspe
   for (;;) {
     const via = referrer ? `backing file ${path} of ${referrer}` : path;
     // Where the layer really is, before anything opens it.
-    let real: string;
-    try {
-      real = await realpath(path);
-    } catch {
+    const l = await look(path, realDir, opts);
+    const real = l.real;
+    if (real === null)
       return done({ kind: 'broken', layer: referrer ?? path, message: `${via} does not exist`, reference: referrer !== null });
-    }
-    if (!isWithin(realDir, real, { strict: true }))
+    if (!l.st)
       return done({
         kind: 'unsafe',
         layer: referrer ?? path,
         message: `${via} is outside the VM folder (${real})`,
         reference: referrer !== null,
       });
-    const st = await stat(real);
+    const st = l.st;
     if (!st.isFile())
       return done({
         kind: 'unsafe',
@@ -146,13 +219,8 @@ export async function inspectChain(top: string, instanceDir: string, opts: Inspe
     seen.add(key);
     layers.push(path);
     walked.push({ real, warningsFrom: warnings.length });
-    let h: Qcow2Header;
-    try {
-      h = await readHeader(real);
-    } catch (e) {
-      if (!(e instanceof Qcow2Error)) throw e;
-      return done({ kind: kindOf(e.code), layer: path, message: `${path}: ${stripPath(e.message, real)}` });
-    }
+    const h = l.header!;
+    if (h instanceof Qcow2Error) return done({ kind: kindOf(h.code), layer: path, message: `${path}: ${stripPath(h.message, real)}` });
     if (hasExternalDataFile(h))
       return done({ kind: 'unsafe', layer: path, message: `${path} has an external data file (its data lives in another file)` });
     if ((h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n)
@@ -162,21 +230,13 @@ export async function inspectChain(top: string, instanceDir: string, opts: Inspe
         code: 'IMAGE_DIRTY',
         message: `${path} is marked dirty (not closed cleanly; refcounts may be stale, \`qemu-img check -r all\` repairs them)`,
       });
-    let scan = opts.scanned?.get(key);
-    if (scan === undefined) {
-      scan = null;
-      try {
-        await scanMetadata(real);
-      } catch (e) {
-        if (!(e instanceof Qcow2Error)) throw e;
-        // A valid feature our reader does not handle (encryption, …): not scanned, not refused.
-        if (UNSUPPORTED_CODES.has(e.code))
-          warnings.push({ code: 'METADATA_NOT_CHECKED', message: `${path}: metadata not checked (${stripPath(e.message, real)})` });
-        else scan = { kind: kindOf(e.code), layer: path, message: `${path}: ${stripPath(e.message, real)}`, reference: false };
-      }
-      opts.scanned?.set(key, scan);
+    const e = await scan(real, key, opts);
+    if (e) {
+      // A valid feature our reader does not handle (encryption, …): not scanned, not refused.
+      if (UNSUPPORTED_CODES.has(e.code))
+        warnings.push({ code: 'METADATA_NOT_CHECKED', message: `${path}: metadata not checked (${stripPath(e.message, real)})` });
+      else return done({ kind: kindOf(e.code), layer: path, message: `${path}: ${stripPath(e.message, real)}` });
     }
-    if (scan) return done(scan);
     const name = h.backingFile;
     if (name === null) return clean();
     const ref = (message: string): ChainInspection => done({ kind: 'unsafe', layer: path, message, reference: true });
@@ -241,12 +301,12 @@ export type QemuImgCheck = () => Promise<
 /**
  * The native check (lib/qcow2/check.ts, qemu-img check's counting); qemu-img only when the native
  * check cannot answer (a valid feature it does not handle: encryption). Never call it on a chain
- * inspectChain() refused.
+ * inspectChain() refused. `file`: the image, already open (left open).
  */
-export async function structuralCheck(path: string, fallback?: QemuImgCheck): Promise<StructuralCheck> {
+export async function structuralCheck(path: string, fallback?: QemuImgCheck, file?: BlockFile): Promise<StructuralCheck> {
   let r;
   try {
-    r = await checkImage(path, { maxMessages: 3 });
+    r = await checkImage(path, { maxMessages: 3, ...(file ? { file } : {}) });
   } catch (e) {
     if (!(e instanceof Qcow2Error) || !UNSUPPORTED_CODES.has(e.code) || !fallback) throw e;
     const q = await fallback();

@@ -6,12 +6,16 @@
 // a FIFO or a loop would hang it). Then content: each layer of a backup with a manifest.json is re-read and its
 // digest per extent compared with the manifest (lib/store/layer-digest.ts); a backup
 // without one (older than manifests) gets the structural checks only, and says so.
-import { basename, join } from 'node:path';
+// Per file the order is fixed (its chain walk, then its structural check and content), but
+// the files are pipelined: one file's data is read while others are walked and checked.
+import { realpath } from 'node:fs/promises';
+import { basename, join, resolve } from 'node:path';
 import { NasbackupError, type Warning } from '../errors.js';
-import { backingFile, insideInstance, type BackupFile, type VmBackups } from './backups.js';
-import { inspectChain, type ChainProblem, type StructuralCheck } from './safety.js';
+import { NodeBlockFile, type BlockFile } from '../qcow2/index.js';
+import { backingFile, insideInstance, mapLimit, type BackupFile, type VmBackups } from './backups.js';
+import { inspectChain, prefetchLayer, type ChainProblem, type InspectOptions, type StructuralCheck } from './safety.js';
 import type { LayerDigest } from './layer-digest.js';
-import { MANIFEST_NAME, type ExtentDigest } from './manifest.js';
+import { MANIFEST_NAME, type ExtentDigest, type ManifestDisk } from './manifest.js';
 import { readManifestFile } from './manifest-file.js';
 
 export interface FileReport {
@@ -27,8 +31,8 @@ export interface VerifyReport {
   warnings: Warning[];
 }
 
-/** The structural check of one file (lib/store/safety.ts structuralCheck). */
-export type CheckFn = (abs: string) => Promise<StructuralCheck>;
+/** The structural check of one file (lib/store/safety.ts structuralCheck); `file`: the file, already open. */
+export type CheckFn = (abs: string, file?: BlockFile) => Promise<StructuralCheck>;
 
 /** The checks of `f`'s backing reference; `refProblem` is what the chain safety check found in it. */
 async function checkReference(
@@ -72,13 +76,34 @@ export interface ContentOptions {
   layers?: number;
   /** Data bytes compared so far of the total the manifests list (a progress bar). */
   progress?: (done: number, total: number) => void;
+  /**
+   * Told the data bytes and layers to re-read as soon as the manifests are read (before the
+   * chain walks end): the caller may start its hash workers meanwhile.
+   */
+  planned?: (bytes: number, layers: number) => void;
 }
 
+/** Chain walks at once (each mostly waits for small reads). */
+const WALKS = 8;
+/** Manifests read at once. */
+const MANIFESTS = 8;
+
+/**
+ * Every check of every file, pipelined: a file's structural check and the re-read of its
+ * content start as soon as its own chain walk has found it sound, while the other walks go
+ * on; the lines are put in a fixed order at the end (walk, structure, content), the order
+ * they had when the phases ran one after the other.
+ */
 export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 2, content?: ContentOptions): Promise<VerifyReport> {
   const reports = new Map<BackupFile, FileReport>();
-  const rejected = new Set<BackupFile>();
-  const scanned = new Map<string, ChainProblem | null>();
-  const cleanBelow = new Map<string, Warning[]>();
+  // Shared by the walks: each layer is looked at and scanned once, whatever walks reach it.
+  const shared: InspectOptions = {
+    scanned: new Map(),
+    cleanBelow: new Map(),
+    // What discovery read already (real path, stat, header) is not read again.
+    looks: new Map([...(vm.looked ?? [])].map(([abs, l]) => [abs, Promise.resolve(l)])),
+    realDir: await realpath(vm.instanceDir).catch(() => resolve(vm.instanceDir)),
+  };
   // Messages name files relative to the VM folder, as the report does.
   const rel = (m: string): string => m.split(`${vm.instanceDir}/`).join('');
   for (const f of vm.files) {
@@ -86,64 +111,96 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
     reports.set(f, r);
     if (f.error) r.errors.push(`unreadable header: ${f.error}`);
   }
-  // The chain walks, a few at a time (each mostly waits for small reads); a walk stops at a
-  // lower layer another walk found clean, so the VM's files are walked about once.
-  await pool(
-    4,
-    vm.files.filter((f) => !f.error),
-    async (f) => {
-      const r = reports.get(f)!;
-      const safety = await inspectChain(f.abs, vm.instanceDir, { scanned, cleanBelow });
-      for (const w of safety.warnings)
-        if (w.message.startsWith(`${f.abs} `) || w.message.startsWith(`${f.abs}:`)) r.warnings.push({ ...w, message: rel(w.message) });
-      if (safety.problem) rejected.add(f);
-      const p = safety.problem;
-      // This file's own damage first; its backing reference is judged by the checks below.
-      if (p && p.layer === f.abs && !p.reference) r.errors.push(rel(p.message));
-      await checkReference(vm, f, r.errors, p && p.layer === f.abs && p.reference ? p : null, rel);
-      // What breaks further down the chain.
-      if (p && p.layer !== f.abs) r.errors.push(`chain ${p.kind === 'broken' ? 'unreadable' : p.kind}: ${rel(p.message)}`);
-    },
-  );
-  // Structural checks, a few at a time; never on a chain our reader rejected.
-  for (const [f, r] of reports)
-    if (rejected.has(f) && !f.error)
-      r.warnings.push({ code: 'CHECK_SKIPPED', message: 'structural check skipped: the chain failed the checks above' });
+  // The manifests, read while the chains are walked, then what each file's content is compared with.
+  const plan = content ? readManifests(vm, content.scope).then((m) => planContent(vm, reports, m, content)) : Promise.resolve(null);
+  plan.catch(() => {}); // awaited below; a failure before that must not go unhandled
+  const structural = new Map<BackupFile, StructuralCheck>();
+  const checks = limiter(concurrency);
+  const layers = limiter(content?.layers ?? 2);
+  // The chain walks, a few at a time; a walk stops at a lower layer another walk found clean,
+  // so the VM's files are walked about once. True: the file's chain was refused.
+  const walks = limiter(WALKS);
+  const walked = new Map<BackupFile, Promise<boolean>>();
+  const tasks: Promise<void>[] = [];
+  for (const f of vm.files) {
+    const w = f.error
+      ? Promise.resolve(true)
+      : walks(async () => {
+          const r = reports.get(f)!;
+          await prefetchLayer(f.abs, shared.realDir!, shared);
+          const safety = await inspectChain(f.abs, vm.instanceDir, shared);
+          for (const w of safety.warnings)
+            if (w.message.startsWith(`${f.abs} `) || w.message.startsWith(`${f.abs}:`)) r.warnings.push({ ...w, message: rel(w.message) });
+          const p = safety.problem;
+          // This file's own damage first; its backing reference is judged by the checks below.
+          if (p && p.layer === f.abs && !p.reference) r.errors.push(rel(p.message));
+          await checkReference(vm, f, r.errors, p && p.layer === f.abs && p.reference ? p : null, rel);
+          // What breaks further down the chain.
+          if (p && p.layer !== f.abs) r.errors.push(`chain ${p.kind === 'broken' ? 'unreadable' : p.kind}: ${rel(p.message)}`);
+          return p !== null;
+        });
+    walked.set(f, w);
+    tasks.push(
+      w.then(async (rejected) => {
+        const c = await plan;
+        const jobs = c?.jobs.get(f) ?? [];
+        // Neither the structural check nor the content of a chain our reader rejected.
+        if (rejected) {
+          for (const j of jobs) c!.skip(j);
+          return;
+        }
+        if (jobs.length === 0) {
+          structural.set(f, await checks(() => check(f.abs)));
+          return;
+        }
+        // Structure then content, through one open file: the check's metadata reads warm the
+        // tables the re-read walks; other layers' data is read meanwhile.
+        await layers(async () => {
+          const opened = await NodeBlockFile.open(f.abs, false).catch(() => undefined);
+          const file = opened && new RememberedReads(opened);
+          try {
+            structural.set(f, await check(f.abs, file));
+            for (const j of jobs) await c!.run(j, file);
+          } finally {
+            await file?.close();
+          }
+        });
+      }),
+    );
+  }
+  const settled = await Promise.allSettled([...walked.values(), ...tasks, plan]);
+  for (const x of settled) if (x.status === 'rejected') throw x.reason;
+  const found = (await plan)?.out ?? null;
+
   const files = [...reports.values()];
   const warnings = vm.partials.map((p): Warning => ({
     code: 'UNFINISHED_BACKUP',
     message: `unfinished backup folder of an interrupted run: ${p}`,
   }));
-  // The structural checks (metadata) run while the content is re-read (data); their lines go
-  // where they went when the two ran one after the other, before the content's.
-  const at = new Map(files.map((r) => [r, { errors: r.errors.length, warnings: r.warnings.length }]));
-  const structural = new Map<BackupFile, StructuralCheck>();
-  const skip = new Set(vm.files.filter((f) => f.error || rejected.has(f)).map((f) => f.abs));
-  const [checked, proved] = await Promise.allSettled([
-    pool(
-      concurrency,
-      vm.files.filter((f) => !f.error && !rejected.has(f)),
-      async (f) => void structural.set(f, await check(f.abs)),
-    ),
-    content ? verifyContent(vm, files, content.scope, content.digest, skip, content) : Promise.resolve([]),
-  ]);
-  if (checked.status === 'rejected') throw checked.reason;
-  if (proved.status === 'rejected') throw proved.reason;
   for (const f of vm.files) {
-    const res = structural.get(f);
-    if (!res || res.kind === 'clean') continue;
     const r = reports.get(f)!;
-    if (res.kind === 'leaks') r.warnings.splice(at.get(r)!.warnings, 0, { code: 'LEAKED_CLUSTERS', message: res.message });
-    else r.errors.splice(at.get(r)!.errors, 0, res.message);
+    if (!f.error && (await walked.get(f)))
+      r.warnings.push({ code: 'CHECK_SKIPPED', message: 'structural check skipped: the chain failed the checks above' });
+    const res = structural.get(f);
+    if (res && res.kind === 'leaks') r.warnings.push({ code: 'LEAKED_CLUSTERS', message: res.message });
+    else if (res && res.kind === 'failed') r.errors.push(res.message);
   }
-  warnings.push(...proved.value);
+  if (found) {
+    // Content lines after the file's own, in the manifests' order; then what only a manifest names.
+    for (const [r, c] of found.lines) {
+      r.errors.push(...c.errors);
+      r.warnings.push(...c.warnings);
+    }
+    files.push(...found.extra);
+    warnings.push(...found.warnings);
+  }
   return { ok: files.every((f) => f.errors.length === 0), files, warnings };
 }
 
 // ---- content: each layer against its backup's manifest ---------------------------------
 
-/** Digests of one layer (lib/store/layer-read.ts), injectable for tests; `onData`: bytes hashed so far. */
-export type DigestFn = (abs: string, extentBytes: number, onData?: (bytes: number) => void) => Promise<LayerDigest>;
+/** Digests of one layer (lib/store/layer-read.ts), injectable for tests; `onData`: bytes hashed so far; `file`: the layer, already open. */
+export type DigestFn = (abs: string, extentBytes: number, onData?: (bytes: number) => void, file?: BlockFile) => Promise<LayerDigest>;
 
 /** `extent <n>: digest mismatch` lines, by extent number. */
 export function compareExtents(want: readonly ExtentDigest[], got: readonly ExtentDigest[]): string[] {
@@ -161,65 +218,106 @@ export function compareExtents(want: readonly ExtentDigest[], got: readonly Exte
   return out;
 }
 
+type ManifestRead = Awaited<ReturnType<typeof readManifestFile>>;
+
+/** Each backup's manifest in `scope`, a few read at once. */
+async function readManifests(vm: VmBackups, scope: readonly string[]): Promise<Map<string, ManifestRead>> {
+  const read = await mapLimit(MANIFESTS, scope, (backup) => readManifestFile(join(vm.instanceDir, backup)));
+  return new Map(scope.map((b, i) => [b, read[i]!]));
+}
+
+interface Lines {
+  errors: string[];
+  warnings: Warning[];
+}
+
+interface ContentResult {
+  /** Lines for the files' reports, in the order they were found. */
+  lines: Map<FileReport, Lines>;
+  /** Reports of what only a manifest names (the manifest itself, a listed file that is missing). */
+  extra: FileReport[];
+  warnings: Warning[];
+}
+
+interface Job {
+  f: BackupFile;
+  d: ManifestDisk;
+  r: Lines;
+  extentBytes: number;
+}
+
+interface ContentPlan {
+  out: ContentResult;
+  /** The manifest entries of each file (one, unless a manifest lists a file twice). */
+  jobs: Map<BackupFile, Job[]>;
+  /** Compare the layer with its entry (`file`: the layer, already open). */
+  run(j: Job, file?: BlockFile): Promise<void>;
+  /** The layer failed the checks above: not re-read. */
+  skip(j: Job): void;
+}
+
 /**
  * Content proof of the backups in `scope`: every disk file the manifest lists is
  * re-read and its per-extent digests compared; a file not listed, or listed and missing,
  * is a problem too. A backup without a manifest gets a NO_MANIFEST warning.
  */
-export async function verifyContent(
+function planContent(
   vm: VmBackups,
-  reports: FileReport[],
-  scope: readonly string[],
-  digest: DigestFn,
-  skip: ReadonlySet<string>,
-  opts: Pick<ContentOptions, 'between' | 'layers' | 'progress'> = {},
-): Promise<Warning[]> {
+  reports: ReadonlyMap<BackupFile, FileReport>,
+  read: Map<string, ManifestRead>,
+  opts: ContentOptions,
+): ContentPlan {
   const between = opts.between ?? ((): void => {});
-  const warnings: Warning[] = [];
-  // Every layer to re-read, then a few at a time: the reads of one overlap the hashing of another.
-  const jobs: { r: FileReport; abs: string; extentBytes: number; want: readonly ExtentDigest[]; bytes: number }[] = [];
+  const out: ContentResult = { lines: new Map(), extra: [], warnings: [] };
+  const linesOf = (r: FileReport): Lines => {
+    let l = out.lines.get(r);
+    if (!l) out.lines.set(r, (l = { errors: [], warnings: [] }));
+    return l;
+  };
+  const reportOf = new Map<string, FileReport>();
+  const report = (file: string): FileReport => {
+    let r = reportOf.get(file);
+    if (!r) {
+      r = { file, backing: null, errors: [], warnings: [] };
+      reportOf.set(file, r);
+      out.extra.push(r);
+    }
+    return r;
+  };
+  const jobs = new Map<BackupFile, Job[]>();
+  let total = 0;
   const instance = basename(vm.instanceDir);
-  for (const backup of scope) {
-    const m = await readManifestFile(join(vm.instanceDir, backup));
+  for (const backup of opts.scope) {
+    const m = read.get(backup)!;
     if (m === null) {
-      warnings.push({ code: 'NO_MANIFEST', message: `${backup}: no manifest: structural checks only` });
+      out.warnings.push({ code: 'NO_MANIFEST', message: `${backup}: no manifest: structural checks only` });
       continue;
     }
     if ('error' in m) {
-      reports.push({ file: `${backup}/${MANIFEST_NAME}`, backing: null, errors: [m.error], warnings: [] });
+      report(`${backup}/${MANIFEST_NAME}`).errors.push(m.error);
       continue;
     }
-    const problems: string[] = [];
-    if (m.path !== `${instance}/${backup}`) problems.push(`the manifest is of another backup (${m.path})`);
-    if (problems.length) reports.push({ file: `${backup}/${MANIFEST_NAME}`, backing: null, errors: problems, warnings: [] });
+    if (m.path !== `${instance}/${backup}`)
+      report(`${backup}/${MANIFEST_NAME}`).errors.push(`the manifest is of another backup (${m.path})`);
     const files = vm.files.filter((f) => f.backup === backup);
-    for (const f of files) {
-      const r = reports.find((x) => x.file === `${backup}/${f.name}`);
-      if (r && !m.disks.some((d) => d.file === f.name)) r.errors.push(`not listed in the manifest`);
-    }
+    for (const f of files) if (!m.disks.some((d) => d.file === f.name)) linesOf(reports.get(f)!).errors.push(`not listed in the manifest`);
     for (const d of m.disks) {
       between();
       const f = files.find((x) => x.name === d.file);
-      let r = reports.find((x) => x.file === `${backup}/${d.file}`);
-      if (!r) {
-        r = { file: `${backup}/${d.file}`, backing: null, errors: [], warnings: [] };
-        reports.push(r);
-      }
       if (!f) {
-        r.errors.push('listed in the manifest but missing');
+        report(`${backup}/${d.file}`).errors.push('listed in the manifest but missing');
         continue;
       }
-      if (skip.has(f.abs)) {
-        r.warnings.push({ code: 'CHECK_SKIPPED', message: 'content not compared with the manifest: the layer failed the checks above' });
-        continue;
-      }
-      if (f.virtualSize !== null && f.virtualSize !== BigInt(d.virtualSize))
-        r.errors.push(`virtual size ${f.virtualSize}, the manifest says ${d.virtualSize}`);
-      if (f.backingName !== d.backing) r.errors.push(`backing ${f.backingName ?? 'none'}, the manifest says ${d.backing ?? 'none'}`);
-      jobs.push({ r, abs: f.abs, extentBytes: m.digest.extentBytes, want: d.extents, bytes: d.dataBytes });
+      let js = jobs.get(f);
+      if (!js) jobs.set(f, (js = []));
+      js.push({ f, d, r: linesOf(reports.get(f)!), extentBytes: m.digest.extentBytes });
+      total += d.dataBytes;
     }
   }
-  const total = jobs.reduce((n, j) => n + j.bytes, 0);
+  opts.planned?.(
+    total,
+    [...jobs.values()].reduce((n, js) => n + js.length, 0),
+  );
   let done = 0;
   const onData = opts.progress
     ? (n: number): void => {
@@ -228,27 +326,85 @@ export async function verifyContent(
       }
     : undefined;
   opts.progress?.(0, total);
-  await pool(opts.layers ?? 2, jobs, async (j) => {
-    between();
-    let got: LayerDigest;
-    try {
-      got = await digest(j.abs, j.extentBytes, onData);
-    } catch (e) {
-      if (e instanceof NasbackupError) throw e; // a stop (signal) from the cancellation point
-      j.r.errors.push(`content unreadable: ${(e as Error).message.split(`${vm.instanceDir}/`).join('')}`);
-      return;
-    }
-    j.r.errors.push(...compareExtents(j.want, got.extents));
-  });
-  return warnings;
+  return {
+    out,
+    jobs,
+    skip({ d, r }): void {
+      r.warnings.push({ code: 'CHECK_SKIPPED', message: 'content not compared with the manifest: the layer failed the checks above' });
+      total -= d.dataBytes;
+      opts.progress?.(Math.min(done, total), total);
+    },
+    async run({ f, d, r, extentBytes }, file): Promise<void> {
+      if (f.virtualSize !== null && f.virtualSize !== BigInt(d.virtualSize))
+        r.errors.push(`virtual size ${f.virtualSize}, the manifest says ${d.virtualSize}`);
+      if (f.backingName !== d.backing) r.errors.push(`backing ${f.backingName ?? 'none'}, the manifest says ${d.backing ?? 'none'}`);
+      between();
+      let got: LayerDigest;
+      try {
+        got = await opts.digest(f.abs, extentBytes, onData, file);
+      } catch (e) {
+        if (e instanceof NasbackupError) throw e; // a stop (signal) from the cancellation point
+        r.errors.push(`content unreadable: ${(e as Error).message.split(`${vm.instanceDir}/`).join('')}`);
+        return;
+      }
+      r.errors.push(...compareExtents(d.extents, got.extents));
+    },
+  };
 }
 
-/** Run `work` on every item, `n` at a time. */
-async function pool<T>(n: number, items: readonly T[], work: (item: T) => Promise<void>): Promise<void> {
-  const queue = [...items];
-  await Promise.all(
-    Array.from({ length: Math.max(1, Math.min(n, queue.length)) }, async () => {
-      for (let x = queue.shift(); x !== undefined; x = queue.shift()) await work(x);
-    }),
-  );
+/**
+ * One open layer read by the structural check, then by the re-read: the small reads (header,
+ * L1, L2 and refcount tables) are remembered, up to a budget, so the second reader gets the
+ * same bytes without asking the OS again; data reads pass through. Read-only.
+ */
+class RememberedReads implements BlockFile {
+  private readonly seen = new Map<string, Buffer>();
+  private kept = 0;
+  private sized: Promise<number> | null = null;
+  constructor(private readonly inner: BlockFile) {}
+  get path(): string {
+    return this.inner.path;
+  }
+  async read(buf: Buffer, offset: number, length: number, position: number): Promise<number> {
+    const key = `${position}:${length}`;
+    const hit = this.seen.get(key);
+    if (hit) return hit.copy(buf, offset);
+    const n = await this.inner.read(buf, offset, length, position);
+    if (length <= REMEMBER_READ_BYTES && this.kept + n <= REMEMBER_BYTES) {
+      this.seen.set(key, Buffer.from(buf.subarray(offset, offset + n)));
+      this.kept += n;
+    }
+    return n;
+  }
+  size(): Promise<number> {
+    return (this.sized ??= this.inner.size());
+  }
+  write(): Promise<void> {
+    return Promise.reject(new Error('read-only'));
+  }
+  datasync(): Promise<void> {
+    return Promise.reject(new Error('read-only'));
+  }
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+}
+const REMEMBER_READ_BYTES = 64 << 10;
+const REMEMBER_BYTES = 1 << 20;
+
+/** Runs the tasks given to it, at most `n` at once, in the order given. */
+function limiter(n: number): <T>(task: () => Promise<T>) => Promise<T> {
+  let running = 0;
+  const waiting: Array<() => void> = [];
+  return async <T>(task: () => Promise<T>): Promise<T> => {
+    if (running >= n) await new Promise<void>((go) => waiting.push(go));
+    else running++;
+    try {
+      return await task();
+    } finally {
+      const go = waiting.shift();
+      if (go) go();
+      else running--;
+    }
+  };
 }

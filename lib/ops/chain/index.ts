@@ -1,7 +1,7 @@
 // Operator chain tools on a mounted NAS: list, verify, plan a delete, and delete with
 // repair of every disk. Each returns its result (lib/output.ts renders it). A delete is idempotent: it re-reads the chains each run, so a
 // run interrupted anywhere is finished by running it again.
-import { lstat, stat } from 'node:fs/promises';
+import { lstat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { NasbackupError, withResult } from '../../errors.js';
 import { ensureWithin, exists } from '../../paths.js';
@@ -13,6 +13,7 @@ import { planDelete, type DeletePlan } from './plan.js';
 import type { BackupRecord } from './provider-plan.js';
 import { verifyChains, type VerifyReport } from '../../store/verify-chains.js';
 import type { RebaseEngine } from '../../engine/types.js';
+import type { BlockFile } from '../../qcow2/index.js';
 import type { NasTarget } from '../../nas/session.js';
 import { syncAfter, type OpContext } from '../context.js';
 import { removeTree } from '../delete.js';
@@ -57,8 +58,10 @@ export interface ChainVerifyResult {
   report: VerifyReport;
 }
 
-/** Below this, starting worker threads costs more than hashing here. */
-const POOL_MIN_FILE_BYTES = 32 << 20;
+/** Below this (data to prove in all), starting worker threads costs more than hashing here. */
+const POOL_MIN_BYTES = 64 << 20;
+/** Files (metadata included) of at least this size start the workers before the manifests are read. */
+const POOL_EARLY_FILE_BYTES = 128 << 20;
 
 export interface VerifyOptions {
   /** Data bytes compared so far, of the total (a progress bar on a terminal). */
@@ -76,31 +79,36 @@ export async function chainVerify(ctx: OpContext, a: ChainArgs, opts: VerifyOpti
     backups = await pointInTime(all, a.backup);
   }
   ctx.logger.log(`Chain verify of ${vm}${a.backup ? `/${a.backup}` : ''} on ${root}`);
-  const check = async (abs: string): Promise<StructuralCheck> => {
-    const r = await structuralCheck(abs, () => ctx.clients.qemuImg.check(abs, { shared: true }));
+  const check = async (abs: string, file?: BlockFile): Promise<StructuralCheck> => {
+    const r = await structuralCheck(abs, () => ctx.clients.qemuImg.check(abs, { shared: true }), file);
     ctx.logger.log(`Structural check of ${abs}: ${r.kind}${r.kind === 'clean' ? '' : ` (${r.message})`} [${r.by}]`);
     return r;
   };
-  // Layers big enough are hashed on worker threads (every core), the reads staying here.
+  // With data enough to prove, every layer is hashed on worker threads (every core), the
+  // reads staying here. Files this big hold data enough: the workers start now, while the
+  // chains are walked; else once the manifests say how much data there is.
   let pool: HashPool | undefined;
-  const poolFor = async (abs: string): Promise<HashPool | undefined> => {
-    if ((await stat(abs)).size < POOL_MIN_FILE_BYTES) return undefined;
-    return (pool ??= new HashPool());
-  };
+  let fileBytes = 0;
+  for (const f of backups.files) fileBytes += backups.looked?.get(f.abs)?.st.size ?? 0;
+  if (fileBytes >= POOL_EARLY_FILE_BYTES) pool = new HashPool();
   let report: VerifyReport;
   try {
     report = await verifyChains(backups, check, 4, {
       scope: backups.backups,
-      // Several reads in flight per layer, two layers at once (lib/store/layer-read.ts).
-      digest: async (abs, extentBytes, onData) => {
-        const p = await poolFor(abs);
-        return readLayerDigest(abs, {
+      // A layer's structural check and re-read in one task: a few at once keep the disk and the cores busy.
+      layers: 4,
+      planned: (bytes) => {
+        if (bytes >= POOL_MIN_BYTES) pool ??= new HashPool();
+      },
+      // Several reads in flight per layer, a few layers at once (lib/store/layer-read.ts).
+      digest: (abs, extentBytes, onData, file) =>
+        readLayerDigest(abs, {
           extentBytes,
+          ...(file ? { file } : {}),
           between: () => ctx.checkpoint(),
           ...(onData ? { onData } : {}),
-          ...(p ? { pool: p } : {}),
-        });
-      },
+          ...(pool ? { pool } : {}),
+        }),
       between: () => ctx.checkpoint(),
       ...(opts.progress ? { progress: opts.progress } : {}),
     });

@@ -1,0 +1,95 @@
+// chain verify runs each file's structural check and content re-read as one task through one
+// open file, pipelined with the other files' chain walks: the report must read as when the
+// phases ran one after the other (walk, then structure, then content), a layer whose chain was
+// refused is neither checked nor re-read, and both readers of a layer get the same open file.
+import { closeSync, openSync, readSync, writeSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { discover } from '../../lib/store/backups.js';
+import { describeLayer, writeManifestFile } from '../../lib/store/manifest-file.js';
+import { readLayerDigest } from '../../lib/store/layer-read.js';
+import { structuralCheck } from '../../lib/store/safety.js';
+import { verifyChains, type CheckFn, type DigestFn } from '../../lib/store/verify-chains.js';
+import type { BlockFile } from '../../lib/qcow2/index.js';
+import { TS, VM, VOL } from '../helpers/chain.js';
+import { removeTempDirs } from '../helpers/tmp.js';
+import { chained, l2EntryOffset, onNas, readU64 } from '../security/fixtures.js';
+
+afterAll(removeTempDirs);
+
+const FILE = `root.${VOL}.qcow2`;
+const CS = 65536;
+
+function patch(file: string, at: number, f: (b: Buffer) => void, len = 1): void {
+  const fd = openSync(file, 'r+');
+  try {
+    const b = Buffer.alloc(len);
+    readSync(fd, b, 0, len, at);
+    f(b);
+    writeSync(fd, b, 0, len, at);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+describe('chain verify: pipelined checks', () => {
+  it('structure before content in a report, a refused layer skipped, one open file per layer', async () => {
+    const sb = chained('vp-order');
+    const instanceDir = join(sb.nas, VM);
+    for (const ts of TS) {
+      const f = onNas(sb, ts);
+      await writeManifestFile(dirname(f), {
+        format: 'nasbackup-manifest',
+        version: 1,
+        tool: { name: 'nasbackup', version: 'test' },
+        vm: VM,
+        path: `${VM}/${ts}`,
+        createdAt: '2025-01-01T00:00:00.000Z',
+        mode: 'full',
+        kind: 'full',
+        checkpoint: null,
+        incrementalFrom: null,
+        parent: null,
+        digest: { algorithm: 'sha256', stream: 'nasbackup-layer-v1', extentBytes: 1 << 20 },
+        disks: [await describeLayer(f, VOL, 1 << 20)],
+      });
+    }
+    // The middle layer: a data byte changed and that cluster's refcount zeroed (content and structure).
+    const mid = onNas(sb, TS[1]);
+    const host = Number(readU64(mid, l2EntryOffset(mid, 1 << 20)) & 0x00fffffffffffe00n);
+    patch(mid, host + 100, (b) => void (b[0] = b[0]! ^ 0xff));
+    const table = Number(readU64(mid, 48));
+    patch(mid, Number(readU64(mid, table) & 0x00fffffffffffe00n) + 2 * (host / CS), (b) => b.fill(0), 2);
+    // The top: the corrupt bit, so its chain is refused.
+    patch(onNas(sb, TS[2]), 79, (b) => void (b[0] = b[0]! | 2));
+
+    const calls: Array<[string, string, BlockFile | undefined]> = [];
+    const check: CheckFn = async (abs, file) => {
+      calls.push(['check', abs, file]);
+      return structuralCheck(abs, undefined, file);
+    };
+    const digest: DigestFn = async (abs, extentBytes, onData, file) => {
+      calls.push(['digest', abs, file]);
+      return readLayerDigest(abs, { extentBytes, ...(onData ? { onData } : {}), ...(file ? { file } : {}) });
+    };
+    const vm = await discover(instanceDir);
+    const r = await verifyChains(vm, check, 4, { scope: vm.backups, digest, layers: 3 });
+    expect(r.ok).toBe(false);
+    const by = (ts: string) => r.files.find((x) => x.file === `${ts}/${FILE}`)!;
+    expect(by(TS[0])).toEqual({ file: `${TS[0]}/${FILE}`, backing: null, errors: [], warnings: [] });
+    expect(by(TS[1]).errors).toEqual([
+      `structural check failed: 2 error(s); first: ERROR cluster ${host / CS} refcount=0 reference=1`,
+      'extent 1: digest mismatch',
+    ]);
+    expect(by(TS[2]).errors).toEqual([`${TS[2]}/${FILE} is marked corrupt (QEMU found damage in it)`]);
+    expect(by(TS[2]).warnings.map((w) => w.code)).toEqual(['CHECK_SKIPPED', 'CHECK_SKIPPED']);
+    // Each sound layer: checked, then re-read, through the same open file; the refused one: neither.
+    for (const ts of [TS[0], TS[1]]) {
+      const mine = calls.filter((c) => c[1] === onNas(sb, ts));
+      expect(mine.map((c) => c[0])).toEqual(['check', 'digest']);
+      expect(mine[0]![2]).toBeDefined();
+      expect(mine[1]![2]).toBe(mine[0]![2]);
+    }
+    expect(calls.filter((c) => c[1] === onNas(sb, TS[2]))).toEqual([]);
+  });
+});

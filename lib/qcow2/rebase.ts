@@ -187,7 +187,7 @@ export async function nativeRebase(opts: NativeRebaseOptions): Promise<NativeReb
       opts.checkpoint?.();
     }
     const w = new Writer(chain, nextFree, opts.batchBytes ?? 1 << 30, opts.checkpoint, opts.copy);
-    await w.run(plan.work ?? workItems(chain, j));
+    await w.apply(plan.work ?? workItems(chain, j));
     opts.checkpoint?.();
     result.copiedBytes = w.copiedBytes;
     result.newClusters = w.newClusters;

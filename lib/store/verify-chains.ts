@@ -160,7 +160,7 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
           const file = opened && new RememberedReads(opened);
           try {
             structural.set(f, await check(f.abs, file));
-            for (const j of jobs) await c!.run(j, file);
+            for (const j of jobs) await c!.compare(j, file);
           } finally {
             await file?.close();
           }
@@ -251,7 +251,7 @@ interface ContentPlan {
   /** The manifest entries of each file (one, unless a manifest lists a file twice). */
   jobs: Map<BackupFile, Job[]>;
   /** Compare the layer with its entry (`file`: the layer, already open). */
-  run(j: Job, file?: BlockFile): Promise<void>;
+  compare(j: Job, file?: BlockFile): Promise<void>;
   /** The layer failed the checks above: not re-read. */
   skip(j: Job): void;
 }
@@ -334,7 +334,7 @@ function planContent(
       total -= d.dataBytes;
       opts.progress?.(Math.min(done, total), total);
     },
-    async run({ f, d, r, extentBytes }, file): Promise<void> {
+    async compare({ f, d, r, extentBytes }, file): Promise<void> {
       if (f.virtualSize !== null && f.virtualSize !== BigInt(d.virtualSize))
         r.errors.push(`virtual size ${f.virtualSize}, the manifest says ${d.virtualSize}`);
       if (f.backingName !== d.backing) r.errors.push(`backing ${f.backingName ?? 'none'}, the manifest says ${d.backing ?? 'none'}`);

@@ -148,7 +148,7 @@ export class Writer implements CopySink {
    * edited), each made durable before the next starts; `checkpoint` before each copy request
    * and between batches.
    */
-  async run(items: AsyncIterable<WorkItem> | WorkItem[]): Promise<void> {
+  async apply(items: AsyncIterable<WorkItem> | WorkItem[]): Promise<void> {
     const it: AsyncIterator<WorkItem> | Iterator<WorkItem> = Array.isArray(items)
       ? items[Symbol.iterator]()
       : items[Symbol.asyncIterator]();

@@ -66,7 +66,7 @@ export interface Config {
   agentProfile: AgentProfile;
   /** Measurement only (scripts/bench-manifest.ts): back up without a manifest, as before manifests existed. */
   benchSkipManifest: boolean;
-  /** Worker threads hashing a stopped VM's native copy (null: by the host's cores; 0: on the main thread). */
+  /** Worker threads hashing the manifest digests, running and stopped paths (null: by the host's cores; 0: on the main thread). */
   hashWorkers: number | null;
 }
 

@@ -44,6 +44,9 @@ describe('hash workers started ahead of the digests', () => {
       expect(pool).not.toBeNull();
       await pool!.close();
     }
+    // NASBACKUP_HASH_WORKERS=0, as on the stopped path: no workers, the digests hash on this thread.
+    const mainThread = { config: { benchSkipManifest: false, hashWorkers: 0 }, checkpoint: () => {} } as unknown as OpContext;
+    expect(startHashPool(mainThread, 512 * MiB)).toBeNull();
   });
 
   it('give the digests of qemu-img’s view of each layer, and are stopped once done', async () => {

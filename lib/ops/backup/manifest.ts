@@ -71,7 +71,13 @@ export interface PendingDigests {
  */
 export function startHashPool(ctx: OpContext, expectedBytes: number | null): HashPool | null {
   if (ctx.config.benchSkipManifest || (expectedBytes !== null && expectedBytes < POOL_MIN_BYTES)) return null;
-  return new HashPool();
+  return hashPool(ctx);
+}
+
+/** NASBACKUP_HASH_WORKERS, as on the stopped path: 0 hashes on this thread (no pool), n workers. */
+function hashPool(ctx: OpContext): HashPool | null {
+  const n = ctx.config.hashWorkers;
+  return n === 0 ? null : new HashPool(n === null ? {} : { workers: n });
 }
 
 /**
@@ -92,7 +98,7 @@ export function digestNewLayers(ctx: OpContext, work: WorkDir, files: readonly s
       if (ctx.config.benchSkipManifest) return out;
       let bytes = 0;
       for (const f of files) bytes += (await stat(work.file(f))).size;
-      if (pool === null && bytes >= POOL_MIN_BYTES && !cancelled) pool = new HashPool();
+      if (pool === null && bytes >= POOL_MIN_BYTES && !cancelled) pool = hashPool(ctx);
       for (const f of files) {
         between();
         out.set(f, await digestLayer(work.file(f), { extentBytes: DEFAULT_EXTENT_BYTES, between, ...(pool ? { pool } : {}) }));

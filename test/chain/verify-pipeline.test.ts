@@ -3,17 +3,16 @@
 // phases ran one after the other (walk, then structure, then content), a layer whose chain was
 // refused is neither checked nor re-read, and both readers of a layer get the same open file.
 import { closeSync, openSync, readSync, writeSync } from 'node:fs';
-import { dirname, join } from 'node:path';
+import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { discover } from '../../lib/store/backups.js';
-import { describeLayer, writeManifestFile } from '../../lib/store/manifest-file.js';
 import { readLayerDigest } from '../../lib/store/layer-read.js';
 import { structuralCheck } from '../../lib/store/safety.js';
 import { verifyChains, type CheckFn, type DigestFn } from '../../lib/store/verify-chains.js';
 import type { BlockFile } from '../../lib/qcow2/index.js';
 import { TS, VM, VOL } from '../helpers/chain.js';
 import { removeTempDirs } from '../helpers/tmp.js';
-import { chained, l2EntryOffset, onNas, readU64 } from '../security/fixtures.js';
+import { chained, manifestsForChain, l2EntryOffset, onNas, readU64 } from '../security/fixtures.js';
 
 afterAll(removeTempDirs);
 
@@ -36,24 +35,7 @@ describe('chain verify: pipelined checks', () => {
   it('structure before content in a report, a refused layer skipped, one open file per layer', async () => {
     const sb = chained('vp-order');
     const instanceDir = join(sb.nas, VM);
-    for (const ts of TS) {
-      const f = onNas(sb, ts);
-      await writeManifestFile(dirname(f), {
-        format: 'nasbackup-manifest',
-        version: 1,
-        tool: { name: 'nasbackup', version: 'test' },
-        vm: VM,
-        path: `${VM}/${ts}`,
-        createdAt: '2025-01-01T00:00:00.000Z',
-        mode: 'full',
-        kind: 'full',
-        checkpoint: null,
-        incrementalFrom: null,
-        parent: null,
-        digest: { algorithm: 'sha256', stream: 'nasbackup-layer-v1', extentBytes: 1 << 20 },
-        disks: [await describeLayer(f, VOL, 1 << 20)],
-      });
-    }
+    await manifestsForChain(sb);
     // The middle layer: a data byte changed and that cluster's refcount zeroed (content and structure).
     const mid = onNas(sb, TS[1]);
     const host = Number(readU64(mid, l2EntryOffset(mid, 1 << 20)) & 0x00fffffffffffe00n);

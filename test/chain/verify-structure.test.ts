@@ -2,17 +2,16 @@
 // they ran `qemu-img check`: refcount damage in one layer fails that layer with qemu-img's
 // counts, a leak is a warning, and no qemu-img check process runs at all.
 import { closeSync, openSync, statSync, truncateSync, writeSync } from 'node:fs';
-import { dirname, join } from 'node:path';
+import { join } from 'node:path';
 import { discover } from '../../lib/store/backups.js';
 import { verifyChains } from '../../lib/store/verify-chains.js';
-import { describeLayer, writeManifestFile } from '../../lib/store/manifest-file.js';
 import { readLayerDigest } from '../../lib/store/layer-read.js';
 import { structuralCheck } from '../../lib/store/safety.js';
 import { afterAll, describe, expect, it } from 'vitest';
 import { leftovers, logText } from '../helpers/cli.js';
 import { TS, VM, VOL } from '../helpers/chain.js';
 import { removeTempDirs } from '../helpers/tmp.js';
-import { chainArgs, chained, l2EntryOffset, onNas, readU64, rebaseArgs, runBounded } from '../security/fixtures.js';
+import { chainArgs, chained, manifestsForChain, l2EntryOffset, onNas, readU64, rebaseArgs, runBounded } from '../security/fixtures.js';
 
 afterAll(removeTempDirs);
 
@@ -85,24 +84,7 @@ describe('chain verify: content re-read with reads in flight, progress', () => {
   it('progress climbs to the data bytes the manifests list; every layer proved; a changed layer still found', async () => {
     const sb = chained('vs-progress');
     const instanceDir = join(sb.nas, VM);
-    for (const ts of TS) {
-      const f = onNas(sb, ts);
-      await writeManifestFile(dirname(f), {
-        format: 'nasbackup-manifest',
-        version: 1,
-        tool: { name: 'nasbackup', version: 'test' },
-        vm: VM,
-        path: `${VM}/${ts}`,
-        createdAt: '2025-01-01T00:00:00.000Z',
-        mode: 'full',
-        kind: 'full',
-        checkpoint: null,
-        incrementalFrom: null,
-        parent: null,
-        digest: { algorithm: 'sha256', stream: 'nasbackup-layer-v1', extentBytes: 1 << 20 },
-        disks: [await describeLayer(f, VOL, 1 << 20)],
-      });
-    }
+    await manifestsForChain(sb);
     const vm = await discover(instanceDir);
     const calls: Array<[number, number]> = [];
     const digest = (abs: string, extentBytes: number, onData?: (n: number) => void) =>

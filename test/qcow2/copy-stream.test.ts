@@ -3,26 +3,7 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { copyImage, normalizeRanges, type CopyBufferPool, type CopyRun, type CopySource } from '../../lib/qcow2/index.js';
-import { numRuns } from './gen.js';
-
-/** An in-memory guest disk as a copy source (status from a map of written clusters). */
-function memorySource(content: Buffer, granule: number): CopySource {
-  const isData = (o: number): boolean => content.subarray(o, Math.min(o + granule, content.length)).some((b) => b !== 0);
-  return {
-    virtualSize: content.length,
-    async status(offset, maxLen) {
-      const kind = isData(offset) ? 'data' : 'zero';
-      let len = Math.min(granule - (offset % granule), maxLen);
-      while (offset + len < content.length && len < maxLen && (isData(offset + len) ? 'data' : 'zero') === kind)
-        len = Math.min(len + granule, maxLen);
-      return { length: Math.min(len, content.length - offset), kind };
-    },
-    async readInto(buf, at, offset, length) {
-      content.copy(buf, at, offset, offset + length);
-      buf.fill(0, at + Math.max(0, content.length - offset), at + length);
-    },
-  };
-}
+import { memorySource, numRuns } from './gen.js';
 
 describe('copyImage: streamed ranges, lent buffers', () => {
   it('streamed ranges: the same runs as the array, consumed as the copy goes, out-of-order refused', async () => {

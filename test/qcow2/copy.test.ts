@@ -16,7 +16,7 @@ import {
   type CopySource,
 } from '../../lib/qcow2/index.js';
 import { removeTempDirs, tempDir } from '../helpers/tmp.js';
-import { buildChain, chainArb, checkCode, compareWithRaw, numRuns, qemuInfo, rawContent } from './gen.js';
+import { buildChain, chainArb, checkCode, compareWithRaw, memorySource, numRuns, qemuInfo, rawContent } from './gen.js';
 
 afterAll(removeTempDirs);
 const dir = tempDir('q2copy');
@@ -26,25 +26,6 @@ const fresh = (): string => {
   mkdirSync(d);
   return d;
 };
-
-/** An in-memory guest disk as a copy source (status from a map of written clusters). */
-function memorySource(content: Buffer, granule: number): CopySource {
-  const isData = (o: number): boolean => content.subarray(o, Math.min(o + granule, content.length)).some((b) => b !== 0);
-  return {
-    virtualSize: content.length,
-    async status(offset, maxLen) {
-      const kind = isData(offset) ? 'data' : 'zero';
-      let len = Math.min(granule - (offset % granule), maxLen);
-      while (offset + len < content.length && len < maxLen && (isData(offset + len) ? 'data' : 'zero') === kind)
-        len = Math.min(len + granule, maxLen);
-      return { length: Math.min(len, content.length - offset), kind };
-    },
-    async readInto(buf, at, offset, length) {
-      content.copy(buf, at, offset, offset + length);
-      buf.fill(0, at + Math.max(0, content.length - offset), at + length);
-    },
-  };
-}
 
 describe('Qcow2Writer', () => {
   it('random extents, cluster sizes, sizes off the cluster grid, compression: clean and equal', async () => {

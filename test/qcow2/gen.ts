@@ -4,6 +4,7 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import fc from 'fast-check';
+import type { CopySource } from '../../lib/qcow2/index.js';
 import type { MapEntry } from '../../lib/qcow2/view.js';
 
 export interface LayerSpec {
@@ -163,3 +164,22 @@ export function normaliseMap(entries: MapEntry[]): MapEntry[] {
 
 export const numRuns = (dflt: number): number => Number(process.env.NASBACKUP_QCOW2_RUNS ?? dflt);
 export { KiB };
+
+/** An in-memory guest disk as a copy source (status from a map of written clusters). */
+export function memorySource(content: Buffer, granule: number): CopySource {
+  const isData = (o: number): boolean => content.subarray(o, Math.min(o + granule, content.length)).some((b) => b !== 0);
+  return {
+    virtualSize: content.length,
+    async status(offset, maxLen) {
+      const kind = isData(offset) ? 'data' : 'zero';
+      let len = Math.min(granule - (offset % granule), maxLen);
+      while (offset + len < content.length && len < maxLen && (isData(offset + len) ? 'data' : 'zero') === kind)
+        len = Math.min(len + granule, maxLen);
+      return { length: Math.min(len, content.length - offset), kind };
+    },
+    async readInto(buf, at, offset, length) {
+      content.copy(buf, at, offset, offset + length);
+      buf.fill(0, at + Math.max(0, content.length - offset), at + length);
+    },
+  };
+}

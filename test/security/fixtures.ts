@@ -3,10 +3,11 @@
 // (exit 1, the coded error in the log, a pointer to `chain verify`, nothing changed).
 import { execFileSync } from 'node:child_process';
 import { closeSync, openSync, readdirSync, readFileSync, readSync, writeSync } from 'node:fs';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { expect } from 'vitest';
 import { bindNas, leftovers, logText, makeSandbox, start, type RunOutcome, type Sandbox } from '../helpers/cli.js';
-import { rootFile, seedChain, VM } from '../helpers/chain.js';
+import { describeLayer, writeManifestFile } from '../../lib/store/manifest-file.js';
+import { rootFile, seedChain, TS, VM, VOL } from '../helpers/chain.js';
 import { snapshotTree, type TreeEntry } from '../helpers/tree.js';
 
 export const ENGINES = ['auto', 'native', 'qemu-img'] as const;
@@ -142,3 +143,25 @@ export function expectRefused(sb: Sandbox, r: Bounded, code: string, before: Tre
 
 export const sha = (file: string): string => execFileSync('sha256sum', [file], { encoding: 'utf8' }).split(' ')[0]!;
 export const bytes = (file: string): Buffer => readFileSync(file);
+
+/** A full-backup manifest (1 MiB extents) beside each layer of `chained`'s chain. */
+export async function manifestsForChain(sb: Sandbox): Promise<void> {
+  for (const ts of TS) {
+    const f = onNas(sb, ts);
+    await writeManifestFile(dirname(f), {
+      format: 'nasbackup-manifest',
+      version: 1,
+      tool: { name: 'nasbackup', version: 'test' },
+      vm: VM,
+      path: `${VM}/${ts}`,
+      createdAt: '2025-01-01T00:00:00.000Z',
+      mode: 'full',
+      kind: 'full',
+      checkpoint: null,
+      incrementalFrom: null,
+      parent: null,
+      digest: { algorithm: 'sha256', stream: 'nasbackup-layer-v1', extentBytes: 1 << 20 },
+      disks: [await describeLayer(f, VOL, 1 << 20)],
+    });
+  }
+}

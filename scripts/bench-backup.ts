@@ -8,6 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createQcow2, ensureLab, guestWrite, startGuest } from '../test/e2e/lab.js';
+import { machineLine, median } from './lib/stats.js';
 
 const arg = (name: string, dflt: number): number => {
   const i = process.argv.indexOf(`--${name}`);
@@ -18,8 +19,6 @@ const dataMiB = arg('data-mib', 384);
 const runs = arg('runs', 5);
 const BIN = fileURLToPath(new URL('../bin/nasbackup', import.meta.url));
 const VM = `nbe2e-bench-${process.pid}`;
-
-const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
 async function main(): Promise<void> {
   await ensureLab();
@@ -65,7 +64,7 @@ async function main(): Promise<void> {
         });
       }
     }
-    console.log(`running-VM backup, ${dataMiB} MiB of data, ${runs} runs each (TCG guest, loop-ext4 NAS)`);
+    console.log(`running-VM backup, ${dataMiB} MiB of data, ${runs} runs each (TCG guest, loop-ext4 NAS); ${machineLine()}`);
     for (const [i, [name]] of variants.entries()) {
       console.log(
         `  ${name.padEnd(42)} median ${(median(times[i]!) / 1000).toFixed(2)} s  runs ${times[i]!.map((t) => (t / 1000).toFixed(2)).join(' ')}`,

@@ -107,10 +107,7 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
           const text = e instanceof ToolError ? e.details : e instanceof Error ? e.message : '';
           if (NO_SPACE.test(text)) {
             ctx.logger.log(`Copy of ${d.src}: ${text}`);
-            throw new NasbackupError(
-              'NAS_FULL',
-              `The NAS ran out of space during the backup of stopped VM ${a.vm} (No space left on device)`,
-            );
+            throw new NasbackupError('NAS_FULL', nasFullText(a.vm, 'No space left on device'));
           }
           throw e;
         } finally {
@@ -181,14 +178,16 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
     );
     const err = toNasbackupError(e);
     if (err.code === 'NAS_FULL') {
-      const head =
-        e instanceof NasbackupError
-          ? e.message
-          : `The NAS ran out of space during the backup of stopped VM ${a.vm} (${err.message.split(':')[0]})`;
+      const head = e instanceof NasbackupError ? e.message : nasFullText(a.vm, err.message.split(':')[0]!);
       throw new NasbackupError(err.code, `${head}: ${removed ? 'partial files removed' : 'partial files NOT all removed'}`, { cause: e });
     }
     throw e;
   }
+}
+
+/** The one wording of a stopped backup's NAS_FULL (`why`: the system's reason, e.g. "No space left on device"). */
+function nasFullText(vm: string, why: string): string {
+  return `The NAS ran out of space during the backup of stopped VM ${vm} (${why})`;
 }
 
 /** Heartbeats of one copy: the bytes its target holds, every NASBACKUP_HEARTBEAT_INTERVAL. */

@@ -19,7 +19,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { loadAverage, machineLine, median, pairedRatios, spread, times as x } from './lib/stats.js';
+import { loadAverage, machineLine, median, medianSpread, pairedRatios, spread, times as x } from './lib/stats.js';
 
 const arg = (name: string, dflt: string): string => {
   const i = process.argv.indexOf(`--${name}`);
@@ -182,7 +182,7 @@ async function run(): Promise<void> {
           a.map((s) => s.wallMs),
           bb.map((s) => s.wallMs),
         );
-        console.log(`  ${''.padEnd(8)} ${'ratio wall, paired per run'.padEnd(40)} median ${x(median(ratios))} (${spread(ratios, x)})`);
+        console.log(`  ${''.padEnd(8)} ${'ratio wall, paired per run'.padEnd(40)} median ${medianSpread(ratios, x)}`);
       }
     }
     console.log(`load average at the end ${loadAverage()}`);

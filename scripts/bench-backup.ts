@@ -2,12 +2,13 @@
 // growing poll (100 ms, x1.5, capped at 1 s) against the original design's fixed
 // 5-second poll, measured in the same run on the same guest and NAS.
 //   npm run bench:backup [-- --data-mib 384 --runs 3]
-import { execFileSync, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { createQcow2, ensureLab, guestWrite, startGuest } from '../test/e2e/lab.js';
+import { createQcow2, ensureLab, guestWrite, loopNas, makeNasImage, startGuest } from '../test/e2e/lab.js';
+import { machineLine, median } from './lib/stats.js';
 
 const arg = (name: string, dflt: number): number => {
   const i = process.argv.indexOf(`--${name}`);
@@ -19,8 +20,6 @@ const runs = arg('runs', 5);
 const BIN = fileURLToPath(new URL('../bin/nasbackup', import.meta.url));
 const VM = `nbe2e-bench-${process.pid}`;
 
-const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
-
 async function main(): Promise<void> {
   await ensureLab();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbe2e-bench-'));
@@ -28,9 +27,7 @@ async function main(): Promise<void> {
   fs.mkdirSync(tmp);
   const disk = path.join(dir, '6a0b6f3e-0000-4000-8000-00000000b001');
   await createQcow2(disk, (dataMiB + 64) * MiB);
-  const img = path.join(dir, 'nas.img');
-  execFileSync('truncate', ['-s', `${Math.max(1024, dataMiB * 4)}M`, img]);
-  execFileSync('mkfs.ext4', ['-q', '-F', img]);
+  const img = makeNasImage(path.join(dir, 'nas.img'), `${Math.max(1024, dataMiB * 4)}M`);
   const guest = await startGuest({ name: VM, disks: [disk], dir });
   try {
     for (let off = 0; off < dataMiB; off += 64) {
@@ -51,7 +48,7 @@ async function main(): Promise<void> {
     for (let r = 0; r <= runs; r++) {
       for (const [i, [, env]] of variants.entries()) {
         const p = `${VM}/2026.01.01.00.00.${String(++n).padStart(2, '0')}`;
-        const nas = ['-t', 'ext4', '-s', img, '-m', 'loop'];
+        const nas = loopNas(img);
         const t0 = process.hrtime.bigint();
         const res = spawnSync(BIN, ['-o', 'backup', '-v', VM, ...nas, '-p', p, '-q', 'false', '-d', ''], {
           env: { ...process.env, ...env, TMPDIR: tmp, NASBACKUP_LOG_FILE: path.join(dir, 'agent.log') },
@@ -65,7 +62,7 @@ async function main(): Promise<void> {
         });
       }
     }
-    console.log(`running-VM backup, ${dataMiB} MiB of data, ${runs} runs each (TCG guest, loop-ext4 NAS)`);
+    console.log(`running-VM backup, ${dataMiB} MiB of data, ${runs} runs each (TCG guest, loop-ext4 NAS); ${machineLine()}`);
     for (const [i, [name]] of variants.entries()) {
       console.log(
         `  ${name.padEnd(42)} median ${(median(times[i]!) / 1000).toFixed(2)} s  runs ${times[i]!.map((t) => (t / 1000).toFixed(2)).join(' ')}`,

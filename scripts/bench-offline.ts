@@ -13,6 +13,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { machineLine, median, pairedRatios, spread } from './lib/stats.js';
 
 const arg = (name: string, dflt: number): number => {
   const i = process.argv.indexOf(`--${name}`);
@@ -38,13 +39,6 @@ const VM = 'i-2-77-VM';
 const VOL = '5e1d0b7a-3c2f-4e6d-9a8b-7c6d5e4f3a21';
 const PARENT = 'backup-1800000000';
 const NEW = 'backup-1800000001';
-
-const median = (xs: number[]): number => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
-const spread = (xs: number[]): string => `${Math.min(...xs).toFixed(2)}–${Math.max(...xs).toFixed(2)}`;
 
 /** The child running now: stopped by a signal before the files go. */
 let current: ChildProcess | null = null;
@@ -268,14 +262,14 @@ async function main(): Promise<void> {
       }
       console.log(`  run ${r + 1}: ours ${ours.at(-1)!.toFixed(2)} s, qemu-img convert ${orig.at(-1)!.toFixed(2)} s`);
     }
-    const ratios = ours.map((t, i) => t / orig[i]!);
+    const ratios = pairedRatios(ours, orig);
     console.log(
-      `offline incremental (b): ${sizeGiB} GiB disk, ${fillPct} % data, ${changedPct} % changed (${(dirty / MiB).toFixed(0)} MiB dirty), ${runs} runs, caches dropped`,
+      `offline incremental (b): ${sizeGiB} GiB disk, ${fillPct} % data, ${changedPct} % changed (${(dirty / MiB).toFixed(0)} MiB dirty), ${runs} runs, caches dropped; ${machineLine()}`,
     );
     console.log(`  ours (CLI, offline incremental)   median ${median(ours).toFixed(2)} s  spread ${spread(ours)} s`);
     console.log(`  original (qemu-img convert -O qcow2) median ${median(orig).toFixed(2)} s  spread ${spread(orig)} s`);
     console.log(`  paired ratio ours/original: median ${median(ratios).toFixed(3)}x  spread ${spread(ratios)}x  (goal ≤ 0.1x)`);
-    const copyRatios = copySecs.map((t, i) => t / orig[i]!);
+    const copyRatios = pairedRatios(copySecs, orig);
     console.log(
       `  ours, copy step alone (log): median ${median(copySecs).toFixed(2)} s  spread ${spread(copySecs)} s; paired ratio median ${median(copyRatios).toFixed(3)}x  spread ${spread(copyRatios)}x`,
     );

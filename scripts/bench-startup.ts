@@ -19,6 +19,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { loadAverage, machineLine, median, medianSpread, pairedRatios, spread, times as x } from './lib/stats.js';
 
 const arg = (name: string, dflt: string): string => {
   const i = process.argv.indexOf(`--${name}`);
@@ -37,20 +38,8 @@ const VOL = '5f2c7e1a-0000-4000-8000-000000000001';
 const FILE = `root.${VOL}.qcow2`;
 const MiB = 1 << 20;
 
-const median = (xs: number[]): number => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
-const spread = (xs: number[], f: (x: number) => string): string => `${f(Math.min(...xs))}–${f(Math.max(...xs))}`;
 const ms = (v: number): string => `${v.toFixed(0)} ms`;
 const mib = (kib: number): string => `${(kib / 1024).toFixed(1)} MiB`;
-const x = (r: number): string => `${r.toFixed(2)}×`;
-const load = (): string =>
-  os
-    .loadavg()
-    .map((l) => l.toFixed(1))
-    .join(' ');
 
 interface Sample {
   wallMs: number;
@@ -156,7 +145,7 @@ async function run(): Promise<void> {
     const samples = new Map<string, Sample[]>();
     const key = (c: Cmd, b: string): string => `${c.name}\0${c.shell ? 'sh' : b}`;
     console.log(
-      `bench-startup: ${os.cpus().length} CPU(s), load average ${load()}; ${runs} runs after a warm-up; ` +
+      `bench-startup: ${machineLine()}; ${runs} runs after a warm-up; ` +
         `version check ${versionCheck}${versionCheck === 'off' ? '' : realVirsh ? ' (real virsh)' : ' (a stand-in virsh: libvirtd does not answer)'}; ` +
         `peak RSS ${haveTime ? 'from GNU time' : 'not measured (no /usr/bin/time)'}`,
     );
@@ -189,11 +178,14 @@ async function run(): Promise<void> {
       if (vs && !c.shell) {
         const a = samples.get(key(c, main))!;
         const bb = samples.get(key(c, vs))!;
-        const ratios = a.map((s, i) => s.wallMs / bb[i]!.wallMs);
-        console.log(`  ${''.padEnd(8)} ${'ratio wall, paired per run'.padEnd(40)} median ${x(median(ratios))} (${spread(ratios, x)})`);
+        const ratios = pairedRatios(
+          a.map((s) => s.wallMs),
+          bb.map((s) => s.wallMs),
+        );
+        console.log(`  ${''.padEnd(8)} ${'ratio wall, paired per run'.padEnd(40)} median ${medianSpread(ratios, x)}`);
       }
     }
-    console.log(`load average at the end ${load()}`);
+    console.log(`load average at the end ${loadAverage()}`);
   } finally {
     // Nothing may stay mounted below the folder we remove.
     const mounts = fs.readFileSync('/proc/self/mountinfo', 'utf8');

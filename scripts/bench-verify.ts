@@ -17,6 +17,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { loadAverage, machineLine, medianSpread, pairedRatios, times as x } from './lib/stats.js';
 
 const arg = (name: string, dflt: string): string => {
   const i = process.argv.indexOf(`--${name}`);
@@ -35,14 +36,7 @@ const VOL = '5f2c7e1a-0000-4000-8000-000000000001';
 const FILE = `root.${VOL}.qcow2`;
 const MiB = 1 << 20;
 
-const median = (xs: number[]): number => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
-const spread = (xs: number[], f: (x: number) => string): string => `${f(Math.min(...xs))}–${f(Math.max(...xs))}`;
 const sec = (ms: number): string => `${(ms / 1000).toFixed(2)} s`;
-const x = (r: number): string => `${r.toFixed(2)}×`;
 
 let cacheDrops = true;
 function dropCaches(): void {
@@ -153,44 +147,33 @@ async function bench(dir: string, s: Shape): Promise<void> {
     t.floor.push(time(() => readAll(files)));
     t.idle.push(time(idle));
   }
-  const ratios = (a: number[], b: number[]): number[] => a.map((v, i) => v / b[i]!);
   console.log(
     `\nshape ${s.name}: ${depth}-deep chain, ${s.sizeMib} MiB disk, full ${s.full} MiB, ${s.inc} MiB per incremental; ` +
       `${(dataBytes / MiB).toFixed(0)} MiB of files; ${runs} runs, caches ${cacheDrops ? 'dropped before each command' : 'NOT dropped (no permission)'}`,
   );
-  const row = (label: string, xs: number[]): void => console.log(`  ${label.padEnd(58)} median ${sec(median(xs))} (${spread(xs, sec)})`);
+  const row = (label: string, xs: number[]): void => console.log(`  ${label.padEnd(58)} median ${medianSpread(xs, sec)}`);
   row('nasbackup chain verify (structure + content vs manifests)', t.ours);
   row('qemu-img check per layer', t.check);
   row('qemu-img check per layer + qemu-img compare top vs reference', t.pair);
   row('floor: read every layer file once, 8 MiB sequential reads', t.floor);
   row('nasbackup --version (start-up cost, for reference)', t.idle);
   const ratio = (label: string, r: number[], goal: string): void =>
-    console.log(`  ${label.padEnd(58)} median ${x(median(r))} (${spread(r, x)}), goal ${goal}`);
-  ratio('ratio verify / qemu-img check per layer (issue 18 e)', ratios(t.ours, t.check), '≤ 0.3×');
-  ratio('ratio verify / (check per layer + compare) (issue 17)', ratios(t.ours, t.pair), '≤ 0.5×');
-  ratio('ratio verify / floor (issue 17)', ratios(t.ours, t.floor), '≤ 1.2×');
+    console.log(`  ${label.padEnd(58)} median ${medianSpread(r, x)}, goal ${goal}`);
+  ratio('ratio verify / qemu-img check per layer (issue 18 e)', pairedRatios(t.ours, t.check), '≤ 0.3×');
+  ratio('ratio verify / (check per layer + compare) (issue 17)', pairedRatios(t.ours, t.pair), '≤ 0.5×');
+  ratio('ratio verify / floor (issue 17)', pairedRatios(t.ours, t.floor), '≤ 1.2×');
 }
 
 async function main(): Promise<void> {
   const dir = buildOnly || fs.mkdtempSync(path.join(os.tmpdir(), 'nasbackup-bench-verify-'));
   try {
-    console.log(
-      `bench-verify: ${os.cpus().length} CPU(s), load average ${os
-        .loadavg()
-        .map((l) => l.toFixed(1))
-        .join(' ')}`,
-    );
+    console.log(`bench-verify: ${machineLine()}`);
     const all: Record<string, Shape> = {
       e: { name: 'e', sizeMib: 1024, full: 1, inc: 1 },
       v: { name: 'v', sizeMib: Math.max(2048, fullMib * 2), full: fullMib, inc: incMib },
     };
     for (const s of shapes) await bench(dir, all[s]!);
-    console.log(
-      `load average at the end ${os
-        .loadavg()
-        .map((l) => l.toFixed(1))
-        .join(' ')}`,
-    );
+    console.log(`load average at the end ${loadAverage()}`);
   } finally {
     if (!buildOnly) fs.rmSync(dir, { recursive: true, force: true });
   }

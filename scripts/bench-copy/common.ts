@@ -7,6 +7,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { median, pairedRatios, spread as statsSpread } from '../lib/stats.js';
 
 export const argv = process.argv.slice(2);
 export const opt = (name: string, dflt: string): string => {
@@ -71,18 +72,15 @@ export function timed(
   });
 }
 
-export const median = (xs: number[]): number => {
-  const a = [...xs].sort((x, y) => x - y);
-  return a.length % 2 ? a[(a.length - 1) / 2]! : (a[a.length / 2 - 1]! + a[a.length / 2]!) / 2;
-};
+export { loadAverage, machineLine, median } from '../lib/stats.js';
 
 /** "median s (min–max)". */
-export const spread = (xs: number[]): string => `${median(xs).toFixed(2)} s (${Math.min(...xs).toFixed(2)}–${Math.max(...xs).toFixed(2)})`;
+export const spread = (xs: number[]): string => `${median(xs).toFixed(2)} s (${statsSpread(xs)})`;
 
 /** Paired ratios a[i]/b[i] of the same run: median and range. */
 export const ratio = (a: number[], b: number[]): string => {
-  const r = a.map((x, i) => x / b[i]!);
-  return `${median(r).toFixed(2)}× (${Math.min(...r).toFixed(2)}–${Math.max(...r).toFixed(2)})`;
+  const r = pairedRatios(a, b);
+  return `${median(r).toFixed(2)}× (${statsSpread(r)})`;
 };
 
 export function qemuIo(file: string, cmds: string[]): void {

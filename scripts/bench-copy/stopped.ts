@@ -4,7 +4,6 @@
 // caches dropped before every measurement, the order rotated per run.
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import {
   bytes,
@@ -15,6 +14,8 @@ import {
   fmtB,
   GiB,
   idleRssKiB,
+  loadAverage,
+  machineLine,
   makeShape,
   median,
   MiB,
@@ -64,13 +65,8 @@ export function stoppedShapes(): Shape[] {
 
 export async function sectionStopped(): Promise<void> {
   const idle = await idleRssKiB();
-  const load = (): string =>
-    os
-      .loadavg()
-      .map((l) => l.toFixed(1))
-      .join(' ');
   console.log(
-    `(a) stopped full copy: ${RUNS} runs per shape; idle RSS (nasbackup --version) ${(idle / 1024).toFixed(1)} MiB; ${os.cpus().length} CPU(s), load average ${load()}`,
+    `(a) stopped full copy: ${RUNS} runs per shape; idle RSS (nasbackup --version) ${(idle / 1024).toFixed(1)} MiB; ${machineLine()}`,
   );
   for (const shape of stoppedShapes()) {
     const dir = scratch('a');
@@ -125,6 +121,6 @@ export async function sectionStopped(): Promise<void> {
       execFileSync('rm', ['-rf', dir]);
     }
   }
-  console.log(`  load average at the end: ${load()}`);
+  console.log(`  load average at the end: ${loadAverage()}`);
   void GiB;
 }

@@ -8,6 +8,7 @@ import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { leftovers, logText, writeShim } from '../helpers/cli.js';
+import { makeImage } from '../helpers/qemu.js';
 import { removeTempDirs, tempDir } from '../helpers/tmp.js';
 import {
   BACKUP_PATH,
@@ -15,6 +16,7 @@ import {
   callLines,
   expectClean,
   fullFlags,
+  MiB,
   NEW_BITMAP,
   rootDiskAsRaw,
   scenario,
@@ -159,5 +161,20 @@ describe.concurrent('a stopped VM: the copy runs out of space, and heartbeats', 
     expect(r.stdout).not.toContain('ETA');
     expect(logText(s.sb)).toMatch(/Backup of stopped VM \S+: deadline 10 min 0 s \([\d.]+ [KM]iB at 10\.0 MiB\/s \+ 10 min 0 s\)/);
     expect(logText(s.sb)).toMatch(/> Copy of \S+: [\d.]+ [KM]iB of [\d.]+ [KM]iB \(\d+%\) after \d+ s, [\d.]+ [KM]?i?B\/s, ETA \d+ s/);
+  });
+
+  it("a native (qcow2) copy: its heartbeats follow the engine's own progress (guest bytes of the whole disk), not the NAS file", async () => {
+    const s = scenario('beat-native', { state: 'shut off' });
+    // 64 MiB virtual, 4 MiB of data, copied at 1 MiB/s: a few seconds of heartbeats.
+    makeImage(s.rootDisk, { size: 64 * MiB, writes: [{ pattern: 0x31, offset: 0, length: 4 * MiB }] });
+    const r = await backup(s, { disks: s.rootDisk, extra: ['--bandwidth', '1'] }, { NASBACKUP_HEARTBEAT_INTERVAL: '0.2' });
+    expect(r).toMatchObject({ code: 0, stderr: '' });
+    expect(r.stdout).not.toContain('ETA');
+    // "of 64.0 MiB": the disk's size as the engine reports it (the target file holds ~4 MiB).
+    const beats = logText(s.sb)
+      .split('\n')
+      .filter((l) => l.includes(`> Copy of ${s.rootDisk}: `));
+    expect(beats.length).toBeGreaterThan(0);
+    for (const l of beats) expect(l).toMatch(/: [\d.]+ (B|KiB|MiB) of 64\.0 MiB \(\d+%\) after \d+ s, [\d.]+ [KM]?i?B\/s, ETA /);
   });
 });

@@ -1,64 +1,52 @@
 // -o backup end to end on real libvirt + QEMU (TCG) with a guest agent, the NAS a
 // loop-mounted ext4 image that bin/nasbackup mounts itself (`-t ext4 -s <img> -m loop`).
 // After every backup the flattened chain must equal the live disk (VM paused).
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { agentCommand, createQcow2, ensureLab, type Guest, guestWrite, mkfsExt4, startGuest, virsh } from './lab.js';
+import {
+  agentCommand,
+  checkpointNames,
+  createQcow2,
+  ensureLab,
+  type Guest,
+  guestWrite,
+  loopNas,
+  makeNasImage,
+  mkfsExt4,
+  type Outcome,
+  type Sandbox,
+  sandbox,
+  startGuest,
+  virsh,
+} from './lab.js';
 
 const MiB = 1024 * 1024;
-const BIN = fileURLToPath(new URL('../../bin/nasbackup', import.meta.url));
 const VM = `nbe2e-bk-${process.pid}`;
 const ROOT_VOL = '0d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6';
 const DATA_VOL = 'c9e8d7f6-2a3b-4c5d-8e9f-0a1b2c3d4e02';
 
-interface Outcome {
-  code: number | null;
-  stdout: string;
-}
-
 describe.sequential('-o backup on a real guest', () => {
-  let dir = '';
+  let sb: Sandbox;
   let img = '';
-  let inspect = '';
-  let tmp = '';
-  let logFile = '';
   let guest: Guest | undefined;
   let rootDisk = '';
   let dataDisk = '';
   let ts = 0;
 
-  const env = () => ({ ...process.env, TMPDIR: tmp, NASBACKUP_LOG_FILE: logFile });
-  const nas = () => ['-t', 'ext4', '-s', img, '-m', 'loop'];
-
-  function cli(args: string[], extraEnv: NodeJS.ProcessEnv = {}): Promise<Outcome> {
-    return new Promise((resolve) => {
-      const c = spawn(BIN, args, { env: { ...env(), ...extraEnv }, stdio: ['ignore', 'pipe', 'pipe'] });
-      let stdout = '';
-      c.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-      c.on('close', (code) => resolve({ code, stdout }));
-    });
-  }
+  const nas = () => loopNas(img);
+  const cli = (args: string[], env: NodeJS.ProcessEnv = {}): Promise<Outcome> => sb.cli(args, env);
 
   const nextPath = () => `${VM}/2026.01.01.00.00.${String(++ts).padStart(2, '0')}`;
   const rootFile = (p: string) => `${p}/root.${ROOT_VOL}.qcow2`;
   const dataFile = (p: string) => `${p}/datadisk.${DATA_VOL}.qcow2`;
 
   /** Look at the NAS between runs (never while bin/nasbackup has it mounted). */
-  function withNas<T>(fn: (root: string) => T): T {
-    execFileSync('mount', ['-o', 'loop,ro', img, inspect]);
-    try {
-      return fn(inspect);
-    } finally {
-      execFileSync('umount', [inspect]);
-    }
-  }
+  const withNas = <T>(fn: (root: string) => T): T => sb.withNas(img, fn);
 
   async function start(): Promise<void> {
-    guest = await startGuest({ name: VM, disks: [rootDisk, dataDisk], dir });
+    guest = await startGuest({ name: VM, disks: [rootDisk, dataDisk], dir: sb.dir });
   }
 
   /**
@@ -90,17 +78,8 @@ describe.sequential('-o backup on a real guest', () => {
   }
 
   function nothingLeft(): void {
-    expect(fs.readdirSync(tmp)).toEqual([]);
-    expect(fs.readFileSync('/proc/self/mountinfo', 'utf8')).not.toContain(tmp);
+    expect(sb.leftovers()).toEqual({ tmp: [], mounted: false });
     expect(withNas((root) => fs.readdirSync(path.join(root, VM)).filter((n) => n.endsWith('.partial')))).toEqual([]);
-  }
-
-  async function checkpoints(): Promise<string[]> {
-    const r = await virsh(['checkpoint-list', VM, '--name'], { check: true });
-    return r.stdout
-      .split('\n')
-      .map((s) => s.trim())
-      .filter(Boolean);
   }
 
   async function expectRunning(): Promise<void> {
@@ -121,33 +100,18 @@ describe.sequential('-o backup on a real guest', () => {
 
   beforeAll(async () => {
     await ensureLab();
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbe2e-bk-'));
-    tmp = path.join(dir, 'tmp');
-    inspect = path.join(dir, 'inspect');
-    logFile = path.join(dir, 'agent.log');
-    fs.mkdirSync(tmp);
-    fs.mkdirSync(inspect);
-    fs.mkdirSync(path.join(dir, 'pool'));
-    rootDisk = path.join(dir, 'pool', ROOT_VOL);
-    dataDisk = path.join(dir, 'pool', DATA_VOL);
+    sb = sandbox('nbe2e-bk-');
+    rootDisk = path.join(sb.pool, ROOT_VOL);
+    dataDisk = path.join(sb.pool, DATA_VOL);
     await createQcow2(rootDisk, 64 * MiB);
     await mkfsExt4(dataDisk, 32 * MiB);
-    img = path.join(dir, 'nas.img');
-    execFileSync('truncate', ['-s', '512M', img]);
-    execFileSync('mkfs.ext4', ['-q', '-F', img]);
+    img = makeNasImage(path.join(sb.dir, 'nas.img'), '512M');
     await start();
   }, 600_000);
 
   afterAll(async () => {
     await guest?.destroy().catch(() => {});
-    if (dir) {
-      try {
-        execFileSync('umount', [inspect], { stdio: 'ignore' });
-      } catch {
-        // not mounted
-      }
-      fs.rmSync(dir, { recursive: true, force: true });
-    }
+    sb?.remove();
   });
 
   let full = '';
@@ -189,7 +153,7 @@ describe.sequential('-o backup on a real guest', () => {
     const du = withNas((root) => execFileSync('du', ['-sb', path.join(root, full)], { encoding: 'utf8' }).split('\t')[0]);
     expect(String(size)).toBe(du);
     expect(backingOf(rootFile(full))).toBeUndefined();
-    expect(await checkpoints()).toEqual(['backup-1700000001']);
+    expect(await checkpointNames(VM)).toEqual(['backup-1700000001']);
     await expectChainEqualsLive(full);
     nothingLeft();
   });
@@ -227,7 +191,7 @@ describe.sequential('-o backup on a real guest', () => {
     expect(sizes[0]!).toBeLessThan(sizes[1]!);
     await expectChainEqualsLive(inc1);
     // The parent checkpoint is dropped; the new one remains.
-    expect(await checkpoints()).toEqual(['backup-1700000002']);
+    expect(await checkpointNames(VM)).toEqual(['backup-1700000002']);
     // Both points in time carry manifests that the layers libvirt wrote match, extent by extent.
     const v = await cli(['chain', 'verify', ...nas(), '--vm', VM, '--backup', inc1]);
     expect(v.code).toBe(0);
@@ -272,7 +236,7 @@ describe.sequential('-o backup on a real guest', () => {
   it('after a restart of the transient domain: the checkpoint is redefined from the bitmaps, the incremental is correct', async () => {
     await guest!.destroy();
     await start();
-    expect(await checkpoints()).toEqual([]);
+    expect(await checkpointNames(VM)).toEqual([]);
     await guestWrite(VM, { target: 'vda', pattern: 0x77, offset: 30 * MiB, length: 1 * MiB });
     const p = nextPath();
     const out = await cli([
@@ -298,7 +262,7 @@ describe.sequential('-o backup on a real guest', () => {
     ]);
     expectRunningFormat(out, 'backup-1700000004');
     expect(out.stdout).not.toContain('INCREMENTAL_FALLBACK');
-    expect(fs.readFileSync(logFile, 'utf8')).toContain('Registered existing checkpoint backup-1700000003');
+    expect(fs.readFileSync(sb.logFile, 'utf8')).toContain('Registered existing checkpoint backup-1700000003');
     expect(backingOf(rootFile(p))).toBe(`../${path.basename(inc1)}/root.${ROOT_VOL}.qcow2`);
     await expectChainEqualsLive(p);
     inc1 = p;
@@ -349,7 +313,7 @@ describe.sequential('-o backup on a real guest', () => {
   });
 
   it('a NAS too small: refused by the free-space check; without it the job fails, the run fails cleanly, VM running, nothing left behind', async () => {
-    const before = await checkpoints();
+    const before = await checkpointNames(VM);
     const argv = [
       '-o',
       'backup',
@@ -384,9 +348,8 @@ describe.sequential('-o backup on a real guest', () => {
       ),
     );
     await expectRunning();
-    expect(await checkpoints()).toEqual(before);
-    expect(fs.readdirSync(tmp)).toEqual([]);
-    expect(fs.readFileSync('/proc/self/mountinfo', 'utf8')).not.toContain(tmp);
+    expect(await checkpointNames(VM)).toEqual(before);
+    expect(sb.leftovers()).toEqual({ tmp: [], mounted: false });
   });
 
   it('stopped VM: an offline incremental per disk from the bitmap QEMU wrote out, one size per line, bitmaps seeded and retired; after a start the next incremental is correct', async () => {
@@ -480,7 +443,7 @@ describe.sequential('-o backup on a real guest', () => {
         [rootFile(backupDir), rootDisk],
         [dataFile(backupDir), dataDisk],
       ] as const) {
-        const restored = path.join(dir, 'restored.qcow2');
+        const restored = path.join(sb.dir, 'restored.qcow2');
         withNas((root) => execFileSync('qemu-img', ['convert', '-U', '-O', 'qcow2', path.join(root, file), restored]));
         try {
           expect(execFileSync('qemu-img', ['compare', '-U', restored, live], { encoding: 'utf8' })).toContain('Images are identical');
@@ -571,7 +534,7 @@ describe.sequential('-o backup on a real guest', () => {
     expect(backingOf(dataFile(p))).toBeUndefined();
     await expectRestoreEqualsLive(p);
     // The untrusted checkpoint is gone; the new one records on every disk.
-    const cps = await checkpoints();
+    const cps = await checkpointNames(VM);
     expect(cps).toContain('backup-1700000011');
     expect(cps).not.toContain('backup-1700000010');
     for (const disk of [rootDisk, dataDisk]) {

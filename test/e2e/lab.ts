@@ -2,12 +2,16 @@
 // The lab itself (packages, daemons, guest kernel/initramfs) is managed by
 // scripts/e2e-lab.mjs; see docs/e2e-lab.md for the background.
 import { execa } from 'execa';
+import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 export const REPO_ROOT = fileURLToPath(new URL('../..', import.meta.url));
 export const LAB_SCRIPT = path.join(REPO_ROOT, 'scripts', 'e2e-lab.mjs');
+/** The program under test (it runs dist/: `npm run test:e2e` builds first). */
+export const NASBACKUP_BIN = path.join(REPO_ROOT, 'bin', 'nasbackup');
 export const GUEST_CACHE = process.env.NASBACKUP_E2E_CACHE || '/var/cache/nasbackup-e2e/guest';
 export const VIRSH_URI = 'qemu:///system';
 export const DOMAIN_PREFIX = 'nbe2e-';
@@ -329,4 +333,102 @@ export async function guestWrite(name: string, w: GuestWrite): Promise<void> {
     50,
   );
   if (!report.includes(ok)) throw new Error(`qemu-io "${io}" on ${name}/${w.target} failed:\n${report.trim()}`);
+}
+
+/** What a bin/nasbackup run gave: the agent reads only stdout and the exit code. */
+export interface Outcome {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/**
+ * One e2e file's host side, all below its own folder (mkdtemp): `tmp` (the program's TMPDIR,
+ * where it mounts the NAS), the agent log, `pool` (guest disks), `inspect` (where a test
+ * mounts a NAS image to look at it between runs).
+ */
+export interface Sandbox {
+  dir: string;
+  tmp: string;
+  logFile: string;
+  pool: string;
+  inspect: string;
+  /** bin/nasbackup with these arguments (no shell), TMPDIR and the log file set, plus `env`. */
+  cli(args: string[], env?: NodeJS.ProcessEnv): Promise<Outcome>;
+  /** Look at a NAS image, mounted read-only on `inspect` (never while the program has it mounted). */
+  withNas<T>(img: string, fn: (root: string) => T): T;
+  /** Whether the program left something in its TMPDIR or mounted below `below` (default: TMPDIR). */
+  leftovers(below?: string): { tmp: string[]; mounted: boolean };
+  /** Unmount whatever is still mounted below the folder (a failed test's), then remove it. */
+  remove(): void;
+}
+
+/** The folders of one e2e file (`prefix`: its mkdtemp prefix in the system temp folder). */
+export function sandbox(prefix: string): Sandbox {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  const sb = {
+    dir,
+    tmp: path.join(dir, 'tmp'),
+    logFile: path.join(dir, 'agent.log'),
+    pool: path.join(dir, 'pool'),
+    inspect: path.join(dir, 'inspect'),
+  };
+  for (const d of [sb.tmp, sb.pool, sb.inspect]) fs.mkdirSync(d);
+  return {
+    ...sb,
+    cli: (args, env = {}) =>
+      new Promise((resolve, reject) => {
+        const c = spawn(NASBACKUP_BIN, args, {
+          env: { ...process.env, TMPDIR: sb.tmp, NASBACKUP_LOG_FILE: sb.logFile, ...env },
+          stdio: ['ignore', 'pipe', 'pipe'],
+        });
+        let stdout = '';
+        let stderr = '';
+        c.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+        c.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+        c.on('error', reject);
+        c.on('close', (code) => resolve({ code, stdout, stderr }));
+      }),
+    withNas(img, fn) {
+      execFileSync('mount', ['-o', 'loop,ro', img, sb.inspect]);
+      try {
+        return fn(sb.inspect);
+      } finally {
+        execFileSync('umount', [sb.inspect]);
+      }
+    },
+    leftovers: (below = sb.tmp) => ({ tmp: fs.readdirSync(sb.tmp), mounted: mountsBelow(below).length > 0 }),
+    remove() {
+      for (const m of mountsBelow(dir).reverse()) execFileSync('umount', ['-l', m], { stdio: 'ignore' });
+      fs.rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** Mount points below `dir` (or `dir` itself), outermost first. */
+export function mountsBelow(dir: string): string[] {
+  return fs
+    .readFileSync('/proc/self/mountinfo', 'utf8')
+    .split('\n')
+    .map((l) => l.split(' ')[4] ?? '')
+    .filter((m) => m === dir || m.startsWith(`${dir}/`));
+}
+
+/** A NAS: an ext4 image of `size` (truncate's units), mounted by the program with `-m loop`. */
+export function makeNasImage(file: string, size: string, { rootReserve = true } = {}): string {
+  execFileSync('truncate', ['-s', size, file]);
+  execFileSync('mkfs.ext4', ['-q', '-F', ...(rootReserve ? [] : ['-m', '0']), file]);
+  return file;
+}
+
+/** The NAS arguments for an image made by makeNasImage. */
+export const loopNas = (img: string): string[] => ['-t', 'ext4', '-s', img, '-m', 'loop'];
+
+/** The names of a domain's checkpoints. */
+export async function checkpointNames(vm: string): Promise<string[]> {
+  const r = await virsh(['checkpoint-list', vm, '--name'], { check: true });
+  return r.stdout
+    .split('\n')
+    .map((s) => s.trim())
+    .filter(Boolean);
 }

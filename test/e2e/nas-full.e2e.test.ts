@@ -2,30 +2,34 @@
 // throttled backup (apache/cloudstack#13883), on real libvirt + QEMU (TCG). The NAS is a
 // loop-mounted ext4 image that bin/nasbackup mounts itself (`-t ext4 -s <img> -m loop`).
 // One guest for the file; it must be running after every run.
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { agentCommand, createQcow2, ensureLab, type Guest, guestWrite, startGuest, virsh, waitFor } from './lab.js';
+import {
+  agentCommand,
+  checkpointNames,
+  createQcow2,
+  ensureLab,
+  type Guest,
+  guestWrite,
+  loopNas,
+  makeNasImage,
+  type Outcome,
+  type Sandbox,
+  sandbox,
+  startGuest,
+  virsh,
+  waitFor,
+} from './lab.js';
 
 const MiB = 1024 * 1024;
-const BIN = fileURLToPath(new URL('../../bin/nasbackup', import.meta.url));
 const VM = `nbe2e-nasfull-${process.pid}`;
 const ROOT_VOL = '5e2b8c1d-7a3f-4e9b-b1c2-d3e4f5a6b7c8';
 const DATA = 1024 * MiB;
 
-interface Outcome {
-  code: number | null;
-  stdout: string;
-}
-
 describe.sequential('a NAS too small, and a long backup, on a real guest', () => {
-  let dir = '';
-  let tmp = '';
-  let inspect = '';
-  let logFile = '';
+  let sb: Sandbox;
   let small = '';
   let large = '';
   let mid = '';
@@ -34,25 +38,16 @@ describe.sequential('a NAS too small, and a long backup, on a real guest', () =>
   let ts = 0;
   let heartbeatBackup = '';
 
-  const nas = (img: string) => ['-t', 'ext4', '-s', img, '-m', 'loop'];
   const nextPath = () => `${VM}/2026.02.01.00.00.${String(++ts).padStart(2, '0')}`;
 
-  function cli(args: string[], extraEnv: NodeJS.ProcessEnv = {}): Promise<Outcome> {
-    return new Promise((resolve) => {
-      const env = { ...process.env, TMPDIR: tmp, NASBACKUP_LOG_FILE: logFile, ...extraEnv };
-      const c = spawn(BIN, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
-      let stdout = '';
-      c.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-      c.on('close', (code) => resolve({ code, stdout }));
-    });
-  }
+  const cli = (args: string[], env: NodeJS.ProcessEnv = {}): Promise<Outcome> => sb.cli(args, env);
 
   const backupArgs = (img: string, p: string, bitmap: string) => [
     '-o',
     'backup',
     '-v',
     VM,
-    ...nas(img),
+    ...loopNas(img),
     '-p',
     p,
     '-q',
@@ -66,14 +61,7 @@ describe.sequential('a NAS too small, and a long backup, on a real guest', () =>
   ];
 
   /** Look at a NAS between runs (never while bin/nasbackup has it mounted). */
-  function withNas<T>(img: string, fn: (root: string) => T): T {
-    execFileSync('mount', ['-o', 'loop,ro', img, inspect]);
-    try {
-      return fn(inspect);
-    } finally {
-      execFileSync('umount', [inspect]);
-    }
-  }
+  const withNas = <T>(img: string, fn: (root: string) => T): T => sb.withNas(img, fn);
 
   /** Only ext4's own lost+found: no instance folder, no lock, no partial backup. */
   const nasUntouched = (img: string) => expect(withNas(img, (root) => fs.readdirSync(root))).toEqual(['lost+found']);
@@ -82,34 +70,19 @@ describe.sequential('a NAS too small, and a long backup, on a real guest', () =>
     return (await virsh(['domstate', VM, '--reason'], { check: true })).stdout.trim();
   }
 
-  async function checkpoints(): Promise<string[]> {
-    const r = await virsh(['checkpoint-list', VM, '--name'], { check: true });
-    return r.stdout
-      .split('\n')
-      .map((s) => s.trim())
-      .filter(Boolean);
-  }
+  const nothingMounted = () => expect(sb.leftovers()).toEqual({ tmp: [], mounted: false });
 
-  function nothingMounted(): void {
-    expect(fs.readdirSync(tmp)).toEqual([]);
-    expect(fs.readFileSync('/proc/self/mountinfo', 'utf8')).not.toContain(tmp);
-  }
-
-  const logSince = (at: number) => fs.readFileSync(logFile, 'utf8').slice(at);
-  const logSize = () => (fs.existsSync(logFile) ? fs.statSync(logFile).size : 0);
-
-  function mkNas(file: string, size: string): void {
-    execFileSync('truncate', ['-s', size, file]);
-    // No root reserve: the free space QEMU (root) sees is the free space we see.
-    execFileSync('mkfs.ext4', ['-q', '-F', '-m', '0', file]);
-  }
+  const logSince = (at: number) => fs.readFileSync(sb.logFile, 'utf8').slice(at);
+  const logSize = () => (fs.existsSync(sb.logFile) ? fs.statSync(sb.logFile).size : 0);
+  // No root reserve: the free space QEMU (root) sees is the free space we see.
+  const mkNas = (name: string, size: string) => makeNasImage(path.join(sb.dir, name), size, { rootReserve: false });
 
   /**
    * A virsh that slows the push job to `speed` bytes/s as soon as backup-begin returns (QMP
    * block-job-set-speed on every block job): the test's throttle, not the program's.
    */
   function throttlingVirsh(speed: number): string {
-    const shim = path.join(dir, `virsh-throttle-${speed}`);
+    const shim = path.join(sb.dir, `virsh-throttle-${speed}`);
     fs.writeFileSync(
       shim,
       `#!/bin/bash
@@ -128,37 +101,21 @@ exit $rc
 
   beforeAll(async () => {
     await ensureLab();
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbe2e-nasfull-'));
-    tmp = path.join(dir, 'tmp');
-    inspect = path.join(dir, 'inspect');
-    logFile = path.join(dir, 'agent.log');
-    fs.mkdirSync(tmp);
-    fs.mkdirSync(inspect);
-    fs.mkdirSync(path.join(dir, 'pool'));
-    rootDisk = path.join(dir, 'pool', ROOT_VOL);
+    sb = sandbox('nbe2e-nasfull-');
+    rootDisk = path.join(sb.pool, ROOT_VOL);
     await createQcow2(rootDisk, 1280 * MiB);
     // 1 GiB of data, written before boot (host side): more than the small NAS holds, and enough
     // that a push job is still copying when the test's throttle lands.
     execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x31 0 ${DATA}`, rootDisk], { stdio: 'ignore' });
-    small = path.join(dir, 'small-nas.img');
-    mkNas(small, '24M');
-    large = path.join(dir, 'large-nas.img');
-    mkNas(large, '1600M');
-    mid = path.join(dir, 'mid-nas.img');
-    mkNas(mid, '256M');
-    guest = await startGuest({ name: VM, disks: [rootDisk], dir });
+    small = mkNas('small-nas.img', '24M');
+    large = mkNas('large-nas.img', '1600M');
+    mid = mkNas('mid-nas.img', '256M');
+    guest = await startGuest({ name: VM, disks: [rootDisk], dir: sb.dir });
   }, 600_000);
 
   afterAll(async () => {
     await guest?.destroy().catch(() => {});
-    if (dir) {
-      try {
-        execFileSync('umount', [inspect], { stdio: 'ignore' });
-      } catch {
-        // not mounted
-      }
-      fs.rmSync(dir, { recursive: true, force: true });
-    }
+    sb?.remove();
   });
 
   it('the free-space check refuses the backup before anything is written: one line, exit 1, the guest running', async () => {
@@ -176,7 +133,7 @@ exit $rc
     nasUntouched(small);
     nothingMounted();
     expect(await state()).toMatch(/^running/);
-    expect(await checkpoints()).toEqual([]);
+    expect(await checkpointNames(VM)).toEqual([]);
   });
 
   it('check off: the NAS fills up during the job; the job is stopped, nothing is left, the guest keeps running, one line', async () => {
@@ -193,7 +150,7 @@ exit $rc
     nasUntouched(small);
     nothingMounted();
     expect(await state()).toMatch(/^running/);
-    expect(await checkpoints()).toEqual([]);
+    expect(await checkpointNames(VM)).toEqual([]);
   });
 
   it('a throttled backup: heartbeats (bytes, rate, ETA) in the log, the deadline from the data, stdout as always', async () => {
@@ -245,7 +202,7 @@ exit $rc
     expect(out.stdout.trimEnd().split('\n').pop()).toBe('BITMAP_CREATED=backup-1800000005');
     expect(log).toContain('Estimate for vda: 4.0 MiB (dirty bytes of bitmap backup-1800000003)');
     expect(log).toMatch(new RegExp(`Backup job of ${VM}: deadline 10 min 0 s \\(4\\.0 MiB at 10\\.0 MiB/s \\+ 10 min 0 s\\)`));
-    expect(await checkpoints()).toEqual(['backup-1800000005']);
+    expect(await checkpointNames(VM)).toEqual(['backup-1800000005']);
     nothingMounted();
   });
 
@@ -278,6 +235,6 @@ exit $rc
     nasUntouched(mid);
     nothingMounted();
     expect(await state()).toMatch(/^running/);
-    expect(await checkpoints()).toEqual(['backup-1800000005']);
+    expect(await checkpointNames(VM)).toEqual(['backup-1800000005']);
   });
 });

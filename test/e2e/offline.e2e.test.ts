@@ -3,57 +3,51 @@
 // qcow2 disks), the offline incremental of the stopped VM, the VM started again, more data,
 // a running incremental on top. Each point restored (`qemu-img convert` of its chain) equals
 // the guest disks captured at that moment. One guest boot besides the first.
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createQcow2, ensureLab, type Guest, guestWrite, mkfsExt4, startGuest, virsh } from './lab.js';
+import {
+  createQcow2,
+  ensureLab,
+  type Guest,
+  guestWrite,
+  loopNas,
+  makeNasImage,
+  mkfsExt4,
+  type Outcome,
+  type Sandbox,
+  sandbox,
+  startGuest,
+  virsh,
+} from './lab.js';
 
 const MiB = 1024 * 1024;
-const BIN = fileURLToPath(new URL('../../bin/nasbackup', import.meta.url));
 const VM = `nbe2e-off-${process.pid}`;
 const ROOT_VOL = '3a4b5c6d-7e8f-4a0b-9c1d-2e3f4a5b6c7d';
 const DATA_VOL = '8d9e0f1a-2b3c-4d5e-8f6a-7b8c9d0e1f2a';
 const BITMAPS = ['backup-1700000101', 'backup-1700000102', 'backup-1700000103'];
 
-interface Outcome {
-  code: number | null;
-  stdout: string;
-}
-
 describe.sequential('offline incremental of a real guest between running backups', () => {
-  let dir = '';
+  let sb: Sandbox;
   let img = '';
-  let inspect = '';
-  let tmp = '';
-  let logFile = '';
   let captures = '';
   let guest: Guest | undefined;
   let rootDisk = '';
   let dataDisk = '';
 
-  const nas = () => ['-t', 'ext4', '-s', img, '-m', 'loop'];
   const points = { full: `${VM}/2026.02.01.00.00.01`, offline: `${VM}/2026.02.01.00.00.02`, running: `${VM}/2026.02.01.00.00.03` };
   const rootFile = (p: string) => `${p}/root.${ROOT_VOL}.qcow2`;
   const dataFile = (p: string) => `${p}/datadisk.${DATA_VOL}.qcow2`;
 
-  function cli(args: string[]): Promise<Outcome> {
-    return new Promise((resolve) => {
-      const c = spawn(BIN, args, { env: { ...process.env, TMPDIR: tmp, NASBACKUP_LOG_FILE: logFile }, stdio: ['ignore', 'pipe', 'pipe'] });
-      let stdout = '';
-      c.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-      c.on('close', (code) => resolve({ code, stdout }));
-    });
-  }
+  const cli = (args: string[]): Promise<Outcome> => sb.cli(args);
 
   const backupArgs = (p: string, disks: string, tail: string[]): string[] => [
     '-o',
     'backup',
     '-v',
     VM,
-    ...nas(),
+    ...loopNas(img),
     '-p',
     p,
     '-q',
@@ -63,14 +57,7 @@ describe.sequential('offline incremental of a real guest between running backups
     ...tail,
   ];
 
-  function withNas<T>(fn: (root: string) => T): T {
-    execFileSync('mount', ['-o', 'loop,ro', img, inspect]);
-    try {
-      return fn(inspect);
-    } finally {
-      execFileSync('umount', [inspect]);
-    }
-  }
+  const withNas = <T>(fn: (root: string) => T): T => sb.withNas(img, fn);
 
   /** The guest disks as they are now, as raw files (the VM paused or stopped meanwhile). */
   function capture(name: string): void {
@@ -116,32 +103,20 @@ describe.sequential('offline incremental of a real guest between running backups
 
   beforeAll(async () => {
     await ensureLab();
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbe2e-off-'));
-    tmp = path.join(dir, 'tmp');
-    inspect = path.join(dir, 'inspect');
-    captures = path.join(dir, 'captures');
-    logFile = path.join(dir, 'agent.log');
-    for (const d of [tmp, inspect, captures, path.join(dir, 'pool')]) fs.mkdirSync(d);
-    rootDisk = path.join(dir, 'pool', ROOT_VOL);
-    dataDisk = path.join(dir, 'pool', DATA_VOL);
+    sb = sandbox('nbe2e-off-');
+    captures = path.join(sb.dir, 'captures');
+    fs.mkdirSync(captures);
+    rootDisk = path.join(sb.pool, ROOT_VOL);
+    dataDisk = path.join(sb.pool, DATA_VOL);
     await createQcow2(rootDisk, 64 * MiB);
     await mkfsExt4(dataDisk, 32 * MiB);
-    img = path.join(dir, 'nas.img');
-    execFileSync('truncate', ['-s', '512M', img]);
-    execFileSync('mkfs.ext4', ['-q', '-F', img]);
-    guest = await startGuest({ name: VM, disks: [rootDisk, dataDisk], dir });
+    img = makeNasImage(path.join(sb.dir, 'nas.img'), '512M');
+    guest = await startGuest({ name: VM, disks: [rootDisk, dataDisk], dir: sb.dir });
   }, 600_000);
 
   afterAll(async () => {
     await guest?.destroy().catch(() => {});
-    if (dir) {
-      try {
-        execFileSync('umount', [inspect], { stdio: 'ignore' });
-      } catch {
-        // not mounted
-      }
-      fs.rmSync(dir, { recursive: true, force: true });
-    }
+    sb?.remove();
   });
 
   it('1. running full backup with a checkpoint', async () => {
@@ -176,7 +151,7 @@ describe.sequential('offline incremental of a real guest between running backups
     expect(out.code).toBe(0);
     // Stopped-VM format (rebase-era profile): BITMAP_CREATED, then one size per file; no fallback marker.
     expect(out.stdout).toMatch(new RegExp(`^BITMAP_CREATED=${BITMAPS[1]}\\n\\d+\\n\\d+\\n$`));
-    const log = fs.readFileSync(logFile, 'utf8');
+    const log = fs.readFileSync(sb.logFile, 'utf8');
     expect(log).not.toContain('not possible');
     expect(log).toContain(`Offline incremental (from ${BITMAPS[0]}) of stopped VM ${VM}`);
     withNas((root) => {
@@ -193,7 +168,7 @@ describe.sequential('offline incremental of a real guest between running backups
   });
 
   it('3. started again, more data, running incremental on the offline one: restores to the disks', async () => {
-    guest = await startGuest({ name: VM, disks: [rootDisk, dataDisk], dir });
+    guest = await startGuest({ name: VM, disks: [rootDisk, dataDisk], dir: sb.dir });
     await guestWrite(VM, { target: 'vda', pattern: 0x31, offset: 30 * MiB, length: 1 * MiB });
     await guestWrite(VM, { target: 'vdb', pattern: 0x32, offset: 20 * MiB, length: 128 * 1024 });
     const out = await cli(

@@ -3,16 +3,13 @@
 // guests backed up at the same moment onto one NAS (each run mounting it on its own) both
 // get complete backups. The NAS is a folder bind-mounted by each run (`-t none -m bind`):
 // a loop-mounted image would be a separate ext4 mount per run, which is no NAS.
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createQcow2, ensureLab, type Guest, sleep, startGuest, virsh } from './lab.js';
+import { createQcow2, ensureLab, type Guest, type Outcome, type Sandbox, sandbox, sleep, startGuest, virsh } from './lab.js';
 
 const MiB = 1024 * 1024;
-const BIN = fileURLToPath(new URL('../../bin/nasbackup', import.meta.url));
 const BIG = `nbe2e-opt-${process.pid}`;
 const SMALL = `nbe2e-opt2-${process.pid}`;
 const BIG_VOL = '4a1b2c3d-0e0f-4a5b-8c7d-6e5f4a3b2c01';
@@ -26,11 +23,6 @@ const BIG_SIZE = 1024 * MiB;
 const BIG_DATA = 960 * MiB;
 const LIMIT_MIB = 32;
 
-interface Outcome {
-  code: number | null;
-  stdout: string;
-}
-
 /** `File processed` and `Time elapsed` of a domjobinfo block, in bytes and ms. */
 function jobFigures(block: string): { bytes: number; ms: number } {
   const unit: Record<string, number> = { B: 1, KiB: 1024, MiB, GiB: 1024 * MiB };
@@ -41,27 +33,15 @@ function jobFigures(block: string): { bytes: number; ms: number } {
 }
 
 describe.sequential('backup options and parallel backups on real guests', () => {
-  let dir = '';
+  let sb: Sandbox;
   let nas = '';
-  let tmp = '';
-  let logFile = '';
   let big: Guest | undefined;
   let small: Guest | undefined;
   let bigDisk = '';
   let smallDisk = '';
   let ts = 0;
 
-  function cli(args: string[]): Promise<Outcome> {
-    return new Promise((resolve) => {
-      const c = spawn(BIN, args, {
-        env: { ...process.env, TMPDIR: tmp, NASBACKUP_LOG_FILE: logFile },
-        stdio: ['ignore', 'pipe', 'pipe'],
-      });
-      let stdout = '';
-      c.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-      c.on('close', (code) => resolve({ code, stdout }));
-    });
-  }
+  const cli = (args: string[]): Promise<Outcome> => sb.cli(args);
 
   const backupArgs = (vm: string, p: string, extra: string[] = []): string[] => [
     '-o',
@@ -104,33 +84,28 @@ describe.sequential('backup options and parallel backups on real guests', () => 
     }
   }
 
-  function nothingLeft(): void {
-    expect(fs.readdirSync(tmp)).toEqual([]);
-    expect(fs.readFileSync('/proc/self/mountinfo', 'utf8')).not.toContain(tmp);
-  }
+  const nothingLeft = () => expect(sb.leftovers()).toEqual({ tmp: [], mounted: false });
 
   beforeAll(async () => {
     await ensureLab();
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbe2e-opt-'));
-    nas = path.join(dir, 'nas');
-    tmp = path.join(dir, 'tmp');
-    logFile = path.join(dir, 'agent.log');
-    for (const d of [nas, tmp, path.join(dir, 'pool')]) fs.mkdirSync(d);
-    bigDisk = path.join(dir, 'pool', BIG_VOL);
-    smallDisk = path.join(dir, 'pool', SMALL_VOL);
+    sb = sandbox('nbe2e-opt-');
+    nas = path.join(sb.dir, 'nas');
+    fs.mkdirSync(nas);
+    bigDisk = path.join(sb.pool, BIG_VOL);
+    smallDisk = path.join(sb.pool, SMALL_VOL);
     await createQcow2(bigDisk, BIG_SIZE);
     await createQcow2(smallDisk, 64 * MiB);
     // Data the backup must copy (a pattern, so nothing reads as zeros).
     execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x5a 0 ${BIG_DATA}`, bigDisk], { stdio: 'ignore' });
     execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x6b 0 ${24 * MiB}`, smallDisk], { stdio: 'ignore' });
-    big = await startGuest({ name: BIG, disks: [bigDisk], dir });
-    small = await startGuest({ name: SMALL, disks: [smallDisk], dir });
+    big = await startGuest({ name: BIG, disks: [bigDisk], dir: sb.dir });
+    small = await startGuest({ name: SMALL, disks: [smallDisk], dir: sb.dir });
   }, 600_000);
 
   afterAll(async () => {
     await big?.destroy().catch(() => {});
     await small?.destroy().catch(() => {});
-    if (dir) fs.rmSync(dir, { recursive: true, force: true });
+    sb?.remove();
   });
 
   let unthrottled = { bytes: 0, ms: 0 };
@@ -164,7 +139,7 @@ describe.sequential('backup options and parallel backups on real guests', () => 
     const out = await run;
     const throttled = expectGood(out, p);
     const limited = samples.filter((s) => s.speed === LIMIT_MIB * MiB);
-    if (limited.length < 4) console.log(`samples: ${JSON.stringify(samples)}\nlog:\n${fs.readFileSync(logFile, 'utf8')}`);
+    if (limited.length < 4) console.log(`samples: ${JSON.stringify(samples)}\nlog:\n${fs.readFileSync(sb.logFile, 'utf8')}`);
     expect(limited.length).toBeGreaterThanOrEqual(4);
     // The steady state: the second half of the samples taken at the limit.
     const from = limited[Math.floor(limited.length / 2)]!;
@@ -179,7 +154,7 @@ describe.sequential('backup options and parallel backups on real guests', () => 
     expect(rate).toBeGreaterThan(0);
     // Measurably slower than the same backup without -b (loose: twice the time).
     expect(throttled.ms).toBeGreaterThan(2 * unthrottled.ms);
-    expect(fs.readFileSync(logFile, 'utf8')).toContain(`Rate limit ${LIMIT_MIB} MiB/s for the backup of ${BIG}: 1 job(s) copying`);
+    expect(fs.readFileSync(sb.logFile, 'utf8')).toContain(`Rate limit ${LIMIT_MIB} MiB/s for the backup of ${BIG}: 1 job(s) copying`);
     await expectEqualsLive(BIG, path.join(nas, p, `root.${BIG_VOL}.qcow2`), bigDisk);
     nothingLeft();
   });

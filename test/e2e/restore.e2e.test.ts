@@ -3,16 +3,28 @@
 // backup are taken (with their manifests); the incremental is restored as raw and as qcow2 and
 // compared by content with the guest's disk at that moment, and the file the guest wrote is read
 // back from the restored disk and from the backup itself through `nasbackup mount`.
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { agentCommand, createQcow2, ensureLab, type Guest, guestWrite, mkfsExt4, startGuest, virsh, waitFor } from './lab.js';
+import {
+  agentCommand,
+  createQcow2,
+  ensureLab,
+  type Guest,
+  guestWrite,
+  loopNas,
+  makeNasImage,
+  mkfsExt4,
+  type Outcome,
+  type Sandbox,
+  sandbox,
+  startGuest,
+  virsh,
+  waitFor,
+} from './lab.js';
 
 const MiB = 1024 * 1024;
-const BIN = fileURLToPath(new URL('../../bin/nasbackup', import.meta.url));
 const VM = `nbe2e-rs-${process.pid}`;
 const ROOT_VOL = '5a6b7c8d-1e2f-4a3b-8c4d-5e6f7a8b9c01';
 const DATA_VOL = '6b7c8d9e-2f3a-4b4c-9d5e-6f7a8b9c0d02';
@@ -20,11 +32,6 @@ const FULL = `${VM}/2026.02.01.00.00.01`;
 const INC = `${VM}/2026.02.01.00.00.02`;
 const rootFile = (p: string) => `${p}/root.${ROOT_VOL}.qcow2`;
 const dataFile = (p: string) => `${p}/datadisk.${DATA_VOL}.qcow2`;
-
-interface Outcome {
-  code: number | null;
-  stdout: string;
-}
 
 /** A file in the guest's ext4 on vdb, written through the guest agent and synced to its disk. */
 async function writeGuestFile(name: string, file: string, text: string): Promise<void> {
@@ -46,28 +53,17 @@ async function writeGuestFile(name: string, file: string, text: string): Promise
 }
 
 describe.sequential('restore and mount of a real guest', () => {
-  let dir = '';
+  let sb: Sandbox;
   let img = '';
-  let tmp = '';
   let out = '';
-  let logFile = '';
   let guest: Guest | undefined;
   let rootDisk = '';
   let dataDisk = '';
   const v1 = `written by the guest before the full backup (${process.pid})\n`;
   const v2 = `rewritten by the guest before the incremental (${process.pid})\n`;
 
-  const env = () => ({ ...process.env, TMPDIR: tmp, NASBACKUP_LOG_FILE: logFile });
-  const nas = () => ['-t', 'ext4', '-s', img, '-m', 'loop'];
-
-  function cli(args: string[]): Promise<Outcome> {
-    return new Promise((resolve) => {
-      const c = spawn(BIN, args, { env: env(), stdio: ['ignore', 'pipe', 'pipe'] });
-      let stdout = '';
-      c.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-      c.on('close', (code) => resolve({ code, stdout }));
-    });
-  }
+  const nas = () => loopNas(img);
+  const cli = (args: string[]): Promise<Outcome> => sb.cli(args);
 
   const backup = (p: string, mode: 'full' | 'incremental', bitmap: string, parent?: string): Promise<Outcome> =>
     cli([
@@ -91,7 +87,7 @@ describe.sequential('restore and mount of a real guest', () => {
 
   /** The file the guest wrote, read from a raw image of its ext4 disk (loop, read-only, no journal replay). */
   function fileInRaw(raw: string): string {
-    const mnt = fs.mkdtempSync(path.join(dir, 'mnt-'));
+    const mnt = fs.mkdtempSync(path.join(sb.dir, 'mnt-'));
     execFileSync('mount', ['-o', 'loop,ro,noload', raw, mnt]);
     try {
       return fs.readFileSync(path.join(mnt, 'hello.txt'), 'utf8');
@@ -101,40 +97,24 @@ describe.sequential('restore and mount of a real guest', () => {
     }
   }
 
-  function nothingLeft(): void {
-    expect(fs.readdirSync(tmp)).toEqual([]);
-    expect(fs.readFileSync('/proc/self/mountinfo', 'utf8')).not.toContain(dir);
-  }
+  const nothingLeft = () => expect(sb.leftovers(sb.dir)).toEqual({ tmp: [], mounted: false });
 
   beforeAll(async () => {
     await ensureLab();
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbe2e-rs-'));
-    tmp = path.join(dir, 'tmp');
-    out = path.join(dir, 'out');
-    logFile = path.join(dir, 'agent.log');
-    for (const d of [tmp, out, path.join(dir, 'pool')]) fs.mkdirSync(d);
-    rootDisk = path.join(dir, 'pool', ROOT_VOL);
-    dataDisk = path.join(dir, 'pool', DATA_VOL);
+    sb = sandbox('nbe2e-rs-');
+    out = path.join(sb.dir, 'out');
+    fs.mkdirSync(out);
+    rootDisk = path.join(sb.pool, ROOT_VOL);
+    dataDisk = path.join(sb.pool, DATA_VOL);
     await createQcow2(rootDisk, 64 * MiB);
     await mkfsExt4(dataDisk, 32 * MiB);
-    img = path.join(dir, 'nas.img');
-    execFileSync('truncate', ['-s', '512M', img]);
-    execFileSync('mkfs.ext4', ['-q', '-F', img]);
-    guest = await startGuest({ name: VM, disks: [rootDisk, dataDisk], dir });
+    img = makeNasImage(path.join(sb.dir, 'nas.img'), '512M');
+    guest = await startGuest({ name: VM, disks: [rootDisk, dataDisk], dir: sb.dir });
   }, 600_000);
 
   afterAll(async () => {
     await guest?.destroy().catch(() => {});
-    if (dir) {
-      for (const m of fs
-        .readFileSync('/proc/self/mountinfo', 'utf8')
-        .split('\n')
-        .map((l) => l.split(' ')[4] ?? '')
-        .filter((m) => m.startsWith(dir))
-        .reverse())
-        execFileSync('umount', ['-l', m], { stdio: 'ignore' });
-      fs.rmSync(dir, { recursive: true, force: true });
-    }
+    sb?.remove();
   });
 
   it('a full and a running incremental; the incremental restored as raw and qcow2 equals the guest disk at that moment', async () => {
@@ -196,7 +176,7 @@ describe.sequential('restore and mount of a real guest', () => {
       [INC, v2],
       [FULL, v1],
     ] as const) {
-      const mnt = path.join(dir, `mount-${path.basename(p)}`);
+      const mnt = path.join(sb.dir, `mount-${path.basename(p)}`);
       const m = await cli(['mount', ...nas(), '--backup', p, '--disk', DATA_VOL, mnt]);
       expect(m.code, m.stdout).toBe(0);
       try {

@@ -96,21 +96,18 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
         ctx.checkpoint();
         const off = incremental?.disks[i];
         const dst = work.file(d.file);
-        const beat = copyHeartbeat(ctx, `Copy of ${d.src}`, dst, estimates[i]!.bytes);
+        const beat = new CopyHeartbeat(ctx, `Copy of ${d.src}`, dst, estimates[i]!.bytes);
         try {
           digests.push(
             off
               ? await writeOfflineIncremental(ctx, off, dst, backingReference(work.final, off.parentAbs), poolFor())
-              : await copyDisk(ctx, a, d.src, formats[i]!, dst, `disk ${i + 1}/${disks.length}`, end, poolFor),
+              : await copyDisk(ctx, a, d.src, formats[i]!, dst, `disk ${i + 1}/${disks.length}`, end, poolFor, beat),
           );
         } catch (e) {
           const text = e instanceof ToolError ? e.details : e instanceof Error ? e.message : '';
           if (NO_SPACE.test(text)) {
             ctx.logger.log(`Copy of ${d.src}: ${text}`);
-            throw new NasbackupError(
-              'NAS_FULL',
-              `The NAS ran out of space during the backup of stopped VM ${a.vm} (No space left on device)`,
-            );
+            throw new NasbackupError('NAS_FULL', nasFullText(a.vm, 'No space left on device'));
           }
           throw e;
         } finally {
@@ -181,27 +178,68 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
     );
     const err = toNasbackupError(e);
     if (err.code === 'NAS_FULL') {
-      const head =
-        e instanceof NasbackupError
-          ? e.message
-          : `The NAS ran out of space during the backup of stopped VM ${a.vm} (${err.message.split(':')[0]})`;
+      const head = e instanceof NasbackupError ? e.message : nasFullText(a.vm, err.message.split(':')[0]!);
       throw new NasbackupError(err.code, `${head}: ${removed ? 'partial files removed' : 'partial files NOT all removed'}`, { cause: e });
     }
     throw e;
   }
 }
 
-/** Heartbeats of one copy: the bytes its target holds, every NASBACKUP_HEARTBEAT_INTERVAL. */
-function copyHeartbeat(ctx: OpContext, label: string, dst: string, totalBytes: number | null): { stop(): void } {
-  const beat = new Heartbeat(label, ctx.config.heartbeatMs, (l) => ctx.logger.log(l));
-  const timer = setInterval(() => {
-    void stat(dst).then(
-      (st) => beat.update(st.blocks * 512, totalBytes),
-      () => {},
-    );
-  }, ctx.config.heartbeatMs);
-  timer.unref();
-  return { stop: () => clearInterval(timer) };
+/** The one wording of a stopped backup's NAS_FULL (`why`: the system's reason, e.g. "No space left on device"). */
+function nasFullText(vm: string, why: string): string {
+  return `The NAS ran out of space during the backup of stopped VM ${vm} (${why})`;
+}
+
+/**
+ * Heartbeats of one copy, every NASBACKUP_HEARTBEAT_INTERVAL. A native copy reports its own
+ * progress (guest bytes done of the disk, as its progress bar shows): the timer then only
+ * repeats the last reading (a stall shows as 0 B/s) and never touches the NAS. A copy that
+ * does not (qemu-img convert, the offline incremental) is followed by the bytes its target
+ * holds, one `stat` at a time: a stat stuck on a dead NAS holds no more than one thread, and
+ * the copy's own deadline ends the backup.
+ */
+class CopyHeartbeat {
+  private readonly beat: Heartbeat;
+  private readonly timer: NodeJS.Timeout;
+  private fed = false;
+  private polling = false;
+
+  constructor(
+    ctx: OpContext,
+    label: string,
+    private readonly dst: string,
+    private readonly totalBytes: number | null,
+  ) {
+    this.beat = new Heartbeat(label, ctx.config.heartbeatMs, (l) => ctx.logger.log(l));
+    this.timer = setInterval(() => this.poll(), ctx.config.heartbeatMs);
+    this.timer.unref();
+  }
+
+  /** The copy's own reading: from now on the target is not polled. */
+  progress(done: number, total: number): void {
+    this.fed = true;
+    this.beat.update(done, total);
+  }
+
+  stop(): void {
+    clearInterval(this.timer);
+  }
+
+  private poll(): void {
+    if (this.fed) return this.beat.tick();
+    if (this.polling) return;
+    this.polling = true;
+    void stat(this.dst)
+      .then(
+        (st) => {
+          if (!this.fed) this.beat.update(st.blocks * 512, this.totalBytes);
+        },
+        () => {},
+      )
+      .finally(() => {
+        this.polling = false;
+      });
+  }
 }
 
 /**
@@ -217,6 +255,7 @@ async function copyDisk(
   label: string,
   end: number,
   poolFor: () => HashPool | undefined,
+  beat: CopyHeartbeat,
 ): Promise<LayerDigest | undefined> {
   const started = Date.now();
   // What is left of the backup's deadline (it follows the data: lib/ops/backup/deadline.ts).
@@ -235,6 +274,8 @@ async function copyDisk(
     logThroughput(ctx, `Copied ${src} to ${dst} with qemu-img convert`, `${size} bytes written`, size, Date.now() - started);
     return undefined;
   }
+  // From here the heartbeats follow the engine (the whole disk, in guest bytes), not the NAS file.
+  beat.progress(0, chain.virtualSize);
   const progress = await createProgress(process.stdout.isTTY === true && process.stderr.isTTY === true, `${a.vm} ${label}`);
   // The deadline, checked between requests and around the whole copy (a write or flush stuck
   // on a dead NAS); once it passed, the next checkpoint stops the engine.
@@ -246,7 +287,10 @@ async function copyDisk(
         digest: !ctx.config.benchSkipManifest,
         pool: poolFor(),
         ...(a.bandwidth !== null ? { rateBytesPerSec: a.bandwidth } : {}),
-        onProgress: (done, total) => progress.update(done, total),
+        onProgress: (done, total) => {
+          progress.update(done, total);
+          beat.progress(done, total);
+        },
         checkpoint: () => {
           ctx.checkpoint();
           if (expired || Date.now() - started > limitMs)

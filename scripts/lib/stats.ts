@@ -1,0 +1,47 @@
+// The figures every bench script prints, in one place: medians of the runs, their min–max
+// spread, paired ratios (a / b of the same run, so a change of machine load hits both sides
+// alike) and the machine's load average (the host is shared: a figure comes with its load).
+import os from 'node:os';
+
+/** How a value is printed: two decimals unless a script says otherwise. */
+export type Fmt = (v: number) => string;
+const fixed2: Fmt = (v) => v.toFixed(2);
+
+/** The middle value (the mean of the two middle ones for an even count). */
+export function median(xs: readonly number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = Math.floor(s.length / 2);
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
+
+/** "min–max" of the runs. */
+export function spread(xs: readonly number[], f: Fmt = fixed2): string {
+  return `${f(Math.min(...xs))}–${f(Math.max(...xs))}`;
+}
+
+/** "median (min–max)" of the runs. */
+export function medianSpread(xs: readonly number[], f: Fmt = fixed2): string {
+  return `${f(median(xs))} (${spread(xs, f)})`;
+}
+
+/** a[i] / b[i]: each run's ratio, both sides measured in the same round. */
+export function pairedRatios(a: readonly number[], b: readonly number[]): number[] {
+  if (a.length !== b.length) throw new Error(`paired ratios of ${a.length} and ${b.length} runs`);
+  return a.map((v, i) => v / b[i]!);
+}
+
+/** A ratio as printed: "0.42×". */
+export const times: Fmt = (r) => `${r.toFixed(2)}×`;
+
+/** The 1, 5 and 15 minute load averages: "3.7 2.2 1.9". */
+export function loadAverage(): string {
+  return os
+    .loadavg()
+    .map((l) => l.toFixed(1))
+    .join(' ');
+}
+
+/** "2 CPU(s), load average 3.7 2.2 1.9": the line a bench prints before and after its runs. */
+export function machineLine(): string {
+  return `${os.cpus().length} CPU(s), load average ${loadAverage()}`;
+}

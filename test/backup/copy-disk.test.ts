@@ -9,7 +9,7 @@ import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import { afterAll, describe, expect, it, vi } from 'vitest';
-import { copyDiskToQcow2, copyHashPool } from '../../lib/ops/backup/copy-disk.js';
+import { BACKUP_BUFFERS, BACKUP_REQUEST_BYTES, copyDiskToQcow2, copyHashPool } from '../../lib/ops/backup/copy-disk.js';
 import { ImageChain, type CopySource } from '../../lib/qcow2/index.js';
 import { HashPool } from '../../lib/store/hash-pool.js';
 import { digestLayer } from '../../lib/store/layer-digest.js';
@@ -43,6 +43,22 @@ describe('copyDiskToQcow2', () => {
       }),
       { numRuns: numRuns(20) },
     );
+  });
+});
+
+describe("the stopped path's hash pool (issue 18: peak RSS at most idle + 32 MiB)", () => {
+  it("by default no worker thread (an isolate costs ~12 MiB) and no slot beyond the engine's own buffers; workers asked for get slack slots", async () => {
+    const inline = copyHashPool();
+    const workers = copyHashPool(1);
+    try {
+      expect(inline.threads).toBe(0);
+      expect(inline.slotBytes).toBe(BACKUP_REQUEST_BYTES);
+      expect(inline.available * inline.slotBytes).toBe(BACKUP_BUFFERS * BACKUP_REQUEST_BYTES);
+      expect(workers.threads).toBe(1);
+      expect(workers.available).toBeGreaterThan(BACKUP_BUFFERS);
+    } finally {
+      await Promise.all([inline.close(), workers.close()]);
+    }
   });
 });
 

@@ -4,6 +4,10 @@
 // repeated n times, a range of the shared read buffer, or literal bytes. Reads land in
 // slots of one SharedArrayBuffer that the workers see too, so data is never copied
 // between threads; a slot is free again once the worker that hashed it says so.
+// With `workers: 0` the same messages are hashed on this thread, one per turn of the event
+// loop after the sender moved on (an inline hasher): no isolate to pay for (~12 MiB), and
+// the hashing of a slot overlaps its write and the next reads, which the libuv threads do.
+import { createHash, type Hash } from 'node:crypto';
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 
@@ -57,13 +61,104 @@ parentPort.on('message', (m) => {
 });
 `;
 
+interface HashMessage {
+  job: number;
+  ops: Float64Array;
+  literals: Buffer[];
+  end: boolean;
+  release: number[];
+}
+
+interface HashReply {
+  job: number;
+  digest: string | null;
+  release: number[];
+}
+
+/** What the pool posts to: a Worker, or the inline hasher. */
+interface Hasher {
+  postMessage(m: HashMessage): void;
+  terminate(): Promise<unknown>;
+}
+
+/**
+ * The worker's loop on this thread: messages queued, each hashed in its own setImmediate
+ * turn (I/O completions run in between), replies given as a worker's would be.
+ */
+class InlineHasher implements Hasher {
+  private readonly queue: HashMessage[] = [];
+  private readonly jobs = new Map<number, Hash>();
+  private readonly fills = new Map<number, Buffer>();
+  private scheduled = false;
+  private stopped = false;
+
+  constructor(
+    private readonly mem: Buffer,
+    private readonly reply: (m: HashReply) => void,
+    private readonly fail: (e: Error) => void,
+  ) {}
+
+  postMessage(m: HashMessage): void {
+    if (this.stopped) return;
+    this.queue.push(m);
+    this.schedule();
+  }
+
+  terminate(): Promise<void> {
+    this.stopped = true;
+    this.queue.length = 0;
+    this.jobs.clear();
+    return Promise.resolve();
+  }
+
+  private schedule(): void {
+    if (this.scheduled || this.queue.length === 0) return;
+    this.scheduled = true;
+    setImmediate(() => {
+      this.scheduled = false;
+      const m = this.queue.shift();
+      if (!m || this.stopped) return;
+      try {
+        this.reply(this.hash(m));
+      } catch (e) {
+        this.fail(e instanceof Error ? e : new Error(String(e)));
+        return;
+      }
+      this.schedule();
+    });
+  }
+
+  private hash(m: HashMessage): HashReply {
+    let h = this.jobs.get(m.job);
+    if (!h) this.jobs.set(m.job, (h = createHash('sha256')));
+    const ops = m.ops;
+    for (let i = 0; i < ops.length; i += 3) {
+      const t = ops[i]!;
+      const a = ops[i + 1]!;
+      const b = ops[i + 2]!;
+      if (t === OP_REPEAT) {
+        let f = this.fills.get(a);
+        if (!f) this.fills.set(a, (f = Buffer.alloc(65536, a)));
+        for (let left = b; left > 0; left -= f.length) h.update(left >= f.length ? f : f.subarray(0, left));
+      } else if (t === OP_RANGE) h.update(this.mem.subarray(a, a + b));
+      else h.update(m.literals[a]!);
+    }
+    let digest: string | null = null;
+    if (m.end) {
+      digest = h.digest('hex');
+      this.jobs.delete(m.job);
+    }
+    return { job: m.job, digest, release: m.release };
+  }
+}
+
 interface Pending<T> {
   resolve: (v: T) => void;
   reject: (e: Error) => void;
 }
 
 export interface HashPoolOptions {
-  /** Worker threads (default: one per core, at most 4). */
+  /** Worker threads (default: one per core, at most 4); 0: hash on this thread, after the caller moved on. */
   workers?: number;
   slotBytes?: number;
   slots?: number;
@@ -71,9 +166,11 @@ export interface HashPoolOptions {
 
 export class HashPool {
   readonly slotBytes: number;
+  /** Worker threads (0: the inline hasher on this thread). */
+  readonly threads: number;
   private readonly sab: SharedArrayBuffer;
   private readonly mem: Buffer;
-  private readonly workers: Worker[] = [];
+  private readonly workers: Hasher[] = [];
   /** Outstanding extents per worker. */
   private readonly load: number[] = [];
   /** Bytes sent to each worker and not hashed yet, per message in order (replies come in order). */
@@ -90,7 +187,9 @@ export class HashPool {
   private closed = false;
 
   constructor(opts: HashPoolOptions = {}) {
-    const workers = Math.max(1, opts.workers ?? Math.min(4, availableParallelism()));
+    const threads = Math.max(0, opts.workers ?? Math.min(4, availableParallelism()));
+    this.threads = threads;
+    const workers = Math.max(1, threads);
     this.slotBytes = opts.slotBytes ?? 4 << 20;
     const slots = Math.max(2, opts.slots ?? 4 * workers + 2);
     this.sab = new SharedArrayBuffer(this.slotBytes * slots);
@@ -99,9 +198,21 @@ export class HashPool {
       this.free.push({ id: i, buf: this.mem.subarray(i * this.slotBytes, (i + 1) * this.slotBytes) });
       this.refs.push(0);
     }
-    for (let i = 0; i < workers; i++) {
+    if (threads === 0) {
+      this.workers.push(
+        new InlineHasher(
+          this.mem,
+          (m) => this.reply(0, m),
+          (e) => this.fail(e),
+        ),
+      );
+      this.load.push(0);
+      this.backlog.push([]);
+      this.backlogBytes.push(0);
+    }
+    for (let i = 0; i < threads; i++) {
       const w = new Worker(HASH_WORKER, { eval: true, workerData: { sab: this.sab } });
-      w.on('message', (m: { job: number; digest: string | null; release: number[] }) => this.reply(i, m));
+      w.on('message', (m: HashReply) => this.reply(i, m));
       w.on('error', (e) => this.fail(e));
       w.on('exit', (code) => {
         if (!this.closed) this.fail(new Error(`a hash worker exited (code ${code})`));
@@ -177,7 +288,7 @@ export class HashPool {
     return Math.floor(b.byteOffset / this.slotBytes);
   }
 
-  post(worker: number, msg: { job: number; ops: Float64Array; literals: Buffer[]; end: boolean; release: number[] }): void {
+  post(worker: number, msg: HashMessage): void {
     this.throwIfFailed();
     for (const id of msg.release) this.refs[id]!++;
     let bytes = 0;
@@ -196,7 +307,7 @@ export class HashPool {
     this.open.delete(s);
   }
 
-  private reply(worker: number, m: { job: number; digest: string | null; release: number[] }): void {
+  private reply(worker: number, m: HashReply): void {
     this.backlogBytes[worker]! -= this.backlog[worker]!.shift() ?? 0;
     if (m.digest !== null) {
       this.load[worker]!--;

@@ -1,14 +1,15 @@
 // The stopped path's native copy: random qemu-io chains copied into a new qcow2 whose
 // streamed digests equal a re-read of the written file (digestLayer), and whose content
 // equals the source (qemu-img compare), with the image clean (qemu-img check); the same with
-// the hashing on HashPool workers reading the engine's buffers (its shared slots).
+// the hashing on HashPool workers reading the engine's buffers (its shared slots), and on the
+// pool's inline hasher (no worker: this thread, after each slot's write started).
 import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import { afterAll, describe, expect, it, vi } from 'vitest';
-import { copyDiskToQcow2, copyHashPool } from '../../lib/ops/backup/copy-disk.js';
+import { BACKUP_BUFFERS, BACKUP_REQUEST_BYTES, copyDiskToQcow2, copyHashPool } from '../../lib/ops/backup/copy-disk.js';
 import { ImageChain, type CopySource } from '../../lib/qcow2/index.js';
 import { HashPool } from '../../lib/store/hash-pool.js';
 import { digestLayer } from '../../lib/store/layer-digest.js';
@@ -45,10 +46,29 @@ describe('copyDiskToQcow2', () => {
   });
 });
 
-describe('copyDiskToQcow2 hashing on a HashPool (the engine reads into its slots)', () => {
-  // Few, small slots and two workers: slots are read into again while the other worker
-  // still hashes, extents alternate between the workers.
-  const pool = new HashPool({ workers: 2, slotBytes: 128 * KiB, slots: 3 });
+describe("the stopped path's hash pool (issue 18: peak RSS at most idle + 32 MiB)", () => {
+  it("by default no worker thread (an isolate costs ~12 MiB) and no slot beyond the engine's own buffers; workers asked for get slack slots", async () => {
+    const inline = copyHashPool();
+    const workers = copyHashPool(1);
+    try {
+      expect(inline.threads).toBe(0);
+      expect(inline.slotBytes).toBe(BACKUP_REQUEST_BYTES);
+      expect(inline.available * inline.slotBytes).toBe(BACKUP_BUFFERS * BACKUP_REQUEST_BYTES);
+      expect(workers.threads).toBe(1);
+      expect(workers.available).toBeGreaterThan(BACKUP_BUFFERS);
+    } finally {
+      await Promise.all([inline.close(), workers.close()]);
+    }
+  });
+});
+
+describe.each([
+  ['two workers', 2],
+  ['the inline hasher', 0],
+])('copyDiskToQcow2 hashing on a HashPool with %s (the engine reads into its slots)', (_, workers) => {
+  // Few, small slots: slots are read into again while a hasher still hashes; with two
+  // workers, extents alternate between them.
+  const pool = new HashPool({ workers, slotBytes: 128 * KiB, slots: 3 });
   afterAll(() => pool.close());
 
   it('digests equal those of the single-threaded LayerDigester and of a re-read; same file content', async () => {
@@ -91,19 +111,23 @@ describe('copyDiskToQcow2 hashing on a HashPool (the engine reads into its slots
     expect(io.status, io.stderr).toBe(0);
     const put = spawnSync('qemu-io', ['-f', 'qcow2', '-c', `write -s ${raw} ${25 * MiB} ${9 * MiB}`, src], { encoding: 'utf8' });
     expect(put.status, put.stderr).toBe(0);
-    const big = copyHashPool(2);
+    // The stopped path's default (inline, no worker thread) and two workers.
+    const pools = [copyHashPool(), copyHashPool(2)];
+    expect(pools.map((p) => p.threads)).toEqual([0, 2]);
     const chain = await ImageChain.open(src);
     try {
       const here = await copyDiskToQcow2(chain, join(d, 'here.qcow2'), { extentBytes: 4 * MiB });
-      const there = await copyDiskToQcow2(chain, join(d, 'pool.qcow2'), { extentBytes: 4 * MiB, pool: big });
       expect(here.digest!.extents.length).toBeGreaterThan(3);
-      expect(there.digest).toEqual(here.digest);
-      expect(there.stats).toMatchObject({ readBytes: here.stats.readBytes, dataBytes: here.stats.dataBytes });
-      const cmp = spawnSync('qemu-img', ['compare', '-U', join(d, 'pool.qcow2'), src], { encoding: 'utf8' });
-      expect(cmp.status, cmp.stdout + cmp.stderr).toBe(0);
+      for (const [i, pool] of pools.entries()) {
+        const there = await copyDiskToQcow2(chain, join(d, `pool${i}.qcow2`), { extentBytes: 4 * MiB, pool });
+        expect(there.digest).toEqual(here.digest);
+        expect(there.stats).toMatchObject({ readBytes: here.stats.readBytes, dataBytes: here.stats.dataBytes });
+        const cmp = spawnSync('qemu-img', ['compare', '-U', join(d, `pool${i}.qcow2`), src], { encoding: 'utf8' });
+        expect(cmp.status, cmp.stdout + cmp.stderr).toBe(0);
+      }
     } finally {
       await chain.close();
-      await big.close();
+      await Promise.all(pools.map((p) => p.close()));
     }
   });
 
@@ -126,7 +150,7 @@ describe('copyDiskToQcow2 hashing on a HashPool (the engine reads into its slots
       };
       await expect(copyDiskToQcow2(failing, join(d, 'bad.qcow2'), { extentBytes: 256 * KiB, pool })).rejects.toThrow(/injected/);
       expect(existsSync(join(d, 'bad.qcow2'))).toBe(false);
-      // The workers answer what was already sent to them, then every slot is free.
+      // The hashers answer what was already sent to them, then every slot is free.
       await vi.waitFor(() => expect(pool.available).toBe(3), { timeout: 10_000 });
       const ok = await copyDiskToQcow2(chain, join(d, 'good.qcow2'), { extentBytes: 256 * KiB, pool });
       expect(ok.digest).toEqual(await digestLayer(join(d, 'good.qcow2'), { extentBytes: 256 * KiB }));

@@ -4,6 +4,7 @@
 // disk sizes that are not a cluster multiple, fed in random pieces in guest order; what
 // the layer holds is taken from `qemu-img map` of the layer alone and its bytes from
 // `qemu-img convert`, so the feed owes nothing to lib/qcow2.
+import { createHash } from 'node:crypto';
 import { execFileSync } from 'node:child_process';
 import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
@@ -257,5 +258,52 @@ describe('HashPool', () => {
     // The pool still serves a digest afterwards, equal to hashing here.
     expect(await digestLayer(img, { extentBytes: 4 * MiB, pool: pool2 })).toEqual(await digestLayer(img, { extentBytes: 4 * MiB }));
     await pool2.close();
+  });
+});
+
+describe('HashPool with the inline hasher (workers: 0)', () => {
+  const dir = tempDir('hash-pool-inline');
+  it('hashes on this thread but only after the sender moved on: a slot is held until then, and digests equal hashing here', async () => {
+    const pool = new HashPool({ workers: 0, slotBytes: 64 * KiB, slots: 2 });
+    try {
+      expect(pool.threads).toBe(0);
+      const slot = pool.tryAcquire()!;
+      slot.buf.fill(0x5a);
+      const sink = pool.sink();
+      sink.repeat(1, 3);
+      sink.bytes(slot.buf);
+      sink.bytes(Buffer.from('literal'));
+      pool.flush();
+      pool.done(slot);
+      // Not hashed within flush(): the slot is still referenced by the queued message.
+      expect(pool.available).toBe(1);
+      const digest = sink.end();
+      await new Promise((r) => setImmediate(r));
+      await new Promise((r) => setImmediate(r));
+      expect(pool.available).toBe(2);
+      const want = createHash('sha256')
+        .update(Buffer.from([1, 1, 1]))
+        .update(Buffer.alloc(64 * KiB, 0x5a))
+        .update('literal')
+        .digest('hex');
+      expect(await digest).toBe(want);
+    } finally {
+      await pool.close();
+    }
+  });
+
+  it('a re-read digest on the inline pool equals one hashed here; closed while digesting, the digest fails and nothing hangs', async () => {
+    const img = join(dir, 'inline.qcow2');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', img, String(24 * MiB)]);
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x33 0 ${9 * MiB}`, '-c', `write -z ${12 * MiB} ${MiB}`, img], {
+      stdio: 'ignore',
+    });
+    const pool = new HashPool({ workers: 0, slotBytes: MiB, slots: 3 });
+    expect(await digestLayer(img, { extentBytes: 4 * MiB, pool })).toEqual(await digestLayer(img, { extentBytes: 4 * MiB }));
+    expect(pool.available).toBe(3);
+    const running = digestLayer(img, { extentBytes: 4 * MiB, pool });
+    const failed = expect(running).rejects.toThrow(/closed/);
+    await pool.close();
+    await failed;
   });
 });

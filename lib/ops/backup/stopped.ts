@@ -25,7 +25,7 @@ import { formatBandwidth, type BackupArgs } from './args.js';
 import { reportedSizes, tolerantApparentSize, WorkDir } from './workdir.js';
 import { writeManifest } from './manifest.js';
 import { backingReference, planOffline, retireBitmap, writeOfflineIncremental } from './stopped-incremental.js';
-import { copyDiskToQcow2, copyHashPool, HASH_POOL_MIN_BYTES } from './copy-disk.js';
+import { copyDiskToQcow2, copyHashPool } from './copy-disk.js';
 import type { HashPool } from '../../store/hash-pool.js';
 import { createProgress } from './progress.js';
 import type { OpContext } from '../context.js';
@@ -83,12 +83,10 @@ export async function stoppedBackup(ctx: OpContext, a: BackupArgs): Promise<Back
     const deadline = copyDeadline(total(estimates), deadlinePolicy(ctx.config, a.bandwidth));
     const end = Date.now() + deadline.ms;
     ctx.logger.log(`Backup of stopped VM ${a.vm}: deadline ${fmtSeconds(deadline.ms)} (${deadline.why})`);
-    // The native copies hash on a worker (one pool for every disk) unless there is too little
-    // data for it to pay (unless NASBACKUP_HASH_WORKERS asks for workers), or
-    // NASBACKUP_HASH_WORKERS=0 keeps it on this thread (less memory).
-    const workers = ctx.config.hashWorkers ?? undefined;
-    const hashOnPool =
-      !ctx.config.benchSkipManifest && workers !== 0 && (workers !== undefined || (total(estimates) ?? Infinity) >= HASH_POOL_MIN_BYTES);
+    // The native copies hash in one pool for every disk: on this thread, overlapped with the
+    // I/O (copyHashPool), unless NASBACKUP_HASH_WORKERS asks for worker threads.
+    const hashOnPool = !ctx.config.benchSkipManifest;
+    const workers = ctx.config.hashWorkers ?? 0;
     let pool: HashPool | undefined;
     const poolFor = (): HashPool | undefined => (hashOnPool ? (pool ??= copyHashPool(workers)) : undefined);
     try {

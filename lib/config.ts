@@ -66,7 +66,7 @@ export interface Config {
   agentProfile: AgentProfile;
   /** Measurement only (scripts/bench-manifest.ts): back up without a manifest, as before manifests existed. */
   benchSkipManifest: boolean;
-  /** Worker threads hashing the manifest digests, running and stopped paths (null: by the host's cores; 0: on the main thread). */
+  /** Worker threads hashing the manifest digests (null: the running path one per core, the stopped path none; 0: on the main thread). */
   hashWorkers: number | null;
 }
 
@@ -115,7 +115,7 @@ function int(env: NodeJS.ProcessEnv, name: string, dflt: number): number {
   return n;
 }
 
-/** NASBACKUP_HASH_WORKERS: 0 to 4 (unset: chosen by the host's cores). */
+/** NASBACKUP_HASH_WORKERS: 0 to 4 (unset: the running path one per core, the stopped path inline). */
 function hashWorkers(env: NodeJS.ProcessEnv): number | null {
   const raw = given(env, 'NASBACKUP_HASH_WORKERS');
   if (raw === undefined) return null;

@@ -74,7 +74,7 @@ export function startHashPool(ctx: OpContext, expectedBytes: number | null): Has
   return hashPool(ctx);
 }
 
-/** NASBACKUP_HASH_WORKERS, as on the stopped path: 0 hashes on this thread (no pool), n workers. */
+/** NASBACKUP_HASH_WORKERS on the running path: 0 hashes on this thread (no pool), n workers, unset one per core. */
 function hashPool(ctx: OpContext): HashPool | null {
   const n = ctx.config.hashWorkers;
   return n === 0 ? null : new HashPool(n === null ? {} : { workers: n });

@@ -229,6 +229,11 @@ export class Qcow2Image {
     return t;
   }
 
+  /** How many L2 tables the cache holds. */
+  get l2CacheTables(): number {
+    return this.l2CacheMax;
+  }
+
   hasCachedL2(off: number): boolean {
     return this.l2Cache.has(off);
   }

@@ -186,7 +186,7 @@ export async function nativeRebase(opts: NativeRebaseOptions): Promise<NativeReb
       result.refcountTableGrown = true;
       opts.checkpoint?.();
     }
-    const w = new Writer(chain, nextFree, opts.batchBytes ?? 1 << 30, opts.checkpoint, opts.copy);
+    const w = new Writer(chain, nextFree, opts.batchBytes ?? 1 << 30, opts.checkpoint, opts.copy, plan.sources);
     await w.apply(plan.work ?? workItems(chain, j));
     opts.checkpoint?.();
     result.copiedBytes = w.copiedBytes;

@@ -21,10 +21,50 @@ export interface WorkItem {
   zero: number;
 }
 
+/**
+ * Where the old view's data sits, as the plan's walk found it: guest ranges, in guest order,
+ * each contiguous in one layer's file. With it the copy reads the removed layers directly,
+ * with no L2 lookup (on a thin delta each lookup is a read waiting in the thread pool behind
+ * the data, on the copy's critical path).
+ */
+export class SourceMap {
+  readonly guest: number[] = [];
+  readonly len: number[] = [];
+  readonly depth: number[] = [];
+  readonly host: number[] = [];
+  get length(): number {
+    return this.guest.length;
+  }
+  add(guest: number, len: number, depth: number, host: number): void {
+    const k = this.guest.length - 1;
+    if (k >= 0 && this.guest[k]! + this.len[k]! === guest && this.depth[k] === depth && this.host[k]! + this.len[k]! === host) {
+      this.len[k]! += len;
+      return;
+    }
+    this.guest.push(guest);
+    this.len.push(len);
+    this.depth.push(depth);
+    this.host.push(host);
+  }
+  /** Index of the first range ending after `pos` (length: none). */
+  find(pos: number): number {
+    let lo = 0;
+    let hi = this.guest.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (this.guest[mid]! + this.len[mid]! <= pos) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  }
+}
+
 export interface Plan {
   items: number;
   /** The work items when few enough to keep (the writer then needs no second walk), else null. */
   work: WorkItem[] | null;
+  /** Where their data is, kept with them (null when the work is not kept, or too scattered). */
+  sources: SourceMap | null;
   dataUnits: number;
   zeroUnits: number;
   newClusters: number;
@@ -39,7 +79,12 @@ export interface Plan {
  * (not single clusters) keep the per-cluster cost of a contiguous delta at a few integer
  * operations: no object, promise or generator step per cluster.
  */
-export async function* workItems(chain: ImageChain, j: number): AsyncGenerator<WorkItem> {
+export async function* workItems(
+  chain: ImageChain,
+  j: number,
+  onPos?: (pos: number) => void,
+  onData?: (guest: number, len: number, depth: number, host: number) => void,
+): AsyncGenerator<WorkItem> {
   const T = chain.top;
   if (j <= 1) return;
   const us = T.subclusterSize;
@@ -127,6 +172,7 @@ export async function* workItems(chain: ImageChain, j: number): AsyncGenerator<W
   }
   let pos = 0;
   while (pos < size) {
+    onPos?.(pos);
     const e = await T.status(pos, size - pos);
     if (e.kind === 'unallocated') {
       const end = pos + e.length;
@@ -136,7 +182,9 @@ export async function* workItems(chain: ImageChain, j: number): AsyncGenerator<W
           add(p, end - p, ZERO); // the old backing is shorter: the old view reads zeros
           break;
         }
+        onPos?.(p);
         const s = await chain.status(p, end - p, 1, j);
+        if (onData && s.kind === 'data' && !s.below && s.host !== undefined) onData(p, s.length, s.depth, s.host);
         add(p, s.length, s.below ? SKIP : s.kind === 'data' || s.kind === 'compressed' ? DATA : ZERO);
         p += s.length;
         // Hand finished runs on as they come: one unallocated extent of the target may
@@ -191,59 +239,91 @@ export function checkTargetMetadata(T: Qcow2Image): void {
   }
 }
 
-/** Work items kept from the plan for the writer (about 50 bytes each). */
+/** Work items (about 50 bytes each), and source ranges (about 40), kept from the plan for the writer. */
 const MAX_KEPT_ITEMS = 16384;
-/** L2 tables read ahead of the walk at once. */
-const PREFETCH_DEPTH = 8;
+/** L1 indices the prefetch runs ahead of the walk (fewer where the L2 cache is smaller). */
+const PREFETCH_AHEAD = 3;
+
+/** Where the walk is (guest bytes), for the prefetch to keep a few tables ahead of it. */
+class WalkPosition {
+  pos = 0;
+  done = false;
+  private waiters: Array<() => void> = [];
+  advance(pos: number): void {
+    if (pos <= this.pos) return;
+    this.pos = pos;
+    for (const w of this.waiters.splice(0)) w();
+  }
+  finish(): void {
+    this.done = true;
+    for (const w of this.waiters.splice(0)) w();
+  }
+  /** Settles once the walk is past `pos` or done. */
+  reach(pos: number): Promise<void> {
+    return this.pos >= pos || this.done ? Promise.resolve() : new Promise((r) => this.waiters.push(r));
+  }
+}
 
 /**
- * Read the L2 tables the walk will need (the target's and the removed layers'), a few at once
- * and in the walk's order, so its own one-at-a-time reads find them in the page cache: on a
- * cold cache the walk of a large sparse disk is otherwise a long series of random reads. The
- * bytes are dropped; errors are left for the walk to report.
+ * Load the L2 tables the walk will need (the target's and the removed layers') into their
+ * images' caches a few at a time, a few tables ahead of the walk, so its own one-at-a-time
+ * lookups find them there: on a cold cache the walk of a large sparse disk is otherwise a
+ * long series of random reads, each waiting its turn. Never further ahead than the (small)
+ * caches hold next to the table in use. Errors are left for the walk to report.
  */
-async function prefetchL2(chain: ImageChain, j: number, stop: { done: boolean }): Promise<void> {
-  const imgs = chain.images.slice(0, j);
-  const l1max = Math.max(...imgs.map((i) => i.header.l1Size));
-  const bufs = Array.from({ length: PREFETCH_DEPTH }, () => Buffer.allocUnsafe(chain.top.clusterSize));
-  const offsets = function* (): Generator<[Qcow2Image, number]> {
-    for (let i = 0; i < l1max && !stop.done; i++)
-      for (const img of imgs) {
-        let off: number;
-        try {
-          off = img.l2Offset(i);
-        } catch {
-          continue;
-        }
-        if (off !== 0 && img.l2TableCached(i) === undefined) yield [img, off];
-      }
+async function prefetchL2(chain: ImageChain, j: number, walk: WalkPosition): Promise<void> {
+  const imgs = chain.images
+    .slice(0, j)
+    .map((img) => ({ img, span: img.clusterSize * img.l2Entries, ahead: Math.min(PREFETCH_AHEAD, img.l2CacheTables - 2) }));
+  const l1max = Math.max(...imgs.map((i) => i.img.header.l1Size));
+  const tables = function* (): Generator<{ img: Qcow2Image; i: number; due: number }> {
+    for (let i = 0; i < l1max; i++)
+      for (const x of imgs) if (x.ahead > 0 && i < x.img.header.l1Size) yield { img: x.img, i, due: (i - x.ahead) * x.span };
   };
-  const it = offsets();
-  await Promise.all(
-    bufs.map(async (b) => {
-      for (let r = it.next(); !r.done && !stop.done; r = it.next()) {
-        const [img, off] = r.value;
-        await img.file.read(b.length === img.clusterSize ? b : Buffer.allocUnsafe(img.clusterSize), 0, img.clusterSize, off).catch(() => 0);
+  const it = tables();
+  const worker = async (): Promise<void> => {
+    for (let r = it.next(); !r.done && !walk.done; r = it.next()) {
+      const { img, i, due } = r.value;
+      await walk.reach(due);
+      if (walk.done) return;
+      try {
+        if (img.l2TableCached(i) === undefined) await img.l2Table(i);
+      } catch {
+        /* the walk reports it */
       }
-    }),
-  );
+    }
+  };
+  await Promise.all(Array.from({ length: PREFETCH_AHEAD * 2 }, worker));
 }
 
 export async function planWork(chain: ImageChain, j: number): Promise<Plan> {
   const T = chain.top;
   const newL2 = new Set<number>();
-  const p: Plan = { items: 0, work: [], dataUnits: 0, zeroUnits: 0, newClusters: 0, nextFree: 0, growTable: false };
+  const p: Plan = {
+    items: 0,
+    work: [],
+    sources: new SourceMap(),
+    dataUnits: 0,
+    zeroUnits: 0,
+    newClusters: 0,
+    nextFree: 0,
+    growTable: false,
+  };
   const e: ScratchEntry = { type: 'standard', host: 0, alloc: 0, zero: 0, copied: false, sectors: 0, size: 0 };
-  const stop = { done: false };
-  const prefetch = prefetchL2(chain, j, stop);
+  const walk = new WalkPosition();
+  const prefetch = prefetchL2(chain, j, walk);
   try {
     await walkPlan();
   } finally {
-    stop.done = true;
+    walk.finish();
     await prefetch;
   }
   async function walkPlan(): Promise<void> {
-    for await (const item of workItems(chain, j)) {
+    const onData = (guest: number, len: number, depth: number, host: number): void => {
+      if (p.sources && p.sources.length < MAX_KEPT_ITEMS) p.sources.add(guest, len, depth, host);
+      else p.sources = null;
+    };
+    for await (const item of workItems(chain, j, (pos) => walk.advance(pos), onData)) {
       p.items++;
       if (p.work && p.work.length < MAX_KEPT_ITEMS) p.work.push(item);
       else p.work = null;
@@ -264,6 +344,7 @@ export async function planWork(chain: ImageChain, j: number): Promise<Plan> {
       }
     }
   }
+  if (!p.work) p.sources = null;
   // Allocation starts at the aligned end of the file, above any cluster with a refcount
   // (clusters leaked by an interrupted earlier run are never reused).
   const cs = T.clusterSize;

@@ -11,7 +11,7 @@ import { encodeL1Entry, encodeL2Entry, l2EntrySize } from '../l2.js';
 import { encodeRefTableEntry, entriesPerBlock, refTableEntry } from '../refcount.js';
 import type { ImageChain } from '../view.js';
 import { copyImage, type CopyBufferPool, type CopyRange, type CopySink, type CopySource } from '../copy/engine.js';
-import type { WorkItem } from './plan.js';
+import type { SourceMap, WorkItem } from './plan.js';
 
 // Requests in flight × their size is the data in memory: large enough for the disk to stream,
 // small enough that peak RSS stays within 32 MiB of the idle program's.
@@ -19,6 +19,11 @@ export const COPY_REQUEST = 1 << 20;
 export const COPY_BUFFERS = 4;
 /** Dirty L2 tables held per batch (each batch rewrites them): bounds memory on huge sparse disks. */
 const MAX_DIRTY_L2_BYTES = 4 << 20;
+/** Patches of an existing L2 table at most this far apart go in one write. */
+const L2_PATCH_GAP = 64 << 10;
+/** L2 tables written at once in flush(), and the most their scratch buffers may hold. */
+const L2_WRITES_IN_FLIGHT = 4;
+const L2_WRITE_BYTES = 1 << 20;
 /** Bytes written between two early writebacks (one at a time). */
 const WRITEBACK_BYTES = 64 << 20;
 
@@ -82,6 +87,49 @@ class BufferPool implements CopyBufferPool {
   }
 }
 
+/** Host reads of one request at once, at most (as ImageChain.readInto). */
+const SOURCE_READS_IN_FLIGHT = 4;
+
+/**
+ * Guest bytes of the old view (layer 1 down) into buf: where the plan's map knows the data,
+ * straight from the layer's file; anything else (a unit's edge it did not see as data, e.g.
+ * from a layer with smaller clusters) through the chain as before.
+ */
+async function readMapped(chain: ImageChain, m: SourceMap, buf: Buffer, bufOffset: number, offset: number, length: number): Promise<void> {
+  const end = offset + length;
+  let group: Array<Promise<void>> = [];
+  try {
+    let i = m.find(offset);
+    for (let pos = offset; pos < end;) {
+      const at = bufOffset + (pos - offset);
+      if (i < m.length && m.guest[i]! <= pos) {
+        const n = Math.min(end, m.guest[i]! + m.len[i]!) - pos;
+        group.push(chain.images[m.depth[i]!]!.readHost(buf, at, n, m.host[i]! + (pos - m.guest[i]!)));
+        pos += n;
+        i++;
+      } else {
+        const n = (i < m.length ? Math.min(end, m.guest[i]!) : end) - pos;
+        group.push(chain.readInto(buf, at, pos, n, 1));
+        pos += n;
+      }
+      if (group.length >= SOURCE_READS_IN_FLIGHT || pos >= end) {
+        const g = group;
+        group = [];
+        await settleAll(g);
+      }
+    }
+  } finally {
+    // Nothing stays in flight into the buffer once this settles.
+    await Promise.allSettled(group);
+  }
+}
+
+/** Wait for every promise, then throw the first failure. */
+async function settleAll(ps: Array<Promise<void>>): Promise<void> {
+  const failed = (await Promise.allSettled(ps)).find((r) => r.status === 'rejected');
+  if (failed) throw failed.reason;
+}
+
 /** Guest bytes of the old view going to host bytes of the target (merged when both continue). */
 interface CopyMap {
   guest: number;
@@ -127,6 +175,7 @@ export class Writer implements CopySink {
     private readonly batchBytes: number,
     private readonly checkpoint?: () => void,
     copy: { requestBytes?: number; buffers?: number } = {},
+    sources: SourceMap | null = null,
   ) {
     // A buffer holds at least one copy unit (a 2 MiB cluster without subclusters).
     this.pool = new BufferPool(copy.buffers ?? COPY_BUFFERS, Math.max(copy.requestBytes ?? COPY_REQUEST, chain.top.subclusterSize));
@@ -139,7 +188,9 @@ export class Writer implements CopySink {
     this.source = {
       virtualSize: Math.ceil(this.T.virtualSize / this.cs) * this.cs,
       status: (_offset, maxLen) => Promise.resolve({ length: maxLen, kind: 'data' }),
-      readInto: (buf, bufOffset, offset, length) => chain.readInto(buf, bufOffset, offset, length, 1),
+      readInto: sources
+        ? (buf, bufOffset, offset, length) => readMapped(chain, sources, buf, bufOffset, offset, length)
+        : (buf, bufOffset, offset, length) => chain.readInto(buf, bufOffset, offset, length, 1),
     };
   }
 
@@ -214,8 +265,10 @@ export class Writer implements CopySink {
     const us = T.subclusterSize;
     const esz = l2EntrySize(T);
     // Current entries: the new table, or the image's own (unchanged until flush(); no item
-    // touches a cluster twice).
-    const src = d.table ?? (await T.l2Table(l1i))!;
+    // touches a cluster twice). Without extended L2 the work lands on unallocated clusters
+    // only, whose entries the new ones replace whole: no read, which here would wait in the
+    // thread pool behind the data and stall the copy (a thin delta touches many tables).
+    const src = d.table ?? (T.extendedL2 ? (await T.l2Table(l1i))! : null);
     const first = item.c % T.l2Entries;
     const patch = d.table ? null : Buffer.allocUnsafe(item.n * esz);
     const dst = d.table ?? patch!;
@@ -329,6 +382,34 @@ export class Writer implements CopySink {
     this.headDone = 0;
   }
 
+  /** One dirty L2 table to disk: a new one whole, an existing one its patches (see flush()). */
+  private async writeL2(l1i: number, d: DirtyL2, scratch: Buffer): Promise<void> {
+    const T = this.T;
+    if (d.table) {
+      await T.file.write(d.table, d.off);
+      return;
+    }
+    for (let i = 0; i < d.patches.length;) {
+      const at = d.patches[i]!.at;
+      let k = i + 1;
+      let end = at + d.patches[i]!.bytes.length;
+      while (k < d.patches.length && d.patches[k]!.at - end <= L2_PATCH_GAP) end = d.patches[k]!.at + d.patches[k++]!.bytes.length;
+      let bytes: Buffer;
+      if (k === i + 1) bytes = d.patches[i]!.bytes;
+      else {
+        // The gaps come from the table as it is on disk (the cache is only updated after the
+        // sync); copied before any await, so the cache cannot recycle the buffer meanwhile.
+        const cur = await T.l2Table(l1i);
+        if (!cur) throw new Qcow2Error('QCOW2_CORRUPT', `L2 table of L1 index ${l1i} vanished under the rebase`, T.path);
+        bytes = scratch.subarray(0, end - at);
+        cur.copy(bytes, 0, at, end);
+        for (let x = i; x < k; x++) d.patches[x]!.bytes.copy(bytes, d.patches[x]!.at - at);
+      }
+      await T.file.write(bytes, d.off + at);
+      i = k;
+    }
+  }
+
   async flush(): Promise<void> {
     await this.drain();
     if (this.nextFree === this.batchStart && this.dirty.size === 0) return;
@@ -369,22 +450,26 @@ export class Writer implements CopySink {
       }
       await file.datasync();
     }
-    // 3. L2 tables: new ones complete, existing ones the changed entries (adjacent pieces in one write).
+    // 3. L2 tables: new ones complete, existing ones the changed entries, pieces up to
+    // L2_PATCH_GAP apart in one write with the unchanged entries between them as they are
+    // (the same bytes again: harmless if torn). A thin delta otherwise costs one small
+    // write, and one trip through the thread pool, per work item.
+    // They go a few at once (no order among them before the sync): each existing one is a
+    // read (the cache holds only a few tables) and a write, which a thin delta has hundreds of.
     T.fileSize = Math.max(T.fileSize, this.nextFree);
-    for (const d of this.dirty.values()) {
-      if (d.table) {
-        await file.write(d.table, d.off);
-        continue;
+    const tables = this.dirty.entries();
+    const worker = async (): Promise<void> => {
+      const scratch = T.tableBuffer();
+      try {
+        for (let r = tables.next(); !r.done; r = tables.next()) await this.writeL2(r.value[0], r.value[1], scratch);
+      } finally {
+        T.releaseTable(scratch);
       }
-      for (let i = 0; i < d.patches.length;) {
-        let k = i + 1;
-        let end = d.patches[i]!.at + d.patches[i]!.bytes.length;
-        while (k < d.patches.length && d.patches[k]!.at === end) end += d.patches[k++]!.bytes.length;
-        const bytes = k === i + 1 ? d.patches[i]!.bytes : Buffer.concat(d.patches.slice(i, k).map((x) => x.bytes));
-        await file.write(bytes, d.off + d.patches[i]!.at);
-        i = k;
-      }
-    }
+    };
+    const workers = Math.max(1, Math.min(L2_WRITES_IN_FLIGHT, Math.floor(L2_WRITE_BYTES / cs)));
+    // Every write settled before a failure is reported: nothing stays in flight.
+    const failedL2 = (await Promise.allSettled(Array.from({ length: workers }, worker))).find((r) => r.status === 'rejected');
+    if (failedL2) throw failedL2.reason;
     await file.datasync();
     // 4. L1 entries of the new L2 tables.
     let l1Written = false;

@@ -41,27 +41,39 @@ export class NativeRebaseEngine implements RebaseEngine {
       this.log(`engine native: ${req.newBacking} is not in the chain of ${req.target}; using ${this.fallback.name}`);
       return this.fallback.rebase(req);
     }
-    capYoungGeneration();
     try {
-      const r = await nativeRebase({
-        target: req.target,
-        newBacking: req.newBacking,
-        newBackingName: req.newBackingName,
-        log: this.log,
-        checkpoint: this.checkpoint,
-      });
-      this.log(`engine native: ${req.target} rebased (${r.copiedBytes} bytes copied, ${r.zeroUnits} zero units, ${r.batches} batch(es))`);
+      await this.attempt(req);
     } catch (e) {
-      if (e instanceof Qcow2Error) {
-        // Nothing half-done is visible: every stop point leaves a valid image with the old content.
-        if (!UNSUPPORTED_CODES.has(e.code)) {
-          const refusal = refusalForQcow2(e, `The chain of ${req.target}`, basename(dirname(dirname(req.target))));
-          if (refusal) throw refusal;
-        }
-        const why = UNSUPPORTED_CODES.has(e.code) ? 'is outside what the native engine supports (use --engine auto or qemu-img)' : 'failed';
-        throw new NasbackupError('NATIVE_REBASE_FAILED', `Native rebase of ${req.target} ${why} [${e.code}]`, { details: e.message });
-      }
-      throw e;
+      throw nativeFailure(e, req);
     }
   }
+
+  /**
+   * The in-chain rebase, its errors as the engine raised them (Qcow2Error). `onPlanned` is
+   * called before the first write: a failure before it left the target untouched.
+   */
+  async attempt(req: RebaseRequest, onPlanned?: () => void): Promise<void> {
+    capYoungGeneration();
+    const r = await nativeRebase({
+      target: req.target,
+      newBacking: req.newBacking,
+      newBackingName: req.newBackingName,
+      log: this.log,
+      checkpoint: this.checkpoint,
+      ...(onPlanned ? { onPlanned } : {}),
+    });
+    this.log(`engine native: ${req.target} rebased (${r.copiedBytes} bytes copied, ${r.zeroUnits} zero units, ${r.batches} batch(es))`);
+  }
+}
+
+/** What a native rebase's failure is reported as: a refusal for damage or an unsafe input, else NATIVE_REBASE_FAILED. */
+export function nativeFailure(e: unknown, req: RebaseRequest): unknown {
+  if (!(e instanceof Qcow2Error)) return e;
+  // Nothing half-done is visible: every stop point leaves a valid image with the old content.
+  if (!UNSUPPORTED_CODES.has(e.code)) {
+    const refusal = refusalForQcow2(e, `The chain of ${req.target}`, basename(dirname(dirname(req.target))));
+    if (refusal) return refusal;
+  }
+  const why = UNSUPPORTED_CODES.has(e.code) ? 'is outside what the native engine supports (use --engine auto or qemu-img)' : 'failed';
+  return new NasbackupError('NATIVE_REBASE_FAILED', `Native rebase of ${req.target} ${why} [${e.code}]`, { details: e.message });
 }

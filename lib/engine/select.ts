@@ -10,7 +10,7 @@ import { refusalForQcow2 } from '../store/safety.js';
 import { NasbackupError } from '../errors.js';
 import { readChain, Qcow2Error, UNSUPPORTED_CODES, nativeRebase } from '../qcow2/index.js';
 import { ProcLocksProbe, type LockProbe } from './locks.js';
-import { NativeRebaseEngine } from './native.js';
+import { NativeRebaseEngine, nativeFailure } from './native.js';
 import { ENGINE_MODES, type EngineMode, type RebaseEngine, type RebaseRequest } from './types.js';
 
 export { ENGINE_MODES, type EngineMode };
@@ -41,23 +41,38 @@ export async function nativeEligibility(req: RebaseRequest, probe: LockProbe): P
   if (req.chainIndex < 1) return { native: false, reason: 'the new backing is not in the target’s chain' };
   let involved: string[];
   try {
-    const chain = await readChain(req.target);
-    involved = chain.layers.slice(0, req.chainIndex + 1).map((l) => l.path);
+    involved = await involvedImages(req);
     await nativeRebase({ target: req.target, newBacking: req.newBacking, newBackingName: req.newBackingName, dryRun: true });
   } catch (e) {
-    const reason = e instanceof Qcow2Error ? `${e.code}: ${e.message}` : `native planner failed: ${(e as Error).message}`;
-    if (e instanceof Qcow2Error && UNSUPPORTED_CODES.has(e.code)) return { native: false, reason };
-    const refusal =
-      (e instanceof Qcow2Error ? refusalForQcow2(e, `The chain of ${req.target}`, vmOf(req.target)) : null) ??
-      new NasbackupError('NATIVE_REBASE_FAILED', `Native rebase planning for ${req.target} failed, refusing to hand it to qemu-img`, {
-        details: reason,
-      });
-    return { native: false, reason, refusal };
+    return planFailure(e, req);
   }
-  const held = await probe.held(involved);
+  return lockVerdict(await probe.held(involved));
+}
+
+const NATIVE_REASON = 'in-chain rebase, supported features, no QEMU lock';
+
+/** The target and the layers down to the new backing (what a rebase reads or writes). */
+async function involvedImages(req: RebaseRequest): Promise<string[]> {
+  const chain = await readChain(req.target);
+  return chain.layers.slice(0, req.chainIndex + 1).map((l) => l.path);
+}
+
+function lockVerdict(held: string[] | null): Eligibility {
   if (held === null) return { native: false, reason: 'cannot read /proc/locks to rule out a running QEMU' };
   if (held.length) return { native: false, reason: `held by a QEMU process (OFD lock): ${held.join(', ')}` };
-  return { native: true, reason: 'in-chain rebase, supported features, no QEMU lock' };
+  return { native: true, reason: NATIVE_REASON };
+}
+
+/** A planning failure (nothing written yet): an unsupported feature means qemu-img, anything else is refused. */
+function planFailure(e: unknown, req: RebaseRequest): Eligibility {
+  const reason = e instanceof Qcow2Error ? `${e.code}: ${e.message}` : `native planner failed: ${(e as Error).message}`;
+  if (e instanceof Qcow2Error && UNSUPPORTED_CODES.has(e.code)) return { native: false, reason };
+  const refusal =
+    (e instanceof Qcow2Error ? refusalForQcow2(e, `The chain of ${req.target}`, vmOf(req.target)) : null) ??
+    new NasbackupError('NATIVE_REBASE_FAILED', `Native rebase planning for ${req.target} failed, refusing to hand it to qemu-img`, {
+      details: reason,
+    });
+  return { native: false, reason, refusal };
 }
 
 export class AutoRebaseEngine implements RebaseEngine {
@@ -74,7 +89,27 @@ export class AutoRebaseEngine implements RebaseEngine {
   }
 
   async rebase(req: RebaseRequest): Promise<void> {
-    const e = await nativeEligibility(req, this.probe);
+    // The usual case walks the chain's metadata once: with no QEMU lock on the images, the
+    // native rebase itself plans (every check of the dry run) and, until its first write, a
+    // failure is judged as the dry run's would be.
+    const involved = req.chainIndex < 1 ? null : await involvedImages(req).catch(() => null);
+    if (involved && lockVerdict(await this.probe.held(involved)).native) {
+      let planned = false;
+      try {
+        await this.native.attempt(req, () => {
+          planned = true;
+          this.log(`engine auto: native for ${req.target} (${NATIVE_REASON})`);
+        });
+        return;
+      } catch (e) {
+        if (planned) throw nativeFailure(e, req);
+        return this.decide(req, planFailure(e, req));
+      }
+    }
+    return this.decide(req, await nativeEligibility(req, this.probe));
+  }
+
+  private decide(req: RebaseRequest, e: Eligibility): Promise<void> {
     if (e.refusal) {
       this.log(`engine auto: refused for ${req.target} (${e.reason})`);
       throw e.refusal;

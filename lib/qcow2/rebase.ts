@@ -52,6 +52,11 @@ export interface NativeRebaseOptions {
   wrapFile?: (f: BlockFile) => BlockFile;
   /** Plan only: every check, no write. */
   dryRun?: boolean;
+  /**
+   * Called once every check passed and the plan is made, before the first write (not on a
+   * dry run): an error thrown before it left the target untouched.
+   */
+  onPlanned?: () => void;
   log?: (message: string) => void;
   /**
    * Called before each copy request, between batches (each leaves a consistent image) and
@@ -174,6 +179,7 @@ export async function nativeRebase(opts: NativeRebaseOptions): Promise<NativeReb
       refcountTableGrown: false,
     };
     if (opts.dryRun) return result;
+    opts.onPlanned?.();
 
     await clearUnknownAutoclear(T);
     let nextFree = plan.nextFree;

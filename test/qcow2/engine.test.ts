@@ -3,10 +3,11 @@
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it, vi } from 'vitest';
 import { ofdLockedKeys, ProcLocksProbe, type LockProbe } from '../../lib/engine/locks.js';
 import { AutoRebaseEngine, nativeEligibility, parseEngineMode, selectEngine } from '../../lib/engine/select.js';
 import type { RebaseEngine, RebaseRequest } from '../../lib/engine/types.js';
+import { ImageChain } from '../../lib/qcow2/index.js';
 import { removeTempDirs, tempDir } from '../helpers/tmp.js';
 import { buildChain, checkCode, compareWithRaw, qemuInfo } from './gen.js';
 
@@ -57,6 +58,28 @@ describe('engine selection', () => {
     expect(qemuInfo(paths[2]!)['backing-filename']).toBe('l0.qcow2');
     expect(checkCode(paths[2]!).code).toBe(0);
     expect(compareWithRaw(paths[2]!, raw).code).toBe(0);
+  });
+
+  it('auto: the chain is planned once (no separate dry run) when no QEMU holds it', async () => {
+    const { req } = chain();
+    const opens = vi.spyOn(ImageChain, 'open');
+    try {
+      await new AutoRebaseEngine(new Recorder(), () => {}, noLocks).rebase(req);
+      expect(opens).toHaveBeenCalledTimes(1);
+    } finally {
+      opens.mockRestore();
+    }
+  });
+
+  it('auto: a feature found unsupported while planning goes to qemu-img, the image untouched by us', async () => {
+    const bm = chain();
+    execFileSync('qemu-img', ['bitmap', '--add', bm.paths[2]!, 'b']);
+    const q = new Recorder();
+    const log: string[] = [];
+    await new AutoRebaseEngine(q, (m) => log.push(m), noLocks).rebase(bm.req);
+    expect(q.calls).toHaveLength(1);
+    expect(log.join('\n')).toMatch(/engine auto: qemu-img for \S+ \(QCOW2_BITMAPS/);
+    expect(qemuInfo(bm.paths[2]!)['backing-filename']).toBe('l0.qcow2');
   });
 
   it('auto: qemu-img when an image is held, unsupported, or outside the chain', async () => {

@@ -213,6 +213,37 @@ async function main(): Promise<void> {
     console.log(`  nasbackup restore --format qcow2   ${median(fixed.ours!).toFixed(0).padStart(5)} ms`);
     console.log(`  qemu-img convert -O qcow2          ${median(fixed.qemu!).toFixed(0).padStart(5)} ms`);
     console.log(`  node -e 0 (Node.js start alone)    ${median(fixed.node!).toFixed(0).padStart(5)} ms`);
+    // Issue 18: a copy path's peak RSS at most 32 MiB above the idle program's (--version).
+    const peakKiB = (argv: string[]): number => {
+      const x = spawnSync('/usr/bin/time', ['-f', '%M', BIN, ...argv], { env, encoding: 'utf8' });
+      if (x.status !== 0) throw new Error(`${argv[0]} failed: ${x.stdout}${x.stderr}`);
+      return Number(x.stderr.trim().split('\n').at(-1));
+    };
+    const idle = peakKiB(['--version']);
+    for (const format of ['qcow2', 'raw']) {
+      const to = path.join(out, `rss.${format}`);
+      const peak = peakKiB([
+        'restore',
+        '-t',
+        'none',
+        '-s',
+        nas,
+        '-m',
+        'bind',
+        '--backup',
+        `${VM}/${ts.at(-1)}`,
+        '--disk',
+        VOL,
+        '--to',
+        to,
+        '--format',
+        format,
+      ]);
+      fs.rmSync(to);
+      console.log(
+        `peak RSS, restore --format ${format} of the chain: ${(peak / 1024).toFixed(1)} MiB = idle (--version) ${(idle / 1024).toFixed(1)} MiB + ${((peak - idle) / 1024).toFixed(1)} MiB (goal: <= +32)`,
+      );
+    }
   } finally {
     if (keep) console.log(`kept: ${dir}`);
     else fs.rmSync(dir, { recursive: true, force: true });

@@ -7,7 +7,7 @@
 // to the target. An extent wholly hidden by newer layers is not read: nothing of it reaches
 // the target (`chain verify` proves those). A damaged layer fails the restore at the first
 // contributing extent that does not match, without reading the chain twice. Digests run on
-// HashPool workers (reads land in their shared slots); a layer without a manifest is read
+// a HashPool (reads land in its slots; hashed inline or on workers); a layer without a manifest is read
 // only where it is visible.
 import { NasbackupError } from '../errors.js';
 import type { ImageChain, Qcow2Image, Extent } from '../qcow2/index.js';
@@ -50,18 +50,20 @@ export interface FlattenOptions {
   progress?: (done: number, total: number) => void;
   pieceBytes?: number;
   inFlight?: number;
-  /** Hash worker threads (default: one per core, at most 4). */
+  /** Hash worker threads; 0 (the default) hashes on this thread, between the reads and writes. */
   hashWorkers?: number;
 }
 
 /**
  * The piece size and how many are read at once: a piece holds up to one buffer per layer and
- * one composed, so memory is near piece × (layers + 1) × in flight. Deep chains get fewer
- * pieces in flight, then smaller pieces, to stay near MEMORY_BUDGET.
+ * one composed, so memory is near piece × (layers + 1) × in flight. Pieces shrink until
+ * IN_FLIGHT of them fit MEMORY_BUDGET (never below MIN_PIECE or a layer's unit); a chain
+ * deeper than that allows gets fewer pieces in flight. The budget keeps a restore within
+ * 32 MiB of the idle program's memory (issue 18), with room for the writer's tables.
  */
 export const PIECE = 4 << 20;
 export const IN_FLIGHT = 4;
-const MEMORY_BUDGET = 128 << 20;
+export const MEMORY_BUDGET = 24 << 20;
 const MIN_PIECE = 1 << 20;
 
 interface Run {
@@ -95,7 +97,7 @@ const gcd = (a: number, b: number): number => (b === 0 ? a : gcd(b, a % b));
 export function pieceBytesFor(images: ReadonlyArray<Qcow2Image>, expect: ReadonlyArray<LayerExpectation | null>, want = PIECE): number {
   let piece = want;
   const floor = Math.max(MIN_PIECE, ...images.map((i) => i.subclusterSize));
-  while (piece > floor && piece * (images.length + 1) > MEMORY_BUDGET) piece /= 2;
+  while (piece > floor && piece * (images.length + 1) * IN_FLIGHT > MEMORY_BUDGET) piece /= 2;
   for (const e of expect) if (e) piece = gcd(piece, e.extentBytes);
   return piece;
 }
@@ -130,7 +132,8 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
     ? new HashPool({
         slotBytes: piece,
         slots: Math.max(images.length + 1, 2 * inFlight),
-        ...(o.hashWorkers ? { workers: o.hashWorkers } : {}),
+        // Inline by default: a worker's isolate costs ~12 MiB, and on 2 cores it measured no faster.
+        workers: o.hashWorkers ?? 0,
       })
     : null;
   // Per checked layer, the extents that contribute to the guest's view (metadata only).

@@ -216,6 +216,8 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
       target,
       write,
       checkpoint: () => ctx.checkpoint(),
+      // NASBACKUP_HASH_WORKERS: unset or 0 hashes on this thread (memory), n on n workers (speed on many cores).
+      hashWorkers: ctx.config.hashWorkers ?? 0,
       ...(opts.inspect ? { inspect: opts.inspect } : {}),
       ...(opts.progress ? { progress: opts.progress } : {}),
     });

@@ -776,14 +776,16 @@ describe('restore progress', () => {
 
 describe('restore memory stays bounded on deep chains', () => {
   it('pieces shrink with depth (never below a layer unit) and always divide every manifest extent', async () => {
-    const { pieceBytesFor, PIECE } = await import('../../lib/ops/flatten.js');
+    const { pieceBytesFor, IN_FLIGHT, MEMORY_BUDGET } = await import('../../lib/ops/flatten.js');
     type Img = Parameters<typeof pieceBytesFor>[0][number];
     const chain = (n: number, sub = 65536): Img[] => Array.from({ length: n }, () => ({ subclusterSize: sub }) as Img);
     const none = (n: number) => Array.from({ length: n }, () => null);
-    expect(pieceBytesFor(chain(5), none(5))).toBe(PIECE);
-    // One buffer per layer per piece: 4 MiB pieces of a 50-deep chain would be 200 MiB each.
-    expect(pieceBytesFor(chain(50), none(50))).toBe(2 * MiB);
-    expect(pieceBytesFor(chain(100), none(100))).toBe(MiB);
+    // A full backup alone: 2 buffers per piece, 4 in flight, within the budget.
+    expect(pieceBytesFor(chain(1), none(1))).toBe(2 * MiB);
+    expect(pieceBytesFor(chain(5), none(5))).toBe(MiB);
+    for (const n of [1, 2, 3, 5]) expect(pieceBytesFor(chain(n), none(n)) * (n + 1) * IN_FLIGHT).toBeLessThanOrEqual(MEMORY_BUDGET);
+    // Deeper chains stop at 1 MiB pieces (fewer in flight) or at the layers' unit.
+    expect(pieceBytesFor(chain(50), none(50))).toBe(MiB);
     expect(pieceBytesFor(chain(100, 2 * MiB), none(100))).toBe(2 * MiB);
     const e = { backup: 'b', file: 'f', extentBytes: 3 * 512 * 1024, digests: new Map<number, string>() };
     expect(pieceBytesFor(chain(2), [e, null])).toBe(512 * 1024);

@@ -234,5 +234,7 @@ describe('SIGKILL of nasbackup during a qemu-img rebase', () => {
     const again = await run(sb, ARGS(sb), { NASBACKUP_ENGINE: 'qemu-img' });
     expect(again).toMatchObject({ code: 0, stdout: '' });
     expect(compareWithReference()).toBe(0);
+    // ...and cleans it: no mount and no mount folder of either run stays behind.
+    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
   }, 120_000);
 });

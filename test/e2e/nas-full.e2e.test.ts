@@ -109,7 +109,9 @@ exit $rc
     execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x31 0 ${DATA}`, rootDisk], { stdio: 'ignore' });
     small = mkNas('small-nas.img', '24M');
     large = mkNas('large-nas.img', '1600M');
-    mid = mkNas('mid-nas.img', '256M');
+    // Larger than what the job copies at full speed before its throttle lands (up to ~650 MiB
+    // measured), smaller than that plus the guest's copy-before-writes (the test's dd below).
+    mid = mkNas('mid-nas.img', '800M');
     guest = await startGuest({ name: VM, disks: [rootDisk], dir: sb.dir });
   }, 600_000);
 
@@ -209,7 +211,9 @@ exit $rc
   it('the guest writes while the NAS fills up: its write fails in the backup, QEMU pauses it (I/O error); the job is stopped, nothing is left, the guest resumed', async () => {
     const at = logSize();
     // A NAS the job fills only partly before the throttle (1 MiB/s) lands: the guest's own
-    // writes beyond what the job copied (their old data copied into the push target first) fill it.
+    // writes beyond what the job copied (their old data copied into the push target first) fill
+    // it. So a guest write is what fails: the burst before the throttle copies 40-650 MiB of the
+    // 1 GiB, the dd's copy-before-writes bring the target to at least 936 MiB (> the NAS's 800).
     const run = cli(backupArgs(mid, nextPath(), 'backup-1800000004'), {
       NASBACKUP_SPACE_CHECK: '0',
       NASBACKUP_VIRSH: throttlingVirsh(MiB),
@@ -217,7 +221,7 @@ exit $rc
     await waitFor('the push job', 60_000, async () => /Job type:\s+Unbounded/.test((await virsh(['domjobinfo', VM])).stdout));
     await agentCommand(VM, 'guest-exec', {
       path: '/bin/dd',
-      arg: ['if=/dev/zero', 'of=/dev/vda', 'bs=1M', 'seek=512', 'count=512', 'oflag=direct'],
+      arg: ['if=/dev/zero', 'of=/dev/vda', 'bs=1M', 'seek=128', 'count=896', 'oflag=direct'],
     });
     const out = await run;
     const log = logSince(at);

@@ -15,7 +15,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describeLayer, writeManifestFile } from '../lib/store/manifest-file.js';
-import { DEFAULT_EXTENT_BYTES, DIGEST_ALGORITHM, DIGEST_STREAM, MANIFEST_FORMAT, MANIFEST_VERSION } from '../lib/store/manifest.js';
+import { DEFAULT_EXTENT_BYTES } from '../lib/store/manifest.js';
+import { chainManifest } from './lib/chain-manifest.js';
 
 const arg = (name: string, dflt: number): number => {
   const i = process.argv.indexOf(`--${name}`);
@@ -103,21 +104,12 @@ async function main(): Promise<void> {
       for (let c = 0; c < cmds.length; c += 512)
         execFileSync('qemu-io', ['-f', 'qcow2', ...cmds.slice(c, c + 512), file], { stdio: 'ignore' });
       // The backup's manifest, as the backup writes it.
-      await writeManifestFile(path.dirname(file), {
-        format: MANIFEST_FORMAT,
-        version: MANIFEST_VERSION,
-        tool: { name: 'nasbackup', version: 'bench' },
-        vm: VM,
-        path: `${VM}/${t}`,
-        createdAt: new Date().toISOString(),
-        mode: i === 0 ? 'full' : 'incremental',
-        kind: i === 0 ? 'full' : 'incremental',
-        checkpoint: null,
-        incrementalFrom: null,
-        parent: i === 0 ? null : `${VM}/${ts[i - 1]}`,
-        digest: { algorithm: DIGEST_ALGORITHM, stream: DIGEST_STREAM, extentBytes: DEFAULT_EXTENT_BYTES },
-        disks: [await describeLayer(file, VOL, DEFAULT_EXTENT_BYTES)],
-      });
+      const disk = await describeLayer(file, VOL, DEFAULT_EXTENT_BYTES);
+      const parentTs = i === 0 ? null : ts[i - 1]!;
+      await writeManifestFile(
+        path.dirname(file),
+        chainManifest({ vm: VM, ts: t, parentTs, index: i, extentBytes: DEFAULT_EXTENT_BYTES, disk }),
+      );
     }
     const top = files.at(-1)!;
     const allocated = files.reduce((n, f) => n + fs.statSync(f).size, 0);

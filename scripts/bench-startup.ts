@@ -19,6 +19,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import type { ManifestDisk } from '../lib/store/manifest.js';
+import { chainManifest } from './lib/chain-manifest.js';
 import { loadAverage, machineLine, median, medianSpread, pairedRatios, spread, times as x } from './lib/stats.js';
 
 const arg = (name: string, dflt: string): string => {
@@ -60,7 +62,7 @@ function measure(argv: string[], env: NodeJS.ProcessEnv, rssFile: string, expect
 /** A tiny chain with manifests (the manifest writer of dist/, as bench-verify builds its chains). */
 async function buildChain(nas: string, depth: number): Promise<void> {
   const { describeLayer, writeManifestFile } = (await import(path.join(ROOT, 'dist/lib/store/manifest-file.js'))) as {
-    describeLayer: (abs: string, vol: string, extentBytes: number) => Promise<unknown>;
+    describeLayer: (abs: string, vol: string, extentBytes: number) => Promise<ManifestDisk>;
     writeManifestFile: (dir: string, m: unknown) => Promise<void>;
   };
   let prev: string | null = null;
@@ -72,21 +74,8 @@ async function buildChain(nas: string, depth: number): Promise<void> {
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', ...backing, f, '64M']);
     execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P ${i + 1} ${i * MiB} ${MiB}`, f], { stdio: 'ignore' });
     const extentBytes = 64 * MiB;
-    await writeManifestFile(path.dirname(f), {
-      format: 'nasbackup-manifest',
-      version: 1,
-      tool: { name: 'nasbackup', version: 'bench' },
-      vm: VM,
-      path: `${VM}/${ts}`,
-      createdAt: new Date(Date.UTC(2025, 0, 1, 0, 0, i)).toISOString(),
-      mode: i === 0 ? 'full' : 'incremental',
-      kind: i === 0 ? 'full' : 'incremental',
-      checkpoint: null,
-      incrementalFrom: null,
-      parent: prev === null ? null : `${VM}/${prev}`,
-      digest: { algorithm: 'sha256', stream: 'nasbackup-layer-v1', extentBytes },
-      disks: [await describeLayer(f, VOL, extentBytes)],
-    });
+    const disk = await describeLayer(f, VOL, extentBytes);
+    await writeManifestFile(path.dirname(f), chainManifest({ vm: VM, ts, parentTs: prev, index: i, extentBytes, disk }));
     prev = ts;
   }
 }

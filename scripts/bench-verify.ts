@@ -17,6 +17,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import type { ManifestDisk } from '../lib/store/manifest.js';
+import { chainManifest } from './lib/chain-manifest.js';
 import { loadAverage, machineLine, medianSpread, pairedRatios, times as x } from './lib/stats.js';
 
 const arg = (name: string, dflt: string): string => {
@@ -65,7 +67,7 @@ interface Shape {
 
 async function buildChain(nas: string, s: Shape): Promise<string[]> {
   const { describeLayer, writeManifestFile } = (await import(path.join(ROOT, 'dist/lib/store/manifest-file.js'))) as {
-    describeLayer: (abs: string, vol: string, extentBytes: number) => Promise<unknown>;
+    describeLayer: (abs: string, vol: string, extentBytes: number) => Promise<ManifestDisk>;
     writeManifestFile: (dir: string, m: unknown) => Promise<void>;
   };
   const files: string[] = [];
@@ -81,21 +83,9 @@ async function buildChain(nas: string, s: Shape): Promise<string[]> {
     const len = (i === 0 ? s.full : s.inc) * MiB;
     execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P ${(i % 250) + 1} ${at} ${len}`, f], { stdio: 'ignore' });
     const extentBytes = 64 * MiB;
-    await writeManifestFile(path.dirname(f), {
-      format: 'nasbackup-manifest',
-      version: 1,
-      tool: { name: 'nasbackup', version: 'bench' },
-      vm: VM,
-      path: `${VM}/${ts}`,
-      createdAt: new Date(Date.UTC(2025, 0, 1, 0, 0, i)).toISOString(),
-      mode: i === 0 ? 'full' : 'incremental',
-      kind: i === 0 ? 'full' : 'incremental',
-      checkpoint: null,
-      incrementalFrom: null,
-      parent: i === 0 ? null : `${VM}/${path.basename(path.dirname(files[i - 1]!))}`,
-      digest: { algorithm: 'sha256', stream: 'nasbackup-layer-v1', extentBytes },
-      disks: [await describeLayer(f, VOL, extentBytes)],
-    });
+    const disk = await describeLayer(f, VOL, extentBytes);
+    const parentTs = i === 0 ? null : path.basename(path.dirname(files[i - 1]!));
+    await writeManifestFile(path.dirname(f), chainManifest({ vm: VM, ts, parentTs, index: i, extentBytes, disk }));
     files.push(f);
   }
   return files;

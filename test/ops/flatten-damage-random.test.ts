@@ -12,24 +12,13 @@ import { flattenVerified, type LayerExpectation } from '../../lib/ops/flatten.js
 import { ImageChain, Qcow2Image } from '../../lib/qcow2/index.js';
 import { digestLayer } from '../../lib/store/layer-digest.js';
 import { makeImage, qemuImg } from '../helpers/qemu.js';
+import { rng } from '../helpers/random.js';
 import { removeTempDirs, tempDir } from '../helpers/tmp.js';
 
 afterAll(removeTempDirs);
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-
-/** A small deterministic PRNG (mulberry32). */
-function rng(seed: number): (n: number) => number {
-  let a = seed >>> 0;
-  return (n) => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return Math.floor((((t ^ (t >>> 14)) >>> 0) / 4294967296) * n);
-  };
-}
 
 const SIZE = 8 * MiB;
 const EXTENT = 512 * KiB;

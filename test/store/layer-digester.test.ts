@@ -14,24 +14,13 @@ import { HashPool } from '../../lib/store/hash-pool.js';
 import { digestLayer, LayerDigester, type UnitKind } from '../../lib/store/layer-digest.js';
 import { describeLayer, layerEntry } from '../../lib/store/manifest-file.js';
 import { recomputeDigests } from '../helpers/layer-digest.js';
+import { rng } from '../helpers/random.js';
 import { removeTempDirs, tempDir } from '../helpers/tmp.js';
 
 afterAll(removeTempDirs);
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-
-/** Deterministic PRNG (mulberry32), so a failure reproduces. */
-function rng(seed: number): (n: number) => number {
-  let a = seed >>> 0;
-  return (n) => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return Math.floor((((t ^ (t >>> 14)) >>> 0) / 4294967296) * n);
-  };
-}
 
 const layerOnly = (path: string): string =>
   `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: path }, backing: null })}`;

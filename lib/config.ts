@@ -2,6 +2,7 @@
 // Every wait in the program is bounded by one of these.
 import { NasbackupError } from './errors.js';
 import { logFileFromEnv } from './log.js';
+import { DEFAULT_DIGEST_ALGORITHM, DIGEST_ALGORITHMS, type DigestAlgorithm } from './store/digest/index.js';
 import { AGENT_PROFILES, DEFAULT_AGENT_PROFILE, PROFILE_ENV, type AgentProfile } from '../compat/protocol.js';
 
 /** --engine / NASBACKUP_ENGINE: which engine does a safe rebase (lib/engine/select.ts). */
@@ -68,6 +69,8 @@ export interface Config {
   benchSkipManifest: boolean;
   /** Worker threads hashing the manifest digests (null: the running path one per core, the stopped path none; 0: on the main thread). */
   hashWorkers: number | null;
+  /** NASBACKUP_DIGEST: the digest algorithm of the manifests new backups write (reading follows each manifest). */
+  digestAlgorithm: DigestAlgorithm;
 }
 
 /** Settings given on the command line; they override the environment's. Raw strings, checked here. */
@@ -209,5 +212,6 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env, flags: ConfigFl
     agentProfile: flags.agentProfile ?? oneOf(env, PROFILE_ENV, AGENT_PROFILES, DEFAULT_AGENT_PROFILE),
     benchSkipManifest: flag(env, 'NASBACKUP_BENCH_SKIP_MANIFEST'),
     hashWorkers: hashWorkers(env),
+    digestAlgorithm: oneOf(env, 'NASBACKUP_DIGEST', DIGEST_ALGORITHMS, DEFAULT_DIGEST_ALGORITHM),
   });
 }

@@ -13,6 +13,7 @@ import { NasbackupError } from '../errors.js';
 import type { ImageChain, Qcow2Image, Extent } from '../qcow2/index.js';
 import { HashPool, type ExtentSink, type Slot } from '../store/hash-pool.js';
 import { LayerDigester } from '../store/layer-digest.js';
+import type { DigestAlgorithm } from '../store/digest/index.js';
 
 /** What one layer must hold, from its backup's manifest. */
 export interface LayerExpectation {
@@ -21,6 +22,8 @@ export interface LayerExpectation {
   /** The disk's file name in that backup. */
   file: string;
   extentBytes: number;
+  /** The manifest's digest algorithm. */
+  algorithm: DigestAlgorithm;
   /** Extent number → digest (lower-case hex); an extent not listed must be wholly unallocated. */
   digests: ReadonlyMap<number, string>;
 }
@@ -526,7 +529,8 @@ class ChainVerifier {
         virtualSize: img.virtualSize,
         unitBytes: img.subclusterSize,
         extentBytes: e.extentBytes,
-        sink: () => this.workerSink(L, pool!.sink(), () => Math.ceil(dg.position / e.extentBytes) - 1),
+        algorithm: e.algorithm,
+        sink: (a) => this.workerSink(L, pool!.sink(a), () => Math.ceil(dg.position / e.extentBytes) - 1),
       });
       return dg;
     });

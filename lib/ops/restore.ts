@@ -366,7 +366,8 @@ async function expectations(images: Qcow2Image[], vm: string): Promise<{ expect:
       throw damaged(
         `cluster layout (${img.subclusterSize}-byte units) does not match the manifest's (${d.unitBytes}, extents of ${m.digest.extentBytes})`,
       );
-    expect.push({ backup, file, extentBytes: m.digest.extentBytes, digests: new Map(d.extents.map((x) => [x.index, x.digest])) });
+    const digests = new Map(d.extents.map((x) => [x.index, x.digest]));
+    expect.push({ backup, file, extentBytes: m.digest.extentBytes, algorithm: m.digest.algorithm, digests });
   }
   // One line for the chain (a chain of old backups has no manifest anywhere).
   if (unproven.length > 0)

@@ -1,5 +1,5 @@
-// SHA-256 on worker threads, so the digests of different extents are computed on every
-// core while the main thread only reads. The workers know nothing of the canonical
+// Extent digests off the reader's path: SHA-256 on worker threads, so the digests of
+// different extents are computed on every core while the main thread only reads. The workers know nothing of the canonical
 // stream (layer-digest.ts builds it); they hash what they are told, in order: a byte
 // repeated n times, a range of the shared read buffer, or literal bytes. Reads land in
 // slots of one SharedArrayBuffer that the workers see too, so data is never copied
@@ -7,7 +7,9 @@
 // With `workers: 0` the same messages are hashed on this thread, one per turn of the event
 // loop after the sender moved on (an inline hasher): no isolate to pay for (~12 MiB), and
 // the hashing of a slot overlaps its write and the next reads, which the libuv threads do.
-import { createHash, type Hash } from 'node:crypto';
+// XXH64 (~6 GB/s on one core, faster than any disk or NAS here) is always hashed inline, so
+// workers start only when a SHA-256 manifest is read or written.
+import { createDigest, type DigestAlgorithm, type StreamDigest } from './digest/index.js';
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 
@@ -16,7 +18,7 @@ export interface ExtentSink {
   /** `n` copies of `byte`. */
   repeat(byte: number, n: number): void;
   bytes(b: Buffer): void;
-  /** The hex SHA-256 of everything given, now or once a worker has hashed it. */
+  /** The hex digest of everything given, now or once a worker has hashed it. */
   end(): string | Promise<string>;
 }
 
@@ -63,6 +65,8 @@ parentPort.on('message', (m) => {
 
 interface HashMessage {
   job: number;
+  /** A worker only ever gets sha256. */
+  alg: DigestAlgorithm;
   ops: Float64Array;
   literals: Buffer[];
   end: boolean;
@@ -87,7 +91,7 @@ interface Hasher {
  */
 class InlineHasher implements Hasher {
   private readonly queue: HashMessage[] = [];
-  private readonly jobs = new Map<number, Hash>();
+  private readonly jobs = new Map<number, StreamDigest>();
   private readonly fills = new Map<number, Buffer>();
   private scheduled = false;
   private stopped = false;
@@ -130,7 +134,7 @@ class InlineHasher implements Hasher {
 
   private hash(m: HashMessage): HashReply {
     let h = this.jobs.get(m.job);
-    if (!h) this.jobs.set(m.job, (h = createHash('sha256')));
+    if (!h) this.jobs.set(m.job, (h = createDigest(m.alg)));
     const ops = m.ops;
     for (let i = 0; i < ops.length; i += 3) {
       const t = ops[i]!;
@@ -145,7 +149,7 @@ class InlineHasher implements Hasher {
     }
     let digest: string | null = null;
     if (m.end) {
-      digest = h.digest('hex');
+      digest = h.digest();
       this.jobs.delete(m.job);
     }
     return { job: m.job, digest, release: m.release };
@@ -158,7 +162,7 @@ interface Pending<T> {
 }
 
 export interface HashPoolOptions {
-  /** Worker threads (default: one per core, at most 4); 0: hash on this thread, after the caller moved on. */
+  /** SHA-256 worker threads (default: one per core, at most 4; started on first use); 0: hash on this thread, after the caller moved on. */
   workers?: number;
   slotBytes?: number;
   slots?: number;
@@ -170,8 +174,9 @@ export class HashPool {
   readonly threads: number;
   private readonly sab: SharedArrayBuffer;
   private readonly mem: Buffer;
-  private readonly workers: Hasher[] = [];
-  /** Outstanding extents per worker. */
+  /** Index 0..threads-1: the workers; index `threads`: the inline hasher. Each made on first use. */
+  private readonly hashers: Array<Hasher | undefined> = [];
+  /** Outstanding extents per hasher. */
   private readonly load: number[] = [];
   /** Bytes sent to each worker and not hashed yet, per message in order (replies come in order). */
   private readonly backlog: number[][] = [];
@@ -198,30 +203,39 @@ export class HashPool {
       this.free.push({ id: i, buf: this.mem.subarray(i * this.slotBytes, (i + 1) * this.slotBytes) });
       this.refs.push(0);
     }
-    if (threads === 0) {
-      this.workers.push(
-        new InlineHasher(
-          this.mem,
-          (m) => this.reply(0, m),
-          (e) => this.fail(e),
-        ),
-      );
+    for (let i = 0; i <= threads; i++) {
+      this.hashers.push(undefined);
       this.load.push(0);
       this.backlog.push([]);
       this.backlogBytes.push(0);
     }
-    for (let i = 0; i < threads; i++) {
+  }
+
+  private hasher(i: number): Hasher {
+    let h = this.hashers[i];
+    if (h) return h;
+    if (i === this.threads)
+      h = new InlineHasher(
+        this.mem,
+        (m) => this.reply(i, m),
+        (e) => this.fail(e),
+      );
+    else {
       const w = new Worker(HASH_WORKER, { eval: true, workerData: { sab: this.sab } });
       w.on('message', (m: HashReply) => this.reply(i, m));
       w.on('error', (e) => this.fail(e));
       w.on('exit', (code) => {
         if (!this.closed) this.fail(new Error(`a hash worker exited (code ${code})`));
       });
-      this.workers.push(w);
-      this.load.push(0);
-      this.backlog.push([]);
-      this.backlogBytes.push(0);
+      h = w;
     }
+    this.hashers[i] = h;
+    return h;
+  }
+
+  /** Worker threads started so far (they start with the first SHA-256 extent). */
+  get workersStarted(): number {
+    return this.hashers.slice(0, this.threads).filter(Boolean).length;
   }
 
   /** Slots free now (neither read into nor waiting for a worker). */
@@ -249,15 +263,21 @@ export class HashPool {
     this.unref([slot.id]);
   }
 
-  /** A sink for one extent, hashed by the worker with the fewest bytes waiting (then the fewest extents). */
-  sink(): ExtentSink {
+  /**
+   * A sink for one extent: SHA-256 goes to the worker with the fewest bytes waiting (then the
+   * fewest extents), XXH64 (or anything without workers) to the inline hasher.
+   */
+  sink(algorithm: DigestAlgorithm): ExtentSink {
     this.throwIfFailed();
-    let w = 0;
-    const lighter = (i: number): boolean =>
-      this.backlogBytes[i]! < this.backlogBytes[w]! || (this.backlogBytes[i] === this.backlogBytes[w] && this.load[i]! < this.load[w]!);
-    for (let i = 1; i < this.load.length; i++) if (lighter(i)) w = i;
+    let w = this.threads;
+    if (algorithm === 'sha256' && this.threads > 0) {
+      w = 0;
+      const lighter = (i: number): boolean =>
+        this.backlogBytes[i]! < this.backlogBytes[w]! || (this.backlogBytes[i] === this.backlogBytes[w] && this.load[i]! < this.load[w]!);
+      for (let i = 1; i < this.threads; i++) if (lighter(i)) w = i;
+    }
     this.load[w]!++;
-    const s = new RecordingSink(this, this.nextJob++, w);
+    const s = new RecordingSink(this, this.nextJob++, w, algorithm);
     this.open.add(s);
     return s;
   }
@@ -278,7 +298,7 @@ export class HashPool {
     if (this.closed) return;
     this.closed = true;
     this.fail(new Error('the hash pool was closed'));
-    await Promise.all(this.workers.map((w) => w.terminate()));
+    await Promise.all(this.hashers.flatMap((w) => (w ? [w.terminate()] : [])));
   }
 
   // ---- internal (RecordingSink and the workers' replies) ----
@@ -296,7 +316,7 @@ export class HashPool {
     for (const l of msg.literals) bytes += l.length;
     this.backlog[worker]!.push(bytes);
     this.backlogBytes[worker]! += bytes;
-    this.workers[worker]!.postMessage(msg);
+    this.hasher(worker).postMessage(msg);
   }
 
   expect(job: number): Promise<string> {
@@ -353,6 +373,7 @@ class RecordingSink implements ExtentSink {
     private readonly pool: HashPool,
     private readonly job: number,
     private readonly worker: number,
+    private readonly alg: DigestAlgorithm,
   ) {}
 
   repeat(byte: number, n: number): void {
@@ -381,6 +402,7 @@ class RecordingSink implements ExtentSink {
     if (!end && this.ops.length === 0 && this.slots.size === 0) return;
     this.pool.post(this.worker, {
       job: this.job,
+      alg: this.alg,
       ops: Float64Array.from(this.ops),
       literals: this.literals,
       end,

@@ -2,14 +2,15 @@
 // guest extent. The canonical stream of an extent, unit by unit (a unit is the layer's
 // subcluster, i.e. its cluster without extended L2): one status byte (0 unallocated,
 // 1 data, 2 zero) and, for a data unit, its guest bytes (decompressed when compressed;
-// the last unit of a disk whose size is not a unit multiple is short). SHA-256 of that
-// stream is the extent's digest; an extent wholly unallocated in the layer is not listed.
+// the last unit of a disk whose size is not a unit multiple is short). The manifest's
+// digest algorithm (digest/index.ts) over that stream is the extent's digest; an extent
+// wholly unallocated in the layer is not listed.
 //
 // One definition: LayerDigester builds that stream from what a writer says it wrote,
 // range by range in guest order (a copy engine feeds it while it writes); digestImage()
 // re-reads a written file and feeds the same digester, so both give the same digests.
-import { createHash, type Hash } from 'node:crypto';
 import { Qcow2Image, type Extent } from '../qcow2/index.js';
+import { createDigest, DEFAULT_DIGEST_ALGORITHM, type DigestAlgorithm, type StreamDigest } from './digest/index.js';
 import type { ExtentSink, HashPool, Slot } from './hash-pool.js';
 import { DEFAULT_EXTENT_BYTES, type ExtentDigest } from './manifest.js';
 
@@ -27,6 +28,8 @@ export interface LayerDigest {
 
 export interface DigestOptions {
   extentBytes?: number;
+  /** The manifest's digest algorithm (default: the one new manifests use). */
+  algorithm?: DigestAlgorithm;
   /** Called between extents (a cancellation point). */
   between?: () => void;
   /** Hash on these worker threads, with several reads in flight; else on this thread. */
@@ -41,10 +44,12 @@ export interface LayerDigesterOptions {
   unitBytes: number;
   /** A multiple of unitBytes; the manifest's extent size by default. */
   extentBytes?: number;
+  /** The manifest's digest algorithm (default: the one new manifests use). */
+  algorithm?: DigestAlgorithm;
   /** Called with each listed extent as soon as the stream passes its end (a reader can compare early). */
   onExtent?: (e: ExtentDigest) => void;
-  /** Where each extent's stream is hashed (a HashPool's workers); here, synchronously, by default. */
-  sink?: () => ExtentSink;
+  /** Where each extent's stream is hashed (a HashPool), with this digester's algorithm; here, synchronously, by default. */
+  sink?: (algorithm: DigestAlgorithm) => ExtentSink;
 }
 
 const DATA_MARK = Buffer.from([DATA]);
@@ -62,6 +67,7 @@ export class LayerDigester {
   readonly virtualSize: number;
   readonly unitBytes: number;
   readonly extentBytes: number;
+  readonly algorithm: DigestAlgorithm;
   private pos = 0;
   /** The current extent's hash, created at its first unit that holds something. */
   private hash: ExtentSink | null = null;
@@ -86,9 +92,12 @@ export class LayerDigester {
     this.virtualSize = virtualSize;
     this.unitBytes = unitBytes;
     this.extentBytes = extentBytes;
+    this.algorithm = opts.algorithm ?? DEFAULT_DIGEST_ALGORITHM;
     this.out = { virtualSize, unitBytes, dataBytes: 0, zeroBytes: 0, extents: [] };
     this.onExtent = opts.onExtent;
-    this.newSink = opts.sink ?? (() => new HashSink());
+    const { sink } = opts;
+    const algorithm = this.algorithm;
+    this.newSink = sink ? () => sink(algorithm) : () => new HashSink(algorithm);
   }
 
   /** Guest offset up to which the stream is built. */
@@ -198,9 +207,12 @@ export class LayerDigester {
   }
 }
 
-/** SHA-256 on this thread. */
+/** The digest on this thread. */
 class HashSink implements ExtentSink {
-  private readonly h = createHash('sha256');
+  private readonly h: StreamDigest;
+  constructor(algorithm: DigestAlgorithm) {
+    this.h = createDigest(algorithm);
+  }
   repeat(byte: number, n: number): void {
     repeatInto(this.h, byte, n);
   }
@@ -208,7 +220,7 @@ class HashSink implements ExtentSink {
     this.h.update(b);
   }
   end(): string {
-    return this.h.digest('hex');
+    return this.h.digest();
   }
 }
 
@@ -259,7 +271,8 @@ export async function digestImage(img: Qcow2Image, opts: DigestOptions = {}): Pr
     virtualSize: img.virtualSize,
     unitBytes: unit,
     extentBytes,
-    ...(pool ? { sink: () => pool.sink() } : {}),
+    ...(opts.algorithm ? { algorithm: opts.algorithm } : {}),
+    ...(pool ? { sink: (a) => pool.sink(a) } : {}),
   });
   const chunk = pool ? pool.slotBytes : Math.min(READ_CHUNK, Math.max(unit, extentBytes));
   const buffers: Buffers = pool ?? ownBuffers(2, chunk);
@@ -346,7 +359,7 @@ async function* mapSteps(img: Qcow2Image, extentBytes: number, chunk: number, be
 }
 
 const runCache = new Map<number, Buffer>();
-function repeatInto(hash: Hash, byte: number, n: number): void {
+export function repeatInto(hash: StreamDigest, byte: number, n: number): void {
   // Long runs (a 2 TiB unallocated disk) in bounded pieces.
   const piece = 1 << 16;
   let b = runCache.get(byte);

@@ -4,12 +4,15 @@
 // one read. Metadata (block status) is walked ahead of the reads; memory stays at
 // `inFlight + 1` read buffers whatever the disk size.
 import { Qcow2Image, type BlockFile, type Extent } from '../qcow2/index.js';
+import type { DigestAlgorithm } from './digest/index.js';
 import type { HashPool, Slot } from './hash-pool.js';
 import { LayerDigester, type LayerDigest } from './layer-digest.js';
 import { DEFAULT_EXTENT_BYTES } from './manifest.js';
 
 export interface ReadDigestOptions {
   extentBytes?: number;
+  /** The manifest's digest algorithm (default: the one new manifests use). */
+  algorithm?: DigestAlgorithm;
   /** Reads in flight (default 4). */
   inFlight?: number;
   /** Bytes per read (default 8 MiB; rounded down to whole units). */
@@ -50,7 +53,8 @@ export async function readImageDigest(img: Qcow2Image, opts: ReadDigestOptions =
     virtualSize: img.virtualSize,
     unitBytes: unit,
     extentBytes,
-    ...(pool ? { sink: () => pool.sink() } : {}),
+    ...(opts.algorithm ? { algorithm: opts.algorithm } : {}),
+    ...(pool ? { sink: (a) => pool.sink(a) } : {}),
   });
   const want = pool ? pool.slotBytes : (opts.chunkBytes ?? 8 << 20);
   // A pool's slots may be smaller than a unit: the digester takes data in any pieces.

@@ -4,6 +4,7 @@
 import { lstat, open, readFile, rename, stat, unlink, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { INCOMPAT_EXTL2, readHeader } from '../qcow2/index.js';
+import { DEFAULT_DIGEST_ALGORITHM, type DigestAlgorithm } from './digest/index.js';
 import { digestLayer, type LayerDigest } from './layer-digest.js';
 import { decodeManifest, encodeManifest, MANIFEST_NAME, type Manifest, type ManifestDisk } from './manifest.js';
 
@@ -44,8 +45,13 @@ export async function writeManifestFile(dir: string, m: Manifest): Promise<void>
 }
 
 /** One layer's manifest entry, read from the file as it is now. */
-export async function describeLayer(abs: string, volumeId: string, extentBytes: number, between?: () => void): Promise<ManifestDisk> {
-  return layerEntry(abs, volumeId, await digestLayer(abs, { extentBytes, ...(between ? { between } : {}) }));
+export async function describeLayer(
+  abs: string,
+  volumeId: string,
+  extentBytes: number,
+  algorithm: DigestAlgorithm = DEFAULT_DIGEST_ALGORITHM,
+): Promise<ManifestDisk> {
+  return layerEntry(abs, volumeId, await digestLayer(abs, { extentBytes, algorithm }));
 }
 
 /** One layer's manifest entry from digests already computed (a LayerDigester fed while the file was written). */
@@ -83,7 +89,7 @@ export async function refreshManifestEntry(abs: string): Promise<'no manifest' |
   if ('error' in m) return 'unusable';
   const i = m.disks.findIndex((d) => d.file === basename(abs));
   if (i < 0) return 'not listed';
-  m.disks[i] = await describeLayer(abs, m.disks[i]!.volumeId, m.digest.extentBytes);
+  m.disks[i] = await describeLayer(abs, m.disks[i]!.volumeId, m.digest.extentBytes, m.digest.algorithm);
   await writeManifestFile(dir, m);
   return 'updated';
 }

@@ -2,15 +2,20 @@
 // time, mode, checkpoint, parent) and, per disk file, its identity and content digests
 // per fixed guest extent, so `chain verify` can prove content and name the bad layer and
 // extent. Pure: encode, decode and validate; the digests are computed in layer-digest.ts.
+import { DIGEST_HEX_LENGTH, isDigestAlgorithm, type DigestAlgorithm } from './digest/index.js';
 
 /** The file's name inside a backup folder. */
 export const MANIFEST_NAME = 'manifest.json';
 /** The `format` field: what this JSON is. */
 export const MANIFEST_FORMAT = 'nasbackup-manifest';
-/** Schema version; a reader refuses a newer one rather than misreading it. */
-export const MANIFEST_VERSION = 1;
-/** Digest of a guest extent: SHA-256 over the canonical stream (layer-digest.ts). */
-export const DIGEST_ALGORITHM = 'sha256';
+/**
+ * Schema version; a reader refuses a newer one rather than misreading it. Version 2 added
+ * the XXH64 digest; a SHA-256 manifest is still written as version 1, which every release
+ * reads.
+ */
+export const MANIFEST_VERSION = 2;
+export type ManifestVersion = 1 | 2;
+export const manifestVersionFor = (algorithm: DigestAlgorithm): ManifestVersion => (algorithm === 'sha256' ? 1 : 2);
 /** Name of the canonical stream definition (status byte per unit + a data unit's bytes). */
 export const DIGEST_STREAM = 'nasbackup-layer-v1';
 export const DEFAULT_EXTENT_BYTES = 64 * 1024 * 1024;
@@ -18,7 +23,7 @@ export const DEFAULT_EXTENT_BYTES = 64 * 1024 * 1024;
 export interface ExtentDigest {
   /** Extent number: guest bytes [index * extentBytes, (index + 1) * extentBytes). */
   index: number;
-  /** Lower-case hex. */
+  /** Lower-case hex, of the manifest's digest algorithm over the canonical stream (layer-digest.ts). */
   digest: string;
 }
 
@@ -42,9 +47,12 @@ export interface ManifestDisk {
   extents: ExtentDigest[];
 }
 
+/** How a manifest's digests are computed: what a reader needs to recompute them. */
+export type DigestSpec = Pick<Manifest['digest'], 'algorithm' | 'extentBytes'>;
+
 export interface Manifest {
   format: typeof MANIFEST_FORMAT;
-  version: typeof MANIFEST_VERSION;
+  version: ManifestVersion;
   tool: { name: 'nasbackup'; version: string };
   vm: string;
   /** Mount-relative `<instance>/<timestamp>`. */
@@ -60,7 +68,7 @@ export interface Manifest {
   incrementalFrom: string | null;
   /** Mount-relative folder of the parent backup (incremental), or null. */
   parent: string | null;
-  digest: { algorithm: typeof DIGEST_ALGORITHM; stream: typeof DIGEST_STREAM; extentBytes: number };
+  digest: { algorithm: DigestAlgorithm; stream: typeof DIGEST_STREAM; extentBytes: number };
   disks: ManifestDisk[];
 }
 
@@ -103,14 +111,19 @@ export function decodeManifest(text: string): Manifest {
   }
   if (!isObj(raw)) throw new ManifestError('not a JSON object');
   if (raw.format !== MANIFEST_FORMAT) throw new ManifestError(`format is ${JSON.stringify(raw.format)}, not ${MANIFEST_FORMAT}`);
-  if (raw.version !== MANIFEST_VERSION)
-    throw new ManifestError(`version ${JSON.stringify(raw.version)} is not supported (this reader knows ${MANIFEST_VERSION})`);
+  const version = raw.version;
+  if (version !== 1 && version !== 2)
+    throw new ManifestError(`version ${JSON.stringify(version)} is not supported (this reader knows 1 to ${MANIFEST_VERSION})`);
   const tool = raw.tool;
   if (!isObj(tool) || tool.name !== 'nasbackup' || typeof tool.version !== 'string')
     throw new ManifestError('tool is not {name: nasbackup, version}');
   const d = raw.digest;
-  if (!isObj(d) || d.algorithm !== DIGEST_ALGORITHM || d.stream !== DIGEST_STREAM)
-    throw new ManifestError(`digest is not ${DIGEST_ALGORITHM} over ${DIGEST_STREAM}`);
+  if (!isObj(d) || d.stream !== DIGEST_STREAM) throw new ManifestError(`digest is not over ${DIGEST_STREAM}`);
+  const algorithm = d.algorithm;
+  if (!isDigestAlgorithm(algorithm) || manifestVersionFor(algorithm) > version)
+    throw new ManifestError(`digest.algorithm ${JSON.stringify(algorithm)} is not known to manifest version ${version}`);
+  const hexLength = DIGEST_HEX_LENGTH[algorithm];
+  const hex = new RegExp(`^[0-9a-f]{${hexLength}}$`);
   const extentBytes = count(d, 'extentBytes', 'digest.');
   if (extentBytes === 0 || extentBytes % 512 !== 0) throw new ManifestError('digest.extentBytes is not a positive multiple of 512');
   if (!Array.isArray(raw.disks)) throw new ManifestError('disks is not an array');
@@ -133,7 +146,7 @@ export function decodeManifest(text: string): Manifest {
       if (index <= last || index >= extentCount) throw new ManifestError(`${we}index ${index} is out of order or past the disk's end`);
       last = index;
       const digest = str(e, 'digest', we);
-      if (!/^[0-9a-f]{64}$/.test(digest)) throw new ManifestError(`${we}digest is not 64 hex digits`);
+      if (!hex.test(digest)) throw new ManifestError(`${we}digest is not ${hexLength} hex digits`);
       return { index, digest };
     });
     return {
@@ -152,7 +165,7 @@ export function decodeManifest(text: string): Manifest {
   });
   return {
     format: MANIFEST_FORMAT,
-    version: MANIFEST_VERSION,
+    version,
     tool: { name: 'nasbackup', version: tool.version },
     vm: str(raw, 'vm', ''),
     path: str(raw, 'path', ''),
@@ -162,7 +175,7 @@ export function decodeManifest(text: string): Manifest {
     checkpoint: strOrNull(raw, 'checkpoint', ''),
     incrementalFrom: strOrNull(raw, 'incrementalFrom', ''),
     parent: strOrNull(raw, 'parent', ''),
-    digest: { algorithm: DIGEST_ALGORITHM, stream: DIGEST_STREAM, extentBytes },
+    digest: { algorithm, stream: DIGEST_STREAM, extentBytes },
     disks,
   };
 }

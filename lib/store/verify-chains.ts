@@ -15,7 +15,7 @@ import { NodeBlockFile, type BlockFile } from '../qcow2/index.js';
 import { backingFile, insideInstance, mapLimit, type BackupFile, type VmBackups } from './backups.js';
 import { inspectChain, prefetchLayer, type ChainProblem, type InspectOptions, type StructuralCheck } from './safety.js';
 import type { LayerDigest } from './layer-digest.js';
-import { MANIFEST_NAME, type ExtentDigest, type ManifestDisk } from './manifest.js';
+import { MANIFEST_NAME, type DigestSpec, type ExtentDigest, type ManifestDisk } from './manifest.js';
 import { readManifestFile } from './manifest-file.js';
 
 export interface FileReport {
@@ -200,7 +200,7 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
 // ---- content: each layer against its backup's manifest ---------------------------------
 
 /** Digests of one layer (lib/store/layer-read.ts), injectable for tests; `onData`: bytes hashed so far; `file`: the layer, already open. */
-export type DigestFn = (abs: string, extentBytes: number, onData?: (bytes: number) => void, file?: BlockFile) => Promise<LayerDigest>;
+export type DigestFn = (abs: string, spec: DigestSpec, onData?: (bytes: number) => void, file?: BlockFile) => Promise<LayerDigest>;
 
 /** `extent <n>: digest mismatch` lines, by extent number. */
 export function compareExtents(want: readonly ExtentDigest[], got: readonly ExtentDigest[]): string[] {
@@ -243,7 +243,7 @@ interface Job {
   f: BackupFile;
   d: ManifestDisk;
   r: Lines;
-  extentBytes: number;
+  spec: DigestSpec;
 }
 
 interface ContentPlan {
@@ -310,7 +310,7 @@ function planContent(
       }
       let js = jobs.get(f);
       if (!js) jobs.set(f, (js = []));
-      js.push({ f, d, r: linesOf(reports.get(f)!), extentBytes: m.digest.extentBytes });
+      js.push({ f, d, r: linesOf(reports.get(f)!), spec: m.digest });
       total += d.dataBytes;
     }
   }
@@ -334,14 +334,14 @@ function planContent(
       total -= d.dataBytes;
       opts.progress?.(Math.min(done, total), total);
     },
-    async compare({ f, d, r, extentBytes }, file): Promise<void> {
+    async compare({ f, d, r, spec }, file): Promise<void> {
       if (f.virtualSize !== null && f.virtualSize !== BigInt(d.virtualSize))
         r.errors.push(`virtual size ${f.virtualSize}, the manifest says ${d.virtualSize}`);
       if (f.backingName !== d.backing) r.errors.push(`backing ${f.backingName ?? 'none'}, the manifest says ${d.backing ?? 'none'}`);
       between();
       let got: LayerDigest;
       try {
-        got = await opts.digest(f.abs, extentBytes, onData, file);
+        got = await opts.digest(f.abs, spec, onData, file);
       } catch (e) {
         if (e instanceof NasbackupError) throw e; // a stop (signal) from the cancellation point
         r.errors.push(`content unreadable: ${(e as Error).message.split(`${vm.instanceDir}/`).join('')}`);

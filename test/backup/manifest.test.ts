@@ -42,7 +42,7 @@ function manifestOf(s: Scenario) {
 function expectDigestsMatch(s: Scenario): void {
   const m = manifestOf(s);
   for (const d of m.disks) {
-    const theirs = recomputeDigests(join(s.final, d.file), s.sb.root, m.digest.extentBytes);
+    const theirs = recomputeDigests(join(s.final, d.file), s.sb.root, m.digest.extentBytes, m.digest.algorithm);
     expect({ file: d.file, extents: d.extents, data: d.dataBytes, zero: d.zeroBytes }).toEqual({
       file: d.file,
       extents: theirs.extents,
@@ -68,8 +68,9 @@ describe.concurrent('manifest.json of every backup path', () => {
       checkpoint: NEW_BITMAP,
       incrementalFrom: null,
       parent: null,
-      digest: { algorithm: 'sha256', extentBytes: 64 * MiB },
+      digest: { algorithm: 'xxh64', extentBytes: 64 * MiB },
     });
+    expect(m.version).toBe(2);
     expect(m.disks.map((d) => [d.file, d.volumeId, d.virtualSize, d.backing])).toEqual([
       [`root.${ROOT_VOL}.qcow2`, ROOT_VOL, ROOT_SIZE, null],
       [`datadisk.${DATA_VOL}.qcow2`, DATA_VOL, DATA_SIZE, null],
@@ -83,27 +84,39 @@ describe.concurrent('manifest.json of every backup path', () => {
     expectClean(s);
   });
 
-  it.each(['0', '1', '2'])(
-    'stopped VM, NASBACKUP_HASH_WORKERS=%s (on this thread, or workers reading the copy buffers): the same digests',
-    async (workers) => {
-      const s = scenario(`mf-stopped-w${workers}`, { dataDisk: true, state: 'shut off' });
-      const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra: fullFlags() }, { NASBACKUP_HASH_WORKERS: workers });
+  it.each([
+    ['xxh64', '2'],
+    ['sha256', '0'],
+    ['sha256', '1'],
+    ['sha256', '2'],
+  ])(
+    'stopped VM, NASBACKUP_DIGEST=%s, NASBACKUP_HASH_WORKERS=%s (on this thread, or workers reading the copy buffers): the same digests',
+    async (algorithm, workers) => {
+      const s = scenario(`mf-stopped-${algorithm}-w${workers}`, { dataDisk: true, state: 'shut off' });
+      const env = { NASBACKUP_HASH_WORKERS: workers, NASBACKUP_DIGEST: algorithm };
+      const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra: fullFlags() }, env);
       expect(r.code).toBe(0);
-      expect(manifestOf(s).disks).toHaveLength(2);
+      const m = manifestOf(s);
+      expect(m.disks).toHaveLength(2);
+      // SHA-256 manifests stay version 1, which releases before XXH64 read.
+      expect([m.digest.algorithm, m.version]).toEqual([algorithm, algorithm === 'sha256' ? 1 : 2]);
       expectDigestsMatch(s);
       expectClean(s);
     },
   );
 
-  it('running VM, full: manifest inside the size line (du -sb of the folder), digests of each file', async () => {
-    const s = scenario('mf-full', { dataDisk: true });
-    const r = await backup(s, { extra: fullFlags() });
-    expect(r.code).toBe(0);
-    expect(r.stdout).toBe(completedBlock(24 * MiB) + `${duSb(s.final)}\nBITMAP_CREATED=${NEW_BITMAP}\n`);
-    expect(manifestOf(s)).toMatchObject({ kind: 'full', mode: 'full', checkpoint: NEW_BITMAP, parent: null });
-    expectDigestsMatch(s);
-    expectClean(s);
-  });
+  it.each(['xxh64', 'sha256'])(
+    'running VM, full, %s: manifest inside the size line (du -sb of the folder), digests of each file',
+    async (algorithm) => {
+      const s = scenario(`mf-full-${algorithm}`, { dataDisk: true });
+      const r = await backup(s, { extra: fullFlags() }, { NASBACKUP_DIGEST: algorithm });
+      expect(r.code).toBe(0);
+      expect(r.stdout).toBe(completedBlock(24 * MiB) + `${duSb(s.final)}\nBITMAP_CREATED=${NEW_BITMAP}\n`);
+      expect(manifestOf(s)).toMatchObject({ kind: 'full', mode: 'full', checkpoint: NEW_BITMAP, parent: null, digest: { algorithm } });
+      expectDigestsMatch(s);
+      expectClean(s);
+    },
+  );
 
   it('running VM, incremental: the thin layers only (own clusters), parent and checkpoints named', async () => {
     const s = scenario('mf-inc', {

@@ -50,9 +50,9 @@ describe('chain verify: pipelined checks', () => {
       calls.push(['check', abs, file]);
       return structuralCheck(abs, undefined, file);
     };
-    const digest: DigestFn = async (abs, extentBytes, onData, file) => {
+    const digest: DigestFn = async (abs, { extentBytes, algorithm }, onData, file) => {
       calls.push(['digest', abs, file]);
-      return readLayerDigest(abs, { extentBytes, ...(onData ? { onData } : {}), ...(file ? { file } : {}) });
+      return readLayerDigest(abs, { extentBytes, algorithm, ...(onData ? { onData } : {}), ...(file ? { file } : {}) });
     };
     const vm = await discover(instanceDir);
     const r = await verifyChains(vm, check, 4, { scope: vm.backups, digest, layers: 3 });

@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { discover } from '../../lib/store/backups.js';
 import { verifyChains } from '../../lib/store/verify-chains.js';
 import { readLayerDigest } from '../../lib/store/layer-read.js';
+import type { DigestSpec } from '../../lib/store/manifest.js';
 import { structuralCheck } from '../../lib/store/safety.js';
 import { afterAll, describe, expect, it } from 'vitest';
 import { leftovers, logText } from '../helpers/cli.js';
@@ -87,8 +88,8 @@ describe('chain verify: content re-read with reads in flight, progress', () => {
     await manifestsForChain(sb);
     const vm = await discover(instanceDir);
     const calls: Array<[number, number]> = [];
-    const digest = (abs: string, extentBytes: number, onData?: (n: number) => void) =>
-      readLayerDigest(abs, { extentBytes, chunkBytes: 65536, inFlight: 3, ...(onData ? { onData } : {}) });
+    const digest = (abs: string, { extentBytes, algorithm }: DigestSpec, onData?: (n: number) => void) =>
+      readLayerDigest(abs, { extentBytes, algorithm, chunkBytes: 65536, inFlight: 3, ...(onData ? { onData } : {}) });
     const ok = await verifyChains(vm, (abs) => structuralCheck(abs), 4, {
       scope: vm.backups,
       digest,

@@ -26,6 +26,8 @@ describe('loadConfig', () => {
     });
     expect(loadConfig({ NASBACKUP_HASH_WORKERS: '0' }).hashWorkers).toBe(0);
     expect(loadConfig({ NASBACKUP_HASH_WORKERS: '2' }).hashWorkers).toBe(2);
+    expect(c.digestAlgorithm).toBe('xxh64');
+    expect(loadConfig({ NASBACKUP_DIGEST: 'sha256' }).digestAlgorithm).toBe('sha256');
     expect(Object.isFrozen(c)).toBe(true);
   });
 
@@ -39,6 +41,7 @@ describe('loadConfig', () => {
     ['NASBACKUP_ENGINE', 'turbo', /Invalid NASBACKUP_ENGINE: turbo \(expected auto, native or qemu-img\)/],
     ['NASBACKUP_HASH_WORKERS', '5', /Invalid NASBACKUP_HASH_WORKERS: 5 \(expected a whole number from 0 to 4\)/],
     ['NASBACKUP_HASH_WORKERS', 'two', /NASBACKUP_HASH_WORKERS/],
+    ['NASBACKUP_DIGEST', 'md5', /Invalid NASBACKUP_DIGEST: md5 \(expected xxh64 or sha256\)/],
   ])('%s=%s is refused with INVALID_SETTING', (name, value, message) => {
     const e = refusal({ [name]: value });
     expect(e.code).toBe('INVALID_SETTING');

@@ -1,11 +1,27 @@
 // An independent recomputation of a layer's extent digests (the canonical stream of
 // lib/store/layer-digest.ts) from qemu-img alone: `qemu-img map` of the layer opened
 // without its backing says which ranges it holds as data or zero, and `qemu-img
-// convert` of the same layer gives the bytes. No line of lib/qcow2 is involved.
+// convert` of the same layer gives the bytes. No line of lib/qcow2 is involved, nor of our
+// digests: SHA-256 is Node's, XXH64 the xxhash-wasm package's (a separate implementation).
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
+import xxhash from 'xxhash-wasm';
 import { readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+
+const oracle = await xxhash();
+
+export type Algorithm = 'xxh64' | 'sha256';
+
+/** A streaming hash with hex output, by an implementation other than ours. */
+export function oracleHash(algorithm: Algorithm): { update(b: Uint8Array): void; hex(): string } {
+  if (algorithm === 'sha256') {
+    const h = createHash('sha256');
+    return { update: (b) => void h.update(b), hex: () => h.digest('hex') };
+  }
+  const h = oracle.create64();
+  return { update: (b) => void h.update(b), hex: () => h.digest().toString(16).padStart(16, '0') };
+}
 
 interface MapRow {
   start: number;
@@ -22,6 +38,7 @@ export function recomputeDigests(
   path: string,
   scratch: string,
   extentBytes = 64 * 1024 * 1024,
+  algorithm: Algorithm = 'xxh64',
 ): { unitBytes: number; dataBytes: number; zeroBytes: number; extents: Array<{ index: number; digest: string }> } {
   const info = JSON.parse(execFileSync('qemu-img', ['info', '-U', '--output=json', path], { encoding: 'utf8' })) as {
     'cluster-size': number;
@@ -46,7 +63,7 @@ export function recomputeDigests(
   }
   const extents: Array<{ index: number; digest: string }> = [];
   for (let index = 0; index * extentBytes < size; index++) {
-    const h = createHash('sha256');
+    const h = oracleHash(algorithm);
     let held = false;
     const end = Math.min((index + 1) * extentBytes, size);
     for (let off = index * extentBytes; off < end; off += unit) {
@@ -55,7 +72,7 @@ export function recomputeDigests(
       if (s === 1) h.update(bytes.subarray(off, Math.min(off + unit, size)));
       if (s !== 0) held = true;
     }
-    if (held) extents.push({ index, digest: h.digest('hex') });
+    if (held) extents.push({ index, digest: h.hex() });
   }
   return { unitBytes: unit, dataBytes, zeroBytes, extents };
 }
@@ -65,7 +82,13 @@ export function recomputeDigests(
  * disk files (recomputeDigests), as a backup would have written it: restore and verify tests
  * get chains with manifests without a line of our digest code in their making.
  */
-export function writeManifestFromQemu(instanceDir: string, ts: string, scratch: string, extentBytes = 64 * 1024 * 1024): void {
+export function writeManifestFromQemu(
+  instanceDir: string,
+  ts: string,
+  scratch: string,
+  extentBytes = 64 * 1024 * 1024,
+  algorithm: Algorithm = 'xxh64',
+): void {
   const folder = join(instanceDir, ts);
   const vm = instanceDir.split('/').at(-1)!;
   const disks = readdirSync(folder)
@@ -78,7 +101,7 @@ export function writeManifestFromQemu(instanceDir: string, ts: string, scratch: 
         'backing-filename'?: string;
         'backing-filename-format'?: string;
       };
-      const d = recomputeDigests(path, scratch, extentBytes);
+      const d = recomputeDigests(path, scratch, extentBytes, algorithm);
       return {
         file,
         volumeId: file.split('.').slice(1, -1).join('.'),
@@ -92,7 +115,8 @@ export function writeManifestFromQemu(instanceDir: string, ts: string, scratch: 
     });
   const m = {
     format: 'nasbackup-manifest',
-    version: 1,
+    // Version 2 brought XXH64; a SHA-256 manifest is written as version 1, as before it.
+    version: algorithm === 'sha256' ? 1 : 2,
     tool: { name: 'nasbackup', version: 'test' },
     vm,
     path: `${vm}/${ts}`,
@@ -102,7 +126,7 @@ export function writeManifestFromQemu(instanceDir: string, ts: string, scratch: 
     checkpoint: null,
     incrementalFrom: null,
     parent: null,
-    digest: { algorithm: 'sha256', stream: 'nasbackup-layer-v1', extentBytes },
+    digest: { algorithm, stream: 'nasbackup-layer-v1', extentBytes },
     disks,
   };
   writeFileSync(join(folder, 'manifest.json'), JSON.stringify(m, null, 2) + '\n');

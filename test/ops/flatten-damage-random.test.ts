@@ -56,7 +56,7 @@ async function expectations(files: string[]): Promise<LayerExpectation[]> {
   const out: LayerExpectation[] = [];
   for (const f of files) {
     const d = await digestLayer(f, { extentBytes: EXTENT });
-    out.push({ backup: f, file: f, extentBytes: EXTENT, digests: new Map(d.extents.map((e) => [e.index, e.digest])) });
+    out.push({ backup: f, file: f, extentBytes: EXTENT, algorithm: 'xxh64', digests: new Map(d.extents.map((e) => [e.index, e.digest])) });
   }
   return out.reverse(); // top first, like the chain
 }

@@ -144,13 +144,18 @@ export function expectRefused(sb: Sandbox, r: Bounded, code: string, before: Tre
 export const sha = (file: string): string => execFileSync('sha256sum', [file], { encoding: 'utf8' }).split(' ')[0]!;
 export const bytes = (file: string): Buffer => readFileSync(file);
 
-/** A full-backup manifest (1 MiB extents) beside each layer of `chained`'s chain. */
+/**
+ * A full-backup manifest (1 MiB extents) beside each layer of `chained`'s chain: XXH64
+ * (version 2) and SHA-256 (version 1, as every manifest was before XXH64) by turns, so a
+ * chain mixes the two as an upgraded host's chains do.
+ */
 export async function manifestsForChain(sb: Sandbox): Promise<void> {
-  for (const ts of TS) {
+  for (const [i, ts] of TS.entries()) {
     const f = onNas(sb, ts);
+    const algorithm = i % 2 === 0 ? 'xxh64' : 'sha256';
     await writeManifestFile(dirname(f), {
       format: 'nasbackup-manifest',
-      version: 1,
+      version: algorithm === 'sha256' ? 1 : 2,
       tool: { name: 'nasbackup', version: 'test' },
       vm: VM,
       path: `${VM}/${ts}`,
@@ -160,8 +165,8 @@ export async function manifestsForChain(sb: Sandbox): Promise<void> {
       checkpoint: null,
       incrementalFrom: null,
       parent: null,
-      digest: { algorithm: 'sha256', stream: 'nasbackup-layer-v1', extentBytes: 1 << 20 },
-      disks: [await describeLayer(f, VOL, 1 << 20)],
+      digest: { algorithm, stream: 'nasbackup-layer-v1', extentBytes: 1 << 20 },
+      disks: [await describeLayer(f, VOL, 1 << 20, algorithm)],
     });
   }
 }

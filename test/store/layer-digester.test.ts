@@ -10,6 +10,7 @@ import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { Qcow2Image } from '../../lib/qcow2/index.js';
+import type { DigestAlgorithm } from '../../lib/store/digest/index.js';
 import { HashPool } from '../../lib/store/hash-pool.js';
 import { digestLayer, LayerDigester, type UnitKind } from '../../lib/store/layer-digest.js';
 import { describeLayer, layerEntry } from '../../lib/store/manifest-file.js';
@@ -60,8 +61,13 @@ function readLayer(path: string, scratch: string): Layer {
 }
 
 /** Feed the layer in random pieces: data split anywhere, zero at unit boundaries, unallocated sometimes left as a gap. */
-function stream(layer: Layer, extentBytes: number, rand: (n: number) => number): ReturnType<LayerDigester['finish']> {
-  const dg = new LayerDigester({ virtualSize: layer.size, unitBytes: layer.unit, extentBytes });
+function stream(
+  layer: Layer,
+  extentBytes: number,
+  rand: (n: number) => number,
+  algorithm: DigestAlgorithm = 'xxh64',
+): ReturnType<LayerDigester['finish']> {
+  const dg = new LayerDigester({ virtualSize: layer.size, unitBytes: layer.unit, extentBytes, algorithm });
   for (const r of layer.rows) {
     if (r.kind === 'unallocated' && rand(2) === 0) continue;
     for (let off = r.start; off < r.start + r.length;) {
@@ -148,13 +154,17 @@ describe('LayerDigester (streaming) = digestLayer (re-read of the written file)'
         for (const path of variants) {
           const layer = readLayer(path, dir);
           for (const extentBytes of [Math.max(cs, MiB), 2 * Math.max(cs, 2 * MiB), 64 * MiB]) {
-            const reread = await digestLayer(path, { extentBytes });
-            const streamed = stream(layer, extentBytes, rand);
-            expect(streamed, `${path} extent ${extentBytes}`).toEqual(reread);
-            // Hashed on worker threads, reads in flight: the same digests.
-            expect(await digestLayer(path, { extentBytes, pool }), `${path} extent ${extentBytes}, pool`).toEqual(reread);
-            // And both agree with the independent recomputation where it applies (no subclusters).
-            if (!ext) expect(reread.extents).toEqual(recomputeDigests(path, dir, extentBytes).extents);
+            // XXH64 hashes inline on the pool; SHA-256 goes to its worker threads.
+            for (const algorithm of ['xxh64', 'sha256'] as const) {
+              const what = `${path} extent ${extentBytes} ${algorithm}`;
+              const reread = await digestLayer(path, { extentBytes, algorithm });
+              const streamed = stream(layer, extentBytes, rand, algorithm);
+              expect(streamed, what).toEqual(reread);
+              // Hashed on the pool, reads in flight: the same digests.
+              expect(await digestLayer(path, { extentBytes, algorithm, pool }), `${what}, pool`).toEqual(reread);
+              // And both agree with the independent recomputation where it applies (no subclusters).
+              if (!ext) expect(reread.extents).toEqual(recomputeDigests(path, dir, extentBytes, algorithm).extents);
+            }
           }
           expect((await digestLayer(path)).extents.length).toBeGreaterThan(0);
         }
@@ -229,7 +239,7 @@ describe('HashPool', () => {
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', img, String(64 * MiB)]);
     execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x21 0 ${64 * MiB}`, img], { stdio: 'ignore' });
     const pool = new HashPool({ workers: 2, slotBytes: MiB, slots: 4 });
-    const running = digestLayer(img, { extentBytes: 4 * MiB, pool });
+    const running = digestLayer(img, { extentBytes: 4 * MiB, algorithm: 'sha256', pool });
     const failed = expect(running).rejects.toThrow(/closed/);
     await pool.close();
     await failed;
@@ -238,6 +248,7 @@ describe('HashPool', () => {
     await expect(
       digestLayer(img, {
         extentBytes: 4 * MiB,
+        algorithm: 'sha256',
         pool: pool2,
         between: () => {
           if (++n === 3) throw new Error('interrupted');
@@ -245,8 +256,26 @@ describe('HashPool', () => {
       }),
     ).rejects.toThrow(/interrupted/);
     // The pool still serves a digest afterwards, equal to hashing here.
-    expect(await digestLayer(img, { extentBytes: 4 * MiB, pool: pool2 })).toEqual(await digestLayer(img, { extentBytes: 4 * MiB }));
+    const sha = { extentBytes: 4 * MiB, algorithm: 'sha256' } as const;
+    expect(await digestLayer(img, { ...sha, pool: pool2 })).toEqual(await digestLayer(img, sha));
     await pool2.close();
+  });
+
+  it('XXH64 extents never start a worker (hashed inline); the first SHA-256 extent starts them', async () => {
+    const img = join(dir, 'route.qcow2');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', img, String(16 * MiB)]);
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x42 0 ${12 * MiB}`, img], { stdio: 'ignore' });
+    const pool = new HashPool({ workers: 2, slotBytes: MiB, slots: 4 });
+    try {
+      const x = { extentBytes: 4 * MiB, algorithm: 'xxh64' } as const;
+      expect(await digestLayer(img, { ...x, pool })).toEqual(await digestLayer(img, x));
+      expect(pool.workersStarted).toBe(0);
+      const sha = { extentBytes: 4 * MiB, algorithm: 'sha256' } as const;
+      expect(await digestLayer(img, { ...sha, pool })).toEqual(await digestLayer(img, sha));
+      expect(pool.workersStarted).toBeGreaterThan(0);
+    } finally {
+      await pool.close();
+    }
   });
 });
 
@@ -258,7 +287,7 @@ describe('HashPool with the inline hasher (workers: 0)', () => {
       expect(pool.threads).toBe(0);
       const slot = pool.tryAcquire()!;
       slot.buf.fill(0x5a);
-      const sink = pool.sink();
+      const sink = pool.sink('sha256');
       sink.repeat(1, 3);
       sink.bytes(slot.buf);
       sink.bytes(Buffer.from('literal'));

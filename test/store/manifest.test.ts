@@ -54,6 +54,23 @@ describe('manifest codec', () => {
     expect(decodeManifest(encodeManifest(m))).toEqual(m);
   });
 
+  it('reads version 2 with XXH64 digests (16 hex digits), and SHA-256 at version 2 too', () => {
+    const m = sample();
+    m.version = 2;
+    m.digest.algorithm = 'xxh64';
+    m.disks[0]!.extents = [
+      { index: 0, digest: 'ef46db3751d8e999' },
+      { index: 3, digest: '0123456789abcdef' },
+    ];
+    expect(decodeManifest(encodeManifest(m))).toEqual(m);
+    const o = JSON.parse(encodeManifest(m)) as { disks: Array<{ extents: Array<{ digest: string }> }> };
+    o.disks[0]!.extents[0]!.digest = 'a'.repeat(64);
+    expect(() => decodeManifest(JSON.stringify(o))).toThrow(/extents\[0\]\.digest is not 16 hex digits/);
+    const s = sample();
+    s.version = 2;
+    expect(decodeManifest(encodeManifest(s))).toEqual(s);
+  });
+
   const refuse = (edit: (o: Record<string, unknown>) => void, why: RegExp): void => {
     const o = JSON.parse(encodeManifest(sample())) as Record<string, unknown>;
     edit(o);
@@ -66,8 +83,16 @@ describe('manifest codec', () => {
   it('refuses what it cannot trust, naming the field', () => {
     expect(() => decodeManifest('{"format":')).toThrow(/not JSON/);
     refuse((o) => (o.format = 'other'), /format/);
-    refuse((o) => (o.version = 2), /version 2 is not supported/);
-    refuse((o) => ((o.digest as Record<string, unknown>).algorithm = 'md5'), /digest is not sha256/);
+    refuse((o) => (o.version = 3), /version 3 is not supported \(this reader knows 1 to 2\)/);
+    refuse((o) => ((o.digest as Record<string, unknown>).algorithm = 'md5'), /digest.algorithm "md5" is not known/);
+    refuse((o) => ((o.digest as Record<string, unknown>).stream = 'other'), /digest is not over nasbackup-layer-v1/);
+    // XXH64 came with version 2: a version-1 manifest that claims it is not one we wrote.
+    refuse((o) => {
+      o.version = 1;
+      (o.digest as Record<string, unknown>).algorithm = 'xxh64';
+    }, /digest.algorithm "xxh64" is not known to manifest version 1/);
+    // A digest of the other algorithm's length.
+    refuse((o) => (ext(o)[0]!.digest = '0123456789abcdef'), /extents\[0\]\.digest is not 64 hex digits/);
     refuse((o) => ((o.digest as Record<string, unknown>).extentBytes = 1000), /extentBytes/);
     refuse((o) => (ext(o)[0]!.digest = 'xyz'), /extents\[0\]\.digest is not 64 hex digits/);
     refuse((o) => (ext(o)[1]!.index = 0), /extents\[1\]\.index 0 is out of order/);

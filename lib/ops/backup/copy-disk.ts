@@ -6,6 +6,7 @@
 // workers) while the reads and writes go on (a slot is read into again once both its write
 // and its hash are done).
 import { copyImage, Qcow2Writer, type CopyBufferPool, type CopyOptions, type CopySource, type CopyStats } from '../../qcow2/index.js';
+import type { DigestAlgorithm } from '../../store/digest/index.js';
 import { HashPool } from '../../store/hash-pool.js';
 import { LayerDigester, type LayerDigest } from '../../store/layer-digest.js';
 import { DEFAULT_EXTENT_BYTES } from '../../store/manifest.js';
@@ -43,6 +44,8 @@ export function copyHashPool(workers = 0): HashPool {
 
 export interface DiskCopyOptions extends Pick<CopyOptions, 'onProgress' | 'checkpoint' | 'rateBytesPerSec' | 'requestBytes' | 'buffers'> {
   extentBytes?: number;
+  /** The manifest's digest algorithm (default: the one new manifests use). */
+  algorithm?: DigestAlgorithm;
   compress?: boolean;
   /** Digest while copying (default); false only for measurements without the manifest (bench-manifest). */
   digest?: boolean;
@@ -83,13 +86,14 @@ export async function copyDiskToQcow2(src: CopySource, dst: string, opts: DiskCo
     flushEveryBytes: BACKUP_FLUSH_BYTES,
   });
   // The new layer has no backing: a zero run is left unallocated in it, and so digested.
-  const { digest = true, pool: given, ...copyOpts } = opts;
+  const { digest = true, pool: given, algorithm, ...copyOpts } = opts;
   const pool = digest ? given : undefined;
   const dg = new LayerDigester({
     virtualSize: src.virtualSize,
     unitBytes: w.clusterSize,
     extentBytes: opts.extentBytes ?? DEFAULT_EXTENT_BYTES,
-    ...(pool ? { sink: () => pool.sink() } : {}),
+    ...(algorithm ? { algorithm } : {}),
+    ...(pool ? { sink: (a) => pool.sink(a) } : {}),
   });
   try {
     const stats = await copyImage(src, w, {

@@ -17,10 +17,9 @@ import { digestLayer, type LayerDigest } from '../../store/layer-digest.js';
 import { HashPool } from '../../store/hash-pool.js';
 import {
   DEFAULT_EXTENT_BYTES,
-  DIGEST_ALGORITHM,
   DIGEST_STREAM,
   MANIFEST_FORMAT,
-  MANIFEST_VERSION,
+  manifestVersionFor,
   type Manifest,
   type ManifestDisk,
 } from '../../store/manifest.js';
@@ -74,10 +73,16 @@ export function startHashPool(ctx: OpContext, expectedBytes: number | null): Has
   return hashPool(ctx);
 }
 
-/** NASBACKUP_HASH_WORKERS on the running path: 0 hashes on this thread (no pool), n workers, unset one per core. */
+/**
+ * NASBACKUP_HASH_WORKERS on the running path: 0 hashes on this thread (no pool), n workers,
+ * unset one per core. XXH64 never needs a worker (it outruns the reads on one core): its
+ * pool hashes inline, between the reads, with the few slots that takes.
+ */
 function hashPool(ctx: OpContext): HashPool | null {
   const n = ctx.config.hashWorkers;
-  return n === 0 ? null : new HashPool(n === null ? {} : { workers: n });
+  if (n === 0) return null;
+  if (ctx.config.digestAlgorithm === 'xxh64') return new HashPool({ workers: 0 });
+  return new HashPool(n === null ? {} : { workers: n });
 }
 
 /**
@@ -101,7 +106,8 @@ export function digestNewLayers(ctx: OpContext, work: WorkDir, files: readonly s
       if (pool === null && bytes >= POOL_MIN_BYTES && !cancelled) pool = hashPool(ctx);
       for (const f of files) {
         between();
-        out.set(f, await digestLayer(work.file(f), { extentBytes: DEFAULT_EXTENT_BYTES, between, ...(pool ? { pool } : {}) }));
+        const opts = { extentBytes: DEFAULT_EXTENT_BYTES, algorithm: ctx.config.digestAlgorithm, between };
+        out.set(f, await digestLayer(work.file(f), { ...opts, ...(pool ? { pool } : {}) }));
       }
     } finally {
       await pool?.close();
@@ -168,9 +174,10 @@ async function manifestStep(
     if (!dg) throw new Error(`no digests of ${d.file}`);
     disks.push(await layerEntry(work.file(d.file), d.volId, dg));
   }
+  const algorithm = ctx.config.digestAlgorithm;
   const m: Manifest = {
     format: MANIFEST_FORMAT,
-    version: MANIFEST_VERSION,
+    version: manifestVersionFor(algorithm),
     tool: { name: 'nasbackup', version: toolVersion() },
     vm: a.vm,
     path: a.path,
@@ -180,7 +187,7 @@ async function manifestStep(
     checkpoint: facts.checkpoint,
     incrementalFrom: facts.incrementalFrom,
     parent: facts.parent,
-    digest: { algorithm: DIGEST_ALGORITHM, stream: DIGEST_STREAM, extentBytes: DEFAULT_EXTENT_BYTES },
+    digest: { algorithm, stream: DIGEST_STREAM, extentBytes: DEFAULT_EXTENT_BYTES },
     disks,
   };
   await writeManifestFile(work.path, m);

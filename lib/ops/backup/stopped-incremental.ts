@@ -23,6 +23,7 @@ import {
 } from '../../qcow2/index.js';
 import { LayerDigester, type LayerDigest } from '../../store/layer-digest.js';
 import type { HashPool } from '../../store/hash-pool.js';
+import type { DigestAlgorithm } from '../../store/digest/index.js';
 import { slotBuffers } from './copy-disk.js';
 import { softly } from '../../clients/failure.js';
 import type { QemuImgClient } from '../../clients/qemu-img.js';
@@ -208,6 +209,8 @@ export interface DirtyCopy {
   onProgress?: (done: number) => void;
   /** Hash on these workers, the engine reading into their slots (as the full copy does). */
   pool?: HashPool;
+  /** The manifest's digest algorithm (default: the one new manifests use). */
+  algorithm?: DigestAlgorithm;
 }
 
 export interface DirtyCopyResult {
@@ -255,7 +258,12 @@ export async function copyDirty(c: DirtyCopy): Promise<DirtyCopyResult> {
     writer = await Qcow2Writer.create(c.dst, { virtualSize: c.virtualSize, backing: { name: c.backing, format: 'qcow2' } });
     const w = writer;
     const pool = c.pool;
-    const digester = new LayerDigester({ virtualSize: c.virtualSize, unitBytes: w.unit, ...(pool ? { sink: () => pool.sink() } : {}) });
+    const digester = new LayerDigester({
+      virtualSize: c.virtualSize,
+      unitBytes: w.unit,
+      ...(c.algorithm ? { algorithm: c.algorithm } : {}),
+      ...(pool ? { sink: (a) => pool.sink(a) } : {}),
+    });
     const total: CopyStats = { totalBytes: 0, readBytes: 0, dataBytes: 0, zeroBytes: 0, elapsedMs: 0 };
     const counted = { dirty: 0 };
     let batch: CopyRange[] = [];
@@ -323,6 +331,7 @@ export async function writeOfflineIncremental(
       dst,
       backing,
       checkpoint: () => ctx.checkpoint(),
+      algorithm: ctx.config.digestAlgorithm,
       ...(pool ? { pool } : {}),
     });
     // A VM started meanwhile would have set in-use on the bitmap: the copy may be torn.

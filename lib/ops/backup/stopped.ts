@@ -284,6 +284,7 @@ async function copyDisk(
         compress: a.compress,
         digest: !ctx.config.benchSkipManifest,
         pool: poolFor(),
+        algorithm: ctx.config.digestAlgorithm,
         ...(a.bandwidth !== null ? { rateBytesPerSec: a.bandwidth } : {}),
         onProgress: (done, total) => {
           progress.update(done, total);

@@ -96,6 +96,7 @@ async function verifyContent(ctx: OpContext, work: WorkDir, ts: string, m: Manif
       try {
         const got = await digestLayer(f.abs, {
           extentBytes: m.digest.extentBytes,
+          algorithm: m.digest.algorithm,
           between: () => ctx.checkpoint(),
           ...(pool ? { pool } : {}),
         });

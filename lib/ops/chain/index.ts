@@ -101,9 +101,10 @@ export async function chainVerify(ctx: OpContext, a: ChainArgs, opts: VerifyOpti
         if (bytes >= POOL_MIN_BYTES) pool ??= new HashPool();
       },
       // Several reads in flight per layer, a few layers at once (lib/store/layer-read.ts).
-      digest: (abs, extentBytes, onData, file) =>
+      digest: (abs, { extentBytes, algorithm }, onData, file) =>
         readLayerDigest(abs, {
           extentBytes,
+          algorithm,
           ...(file ? { file } : {}),
           between: () => ctx.checkpoint(),
           ...(onData ? { onData } : {}),

@@ -7,7 +7,7 @@
 // Ours includes the process start, the NAS mount, the lock, the chain pre-flight, the digests
 // and the fsync before the rename; `qemu-img convert` (default cache mode) never flushes.
 //   npm run bench:restore [-- --size-mib 4096 --layers 5 --full-mib 2048 --inc-mib 256 --runs 5]
-//   (--keep keeps the chain and prints where; --no-drop-caches runs warm)
+//   (--keep keeps the chain and prints where; --no-drop-caches runs warm; --digest sha256 for the older manifests)
 //   a short run: -- --size-mib 512 --full-mib 128 --inc-mib 32 --runs 3
 import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -16,6 +16,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describeLayer, writeManifestFile } from '../lib/store/manifest-file.js';
 import { DEFAULT_EXTENT_BYTES } from '../lib/store/manifest.js';
+import type { DigestAlgorithm } from '../lib/store/digest/index.js';
 import { chainManifest } from './lib/chain-manifest.js';
 
 const arg = (name: string, dflt: number): number => {
@@ -30,6 +31,9 @@ const fullMiB = arg('full-mib', 2048);
 const incMiB = arg('inc-mib', 256);
 const runs = arg('runs', 5);
 const dropCaches = !process.argv.includes('--no-drop-caches');
+/** The manifests' digest algorithm (`--digest sha256` measures restore of the older manifests). */
+const digestArg = process.argv.indexOf('--digest');
+const digest: DigestAlgorithm = digestArg > 0 && process.argv[digestArg + 1] === 'sha256' ? 'sha256' : 'xxh64';
 /** Keep the chain (and print where) for a closer look. */
 const keep = process.argv.includes('--keep');
 const BIN = fileURLToPath(new URL('../bin/nasbackup', import.meta.url));
@@ -104,11 +108,11 @@ async function main(): Promise<void> {
       for (let c = 0; c < cmds.length; c += 512)
         execFileSync('qemu-io', ['-f', 'qcow2', ...cmds.slice(c, c + 512), file], { stdio: 'ignore' });
       // The backup's manifest, as the backup writes it.
-      const disk = await describeLayer(file, VOL, DEFAULT_EXTENT_BYTES);
+      const disk = await describeLayer(file, VOL, DEFAULT_EXTENT_BYTES, digest);
       const parentTs = i === 0 ? null : ts[i - 1]!;
       await writeManifestFile(
         path.dirname(file),
-        chainManifest({ vm: VM, ts: t, parentTs, index: i, extentBytes: DEFAULT_EXTENT_BYTES, disk }),
+        chainManifest({ vm: VM, ts: t, parentTs, index: i, extentBytes: DEFAULT_EXTENT_BYTES, algorithm: digest, disk }),
       );
     }
     const top = files.at(-1)!;

@@ -10,7 +10,7 @@
 // cost is structure), and `v`, a chain with data to prove (2 GiB disk, a 1 GiB full, 16 MiB per
 // incremental). Medians of --runs (≥ 5) with min–max, paired ratios per run.
 //   npm run bench:verify [-- --depth 50 --runs 5 --shapes e,v --full-mib 1024 --inc-mib 16]
-//   smaller: --depth 10 --runs 2 --full-mib 64 --inc-mib 4
+//   smaller: --depth 10 --runs 2 --full-mib 64 --inc-mib 4; --digest sha256 verifies the older manifests
 //   profiling: --build <dir> builds the chains under <dir>/<shape>/nas and exits (remove it after)
 import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -67,7 +67,7 @@ interface Shape {
 
 async function buildChain(nas: string, s: Shape): Promise<string[]> {
   const { describeLayer, writeManifestFile } = (await import(path.join(ROOT, 'dist/lib/store/manifest-file.js'))) as {
-    describeLayer: (abs: string, vol: string, extentBytes: number) => Promise<ManifestDisk>;
+    describeLayer: (abs: string, vol: string, extentBytes: number, algorithm: 'xxh64' | 'sha256') => Promise<ManifestDisk>;
     writeManifestFile: (dir: string, m: unknown) => Promise<void>;
   };
   const files: string[] = [];
@@ -83,9 +83,10 @@ async function buildChain(nas: string, s: Shape): Promise<string[]> {
     const len = (i === 0 ? s.full : s.inc) * MiB;
     execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P ${(i % 250) + 1} ${at} ${len}`, f], { stdio: 'ignore' });
     const extentBytes = 64 * MiB;
-    const disk = await describeLayer(f, VOL, extentBytes);
+    const algorithm = arg('digest', 'xxh64') === 'sha256' ? 'sha256' : 'xxh64';
+    const disk = await describeLayer(f, VOL, extentBytes, algorithm);
     const parentTs = i === 0 ? null : path.basename(path.dirname(files[i - 1]!));
-    await writeManifestFile(path.dirname(f), chainManifest({ vm: VM, ts, parentTs, index: i, extentBytes, disk }));
+    await writeManifestFile(path.dirname(f), chainManifest({ vm: VM, ts, parentTs, index: i, extentBytes, algorithm, disk }));
     files.push(f);
   }
   return files;

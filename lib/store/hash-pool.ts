@@ -1,6 +1,7 @@
 // Extent digests off the reader's path: SHA-256 on worker threads, so the digests of
-// different extents are computed on every core while the main thread only reads. The workers know nothing of the canonical
-// stream (layer-digest.ts builds it); they hash what they are told, in order: a byte
+// different extents are computed on every core while the main thread only reads. The
+// workers know nothing of the canonical stream (layer-digest.ts builds it); they hash what
+// they are told, in order: a byte
 // repeated n times, a range of the shared read buffer, or literal bytes. Reads land in
 // slots of one SharedArrayBuffer that the workers see too, so data is never copied
 // between threads; a slot is free again once the worker that hashed it says so.
@@ -233,7 +234,17 @@ export class HashPool {
     return h;
   }
 
-  /** Worker threads started so far (they start with the first SHA-256 extent). */
+  /**
+   * Start the workers now when `algorithm` is one they hash (SHA-256): a caller that knows
+   * the algorithm early (a running VM's backup, while QEMU copies) takes their start-up
+   * (threads, module loading) off its path. Otherwise they start with the first extent.
+   */
+  warm(algorithm: DigestAlgorithm): this {
+    if (algorithm === 'sha256') for (let i = 0; i < this.threads; i++) this.hasher(i);
+    return this;
+  }
+
+  /** Worker threads started so far (they start with the first SHA-256 extent, or warm()). */
   get workersStarted(): number {
     return this.hashers.slice(0, this.threads).filter(Boolean).length;
   }

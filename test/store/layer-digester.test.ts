@@ -276,6 +276,11 @@ describe('HashPool', () => {
     } finally {
       await pool.close();
     }
+    // warm() starts them ahead for SHA-256 only.
+    const warmed = new HashPool({ workers: 2 });
+    expect(warmed.warm('xxh64').workersStarted).toBe(0);
+    expect(warmed.warm('sha256').workersStarted).toBe(2);
+    await warmed.close();
   });
 });
 

@@ -70,7 +70,7 @@ export interface PendingDigests {
  */
 export function startHashPool(ctx: OpContext, expectedBytes: number | null): HashPool | null {
   if (ctx.config.benchSkipManifest || (expectedBytes !== null && expectedBytes < POOL_MIN_BYTES)) return null;
-  return hashPool(ctx);
+  return hashPool(ctx)?.warm(ctx.config.digestAlgorithm) ?? null;
 }
 
 /**

@@ -359,7 +359,7 @@ async function* mapSteps(img: Qcow2Image, extentBytes: number, chunk: number, be
 }
 
 const runCache = new Map<number, Buffer>();
-export function repeatInto(hash: StreamDigest, byte: number, n: number): void {
+function repeatInto(hash: StreamDigest, byte: number, n: number): void {
   // Long runs (a 2 TiB unallocated disk) in bounded pieces.
   const piece = 1 << 16;
   let b = runCache.get(byte);

@@ -9,9 +9,9 @@ export const MANIFEST_NAME = 'manifest.json';
 /** The `format` field: what this JSON is. */
 export const MANIFEST_FORMAT = 'nasbackup-manifest';
 /**
- * Schema version; a reader refuses a newer one rather than misreading it. Version 2 added
- * the XXH64 digest; a SHA-256 manifest is still written as version 1, which every release
- * reads.
+ * The newest schema version this reader knows; it refuses a newer one rather than misreading
+ * it. Version 2 added the XXH64 digest; a SHA-256 manifest is still written as version 1,
+ * which every release reads.
  */
 export const MANIFEST_VERSION = 2;
 export type ManifestVersion = 1 | 2;

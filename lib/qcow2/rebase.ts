@@ -1,16 +1,17 @@
 // Native safe rebase for the in-chain case: the target T backs onto O1 → … → O(j-1) → N
 // and is repointed at N. Every cluster (subcluster with extended L2) that the removed
 // layers O1..O(j-1) allocate and T does not is copied into T — data as data, zero
-// clusters as zero clusters — without reading N. The new backing name is written last.
+// clusters as zero clusters — without reading N. The new backing name is switched to last.
 //
 // Crash safety (docs/qcow2-notes.md §7): new clusters are appended at EOF and only unallocated
 // L2 entries are pointed at them. A refcount table too small for the new clusters is first
-// replaced by a larger one (grow.ts). Per batch: data → fdatasync → refcounts (new refcount
-// blocks are counted, and written, before being linked) → fdatasync → refcount table
-// entries, in rounds so no block is linked before the block counting it (fdatasync after
-// each) → L2 (new tables complete before linking) → fdatasync → L1 → fdatasync. A crash at
-// any point leaves a valid image (leaks at most) whose content equals the original chain's,
-// and a rerun finishes the job.
+// replaced by a larger one (grow.ts). Per batch: data and refcounts (new refcount blocks are
+// counted, and written, before being linked) → fdatasync → refcount table entries, in rounds
+// so no block is linked before the block counting it (fdatasync after each) → L2 (new tables
+// complete before linking) → fdatasync → L1 → fdatasync. The new name goes into free header
+// space before the first batch (durable with its data); the pointer switch is the last write.
+// A crash at any point leaves a valid image (leaks at most) whose content equals the original
+// chain's, and a rerun finishes the job.
 //
 // The parts: rebase/plan.ts (what to copy), rebase/writer.ts (the batches, in the order above),
 // rebase/commit.ts (the header). This file checks the shape and runs them in order.
@@ -23,7 +24,7 @@ import { NodeBlockFile, type BlockFile } from './io.js';
 import { ImageChain } from './view.js';
 import { checkTargetMetadata, mustCover, planWork, workItems } from './rebase/plan.js';
 import { Writer } from './rebase/writer.js';
-import { clearUnknownAutoclear, commitHeader, planHeader } from './rebase/commit.js';
+import { clearUnknownAutoclear, commitHeader, planHeader, writeBackingName } from './rebase/commit.js';
 
 const L2_CACHE_BYTES = 512 << 10;
 
@@ -182,6 +183,7 @@ export async function nativeRebase(opts: NativeRebaseOptions): Promise<NativeReb
     opts.onPlanned?.();
 
     await clearUnknownAutoclear(T);
+    await writeBackingName(T, headerPlan, opts.newBackingName);
     let nextFree = plan.nextFree;
     if (plan.growTable) {
       const g = await growRefcountTable(T, nextFree, mustCover(plan, T.refcountEntriesPerBlock));
@@ -198,7 +200,8 @@ export async function nativeRebase(opts: NativeRebaseOptions): Promise<NativeReb
     result.copiedBytes = w.copiedBytes;
     result.newClusters = w.newClusters;
     result.batches = w.batches;
-    await commitHeader(T, headerPlan, opts.newBackingName);
+    // Every batch ends with fdatasyncs, and so does a grown refcount table: the name is durable.
+    await commitHeader(T, headerPlan, opts.newBackingName, w.batches > 0 || result.refcountTableGrown);
     result.ops = box.hooked?.ops ?? 0;
     return result;
   } finally {

@@ -353,10 +353,12 @@ describe('zeroEntries (the scan over unallocated entries)', () => {
         fc.array(fc.tuple(fc.nat(), fc.integer({ min: 1, max: 255 })), { maxLength: 6 }),
         fc.nat(),
         fc.nat(),
-        (extendedL2, bits, marks, i, m) => {
+        // Where the table starts in its memory: word-aligned or not (the typed view or the fallback).
+        fc.integer({ min: 0, max: 7 }),
+        (extendedL2, bits, marks, i, m, shift) => {
           const layout: L2Layout = { clusterBits: bits, extendedL2 };
           const es = l2EntrySize(layout);
-          const table = Buffer.alloc(1 << bits);
+          const table = Buffer.alloc((1 << bits) + 8).subarray(shift, shift + (1 << bits));
           const entries = table.length / es;
           for (const [at, v] of marks) table[at % table.length] = v;
           const index = i % entries;

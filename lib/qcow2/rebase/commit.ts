@@ -53,11 +53,20 @@ export function planHeader(T: Qcow2Image, c0: Buffer, name: string): HeaderPlan 
 }
 
 /**
- * The commit point. The new name goes into free space of cluster 0 that does not overlap the
- * current name, then one sector-sized write switches backing_file_offset/size; a missing
+ * The new name into free space of cluster 0 that does not overlap the current name (nothing
+ * points at it yet: a crash after it leaves the header as it was). Written before the copy, so
+ * the first batch's fdatasync makes it durable with the data instead of a sync of its own.
+ */
+export async function writeBackingName(T: Qcow2Image, plan: HeaderPlan, name: string): Promise<void> {
+  if (plan.nameAt !== null) await T.file.write(Buffer.from(name, 'utf8'), plan.nameAt);
+}
+
+/**
+ * The commit point: with the name written (writeBackingName; `nameDurable` once an fdatasync
+ * followed it), one sector-sized write switches backing_file_offset/size; a missing
  * backing-format extension is added afterwards, its type/length word last.
  */
-export async function commitHeader(T: Qcow2Image, plan: HeaderPlan, name: string): Promise<void> {
+export async function commitHeader(T: Qcow2Image, plan: HeaderPlan, name: string, nameDurable: boolean): Promise<void> {
   const file = T.file;
   const h = T.header;
   if (plan.nameAt === null) {
@@ -67,8 +76,7 @@ export async function commitHeader(T: Qcow2Image, plan: HeaderPlan, name: string
     return;
   }
   const nameBuf = Buffer.from(name, 'utf8');
-  await file.write(nameBuf, plan.nameAt);
-  await file.datasync();
+  if (!nameDurable) await file.datasync();
   const ptr = encodeBackingPointer(plan.nameAt, nameBuf.length);
   await file.write(ptr.bytes, ptr.offset);
   await file.datasync();

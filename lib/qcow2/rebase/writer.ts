@@ -1,7 +1,7 @@
 // The rebase writer: allocates at EOF, copies the old view's data through the shared copy
 // pipeline (a few reads in flight, one write at a time), edits L2 tables, and makes each batch durable in the crash-safe
-// order (docs/qcow2-notes.md §7): data → fdatasync → refcounts (new refcount blocks counted,
-// and written, before they are linked) → fdatasync → refcount table entries, in rounds so no
+// order (docs/qcow2-notes.md §7): data and refcounts (new refcount blocks counted, and
+// written, before they are linked) → fdatasync → refcount table entries, in rounds so no
 // block is linked before the block counting it (fdatasync after each) → L2 (new tables
 // complete before linking) → fdatasync → L1 → fdatasync.
 import { Qcow2Error } from '../errors.js';
@@ -417,9 +417,9 @@ export class Writer implements CopySink {
     const file = T.file;
     const cs = this.cs;
     this.batches++;
-    // 1. data
-    await file.datasync();
-    // 2. refcounts of every cluster allocated in this batch, new refcount blocks included.
+    // 1. refcounts of every cluster allocated in this batch, new refcount blocks included,
+    // written with the data and made durable by the same fdatasync: a refcount that reaches
+    // the disk before what it counts is a leak at most, and nothing links them yet.
     const epb = entriesPerBlock(cs, T.header.refcountOrder);
     const table = await T.refcountTable();
     const newBlocks = new Map<number, { off: number; buf: Buffer }>();
@@ -438,6 +438,7 @@ export class Writer implements CopySink {
       if (!added) break;
     }
     await writeRefcounts(T, lo, this.nextFree / cs, 1n, newBlocks);
+    // 2. data and refcounts
     await file.datasync();
     // Link order: a new block may be counted in another new block, and must not be reachable
     // before the block that counts it is (qemu-img check: "refcount=0 reference=1").

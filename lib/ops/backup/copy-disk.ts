@@ -33,10 +33,10 @@ const HASH_SLACK = 2;
 /**
  * The pool the copies of one backup hash on (its slots are the engine's read buffers). By
  * default no worker thread: the hashing runs on this thread after each slot's write was
- * started, so it overlaps that write and the next reads (done by the libuv threads). SHA-256
- * with SHA-NI (1.4-1.8 GB/s a core) keeps up with the copy, and a worker's isolate would
- * cost ~12 MiB (over the +32 MiB of issue 18) for no measured gain on 2 cores.
- * NASBACKUP_HASH_WORKERS=n asks for n workers (for a host whose NAS outruns one core).
+ * started, so it overlaps that write and the next reads (done by the libuv threads). XXH64
+ * (~6 GB/s a core) and even SHA-256 with SHA-NI (1.4-1.8 GB/s) keep up with the copy, and a
+ * worker's isolate would cost ~12 MiB (over the +32 MiB of issue 18) for no measured gain on
+ * 2 cores. For SHA-256, NASBACKUP_HASH_WORKERS=n asks for n workers (a NAS that outruns one core).
  */
 export function copyHashPool(workers = 0): HashPool {
   return new HashPool({ workers, slotBytes: BACKUP_REQUEST_BYTES, slots: BACKUP_BUFFERS + (workers > 0 ? HASH_SLACK : 0) });

@@ -2,8 +2,9 @@
 // write `manifest.json` into the work folder (temp file, fsync, rename) just before the
 // commit, so the rename publishes backup and manifest together: a backup folder of ours
 // without one is either unfinished or older than manifests. The read is cheap: it starts
-// right after the data is written (page cache), overlaps the flush, and hashes extents on
-// every core (store/hash-pool.ts); a writer that digests as it writes skips it.
+// right after the data is written (page cache), overlaps the flush, and hashes extents
+// between the reads (XXH64) or on every core (SHA-256; store/hash-pool.ts); a writer that
+// digests as it writes skips it.
 //
 // Sizes the agent reads: the running-VM figure is `du -sb` of the folder (contract §5.1),
 // which now counts the manifest as it counts the side files; the stopped-VM lines list

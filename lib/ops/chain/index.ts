@@ -84,9 +84,10 @@ export async function chainVerify(ctx: OpContext, a: ChainArgs, opts: VerifyOpti
     ctx.logger.log(`Structural check of ${abs}: ${r.kind}${r.kind === 'clean' ? '' : ` (${r.message})`} [${r.by}]`);
     return r;
   };
-  // With data enough to prove, every layer is hashed on worker threads (every core), the
-  // reads staying here. Files this big hold data enough: the workers start now, while the
-  // chains are walked; else once the manifests say how much data there is.
+  // With data enough to prove, every layer is hashed on the pool: XXH64 between the reads
+  // here, SHA-256 on worker threads (every core; they start with the first such extent).
+  // Files this big hold data enough: the pool is made now, while the chains are walked;
+  // else once the manifests say how much data there is.
   let pool: HashPool | undefined;
   let fileBytes = 0;
   for (const f of backups.files) fileBytes += backups.looked?.get(f.abs)?.st.size ?? 0;

@@ -55,7 +55,7 @@ function flipByte(file: string, at: number): void {
 }
 
 /** An incremental (running path, with manifest) over a parent seeded without one. */
-async function incrementalChain(tag: string): Promise<Scenario> {
+async function incrementalChain(tag: string, env: NodeJS.ProcessEnv = {}): Promise<Scenario> {
   const s = scenario(tag, {
     dataDisk: true,
     parentOnNas: true,
@@ -64,7 +64,7 @@ async function incrementalChain(tag: string): Promise<Scenario> {
       disks: [{ bitmaps: [PARENT_BITMAP] }, { bitmaps: [PARENT_BITMAP] }],
     },
   });
-  const r = await backup(s, { extra: incrementalFlags([rootFile(PARENT_TS), dataFile(PARENT_TS)]) });
+  const r = await backup(s, { extra: incrementalFlags([rootFile(PARENT_TS), dataFile(PARENT_TS)]) }, env);
   expect(r.code).toBe(0);
   return s;
 }
@@ -151,25 +151,34 @@ describe.concurrent('chain verify: content against the manifests', () => {
     ]);
   });
 
-  it('a legitimate rebase (-o rebase; chain delete uses the same safe rebase) keeps the manifest true: the rebased layer`s entry follows it', async () => {
-    const s = await incrementalChain('vc-rebase');
-    const mf = join(s.final, 'manifest.json');
-    const before = JSON.parse(readFileSync(mf, 'utf8')) as { disks: Array<{ file: string; backing: string; dataBytes: number }> };
-    // An empty full of the same size as the new backing: the rebase copies the parent's data into the layer.
-    const NEW = '2025.01.02.00.00.00';
-    makeImage(join(s.sb.nas, VM, NEW, ROOT), { size: 16 * MiB });
-    const r = await run(s.sb, ['-o', 'rebase', ...bindNas(s.sb), '--rebase-target', rootFile(), '--rebase-new-backing', rootFile(NEW)]);
-    expect(r).toMatchObject({ code: 0, stdout: '' });
-    const after = JSON.parse(readFileSync(mf, 'utf8')) as typeof before;
-    const b = before.disks.find((d) => d.file === ROOT)!;
-    const a = after.disks.find((d) => d.file === ROOT)!;
-    expect(a.backing).toBe(`../${NEW}/${ROOT}`);
-    expect(a.dataBytes).toBeGreaterThan(b.dataBytes);
-    expect(after.disks.find((d) => d.file === DATA)).toEqual(before.disks.find((d) => d.file === DATA));
-    const v = await verify(s.sb, '--backup', TS);
-    expect(v.code).toBe(0);
-    expect(v.stdout).toContain(`OK   ${VM}/${TS}/${ROOT}`);
-  });
+  it.each(['xxh64', 'sha256'])(
+    'a legitimate rebase (-o rebase; chain delete uses the same safe rebase) keeps the %s manifest true: the rebased layer`s entry follows it, in its own algorithm',
+    async (algorithm) => {
+      const s = await incrementalChain(`vc-rebase-${algorithm}`, { NASBACKUP_DIGEST: algorithm });
+      const mf = join(s.final, 'manifest.json');
+      const before = JSON.parse(readFileSync(mf, 'utf8')) as {
+        digest: { algorithm: string };
+        disks: Array<{ file: string; backing: string; dataBytes: number }>;
+      };
+      expect(before.digest.algorithm).toBe(algorithm);
+      // An empty full of the same size as the new backing: the rebase copies the parent's data into the layer.
+      const NEW = '2025.01.02.00.00.00';
+      makeImage(join(s.sb.nas, VM, NEW, ROOT), { size: 16 * MiB });
+      const r = await run(s.sb, ['-o', 'rebase', ...bindNas(s.sb), '--rebase-target', rootFile(), '--rebase-new-backing', rootFile(NEW)]);
+      expect(r).toMatchObject({ code: 0, stdout: '' });
+      const after = JSON.parse(readFileSync(mf, 'utf8')) as typeof before;
+      const b = before.disks.find((d) => d.file === ROOT)!;
+      const a = after.disks.find((d) => d.file === ROOT)!;
+      expect(a.backing).toBe(`../${NEW}/${ROOT}`);
+      expect(a.dataBytes).toBeGreaterThan(b.dataBytes);
+      expect(after.disks.find((d) => d.file === DATA)).toEqual(before.disks.find((d) => d.file === DATA));
+      // Recomputed with the manifest's algorithm (the run's default is the other one for sha256).
+      expect(after.digest.algorithm).toBe(algorithm);
+      const v = await verify(s.sb, '--backup', TS);
+      expect(v.code).toBe(0);
+      expect(v.stdout).toContain(`OK   ${VM}/${TS}/${ROOT}`);
+    },
+  );
 
   it('--backup: one point in time and its chain only; a backup or VM that does not exist is an error', async () => {
     const s = await incrementalChain('vc-scope');

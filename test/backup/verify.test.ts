@@ -83,17 +83,25 @@ function zeroRefcountAfterConvert(s: Scenario): void {
 const log = (s: Scenario): string => readFileSync(s.sb.logFile, 'utf8');
 
 describe.concurrent('-o backup --verify', () => {
-  it('stopped VM: proved (structure and content re-read), then published; stdout as without --verify', async () => {
-    const s = scenario('vf-stopped', { dataDisk: true, state: 'shut off' });
-    const r = await backup(s, { disks: `${s.rootDisk},${s.dataDisk}`, extra: [...fullFlags(), '--verify'] });
-    expect(r.code).toBe(0);
-    expect(r.stdout.trim().split('\n').slice(1)).toHaveLength(2);
-    expect(existsSync(`${s.final}/manifest.json`)).toBe(true);
-    expect(log(s)).toMatch(new RegExp(`Verify of ${TS}: 2 new file\\(s\\), 2 layer\\(s\\) checked in \\d+ ms: OK`));
-    expect(log(s)).toMatch(new RegExp(`Structural check of \\S+/${VM}/${TS}\\.partial/root\\.\\S+: clean \\[native\\]`));
-    expect(log(s)).toMatch(new RegExp(`dd if=\\S+/${VM}/${TS}\\.partial/root\\.\\S+ iflag=nocache count=0`));
-    expectClean(s);
-  });
+  it.each(['xxh64', 'sha256'])(
+    'stopped VM, %s: proved (structure and content re-read), then published; stdout as without --verify',
+    async (algorithm) => {
+      const s = scenario(`vf-stopped-${algorithm}`, { dataDisk: true, state: 'shut off' });
+      const r = await backup(
+        s,
+        { disks: `${s.rootDisk},${s.dataDisk}`, extra: [...fullFlags(), '--verify'] },
+        { NASBACKUP_DIGEST: algorithm },
+      );
+      expect(r.code).toBe(0);
+      expect(JSON.parse(readFileSync(`${s.final}/manifest.json`, 'utf8'))).toMatchObject({ digest: { algorithm } });
+      expect(r.stdout.trim().split('\n').slice(1)).toHaveLength(2);
+      expect(existsSync(`${s.final}/manifest.json`)).toBe(true);
+      expect(log(s)).toMatch(new RegExp(`Verify of ${TS}: 2 new file\\(s\\), 2 layer\\(s\\) checked in \\d+ ms: OK`));
+      expect(log(s)).toMatch(new RegExp(`Structural check of \\S+/${VM}/${TS}\\.partial/root\\.\\S+: clean \\[native\\]`));
+      expect(log(s)).toMatch(new RegExp(`dd if=\\S+/${VM}/${TS}\\.partial/root\\.\\S+ iflag=nocache count=0`));
+      expectClean(s);
+    },
+  );
 
   it('running VM, full: proved, then published; stdout byte for byte as without --verify', async () => {
     const s = scenario('vf-full', { dataDisk: true });

@@ -196,10 +196,15 @@ class Checker {
     this.say(line);
   }
 
-  /** Read with zeros past the end of the file, as QEMU's block layer reads. */
-  private async read(len: number, at: number): Promise<Buffer> {
-    const b = Buffer.alloc(len);
-    if (at < this.fileSize) await this.file.read(b, 0, Math.min(len, this.fileSize - at), at);
+  /**
+   * Read with zeros past the end of the file, as QEMU's block layer reads; into `into` (reused
+   * by the loops over tables and blocks, whose garbage would otherwise pile up in RSS before a
+   * collection) or a new buffer.
+   */
+  private async read(len: number, at: number, into?: Buffer): Promise<Buffer> {
+    const b = into ? into.subarray(0, len) : Buffer.alloc(len);
+    const got = at < this.fileSize ? await this.file.read(b, 0, Math.min(len, this.fileSize - at), at) : 0;
+    if (into) b.fill(0, got);
     return b;
   }
 
@@ -339,10 +344,16 @@ class Checker {
   /** Reads `tables` (host offsets), a few in flight, handing each to `use` in order. */
   private async forEachTable(offsets: number[], len: number, use: (t: Buffer, i: number) => void): Promise<void> {
     const window = Math.max(1, Math.min(32, Math.floor(this.inFlightBytes / len)));
+    // One buffer per read in flight: table i uses ring[i % window], free again once `use`
+    // (synchronous, keeps nothing) returned for table i - window.
+    const ring = Array.from({ length: Math.min(window, offsets.length) }, () => Buffer.allocUnsafe(len));
     const pending: Promise<Buffer>[] = [];
     let next = 0;
     for (let i = 0; i < offsets.length; i++) {
-      while (next < offsets.length && next < i + window) pending.push(this.read(len, offsets[next++]!));
+      while (next < offsets.length && next < i + window) {
+        pending.push(this.read(len, offsets[next]!, ring[next % window]));
+        next++;
+      }
       use(await pending.shift()!, i);
     }
   }
@@ -547,6 +558,7 @@ class Checker {
     this.diskOne = new Bits(nb + 1);
     this.diskBad = new Bits(nb + 1);
     const blocks = Math.ceil((nb + 1) / this.epb);
+    const scratch = Buffer.allocUnsafe(this.cs);
     for (let b = 0; b < blocks; b++) {
       const off = this.blockOffset(b);
       if (off === 0) continue;
@@ -556,7 +568,7 @@ class Checker {
         for (let k = lo; k < hi; k++) this.diskBad.set(k);
         continue;
       }
-      const blk = await this.read(this.cs, off);
+      const blk = await this.read(this.cs, off, scratch);
       for (let k = lo; k < hi; k++) if (this.storedAt(blk, k - lo) === 1) this.diskOne.set(k);
     }
   }
@@ -623,6 +635,7 @@ class Checker {
     const nb = this.counts.size;
     let highest = 0;
     const blocks = Math.ceil(nb / this.epb);
+    const scratch = Buffer.allocUnsafe(this.cs);
     for (let b = 0; b < blocks; b++) {
       const lo = b * this.epb;
       const hi = Math.min(nb, lo + this.epb);
@@ -634,7 +647,7 @@ class Checker {
         }
         continue;
       }
-      const blk = off === 0 ? null : await this.read(this.cs, off);
+      const blk = off === 0 ? null : await this.read(this.cs, off, scratch);
       for (let k = lo; k < hi; k++) {
         const stored = blk === null ? 0 : this.storedAt(blk, k - lo);
         const computed = this.counts.get(k);

@@ -80,6 +80,11 @@ function readAllocated(files: string[]): void {
 async function main(): Promise<void> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nb-bench-restore-'));
   const nas = path.join(dir, 'nas');
+  /** `nasbackup restore` of backup `backup`'s disk to `to` (bind NAS), in `format` when given. */
+  const restoreArgv = (backup: string, to: string, format?: string): string[] => [
+    ...['restore', '-t', 'none', '-s', nas, '-m', 'bind', '--backup', backup, '--disk', VOL, '--to', to],
+    ...(format ? ['--format', format] : []),
+  ];
   const tmp = path.join(dir, 'tmp');
   const out = path.join(dir, 'out');
   for (const d of [nas, tmp, out]) fs.mkdirSync(d);
@@ -121,11 +126,7 @@ async function main(): Promise<void> {
     execFileSync('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', top, reference]);
     const env = { ...process.env, TMPDIR: tmp, NASBACKUP_LOG_FILE: path.join(dir, 'nasbackup.log') };
     const ours = (format: string) => (to: string) => {
-      const r = spawnSync(
-        BIN,
-        ['restore', '-t', 'none', '-s', nas, '-m', 'bind', '--backup', `${VM}/${ts.at(-1)}`, '--disk', VOL, '--to', to, '--format', format],
-        { env, encoding: 'utf8' },
-      );
+      const r = spawnSync(BIN, restoreArgv(`${VM}/${ts.at(-1)}`, to, format), { env, encoding: 'utf8' });
       if (r.status !== 0) throw new Error(`nasbackup restore failed: ${r.stdout}${r.stderr}`);
       if (/warning/.test(r.stdout)) throw new Error(`nasbackup restore warned (the chain should be proven): ${r.stdout}`);
     };
@@ -192,11 +193,7 @@ async function main(): Promise<void> {
       const to = path.join(out, 'small.qcow2');
       fixed.ours!.push(
         time(() => {
-          const x = spawnSync(
-            BIN,
-            ['restore', '-t', 'none', '-s', nas, '-m', 'bind', '--backup', `${VM}/2026.02.01.00.00.00`, '--disk', VOL, '--to', to],
-            { env, encoding: 'utf8' },
-          );
+          const x = spawnSync(BIN, restoreArgv(`${VM}/2026.02.01.00.00.00`, to), { env, encoding: 'utf8' });
           if (x.status !== 0) throw new Error(x.stdout);
         }),
       );
@@ -218,23 +215,7 @@ async function main(): Promise<void> {
     const idle = peakKiB(['--version']);
     for (const format of ['qcow2', 'raw']) {
       const to = path.join(out, `rss.${format}`);
-      const peak = peakKiB([
-        'restore',
-        '-t',
-        'none',
-        '-s',
-        nas,
-        '-m',
-        'bind',
-        '--backup',
-        `${VM}/${ts.at(-1)}`,
-        '--disk',
-        VOL,
-        '--to',
-        to,
-        '--format',
-        format,
-      ]);
+      const peak = peakKiB(restoreArgv(`${VM}/${ts.at(-1)}`, to, format));
       fs.rmSync(to);
       console.log(
         `peak RSS, restore --format ${format} of the chain: ${(peak / 1024).toFixed(1)} MiB = idle (--version) ${(idle / 1024).toFixed(1)} MiB + ${((peak - idle) / 1024).toFixed(1)} MiB (goal: <= +32)`,

@@ -31,6 +31,8 @@ const shapes = arg('shapes', 'e,v').split(',');
 const fullMib = Number(arg('full-mib', '1024'));
 const incMib = Number(arg('inc-mib', '16'));
 const buildOnly = arg('build', '');
+/** The manifests' digest algorithm (`--digest sha256`: as before XXH64). */
+const digest = arg('digest', 'xxh64') === 'sha256' ? 'sha256' : 'xxh64';
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const BIN = path.join(ROOT, 'bin/nasbackup');
 const VM = 'i-9-99-VM';
@@ -83,10 +85,9 @@ async function buildChain(nas: string, s: Shape): Promise<string[]> {
     const len = (i === 0 ? s.full : s.inc) * MiB;
     execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P ${(i % 250) + 1} ${at} ${len}`, f], { stdio: 'ignore' });
     const extentBytes = 64 * MiB;
-    const algorithm = arg('digest', 'xxh64') === 'sha256' ? 'sha256' : 'xxh64';
-    const disk = await describeLayer(f, VOL, extentBytes, algorithm);
+    const disk = await describeLayer(f, VOL, extentBytes, digest);
     const parentTs = i === 0 ? null : path.basename(path.dirname(files[i - 1]!));
-    await writeManifestFile(path.dirname(f), chainManifest({ vm: VM, ts, parentTs, index: i, extentBytes, algorithm, disk }));
+    await writeManifestFile(path.dirname(f), chainManifest({ vm: VM, ts, parentTs, index: i, extentBytes, algorithm: digest, disk }));
     files.push(f);
   }
   return files;

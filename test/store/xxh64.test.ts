@@ -6,14 +6,17 @@
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
-import xxhash from 'xxhash-wasm';
 import { createDigest } from '../../lib/store/digest/index.js';
 import { Xxh64 } from '../../lib/store/digest/xxh64.js';
 import { XXH64_WASM } from '../../lib/store/digest/xxh64-wasm.js';
+import { oracleHash } from '../helpers/layer-digest.js';
 import { rng } from '../helpers/random.js';
 
-const oracle = await xxhash();
-const theirs = (b: Uint8Array): string => oracle.h64Raw(b).toString(16).padStart(16, '0');
+const theirs = (b: Uint8Array): string => {
+  const h = oracleHash('xxh64');
+  h.update(b);
+  return h.hex();
+};
 
 function bytes(rand: (n: number) => number, n: number): Buffer {
   const b = Buffer.alloc(n);

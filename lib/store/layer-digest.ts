@@ -67,7 +67,6 @@ export class LayerDigester {
   readonly virtualSize: number;
   readonly unitBytes: number;
   readonly extentBytes: number;
-  readonly algorithm: DigestAlgorithm;
   private pos = 0;
   /** The current extent's hash, created at its first unit that holds something. */
   private hash: ExtentSink | null = null;
@@ -92,11 +91,10 @@ export class LayerDigester {
     this.virtualSize = virtualSize;
     this.unitBytes = unitBytes;
     this.extentBytes = extentBytes;
-    this.algorithm = opts.algorithm ?? DEFAULT_DIGEST_ALGORITHM;
     this.out = { virtualSize, unitBytes, dataBytes: 0, zeroBytes: 0, extents: [] };
     this.onExtent = opts.onExtent;
     const { sink } = opts;
-    const algorithm = this.algorithm;
+    const algorithm = opts.algorithm ?? DEFAULT_DIGEST_ALGORITHM;
     this.newSink = sink ? () => sink(algorithm) : () => new HashSink(algorithm);
   }
 

@@ -58,15 +58,17 @@ export interface FlattenOptions {
 }
 
 /**
- * The piece size and how many are read at once: a piece holds up to one buffer per layer and
- * one composed, so memory is near piece × (layers + 1) × in flight. Pieces shrink until
- * IN_FLIGHT of them fit MEMORY_BUDGET (never below MIN_PIECE or a layer's unit); a chain
- * deeper than that allows gets fewer pieces in flight. The budget keeps a restore within
- * 32 MiB of the idle program's memory (issue 18), with room for the writer's tables.
+ * Memory: every buffer a piece reads into is a slot of one pool of BUFFER_BYTES (a piece takes
+ * one per layer it reads, usually one or two, and gives them back once hashed), so memory is
+ * bounded by the pool whatever the disk size or the chain's shape. Pieces are as large as
+ * PIECE allows while the pool holds IN_FLIGHT of them and a piece reading every layer.
+ * Nothing is composed into a piece-sized buffer: writes go out from the layers' buffers. The
+ * pool keeps a restore within 32 MiB of the idle program's memory (issue 18): the rest of
+ * that margin is the engine's own (tables, heap, the runtime's code pages it touches).
  */
 export const PIECE = 4 << 20;
 export const IN_FLIGHT = 4;
-export const MEMORY_BUDGET = 24 << 20;
+export const BUFFER_BYTES = 8 << 20;
 const MIN_PIECE = 1 << 20;
 
 interface Run {
@@ -95,19 +97,20 @@ const gcd = (a: number, b: number): number => (b === 0 ? a : gcd(b, a % b));
 
 /**
  * The piece size: a power of two dividing every checked layer's extent (so a piece never
- * straddles two), smaller for a deep chain (never below a layer's unit).
+ * straddles two), as large as PIECE while IN_FLIGHT pieces, and a piece reading every layer,
+ * fit BUFFER_BYTES (never below MIN_PIECE or a layer's unit: past 8 layers the pool grows
+ * with depth, a piece's worth per layer).
  */
 export function pieceBytesFor(images: ReadonlyArray<Qcow2Image>, expect: ReadonlyArray<LayerExpectation | null>, want = PIECE): number {
   let piece = want;
   const floor = Math.max(MIN_PIECE, ...images.map((i) => i.subclusterSize));
-  while (piece > floor && piece * (images.length + 1) * IN_FLIGHT > MEMORY_BUDGET) piece /= 2;
+  while (piece > floor && piece * Math.max(images.length, IN_FLIGHT) > BUFFER_BYTES) piece /= 2;
   for (const e of expect) if (e) piece = gcd(piece, e.extentBytes);
   return piece;
 }
 
-/** Pieces in flight: IN_FLIGHT, fewer when a piece of a deep chain is large. */
-const inFlightFor = (piece: number, layers: number): number =>
-  Math.max(1, Math.min(IN_FLIGHT, Math.floor(MEMORY_BUDGET / (piece * (layers + 1)))));
+/** The pool's buffers: BUFFER_BYTES of them, never fewer than one piece reading every layer needs. */
+export const buffersFor = (piece: number, layers: number): number => Math.max(layers, Math.floor(BUFFER_BYTES / piece));
 
 export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Promise<{ dataBytes: number }> {
   const images = chain.images;
@@ -117,6 +120,7 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
   const visLimit: number[] = [];
   images.forEach((img, i) => visLimit.push(Math.min(img.virtualSize, i === 0 ? size : visLimit[i - 1]!)));
   const piece = pieceBytesFor(images, o.expect, o.pieceBytes);
+  if (piece > ZEROS.length) throw new RangeError(`piece ${piece} is larger than ${PIECE}`);
   if (o.target.kind === 'units' && piece % o.target.unit !== 0)
     throw new RangeError(`piece ${piece} is not a multiple of the unit ${o.target.unit}`);
   for (const [i, e] of o.expect.entries()) {
@@ -127,30 +131,24 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
       );
   }
   const checked = o.expect.some((e) => e !== null);
-  const inFlight = o.inFlight ?? inFlightFor(piece, images.length);
-  // Layer buffers are the hash workers' shared slots (no copy to hash them): enough for every
-  // piece in flight, and for the workers to fall a few behind. Started first: the workers
-  // boot while the layers' metadata is walked.
-  const hashPool = checked
-    ? new HashPool({
-        slotBytes: piece,
-        slots: Math.max(images.length + 1, 2 * inFlight),
-        // Inline by default: a worker's isolate costs ~12 MiB, and on 2 cores it measured no faster.
-        workers: o.hashWorkers ?? 0,
-      })
-    : null;
+  const inFlight = o.inFlight ?? IN_FLIGHT;
+  // Every layer buffer is a slot of the hash pool (a proven layer's is hashed in place, no
+  // copy; another layer's is handed back unhashed): the pool is the restore's memory.
+  const hashPool = new HashPool({
+    slotBytes: piece,
+    slots: buffersFor(piece, images.length),
+    // Inline by default: a worker's isolate costs ~12 MiB, and on 2 cores it measured no faster.
+    workers: o.hashWorkers ?? 0,
+  });
   // Per checked layer, the extents that contribute to the guest's view (metadata only).
   let needed: Array<Set<number> | null>;
   try {
     needed = checked ? await contributingExtents(images, o.expect, visLimit) : o.expect.map(() => null);
   } catch (e) {
-    await hashPool?.close();
+    await hashPool.close();
     throw e;
   }
   const verifier = new ChainVerifier(images, o.expect, needed, hashPool);
-  // Buffers that are never hashed (composed pieces, layers without a manifest) are ours.
-  const own: Buffer[] = [];
-  const takeOwn = (): Buffer => own.pop() ?? Buffer.allocUnsafe(piece);
 
   let next = 0;
   let done = 0;
@@ -166,7 +164,6 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
     slotTurn: Promise<void>,
     slotsTaken: () => void,
   ): Promise<void> => {
-    const held: Buffer[] = [];
     const slots: Slot[] = [];
     let slotTurnPassed = false;
     try {
@@ -207,17 +204,14 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
           if (a < b) reads.push({ L: s.layer, r, pos: a, len: b - a });
         }
       }
-      // Buffers: a proven layer's is a hash slot. Slots are taken in piece order, all of a
-      // piece's at once, so a piece never waits for one a later piece holds.
+      // A slot per layer read. Slots are taken in piece order, all of a piece's at once, so a
+      // piece never waits for one a later piece holds (the pool holds a piece reading every layer).
       const bufs: Array<Buffer | null> = images.map(() => null);
-      const want = new Set(reads.map((x) => x.L));
       await slotTurn;
-      for (const L of want) {
-        if (proving[L]) {
-          const s = await hashPool!.acquire();
-          slots.push(s);
-          bufs[L] = s.buf;
-        } else held.push((bufs[L] = takeOwn()));
+      for (const L of new Set(reads.map((x) => x.L))) {
+        const s = await hashPool.acquire();
+        slots.push(s);
+        bufs[L] = s.buf;
       }
       slotTurnPassed = true;
       slotsTaken();
@@ -233,7 +227,7 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
         }),
       );
       // 4. The flattened piece to the target (it is removed if a digest fails later).
-      const writes = compose(start, end, segs, bufs, o.target, takeOwn, held);
+      const writes = compose(start, end, segs, bufs, o.target);
       for (const w of writes.inspect) await o.inspect?.(w);
       const written = Promise.all(writes.spans.map((w) => o.write(w.data, w.offset)));
       written.catch(() => {}); // awaited below
@@ -246,9 +240,8 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
       o.progress?.(done, size);
     } finally {
       if (!slotTurnPassed) slotsTaken();
-      for (const b of held) own.push(b);
-      // A slot is free again once the workers have hashed what was sent of it.
-      for (const s of slots) hashPool!.done(s);
+      // A slot is free again once what was sent of it is hashed (at once when nothing was).
+      for (const s of slots) hashPool.done(s);
     }
   };
 
@@ -286,10 +279,10 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
     if (first) throw first.reason;
     await verifier.finish();
   } catch (e) {
-    hashPool?.abandon();
+    hashPool.abandon();
     throw e;
   } finally {
-    await hashPool?.close();
+    await hashPool.close();
   }
   return { dataBytes };
 }
@@ -389,10 +382,11 @@ function visibleSegments(runs: Run[][], visLimit: number[], start: number, end: 
 }
 
 /**
- * The writes of one piece: on a sparse file, each run of adjacent data segments (skipping
- * what is all zeros), written straight from the layer's buffer when it comes from one layer,
- * else copied together; on a device, the whole piece, zeros included; on a new image, its
- * runs of aligned units that are not all zeros (from a layer's buffer, composed where mixed).
+ * The writes of one piece, each straight from the buffer of the layer it comes from (adjacent
+ * segments of one layer are one write): on a sparse file, data only (all-zero data skipped);
+ * on a device, every byte (zeros from a shared zero buffer); on a new image, runs of aligned
+ * units holding something other than zeros, a unit that mixes layers composed in a buffer of
+ * its own (rare: layers hold whole clusters).
  */
 function compose(
   start: number,
@@ -400,33 +394,17 @@ function compose(
   segs: Seg[],
   bufs: Array<Buffer | null>,
   target: FlattenOptions['target'],
-  take: () => Buffer,
-  held: Buffer[],
 ): { spans: Array<{ offset: number; data: Buffer }>; inspect: FlatExtent[]; dataBytes: number } {
   const slice = (s: Seg): Buffer => bufs[s.layer]!.subarray(s.pos - start, s.pos - start + s.len);
   const inspect = segs.map((s): FlatExtent => ({ offset: s.pos, length: s.len, data: s.layer < 0 ? null : slice(s) }));
   const spans: Array<{ offset: number; data: Buffer }> = [];
   let dataBytes = 0;
-  if (target.kind === 'device') {
-    const out = take();
-    held.push(out);
-    for (const s of segs) {
-      if (s.layer < 0) out.fill(0, s.pos - start, s.pos - start + s.len);
-      else {
-        slice(s).copy(out, s.pos - start);
-        dataBytes += s.len;
-      }
-    }
-    spans.push({ offset: start, data: out.subarray(0, end - start) });
-    return { spans, inspect, dataBytes };
-  }
   if (target.kind === 'units') {
     // Aligned units holding something other than zeros, written straight from the layer's
     // buffer when one layer's data covers the unit, else composed (top layer wins). Where no
     // layer holds data the unit is known to be zeros without looking.
     const unit = target.unit;
     const len = end - start;
-    let out: Buffer | null = null;
     let runFrom = -1;
     let runBuf: Buffer | null = null;
     const flush = (to: number): void => {
@@ -447,22 +425,23 @@ function compose(
         if (L >= 0) data = true;
         only = only === null || only === L ? L : -2;
       }
-      let buf: Buffer | null = null;
-      if (data) {
-        if (only !== null && only >= 0) buf = bufs[only]!;
-        else {
-          if (!out) held.push((out = take()));
-          for (let k = si; k < segs.length && segs[k]!.pos < start + ue; k++) {
-            const sg = segs[k]!;
-            const a = Math.max(sg.pos, start + u) - start;
-            const b = Math.min(sg.pos + sg.len, start + ue) - start;
-            if (sg.layer < 0) out.fill(0, a, b);
-            else bufs[sg.layer]!.copy(out, a, a, b);
-          }
-          buf = out;
+      if (data && only === -2) {
+        // A unit of its own: the piece's offsets shifted so that the unit sits at `u`.
+        flush(u);
+        const out = Buffer.alloc(ue - u);
+        for (let k = si; k < segs.length && segs[k]!.pos < start + ue; k++) {
+          const sg = segs[k]!;
+          const a = Math.max(sg.pos, start + u) - start;
+          const b = Math.min(sg.pos + sg.len, start + ue) - start;
+          if (sg.layer >= 0) bufs[sg.layer]!.copy(out, a - u, a, b);
         }
-        if (isAllZero(buf.subarray(u, ue))) buf = null;
+        if (!isAllZero(out)) {
+          spans.push({ offset: start + u, data: out });
+          dataBytes += out.length;
+        }
+        continue;
       }
+      const buf = data && !isAllZero(bufs[only!]!.subarray(u, ue)) ? bufs[only!]! : null;
       if (buf === null || (runBuf !== null && runBuf !== buf)) flush(u);
       if (buf !== null && runFrom < 0) {
         runFrom = u;
@@ -472,29 +451,23 @@ function compose(
     flush(len);
     return { spans, inspect, dataBytes };
   }
+  // A file or a device: runs of adjacent segments of one layer (or of zeros).
   for (let i = 0; i < segs.length;) {
-    if (segs[i]!.layer < 0) {
-      i++;
+    const L = segs[i]!.layer;
+    let j = i + 1;
+    while (j < segs.length && segs[j]!.layer === L) j++;
+    const from = segs[i]!.pos;
+    const to = segs[j - 1]!.pos + segs[j - 1]!.len;
+    i = j;
+    if (L < 0) {
+      // Zeros: a hole of a sparse file; written on a device (it holds old data).
+      if (target.kind === 'device') spans.push({ offset: from, data: ZEROS.subarray(0, to - from) });
       continue;
     }
-    let j = i + 1;
-    while (j < segs.length && segs[j]!.layer >= 0) j++;
-    const run = segs.slice(i, j);
-    const from = run[0]!.pos;
-    const to = run.at(-1)!.pos + run.at(-1)!.len;
-    let data: Buffer;
-    if (run.every((s) => s.layer === run[0]!.layer)) data = bufs[run[0]!.layer]!.subarray(from - start, to - start);
-    else {
-      const out = take();
-      held.push(out);
-      for (const s of run) slice(s).copy(out, s.pos - start);
-      data = out.subarray(from - start, to - start);
-    }
-    if (!isAllZero(data)) {
-      spans.push({ offset: from, data });
-      dataBytes += data.length;
-    }
-    i = j;
+    const data = bufs[L]!.subarray(from - start, to - start);
+    if (target.kind === 'sparse' && isAllZero(data)) continue;
+    spans.push({ offset: from, data });
+    dataBytes += data.length;
   }
   return { spans, inspect, dataBytes };
 }

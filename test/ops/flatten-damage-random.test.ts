@@ -23,8 +23,8 @@ const MiB = 1024 * KiB;
 const SIZE = 8 * MiB;
 const EXTENT = 512 * KiB;
 
-/** full <- inc1 <- … : random data writes (some whole extents), zero writes and discards. */
-function makeChain(dir: string, seed: number, layers: number, clusterKiB: number): string[] {
+/** full <- inc1 <- … : random data writes (some whole extents), zero writes and discards, at `grain` offsets and lengths. */
+function makeChain(dir: string, seed: number, layers: number, clusterKiB: number, grain = 64 * KiB): string[] {
   const r = rng(seed);
   const files: string[] = [];
   for (let i = 0; i < layers; i++) {
@@ -39,8 +39,8 @@ function makeChain(dir: string, seed: number, layers: number, clusterKiB: number
     for (let w = 0; w < n; w++) {
       const kind = r(10);
       // Whole extents now and then: the way a newer layer hides an older extent entirely.
-      const off = kind < 3 ? r(SIZE / EXTENT) * EXTENT : r(SIZE / (64 * KiB)) * 64 * KiB;
-      const len = kind < 3 ? EXTENT : (1 + r(8)) * 64 * KiB;
+      const off = kind < 3 ? r(SIZE / EXTENT) * EXTENT : r(SIZE / grain) * grain;
+      const len = kind < 3 ? EXTENT : (1 + r(8)) * grain;
       const l = Math.min(len, SIZE - off);
       if (kind === 9) cmds.push('-c', `write -z ${off} ${l}`);
       else if (kind === 8 && i > 0) cmds.push('-c', `discard ${off} ${l}`);
@@ -173,4 +173,56 @@ describe('verified flatten: damage is refused or provably unread', () => {
   it('the chains above include extents hidden whole (not read), so both outcomes were exercised', () => {
     expect(hiddenTotal).toBeGreaterThan(0);
   });
+});
+
+describe('verified flatten: every target kind receives the same disk', () => {
+  /** The flatten written into memory as `target` receives it; what each write covered, checked against the kind's rules. */
+  async function flattenAs(top: string, layers: Array<LayerExpectation | null>, target: Parameters<typeof flattenVerified>[1]['target']) {
+    const chain = await ImageChain.open(top);
+    // Unwritten bytes of a sparse file or a new image read as zeros; a device's old data must all be overwritten.
+    const disk = Buffer.alloc(chain.virtualSize, target.kind === 'device' ? 0xee : 0);
+    const covered = new Uint8Array(chain.virtualSize);
+    try {
+      await flattenVerified(chain, {
+        expect: layers,
+        target,
+        write: async (buf, at) => {
+          if (target.kind === 'units') {
+            expect(at % target.unit).toBe(0);
+            expect(buf.length % target.unit === 0 || at + buf.length === chain.virtualSize).toBe(true);
+          }
+          if (target.kind !== 'device') expect(buf.equals(Buffer.alloc(buf.length))).toBe(false);
+          for (let i = at; i < at + buf.length; i++) covered[i]!++;
+          buf.copy(disk, at);
+        },
+        checkpoint: () => {},
+        pieceBytes: 256 * KiB,
+      });
+    } finally {
+      await chain.close();
+    }
+    // Nothing written twice; a device written whole.
+    expect(covered.every((c) => c <= 1)).toBe(true);
+    if (target.kind === 'device') expect(covered.every((c) => c === 1)).toBe(true);
+    return disk;
+  }
+
+  for (const [seed, clusterKiB] of [
+    [11, 64],
+    [12, 4],
+    [13, 16],
+  ] as const) {
+    it(`random chain ${seed} (${clusterKiB} KiB clusters, one layer without a manifest): sparse, device and 64 KiB units equal qemu-img`, async () => {
+      const dir = tempDir(`flatten-targets-${seed}`);
+      // Writes at cluster granularity: a 64 KiB unit of the new image often mixes layers.
+      const files = makeChain(dir, seed, 4, clusterKiB, clusterKiB * KiB);
+      const expect4: Array<LayerExpectation | null> = await expectations(files);
+      expect4[2] = null; // an older backup without a manifest: read only where visible
+      const want = qemuFlatten(dir, files.at(-1)!);
+      for (const target of [{ kind: 'sparse' }, { kind: 'device' }, { kind: 'units', unit: 64 * KiB }] as const) {
+        const got = await flattenAs(files.at(-1)!, expect4, target);
+        expect(got.equals(want), target.kind).toBe(true);
+      }
+    }, 60_000);
+  }
 });

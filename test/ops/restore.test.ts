@@ -777,16 +777,24 @@ describe('restore progress', () => {
 
 describe('restore memory stays bounded on deep chains', () => {
   it('pieces shrink with depth (never below a layer unit) and always divide every manifest extent', async () => {
-    const { pieceBytesFor, IN_FLIGHT, MEMORY_BUDGET } = await import('../../lib/ops/flatten.js');
+    const { pieceBytesFor, buffersFor, BUFFER_BYTES, IN_FLIGHT } = await import('../../lib/ops/flatten.js');
     type Img = Parameters<typeof pieceBytesFor>[0][number];
     const chain = (n: number, sub = 65536): Img[] => Array.from({ length: n }, () => ({ subclusterSize: sub }) as Img);
     const none = (n: number) => Array.from({ length: n }, () => null);
-    // A full backup alone: 2 buffers per piece, 4 in flight, within the budget.
+    // Pieces as large as the buffer pool allows with IN_FLIGHT of them, or one reading every layer; the pool is all the memory.
     expect(pieceBytesFor(chain(1), none(1))).toBe(2 * MiB);
+    expect(pieceBytesFor(chain(4), none(4))).toBe(2 * MiB);
     expect(pieceBytesFor(chain(5), none(5))).toBe(MiB);
-    for (const n of [1, 2, 3, 5]) expect(pieceBytesFor(chain(n), none(n)) * (n + 1) * IN_FLIGHT).toBeLessThanOrEqual(MEMORY_BUDGET);
-    // Deeper chains stop at 1 MiB pieces (fewer in flight) or at the layers' unit.
+    expect(pieceBytesFor(chain(8), none(8))).toBe(MiB);
+    for (const n of [1, 2, 3, 4, 5, 8]) {
+      const piece = pieceBytesFor(chain(n), none(n));
+      expect(piece * Math.max(n, IN_FLIGHT)).toBeLessThanOrEqual(BUFFER_BYTES);
+      expect(buffersFor(piece, n) * piece).toBeLessThanOrEqual(BUFFER_BYTES);
+      expect(buffersFor(piece, n)).toBeGreaterThanOrEqual(Math.max(n, IN_FLIGHT));
+    }
+    // Deeper chains stop at 1 MiB pieces (the pool grows to one buffer per layer) or at the layers' unit.
     expect(pieceBytesFor(chain(50), none(50))).toBe(MiB);
+    expect(buffersFor(MiB, 50)).toBe(50);
     expect(pieceBytesFor(chain(100, 2 * MiB), none(100))).toBe(2 * MiB);
     const e = { backup: 'b', file: 'f', extentBytes: 3 * 512 * 1024, algorithm: 'xxh64' as const, digests: new Map<number, string>() };
     expect(pieceBytesFor(chain(2), [e, null])).toBe(512 * 1024);

@@ -18,6 +18,7 @@ import { describeLayer, writeManifestFile } from '../lib/store/manifest-file.js'
 import { DEFAULT_EXTENT_BYTES } from '../lib/store/manifest.js';
 import type { DigestAlgorithm } from '../lib/store/digest/index.js';
 import { chainManifest } from './lib/chain-manifest.js';
+import { machineLine, median, spread } from './lib/stats.js';
 
 const arg = (name: string, dflt: number): number => {
   const i = process.argv.indexOf(`--${name}`);
@@ -40,12 +41,6 @@ const BIN = fileURLToPath(new URL('../bin/nasbackup', import.meta.url));
 const VM = 'i-2-10-VM';
 const VOL = 'aaaaaaaa-0000-4000-8000-00000000be01';
 const FILE = `root.${VOL}.qcow2`;
-
-const sorted = (xs: number[]): number[] => [...xs].sort((a, b) => a - b);
-const median = (xs: number[]): number => {
-  const s = sorted(xs);
-  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
-};
 
 function time(f: () => void): number {
   const t0 = process.hrtime.bigint();
@@ -147,6 +142,7 @@ async function main(): Promise<void> {
       },
     ];
     const times: number[][] = variants.map(() => []);
+    const before = machineLine();
     for (let r = 0; r < runs; r++) {
       for (const [i, v] of variants.entries()) {
         const to = path.join(out, `v${i}.${v.format ?? 'none'}`);
@@ -163,11 +159,10 @@ async function main(): Promise<void> {
         `${(allocated / MiB).toFixed(0)} MiB allocated); manifests with 64 MiB extents; ` +
         `${dropCaches ? 'page cache dropped before every run' : 'page cache NOT dropped'}; median of ${runs} runs (min–max)`,
     );
+    console.log(`before the runs: ${before}; after: ${machineLine()}`);
     const med = times.map(median);
-    for (const [i, v] of variants.entries()) {
-      const s = sorted(times[i]!);
-      console.log(`  ${v.name.padEnd(52)} ${med[i]!.toFixed(0).padStart(7)} ms   (${s[0]!.toFixed(0)}–${s.at(-1)!.toFixed(0)})`);
-    }
+    for (const [i, v] of variants.entries())
+      console.log(`  ${v.name.padEnd(52)} ${med[i]!.toFixed(0).padStart(7)} ms   (${spread(times[i]!, (x) => x.toFixed(0))})`);
     const at = (name: string): number => med[variants.findIndex((v) => v.name.startsWith(name))]!;
     const fastestQcow2 = Math.min(at('qemu-img convert -O qcow2 -m'), at('qemu-img convert -O qcow2'));
     const ratio = (a: number, b: number): string => `${(a / b).toFixed(2)}x`;

@@ -1,6 +1,7 @@
 // The figures every bench script prints, in one place: medians of the runs, their min–max
 // spread, paired ratios (a / b of the same run, so a change of machine load hits both sides
 // alike) and the machine's load average (the host is shared: a figure comes with its load).
+import { readFileSync } from 'node:fs';
 import os from 'node:os';
 
 /** How a value is printed: two decimals unless a script says otherwise. */
@@ -41,7 +42,23 @@ export function loadAverage(): string {
     .join(' ');
 }
 
+/**
+ * A VM that hands freed memory back to its host (virtio-balloon free page reporting) pays a
+ * host fault for every such page it touches again: page cache after drop_caches, fresh
+ * buffers. That makes a run 3-10x slower in bursts. The setting is printed with the figures;
+ * raising min_free_ms (e.g. to 60000, as root) keeps recently freed pages and calms it.
+ */
+export function pageReporting(): string | null {
+  try {
+    const ms = readFileSync('/sys/module/page_reporting/parameters/min_free_ms', 'utf8').trim();
+    return `free page reporting on (min_free_ms ${ms})`;
+  } catch {
+    return null;
+  }
+}
+
 /** "2 CPU(s), load average 3.7 2.2 1.9": the line a bench prints before and after its runs. */
 export function machineLine(): string {
-  return `${os.cpus().length} CPU(s), load average ${loadAverage()}`;
+  const reporting = pageReporting();
+  return `${os.cpus().length} CPU(s), load average ${loadAverage()}${reporting ? `; ${reporting}` : ''}`;
 }

@@ -22,6 +22,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createQcow2, ensureLab, guestWrite, startGuest } from '../test/e2e/lab.js';
+import { loadAverage, machineLine, median, spread as statsSpread } from './lib/stats.js';
 
 const arg = (name: string): string | undefined => {
   const i = process.argv.indexOf(`--${name}`);
@@ -38,12 +39,8 @@ const keepLog = arg('keep-log');
 /** Virtual size of the stopped path's sparse disk (RSS only), GiB; 0 skips it. */
 const sparseGib = Number(arg('sparse-gib') ?? 100);
 const BIN = fileURLToPath(new URL('../bin/nasbackup', import.meta.url));
-const median = (xs: number[]): number => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
-const spread = (xs: number[]): string => `${(Math.min(...xs) / 1000).toFixed(2)}-${(Math.max(...xs) / 1000).toFixed(2)} s`;
+/** Milliseconds as "min–max s". */
+const spread = (xs: number[]): string => `${statsSpread(xs, (v) => (v / 1000).toFixed(2))} s`;
 
 interface Shape {
   name: string;
@@ -234,22 +231,12 @@ async function main(): Promise<void> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbe2e-bench-manifest-'));
   try {
     fs.mkdirSync(path.join(dir, 'tmp'));
-    console.log(
-      `bench-manifest: ${os.cpus().length} CPU(s), load average ${os
-        .loadavg()
-        .map((l) => l.toFixed(1))
-        .join(' ')} at start`,
-    );
+    console.log(`bench-manifest: ${machineLine()} at start`);
     idleKiB = timedRun(['--version'], process.env).rssKiB;
     console.log(`idle RSS (nasbackup --version): ${(idleKiB / 1024).toFixed(1)} MiB`);
     if (which === 'stopped' || which === 'both') stopped(dir);
     if (which === 'running' || which === 'both') await running(dir);
-    console.log(
-      `load average at the end: ${os
-        .loadavg()
-        .map((l) => l.toFixed(1))
-        .join(' ')}`,
-    );
+    console.log(`load average at the end: ${loadAverage()}`);
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -19,6 +19,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { loadAverage, machineLine, median, spread as minMax } from './lib/stats.js';
 
 const argv = process.argv.slice(2);
 const opt = (name: string, dflt: string): string => {
@@ -275,11 +276,8 @@ function idleRssKiB(): number {
   return Number(r.stderr.trim().split('\n').at(-1));
 }
 
-const median = (xs: number[]): number => {
-  const a = [...xs].sort((x, y) => x - y);
-  return a.length % 2 ? a[(a.length - 1) / 2]! : (a[a.length / 2 - 1]! + a[a.length / 2]!) / 2;
-};
-const spread = (xs: number[], d = 2): string => `${median(xs).toFixed(d)} (${Math.min(...xs).toFixed(d)}–${Math.max(...xs).toFixed(d)})`;
+/** "median (min–max)" with `d` decimals. */
+const spread = (xs: number[], d = 2): string => `${median(xs).toFixed(d)} (${minMax(xs, (v) => v.toFixed(d))})`;
 
 interface Summary {
   label: string;
@@ -485,12 +483,8 @@ async function startSmb(base: string): Promise<Smb | string> {
 async function main(): Promise<void> {
   if (!fs.existsSync(DIST_REBASE)) throw new Error('run npm run build first (dist/lib/qcow2/rebase.js is missing)');
   const base = fs.mkdtempSync(path.join(os.tmpdir(), 'nasbackup-bench-rebase-'));
-  const load = os
-    .loadavg()
-    .map((x) => x.toFixed(1))
-    .join(' ');
   console.log(
-    `bench-rebase: ${os.cpus().length} CPUs, load ${load}, qemu-img ${execFileSync('qemu-img', ['--version'], { encoding: 'utf8' }).split('\n')[0]}, node flags ${NODE_FLAGS.join(' ') || '(none)'}`,
+    `bench-rebase: ${machineLine()}, qemu-img ${execFileSync('qemu-img', ['--version'], { encoding: 'utf8' }).split('\n')[0]}, node flags ${NODE_FLAGS.join(' ') || '(none)'}`,
   );
   const shapes = SHAPES.map((n) => shape(n, SCALE));
   try {
@@ -532,12 +526,7 @@ async function main(): Promise<void> {
   } finally {
     fs.rmSync(base, { recursive: true, force: true });
   }
-  console.log(
-    `\n== summary (medians; paired ratios median (min–max)); load at the end ${os
-      .loadavg()
-      .map((x) => x.toFixed(1))
-      .join(' ')}`,
-  );
+  console.log(`\n== summary (medians; paired ratios median (min–max)); load at the end ${loadAverage()}`);
   for (const x of summaries)
     console.log(
       `  ${x.label}\n    moved ${fmtB(x.moved)}: qemu-img ${x.q.toFixed(2)} s, native ${x.n.toFixed(2)} s, floor ${x.f.toFixed(2)} s; native/qemu-img ${x.nq}x, native/floor ${x.nf}x; peak RSS ${x.rss}`,

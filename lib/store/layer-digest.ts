@@ -52,7 +52,6 @@ export interface LayerDigesterOptions {
   sink?: (algorithm: DigestAlgorithm) => ExtentSink;
 }
 
-const DATA_MARK = Buffer.from([DATA]);
 const STATUS: Record<Exclude<UnitKind, 'data'>, number> = { zero: ZERO, unallocated: UNALLOCATED };
 
 /**
@@ -180,7 +179,7 @@ export class LayerDigester {
     for (let o = 0; o < bytes.length;) {
       const p = this.pos + o;
       const within = p % unit;
-      if (within === 0) hash.bytes(DATA_MARK);
+      if (within === 0) hash.repeat(DATA, 1);
       const n = Math.min(bytes.length - o, unit - within);
       hash.bytes(bytes.subarray(o, o + n));
       o += n;
@@ -212,7 +211,7 @@ class HashSink implements ExtentSink {
     this.h = createDigest(algorithm);
   }
   repeat(byte: number, n: number): void {
-    repeatInto(this.h, byte, n);
+    this.h.repeat(byte, n);
   }
   bytes(b: Buffer): void {
     this.h.update(b);
@@ -354,15 +353,6 @@ async function* mapSteps(img: Qcow2Image, extentBytes: number, chunk: number, be
     // Nothing held: the digester skips an unallocated extent without a step.
     if (held) yield* steps;
   }
-}
-
-const runCache = new Map<number, Buffer>();
-function repeatInto(hash: StreamDigest, byte: number, n: number): void {
-  // Long runs (a 2 TiB unallocated disk) in bounded pieces.
-  const piece = 1 << 16;
-  let b = runCache.get(byte);
-  if (!b) runCache.set(byte, (b = Buffer.alloc(piece, byte)));
-  for (let left = n; left > 0; left -= piece) hash.update(left >= piece ? b : b.subarray(0, left));
 }
 
 function statusRun(sink: ExtentSink, byte: number, n: number): void {

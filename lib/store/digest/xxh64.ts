@@ -45,13 +45,11 @@ export class Xxh64Memory {
   readonly buffer: SharedArrayBuffer;
   /** First byte of the caller's part. */
   readonly base = PAGE;
-  /** @internal the module's functions, and the hash whose state is in the memory now */
+  // For Xxh64 only: the instance's functions, views of the memory, and the hash whose state
+  // is in the memory now.
   readonly x: Exports;
-  /** @internal */
   readonly bytes: Uint8Array;
-  /** @internal */
   readonly acc: BigUint64Array;
-  /** @internal */
   owner: Xxh64 | null = null;
 
   constructor(userBytes = 0) {

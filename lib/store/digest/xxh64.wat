@@ -1,6 +1,7 @@
-;; XXH64's stream absorption (xxHash specification, "XXH64 algorithm", steps 2 and 5's
-;; buffering): the only part worth compiling. The caller (xxh64.ts) does the initialisation
-;; and the finalisation with BigInt, and keeps each hash's length.
+;; XXH64's stripe loop (xxHash specification, "XXH64 algorithm", step 2) and the streaming
+;; around it (the bytes carried between updates until they make a stripe): the only part
+;; worth compiling. The caller (xxh64.ts) does the initialisation and the finalisation with
+;; BigInt, and keeps each hash's length.
 ;;
 ;; The memory is imported (one instance per memory), and shared so that a HashPool's worker
 ;; threads can read the same slots: a caller's data in it is hashed in place. A hash being

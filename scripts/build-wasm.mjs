@@ -10,12 +10,15 @@ import initWabt from 'wabt';
 
 const dir = join(dirname(fileURLToPath(import.meta.url)), '..', 'lib', 'store', 'digest');
 
+/** Past WebAssembly 1.0: a shared memory (threads) and memory.copy/fill (bulk memory), both in Node since 16. */
+const FEATURES = { threads: true, bulk_memory: true };
+
 /** The .wat's binary, as the generated module holds it. */
 export async function assemble() {
   const wabt = await initWabt();
-  const mod = wabt.parseWat('xxh64.wat', readFileSync(join(dir, 'xxh64.wat'), 'utf8'));
+  const mod = wabt.parseWat('xxh64.wat', readFileSync(join(dir, 'xxh64.wat'), 'utf8'), FEATURES);
   try {
-    mod.validate();
+    mod.validate(FEATURES);
     return Buffer.from(mod.toBinary({}).buffer);
   } finally {
     mod.destroy();

@@ -3,14 +3,15 @@
 // workers know nothing of the canonical stream (layer-digest.ts builds it); they hash what
 // they are told, in order: a byte
 // repeated n times, a range of the shared read buffer, or literal bytes. Reads land in
-// slots of one SharedArrayBuffer that the workers see too, so data is never copied
-// between threads; a slot is free again once the worker that hashed it says so.
+// slots of one shared memory that the workers see too, so data is never copied between
+// threads; a slot is free again once the worker that hashed it says so. That memory is the
+// XXH64 module's (digest/xxh64.ts), so XXH64 hashes a slot where it lies, never copying it.
 // With `workers: 0` the same messages are hashed on this thread, one per turn of the event
 // loop after the sender moved on (an inline hasher): no isolate to pay for (~12 MiB), and
 // the hashing of a slot overlaps its write and the next reads, which the libuv threads do.
 // XXH64 (~6 GB/s on one core, faster than any disk or NAS here) is always hashed inline, so
 // workers start only when a SHA-256 manifest is read or written.
-import { createDigest, type DigestAlgorithm, type StreamDigest } from './digest/index.js';
+import { createDigest, Xxh64, Xxh64Memory, type DigestAlgorithm, type StreamDigest } from './digest/index.js';
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 
@@ -93,11 +94,11 @@ interface Hasher {
 class InlineHasher implements Hasher {
   private readonly queue: HashMessage[] = [];
   private readonly jobs = new Map<number, StreamDigest>();
-  private readonly fills = new Map<number, Buffer>();
   private scheduled = false;
   private stopped = false;
 
   constructor(
+    private readonly xmem: Xxh64Memory,
     private readonly mem: Buffer,
     private readonly reply: (m: HashReply) => void,
     private readonly fail: (e: Error) => void,
@@ -135,18 +136,19 @@ class InlineHasher implements Hasher {
 
   private hash(m: HashMessage): HashReply {
     let h = this.jobs.get(m.job);
-    if (!h) this.jobs.set(m.job, (h = createDigest(m.alg)));
+    if (!h) this.jobs.set(m.job, (h = createDigest(m.alg, this.xmem)));
+    // XXH64 reads the slots where they lie (the pool's memory is the module's).
+    const inPlace = h instanceof Xxh64 ? h : null;
     const ops = m.ops;
     for (let i = 0; i < ops.length; i += 3) {
       const t = ops[i]!;
       const a = ops[i + 1]!;
       const b = ops[i + 2]!;
-      if (t === OP_REPEAT) {
-        let f = this.fills.get(a);
-        if (!f) this.fills.set(a, (f = Buffer.alloc(65536, a)));
-        for (let left = b; left > 0; left -= f.length) h.update(left >= f.length ? f : f.subarray(0, left));
-      } else if (t === OP_RANGE) h.update(this.mem.subarray(a, a + b));
-      else h.update(m.literals[a]!);
+      if (t === OP_REPEAT) h.repeat(a, b);
+      else if (t === OP_RANGE) {
+        if (inPlace) inPlace.updateAt(a, b);
+        else h.update(this.mem.subarray(a, a + b));
+      } else h.update(m.literals[a]!);
     }
     let digest: string | null = null;
     if (m.end) {
@@ -173,8 +175,12 @@ export class HashPool {
   readonly slotBytes: number;
   /** Worker threads (0: the inline hasher on this thread). */
   readonly threads: number;
+  /** The slots' memory: the XXH64 module's (hashed in place), shared with the workers (SHA-256). */
+  private readonly xmem: Xxh64Memory;
   private readonly sab: SharedArrayBuffer;
   private readonly mem: Buffer;
+  /** Offset of slot 0 in the memory. */
+  private readonly base: number;
   /** Index 0..threads-1: the workers; index `threads`: the inline hasher. Each made on first use. */
   private readonly hashers: Array<Hasher | undefined> = [];
   /** Outstanding extents per hasher. */
@@ -198,10 +204,13 @@ export class HashPool {
     const workers = Math.max(1, threads);
     this.slotBytes = opts.slotBytes ?? 4 << 20;
     const slots = Math.max(2, opts.slots ?? 4 * workers + 2);
-    this.sab = new SharedArrayBuffer(this.slotBytes * slots);
+    // Sized once: the memory never grows, so the slots' views stay valid.
+    this.xmem = new Xxh64Memory(this.slotBytes * slots);
+    this.sab = this.xmem.buffer;
     this.mem = Buffer.from(this.sab);
+    this.base = this.xmem.base;
     for (let i = 0; i < slots; i++) {
-      this.free.push({ id: i, buf: this.mem.subarray(i * this.slotBytes, (i + 1) * this.slotBytes) });
+      this.free.push(this.slot(i));
       this.refs.push(0);
     }
     for (let i = 0; i <= threads; i++) {
@@ -217,6 +226,7 @@ export class HashPool {
     if (h) return h;
     if (i === this.threads)
       h = new InlineHasher(
+        this.xmem,
         this.mem,
         (m) => this.reply(i, m),
         (e) => this.fail(e),
@@ -315,8 +325,8 @@ export class HashPool {
   // ---- internal (RecordingSink and the workers' replies) ----
 
   slotOf(b: Buffer): number | null {
-    if (b.buffer !== this.sab) return null;
-    return Math.floor(b.byteOffset / this.slotBytes);
+    if (b.buffer !== this.sab || b.byteOffset < this.base) return null;
+    return Math.floor((b.byteOffset - this.base) / this.slotBytes);
   }
 
   post(worker: number, msg: HashMessage): void {
@@ -352,13 +362,18 @@ export class HashPool {
   private unref(ids: number[]): void {
     for (const id of ids) {
       if (--this.refs[id]! > 0) continue;
-      const slot = { id, buf: this.mem.subarray(id * this.slotBytes, (id + 1) * this.slotBytes) };
+      const slot = this.slot(id);
       const next = this.waiting.shift();
       if (next) {
         this.refs[id] = 1;
         next.resolve(slot);
       } else this.free.push(slot);
     }
+  }
+
+  private slot(id: number): Slot {
+    const at = this.base + id * this.slotBytes;
+    return { id, buf: this.mem.subarray(at, at + this.slotBytes) };
   }
 
   private fail(e: Error): void {

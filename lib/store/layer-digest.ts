@@ -11,7 +11,7 @@
 // re-reads a written file and feeds the same digester, so both give the same digests.
 import { Qcow2Image, type Extent } from '../qcow2/index.js';
 import { createDigest, DEFAULT_DIGEST_ALGORITHM, type DigestAlgorithm, type StreamDigest } from './digest/index.js';
-import type { ExtentSink, HashPool, Slot } from './hash-pool.js';
+import { HashPool, type ExtentSink, type Slot } from './hash-pool.js';
 import { DEFAULT_EXTENT_BYTES, type ExtentDigest } from './manifest.js';
 
 export const UNALLOCATED = 0;
@@ -32,7 +32,7 @@ export interface DigestOptions {
   algorithm?: DigestAlgorithm;
   /** Called between extents (a cancellation point). */
   between?: () => void;
-  /** Hash on these worker threads, with several reads in flight; else on this thread. */
+  /** Read into this pool's slots and hash there (on its workers, or on this thread); else on a pool of our own, on this thread. */
   pool?: HashPool;
 }
 
@@ -52,7 +52,6 @@ export interface LayerDigesterOptions {
   sink?: (algorithm: DigestAlgorithm) => ExtentSink;
 }
 
-const DATA_MARK = Buffer.from([DATA]);
 const STATUS: Record<Exclude<UnitKind, 'data'>, number> = { zero: ZERO, unallocated: UNALLOCATED };
 
 /**
@@ -180,7 +179,7 @@ export class LayerDigester {
     for (let o = 0; o < bytes.length;) {
       const p = this.pos + o;
       const within = p % unit;
-      if (within === 0) hash.bytes(DATA_MARK);
+      if (within === 0) hash.repeat(DATA, 1);
       const n = Math.min(bytes.length - o, unit - within);
       hash.bytes(bytes.subarray(o, o + n));
       o += n;
@@ -212,7 +211,7 @@ class HashSink implements ExtentSink {
     this.h = createDigest(algorithm);
   }
   repeat(byte: number, n: number): void {
-    repeatInto(this.h, byte, n);
+    this.h.repeat(byte, n);
   }
   bytes(b: Buffer): void {
     this.h.update(b);
@@ -241,39 +240,31 @@ export async function digestLayer(path: string, opts: DigestOptions = {}): Promi
   }
 }
 
-/** Read buffers: a HashPool's shared slots, or a few of our own when hashing here. */
-interface Buffers {
-  tryAcquire(): Slot | null;
-  acquire(): Promise<Slot>;
-  done(s: Slot): void;
-}
-
-function ownBuffers(n: number, size: number): Buffers {
-  const free: Slot[] = Array.from({ length: n }, (_, id) => ({ id, buf: Buffer.alloc(size) }));
-  const tryAcquire = (): Slot | null => free.pop() ?? null;
-  return {
-    tryAcquire,
-    // Called only when nothing is ahead, so every buffer is free.
-    acquire: () => Promise.resolve(tryAcquire()!),
-    done: (s) => void free.push(s),
-  };
-}
-
 export async function digestImage(img: Qcow2Image, opts: DigestOptions = {}): Promise<LayerDigest> {
   const extentBytes = opts.extentBytes ?? DEFAULT_EXTENT_BYTES;
-  const unit = img.subclusterSize;
   if (extentBytes % img.clusterSize !== 0)
     throw new RangeError(`extent size ${extentBytes} is not a multiple of the cluster size ${img.clusterSize}`);
-  const { pool } = opts;
+  if (opts.pool) return digestOn(img, extentBytes, opts, opts.pool);
+  // Without one, a pool of two read buffers hashed on this thread: XXH64 then reads them
+  // where they lie (the pool's memory is its module's), never copying them to hash.
+  const slotBytes = Math.min(READ_CHUNK, Math.max(img.subclusterSize, extentBytes));
+  const pool = new HashPool({ workers: 0, slotBytes, slots: 2 });
+  try {
+    return await digestOn(img, extentBytes, opts, pool);
+  } finally {
+    await pool.close();
+  }
+}
+
+async function digestOn(img: Qcow2Image, extentBytes: number, opts: DigestOptions, pool: HashPool): Promise<LayerDigest> {
   const dg = new LayerDigester({
     virtualSize: img.virtualSize,
-    unitBytes: unit,
+    unitBytes: img.subclusterSize,
     extentBytes,
     ...(opts.algorithm ? { algorithm: opts.algorithm } : {}),
-    ...(pool ? { sink: (a) => pool.sink(a) } : {}),
+    sink: (a) => pool.sink(a),
   });
-  const chunk = pool ? pool.slotBytes : Math.min(READ_CHUNK, Math.max(unit, extentBytes));
-  const buffers: Buffers = pool ?? ownBuffers(2, chunk);
+  const chunk = pool.slotBytes;
   const steps = mapSteps(img, extentBytes, chunk, opts.between);
   // Steps in guest order; the reads among the next ones run while the current is hashed.
   const ahead: Array<{ step: Step; slot?: Slot; read?: Promise<void> }> = [];
@@ -290,7 +281,7 @@ export async function digestImage(img: Qcow2Image, opts: DigestOptions = {}): Pr
         next = r.value;
       }
       if (next.t === 'read') {
-        const slot = ahead.length === 0 ? await buffers.acquire() : buffers.tryAcquire();
+        const slot = ahead.length === 0 ? await pool.acquire() : pool.tryAcquire();
         if (!slot) return;
         const read = img.readHost(slot.buf, 0, next.len, next.host);
         read.catch(() => {}); // awaited in turn below
@@ -313,22 +304,22 @@ export async function digestImage(img: Qcow2Image, opts: DigestOptions = {}): Pr
           dg.add(x.pos, x.len, 'data', a.slot!.buf.subarray(0, x.len));
         }
       } finally {
-        // Sent to the workers first: a message that carries the slot holds it until hashed.
-        pool?.flush();
-        if (a.slot) buffers.done(a.slot);
+        // Sent to the hasher first: a message that carries the slot holds it until hashed.
+        pool.flush();
+        if (a.slot) pool.done(a.slot);
       }
     }
   } catch (e) {
-    pool?.abandon();
+    pool.abandon();
     throw e;
   } finally {
     // On a failure, the reads still running finish before their buffers go back.
     for (const a of ahead.splice(0)) {
       await a.read?.catch(() => {});
-      if (a.slot) buffers.done(a.slot);
+      if (a.slot) pool.done(a.slot);
     }
   }
-  return pool ? dg.settle() : dg.finish();
+  return dg.settle();
 }
 
 /** The layer's steps in guest order, mapped extent by extent; a wholly unallocated extent gives none. */
@@ -354,15 +345,6 @@ async function* mapSteps(img: Qcow2Image, extentBytes: number, chunk: number, be
     // Nothing held: the digester skips an unallocated extent without a step.
     if (held) yield* steps;
   }
-}
-
-const runCache = new Map<number, Buffer>();
-function repeatInto(hash: StreamDigest, byte: number, n: number): void {
-  // Long runs (a 2 TiB unallocated disk) in bounded pieces.
-  const piece = 1 << 16;
-  let b = runCache.get(byte);
-  if (!b) runCache.set(byte, (b = Buffer.alloc(piece, byte)));
-  for (let left = n; left > 0; left -= piece) hash.update(left >= piece ? b : b.subarray(0, left));
 }
 
 function statusRun(sink: ExtentSink, byte: number, n: number): void {

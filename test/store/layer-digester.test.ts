@@ -286,6 +286,77 @@ describe('HashPool', () => {
 
 describe('HashPool with the inline hasher (workers: 0)', () => {
   const dir = tempDir('hash-pool-inline');
+  it('several layers fed side by side from the slots (XXH64 in place, SHA-256 too, pools at once) = each fed alone here', async () => {
+    const rand = rng(1818);
+    const unit = 4 * KiB;
+    const size = 3 * MiB + 3 * unit + 1000;
+    // Per layer a random feed in guest order: data (its bytes), zero or unallocated runs, odd piece sizes.
+    const feeds = Array.from({ length: 4 }, () => {
+      const ranges: Array<{ offset: number; length: number; kind: UnitKind; data?: Buffer }> = [];
+      for (let pos = 0; pos < size;) {
+        const kind: UnitKind = (['data', 'data', 'zero', 'unallocated'] as const)[rand(4)]!;
+        let length = Math.min(size - pos, (1 + rand(40)) * unit);
+        if (kind === 'data' && pos + length < size) length -= rand(3) * 777; // data may stop inside a unit
+        const data = kind === 'data' ? Buffer.from(Array.from({ length }, () => rand(256))) : undefined;
+        ranges.push({ offset: pos, length, kind, ...(data ? { data } : {}) });
+        pos += length;
+        // Another kind only at a unit boundary: a data run that stopped inside one goes on as data.
+        if (pos % unit !== 0 && pos < size) {
+          const more = Math.min(size - pos, unit - (pos % unit));
+          ranges.push({ offset: pos, length: more, kind: 'data', data: Buffer.from(Array.from({ length: more }, () => rand(256))) });
+          pos += more;
+        }
+      }
+      return ranges;
+    });
+    const alone = (ranges: (typeof feeds)[number], algorithm: DigestAlgorithm) => {
+      const dg = new LayerDigester({ virtualSize: size, unitBytes: unit, extentBytes: 16 * unit, algorithm });
+      for (const r of ranges) dg.add(r.offset, r.length, r.kind, r.data);
+      return dg.finish();
+    };
+    const pools = [
+      new HashPool({ workers: 0, slotBytes: 48 * KiB, slots: 3 }),
+      new HashPool({ workers: 1, slotBytes: 64 * KiB, slots: 4 }),
+    ];
+    try {
+      const algorithms: DigestAlgorithm[] = ['xxh64', 'xxh64', 'sha256', 'xxh64'];
+      const runs = feeds.map((ranges, i) => {
+        const pool = pools[i % 2]!;
+        const dg = new LayerDigester({
+          virtualSize: size,
+          unitBytes: unit,
+          extentBytes: 16 * unit,
+          algorithm: algorithms[i]!,
+          sink: (a) => pool.sink(a),
+        });
+        return { pool, dg, ranges, next: 0 };
+      });
+      // By turns, one range each: its data copied into a slot (in pieces of the slot's size), fed from there.
+      while (runs.some((r) => r.next < r.ranges.length)) {
+        const r = runs[rand(runs.length)]!;
+        const x = r.ranges[r.next++];
+        if (!x) continue;
+        if (!x.data) r.dg.add(x.offset, x.length, x.kind);
+        else
+          for (let at = 0; at < x.length; at += r.pool.slotBytes) {
+            const slot = await r.pool.acquire();
+            const n = Math.min(r.pool.slotBytes, x.length - at);
+            // At an odd place in the slot: the stripes are not aligned.
+            const from = rand(2) * Math.min(7, r.pool.slotBytes - n);
+            x.data.copy(slot.buf, from, at, at + n);
+            r.dg.add(x.offset + at, n, 'data', slot.buf.subarray(from, from + n));
+            r.pool.flush();
+            r.pool.done(slot);
+          }
+      }
+      const got = await Promise.all(runs.map((r) => r.dg.settle()));
+      expect(got).toEqual(feeds.map((f, i) => alone(f, algorithms[i]!)));
+      expect(got.every((d) => d.extents.length > 0)).toBe(true);
+    } finally {
+      await Promise.all(pools.map((p) => p.close()));
+    }
+  });
+
   it('hashes on this thread but only after the sender moved on: a slot is held until then, and digests equal hashing here', async () => {
     const pool = new HashPool({ workers: 0, slotBytes: 64 * KiB, slots: 2 });
     try {

@@ -6,7 +6,9 @@
 // SHA-256 stays for manifests written before XXH64 existed, and for operators who keep the
 // manifests elsewhere as evidence (NASBACKUP_DIGEST=sha256).
 import { createHash } from 'node:crypto';
-import { Xxh64 } from './xxh64.js';
+import { Xxh64, Xxh64Memory } from './xxh64.js';
+
+export { Xxh64, Xxh64Memory };
 
 export type DigestAlgorithm = 'xxh64' | 'sha256';
 export const DIGEST_ALGORITHMS: readonly DigestAlgorithm[] = ['xxh64', 'sha256'];
@@ -16,14 +18,26 @@ export const DIGEST_HEX_LENGTH: Readonly<Record<DigestAlgorithm, number>> = { xx
 
 export interface StreamDigest {
   update(b: Uint8Array): unknown;
+  /** `n` copies of `byte` (the canonical stream's status runs). */
+  repeat(byte: number, n: number): unknown;
   /** Lower-case hex; the digest is finished. */
   digest(): string;
 }
 
-export function createDigest(algorithm: DigestAlgorithm): StreamDigest {
-  if (algorithm === 'xxh64') return new Xxh64();
+/** A digest; an XXH64 one reads `memory` in place (input elsewhere is copied into a staging area). */
+export function createDigest(algorithm: DigestAlgorithm, memory?: Xxh64Memory): StreamDigest {
+  if (algorithm === 'xxh64') return new Xxh64(memory);
   const h = createHash('sha256');
-  return { update: (b) => h.update(b), digest: () => h.digest('hex') };
+  return { update: (b) => h.update(b), repeat: (byte, n) => repeatInto(h, byte, n), digest: () => h.digest('hex') };
+}
+
+const FILL_BYTES = 1 << 16;
+const fills = new Map<number, Buffer>();
+function repeatInto(h: { update(b: Uint8Array): unknown }, byte: number, n: number): void {
+  // Long runs (a 2 TiB unallocated disk) in bounded pieces.
+  let f = fills.get(byte);
+  if (!f) fills.set(byte, (f = Buffer.alloc(FILL_BYTES, byte)));
+  for (let left = n; left > 0; left -= FILL_BYTES) h.update(left >= FILL_BYTES ? f : f.subarray(0, left));
 }
 
 export function isDigestAlgorithm(v: unknown): v is DigestAlgorithm {

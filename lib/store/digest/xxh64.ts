@@ -1,8 +1,10 @@
-// XXH64 (seed 0), streaming, synchronous: the stripe loop runs in a small WebAssembly module
-// (xxh64.wat), everything else here. Each hash keeps its own accumulators, so any number may
-// be open at once (restore digests several layers' extents side by side); the module's
-// memory is only a staging area for one update() at a time. Output: the canonical
-// big-endian hex, as `xxhsum` prints it.
+// XXH64 (seed 0), streaming, synchronous: the absorption runs in a small WebAssembly module
+// (xxh64.wat), the initialisation and finalisation here. An Xxh64Memory is one instance of
+// the module over its own memory, which a caller may also use for its buffers (a HashPool's
+// slots): bytes there are hashed where they lie, others are first copied into a staging
+// area. Any number of hashes may be open on one memory at once (restore digests several
+// layers' extents side by side): the one being fed keeps its state in the memory, the others
+// in their own objects. Output: the canonical big-endian hex, as `xxhsum` prints it.
 import { XXH64_WASM } from './xxh64-wasm.js';
 
 const M64 = (1n << 64n) - 1n;
@@ -12,79 +14,130 @@ const P3 = 0x165667b19e3779f9n;
 const P4 = 0x85ebca77c2b2ae63n;
 const P5 = 0x27d4eb2f165667c5n;
 
-/** Accumulators at 0, data from 64 (+ up to 7): 1 MiB per call (the memory has 17 pages of 64 KiB). */
+const PAGE = 1 << 16;
+/** The state of the hash being fed (accumulators, then the tail), in the memory's first page. */
 const STATE = 0;
-const DATA = 64;
-const CHUNK = 1 << 20;
+const STATE_BYTES = 64;
+/** The rest of the first page: input from elsewhere is copied here, a piece at a time. */
+const STAGE = STATE_BYTES;
+const STAGE_BYTES = PAGE - STAGE - 8;
 
 // Node's global; this project's TypeScript libs (no DOM) do not declare it.
 declare const WebAssembly: {
   Module: new (bytes: Uint8Array) => object;
-  Instance: new (module: object) => { exports: unknown };
+  Instance: new (module: object, imports: object) => { exports: unknown };
+  Memory: new (d: { initial: number; maximum: number; shared: true }) => { buffer: SharedArrayBuffer };
 };
 
-interface Stripes {
-  memory: { buffer: ArrayBuffer };
-  stripes(this: void, state: number, data: number, n: number): void;
+interface Exports {
+  update(this: void, h: number, tail: number, p: number, n: number): number;
+  repeat(this: void, h: number, tail: number, byte: number, n: number): number;
 }
 
-let module: { mem: Uint8Array; acc: BigUint64Array; stripes: Stripes['stripes'] } | null = null;
-/** Compiled on first use (~1 ms, synchronous: the module is tiny). */
-function wasm(): NonNullable<typeof module> {
-  if (!module) {
-    const inst = new WebAssembly.Instance(new WebAssembly.Module(Buffer.from(XXH64_WASM, 'base64')));
-    const x = inst.exports as Stripes;
-    module = { mem: new Uint8Array(x.memory.buffer), acc: new BigUint64Array(x.memory.buffer, STATE, 4), stripes: x.stripes };
+let compiled: object | null = null;
+
+/**
+ * One instance of the XXH64 module over a shared memory of its own, sized once (a memory that
+ * grows replaces its buffer, and the views on it would no longer see it): the first page is
+ * the module's, then `userBytes` (rounded up to whole pages) from `base` are the caller's.
+ */
+export class Xxh64Memory {
+  readonly buffer: SharedArrayBuffer;
+  /** First byte of the caller's part. */
+  readonly base = PAGE;
+  // For Xxh64 only: the instance's functions, views of the memory, and the hash whose state
+  // is in the memory now.
+  readonly x: Exports;
+  readonly bytes: Uint8Array;
+  readonly acc: BigUint64Array;
+  owner: Xxh64 | null = null;
+
+  constructor(userBytes = 0) {
+    const pages = 1 + Math.ceil(Math.max(0, userBytes) / PAGE);
+    const memory = new WebAssembly.Memory({ initial: pages, maximum: pages, shared: true });
+    // Compiled on first use (~1 ms, synchronous: the module is tiny).
+    compiled ??= new WebAssembly.Module(Buffer.from(XXH64_WASM, 'base64'));
+    this.x = new WebAssembly.Instance(compiled, { env: { memory } }).exports as Exports;
+    this.buffer = memory.buffer;
+    this.bytes = new Uint8Array(this.buffer);
+    this.acc = new BigUint64Array(this.buffer, STATE, 4);
   }
-  return module;
+
+  /** A new hash that reads this memory in place. */
+  hash(): Xxh64 {
+    return new Xxh64(this);
+  }
 }
+
+/** For hashes made without a memory: input is staged through this one. */
+let shared: Xxh64Memory | null = null;
 
 const rotl = (x: bigint, r: bigint): bigint => ((x << r) | (x >> (64n - r))) & M64;
 const round = (acc: bigint, lane: bigint): bigint => (rotl((acc + lane * P2) & M64, 31n) * P1) & M64;
 const merge = (acc: bigint, v: bigint): bigint => ((acc ^ round(0n, v)) * P1 + P4) & M64;
 
+/** The seed-0 accumulators and an empty tail. */
+const INITIAL = new Uint8Array(new BigUint64Array([(P1 + P2) & M64, P2, 0n, (M64 + 1n - P1) & M64, 0n, 0n, 0n, 0n]).buffer);
+
 export class Xxh64 {
-  private readonly acc = new BigUint64Array([(P1 + P2) & M64, P2, 0n, (M64 + 1n - P1) & M64]);
-  /** Bytes not yet a whole stripe (< 32). */
-  private readonly tail = Buffer.alloc(32);
+  private readonly mem: Xxh64Memory;
+  /** The state while another hash of the memory is being fed (accumulators, tail). */
+  private readonly saved = Uint8Array.from(INITIAL);
+  /** Bytes in the tail, not yet a whole stripe (< 32). */
   private tailLen = 0;
   private total = 0;
-  private done = false;
+  /** The hex digest, once taken (the hash is then finished). */
+  private hex: string | null = null;
+
+  constructor(mem?: Xxh64Memory) {
+    this.mem = mem ?? (shared ??= new Xxh64Memory());
+  }
 
   update(b: Uint8Array): this {
-    if (this.done) throw new Error('XXH64: update after digest');
-    this.total += b.length;
-    let off = 0;
-    if (this.tailLen > 0) {
-      const take = Math.min(32 - this.tailLen, b.length);
-      this.tail.set(b.subarray(0, take), this.tailLen);
-      this.tailLen += take;
-      off = take;
-      if (this.tailLen < 32) return this;
-      this.absorb(this.tail, 0, 32);
-      this.tailLen = 0;
+    const m = this.mem;
+    if (b.buffer === m.buffer) return this.updateAt(b.byteOffset, b.length);
+    for (let at = 0; at < b.length; at += STAGE_BYTES) {
+      const n = Math.min(STAGE_BYTES, b.length - at);
+      // Staged at the source's alignment: a copy into shared memory is done word by word
+      // only when both sides align, byte by byte otherwise (4x slower).
+      const to = STAGE + ((b.byteOffset + at) & 7);
+      m.bytes.set(b.subarray(at, at + n), to);
+      this.updateAt(to, n);
     }
-    const whole = (b.length - off) & ~31;
-    if (whole > 0) this.absorb(b, off, whole);
-    off += whole;
-    if (off < b.length) {
-      this.tail.set(b.subarray(off), 0);
-      this.tailLen = b.length - off;
-    }
+    return this;
+  }
+
+  /** The `n` bytes at `offset` of the memory, hashed in place. */
+  updateAt(offset: number, n: number): this {
+    this.load();
+    this.tailLen = this.mem.x.update(STATE, this.tailLen, offset, n);
+    this.total += n;
+    return this;
+  }
+
+  /** `n` copies of `byte`. */
+  repeat(byte: number, n: number): this {
+    this.load();
+    // Pieces below 2^31: the module takes an i32.
+    for (let left = n; left > 0; left -= 1 << 30) this.tailLen = this.mem.x.repeat(STATE, this.tailLen, byte, Math.min(left, 1 << 30));
+    this.total += n;
     return this;
   }
 
   /** Hex of the 64-bit hash; the hash is finished. */
   digest(): string {
-    this.done = true;
+    if (this.hex !== null) return this.hex;
+    this.load();
+    this.mem.owner = null;
+    const { acc, bytes } = this.mem;
     let h: bigint;
     if (this.total >= 32) {
-      const [v1, v2, v3, v4] = this.acc as unknown as [bigint, bigint, bigint, bigint];
+      const [v1, v2, v3, v4] = acc as unknown as [bigint, bigint, bigint, bigint];
       h = (rotl(v1, 1n) + rotl(v2, 7n) + rotl(v3, 12n) + rotl(v4, 18n)) & M64;
       h = merge(merge(merge(merge(h, v1), v2), v3), v4);
     } else h = P5;
     h = (h + BigInt(this.total)) & M64;
-    const t = this.tail;
+    const t = Buffer.from(bytes.slice(STATE + 32, STATE + 32 + this.tailLen));
     let i = 0;
     for (; i + 8 <= this.tailLen; i += 8) {
       h ^= round(0n, t.readBigUInt64LE(i));
@@ -104,22 +157,20 @@ export class Xxh64 {
     h ^= h >> 29n;
     h = (h * P3) & M64;
     h ^= h >> 32n;
-    return h.toString(16).padStart(16, '0');
+    return (this.hex = h.toString(16).padStart(16, '0'));
   }
 
-  /** Whole stripes of b[off, off + len), len a multiple of 32, staged through the module's memory. */
-  private absorb(b: Uint8Array, off: number, len: number): void {
-    const w = wasm();
-    w.acc.set(this.acc);
-    for (let at = off, end = off + len; at < end; at += CHUNK) {
-      const n = Math.min(CHUNK, end - at);
-      // Staged at the source's alignment: a copy out of shared memory (a HashPool slot) is
-      // done word by word only when both sides align, byte by byte otherwise (4x slower);
-      // the canonical stream's status bytes put most data at odd offsets.
-      const to = DATA + ((b.byteOffset + at) & 7);
-      w.mem.set(b.subarray(at, at + n), to);
-      w.stripes(STATE, to, n >>> 5);
-    }
-    this.acc.set(w.acc);
+  /** This hash's state into the memory, the previous owner's saved first. */
+  private load(): void {
+    if (this.hex !== null) throw new Error('XXH64: update after digest');
+    const m = this.mem;
+    if (m.owner === this) return;
+    m.owner?.save();
+    m.bytes.set(this.saved, STATE);
+    m.owner = this;
+  }
+
+  private save(): void {
+    this.saved.set(this.mem.bytes.subarray(STATE, STATE + STATE_BYTES));
   }
 }

@@ -223,7 +223,8 @@ async function runFloor(dir: string, n: number): Promise<Run> {
     const n = ${n}, chunk = 4 << 20, base = Math.max(0, size - n);
     let next = 0, tail = Promise.resolve();
     const worker = async () => {
-      const buf = Buffer.allocUnsafe(chunk);
+      // Page-aligned (a WebAssembly memory): the kernel's page-cache copies are fastest there.
+      const buf = Buffer.from(new WebAssembly.Memory({ initial: chunk / 65536 }).buffer, 0, chunk);
       for (;;) {
         const at = next; next += chunk;
         if (at >= n) return;

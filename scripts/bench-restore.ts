@@ -16,6 +16,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describeLayer, writeManifestFile } from '../lib/store/manifest-file.js';
 import { DEFAULT_EXTENT_BYTES } from '../lib/store/manifest.js';
+import { pageAlignedBuffers } from '../lib/qcow2/io.js';
 import type { DigestAlgorithm } from '../lib/store/digest/index.js';
 import { chainManifest } from './lib/chain-manifest.js';
 import { machineLine, median, spread } from './lib/stats.js';
@@ -55,7 +56,8 @@ function drop(): void {
 
 /** The floor: every layer's allocated host ranges read once, in 16 MiB sequential reads. */
 function readAllocated(files: string[]): void {
-  const buf = Buffer.allocUnsafe(16 * MiB);
+  // Page-aligned: the kernel's page-cache copies are fastest there.
+  const [buf] = pageAlignedBuffers(1, 16 * MiB) as [Buffer];
   for (const f of files) {
     const fd = fs.openSync(f, 'r');
     try {

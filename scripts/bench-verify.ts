@@ -17,6 +17,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { pageAlignedBuffers } from '../lib/qcow2/io.js';
 import type { ManifestDisk } from '../lib/store/manifest.js';
 import { chainManifest } from './lib/chain-manifest.js';
 import { loadAverage, machineLine, medianSpread, pairedRatios, times as x } from './lib/stats.js';
@@ -95,7 +96,8 @@ async function buildChain(nas: string, s: Shape): Promise<string[]> {
 
 /** The floor: every layer file read once, front to back, 8 MiB at a time. */
 function readAll(files: string[]): void {
-  const buf = Buffer.allocUnsafe(8 * MiB);
+  // Page-aligned: the kernel's page-cache copies are fastest there.
+  const [buf] = pageAlignedBuffers(1, 8 * MiB) as [Buffer];
   for (const f of files) {
     const fd = fs.openSync(f, 'r');
     try {

@@ -102,3 +102,18 @@ export class NodeBlockFile implements BlockFile {
     await this.fh.close().catch(() => {});
   }
 }
+
+// Node's global; this project's TypeScript libs (no DOM) do not declare it.
+declare const WebAssembly: { Memory: new (d: { initial: number }) => { buffer: ArrayBuffer } };
+
+/**
+ * `count` buffers of `size` bytes at page-aligned addresses. The kernel copies to and from the
+ * page cache markedly faster there: a large Buffer or SharedArrayBuffer from malloc starts 16
+ * bytes past a page (measured here: ~150 against ~60 ms of system time per GiB read). A
+ * WebAssembly memory is mapped at a page boundary; it is sized once and never grown.
+ */
+export function pageAlignedBuffers(count: number, size: number): Buffer[] {
+  const stride = Math.ceil(size / 4096) * 4096;
+  const mem = new WebAssembly.Memory({ initial: Math.max(1, Math.ceil((stride * count) / 65536)) });
+  return Array.from({ length: count }, (_, i) => Buffer.from(mem.buffer, i * stride, size));
+}

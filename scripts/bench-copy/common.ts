@@ -183,7 +183,8 @@ export async function floorCopy(src: string, dstDir: string): Promise<Run & { by
     const dst = await fs.open(${JSON.stringify(dst)}, 'wx');
     let next = 0, at = 0, tail = Promise.resolve();
     const worker = async () => {
-      const buf = Buffer.allocUnsafe(${chunk});
+      // Page-aligned (a WebAssembly memory): the kernel's page-cache copies are fastest there.
+      const buf = Buffer.from(new WebAssembly.Memory({ initial: Math.ceil(${chunk} / 65536) }).buffer, 0, ${chunk});
       for (;;) {
         const i = next++;
         if (i >= chunks.length) return;

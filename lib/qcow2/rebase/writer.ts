@@ -10,7 +10,7 @@ import type { Qcow2Image, ScratchEntry } from '../image.js';
 import { encodeL1Entry, encodeL2Entry, l2EntrySize } from '../l2.js';
 import { encodeRefTableEntry, entriesPerBlock, refTableEntry } from '../refcount.js';
 import type { ImageChain } from '../view.js';
-import { copyImage, type CopyBufferPool, type CopyRange, type CopySink, type CopySource } from '../copy/engine.js';
+import { BufferPool, copyImage, type CopyBufferPool, type CopyRange, type CopySink, type CopySource } from '../copy/engine.js';
 import type { SourceMap, WorkItem } from './plan.js';
 
 // Requests in flight × their size is the data in memory: large enough for the disk to stream,
@@ -61,30 +61,6 @@ function linkRounds<B extends { off: number }>(blocks: Map<number, B>, cs: numbe
     rounds.push(round);
   }
   return rounds;
-}
-
-/** The copy buffers, allocated once and lent to every batch's copy. */
-class BufferPool implements CopyBufferPool {
-  private readonly free: Buffer[] = [];
-  private readonly waiters: Array<(b: Buffer) => void> = [];
-  constructor(
-    count: number,
-    readonly size: number,
-  ) {
-    for (let i = 0; i < count; i++) this.free.push(Buffer.allocUnsafe(size));
-  }
-  get available(): number {
-    return this.free.length;
-  }
-  take(): Promise<Buffer> {
-    const b = this.free.pop();
-    return b ? Promise.resolve(b) : new Promise((resolve) => this.waiters.push(resolve));
-  }
-  give(b: Buffer): void {
-    const w = this.waiters.shift();
-    if (w) w(b);
-    else this.free.push(b);
-  }
 }
 
 /** Host reads of one request at once, at most (as ImageChain.readInto). */

@@ -93,6 +93,8 @@ export async function chainVerify(ctx: OpContext, a: ChainArgs, opts: VerifyOpti
   for (const f of backups.files) fileBytes += backups.looked?.get(f.abs)?.st.size ?? 0;
   if (fileBytes >= POOL_EARLY_FILE_BYTES) pool = new HashPool();
   let report: VerifyReport;
+  // Read buffers for the layers hashed here, reused from layer to layer.
+  const spare: Buffer[] = [];
   try {
     report = await verifyChains(backups, check, 4, {
       scope: backups.backups,
@@ -109,7 +111,7 @@ export async function chainVerify(ctx: OpContext, a: ChainArgs, opts: VerifyOpti
           ...(file ? { file } : {}),
           between: () => ctx.checkpoint(),
           ...(onData ? { onData } : {}),
-          ...(pool ? { pool } : {}),
+          ...(pool ? { pool } : { spare }),
         }),
       between: () => ctx.checkpoint(),
       ...(opts.progress ? { progress: opts.progress } : {}),

@@ -38,7 +38,9 @@ const DIST_REBASE = path.join(ROOT, 'dist/lib/qcow2/rebase.js');
 const DIST_NATIVE = path.join(ROOT, 'dist/lib/engine/native.js');
 const BIN = path.join(ROOT, 'bin/nasbackup');
 /** The launcher's V8 flags (lib/install/launcher.ts NODE_FLAGS), so the engine runs as it does there. */
-const NODE_FLAGS = (/^#!\/usr\/bin\/env -S node (.*)$/m.exec(fs.readFileSync(BIN, 'utf8'))?.[1] ?? '').split(' ').filter(Boolean);
+const NODE_FLAGS = (/^#!\/usr\/bin\/env -S (?:-u \S+ )*node (.*)$/m.exec(fs.readFileSync(BIN, 'utf8'))?.[1] ?? '')
+  .split(' ')
+  .filter(Boolean);
 const MiB = 1 << 20;
 
 const fmtB = (n: number): string => (n >= 1 << 30 ? `${(n / (1 << 30)).toFixed(2)} GiB` : `${(n / MiB).toFixed(1)} MiB`);

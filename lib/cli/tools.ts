@@ -13,8 +13,10 @@ import { loadConfig, type Config } from '../config.js';
 import { NasbackupError, toNasbackupError } from '../errors.js';
 import { createLogger, logFileFromEnv, type Logger } from '../log.js';
 import type { DeletePlan } from '../ops/chain/plan.js';
-import { parseRecords, computeChainRepair, type BackupRecord, type ChainRepairPlan } from '../ops/chain/provider-plan.js';
+import type { BackupRecord, ChainRepairPlan } from '../ops/chain/provider-plan.js';
 import type { ChainArgs } from '../ops/chain/index.js';
+import type * as ChainOpsModule from '../ops/chain/index.js';
+import type { OpContext } from '../ops/context.js';
 import type { RestoreArgs } from '../ops/restore.js';
 import {
   chainDeleteRenderer,
@@ -33,6 +35,9 @@ import {
 import { wantsJson } from './args.js';
 import { execute, type ExecuteIo } from './lifecycle.js';
 import { validateChainArgs, validateMountArgs, validateRestoreArgs, validateUmountArgs } from './validate.js';
+
+/** The chain operations (lib/ops/chain), loaded while a chain command starts. */
+type ChainOps = typeof ChainOpsModule;
 
 export const TOOLS = ['chain', 'plan-delete', 'restore', 'mount', 'umount'] as const;
 
@@ -59,6 +64,7 @@ async function loadRecords(file: string): Promise<BackupRecord[]> {
   } catch (e) {
     throw new NasbackupError('FILE_NOT_FOUND', `Cannot read records file ${file}`, { details: (e as Error).message });
   }
+  const { parseRecords } = await import('../ops/chain/provider-plan.js');
   try {
     return parseRecords(JSON.parse(text));
   } catch (e) {
@@ -110,7 +116,9 @@ export async function runTool(tool: string, argv: readonly string[], io: ToolIo)
         .option('forced', { type: 'boolean', default: false })
         .option('json', { type: 'boolean' })
         .parseSync();
-      plan = computeChainRepair(await loadRecords(a.records), a.backup, a['root-volume-uuid'], a.forced);
+      const records = await loadRecords(a.records);
+      const { computeChainRepair } = await import('../ops/chain/provider-plan.js');
+      plan = computeChainRepair(records, a.backup, a['root-volume-uuid'], a.forced);
     } catch (e) {
       return fail('plan-delete', e);
     }
@@ -123,6 +131,9 @@ export async function runTool(tool: string, argv: readonly string[], io: ToolIo)
   if (tool === 'mount' || tool === 'umount') return runMountTool(tool, argv, io, mode, fail);
 
   const command = `chain ${CHAIN_SUBCOMMANDS.find((s) => s === argv[0]) ?? ''}`.trim();
+  // Loaded while the arguments are read and the NAS is mounted (see run below).
+  const opsLoad = import('../ops/chain/index.js');
+  opsLoad.catch(() => {}); // awaited below; unused when the arguments are refused
   let a: ChainFlags;
   let records: BackupRecord[] | undefined;
   let config: Readonly<Config>;
@@ -155,23 +166,34 @@ export async function runTool(tool: string, argv: readonly string[], io: ToolIo)
           return confirm('Proceed? [y/N] ');
         }
       : undefined;
-  const ops = await import('../ops/chain/index.js');
+  /**
+   * Every chain command first mounts the NAS: started here, so that `mount` (a child process)
+   * runs while the operation's modules load; the operation's own openNas gets that session.
+   */
+  const run = <T>(body: (o: ChainOps, ctx: OpContext) => Promise<T>) =>
+    execute(io, config, logger, (ctx) => {
+      const nas = ctx.openNas(args.nas);
+      nas.catch(() => {}); // the operation awaits it first thing
+      return opsLoad.then((o) => body(o, { ...ctx, openNas: (t) => (t === args.nas ? nas : ctx.openNas(t)) }));
+    });
   switch (action) {
     case 'list':
-      return render(io.out, mode, chainListRenderer, await execute(io, config, logger, (ctx) => ops.chainList(ctx, args)));
+      return render(io.out, mode, chainListRenderer, await run((o, ctx) => o.chainList(ctx, args)));
     case 'verify': {
       // A bar on stderr for an operator at a terminal; never with --json.
-      const { createProgress } = await import('../ops/backup/progress.js');
-      const progress = await createProgress(process.stdout.isTTY === true && !json, 'verify');
-      const outcome = await execute(io, config, logger, (ctx) =>
-        ops.chainVerify(ctx, args, { progress: (done, total) => progress.update(done, total) }).finally(() => progress.stop()),
+      const bar = process.stdout.isTTY === true && !json;
+      const progress = bar ? await (await import('../ops/backup/progress.js')).createProgress(true, 'verify') : null;
+      const outcome = await run((o, ctx) =>
+        o
+          .chainVerify(ctx, args, progress ? { progress: (done, total) => progress.update(done, total) } : {})
+          .finally(() => progress?.stop()),
       );
       return render(io.out, mode, chainVerifyRenderer, outcome);
     }
     case 'plan-delete':
-      return render(io.out, mode, chainPlanRenderer, await execute(io, config, logger, (ctx) => ops.chainPlanDelete(ctx, args)));
+      return render(io.out, mode, chainPlanRenderer, await run((o, ctx) => o.chainPlanDelete(ctx, args)));
     case 'delete': {
-      const outcome = await execute(io, config, logger, async (ctx) => {
+      const outcome = await run(async (ops, ctx) => {
         const { QemuImgRebaseEngine } = await import('../engine/qemu-img.js');
         const { selectEngine } = await import('../engine/select.js');
         const qemuImg = new QemuImgRebaseEngine(ctx.clients.qemuImg, (step) => ctx.shield(step));

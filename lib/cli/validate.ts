@@ -6,7 +6,7 @@ import { NasbackupError } from '../errors.js';
 import { parseRelativePath } from '../paths.js';
 import type { AgentProfile } from '../../compat/protocol.js';
 import type { NasTarget } from '../nas/session.js';
-import { checkIncrementalArgs, parseBandwidth, refuseCompressWhileRunning, type BackupArgs, type BackupMode } from '../ops/backup/index.js';
+import { checkIncrementalArgs, parseBandwidth, refuseCompressWhileRunning, type BackupArgs, type BackupMode } from '../ops/backup/args.js';
 import { DELETE_MIN_DEPTH, type DeleteArgs } from '../ops/delete.js';
 import type { RebaseArgs } from '../ops/rebase.js';
 import type { ChainArgs } from '../ops/chain/index.js';

@@ -29,6 +29,7 @@ import {
   type Qcow2Header,
 } from './header.js';
 import { NodeBlockFile, type BlockFile } from './io.js';
+import { zeroEntries, type L2Layout } from './l2.js';
 
 /** qemu-img check's verdict, by its exit code: 0 clean, 3 leaks only, 2 corrupt, 1 check failed. */
 export type CheckVerdict = 'clean' | 'leaks' | 'corrupt' | 'failed';
@@ -82,6 +83,8 @@ const MAX_BITMAP_DIRECTORY = 64 << 20;
 const SATURATED = 255;
 
 const hexOf = (n: number | bigint): string => n.toString(16);
+/** Refcount table entries are 8 bytes, like standard L2 entries (for zeroEntries). */
+const EIGHT_BYTE_ENTRIES: L2Layout = { clusterBits: 16, extendedL2: false };
 
 /** Computed refcounts: a byte per host cluster, larger counts (snapshots) in a map. */
 class Counts {
@@ -396,7 +399,14 @@ class Checker {
     const x = 70 - this.bits; // compressed: offset bits below x, sector count above
     const csizeMask = (1 << (this.bits - 8)) - 1;
     const hiOffMask = x >= 32 ? 2 ** (x - 32) - 1 : 0;
+    const layout: L2Layout = { clusterBits: this.bits, extendedL2: this.extL2 };
     for (let i = 0; i < this.l2Entries; i++) {
+      // All-zero entries (unallocated) count nothing: a run of them is skipped a word at a time.
+      const unset = zeroEntries(t, i, this.l2Entries - i, layout);
+      if (unset > 0) {
+        i += unset - 1;
+        continue;
+      }
       const at = i * esz;
       const hi = t.readUInt32BE(at);
       const lo = t.readUInt32BE(at + 4);
@@ -607,7 +617,12 @@ class Checker {
   /** Refcount table entries and the blocks they point at (QEMU's check_refblocks). */
   private checkRefblocks(): void {
     for (let i = 0; i < this.refTableEntries; i++) {
-      if (this.refTable.readUInt32BE(i * 8) === 0 && this.refTable.readUInt32BE(i * 8 + 4) === 0) continue;
+      // Empty entries, skipped a run at a time (8-byte entries, as in a standard L2 table).
+      const unset = zeroEntries(this.refTable, i, this.refTableEntries - i, EIGHT_BYTE_ENTRIES);
+      if (unset > 0) {
+        i += unset - 1;
+        continue;
+      }
       const raw = this.refTable.readBigUInt64BE(i * 8);
       if ((raw & 0x1ffn) !== 0n) {
         this.corruption(`ERROR refcount table entry ${i} has reserved bits set`);

@@ -34,8 +34,13 @@ export async function scanImage(img: Qcow2Image): Promise<ScanResult> {
   let refcountBlocks = 0;
   // The table once, its empty entries skipped without an await each (a table has thousands).
   const t = await img.refcountTable();
+  const eight = { clusterBits: img.clusterBits, extendedL2: false }; // 8-byte entries, as in a standard L2 table
   for (let i = 0; i < img.refcountTableEntries; i++) {
-    if (t.readUInt32BE(i * 8) === 0 && t.readUInt32BE(i * 8 + 4) === 0) continue;
+    const unset = zeroEntries(t, i, img.refcountTableEntries - i, eight);
+    if (unset > 0) {
+      i += unset - 1;
+      continue;
+    }
     if ((await img.refBlockOffset(i)) !== 0) refcountBlocks++;
   }
   return { l2Tables, refcountBlocks };

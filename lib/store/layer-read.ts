@@ -25,6 +25,11 @@ export interface ReadDigestOptions {
   pool?: HashPool;
   /** The layer, already open (readLayerDigest leaves it open). */
   file?: BlockFile;
+  /**
+   * Read buffers shared by the layers of one run (without a pool): taken from here, given back
+   * at the end, so a chain of small layers allocates a few buffers, not a big one per layer.
+   */
+  spare?: Buffer[];
 }
 
 type Step =
@@ -72,7 +77,10 @@ export async function readImageDigest(img: Qcow2Image, opts: ReadDigestOptions =
   /** A read buffer: a pool slot (waiting only when no read of ours is ahead), or one of ours. */
   const slotFor = async (): Promise<Slot | null> => {
     if (pool) return reads === 0 ? pool.acquire() : pool.tryAcquire();
-    return own.pop() ?? { id: owned++, buf: Buffer.allocUnsafe(chunkBytes) };
+    const mine = own.pop();
+    if (mine) return mine;
+    const i = opts.spare?.findIndex((b) => b.length >= chunkBytes) ?? -1;
+    return { id: owned++, buf: i >= 0 ? opts.spare!.splice(i, 1)[0]! : Buffer.allocUnsafe(chunkBytes) };
   };
   const startRead = (slot: Slot, host: number, at: number, len: number): void => {
     const done = img.readHost(slot.buf, 0, len, host);
@@ -137,6 +145,7 @@ export async function readImageDigest(img: Qcow2Image, opts: ReadDigestOptions =
         await st.done.catch(() => {});
         release(st.slot);
       }
+    if (opts.spare) for (const s of own) opts.spare.push(s.buf);
   }
   return pool ? dg.settle() : dg.finish();
 }

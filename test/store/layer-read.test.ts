@@ -19,6 +19,9 @@ describe('readLayerDigest = digestLayer', () => {
   const pool = new HashPool({ workers: 2, slotBytes: 65536, slots: 6 });
   afterAll(() => pool.close());
   let n = 0;
+  // Read buffers shared by every layer of the run (as chain verify shares them): stale bytes of
+  // another layer or read size never reach a digest.
+  const spare: Buffer[] = [];
   it('random layers, random read sizes and depths, extents of 1–4 clusters (×64 below 64 KiB)', async () => {
     await fc.assert(
       fc.asyncProperty(
@@ -38,6 +41,9 @@ describe('readLayerDigest = digestLayer', () => {
             const got = await readLayerDigest(p, { extentBytes, inFlight, chunkBytes, onData: (b) => (seen += b) });
             expect(got).toEqual(want);
             expect(seen).toBe(want.dataBytes);
+            expect(await readLayerDigest(p, { extentBytes, inFlight, chunkBytes, spare })).toEqual(want);
+            // Reused, not piling up: at most one layer's reads in flight (≤ 6) per read size (4).
+            expect(spare.length).toBeLessThanOrEqual(24);
             // Hashed on worker threads, reads in the pool's shared slots: the same digests.
             expect(await readLayerDigest(p, { extentBytes, inFlight, pool })).toEqual(want);
           }

@@ -7,17 +7,15 @@ import { NasbackupError, withResult } from '../../errors.js';
 import { ensureWithin, exists } from '../../paths.js';
 import { backingFile, discover, type BackupFile, type VmBackups } from '../../store/backups.js';
 import { readLayerDigest } from '../../store/layer-read.js';
-import { HashPool } from '../../store/hash-pool.js';
+import type { HashPool } from '../../store/hash-pool.js';
 import { structuralCheck, type StructuralCheck } from '../../store/safety.js';
-import { planDelete, type DeletePlan } from './plan.js';
+import type { DeletePlan } from './plan.js';
 import type { BackupRecord } from './provider-plan.js';
 import { verifyChains, type VerifyReport } from '../../store/verify-chains.js';
 import type { RebaseEngine } from '../../engine/types.js';
 import type { BlockFile } from '../../qcow2/index.js';
 import type { NasTarget } from '../../nas/session.js';
 import { syncAfter, type OpContext } from '../context.js';
-import { removeTree } from '../delete.js';
-import { safeRebase } from '../rebase.js';
 
 /** Checked by lib/cli/validate.ts (validateChainArgs). */
 export interface ChainArgs {
@@ -29,6 +27,10 @@ export interface ChainArgs {
   force: boolean;
   records?: BackupRecord[];
 }
+
+// Loaded by the commands that use them (verify, run most, needs none: a faster start).
+const planner = () => import('./plan.js');
+const newHashPool = async (): Promise<HashPool> => new (await import('../../store/hash-pool.js')).HashPool();
 
 /** validateChainArgs requires --backup for plan-delete and delete. */
 function required(backup: string | undefined): string {
@@ -88,34 +90,39 @@ export async function chainVerify(ctx: OpContext, a: ChainArgs, opts: VerifyOpti
   // here, SHA-256 on worker threads (every core; they start with the first such extent).
   // Files this big hold data enough: the pool is made now, while the chains are walked;
   // else once the manifests say how much data there is.
-  let pool: HashPool | undefined;
+  let pool: Promise<HashPool> | undefined;
   let fileBytes = 0;
   for (const f of backups.files) fileBytes += backups.looked?.get(f.abs)?.st.size ?? 0;
-  if (fileBytes >= POOL_EARLY_FILE_BYTES) pool = new HashPool();
+  if (fileBytes >= POOL_EARLY_FILE_BYTES) pool = newHashPool();
   let report: VerifyReport;
+  // Read buffers for the layers hashed here, reused from layer to layer.
+  const spare: Buffer[] = [];
   try {
     report = await verifyChains(backups, check, 4, {
       scope: backups.backups,
       // A layer's structural check and re-read in one task: a few at once keep the disk and the cores busy.
       layers: 4,
+      // (Told before any layer is re-read: every digest below sees the pool.)
       planned: (bytes) => {
-        if (bytes >= POOL_MIN_BYTES) pool ??= new HashPool();
+        if (bytes >= POOL_MIN_BYTES) pool ??= newHashPool();
       },
       // Several reads in flight per layer, a few layers at once (lib/store/layer-read.ts).
-      digest: (abs, { extentBytes, algorithm }, onData, file) =>
-        readLayerDigest(abs, {
+      digest: async (abs, { extentBytes, algorithm }, onData, file) => {
+        const p = await pool;
+        return readLayerDigest(abs, {
           extentBytes,
           algorithm,
           ...(file ? { file } : {}),
           between: () => ctx.checkpoint(),
           ...(onData ? { onData } : {}),
-          ...(pool ? { pool } : {}),
-        }),
+          ...(p ? { pool: p } : { spare }),
+        });
+      },
       between: () => ctx.checkpoint(),
       ...(opts.progress ? { progress: opts.progress } : {}),
     });
   } finally {
-    await pool?.close();
+    await (await pool?.catch(() => undefined))?.close();
   }
   const result = { vm, report };
   if (!report.ok) throw new NasbackupError('CHAIN_INVALID', `The backup chains of ${vm} have errors`, { result });
@@ -143,6 +150,7 @@ export interface ChainPlanResult {
 
 export async function chainPlanDelete(ctx: OpContext, a: ChainArgs): Promise<ChainPlanResult> {
   const { vm, backups } = await load(ctx, a);
+  const { planDelete } = await planner();
   const plan = await planDelete(backups, vm, required(a.backup), { force: a.force, ...(a.records ? { records: a.records } : {}) });
   if (!plan.proceed) throw new NasbackupError('CHAIN_REFUSED', plan.reason ?? 'refused', { result: { plan } });
   return { plan };
@@ -172,6 +180,7 @@ export async function chainDelete(
     throw new NasbackupError('FILE_NOT_FOUND', `No backups of ${vm} on this NAS`);
   }
   await ctx.lockVm(nas.mountPoint, vm, 'chain delete');
+  const [{ planDelete }, { removeTree }, { safeRebase }] = await Promise.all([planner(), import('../delete.js'), import('../rebase.js')]);
   // Plan under the lock, from the files as they are now.
   const plan = await planDelete(await discover(dir), vm, name, { force: a.force, ...(a.records ? { records: a.records } : {}) });
   if (!plan.proceed) throw new NasbackupError('CHAIN_REFUSED', plan.reason ?? 'refused', { result: { plan, done: [] } });

@@ -29,7 +29,7 @@ const result = await build({
   alias: { y18n: './scripts/y18n-english.cjs' },
   define: { __NASBACKUP_VERSION__: JSON.stringify(pkg.version) },
   banner: {
-    js: `#!/usr/bin/env -S node --max-semi-space-size=1 --v8-pool-size=1\n// nasbackup ${pkg.version}: single-file build (npm run bundle); ${pkg.license}.`,
+    js: `#!/usr/bin/env -S -u NODE_EXTRA_CA_CERTS node --max-semi-space-size=1 --v8-pool-size=1\n// nasbackup ${pkg.version}: single-file build (npm run bundle); ${pkg.license}.`,
   },
   legalComments: 'none',
   keepNames: true,

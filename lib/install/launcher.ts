@@ -42,6 +42,8 @@ export function launcherText(opts: LauncherSpec): string {
     `# Written by install-agent-hook; do not edit. Roll back: ${self} install-agent-hook --uninstall --target ${shQuote(opts.target)}`,
     'NASBACKUP_SCRIPT_NAME=$0',
     'export NASBACKUP_SCRIPT_NAME',
+    // No TLS here: with it set, Node parses that CA bundle on every start (~40 ms), as bin/nasbackup's shebang says.
+    'unset NODE_EXTRA_CA_CERTS',
     `exec ${self} "$@"`,
     '',
   ].join('\n');

@@ -55,6 +55,19 @@ describe('the bundle runs alone', () => {
     });
   });
 
+  it('bin/nasbackup and the bundle, run by their shebang, start without NODE_EXTRA_CA_CERTS (no TLS; Node would parse it on every start)', async () => {
+    const sb = makeSandbox('ship-ca');
+    // A CA bundle that cannot load makes Node warn on stderr, so an empty stderr shows the variable was dropped.
+    const env = { NODE_EXTRA_CA_CERTS: join(sb.root, 'no-such-ca.pem') };
+    expect(await runProgram(NODE, ['-e', '0'], { ...sb.env, ...env })).toMatchObject({ stderr: expect.stringContaining('no-such-ca.pem') });
+    for (const program of [BIN, bundle])
+      expect(await runProgram(program, ['--version'], { ...sb.env, ...env }, { cwd: sb.root })).toMatchObject({
+        code: 0,
+        stdout: `nasbackup ${PKG.version}\n`,
+        stderr: '',
+      });
+  });
+
   it.each([
     [['-h']],
     [['--help']],

@@ -131,7 +131,8 @@ describe('install-agent-hook', () => {
     expect(readdirSync(r.dir).sort()).toEqual(['nasbackup.sh', 'nasbackup.sh.orig']);
 
     // Run the way the agent does: the script path itself, no shell, a PATH without our Node.js.
-    const env = { PATH: '/usr/sbin:/usr/bin:/sbin:/bin', NASBACKUP_LOG_FILE: r.log };
+    // A CA bundle that cannot load would make Node warn on stderr: the launcher unsets the variable (no TLS here).
+    const env = { PATH: '/usr/sbin:/usr/bin:/sbin:/bin', NASBACKUP_LOG_FILE: r.log, NODE_EXTRA_CA_CERTS: join(r.root, 'no-such-ca.pem') };
     expect(await runProgram(r.target, ['--version'], env)).toMatchObject({ code: 0, stdout: `nasbackup ${PKG.version}\n`, stderr: '' });
     const help = await runProgram(r.target, ['-h'], env);
     expect(help.code).toBe(1);

@@ -3,7 +3,7 @@
 // across extent boundaries, so the disk never waits for the hash and the hash never waits for
 // one read. Metadata (block status) is walked ahead of the reads; memory stays at
 // `inFlight + 1` read buffers whatever the disk size.
-import { Qcow2Image, type BlockFile, type Extent } from '../qcow2/index.js';
+import { pageAlignedBuffers, Qcow2Image, type BlockFile, type Extent } from '../qcow2/index.js';
 import type { DigestAlgorithm } from './digest/index.js';
 import type { HashPool, Slot } from './hash-pool.js';
 import { LayerDigester, type LayerDigest } from './layer-digest.js';
@@ -80,7 +80,8 @@ export async function readImageDigest(img: Qcow2Image, opts: ReadDigestOptions =
     const mine = own.pop();
     if (mine) return mine;
     const i = opts.spare?.findIndex((b) => b.length >= chunkBytes) ?? -1;
-    return { id: owned++, buf: i >= 0 ? opts.spare!.splice(i, 1)[0]! : Buffer.allocUnsafe(chunkBytes) };
+    // Page-aligned: the kernel copies into it faster (lib/qcow2/io.ts).
+    return { id: owned++, buf: i >= 0 ? opts.spare!.splice(i, 1)[0]! : pageAlignedBuffers(1, chunkBytes)[0]! };
   };
   const startRead = (slot: Slot, host: number, at: number, len: number): void => {
     const done = img.readHost(slot.buf, 0, len, host);

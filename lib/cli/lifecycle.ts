@@ -8,7 +8,7 @@ import { makeClients } from '../clients/index.js';
 import { Runner } from '../exec.js';
 import type { Logger } from '../log.js';
 import { VmLock } from '../nas/lock.js';
-import { NasSession } from '../nas/session.js';
+import { NasSession, type NasTarget } from '../nas/session.js';
 import { NasWatch } from '../nas/watch.js';
 import { ensureWithin } from '../paths.js';
 import type { OpContext } from '../ops/context.js';
@@ -62,15 +62,24 @@ export async function execute<T>(io: ExecuteIo, config: Config, logger: Logger, 
   const locks: VmLock[] = [];
   const leftovers: string[] = [];
   const mounts: MountedNas[] = [];
+  /** One mount per NAS per run: a second openNas of the same target gets the same session. */
+  const opened = new Map<NasTarget, Promise<NasSession>>();
   const ctx: OpContext = {
     clients: makeClients(runner, config),
     logger,
     config,
-    openNas: (target) =>
-      NasSession.open(target, { runner, config, logger, watch }, (s) => {
-        sessions.push(s);
-        mounts.push({ mountPoint: s.mountPoint, address: target.address });
-      }),
+    openNas: (target) => {
+      let nas = opened.get(target);
+      if (!nas)
+        opened.set(
+          target,
+          (nas = NasSession.open(target, { runner, config, logger, watch }, (s) => {
+            sessions.push(s);
+            mounts.push({ mountPoint: s.mountPoint, address: target.address });
+          })),
+        );
+      return nas;
+    },
     lockVm: async (mountPoint, instance, operation) => {
       const dir = await ensureWithin(mountPoint, instance, { what: 'instance folder' });
       locks.push(

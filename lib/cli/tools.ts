@@ -172,9 +172,8 @@ export async function runTool(tool: string, argv: readonly string[], io: ToolIo)
    */
   const run = <T>(body: (o: ChainOps, ctx: OpContext) => Promise<T>) =>
     execute(io, config, logger, (ctx) => {
-      const nas = ctx.openNas(args.nas);
-      nas.catch(() => {}); // the operation awaits it first thing
-      return opsLoad.then((o) => body(o, { ...ctx, openNas: (t) => (t === args.nas ? nas : ctx.openNas(t)) }));
+      ctx.openNas(args.nas).catch(() => {}); // the operation awaits it first thing
+      return opsLoad.then((o) => body(o, ctx));
     });
   switch (action) {
     case 'list':

@@ -13,7 +13,10 @@ export interface OpContext {
   clients: Clients;
   logger: Logger;
   config: Readonly<Config>;
-  /** Mounts the NAS; the session is closed by the caller of the operation on every path. */
+  /**
+   * Mounts the NAS (once per target and run: a second call gets the same session); the
+   * session is closed by the caller of the operation on every path.
+   */
   openNas(target: NasTarget): Promise<NasSession>;
   /**
    * Take the per-VM lock of `<mount>/<instance>`; released by the caller of the

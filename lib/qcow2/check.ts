@@ -30,6 +30,7 @@ import {
 } from './header.js';
 import { NodeBlockFile, type BlockFile } from './io.js';
 import { zeroEntries, type L2Layout } from './l2.js';
+import { emptyRefTableEntries } from './refcount.js';
 
 /** qemu-img check's verdict, by its exit code: 0 clean, 3 leaks only, 2 corrupt, 1 check failed. */
 export type CheckVerdict = 'clean' | 'leaks' | 'corrupt' | 'failed';
@@ -83,8 +84,6 @@ const MAX_BITMAP_DIRECTORY = 64 << 20;
 const SATURATED = 255;
 
 const hexOf = (n: number | bigint): string => n.toString(16);
-/** Refcount table entries are 8 bytes, like standard L2 entries (for zeroEntries). */
-const EIGHT_BYTE_ENTRIES: L2Layout = { clusterBits: 16, extendedL2: false };
 
 /** Computed refcounts: a byte per host cluster, larger counts (snapshots) in a map. */
 class Counts {
@@ -617,8 +616,7 @@ class Checker {
   /** Refcount table entries and the blocks they point at (QEMU's check_refblocks). */
   private checkRefblocks(): void {
     for (let i = 0; i < this.refTableEntries; i++) {
-      // Empty entries, skipped a run at a time (8-byte entries, as in a standard L2 table).
-      const unset = zeroEntries(this.refTable, i, this.refTableEntries - i, EIGHT_BYTE_ENTRIES);
+      const unset = emptyRefTableEntries(this.refTable, i, this.refTableEntries - i);
       if (unset > 0) {
         i += unset - 1;
         continue;

@@ -1,5 +1,6 @@
 // Refcount block entries of every width (refcount_order 0..6). Sub-byte widths are
 // packed from the least significant bits of each byte; 8 bits and more are big-endian.
+import { zeroEntries, type L2Layout } from './l2.js';
 
 export function refcountBits(order: number): number {
   return 1 << order;
@@ -69,6 +70,16 @@ export function entryByteSpan(from: number, to: number, order: number): [number,
 export function refTableEntry(table: Buffer, i: number): bigint {
   return table.readBigUInt64BE(i * 8);
 }
+
+/**
+ * How many refcount table entries from `i` on (at most `max`) are empty (no block): a run of
+ * them skipped a word at a time (8-byte entries, read as a standard L2 table's), so a walk of
+ * the whole table costs no BigInt, call or await per empty entry.
+ */
+export function emptyRefTableEntries(table: Buffer, i: number, max: number): number {
+  return zeroEntries(table, i, max, EIGHT_BYTE_ENTRIES);
+}
+const EIGHT_BYTE_ENTRIES: L2Layout = { clusterBits: 16, extendedL2: false };
 
 export function encodeRefTableEntry(table: Buffer, i: number, blockOffset: number): void {
   table.writeBigUInt64BE(BigInt(blockOffset), i * 8);

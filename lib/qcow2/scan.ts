@@ -4,6 +4,7 @@
 // a time (memory stays at the L2 cache's budget).
 import { Qcow2Image, type ScratchEntry } from './image.js';
 import { zeroEntries } from './l2.js';
+import { emptyRefTableEntries } from './refcount.js';
 
 export interface ScanResult {
   l2Tables: number;
@@ -34,9 +35,8 @@ export async function scanImage(img: Qcow2Image): Promise<ScanResult> {
   let refcountBlocks = 0;
   // The table once, its empty entries skipped without an await each (a table has thousands).
   const t = await img.refcountTable();
-  const eight = { clusterBits: img.clusterBits, extendedL2: false }; // 8-byte entries, as in a standard L2 table
   for (let i = 0; i < img.refcountTableEntries; i++) {
-    const unset = zeroEntries(t, i, img.refcountTableEntries - i, eight);
+    const unset = emptyRefTableEntries(t, i, img.refcountTableEntries - i);
     if (unset > 0) {
       i += unset - 1;
       continue;

@@ -4,7 +4,7 @@
 // starts, and whether the refcount table has to grow first.
 import { Qcow2Error } from '../errors.js';
 import { MAX_REFTABLE_BYTES, type Qcow2Image, type ScratchEntry } from '../image.js';
-import { entriesPerBlock, lastNonzeroEntry } from '../refcount.js';
+import { emptyRefTableEntries, entriesPerBlock, lastNonzeroEntry } from '../refcount.js';
 import type { ImageChain } from '../view.js';
 
 const SKIP = 1;
@@ -352,9 +352,12 @@ export async function planWork(chain: ImageChain, j: number): Promise<Plan> {
   const epb = entriesPerBlock(cs, T.header.refcountOrder);
   const rt = await T.refcountTable();
   for (let ti = Math.floor(next / epb); ti < T.refcountTableEntries; ti++) {
-    // No block: nothing counted there (no read, no promise). Two 32-bit words, not a BigInt:
-    // the loop runs over the whole table (8192 entries per cluster of it).
-    if (rt.readUInt32BE(ti * 8) === 0 && rt.readUInt32BE(ti * 8 + 4) === 0) continue;
+    // No block: nothing counted there (no read, no promise); empty entries a run at a time.
+    const unset = emptyRefTableEntries(rt, ti, T.refcountTableEntries - ti);
+    if (unset > 0) {
+      ti += unset - 1;
+      continue;
+    }
     const b = await T.refBlock(ti);
     if (!b) continue;
     const k = lastNonzeroEntry(b, T.header.refcountOrder);

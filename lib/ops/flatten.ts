@@ -52,7 +52,6 @@ export interface FlattenOptions {
   inspect?: (extent: FlatExtent) => void | Promise<void>;
   progress?: (done: number, total: number) => void;
   pieceBytes?: number;
-  inFlight?: number;
   /** Hash worker threads; 0 (the default) hashes on this thread, between the reads and writes. */
   hashWorkers?: number;
 }
@@ -131,7 +130,6 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
       );
   }
   const checked = o.expect.some((e) => e !== null);
-  const inFlight = o.inFlight ?? IN_FLIGHT;
   // Every layer buffer is a slot of the hash pool (a proven layer's is hashed in place, no
   // copy; another layer's is handed back unhashed): the pool is the restore's memory.
   const hashPool = new HashPool({
@@ -268,7 +266,7 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
   };
   try {
     const settled = await Promise.allSettled(
-      Array.from({ length: inFlight }, () =>
+      Array.from({ length: IN_FLIGHT }, () =>
         worker().catch((e: unknown) => {
           failed = true;
           throw e;
@@ -491,8 +489,8 @@ class ChainVerifier {
     private readonly images: Qcow2Image[],
     private readonly expect: ReadonlyArray<LayerExpectation | null>,
     needed: ReadonlyArray<Set<number> | null>,
-    /** Where the digests are computed (present whenever a layer is checked). */
-    private readonly pool: HashPool | null,
+    /** Where the digests are computed. */
+    private readonly pool: HashPool,
   ) {
     this.listed = expect.map((e, L) => (e ? [...e.digests.keys()].filter((x) => needed[L]!.has(x)).sort((a, b) => a - b) : []));
     this.digesters = images.map((img, L) => {
@@ -503,7 +501,7 @@ class ChainVerifier {
         unitBytes: img.subclusterSize,
         extentBytes: e.extentBytes,
         algorithm: e.algorithm,
-        sink: (a) => this.workerSink(L, pool!.sink(a), () => Math.ceil(dg.position / e.extentBytes) - 1),
+        sink: (a) => this.workerSink(L, pool.sink(a), () => Math.ceil(dg.position / e.extentBytes) - 1),
       });
       return dg;
     });
@@ -527,7 +525,7 @@ class ChainVerifier {
       this.passed(L, reached === this.images[L]!.virtualSize ? Infinity : Math.floor(reached / this.expect[L]!.extentBytes));
     }
     // What was recorded goes to the workers now (the slots are theirs until hashed).
-    this.pool?.flush();
+    this.pool.flush();
   }
 
   /** Every digester to the end of its layer: the extents not reached yet are settled, every digest compared. */

@@ -97,12 +97,15 @@ class InlineHasher implements Hasher {
   private scheduled = false;
   private stopped = false;
 
+  private readonly mem: Buffer;
+
   constructor(
     private readonly xmem: Xxh64Memory,
-    private readonly mem: Buffer,
     private readonly reply: (m: HashReply) => void,
     private readonly fail: (e: Error) => void,
-  ) {}
+  ) {
+    this.mem = Buffer.from(xmem.buffer);
+  }
 
   postMessage(m: HashMessage): void {
     if (this.stopped) return;
@@ -177,10 +180,7 @@ export class HashPool {
   readonly threads: number;
   /** The slots' memory: the XXH64 module's (hashed in place), shared with the workers (SHA-256). */
   private readonly xmem: Xxh64Memory;
-  private readonly sab: SharedArrayBuffer;
   private readonly mem: Buffer;
-  /** Offset of slot 0 in the memory. */
-  private readonly base: number;
   /** Index 0..threads-1: the workers; index `threads`: the inline hasher. Each made on first use. */
   private readonly hashers: Array<Hasher | undefined> = [];
   /** Outstanding extents per hasher. */
@@ -206,9 +206,7 @@ export class HashPool {
     const slots = Math.max(2, opts.slots ?? 4 * workers + 2);
     // Sized once: the memory never grows, so the slots' views stay valid.
     this.xmem = new Xxh64Memory(this.slotBytes * slots);
-    this.sab = this.xmem.buffer;
-    this.mem = Buffer.from(this.sab);
-    this.base = this.xmem.base;
+    this.mem = Buffer.from(this.xmem.buffer);
     for (let i = 0; i < slots; i++) {
       this.free.push(this.slot(i));
       this.refs.push(0);
@@ -227,12 +225,11 @@ export class HashPool {
     if (i === this.threads)
       h = new InlineHasher(
         this.xmem,
-        this.mem,
         (m) => this.reply(i, m),
         (e) => this.fail(e),
       );
     else {
-      const w = new Worker(HASH_WORKER, { eval: true, workerData: { sab: this.sab } });
+      const w = new Worker(HASH_WORKER, { eval: true, workerData: { sab: this.xmem.buffer } });
       w.on('message', (m: HashReply) => this.reply(i, m));
       w.on('error', (e) => this.fail(e));
       w.on('exit', (code) => {
@@ -325,8 +322,9 @@ export class HashPool {
   // ---- internal (RecordingSink and the workers' replies) ----
 
   slotOf(b: Buffer): number | null {
-    if (b.buffer !== this.sab || b.byteOffset < this.base) return null;
-    return Math.floor((b.byteOffset - this.base) / this.slotBytes);
+    const { buffer, base } = this.xmem;
+    if (b.buffer !== buffer || b.byteOffset < base) return null;
+    return Math.floor((b.byteOffset - base) / this.slotBytes);
   }
 
   post(worker: number, msg: HashMessage): void {
@@ -372,7 +370,7 @@ export class HashPool {
   }
 
   private slot(id: number): Slot {
-    const at = this.base + id * this.slotBytes;
+    const at = this.xmem.base + id * this.slotBytes;
     return { id, buf: this.mem.subarray(at, at + this.slotBytes) };
   }
 

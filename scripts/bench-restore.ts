@@ -7,7 +7,8 @@
 // Ours includes the process start, the NAS mount, the lock, the chain pre-flight, the digests
 // and the fsync before the rename; `qemu-img convert` (default cache mode) never flushes.
 //   npm run bench:restore [-- --size-mib 4096 --layers 5 --full-mib 2048 --inc-mib 256 --runs 5]
-//   (--keep keeps the chain and prints where; --no-drop-caches runs warm; --digest sha256 for the older manifests)
+//   (--baseline-bin /other/checkout/bin/nasbackup adds that build's restore to every round;
+//   --keep keeps the chain and prints where; --no-drop-caches runs warm; --digest sha256 for the older manifests)
 //   a short run: -- --size-mib 512 --full-mib 128 --inc-mib 32 --runs 3
 import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -38,6 +39,9 @@ const digestArg = process.argv.indexOf('--digest');
 const digest: DigestAlgorithm = digestArg > 0 && process.argv[digestArg + 1] === 'sha256' ? 'sha256' : 'xxh64';
 /** Keep the chain (and print where) for a closer look. */
 const keep = process.argv.includes('--keep');
+/** Another build's bin/nasbackup, run beside ours in the same rounds (an A/B of a change). */
+const baselineArg = process.argv.indexOf('--baseline-bin');
+const baseline = baselineArg > 0 ? process.argv[baselineArg + 1] : undefined;
 const BIN = fileURLToPath(new URL('../bin/nasbackup', import.meta.url));
 const VM = 'i-2-10-VM';
 const VOL = 'aaaaaaaa-0000-4000-8000-00000000be01';
@@ -72,6 +76,27 @@ function readAllocated(files: string[]): void {
       fs.closeSync(fd);
     }
   }
+}
+
+/**
+ * The restore floor: the layers read once (dd, 16 MiB reads into its page-aligned buffer) while
+ * another process writes `bytes` of non-zero data to `to` with O_DIRECT in 8 MiB writes and
+ * then fdatasyncs it.
+ */
+function readWhileWriting(files: string[], to: string, bytes: number): void {
+  const writer = `
+    const fs = require('node:fs');
+    const mem = new WebAssembly.Memory({ initial: 128 }); // 8 MiB at a page boundary
+    const buf = Buffer.from(mem.buffer).fill(0x5a);
+    const fd = fs.openSync(process.argv[1], fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_DIRECT, 0o600);
+    const total = Number(process.argv[2]);
+    for (let at = 0; at < total; at += buf.length) fs.writeSync(fd, buf, 0, Math.min(buf.length, Math.ceil((total - at) / 4096) * 4096), at);
+    fs.fdatasyncSync(fd);
+    fs.closeSync(fd);`;
+  const script =
+    'for f in "${@:3}"; do dd if="$f" of=/dev/null bs=16M status=none; done & node -e "$0" "$1" "$2"; s=$?; wait $! && exit $s';
+  const r = spawnSync('bash', ['-c', script, writer, to, String(bytes), ...files], { stdio: 'inherit' });
+  if (r.status !== 0) throw new Error('the floor with writes failed');
 }
 
 async function main(): Promise<void> {
@@ -119,20 +144,36 @@ async function main(): Promise<void> {
     }
     const top = files.at(-1)!;
     const allocated = files.reduce((n, f) => n + fs.statSync(f).size, 0);
+    // The point's data bytes: what a sparse restore writes.
+    const map = JSON.parse(execFileSync('qemu-img', ['map', '--output=json', '-f', 'qcow2', top], { encoding: 'utf8' })) as Array<{
+      length: number;
+      data: boolean;
+    }>;
+    const dataBytes = map.filter((m) => m.data).reduce((n, m) => n + m.length, 0);
     const reference = path.join(dir, 'reference.raw');
     execFileSync('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', top, reference]);
     const env = { ...process.env, TMPDIR: tmp, NASBACKUP_LOG_FILE: path.join(dir, 'nasbackup.log') };
-    const ours = (format: string) => (to: string) => {
-      const r = spawnSync(BIN, restoreArgv(`${VM}/${ts.at(-1)}`, to, format), { env, encoding: 'utf8' });
-      if (r.status !== 0) throw new Error(`nasbackup restore failed: ${r.stdout}${r.stderr}`);
-      if (/warning/.test(r.stdout)) throw new Error(`nasbackup restore warned (the chain should be proven): ${r.stdout}`);
-    };
+    const ours =
+      (format: string, bin = BIN) =>
+      (to: string) => {
+        const r = spawnSync(bin, restoreArgv(`${VM}/${ts.at(-1)}`, to, format), { env, encoding: 'utf8' });
+        if (r.status !== 0) throw new Error(`nasbackup restore failed: ${r.stdout}${r.stderr}`);
+        if (/warning/.test(r.stdout)) throw new Error(`nasbackup restore warned (the chain should be proven): ${r.stdout}`);
+      };
     const qemu = (extra: string[]) => (to: string) => void execFileSync('qemu-img', ['convert', '-f', 'qcow2', ...extra, top, to]);
     type Variant = { name: string; format: string | null; run: (to: string) => void };
     const variants: Variant[] = [
       { name: 'floor: allocated bytes read once (16 MiB reads)', format: null, run: () => readAllocated(files) },
+      // What a verified, durable restore must do at least: read every layer's allocated bytes and,
+      // at the same time, write the disk's data bytes to the device (O_DIRECT, then fdatasync).
+      {
+        name: 'floor: read them while writing the data durably',
+        format: 'none',
+        run: (to) => readWhileWriting(files, to, dataBytes),
+      },
       { name: 'nasbackup restore --format raw (verified)', format: 'raw', run: ours('raw') },
       { name: 'nasbackup restore --format qcow2 (verified)', format: 'qcow2', run: ours('qcow2') },
+      ...(baseline ? [{ name: 'baseline restore --format qcow2 (--baseline-bin)', format: 'qcow2', run: ours('qcow2', baseline) }] : []),
       { name: 'qemu-img convert -O raw', format: 'raw', run: qemu(['-O', 'raw']) },
       { name: 'qemu-img convert -O qcow2', format: 'qcow2', run: qemu(['-O', 'qcow2']) },
       { name: 'qemu-img convert -O qcow2 -m 16 -W', format: 'qcow2', run: qemu(['-O', 'qcow2', '-m', '16', '-W']) },
@@ -142,6 +183,8 @@ async function main(): Promise<void> {
         format: 'qcow2',
         run: qemu(['-O', 'qcow2', '-m', '16', '-W', '-t', 'writeback']),
       },
+      // Durable and past the page cache (O_DIRECT), as ours writes where it can.
+      { name: 'qemu-img convert -O qcow2 -m 16 -W -t none', format: 'qcow2', run: qemu(['-O', 'qcow2', '-m', '16', '-W', '-t', 'none']) },
     ];
     const times: number[][] = variants.map(() => []);
     const before = machineLine();
@@ -150,7 +193,8 @@ async function main(): Promise<void> {
         const to = path.join(out, `v${i}.${v.format ?? 'none'}`);
         drop();
         times[i]!.push(time(() => v.run(to)));
-        if (v.format !== null) {
+        if (v.format === 'none') fs.rmSync(to);
+        else if (v.format !== null) {
           if (r === 0) execFileSync('qemu-img', ['compare', '-q', '-f', v.format, '-F', 'raw', to, reference]);
           fs.rmSync(to);
         }
@@ -170,12 +214,26 @@ async function main(): Promise<void> {
     const ratio = (a: number, b: number): string => `${(a / b).toFixed(2)}x`;
     console.log('ratios (medians of the same run):');
     console.log(`  ours raw   / fastest qemu-img convert -O qcow2: ${ratio(at('nasbackup restore --format raw'), fastestQcow2)}`);
+    if (baseline) {
+      const i = variants.findIndex((v) => v.name.startsWith('baseline'));
+      const j = variants.findIndex((v) => v.name.startsWith('nasbackup restore --format qcow2'));
+      const paired = times[j]!.map((t, r) => t / times[i]![r]!);
+      console.log(
+        `  ours qcow2 / baseline qcow2: ${ratio(med[j]!, med[i]!)} medians, ${median(paired).toFixed(2)}x paired (${spread(paired, (x) => x.toFixed(2))})`,
+      );
+    }
     console.log(`  ours qcow2 / fastest qemu-img convert -O qcow2: ${ratio(at('nasbackup restore --format qcow2'), fastestQcow2)}`);
     console.log(
       `  ours raw   / qemu-img convert -O raw:           ${ratio(at('nasbackup restore --format raw'), at('qemu-img convert -O raw'))}`,
     );
     console.log(`  ours raw   / floor:                             ${ratio(at('nasbackup restore --format raw'), at('floor'))}`);
     console.log(`  ours qcow2 / floor:                             ${ratio(at('nasbackup restore --format qcow2'), at('floor'))}`);
+    const both = at('floor: read them');
+    console.log(`  ours raw   / floor reading while writing:       ${ratio(at('nasbackup restore --format raw'), both)}`);
+    console.log(`  ours qcow2 / floor reading while writing:       ${ratio(at('nasbackup restore --format qcow2'), both)}`);
+    console.log(
+      `  ours qcow2 / qemu-img convert -O qcow2 -m 16 -W -t none (durable, direct): ${ratio(at('nasbackup restore --format qcow2'), at('qemu-img convert -O qcow2 -m 16 -W -t none'))}`,
+    );
     console.log(
       `  ours qcow2 / qemu-img convert -O qcow2 -m 16 -W -t writeback (durable too): ${ratio(at('nasbackup restore --format qcow2'), at('qemu-img convert -O qcow2 -m 16 -W -t'))}`,
     );

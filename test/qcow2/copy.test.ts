@@ -402,7 +402,7 @@ describe('DirectWriteFile: whole pages past the page cache where the file system
         at: fc.integer({ min: 0, max: SIZE - 1 }),
         len: fc.integer({ min: 1, max: 3 * 4096 + 7 }),
         aligned: fc.boolean(),
-        skew: fc.constantFrom(0, 0, 512, 17),
+        skew: fc.constantFrom<number>(0, 0, 512, 17),
       }),
       { minLength: 1, maxLength: 12 },
     ),
@@ -417,7 +417,7 @@ describe('DirectWriteFile: whole pages past the page cache where the file system
 
   async function exercise(
     path: string,
-    w: fc.RecordValue<typeof writesArb>,
+    w: typeof writesArb extends fc.Arbitrary<infer T> ? T : never,
   ): Promise<{ direct: number; buffered: number; isDirect: boolean }> {
     const { DirectWriteFile, pageAlignedBuffers } = await import('../../lib/qcow2/io.js');
     const { constants, readFileSync: read, rmSync } = await import('node:fs');

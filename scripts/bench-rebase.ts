@@ -2,6 +2,7 @@
 // same chains in one run, locally and over a throughput-bound NAS, plus the physical floor
 // (reading and writing the bytes that must move, pipelined, then fdatasync). Issue 18 (c)/(d).
 //   npm run bench:rebase [-- --shapes contig,frag,move4g,thin --runs 5 --scale 1
+//                           --baseline-root /other/checkout (its built engine too, each round)
 //                           --nas auto|off|only --nas-scale 0.125 --nas-link netns|lo --nas-rate 400mbit]
 // Shapes (chain full F ← middle I ← child C, C rebased onto F: "delete the middle incremental"):
 //   contig  8 GiB disk, I = 1 GiB contiguous
@@ -35,7 +36,8 @@ const NAS_RATE = opt('nas-rate', '400mbit');
 const RUNS = Math.max(1, Number(opt('runs', '5')));
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const DIST_REBASE = path.join(ROOT, 'dist/lib/qcow2/rebase.js');
-const DIST_NATIVE = path.join(ROOT, 'dist/lib/engine/native.js');
+/** Another checkout (built), whose engine runs beside ours in every round: an A/B of a change. */
+const BASELINE = opt('baseline-root', '');
 const BIN = path.join(ROOT, 'bin/nasbackup');
 /** The launcher's V8 flags (lib/install/launcher.ts NODE_FLAGS), so the engine runs as it does there. */
 const NODE_FLAGS = (/^#!\/usr\/bin\/env -S (?:-u \S+ )*node (.*)$/m.exec(fs.readFileSync(BIN, 'utf8'))?.[1] ?? '')
@@ -196,11 +198,11 @@ async function runQemuImg(dir: string): Promise<Run> {
   return { seconds: r.seconds, rssKiB: Number(r.stderr.trim().split('\n').at(-1)) };
 }
 
-async function runNative(dir: string): Promise<Run> {
+async function runNative(dir: string, root = ROOT): Promise<Run> {
   dropCaches();
   const script = `
-    import { nativeRebase } from ${JSON.stringify(DIST_REBASE)};
-    import { capYoungGeneration } from ${JSON.stringify(DIST_NATIVE)};
+    import { nativeRebase } from ${JSON.stringify(path.join(root, 'dist/lib/qcow2/rebase.js'))};
+    import { capYoungGeneration } from ${JSON.stringify(path.join(root, 'dist/lib/engine/native.js'))};
     capYoungGeneration(); // as the native engine does before a rebase
     const r = await nativeRebase({ target: ${JSON.stringify(path.join(dir, 'inc2.qcow2'))}, newBacking: ${JSON.stringify(path.join(dir, 'full.qcow2'))}, newBackingName: 'full.qcow2' });
     console.log(JSON.stringify({ ...r, maxRSS: process.resourceUsage().maxRSS }));`;
@@ -297,6 +299,8 @@ const summaries: Summary[] = [];
 async function bench(label: string, pristine: string, workRoot: string, cli: { shims: string } | null): Promise<void> {
   const qdir = path.join(workRoot, 'qemu');
   const ndir = path.join(workRoot, 'native');
+  const bdir = path.join(workRoot, 'baseline');
+  const bs: Run[] = [];
   const qs: Run[] = [];
   const ns: Run[] = [];
   const fl: Run[] = [];
@@ -307,12 +311,20 @@ async function bench(label: string, pristine: string, workRoot: string, cli: { s
   for (let run = 0; run < RUNS; run++) {
     copyChain(pristine, qdir);
     copyChain(pristine, ndir);
+    if (BASELINE) copyChain(pristine, bdir);
     // Alternate who goes first, so neither always meets the colder (or warmer) server.
     let q: Run, n: Run;
+    const baseline = async (): Promise<void> => {
+      if (!BASELINE) return;
+      bs.push(await runNative(bdir, BASELINE));
+      fs.rmSync(bdir, { recursive: true, force: true });
+    };
     if (run % 2 === 0) {
       q = await runQemuImg(qdir);
       n = await runNative(ndir);
+      await baseline();
     } else {
+      await baseline();
       n = await runNative(ndir);
       q = await runQemuImg(qdir);
     }
@@ -340,6 +352,12 @@ async function bench(label: string, pristine: string, workRoot: string, cli: { s
   console.log(`== ${label}: ${fmtB(moved)} to move, ${RUNS} run(s): median (min–max)`);
   console.log(`  qemu-img rebase   ${spread(sec(qs))} s   peak RSS ${peak(qs)} MiB`);
   console.log(`  native engine     ${spread(sec(ns))} s   peak RSS ${peak(ns)} MiB   (${String(batches)} batch(es))`);
+  if (BASELINE) {
+    const nb = ns.map((r, i) => r.seconds / bs[i]!.seconds);
+    console.log(
+      `  baseline engine   ${spread(sec(bs))} s   peak RSS ${peak(bs)} MiB   (--baseline-root; native/baseline ${spread(nb)}x paired)`,
+    );
+  }
   console.log(`  physical floor    ${spread(sec(fl))} s   (pipelined copy + fdatasync of the moved bytes)`);
   console.log(
     `  paired ratios: native/qemu-img ${spread(nq)}x   native/floor ${spread(nf)}x   floor/qemu-img ${(median(sec(fl)) / median(sec(qs))).toFixed(2)}x`,

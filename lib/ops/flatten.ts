@@ -69,6 +69,8 @@ export const PIECE = 4 << 20;
 export const IN_FLIGHT = 4;
 export const BUFFER_BYTES = 8 << 20;
 const MIN_PIECE = 1 << 20;
+/** The longest piece of a stretch no layer holds anything in, when no layer has a manifest (else its extent). */
+const HOLE_SPAN = 64 << 20;
 
 interface Run {
   pos: number;
@@ -243,12 +245,36 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
     }
   };
 
-  const worker = async (): Promise<void> => {
-    for (;;) {
-      o.checkpoint();
-      if (failed || next >= size) return;
-      const start = next; // claimed before any await: no two readers take the same piece
-      const end = Math.min(start + piece, size);
+  // A stretch that no layer holds anything in is one piece however long, up to the end of the
+  // manifest extent it lies in (so each proven layer's extent is still fed piece by piece in
+  // order): an empty stretch of a large disk then costs a few status lookups instead of a
+  // piece per MiB, whose short-lived objects would swell the heap (measured: +13 MiB of peak
+  // RSS restoring a sparse 100 GiB chain of 5 layers).
+  const span = o.expect.reduce((g, e) => (e ? gcd(g, e.extentBytes) : g), 0) || HOLE_SPAN;
+  const holeEnd = async (start: number): Promise<number | null> => {
+    const limit = Math.min(size, (Math.floor(start / span) + 1) * span);
+    if (limit - start <= piece) return null;
+    let end = limit;
+    // The oldest layer first: on a full disk it holds data, and one lookup settles it.
+    for (let L = images.length - 1; L >= 0; L--) {
+      const img = images[L]!;
+      if (start >= img.virtualSize) continue; // past its end a layer holds nothing
+      const stop = Math.min(end, img.virtualSize);
+      const e = await img.status(start, stop - start);
+      if (e.kind !== 'unallocated') return null;
+      if (start + e.length < stop) end = start + e.length;
+    }
+    end = start + Math.floor((end - start) / piece) * piece;
+    return end - start > piece ? end : null;
+  };
+  // Pieces are claimed one at a time, in disk order (a claim may look up statuses).
+  let claims: Promise<unknown> = Promise.resolve();
+  type Claim = { start: number; end: number; prev: Promise<void>; prevSlots: Promise<void>; release: () => void; slotsTaken: () => void };
+  const claim = (): Promise<Claim | null> => {
+    const c = claims.then(async (): Promise<Claim | null> => {
+      if (failed || next >= size) return null;
+      const start = next;
+      const end = (await holeEnd(start)) ?? Math.min(start + piece, size);
       next = end;
       // This piece's turn to hash comes once the previous piece's did; likewise its turn to take slots.
       const prev = hashTail;
@@ -257,10 +283,21 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
       const prevSlots = slotTail;
       let slotsTaken!: () => void;
       slotTail = new Promise<void>((r) => (slotsTaken = r));
+      return { start, end, prev, prevSlots, release, slotsTaken };
+    });
+    claims = c.catch(() => {});
+    return c;
+  };
+
+  const worker = async (): Promise<void> => {
+    for (;;) {
+      o.checkpoint();
+      const c = await claim();
+      if (c === null) return;
       try {
-        await onePiece(start, end, prev, prevSlots, slotsTaken);
+        await onePiece(c.start, c.end, c.prev, c.prevSlots, c.slotsTaken);
       } finally {
-        release();
+        c.release();
       }
     }
   };
@@ -459,7 +496,9 @@ function compose(
     i = j;
     if (L < 0) {
       // Zeros: a hole of a sparse file; written on a device (it holds old data).
-      if (target.kind === 'device') spans.push({ offset: from, data: ZEROS.subarray(0, to - from) });
+      if (target.kind === 'device')
+        for (let at = from; at < to; at += ZEROS.length)
+          spans.push({ offset: at, data: ZEROS.subarray(0, Math.min(ZEROS.length, to - at)) });
       continue;
     }
     const data = bufs[L]!.subarray(from - start, to - start);

@@ -52,11 +52,11 @@ function makeChain(dir: string, seed: number, layers: number, clusterKiB: number
   return files;
 }
 
-async function expectations(files: string[]): Promise<LayerExpectation[]> {
+async function expectations(files: string[], extent = EXTENT): Promise<LayerExpectation[]> {
   const out: LayerExpectation[] = [];
   for (const f of files) {
-    const d = await digestLayer(f, { extentBytes: EXTENT });
-    out.push({ backup: f, file: f, extentBytes: EXTENT, algorithm: 'xxh64', digests: new Map(d.extents.map((e) => [e.index, e.digest])) });
+    const d = await digestLayer(f, { extentBytes: extent });
+    out.push({ backup: f, file: f, extentBytes: extent, algorithm: 'xxh64', digests: new Map(d.extents.map((e) => [e.index, e.digest])) });
   }
   return out.reverse(); // top first, like the chain
 }
@@ -177,7 +177,12 @@ describe('verified flatten: damage is refused or provably unread', () => {
 
 describe('verified flatten: every target kind receives the same disk', () => {
   /** The flatten written into memory as `target` receives it; what each write covered, checked against the kind's rules. */
-  async function flattenAs(top: string, layers: Array<LayerExpectation | null>, target: Parameters<typeof flattenVerified>[1]['target']) {
+  async function flattenAs(
+    top: string,
+    layers: Array<LayerExpectation | null>,
+    target: Parameters<typeof flattenVerified>[1]['target'],
+    seen: number[] = [],
+  ) {
     const chain = await ImageChain.open(top);
     // Unwritten bytes of a sparse file or a new image read as zeros; a device's old data must all be overwritten.
     const disk = Buffer.alloc(chain.virtualSize, target.kind === 'device' ? 0xee : 0);
@@ -197,6 +202,7 @@ describe('verified flatten: every target kind receives the same disk', () => {
         },
         checkpoint: () => {},
         pieceBytes: 256 * KiB,
+        inspect: (x) => void seen.push(x.length),
       });
     } finally {
       await chain.close();
@@ -225,4 +231,32 @@ describe('verified flatten: every target kind receives the same disk', () => {
       }
     }, 60_000);
   }
+
+  it('a stretch no layer holds is one piece up to its extent (a sparse disk is cheap) and every target still receives the same disk', async () => {
+    const dir = tempDir('flatten-holes');
+    // 40 MiB, three layers: data near the start, in the middle and at the very end; the rest no layer holds.
+    const size = 40 * MiB;
+    const files = [0, 1, 2].map((i) => join(dir, `h${i}.qcow2`));
+    const at: number[][] = [[0, 17 * MiB + 64 * KiB], [3 * MiB], [size - 128 * KiB, 21 * MiB]];
+    for (const [i, f] of files.entries()) {
+      makeImage(f, {
+        ...(i === 0 ? { size } : { backing: `h${i - 1}.qcow2` }),
+        writes: at[i]!.map((offset) => ({ pattern: 0x31 + i, offset, length: 128 * KiB })),
+      });
+    }
+    const want = qemuFlatten(dir, files.at(-1)!);
+    for (const layers of [await expectations(files, 4 * MiB), files.map(() => null)]) {
+      for (const target of [{ kind: 'sparse' }, { kind: 'device' }, { kind: 'units', unit: 64 * KiB }] as const) {
+        const seen: number[] = [];
+        const got = await flattenAs(files.at(-1)!, layers, target, seen);
+        expect(got.equals(want), target.kind).toBe(true);
+        // Every byte was seen once, and most of the disk in stretches longer than a piece (256 KiB).
+        expect(seen.reduce((a, b) => a + b, 0)).toBe(size);
+        expect(seen.filter((n) => n > 256 * KiB).reduce((a, b) => a + b, 0)).toBeGreaterThan(size / 2);
+        // Never past a manifest extent (4 MiB) with manifests; up to 64 MiB without.
+        expect(Math.max(...seen)).toBeLessThanOrEqual(layers[0] ? 4 * MiB : 64 * MiB);
+        if (!layers[0]) expect(Math.max(...seen)).toBeGreaterThan(4 * MiB);
+      }
+    }
+  }, 60_000);
 });

@@ -187,7 +187,8 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
 
   let chain: ImageChain;
   try {
-    chain = await ImageChain.open(file);
+    // Read front to back: a table or two per layer suffice, and a small L2 cache keeps memory flat with depth and size.
+    chain = await ImageChain.open(file, { l2CacheBytes: 512 << 10 });
   } catch (e) {
     if (e instanceof Qcow2Error) throw refusalForQcow2(e, `The chain of ${basename(file)} in ${where}`, a.vm) ?? e;
     throw e;

@@ -14,7 +14,7 @@ import { Qcow2Error } from './errors.js';
 import { encodeHeader, EXT_BACKING_FORMAT, MAX_BACKING_NAME, type Qcow2Header } from './header.js';
 import { decodeL2Entry, encodeL1Entry, encodeL2Entry, zeroEntries, type L2Entry, type L2Layout } from './l2.js';
 import { entriesPerBlock, getRefcount, setRefcount, encodeRefTableEntry } from './refcount.js';
-import { DirectWriteFile, MAX_IO } from './io.js';
+import { DirectWriteFile } from './io.js';
 import { MAX_L1_BYTES } from './image.js';
 
 const deflateRaw = promisify(zlib.deflateRaw);
@@ -374,15 +374,13 @@ export class Qcow2Writer {
     if (this.failure) throw this.failure;
   }
 
-  /** Write all of `buf` at `position`; guest data (`data`) may go past the page cache. */
-  private async pwrite(buf: Buffer, position: number, data = false): Promise<void> {
-    let done = 0;
+  /**
+   * Write all of `buf` at `position`. With `direct`, whole pages of data from the page-aligned
+   * pool buffers skip the page cache; metadata (ordinary buffers) always goes through it.
+   */
+  private async pwrite(buf: Buffer, position: number): Promise<void> {
     try {
-      if (data) await this.file.write(buf, position);
-      while (!data && done < buf.length) {
-        const { bytesWritten } = await this.fh.write(buf, done, Math.min(buf.length - done, MAX_IO), position + done);
-        done += bytesWritten;
-      }
+      await this.file.write(buf, position);
     } catch (e) {
       throw new Qcow2Error('QCOW2_IO', `write of ${this.path} at ${position} failed: ${(e as Error).message}`, this.path);
     }
@@ -398,7 +396,7 @@ export class Qcow2Writer {
     const end = host + buf.length;
     const before: Array<Promise<void>> = [];
     for (const w of this.dataWrites) if (w.host < end && host < w.end) before.push(w.settled);
-    const p = before.length > 0 ? Promise.all(before).then(() => this.pwrite(buf, host, true)) : this.pwrite(buf, host, true);
+    const p = before.length > 0 ? Promise.all(before).then(() => this.pwrite(buf, host)) : this.pwrite(buf, host);
     const rec = {
       host,
       end,

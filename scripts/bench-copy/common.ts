@@ -24,6 +24,8 @@ export const MiB = 1 << 20;
 export const GiB = 1 << 30;
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 export const BIN = path.join(ROOT, 'bin/nasbackup');
+/** Another build's bin/nasbackup, run beside ours in every round (an A/B of a change): --baseline-bin. */
+export const BASELINE_BIN = opt('baseline-bin', '');
 export const RUNS = Math.max(1, Number(opt('runs', '5')));
 
 export const fmtB = (n: number): string => (n >= GiB ? `${(n / GiB).toFixed(2)} GiB` : `${(n / MiB).toFixed(1)} MiB`);
@@ -135,11 +137,11 @@ export function cliBox(dir: string): CliBox {
 
 let backups = 0;
 /** `nasbackup -o backup` of a stopped VM through the CLI (bind-mounted NAS); returns the run and the backup folder. */
-export async function cliStoppedBackup(box: CliBox, vm: string, disks: string[]): Promise<Run & { folder: string }> {
+export async function cliStoppedBackup(box: CliBox, vm: string, disks: string[], bin = BIN): Promise<Run & { folder: string }> {
   const ts = `2026.01.01.00.${String(Math.floor(backups / 60)).padStart(2, '0')}.${String(backups % 60).padStart(2, '0')}`;
   backups++;
   const r = await timed(
-    BIN,
+    bin,
     ['-o', 'backup', '-v', vm, '-t', 'none', '-s', box.nas, '-m', 'bind', '-p', `${vm}/${ts}`, '-q', 'false', '-d', disks.join(',')],
     box.env,
   );

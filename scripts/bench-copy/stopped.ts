@@ -6,6 +6,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import {
+  BASELINE_BIN,
   bytes,
   cliBox,
   cliStoppedBackup,
@@ -78,6 +79,7 @@ export async function sectionStopped(): Promise<void> {
       const ours: Run[] = [];
       const conv: Run[] = [];
       const floor: Run[] = [];
+      const base: Run[] = [];
       let cold = true;
       for (let r = 0; r < RUNS; r++) {
         const steps: Array<() => Promise<void>> = [
@@ -98,6 +100,16 @@ export async function sectionStopped(): Promise<void> {
             cold = dropCaches() && cold;
             floor.push(await floorCopy(src, box.nas));
           },
+          ...(BASELINE_BIN
+            ? [
+                async () => {
+                  cold = dropCaches() && cold;
+                  const b = await cliStoppedBackup(box, 'i-2-10-VM', [src], BASELINE_BIN);
+                  base.push(b);
+                  fs.rmSync(b.folder, { recursive: true, force: true });
+                },
+              ]
+            : []),
         ];
         // Rotate who goes first, so none always meets the same page-cache and writeback state.
         for (let k = 0; k < steps.length; k++) await steps[(k + r) % steps.length]!();
@@ -110,6 +122,12 @@ export async function sectionStopped(): Promise<void> {
       console.log(
         `    ours (CLI)            ${spread(t(ours))}  peak RSS ${rss(ours)} (idle + ${((Math.max(...ours.map((x) => x.rssKiB)) - idle) / 1024).toFixed(1)} MiB), ${cpu(ours)}`,
       );
+      if (BASELINE_BIN) {
+        const paired = ours.map((x, i) => x.seconds / base[i]!.seconds);
+        console.log(
+          `    baseline (CLI)        ${spread(t(base))}  peak RSS ${rss(base)}, ${cpu(base)}; ours / baseline ${median(paired).toFixed(2)}x paired (${Math.min(...paired).toFixed(2)}–${Math.max(...paired).toFixed(2)})`,
+        );
+      }
       console.log(`    qemu-img convert+sync ${spread(t(conv))}  peak RSS ${rss(conv)}, ${cpu(conv)}`);
       console.log(
         `    floor                 ${spread(t(floor))}  (${fmtB(median(t(floor)) > 0 ? data / median(t(floor)) : 0)}/s), ${cpu(floor)}`,

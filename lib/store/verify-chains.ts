@@ -6,8 +6,8 @@
 // a FIFO or a loop would hang it). Then content: each layer of a backup with a manifest.json is re-read and its
 // digest per extent compared with the manifest (lib/store/layer-digest.ts); a backup
 // without one (older than manifests) gets the structural checks only, and says so.
-// Per file the order is fixed (its chain walk, then its structural check and content), but
-// the files are pipelined: one file's data is read while others are walked and checked.
+// Per file the order is fixed (its chain walk, then its structural check and content, those two
+// at once), and the files are pipelined: one file's data is read while others are walked and checked.
 import { realpath } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
 import { NasbackupError, type Warning } from '../errors.js';
@@ -153,14 +153,21 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
           structural.set(f, await checks(() => check(f.abs)));
           return;
         }
-        // Structure then content, through one open file: the check's metadata reads warm the
-        // tables the re-read walks; other layers' data is read meanwhile.
+        // Structure and content through one open file, at once: neither result gates the other
+        // (the walk above decided the layer may be read), so the data starts streaming while
+        // the check walks the refcounts; the tables one reads first the other gets remembered.
         await layers(async () => {
           const opened = await NodeBlockFile.open(f.abs, false).catch(() => undefined);
           const file = opened && new RememberedReads(opened);
           try {
-            structural.set(f, await check(f.abs, file));
-            for (const j of jobs) await c!.compare(j, file);
+            const both = await Promise.allSettled([
+              check(f.abs, file).then((s) => void structural.set(f, s)),
+              (async (): Promise<void> => {
+                for (const j of jobs) await c!.compare(j, file);
+              })(),
+            ]);
+            // The file is closed only once both readers are done, whatever failed.
+            for (const x of both) if (x.status === 'rejected') throw x.reason;
           } finally {
             await file?.close();
           }

@@ -1,5 +1,5 @@
 // chain verify runs each file's structural check and content re-read as one task through one
-// open file, pipelined with the other files' chain walks: the report must read as when the
+// open file (the two at once), pipelined with the other files' chain walks: the report must read as when the
 // phases ran one after the other (walk, then structure, then content), a layer whose chain was
 // refused is neither checked nor re-read, and both readers of a layer get the same open file.
 import { closeSync, openSync, readSync, writeSync } from 'node:fs';
@@ -65,7 +65,7 @@ describe('chain verify: pipelined checks', () => {
     ]);
     expect(by(TS[2]).errors).toEqual([`${TS[2]}/${FILE} is marked corrupt (QEMU found damage in it)`]);
     expect(by(TS[2]).warnings.map((w) => w.code)).toEqual(['CHECK_SKIPPED', 'CHECK_SKIPPED']);
-    // Each sound layer: checked, then re-read, through the same open file; the refused one: neither.
+    // Each sound layer: checked and re-read (the check called first) through the same open file; the refused one: neither.
     for (const ts of [TS[0], TS[1]]) {
       const mine = calls.filter((c) => c[1] === onNas(sb, ts));
       expect(mine.map((c) => c[0])).toEqual(['check', 'digest']);
@@ -73,5 +73,40 @@ describe('chain verify: pipelined checks', () => {
       expect(mine[1]![2]).toBe(mine[0]![2]);
     }
     expect(calls.filter((c) => c[1] === onNas(sb, TS[2]))).toEqual([]);
+  });
+});
+
+describe('chain verify: a layer’s structural check and re-read run together', () => {
+  it('the re-read starts before the check ends, and the file stays open until both are done', async () => {
+    const sb = chained('vp-together');
+    await manifestsForChain(sb);
+    const vm = await discover(join(sb.nas, VM));
+    const events: string[] = [];
+    let digestStarted = false;
+    let releaseDigest!: () => void;
+    const checkFailed = new Promise<void>((r) => (releaseDigest = r));
+    const top = onNas(sb, TS[2]);
+    const check: CheckFn = async (abs, file) => {
+      await Promise.resolve();
+      if (abs !== top) return structuralCheck(abs, undefined, file);
+      events.push(`check of the top: the re-read ${digestStarted ? 'already started' : 'not started'}`);
+      releaseDigest();
+      throw new Error('check failed');
+    };
+    const digest: DigestFn = async (abs, { extentBytes, algorithm }, onData, file) => {
+      if (abs === top) {
+        digestStarted = true;
+        await checkFailed;
+      }
+      const d = await readLayerDigest(abs, { extentBytes, algorithm, ...(file ? { file } : {}) });
+      if (abs === top) events.push(`re-read of the top: ${d.extents.length} extents`);
+      return d;
+    };
+    await expect(verifyChains(vm, check, 4, { scope: vm.backups, digest, layers: 3 })).rejects.toThrow('check failed');
+    // The check's failure did not close the file under the re-read: it read every extent.
+    expect(events).toEqual([
+      'check of the top: the re-read already started',
+      expect.stringMatching(/^re-read of the top: [1-9]\d* extents$/),
+    ]);
   });
 });

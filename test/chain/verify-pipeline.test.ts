@@ -9,6 +9,7 @@ import { discover } from '../../lib/store/backups.js';
 import { readLayerDigest } from '../../lib/store/layer-read.js';
 import { structuralCheck } from '../../lib/store/safety.js';
 import { verifyChains, type CheckFn, type DigestFn } from '../../lib/store/verify-chains.js';
+import { readManifestFile } from '../../lib/store/manifest-file.js';
 import type { BlockFile } from '../../lib/qcow2/index.js';
 import { TS, VM, VOL } from '../helpers/chain.js';
 import { removeTempDirs } from '../helpers/tmp.js';
@@ -108,5 +109,47 @@ describe('chain verify: a layer’s structural check and re-read run together', 
       'check of the top: the re-read already started',
       expect.stringMatching(/^re-read of the top: [1-9]\d* extents$/),
     ]);
+  });
+});
+
+describe('chain verify: a layer’s re-read waits for its own manifest only', () => {
+  it('the bottom layer is re-read while the top’s manifest is still being read; the report is as before', async () => {
+    const sb = chained('vp-own-manifest');
+    await manifestsForChain(sb);
+    const vm = await discover(join(sb.nas, VM));
+    const events: string[] = [];
+    let bottomStarted!: () => void;
+    const started = new Promise<void>((r) => (bottomStarted = r));
+    const digest: DigestFn = async (abs, { extentBytes, algorithm }, onData, file) => {
+      if (abs === onNas(sb, TS[0])) {
+        events.push('re-read of the bottom');
+        bottomStarted();
+      }
+      return readLayerDigest(abs, { extentBytes, algorithm, ...(onData ? { onData } : {}), ...(file ? { file } : {}) });
+    };
+    // The top's manifest is read only once the bottom's re-read started (before: a deadlock).
+    const readManifest = async (dir: string) => {
+      if (dir.endsWith(TS[2])) {
+        await started;
+        events.push('manifest of the top');
+      }
+      return readManifestFile(dir);
+    };
+    const progress: Array<[number, number]> = [];
+    const r = await verifyChains(vm, (abs, file) => structuralCheck(abs, undefined, file), 4, {
+      scope: vm.backups,
+      digest,
+      readManifest,
+      planned: () => events.push('planned'),
+      progress: (d, t) => progress.push([d, t]),
+    });
+    expect(events.slice(0, 3)).toEqual(['re-read of the bottom', 'manifest of the top', 'planned']);
+    expect(r).toEqual(await verifyChains(vm, (abs, file) => structuralCheck(abs, undefined, file), 4, { scope: vm.backups, digest }));
+    expect(r.ok).toBe(true);
+    // The bar starts at 0 of the whole total and climbs to it.
+    const total = (1 << 20) + (256 << 10) + (512 << 10) + (128 << 10);
+    expect(progress[0]).toEqual([0, total]);
+    expect(progress.at(-1)).toEqual([total, total]);
+    for (let i = 1; i < progress.length; i++) expect(progress[i]![0]).toBeGreaterThanOrEqual(progress[i - 1]![0]);
   });
 });

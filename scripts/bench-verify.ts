@@ -12,6 +12,11 @@
 //   npm run bench:verify [-- --depth 50 --runs 5 --shapes e,v --full-mib 1024 --inc-mib 16]
 //   smaller: --depth 10 --runs 2 --full-mib 64 --inc-mib 4; --digest sha256 verifies the older manifests
 //   profiling: --build <dir> builds the chains under <dir>/<shape>/nas and exits (remove it after)
+//   before/after: --compare <checkout> times that checkout's bin/nasbackup (built) too, interleaved
+//   with ours in every round, each against the same floor
+// The floor is also taken with 1 MiB reads (page cache readahead can pipeline those better):
+// its row and ratio are printed beside the issue's 8 MiB floor, so the floor stays the best
+// sequential reading does here.
 import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -32,6 +37,7 @@ const shapes = arg('shapes', 'e,v').split(',');
 const fullMib = Number(arg('full-mib', '1024'));
 const incMib = Number(arg('inc-mib', '16'));
 const buildOnly = arg('build', '');
+const compareRoot = arg('compare', '');
 /** The manifests' digest algorithm (`--digest sha256`: as before XXH64). */
 const digest = arg('digest', 'xxh64') === 'sha256' ? 'sha256' : 'xxh64';
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
@@ -94,10 +100,10 @@ async function buildChain(nas: string, s: Shape): Promise<string[]> {
   return files;
 }
 
-/** The floor: every layer file read once, front to back, 8 MiB at a time. */
-function readAll(files: string[]): void {
+/** The floor: every layer file read once, front to back, `chunk` bytes (8 MiB) at a time. */
+function readAll(files: string[], chunk = 8 * MiB): void {
   // Page-aligned: the kernel's page-cache copies are fastest there.
-  const [buf] = pageAlignedBuffers(1, 8 * MiB) as [Buffer];
+  const [buf] = pageAlignedBuffers(1, chunk) as [Buffer];
   for (const f of files) {
     const fd = fs.openSync(f, 'r');
     try {
@@ -117,10 +123,12 @@ async function bench(dir: string, s: Shape): Promise<void> {
   execFileSync('qemu-img', ['convert', '-O', 'raw', top, ref]);
   const dataBytes = files.reduce((n, f) => n + fs.statSync(f).size, 0);
   const env = { ...process.env, NASBACKUP_VERSION_CHECK: 'off', NASBACKUP_LOG_FILE: path.join(dir, 'agent.log'), TMPDIR: dir };
-  const verify = (): void => {
-    const r = spawnSync(BIN, ['chain', 'verify', '-t', 'none', '-s', nas, '-m', 'bind', '--vm', VM], { env, encoding: 'utf8' });
-    if (r.status !== 0) throw new Error(`chain verify failed:\n${r.stdout}${r.stderr}`);
+  const verifyWith = (bin: string) => (): void => {
+    const r = spawnSync(bin, ['chain', 'verify', '-t', 'none', '-s', nas, '-m', 'bind', '--vm', VM], { env, encoding: 'utf8' });
+    if (r.status !== 0) throw new Error(`chain verify (${bin}) failed:\n${r.stdout}${r.stderr}`);
   };
+  const verify = verifyWith(BIN);
+  const other = compareRoot ? verifyWith(path.join(path.resolve(compareRoot), 'bin/nasbackup')) : null;
   const checks = (): void => {
     for (const f of files) execFileSync('qemu-img', ['check', f], { stdio: 'ignore' });
   };
@@ -130,15 +138,26 @@ async function bench(dir: string, s: Shape): Promise<void> {
   const idle = (): void => {
     spawnSync(BIN, ['--version'], { env });
   };
-  const t = { ours: [] as number[], check: [] as number[], pair: [] as number[], floor: [] as number[], idle: [] as number[] };
+  const t = {
+    ours: [] as number[],
+    other: [] as number[],
+    check: [] as number[],
+    pair: [] as number[],
+    floor: [] as number[],
+    floor1: [] as number[],
+    idle: [] as number[],
+  };
   verify(); // warm-up (not timed): builds nothing, proves the chain verifies
+  other?.();
   for (let r = 0; r < runs; r++) {
     // Interleaved, so a change of machine load hits every contender alike.
     t.ours.push(time(verify));
+    if (other) t.other.push(time(other));
     t.check.push(time(checks));
     const c = time(checks);
     t.pair.push(c + time(compare));
     t.floor.push(time(() => readAll(files)));
+    t.floor1.push(time(() => readAll(files, MiB)));
     t.idle.push(time(idle));
   }
   console.log(
@@ -147,15 +166,26 @@ async function bench(dir: string, s: Shape): Promise<void> {
   );
   const row = (label: string, xs: number[]): void => console.log(`  ${label.padEnd(58)} median ${medianSpread(xs, sec)}`);
   row('nasbackup chain verify (structure + content vs manifests)', t.ours);
+  if (other) row(`the same, ${compareRoot}`, t.other);
   row('qemu-img check per layer', t.check);
   row('qemu-img check per layer + qemu-img compare top vs reference', t.pair);
   row('floor: read every layer file once, 8 MiB sequential reads', t.floor);
+  row('the same with 1 MiB reads', t.floor1);
   row('nasbackup --version (start-up cost, for reference)', t.idle);
   const ratio = (label: string, r: number[], goal: string): void =>
     console.log(`  ${label.padEnd(58)} median ${medianSpread(r, x)}, goal ${goal}`);
   ratio('ratio verify / qemu-img check per layer (issue 18 e)', pairedRatios(t.ours, t.check), '≤ 0.3×');
   ratio('ratio verify / (check per layer + compare) (issue 17)', pairedRatios(t.ours, t.pair), '≤ 0.5×');
   ratio('ratio verify / floor (issue 17)', pairedRatios(t.ours, t.floor), '≤ 1.2×');
+  const best = t.floor.map((f, i) => Math.min(f, t.floor1[i]!));
+  ratio('ratio verify / the better of the two floors', pairedRatios(t.ours, best), '≤ 1.2×');
+  if (other) {
+    console.log(`  ${compareRoot}:`);
+    ratio('ratio verify / qemu-img check per layer (issue 18 e)', pairedRatios(t.other, t.check), '≤ 0.3×');
+    ratio('ratio verify / floor (issue 17)', pairedRatios(t.other, t.floor), '≤ 1.2×');
+    ratio('ratio verify / the better of the two floors', pairedRatios(t.other, best), '≤ 1.2×');
+    ratio('ratio verify, ours / theirs', pairedRatios(t.ours, t.other), '< 1×');
+  }
 }
 
 async function main(): Promise<void> {

@@ -6,13 +6,13 @@
 // a FIFO or a loop would hang it). Then content: each layer of a backup with a manifest.json is re-read and its
 // digest per extent compared with the manifest (lib/store/layer-digest.ts); a backup
 // without one (older than manifests) gets the structural checks only, and says so.
-// Per file the order is fixed (its chain walk, then its structural check and content), but
-// the files are pipelined: one file's data is read while others are walked and checked.
+// Per file the order is fixed (its chain walk, then its structural check and content, those two
+// at once), and the files are pipelined: one file's data is read while others are walked and checked.
 import { realpath } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
 import { NasbackupError, type Warning } from '../errors.js';
 import { NodeBlockFile, type BlockFile } from '../qcow2/index.js';
-import { backingFile, insideInstance, mapLimit, type BackupFile, type VmBackups } from './backups.js';
+import { backingFile, insideInstance, type BackupFile, type VmBackups } from './backups.js';
 import { inspectChain, prefetchLayer, type ChainProblem, type InspectOptions, type StructuralCheck } from './safety.js';
 import type { LayerDigest } from './layer-digest.js';
 import { MANIFEST_NAME, type DigestSpec, type ExtentDigest, type ManifestDisk } from './manifest.js';
@@ -77,10 +77,13 @@ export interface ContentOptions {
   /** Data bytes compared so far of the total the manifests list (a progress bar). */
   progress?: (done: number, total: number) => void;
   /**
-   * Told the data bytes and layers to re-read as soon as the manifests are read (before the
-   * chain walks end): the caller may start its hash workers meanwhile.
+   * Told the data bytes and layers to re-read as soon as every manifest is read (before the
+   * chain walks end; the first layers' re-reads may have started): the caller may start its
+   * hash workers meanwhile.
    */
   planned?: (bytes: number, layers: number) => void;
+  /** Reads a backup folder's manifest (tests: to hold one back). */
+  readManifest?: (dir: string) => Promise<ManifestRead>;
 }
 
 /** Chain walks at once (each mostly waits for small reads). */
@@ -112,8 +115,7 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
     if (f.error) r.errors.push(`unreadable header: ${f.error}`);
   }
   // The manifests, read while the chains are walked, then what each file's content is compared with.
-  const plan = content ? readManifests(vm, content.scope).then((m) => planContent(vm, reports, m, content)) : Promise.resolve(null);
-  plan.catch(() => {}); // awaited below; a failure before that must not go unhandled
+  const plan = content ? planContent(vm, reports, readManifests(vm, content), content) : null;
   const structural = new Map<BackupFile, StructuralCheck>();
   const checks = limiter(concurrency);
   const layers = limiter(content?.layers ?? 2);
@@ -142,8 +144,8 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
     walked.set(f, w);
     tasks.push(
       w.then(async (rejected) => {
-        const c = await plan;
-        const jobs = c?.jobs.get(f) ?? [];
+        const c = plan;
+        const jobs = c ? await c.jobsOf(f) : [];
         // Neither the structural check nor the content of a chain our reader rejected.
         if (rejected) {
           for (const j of jobs) c!.skip(j);
@@ -153,14 +155,21 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
           structural.set(f, await checks(() => check(f.abs)));
           return;
         }
-        // Structure then content, through one open file: the check's metadata reads warm the
-        // tables the re-read walks; other layers' data is read meanwhile.
+        // Structure and content through one open file, at once: neither result gates the other
+        // (the walk above decided the layer may be read), so the data starts streaming while
+        // the check walks the refcounts; the tables one reads first the other gets remembered.
         await layers(async () => {
           const opened = await NodeBlockFile.open(f.abs, false).catch(() => undefined);
           const file = opened && new RememberedReads(opened);
           try {
-            structural.set(f, await check(f.abs, file));
-            for (const j of jobs) await c!.compare(j, file);
+            const both = await Promise.allSettled([
+              check(f.abs, file).then((s) => void structural.set(f, s)),
+              (async (): Promise<void> => {
+                for (const j of jobs) await c!.compare(j, file);
+              })(),
+            ]);
+            // The file is closed only once both readers are done, whatever failed.
+            for (const x of both) if (x.status === 'rejected') throw x.reason;
           } finally {
             await file?.close();
           }
@@ -168,9 +177,9 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
       }),
     );
   }
-  const settled = await Promise.allSettled([...walked.values(), ...tasks, plan]);
+  const settled = await Promise.allSettled([...walked.values(), ...tasks, ...(plan ? [plan.all] : [])]);
   for (const x of settled) if (x.status === 'rejected') throw x.reason;
-  const found = (await plan)?.out ?? null;
+  const found = plan ? await plan.all : null;
 
   const files = [...reports.values()];
   const warnings = vm.partials.map((p): Warning => ({
@@ -220,10 +229,13 @@ export function compareExtents(want: readonly ExtentDigest[], got: readonly Exte
 
 type ManifestRead = Awaited<ReturnType<typeof readManifestFile>>;
 
-/** Each backup's manifest in `scope`, a few read at once. */
-async function readManifests(vm: VmBackups, scope: readonly string[]): Promise<Map<string, ManifestRead>> {
-  const read = await mapLimit(MANIFESTS, scope, (backup) => readManifestFile(join(vm.instanceDir, backup)));
-  return new Map(scope.map((b, i) => [b, read[i]!]));
+/** Each backup's manifest in `scope`, a few read at once, in scope order; each usable as soon as it is read. */
+function readManifests(vm: VmBackups, content: ContentOptions): Map<string, Promise<ManifestRead>> {
+  const go = limiter(MANIFESTS);
+  const read = content.readManifest ?? readManifestFile;
+  const out = new Map(content.scope.map((backup) => [backup, go(() => read(join(vm.instanceDir, backup)))]));
+  for (const p of out.values()) p.catch(() => {}); // each awaited below; a failure before that must not go unhandled
+  return out;
 }
 
 interface Lines {
@@ -246,10 +258,18 @@ interface Job {
   spec: DigestSpec;
 }
 
-interface ContentPlan {
-  out: ContentResult;
-  /** The manifest entries of each file (one, unless a manifest lists a file twice). */
+/** What one backup's manifest asks for. */
+interface BackupPlan {
+  extra: FileReport[];
+  warnings: Warning[];
   jobs: Map<BackupFile, Job[]>;
+}
+
+interface ContentPlan {
+  /** The jobs of `f` (one per manifest entry: one, unless a manifest lists a file twice), once its backup's manifest is read. */
+  jobsOf(f: BackupFile): Promise<Job[]>;
+  /** Every manifest planned: the content lines, once every job is done. */
+  all: Promise<ContentResult>;
   /** Compare the layer with its entry (`file`: the layer, already open). */
   compare(j: Job, file?: BlockFile): Promise<void>;
   /** The layer failed the checks above: not re-read. */
@@ -259,43 +279,50 @@ interface ContentPlan {
 /**
  * Content proof of the backups in `scope`: every disk file the manifest lists is
  * re-read and its per-extent digests compared; a file not listed, or listed and missing,
- * is a problem too. A backup without a manifest gets a NO_MANIFEST warning.
+ * is a problem too. A backup without a manifest gets a NO_MANIFEST warning. A file's jobs
+ * are known once its own backup's manifest is read (the re-read of the first layers does
+ * not wait for the last manifests); the totals (`planned`, progress) once all are.
  */
 function planContent(
   vm: VmBackups,
   reports: ReadonlyMap<BackupFile, FileReport>,
-  read: Map<string, ManifestRead>,
+  read: Map<string, Promise<ManifestRead>>,
   opts: ContentOptions,
 ): ContentPlan {
   const between = opts.between ?? ((): void => {});
-  const out: ContentResult = { lines: new Map(), extra: [], warnings: [] };
+  const lines = new Map<FileReport, Lines>();
   const linesOf = (r: FileReport): Lines => {
-    let l = out.lines.get(r);
-    if (!l) out.lines.set(r, (l = { errors: [], warnings: [] }));
+    let l = lines.get(r);
+    if (!l) lines.set(r, (l = { errors: [], warnings: [] }));
     return l;
   };
-  const reportOf = new Map<string, FileReport>();
-  const report = (file: string): FileReport => {
-    let r = reportOf.get(file);
-    if (!r) {
-      r = { file, backing: null, errors: [], warnings: [] };
-      reportOf.set(file, r);
-      out.extra.push(r);
-    }
-    return r;
-  };
-  const jobs = new Map<BackupFile, Job[]>();
   let total = 0;
+  let done = 0;
+  /** Progress is told from the moment every manifest is planned (the bar starts at 0 of the total). */
+  let told = false;
+  const tell = (): void => {
+    if (told) opts.progress?.(Math.min(done, total), total);
+  };
   const instance = basename(vm.instanceDir);
-  for (const backup of opts.scope) {
-    const m = read.get(backup)!;
+  const planBackup = (backup: string, m: ManifestRead): BackupPlan => {
+    const p: BackupPlan = { extra: [], warnings: [], jobs: new Map() };
+    const reportOf = new Map<string, FileReport>();
+    const report = (file: string): FileReport => {
+      let r = reportOf.get(file);
+      if (!r) {
+        r = { file, backing: null, errors: [], warnings: [] };
+        reportOf.set(file, r);
+        p.extra.push(r);
+      }
+      return r;
+    };
     if (m === null) {
-      out.warnings.push({ code: 'NO_MANIFEST', message: `${backup}: no manifest: structural checks only` });
-      continue;
+      p.warnings.push({ code: 'NO_MANIFEST', message: `${backup}: no manifest: structural checks only` });
+      return p;
     }
     if ('error' in m) {
       report(`${backup}/${MANIFEST_NAME}`).errors.push(m.error);
-      continue;
+      return p;
     }
     if (m.path !== `${instance}/${backup}`)
       report(`${backup}/${MANIFEST_NAME}`).errors.push(`the manifest is of another backup (${m.path})`);
@@ -308,31 +335,54 @@ function planContent(
         report(`${backup}/${d.file}`).errors.push('listed in the manifest but missing');
         continue;
       }
-      let js = jobs.get(f);
-      if (!js) jobs.set(f, (js = []));
+      let js = p.jobs.get(f);
+      if (!js) p.jobs.set(f, (js = []));
       js.push({ f, d, r: linesOf(reports.get(f)!), spec: m.digest });
       total += d.dataBytes;
     }
-  }
-  opts.planned?.(
-    total,
-    [...jobs.values()].reduce((n, js) => n + js.length, 0),
-  );
-  let done = 0;
+    return p;
+  };
+  // Each backup planned once, when its manifest is read (in whatever order the files ask).
+  const plans = new Map<string, Promise<BackupPlan>>();
+  for (const [backup, m] of read)
+    plans.set(
+      backup,
+      m.then((x) => planBackup(backup, x)),
+    );
+  for (const p of plans.values()) p.catch(() => {}); // awaited below
+  const all = Promise.all(opts.scope.map((b) => plans.get(b)!)).then((ps): ContentResult => {
+    const out: ContentResult = { lines, extra: [], warnings: [] };
+    // In the manifests' order, whatever order they were read in.
+    for (const p of ps) {
+      out.extra.push(...p.extra);
+      out.warnings.push(...p.warnings);
+    }
+    opts.planned?.(
+      total,
+      ps.reduce((n, p) => n + [...p.jobs.values()].reduce((k, js) => k + js.length, 0), 0),
+    );
+    told = true;
+    opts.progress?.(0, total);
+    if (done > 0) tell();
+    return out;
+  });
+  all.catch(() => {}); // awaited by the caller
   const onData = opts.progress
     ? (n: number): void => {
         done += n;
-        opts.progress!(Math.min(done, total), total);
+        tell();
       }
     : undefined;
-  opts.progress?.(0, total);
   return {
-    out,
-    jobs,
+    async jobsOf(f): Promise<Job[]> {
+      const p = plans.get(f.backup);
+      return p ? ((await p).jobs.get(f) ?? []) : [];
+    },
+    all,
     skip({ d, r }): void {
       r.warnings.push({ code: 'CHECK_SKIPPED', message: 'content not compared with the manifest: the layer failed the checks above' });
       total -= d.dataBytes;
-      opts.progress?.(Math.min(done, total), total);
+      tell();
     },
     async compare({ f, d, r, spec }, file): Promise<void> {
       if (f.virtualSize !== null && f.virtualSize !== BigInt(d.virtualSize))

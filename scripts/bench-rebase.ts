@@ -2,7 +2,7 @@
 // same chains in one run, locally and over a throughput-bound NAS, plus the physical floor
 // (reading and writing the bytes that must move, pipelined, then fdatasync). Issue 18 (c)/(d).
 //   npm run bench:rebase [-- --shapes contig,frag,move4g,thin --runs 5 --scale 1
-//                           --baseline-root /other/checkout (its built engine too, each round)
+//                           --baseline /other/checkout (its built engine too, each round)
 //                           --nas auto|off|only --nas-scale 0.125 --nas-link netns|lo --nas-rate 400mbit]
 // Shapes (chain full F ← middle I ← child C, C rebased onto F: "delete the middle incremental"):
 //   contig  8 GiB disk, I = 1 GiB contiguous
@@ -37,7 +37,7 @@ const RUNS = Math.max(1, Number(opt('runs', '5')));
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const DIST_REBASE = path.join(ROOT, 'dist/lib/qcow2/rebase.js');
 /** Another checkout (built), whose engine runs beside ours in every round: an A/B of a change. */
-const BASELINE = opt('baseline-root', '');
+const BASELINE = opt('baseline', '');
 const BIN = path.join(ROOT, 'bin/nasbackup');
 /** The launcher's V8 flags (lib/install/launcher.ts NODE_FLAGS), so the engine runs as it does there. */
 const NODE_FLAGS = (/^#!\/usr\/bin\/env -S (?:-u \S+ )*node (.*)$/m.exec(fs.readFileSync(BIN, 'utf8'))?.[1] ?? '')
@@ -355,7 +355,7 @@ async function bench(label: string, pristine: string, workRoot: string, cli: { s
   if (BASELINE) {
     const nb = ns.map((r, i) => r.seconds / bs[i]!.seconds);
     console.log(
-      `  baseline engine   ${spread(sec(bs))} s   peak RSS ${peak(bs)} MiB   (--baseline-root; native/baseline ${spread(nb)}x paired)`,
+      `  baseline engine   ${spread(sec(bs))} s   peak RSS ${peak(bs)} MiB   (--baseline; native/baseline ${spread(nb)}x paired)`,
     );
   }
   console.log(`  physical floor    ${spread(sec(fl))} s   (pipelined copy + fdatasync of the moved bytes)`);

@@ -8,7 +8,7 @@
 // and the fsync before the rename; `qemu-img convert` (default cache mode) never flushes.
 //   npm run bench:restore [-- --size-mib 4096 --layers 5 --full-mib 2048 --inc-mib 256 --runs 5]
 //   (--sparse-gib 100 sizes the sparse chain measured for peak RSS, 0 skips it;
-//   --baseline-bin /other/checkout/bin/nasbackup adds that build's restore to every round;
+//   --baseline /other/checkout (built) adds that build's restore to every round;
 //   --keep keeps the chain and prints where; --no-drop-caches runs warm; --digest sha256 for the older manifests)
 //   a short run: -- --size-mib 512 --full-mib 128 --inc-mib 32 --runs 3
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -43,8 +43,8 @@ const digest: DigestAlgorithm = digestArg > 0 && process.argv[digestArg + 1] ===
 /** Keep the chain (and print where) for a closer look. */
 const keep = process.argv.includes('--keep');
 /** Another build's bin/nasbackup, run beside ours in the same rounds (an A/B of a change). */
-const baselineArg = process.argv.indexOf('--baseline-bin');
-const baseline = baselineArg > 0 ? process.argv[baselineArg + 1] : undefined;
+const baselineArg = process.argv.indexOf('--baseline');
+const baseline = baselineArg > 0 ? path.join(path.resolve(process.argv[baselineArg + 1]!), 'bin/nasbackup') : undefined;
 const BIN = fileURLToPath(new URL('../bin/nasbackup', import.meta.url));
 const VM = 'i-2-10-VM';
 const VOL = 'aaaaaaaa-0000-4000-8000-00000000be01';
@@ -176,7 +176,7 @@ async function main(): Promise<void> {
       },
       { name: 'nasbackup restore --format raw (verified)', format: 'raw', run: ours('raw') },
       { name: 'nasbackup restore --format qcow2 (verified)', format: 'qcow2', run: ours('qcow2') },
-      ...(baseline ? [{ name: 'baseline restore --format qcow2 (--baseline-bin)', format: 'qcow2', run: ours('qcow2', baseline) }] : []),
+      ...(baseline ? [{ name: 'baseline restore --format qcow2 (--baseline)', format: 'qcow2', run: ours('qcow2', baseline) }] : []),
       { name: 'qemu-img convert -O raw', format: 'raw', run: qemu(['-O', 'raw']) },
       { name: 'qemu-img convert -O qcow2', format: 'qcow2', run: qemu(['-O', 'qcow2']) },
       { name: 'qemu-img convert -O qcow2 -m 16 -W', format: 'qcow2', run: qemu(['-O', 'qcow2', '-m', '16', '-W']) },

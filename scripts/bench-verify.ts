@@ -12,7 +12,7 @@
 //   npm run bench:verify [-- --depth 50 --runs 5 --shapes e,v --full-mib 1024 --inc-mib 16]
 //   smaller: --depth 10 --runs 2 --full-mib 64 --inc-mib 4; --digest sha256 verifies the older manifests
 //   profiling: --build <dir> builds the chains under <dir>/<shape>/nas and exits (remove it after)
-//   before/after: --compare <checkout> times that checkout's bin/nasbackup (built) too, interleaved
+//   before/after: --baseline <checkout> times that checkout's bin/nasbackup (built) too, interleaved
 //   with ours in every round, each against the same floor
 // The floor is also taken with 1 MiB reads (page cache readahead can pipeline those better):
 // its row and ratio are printed beside the issue's 8 MiB floor, so the floor stays the best
@@ -37,7 +37,7 @@ const shapes = arg('shapes', 'e,v').split(',');
 const fullMib = Number(arg('full-mib', '1024'));
 const incMib = Number(arg('inc-mib', '16'));
 const buildOnly = arg('build', '');
-const compareRoot = arg('compare', '');
+const compareRoot = arg('baseline', '');
 /** The manifests' digest algorithm (`--digest sha256`: as before XXH64). */
 const digest = arg('digest', 'xxh64') === 'sha256' ? 'sha256' : 'xxh64';
 const ROOT = fileURLToPath(new URL('..', import.meta.url));

@@ -24,8 +24,8 @@ export const MiB = 1 << 20;
 export const GiB = 1 << 30;
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 export const BIN = path.join(ROOT, 'bin/nasbackup');
-/** Another build's bin/nasbackup, run beside ours in every round (an A/B of a change): --baseline-bin. */
-export const BASELINE_BIN = opt('baseline-bin', '');
+/** Another checkout's (built) bin/nasbackup, run beside ours in every round (an A/B of a change): --baseline <checkout>. */
+export const BASELINE_BIN = opt('baseline', '') && path.join(path.resolve(opt('baseline', '')), 'bin/nasbackup');
 export const RUNS = Math.max(1, Number(opt('runs', '5')));
 
 export const fmtB = (n: number): string => (n >= GiB ? `${(n / GiB).toFixed(2)} GiB` : `${(n / MiB).toFixed(1)} MiB`);

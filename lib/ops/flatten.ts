@@ -248,7 +248,7 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
   // A stretch that no layer holds anything in is one piece however long, up to the end of the
   // manifest extent it lies in (so each proven layer's extent is still fed piece by piece in
   // order): an empty stretch of a large disk then costs a few status lookups instead of a
-  // piece per MiB, whose short-lived objects would swell the heap (measured: +13 MiB of peak
+  // piece per MiB, whose short-lived objects would swell the heap (measured: +11 MiB of peak
   // RSS restoring a sparse 100 GiB chain of 5 layers).
   const span = o.expect.reduce((g, e) => (e ? gcd(g, e.extentBytes) : g), 0) || HOLE_SPAN;
   const holeEnd = async (start: number): Promise<number | null> => {

@@ -21,7 +21,7 @@ import { DEFAULT_EXTENT_BYTES } from '../lib/store/manifest.js';
 import { pageAlignedBuffers } from '../lib/qcow2/io.js';
 import type { DigestAlgorithm } from '../lib/store/digest/index.js';
 import { chainManifest } from './lib/chain-manifest.js';
-import { machineLine, median, spread } from './lib/stats.js';
+import { machineLine, median, medianSpread, pairedRatios, spread, times as fmtTimes } from './lib/stats.js';
 
 const arg = (name: string, dflt: number): number => {
   const i = process.argv.indexOf(`--${name}`);
@@ -115,26 +115,17 @@ async function main(): Promise<void> {
   for (const d of [nas, tmp, out]) fs.mkdirSync(d);
   try {
     const ts = Array.from({ length: layers }, (_, i) => `2026.01.${String(i + 1).padStart(2, '0')}.00.00.00`);
-    const files: string[] = [];
-    const chunks = sizeMiB / 4;
-    for (const [i, t] of ts.entries()) {
-      const file = path.join(nas, VM, t, FILE);
-      files.push(file);
+    /** Backup `i` of `vm`'s chain: its layer (the full of `size`, else backed by the one before), qemu-io `cmds`, its manifest. */
+    const backupLayer = async (vm: string, i: number, size: string, cmds: string[]): Promise<string> => {
+      const file = path.join(nas, vm, ts[i]!, FILE);
       fs.mkdirSync(path.dirname(file), { recursive: true });
       execFileSync('qemu-img', [
         'create',
         '-q',
         '-f',
         'qcow2',
-        ...(i === 0 ? [file, `${sizeMiB}M`] : ['-b', `../${ts[i - 1]}/${FILE}`, '-F', 'qcow2', file]),
+        ...(i === 0 ? [file, size] : ['-b', `../${ts[i - 1]}/${FILE}`, '-F', 'qcow2', file]),
       ]);
-      // The full: every other 4 MiB chunk up to its size; an incremental: chunks spread over the disk, some over the full's.
-      const writes = Math.max(1, Math.floor((i === 0 ? fullMiB : incMiB) / 4));
-      const cmds: string[] = [];
-      for (let w = 0; w < writes; w++) {
-        const chunk = i === 0 ? (w * 2) % chunks : (w * 7919 + i * 4099) % chunks;
-        cmds.push('-c', `write -P 0x${(0x10 + i * 16 + (w % 16)).toString(16)} ${chunk * 4 * MiB} ${4 * MiB}`);
-      }
       for (let c = 0; c < cmds.length; c += 512)
         execFileSync('qemu-io', ['-f', 'qcow2', ...cmds.slice(c, c + 512), file], { stdio: 'ignore' });
       // The backup's manifest, as the backup writes it.
@@ -142,8 +133,21 @@ async function main(): Promise<void> {
       const parentTs = i === 0 ? null : ts[i - 1]!;
       await writeManifestFile(
         path.dirname(file),
-        chainManifest({ vm: VM, ts: t, parentTs, index: i, extentBytes: DEFAULT_EXTENT_BYTES, algorithm: digest, disk }),
+        chainManifest({ vm, ts: ts[i]!, parentTs, index: i, extentBytes: DEFAULT_EXTENT_BYTES, algorithm: digest, disk }),
       );
+      return file;
+    };
+    const files: string[] = [];
+    const chunks = sizeMiB / 4;
+    for (let i = 0; i < layers; i++) {
+      // The full: every other 4 MiB chunk up to its size; an incremental: chunks spread over the disk, some over the full's.
+      const writes = Math.max(1, Math.floor((i === 0 ? fullMiB : incMiB) / 4));
+      const cmds: string[] = [];
+      for (let w = 0; w < writes; w++) {
+        const chunk = i === 0 ? (w * 2) % chunks : (w * 7919 + i * 4099) % chunks;
+        cmds.push('-c', `write -P 0x${(0x10 + i * 16 + (w % 16)).toString(16)} ${chunk * 4 * MiB} ${4 * MiB}`);
+      }
+      files.push(await backupLayer(VM, i, `${sizeMiB}M`, cmds));
     }
     const top = files.at(-1)!;
     const allocated = files.reduce((n, f) => n + fs.statSync(f).size, 0);
@@ -220,9 +224,8 @@ async function main(): Promise<void> {
     if (baseline) {
       const i = variants.findIndex((v) => v.name.startsWith('baseline'));
       const j = variants.findIndex((v) => v.name.startsWith('nasbackup restore --format qcow2'));
-      const paired = times[j]!.map((t, r) => t / times[i]![r]!);
       console.log(
-        `  ours qcow2 / baseline qcow2: ${ratio(med[j]!, med[i]!)} medians, ${median(paired).toFixed(2)}x paired (${spread(paired, (x) => x.toFixed(2))})`,
+        `  ours qcow2 / baseline qcow2: ${ratio(med[j]!, med[i]!)} medians, ${medianSpread(pairedRatios(times[j]!, times[i]!), fmtTimes)} paired`,
       );
     }
     console.log(`  ours qcow2 / fastest qemu-img convert -O qcow2: ${ratio(at('nasbackup restore --format qcow2'), fastestQcow2)}`);
@@ -289,27 +292,10 @@ async function main(): Promise<void> {
     // Flat in disk size: a sparse chain of the same depth on a large disk (1 MiB every 256 MiB
     // per layer, so every layer has data under every L2 table), with manifests.
     if (sparseGiB > 0) {
-      const big = path.join(nas, 'i-3-11-VM');
-      for (const [i, t] of ts.entries()) {
-        const file = path.join(big, t, FILE);
-        fs.mkdirSync(path.dirname(file), { recursive: true });
-        execFileSync('qemu-img', [
-          'create',
-          '-q',
-          '-f',
-          'qcow2',
-          ...(i === 0 ? [file, `${sparseGiB}G`] : ['-b', `../${ts[i - 1]}/${FILE}`, '-F', 'qcow2', file]),
-        ]);
+      for (let i = 0; i < layers; i++) {
         const cmds: string[] = [];
         for (let m = 0; m + 256 <= sparseGiB * 1024; m += 256) cmds.push('-c', `write -P 0x${(0x21 + i).toString(16)} ${m + i * 7}M 1M`);
-        for (let c = 0; c < cmds.length; c += 512)
-          execFileSync('qemu-io', ['-f', 'qcow2', ...cmds.slice(c, c + 512), file], { stdio: 'ignore' });
-        const disk = await describeLayer(file, VOL, DEFAULT_EXTENT_BYTES, digest);
-        const parentTs = i === 0 ? null : ts[i - 1]!;
-        await writeManifestFile(
-          path.dirname(file),
-          chainManifest({ vm: 'i-3-11-VM', ts: t, parentTs, index: i, extentBytes: DEFAULT_EXTENT_BYTES, algorithm: digest, disk }),
-        );
+        await backupLayer('i-3-11-VM', i, `${sparseGiB}G`, cmds);
       }
       for (const format of ['qcow2', 'raw']) {
         const to = path.join(out, `big.${format}`);

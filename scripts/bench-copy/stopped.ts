@@ -123,9 +123,8 @@ export async function sectionStopped(): Promise<void> {
         `    ours (CLI)            ${spread(t(ours))}  peak RSS ${rss(ours)} (idle + ${((Math.max(...ours.map((x) => x.rssKiB)) - idle) / 1024).toFixed(1)} MiB), ${cpu(ours)}`,
       );
       if (BASELINE_BIN) {
-        const paired = ours.map((x, i) => x.seconds / base[i]!.seconds);
         console.log(
-          `    baseline (CLI)        ${spread(t(base))}  peak RSS ${rss(base)}, ${cpu(base)}; ours / baseline ${median(paired).toFixed(2)}x paired (${Math.min(...paired).toFixed(2)}–${Math.max(...paired).toFixed(2)})`,
+          `    baseline (CLI)        ${spread(t(base))}  peak RSS ${rss(base)}, ${cpu(base)}; ours / baseline ${ratio(t(ours), t(base))} paired`,
         );
       }
       console.log(`    qemu-img convert+sync ${spread(t(conv))}  peak RSS ${rss(conv)}, ${cpu(conv)}`);

@@ -298,7 +298,7 @@ export const providerPlanRenderer: Renderer<ChainRepairPlan> = {
 export const restoreRenderer: Renderer<RestoreResult> = {
   command: 'restore',
   text: (r, nas) =>
-    `restored ${nas.rel(r.file)} (${r.layers} layer(s)) to ${r.to} as ${r.format}${r.blockDevice ? ' (block device)' : ''}: ` +
+    `restored ${nas.rel(r.file)} (${r.layers} layer(s)) to ${r.to} as ${r.format}${r.blockDevice ? ' (block device)' : ''}${r.synced ? '' : ' (not synced)'}: ` +
     `${r.virtualSize} bytes, ${r.dataBytes} of data\n` +
     r.warnings.map((w) => `warning: ${nas.text(w.message)}\n`).join(''),
   fields: (r, nas) => ({
@@ -311,6 +311,7 @@ export const restoreRenderer: Renderer<RestoreResult> = {
     format: r.format,
     blockDevice: r.blockDevice,
     replaced: r.replaced,
+    synced: r.synced,
     virtualSize: r.virtualSize,
     dataBytes: r.dataBytes,
   }),

@@ -24,10 +24,12 @@ const COMMANDS: Record<string, string> = {
   'plan-delete': `nasbackup plan-delete --records <records.json> --backup <uuid> --root-volume-uuid <uuid> [--forced] [--json]
   The management server's own delete plan for these backup records (JSON), for checking.`,
   restore: `nasbackup restore -t <type> -s <address> [-m <mount options>] --backup <instance>/<timestamp> --disk <volume uuid>
-            --to <path> [--format qcow2|raw] [--force] [--json]
+            --to <path> [--format qcow2|raw] [--force] [--no-sync] [--json]
   Writes the disk of that backup (any point of a chain, flattened) to a new file or a block device, with only
   the NAS reachable. Raw targets are sparse; the format defaults to qcow2 for a .qcow2 target, raw otherwise.
-  An existing target is refused unless --force (a block device is written in place, as raw only).`,
+  An existing target is refused unless --force (a block device is written in place, as raw only).
+  The target is flushed to its device before the restore reports success; --no-sync leaves that to the
+  kernel (faster on slow disks; a crash soon after may lose data the kernel had not written yet).`,
   mount: `nasbackup mount -t <type> -s <address> [-m <mount options>] --backup <instance>/<timestamp> [--disk <volume uuid>] [--json] <dir>
   Exposes one disk of a backup (the root disk by default) read-only under <dir> (an empty or new folder), each
   partition at <dir>/part<N> (a filesystem on the whole disk at <dir>/disk), so single files can be copied out.

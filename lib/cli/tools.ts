@@ -348,6 +348,7 @@ function restoreFlags(argv: readonly string[]) {
       options: {
         ...Object.fromEntries(Object.values(RESTORE_VALUES).map((n) => [n, { type: 'string' as const }])),
         force: { type: 'boolean' },
+        'no-sync': { type: 'boolean' },
         json: { type: 'boolean' },
       },
     }));
@@ -368,6 +369,7 @@ function restoreFlags(argv: readonly string[]) {
     to: str('to')!,
     format: str('format'),
     force: v.force === true,
+    sync: v['no-sync'] !== true,
   };
 }
 
@@ -390,6 +392,7 @@ async function runRestore(
       to: a.to,
       ...(a.format !== undefined ? { format: a.format } : {}),
       force: a.force,
+      sync: a.sync,
       cwd: process.cwd(),
     });
   } catch (e) {

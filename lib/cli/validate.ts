@@ -74,6 +74,7 @@ export function validateRestoreArgs(a: {
   to: string;
   format?: string;
   force: boolean;
+  sync?: boolean;
   cwd: string;
 }): RestoreArgs {
   const b = parseRelativePath(a.backup, { what: '--backup', minDepth: 2 });
@@ -86,7 +87,7 @@ export function validateRestoreArgs(a: {
   if (a.format === undefined) format = a.to.endsWith('.qcow2') ? 'qcow2' : 'raw';
   else if (a.format === 'raw' || a.format === 'qcow2') format = a.format;
   else throw new NasbackupError('INVALID_ARGUMENT', `--format must be qcow2 or raw, not ${a.format}`);
-  return { nas: a.nas, vm: b[0]!, backup: b[1]!, disk: a.disk, to: resolve(a.cwd, a.to), format, force: a.force };
+  return { nas: a.nas, vm: b[0]!, backup: b[1]!, disk: a.disk, to: resolve(a.cwd, a.to), format, force: a.force, sync: a.sync !== false };
 }
 
 function checkMountDir(dir: string | undefined): string {

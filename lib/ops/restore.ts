@@ -4,7 +4,8 @@
 // qcow2 target a new image written by our writer (only clusters holding data), a block device
 // is written whole. Each layer whose backup has a manifest is proven while it is read: a
 // damaged backup fails the restore and leaves no target. A file target is written under a
-// temporary name beside it and renamed into place once synced; a block device is written in place.
+// temporary name beside it and renamed into place once synced (unless --no-sync); a block device
+// is written in place.
 import { randomBytes } from 'node:crypto';
 import { constants } from 'node:fs';
 import { access, lstat, open, readdir, realpath, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
@@ -34,6 +35,13 @@ export interface RestoreArgs {
   to: string;
   format: RestoreFormat;
   force: boolean;
+  /**
+   * Flush the target to the device before it is renamed into place (the default). Without
+   * (`--no-sync`, qemu-img convert's own default) the restore ends once the page cache holds
+   * it: faster where writes are slow, but a crash soon after may lose what the kernel had not
+   * yet written.
+   */
+  sync?: boolean;
 }
 
 export type RestoreExtent = FlatExtent;
@@ -61,6 +69,8 @@ export interface RestoreResult {
   blockDevice: boolean;
   /** An existing target was replaced (--force). */
   replaced: boolean;
+  /** Flushed to the device before it was renamed into place (false with --no-sync). */
+  synced: boolean;
   virtualSize: number;
   /** Bytes written that hold data (zero and unallocated ranges are skipped on a file). */
   dataBytes: number;
@@ -148,11 +158,12 @@ class FlushBehind {
   constructor(
     private readonly fh: FileHandle,
     private readonly owned = false,
+    private readonly every = FLUSH_EVERY,
   ) {}
   /** Count written bytes; a failed flush is reported by settle() (the final sync would fail the same way). */
   wrote(n: number): void {
     this.pending += n;
-    if (this.pending < FLUSH_EVERY || this.running || this.failure) return;
+    if (this.pending < this.every || this.running || this.failure) return;
     this.pending = 0;
     this.running = this.fh.datasync().then(
       () => void (this.running = null),
@@ -224,6 +235,7 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
       ...(opts.inspect ? { inspect: opts.inspect } : {}),
       ...(opts.progress ? { progress: opts.progress } : {}),
     });
+  const sync = a.sync !== false;
   const result: RestoreResult = {
     vm: a.vm,
     backup: a.backup,
@@ -234,10 +246,13 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
     format: a.format,
     blockDevice: target.blockDevice,
     replaced: target.existing,
+    synced: sync,
     virtualSize: chain.virtualSize,
     dataBytes: 0,
     warnings,
   };
+  // Without sync nothing is flushed before the end either.
+  const flushEvery = sync ? FLUSH_EVERY : Number.POSITIVE_INFINITY;
   const temps: string[] = [];
   try {
     if (target.blockDevice) {
@@ -254,7 +269,7 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
             `${a.to} holds ${devSize} bytes, the disk needs ${chain.virtualSize}: refusing to write a truncated disk`,
           );
         result.dataBytes = (await flatten({ kind: 'device' }, (buf, at) => writeAll(fh, buf, at))).dataBytes;
-        await fh.sync();
+        if (sync) await fh.sync();
         ctx.committed(); // the device holds the disk: a signal from here on no longer fails the run
       } finally {
         await fh.close();
@@ -264,7 +279,7 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
       temps.push(final);
       if (a.format === 'raw') {
         const fh = await open(final, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o600);
-        const behind = new FlushBehind(fh);
+        const behind = new FlushBehind(fh, false, flushEvery);
         try {
           await fh.truncate(chain.virtualSize);
           const write = (buf: Buffer, at: number): Promise<void> =>
@@ -274,7 +289,7 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
             );
           result.dataBytes = (await flatten({ kind: 'sparse' }, write)).dataBytes;
           await behind.settle().catch((e: unknown) => Promise.reject(writeFailed(a.to, e)));
-          await fh.sync().catch((e: unknown) => Promise.reject(writeFailed(a.to, e)));
+          if (sync) await fh.sync().catch((e: unknown) => Promise.reject(writeFailed(a.to, e)));
         } finally {
           await behind.settle().catch(() => {});
           await fh.close();
@@ -286,7 +301,7 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
           throw writeFailed(a.to, e);
         });
         // The writer's data reaches the disk while the chain is still read (any descriptor of the file flushes it).
-        const behind = new FlushBehind(await open(final, constants.O_RDONLY), true);
+        const behind = new FlushBehind(await open(final, constants.O_RDONLY), true, flushEvery);
         try {
           const writeData = (buf: Buffer, at: number): Promise<void> =>
             w.writeData(at, buf).then(
@@ -295,7 +310,7 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
             );
           result.dataBytes = (await flatten({ kind: 'units', unit: w.unit }, writeData)).dataBytes;
           await behind.settle().catch((e: unknown) => Promise.reject(writeFailed(a.to, e)));
-          await w.finish().catch((e: unknown) => Promise.reject(writeFailed(a.to, e)));
+          await w.finish({ sync }).catch((e: unknown) => Promise.reject(writeFailed(a.to, e)));
         } catch (e) {
           await behind.settle().catch(() => {});
           await w.abort().catch(() => {});
@@ -307,7 +322,7 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
       // The commit point: once renamed, the restore stands whatever signal comes.
       await ctx.commit(() => rename(final, target.path));
       temps.splice(temps.indexOf(final), 1);
-      await syncFolder(dirname(target.path));
+      if (sync) await syncFolder(dirname(target.path));
     }
   } catch (e) {
     for (const t of temps)

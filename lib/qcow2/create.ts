@@ -253,8 +253,11 @@ export class Qcow2Writer {
     await Promise.all(jobs);
   }
 
-  /** Write the metadata and the header, fdatasync, close. The image is complete once it resolves. */
-  async finish(): Promise<Qcow2WriterResult> {
+  /**
+   * Write the metadata and the header, fdatasync (unless `sync: false`: the data may then still
+   * be in the page cache), close. The image is complete once it resolves.
+   */
+  async finish(opts: { sync?: boolean } = {}): Promise<Qcow2WriterResult> {
     if (this.closed) throw new Qcow2Error('QCOW2_IO', `${this.path} is already closed`, this.path);
     try {
       await this.drain();
@@ -280,7 +283,7 @@ export class Qcow2Writer {
       h.refcountTableOffset = BigInt(tableHost);
       h.refcountTableClusters = tableClusters;
       await this.pwrite(encodeHeader(h).bytes, 0);
-      await this.fh.datasync();
+      if (opts.sync !== false) await this.fh.datasync();
       this.closed = true;
       await this.fh.close();
       return { fileBytes: this.end, ...this.stats };

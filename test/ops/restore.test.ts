@@ -1,7 +1,7 @@
 // `nasbackup restore` on real qemu-img chains (two disks, five points in time, with zero,
 // compressed and all-zero data clusters) on a bind-mounted folder as the NAS: every point of
 // every disk restored as raw and as qcow2 must equal qemu-img's own flatten of that point.
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import {
   closeSync,
   existsSync,
@@ -198,6 +198,65 @@ describe('restore', () => {
     expect(temps(out)).toEqual([]);
     rmSync(to);
   });
+
+  // strace -y names the file of every flush: the target's data and its folder, or nothing of them with --no-sync.
+  it.each(['raw', 'qcow2'] as const)(
+    '%s: flushed to the device before the rename by default; --no-sync flushes nothing of the target, says so, restores the same disk',
+    (format) => {
+      const d = DISKS[0]!;
+      const src = join(sb.nas, VM, TS[3]!, d.file);
+      const flushes = (to: string, ...more: string[]): { json: Record<string, unknown>; lines: string[] } => {
+        const trace = join(out, `strace-${format}.txt`);
+        const r = spawnSync(
+          'strace',
+          [
+            '-f',
+            '-qq',
+            '-y',
+            '-e',
+            'trace=fsync,fdatasync,sync_file_range,syncfs',
+            '-o',
+            trace,
+            BIN,
+            ...restoreArgs(sb, TS[3]!, d.vol, to, '--format', format),
+            ...more,
+          ],
+          { env: sb.env, encoding: 'utf8' },
+        );
+        expect(r.status, r.stdout + r.stderr).toBe(0);
+        const lines = readFileSync(trace, 'utf8')
+          .split('\n')
+          .filter((l) => l.includes(out));
+        rmSync(trace);
+        return { json: JSON.parse(r.stdout), lines };
+      };
+      const synced = join(out, `synced.${format}`);
+      const a = flushes(synced, '--json');
+      expect(a.json).toMatchObject({ ok: true, synced: true });
+      // The temporary file's data, then the folder that holds the rename.
+      expect(
+        a.lines.some((l) => /^\d+\s+f(data)?sync\(\d+<[^>]*\.restore-[0-9a-f]+\.tmp>\)/.test(l)),
+        a.lines.join('\n'),
+      ).toBe(true);
+      expect(
+        a.lines.some((l) => l.includes(`fsync(`) && l.includes(`<${out}>)`)),
+        a.lines.join('\n'),
+      ).toBe(true);
+      const unsynced = join(out, `unsynced.${format}`);
+      const b = flushes(unsynced, '--no-sync', '--json');
+      expect(b.json).toMatchObject({ ok: true, synced: false, format });
+      expect(b.lines).toEqual([]);
+      expect(same(unsynced, format, src, 'qcow2')).toBe(true);
+      expect(same(synced, format, src, 'qcow2')).toBe(true);
+      const text = spawnSync(BIN, [...restoreArgs(sb, TS[3]!, d.vol, join(out, `text.${format}`), '--format', format), '--no-sync'], {
+        env: sb.env,
+        encoding: 'utf8',
+      });
+      expect(text.stdout).toMatch(new RegExp(` as ${format} \\(not synced\\): ${d.size} bytes, \\d+ of data\n`));
+      for (const f of [synced, unsynced, join(out, `text.${format}`)]) rmSync(f);
+      expect(temps(out)).toEqual([]);
+    },
+  );
 
   it('unknown backup, unknown disk, a target inside the NAS or in a missing folder: coded, nothing written', async () => {
     const to = join(out, 'never.raw');

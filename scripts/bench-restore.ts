@@ -106,9 +106,9 @@ function readWhileWriting(files: string[], to: string, bytes: number): void {
 async function main(): Promise<void> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nb-bench-restore-'));
   const nas = path.join(dir, 'nas');
-  /** `nasbackup restore` of backup `backup`'s disk to `to` (bind NAS), in `format` when given. */
   /** The same layers without their manifests: what a restore does when it has nothing to prove. */
   const plainNas = path.join(dir, 'nas-plain');
+  /** `nasbackup restore` of backup `backup`'s disk to `to` (bind NAS; `--plain`: the one without manifests), in `format` when given. */
   const restoreArgv = (backup: string, to: string, format?: string, ...more: string[]): string[] => [
     ...[
       'restore',
@@ -250,7 +250,7 @@ async function main(): Promise<void> {
     console.log(`before the runs: ${before}; after: ${machineLine()}`);
     const med = times.map(median);
     for (const [i, v] of variants.entries())
-      console.log(`  ${v.name.padEnd(52)} ${med[i]!.toFixed(0).padStart(7)} ms   (${spread(times[i]!, (x) => x.toFixed(0))})`);
+      console.log(`  ${v.name.padEnd(58)} ${med[i]!.toFixed(0).padStart(7)} ms   (${spread(times[i]!, (x) => x.toFixed(0))})`);
     const at = (name: string): number => med[variants.findIndex((v) => v.name.startsWith(name))]!;
     const fastestQcow2 = Math.min(at('qemu-img convert -O qcow2 -m'), at('qemu-img convert -O qcow2'));
     const fastestDurable = Math.min(

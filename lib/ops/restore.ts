@@ -149,6 +149,7 @@ async function syncFolder(dir: string): Promise<void> {
  * Writeback while the restore goes on: every FLUSH_EVERY bytes written, an fdatasync of the
  * target starts in the background (one at a time), so the final sync before the rename finds
  * little left to write instead of the whole disk — the disk writes while the chain is read.
+ * Without a descriptor (--no-sync) it never flushes.
  */
 const FLUSH_EVERY = 256 << 20;
 class FlushBehind {
@@ -156,14 +157,13 @@ class FlushBehind {
   private running: Promise<void> | null = null;
   private failure: Error | null = null;
   constructor(
-    private readonly fh: FileHandle,
+    private readonly fh: FileHandle | null,
     private readonly owned = false,
-    private readonly every = FLUSH_EVERY,
   ) {}
   /** Count written bytes; a failed flush is reported by settle() (the final sync would fail the same way). */
   wrote(n: number): void {
     this.pending += n;
-    if (this.pending < this.every || this.running || this.failure) return;
+    if (!this.fh || this.pending < FLUSH_EVERY || this.running || this.failure) return;
     this.pending = 0;
     this.running = this.fh.datasync().then(
       () => void (this.running = null),
@@ -179,7 +179,7 @@ class FlushBehind {
   }
   async close(): Promise<void> {
     await this.running?.catch(() => {});
-    if (this.owned) await this.fh.close();
+    if (this.owned) await this.fh?.close();
   }
 }
 
@@ -251,8 +251,6 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
     dataBytes: 0,
     warnings,
   };
-  // Without sync nothing is flushed before the end either.
-  const flushEvery = sync ? FLUSH_EVERY : Number.POSITIVE_INFINITY;
   const temps: string[] = [];
   try {
     if (target.blockDevice) {
@@ -279,7 +277,8 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
       temps.push(final);
       if (a.format === 'raw') {
         const fh = await open(final, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o600);
-        const behind = new FlushBehind(fh, false, flushEvery);
+        // Without sync nothing is flushed before the end either.
+        const behind = new FlushBehind(sync ? fh : null);
         try {
           await fh.truncate(chain.virtualSize);
           const write = (buf: Buffer, at: number): Promise<void> =>
@@ -301,7 +300,7 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
           throw writeFailed(a.to, e);
         });
         // The writer's data reaches the disk while the chain is still read (any descriptor of the file flushes it).
-        const behind = new FlushBehind(await open(final, constants.O_RDONLY), true, flushEvery);
+        const behind = new FlushBehind(sync ? await open(final, constants.O_RDONLY) : null, true);
         try {
           const writeData = (buf: Buffer, at: number): Promise<void> =>
             w.writeData(at, buf).then(

@@ -144,11 +144,10 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
     walked.set(f, w);
     tasks.push(
       w.then(async (rejected) => {
-        const c = plan;
-        const jobs = c ? await c.jobsOf(f) : [];
+        const jobs = plan ? await plan.jobsOf(f) : [];
         // Neither the structural check nor the content of a chain our reader rejected.
         if (rejected) {
-          for (const j of jobs) c!.skip(j);
+          for (const j of jobs) plan!.skip(j);
           return;
         }
         if (jobs.length === 0) {
@@ -165,7 +164,7 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
             const both = await Promise.allSettled([
               check(f.abs, file).then((s) => void structural.set(f, s)),
               (async (): Promise<void> => {
-                for (const j of jobs) await c!.compare(j, file);
+                for (const j of jobs) await plan!.compare(j, file);
               })(),
             ]);
             // The file is closed only once both readers are done, whatever failed.

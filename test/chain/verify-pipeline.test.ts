@@ -32,6 +32,20 @@ function patch(file: string, at: number, f: (b: Buffer) => void, len = 1): void 
   }
 }
 
+/** A 3-deep chain with its manifests, as verify finds it. */
+async function provenChain(name: string): Promise<{ sb: ReturnType<typeof chained>; vm: Awaited<ReturnType<typeof discover>> }> {
+  const sb = chained(name);
+  await manifestsForChain(sb);
+  return { sb, vm: await discover(join(sb.nas, VM)) };
+}
+
+/** A promise and the function that settles it. */
+function signal(): { wait: Promise<void>; fire: () => void } {
+  let fire!: () => void;
+  const wait = new Promise<void>((r) => (fire = r));
+  return { wait, fire };
+}
+
 describe('chain verify: pipelined checks', () => {
   it('structure before content in a report, a refused layer skipped, one open file per layer', async () => {
     const sb = chained('vp-order');
@@ -79,25 +93,22 @@ describe('chain verify: pipelined checks', () => {
 
 describe('chain verify: a layer’s structural check and re-read run together', () => {
   it('the re-read starts before the check ends, and the file stays open until both are done', async () => {
-    const sb = chained('vp-together');
-    await manifestsForChain(sb);
-    const vm = await discover(join(sb.nas, VM));
+    const { sb, vm } = await provenChain('vp-together');
     const events: string[] = [];
     let digestStarted = false;
-    let releaseDigest!: () => void;
-    const checkFailed = new Promise<void>((r) => (releaseDigest = r));
+    const checkFailed = signal();
     const top = onNas(sb, TS[2]);
     const check: CheckFn = async (abs, file) => {
       await Promise.resolve();
       if (abs !== top) return structuralCheck(abs, undefined, file);
       events.push(`check of the top: the re-read ${digestStarted ? 'already started' : 'not started'}`);
-      releaseDigest();
+      checkFailed.fire();
       throw new Error('check failed');
     };
     const digest: DigestFn = async (abs, { extentBytes, algorithm }, onData, file) => {
       if (abs === top) {
         digestStarted = true;
-        await checkFailed;
+        await checkFailed.wait;
       }
       const d = await readLayerDigest(abs, { extentBytes, algorithm, ...(file ? { file } : {}) });
       if (abs === top) events.push(`re-read of the top: ${d.extents.length} extents`);
@@ -114,23 +125,20 @@ describe('chain verify: a layer’s structural check and re-read run together', 
 
 describe('chain verify: a layer’s re-read waits for its own manifest only', () => {
   it('the bottom layer is re-read while the top’s manifest is still being read; the report is as before', async () => {
-    const sb = chained('vp-own-manifest');
-    await manifestsForChain(sb);
-    const vm = await discover(join(sb.nas, VM));
+    const { sb, vm } = await provenChain('vp-own-manifest');
     const events: string[] = [];
-    let bottomStarted!: () => void;
-    const started = new Promise<void>((r) => (bottomStarted = r));
+    const bottomStarted = signal();
     const digest: DigestFn = async (abs, { extentBytes, algorithm }, onData, file) => {
       if (abs === onNas(sb, TS[0])) {
         events.push('re-read of the bottom');
-        bottomStarted();
+        bottomStarted.fire();
       }
       return readLayerDigest(abs, { extentBytes, algorithm, ...(onData ? { onData } : {}), ...(file ? { file } : {}) });
     };
     // The top's manifest is read only once the bottom's re-read started (before: a deadlock).
     const readManifest = async (dir: string) => {
       if (dir.endsWith(TS[2])) {
-        await started;
+        await bottomStarted.wait;
         events.push('manifest of the top');
       }
       return readManifestFile(dir);

@@ -187,11 +187,16 @@ describe('verified flatten: every target kind receives the same disk', () => {
     // Unwritten bytes of a sparse file or a new image read as zeros; a device's old data must all be overwritten.
     const disk = Buffer.alloc(chain.virtualSize, target.kind === 'device' ? 0xee : 0);
     const covered = new Uint8Array(chain.virtualSize);
+    let writing = 0;
     try {
       await flattenVerified(chain, {
         expect: layers,
         target,
         write: async (buf, at) => {
+          // One write at a time, though pieces are read IN_FLIGHT wide.
+          expect(++writing).toBe(1);
+          await new Promise(setImmediate); // in flight for a turn of the loop, as a real write is
+          writing--;
           if (target.kind === 'units') {
             expect(at % target.unit).toBe(0);
             expect(buf.length % target.unit === 0 || at + buf.length === chain.virtualSize).toBe(true);

@@ -77,8 +77,9 @@ interface Run {
   pos: number;
   len: number;
   kind: Extent['kind'];
-  host?: number;
-  cc?: NonNullable<Extent['compressed']>;
+  /** Where a data run's bytes start in the layer's file (-1 for other kinds). */
+  host: number;
+  cc: NonNullable<Extent['compressed']> | null;
 }
 /** A guest range whose content comes from layer `layer` (data), or reads as zeros (layer -1). */
 interface Seg {
@@ -113,6 +114,66 @@ export function pieceBytesFor(images: ReadonlyArray<Qcow2Image>, expect: Readonl
 
 /** The pool's buffers: BUFFER_BYTES of them, never fewer than one piece reading every layer needs. */
 export const buffersFor = (piece: number, layers: number): number => Math.max(layers, Math.floor(BUFFER_BYTES / piece));
+
+/** A read of one piece: `len` guest bytes at `pos` of layer `L`, from its run `r`. */
+interface PieceRead {
+  L: number;
+  r: Run;
+  pos: number;
+  len: number;
+}
+
+// The steps of a piece are functions of their own, not closures of flattenVerified: each is
+// compiled (and, once offsets pass 2^31, recompiled) on its own, where one large async
+// function was recompiled whole, at ~90 ms of the compiler's time each.
+
+/** Each layer's statuses over [start, end), up to `until(L)` (metadata only; cached L2 tables). */
+async function pieceRuns(images: ReadonlyArray<Qcow2Image>, start: number, end: number, until: (L: number) => number): Promise<Run[][]> {
+  const runs: Run[][] = [];
+  for (const [L, img] of images.entries()) {
+    const stop = Math.min(end, until(L));
+    const rs: Run[] = [];
+    for (let pos = start; pos < stop;) {
+      const e = await img.status(pos, stop - pos);
+      const len = Math.min(e.length, stop - pos);
+      rs.push({ pos, len, kind: e.kind, host: e.host ?? -1, cc: e.compressed ?? null });
+      pos += len;
+    }
+    runs.push(rs);
+  }
+  return runs;
+}
+
+/** What a piece reads: a proven layer's data all of it, another layer's only where visible. */
+function pieceReads(runs: Run[][], segs: Seg[], proving: boolean[], expect: ReadonlyArray<LayerExpectation | null>): PieceRead[] {
+  for (const s of segs)
+    if (s.layer >= 0 && expect[s.layer] && !proving[s.layer])
+      throw new Error(`internal: layer ${s.layer} is visible at ${s.pos} in an extent judged hidden`);
+  const reads: PieceRead[] = [];
+  for (const [L, rs] of runs.entries()) {
+    if (proving[L]) for (const r of rs) if (r.kind === 'data' || r.kind === 'compressed') reads.push({ L, r, pos: r.pos, len: r.len });
+  }
+  for (const s of segs) {
+    if (s.layer < 0 || proving[s.layer]) continue;
+    // Visible data of an unproven layer: its run(s) over the segment.
+    for (const r of runs[s.layer]!) {
+      const a = Math.max(r.pos, s.pos);
+      const b = Math.min(r.pos + r.len, s.pos + s.len);
+      if (a < b) reads.push({ L: s.layer, r, pos: a, len: b - a });
+    }
+  }
+  return reads;
+}
+
+/** One read into the layer's buffer of the piece starting at `start`. */
+function readInto(img: Qcow2Image, b: Buffer, start: number, { r, pos, len }: PieceRead): Promise<void> {
+  if (r.kind === 'data') return img.readHost(b, pos - start, len, r.host + (pos - r.pos));
+  const cc = r.cc!;
+  return img.readCompressed(cc).then((c) => {
+    const from = pos - cc.clusterStart;
+    c.copy(b, pos - start, from, from + len);
+  });
+}
 
 export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Promise<{ dataBytes: number }> {
   const images = chain.images;
@@ -181,43 +242,14 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
     const slots: Slot[] = [];
     let slotTurnPassed = false;
     try {
-      // 1. Each layer's own statuses over the piece (metadata only; cached L2 tables).
-      const runs: Run[][] = [];
       // Layers whose extent here is read whole (and proven).
       const proving = images.map((_, L) => needed[L]?.has(Math.floor(start / o.expect[L]!.extentBytes)) ?? false);
-      for (const [L, img] of images.entries()) {
-        const until = Math.min(end, proving[L] ? img.virtualSize : visLimit[L]!);
-        const rs: Run[] = [];
-        for (let pos = start; pos < until;) {
-          const e = await img.status(pos, until - pos);
-          const len = Math.min(e.length, until - pos);
-          const r: Run = { pos, len, kind: e.kind };
-          if (e.host !== undefined) r.host = e.host;
-          if (e.compressed) r.cc = e.compressed;
-          rs.push(r);
-          pos += len;
-        }
-        runs.push(rs);
-      }
+      // 1. Each layer's own statuses over the piece (metadata only; cached L2 tables).
+      const runs = await pieceRuns(images, start, end, (L) => (proving[L] ? images[L]!.virtualSize : visLimit[L]!));
       // 2. What the guest sees: top layer wins where it holds anything (data, zero, compressed).
       const segs = visibleSegments(runs, visLimit, start, end);
-      for (const s of segs)
-        if (s.layer >= 0 && o.expect[s.layer] && !proving[s.layer])
-          throw new Error(`internal: layer ${s.layer} is visible at ${s.pos} in an extent judged hidden`);
       // 3. Reads: a proven layer's data all of it, another layer's only where visible; each layer into its own buffer.
-      const reads: Array<{ L: number; r: Run; pos: number; len: number }> = [];
-      for (const [L, rs] of runs.entries()) {
-        if (proving[L]) for (const r of rs) if (r.kind === 'data' || r.kind === 'compressed') reads.push({ L, r, pos: r.pos, len: r.len });
-      }
-      for (const s of segs) {
-        if (s.layer < 0 || proving[s.layer]) continue;
-        // Visible data of an unproven layer: its run(s) over the segment.
-        for (const r of runs[s.layer]!) {
-          const a = Math.max(r.pos, s.pos);
-          const b = Math.min(r.pos + r.len, s.pos + s.len);
-          if (a < b) reads.push({ L: s.layer, r, pos: a, len: b - a });
-        }
-      }
+      const reads = pieceReads(runs, segs, proving, o.expect);
       // A slot per layer read. Slots are taken in piece order, all of a piece's at once, so a
       // piece never waits for one a later piece holds (the pool holds a piece reading every layer).
       const bufs: Array<Buffer | null> = images.map(() => null);
@@ -229,17 +261,7 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
       }
       slotTurnPassed = true;
       slotsTaken();
-      await Promise.all(
-        reads.map(({ L, r, pos, len }) => {
-          const img = images[L]!;
-          const b = bufs[L]!;
-          if (r.kind === 'data') return img.readHost(b, pos - start, len, r.host! + (pos - r.pos));
-          return img.readCompressed(r.cc!).then((c) => {
-            const from = pos - r.cc!.clusterStart;
-            c.copy(b, pos - start, from, from + len);
-          });
-        }),
-      );
+      await Promise.all(reads.map((r) => readInto(images[r.L]!, bufs[r.L]!, start, r)));
       // 4. The flattened piece to the target (it is removed if a digest fails later).
       const writes = compose(start, end, segs, bufs, o.target);
       for (const w of writes.inspect) await o.inspect?.(w);

@@ -1,8 +1,9 @@
 // Benchmark (not a test): `nasbackup restore` of the newest point of a chain (full + incrementals,
 // each backup with its manifest, so ours proves every extent it restores from while it reads it) against
 // `qemu-img convert` of the same point, and the floor: the chain's allocated bytes read once
-// with large sequential reads. Same chain, same run, variants interleaved round by round; the
-// page cache is dropped (sync; drop_caches) before every timed run, the output removed after.
+// with large sequential reads. Same chain, same run, variants interleaved round by round (each
+// round starting one later); the page cache is dropped (sync; drop_caches) before every timed
+// run, the output removed after.
 // Medians with min–max and paired ratios. Every output is compared with qemu-img's flatten once.
 // Ours includes the process start, the NAS mount, the lock, the chain pre-flight, the digests
 // and the fsync before the rename; `qemu-img convert` (default cache mode) never flushes, nor does
@@ -231,7 +232,12 @@ async function main(): Promise<void> {
     const times: number[][] = variants.map(() => []);
     const before = machineLine();
     for (let r = 0; r < runs; r++) {
-      for (const [i, v] of variants.entries()) {
+      // Each round starts one variant later: no variant always follows the same one (a run
+      // after a durable restore shares the disk with that file's removal, one after a
+      // --no-sync restore does not).
+      for (let k = 0; k < variants.length; k++) {
+        const i = (k + r) % variants.length;
+        const v = variants[i]!;
         const to = path.join(out, `v${i}.${v.format ?? 'none'}`);
         drop();
         times[i]!.push(time(() => v.run(to)));

@@ -232,9 +232,8 @@ async function main(): Promise<void> {
     const times: number[][] = variants.map(() => []);
     const before = machineLine();
     for (let r = 0; r < runs; r++) {
-      // Each round starts one variant later: no variant always follows the same one (a run
-      // after a durable restore shares the disk with that file's removal, one after a
-      // --no-sync restore does not).
+      // Each round starts one variant later: no variant always follows the same one (what one
+      // leaves behind, a large file just written and removed, would always fall on the next).
       for (let k = 0; k < variants.length; k++) {
         const i = (k + r) % variants.length;
         const v = variants[i]!;

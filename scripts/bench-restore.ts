@@ -109,25 +109,11 @@ async function main(): Promise<void> {
   const nas = path.join(dir, 'nas');
   /** The same layers without their manifests: what a restore does when it has nothing to prove. */
   const plainNas = path.join(dir, 'nas-plain');
-  /** `nasbackup restore` of backup `backup`'s disk to `to` (bind NAS; `--plain`: the one without manifests), in `format` when given. */
-  const restoreArgv = (backup: string, to: string, format?: string, ...more: string[]): string[] => [
-    ...[
-      'restore',
-      '-t',
-      'none',
-      '-s',
-      more.includes('--plain') ? plainNas : nas,
-      '-m',
-      'bind',
-      '--backup',
-      backup,
-      '--disk',
-      VOL,
-      '--to',
-      to,
-    ],
+  /** `nasbackup restore` of backup `backup`'s disk to `to` (the bind NAS `from`), in `format` when given. */
+  const restoreArgv = (backup: string, to: string, format?: string, more: string[] = [], from = nas): string[] => [
+    ...['restore', '-t', 'none', '-s', from, '-m', 'bind', '--backup', backup, '--disk', VOL, '--to', to],
     ...(format ? ['--format', format] : []),
-    ...more.filter((m) => m !== '--plain'),
+    ...more,
   ];
   const tmp = path.join(dir, 'tmp');
   const out = path.join(dir, 'out');
@@ -184,17 +170,22 @@ async function main(): Promise<void> {
     const reference = path.join(dir, 'reference.raw');
     execFileSync('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', top, reference]);
     const env = { ...process.env, TMPDIR: tmp, NASBACKUP_LOG_FILE: path.join(dir, 'nasbackup.log') };
+    /** Our restore of the newest point: `more` flags, from `from` (the plain NAS: nothing to prove), by `bin`. */
     const ours =
-      (format: string, bin = BIN, ...more: string[]) =>
+      (format: string, { more = [] as string[], from = nas, bin = BIN } = {}) =>
       (to: string) => {
-        const r = spawnSync(bin, restoreArgv(`${VM}/${ts.at(-1)}`, to, format, ...more), { env, encoding: 'utf8' });
+        const r = spawnSync(bin, restoreArgv(`${VM}/${ts.at(-1)}`, to, format, more, from), { env, encoding: 'utf8' });
         if (r.status !== 0) throw new Error(`nasbackup restore failed: ${r.stdout}${r.stderr}`);
         // Only the plain chain (no manifests) may warn, and only that nothing was proven.
         const warns = r.stdout.split('\n').filter((l) => l.startsWith('warning:'));
-        if (warns.some((w) => !(more.includes('--plain') && w.includes('No manifest'))))
+        if (warns.some((w) => !(from === plainNas && w.includes('No manifest'))))
           throw new Error(`nasbackup restore warned (the chain should be proven): ${r.stdout}`);
       };
-    const qemu = (extra: string[]) => (to: string) => void execFileSync('qemu-img', ['convert', '-f', 'qcow2', ...extra, top, to]);
+    /** qemu-img convert of `src` (the newest point by default) with `extra`. */
+    const qemu =
+      (extra: string[], src = top) =>
+      (to: string) =>
+        void execFileSync('qemu-img', ['convert', '-f', 'qcow2', ...extra, src, to]);
     type Variant = { name: string; format: string | null; run: (to: string) => void };
     const variants: Variant[] = [
       { name: 'floor: allocated bytes read once (16 MiB reads)', format: null, run: () => readAllocated(files) },
@@ -208,15 +199,17 @@ async function main(): Promise<void> {
       { name: 'nasbackup restore --format raw (verified)', format: 'raw', run: ours('raw') },
       { name: 'nasbackup restore --format qcow2 (verified)', format: 'qcow2', run: ours('qcow2') },
       // Not flushed before it ends, like qemu-img convert's default (cache=unsafe).
-      { name: 'nasbackup restore --format raw --no-sync', format: 'raw', run: ours('raw', BIN, '--no-sync') },
-      { name: 'nasbackup restore --format qcow2 --no-sync', format: 'qcow2', run: ours('qcow2', BIN, '--no-sync') },
+      { name: 'nasbackup restore --format raw --no-sync', format: 'raw', run: ours('raw', { more: ['--no-sync'] }) },
+      { name: 'nasbackup restore --format qcow2 --no-sync', format: 'qcow2', run: ours('qcow2', { more: ['--no-sync'] }) },
       // The same work as qemu-img convert: nothing to prove, so only what the guest sees is read.
       {
         name: 'nasbackup restore --format qcow2 --no-sync, no manifests',
         format: 'qcow2',
-        run: ours('qcow2', BIN, '--no-sync', '--plain'),
+        run: ours('qcow2', { more: ['--no-sync'], from: plainNas }),
       },
-      ...(baseline ? [{ name: 'baseline restore --format qcow2 (--baseline)', format: 'qcow2', run: ours('qcow2', baseline) }] : []),
+      ...(baseline
+        ? [{ name: 'baseline restore --format qcow2 (--baseline)', format: 'qcow2', run: ours('qcow2', { bin: baseline }) }]
+        : []),
       { name: 'qemu-img convert -O raw', format: 'raw', run: qemu(['-O', 'raw']) },
       { name: 'qemu-img convert -O qcow2', format: 'qcow2', run: qemu(['-O', 'qcow2']) },
       { name: 'qemu-img convert -O qcow2 -m 16 -W', format: 'qcow2', run: qemu(['-O', 'qcow2', '-m', '16', '-W']) },
@@ -319,7 +312,7 @@ async function main(): Promise<void> {
         }),
       );
       fs.rmSync(to);
-      fixed.qemu!.push(time(() => void execFileSync('qemu-img', ['convert', '-f', 'qcow2', '-O', 'qcow2', smallFile, to])));
+      fixed.qemu!.push(time(() => qemu(['-O', 'qcow2'], smallFile)(to)));
       fs.rmSync(to);
       fixed.node!.push(time(() => execFileSync(process.execPath, ['-e', '0'])));
     }

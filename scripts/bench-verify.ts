@@ -90,7 +90,10 @@ async function buildChain(nas: string, s: Shape): Promise<string[]> {
     // The full holds `full` MiB from the start; each incremental `inc` MiB somewhere else.
     const at = i === 0 ? 0 : ((i * 37) % Math.max(1, span)) * MiB;
     const len = (i === 0 ? s.full : s.inc) * MiB;
-    execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P ${(i % 250) + 1} ${at} ${len}`, f], { stdio: 'ignore' });
+    // In requests of at most 1 GiB: qemu-io refuses a single write over 2 GiB (a --full-mib 8192 shape).
+    const writes: string[] = [];
+    for (let o = 0; o < len; o += 1024 * MiB) writes.push('-c', `write -P ${(i % 250) + 1} ${at + o} ${Math.min(1024 * MiB, len - o)}`);
+    execFileSync('qemu-io', ['-f', 'qcow2', ...writes, f], { stdio: 'ignore' });
     const extentBytes = 64 * MiB;
     const disk = await describeLayer(f, VOL, extentBytes, digest);
     const parentTs = i === 0 ? null : path.basename(path.dirname(files[i - 1]!));

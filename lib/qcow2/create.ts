@@ -89,8 +89,8 @@ export class Qcow2Writer {
   private readonly pending = new Set<Promise<void>>();
   private failure: Error | null = null;
   private closed = false;
-  /** Data writes in flight (host byte ranges), so an overwrite waits for the write it replaces. */
-  private readonly dataWrites = new Set<{ host: number; end: number; settled: Promise<void> }>();
+  /** Settles when the last data write asked for has (they run one at a time, in call order). */
+  private dataTail: Promise<void> = Promise.resolve();
   /** Bytes written since the last background flush started, and that flush while it runs. */
   private unflushed = 0;
   private flushing = false;
@@ -382,25 +382,19 @@ export class Qcow2Writer {
   }
 
   /**
-   * Write guest data at `host`, after any earlier write of data that overlaps it: two calls
-   * that overwrite one cluster land in call order (concurrent pwrites of one range may
-   * complete in any order). Few are in flight at once, so the check is a short scan.
+   * Write guest data at `host`, one write at a time in call order (so two calls that
+   * overwrite one cluster land in that order too). Buffered writes to one file take its inode
+   * lock (ext4, XFS and the NFS client alike): concurrent ones never ran in parallel, and the
+   * writers waiting for the lock spun on it, on the threads the reads need (restore measured
+   * 0.3-0.6 s less system time for 2 GiB once its writes went one at a time, lib/ops/flatten.ts;
+   * the stopped full copy of a fragmented disk 0.85-0.96× the time, paired, the same elsewhere).
    */
   private writeDataAt(buf: Buffer, host: number): Promise<void> {
-    const end = host + buf.length;
-    const before: Array<Promise<void>> = [];
-    for (const w of this.dataWrites) if (w.host < end && host < w.end) before.push(w.settled);
-    const p = before.length > 0 ? Promise.all(before).then(() => this.pwrite(buf, host)) : this.pwrite(buf, host);
-    const rec = {
-      host,
-      end,
-      settled: p.then(
-        () => {},
-        () => {},
-      ),
-    };
-    this.dataWrites.add(rec);
-    void rec.settled.then(() => this.dataWrites.delete(rec));
+    const p = this.dataTail.then(() => this.pwrite(buf, host));
+    this.dataTail = p.then(
+      () => {},
+      () => {},
+    );
     return p;
   }
 

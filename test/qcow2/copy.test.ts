@@ -84,6 +84,46 @@ describe('Qcow2Writer', () => {
     );
   });
 
+  it('data writes reach the file one at a time, in call order (an overwrite lands last)', async () => {
+    const d = fresh();
+    const cs = 65536;
+    const w = await Qcow2Writer.create(join(d, 'o.qcow2'), { virtualSize: 32 * cs });
+    // Each write to the file stays in flight for a turn of the event loop; the data ones (their
+    // buffers are ours; tables and refcounts are the writer's) are counted while in flight.
+    const fh = (w as unknown as { fh: { write: (buf: Buffer, ...rest: number[]) => Promise<unknown> } }).fh;
+    const ours = new Set<ArrayBufferLike>();
+    const write = fh.write.bind(fh);
+    let inFlight = 0;
+    let most = 0;
+    fh.write = async (buf: Buffer, ...rest: number[]) => {
+      const data = ours.has(buf.buffer);
+      if (data) most = Math.max(most, ++inFlight);
+      try {
+        await new Promise((r) => setImmediate(r));
+        return await write(buf, ...rest);
+      } finally {
+        if (data) inFlight--;
+      }
+    };
+    const raw = Buffer.alloc(32 * cs);
+    const jobs: Array<Promise<void>> = [];
+    // Clusters 0-15 once each, then 4-7 overwritten twice: the last call's bytes must win.
+    const calls = [...Array.from({ length: 16 }, (_, c) => [c, 1, c + 1]), [4, 4, 100], [4, 4, 101]] as Array<[number, number, number]>;
+    for (const [c, n, fill] of calls) {
+      const b = Buffer.alloc(n * cs, fill);
+      ours.add(b.buffer);
+      b.copy(raw, c * cs);
+      jobs.push(w.writeData(c * cs, b));
+    }
+    await Promise.all(jobs);
+    await w.finish();
+    expect(most).toBe(1);
+    writeFileSync(join(d, 'ref.raw'), raw);
+    expect(checkCode(join(d, 'o.qcow2')).code).toBe(0);
+    const cmp = compareWithRaw(join(d, 'o.qcow2'), join(d, 'ref.raw'));
+    expect(cmp.code, cmp.out).toBe(0);
+  });
+
   it('a backing reference with its format; zero clusters hide the backing data', async () => {
     const d = fresh();
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', join(d, 'base.qcow2'), '4M']);

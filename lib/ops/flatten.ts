@@ -11,7 +11,7 @@
 // only where it is visible.
 import { NasbackupError } from '../errors.js';
 import type { ImageChain, Qcow2Image, Extent } from '../qcow2/index.js';
-import { HashPool, type ExtentSink, type Slot } from '../store/hash-pool.js';
+import { HashPool, type ExtentSink } from '../store/hash-pool.js';
 import { LayerDigester } from '../store/layer-digest.js';
 import type { DigestAlgorithm } from '../store/digest/index.js';
 
@@ -58,15 +58,22 @@ export interface FlattenOptions {
 }
 
 /**
- * Memory: every buffer a piece reads into is a slot of one pool of BUFFER_BYTES (a piece takes
- * one per layer it reads, usually one or two, and gives them back once hashed), so memory is
- * bounded by the pool whatever the disk size or the chain's shape. Pieces are as large as
- * PIECE allows while the pool holds IN_FLIGHT of them and a piece reading every layer.
- * Nothing is composed into a piece-sized buffer: writes go out from the layers' buffers. The
- * pool keeps a restore within 32 MiB of the idle program's memory (issue 18): the rest of
- * that margin is the engine's own (tables, heap, the runtime's code pages it touches).
+ * Memory: every buffer a piece reads into is taken from one pool of BUFFER_BYTES, in slots of
+ * SLOT_BYTES: a layer the piece reads gets adjacent slots spanning its reads there (one
+ * buffer, so each read and each write is one request), and gives them back once hashed. So
+ * memory is bounded by the pool whatever the disk size or the chain's shape, while requests
+ * stay as large as a piece: a piece is PIECE bytes unless its buffers would take more than
+ * half the pool (a proven layer's extent read beside the data hiding it, several layers
+ * mixed), then halved down to a floor whose buffers for every layer the pool holds. Nothing
+ * is composed into a piece-sized buffer: writes go out from the layers' buffers. The pool
+ * keeps a restore within 32 MiB of the idle program's memory (issue 18): the rest of that
+ * margin is the engine's own (tables, heap, the runtime's code pages it touches). Larger
+ * requests matter on a small host: each one costs a hand-off to a libuv thread and back
+ * (futex wake-ups, a promise), and a 3 GiB chain restored in 1 MiB pieces measured ~0.3 s
+ * more CPU in those than in 4 MiB ones.
  */
 export const PIECE = 4 << 20;
+export const SLOT_BYTES = 1 << 20;
 export const IN_FLIGHT = 4;
 export const BUFFER_BYTES = 8 << 20;
 const MIN_PIECE = 1 << 20;
@@ -87,6 +94,12 @@ interface Seg {
   len: number;
   layer: number;
 }
+/** A layer's buffer in one piece: guest byte `pos` of the layer is `buf[pos - base]`. */
+interface LayerBuf {
+  buf: Buffer;
+  base: number;
+}
+const view = (lb: LayerBuf, pos: number, len: number): Buffer => lb.buf.subarray(pos - lb.base, pos - lb.base + len);
 
 const ZEROS = Buffer.alloc(PIECE);
 const isAllZero = (b: Buffer): boolean => {
@@ -98,22 +111,28 @@ const isAllZero = (b: Buffer): boolean => {
 };
 const gcd = (a: number, b: number): number => (b === 0 ? a : gcd(b, a % b));
 
-/**
- * The piece size: a power of two dividing every checked layer's extent (so a piece never
- * straddles two), as large as PIECE while IN_FLIGHT pieces, and a piece reading every layer,
- * fit BUFFER_BYTES (never below MIN_PIECE or a layer's unit: past 8 layers the pool grows
- * with depth, a piece's worth per layer).
- */
-export function pieceBytesFor(images: ReadonlyArray<Qcow2Image>, expect: ReadonlyArray<LayerExpectation | null>, want = PIECE): number {
-  let piece = want;
-  const floor = Math.max(MIN_PIECE, ...images.map((i) => i.subclusterSize));
-  while (piece > floor && piece * Math.max(images.length, IN_FLIGHT) > BUFFER_BYTES) piece /= 2;
-  for (const e of expect) if (e) piece = gcd(piece, e.extentBytes);
-  return piece;
+/** How a chain is cut into pieces, and the pool its buffers come from. */
+export interface PieceSizes {
+  /** The largest piece: a power of two dividing every checked layer's extent (a piece never straddles two). */
+  max: number;
+  /** The smallest a piece is halved to: never below MIN_PIECE or a layer's unit (unless `max` is). */
+  min: number;
+  slot: number;
+  /** The pool's slots: BUFFER_BYTES of them, never fewer than a smallest piece reading every layer takes. */
+  slots: number;
 }
 
-/** The pool's buffers: BUFFER_BYTES of them, never fewer than one piece reading every layer needs. */
-export const buffersFor = (piece: number, layers: number): number => Math.max(layers, Math.floor(BUFFER_BYTES / piece));
+export function pieceSizes(images: ReadonlyArray<Qcow2Image>, expect: ReadonlyArray<LayerExpectation | null>, want = PIECE): PieceSizes {
+  let max = want;
+  for (const e of expect) if (e) max = gcd(max, e.extentBytes);
+  const min = Math.min(max, Math.max(MIN_PIECE, ...images.map((i) => i.subclusterSize)));
+  const slot = Math.min(SLOT_BYTES, min);
+  return { max, min, slot, slots: Math.max(Math.floor(BUFFER_BYTES / slot), images.length * Math.ceil(min / slot)) };
+}
+
+/** The largest piece (see pieceSizes): a new image's clusters divide it. */
+export const pieceBytesFor = (images: ReadonlyArray<Qcow2Image>, expect: ReadonlyArray<LayerExpectation | null>, want = PIECE): number =>
+  pieceSizes(images, expect, want).max;
 
 /** A read of one piece: `len` guest bytes at `pos` of layer `L`, from its run `r`. */
 interface PieceRead {
@@ -121,6 +140,18 @@ interface PieceRead {
   r: Run;
   pos: number;
   len: number;
+}
+
+/** What one piece does, worked out from the layers' metadata when it is claimed. */
+interface PiecePlan {
+  runs: Run[][];
+  segs: Seg[];
+  reads: PieceRead[];
+  proving: boolean[];
+  /** Per layer read, the guest range its buffer spans ([from, to)), in layer order. */
+  spans: Array<{ L: number; from: number; to: number }>;
+  /** Slots the buffers take. */
+  slots: number;
 }
 
 // The steps of a piece are functions of their own, not closures of flattenVerified: each is
@@ -165,13 +196,13 @@ function pieceReads(runs: Run[][], segs: Seg[], proving: boolean[], expect: Read
   return reads;
 }
 
-/** One read into the layer's buffer of the piece starting at `start`. */
-function readInto(img: Qcow2Image, b: Buffer, start: number, { r, pos, len }: PieceRead): Promise<void> {
-  if (r.kind === 'data') return img.readHost(b, pos - start, len, r.host + (pos - r.pos));
+/** One read into the layer's buffer. */
+function readInto(img: Qcow2Image, lb: LayerBuf, { r, pos, len }: PieceRead): Promise<void> {
+  if (r.kind === 'data') return img.readHost(lb.buf, pos - lb.base, len, r.host + (pos - r.pos));
   const cc = r.cc!;
   return img.readCompressed(cc).then((c) => {
     const from = pos - cc.clusterStart;
-    c.copy(b, pos - start, from, from + len);
+    c.copy(lb.buf, pos - lb.base, from, from + len);
   });
 }
 
@@ -182,26 +213,28 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
   // and itself (past a backing file's end the guest reads zeros, like QEMU).
   const visLimit: number[] = [];
   images.forEach((img, i) => visLimit.push(Math.min(img.virtualSize, i === 0 ? size : visLimit[i - 1]!)));
-  const piece = pieceBytesFor(images, o.expect, o.pieceBytes);
-  if (piece > ZEROS.length) throw new RangeError(`piece ${piece} is larger than ${PIECE}`);
-  if (o.target.kind === 'units' && piece % o.target.unit !== 0)
-    throw new RangeError(`piece ${piece} is not a multiple of the unit ${o.target.unit}`);
+  const sizes = pieceSizes(images, o.expect, o.pieceBytes);
+  if (sizes.max > ZEROS.length) throw new RangeError(`piece ${sizes.max} is larger than ${PIECE}`);
+  if (o.target.kind === 'units' && sizes.min % o.target.unit !== 0)
+    throw new RangeError(`piece ${sizes.min} is not a multiple of the unit ${o.target.unit}`);
   for (const [i, e] of o.expect.entries()) {
-    if (e && piece % images[i]!.subclusterSize !== 0)
+    if (e && sizes.min % images[i]!.subclusterSize !== 0)
       throw new NasbackupError(
         'BACKUP_DAMAGED',
         `Backup ${e.backup}: disk ${e.file}: the manifest's extent size ${e.extentBytes} does not fit the layer's clusters`,
       );
   }
   const checked = o.expect.some((e) => e !== null);
-  // Every layer buffer is a slot of the hash pool (a proven layer's is hashed in place, no
+  // Every layer buffer is taken from the hash pool (a proven layer's is hashed in place, no
   // copy; another layer's is handed back unhashed): the pool is the restore's memory.
   const hashPool = new HashPool({
-    slotBytes: piece,
-    slots: buffersFor(piece, images.length),
+    slotBytes: sizes.slot,
+    slots: sizes.slots,
     // Inline by default: a worker's isolate costs ~12 MiB, and on 2 cores it measured no faster.
     workers: o.hashWorkers ?? 0,
   });
+  // A piece is halved while its buffers take more than this (two such pieces in flight).
+  const slotsPerPiece = Math.floor(sizes.slots / 2);
   // Per checked layer, the extents that contribute to the guest's view (metadata only).
   let needed: Array<Set<number> | null>;
   try {
@@ -212,6 +245,29 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
   }
   const verifier = new ChainVerifier(images, o.expect, needed, hashPool);
 
+  /** What piece [start, end) reads, composes and proves (metadata only; cached L2 tables). */
+  const plan = async (start: number, end: number): Promise<PiecePlan> => {
+    // Layers whose extent here is read whole (and proven).
+    const proving = images.map((_, L) => needed[L]?.has(Math.floor(start / o.expect[L]!.extentBytes)) ?? false);
+    // 1. Each layer's own statuses over the piece.
+    const runs = await pieceRuns(images, start, end, (L) => (proving[L] ? images[L]!.virtualSize : visLimit[L]!));
+    // 2. What the guest sees: top layer wins where it holds anything (data, zero, compressed).
+    const segs = visibleSegments(runs, visLimit, start, end);
+    // 3. Reads: a proven layer's data all of it, another layer's only where visible; each layer into its own buffer.
+    const reads = pieceReads(runs, segs, proving, o.expect);
+    const spans: PiecePlan['spans'] = [];
+    for (const rd of reads) {
+      const sp = spans.find((x) => x.L === rd.L);
+      if (sp) {
+        sp.from = Math.min(sp.from, rd.pos);
+        sp.to = Math.max(sp.to, rd.pos + rd.len);
+      } else spans.push({ L: rd.L, from: rd.pos, to: rd.pos + rd.len });
+    }
+    spans.sort((a, b) => a.L - b.L);
+    const slots = spans.reduce((n, sp) => n + Math.ceil((sp.to - sp.from) / sizes.slot), 0);
+    return { runs, segs, reads, proving, spans, slots };
+  };
+
   let next = 0;
   let done = 0;
   let dataBytes = 0;
@@ -221,7 +277,7 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
   // to one file take its inode lock anyway, and writers waiting for it spin, burning the CPU
   // the reads and digests need, on threads the reads need too (measured on a 3 GiB chain:
   // 0.3-0.6 s less system time and ~9% less time without sync; a flushed restore, bound by
-  // the disk's writes, moved inside the noise). Reads stay IN_FLIGHT wide.
+  // the disk's writes, moved inside the noise). Reads stay IN_FLIGHT pieces wide.
   let writeTail: Promise<void> = Promise.resolve();
   const writeInTurn = (data: Buffer, offset: number): Promise<void> => {
     const w = writeTail.then(() => o.write(data, offset));
@@ -231,54 +287,31 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
     );
     return w;
   };
-  let slotTail: Promise<void> = Promise.resolve();
 
-  const onePiece = async (
-    start: number,
-    end: number,
-    myTurn: Promise<void>,
-    slotTurn: Promise<void>,
-    slotsTaken: () => void,
-  ): Promise<void> => {
-    const slots: Slot[] = [];
-    let slotTurnPassed = false;
+  const onePiece = async (start: number, end: number, p: PiecePlan, grant: Promise<Buffer[]>, myTurn: Promise<void>): Promise<void> => {
+    let taken: Buffer[] = [];
     try {
-      // Layers whose extent here is read whole (and proven).
-      const proving = images.map((_, L) => needed[L]?.has(Math.floor(start / o.expect[L]!.extentBytes)) ?? false);
-      // 1. Each layer's own statuses over the piece (metadata only; cached L2 tables).
-      const runs = await pieceRuns(images, start, end, (L) => (proving[L] ? images[L]!.virtualSize : visLimit[L]!));
-      // 2. What the guest sees: top layer wins where it holds anything (data, zero, compressed).
-      const segs = visibleSegments(runs, visLimit, start, end);
-      // 3. Reads: a proven layer's data all of it, another layer's only where visible; each layer into its own buffer.
-      const reads = pieceReads(runs, segs, proving, o.expect);
-      // A slot per layer read. Slots are taken in piece order, all of a piece's at once, so a
-      // piece never waits for one a later piece holds (the pool holds a piece reading every layer).
-      const bufs: Array<Buffer | null> = images.map(() => null);
-      await slotTurn;
-      for (const L of new Set(reads.map((x) => x.L))) {
-        const s = await hashPool.acquire();
-        slots.push(s);
-        bufs[L] = s.buf;
-      }
-      slotTurnPassed = true;
-      slotsTaken();
-      await Promise.all(reads.map((r) => readInto(images[r.L]!, bufs[r.L]!, start, r)));
+      // The buffers, granted in piece order (all of a piece's at once: it never holds part of
+      // them while it waits, and the pool holds the largest piece's).
+      taken = await grant;
+      const bufs: Array<LayerBuf | null> = images.map(() => null);
+      for (const [k, sp] of p.spans.entries()) bufs[sp.L] = { buf: taken[k]!, base: sp.from };
+      await Promise.all(p.reads.map((r) => readInto(images[r.L]!, bufs[r.L]!, r)));
       // 4. The flattened piece to the target (it is removed if a digest fails later).
-      const writes = compose(start, end, segs, bufs, o.target);
+      const writes = compose(start, end, p.segs, bufs, o.target);
       for (const w of writes.inspect) await o.inspect?.(w);
       const written = Promise.all(writes.spans.map((w) => writeInTurn(w.data, w.offset)));
       written.catch(() => {}); // awaited below
-      // 5. Digests, in disk order (a layer's extent spans several pieces), hashed by the workers.
+      // 5. Digests, in disk order (a layer's extent spans several pieces).
       await myTurn;
-      if (!failed) verifier.update(start, end, runs, bufs, proving);
+      if (!failed) verifier.update(start, end, p.runs, bufs, p.proving);
       await written;
       dataBytes += writes.dataBytes;
       done += end - start;
       o.progress?.(done, size);
     } finally {
-      if (!slotTurnPassed) slotsTaken();
       // A slot is free again once what was sent of it is hashed (at once when nothing was).
-      for (const s of slots) hashPool.done(s);
+      for (const b of taken) hashPool.release(b);
     }
   };
 
@@ -290,7 +323,7 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
   const span = o.expect.reduce((g, e) => (e ? gcd(g, e.extentBytes) : g), 0) || HOLE_SPAN;
   const holeEnd = async (start: number): Promise<number | null> => {
     const limit = Math.min(size, (Math.floor(start / span) + 1) * span);
-    if (limit - start <= piece) return null;
+    if (limit - start <= sizes.max) return null;
     let end = limit;
     // The oldest layer first: on a full disk it holds data, and one lookup settles it.
     for (let L = images.length - 1; L >= 0; L--) {
@@ -301,26 +334,34 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
       if (e.kind !== 'unallocated') return null;
       if (start + e.length < stop) end = start + e.length;
     }
-    end = start + Math.floor((end - start) / piece) * piece;
-    return end - start > piece ? end : null;
+    end = start + Math.floor((end - start) / sizes.max) * sizes.max;
+    return end - start > sizes.max ? end : null;
   };
-  // Pieces are claimed one at a time, in disk order (a claim may look up statuses).
+  // Pieces are claimed one at a time, in disk order: a claim looks up statuses, sizes the
+  // piece and asks the pool for its buffers (so they are granted in disk order).
   let claims: Promise<unknown> = Promise.resolve();
-  type Claim = { start: number; end: number; prev: Promise<void>; prevSlots: Promise<void>; release: () => void; slotsTaken: () => void };
+  type Claim = { start: number; end: number; plan: PiecePlan; grant: Promise<Buffer[]>; prev: Promise<void>; release: () => void };
   const claim = (): Promise<Claim | null> => {
     const c = claims.then(async (): Promise<Claim | null> => {
       if (failed || next >= size) return null;
       const start = next;
-      const end = (await holeEnd(start)) ?? Math.min(start + piece, size);
+      let end = (await holeEnd(start)) ?? Math.min(start + sizes.max, (Math.floor(start / sizes.max) + 1) * sizes.max, size);
+      let p = await plan(start, end);
+      // Halved while its buffers would take more than their share of the pool.
+      while (p.slots > slotsPerPiece && end - start > sizes.min) {
+        end = start + Math.max(sizes.min, Math.floor((end - start) / 2 / sizes.min) * sizes.min);
+        p = await plan(start, end);
+      }
       next = end;
-      // This piece's turn to hash comes once the previous piece's did; likewise its turn to take slots.
+      const grant = p.spans.length
+        ? hashPool.acquireRuns(p.spans.map((sp) => Math.ceil((sp.to - sp.from) / sizes.slot)))
+        : Promise.resolve([]);
+      grant.catch(() => {}); // awaited by the piece
+      // This piece's turn to hash comes once the previous piece's did.
       const prev = hashTail;
       let release!: () => void;
       hashTail = new Promise<void>((r) => (release = r));
-      const prevSlots = slotTail;
-      let slotsTaken!: () => void;
-      slotTail = new Promise<void>((r) => (slotsTaken = r));
-      return { start, end, prev, prevSlots, release, slotsTaken };
+      return { start, end, plan: p, grant, prev, release };
     });
     claims = c.catch(() => {});
     return c;
@@ -332,7 +373,7 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
       const c = await claim();
       if (c === null) return;
       try {
-        await onePiece(c.start, c.end, c.prev, c.prevSlots, c.slotsTaken);
+        await onePiece(c.start, c.end, c.plan, c.grant, c.prev);
       } finally {
         c.release();
       }
@@ -464,10 +505,10 @@ function compose(
   start: number,
   end: number,
   segs: Seg[],
-  bufs: Array<Buffer | null>,
+  bufs: Array<LayerBuf | null>,
   target: FlattenOptions['target'],
 ): { spans: Array<{ offset: number; data: Buffer }>; inspect: FlatExtent[]; dataBytes: number } {
-  const slice = (s: Seg): Buffer => bufs[s.layer]!.subarray(s.pos - start, s.pos - start + s.len);
+  const slice = (s: Seg): Buffer => view(bufs[s.layer]!, s.pos, s.len);
   const inspect = segs.map((s): FlatExtent => ({ offset: s.pos, length: s.len, data: s.layer < 0 ? null : slice(s) }));
   const spans: Array<{ offset: number; data: Buffer }> = [];
   let dataBytes = 0;
@@ -475,13 +516,14 @@ function compose(
     // Aligned units holding something other than zeros, written straight from the layer's
     // buffer when one layer's data covers the unit, else composed (top layer wins). Where no
     // layer holds data the unit is known to be zeros without looking.
+    // Offsets below are from the piece's start; a run is one layer's, written from its buffer.
     const unit = target.unit;
     const len = end - start;
     let runFrom = -1;
-    let runBuf: Buffer | null = null;
+    let runBuf: LayerBuf | null = null;
     const flush = (to: number): void => {
       if (runFrom < 0) return;
-      spans.push({ offset: start + runFrom, data: runBuf!.subarray(runFrom, to) });
+      spans.push({ offset: start + runFrom, data: view(runBuf!, start + runFrom, to - runFrom) });
       dataBytes += to - runFrom;
       runFrom = -1;
       runBuf = null;
@@ -505,7 +547,7 @@ function compose(
           const sg = segs[k]!;
           const a = Math.max(sg.pos, start + u) - start;
           const b = Math.min(sg.pos + sg.len, start + ue) - start;
-          if (sg.layer >= 0) bufs[sg.layer]!.copy(out, a - u, a, b);
+          if (sg.layer >= 0) view(bufs[sg.layer]!, start + a, b - a).copy(out, a - u);
         }
         if (!isAllZero(out)) {
           spans.push({ offset: start + u, data: out });
@@ -513,7 +555,7 @@ function compose(
         }
         continue;
       }
-      const buf = data && !isAllZero(bufs[only!]!.subarray(u, ue)) ? bufs[only!]! : null;
+      const buf = data && !isAllZero(view(bufs[only!]!, start + u, ue - u)) ? bufs[only!]! : null;
       if (buf === null || (runBuf !== null && runBuf !== buf)) flush(u);
       if (buf !== null && runFrom < 0) {
         runFrom = u;
@@ -538,7 +580,7 @@ function compose(
           spans.push({ offset: at, data: ZEROS.subarray(0, Math.min(ZEROS.length, to - at)) });
       continue;
     }
-    const data = bufs[L]!.subarray(from - start, to - start);
+    const data = view(bufs[L]!, from, to - from);
     if (target.kind === 'sparse' && isAllZero(data)) continue;
     spans.push({ offset: from, data });
     dataBytes += data.length;
@@ -584,14 +626,14 @@ class ChainVerifier {
   }
 
   /** Feed piece [start, end) of every proven layer (called in disk order). */
-  update(start: number, end: number, runs: Run[][], bufs: Array<Buffer | null>, proving: boolean[]): void {
+  update(start: number, end: number, runs: Run[][], bufs: Array<LayerBuf | null>, proving: boolean[]): void {
     if (this.failure) throw this.failure;
     for (const [L, dg] of this.digesters.entries()) {
       if (!dg || !proving[L]) continue;
       for (const r of runs[L]!) {
         if (r.kind === 'unallocated') continue; // a gap is unallocated
         if (r.kind === 'zero') dg.add(r.pos, r.len, 'zero');
-        else dg.add(r.pos, r.len, 'data', bufs[L]!.subarray(r.pos - start, r.pos - start + r.len));
+        else dg.add(r.pos, r.len, 'data', view(bufs[L]!, r.pos, r.len));
       }
       // The stream to the piece's end (what is left of it unallocated), so every extent that ends here is
       // reported; the listed ones that end here and were not reported held nothing.

@@ -30,6 +30,13 @@ export interface Slot {
   readonly buf: Buffer;
 }
 
+/** A request waiting for slots: adjacent runs of `counts[i]` slots, granted all at once. */
+interface Waiter {
+  counts: number[];
+  grant: (firsts: number[]) => void;
+  reject: (e: Error) => void;
+}
+
 const OP_REPEAT = 0;
 const OP_RANGE = 1;
 const OP_LITERAL = 2;
@@ -188,10 +195,13 @@ export class HashPool {
   /** Bytes sent to each worker and not hashed yet, per message in order (replies come in order). */
   private readonly backlog: number[][] = [];
   private readonly backlogBytes: number[] = [];
-  private readonly free: Slot[] = [];
+  /** Per slot: free (neither read into nor waiting for a hasher). */
+  private readonly isFree: boolean[] = [];
+  private freeCount = 0;
   /** References per slot: the reader's until done(), and one per message that carries it. */
   private readonly refs: number[] = [];
-  private readonly waiting: Pending<Slot>[] = [];
+  /** Served in order: a request that does not fit yet holds back the ones behind it (no starvation). */
+  private readonly waiting: Waiter[] = [];
   private readonly jobs = new Map<number, Pending<string>>();
   private readonly open = new Set<RecordingSink>();
   private nextJob = 1;
@@ -208,9 +218,10 @@ export class HashPool {
     this.xmem = new Xxh64Memory(this.slotBytes * slots);
     this.mem = Buffer.from(this.xmem.buffer);
     for (let i = 0; i < slots; i++) {
-      this.free.push(this.slot(i));
+      this.isFree.push(true);
       this.refs.push(0);
     }
+    this.freeCount = slots;
     for (let i = 0; i <= threads; i++) {
       this.hashers.push(undefined);
       this.load.push(0);
@@ -258,27 +269,54 @@ export class HashPool {
 
   /** Slots free now (neither read into nor waiting for a worker). */
   get available(): number {
-    return this.free.length;
+    return this.freeCount;
   }
 
-  /** A free slot, or null when all are in use. Give it back with done() once fed. */
+  /** The pool's slot count. */
+  get size(): number {
+    return this.refs.length;
+  }
+
+  /** A free slot, or null when all are in use (or others wait). Give it back with done() once fed. */
   tryAcquire(): Slot | null {
     this.throwIfFailed();
-    const s = this.free.pop() ?? null;
-    if (s) this.refs[s.id] = 1;
-    return s;
+    if (this.waiting.length > 0) return null;
+    const at = this.place([1]);
+    return at ? this.slot(at[0]!) : null;
   }
 
   /** A free slot, waiting for a worker to release one (the caller must have flushed). */
   acquire(): Promise<Slot> {
-    const s = this.tryAcquire();
-    if (s) return Promise.resolve(s);
-    return new Promise((resolve, reject) => this.waiting.push({ resolve, reject }));
+    return this.acquireRuns([1]).then(([b]) => ({ id: this.slotOf(b!)!, buf: b! }));
+  }
+
+  /**
+   * One buffer per count, each `count` adjacent slots (one contiguous read buffer of that
+   * many slots' bytes), granted all at once, after every request made before it: a caller
+   * that takes everything it needs in one request never holds part of it while it waits, so
+   * requests that each fit the pool are always served. Give each back with release().
+   */
+  acquireRuns(counts: number[]): Promise<Buffer[]> {
+    this.throwIfFailed();
+    if (counts.some((n) => !Number.isInteger(n) || n < 1) || counts.reduce((a, b) => a + b, 0) > this.size)
+      return Promise.reject(new RangeError(`slot runs ${counts.join(', ')} do not fit a pool of ${this.size}`));
+    const at = this.waiting.length === 0 ? this.place(counts) : null;
+    if (at) return Promise.resolve(this.runs(at, counts));
+    return new Promise((resolve, reject) => this.waiting.push({ counts, grant: (firsts) => resolve(this.runs(firsts, counts)), reject }));
   }
 
   /** The reader is done with the slot: free once every message that carries it was hashed. */
   done(slot: Slot): void {
     this.unref([slot.id]);
+  }
+
+  /** done() for every slot of a buffer acquireRuns() gave. */
+  release(buf: Buffer): void {
+    const r = this.slotsOf(buf);
+    if (!r) throw new RangeError('not a buffer of this pool');
+    const ids: number[] = [];
+    for (let id = r[0]; id <= r[1]; id++) ids.push(id);
+    this.unref(ids);
   }
 
   /**
@@ -322,9 +360,15 @@ export class HashPool {
   // ---- internal (RecordingSink and the workers' replies) ----
 
   slotOf(b: Buffer): number | null {
+    return this.slotsOf(b)?.[0] ?? null;
+  }
+
+  /** The first and last slot a buffer of the pool spans, or null for another buffer. */
+  slotsOf(b: Buffer): [number, number] | null {
     const { buffer, base } = this.xmem;
     if (b.buffer !== buffer || b.byteOffset < base) return null;
-    return Math.floor((b.byteOffset - base) / this.slotBytes);
+    const first = Math.floor((b.byteOffset - base) / this.slotBytes);
+    return [first, Math.max(first, Math.floor((b.byteOffset + b.length - 1 - base) / this.slotBytes))];
   }
 
   post(worker: number, msg: HashMessage): void {
@@ -358,15 +402,56 @@ export class HashPool {
   }
 
   private unref(ids: number[]): void {
+    let freed = false;
     for (const id of ids) {
       if (--this.refs[id]! > 0) continue;
-      const slot = this.slot(id);
-      const next = this.waiting.shift();
-      if (next) {
-        this.refs[id] = 1;
-        next.resolve(slot);
-      } else this.free.push(slot);
+      this.isFree[id] = true;
+      this.freeCount++;
+      freed = true;
     }
+    // Waiting requests in order, while the first one fits.
+    while (freed && this.waiting.length > 0) {
+      const at = this.place(this.waiting[0]!.counts);
+      if (!at) break;
+      this.waiting.shift()!.grant(at);
+    }
+  }
+
+  /** Take adjacent free slots for every count (first fit, in order), or nothing when one does not fit. */
+  private place(counts: number[]): number[] | null {
+    const firsts: number[] = [];
+    for (const n of counts) {
+      let at = -1;
+      for (let i = 0, run = 0; i < this.isFree.length; i++) {
+        run = this.isFree[i] ? run + 1 : 0;
+        if (run === n) {
+          at = i - n + 1;
+          break;
+        }
+      }
+      if (at < 0) {
+        for (const [k, f] of firsts.entries()) this.take(f, counts[k]!, true);
+        return null;
+      }
+      this.take(at, n, false);
+      firsts.push(at);
+    }
+    return firsts;
+  }
+
+  private take(first: number, n: number, giveBack: boolean): void {
+    for (let id = first; id < first + n; id++) {
+      this.isFree[id] = giveBack;
+      this.refs[id] = giveBack ? 0 : 1;
+    }
+    this.freeCount += giveBack ? n : -n;
+  }
+
+  private runs(firsts: number[], counts: number[]): Buffer[] {
+    return firsts.map((f, k) => {
+      const at = this.xmem.base + f * this.slotBytes;
+      return this.mem.subarray(at, at + counts[k]! * this.slotBytes);
+    });
   }
 
   private slot(id: number): Slot {
@@ -410,10 +495,10 @@ class RecordingSink implements ExtentSink {
 
   bytes(b: Buffer): void {
     if (b.length === 0) return;
-    const slot = this.pool.slotOf(b);
-    if (slot !== null) {
+    const slots = this.pool.slotsOf(b);
+    if (slots !== null) {
       this.ops.push(OP_RANGE, b.byteOffset, b.length);
-      this.slots.add(slot);
+      for (let id = slots[0]; id <= slots[1]; id++) this.slots.add(id);
     } else if (b.length === 1) this.repeat(b[0]!, 1);
     else {
       // Not in the shared buffer (a decompressed cluster): copied, as the caller may reuse it.

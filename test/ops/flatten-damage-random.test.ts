@@ -6,7 +6,7 @@
 import { execFileSync } from 'node:child_process';
 import { closeSync, openSync, readFileSync, readSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it, vi } from 'vitest';
 import { NasbackupError } from '../../lib/errors.js';
 import { flattenVerified, type LayerExpectation } from '../../lib/ops/flatten.js';
 import { ImageChain, Qcow2Image } from '../../lib/qcow2/index.js';
@@ -262,6 +262,104 @@ describe('verified flatten: every target kind receives the same disk', () => {
         expect(Math.max(...seen)).toBeLessThanOrEqual(layers[0] ? 4 * MiB : 64 * MiB);
         if (!layers[0]) expect(Math.max(...seen)).toBeGreaterThan(4 * MiB);
       }
+    }
+  }, 60_000);
+});
+
+describe('verified flatten at the default sizes: PIECE-sized requests, halved where the buffers would take more than half the pool', () => {
+  it('one layer read: 4 MiB pieces and writes; layers mixed: 2 and 1 MiB pieces; every target equals qemu-img, a flipped byte is refused', async () => {
+    const { HashPool } = await import('../../lib/store/hash-pool.js');
+    const dir = tempDir('flatten-default-sizes');
+    const size = 32 * MiB;
+    const files = [0, 1, 2, 3].map((i) => join(dir, `d${i}.qcow2`));
+    // The full holds every byte; inc1 a whole aligned 4 MiB at 8 MiB (it and the full's hidden data: 8 slots, halved once);
+    // inc2 and inc3 clusters inside [16, 20) MiB (three layers proven there: halved twice).
+    const writes: Array<Array<{ offset: number; length: number }>> = [
+      [{ offset: 0, length: size }],
+      [{ offset: 8 * MiB, length: 4 * MiB }],
+      [0, 5, 17, 40].map((c) => ({ offset: 16 * MiB + c * 64 * KiB, length: 64 * KiB })),
+      [3, 30, 63].map((c) => ({ offset: 16 * MiB + c * 64 * KiB, length: 128 * KiB })),
+    ];
+    for (const [i, f] of files.entries()) {
+      makeImage(f, {
+        ...(i === 0 ? { size } : { backing: `d${i - 1}.qcow2` }),
+        writes: writes[i]!.map((w, k) => ({ pattern: 0x41 + i * 8 + k, ...w })),
+      });
+    }
+    const want = qemuFlatten(dir, files.at(-1)!);
+    const proven = await expectations(files, 64 * MiB);
+    // Every request for a piece's buffers (the spy calls through).
+    const spy = vi.spyOn(HashPool.prototype, 'acquireRuns');
+    const requests = (): number[][] => spy.mock.calls.map(([counts]) => counts);
+    try {
+      for (const layers of [proven, files.map(() => null)]) {
+        for (const target of [{ kind: 'sparse' }, { kind: 'device' }, { kind: 'units', unit: 64 * KiB }] as const) {
+          const chain = await ImageChain.open(files.at(-1)!);
+          const disk = Buffer.alloc(size, target.kind === 'device' ? 0xee : 0);
+          const pieces: number[] = [];
+          const writeSizes: number[] = [];
+          let last = 0;
+          spy.mockClear();
+          try {
+            await flattenVerified(chain, {
+              expect: layers,
+              target,
+              write: async (buf, at) => {
+                writeSizes.push(buf.length);
+                buf.copy(disk, at);
+              },
+              checkpoint: () => {},
+              progress: (done) => {
+                pieces.push(done - last);
+                last = done;
+              },
+            });
+          } finally {
+            await chain.close();
+          }
+          expect(disk.equals(want), target.kind).toBe(true);
+          expect(last).toBe(size);
+          // Where only the full is read: 4 MiB pieces, each one 4 MiB write.
+          expect(pieces.filter((n) => n === 4 * MiB).length).toBeGreaterThanOrEqual(4);
+          expect(Math.max(...writeSizes)).toBe(4 * MiB);
+          // A piece's buffers never take more than half the pool (8 slots of 1 MiB), unless it is a smallest piece.
+          expect(requests().length).toBeGreaterThan(8);
+          for (const r of requests()) expect(r.reduce((a, b) => a + b, 0)).toBeLessThanOrEqual(4);
+          if (layers[0]) {
+            // Proven layers read whole beside the data hiding them: halved to 2 MiB at 8 MiB, to 1 MiB at 16 MiB.
+            expect(pieces).toContain(2 * MiB);
+            expect(pieces).toContain(MiB);
+            expect(requests().some((r) => r.length === 3)).toBe(true);
+          }
+        }
+      }
+      // A byte flipped in inc2's data, where pieces are halved: refused, naming the layer.
+      const [hit] = await dataBytes(files[2]!, () => 0, 1);
+      const fd = openSync(files[2]!, 'r+');
+      try {
+        const b = Buffer.alloc(1);
+        readSync(fd, b, 0, 1, hit!.host);
+        b[0]! ^= 0xff;
+        writeSync(fd, b, 0, 1, hit!.host);
+      } finally {
+        closeSync(fd);
+      }
+      const damaged = await ImageChain.open(files.at(-1)!);
+      try {
+        const err = await flattenVerified(damaged, {
+          expect: proven,
+          target: { kind: 'sparse' },
+          write: async () => {},
+          checkpoint: () => {},
+        }).catch((e: unknown) => e);
+        expect(err).toBeInstanceOf(NasbackupError);
+        expect((err as NasbackupError).code).toBe('BACKUP_DAMAGED');
+        expect((err as Error).message).toContain(`disk ${files[2]}, extent 0`);
+      } finally {
+        await damaged.close();
+      }
+    } finally {
+      spy.mockRestore();
     }
   }, 60_000);
 });

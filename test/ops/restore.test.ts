@@ -835,27 +835,24 @@ describe('restore progress', () => {
 });
 
 describe('restore memory stays bounded on deep chains', () => {
-  it('pieces shrink with depth (never below a layer unit) and always divide every manifest extent', async () => {
-    const { pieceBytesFor, buffersFor, BUFFER_BYTES, IN_FLIGHT } = await import('../../lib/ops/flatten.js');
-    type Img = Parameters<typeof pieceBytesFor>[0][number];
+  it('pieces are as large as PIECE, divide every manifest extent, and the pool holds a smallest piece reading every layer', async () => {
+    const { pieceSizes, pieceBytesFor, BUFFER_BYTES, PIECE, SLOT_BYTES } = await import('../../lib/ops/flatten.js');
+    type Img = Parameters<typeof pieceSizes>[0][number];
     const chain = (n: number, sub = 65536): Img[] => Array.from({ length: n }, () => ({ subclusterSize: sub }) as Img);
     const none = (n: number) => Array.from({ length: n }, () => null);
-    // Pieces as large as the buffer pool allows with IN_FLIGHT of them, or one reading every layer; the pool is all the memory.
-    expect(pieceBytesFor(chain(1), none(1))).toBe(2 * MiB);
-    expect(pieceBytesFor(chain(4), none(4))).toBe(2 * MiB);
-    expect(pieceBytesFor(chain(5), none(5))).toBe(MiB);
-    expect(pieceBytesFor(chain(8), none(8))).toBe(MiB);
-    for (const n of [1, 2, 3, 4, 5, 8]) {
-      const piece = pieceBytesFor(chain(n), none(n));
-      expect(piece * Math.max(n, IN_FLIGHT)).toBeLessThanOrEqual(BUFFER_BYTES);
-      expect(buffersFor(piece, n) * piece).toBeLessThanOrEqual(BUFFER_BYTES);
-      expect(buffersFor(piece, n)).toBeGreaterThanOrEqual(Math.max(n, IN_FLIGHT));
+    // Requests stay PIECE-sized however deep the chain: memory is bounded by the pool, not by the piece.
+    for (const n of [1, 2, 5, 8]) expect(pieceSizes(chain(n), none(n))).toEqual({ max: PIECE, min: MiB, slot: SLOT_BYTES, slots: 8 });
+    expect(BUFFER_BYTES).toBe(8 * SLOT_BYTES);
+    // Deeper chains: the pool grows to one smallest piece per layer (1 MiB, or the layers' unit).
+    expect(pieceSizes(chain(50), none(50))).toMatchObject({ min: MiB, slots: 50 });
+    expect(pieceSizes(chain(100, 2 * MiB), none(100))).toMatchObject({ max: PIECE, min: 2 * MiB, slot: MiB, slots: 200 });
+    for (const n of [1, 3, 5, 8, 50]) {
+      const z = pieceSizes(chain(n), none(n));
+      expect(n * Math.ceil(z.min / z.slot)).toBeLessThanOrEqual(z.slots);
+      expect(z.max % z.min).toBe(0);
     }
-    // Deeper chains stop at 1 MiB pieces (the pool grows to one buffer per layer) or at the layers' unit.
-    expect(pieceBytesFor(chain(50), none(50))).toBe(MiB);
-    expect(buffersFor(MiB, 50)).toBe(50);
-    expect(pieceBytesFor(chain(100, 2 * MiB), none(100))).toBe(2 * MiB);
     const e = { backup: 'b', file: 'f', extentBytes: 3 * 512 * 1024, algorithm: 'xxh64' as const, digests: new Map<number, string>() };
     expect(pieceBytesFor(chain(2), [e, null])).toBe(512 * 1024);
+    expect(pieceSizes(chain(2), [e, null])).toMatchObject({ max: 512 * 1024, min: 512 * 1024, slot: 512 * 1024, slots: 16 });
   });
 });

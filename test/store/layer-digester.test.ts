@@ -10,7 +10,7 @@ import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { Qcow2Image } from '../../lib/qcow2/index.js';
-import type { DigestAlgorithm } from '../../lib/store/digest/index.js';
+import { createDigest, type DigestAlgorithm } from '../../lib/store/digest/index.js';
 import { HashPool } from '../../lib/store/hash-pool.js';
 import { digestLayer, LayerDigester, type UnitKind } from '../../lib/store/layer-digest.js';
 import { describeLayer, layerEntry } from '../../lib/store/manifest-file.js';
@@ -281,6 +281,70 @@ describe('HashPool', () => {
     expect(warmed.warm('xxh64').workersStarted).toBe(0);
     expect(warmed.warm('sha256').workersStarted).toBe(2);
     await warmed.close();
+  });
+});
+
+describe("HashPool slot runs (a piece's buffers)", () => {
+  const settledNow = async <T>(p: Promise<T>): Promise<boolean> => {
+    let done = false;
+    void p.then(
+      () => (done = true),
+      () => (done = true),
+    );
+    for (let i = 0; i < 3; i++) await new Promise(setImmediate);
+    return done;
+  };
+
+  it('adjacent slots per run, all of a request at once, in request order; a fragmented pool waits instead of splitting a run', async () => {
+    const pool = new HashPool({ workers: 0, slotBytes: 1024, slots: 8 });
+    try {
+      const [a, b] = await pool.acquireRuns([3, 2]);
+      expect([a!.length, b!.length]).toEqual([3072, 2048]);
+      expect(pool.slotsOf(a!)).toEqual([0, 2]);
+      expect(pool.slotsOf(b!)).toEqual([3, 4]);
+      expect(pool.available).toBe(3);
+      // 3 free slots (5-7) hold a run of 3, not a request of 2 + 2.
+      const [c] = await pool.acquireRuns([3]);
+      expect(pool.slotsOf(c!)).toEqual([5, 7]);
+      pool.release(b!); // slots 3-4 free: 2 of them, not 3 in a row
+      const waitsForThree = pool.acquireRuns([3]);
+      expect(await settledNow(waitsForThree)).toBe(false);
+      // Later requests queue behind it, even ones that would fit now (no starvation).
+      const single = pool.acquire();
+      expect(pool.tryAcquire()).toBeNull();
+      expect(await settledNow(single)).toBe(false);
+      pool.release(a!); // 0-4 free: the run of 3 first, then the single slot
+      const [d] = await waitsForThree;
+      expect(pool.slotsOf(d!)).toEqual([0, 2]);
+      expect((await single).id).toBe(3);
+      // A request larger than the pool can never be served: refused at once.
+      await expect(pool.acquireRuns([5, 4])).rejects.toThrow(/do not fit a pool of 8/);
+      await expect(pool.acquireRuns([0])).rejects.toThrow(RangeError);
+    } finally {
+      await pool.close();
+    }
+  });
+
+  it('a run hashed in place across its slots is free again only once hashed; a closed pool fails its waiters', async () => {
+    const pool = new HashPool({ workers: 0, slotBytes: 1024, slots: 4 });
+    const [run] = await pool.acquireRuns([4]);
+    run!.fill(0x5a);
+    const sink = pool.sink('xxh64');
+    sink.bytes(run!.subarray(500, 3500)); // spans all four slots
+    pool.flush();
+    pool.release(run!);
+    // Still referenced by the message until the inline hasher ran.
+    expect(pool.available).toBe(0);
+    const x = createDigest('xxh64');
+    x.update(Buffer.alloc(3000, 0x5a));
+    const want = x.digest();
+    expect(await sink.end()).toBe(want);
+    expect(pool.available).toBe(4);
+    const [held] = await pool.acquireRuns([3]);
+    const waiting = pool.acquireRuns([2]);
+    await pool.close();
+    await expect(waiting).rejects.toThrow(/closed/);
+    expect(held!.length).toBe(3072);
   });
 });
 

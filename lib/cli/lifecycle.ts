@@ -1,7 +1,6 @@
 // Running one operation safely: signals wired to cancellation, a context that records
 // every NAS session and VM lock it hands out, and — on every path — locks released,
 // sessions unmounted, and every failure handed back with the result (lib/output.ts renders them).
-import { lstat } from 'node:fs/promises';
 import type { Config } from '../config.js';
 import { NasbackupError, toNasbackupError } from '../errors.js';
 import { makeClients } from '../clients/index.js';
@@ -160,14 +159,8 @@ export async function execute<T>(io: ExecuteIo, config: Config, logger: Logger, 
     }
     await watch.race(l.release()).catch(() => {});
     // Still there (a read-only or failing NAS): say so; the next run takes over a lock whose holder is gone.
-    const left = await watch
-      .race(
-        lstat(l.path).then(
-          () => true,
-          () => false,
-        ),
-      )
-      .catch(() => true);
+    // Only our own: another run waiting for this VM may hold the lock by now.
+    const left = await watch.race(l.stillHeld()).catch(() => true);
     if (left) ctx.leftover(`Could not remove the lock ${l.path}`);
   }
   for (const s of sessions.reverse()) {

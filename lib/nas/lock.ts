@@ -69,6 +69,8 @@ export class VmLock {
     private readonly logger: Logger,
     /** The instance folder, when this run created it (removed again if it stays empty). */
     private readonly createdDir: string | null,
+    /** What this run wrote into the lock. */
+    private readonly me: LockInfo,
   ) {}
 
   /** Take the lock of `instanceDir`, creating the folder if needed. */
@@ -88,7 +90,7 @@ export class VmLock {
         } finally {
           await fh.close();
         }
-        return new VmLock(path, opts.logger, created);
+        return new VmLock(path, opts.logger, created, me);
       } catch (e) {
         if ((e as NodeJS.ErrnoException).code !== 'EEXIST') {
           throw new NasbackupError('LOCK_FAILED', `Cannot create the VM lock ${path}`, { details: (e as Error).message });
@@ -126,6 +128,27 @@ export class VmLock {
     }
     // A folder made only to hold the lock (the operation then failed) is not left behind.
     if (this.createdDir) await rmdir(this.createdDir).catch(() => {});
+  }
+
+  /**
+   * After release(): whether this run's lock is still there. A lock file at the path may be
+   * the next run's, taken the moment ours went (a run waiting for this VM): that one is not
+   * ours to report, nor one being written (unreadable yet). A lock that cannot be read back
+   * (the NAS failing) may still be ours: said so.
+   */
+  async stillHeld(): Promise<boolean> {
+    let text: string;
+    try {
+      text = await readFile(this.path, 'utf8');
+    } catch (e) {
+      return (e as NodeJS.ErrnoException).code !== 'ENOENT';
+    }
+    try {
+      const i = JSON.parse(text) as Partial<LockInfo>;
+      return i.host === this.me.host && i.pid === this.me.pid && i.pidStart === this.me.pidStart;
+    } catch {
+      return false;
+    }
   }
 }
 

@@ -1,4 +1,4 @@
-import { existsSync, mkdirSync, readFileSync, utimesSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -31,6 +31,30 @@ describe('per-VM lock', () => {
     expect(info).toMatchObject({ host: hostname(), pid: process.pid, operation: 'backup' });
     await l.release();
     expect(existsSync(join(dir, LOCK_NAME))).toBe(false);
+  });
+
+  it("after release, stillHeld() names only our own lock: the next run's lock at the same path is not ours to report", async () => {
+    const dir = tempDir('lock-next');
+    const path = join(dir, LOCK_NAME);
+    const l = await VmLock.acquire(dir, opts());
+    expect(await l.stillHeld()).toBe(true); // not released (as when the unlink failed)
+    await l.release();
+    expect(await l.stillHeld()).toBe(false);
+    // The run that waited for this VM takes the lock the moment ours went (regression: reported as our leftover, exit 20).
+    const next = { host: hostname(), pid: process.pid + 1, pidStart: '1', startedAt: new Date().toISOString(), operation: 'chain delete' };
+    writeFileSync(path, JSON.stringify(next) + '\n');
+    expect(await l.stillHeld()).toBe(false);
+    writeFileSync(path, ''); // being written by the next holder
+    expect(await l.stillHeld()).toBe(false);
+    // Ours, still there after release (a NAS that refused the unlink), and a lock that cannot be read back: reported.
+    const again = await VmLock.acquire(join(dir, 'other'), opts());
+    const mine = readFileSync(join(dir, 'other', LOCK_NAME), 'utf8');
+    writeFileSync(path, mine);
+    expect(await l.stillHeld()).toBe(true);
+    await again.release();
+    rmSync(path);
+    mkdirSync(path); // EISDIR: cannot tell
+    expect(await l.stillHeld()).toBe(true);
   });
 
   it('removes the instance folder it created when nothing else was put there', async () => {

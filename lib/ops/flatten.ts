@@ -150,8 +150,8 @@ interface PiecePlan {
   proving: boolean[];
   /** Per layer read, the guest range its buffer spans ([from, to)), in layer order. */
   spans: Array<{ L: number; from: number; to: number }>;
-  /** Slots the buffers take. */
-  slots: number;
+  /** Per span, the adjacent slots its buffer takes (the pool request). */
+  counts: number[];
 }
 
 // The steps of a piece are functions of their own, not closures of flattenVerified: each is
@@ -264,8 +264,8 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
       } else spans.push({ L: rd.L, from: rd.pos, to: rd.pos + rd.len });
     }
     spans.sort((a, b) => a.L - b.L);
-    const slots = spans.reduce((n, sp) => n + Math.ceil((sp.to - sp.from) / sizes.slot), 0);
-    return { runs, segs, reads, proving, spans, slots };
+    const counts = spans.map((sp) => Math.ceil((sp.to - sp.from) / sizes.slot));
+    return { runs, segs, reads, proving, spans, counts };
   };
 
   let next = 0;
@@ -277,7 +277,8 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
   // to one file take its inode lock anyway, and writers waiting for it spin, burning the CPU
   // the reads and digests need, on threads the reads need too (measured on a 3 GiB chain:
   // 0.3-0.6 s less system time and ~9% less time without sync; a flushed restore, bound by
-  // the disk's writes, moved inside the noise). Reads stay IN_FLIGHT pieces wide.
+  // the disk's writes, moved inside the noise). IN_FLIGHT pieces are claimed at once; the pool
+  // decides how many of them read at a time.
   let writeTail: Promise<void> = Promise.resolve();
   const writeInTurn = (data: Buffer, offset: number): Promise<void> => {
     const w = writeTail.then(() => o.write(data, offset));
@@ -348,14 +349,12 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
       let end = (await holeEnd(start)) ?? Math.min(start + sizes.max, (Math.floor(start / sizes.max) + 1) * sizes.max, size);
       let p = await plan(start, end);
       // Halved while its buffers would take more than their share of the pool.
-      while (p.slots > slotsPerPiece && end - start > sizes.min) {
+      while (p.counts.reduce((a, b) => a + b, 0) > slotsPerPiece && end - start > sizes.min) {
         end = start + Math.max(sizes.min, Math.floor((end - start) / 2 / sizes.min) * sizes.min);
         p = await plan(start, end);
       }
       next = end;
-      const grant = p.spans.length
-        ? hashPool.acquireRuns(p.spans.map((sp) => Math.ceil((sp.to - sp.from) / sizes.slot)))
-        : Promise.resolve([]);
+      const grant = p.counts.length ? hashPool.acquireRuns(p.counts) : Promise.resolve([]);
       grant.catch(() => {}); // awaited by the piece
       // This piece's turn to hash comes once the previous piece's did.
       const prev = hashTail;

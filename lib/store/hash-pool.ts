@@ -455,8 +455,7 @@ export class HashPool {
   }
 
   private slot(id: number): Slot {
-    const at = this.xmem.base + id * this.slotBytes;
-    return { id, buf: this.mem.subarray(at, at + this.slotBytes) };
+    return { id, buf: this.runs([id], [1])[0]! };
   }
 
   private fail(e: Error): void {

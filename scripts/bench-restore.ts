@@ -10,7 +10,10 @@
 // ours with --no-sync: each is compared with the fastest convert that promises what it does.
 //   npm run bench:restore [-- --size-mib 4096 --layers 5 --full-mib 2048 --inc-mib 256 --runs 5]
 //   (--sparse-gib 100 sizes the sparse chain measured for peak RSS, 0 skips it;
-//   --baseline /other/checkout (built) adds that build's restore to every round;
+//   --bin <path> the program timed (default dist/nasbackup.cjs: the single file that ships to KVM
+//   hosts, which `npm run bench:restore` builds; bin/nasbackup is the development entry, whose
+//   many ES modules load ~40 ms slower: its --no-sync restore is timed in the same rounds too);
+//   --baseline /other/checkout (built) adds that build's restore (the same program path) to every round;
 //   --keep keeps the chain and prints where; --no-drop-caches runs warm; --digest sha256 for the older manifests)
 //   a short run: -- --size-mib 512 --full-mib 128 --inc-mib 32 --runs 3
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -45,9 +48,15 @@ const digest: DigestAlgorithm = digestArg > 0 && process.argv[digestArg + 1] ===
 /** Keep the chain (and print where) for a closer look. */
 const keep = process.argv.includes('--keep');
 /** Another build's bin/nasbackup, run beside ours in the same rounds (an A/B of a change). */
+const ROOT = fileURLToPath(new URL('..', import.meta.url));
+const binArg = process.argv.indexOf('--bin');
+/** The program timed, relative to the checkout: the shipped bundle unless told otherwise. */
+const program = binArg > 0 ? path.relative(ROOT, path.resolve(process.argv[binArg + 1]!)) : 'dist/nasbackup.cjs';
+const BIN = path.join(ROOT, program);
+/** The development entry (ES modules from dist/lib), timed beside the bundle. */
+const ESM_BIN = path.join(ROOT, 'bin/nasbackup');
 const baselineArg = process.argv.indexOf('--baseline');
-const baseline = baselineArg > 0 ? path.join(path.resolve(process.argv[baselineArg + 1]!), 'bin/nasbackup') : undefined;
-const BIN = fileURLToPath(new URL('../bin/nasbackup', import.meta.url));
+const baseline = baselineArg > 0 ? path.join(path.resolve(process.argv[baselineArg + 1]!), program) : undefined;
 const VM = 'i-2-10-VM';
 const VOL = 'aaaaaaaa-0000-4000-8000-00000000be01';
 const FILE = `root.${VOL}.qcow2`;
@@ -207,6 +216,15 @@ async function main(): Promise<void> {
         format: 'qcow2',
         run: ours('qcow2', { more: ['--no-sync'], from: plainNas }),
       },
+      ...(BIN !== ESM_BIN
+        ? [
+            {
+              name: 'bin/nasbackup (ES modules) restore --format qcow2 --no-sync',
+              format: 'qcow2',
+              run: ours('qcow2', { more: ['--no-sync'], bin: ESM_BIN }),
+            },
+          ]
+        : []),
       ...(baseline
         ? [{ name: 'baseline restore --format qcow2 (--baseline)', format: 'qcow2', run: ours('qcow2', { bin: baseline }) }]
         : []),
@@ -246,6 +264,7 @@ async function main(): Promise<void> {
         `${dropCaches ? 'page cache dropped before every run' : 'page cache NOT dropped'}; median of ${runs} runs (min–max)`,
     );
     console.log(`before the runs: ${before}; after: ${machineLine()}`);
+    console.log(`ours: ${program}`);
     const med = times.map(median);
     for (const [i, v] of variants.entries())
       console.log(`  ${v.name.padEnd(58)} ${med[i]!.toFixed(0).padStart(7)} ms   (${spread(times[i]!, (x) => x.toFixed(0))})`);
@@ -261,6 +280,10 @@ async function main(): Promise<void> {
     console.log(
       `  ours qcow2 --no-sync / fastest qemu-img convert -O qcow2 (neither flushes; goal <= 1.0): ${ratio(at('nasbackup restore --format qcow2 --no-sync'), fastestQcow2)}`,
     );
+    if (BIN !== ESM_BIN)
+      console.log(
+        `  the same through bin/nasbackup (ES modules, the development entry):                  ${ratio(at('bin/nasbackup (ES modules)'), fastestQcow2)}`,
+      );
     console.log(
       `  ours raw   --no-sync / qemu-img convert -O raw (neither flushes):                       ${ratio(at('nasbackup restore --format raw --no-sync'), at('qemu-img convert -O raw'))}`,
     );

@@ -5,9 +5,9 @@
 // is ever read), the chain must not loop, and each layer must be sound: no external data file,
 // no corrupt bit, a readable header, and L1/L2/refcount tables inside the file. A dirty layer is
 // reported, not refused (its refcounts may be stale; qemu-img repairs that on open).
-import { realpath, stat } from 'node:fs/promises';
+import { readdir, realpath, stat } from 'node:fs/promises';
 import type { Stats } from 'node:fs';
-import { isAbsolute, resolve } from 'node:path';
+import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
 import { NasbackupError, type ErrorCode, type Warning } from '../errors.js';
 import { isWithin } from '../paths.js';
 import {
@@ -160,33 +160,140 @@ function fileType(st: {
   return 'not a regular file';
 }
 
+/**
+ * Metadata scans running ahead of the walk: a layer's scan starts once its header passed, and
+ * the walk follows its backing reference meanwhile (a deep chain's scans overlap instead of
+ * waiting on each other's reads). Their verdicts are taken in walk order, so a walk reports
+ * the same first problem as one that awaited each scan before going on.
+ */
+const SCANS_AHEAD = 4;
+
+/**
+ * Layers looked at ahead of the walk, by guess: a backup's parent is, in every chain this
+ * program writes, the same file name in an older backup folder, most often the one just
+ * before. So while the walk reads one header (to learn its backing), the headers of that file
+ * name in the next few older folders are read too; a walk that goes there finds them read.
+ * A wrong guess costs a few small reads inside the VM folder (look() reads nothing else, and
+ * no header of anything but a regular file).
+ */
+const LOOKS_AHEAD = 8;
+
+function guessAhead(
+  instanceDir: string,
+  realDir: string,
+  opts: InspectOptions & { looks: Map<string, Promise<Look>> },
+): { ahead: (path: string) => void; settle: () => Promise<void> } {
+  const inst = resolve(instanceDir);
+  let folders: Promise<string[]> | null = null;
+  const pending: Promise<unknown>[] = [];
+  return {
+    ahead(path) {
+      if (dirname(dirname(path)) !== inst) return;
+      const folder = basename(dirname(path));
+      const name = basename(path);
+      folders ??= readdir(inst).then(
+        (names) => names.filter((n) => !n.startsWith('.')).sort(),
+        () => [],
+      );
+      pending.push(
+        folders.then((all) => {
+          for (const f of all.filter((x) => x < folder).slice(-LOOKS_AHEAD)) {
+            const p = join(inst, f, name);
+            if (!opts.looks.has(p)) pending.push(look(p, realDir, opts).catch(() => {})); // the walk awaits it if it goes there
+          }
+        }),
+      );
+    },
+    async settle() {
+      while (pending.length > 0) await Promise.allSettled(pending.splice(0));
+    },
+  };
+}
+
 /** Walk and check the chain of `top`; never throws for what it finds (see `problem`). */
-export async function inspectChain(top: string, instanceDir: string, opts: InspectOptions = {}): Promise<ChainInspection> {
+export async function inspectChain(top: string, instanceDir: string, inspect: InspectOptions = {}): Promise<ChainInspection> {
+  // The looks are remembered (the guesses fill them), shared when the caller gave its own.
+  const opts = { ...inspect, looks: inspect.looks ?? new Map<string, Promise<Look>>() };
+  const realDir = opts.realDir ?? (await realpath(instanceDir).catch(() => resolve(instanceDir)));
+  const guesses = guessAhead(instanceDir, realDir, opts);
+  const scans: Promise<unknown>[] = [];
+  try {
+    return await walkChain(top, realDir, { ahead: guesses.ahead, scans }, opts);
+  } finally {
+    // Nothing of ours is left reading the NAS once the walk returns (it may be unmounted next):
+    // neither a guess nor a scan the walk stopped waiting for.
+    await Promise.allSettled(scans);
+    await guesses.settle();
+  }
+}
+
+async function walkChain(
+  top: string,
+  realDir: string,
+  run: { ahead: (path: string) => void; scans: Promise<unknown>[] },
+  opts: InspectOptions & { looks: Map<string, Promise<Look>> },
+): Promise<ChainInspection> {
   const layers: string[] = [];
-  const warnings: Warning[] = [];
+  /** Per walked layer, its warnings in order (dirty, then metadata not checked). */
+  const own: Warning[][] = [];
+  /** The warnings of the layers below the one another walk found clean. */
+  let below: Warning[] = [];
+  const warnings = (): Warning[] => [...own.flat(), ...below];
   const done = (p: Omit<ChainProblem, 'reference'> & { reference?: boolean }): ChainInspection => ({
     layers,
     problem: { reference: false, ...p },
-    warnings,
+    warnings: warnings(),
   });
-  const realDir = opts.realDir ?? (await realpath(instanceDir).catch(() => resolve(instanceDir)));
   const seen = new Set<string>();
   let path = resolve(top);
   let referrer: string | null = null;
-  const walked: { real: string; warningsFrom: number }[] = [];
-  const clean = (): ChainInspection => {
-    for (const w of walked) opts.cleanBelow?.set(w.real, warnings.slice(w.warningsFrom));
-    return { layers, problem: null, warnings };
+  const walked: string[] = [];
+  /** Scans started and not yet judged, in walk order. */
+  const scans: Array<{ k: number; path: string; real: string; scan: Promise<Qcow2Error | null> }> = [];
+  /** The oldest running scan's verdict: a problem ends the walk at that layer. */
+  const judgeOne = async (): Promise<ChainInspection | null> => {
+    const { k, path: at, real, scan: running } = scans.shift()!;
+    const e = await running;
+    if (!e) return null;
+    // A valid feature our reader does not handle (encryption, …): not scanned, not refused.
+    if (UNSUPPORTED_CODES.has(e.code)) {
+      own[k]!.push({ code: 'METADATA_NOT_CHECKED', message: `${at}: metadata not checked (${stripPath(e.message, real)})` });
+      return null;
+    }
+    // The walk stops here, as if it had waited for this scan before going on.
+    layers.length = k + 1;
+    own.length = k + 1;
+    below = [];
+    return done({ kind: kindOf(e.code), layer: at, message: `${at}: ${stripPath(e.message, real)}` });
+  };
+  /** Every running scan judged; the first problem among them, if any, comes before the walk's. */
+  const judgeAll = async (): Promise<ChainInspection | null> => {
+    while (scans.length > 0) {
+      const r = await judgeOne();
+      if (r) return r;
+    }
+    return null;
+  };
+  /** A problem the walk found: the scans of the layers above it are judged first. */
+  const stop = async (p: Omit<ChainProblem, 'reference'> & { reference?: boolean }): Promise<ChainInspection> =>
+    (await judgeAll()) ?? done(p);
+  const clean = async (): Promise<ChainInspection> => {
+    const scanned = await judgeAll();
+    if (scanned) return scanned;
+    walked.forEach((real, k) => opts.cleanBelow?.set(real, [...own.slice(k).flat(), ...below]));
+    return { layers, problem: null, warnings: warnings() };
   };
   for (;;) {
     const via = referrer ? `backing file ${path} of ${referrer}` : path;
     // Where the layer really is, before anything opens it.
-    const l = await look(path, realDir, opts);
+    const looking = look(path, realDir, opts);
+    run.ahead(path);
+    const l = await looking;
     const real = l.real;
     if (real === null)
-      return done({ kind: 'broken', layer: referrer ?? path, message: `${via} does not exist`, reference: referrer !== null });
+      return stop({ kind: 'broken', layer: referrer ?? path, message: `${via} does not exist`, reference: referrer !== null });
     if (!l.st)
-      return done({
+      return stop({
         kind: 'unsafe',
         layer: referrer ?? path,
         message: `${via} is outside the VM folder (${real})`,
@@ -194,22 +301,22 @@ export async function inspectChain(top: string, instanceDir: string, opts: Inspe
       });
     const st = l.st;
     if (!st.isFile())
-      return done({
+      return stop({
         kind: 'unsafe',
         layer: referrer ?? path,
         message: `${via} is ${fileType(st)}, not a regular file`,
         reference: referrer !== null,
       });
-    const below = opts.cleanBelow?.get(real);
-    if (below) {
+    const cleanFromHere = opts.cleanBelow?.get(real);
+    if (cleanFromHere) {
       layers.push(path);
-      warnings.push(...below);
+      below = [...cleanFromHere];
       return clean();
     }
     const key = `${st.dev}:${st.ino}`;
     if (seen.has(key)) {
       const self = referrer !== null && layers.at(-1) === referrer && (await realpath(referrer).catch(() => '')) === real;
-      return done({
+      return stop({
         kind: 'unsafe',
         layer: referrer ?? path,
         message: self ? `${path} is its own backing file` : `the backing chain loops at ${path}`,
@@ -218,28 +325,32 @@ export async function inspectChain(top: string, instanceDir: string, opts: Inspe
     }
     seen.add(key);
     layers.push(path);
-    walked.push({ real, warningsFrom: warnings.length });
+    walked.push(real);
+    const mine: Warning[] = [];
+    own.push(mine);
     const h = l.header!;
-    if (h instanceof Qcow2Error) return done({ kind: kindOf(h.code), layer: path, message: `${path}: ${stripPath(h.message, real)}` });
+    if (h instanceof Qcow2Error) return stop({ kind: kindOf(h.code), layer: path, message: `${path}: ${stripPath(h.message, real)}` });
     if (hasExternalDataFile(h))
-      return done({ kind: 'unsafe', layer: path, message: `${path} has an external data file (its data lives in another file)` });
+      return stop({ kind: 'unsafe', layer: path, message: `${path} has an external data file (its data lives in another file)` });
     if ((h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n)
-      return done({ kind: 'corrupt', layer: path, message: `${path} is marked corrupt (QEMU found damage in it)` });
+      return stop({ kind: 'corrupt', layer: path, message: `${path} is marked corrupt (QEMU found damage in it)` });
     if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n)
-      warnings.push({
+      mine.push({
         code: 'IMAGE_DIRTY',
         message: `${path} is marked dirty (not closed cleanly; refcounts may be stale, \`qemu-img check -r all\` repairs them)`,
       });
-    const e = await scan(real, key, opts);
-    if (e) {
-      // A valid feature our reader does not handle (encryption, …): not scanned, not refused.
-      if (UNSUPPORTED_CODES.has(e.code))
-        warnings.push({ code: 'METADATA_NOT_CHECKED', message: `${path}: metadata not checked (${stripPath(e.message, real)})` });
-      else return done({ kind: kindOf(e.code), layer: path, message: `${path}: ${stripPath(e.message, real)}` });
+    // Its scan runs while the walk goes on; a few at most, so memory stays flat with depth.
+    if (scans.length >= SCANS_AHEAD) {
+      const r = await judgeOne();
+      if (r) return r;
     }
+    const running = scan(real, key, opts);
+    running.catch(() => {}); // judged in turn; one the walk no longer waits for (it stopped above) must not go unhandled
+    run.scans.push(running);
+    scans.push({ k: layers.length - 1, path, real, scan: running });
     const name = h.backingFile;
     if (name === null) return clean();
-    const ref = (message: string): ChainInspection => done({ kind: 'unsafe', layer: path, message, reference: true });
+    const ref = (message: string): Promise<ChainInspection> => stop({ kind: 'unsafe', layer: path, message, reference: true });
     if (layers.length >= MAX_CHAIN_DEPTH) return ref(`the backing chain of ${top} is deeper than ${MAX_CHAIN_DEPTH}`);
     if (!isFollowableBackingName(name)) return ref(`${path} has a backing reference that is not a file name: ${name}`);
     if (isAbsolute(name)) return ref(`${path} has an absolute backing name (${name}); chains on the NAS must be relative`);

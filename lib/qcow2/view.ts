@@ -35,6 +35,8 @@ export interface ChainOpenOptions {
 
 const READ_CHUNK = 4 << 20;
 const READS_IN_FLIGHT = 4;
+/** Layers ImageChain.open() opens at once. */
+const OPENS_AHEAD = 4;
 
 export class ImageChain {
   private constructor(readonly images: Qcow2Image[]) {}
@@ -42,20 +44,39 @@ export class ImageChain {
   static async open(top: string, opts: ChainOpenOptions = {}): Promise<ImageChain> {
     const chain = await readChain(top);
     const images: Qcow2Image[] = [];
-    try {
-      for (let i = 0; i < chain.layers.length; i++) {
-        const layer = chain.layers[i]!;
+    // The next few layers open while one is checked (a deep chain's reads overlap); judged in
+    // chain order, so the error is the first layer's, as if each were opened in turn.
+    const opening: Array<Promise<Qcow2Image>> = [];
+    const openAhead = (upTo: number): void => {
+      for (let i = opening.length; i < Math.min(upTo, chain.layers.length); i++) {
         const o: OpenOptions = { writable: i === 0 && (opts.writableTop ?? false) };
         if (i === 0 && opts.topFile) o.file = opts.topFile;
         if (opts.l2CacheBytes) o.l2CacheBytes = opts.l2CacheBytes;
-        const img = await Qcow2Image.open(layer.path, o);
+        const p = Qcow2Image.open(chain.layers[i]!.path, o);
+        p.catch(() => {}); // awaited in turn below, or closed on a failure
+        opening.push(p);
+      }
+    };
+    try {
+      for (let i = 0; i < chain.layers.length; i++) {
+        const layer = chain.layers[i]!;
+        openAhead(i + OPENS_AHEAD);
+        const img = await opening[i]!;
         images.push(img);
         const fmt = img.header.backingFormat;
         if (img.header.backingFile !== null && fmt !== null && fmt !== 'qcow2')
           throw new Qcow2Error('QCOW2_UNSUPPORTED_FEATURE', `${layer.path}: backing format ${fmt} is not supported`, layer.path);
       }
     } catch (e) {
-      await Promise.all(images.map((i) => i.close()));
+      // Every image that opened, those opened ahead included, is closed (each once).
+      await Promise.all(
+        opening.map((p) =>
+          p.then(
+            (img) => img.close(),
+            () => {},
+          ),
+        ),
+      );
       throw e;
     }
     return new ImageChain(images);

@@ -1,6 +1,6 @@
 // Differential tests of the native reader against qemu-img (the oracle) on random chains:
 // info, map (qemu-img map --output=json) and guest content (qemu-img convert -O raw).
-import { readFileSync } from 'node:fs';
+import { closeSync, openSync, readdirSync, readFileSync, readlinkSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -105,6 +105,56 @@ describe('reader vs qemu-img on random chains', () => {
     execFileSync('qemu-img', ['bitmap', '--add', '-g', '131072', p, 'b1']);
     execFileSync('qemu-img', ['bitmap', '--add', '--disable', p, 'second']);
     expect(pickInfo((await imageInfo(p)) as unknown as Record<string, unknown>)).toEqual(pickInfo(qemuInfo(p)));
+  });
+});
+
+describe('ImageChain.open with the next layers opening ahead', () => {
+  /** Files inside `dir` this process holds open now. */
+  const openInside = (dir: string): string[] =>
+    readdirSync('/proc/self/fd').flatMap((fd) => {
+      try {
+        const t = readlinkSync(`/proc/self/fd/${fd}`);
+        return t.startsWith(`${dir}/`) ? [t] : [];
+      } catch {
+        return []; // closed meanwhile
+      }
+    });
+  /** An L1 table past the end of the file: the header reads, the image does not open. */
+  const breakL1 = (file: string): void => {
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64BE(1n << 40n);
+    const fd = openSync(file, 'r+');
+    try {
+      writeSync(fd, b, 0, 8, 40);
+    } finally {
+      closeSync(fd);
+    }
+  };
+
+  it('the first layer that fails to open is the error, and every image opened ahead is closed', async () => {
+    const d = tempDir('chain-open');
+    const paths: string[] = [];
+    for (let i = 0; i < 9; i++) {
+      const f = join(d, `l${i}.qcow2`);
+      execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', ...(i ? ['-b', `l${i - 1}.qcow2`, '-F', 'qcow2'] : []), f, '16M']);
+      execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P ${i + 1} ${i * 65536} 64k`, f], { stdio: 'ignore' });
+      paths.unshift(f);
+    }
+    const whole = await ImageChain.open(paths[0]!);
+    try {
+      expect(whole.images.map((i) => i.path)).toEqual(paths);
+      expect((await whole.read(0, 9 * 65536)).equals(rawContent(paths[0]!, d).subarray(0, 9 * 65536))).toBe(true);
+    } finally {
+      await whole.close();
+    }
+    expect(openInside(d)).toEqual([]);
+    breakL1(paths[6]!);
+    breakL1(paths[2]!);
+    const err = await ImageChain.open(paths[0]!).catch((e: unknown) => e);
+    expect(err).toMatchObject({ code: 'QCOW2_CORRUPT', path: paths[2] });
+    // An image still opening when the error came would hold its file a moment later: wait past that.
+    await new Promise((r) => setTimeout(r, 200));
+    expect(openInside(d)).toEqual([]);
   });
 });
 

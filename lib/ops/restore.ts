@@ -344,6 +344,9 @@ export async function restore(ctx: OpContext, a: RestoreArgs, opts: RestoreOptio
   return result;
 }
 
+/** Manifests read at once by expectations(). */
+const MANIFESTS_AHEAD = 8;
+
 /**
  * Per layer (0 = top), what its backup's manifest says it holds; null for a backup without a
  * manifest (older than manifests: structural checks only, with a NO_MANIFEST warning). A
@@ -355,36 +358,53 @@ async function expectations(images: Qcow2Image[], vm: string): Promise<{ expect:
   const expect: Array<LayerExpectation | null> = [];
   const manifests = new Map<string, Awaited<ReturnType<typeof readManifestFile>>>();
   const unproven: string[] = [];
-  for (const img of images) {
-    const dir = dirname(img.path);
-    const backup = `${vm}/${basename(dir)}`;
-    const file = basename(img.path);
-    const damaged = (why: string): NasbackupError =>
-      new NasbackupError('BACKUP_DAMAGED', `Backup ${backup} is damaged: disk ${file}: ${why}`);
-    let m = manifests.get(dir);
-    if (m === undefined) {
-      m = await readManifestFile(dir);
-      manifests.set(dir, m);
-      if (m === null) unproven.push(backup);
+  // The next few folders' manifests are read while this one is judged (a deep chain's reads
+  // overlap); judged in chain order all the same, so the first problem is the one reported.
+  const dirs = [...new Set(images.map((img) => dirname(img.path)))];
+  const reading = new Map<string, ReturnType<typeof readManifestFile>>();
+  const readAhead = (upTo: number): void => {
+    for (const d of dirs.slice(reading.size, upTo)) {
+      const r = readManifestFile(d);
+      r.catch(() => {}); // awaited in turn below, or settled at the end after a refusal
+      reading.set(d, r);
     }
-    if (m === null) {
-      expect.push(null);
-      continue;
+  };
+  try {
+    for (const img of images) {
+      const dir = dirname(img.path);
+      const backup = `${vm}/${basename(dir)}`;
+      const file = basename(img.path);
+      const damaged = (why: string): NasbackupError =>
+        new NasbackupError('BACKUP_DAMAGED', `Backup ${backup} is damaged: disk ${file}: ${why}`);
+      let m = manifests.get(dir);
+      if (m === undefined) {
+        readAhead(dirs.indexOf(dir) + MANIFESTS_AHEAD);
+        m = await reading.get(dir)!;
+        manifests.set(dir, m);
+        if (m === null) unproven.push(backup);
+      }
+      if (m === null) {
+        expect.push(null);
+        continue;
+      }
+      if ('error' in m) throw new NasbackupError('BACKUP_DAMAGED', `Backup ${backup} is damaged: ${m.error}`);
+      if (m.path !== backup)
+        throw new NasbackupError('BACKUP_DAMAGED', `Backup ${backup} is damaged: its manifest is of another backup (${m.path})`);
+      const d = m.disks.find((x) => x.file === file);
+      if (!d) throw damaged('not listed in the manifest');
+      if (d.virtualSize !== img.virtualSize) throw damaged(`virtual size ${img.virtualSize}, the manifest says ${d.virtualSize}`);
+      if (d.backing !== img.header.backingFile)
+        throw damaged(`backing ${img.header.backingFile ?? 'none'}, the manifest says ${d.backing ?? 'none'}`);
+      if (d.unitBytes !== img.subclusterSize || m.digest.extentBytes % img.clusterSize !== 0)
+        throw damaged(
+          `cluster layout (${img.subclusterSize}-byte units) does not match the manifest's (${d.unitBytes}, extents of ${m.digest.extentBytes})`,
+        );
+      const digests = new Map(d.extents.map((x) => [x.index, x.digest]));
+      expect.push({ backup, file, extentBytes: m.digest.extentBytes, algorithm: m.digest.algorithm, digests });
     }
-    if ('error' in m) throw new NasbackupError('BACKUP_DAMAGED', `Backup ${backup} is damaged: ${m.error}`);
-    if (m.path !== backup)
-      throw new NasbackupError('BACKUP_DAMAGED', `Backup ${backup} is damaged: its manifest is of another backup (${m.path})`);
-    const d = m.disks.find((x) => x.file === file);
-    if (!d) throw damaged('not listed in the manifest');
-    if (d.virtualSize !== img.virtualSize) throw damaged(`virtual size ${img.virtualSize}, the manifest says ${d.virtualSize}`);
-    if (d.backing !== img.header.backingFile)
-      throw damaged(`backing ${img.header.backingFile ?? 'none'}, the manifest says ${d.backing ?? 'none'}`);
-    if (d.unitBytes !== img.subclusterSize || m.digest.extentBytes % img.clusterSize !== 0)
-      throw damaged(
-        `cluster layout (${img.subclusterSize}-byte units) does not match the manifest's (${d.unitBytes}, extents of ${m.digest.extentBytes})`,
-      );
-    const digests = new Map(d.extents.map((x) => [x.index, x.digest]));
-    expect.push({ backup, file, extentBytes: m.digest.extentBytes, algorithm: m.digest.algorithm, digests });
+  } finally {
+    // Nothing of ours is left reading the NAS when this returns (a refusal unmounts it next).
+    await Promise.allSettled(reading.values());
   }
   // One line for the chain (a chain of old backups has no manifest anywhere).
   if (unproven.length > 0)

@@ -756,6 +756,19 @@ describe('restore proves every layer while it reads it (manifests)', () => {
     );
   });
 
+  it('manifests are read ahead but judged newest first: of two unusable ones the newer is named, and nothing is left mounted', async () => {
+    const { sb, out } = proven('restore-two-manifests');
+    const unusable = (ts: string): void => {
+      const mf = join(sb.nas, VM, ts, 'manifest.json');
+      writeFileSync(mf, readFileSync(mf, 'utf8').replace(/"version": [12]/, '"version": "one"'));
+    };
+    unusable(TS[1]!);
+    unusable(TS[3]!);
+    const why = 'manifest.json is unusable: version "one" is not supported (this reader knows 1 to 2)';
+    await refused(sb, out, TS[4]!, d0.vol, `Backup ${VM}/${TS[3]} is damaged: ${why}`);
+    await refused(sb, out, TS[2]!, d0.vol, `Backup ${VM}/${TS[1]} is damaged: ${why}`);
+  });
+
   it('a manifest edited by hand: a changed digest names its extent, a broken one is refused, a removed one is a warning', async () => {
     const { sb, out } = proven('restore-edited');
     const mf = join(sb.nas, VM, TS[2]!, 'manifest.json');

@@ -47,7 +47,6 @@ const digestArg = process.argv.indexOf('--digest');
 const digest: DigestAlgorithm = digestArg > 0 && process.argv[digestArg + 1] === 'sha256' ? 'sha256' : 'xxh64';
 /** Keep the chain (and print where) for a closer look. */
 const keep = process.argv.includes('--keep');
-/** Another build's bin/nasbackup, run beside ours in the same rounds (an A/B of a change). */
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const binArg = process.argv.indexOf('--bin');
 /** The program timed, relative to the checkout: the shipped bundle unless told otherwise. */
@@ -55,6 +54,7 @@ const program = binArg > 0 ? path.relative(ROOT, path.resolve(process.argv[binAr
 const BIN = path.join(ROOT, program);
 /** The development entry (ES modules from dist/lib), timed beside the bundle. */
 const ESM_BIN = path.join(ROOT, 'bin/nasbackup');
+/** Another build's same program, run beside ours in the same rounds (an A/B of a change). */
 const baselineArg = process.argv.indexOf('--baseline');
 const baseline = baselineArg > 0 ? path.join(path.resolve(process.argv[baselineArg + 1]!), program) : undefined;
 const VM = 'i-2-10-VM';

@@ -216,29 +216,40 @@ export async function inspectChain(top: string, instanceDir: string, inspect: In
   const opts = { ...inspect, looks: inspect.looks ?? new Map<string, Promise<Look>>() };
   const realDir = opts.realDir ?? (await realpath(instanceDir).catch(() => resolve(instanceDir)));
   const guesses = guessAhead(instanceDir, realDir, opts);
-  const scans: Promise<unknown>[] = [];
+  const scans: Scan[] = [];
   try {
-    return await walkChain(top, realDir, { ahead: guesses.ahead, scans }, opts);
+    return await walkChain(top, realDir, guesses.ahead, scans, opts);
   } finally {
     // Nothing of ours is left reading the NAS once the walk returns (it may be unmounted next):
-    // neither a guess nor a scan the walk stopped waiting for.
-    await Promise.allSettled(scans);
+    // neither a guess nor a scan the walk stopped waiting for (those judged are settled already).
+    await Promise.allSettled(scans.map((x) => x.scan));
     await guesses.settle();
   }
+}
+
+/** A layer's metadata scan started by the walk and not yet judged. */
+interface Scan {
+  /** The layer's index in the walk. */
+  k: number;
+  path: string;
+  real: string;
+  scan: Promise<Qcow2Error | null>;
 }
 
 async function walkChain(
   top: string,
   realDir: string,
-  run: { ahead: (path: string) => void; scans: Promise<unknown>[] },
+  ahead: (path: string) => void,
+  /** Scans started and not yet judged, in walk order (the caller settles what is left). */
+  scans: Scan[],
   opts: InspectOptions & { looks: Map<string, Promise<Look>> },
 ): Promise<ChainInspection> {
   const layers: string[] = [];
-  /** Per walked layer, its warnings in order (dirty, then metadata not checked). */
-  const own: Warning[][] = [];
+  /** Per walked layer (not one another walk found clean), its real path and its warnings in order (dirty, then metadata not checked). */
+  const walked: Array<{ real: string; warnings: Warning[] }> = [];
   /** The warnings of the layers below the one another walk found clean. */
   let below: Warning[] = [];
-  const warnings = (): Warning[] => [...own.flat(), ...below];
+  const warnings = (): Warning[] => [...walked.flatMap((w) => w.warnings), ...below];
   const done = (p: Omit<ChainProblem, 'reference'> & { reference?: boolean }): ChainInspection => ({
     layers,
     problem: { reference: false, ...p },
@@ -247,9 +258,6 @@ async function walkChain(
   const seen = new Set<string>();
   let path = resolve(top);
   let referrer: string | null = null;
-  const walked: string[] = [];
-  /** Scans started and not yet judged, in walk order. */
-  const scans: Array<{ k: number; path: string; real: string; scan: Promise<Qcow2Error | null> }> = [];
   /** The oldest running scan's verdict: a problem ends the walk at that layer. */
   const judgeOne = async (): Promise<ChainInspection | null> => {
     const { k, path: at, real, scan: running } = scans.shift()!;
@@ -257,12 +265,12 @@ async function walkChain(
     if (!e) return null;
     // A valid feature our reader does not handle (encryption, …): not scanned, not refused.
     if (UNSUPPORTED_CODES.has(e.code)) {
-      own[k]!.push({ code: 'METADATA_NOT_CHECKED', message: `${at}: metadata not checked (${stripPath(e.message, real)})` });
+      walked[k]!.warnings.push({ code: 'METADATA_NOT_CHECKED', message: `${at}: metadata not checked (${stripPath(e.message, real)})` });
       return null;
     }
     // The walk stops here, as if it had waited for this scan before going on.
     layers.length = k + 1;
-    own.length = k + 1;
+    walked.length = k + 1;
     below = [];
     return done({ kind: kindOf(e.code), layer: at, message: `${at}: ${stripPath(e.message, real)}` });
   };
@@ -280,14 +288,14 @@ async function walkChain(
   const clean = async (): Promise<ChainInspection> => {
     const scanned = await judgeAll();
     if (scanned) return scanned;
-    walked.forEach((real, k) => opts.cleanBelow?.set(real, [...own.slice(k).flat(), ...below]));
+    walked.forEach((w, k) => opts.cleanBelow?.set(w.real, [...walked.slice(k).flatMap((x) => x.warnings), ...below]));
     return { layers, problem: null, warnings: warnings() };
   };
   for (;;) {
     const via = referrer ? `backing file ${path} of ${referrer}` : path;
     // Where the layer really is, before anything opens it.
     const looking = look(path, realDir, opts);
-    run.ahead(path);
+    ahead(path);
     const l = await looking;
     const real = l.real;
     if (real === null)
@@ -325,9 +333,8 @@ async function walkChain(
     }
     seen.add(key);
     layers.push(path);
-    walked.push(real);
     const mine: Warning[] = [];
-    own.push(mine);
+    walked.push({ real, warnings: mine });
     const h = l.header!;
     if (h instanceof Qcow2Error) return stop({ kind: kindOf(h.code), layer: path, message: `${path}: ${stripPath(h.message, real)}` });
     if (hasExternalDataFile(h))
@@ -346,7 +353,6 @@ async function walkChain(
     }
     const running = scan(real, key, opts);
     running.catch(() => {}); // judged in turn; one the walk no longer waits for (it stopped above) must not go unhandled
-    run.scans.push(running);
     scans.push({ k: layers.length - 1, path, real, scan: running });
     const name = h.backingFile;
     if (name === null) return clean();

@@ -26,7 +26,7 @@ import { DEFAULT_EXTENT_BYTES } from '../lib/store/manifest.js';
 import { pageAlignedBuffers } from '../lib/qcow2/io.js';
 import type { DigestAlgorithm } from '../lib/store/digest/index.js';
 import { chainManifest } from './lib/chain-manifest.js';
-import { machineLine, median, medianSpread, pairedRatios, spread, times as fmtTimes } from './lib/stats.js';
+import { machineLine, median, medianSpread, pairedRatios, spread, timeAndCpu, times as fmtTimes } from './lib/stats.js';
 
 const arg = (name: string, dflt: number): number => {
   const i = process.argv.indexOf(`--${name}`);
@@ -241,6 +241,8 @@ async function main(): Promise<void> {
       { name: 'qemu-img convert -O qcow2 -m 16 -W -t none', format: 'qcow2', run: qemu(['-O', 'qcow2', '-m', '16', '-W', '-t', 'none']) },
     ];
     const times: number[][] = variants.map(() => []);
+    /** CPU seconds of each run (user + system, the children's included). */
+    const cpus: number[][] = variants.map(() => []);
     const before = machineLine();
     for (let r = 0; r < runs; r++) {
       // Each round starts one variant later: no variant always follows the same one (what one
@@ -250,7 +252,9 @@ async function main(): Promise<void> {
         const v = variants[i]!;
         const to = path.join(out, `v${i}.${v.format ?? 'none'}`);
         drop();
-        times[i]!.push(time(() => v.run(to)));
+        const { ms, cpu } = timeAndCpu(() => v.run(to));
+        times[i]!.push(ms);
+        cpus[i]!.push(cpu);
         if (v.format === 'none') fs.rmSync(to);
         else if (v.format !== null) {
           if (r === 0) execFileSync('qemu-img', ['compare', '-q', '-f', v.format, '-F', 'raw', to, reference]);
@@ -266,8 +270,12 @@ async function main(): Promise<void> {
     console.log(`before the runs: ${before}; after: ${machineLine()}`);
     console.log(`ours: ${program}`);
     const med = times.map(median);
+    const cpuMed = cpus.map(median);
+    console.log(`  ${''.padEnd(58)} ${'wall'.padStart(7)}      ${'(min–max)'.padEnd(13)} CPU s (min–max): user + system`);
     for (const [i, v] of variants.entries())
-      console.log(`  ${v.name.padEnd(58)} ${med[i]!.toFixed(0).padStart(7)} ms   (${spread(times[i]!, (x) => x.toFixed(0))})`);
+      console.log(
+        `  ${v.name.padEnd(58)} ${med[i]!.toFixed(0).padStart(7)} ms   ${`(${spread(times[i]!, (x) => x.toFixed(0))})`.padEnd(13)} ${cpuMed[i]!.toFixed(2)} (${spread(cpus[i]!)})`,
+      );
     const at = (name: string): number => med[variants.findIndex((v) => v.name.startsWith(name))]!;
     const fastestQcow2 = Math.min(at('qemu-img convert -O qcow2 -m'), at('qemu-img convert -O qcow2'));
     const fastestDurable = Math.min(
@@ -275,10 +283,18 @@ async function main(): Promise<void> {
       at('qemu-img convert -O qcow2 -m 16 -W -t writeback'),
     );
     const ratio = (a: number, b: number): string => `${(a / b).toFixed(2)}x`;
+    const cpuAt = (name: string): number => cpuMed[variants.findIndex((v) => v.name.startsWith(name))]!;
+    const fastestQcow2Cpu = cpuAt(
+      at('qemu-img convert -O qcow2 -m') < at('qemu-img convert -O qcow2') ? 'qemu-img convert -O qcow2 -m' : 'qemu-img convert -O qcow2',
+    );
     console.log('ratios (medians of the same run):');
     // Like for like: each against the fastest qemu-img convert that gives the same promise at its end.
     console.log(
       `  ours qcow2 --no-sync / fastest qemu-img convert -O qcow2 (neither flushes; goal <= 1.0): ${ratio(at('nasbackup restore --format qcow2 --no-sync'), fastestQcow2)}`,
+    );
+    console.log(
+      `    its CPU time against that convert's (on ${os.cpus().length} cores, what bounds the wall time):       ${ratio(cpuAt('nasbackup restore --format qcow2 --no-sync'), fastestQcow2Cpu)}` +
+        `; without manifests ${ratio(cpuAt('nasbackup restore --format qcow2 --no-sync, no manifests'), fastestQcow2Cpu)}`,
     );
     if (BIN !== ESM_BIN)
       console.log(

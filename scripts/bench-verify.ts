@@ -27,7 +27,7 @@ import { fileURLToPath } from 'node:url';
 import { pageAlignedBuffers } from '../lib/qcow2/io.js';
 import type { ManifestDisk } from '../lib/store/manifest.js';
 import { chainManifest } from './lib/chain-manifest.js';
-import { loadAverage, machineLine, medianSpread, pairedRatios, times as x } from './lib/stats.js';
+import { loadAverage, machineLine, medianSpread, pairedRatios, timeAndCpu, times as x } from './lib/stats.js';
 
 const arg = (name: string, dflt: string): string => {
   const i = process.argv.indexOf(`--${name}`);
@@ -64,11 +64,12 @@ function dropCaches(): void {
   }
 }
 
-function time(fn: () => void): number {
+/** A cold run's wall time in ms; its CPU seconds (user + system, children included) go to `cpu`. */
+function time(fn: () => void, cpu: number[] = []): number {
   dropCaches();
-  const t0 = process.hrtime.bigint();
-  fn();
-  return Number(process.hrtime.bigint() - t0) / 1e6;
+  const r = timeAndCpu(fn);
+  cpu.push(r.cpu);
+  return r.ms;
 }
 
 interface Shape {
@@ -155,32 +156,35 @@ async function bench(dir: string, s: Shape): Promise<void> {
     floor1: [] as number[],
     idle: [] as number[],
   };
+  /** CPU seconds of the runs of ours, the floor and the start-up alone. */
+  const cpu = { ours: [] as number[], floor: [] as number[], idle: [] as number[] };
   verify(); // warm-up (not timed): builds nothing, proves the chain verifies
   other?.();
   for (let r = 0; r < runs; r++) {
     // Interleaved, so a change of machine load hits every contender alike.
-    t.ours.push(time(verify));
+    t.ours.push(time(verify, cpu.ours));
     if (other) t.other.push(time(other));
     t.check.push(time(checks));
     const c = time(checks);
     t.pair.push(c + time(compare));
-    t.floor.push(time(() => readAll(files)));
+    t.floor.push(time(() => readAll(files), cpu.floor));
     t.floor1.push(time(() => readAll(files, MiB)));
-    t.idle.push(time(idle));
+    t.idle.push(time(idle, cpu.idle));
   }
   console.log(
     `\nshape ${s.name}: ${depth}-deep chain, ${s.sizeMib} MiB disk, full ${s.full} MiB, ${s.inc} MiB per incremental; ` +
       `${(dataBytes / MiB).toFixed(0)} MiB of files; ${runs} runs, caches ${cacheDrops ? 'dropped before each command' : 'NOT dropped (no permission)'}`,
   );
-  const row = (label: string, xs: number[]): void => console.log(`  ${label.padEnd(58)} median ${medianSpread(xs, sec)}`);
-  row('nasbackup chain verify (structure + content vs manifests)', t.ours);
+  const row = (label: string, xs: number[], cpus?: number[]): void =>
+    console.log(`  ${label.padEnd(58)} median ${medianSpread(xs, sec)}${cpus ? `; CPU ${medianSpread(cpus)} s` : ''}`);
+  row('nasbackup chain verify (structure + content vs manifests)', t.ours, cpu.ours);
   console.log(`  (ours: ${program})`);
   if (other) row(`the same, ${compareRoot}`, t.other);
   row('qemu-img check per layer', t.check);
   row('qemu-img check per layer + qemu-img compare top vs reference', t.pair);
-  row('floor: read every layer file once, 8 MiB sequential reads', t.floor);
+  row('floor: read every layer file once, 8 MiB sequential reads', t.floor, cpu.floor);
   row('the same with 1 MiB reads', t.floor1);
-  row('nasbackup --version (start-up cost, for reference)', t.idle);
+  row('nasbackup --version (start-up cost, for reference)', t.idle, cpu.idle);
   const ratio = (label: string, r: number[], goal: string): void =>
     console.log(`  ${label.padEnd(58)} median ${medianSpread(r, x)}, goal ${goal}`);
   ratio('ratio verify / qemu-img check per layer (issue 18 e)', pairedRatios(t.ours, t.check), '≤ 0.3×');

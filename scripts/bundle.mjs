@@ -15,6 +15,9 @@ const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const pkg = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'));
 const at = process.argv.indexOf('--outfile');
 const outfile = at > 0 && process.argv[at + 1] ? resolve(process.argv[at + 1]) : join(root, 'dist', 'nasbackup.cjs');
+// bin/nasbackup's first line, so the two start Node alike (its V8 flags are the launcher's NODE_FLAGS: test/ship/bundle.test.ts).
+const shebang = readFileSync(join(root, 'bin', 'nasbackup'), 'utf8').split('\n', 1)[0];
+if (!shebang.startsWith('#!')) throw new Error('bin/nasbackup does not start with a shebang');
 
 const result = await build({
   absWorkingDir: root,
@@ -29,7 +32,7 @@ const result = await build({
   alias: { y18n: './scripts/y18n-english.cjs' },
   define: { __NASBACKUP_VERSION__: JSON.stringify(pkg.version) },
   banner: {
-    js: `#!/usr/bin/env -S -u NODE_EXTRA_CA_CERTS node --max-semi-space-size=1 --v8-pool-size=1\n// nasbackup ${pkg.version}: single-file build (npm run bundle); ${pkg.license}.`,
+    js: `${shebang}\n// nasbackup ${pkg.version}: single-file build (npm run bundle); ${pkg.license}.`,
   },
   legalComments: 'none',
   // Every command parses the whole file at start: without comments and spaces (names kept, so

@@ -1,7 +1,7 @@
 // The single-file bundle (scripts/bundle.mjs) alone in an empty folder: no node_modules
 // anywhere above it, no dist/lib, a decoy package.json and decoy yargs locale files
 // beside it (it must read neither). Every operation and operator tool, run for real.
-import { existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join, parse } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { rootFile, seedChain, TS, VM, VOL } from '../helpers/chain.js';
@@ -10,6 +10,7 @@ import { checkExitCode, contentSha256, info } from '../helpers/qemu.js';
 import { removeTempDirs } from '../helpers/tmp.js';
 import { ANSWER_REBASE_OR_DELETE_OK } from '../compat/examples.js';
 import { backupArgv, FAST_POLL, fullFlags, scenario } from '../backup/scenario.js';
+import { NODE_FLAGS } from '../../lib/install/launcher.js';
 import { buildBundle, PKG, runProgram } from './ship.js';
 
 afterAll(removeTempDirs);
@@ -66,6 +67,12 @@ describe('the bundle runs alone', () => {
         stdout: `nasbackup ${PKG.version}\n`,
         stderr: '',
       });
+  });
+
+  it("the bundle's shebang is bin/nasbackup's, and both pass Node the launcher's V8 flags", () => {
+    const first = (f: string): string => readFileSync(f, 'utf8').split('\n', 1)[0]!;
+    expect(first(bundle)).toBe(first(BIN));
+    expect(/^#!\/usr\/bin\/env -S (?:-u \S+ )*node (.*)$/.exec(first(BIN))?.[1]?.split(' ')).toEqual(NODE_FLAGS);
   });
 
   it.each([

@@ -353,7 +353,9 @@ describe('the launcher text', () => {
     });
     expect(t.split('\n')[0]).toBe('#!/bin/sh');
     expect(t.split('\n')[1]!.startsWith(LAUNCHER_MARKER)).toBe(true);
-    expect(t.split('\n').at(-2)).toBe(`exec '/usr/bin/node' --max-semi-space-size=1 --v8-pool-size=1 '/opt/nasbackup/nasbackup.cjs' "$@"`);
+    expect(t.split('\n').at(-2)).toBe(
+      `exec '/usr/bin/node' --max-semi-space-size=1 --v8-pool-size=1 --no-liftoff '/opt/nasbackup/nasbackup.cjs' "$@"`,
+    );
     expect(isLauncher(t)).toBe(true);
     expect(isLauncher(`#!/bin/bash\n# mentions ${LAUNCHER_MARKER} later\n`)).toBe(false);
     expect(isLauncher(ORIGINAL.toString('utf8'))).toBe(false);

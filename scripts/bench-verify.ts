@@ -156,14 +156,14 @@ async function bench(dir: string, s: Shape): Promise<void> {
     floor1: [] as number[],
     idle: [] as number[],
   };
-  /** CPU seconds of the runs of ours, the floor and the start-up alone. */
-  const cpu = { ours: [] as number[], floor: [] as number[], idle: [] as number[] };
+  /** CPU seconds of the runs of ours, the other build's, the floor and the start-up alone. */
+  const cpu = { ours: [] as number[], other: [] as number[], floor: [] as number[], idle: [] as number[] };
   verify(); // warm-up (not timed): builds nothing, proves the chain verifies
   other?.();
   for (let r = 0; r < runs; r++) {
     // Interleaved, so a change of machine load hits every contender alike.
     t.ours.push(time(verify, cpu.ours));
-    if (other) t.other.push(time(other));
+    if (other) t.other.push(time(other, cpu.other));
     t.check.push(time(checks));
     const c = time(checks);
     t.pair.push(c + time(compare));
@@ -179,7 +179,7 @@ async function bench(dir: string, s: Shape): Promise<void> {
     console.log(`  ${label.padEnd(58)} median ${medianSpread(xs, sec)}${cpus ? `; CPU ${medianSpread(cpus)} s` : ''}`);
   row('nasbackup chain verify (structure + content vs manifests)', t.ours, cpu.ours);
   console.log(`  (ours: ${program})`);
-  if (other) row(`the same, ${compareRoot}`, t.other);
+  if (other) row(`the same, ${compareRoot}`, t.other, cpu.other);
   row('qemu-img check per layer', t.check);
   row('qemu-img check per layer + qemu-img compare top vs reference', t.pair);
   row('floor: read every layer file once, 8 MiB sequential reads', t.floor, cpu.floor);

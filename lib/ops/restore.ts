@@ -12,7 +12,7 @@ import { access, lstat, open, readdir, realpath, rename, stat, unlink, type File
 import { basename, dirname, join } from 'node:path';
 import { NasbackupError, type Warning } from '../errors.js';
 import { ensureWithin, exists, isWithin } from '../paths.js';
-import { ImageChain, Qcow2Error, Qcow2Writer, type Qcow2Image } from '../qcow2/index.js';
+import { Ahead, ImageChain, Qcow2Error, Qcow2Writer, type Qcow2Image } from '../qcow2/index.js';
 import { assertChainSafe, refusalForQcow2 } from '../store/safety.js';
 import { volumeIdOfBackupFile } from '../store/disks.js';
 import type { NasTarget } from '../nas/session.js';
@@ -356,19 +356,11 @@ const MANIFESTS_AHEAD = 8;
 async function expectations(images: Qcow2Image[], vm: string): Promise<{ expect: Array<LayerExpectation | null>; warnings: Warning[] }> {
   const warnings: Warning[] = [];
   const expect: Array<LayerExpectation | null> = [];
-  const manifests = new Map<string, Awaited<ReturnType<typeof readManifestFile>>>();
   const unproven: string[] = [];
-  // The next few folders' manifests are read while this one is judged (a deep chain's reads
-  // overlap); judged in chain order all the same, so the first problem is the one reported.
+  // The next few folders' manifests are read while this one is judged; judged in chain order
+  // all the same, so the first problem is the one reported.
   const dirs = [...new Set(images.map((img) => dirname(img.path)))];
-  const reading = new Map<string, ReturnType<typeof readManifestFile>>();
-  const readAhead = (upTo: number): void => {
-    for (const d of dirs.slice(reading.size, upTo)) {
-      const r = readManifestFile(d);
-      r.catch(() => {}); // awaited in turn below, or settled at the end after a refusal
-      reading.set(d, r);
-    }
-  };
+  const reading = new Ahead(dirs.length, MANIFESTS_AHEAD, (i) => readManifestFile(dirs[i]!));
   try {
     for (const img of images) {
       const dir = dirname(img.path);
@@ -376,14 +368,9 @@ async function expectations(images: Qcow2Image[], vm: string): Promise<{ expect:
       const file = basename(img.path);
       const damaged = (why: string): NasbackupError =>
         new NasbackupError('BACKUP_DAMAGED', `Backup ${backup} is damaged: disk ${file}: ${why}`);
-      let m = manifests.get(dir);
-      if (m === undefined) {
-        readAhead(dirs.indexOf(dir) + MANIFESTS_AHEAD);
-        m = await reading.get(dir)!;
-        manifests.set(dir, m);
-        if (m === null) unproven.push(backup);
-      }
+      const m = await reading.take(dirs.indexOf(dir));
       if (m === null) {
+        if (!unproven.includes(backup)) unproven.push(backup);
         expect.push(null);
         continue;
       }
@@ -404,7 +391,7 @@ async function expectations(images: Qcow2Image[], vm: string): Promise<{ expect:
     }
   } finally {
     // Nothing of ours is left reading the NAS when this returns (a refusal unmounts it next).
-    await Promise.allSettled(reading.values());
+    await reading.settle();
   }
   // One line for the chain (a chain of old backups has no manifest anywhere).
   if (unproven.length > 0)

@@ -1,5 +1,6 @@
 // A backing chain opened for reading: block status through the chain, the allocation
 // map in `qemu-img map --output=json` form, and guest reads.
+import { Ahead } from './ahead.js';
 import { Qcow2Error } from './errors.js';
 import { readChain } from './chain.js';
 import { Qcow2Image, type Extent, type OpenOptions } from './image.js';
@@ -44,24 +45,18 @@ export class ImageChain {
   static async open(top: string, opts: ChainOpenOptions = {}): Promise<ImageChain> {
     const chain = await readChain(top);
     const images: Qcow2Image[] = [];
-    // The next few layers open while one is checked (a deep chain's reads overlap); judged in
-    // chain order, so the error is the first layer's, as if each were opened in turn.
-    const opening: Array<Promise<Qcow2Image>> = [];
-    const openAhead = (upTo: number): void => {
-      for (let i = opening.length; i < Math.min(upTo, chain.layers.length); i++) {
-        const o: OpenOptions = { writable: i === 0 && (opts.writableTop ?? false) };
-        if (i === 0 && opts.topFile) o.file = opts.topFile;
-        if (opts.l2CacheBytes) o.l2CacheBytes = opts.l2CacheBytes;
-        const p = Qcow2Image.open(chain.layers[i]!.path, o);
-        p.catch(() => {}); // awaited in turn below, or closed on a failure
-        opening.push(p);
-      }
-    };
+    // The next few layers open while one is checked; judged in chain order, so the error is
+    // the first layer's, as if each were opened in turn.
+    const opening = new Ahead(chain.layers.length, OPENS_AHEAD, (i) => {
+      const o: OpenOptions = { writable: i === 0 && (opts.writableTop ?? false) };
+      if (i === 0 && opts.topFile) o.file = opts.topFile;
+      if (opts.l2CacheBytes) o.l2CacheBytes = opts.l2CacheBytes;
+      return Qcow2Image.open(chain.layers[i]!.path, o);
+    });
     try {
       for (let i = 0; i < chain.layers.length; i++) {
         const layer = chain.layers[i]!;
-        openAhead(i + OPENS_AHEAD);
-        const img = await opening[i]!;
+        const img = await opening.take(i);
         images.push(img);
         const fmt = img.header.backingFormat;
         if (img.header.backingFile !== null && fmt !== null && fmt !== 'qcow2')
@@ -70,7 +65,7 @@ export class ImageChain {
     } catch (e) {
       // Every image that opened, those opened ahead included, is closed (each once).
       await Promise.all(
-        opening.map((p) =>
+        opening.started.map((p) =>
           p.then(
             (img) => img.close(),
             () => {},

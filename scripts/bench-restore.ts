@@ -276,25 +276,24 @@ async function main(): Promise<void> {
       console.log(
         `  ${v.name.padEnd(58)} ${med[i]!.toFixed(0).padStart(7)} ms   ${`(${spread(times[i]!, (x) => x.toFixed(0))})`.padEnd(13)} ${cpuMed[i]!.toFixed(2)} (${spread(cpus[i]!)})`,
       );
-    const at = (name: string): number => med[variants.findIndex((v) => v.name.startsWith(name))]!;
-    const fastestQcow2 = Math.min(at('qemu-img convert -O qcow2 -m'), at('qemu-img convert -O qcow2'));
+    const index = (name: string): number => variants.findIndex((v) => v.name.startsWith(name));
+    const at = (name: string): number => med[index(name)]!;
+    const cpuAt = (name: string): number => cpuMed[index(name)]!;
+    const fastestQcow2Name = ['qemu-img convert -O qcow2 -m', 'qemu-img convert -O qcow2'].reduce((a, b) => (at(a) <= at(b) ? a : b));
+    const fastestQcow2 = at(fastestQcow2Name);
     const fastestDurable = Math.min(
       at('qemu-img convert -O qcow2 -m 16 -W -t none'),
       at('qemu-img convert -O qcow2 -m 16 -W -t writeback'),
     );
     const ratio = (a: number, b: number): string => `${(a / b).toFixed(2)}x`;
-    const cpuAt = (name: string): number => cpuMed[variants.findIndex((v) => v.name.startsWith(name))]!;
-    const fastestQcow2Cpu = cpuAt(
-      at('qemu-img convert -O qcow2 -m') < at('qemu-img convert -O qcow2') ? 'qemu-img convert -O qcow2 -m' : 'qemu-img convert -O qcow2',
-    );
     console.log('ratios (medians of the same run):');
     // Like for like: each against the fastest qemu-img convert that gives the same promise at its end.
     console.log(
       `  ours qcow2 --no-sync / fastest qemu-img convert -O qcow2 (neither flushes; goal <= 1.0): ${ratio(at('nasbackup restore --format qcow2 --no-sync'), fastestQcow2)}`,
     );
     console.log(
-      `    its CPU time against that convert's (on ${os.cpus().length} cores, what bounds the wall time):       ${ratio(cpuAt('nasbackup restore --format qcow2 --no-sync'), fastestQcow2Cpu)}` +
-        `; without manifests ${ratio(cpuAt('nasbackup restore --format qcow2 --no-sync, no manifests'), fastestQcow2Cpu)}`,
+      `    its CPU time against that convert's (on ${os.cpus().length} cores, what bounds the wall time):       ${ratio(cpuAt('nasbackup restore --format qcow2 --no-sync'), cpuAt(fastestQcow2Name))}` +
+        `; without manifests ${ratio(cpuAt('nasbackup restore --format qcow2 --no-sync, no manifests'), cpuAt(fastestQcow2Name))}`,
     );
     if (BIN !== ESM_BIN)
       console.log(
@@ -314,8 +313,8 @@ async function main(): Promise<void> {
     );
     console.log(`  ours raw   / fastest qemu-img convert -O qcow2: ${ratio(at('nasbackup restore --format raw'), fastestQcow2)}`);
     if (baseline) {
-      const i = variants.findIndex((v) => v.name.startsWith('baseline'));
-      const j = variants.findIndex((v) => v.name.startsWith('nasbackup restore --format qcow2'));
+      const i = index('baseline');
+      const j = index('nasbackup restore --format qcow2');
       console.log(
         `  ours qcow2 / baseline qcow2: ${ratio(med[j]!, med[i]!)} medians, ${medianSpread(pairedRatios(times[j]!, times[i]!), fmtTimes)} paired`,
       );

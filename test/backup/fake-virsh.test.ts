@@ -186,3 +186,18 @@ describe('fake virsh: a push backup as libvirt runs it', () => {
     expect(existsSync(join(dir, 'vda.qcow2'))).toBe(false);
   });
 });
+
+describe('fake virsh: overlapping calls', () => {
+  it('are served one at a time, as libvirtd serves them: a change made while a slow call runs survives its write-back', async () => {
+    const s = scenario('fake-overlap', {
+      domain: { checkpoints: [{ name: PARENT_BITMAP, creationTime: 1735689600 }] },
+      // Slowed after it loaded the state; `times` makes it write the state back (its count).
+      fail: { domjobinfo: { delayMs: 1500, times: 1 } },
+    });
+    const slow = direct(s.fake, 'domjobinfo', VM, '--completed');
+    await new Promise((r) => setTimeout(r, 500));
+    expect((await direct(s.fake, 'checkpoint-delete', VM, PARENT_BITMAP)).code).toBe(0);
+    expect((await slow).code).toBe(0);
+    expect(s.fake.checkpointNames(VM)).toEqual([]);
+  });
+});

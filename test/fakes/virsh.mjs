@@ -6,7 +6,7 @@
 // call is appended as a JSON line ({argv, exitCode, t: ms since the epoch, inputs:
 // the XML files it was given}) to "$FAKE_VIRSH_STATE.calls", and whatever the call
 // changes (checkpoints, bitmaps, domain state, the job) is written back to the state
-// file. Calls that change the state are expected one at a time, as a program makes them.
+// file. Calls are serialized on a lock beside the state file, as libvirtd serializes them.
 //
 // backup-begin really writes its targets, as libvirt would: a full target is
 // `qemu-img convert -O qcow2 <source> <target>`; an incremental one is
@@ -51,6 +51,7 @@ import {
   renameSync,
   rmSync,
   statSync,
+  unlinkSync,
   writeFileSync,
 } from 'node:fs';
 import { dirname } from 'node:path';
@@ -1012,6 +1013,43 @@ function splitBatch(text) {
   return cmds;
 }
 
+/**
+ * The state file's lock, held from load to write-back: libvirtd serializes the calls on a
+ * domain, and so must the fake, or two calls that overlap (the program reads the completed
+ * job's statistics while it deletes the old checkpoint) each write back what they loaded and
+ * one change is lost. A lock left by a call that was killed (its pid gone) is taken over.
+ */
+function lockState(path) {
+  const lock = `${path}.lock`;
+  const until = Date.now() + 30_000;
+  const pause = new Int32Array(new SharedArrayBuffer(4));
+  for (;;) {
+    try {
+      const fd = openSync(lock, 'wx');
+      writeSync(fd, String(process.pid));
+      closeSync(fd);
+      return () => unlinkSync(lock);
+    } catch (e) {
+      if (e.code !== 'EEXIST') throw e;
+    }
+    let holder;
+    try {
+      holder = Number(readFileSync(lock, 'utf8'));
+    } catch {
+      continue; // released meanwhile
+    }
+    let alive = true;
+    try {
+      if (holder > 0) process.kill(holder, 0);
+    } catch (e) {
+      alive = e.code !== 'ESRCH';
+    }
+    if (!alive) rmSync(lock, { force: true });
+    else if (Date.now() > until) throw new Error(`fake virsh: ${lock} held by ${holder} for 30 s`);
+    else Atomics.wait(pause, 0, 0, 2);
+  }
+}
+
 /** One virsh call (or a batch of them): answer it, write back what changed, log it. */
 function main(argv) {
   if (!process.env.FAKE_VIRSH_STATE) {
@@ -1019,6 +1057,15 @@ function main(argv) {
     process.exitCode = 2;
     return;
   }
+  const unlock = lockState(process.env.FAKE_VIRSH_STATE);
+  try {
+    answer(argv);
+  } finally {
+    unlock();
+  }
+}
+
+function answer(argv) {
   load(process.env.FAKE_VIRSH_STATE);
   let rest = [...argv];
   while (rest[0] === '-c' || rest[0] === '--connect') rest = rest.slice(2);

@@ -24,7 +24,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describeLayer, writeManifestFile } from '../lib/store/manifest-file.js';
-import { DEFAULT_EXTENT_BYTES } from '../lib/store/manifest.js';
+import { newDigestSpec } from '../lib/store/manifest.js';
 import { pageAlignedBuffers } from '../lib/qcow2/io.js';
 import type { DigestAlgorithm } from '../lib/store/digest/index.js';
 import { chainManifest } from './lib/chain-manifest.js';
@@ -145,12 +145,10 @@ async function main(): Promise<void> {
       for (let c = 0; c < cmds.length; c += 512)
         execFileSync('qemu-io', ['-f', 'qcow2', ...cmds.slice(c, c + 512), file], { stdio: 'ignore' });
       // The backup's manifest, as the backup writes it.
-      const disk = await describeLayer(file, VOL, DEFAULT_EXTENT_BYTES, digest);
+      const spec = newDigestSpec(digest);
+      const disk = await describeLayer(file, VOL, spec);
       const parentTs = i === 0 ? null : ts[i - 1]!;
-      await writeManifestFile(
-        path.dirname(file),
-        chainManifest({ vm, ts: ts[i]!, parentTs, index: i, extentBytes: DEFAULT_EXTENT_BYTES, algorithm: digest, disk }),
-      );
+      await writeManifestFile(path.dirname(file), chainManifest({ vm, ts: ts[i]!, parentTs, index: i, spec, disk }));
       return file;
     };
     const files: string[] = [];

@@ -19,7 +19,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { ManifestDisk } from '../lib/store/manifest.js';
+import { newDigestSpec, type DigestSpec, type ManifestDisk } from '../lib/store/manifest.js';
 import { chainManifest } from './lib/chain-manifest.js';
 import { loadAverage, machineLine, median, medianSpread, pairedRatios, spread, times as x } from './lib/stats.js';
 
@@ -62,7 +62,7 @@ function measure(argv: string[], env: NodeJS.ProcessEnv, rssFile: string, expect
 /** A tiny chain with manifests (the manifest writer of dist/, as bench-verify builds its chains). */
 async function buildChain(nas: string, depth: number): Promise<void> {
   const { describeLayer, writeManifestFile } = (await import(path.join(ROOT, 'dist/lib/store/manifest-file.js'))) as {
-    describeLayer: (abs: string, vol: string, extentBytes: number) => Promise<ManifestDisk>;
+    describeLayer: (abs: string, vol: string, spec: DigestSpec) => Promise<ManifestDisk>;
     writeManifestFile: (dir: string, m: unknown) => Promise<void>;
   };
   let prev: string | null = null;
@@ -73,9 +73,9 @@ async function buildChain(nas: string, depth: number): Promise<void> {
     const backing = prev === null ? [] : ['-b', `../${prev}/${FILE}`, '-F', 'qcow2'];
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', ...backing, f, '64M']);
     execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -P ${i + 1} ${i * MiB} ${MiB}`, f], { stdio: 'ignore' });
-    const extentBytes = 64 * MiB;
-    const disk = await describeLayer(f, VOL, extentBytes);
-    await writeManifestFile(path.dirname(f), chainManifest({ vm: VM, ts, parentTs: prev, index: i, extentBytes, disk }));
+    const spec = newDigestSpec('xxh64');
+    const disk = await describeLayer(f, VOL, spec);
+    await writeManifestFile(path.dirname(f), chainManifest({ vm: VM, ts, parentTs: prev, index: i, spec, disk }));
     prev = ts;
   }
 }

@@ -26,7 +26,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { pageAlignedBuffers } from '../lib/qcow2/io.js';
-import type { ManifestDisk } from '../lib/store/manifest.js';
+import { newDigestSpec, type DigestSpec, type ManifestDisk } from '../lib/store/manifest.js';
 import { chainManifest } from './lib/chain-manifest.js';
 import { loadAverage, machineLine, medianSpread, pairedRatios, timeAndCpu, times as x } from './lib/stats.js';
 
@@ -83,7 +83,7 @@ interface Shape {
 
 async function buildChain(nas: string, s: Shape): Promise<string[]> {
   const { describeLayer, writeManifestFile } = (await import(path.join(ROOT, 'dist/lib/store/manifest-file.js'))) as {
-    describeLayer: (abs: string, vol: string, extentBytes: number, algorithm: 'xxh64' | 'sha256') => Promise<ManifestDisk>;
+    describeLayer: (abs: string, vol: string, spec: DigestSpec) => Promise<ManifestDisk>;
     writeManifestFile: (dir: string, m: unknown) => Promise<void>;
   };
   const files: string[] = [];
@@ -101,10 +101,10 @@ async function buildChain(nas: string, s: Shape): Promise<string[]> {
     const writes: string[] = [];
     for (let o = 0; o < len; o += 1024 * MiB) writes.push('-c', `write -P ${(i % 250) + 1} ${at + o} ${Math.min(1024 * MiB, len - o)}`);
     execFileSync('qemu-io', ['-f', 'qcow2', ...writes, f], { stdio: 'ignore' });
-    const extentBytes = 64 * MiB;
-    const disk = await describeLayer(f, VOL, extentBytes, digest);
+    const spec = newDigestSpec(digest);
+    const disk = await describeLayer(f, VOL, spec);
     const parentTs = i === 0 ? null : path.basename(path.dirname(files[i - 1]!));
-    await writeManifestFile(path.dirname(f), chainManifest({ vm: VM, ts, parentTs, index: i, extentBytes, algorithm: digest, disk }));
+    await writeManifestFile(path.dirname(f), chainManifest({ vm: VM, ts, parentTs, index: i, spec, disk }));
     files.push(f);
   }
   return files;

@@ -1,19 +1,22 @@
 // The verified flatten of a backing chain, for restore: the disk is processed piece by piece
-// (a piece divides every layer's manifest extent). An extent of a layer CONTRIBUTES when any
+// (a piece divides every layer's manifest extent). A layer is proven in GRAINS: its
+// manifest's parts (version 3), else its extents. A grain of a layer CONTRIBUTES when any
 // byte of it is not held by a layer above (the guest sees that layer's data, zero or hole
-// there); each contributing extent is read whole — the bytes the guest sees and the ones
-// newer layers hide — so that its digest (the canonical stream of lib/store/layer-digest.ts)
-// is checked while the flattened piece, composed from the same buffers (top layer wins), goes
-// to the target. An extent wholly hidden by newer layers is not read: nothing of it reaches
-// the target (`chain verify` proves those). A damaged layer fails the restore at the first
-// contributing extent that does not match, without reading the chain twice. Digests run on
-// a HashPool (reads land in its slots; hashed inline or on workers); a layer without a manifest is read
-// only where it is visible.
+// there); each contributing grain is read whole — the bytes the guest sees and the ones
+// newer layers hide there — so that its digest (the canonical stream of
+// lib/store/layer-digest.ts) is checked while the flattened piece, composed from the same
+// buffers (top layer wins), goes to the target. A grain wholly hidden by newer layers is not
+// read: nothing of it reaches the target (`chain verify` proves those). With parts, a grain
+// is 1 MiB, so a restore reads little beyond what the guest sees; with 64 MiB extents, an
+// extent a newer layer hides partly is read whole. A damaged layer fails the restore at the
+// first contributing grain that does not match, without reading the chain twice. Digests run
+// on a HashPool (reads land in its slots; hashed inline or on workers); a layer without a
+// manifest is read only where it is visible.
 import { NasbackupError } from '../errors.js';
 import type { ImageChain, Qcow2Image, Extent } from '../qcow2/index.js';
 import { HashPool, type ExtentSink } from '../store/hash-pool.js';
-import { LayerDigester } from '../store/layer-digest.js';
-import type { DigestAlgorithm } from '../store/digest/index.js';
+import { LayerDigester, UNALLOCATED } from '../store/layer-digest.js';
+import { createDigest, PART_DIGEST_BYTES, type DigestAlgorithm } from '../store/digest/index.js';
 
 /** What one layer must hold, from its backup's manifest. */
 export interface LayerExpectation {
@@ -26,7 +29,18 @@ export interface LayerExpectation {
   algorithm: DigestAlgorithm;
   /** Extent number → digest (lower-case hex); an extent not listed must be wholly unallocated. */
   digests: ReadonlyMap<number, string>;
+  /**
+   * Manifest version 3: the layer's part size (layerPartBytes), and per listed extent its
+   * parts' digests (base64; the manifest's reader checked them against the extent's digest).
+   */
+  partBytes?: number;
+  parts?: ReadonlyMap<number, string>;
 }
+
+/** What a layer is proven in: its parts, else its extents. */
+const grainOf = (e: LayerExpectation): number => e.partBytes ?? e.extentBytes;
+/** Sorted, disjoint [from, to) ranges (of grain numbers, or of guest bytes). */
+type Ranges = Array<[number, number]>;
 
 /** One piece of the guest disk as it is read: `data` is null for a piece that reads as zeros without being read. */
 export interface FlatExtent {
@@ -147,7 +161,8 @@ interface PiecePlan {
   runs: Run[][];
   segs: Seg[];
   reads: PieceRead[];
-  proving: boolean[];
+  /** Per layer, the guest ranges of the piece it is proven in (its contributing grains there). */
+  prove: Ranges[];
   /** Per layer read, the guest range its buffer spans ([from, to)), in layer order. */
   spans: Array<{ L: number; from: number; to: number }>;
   /** Per span, the adjacent slots its buffer takes (the pool request). */
@@ -175,17 +190,33 @@ async function pieceRuns(images: ReadonlyArray<Qcow2Image>, start: number, end: 
   return runs;
 }
 
-/** What a piece reads: a proven layer's data all of it, another layer's only where visible. */
-function pieceReads(runs: Run[][], segs: Seg[], proving: boolean[], expect: ReadonlyArray<LayerExpectation | null>): PieceRead[] {
+/** `ranges` (guest bytes) covers [pos, pos + len). */
+const covers = (ranges: Ranges, pos: number, len: number): boolean => ranges.some(([a, b]) => a <= pos && pos + len <= b);
+
+/** Each part of `r` inside `ranges` (guest bytes), as [from, to). */
+function* clip(r: { pos: number; len: number }, ranges: Ranges): Generator<[number, number]> {
+  for (const [a, b] of ranges) {
+    const from = Math.max(a, r.pos);
+    const to = Math.min(b, r.pos + r.len);
+    if (from < to) yield [from, to];
+  }
+}
+
+/** What a piece reads: a proven layer's data all of it where it is proven (whether seen or hidden), another layer's only where visible. */
+function pieceReads(runs: Run[][], segs: Seg[], prove: Ranges[], expect: ReadonlyArray<LayerExpectation | null>): PieceRead[] {
   for (const s of segs)
-    if (s.layer >= 0 && expect[s.layer] && !proving[s.layer])
-      throw new Error(`internal: layer ${s.layer} is visible at ${s.pos} in an extent judged hidden`);
+    if (s.layer >= 0 && expect[s.layer] && !covers(prove[s.layer]!, s.pos, s.len))
+      throw new Error(`internal: layer ${s.layer} is visible at ${s.pos} in a grain judged hidden`);
   const reads: PieceRead[] = [];
   for (const [L, rs] of runs.entries()) {
-    if (proving[L]) for (const r of rs) if (r.kind === 'data' || r.kind === 'compressed') reads.push({ L, r, pos: r.pos, len: r.len });
+    for (const r of rs) {
+      if (r.kind !== 'data' && r.kind !== 'compressed') continue;
+      for (const [from, to] of clip(r, prove[L]!)) reads.push({ L, r, pos: from, len: to - from });
+    }
   }
   for (const s of segs) {
-    if (s.layer < 0 || proving[s.layer]) continue;
+    // A proven layer's visible data was read above (it lies in its proven grains).
+    if (s.layer < 0 || expect[s.layer]) continue;
     // Visible data of an unproven layer: its run(s) over the segment.
     for (const r of runs[s.layer]!) {
       const a = Math.max(r.pos, s.pos);
@@ -235,10 +266,10 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
   });
   // A piece is halved while its buffers take more than this (two such pieces in flight).
   const slotsPerPiece = Math.floor(sizes.slots / 2);
-  // Per checked layer, the extents that contribute to the guest's view (metadata only).
-  let needed: Array<Set<number> | null>;
+  // Per checked layer, the grains that contribute to the guest's view (metadata only).
+  let needed: Array<Ranges | null>;
   try {
-    needed = checked ? await contributingExtents(images, o.expect, visLimit) : o.expect.map(() => null);
+    needed = checked ? await contributingGrains(images, o.expect, visLimit) : o.expect.map(() => null);
   } catch (e) {
     await hashPool.close();
     throw e;
@@ -247,14 +278,16 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
 
   /** What piece [start, end) reads, composes and proves (metadata only; cached L2 tables). */
   const plan = async (start: number, end: number): Promise<PiecePlan> => {
-    // Layers whose extent here is read whole (and proven).
-    const proving = images.map((_, L) => needed[L]?.has(Math.floor(start / o.expect[L]!.extentBytes)) ?? false);
+    // Where each layer's grains here are read whole (and proven).
+    const prove = images.map((img, L) =>
+      needed[L] ? provenIn(needed[L], grainOf(o.expect[L]!), start, Math.min(end, img.virtualSize)) : [],
+    );
     // 1. Each layer's own statuses over the piece.
-    const runs = await pieceRuns(images, start, end, (L) => (proving[L] ? images[L]!.virtualSize : visLimit[L]!));
+    const runs = await pieceRuns(images, start, end, (L) => Math.max(visLimit[L]!, prove[L]!.at(-1)?.[1] ?? 0));
     // 2. What the guest sees: top layer wins where it holds anything (data, zero, compressed).
     const segs = visibleSegments(runs, visLimit, start, end);
-    // 3. Reads: a proven layer's data all of it, another layer's only where visible; each layer into its own buffer.
-    const reads = pieceReads(runs, segs, proving, o.expect);
+    // 3. Reads: a proven layer's data where it is proven, another layer's only where visible; each layer into its own buffer.
+    const reads = pieceReads(runs, segs, prove, o.expect);
     const spans: PiecePlan['spans'] = [];
     for (const rd of reads) {
       const sp = spans.find((x) => x.L === rd.L);
@@ -265,7 +298,7 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
     }
     spans.sort((a, b) => a.L - b.L);
     const counts = spans.map((sp) => Math.ceil((sp.to - sp.from) / sizes.slot));
-    return { runs, segs, reads, proving, spans, counts };
+    return { runs, segs, reads, prove, spans, counts };
   };
 
   let next = 0;
@@ -305,7 +338,7 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
       written.catch(() => {}); // awaited below
       // 5. Digests, in disk order (a layer's extent spans several pieces).
       await myTurn;
-      if (!failed) verifier.update(start, end, p.runs, bufs, p.proving);
+      if (!failed) verifier.update(start, end, p.runs, bufs, p.prove);
       await written;
       dataBytes += writes.dataBytes;
       done += end - start;
@@ -400,26 +433,32 @@ export async function flattenVerified(chain: ImageChain, o: FlattenOptions): Pro
 }
 
 /**
- * Per checked layer, the extents that contribute to the guest's view: those with a byte below
+ * Per checked layer, the grains that contribute to the guest's view: those with a byte below
  * the layer's visibility limit that no layer above holds (data, zero or compressed). Only
  * they can change what the target receives (the layer's data, its zeros, or its holes that
- * let older layers show), so only they are read and proven; the rest is wholly hidden.
+ * let older layers show), so only they are read and proven; the rest is wholly hidden. As
+ * ranges of grain numbers: a 2 TiB disk in 1 MiB parts stays a few ranges.
  */
-async function contributingExtents(
+async function contributingGrains(
   images: ReadonlyArray<Qcow2Image>,
   expect: ReadonlyArray<LayerExpectation | null>,
   visLimit: number[],
-): Promise<Array<Set<number> | null>> {
+): Promise<Array<Ranges | null>> {
   // What the layers above hold: sorted, disjoint [start, end) ranges.
   let covered: Array<[number, number]> = [];
-  const out: Array<Set<number> | null> = [];
+  const out: Array<Ranges | null> = [];
   for (const [L, img] of images.entries()) {
     const lim = visLimit[L]!;
     const e = expect[L];
     if (e) {
-      const set = new Set<number>();
+      const set: Ranges = [];
+      const g = grainOf(e);
       const free = (a: number, b: number): void => {
-        for (let x = Math.floor(a / e.extentBytes); x * e.extentBytes < b; x++) set.add(x);
+        const from = Math.floor(a / g);
+        const to = Math.ceil(b / g);
+        const last = set.at(-1);
+        if (last && last[1] >= from) last[1] = Math.max(last[1], to);
+        else set.push([from, to]);
       };
       let cur = 0;
       for (const [a, b] of covered) {
@@ -445,6 +484,22 @@ async function contributingExtents(
     }
     covered = unionRanges(covered, mine);
   }
+  return out;
+}
+
+/** The guest ranges of [start, end) that lie in the grains `needed` (grain numbers). */
+function provenIn(needed: Ranges, grain: number, start: number, end: number): Ranges {
+  const out: Ranges = [];
+  // The first range that ends after `start`.
+  let lo = 0;
+  let hi = needed.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (needed[mid]![1] * grain <= start) lo = mid + 1;
+    else hi = mid;
+  }
+  for (let i = lo; i < needed.length && needed[i]![0] * grain < end; i++)
+    out.push([Math.max(start, needed[i]![0] * grain), Math.min(end, needed[i]![1] * grain)]);
   return out;
 }
 
@@ -596,8 +651,8 @@ function compose(
  */
 class ChainVerifier {
   private readonly digesters: Array<LayerDigester | null>;
-  /** Per layer, the manifest's contributing extents not reached yet, in order. */
-  private readonly listed: number[][];
+  /** Per layer, the manifest's digests of the contributing grains that hold something, not reached yet, in order. */
+  private readonly listed: Array<Listed | null>;
   /** Comparisons waiting for a worker's digest. */
   private readonly checks: Array<Promise<void>> = [];
   private failure: Error | null = null;
@@ -605,41 +660,47 @@ class ChainVerifier {
   constructor(
     private readonly images: Qcow2Image[],
     private readonly expect: ReadonlyArray<LayerExpectation | null>,
-    needed: ReadonlyArray<Set<number> | null>,
+    needed: ReadonlyArray<Ranges | null>,
     /** Where the digests are computed. */
     private readonly pool: HashPool,
   ) {
-    this.listed = expect.map((e, L) => (e ? [...e.digests.keys()].filter((x) => needed[L]!.has(x)).sort((a, b) => a - b) : []));
+    this.listed = expect.map((e, L) => (e ? new Listed(expectedDigests(e, needed[L]!, images[L]!)) : null));
     this.digesters = images.map((img, L) => {
       const e = expect[L];
       if (!e) return null;
+      // A grain's digest is the digester's "extent" digest when the grain is the extent, and a
+      // part's digest (the same stream, cut at the part) when it is a part.
+      const g = grainOf(e);
       const dg: LayerDigester = new LayerDigester({
         virtualSize: img.virtualSize,
         unitBytes: img.subclusterSize,
-        extentBytes: e.extentBytes,
+        extentBytes: g,
         algorithm: e.algorithm,
-        sink: (a) => this.workerSink(L, pool.sink(a), () => Math.ceil(dg.position / e.extentBytes) - 1),
+        sink: (a) => this.workerSink(L, pool.sink(a), () => Math.ceil(dg.position / g) - 1),
       });
       return dg;
     });
   }
 
   /** Feed piece [start, end) of every proven layer (called in disk order). */
-  update(start: number, end: number, runs: Run[][], bufs: Array<LayerBuf | null>, proving: boolean[]): void {
+  update(start: number, end: number, runs: Run[][], bufs: Array<LayerBuf | null>, prove: Ranges[]): void {
     if (this.failure) throw this.failure;
     for (const [L, dg] of this.digesters.entries()) {
-      if (!dg || !proving[L]) continue;
+      if (!dg || prove[L]!.length === 0) continue;
+      // Only the proven grains: the others are holes to the digester, which lists nothing there.
       for (const r of runs[L]!) {
         if (r.kind === 'unallocated') continue; // a gap is unallocated
-        if (r.kind === 'zero') dg.add(r.pos, r.len, 'zero');
-        else dg.add(r.pos, r.len, 'data', view(bufs[L]!, r.pos, r.len));
+        for (const [from, to] of clip(r, prove[L]!)) {
+          if (r.kind === 'zero') dg.add(from, to - from, 'zero');
+          else dg.add(from, to - from, 'data', view(bufs[L]!, from, to - from));
+        }
       }
-      // The stream to the piece's end (what is left of it unallocated), so every extent that ends here is
+      // The stream to the piece's end (what is left of it unallocated), so every grain that ends here is
       // reported; the listed ones that end here and were not reported held nothing.
       const reached = Math.min(end, this.images[L]!.virtualSize);
       if (start >= reached) continue;
       dg.add(reached, 0, 'unallocated');
-      this.passed(L, reached === this.images[L]!.virtualSize ? Infinity : Math.floor(reached / this.expect[L]!.extentBytes));
+      this.passed(L, reached === this.images[L]!.virtualSize ? Infinity : Math.floor(reached / grainOf(this.expect[L]!)));
     }
     // What was recorded goes to the workers now (the slots are theirs until hashed).
     this.pool.flush();
@@ -678,28 +739,90 @@ class ChainVerifier {
     };
   }
 
-  /** The manifest's digest of a held extent the stream just passed (refused if it records none). */
+  /** The manifest's digest of a held grain the stream just passed (refused if it records none). */
   private take(L: number, index: number): string {
     this.passed(L, index);
     const list = this.listed[L]!;
-    const want = list[0] === index ? (list.shift(), this.expect[L]!.digests.get(index)) : undefined;
+    const want = list.next()?.[0] === index ? list.shift()[1] : undefined;
     if (want === undefined) this.fail(L, index, 'the layer holds data where its manifest records none');
     return want;
   }
 
-  /** Listed extents below `index` were passed without holding anything. */
+  /** Listed grains below `index` were passed without holding anything. */
   private passed(L: number, index: number): void {
-    const list = this.listed[L]!;
-    if (list.length > 0 && list[0]! < index) this.fail(L, list[0]!, 'the layer holds nothing where its manifest records data');
+    const next = this.listed[L]!.next();
+    if (next !== undefined && next[0] < index) this.fail(L, next[0], 'the layer holds nothing where its manifest records data');
   }
 
   private fail(L: number, index: number, why: string): never {
     const e = this.expect[L]!;
-    const from = index * e.extentBytes;
-    const to = Math.min(from + e.extentBytes, this.images[L]!.virtualSize);
+    const g = grainOf(e);
+    const from = index * g;
+    const to = Math.min(from + g, this.images[L]!.virtualSize);
+    const per = e.extentBytes / g;
+    const which = e.partBytes === undefined ? `extent ${index}` : `extent ${Math.floor(index / per)}, part ${index % per}`;
     throw new NasbackupError(
       'BACKUP_DAMAGED',
-      `Backup ${e.backup} is damaged: disk ${e.file}, extent ${index} (guest bytes ${from}-${to}): ${why}`,
+      `Backup ${e.backup} is damaged: disk ${e.file}, ${which} (guest bytes ${from}-${to}): ${why}`,
     );
   }
+}
+
+/** A cursor over the digests a layer's stream must produce: `next()` peeks, `shift()` takes. */
+class Listed {
+  private head: [number, string] | undefined;
+  constructor(private readonly it: Iterator<[number, string]>) {
+    this.head = it.next().value as [number, string] | undefined;
+  }
+  next(): [number, string] | undefined {
+    return this.head;
+  }
+  shift(): [number, string] {
+    const h = this.head!;
+    this.head = this.it.next().value as [number, string] | undefined;
+    return h;
+  }
+}
+
+/**
+ * The digests the stream of layer `img` must produce over its contributing grains, in order:
+ * [grain number, digest] for each grain the manifest says holds something. With parts, an
+ * extent's parts are decoded only when the restore reaches it (memory stays flat on a large
+ * disk), and a part the manifest records as wholly unallocated (its digest is that of status
+ * bytes only) is not listed: the digester reports nothing for such a part either.
+ */
+function* expectedDigests(e: LayerExpectation, needed: Ranges, img: Qcow2Image): Generator<[number, string]> {
+  const g = grainOf(e);
+  const per = e.extentBytes / g;
+  const n = PART_DIGEST_BYTES[e.algorithm];
+  for (const [a, b] of needed) {
+    for (let i = a; i < b;) {
+      const x = Math.floor(i / per);
+      const extentEnd = Math.min(b, (x + 1) * per);
+      const digest = e.digests.get(x);
+      if (digest !== undefined && e.parts === undefined) yield [i, digest];
+      else if (digest !== undefined) {
+        const bin = Buffer.from(e.parts!.get(x)!, 'base64');
+        for (let k = i; k < extentEnd; k++) {
+          const d = bin.subarray((k - x * per) * n, (k - x * per + 1) * n).toString('hex');
+          const units = Math.ceil((Math.min((k + 1) * g, img.virtualSize) - k * g) / img.subclusterSize);
+          if (d !== emptyGrain(e.algorithm, units)) yield [k, d];
+        }
+      }
+      i = extentEnd;
+    }
+  }
+}
+
+const emptyGrains = new Map<string, string>();
+/** The digest of a part that holds nothing: `units` status bytes of an unallocated unit. */
+function emptyGrain(algorithm: DigestAlgorithm, units: number): string {
+  const key = `${algorithm}:${units}`;
+  let d = emptyGrains.get(key);
+  if (d === undefined) {
+    const h = createDigest(algorithm);
+    h.repeat(UNALLOCATED, units);
+    emptyGrains.set(key, (d = h.digest()));
+  }
+  return d;
 }

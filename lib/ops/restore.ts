@@ -17,6 +17,7 @@ import { assertChainSafe, refusalForQcow2 } from '../store/safety.js';
 import { volumeIdOfBackupFile } from '../store/disks.js';
 import type { NasTarget } from '../nas/session.js';
 import { readManifestFile } from '../store/manifest-file.js';
+import { layerPartBytes } from '../store/manifest.js';
 import { flattenVerified, pieceBytesFor, type FlatExtent, type FlattenOptions, type LayerExpectation } from './flatten.js';
 import type { OpContext } from './context.js';
 
@@ -387,7 +388,18 @@ async function expectations(images: Qcow2Image[], vm: string): Promise<{ expect:
           `cluster layout (${img.subclusterSize}-byte units) does not match the manifest's (${d.unitBytes}, extents of ${m.digest.extentBytes})`,
         );
       const digests = new Map(d.extents.map((x) => [x.index, x.digest]));
-      expect.push({ backup, file, extentBytes: m.digest.extentBytes, algorithm: m.digest.algorithm, digests });
+      const { extentBytes, algorithm, partBytes } = m.digest;
+      expect.push({
+        backup,
+        file,
+        extentBytes,
+        algorithm,
+        digests,
+        // Version 3: proven part by part (the manifest's reader checked every extent's parts).
+        ...(partBytes !== undefined
+          ? { partBytes: layerPartBytes(partBytes, d.unitBytes), parts: new Map(d.extents.map((x) => [x.index, x.parts!])) }
+          : {}),
+      });
     }
   } finally {
     // Nothing of ours is left reading the NAS when this returns (a refusal unmounts it next).

@@ -4,15 +4,19 @@
 // 1 data, 2 zero) and, for a data unit, its guest bytes (decompressed when compressed;
 // the last unit of a disk whose size is not a unit multiple is short). The manifest's
 // digest algorithm (digest/index.ts) over that stream is the extent's digest; an extent
-// wholly unallocated in the layer is not listed.
+// wholly unallocated in the layer is not listed. With parts (manifest version 3), the
+// extent's stream is cut into parts of whole units (layerPartBytes), each part's stream is
+// hashed, and the extent's digest is made over the parts' digests (combineParts): a part
+// wholly unallocated is hashed like any other (its status bytes), so every listed extent
+// records all its parts.
 //
 // One definition: LayerDigester builds that stream from what a writer says it wrote,
 // range by range in guest order (a copy engine feeds it while it writes); digestImage()
 // re-reads a written file and feeds the same digester, so both give the same digests.
 import { Qcow2Image, type Extent } from '../qcow2/index.js';
-import { createDigest, DEFAULT_DIGEST_ALGORITHM, type DigestAlgorithm, type StreamDigest } from './digest/index.js';
+import { combineParts, createDigest, DEFAULT_DIGEST_ALGORITHM, type DigestAlgorithm, type StreamDigest } from './digest/index.js';
 import { HashPool, type ExtentSink, type Slot } from './hash-pool.js';
-import { DEFAULT_EXTENT_BYTES, type ExtentDigest } from './manifest.js';
+import { DEFAULT_EXTENT_BYTES, layerPartBytes, type ExtentDigest } from './manifest.js';
 
 export const UNALLOCATED = 0;
 export const DATA = 1;
@@ -28,6 +32,8 @@ export interface LayerDigest {
 
 export interface DigestOptions {
   extentBytes?: number;
+  /** The manifest's part size (version 3): each extent's digest is made over its parts'. */
+  partBytes?: number;
   /** The manifest's digest algorithm (default: the one new manifests use). */
   algorithm?: DigestAlgorithm;
   /** Called between extents (a cancellation point). */
@@ -44,6 +50,8 @@ export interface LayerDigesterOptions {
   unitBytes: number;
   /** A multiple of unitBytes; the manifest's extent size by default. */
   extentBytes?: number;
+  /** The manifest's part size (version 3; the layer's part is layerPartBytes of it); none by default. */
+  partBytes?: number;
   /** The manifest's digest algorithm (default: the one new manifests use). */
   algorithm?: DigestAlgorithm;
   /** Called with each listed extent as soon as the stream passes its end (a reader can compare early). */
@@ -94,7 +102,13 @@ export class LayerDigester {
     this.onExtent = opts.onExtent;
     const { sink } = opts;
     const algorithm = opts.algorithm ?? DEFAULT_DIGEST_ALGORITHM;
-    this.newSink = sink ? () => sink(algorithm) : () => new HashSink(algorithm);
+    const newSink = sink ? () => sink(algorithm) : () => new HashSink(algorithm);
+    if (opts.partBytes === undefined) this.newSink = newSink;
+    else {
+      const part = layerPartBytes(opts.partBytes, unitBytes);
+      if (extentBytes % part !== 0) throw new RangeError(`part size ${part} does not divide the extent size ${extentBytes}`);
+      this.newSink = () => new PartedSink(newSink, part / unitBytes, algorithm);
+    }
   }
 
   /** Guest offset up to which the stream is built. */
@@ -189,18 +203,81 @@ export class LayerDigester {
   private closeExtent(): void {
     if (this.hash !== null) {
       const index = Math.ceil(this.pos / this.extentBytes) - 1;
-      const digest = this.hash.end();
-      if (typeof digest === 'string' && this.pending.length === 0) {
-        this.out.extents.push({ index, digest });
-        this.onExtent?.({ index, digest });
+      const h = this.hash;
+      const digest = h instanceof PartedSink ? h.endParts() : h.end();
+      const entry = (d: string | Parted): ExtentDigest => (typeof d === 'string' ? { index, digest: d } : { index, ...d });
+      if (!(digest instanceof Promise) && this.pending.length === 0) {
+        const e = entry(digest);
+        this.out.extents.push(e);
+        this.onExtent?.(e);
       } else {
-        const p = Promise.resolve(digest).then((d) => ({ index, digest: d }));
+        const p = Promise.resolve(digest).then(entry);
         p.catch(() => {}); // awaited by settle(); a digest abandoned on failure must not go unhandled
         this.pending.push(p);
       }
     }
     this.hash = null;
     this.lazyUnallocated = 0;
+  }
+}
+
+interface Parted {
+  digest: string;
+  parts: string;
+}
+
+/**
+ * One extent's stream cut into parts of `unitsPerPart` units, each hashed by a sink of its
+ * own (on the pool's workers, or here). A unit starts at each `repeat` (a run of status
+ * bytes, or a data unit's status byte); a data unit's bytes follow its status byte, so a part
+ * boundary only ever falls at a `repeat`.
+ */
+class PartedSink implements ExtentSink {
+  private cur: ExtentSink;
+  private units = 0;
+  private readonly done: Array<string | Promise<string>> = [];
+
+  constructor(
+    private readonly newSink: () => ExtentSink,
+    private readonly unitsPerPart: number,
+    private readonly algorithm: DigestAlgorithm,
+  ) {
+    this.cur = newSink();
+  }
+
+  repeat(byte: number, n: number): void {
+    while (n > 0) {
+      if (this.units === this.unitsPerPart) {
+        this.done.push(this.cur.end());
+        this.cur = this.newSink();
+        this.units = 0;
+      }
+      const take = Math.min(n, this.unitsPerPart - this.units);
+      this.cur.repeat(byte, take);
+      this.units += take;
+      n -= take;
+    }
+  }
+
+  bytes(b: Buffer): void {
+    this.cur.bytes(b);
+  }
+
+  end(): string | Promise<string> {
+    const p = this.endParts();
+    return p instanceof Promise ? p.then((x) => x.digest) : p.digest;
+  }
+
+  /** The extent's digest over its parts' digests, and those (base64). */
+  endParts(): Parted | Promise<Parted> {
+    this.done.push(this.cur.end());
+    const parts = this.done.splice(0);
+    const combine = (hex: string[]): Parted => {
+      const bin = Buffer.from(hex.join(''), 'hex');
+      return { digest: combineParts(this.algorithm, bin), parts: bin.toString('base64') };
+    };
+    if (parts.every((d): d is string => typeof d === 'string')) return combine(parts);
+    return Promise.all(parts.map(async (d) => d)).then(combine);
   }
 }
 
@@ -261,6 +338,7 @@ async function digestOn(img: Qcow2Image, extentBytes: number, opts: DigestOption
     virtualSize: img.virtualSize,
     unitBytes: img.subclusterSize,
     extentBytes,
+    ...(opts.partBytes !== undefined ? { partBytes: opts.partBytes } : {}),
     ...(opts.algorithm ? { algorithm: opts.algorithm } : {}),
     sink: (a) => pool.sink(a),
   });

@@ -11,6 +11,8 @@ import { DEFAULT_EXTENT_BYTES } from './manifest.js';
 
 export interface ReadDigestOptions {
   extentBytes?: number;
+  /** The manifest's part size (version 3). */
+  partBytes?: number;
   /** The manifest's digest algorithm (default: the one new manifests use). */
   algorithm?: DigestAlgorithm;
   /** Reads in flight (default 4). */
@@ -58,6 +60,7 @@ export async function readImageDigest(img: Qcow2Image, opts: ReadDigestOptions =
     virtualSize: img.virtualSize,
     unitBytes: unit,
     extentBytes,
+    ...(opts.partBytes !== undefined ? { partBytes: opts.partBytes } : {}),
     ...(opts.algorithm ? { algorithm: opts.algorithm } : {}),
     ...(pool ? { sink: (a) => pool.sink(a) } : {}),
   });

@@ -4,11 +4,12 @@
 import { lstat, open, readFile, rename, stat, unlink, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { INCOMPAT_EXTL2, readHeader } from '../qcow2/index.js';
-import { DEFAULT_DIGEST_ALGORITHM, type DigestAlgorithm } from './digest/index.js';
 import { digestLayer, type LayerDigest } from './layer-digest.js';
-import { decodeManifest, encodeManifest, MANIFEST_NAME, type Manifest, type ManifestDisk } from './manifest.js';
+import { decodeManifest, encodeManifest, MANIFEST_NAME, type DigestSpec, type Manifest, type ManifestDisk } from './manifest.js';
 
-const MANIFEST_MAX_BYTES = 64 << 20;
+// A version-3 manifest takes ~12 bytes of JSON per MiB its disks hold (the parts' digests):
+// 256 MiB is a VM with ~20 TiB of data; anything larger is not a manifest we wrote.
+const MANIFEST_MAX_BYTES = 256 << 20;
 
 /** The manifest in backup folder `dir`: absent (null), or what is wrong with it. */
 export async function readManifestFile(dir: string): Promise<Manifest | null | { error: string }> {
@@ -44,14 +45,9 @@ export async function writeManifestFile(dir: string, m: Manifest): Promise<void>
   }
 }
 
-/** One layer's manifest entry, read from the file as it is now. */
-export async function describeLayer(
-  abs: string,
-  volumeId: string,
-  extentBytes: number,
-  algorithm: DigestAlgorithm = DEFAULT_DIGEST_ALGORITHM,
-): Promise<ManifestDisk> {
-  return layerEntry(abs, volumeId, await digestLayer(abs, { extentBytes, algorithm }));
+/** One layer's manifest entry, read from the file as it is now, with the digests `spec` says. */
+export async function describeLayer(abs: string, volumeId: string, spec: DigestSpec): Promise<ManifestDisk> {
+  return layerEntry(abs, volumeId, await digestLayer(abs, spec));
 }
 
 /** One layer's manifest entry from digests already computed (a LayerDigester fed while the file was written). */
@@ -89,7 +85,7 @@ export async function refreshManifestEntry(abs: string): Promise<'no manifest' |
   if ('error' in m) return 'unusable';
   const i = m.disks.findIndex((d) => d.file === basename(abs));
   if (i < 0) return 'not listed';
-  m.disks[i] = await describeLayer(abs, m.disks[i]!.volumeId, m.digest.extentBytes, m.digest.algorithm);
+  m.disks[i] = await describeLayer(abs, m.disks[i]!.volumeId, m.digest);
   await writeManifestFile(dir, m);
   return 'updated';
 }

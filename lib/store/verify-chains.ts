@@ -15,7 +15,7 @@ import { NodeBlockFile, type BlockFile } from '../qcow2/index.js';
 import { backingFile, insideInstance, type BackupFile, type VmBackups } from './backups.js';
 import { inspectChain, prefetchLayer, type ChainProblem, type InspectOptions, type StructuralCheck } from './safety.js';
 import type { LayerDigest } from './layer-digest.js';
-import { MANIFEST_NAME, type DigestSpec, type ExtentDigest, type ManifestDisk } from './manifest.js';
+import { MANIFEST_NAME, partLayout, type DigestSpec, type ExtentDigest, type ManifestDisk, type PartLayout } from './manifest.js';
 import { readManifestFile } from './manifest-file.js';
 
 export interface FileReport {
@@ -210,20 +210,43 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
 /** Digests of one layer (lib/store/layer-read.ts), injectable for tests; `onData`: bytes hashed so far; `file`: the layer, already open. */
 export type DigestFn = (abs: string, spec: DigestSpec, onData?: (bytes: number) => void, file?: BlockFile) => Promise<LayerDigest>;
 
-/** `extent <n>: digest mismatch` lines, by extent number. */
-export function compareExtents(want: readonly ExtentDigest[], got: readonly ExtentDigest[]): string[] {
-  const w = new Map(want.map((e) => [e.index, e.digest]));
-  const g = new Map(got.map((e) => [e.index, e.digest]));
+/**
+ * `extent <n>: digest mismatch` lines, by extent number; with parts (`layout`: the extent and
+ * the layer's part size), the first part that differs and how many do.
+ */
+export function compareExtents(want: readonly ExtentDigest[], got: readonly ExtentDigest[], layout?: PartLayout): string[] {
+  const w = new Map(want.map((e) => [e.index, e]));
+  const g = new Map(got.map((e) => [e.index, e]));
   const out: string[] = [];
   for (const i of [...new Set([...w.keys(), ...g.keys()])].sort((a, b) => a - b)) {
     const a = w.get(i);
     const b = g.get(i);
-    if (a === b) continue;
-    out.push(
-      `extent ${i}: digest mismatch${a === undefined ? ' (the manifest records nothing there)' : b === undefined ? ' (the layer holds nothing there now)' : ''}`,
-    );
+    if (a?.digest === b?.digest) continue;
+    const where =
+      a === undefined
+        ? ' (the manifest records nothing there)'
+        : b === undefined
+          ? ' (the layer holds nothing there now)'
+          : partsWhere(a, b, i, layout);
+    out.push(`extent ${i}: digest mismatch${where}`);
   }
   return out;
+}
+
+/** Which parts of extent `i` differ, when both sides record parts. */
+function partsWhere(a: ExtentDigest, b: ExtentDigest, i: number, layout?: PartLayout): string {
+  if (!layout || a.parts === undefined || b.parts === undefined) return '';
+  const x = Buffer.from(a.parts, 'base64');
+  const y = Buffer.from(b.parts, 'base64');
+  const n = layout.digestBytes;
+  const differ: number[] = [];
+  for (let k = 0; k * n < Math.max(x.length, y.length); k++)
+    if (!x.subarray(k * n, k * n + n).equals(y.subarray(k * n, k * n + n))) differ.push(k);
+  if (differ.length === 0) return '';
+  const from = i * layout.extentBytes + differ[0]! * layout.partBytes;
+  const to = Math.min(from + layout.partBytes, layout.virtualSize);
+  const total = Math.ceil(Math.max(x.length, y.length) / n);
+  return ` (part ${differ[0]}, guest bytes ${from}-${to}${differ.length > 1 ? `, and ${differ.length - 1} more` : ''} of ${total} parts)`;
 }
 
 type ManifestRead = Awaited<ReturnType<typeof readManifestFile>>;
@@ -396,7 +419,7 @@ function planContent(
         r.errors.push(`content unreadable: ${(e as Error).message.split(`${vm.instanceDir}/`).join('')}`);
         return;
       }
-      r.errors.push(...compareExtents(d.extents, got.extents));
+      r.errors.push(...compareExtents(d.extents, got.extents, partLayout(spec, d)));
     },
   };
 }

@@ -1,8 +1,14 @@
 // The manifest a backup of a bench chain would have written: one per layer, layer 0 the
 // full, each later one an incremental on the one before. The caller describes the disk
 // (describeLayer of whichever build it measures) and writes the file.
-import { DEFAULT_DIGEST_ALGORITHM, type DigestAlgorithm } from '../../lib/store/digest/index.js';
-import { DIGEST_STREAM, MANIFEST_FORMAT, manifestVersionFor, type Manifest, type ManifestDisk } from '../../lib/store/manifest.js';
+import {
+  digestSection,
+  MANIFEST_FORMAT,
+  manifestVersionFor,
+  type DigestSpec,
+  type Manifest,
+  type ManifestDisk,
+} from '../../lib/store/manifest.js';
 
 export interface ChainManifestOptions {
   vm: string;
@@ -11,19 +17,17 @@ export interface ChainManifestOptions {
   parentTs: string | null;
   /** Position in the chain: the creation time is one second per layer. */
   index: number;
-  extentBytes: number;
-  /** The algorithm the disk entry's digests were computed with (describeLayer's default unless said). */
-  algorithm?: DigestAlgorithm;
+  /** The digests the disk entry was computed with (what describeLayer was given). */
+  spec: DigestSpec;
   /** The disk entry (describeLayer's result). */
   disk: ManifestDisk;
 }
 
 export function chainManifest(o: ChainManifestOptions): Manifest {
   const kind = o.parentTs === null ? 'full' : 'incremental';
-  const algorithm = o.algorithm ?? DEFAULT_DIGEST_ALGORITHM;
   return {
     format: MANIFEST_FORMAT,
-    version: manifestVersionFor(algorithm),
+    version: manifestVersionFor(o.spec),
     tool: { name: 'nasbackup', version: 'bench' },
     vm: o.vm,
     path: `${o.vm}/${o.ts}`,
@@ -33,7 +37,7 @@ export function chainManifest(o: ChainManifestOptions): Manifest {
     checkpoint: null,
     incrementalFrom: null,
     parent: o.parentTs === null ? null : `${o.vm}/${o.parentTs}`,
-    digest: { algorithm, stream: DIGEST_STREAM, extentBytes: o.extentBytes },
+    digest: digestSection(o.spec),
     disks: [o.disk],
   };
 }

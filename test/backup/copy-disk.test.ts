@@ -24,23 +24,33 @@ const MiB = 1024 * KiB;
 describe('copyDiskToQcow2', () => {
   it('streamed digests = digestLayer of the written file; clean; equal to the source', async () => {
     await fc.assert(
-      fc.asyncProperty(chainArb({ maxLayers: 3 }), fc.constantFrom(1 << 20, 4 << 20), fc.boolean(), async (spec, extentBytes, compress) => {
-        const d = join(dir, String(k++));
-        mkdirSync(d);
-        const top = buildChain(d, spec).at(-1)!;
-        const chain = await ImageChain.open(top);
-        let r;
-        try {
-          r = await copyDiskToQcow2(chain, join(d, 'out.qcow2'), { extentBytes, compress, requestBytes: 1 << 20 });
-        } finally {
-          await chain.close();
-        }
-        expect(r.digest).toEqual(await digestLayer(join(d, 'out.qcow2'), { extentBytes }));
-        const chk = checkCode(join(d, 'out.qcow2'));
-        expect(chk.code, chk.out).toBe(0);
-        const cmp = spawnSync('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'qcow2', join(d, 'out.qcow2'), top], { encoding: 'utf8' });
-        expect(cmp.status, cmp.stdout + cmp.stderr).toBe(0);
-      }),
+      fc.asyncProperty(
+        chainArb({ maxLayers: 3 }),
+        fc.constantFrom(1 << 20, 4 << 20),
+        fc.constantFrom(undefined, 256 * KiB),
+        fc.boolean(),
+        async (spec, extentBytes, partBytes, compress) => {
+          const d = join(dir, String(k++));
+          mkdirSync(d);
+          const top = buildChain(d, spec).at(-1)!;
+          const chain = await ImageChain.open(top);
+          let r;
+          const digests = { extentBytes, ...(partBytes ? { partBytes } : {}) };
+          try {
+            r = await copyDiskToQcow2(chain, join(d, 'out.qcow2'), { ...digests, compress, requestBytes: 1 << 20 });
+          } finally {
+            await chain.close();
+          }
+          expect(r.digest).toEqual(await digestLayer(join(d, 'out.qcow2'), digests));
+          if (partBytes) expect(r.digest!.extents.every((e) => e.parts !== undefined)).toBe(true);
+          const chk = checkCode(join(d, 'out.qcow2'));
+          expect(chk.code, chk.out).toBe(0);
+          const cmp = spawnSync('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'qcow2', join(d, 'out.qcow2'), top], {
+            encoding: 'utf8',
+          });
+          expect(cmp.status, cmp.stdout + cmp.stderr).toBe(0);
+        },
+      ),
       { numRuns: numRuns(20) },
     );
   });
@@ -79,14 +89,16 @@ describe.each([
         const top = buildChain(d, spec).at(-1)!;
         const chain = await ImageChain.open(top);
         let here, there;
+        // 1 MiB extents in parts of 256 KiB (each part its own job on the pool), 256 KiB extents whole.
+        const digests = { extentBytes, ...(extentBytes === MiB ? { partBytes: 256 * KiB } : {}) };
         try {
-          here = await copyDiskToQcow2(chain, join(d, 'here.qcow2'), { extentBytes, compress, requestBytes: 128 * KiB });
-          there = await copyDiskToQcow2(chain, join(d, 'pool.qcow2'), { extentBytes, compress, pool });
+          here = await copyDiskToQcow2(chain, join(d, 'here.qcow2'), { ...digests, compress, requestBytes: 128 * KiB });
+          there = await copyDiskToQcow2(chain, join(d, 'pool.qcow2'), { ...digests, compress, pool });
         } finally {
           await chain.close();
         }
         expect(there.digest).toEqual(here.digest);
-        expect(there.digest).toEqual(await digestLayer(join(d, 'pool.qcow2'), { extentBytes }));
+        expect(there.digest).toEqual(await digestLayer(join(d, 'pool.qcow2'), digests));
         const cmp = spawnSync('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'qcow2', join(d, 'pool.qcow2'), top], {
           encoding: 'utf8',
         });

@@ -42,7 +42,7 @@ function manifestOf(s: Scenario) {
 function expectDigestsMatch(s: Scenario): void {
   const m = manifestOf(s);
   for (const d of m.disks) {
-    const theirs = recomputeDigests(join(s.final, d.file), s.sb.root, m.digest.extentBytes, m.digest.algorithm);
+    const theirs = recomputeDigests(join(s.final, d.file), s.sb.root, m.digest.extentBytes, m.digest.algorithm, m.digest.partBytes);
     expect({ file: d.file, extents: d.extents, data: d.dataBytes, zero: d.zeroBytes }).toEqual({
       file: d.file,
       extents: theirs.extents,
@@ -68,9 +68,9 @@ describe.concurrent('manifest.json of every backup path', () => {
       checkpoint: NEW_BITMAP,
       incrementalFrom: null,
       parent: null,
-      digest: { algorithm: 'xxh64', extentBytes: 64 * MiB },
+      digest: { algorithm: 'xxh64', extentBytes: 64 * MiB, partBytes: MiB },
     });
-    expect(m.version).toBe(2);
+    expect(m.version).toBe(3);
     expect(m.disks.map((d) => [d.file, d.volumeId, d.virtualSize, d.backing])).toEqual([
       [`root.${ROOT_VOL}.qcow2`, ROOT_VOL, ROOT_SIZE, null],
       [`datadisk.${DATA_VOL}.qcow2`, DATA_VOL, DATA_SIZE, null],
@@ -98,8 +98,10 @@ describe.concurrent('manifest.json of every backup path', () => {
       expect(r.code).toBe(0);
       const m = manifestOf(s);
       expect(m.disks).toHaveLength(2);
-      // SHA-256 manifests stay version 1, which releases before XXH64 read.
-      expect([m.digest.algorithm, m.version]).toEqual([algorithm, algorithm === 'sha256' ? 1 : 2]);
+      // SHA-256 manifests stay version 1 (no parts), which releases before XXH64 read; XXH64 ones record parts (version 3).
+      expect([m.digest.algorithm, m.version, m.digest.partBytes]).toEqual(
+        algorithm === 'sha256' ? [algorithm, 1, undefined] : [algorithm, 3, MiB],
+      );
       expectDigestsMatch(s);
       expectClean(s);
     },

@@ -136,7 +136,7 @@ describe.concurrent('-o backup --verify', () => {
     expect(r.code).toBe(1);
     expect(r.stdout).toMatch(
       new RegExp(
-        `^Backup verification failed, backup removed: ${TS}/root\\.[0-9a-f-]+\\.qcow2: extent 0: digest mismatch \\(and 1 more problem\\(s\\), see the log\\)\\n$`,
+        `^Backup verification failed, backup removed: ${TS}/root\\.[0-9a-f-]+\\.qcow2: extent 0: digest mismatch \\(part \\d+, guest bytes \\d+-\\d+ of \\d+ parts\\) \\(and 1 more problem\\(s\\), see the log\\)\\n$`,
       ),
     );
     expect(log(s)).toContain('ERROR [BACKUP_VERIFY_FAILED]');

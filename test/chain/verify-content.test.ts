@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { bindNas, run, type Sandbox } from '../helpers/cli.js';
 import { makeImage } from '../helpers/qemu.js';
+import { oracleHash } from '../helpers/layer-digest.js';
 import { removeTempDirs } from '../helpers/tmp.js';
 import {
   backup,
@@ -90,24 +91,50 @@ describe.concurrent('chain verify: content against the manifests', () => {
     const r = await verify(s.sb);
     expect(r.code).toBe(1);
     const fails = r.stdout.split('\n').filter((l) => l.startsWith('FAIL'));
-    expect(fails).toEqual([`FAIL ${VM}/${TS}/${ROOT}: extent 0: digest mismatch`]);
+    // New manifests record 1 MiB parts: the line names the first part that differs, and how many of the extent's do.
+    expect(fails).toHaveLength(1);
+    expect(fails[0]).toMatch(
+      new RegExp(`^FAIL ${VM}/${TS}/${ROOT}: extent 0: digest mismatch \\(part \\d+, guest bytes \\d+-\\d+ of \\d+ parts\\)$`),
+    );
     expect(r.stdout).toContain(`OK   ${VM}/${TS}/${DATA}\n`);
     expect(r.stdout).toMatch(/The backup chains of i-2-10-VM have errors\n$/);
   });
 
-  it('a manifest edited by hand: a digest changed is a mismatch of that extent; a broken one is named; a missing one is a warning', async () => {
+  it('a manifest edited by hand: a digest changed alone is refused, a part changed with its extent digest is a mismatch of that part; a broken one is named; a missing one is a warning', async () => {
     const s = await incrementalChain('vc-edit');
     const mf = join(s.final, 'manifest.json');
     const original = readFileSync(mf, 'utf8');
-    const m = JSON.parse(original) as { disks: Array<{ file: string; extents: Array<{ index: number; digest: string }> }> };
+    type Edited = { version: number; disks: Array<{ file: string; extents: Array<{ index: number; digest: string; parts: string }> }> };
+    const m = JSON.parse(original) as Edited;
+    expect(m.version).toBe(3);
     const d = m.disks.find((x) => x.file === DATA)!;
-    d.extents[0]!.digest = d.extents[0]!.digest.replace(/^./, (c) => (c === '0' ? '1' : '0'));
+    const flipHex = (h: string): string => h.replace(/^./, (c) => (c === '0' ? '1' : '0'));
+    d.extents[0]!.digest = flipHex(d.extents[0]!.digest);
     writeFileSync(mf, JSON.stringify(m));
     let r = await verify(s.sb);
     expect(r.code).toBe(1);
-    expect(r.stdout.split('\n').filter((l) => l.startsWith('FAIL'))).toEqual([`FAIL ${VM}/${TS}/${DATA}: extent 0: digest mismatch`]);
+    // The extent's digest binds its parts: edited alone, the manifest is not to be trusted at all.
+    expect(r.stdout).toContain(
+      `FAIL ${VM}/${TS}/manifest.json: manifest.json is unusable: disks[${m.disks.indexOf(d)}].extents[0].digest is not the digest of its parts`,
+    );
+    // Part 0 changed, and the extent's digest made over the parts again (by another XXH64): that part is named.
+    const e = (JSON.parse(original) as Edited).disks.find((x) => x.file === DATA)!.extents[0]!;
+    const parts = Buffer.from(e.parts, 'base64');
+    parts[0]! ^= 0x80;
+    const forged = JSON.parse(original) as Edited;
+    const fe = forged.disks.find((x) => x.file === DATA)!.extents[0]!;
+    fe.parts = parts.toString('base64');
+    const h = oracleHash('xxh64');
+    h.update(parts);
+    fe.digest = h.hex();
+    writeFileSync(mf, JSON.stringify(forged));
+    r = await verify(s.sb);
+    expect(r.code).toBe(1);
+    expect(r.stdout.split('\n').filter((l) => l.startsWith('FAIL'))).toEqual([
+      `FAIL ${VM}/${TS}/${DATA}: extent 0: digest mismatch (part 0, guest bytes 0-${MiB} of ${parts.length / 8} parts)`,
+    ]);
 
-    writeFileSync(mf, original.replace(/"version": [12]/, '"version": "one"'));
+    writeFileSync(mf, original.replace(/"version": [123]/, '"version": "one"'));
     r = await verify(s.sb);
     expect(r.code).toBe(1);
     expect(r.stdout).toContain(`FAIL ${VM}/${TS}/manifest.json: manifest.json is unusable: version "one" is not supported`);
@@ -147,7 +174,7 @@ describe.concurrent('chain verify: content against the manifests', () => {
     const r = await verify(s.sb);
     expect(r.code).toBe(1);
     expect(r.stdout.split('\n').filter((l) => l.startsWith('FAIL'))).toEqual([
-      `FAIL ${VM}/${TS}/root.0d3c2b1a-0000-4000-8000-00000000abcd.qcow2: extent 2: digest mismatch`,
+      `FAIL ${VM}/${TS}/root.0d3c2b1a-0000-4000-8000-00000000abcd.qcow2: extent 2: digest mismatch (part 3, guest bytes ${131 * MiB}-${132 * MiB} of 64 parts)`,
     ]);
   });
 

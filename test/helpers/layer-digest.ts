@@ -34,17 +34,24 @@ interface MapRow {
 const layerOnly = (path: string): string =>
   `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: path }, backing: null })}`;
 
+/**
+ * With `partBytes` (manifest version 3), each listed extent's stream is hashed part by part
+ * (every part, held or not), and the extent's digest is the hash of the parts' binary digests.
+ */
 export function recomputeDigests(
   path: string,
   scratch: string,
   extentBytes = 64 * 1024 * 1024,
   algorithm: Algorithm = 'xxh64',
-): { unitBytes: number; dataBytes: number; zeroBytes: number; extents: Array<{ index: number; digest: string }> } {
+  partBytes?: number,
+): { unitBytes: number; dataBytes: number; zeroBytes: number; extents: Array<{ index: number; digest: string; parts?: string }> } {
   const info = JSON.parse(execFileSync('qemu-img', ['info', '-U', '--output=json', path], { encoding: 'utf8' })) as {
     'cluster-size': number;
     'virtual-size': number;
+    'format-specific'?: { data?: { 'extended-l2'?: boolean } };
   };
-  const unit = info['cluster-size'];
+  // A unit is a subcluster: 1/32 of a cluster with extended L2 (qemu-img map reports those).
+  const unit = info['cluster-size'] / (info['format-specific']?.data?.['extended-l2'] ? 32 : 1);
   const size = info['virtual-size'];
   const rows = JSON.parse(execFileSync('qemu-img', ['map', '-U', '--output=json', layerOnly(path)], { encoding: 'utf8' })) as MapRow[];
   const raw = join(scratch, `layer-${process.pid}-${Math.random().toString(36).slice(2)}.raw`);
@@ -61,18 +68,31 @@ export function recomputeDigests(
     if (s === 2) zeroBytes += r.length;
     for (let u = Math.floor(r.start / unit); u * unit < r.start + r.length; u++) status[u] = s;
   }
-  const extents: Array<{ index: number; digest: string }> = [];
+  const extents: Array<{ index: number; digest: string; parts?: string }> = [];
+  // A part is whole units: the part size, or the unit when that is larger.
+  const part = partBytes === undefined ? extentBytes : Math.max(partBytes, unit);
   for (let index = 0; index * extentBytes < size; index++) {
-    const h = oracleHash(algorithm);
+    const parts: string[] = [];
     let held = false;
     const end = Math.min((index + 1) * extentBytes, size);
-    for (let off = index * extentBytes; off < end; off += unit) {
-      const s = status[off / unit]!;
-      h.update(Buffer.from([s]));
-      if (s === 1) h.update(bytes.subarray(off, Math.min(off + unit, size)));
-      if (s !== 0) held = true;
+    for (let from = index * extentBytes; from < end; from += part) {
+      const h = oracleHash(algorithm);
+      for (let off = from; off < Math.min(from + part, end); off += unit) {
+        const s = status[off / unit]!;
+        h.update(Buffer.from([s]));
+        if (s === 1) h.update(bytes.subarray(off, Math.min(off + unit, size)));
+        if (s !== 0) held = true;
+      }
+      parts.push(h.hex());
     }
-    if (held) extents.push({ index, digest: h.hex() });
+    if (!held) continue;
+    if (partBytes === undefined) extents.push({ index, digest: parts[0]! });
+    else {
+      const bin = Buffer.from(parts.join(''), 'hex');
+      const h = oracleHash(algorithm);
+      h.update(bin);
+      extents.push({ index, digest: h.hex(), parts: bin.toString('base64') });
+    }
   }
   return { unitBytes: unit, dataBytes, zeroBytes, extents };
 }
@@ -88,6 +108,7 @@ export function writeManifestFromQemu(
   scratch: string,
   extentBytes = 64 * 1024 * 1024,
   algorithm: Algorithm = 'xxh64',
+  partBytes?: number,
 ): void {
   const folder = join(instanceDir, ts);
   const vm = instanceDir.split('/').at(-1)!;
@@ -101,7 +122,7 @@ export function writeManifestFromQemu(
         'backing-filename'?: string;
         'backing-filename-format'?: string;
       };
-      const d = recomputeDigests(path, scratch, extentBytes, algorithm);
+      const d = recomputeDigests(path, scratch, extentBytes, algorithm, partBytes);
       return {
         file,
         volumeId: file.split('.').slice(1, -1).join('.'),
@@ -115,8 +136,8 @@ export function writeManifestFromQemu(
     });
   const m = {
     format: 'nasbackup-manifest',
-    // Version 2 brought XXH64; a SHA-256 manifest is written as version 1, as before it.
-    version: algorithm === 'sha256' ? 1 : 2,
+    // Version 2 brought XXH64, version 3 the parts; a SHA-256 manifest without parts is written as version 1, as before them.
+    version: partBytes !== undefined ? 3 : algorithm === 'sha256' ? 1 : 2,
     tool: { name: 'nasbackup', version: 'test' },
     vm,
     path: `${vm}/${ts}`,
@@ -126,7 +147,7 @@ export function writeManifestFromQemu(
     checkpoint: null,
     incrementalFrom: null,
     parent: null,
-    digest: { algorithm, stream: 'nasbackup-layer-v1', extentBytes },
+    digest: { algorithm, stream: 'nasbackup-layer-v1', extentBytes, ...(partBytes !== undefined ? { partBytes } : {}) },
     disks,
   };
   writeFileSync(join(folder, 'manifest.json'), JSON.stringify(m, null, 2) + '\n');

@@ -1,8 +1,9 @@
 // The verified flatten never writes a byte it has not proven: on random qemu-img chains (data,
-// zero and discarded clusters, small manifest extents), a byte flipped in any layer's data
-// either fails the flatten with BACKUP_DAMAGED naming that layer, or — where newer layers hide
-// the whole extent, so it is not read — the flatten succeeds and equals the undamaged disk.
-// Undamaged, every point equals qemu-img's own flatten.
+// zero and discarded clusters, small manifest extents, with and without parts), a byte flipped
+// in any layer's data either fails the flatten with BACKUP_DAMAGED naming that layer, or —
+// where newer layers hide the whole extent (or, with parts, the whole part), so it is not read —
+// the flatten succeeds and equals the undamaged disk. Undamaged, every point equals qemu-img's
+// own flatten.
 import { execFileSync } from 'node:child_process';
 import { closeSync, openSync, readFileSync, readSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
@@ -11,6 +12,7 @@ import { NasbackupError } from '../../lib/errors.js';
 import { flattenVerified, type LayerExpectation } from '../../lib/ops/flatten.js';
 import { ImageChain, Qcow2Image } from '../../lib/qcow2/index.js';
 import { digestLayer } from '../../lib/store/layer-digest.js';
+import { layerPartBytes } from '../../lib/store/manifest.js';
 import { makeImage, qemuImg } from '../helpers/qemu.js';
 import { rng } from '../helpers/random.js';
 import { removeTempDirs, tempDir } from '../helpers/tmp.js';
@@ -52,11 +54,21 @@ function makeChain(dir: string, seed: number, layers: number, clusterKiB: number
   return files;
 }
 
-async function expectations(files: string[], extent = EXTENT): Promise<LayerExpectation[]> {
+/** Each layer's expectation as restore builds it from a manifest: extents only, or (`partBytes`) parts too. */
+async function expectations(files: string[], extent = EXTENT, partBytes?: number): Promise<LayerExpectation[]> {
   const out: LayerExpectation[] = [];
   for (const f of files) {
-    const d = await digestLayer(f, { extentBytes: extent });
-    out.push({ backup: f, file: f, extentBytes: extent, algorithm: 'xxh64', digests: new Map(d.extents.map((e) => [e.index, e.digest])) });
+    const d = await digestLayer(f, { extentBytes: extent, ...(partBytes ? { partBytes } : {}) });
+    out.push({
+      backup: f,
+      file: f,
+      extentBytes: extent,
+      algorithm: 'xxh64',
+      digests: new Map(d.extents.map((e) => [e.index, e.digest])),
+      ...(partBytes
+        ? { partBytes: layerPartBytes(partBytes, d.unitBytes), parts: new Map(d.extents.map((e) => [e.index, e.parts!])) }
+        : {}),
+    });
   }
   return out.reverse(); // top first, like the chain
 }
@@ -121,17 +133,23 @@ function flip(file: string, at: number): void {
 }
 
 describe('verified flatten: damage is refused or provably unread', () => {
-  let hiddenTotal = 0;
-  for (const [seed, clusterKiB] of [
-    [1, 64],
-    [2, 64],
-    [3, 4],
-    [4, 128],
+  const hiddenTotal = { extents: 0, parts: 0 };
+  for (const [seed, clusterKiB, grain] of [
+    [1, 64, 'extents'],
+    [2, 64, 'extents'],
+    [3, 4, 'extents'],
+    [4, 128, 'extents'],
+    [1, 64, 'parts'],
+    [3, 4, 'parts'],
+    [4, 128, 'parts'],
+    [5, 16, 'parts'],
   ] as const) {
-    it(`random chain ${seed} (${clusterKiB} KiB clusters): every point exact; every flipped byte refused or hidden whole`, async () => {
-      const dir = tempDir(`flatten-damage-${seed}`);
+    it(`random chain ${seed} (${clusterKiB} KiB clusters, proven in ${grain}): every point exact; every flipped byte refused or hidden whole`, async () => {
+      const dir = tempDir(`flatten-damage-${seed}-${grain}`);
       const files = makeChain(dir, seed, 4, clusterKiB);
-      const expect4 = await expectations(files);
+      // Parts of 64 KiB (a 128 KiB cluster's part is the cluster).
+      const part = grain === 'parts' ? 64 * KiB : undefined;
+      const expect4 = await expectations(files, EXTENT, part);
       // Undamaged: every point equals qemu-img's flatten.
       for (let top = 0; top < files.length; top++) {
         const got = await flatten(files[top]!, expect4.slice(files.length - 1 - top));
@@ -154,7 +172,11 @@ describe('verified flatten: damage is refused or provably unread', () => {
               expect(got).toBeInstanceOf(NasbackupError);
               expect((got as NasbackupError).code).toBe('BACKUP_DAMAGED');
               expect((got as Error).message).toContain(`${file} is damaged`);
-              expect((got as Error).message).toContain(`extent ${Math.floor(guest / EXTENT)} `);
+              const e = Math.floor(guest / EXTENT);
+              const p = part === undefined ? 0 : layerPartBytes(part, clusterKiB * KiB);
+              expect((got as Error).message).toContain(
+                part === undefined ? `extent ${e} ` : `extent ${e}, part ${Math.floor((guest % EXTENT) / p)} `,
+              );
               outcomes.refused++;
             }
             // The layer's own point always sees it.
@@ -165,13 +187,14 @@ describe('verified flatten: damage is refused or provably unread', () => {
           }
         }
       }
-      hiddenTotal += outcomes.hidden;
+      hiddenTotal[grain] += outcomes.hidden;
       expect(outcomes.refused).toBeGreaterThan(0);
       expect(outcomes.refused + outcomes.hidden).toBe(files.length * 6);
     }, 60_000);
   }
-  it('the chains above include extents hidden whole (not read), so both outcomes were exercised', () => {
-    expect(hiddenTotal).toBeGreaterThan(0);
+  it('the chains above include extents and parts hidden whole (not read), so both outcomes were exercised', () => {
+    expect(hiddenTotal.extents).toBeGreaterThan(0);
+    expect(hiddenTotal.parts).toBeGreaterThan(0);
   });
 });
 
@@ -229,10 +252,14 @@ describe('verified flatten: every target kind receives the same disk', () => {
       const files = makeChain(dir, seed, 4, clusterKiB, clusterKiB * KiB);
       const expect4: Array<LayerExpectation | null> = await expectations(files);
       expect4[2] = null; // an older backup without a manifest: read only where visible
+      // The top two layers in parts (version 3), the bottom one in extents: a chain across an upgrade.
+      const parted = await expectations(files, EXTENT, 64 * KiB);
+      const mixed: Array<LayerExpectation | null> = [parted[0]!, parted[1]!, null, expect4[3]!];
       const want = qemuFlatten(dir, files.at(-1)!);
       for (const target of [{ kind: 'sparse' }, { kind: 'device' }, { kind: 'units', unit: 64 * KiB }] as const) {
         const got = await flattenAs(files.at(-1)!, expect4, target);
         expect(got.equals(want), target.kind).toBe(true);
+        expect((await flattenAs(files.at(-1)!, mixed, target)).equals(want), `${target.kind}, parts`).toBe(true);
       }
     }, 60_000);
   }
@@ -250,7 +277,7 @@ describe('verified flatten: every target kind receives the same disk', () => {
       });
     }
     const want = qemuFlatten(dir, files.at(-1)!);
-    for (const layers of [await expectations(files, 4 * MiB), files.map(() => null)]) {
+    for (const layers of [await expectations(files, 4 * MiB), await expectations(files, 4 * MiB, 256 * KiB), files.map(() => null)]) {
       for (const target of [{ kind: 'sparse' }, { kind: 'device' }, { kind: 'units', unit: 64 * KiB }] as const) {
         const seen: number[] = [];
         const got = await flattenAs(files.at(-1)!, layers, target, seen);

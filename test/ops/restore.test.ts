@@ -42,9 +42,10 @@ const io = (cmd: string, path: string): void => void execFileSync('qemu-io', ['-
 /**
  * full <- inc1 <- … <- inc4 for both disks: data, overwrites, zeroed ranges, compressed and
  * all-zero clusters; with `manifestExtent`, a manifest per backup (digests by qemu-img's view,
- * extents of that size) as a backup writes one; the odd backups' are SHA-256 (version 1).
+ * extents of that size) as a backup writes one; the odd backups' are SHA-256 (version 1); with
+ * `partBytes`, the even backups' record parts (version 3), else they are version 2.
  */
-function seed(sb: Sandbox, manifestExtent?: number): void {
+function seed(sb: Sandbox, manifestExtent?: number, partBytes?: number): void {
   TS.forEach((ts, i) => {
     DISKS.forEach((d, k) => {
       const path = join(sb.nas, VM, ts, d.file);
@@ -60,7 +61,8 @@ function seed(sb: Sandbox, manifestExtent?: number): void {
     });
     writeFileSync(join(sb.nas, VM, ts, 'domain-config.xml'), `<!-- ${ts} -->\n`);
     // XXH64 and SHA-256 manifests by turns, as on a host upgraded in the middle of a chain.
-    if (manifestExtent !== undefined) writeManifestFromQemu(join(sb.nas, VM), ts, sb.root, manifestExtent, i % 2 ? 'sha256' : 'xxh64');
+    if (manifestExtent !== undefined)
+      writeManifestFromQemu(join(sb.nas, VM), ts, sb.root, manifestExtent, i % 2 ? 'sha256' : 'xxh64', i % 2 ? undefined : partBytes);
   });
 }
 
@@ -93,6 +95,7 @@ describe('restore', () => {
   let sb: Sandbox;
   let out: string;
   let proven: Sandbox;
+  let parted: Sandbox;
   beforeAll(() => {
     sb = makeSandbox('restore');
     seed(sb);
@@ -101,13 +104,18 @@ describe('restore', () => {
     // The same chain with manifests; 2 MiB extents, so every disk spans several (and pieces follow them).
     proven = makeSandbox('restore-proven');
     seed(proven, 2 * MiB);
+    // Version-3 manifests (parts of 256 KiB) beside SHA-256 version-1 ones, as after an upgrade.
+    parted = makeSandbox('restore-parted');
+    seed(parted, 2 * MiB, 256 * 1024);
   });
 
   it.each([
-    ['without manifests (structural checks, NO_MANIFEST per backup)', false],
-    ['with manifests (every layer proven while read)', true],
-  ])('every point of every disk, raw and qcow2, equals qemu-img convert of that point: %s', async (_, withManifests) => {
-    const box = withManifests ? proven : sb;
+    ['without manifests (structural checks, NO_MANIFEST per backup)', 'none'],
+    ['with manifests (every layer proven while read)', 'extents'],
+    ['with manifests in parts (version 3: proven part by part)', 'parts'],
+  ] as const)('every point of every disk, raw and qcow2, equals qemu-img convert of that point: %s', async (_, how) => {
+    const withManifests = how !== 'none';
+    const box = how === 'parts' ? parted : withManifests ? proven : sb;
     const dir = join(box.root, withManifests ? 'out' : 'out-all');
     mkdirSync(dir);
     for (const ts of TS) {
@@ -722,6 +730,48 @@ describe('restore proves every layer while it reads it (manifests)', () => {
     expect(v.stdout).toContain('extent 2');
   });
 
+  it('with parts (version 3), only the parts the guest sees are read and proven: damage in a hidden part of a shown extent leaves the restore exact; in a shown part it fails, naming extent and part', async () => {
+    const sb = makeSandbox('restore-parts');
+    const out = join(sb.root, 'out');
+    mkdirSync(out);
+    const [t0, t1] = [TS[0]!, TS[1]!];
+    const full = join(sb.nas, VM, t0, d0.file);
+    const inc = join(sb.nas, VM, t1, d0.file);
+    const KiB = 1024;
+    // Extent 2 of the full (4-6 MiB) in four parts of 512 KiB; the incremental hides its first two (4-5 MiB) only.
+    makeImage(full, { size: 8 * MiB, writes: [{ pattern: 0x22, offset: 4 * MiB, length: 2 * MiB }] });
+    writeManifestFromQemu(join(sb.nas, VM), t0, sb.root, 2 * MiB, 'xxh64', 512 * KiB);
+    makeImage(inc, { backing: `../${t0}/${d0.file}`, writes: [{ pattern: 0x33, offset: 4 * MiB, length: MiB }] });
+    writeManifestFromQemu(join(sb.nas, VM), t1, sb.root, 2 * MiB, 'xxh64', 512 * KiB);
+    const restoreNewest = async () => run(sb, [...restoreArgs(sb, t1, d0.vol, join(out, 'new.raw')), '--json']);
+    // Damage in part 1 (4.5-5 MiB, hidden): with the whole extent proven (version 2) this failed; now the restore is exact.
+    flip(full, (await hostOf(full, 4 * MiB + 600 * KiB)) + 3);
+    const r = await restoreNewest();
+    expect(r.code, r.stdout).toBe(0);
+    expect(JSON.parse(r.stdout).warnings).toEqual([]);
+    expect(same(join(out, 'new.raw'), 'raw', inc, 'qcow2')).toBe(true);
+    rmSync(join(out, 'new.raw'));
+    // The full's own point sees that part: refused, naming it.
+    const older = await run(sb, [...restoreArgs(sb, t0, d0.vol, join(out, 'old.raw')), '--json']);
+    expect(older.code, older.stdout).toBe(1);
+    expect(JSON.parse(older.stdout).errors[0].message).toBe(
+      `Backup ${VM}/${t0} is damaged: disk ${d0.file}, extent 2, part 1 (guest bytes ${4 * MiB + 512 * KiB}-${5 * MiB}): the content does not match the digest in the manifest`,
+    );
+    // chain verify proves every part, and names the first that differs.
+    const v = await run(sb, ['chain', 'verify', ...bindNas(sb), '--vm', VM]);
+    expect(v.code, v.stdout).not.toBe(0);
+    expect(v.stdout).toContain(`extent 2: digest mismatch (part 1, guest bytes ${4 * MiB + 512 * KiB}-${5 * MiB} of 4 parts)`);
+    // Damage in part 3 (5.5-6 MiB), which the newest point shows: refused there too, nothing left.
+    flip(full, (await hostOf(full, 5 * MiB + 700 * KiB)) + 5);
+    const bad = await restoreNewest();
+    expect(bad.code, bad.stdout).toBe(1);
+    expect(JSON.parse(bad.stdout).errors[0].message).toBe(
+      `Backup ${VM}/${t0} is damaged: disk ${d0.file}, extent 2, part 3 (guest bytes ${5 * MiB + 512 * KiB}-${6 * MiB}): the content does not match the digest in the manifest`,
+    );
+    expect(readdirSync(out)).toEqual([]);
+    expect(leftovers(sb)).toEqual({ dirs: [], mounts: [] });
+  });
+
   it('a flipped byte in data the guest sees fails the restore; an older point without that layer still restores', async () => {
     const { sb, out } = proven('restore-visible');
     const top = join(sb.nas, VM, TS[4]!, d0.file);
@@ -760,11 +810,11 @@ describe('restore proves every layer while it reads it (manifests)', () => {
     const { sb, out } = proven('restore-two-manifests');
     const unusable = (ts: string): void => {
       const mf = join(sb.nas, VM, ts, 'manifest.json');
-      writeFileSync(mf, readFileSync(mf, 'utf8').replace(/"version": [12]/, '"version": "one"'));
+      writeFileSync(mf, readFileSync(mf, 'utf8').replace(/"version": [123]/, '"version": "one"'));
     };
     unusable(TS[1]!);
     unusable(TS[3]!);
-    const why = 'manifest.json is unusable: version "one" is not supported (this reader knows 1 to 2)';
+    const why = 'manifest.json is unusable: version "one" is not supported (this reader knows 1 to 3)';
     await refused(sb, out, TS[4]!, d0.vol, `Backup ${VM}/${TS[3]} is damaged: ${why}`);
     await refused(sb, out, TS[2]!, d0.vol, `Backup ${VM}/${TS[1]} is damaged: ${why}`);
   });
@@ -785,13 +835,13 @@ describe('restore proves every layer while it reads it (manifests)', () => {
       d1.vol,
       `Backup ${VM}/${TS[2]} is damaged: disk ${d1.file}, ${ext(edited.index)}: the content does not match the digest in the manifest`,
     );
-    writeFileSync(mf, original.replace(/"version": [12]/, '"version": "one"'));
+    writeFileSync(mf, original.replace(/"version": [123]/, '"version": "one"'));
     await refused(
       sb,
       out,
       TS[3]!,
       d1.vol,
-      `Backup ${VM}/${TS[2]} is damaged: manifest.json is unusable: version "one" is not supported (this reader knows 1 to 2)`,
+      `Backup ${VM}/${TS[2]} is damaged: manifest.json is unusable: version "one" is not supported (this reader knows 1 to 3)`,
     );
     // An extent the layer holds that the manifest does not list.
     const dropped = JSON.parse(original) as typeof m;

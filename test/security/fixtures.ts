@@ -166,7 +166,7 @@ export async function manifestsForChain(sb: Sandbox): Promise<void> {
       incrementalFrom: null,
       parent: null,
       digest: { algorithm, stream: 'nasbackup-layer-v1', extentBytes: 1 << 20 },
-      disks: [await describeLayer(f, VOL, 1 << 20, algorithm)],
+      disks: [await describeLayer(f, VOL, { algorithm, extentBytes: 1 << 20 })],
     });
   }
 }

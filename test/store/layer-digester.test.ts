@@ -66,8 +66,15 @@ function stream(
   extentBytes: number,
   rand: (n: number) => number,
   algorithm: DigestAlgorithm = 'xxh64',
+  partBytes?: number,
 ): ReturnType<LayerDigester['finish']> {
-  const dg = new LayerDigester({ virtualSize: layer.size, unitBytes: layer.unit, extentBytes, algorithm });
+  const dg = new LayerDigester({
+    virtualSize: layer.size,
+    unitBytes: layer.unit,
+    extentBytes,
+    algorithm,
+    ...(partBytes ? { partBytes } : {}),
+  });
   for (const r of layer.rows) {
     if (r.kind === 'unallocated' && rand(2) === 0) continue;
     for (let off = r.start; off < r.start + r.length;) {
@@ -156,14 +163,18 @@ describe('LayerDigester (streaming) = digestLayer (re-read of the written file)'
           for (const extentBytes of [Math.max(cs, MiB), 2 * Math.max(cs, 2 * MiB), 64 * MiB]) {
             // XXH64 hashes inline on the pool; SHA-256 goes to its worker threads.
             for (const algorithm of ['xxh64', 'sha256'] as const) {
-              const what = `${path} extent ${extentBytes} ${algorithm}`;
-              const reread = await digestLayer(path, { extentBytes, algorithm });
-              const streamed = stream(layer, extentBytes, rand, algorithm);
-              expect(streamed, what).toEqual(reread);
-              // Hashed on the pool, reads in flight: the same digests.
-              expect(await digestLayer(path, { extentBytes, algorithm, pool }), `${what}, pool`).toEqual(reread);
-              // And both agree with the independent recomputation where it applies (no subclusters).
-              if (!ext) expect(reread.extents).toEqual(recomputeDigests(path, dir, extentBytes, algorithm).extents);
+              // Whole extents, and parts of a quarter extent (manifest version 3; never below a unit).
+              for (const partBytes of [undefined, extentBytes / 4]) {
+                const what = `${path} extent ${extentBytes} ${algorithm} part ${partBytes ?? 'none'}`;
+                const opts = { extentBytes, algorithm, ...(partBytes ? { partBytes } : {}) };
+                const reread = await digestLayer(path, opts);
+                const streamed = stream(layer, extentBytes, rand, algorithm, partBytes);
+                expect(streamed, what).toEqual(reread);
+                // Hashed on the pool, reads in flight: the same digests.
+                expect(await digestLayer(path, { ...opts, pool }), `${what}, pool`).toEqual(reread);
+                // And both agree with the independent recomputation (subclusters included).
+                expect(reread.extents, what).toEqual(recomputeDigests(path, dir, extentBytes, algorithm, partBytes).extents);
+              }
             }
           }
           expect((await digestLayer(path)).extents.length).toBeGreaterThan(0);
@@ -226,7 +237,9 @@ describe('a manifest entry from streamed digests', () => {
     randomImage(img, rng(42), 64 * KiB, false);
     const layer = readLayer(img, dir);
     const streamed = stream(layer, 64 * MiB, rng(43));
-    expect(await layerEntry(img, 'vol-1', streamed)).toEqual(await describeLayer(img, 'vol-1', 64 * MiB));
+    expect(await layerEntry(img, 'vol-1', streamed)).toEqual(
+      await describeLayer(img, 'vol-1', { algorithm: 'xxh64', extentBytes: 64 * MiB }),
+    );
     await expect(layerEntry(img, 'vol-1', { ...streamed, unitBytes: 4 * KiB })).rejects.toThrow(/units of 4096/);
     await expect(layerEntry(img, 'vol-1', { ...streamed, virtualSize: streamed.virtualSize + 512 })).rejects.toThrow(/virtual size/);
   });

@@ -6,10 +6,10 @@
 // workers) while the reads and writes go on (a slot is read into again once both its write
 // and its hash are done).
 import { copyImage, Qcow2Writer, type CopyBufferPool, type CopyOptions, type CopySource, type CopyStats } from '../../qcow2/index.js';
-import type { DigestAlgorithm } from '../../store/digest/index.js';
+import { DEFAULT_DIGEST_ALGORITHM, type DigestAlgorithm } from '../../store/digest/index.js';
 import { HashPool } from '../../store/hash-pool.js';
 import { LayerDigester, type LayerDigest } from '../../store/layer-digest.js';
-import { DEFAULT_EXTENT_BYTES } from '../../store/manifest.js';
+import { newDigestSpec } from '../../store/manifest.js';
 
 /** qemu-img convert's default cluster size for a new qcow2. */
 export const BACKUP_CLUSTER_BITS = 16;
@@ -43,7 +43,9 @@ export function copyHashPool(workers = 0): HashPool {
 }
 
 export interface DiskCopyOptions extends Pick<CopyOptions, 'onProgress' | 'checkpoint' | 'rateBytesPerSec' | 'requestBytes' | 'buffers'> {
+  /** Digests per extent of this size, with parts of `partBytes` if given (default: what new manifests record). */
   extentBytes?: number;
+  partBytes?: number;
   /** The manifest's digest algorithm (default: the one new manifests use). */
   algorithm?: DigestAlgorithm;
   compress?: boolean;
@@ -91,8 +93,9 @@ export async function copyDiskToQcow2(src: CopySource, dst: string, opts: DiskCo
   const dg = new LayerDigester({
     virtualSize: src.virtualSize,
     unitBytes: w.clusterSize,
-    extentBytes: opts.extentBytes ?? DEFAULT_EXTENT_BYTES,
-    ...(algorithm ? { algorithm } : {}),
+    ...(opts.extentBytes
+      ? { algorithm: algorithm ?? DEFAULT_DIGEST_ALGORITHM, extentBytes: opts.extentBytes, partBytes: opts.partBytes }
+      : newDigestSpec(algorithm ?? DEFAULT_DIGEST_ALGORITHM)),
     ...(pool ? { sink: (a) => pool.sink(a) } : {}),
   });
   try {

@@ -17,10 +17,10 @@ import { layerEntry, writeManifestFile } from '../../store/manifest-file.js';
 import { digestLayer, type LayerDigest } from '../../store/layer-digest.js';
 import { HashPool } from '../../store/hash-pool.js';
 import {
-  DEFAULT_EXTENT_BYTES,
-  DIGEST_STREAM,
+  digestSection,
   MANIFEST_FORMAT,
   manifestVersionFor,
+  newDigestSpec,
   type Manifest,
   type ManifestDisk,
 } from '../../store/manifest.js';
@@ -107,7 +107,7 @@ export function digestNewLayers(ctx: OpContext, work: WorkDir, files: readonly s
       if (pool === null && bytes >= POOL_MIN_BYTES && !cancelled) pool = hashPool(ctx);
       for (const f of files) {
         between();
-        const opts = { extentBytes: DEFAULT_EXTENT_BYTES, algorithm: ctx.config.digestAlgorithm, between };
+        const opts = { ...newDigestSpec(ctx.config.digestAlgorithm), between };
         out.set(f, await digestLayer(work.file(f), { ...opts, ...(pool ? { pool } : {}) }));
       }
     } finally {
@@ -175,10 +175,10 @@ async function manifestStep(
     if (!dg) throw new Error(`no digests of ${d.file}`);
     disks.push(await layerEntry(work.file(d.file), d.volId, dg));
   }
-  const algorithm = ctx.config.digestAlgorithm;
+  const spec = newDigestSpec(ctx.config.digestAlgorithm);
   const m: Manifest = {
     format: MANIFEST_FORMAT,
-    version: manifestVersionFor(algorithm),
+    version: manifestVersionFor(spec),
     tool: { name: 'nasbackup', version: toolVersion() },
     vm: a.vm,
     path: a.path,
@@ -188,7 +188,7 @@ async function manifestStep(
     checkpoint: facts.checkpoint,
     incrementalFrom: facts.incrementalFrom,
     parent: facts.parent,
-    digest: { algorithm, stream: DIGEST_STREAM, extentBytes: DEFAULT_EXTENT_BYTES },
+    digest: digestSection(spec),
     disks,
   };
   await writeManifestFile(work.path, m);

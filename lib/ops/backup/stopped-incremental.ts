@@ -23,11 +23,12 @@ import {
 } from '../../qcow2/index.js';
 import { LayerDigester, type LayerDigest } from '../../store/layer-digest.js';
 import type { HashPool } from '../../store/hash-pool.js';
-import type { DigestAlgorithm } from '../../store/digest/index.js';
+import { DEFAULT_DIGEST_ALGORITHM, type DigestAlgorithm } from '../../store/digest/index.js';
 import { slotBuffers } from './copy-disk.js';
 import { softly } from '../../clients/failure.js';
 import type { QemuImgClient } from '../../clients/qemu-img.js';
 import { readManifestFile } from '../../store/manifest-file.js';
+import { newDigestSpec } from '../../store/manifest.js';
 import { inspectChain } from '../../store/safety.js';
 import { matchParents } from '../../store/disks.js';
 import type { BackupArgs } from './args.js';
@@ -262,7 +263,7 @@ export async function copyDirty(c: DirtyCopy): Promise<DirtyCopyResult> {
     const digester = new LayerDigester({
       virtualSize: c.virtualSize,
       unitBytes: w.unit,
-      ...(c.algorithm ? { algorithm: c.algorithm } : {}),
+      ...newDigestSpec(c.algorithm ?? DEFAULT_DIGEST_ALGORITHM),
       ...(pool ? { sink: (a) => pool.sink(a) } : {}),
     });
     const total: CopyStats = { totalBytes: 0, readBytes: 0, dataBytes: 0, zeroBytes: 0, elapsedMs: 0 };

@@ -7,7 +7,7 @@
 import { open, readdir, realpath } from 'node:fs/promises';
 import { basename, dirname } from 'node:path';
 import { NasbackupError } from '../../errors.js';
-import type { Manifest } from '../../store/manifest.js';
+import { partLayout, type Manifest } from '../../store/manifest.js';
 import { structuralCheck, type StructuralCheck } from '../../store/safety.js';
 import { volumeIdOfBackupFile } from '../../store/disks.js';
 import { HashPool } from '../../store/hash-pool.js';
@@ -97,10 +97,11 @@ async function verifyContent(ctx: OpContext, work: WorkDir, ts: string, m: Manif
         const got = await digestLayer(f.abs, {
           extentBytes: m.digest.extentBytes,
           algorithm: m.digest.algorithm,
+          ...(m.digest.partBytes !== undefined ? { partBytes: m.digest.partBytes } : {}),
           between: () => ctx.checkpoint(),
           ...(pool ? { pool } : {}),
         });
-        for (const p of compareExtents(d.extents, got.extents)) problems.push(`${where}: ${p}`);
+        for (const p of compareExtents(d.extents, got.extents, partLayout(m.digest, d))) problems.push(`${where}: ${p}`);
       } catch (e) {
         if (e instanceof NasbackupError) throw e;
         problems.push(`${where}: content unreadable: ${(e as Error).message}`);

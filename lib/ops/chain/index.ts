@@ -114,11 +114,12 @@ export async function chainVerify(ctx: OpContext, a: ChainArgs, opts: VerifyOpti
         if (bytes >= POOL_MIN_BYTES) pool ??= newHashPool();
       },
       // Several reads in flight per layer, a few layers at once (lib/store/layer-read.ts).
-      digest: async (abs, { extentBytes, algorithm }, onData, file) => {
+      digest: async (abs, { extentBytes, algorithm, partBytes }, onData, file) => {
         const p = await pool;
         return readLayerDigest(abs, {
           extentBytes,
           algorithm,
+          ...(partBytes !== undefined ? { partBytes } : {}),
           ...(file ? { file } : {}),
           between: () => ctx.checkpoint(),
           ...(onData ? { onData } : {}),

@@ -16,6 +16,20 @@ export const DEFAULT_DIGEST_ALGORITHM: DigestAlgorithm = 'xxh64';
 /** Hex digits of a digest. */
 export const DIGEST_HEX_LENGTH: Readonly<Record<DigestAlgorithm, number>> = { xxh64: 16, sha256: 64 };
 
+/** Bytes of a digest in binary: a part digest as the manifest stores it. */
+export const PART_DIGEST_BYTES: Readonly<Record<DigestAlgorithm, number>> = { xxh64: 8, sha256: 32 };
+
+/**
+ * An extent's digest in a manifest with parts: the algorithm over its parts' digests, in
+ * binary, concatenated in guest order (`parts`). Each byte of the extent is still hashed
+ * once; the extent's digest binds the parts, so a part digest cannot be changed alone.
+ */
+export function combineParts(algorithm: DigestAlgorithm, parts: Uint8Array): string {
+  const h = createDigest(algorithm);
+  h.update(parts);
+  return h.digest();
+}
+
 export interface StreamDigest {
   update(b: Uint8Array): unknown;
   /** `n` copies of `byte` (the canonical stream's status runs). */

@@ -22,6 +22,13 @@ export interface ExtentSink {
   bytes(b: Buffer): void;
   /** The hex digest of everything given, now or once a worker has hashed it. */
   end(): string | Promise<string>;
+  /**
+   * Optional, for a manifest's parts: `cut()` ends a part here (the hash restarts), and
+   * `endParts()` ends the last one and gives every part's digest, in order. One sink then
+   * carries an extent's parts, where a sink per part would cost a message and a job each.
+   */
+  cut?(): void;
+  endParts?(): string[] | Promise<string[]>;
 }
 
 /** One read buffer of the pool. */
@@ -40,11 +47,13 @@ interface Waiter {
 const OP_REPEAT = 0;
 const OP_RANGE = 1;
 const OP_LITERAL = 2;
+const OP_CUT = 3;
 
 /**
  * CommonJS source, evaluated: the same from dist/ and from the single-file bundle (no
  * worker file to find). Messages: {job, ops: Float64Array of [op, a, b] triples,
- * literals, end, release}; reply {job, digest (when end), release}.
+ * literals, end, release}; reply {job, digest (when end), parts (the digests of the parts
+ * cut before the last, when end), release}.
  */
 const HASH_WORKER = String.raw`
 const { parentPort, workerData } = require('node:worker_threads');
@@ -54,21 +63,22 @@ const fills = new Map();
 const jobs = new Map();
 parentPort.on('message', (m) => {
   if (m === 'stop') { parentPort.close(); return; }
-  let h = jobs.get(m.job);
-  if (!h) jobs.set(m.job, (h = createHash('sha256')));
+  let j = jobs.get(m.job);
+  if (!j) jobs.set(m.job, (j = { h: createHash('sha256'), parts: [] }));
   const ops = m.ops;
   for (let i = 0; i < ops.length; i += 3) {
     const t = ops[i], a = ops[i + 1], b = ops[i + 2];
     if (t === 0) {
       let f = fills.get(a);
       if (!f) fills.set(a, (f = Buffer.alloc(65536, a)));
-      for (let left = b; left > 0; left -= f.length) h.update(left >= f.length ? f : f.subarray(0, left));
-    } else if (t === 1) h.update(mem.subarray(a, a + b));
-    else h.update(m.literals[a]);
+      for (let left = b; left > 0; left -= f.length) j.h.update(left >= f.length ? f : f.subarray(0, left));
+    } else if (t === 1) j.h.update(mem.subarray(a, a + b));
+    else if (t === 2) j.h.update(m.literals[a]);
+    else { j.parts.push(j.h.digest('hex')); j.h = createHash('sha256'); }
   }
-  let digest = null;
-  if (m.end) { digest = h.digest('hex'); jobs.delete(m.job); }
-  parentPort.postMessage({ job: m.job, digest, release: m.release });
+  let digest = null, parts = null;
+  if (m.end) { digest = j.h.digest('hex'); parts = j.parts; jobs.delete(m.job); }
+  parentPort.postMessage({ job: m.job, digest, parts, release: m.release });
 });
 `;
 
@@ -85,6 +95,8 @@ interface HashMessage {
 interface HashReply {
   job: number;
   digest: string | null;
+  /** With the digest: the parts cut before the last one. */
+  parts: string[] | null;
   release: number[];
 }
 
@@ -100,7 +112,7 @@ interface Hasher {
  */
 class InlineHasher implements Hasher {
   private readonly queue: HashMessage[] = [];
-  private readonly jobs = new Map<number, StreamDigest>();
+  private readonly jobs = new Map<number, { h: StreamDigest; parts: string[] }>();
   private scheduled = false;
   private stopped = false;
 
@@ -145,10 +157,11 @@ class InlineHasher implements Hasher {
   }
 
   private hash(m: HashMessage): HashReply {
-    let h = this.jobs.get(m.job);
-    if (!h) this.jobs.set(m.job, (h = createDigest(m.alg, this.xmem)));
+    let j = this.jobs.get(m.job);
+    if (!j) this.jobs.set(m.job, (j = { h: createDigest(m.alg, this.xmem), parts: [] }));
+    let h = j.h;
     // XXH64 reads the slots where they lie (the pool's memory is the module's).
-    const inPlace = h instanceof Xxh64 ? h : null;
+    let inPlace = h instanceof Xxh64 ? h : null;
     const ops = m.ops;
     for (let i = 0; i < ops.length; i += 3) {
       const t = ops[i]!;
@@ -158,14 +171,21 @@ class InlineHasher implements Hasher {
       else if (t === OP_RANGE) {
         if (inPlace) inPlace.updateAt(a, b);
         else h.update(this.mem.subarray(a, a + b));
-      } else h.update(m.literals[a]!);
+      } else if (t === OP_LITERAL) h.update(m.literals[a]!);
+      else {
+        j.parts.push(h.digest());
+        j.h = h = createDigest(m.alg, this.xmem);
+        inPlace = h instanceof Xxh64 ? h : null;
+      }
     }
     let digest: string | null = null;
+    let parts: string[] | null = null;
     if (m.end) {
       digest = h.digest();
+      parts = j.parts;
       this.jobs.delete(m.job);
     }
-    return { job: m.job, digest, release: m.release };
+    return { job: m.job, digest, parts, release: m.release };
   }
 }
 
@@ -202,7 +222,7 @@ export class HashPool {
   private readonly refs: number[] = [];
   /** Served in order: a request that does not fit yet holds back the ones behind it (no starvation). */
   private readonly waiting: Waiter[] = [];
-  private readonly jobs = new Map<number, Pending<string>>();
+  private readonly jobs = new Map<number, Pending<HashReply>>();
   private readonly open = new Set<RecordingSink>();
   private nextJob = 1;
   private failure: Error | null = null;
@@ -382,7 +402,7 @@ export class HashPool {
     this.hasher(worker).postMessage(msg);
   }
 
-  expect(job: number): Promise<string> {
+  expect(job: number): Promise<HashReply> {
     return new Promise((resolve, reject) => this.jobs.set(job, { resolve, reject }));
   }
 
@@ -396,7 +416,7 @@ export class HashPool {
       this.load[worker]!--;
       const p = this.jobs.get(m.job);
       this.jobs.delete(m.job);
-      p?.resolve(m.digest);
+      p?.resolve(m);
     }
     this.unref(m.release);
   }
@@ -475,7 +495,7 @@ class RecordingSink implements ExtentSink {
   private ops: number[] = [];
   private literals: Buffer[] = [];
   private slots = new Set<number>();
-  private result: Promise<string> | null = null;
+  private result: Promise<HashReply> | null = null;
 
   constructor(
     private readonly pool: HashPool,
@@ -506,6 +526,10 @@ class RecordingSink implements ExtentSink {
     }
   }
 
+  cut(): void {
+    this.ops.push(OP_CUT, 0, 0);
+  }
+
   flush(end: boolean): void {
     if (!end && this.ops.length === 0 && this.slots.size === 0) return;
     this.pool.post(this.worker, {
@@ -522,6 +546,14 @@ class RecordingSink implements ExtentSink {
   }
 
   end(): Promise<string> {
+    return this.finish().then((r) => r.digest!);
+  }
+
+  endParts(): Promise<string[]> {
+    return this.finish().then((r) => [...(r.parts ?? []), r.digest!]);
+  }
+
+  private finish(): Promise<HashReply> {
     if (this.result) return this.result;
     this.result = this.pool.expect(this.job);
     this.flush(true);

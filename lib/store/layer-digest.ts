@@ -204,7 +204,7 @@ export class LayerDigester {
     if (this.hash !== null) {
       const index = Math.ceil(this.pos / this.extentBytes) - 1;
       const h = this.hash;
-      const digest = h instanceof PartedSink ? h.endParts() : h.end();
+      const digest = h instanceof PartedSink ? h.endExtent() : h.end();
       const entry = (d: string | Parted): ExtentDigest => (typeof d === 'string' ? { index, digest: d } : { index, ...d });
       if (!(digest instanceof Promise) && this.pending.length === 0) {
         const e = entry(digest);
@@ -227,10 +227,10 @@ interface Parted {
 }
 
 /**
- * One extent's stream cut into parts of `unitsPerPart` units, each hashed by a sink of its
- * own (on the pool's workers, or here). A unit starts at each `repeat` (a run of status
- * bytes, or a data unit's status byte); a data unit's bytes follow its status byte, so a part
- * boundary only ever falls at a `repeat`.
+ * One extent's stream cut into parts of `unitsPerPart` units: on a sink that can cut (a
+ * HashPool's), one sink for the extent, cut at each part's end; else a sink per part. A unit
+ * starts at each `repeat` (a run of status bytes, or a data unit's status byte); a data unit's
+ * bytes follow its status byte, so a part boundary only ever falls at a `repeat`.
  */
 class PartedSink implements ExtentSink {
   private cur: ExtentSink;
@@ -248,8 +248,11 @@ class PartedSink implements ExtentSink {
   repeat(byte: number, n: number): void {
     while (n > 0) {
       if (this.units === this.unitsPerPart) {
-        this.done.push(this.cur.end());
-        this.cur = this.newSink();
+        if (this.cur.cut) this.cur.cut();
+        else {
+          this.done.push(this.cur.end());
+          this.cur = this.newSink();
+        }
         this.units = 0;
       }
       const take = Math.min(n, this.unitsPerPart - this.units);
@@ -264,18 +267,22 @@ class PartedSink implements ExtentSink {
   }
 
   end(): string | Promise<string> {
-    const p = this.endParts();
+    const p = this.endExtent();
     return p instanceof Promise ? p.then((x) => x.digest) : p.digest;
   }
 
   /** The extent's digest over its parts' digests, and those (base64). */
-  endParts(): Parted | Promise<Parted> {
-    this.done.push(this.cur.end());
-    const parts = this.done.splice(0);
+  endExtent(): Parted | Promise<Parted> {
     const combine = (hex: string[]): Parted => {
       const bin = Buffer.from(hex.join(''), 'hex');
       return { digest: combineParts(this.algorithm, bin), parts: bin.toString('base64') };
     };
+    if (this.cur.endParts) {
+      const all = this.cur.endParts();
+      return all instanceof Promise ? all.then(combine) : combine(all);
+    }
+    this.done.push(this.cur.end());
+    const parts = this.done.splice(0);
     if (parts.every((d): d is string => typeof d === 'string')) return combine(parts);
     return Promise.all(parts.map(async (d) => d)).then(combine);
   }

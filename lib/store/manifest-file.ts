@@ -7,8 +7,8 @@ import { INCOMPAT_EXTL2, readHeader } from '../qcow2/index.js';
 import { digestLayer, type LayerDigest } from './layer-digest.js';
 import { decodeManifest, encodeManifest, MANIFEST_NAME, type DigestSpec, type Manifest, type ManifestDisk } from './manifest.js';
 
-// A version-3 manifest takes ~12 bytes of JSON per MiB its disks hold (the parts' digests):
-// 256 MiB is a VM with ~20 TiB of data; anything larger is not a manifest we wrote.
+// A version-3 manifest takes ~13 bytes of JSON per MiB of the extents its disks hold anything in:
+// 256 MiB is a VM with ~19 TiB of such extents; anything larger is not a manifest we wrote.
 const MANIFEST_MAX_BYTES = 256 << 20;
 
 /** The manifest in backup folder `dir`: absent (null), or what is wrong with it. */

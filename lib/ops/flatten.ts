@@ -15,8 +15,9 @@
 import { NasbackupError } from '../errors.js';
 import type { ImageChain, Qcow2Image, Extent } from '../qcow2/index.js';
 import { HashPool, type ExtentSink } from '../store/hash-pool.js';
-import { LayerDigester, UNALLOCATED } from '../store/layer-digest.js';
-import { createDigest, PART_DIGEST_BYTES, type DigestAlgorithm } from '../store/digest/index.js';
+import { LayerDigester, unallocatedDigest } from '../store/layer-digest.js';
+import { PART_DIGEST_BYTES, type DigestAlgorithm } from '../store/digest/index.js';
+import type { ExtentDigest } from '../store/manifest.js';
 
 /** What one layer must hold, from its backup's manifest. */
 export interface LayerExpectation {
@@ -27,14 +28,13 @@ export interface LayerExpectation {
   extentBytes: number;
   /** The manifest's digest algorithm. */
   algorithm: DigestAlgorithm;
-  /** Extent number → digest (lower-case hex); an extent not listed must be wholly unallocated. */
-  digests: ReadonlyMap<number, string>;
   /**
-   * Manifest version 3: the layer's part size (layerPartBytes), and per listed extent its
-   * parts' digests (base64; the manifest's reader checked them against the extent's digest).
+   * Extent number → the manifest's entry (digest; with version 3 its parts' digests, which the
+   * manifest's reader checked against it); an extent not listed must be wholly unallocated.
    */
+  digests: ReadonlyMap<number, ExtentDigest>;
+  /** Manifest version 3: the layer's part size (layerPartBytes); the layer is proven part by part. */
   partBytes?: number;
-  parts?: ReadonlyMap<number, string>;
 }
 
 /** What a layer is proven in: its parts, else its extents. */
@@ -799,30 +799,17 @@ function* expectedDigests(e: LayerExpectation, needed: Ranges, img: Qcow2Image):
     for (let i = a; i < b;) {
       const x = Math.floor(i / per);
       const extentEnd = Math.min(b, (x + 1) * per);
-      const digest = e.digests.get(x);
-      if (digest !== undefined && e.parts === undefined) yield [i, digest];
-      else if (digest !== undefined) {
-        const bin = Buffer.from(e.parts!.get(x)!, 'base64');
+      const listed = e.digests.get(x);
+      if (listed !== undefined && e.partBytes === undefined) yield [i, listed.digest];
+      else if (listed !== undefined) {
+        const bin = Buffer.from(listed.parts!, 'base64');
         for (let k = i; k < extentEnd; k++) {
           const d = bin.subarray((k - x * per) * n, (k - x * per + 1) * n).toString('hex');
           const units = Math.ceil((Math.min((k + 1) * g, img.virtualSize) - k * g) / img.subclusterSize);
-          if (d !== emptyGrain(e.algorithm, units)) yield [k, d];
+          if (d !== unallocatedDigest(e.algorithm, units)) yield [k, d];
         }
       }
       i = extentEnd;
     }
   }
-}
-
-const emptyGrains = new Map<string, string>();
-/** The digest of a part that holds nothing: `units` status bytes of an unallocated unit. */
-function emptyGrain(algorithm: DigestAlgorithm, units: number): string {
-  const key = `${algorithm}:${units}`;
-  let d = emptyGrains.get(key);
-  if (d === undefined) {
-    const h = createDigest(algorithm);
-    h.repeat(UNALLOCATED, units);
-    emptyGrains.set(key, (d = h.digest()));
-  }
-  return d;
 }

@@ -107,7 +107,11 @@ export class LayerDigester {
     else {
       const part = layerPartBytes(opts.partBytes, unitBytes);
       if (extentBytes % part !== 0) throw new RangeError(`part size ${part} does not divide the extent size ${extentBytes}`);
-      this.newSink = () => new PartedSink(newSink, part / unitBytes, algorithm);
+      this.newSink = () => {
+        const s = newSink();
+        if (!cuts(s)) throw new Error('internal: a parted digest needs a sink that cuts parts');
+        return new PartedSink(s, part / unitBytes, algorithm);
+      };
     }
   }
 
@@ -221,49 +225,57 @@ export class LayerDigester {
   }
 }
 
+const unallocatedDigests = new Map<string, string>();
+/** The digest of `units` units the layer leaves unallocated (a part that holds nothing): their status bytes alone. */
+export function unallocatedDigest(algorithm: DigestAlgorithm, units: number): string {
+  const key = `${algorithm}:${units}`;
+  let d = unallocatedDigests.get(key);
+  if (d === undefined) {
+    const h = createDigest(algorithm);
+    h.repeat(UNALLOCATED, units);
+    unallocatedDigests.set(key, (d = h.digest()));
+  }
+  return d;
+}
+
+type CuttingSink = ExtentSink & Required<Pick<ExtentSink, 'cut' | 'endParts'>>;
+const cuts = (s: ExtentSink): s is CuttingSink => s.cut !== undefined && s.endParts !== undefined;
+
 interface Parted {
   digest: string;
   parts: string;
 }
 
 /**
- * One extent's stream cut into parts of `unitsPerPart` units: on a sink that can cut (a
- * HashPool's), one sink for the extent, cut at each part's end; else a sink per part. A unit
- * starts at each `repeat` (a run of status bytes, or a data unit's status byte); a data unit's
- * bytes follow its status byte, so a part boundary only ever falls at a `repeat`.
+ * One extent's stream cut into parts of `unitsPerPart` units, on one sink that cuts at each
+ * part's end (a HashPool's, or HashSink here). A unit starts at each `repeat` (a run of
+ * status bytes, or a data unit's status byte); a data unit's bytes follow its status byte, so
+ * a part boundary only ever falls at a `repeat`.
  */
 class PartedSink implements ExtentSink {
-  private cur: ExtentSink;
   private units = 0;
-  private readonly done: Array<string | Promise<string>> = [];
 
   constructor(
-    private readonly newSink: () => ExtentSink,
+    private readonly sink: CuttingSink,
     private readonly unitsPerPart: number,
     private readonly algorithm: DigestAlgorithm,
-  ) {
-    this.cur = newSink();
-  }
+  ) {}
 
   repeat(byte: number, n: number): void {
     while (n > 0) {
       if (this.units === this.unitsPerPart) {
-        if (this.cur.cut) this.cur.cut();
-        else {
-          this.done.push(this.cur.end());
-          this.cur = this.newSink();
-        }
+        this.sink.cut();
         this.units = 0;
       }
       const take = Math.min(n, this.unitsPerPart - this.units);
-      this.cur.repeat(byte, take);
+      this.sink.repeat(byte, take);
       this.units += take;
       n -= take;
     }
   }
 
   bytes(b: Buffer): void {
-    this.cur.bytes(b);
+    this.sink.bytes(b);
   }
 
   end(): string | Promise<string> {
@@ -277,21 +289,16 @@ class PartedSink implements ExtentSink {
       const bin = Buffer.from(hex.join(''), 'hex');
       return { digest: combineParts(this.algorithm, bin), parts: bin.toString('base64') };
     };
-    if (this.cur.endParts) {
-      const all = this.cur.endParts();
-      return all instanceof Promise ? all.then(combine) : combine(all);
-    }
-    this.done.push(this.cur.end());
-    const parts = this.done.splice(0);
-    if (parts.every((d): d is string => typeof d === 'string')) return combine(parts);
-    return Promise.all(parts.map(async (d) => d)).then(combine);
+    const all = this.sink.endParts();
+    return all instanceof Promise ? all.then(combine) : combine(all);
   }
 }
 
 /** The digest on this thread. */
 class HashSink implements ExtentSink {
-  private readonly h: StreamDigest;
-  constructor(algorithm: DigestAlgorithm) {
+  private h: StreamDigest;
+  private readonly parts: string[] = [];
+  constructor(private readonly algorithm: DigestAlgorithm) {
     this.h = createDigest(algorithm);
   }
   repeat(byte: number, n: number): void {
@@ -302,6 +309,13 @@ class HashSink implements ExtentSink {
   }
   end(): string {
     return this.h.digest();
+  }
+  cut(): void {
+    this.parts.push(this.h.digest());
+    this.h = createDigest(this.algorithm);
+  }
+  endParts(): string[] {
+    return [...this.parts, this.h.digest()];
   }
 }
 

@@ -64,10 +64,8 @@ async function expectations(files: string[], extent = EXTENT, partBytes?: number
       file: f,
       extentBytes: extent,
       algorithm: 'xxh64',
-      digests: new Map(d.extents.map((e) => [e.index, e.digest])),
-      ...(partBytes
-        ? { partBytes: layerPartBytes(partBytes, d.unitBytes), parts: new Map(d.extents.map((e) => [e.index, e.parts!])) }
-        : {}),
+      digests: new Map(d.extents.map((e) => [e.index, e])),
+      ...(partBytes ? { partBytes: layerPartBytes(partBytes, d.unitBytes) } : {}),
     });
   }
   return out.reverse(); // top first, like the chain

@@ -666,6 +666,14 @@ describe('restore proves every layer while it reads it (manifests)', () => {
   const d0 = DISKS[0]!;
   const d1 = DISKS[1]!;
   const ext = (i: number): string => `extent ${i} (guest bytes ${i * 2 * MiB}-${(i + 1) * 2 * MiB})`;
+  /** An empty sandbox, a folder for targets, and the paths of disk 0's full and first incremental (the caller makes them). */
+  const fullAndIncremental = (tag: string) => {
+    const sb = makeSandbox(tag);
+    const out = join(sb.root, 'out');
+    mkdirSync(out);
+    const [t0, t1] = [TS[0]!, TS[1]!];
+    return { sb, out, t0, t1, full: join(sb.nas, VM, t0, d0.file), inc: join(sb.nas, VM, t1, d0.file) };
+  };
 
   it('a flipped byte a newer backup hides, in an extent that still shows elsewhere, fails the restore (that extent is proven whole)', async () => {
     const { sb, out } = proven('restore-shadowed');
@@ -690,12 +698,7 @@ describe('restore proves every layer while it reads it (manifests)', () => {
   });
 
   it('an extent a newer backup wholly hides is not read: damage there leaves the restore exact; the point that sees it fails; chain verify finds it', async () => {
-    const sb = makeSandbox('restore-hidden');
-    const out = join(sb.root, 'out');
-    mkdirSync(out);
-    const [t0, t1] = [TS[0]!, TS[1]!];
-    const full = join(sb.nas, VM, t0, d0.file);
-    const inc = join(sb.nas, VM, t1, d0.file);
+    const { sb, out, t0, t1, full, inc } = fullAndIncremental('restore-hidden');
     // The full holds extent 0 (0-2 MiB) and extent 2 (4-6 MiB); the incremental rewrites all of extent 2.
     makeImage(full, {
       size: 8 * MiB,
@@ -731,12 +734,7 @@ describe('restore proves every layer while it reads it (manifests)', () => {
   });
 
   it('with parts (version 3), only the parts the guest sees are read and proven: damage in a hidden part of a shown extent leaves the restore exact; in a shown part it fails, naming extent and part', async () => {
-    const sb = makeSandbox('restore-parts');
-    const out = join(sb.root, 'out');
-    mkdirSync(out);
-    const [t0, t1] = [TS[0]!, TS[1]!];
-    const full = join(sb.nas, VM, t0, d0.file);
-    const inc = join(sb.nas, VM, t1, d0.file);
+    const { sb, out, t0, t1, full, inc } = fullAndIncremental('restore-parts');
     const KiB = 1024;
     // Extent 2 of the full (4-6 MiB) in four parts of 512 KiB; the incremental hides its first two (4-5 MiB) only.
     makeImage(full, { size: 8 * MiB, writes: [{ pattern: 0x22, offset: 4 * MiB, length: 2 * MiB }] });
@@ -914,7 +912,7 @@ describe('restore memory stays bounded on deep chains', () => {
       expect(n * Math.ceil(z.min / z.slot)).toBeLessThanOrEqual(z.slots);
       expect(z.max % z.min).toBe(0);
     }
-    const e = { backup: 'b', file: 'f', extentBytes: 3 * 512 * 1024, algorithm: 'xxh64' as const, digests: new Map<number, string>() };
+    const e = { backup: 'b', file: 'f', extentBytes: 3 * 512 * 1024, algorithm: 'xxh64' as const, digests: new Map() };
     expect(pieceBytesFor(chain(2), [e, null])).toBe(512 * 1024);
     expect(pieceSizes(chain(2), [e, null])).toMatchObject({ max: 512 * 1024, min: 512 * 1024, slot: 512 * 1024, slots: 16 });
   });

@@ -58,6 +58,8 @@ export interface OpenOptions {
   file?: BlockFile;
   /** Byte budget of the L2 cache (default 2 MiB, at least two tables). */
   l2CacheBytes?: number;
+  /** Read data past the page cache where the file system suits it (NodeBlockFile.open). */
+  directReads?: boolean;
 }
 
 const hasZstd = (): boolean => typeof (zlib as unknown as { zstdDecompressSync?: unknown }).zstdDecompressSync === 'function';
@@ -122,7 +124,7 @@ export class Qcow2Image {
   }
 
   static async open(path: string, opts: OpenOptions = {}): Promise<Qcow2Image> {
-    const file = opts.file ?? (await NodeBlockFile.open(path, opts.writable ?? false));
+    const file = opts.file ?? (await NodeBlockFile.open(path, opts.writable ?? false, { directReads: opts.directReads ?? false }));
     try {
       return await Qcow2Image.init(path, file, opts);
     } catch (e) {

@@ -44,7 +44,7 @@ export {
   type GuestRange,
 } from './bitmaps.js';
 export { nativeRebase, type NativeRebaseOptions, type NativeRebaseResult, type RebaseHooks } from './rebase.js';
-export { NodeBlockFile, openImageFile, pageAlignedBuffers, type BlockFile } from './io.js';
+export { markPageAligned, NodeBlockFile, openImageFile, pageAlignedBuffers, type BlockFile } from './io.js';
 export { Ahead } from './ahead.js';
 export { scanImage, scanMetadata, type ScanResult } from './scan.js';
 export { Qcow2Writer, type Qcow2WriterOptions, type Qcow2WriterResult } from './create.js';

@@ -1,7 +1,7 @@
 // Positional file access for the qcow2 code. An interface, so tests can wrap it
 // (crash injection, power-loss models) without touching the format logic.
 import { constants } from 'node:fs';
-import { open, type FileHandle } from 'node:fs/promises';
+import { open, statfs, type FileHandle } from 'node:fs/promises';
 import { Qcow2Error } from './errors.js';
 
 /**
@@ -50,8 +50,22 @@ export class NodeBlockFile implements BlockFile {
     private readonly fh: FileHandle,
   ) {}
 
-  static async open(path: string, writable: boolean): Promise<NodeBlockFile> {
-    return new NodeBlockFile(path, await openImageFile(path, writable));
+  /** A second descriptor with O_DIRECT (opts.directReads, where it suits), for whole-page reads into page-aligned memory. */
+  private direct: FileHandle | null = null;
+  /** The direct descriptor once the kernel refused a read on it (closed with the file). */
+  private refused: FileHandle | null = null;
+  /** Bytes read past the page cache and through it (tests, logs). */
+  readonly bytesRead = { direct: 0, buffered: 0 };
+
+  /**
+   * `opts.directReads`: read whole pages into page-aligned memory (markPageAligned) past the
+   * page cache, where the file is a block device or on a local disk's file system (see
+   * openDirectReader); everything else, and everything where the kernel refuses, through it.
+   */
+  static async open(path: string, writable: boolean, opts: { directReads?: boolean } = {}): Promise<NodeBlockFile> {
+    const f = new NodeBlockFile(path, await openImageFile(path, writable));
+    if (opts.directReads && !writable) f.direct = await openDirectReader(path, f.fh).catch(() => null);
+    return f;
   }
 
   async read(buf: Buffer, offset: number, length: number, position: number): Promise<number> {
@@ -59,14 +73,35 @@ export class NodeBlockFile implements BlockFile {
     try {
       while (done < length) {
         const n = Math.min(length - done, MAX_IO);
-        const { bytesRead } = await this.fh.read(buf, offset + done, n, position + done);
+        const d = this.direct !== null && directable(buf, offset + done, n, position + done) ? this.direct : null;
+        let bytesRead: number;
+        try {
+          ({ bytesRead } = await (d ?? this.fh).read(buf, offset + done, n, position + done));
+        } catch (e) {
+          // EINVAL: this file system or device refuses this direct read after all (nothing was
+          // read); from here on everything goes through the page cache.
+          // (Closed with the file: other reads may still be using it.)
+          if (d === null || (e as NodeJS.ErrnoException).code !== 'EINVAL') throw e;
+          if (this.direct === d) {
+            this.direct = null;
+            this.refused = d;
+          }
+          continue;
+        }
         if (bytesRead === 0) break;
+        if (d) this.bytesRead.direct += bytesRead;
+        else this.bytesRead.buffered += bytesRead;
         done += bytesRead;
       }
     } catch (e) {
       throw new Qcow2Error('QCOW2_IO', `read of ${this.path} at ${position} failed: ${(e as Error).message}`, this.path);
     }
     return done;
+  }
+
+  /** Whether whole-page reads still go past the page cache (false once the kernel refused). */
+  get readsDirect(): boolean {
+    return this.direct !== null;
   }
 
   async write(buf: Buffer, position: number): Promise<void> {
@@ -99,8 +134,68 @@ export class NodeBlockFile implements BlockFile {
   }
 
   async close(): Promise<void> {
+    for (const d of [this.direct, this.refused]) await d?.close().catch(() => {});
+    this.direct = this.refused = null;
     await this.fh.close().catch(() => {});
   }
+}
+
+/** Direct I/O granule: whole pages of the file, into whole pages of memory. */
+const DIRECT_ALIGN = 4096;
+
+/**
+ * File systems on a local block device, where an O_DIRECT read goes from the device into our
+ * memory. Not network file systems (NFS, CIFS: there each direct read is a round trip to the
+ * server, without the client's read-ahead), FUSE, tmpfs or overlays.
+ */
+const LOCAL_DISK_FS = new Set([
+  0xef53, // ext2/3/4
+  0x58465342, // xfs
+  0x9123683e, // btrfs
+  0xf2f52010, // f2fs
+]);
+
+/** Memories known to start at a page boundary (WebAssembly memories); JavaScript cannot see an address. */
+const pageAligned = new WeakSet<ArrayBufferLike>();
+
+/** Record that `memory` starts at a page boundary (a WebAssembly memory's buffer). */
+export function markPageAligned(memory: ArrayBufferLike): void {
+  pageAligned.add(memory);
+}
+
+/** Whether `buf[offset..offset+length)` read from file offset `position` may go direct: whole pages, page-aligned memory. */
+function directable(buf: Buffer, offset: number, length: number, position: number): boolean {
+  return (
+    pageAligned.has(buf.buffer) &&
+    (buf.byteOffset + offset) % DIRECT_ALIGN === 0 &&
+    length % DIRECT_ALIGN === 0 &&
+    position % DIRECT_ALIGN === 0
+  );
+}
+
+/**
+ * A second, read-only descriptor of the file `fh` has open, with O_DIRECT, or null where that
+ * does not suit (see LOCAL_DISK_FS) or the kernel refuses it. Why: a restore or a verify reads
+ * gigabytes of backup nobody reads again soon; past the page cache the CPU does not copy them
+ * once more, and the host's page cache (its VMs' memory) is not flooded with them. O_NONBLOCK,
+ * and the same device and inode as `fh`: a path swapped for a FIFO between the two opens is
+ * never opened blocking, nor another file read.
+ */
+async function openDirectReader(path: string, fh: FileHandle): Promise<FileHandle | null> {
+  if (constants.O_DIRECT === undefined) return null;
+  const st = await fh.stat();
+  if (!st.isBlockDevice()) {
+    const fs = await statfs(path).catch(() => null);
+    if (fs === null || !LOCAL_DISK_FS.has(fs.type)) return null;
+  }
+  const d = await open(path, constants.O_RDONLY | constants.O_NONBLOCK | constants.O_DIRECT).catch(() => null);
+  if (d === null) return null;
+  const ds = await d.stat().catch(() => null);
+  if (ds === null || ds.dev !== st.dev || ds.ino !== st.ino) {
+    await d.close().catch(() => {});
+    return null;
+  }
+  return d;
 }
 
 // Node's global; this project's TypeScript libs (no DOM) do not declare it.
@@ -115,5 +210,6 @@ declare const WebAssembly: { Memory: new (d: { initial: number }) => { buffer: A
 export function pageAlignedBuffers(count: number, size: number): Buffer[] {
   const stride = Math.ceil(size / 4096) * 4096;
   const mem = new WebAssembly.Memory({ initial: Math.max(1, Math.ceil((stride * count) / 65536)) });
+  markPageAligned(mem.buffer);
   return Array.from({ length: count }, (_, i) => Buffer.from(mem.buffer, i * stride, size));
 }

@@ -32,6 +32,8 @@ export interface ChainOpenOptions {
   /** Replace the file of the top image (tests). */
   topFile?: BlockFile;
   l2CacheBytes?: number;
+  /** Read the layers' data past the page cache where the file system suits it (NodeBlockFile.open). */
+  directReads?: boolean;
 }
 
 const READ_CHUNK = 4 << 20;
@@ -51,6 +53,7 @@ export class ImageChain {
       const o: OpenOptions = { writable: i === 0 && (opts.writableTop ?? false) };
       if (i === 0 && opts.topFile) o.file = opts.topFile;
       if (opts.l2CacheBytes) o.l2CacheBytes = opts.l2CacheBytes;
+      if (opts.directReads && !o.writable) o.directReads = true;
       return Qcow2Image.open(chain.layers[i]!.path, o);
     });
     try {

@@ -11,6 +11,7 @@
 // the hashing of a slot overlaps its write and the next reads, which the libuv threads do.
 // XXH64 (~6 GB/s on one core, faster than any disk or NAS here) is always hashed inline, so
 // workers start only when a SHA-256 manifest is read or written.
+import { markPageAligned } from '../qcow2/io.js';
 import { createDigest, Xxh64, Xxh64Memory, type DigestAlgorithm, type StreamDigest } from './digest/index.js';
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
@@ -236,6 +237,8 @@ export class HashPool {
     const slots = Math.max(2, opts.slots ?? 4 * workers + 2);
     // Sized once: the memory never grows, so the slots' views stay valid.
     this.xmem = new Xxh64Memory(this.slotBytes * slots);
+    // Its slots start at page boundaries: reads may land in them past the page cache (lib/qcow2/io.ts).
+    markPageAligned(this.xmem.buffer);
     this.mem = Buffer.from(this.xmem.buffer);
     for (let i = 0; i < slots; i++) {
       this.isFree.push(true);

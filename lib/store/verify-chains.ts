@@ -158,7 +158,8 @@ export async function verifyChains(vm: VmBackups, check: CheckFn, concurrency = 
         // (the walk above decided the layer may be read), so the data starts streaming while
         // the check walks the refcounts; the tables one reads first the other gets remembered.
         await layers(async () => {
-          const opened = await NodeBlockFile.open(f.abs, false).catch(() => undefined);
+          // Data past the page cache where the NAS is a local disk (lib/qcow2/io.ts): read once, not kept.
+          const opened = await NodeBlockFile.open(f.abs, false, { directReads: true }).catch(() => undefined);
           const file = opened && new RememberedReads(opened);
           try {
             const both = await Promise.allSettled([

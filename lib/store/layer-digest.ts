@@ -40,6 +40,8 @@ export interface DigestOptions {
   between?: () => void;
   /** Read into this pool's slots and hash there (on its workers, or on this thread); else on a pool of our own, on this thread. */
   pool?: HashPool;
+  /** digestLayer: read the data past the page cache where the file system suits it (what the device holds, not what is cached). */
+  directReads?: boolean;
 }
 
 export type UnitKind = 'data' | 'zero' | 'unallocated';
@@ -330,7 +332,7 @@ type Step =
 
 /** The digests of the layer in file `path`, re-read. */
 export async function digestLayer(path: string, opts: DigestOptions = {}): Promise<LayerDigest> {
-  const img = await Qcow2Image.open(path);
+  const img = await Qcow2Image.open(path, { directReads: opts.directReads ?? false });
   try {
     return await digestImage(img, opts);
   } finally {

@@ -100,6 +100,8 @@ async function verifyContent(ctx: OpContext, work: WorkDir, ts: string, m: Manif
           ...(m.digest.partBytes !== undefined ? { partBytes: m.digest.partBytes } : {}),
           between: () => ctx.checkpoint(),
           ...(pool ? { pool } : {}),
+          // On a local disk, from the device itself: no page the kernel still caches can stand in for it.
+          directReads: true,
         });
         for (const p of compareExtents(d.extents, got.extents, partLayout(m.digest, d))) problems.push(`${where}: ${p}`);
       } catch (e) {

@@ -79,8 +79,8 @@ export class NodeBlockFile implements BlockFile {
           ({ bytesRead } = await (d ?? this.fh).read(buf, offset + done, n, position + done));
         } catch (e) {
           // EINVAL: this file system or device refuses this direct read after all (nothing was
-          // read); from here on everything goes through the page cache.
-          // (Closed with the file: other reads may still be using it.)
+          // read); from here on everything goes through the page cache. The descriptor is closed
+          // with the file, as other reads may still be using it.
           if (d === null || (e as NodeJS.ErrnoException).code !== 'EINVAL') throw e;
           if (this.direct === d) {
             this.direct = null;

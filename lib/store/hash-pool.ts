@@ -11,7 +11,7 @@
 // the hashing of a slot overlaps its write and the next reads, which the libuv threads do.
 // XXH64 (~6 GB/s on one core, faster than any disk or NAS here) is always hashed inline, so
 // workers start only when a SHA-256 manifest is read or written.
-import { markPageAligned } from '../qcow2/io.js';
+import { markPageAligned } from '../qcow2/index.js';
 import { createDigest, Xxh64, Xxh64Memory, type DigestAlgorithm, type StreamDigest } from './digest/index.js';
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';

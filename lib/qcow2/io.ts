@@ -155,6 +155,14 @@ const LOCAL_DISK_FS = new Set([
   0xf2f52010, // f2fs
 ]);
 
+/**
+ * Per device number, whether its file system is in LOCAL_DISK_FS: statfs once per mount, not
+ * once per layer (on NFS each is a round trip to the server). A number reused by another file
+ * system later in the process can at worst open O_DIRECT where it is slower or refused (then
+ * the cache is used), never read other bytes.
+ */
+const localDisk = new Map<number, boolean>();
+
 /** Memories known to start at a page boundary (WebAssembly memories); JavaScript cannot see an address. */
 const pageAligned = new WeakSet<ArrayBufferLike>();
 
@@ -185,8 +193,13 @@ async function openDirectReader(path: string, fh: FileHandle): Promise<FileHandl
   if (constants.O_DIRECT === undefined) return null;
   const st = await fh.stat();
   if (!st.isBlockDevice()) {
-    const fs = await statfs(path).catch(() => null);
-    if (fs === null || !LOCAL_DISK_FS.has(fs.type)) return null;
+    let local = localDisk.get(st.dev);
+    if (local === undefined) {
+      const fs = await statfs(path).catch(() => null);
+      if (fs === null) return null;
+      localDisk.set(st.dev, (local = LOCAL_DISK_FS.has(fs.type)));
+    }
+    if (!local) return null;
   }
   const d = await open(path, constants.O_RDONLY | constants.O_NONBLOCK | constants.O_DIRECT).catch(() => null);
   if (d === null) return null;

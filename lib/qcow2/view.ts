@@ -53,7 +53,7 @@ export class ImageChain {
       const o: OpenOptions = { writable: i === 0 && (opts.writableTop ?? false) };
       if (i === 0 && opts.topFile) o.file = opts.topFile;
       if (opts.l2CacheBytes) o.l2CacheBytes = opts.l2CacheBytes;
-      if (opts.directReads && !o.writable) o.directReads = true;
+      if (opts.directReads) o.directReads = true; // a writable top reads through the cache (NodeBlockFile.open)
       return Qcow2Image.open(chain.layers[i]!.path, o);
     });
     try {
